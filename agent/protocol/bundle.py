@@ -1,0 +1,179 @@
+"""Build, read and verify model bundles (``.efb``).
+
+A bundle is one uncompressed tar holding ``manifest.json``, ``manifest.sig``,
+the model (``model.tflite`` or ``model.onnx``), ``health.npz`` and optionally
+``labels.txt``. Reading checks, in this order: member names (no absolute path,
+no "..", no links, no duplicates), the signature over the manifest bytes, then
+every file's size and sha256. Runtime compatibility and the health check come
+after, on the device (see ``agent.loader``).
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from agent.protocol.errors import (
+    BundleFormatError,
+    IntegrityError,
+    MissingFileError,
+    UnsafeMemberError,
+)
+from agent.protocol.files import atomic_write, sha256_bytes
+from agent.protocol.manifest import (
+    HEALTH_FILE,
+    LABELS_FILE,
+    FileEntry,
+    Manifest,
+    parse_manifest,
+)
+from agent.protocol.signing import SigningKey, TrustedKeys
+
+__all__ = ["BUNDLE_SUFFIX", "Bundle", "build_bundle", "read_bundle", "write_bundle"]
+
+BUNDLE_SUFFIX = ".efb"
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+MAX_MEMBERS = 16
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle held in memory."""
+
+    manifest: Manifest
+    manifest_bytes: bytes
+    key_id: str
+    files: Mapping[str, bytes]
+
+    @property
+    def model_bytes(self) -> bytes:
+        return self.files[self.manifest.model_file]
+
+    @property
+    def health_bytes(self) -> bytes:
+        return self.files[HEALTH_FILE]
+
+    @property
+    def labels(self) -> list[str]:
+        raw = self.files.get(LABELS_FILE)
+        return raw.decode().splitlines() if raw else []
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the bundle: the sha256 of its manifest bytes."""
+        return sha256_bytes(self.manifest_bytes)
+
+
+def build_bundle(manifest: Manifest, files: Mapping[str, bytes], key: SigningKey) -> bytes:
+    """Fill the manifest's ``files`` table, sign it and return the archive bytes."""
+    entries = {name: FileEntry(sha256=sha256_bytes(data), size=len(data))
+               for name, data in sorted(files.items())}
+    final = manifest.model_copy(update={"files": entries})
+    _check_required(final, files.keys())
+    manifest_bytes = final.to_bytes()
+    members = {MANIFEST: manifest_bytes, SIGNATURE: key.sign(manifest_bytes), **files}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def write_bundle(path: Path, manifest: Manifest, files: Mapping[str, bytes],
+                 key: SigningKey) -> Path:
+    atomic_write(Path(path), build_bundle(manifest, files, key))
+    return Path(path)
+
+
+def read_bundle(source: Path | bytes, trusted: TrustedKeys) -> Bundle:
+    """Open and verify a bundle; raise the most specific :class:`BundleError`."""
+    members = _read_members(source)
+    for required in (MANIFEST, SIGNATURE):
+        if required not in members:
+            raise MissingFileError(f"bundle has no {required}",
+                                   hint="rebuild it with 'edgefleet convert' or build_bundle()")
+    key_id = trusted.verify(members[MANIFEST], members[SIGNATURE])
+    manifest = parse_manifest(members[MANIFEST])
+    _check_required(manifest, members.keys())
+    _check_files(manifest, members)
+    files = {name: members[name] for name in manifest.files}
+    return Bundle(manifest, members[MANIFEST], key_id, files)
+
+
+def _read_members(source: Path | bytes) -> dict[str, bytes]:
+    try:
+        raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as exc:
+        raise BundleFormatError(f"cannot read bundle {source}: {exc.strerror}",
+                                hint="check the path") from exc
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as archive:
+            return _extract_all(archive)
+    except tarfile.TarError as exc:
+        raise BundleFormatError(f"not a bundle archive: {exc}",
+                                hint="the file is truncated or not an .efb; fetch it again") from exc
+
+
+def _extract_all(archive: tarfile.TarFile) -> dict[str, bytes]:
+    members: dict[str, bytes] = {}
+    for info in archive:
+        _check_member(info)
+        if info.name in members:
+            raise UnsafeMemberError(f"member {info.name!r} appears twice",
+                                    hint="rebuild the bundle")
+        if len(members) >= MAX_MEMBERS:
+            raise BundleFormatError(f"bundle has more than {MAX_MEMBERS} members")
+        handle = archive.extractfile(info)
+        if handle is None:
+            raise BundleFormatError(f"member {info.name!r} has no data")
+        members[info.name] = handle.read()
+    return members
+
+
+def _check_member(info: tarfile.TarInfo) -> None:
+    name = info.name
+    path = PurePosixPath(name)
+    if name.startswith(("/", "\\")) or path.is_absolute() or (len(name) > 1 and name[1] == ":"):
+        raise UnsafeMemberError(f"member {name!r} has an absolute path",
+                                hint="bundles hold flat relative names only")
+    if ".." in path.parts or "\\" in name:
+        raise UnsafeMemberError(f"member {name!r} contains '..'",
+                                hint="bundles hold flat relative names only")
+    if info.issym() or info.islnk():
+        raise UnsafeMemberError(f"member {name!r} is a link to {info.linkname!r}",
+                                hint="bundles hold regular files only")
+    if not info.isfile():
+        raise UnsafeMemberError(f"member {name!r} is not a regular file",
+                                hint="bundles hold regular files only")
+
+
+def _check_required(manifest: Manifest, names: Iterable[str]) -> None:
+    present = set(names)
+    for required in (manifest.model_file, HEALTH_FILE):
+        if required not in present:
+            raise MissingFileError(f"bundle has no {required}",
+                                   hint="the converter writes it; rebuild the bundle")
+
+
+def _check_files(manifest: Manifest, members: Mapping[str, bytes]) -> None:
+    extra = set(members) - set(manifest.files) - {MANIFEST, SIGNATURE}
+    if extra:
+        raise IntegrityError(f"members not listed in the manifest: {sorted(extra)}",
+                             hint="the bundle was altered after signing; rebuild it")
+    for name, entry in manifest.files.items():
+        data = members.get(name)
+        if data is None:
+            raise MissingFileError(f"manifest lists {name} but the bundle lacks it",
+                                   hint="the bundle is incomplete; fetch or rebuild it")
+        if len(data) != entry.size:
+            raise IntegrityError(f"{name}: size {len(data)} bytes, manifest says {entry.size}",
+                                 hint="the bundle is truncated or altered; fetch it again")
+        if sha256_bytes(data) != entry.sha256:
+            raise IntegrityError(f"{name}: sha256 differs from the manifest",
+                                 hint="the bundle is corrupt or altered; fetch it again")

@@ -1,0 +1,138 @@
+"""MQTT payload schemas, each carrying ``schema_version``, validated on the way in."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field
+
+from agent.protocol.errors import PayloadError
+from agent.protocol.schema import (
+    NAME_PATTERN,
+    SEMVER_PATTERN,
+    SHA256_PATTERN,
+    Document,
+    decode_json,
+    validate_document,
+)
+
+__all__ = [
+    "STATUS_OFFLINE",
+    "STATUS_ONLINE",
+    "BundleRef",
+    "DesiredState",
+    "Event",
+    "ReportedState",
+    "Telemetry",
+    "decode",
+    "decode_status",
+    "decode_telemetry",
+    "encode",
+]
+
+STATUS_ONLINE = "online"
+STATUS_OFFLINE = "offline"
+SCHEMA_VERSION = 1
+
+P = TypeVar("P", bound=Document)
+
+
+class BundleRef(Document):
+    """Which bundle: name, version and the sha256 of its manifest."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=SEMVER_PATTERN)
+    sha256: str = Field(pattern=SHA256_PATTERN)
+
+
+class DesiredState(Document):
+    """Retained on ``state/desired``, written by the controller only."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=SEMVER_PATTERN)
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    url: str = Field(min_length=1, max_length=2048)
+    size: int = Field(ge=0)
+    rollout: str | None = None
+    action: Literal["install", "commit", "rollback"] = "install"
+    auto_commit: bool = False
+    issued_at: int = 0
+
+
+class UpdateReport(Document):
+    schema_version: int = SCHEMA_VERSION
+    state: str = "IDLE"
+    target: BundleRef | None = None
+    detail: str = ""
+    since: int = 0
+
+
+class ReportedState(Document):
+    """Retained on ``state/reported``, written by the device only."""
+
+    schema_version: int = SCHEMA_VERSION
+    fleet: str
+    device: str
+    agent_version: str
+    active: BundleRef | None = None
+    previous: BundleRef | None = None
+    slot: str | None = None
+    update: UpdateReport = Field(default_factory=UpdateReport)
+    runtimes: dict[str, str] = Field(default_factory=dict)
+    profile: str | None = None
+    serving: bool = False
+    ts: int = 0
+
+
+class Event(Document):
+    """QoS 1 on ``events``: one update transition or error, numbered by ``seq``."""
+
+    schema_version: int = SCHEMA_VERSION
+    seq: int = Field(ge=0)
+    ts: int
+    kind: str
+    state: str | None = None
+    detail: str = ""
+    bundle: BundleRef | None = None
+
+
+class Telemetry(Document):
+    """One ``telemetry`` point in ThingsBoard's ``{"ts", "values"}`` shape.
+
+    ``schema_version`` travels inside ``values`` so the outer shape stays ThingsBoard's.
+    """
+
+    ts: int
+    values: dict[str, Any]
+
+
+def encode(document: Document) -> bytes:
+    return document.model_dump_json(exclude_none=False).encode()
+
+
+def decode(cls: type[P], raw: bytes | str) -> P:
+    return validate_document(cls, decode_json(raw, cls.__name__), cls.__name__)
+
+
+def decode_telemetry(raw: bytes | str) -> list[Telemetry]:
+    """A single point or a replayed batch (JSON array) of points."""
+    data = decode_json(raw, "telemetry")
+    points = data if isinstance(data, list) else [data]
+    result = []
+    for point in points:
+        if not isinstance(point, dict) or not isinstance(point.get("values"), dict):
+            raise PayloadError("telemetry point must be {\"ts\": ms, \"values\": {...}}")
+        values = point["values"]
+        version = values.get("schema_version")
+        checked = validate_document(Telemetry, {**point, "schema_version": version}, "telemetry")
+        result.append(checked)
+    return result
+
+
+def decode_status(raw: bytes | str) -> str:
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    if text not in (STATUS_ONLINE, STATUS_OFFLINE):
+        raise PayloadError(f"status must be 'online' or 'offline', got {text[:40]!r}")
+    return text

@@ -1,0 +1,65 @@
+"""Shared pieces of every versioned document: strict JSON decoding and version checks."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from agent.protocol.errors import EdgefleetError, PayloadError, SchemaVersionError
+
+__all__ = ["Document", "decode_json", "validate_document"]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SEMVER_PATTERN = (
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
+)
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+D = TypeVar("D", bound="Document")
+
+
+class Document(BaseModel):
+    """A frozen, versioned document; unknown fields of a known version are ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    SUPPORTED_VERSIONS: frozenset[int] = frozenset({1})
+
+
+def decode_json(raw: bytes | str, what: str, error: type[EdgefleetError] = PayloadError) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise error(f"{what} is not valid JSON: {exc}",
+                           hint="send UTF-8 JSON as described in docs/protocol.md") from exc
+
+
+def validate_document(
+    cls: type[D], data: Any, what: str, error: type[EdgefleetError] = PayloadError
+) -> D:
+    """Check ``schema_version`` first, then every field; raise ``error`` naming the problem."""
+    if not isinstance(data, dict):
+        raise error(f"{what} must be a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    supported = sorted(cls.SUPPORTED_VERSIONS)
+    if version not in cls.SUPPORTED_VERSIONS:
+        raise SchemaVersionError(
+            f"{what} has schema_version {version!r}; this edgefleet reads {supported}",
+            hint="upgrade edgefleet on this side, or produce the document with a matching version",
+        )
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise error(f"{what} is invalid: {_summarise(exc)}",
+                    hint="see docs/protocol.md for the schema") from exc
+
+
+def _summarise(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,71 @@
+"""MQTT topic builders: ``edgefleet/v1/{fleet}/{device}/{leaf}``.
+
+Call sites never format topic strings themselves; they use these functions,
+which also refuse ids that would break topic matching ("/", "+", "#").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from agent.protocol.errors import PayloadError
+
+__all__ = [
+    "PREFIX",
+    "Leaf",
+    "TopicAddress",
+    "check_id",
+    "device_topic",
+    "fleet_filter",
+    "parse_topic",
+]
+
+PREFIX = "edgefleet/v1"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class Leaf(str, Enum):
+    TELEMETRY = "telemetry"
+    STATUS = "status"
+    DESIRED = "state/desired"
+    REPORTED = "state/reported"
+    EVENTS = "events"
+
+
+@dataclass(frozen=True)
+class TopicAddress:
+    fleet: str
+    device: str
+    leaf: Leaf
+
+
+def check_id(value: str, what: str = "id") -> str:
+    if not _ID.match(value):
+        raise ValueError(
+            f"{what} {value!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def device_topic(fleet: str, device: str, leaf: Leaf) -> str:
+    return f"{PREFIX}/{check_id(fleet, 'fleet')}/{check_id(device, 'device id')}/{leaf.value}"
+
+
+def fleet_filter(fleet: str, leaf: Leaf | None = None) -> str:
+    """A subscription filter for one leaf (or every leaf) of every device of a fleet."""
+    base = f"{PREFIX}/{check_id(fleet, 'fleet')}/+"
+    return f"{base}/{leaf.value}" if leaf else f"{base}/#"
+
+
+def parse_topic(topic: str) -> TopicAddress:
+    parts = topic.split("/")
+    if len(parts) < 5 or "/".join(parts[:2]) != PREFIX:
+        raise PayloadError(f"topic {topic!r} is not an edgefleet v1 topic")
+    try:
+        leaf = Leaf("/".join(parts[4:]))
+    except ValueError as exc:
+        raise PayloadError(f"topic {topic!r} has an unknown leaf") from exc
+    return TopicAddress(parts[2], parts[3], leaf)
