@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -26,7 +26,7 @@ class Document(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    SUPPORTED_VERSIONS: frozenset[int] = frozenset({1})
+    SUPPORTED_VERSIONS: ClassVar[frozenset[int]] = frozenset({1})
 
 
 def decode_json(raw: bytes | str, what: str, error: type[EdgefleetError] = PayloadError) -> Any:

@@ -1,0 +1,113 @@
+"""The agent: serve the active bundle in-process and count what it does.
+
+``Agent.predict`` is the in-process API. A model swap replaces one reference,
+so a request in flight finishes on the model it started on and the next one
+uses the new model. A failed load never replaces what is serving.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.loader import LoadedModel, load_bundle
+from agent.protocol.errors import EdgefleetError
+from agent.protocol.signing import TrustedKeys
+from agent.runtime.base import Array, check_feeds
+from agent.runtime.errors import InferenceError
+from agent.stats import VersionStats
+
+__all__ = ["Agent", "NotReadyError"]
+
+
+class NotReadyError(EdgefleetError):
+    """The agent has no model to serve yet."""
+
+    transient = True
+
+
+class _Serving:
+    """The active model and the stats of its version, swapped as one reference."""
+
+    __slots__ = ("input_name", "model", "run", "stats")
+
+    def __init__(self, model: LoadedModel, stats: VersionStats) -> None:
+        self.model, self.stats, self.run = model, stats, model.runtime.run
+        self.input_name = model.runtime.inputs[0].name
+
+
+class Agent:
+    """Serves one active model; thread-safe; loading is verified and never destructive."""
+
+    def __init__(self, trusted: TrustedKeys, *, threads: int = 1) -> None:
+        self.trusted, self.threads = trusted, threads
+        self._serving: _Serving | None = None
+        self._stats: dict[str, VersionStats] = {}
+        self._swap_lock = threading.Lock()
+        self._listeners: list[Callable[[LoadedModel], None]] = []
+        self.started = time.time()
+
+    @property
+    def model(self) -> LoadedModel | None:
+        serving = self._serving
+        return serving.model if serving else None
+
+    @property
+    def ready(self) -> bool:
+        return self._serving is not None
+
+    def on_change(self, listener: Callable[[LoadedModel], None]) -> None:
+        self._listeners.append(listener)
+
+    def load(self, source: Path | bytes) -> LoadedModel:
+        """Verify, load and health-check ``source``, then make it the active model."""
+        loaded = load_bundle(source, self.trusted, threads=self.threads)
+        self.activate(loaded)
+        return loaded
+
+    def activate(self, loaded: LoadedModel) -> None:
+        with self._swap_lock:
+            stats = self._stats.setdefault(loaded.version, VersionStats())
+            # The replaced runtime is freed when the last request holding it returns.
+            self._serving = _Serving(loaded, stats)
+        for listener in self._listeners:
+            listener(loaded)
+
+    def predict(self, inputs: Mapping[str, Array] | Array) -> dict[str, Array]:
+        """Run the active model; a bare array feeds the first input."""
+        serving = self._serving
+        if serving is None:
+            raise NotReadyError("no model is loaded", hint="load a bundle first")
+        feeds = inputs if isinstance(inputs, Mapping) else {serving.input_name: inputs}
+        started = time.perf_counter_ns()
+        try:
+            outputs = serving.run(feeds)
+        except Exception as exc:
+            serving.stats.error()
+            raise _inference_error(serving, feeds, exc) from exc
+        serving.stats.samples.append(time.perf_counter_ns() - started)
+        return outputs
+
+    def telemetry_values(self) -> dict[str, Any]:
+        """Drain every version's window: flat keys for the active one, and a per-version map."""
+        serving = self._serving
+        versions = {version: stats.drain().as_values() for version, stats in self._stats.items()}
+        values: dict[str, Any] = {"versions": versions}
+        if serving is not None:
+            values.update(model=serving.model.name, model_version=serving.model.version,
+                          **versions[serving.model.version])
+            values["inferences_total"] = serving.stats.total_inferences
+            values["errors_total"] = serving.stats.total_errors
+        return values
+
+
+def _inference_error(serving: _Serving, feeds: Mapping[str, Array],
+                     exc: Exception) -> InferenceError:
+    problems = check_feeds(serving.model.runtime.inputs, feeds)
+    detail = "; ".join(problems) if problems else f"{type(exc).__name__}: {exc}"
+    return InferenceError(f"inference failed: {detail}",
+                          hint="send inputs matching GET /v2/models/{name} (names, dtypes, shapes)")
+

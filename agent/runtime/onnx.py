@@ -1,0 +1,62 @@
+"""``.onnx`` models on ONNX Runtime (CPU execution provider)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from agent.runtime.base import Array, TensorInfo
+from agent.runtime.errors import RuntimeLoadError
+
+__all__ = ["OnnxRuntime"]
+
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16",
+    "tensor(uint16)": "uint16", "tensor(int32)": "int32", "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+}
+
+
+class OnnxRuntime:
+    """An ONNX Runtime session; sessions are safe to run from many threads."""
+
+    def __init__(self, ort: Any, model: bytes, threads: int) -> None:
+        self.name, self.version, self.threads = "onnxruntime", str(ort.__version__), threads
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(model, sess_options=options,
+                                                 providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidGraph errors
+            raise RuntimeLoadError(f"onnxruntime {self.version} cannot load the model: {exc}",
+                                   hint="re-export the model with an opset this runtime supports"
+                                   ) from exc
+        self._inputs = [_info(a) for a in self._session.get_inputs()]
+        self._outputs = [_info(a) for a in self._session.get_outputs()]
+        self._output_names = [o.name for o in self._outputs]
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return self._outputs
+
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        values = self._session.run(self._output_names, dict(feeds))
+        return dict(zip(self._output_names, values, strict=True))
+
+    def close(self) -> None:
+        self._session = None
+
+
+def _info(arg: Any) -> TensorInfo:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+    dtype = _ORT_TYPES.get(arg.type, "float32")
+    return TensorInfo(name=arg.name, shape=shape, dtype=np.dtype(dtype).name)

@@ -1,0 +1,110 @@
+"""Pick and load the runtime that fits a model.
+
+``.tflite``: LiteRT (``ai-edge-litert``) first; ``tflite-runtime`` only as a
+fallback, when it is installed and actually loads the model. ``.onnx``: ONNX
+Runtime. Runtime packages are imported lazily so a device needs only the one
+it uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+from agent.runtime.base import Runtime
+from agent.runtime.errors import IncompatibleModelError, MissingRuntimeError, RuntimeLoadError
+from agent.runtime.onnx import OnnxRuntime
+from agent.runtime.tflite import TFLiteRuntime
+
+__all__ = ["RUNTIMES_BY_FORMAT", "installed_runtimes", "load_runtime", "version_tuple"]
+
+# runtime name -> (module to import, distribution name)
+_MODULES = {
+    "litert": ("ai_edge_litert.interpreter", "ai-edge-litert"),
+    "tflite-runtime": ("tflite_runtime.interpreter", "tflite-runtime"),
+    "onnxruntime": ("onnxruntime", "onnxruntime"),
+}
+RUNTIMES_BY_FORMAT = {"tflite": ["litert", "tflite-runtime"], "onnx": ["onnxruntime"]}
+_INSTALL_HINT = {"tflite": "pip install 'edgefleet[agent]' (brings ai-edge-litert)",
+                 "onnx": "pip install 'edgefleet[agent]' (brings onnxruntime)"}
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def installed_runtimes() -> dict[str, str]:
+    """Runtime name -> installed version, for the reported state."""
+    found = {}
+    for name, (_, dist) in _MODULES.items():
+        try:
+            found[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def load_runtime(model: bytes, fmt: str, *, threads: int = 1,
+                 required: str | None = None, min_version: str = "0") -> Runtime:
+    """Load ``model`` on the first runtime for ``fmt`` that is installed, recent enough and able.
+
+    ``required``/``min_version`` come from the manifest: the runtime it was
+    checked against and the oldest version of it that loads its op versions.
+    """
+    candidates = RUNTIMES_BY_FORMAT.get(fmt)
+    if candidates is None:
+        raise RuntimeLoadError(f"unknown model format {fmt!r}", hint="use tflite or onnx")
+    failures: list[str] = []
+    for name in candidates:
+        try:
+            return _try_load(name, model, threads, required, min_version)
+        except (MissingRuntimeError, RuntimeLoadError) as exc:
+            failures.append(str(exc))
+    if all(f.startswith("not installed") for f in failures):
+        raise MissingRuntimeError(f"no runtime for .{fmt} models is installed",
+                                  hint=_INSTALL_HINT[fmt])
+    incompatible = [f for f in failures if "needs" in f]
+    error = IncompatibleModelError if incompatible else RuntimeLoadError
+    raise error("; ".join(f for f in failures if not f.startswith("not installed")),
+                hint="convert the model for this device's runtime, or upgrade the runtime")
+
+
+def _try_load(name: str, model: bytes, threads: int,
+              required: str | None, min_version: str) -> Runtime:
+    module_name, dist = _MODULES[name]
+    module = _import(module_name)
+    if module is None:
+        raise MissingRuntimeError(f"not installed: {dist}")
+    version = metadata.version(dist)
+    if name == required and version_tuple(version) < version_tuple(min_version):
+        raise IncompatibleModelError(f"{name} {version} is too old: the model needs {name} "
+                                     f">= {min_version}")
+    factory = _FACTORIES[name]
+    return factory(module, version, model, threads)
+
+
+def _import(module_name: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ImportError:
+        return None
+
+
+def _litert(module: Any, version: str, model: bytes, threads: int) -> Runtime:
+    return TFLiteRuntime(module.Interpreter, "litert", version, model, threads)
+
+
+def _tflite_runtime(module: Any, version: str, model: bytes, threads: int) -> Runtime:
+    return TFLiteRuntime(module.Interpreter, "tflite-runtime", version, model, threads)
+
+
+def _onnxruntime(module: Any, version: str, model: bytes, threads: int) -> Runtime:
+    return OnnxRuntime(module, model, threads)
+
+
+_FACTORIES: dict[str, Callable[[Any, str, bytes, int], Runtime]] = {
+    "litert": _litert, "tflite-runtime": _tflite_runtime, "onnxruntime": _onnxruntime,
+}

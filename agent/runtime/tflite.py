@@ -1,0 +1,95 @@
+"""``.tflite`` models on LiteRT (``ai-edge-litert``), or on ``tflite-runtime`` as a fallback.
+
+Both expose the same interpreter API. A model with a fixed batch of 1 still
+answers a batch of N: rows are run one after another.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from agent.runtime.base import Array, TensorInfo
+from agent.runtime.errors import RuntimeLoadError
+
+__all__ = ["TFLiteRuntime"]
+
+
+class TFLiteRuntime:
+    """A TFLite interpreter behind a lock (interpreters are not thread-safe)."""
+
+    def __init__(self, interpreter_cls: Any, name: str, version: str,
+                 model: bytes, threads: int) -> None:
+        self.name, self.version, self.threads = name, version, threads
+        try:
+            self._interp = interpreter_cls(model_content=model, num_threads=threads)
+            self._interp.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise RuntimeLoadError(f"{name} {version} cannot load the model: {exc}".strip(),
+                                   hint="convert the model for this runtime version") from exc
+        self._lock = threading.Lock()
+        self._in = self._interp.get_input_details()
+        self._out = self._interp.get_output_details()
+        self._inputs = [_info(d) for d in self._in]
+        self._outputs = [_info(d) for d in self._out]
+        self._in_index = {d["name"]: d["index"] for d in self._in}
+        self._batch = {d["name"]: int(d["shape"][0]) if len(d["shape"]) else 1 for d in self._in}
+        self._dynamic = any(-1 in d.get("shape_signature", d["shape"])[:1] for d in self._in)
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return self._outputs
+
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        rows = _batch_of(feeds)
+        with self._lock:
+            if self._dynamic:
+                return self._run_resized(feeds, rows)
+            fixed = next(iter(self._batch.values()))
+            if rows == fixed:
+                return self._invoke(feeds)
+            if fixed != 1:
+                raise ValueError(f"model takes a batch of exactly {fixed}, got {rows}")
+            parts = [self._invoke({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(rows)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _invoke(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        interp, index = self._interp, self._in_index
+        for name, value in feeds.items():
+            interp.set_tensor(index[name], value)
+        interp.invoke()
+        return {d["name"]: interp.get_tensor(d["index"]) for d in self._out}
+
+    def _run_resized(self, feeds: Mapping[str, Array], rows: int) -> dict[str, Array]:
+        if any(self._batch[name] != rows for name in feeds):
+            for name, value in feeds.items():
+                self._interp.resize_tensor_input(self._in_index[name], list(value.shape))
+            self._interp.allocate_tensors()
+            self._batch = {name: rows for name in self._batch}
+        return self._invoke(feeds)
+
+    def close(self) -> None:
+        with self._lock:
+            self._interp = None
+
+
+def _batch_of(feeds: Mapping[str, Array]) -> int:
+    first = next(iter(feeds.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def _info(detail: dict[str, Any]) -> TensorInfo:
+    shape = detail.get("shape_signature", detail["shape"])
+    params = detail.get("quantization_parameters", {})
+    scales = tuple(float(s) for s in params.get("scales", ()))
+    zeros = tuple(int(z) for z in params.get("zero_points", ()))
+    return TensorInfo(name=detail["name"], shape=tuple(int(d) for d in shape),
+                      dtype=np.dtype(detail["dtype"]).name, scales=scales, zero_points=zeros,
+                      quantized_dimension=int(params.get("quantized_dimension", 0)))

@@ -1,0 +1,64 @@
+"""Shared fixtures: a real trained model, signing keys and signed bundles (made once a session)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair  # noqa: E402
+from agent.runtime import load_runtime  # noqa: E402
+from converter.package import PackageSpec, package_model  # noqa: E402
+from tests.models import TrainedModels, train_digits_cnn  # noqa: E402
+
+DIGIT_LABELS = tuple(str(i) for i in range(10))
+
+
+@dataclass(frozen=True)
+class Keys:
+    secret: Path
+    public: Path
+
+    @property
+    def signer(self) -> SigningKey:
+        return SigningKey.load(self.secret)
+
+    @property
+    def trusted(self) -> TrustedKeys:
+        return TrustedKeys.from_paths([self.public])
+
+
+@pytest.fixture(scope="session")
+def digits_models(tmp_path_factory: pytest.TempPathFactory) -> TrainedModels:
+    return train_digits_cnn(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    secret, public = generate_keypair(tmp_path_factory.mktemp("keys"), "dev")
+    return Keys(secret, public)
+
+
+def make_bundle(model: Path, out: Path, keys: Keys, version: str = "1.0.0",
+                rows: int = 8, **extra: object) -> Path:
+    """Package ``model`` (tflite or onnx) as the digits classifier, health vectors from digits."""
+    from tests.models import load_digits
+
+    fmt = model.suffix.lstrip(".")
+    runtime = load_runtime(model.read_bytes(), fmt)
+    x = load_digits().x_test[:rows]
+    spec = PackageSpec("digits", version, {runtime.inputs[0].name: x},
+                       task="classification", labels=DIGIT_LABELS, **extra)  # type: ignore[arg-type]
+    return package_model(model, out, spec, keys.signer)
+
+
+@pytest.fixture(scope="session")
+def digits_bundles(digits_models: TrainedModels, signing_keys: Keys,
+                   tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("bundles")
+    return {fmt: make_bundle(getattr(digits_models, fmt), out / f"digits-{fmt}.efb", signing_keys)
+            for fmt in ("tflite", "onnx")}
