@@ -63,12 +63,12 @@ def package_model(model: Path, out: Path, spec: PackageSpec, key: SigningKey) ->
     manifest = Manifest(
         schema_version=1, name=spec.name, version=spec.version,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        format=fmt,  # type: ignore[arg-type]
-        runtime=RuntimeRequirement(name=RUNTIME_FOR_FORMAT[fmt],  # type: ignore[arg-type]
+        format=fmt,
+        runtime=RuntimeRequirement(name=RUNTIME_FOR_FORMAT[fmt],
                                    min_version=spec.min_runtime_version),
         inputs=[tensor_spec(t) for t in runtime.inputs],
         outputs=[tensor_spec(t) for t in runtime.outputs],
-        task=spec.task,  # type: ignore[arg-type]
+        task=spec.task,
         optimization=spec.optimization, metrics=dict(spec.metrics),
         targets=list(spec.targets), files={})
     files = {MODEL_FILES[fmt]: model_bytes, "health.npz": health.to_bytes()}

@@ -10,10 +10,10 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair  # noqa: E402
-from agent.runtime import load_runtime  # noqa: E402
-from converter.package import PackageSpec, package_model  # noqa: E402
-from tests.models import TrainedModels, train_digits_cnn  # noqa: E402
+from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
+from agent.runtime import load_runtime
+from converter.package import PackageSpec, package_model
+from tests.models import TrainedModels, train_digits_cnn
 
 DIGIT_LABELS = tuple(str(i) for i in range(10))
 

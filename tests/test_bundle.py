@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent.core import Agent
@@ -167,7 +168,7 @@ def test_failed_load_keeps_serving_the_old_model(digits_bundles: dict[str, Path]
     assert probs.shape == (1, 10)
 
 
-def _one_digit():  # type: ignore[no-untyped-def]
+def _one_digit() -> np.ndarray:
     from tests.models import load_digits
 
     return load_digits().x_test[:1]

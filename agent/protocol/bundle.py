@@ -110,14 +110,14 @@ def _read_members(source: Path | bytes) -> dict[str, bytes]:
     try:
         raw = source if isinstance(source, bytes) else Path(source).read_bytes()
     except OSError as exc:
-        raise BundleFormatError(f"cannot read bundle {source}: {exc.strerror}",
+        raise BundleFormatError(f"cannot read bundle {source!s}: {exc.strerror}",
                                 hint="check the path") from exc
     try:
         with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as archive:
             return _extract_all(archive)
     except tarfile.TarError as exc:
         raise BundleFormatError(f"not a bundle archive: {exc}",
-                                hint="the file is truncated or not an .efb; fetch it again") from exc
+                                hint="truncated, or not an .efb; fetch it again") from exc
 
 
 def _extract_all(archive: tarfile.TarFile) -> dict[str, bytes]:

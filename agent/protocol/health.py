@@ -35,7 +35,7 @@ class HealthData:
         arrays["atol"] = np.asarray(self.atol, dtype=np.float64)
         arrays["rtol"] = np.asarray(self.rtol, dtype=np.float64)
         buffer = io.BytesIO()
-        np.savez(buffer, allow_pickle=False, **arrays)  # type: ignore[arg-type]
+        np.savez(buffer, allow_pickle=False, **arrays)
         return buffer.getvalue()
 
     @classmethod

@@ -1,0 +1,42 @@
+# edgefleet: `make demo` shows the product, `make test` proves it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export PATH := /usr/sbin:$(PATH)
+export TF_CPP_MIN_LOG_LEVEL := 3
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install system-deps lint typecheck imports test bench demo clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all,dev]'
+	touch $@
+
+install: $(STAMP)
+
+system-deps:
+	scripts/system-deps.sh
+
+lint: install
+	$(BIN)/ruff check .
+
+typecheck: install
+	$(BIN)/mypy
+
+imports: install
+	$(BIN)/lint-imports
+
+test: system-deps install lint typecheck imports
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: system-deps install
+	$(BIN)/python bench/agent_overhead.py
+
+demo: system-deps install
+	$(BIN)/python -m edgefleet demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

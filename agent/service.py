@@ -1,0 +1,154 @@
+"""The running agent: serving, HTTP, MQTT status, reported state, events and telemetry.
+
+Wires the pieces together and owns their start and stop; each piece does one job:
+:class:`agent.core.Agent` serves, :class:`agent.serving.http.InferenceServer`
+speaks KServe v2, :class:`agent.mqtt.MqttClient` talks to the broker,
+:class:`agent.telemetry.reporter.TelemetryReporter` publishes (or spools) telemetry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent import __version__
+from agent.core import Agent
+from agent.events import EventLog
+from agent.loader import LoadedModel
+from agent.mqtt import MqttClient, parse_broker_url
+from agent.protocol.errors import EdgefleetError
+from agent.protocol.payloads import (
+    STATUS_OFFLINE,
+    STATUS_ONLINE,
+    DesiredState,
+    ReportedState,
+    decode,
+    encode,
+)
+from agent.protocol.topics import Leaf, device_topic
+from agent.runtime.select import installed_runtimes
+from agent.serving.http import InferenceServer
+from agent.telemetry.reporter import TelemetryReporter
+from agent.telemetry.spool import Spool
+
+__all__ = ["AgentService", "ServiceConfig"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    fleet: str
+    device_id: str
+    data_dir: Path
+    broker_url: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
+    telemetry_interval_s: float = 10.0
+    spool_max_bytes: int = 8 * 1024 * 1024
+    profile: str | None = None
+    mqtt_username: str | None = None
+    mqtt_password: str | None = field(default=None, repr=False)
+
+
+class AgentService:
+    """Starts and stops everything around one :class:`Agent`."""
+
+    def __init__(self, config: ServiceConfig, agent: Agent) -> None:
+        self.config, self.agent = config, agent
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.events = EventLog(config.data_dir / "events.seq")
+        self.desired: DesiredState | None = None
+        self.http: InferenceServer | None = None
+        self.mqtt: MqttClient | None = None
+        self.reporter: TelemetryReporter | None = None
+        self._lock = threading.Lock()
+        agent.on_change(self._model_changed)
+
+    def topic(self, leaf: Leaf) -> str:
+        return device_topic(self.config.fleet, self.config.device_id, leaf)
+
+    def start(self) -> None:
+        if self.config.http_port is not None:
+            self.http = InferenceServer(self.agent, self.config.http_host, self.config.http_port)
+            self.http.start()
+        if self.config.broker_url:
+            self._start_mqtt(self.config.broker_url)
+
+    def stop(self) -> None:
+        if self.reporter:
+            self.reporter.stop(flush=True)
+        if self.mqtt:
+            self._publish_status(STATUS_OFFLINE, wait=True)
+            self.mqtt.stop()
+        if self.http:
+            self.http.stop()
+
+    def _start_mqtt(self, url: str) -> None:
+        host, port = parse_broker_url(url)
+        cfg = self.config
+        self.mqtt = MqttClient(f"edgefleet-{cfg.fleet}-{cfg.device_id}", host, port,
+                               will=(self.topic(Leaf.STATUS), STATUS_OFFLINE.encode(), 1, True),
+                               username=cfg.mqtt_username, password=cfg.mqtt_password)
+        self.mqtt.on_connect(self._connected)
+        self.mqtt.subscribe(self.topic(Leaf.DESIRED), self._desired_message)
+        spool = Spool(cfg.data_dir / "spool", cfg.spool_max_bytes)
+        self.reporter = TelemetryReporter(self.mqtt, cfg.fleet, cfg.device_id,
+                                          self.agent.telemetry_values, spool,
+                                          cfg.telemetry_interval_s)
+        self.mqtt.start()
+        self.reporter.start()
+
+    def reported_state(self) -> ReportedState:
+        model = self.agent.model
+        return ReportedState(fleet=self.config.fleet, device=self.config.device_id,
+                             agent_version=__version__, active=model.ref if model else None,
+                             slot=None, runtimes=installed_runtimes(),
+                             profile=self.config.profile, serving=model is not None,
+                             ts=int(time.time() * 1000))
+
+    def publish_event(self, kind: str, detail: str = "") -> None:
+        model = self.agent.model
+        event = self.events.next(kind, detail, bundle=model.ref if model else None)
+        if self.mqtt:
+            self.mqtt.publish(self.topic(Leaf.EVENTS), encode(event), qos=1, retain=False)
+
+    def _connected(self) -> None:
+        self._publish_status(STATUS_ONLINE)
+        self._publish_reported()
+
+    def _publish_status(self, status: str, wait: bool = False) -> None:
+        assert self.mqtt is not None
+        topic, payload = self.topic(Leaf.STATUS), status.encode()
+        if not wait:
+            self.mqtt.publish(topic, payload, qos=1, retain=True)
+            return
+        try:
+            self.mqtt.publish_wait(topic, payload, qos=1, retain=True, timeout=2.0)
+        except EdgefleetError as exc:
+            log.warning("could not publish %s status: %s", status, exc)
+
+    def _publish_reported(self) -> None:
+        if self.mqtt:
+            self.mqtt.publish(self.topic(Leaf.REPORTED), encode(self.reported_state()),
+                              qos=1, retain=True)
+
+    def _model_changed(self, model: LoadedModel) -> None:
+        self._publish_reported()
+        self.publish_event("model_loaded", f"serving {model.name} {model.version}")
+
+    def _desired_message(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained message
+        try:
+            desired = decode(DesiredState, payload)
+        except EdgefleetError as exc:
+            log.warning("dropped malformed desired state on %s: %s", topic, exc)
+            self.publish_event("payload_rejected", f"{topic}: {exc.message}")
+            return
+        with self._lock:
+            self.desired = desired
+        log.info("desired state: %s %s", desired.name, desired.version)

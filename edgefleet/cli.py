@@ -1,0 +1,22 @@
+"""The ``edgefleet`` console script: one typer app made of each part's sub-apps."""
+
+from __future__ import annotations
+
+import typer
+
+from agent.cli import agent as agent_cli
+from agent.cli import broker as broker_cli
+from agent.cli import keys as keys_cli
+
+app = typer.Typer(
+    help="edgefleet: convert models, run them on devices, roll them out to fleets.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(agent_cli.app, name="agent")
+app.add_typer(keys_cli.app, name="keys")
+app.command("broker")(broker_cli.broker)
+
+
+def main() -> None:
+    app()
