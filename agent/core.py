@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agent.loader import LoadedModel, load_bundle
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.signing import TrustedKeys
@@ -81,7 +83,7 @@ class Agent:
         serving = self._serving
         if serving is None:
             raise NotReadyError("no model is loaded", hint="load a bundle first")
-        feeds = inputs if isinstance(inputs, Mapping) else {serving.input_name: inputs}
+        feeds = {serving.input_name: inputs} if isinstance(inputs, np.ndarray) else inputs
         started = time.perf_counter_ns()
         try:
             outputs = serving.run(feeds)

@@ -36,7 +36,9 @@ class TFLiteRuntime:
         self._inputs = [_info(d) for d in self._in]
         self._outputs = [_info(d) for d in self._out]
         self._in_index = {d["name"]: d["index"] for d in self._in}
-        self._batch = {d["name"]: int(d["shape"][0]) if len(d["shape"]) else 1 for d in self._in}
+        self._out_index = [(d["name"], d["index"]) for d in self._out]
+        first = self._in[0]["shape"]
+        self._rows = int(first[0]) if len(first) else 1
         self._dynamic = any(-1 in d.get("shape_signature", d["shape"])[:1] for d in self._in)
 
     @property
@@ -50,30 +52,29 @@ class TFLiteRuntime:
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
         rows = _batch_of(feeds)
         with self._lock:
-            if self._dynamic:
-                return self._run_resized(feeds, rows)
-            fixed = next(iter(self._batch.values()))
-            if rows == fixed:
+            if rows == self._rows:
                 return self._invoke(feeds)
-            if fixed != 1:
-                raise ValueError(f"model takes a batch of exactly {fixed}, got {rows}")
-            parts = [self._invoke({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(rows)]
-            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            if self._dynamic:
+                self._resize(feeds, rows)
+                return self._invoke(feeds)
+        if self._rows != 1:
+            raise ValueError(f"model takes a batch of exactly {self._rows}, got {rows}")
+        parts = [self.run({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(rows)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _invoke(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
         interp, index = self._interp, self._in_index
         for name, value in feeds.items():
             interp.set_tensor(index[name], value)
         interp.invoke()
-        return {d["name"]: interp.get_tensor(d["index"]) for d in self._out}
+        get = interp.get_tensor
+        return {name: get(i) for name, i in self._out_index}
 
-    def _run_resized(self, feeds: Mapping[str, Array], rows: int) -> dict[str, Array]:
-        if any(self._batch[name] != rows for name in feeds):
-            for name, value in feeds.items():
-                self._interp.resize_tensor_input(self._in_index[name], list(value.shape))
-            self._interp.allocate_tensors()
-            self._batch = {name: rows for name in self._batch}
-        return self._invoke(feeds)
+    def _resize(self, feeds: Mapping[str, Array], rows: int) -> None:
+        for name, value in feeds.items():
+            self._interp.resize_tensor_input(self._in_index[name], list(value.shape))
+        self._interp.allocate_tensors()
+        self._rows = rows
 
     def close(self) -> None:
         with self._lock:
