@@ -6,7 +6,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.protocol.files import atomic_write
+from agent.protocol.files import atomic_write, read_int
 from agent.protocol.payloads import BundleRef, Event
 
 __all__ = ["EventLog"]
@@ -18,10 +18,7 @@ class EventLog:
     def __init__(self, counter_file: Path) -> None:
         self._file = counter_file
         self._lock = threading.Lock()
-        try:
-            self._seq = int(counter_file.read_text().strip() or 0)
-        except (OSError, ValueError):
-            self._seq = 0
+        self._seq = read_int(counter_file)
 
     def next(self, kind: str, detail: str = "", state: str | None = None,
              bundle: BundleRef | None = None) -> Event:

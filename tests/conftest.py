@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
 from agent.runtime import load_runtime
 from converter.package import PackageSpec, package_model
+from fleet.mosquitto import MosquittoBroker
+from tests.brokers import AmqttBroker
 from tests.models import TrainedModels, train_digits_cnn
 
 DIGIT_LABELS = tuple(str(i) for i in range(10))
@@ -62,3 +66,30 @@ def digits_bundles(digits_models: TrainedModels, signing_keys: Keys,
     out = tmp_path_factory.mktemp("bundles")
     return {fmt: make_bundle(getattr(digits_models, fmt), out / f"digits-{fmt}.efb", signing_keys)
             for fmt in ("tflite", "onnx")}
+
+
+@pytest.fixture()
+def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A private Mosquitto on a free port (never the system's), stopped by its PID."""
+    broker = MosquittoBroker(workdir=tmp_path / "mosquitto").start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(params=["mosquitto", "amqtt"])
+def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MosquittoBroker |
+                                                                             AmqttBroker]:
+    """The same test against Mosquitto and against the embedded broker."""
+    broker: MosquittoBroker | AmqttBroker
+    if request.param == "mosquitto":
+        broker = MosquittoBroker(workdir=tmp_path / "mosquitto").start()
+    else:
+        broker = AmqttBroker().start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture()
+def fleet_name(request: pytest.FixtureRequest) -> str:
+    """A topic prefix unique to the test."""
+    return "t" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]

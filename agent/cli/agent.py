@@ -13,6 +13,7 @@ import typer
 
 from agent.cli.output import fail
 from agent.core import Agent
+from agent.errors import NothingToServeError
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.signing import TrustedKeys
 from agent.service import AgentService, ServiceConfig
@@ -20,10 +21,6 @@ from agent.service import AgentService, ServiceConfig
 app = typer.Typer(help="Run models on this device.", no_args_is_help=True)
 
 DEFAULT_DATA_DIR = Path(os.environ.get("EDGEFLEET_DATA_DIR", "~/.local/share/edgefleet"))
-
-
-class NothingToServeError(EdgefleetError):
-    """The agent has no loadable model and refuses to start."""
 
 
 def _host_port(value: str) -> tuple[str, int]:

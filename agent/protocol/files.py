@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir", "sha256_bytes", "sha256_file"]
+__all__ = ["atomic_write", "fsync_dir", "read_int", "sha256_bytes", "sha256_file"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -46,3 +46,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_int(path: Path, default: int = 0) -> int:
+    """A counter kept in a small text file; ``default`` when absent or unreadable."""
+    try:
+        return int(Path(path).read_text().strip() or default)
+    except (OSError, ValueError):
+        return default

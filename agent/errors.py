@@ -1,0 +1,31 @@
+"""The agent's branch of the error tree (root: ``agent.protocol.errors.EdgefleetError``)::
+
+    EdgefleetError
+    ├── BrokerError                 the MQTT broker cannot be reached or refused us
+    │   └── BrokerTimeoutError      a QoS 1 publish was not acknowledged in time
+    ├── NothingToServeError         the agent has no loadable model and will not start
+    ├── NotReadyError               (agent.core) a request before any model is loaded
+    ├── HealthCheckError            (agent.health) outputs or latency out of tolerance
+    ├── RuntimeLoadError, ...       (agent.runtime.errors) runtime missing, too old, or failing
+    └── InferenceError              (agent.runtime.errors) inputs that do not fit the model
+"""
+
+from __future__ import annotations
+
+from agent.protocol.errors import EdgefleetError
+
+__all__ = ["BrokerError", "BrokerTimeoutError", "NothingToServeError"]
+
+
+class BrokerError(EdgefleetError):
+    """The broker is unreachable, refused the connection, or the URL is wrong."""
+
+    transient = True
+
+
+class BrokerTimeoutError(BrokerError):
+    """A publish that waits for its acknowledgement did not get it in time."""
+
+
+class NothingToServeError(EdgefleetError):
+    """No bundle could be loaded, so the agent refuses to start."""
