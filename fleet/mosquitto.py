@@ -65,6 +65,7 @@ class MosquittoBroker:
     def __post_init__(self) -> None:
         self.port = self.port or free_port(self.host)
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="edgefleet-mosquitto-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
