@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +69,7 @@ def test_status_reported_state_and_telemetry_on_both_brokers(
         for _ in range(20):
             service.agent.predict(digit)
         assert sub.wait_for(lambda ms: any(m.payload == b"online" for m in ms))
-        assert sub.wait_for(lambda ms: sum(_seqs(ms) and [1] or [0]) > 0 and
+        assert sub.wait_for(lambda ms: sum((_seqs(ms) and [1]) or [0]) > 0 and
                             any("inferences" in p.values and p.values["inferences"] > 0
                                 for m in ms if m.topic.endswith("/telemetry")
                                 for p in decode_telemetry(m.payload)))
@@ -83,8 +82,8 @@ def test_status_reported_state_and_telemetry_on_both_brokers(
         assert point.values["rss_bytes"] > 0 and point.values["schema_version"] == 1
     finally:
         service.stop()
-    assert sub.wait_for(lambda ms: ms[-1].topic.endswith("/status") and
-                        ms[-1].payload == b"offline" or
+    assert sub.wait_for(lambda ms: (ms[-1].topic.endswith("/status") and
+                        ms[-1].payload == b"offline") or
                         any(m.payload == b"offline" for m in ms))
     sub.close()
     late = Subscriber(any_broker.url, [device_topic(fleet_name, "dev-1", Leaf.STATUS),
