@@ -32,18 +32,18 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.core import Agent  # noqa: E402
-from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair  # noqa: E402
-from agent.runtime import load_runtime  # noqa: E402
-from bench.common import (  # noqa: E402
+from agent.core import Agent
+from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
+from agent.runtime import load_runtime
+from bench.common import (
     ROOT,
     markdown_table,
     percentiles_us,
     update_section,
     write_results,
 )
-from converter.package import PackageSpec, package_model  # noqa: E402
-from fleet.mosquitto import free_port, wait_for_port  # noqa: E402
+from converter.package import PackageSpec, package_model
+from fleet.mosquitto import free_port, wait_for_port
 
 ASSETS = ROOT / "edgefleet" / "demo_assets"
 Call = Callable[[], object]
