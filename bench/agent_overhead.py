@@ -3,9 +3,9 @@
 For each model and runtime, calls are interleaved on the same input in one run
 (the order rotating every round), so machine noise hits them alike: first the
 bare call against ``Agent.predict``, then the bare call against HTTP with JSON
-tensors and with binary tensors. Each ratio compares calls of the same rounds. The HTTP server is a separate
-``edgefleet agent run`` process, as on a device; the client is a keep-alive
-``http.client`` connection sending JSON tensors.
+tensors and with binary tensors. Each ratio compares calls of the same rounds.
+The HTTP server is a separate ``edgefleet agent run`` process, as on a device;
+the client is a keep-alive ``http.client`` connection.
 
 Targets: in-process p50 <= 1.03x the bare call; HTTP adds <= 0.3 ms at p50.
 
