@@ -7,6 +7,7 @@ import typer
 from agent.cli import agent as agent_cli
 from agent.cli import broker as broker_cli
 from agent.cli import keys as keys_cli
+from edgefleet.cli_demo import demo
 
 app = typer.Typer(
     help="edgefleet: convert models, run them on devices, roll them out to fleets.",
@@ -16,6 +17,7 @@ app = typer.Typer(
 app.add_typer(agent_cli.app, name="agent")
 app.add_typer(keys_cli.app, name="keys")
 app.command("broker")(broker_cli.broker)
+app.command("demo")(demo)
 
 
 def main() -> None:
