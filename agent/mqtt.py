@@ -58,7 +58,10 @@ class MqttClient:
         self._subscriptions: dict[str, tuple[Handler, int]] = {}
         self._hooks: list[Callable[[], None]] = []
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._pending: set[int] = set()
         self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
 
@@ -78,6 +81,10 @@ class MqttClient:
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Wait until the broker acknowledged every subscription of this connection."""
+        return self._subscribed.wait(timeout)
+
     def on_connect(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` (on the network thread) after every connection."""
         self._hooks.append(hook)
@@ -85,7 +92,13 @@ class MqttClient:
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         self._subscriptions[topic_filter] = (handler, qos)
         if self.connected:
-            self._client.subscribe(topic_filter, qos)
+            self._subscribe(topic_filter, qos)
+
+    def _subscribe(self, topic_filter: str, qos: int) -> None:
+        self._subscribed.clear()
+        _, mid = self._client.subscribe(topic_filter, qos)
+        if mid is not None:
+            self._pending.add(mid)
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
         """Queue a message if connected; False when offline (the caller decides what to do)."""
@@ -116,14 +129,24 @@ class MqttClient:
             log.warning("broker %s:%s refused the connection: %s", self.host, self.port, reason)
             return
         self._connected.set()
+        self._pending.clear()
+        if not self._subscriptions:
+            self._subscribed.set()
         for topic_filter, (_, qos) in list(self._subscriptions.items()):
-            client.subscribe(topic_filter, qos)
+            self._subscribe(topic_filter, qos)
         for hook in list(self._hooks):
             _guarded(hook)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any,
+                      properties: Any) -> None:
+        self._pending.discard(mid)
+        if not self._pending:
+            self._subscribed.set()
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
         self._connected.clear()
+        self._subscribed.clear()
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         for topic_filter, (handler, _) in list(self._subscriptions.items()):

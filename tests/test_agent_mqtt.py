@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from agent.core import Agent
-from agent.protocol.payloads import ReportedState, decode, decode_telemetry
+from agent.protocol.payloads import ReportedState, Telemetry, decode, decode_telemetry
 from agent.protocol.topics import Leaf, device_topic, fleet_filter
 from agent.service import AgentService, ServiceConfig
 from fleet.mosquitto import MosquittoBroker
@@ -29,9 +29,13 @@ def _service(broker_url: str, fleet: str, data_dir: Path, bundle: Path, keys: Ke
     return AgentService(config, agent)
 
 
-def _seqs(messages: list[Message]) -> list[int]:
-    return [p.values["seq"] for m in messages if m.topic.endswith("/telemetry")
+def _points(messages: list[Message]) -> list[Telemetry]:
+    return [p for m in messages if m.topic.endswith("/telemetry")
             for p in decode_telemetry(m.payload)]
+
+
+def _seqs(messages: list[Message]) -> list[int]:
+    return [p.values["seq"] for p in _points(messages)]
 
 
 class _Load:
@@ -102,7 +106,7 @@ def test_malformed_desired_state_is_dropped_and_reported(
                        signing_keys)
     service.start()
     try:
-        assert service.mqtt is not None and service.mqtt.wait_connected(10)
+        assert service.mqtt is not None and service.mqtt.wait_subscribed(10)
         desired = device_topic(fleet_name, "dev-1", Leaf.DESIRED)
         for bad in (b"{not json", b'{"schema_version": 1, "name": "x"}', b"[1, 2]",
                     b'{"schema_version": 7}'):
