@@ -65,7 +65,8 @@ def _inspect_tflite(model: bytes) -> ModelInfo:
             op = graph.Operators(o)
             out = graph.Tensors(op.Outputs(0)).Name() if op.OutputsLength() else b""
             nodes[codes[op.OpcodeIndex()][0]].append((out or b"").decode(errors="replace"))
-    return ModelInfo("tflite", ops, dict(nodes), dtypes, None, _metadata(root, "min_runtime_version"))
+    min_version = _metadata(root, "min_runtime_version")
+    return ModelInfo("tflite", ops, dict(nodes), dtypes, None, min_version)
 
 
 def _op_code(schema: Any, code: Any) -> tuple[str, int]:
