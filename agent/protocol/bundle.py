@@ -32,7 +32,8 @@ from agent.protocol.manifest import (
 )
 from agent.protocol.signing import SigningKey, TrustedKeys
 
-__all__ = ["BUNDLE_SUFFIX", "Bundle", "build_bundle", "read_bundle", "write_bundle"]
+__all__ = ["BUNDLE_SUFFIX", "Bundle", "build_bundle", "inspect_bundle", "read_bundle",
+           "write_bundle"]
 
 BUNDLE_SUFFIX = ".efb"
 MANIFEST = "manifest.json"
@@ -104,6 +105,20 @@ def read_bundle(source: Path | bytes, trusted: TrustedKeys) -> Bundle:
     _check_files(manifest, members)
     files = {name: members[name] for name in manifest.files}
     return Bundle(manifest, members[MANIFEST], key_id, files)
+
+
+def inspect_bundle(source: Path | bytes) -> Bundle:
+    """Open a bundle for inspection only: every check but the signature (``key_id`` is "").
+
+    Never serve what this returns; devices and the controller use :func:`read_bundle`.
+    """
+    members = _read_members(source)
+    if MANIFEST not in members:
+        raise MissingFileError("bundle has no manifest.json", hint="rebuild the bundle")
+    manifest = parse_manifest(members[MANIFEST])
+    _check_required(manifest, members.keys())
+    _check_files(manifest, members)
+    return Bundle(manifest, members[MANIFEST], "", {n: members[n] for n in manifest.files})
 
 
 def _read_members(source: Path | bytes) -> dict[str, bytes]:
