@@ -7,7 +7,7 @@ import pytest
 
 from agent.core import Agent, NotReadyError
 from agent.runtime import InferenceError, RuntimeLoadError, installed_runtimes, load_runtime
-from agent.runtime.select import version_tuple
+from agent.runtime.select import tflite_op_level, version_tuple
 from tests.conftest import Keys
 from tests.models import TrainedModels
 
@@ -67,9 +67,24 @@ def test_garbage_tflite_names_every_runtime_tried() -> None:
 
 
 def test_too_old_runtime_is_refused_by_version(digits_models: TrainedModels) -> None:
-    with pytest.raises(RuntimeLoadError, match=r"is too old: the model needs litert >= 99"):
+    with pytest.raises(RuntimeLoadError, match=r"loads TFLite ops up to TF 2\.\d+\.0, the model "
+                       r"needs TF >= 99\.0 \(ops above version 1: "):
         load_runtime(digits_models.tflite.read_bytes(), "tflite", required="litert",
                      min_version="99.0")
+
+
+def test_onnx_runtime_older_than_required_is_refused(digits_models: TrainedModels) -> None:
+    with pytest.raises(RuntimeLoadError, match=r"onnxruntime .* is too old: the model needs "
+                       r"onnxruntime >= 9\.0"):
+        load_runtime(digits_models.onnx.read_bytes(), "onnx", required="onnxruntime",
+                     min_version="9.0")
+
+
+@pytest.mark.parametrize(("runtime", "version", "level"), [
+    ("litert", "1.2.0", "2.19.0"), ("litert", "2.3.0", "2.21.0"), ("litert", "9.0.0", "2.21.0"),
+    ("litert", "0.9.0", "2.17.0"), ("tflite-runtime", "2.14.0", "2.14.0")])
+def test_tflite_op_level_of_each_runtime(runtime: str, version: str, level: str) -> None:
+    assert tflite_op_level(runtime, version) == level
 
 
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])

@@ -19,7 +19,8 @@ from agent.runtime.errors import IncompatibleModelError, MissingRuntimeError, Ru
 from agent.runtime.onnx import OnnxRuntime
 from agent.runtime.tflite import TFLiteRuntime
 
-__all__ = ["RUNTIMES_BY_FORMAT", "installed_runtimes", "load_runtime", "version_tuple"]
+__all__ = ["RUNTIMES_BY_FORMAT", "installed_runtimes", "load_runtime", "tflite_op_level",
+           "version_tuple"]
 
 # runtime name -> (module to import, distribution name)
 _MODULES = {
@@ -32,8 +33,26 @@ _INSTALL_HINT = {"tflite": "pip install 'edgefleet[agent]' (brings ai-edge-liter
                  "onnx": "pip install 'edgefleet[agent]' (brings onnxruntime)"}
 
 
+# ai-edge-litert release -> the TensorFlow release whose TFLite op versions it loads.
+# A TFLite model's min_runtime_version (written by the converter) is in TF numbering.
+_LITERT_OP_LEVEL: dict[tuple[int, ...], str] = {(1, 0): "2.18.0", (1, 1): "2.18.0", (1, 2): "2.19.0", (1, 3): "2.20.0",
+                    (1, 4): "2.20.0", (2, 0): "2.21.0", (2, 1): "2.21.0", (2, 2): "2.21.0",
+                    (2, 3): "2.21.0"}
+
+
 def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def tflite_op_level(runtime: str, version: str) -> str:
+    """The TensorFlow release whose TFLite op versions ``runtime`` loads."""
+    if runtime != "litert":
+        return version  # tflite-runtime and TensorFlow share numbering
+    key = version_tuple(version)[:2]
+    known = sorted(_LITERT_OP_LEVEL)
+    if key > known[-1]:
+        return _LITERT_OP_LEVEL[known[-1]]
+    return _LITERT_OP_LEVEL.get(key, "2.17.0")
 
 
 def installed_runtimes() -> dict[str, str]:
@@ -79,11 +98,33 @@ def _try_load(name: str, model: bytes, threads: int,
     if module is None:
         raise MissingRuntimeError(f"not installed: {dist}")
     version = metadata.version(dist)
-    if name == required and version_tuple(version) < version_tuple(min_version):
-        raise IncompatibleModelError(f"{name} {version} is too old: the model needs {name} "
-                                     f">= {min_version}")
+    _check_level(name, version, required, min_version, model)
     factory = _FACTORIES[name]
     return factory(module, version, model, threads)
+
+
+def _check_level(name: str, version: str, required: str | None, min_version: str,
+                 model: bytes) -> None:
+    if name in ("litert", "tflite-runtime") and required in ("litert", "tflite-runtime"):
+        level = tflite_op_level(name, version)
+        if version_tuple(level) < version_tuple(min_version):
+            raise IncompatibleModelError(
+                f"{name} {version} loads TFLite ops up to TF {level}, the model needs "
+                f"TF >= {min_version} ({_newer_ops(model)})")
+    elif name == required and version_tuple(version) < version_tuple(min_version):
+        raise IncompatibleModelError(f"{name} {version} is too old: the model needs {name} "
+                                     f">= {min_version}")
+
+
+def _newer_ops(model: bytes) -> str:
+    from agent.runtime.inspect import inspect_model
+
+    try:
+        ops = inspect_model(model, "tflite").ops
+    except RuntimeLoadError:
+        return "ops unreadable"
+    versioned = [f"{op} v{v}" for op, v in sorted(ops.items(), key=lambda kv: -kv[1]) if v > 1]
+    return "ops above version 1: " + (", ".join(versioned[:6]) or "none")
 
 
 def _import(module_name: str) -> Any:

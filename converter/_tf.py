@@ -1,0 +1,35 @@
+"""Import TensorFlow and Keras quietly, or say which extra to install."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+from converter.errors import MissingExtraError
+
+__all__ = ["keras", "tensorflow"]
+
+
+def tensorflow() -> Any:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    warnings.filterwarnings("ignore", module="tensorflow")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="keras")
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        raise MissingExtraError("tensorflow") from exc
+    tf.get_logger().setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    return tf
+
+
+def keras() -> Any:
+    tensorflow()
+    try:
+        import keras as k
+    except ImportError as exc:
+        raise MissingExtraError("keras") from exc
+    return k

@@ -1,0 +1,113 @@
+"""``.onnx`` outputs: Keras/SavedModel export (tf2onnx), and ONNX Runtime quantization.
+
+ONNX -> ONNX modes: ``none`` (as is), ``fp16`` (float16 weights and compute, float
+I/O kept), ``dynamic`` (int8 weights, after ``quant_pre_process``), ``int8``
+(static QDQ, per-channel, calibrated, after ``quant_pre_process``); ``int8``
+may exclude named nodes (``keep_float``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converter.data import Dataset
+from converter.errors import ConversionFailedError, DataError, MissingExtraError
+from converter.sources import SourceModel
+
+__all__ = ["export_onnx", "quantize_onnx"]
+
+OPSET = 17
+
+
+def export_onnx(source: SourceModel) -> bytes:
+    """Keras or SavedModel -> float ONNX."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model.onnx"
+        try:
+            if source.kind == "keras":
+                model = source.handle
+                model([np.zeros([1 if d == -1 else d for d in i.shape], i.dtype)
+                       for i in source.inputs][0] if len(source.inputs) == 1 else
+                      [np.zeros([1 if d == -1 else d for d in i.shape], i.dtype)
+                       for i in source.inputs])
+                model.export(str(out), format="onnx", verbose=False, opset_version=OPSET)
+            else:
+                _tf2onnx_cli(source.path, out)
+        except ConversionFailedError:
+            raise
+        except Exception as exc:  # keras export / tf2onnx raise many types
+            raise ConversionFailedError(f"ONNX export failed: {exc}",
+                                        hint="check the model's ops have ONNX equivalents") from exc
+        return out.read_bytes()
+
+
+def _tf2onnx_cli(saved_model: Path, out: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--saved-model",
+                             str(saved_model), "--output", str(out), "--opset", str(OPSET)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise ConversionFailedError(f"tf2onnx failed: {result.stderr.strip()[-400:]}",
+                                    hint="check the SavedModel's serving signature")
+
+
+class _Reader:
+    """ONNX Runtime's calibration data reader over a :class:`Dataset`, one sample at a time."""
+
+    def __init__(self, data: Dataset) -> None:
+        self._items = iter([{k: v[i:i + 1] for k, v in data.inputs.items()}
+                            for i in range(len(data))])
+
+    def get_next(self) -> dict[str, Any] | None:
+        return next(self._items, None)
+
+    def rewind(self) -> None:  # pragma: no cover - ORT calls it for some calibrators
+        pass
+
+
+def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
+                  keep_float: tuple[str, ...] = ()) -> bytes:
+    if mode == "none":
+        return model
+    try:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
+        from onnxruntime.quantization import quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        raise MissingExtraError("onnxruntime quantization tools (onnx, sympy)") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, out = (Path(tmp) / n for n in ("src.onnx", "pre.onnx", "out.onnx"))
+        src.write_bytes(model)
+        try:
+            if mode == "fp16":
+                return _fp16(model)
+            quant_pre_process(src, pre, skip_symbolic_shape=False)
+            if mode == "dynamic":
+                quantize_dynamic(pre, out, weight_type=QuantType.QInt8)
+            else:
+                if data is None:
+                    raise DataError("int8 quantization needs calibration data",
+                                    hint="pass --calibration PATH (.npy, .npz or an image folder)")
+                quantize_static(pre, out, _Reader(data), quant_format=QuantFormat.QDQ,
+                                per_channel=True, activation_type=QuantType.QInt8,
+                                weight_type=QuantType.QInt8, nodes_to_exclude=list(keep_float))
+        except (DataError, MissingExtraError):
+            raise
+        except Exception as exc:  # ORT quantization raises many types
+            raise ConversionFailedError(f"ONNX Runtime quantization ({mode}) failed: {exc}",
+                                        hint="try another --quantize mode") from exc
+        return out.read_bytes()
+
+
+def _fp16(model: bytes) -> bytes:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = onnx.load_model_from_string(model)
+    converted = convert_float_to_float16(proto, keep_io_types=True)
+    return bytes(converted.SerializeToString())

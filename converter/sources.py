@@ -1,0 +1,121 @@
+"""Read the source model: Keras (.keras, .h5), a SavedModel folder, ONNX, or float TFLite.
+
+A :class:`SourceModel` describes its inputs and runs itself on the host, so
+every converted result can be measured against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from agent.runtime.base import Array, TensorInfo
+from agent.runtime.select import load_runtime
+from converter._tf import keras, tensorflow
+from converter.errors import SourceModelError
+
+__all__ = ["SourceKind", "SourceModel", "load_source"]
+
+SourceKind = Literal["keras", "savedmodel", "onnx", "tflite"]
+Predict = Callable[[Mapping[str, Array]], list[Array]]
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """The model to convert: kind, path, inputs, and a host predict (outputs in order)."""
+
+    kind: SourceKind
+    path: Path
+    inputs: list[TensorInfo]
+    predict: Predict
+    handle: Any = None
+
+    @property
+    def size_bytes(self) -> int:
+        if self.path.is_dir():
+            return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return self.path.stat().st_size
+
+
+def source_kind(path: Path) -> SourceKind:
+    if path.is_dir():
+        if (path / "saved_model.pb").exists():
+            return "savedmodel"
+        raise SourceModelError(f"{path} is a folder without saved_model.pb",
+                               hint="pass a SavedModel folder, .keras, .h5, .onnx or .tflite")
+    kinds: dict[str, SourceKind] = {".keras": "keras", ".h5": "keras", ".onnx": "onnx",
+                                    ".tflite": "tflite"}
+    if path.suffix.lower() not in kinds:
+        raise SourceModelError(f"cannot tell the model type of {path.name}",
+                               hint="use .keras, .h5, .onnx, .tflite or a SavedModel folder")
+    return kinds[path.suffix.lower()]
+
+
+def load_source(path: Path) -> SourceModel:
+    if not path.exists():
+        raise SourceModelError(f"model {path} does not exist", hint="check the path")
+    kind = source_kind(path)
+    loader = {"keras": _keras, "savedmodel": _savedmodel, "onnx": _runtime,
+              "tflite": _runtime}[kind]
+    try:
+        return loader(path, kind)
+    except SourceModelError:
+        raise
+    except Exception as exc:  # Keras/TF/ORT raise many unrelated types on bad files
+        raise SourceModelError(f"cannot load {kind} model {path}: {exc}",
+                               hint="check that the file is complete and of that type") from exc
+
+
+def _keras(path: Path, kind: SourceKind) -> SourceModel:
+    model = keras().models.load_model(path, compile=False)
+    inputs = [TensorInfo(name=_clean(t.name), shape=_shape(t.shape),
+                         dtype=np.dtype(t.dtype).name) for t in model.inputs]
+
+    def predict(feeds: Mapping[str, Array]) -> list[Array]:
+        values = [feeds[i.name] for i in inputs]
+        out = model(values[0] if len(values) == 1 else values, training=False)
+        return [np.asarray(o) for o in (out if isinstance(out, list | tuple) else [out])]
+
+    return SourceModel(kind, path, inputs, predict, model)
+
+
+def _savedmodel(path: Path, kind: SourceKind) -> SourceModel:
+    tf = tensorflow()
+    loaded = tf.saved_model.load(str(path))
+    signature = loaded.signatures.get("serving_default")
+    if signature is None:
+        raise SourceModelError(f"{path} has no serving_default signature",
+                               hint="export the SavedModel with a serving signature")
+    spec = signature.structured_input_signature[1]
+    inputs = [TensorInfo(name=name, shape=_shape(t.shape),
+                         dtype=np.dtype(t.dtype.as_numpy_dtype).name)
+              for name, t in sorted(spec.items())]
+
+    def predict(feeds: Mapping[str, Array]) -> list[Array]:
+        out = signature(**{k: tf.constant(v) for k, v in feeds.items()})
+        return [np.asarray(out[k]) for k in sorted(out)]
+
+    return SourceModel(kind, path, inputs, predict, loaded)
+
+
+def _runtime(path: Path, kind: SourceKind) -> SourceModel:
+    runtime = load_runtime(path.read_bytes(), kind)
+    names = [o.name for o in runtime.outputs]
+
+    def predict(feeds: Mapping[str, Array]) -> list[Array]:
+        out = runtime.run(feeds)
+        return [out[n] for n in names]
+
+    return SourceModel(kind, path, runtime.inputs, predict, runtime)
+
+
+def _shape(shape: Any) -> tuple[int, ...]:
+    return tuple(-1 if d is None else int(d) for d in shape)
+
+
+def _clean(name: str) -> str:
+    return name.split(":")[0]

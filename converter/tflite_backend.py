@@ -1,0 +1,110 @@
+"""Keras / SavedModel -> ``.tflite`` with the TFLite converter's post-training quantization.
+
+Modes: ``none`` (float32), ``fp16`` (float16 weights), ``dynamic`` (int8
+weights, float activations), ``int8`` (full-integer with a representative
+dataset; float I/O unless ``int8_io``). ``int8`` may keep named nodes in float
+(``keep_float``), found by :func:`sensitive_nodes`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from converter._tf import tensorflow
+from converter.data import Dataset
+from converter.errors import ConversionFailedError, DataError, UnsupportedPathError
+from converter.sources import SourceModel
+
+__all__ = ["sensitive_nodes", "to_tflite"]
+
+
+def _converter(source: SourceModel) -> Any:
+    tf = tensorflow()
+    if source.kind == "keras":
+        return tf.lite.TFLiteConverter.from_keras_model(source.handle)
+    if source.kind == "savedmodel":
+        return tf.lite.TFLiteConverter.from_saved_model(str(source.path))
+    raise UnsupportedPathError(f"the TFLite converter does not read {source.kind} models",
+                               hint="float .tflite sources go through ai-edge-quantizer")
+
+
+def _representative(source: SourceModel, data: Dataset | None) -> Any:
+    if data is None:
+        raise DataError("int8 quantization needs calibration data",
+                        hint="pass --calibration PATH (.npy, .npz or an image folder)")
+    names = [i.name for i in source.inputs]
+
+    def gen() -> Iterator[list[np.ndarray[Any, Any]]]:
+        for i in range(len(data)):
+            yield [data.inputs[n][i:i + 1] for n in names]
+
+    return gen
+
+
+def _configure(converter: Any, source: SourceModel, mode: str, data: Dataset | None,
+               int8_io: bool) -> None:
+    tf = tensorflow()
+    if mode == "none":
+        return
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif mode == "int8":
+        converter.representative_dataset = _representative(source, data)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if int8_io:
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+
+
+def to_tflite(source: SourceModel, mode: str, data: Dataset | None = None,
+              int8_io: bool = False, keep_float: tuple[str, ...] = ()) -> bytes:
+    """Convert ``source`` with quantization ``mode``; ``keep_float`` nodes stay float."""
+    converter = _converter(source)
+    try:
+        if keep_float:
+            return _selective_int8(converter, source, data, keep_float)
+        _configure(converter, source, mode, data, int8_io)
+        return bytes(converter.convert())
+    except (DataError, UnsupportedPathError):
+        raise
+    except Exception as exc:  # the TFLite converter raises ConverterError, ValueError, ...
+        raise ConversionFailedError(f"TFLite conversion ({mode}) failed: {exc}",
+                                    hint="check the model's ops are TFLite builtins") from exc
+
+
+def _debugger(converter: Any, source: SourceModel, data: Dataset | None,
+              denylist: tuple[str, ...]) -> Any:
+    tf = tensorflow()
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = _representative(source, data)
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(denylist))
+    return tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=_representative(source, data), debug_options=options)
+
+
+def _selective_int8(converter: Any, source: SourceModel, data: Dataset | None,
+                    keep_float: tuple[str, ...]) -> bytes:
+    debugger = _debugger(converter, source, data, keep_float)
+    return bytes(debugger.get_nondebug_quantized_model())
+
+
+def sensitive_nodes(source: SourceModel, data: Dataset | None, count: int = 2) -> list[str]:
+    """The ``count`` nodes whose int8 outputs err most (RMSE over the quantization scale)."""
+    debugger = _debugger(_converter(source), source, data.take(64) if data else None, ())
+    debugger.run()
+    buffer = io.StringIO()
+    debugger.layer_statistics_dump(buffer)
+    buffer.seek(0)
+    scored = []
+    for row in csv.DictReader(buffer):
+        scale = float(row.get("scale") or 0) or 1.0
+        error = math.sqrt(max(float(row.get("mean_squared_error") or 0), 0.0)) / scale
+        scored.append((error, row["tensor_name"]))
+    return [name for _, name in sorted(scored, reverse=True)[:count]]
