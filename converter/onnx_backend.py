@@ -32,10 +32,9 @@ def export_onnx(source: SourceModel) -> bytes:
         try:
             if source.kind == "keras":
                 model = source.handle
-                model([np.zeros([1 if d == -1 else d for d in i.shape], i.dtype)
-                       for i in source.inputs][0] if len(source.inputs) == 1 else
-                      [np.zeros([1 if d == -1 else d for d in i.shape], i.dtype)
-                       for i in source.inputs])
+                dummies = [np.zeros([1 if d == -1 else d for d in i.shape], i.dtype)
+                           for i in source.inputs]
+                model(dummies[0] if len(dummies) == 1 else dummies)  # export needs a call
                 model.export(str(out), format="onnx", verbose=False, opset_version=OPSET)
             else:
                 _tf2onnx_cli(source.path, out)
@@ -75,8 +74,12 @@ def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
     if mode == "none":
         return model
     try:
-        from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
-        from onnxruntime.quantization import quantize_static
+        from onnxruntime.quantization import (
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as exc:
         raise MissingExtraError("onnxruntime quantization tools (onnx, sympy)") from exc

@@ -35,9 +35,9 @@ _INSTALL_HINT = {"tflite": "pip install 'edgefleet[agent]' (brings ai-edge-liter
 
 # ai-edge-litert release -> the TensorFlow release whose TFLite op versions it loads.
 # A TFLite model's min_runtime_version (written by the converter) is in TF numbering.
-_LITERT_OP_LEVEL: dict[tuple[int, ...], str] = {(1, 0): "2.18.0", (1, 1): "2.18.0", (1, 2): "2.19.0", (1, 3): "2.20.0",
-                    (1, 4): "2.20.0", (2, 0): "2.21.0", (2, 1): "2.21.0", (2, 2): "2.21.0",
-                    (2, 3): "2.21.0"}
+_LITERT_OP_LEVEL: dict[tuple[int, ...], str] = {
+    (1, 0): "2.18.0", (1, 1): "2.18.0", (1, 2): "2.19.0", (1, 3): "2.20.0", (1, 4): "2.20.0",
+    (2, 0): "2.21.0", (2, 1): "2.21.0", (2, 2): "2.21.0", (2, 3): "2.21.0"}
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
