@@ -20,7 +20,7 @@ from converter.data import Dataset
 from converter.errors import ConversionFailedError, DataError, MissingExtraError
 from converter.sources import SourceModel
 
-__all__ = ["export_onnx", "quantize_onnx"]
+__all__ = ["export_onnx", "quantize_onnx", "sensitive_onnx_nodes"]
 
 OPSET = 17
 
@@ -114,3 +114,28 @@ def _fp16(model: bytes) -> bytes:
     proto = onnx.load_model_from_string(model)
     converted = convert_float_to_float16(proto, keep_io_types=True)
     return bytes(converted.SerializeToString())
+
+
+def sensitive_onnx_nodes(model: bytes, data: Dataset, count: int = 2) -> list[str]:
+    """Nodes whose int8 outputs have the lowest signal-to-quantization-noise ratio."""
+    import onnx
+    from onnxruntime.quantization import qdq_loss_debug as dbg
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    sample = data.take(32)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, qdq = (Path(tmp) / n for n in ("src.onnx", "pre.onnx", "qdq.onnx"))
+        src.write_bytes(model)
+        quant_pre_process(src, pre)
+        qdq.write_bytes(quantize_onnx(pre.read_bytes(), "int8", sample))
+        activations = []
+        for path in (pre, qdq):
+            augmented = Path(tmp) / f"aug-{path.name}"
+            dbg.modify_model_output_intermediate_tensors(path, augmented)
+            activations.append(dbg.collect_activations(str(augmented), _Reader(sample)))
+        matched = dbg.create_activation_matching(activations[1], activations[0])
+        errors = dbg.compute_activation_error(matched)
+        producers = {out: node.name for node in onnx.load(pre).graph.node for out in node.output}
+    ranked = sorted((e.get("xmodel_err", float("inf")), t) for t, e in errors.items()
+                    if t in producers)
+    return [producers[t] for _, t in ranked[:count]]

@@ -1,0 +1,355 @@
+"""Run a conversion: load, measure the source, try candidates, check budget and targets, package.
+
+The path taken depends on (source kind, target format, mode):
+
+| source | --format tflite | --format onnx |
+| --- | --- | --- |
+| Keras, SavedModel | TFLite converter PTQ: none, fp16, dynamic, int8 | tf2onnx export, then ONNX Runtime quantization |
+| ONNX | not offered | ONNX Runtime: fp16, dynamic, static QDQ int8 |
+| float TFLite | ai-edge-quantizer | not offered |
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agent.protocol.manifest import Manifest, Optimization, RuntimeRequirement
+from agent.runtime.base import Array, Runtime, TensorInfo
+from agent.runtime.inspect import ModelInfo, inspect_model
+from agent.runtime.select import load_runtime
+from converter import onnx_backend, tflite_backend
+from converter.config import ConvertConfig
+from converter.data import Dataset, load_dataset
+from converter.errors import (
+    BudgetExceededError,
+    ConverterError,
+    DataError,
+    TargetViolationError,
+    UnsupportedPathError,
+)
+from converter.evaluate import accuracy, agreement, is_classifier, latency_p50_ms, run_batched
+from converter.package import PackageSpec, package_model
+from converter.report import Attempt, ConversionReport
+from converter.sources import SourceModel, load_source
+from devices import DeviceProfile, check_model, load_profile
+
+__all__ = ["ConversionFailed", "convert"]
+
+ONNX_RUNTIME_FOR_OPSET = {13: "1.7.0", 14: "1.8.0", 15: "1.10.0", 16: "1.11.0", 17: "1.13.0",
+                          18: "1.14.0", 19: "1.16.0", 20: "1.17.0", 21: "1.18.0", 22: "1.20.0",
+                          23: "1.22.0"}
+HEALTH_ATOL = {"none": 1e-4, "fp16": 5e-3, "dynamic": 2e-2, "int8": 2e-2}
+Step = Callable[[str], None]
+
+
+class ConversionFailed(ConverterError):
+    """A conversion that produced no acceptable result; ``report`` says why."""
+
+    def __init__(self, cause: ConverterError, report: ConversionReport) -> None:
+        super().__init__(cause.message, hint=cause.hint)
+        self.cause, self.report = cause, report
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    label: str
+    mode: str
+    keep_float: tuple[str, ...] = ()
+
+
+@dataclass
+class _Context:
+    config: ConvertConfig
+    source: SourceModel
+    calibration: Dataset | None
+    evaluation: Dataset
+    source_outputs: list[Array]
+    profiles: list[DeviceProfile]
+    report: ConversionReport
+    step: Step
+
+
+def convert(config: ConvertConfig, step: Step = lambda _: None) -> ConversionReport:
+    """Convert, measure and package; raise :class:`ConversionFailed` when nothing passes."""
+    started = time.perf_counter()
+    step("loading the source model")
+    ctx = _context(config, step)
+    built: dict[str, bytes] = {}
+    for candidate in _candidates(ctx):
+        attempt, artifact = _attempt(ctx, candidate)
+        ctx.report.attempts.append(attempt)
+        if artifact is not None:
+            built[attempt.label] = artifact
+        if attempt.accepted and config.quantize == "auto" and candidate.mode == "int8":
+            break  # nothing later in the ladder is smaller than an accepted int8
+    chosen = _choose(ctx.report)
+    ctx.report.conversion_seconds = round(time.perf_counter() - started, 2)
+    if chosen is None:
+        raise ConversionFailed(_failure(ctx.report), ctx.report)
+    ctx.report.chosen = chosen.label
+    step("writing the signed bundle")
+    _package(ctx, chosen, built[chosen.label])
+    ctx.report.conversion_seconds = round(time.perf_counter() - started, 2)
+    return ctx.report
+
+
+def _context(config: ConvertConfig, step: Step) -> _Context:
+    source = load_source(config.model)
+    _check_path(source.kind, config.format)
+    calibration = _load(config.calibration, source, config)
+    if calibration is not None:
+        calibration = calibration.take(config.calibration_samples)
+    evaluation = _load(config.eval, source, config) or calibration
+    report = ConversionReport(str(config.model), source.kind, config.format, config.quantize,
+                              source.size_bytes)
+    if evaluation is None:
+        evaluation = _synthetic(source)
+        report.warnings.append("no --eval or --calibration data: agreement measured on 64 "
+                               "uniform random inputs, accuracy not measured")
+        report.eval_data = "random"
+    else:
+        report.eval_data = str(config.eval or config.calibration)
+    report.eval_samples = len(evaluation)
+    step(f"running the source model on {len(evaluation)} samples")
+    outputs = run_batched(source.predict, evaluation)
+    if evaluation.labels is not None:
+        report.source_accuracy = round(accuracy(outputs, evaluation.labels), 6)
+    report.source_latency_p50_ms = latency_p50_ms(source.predict, evaluation.take(1).inputs)
+    profiles = [load_profile(t) for t in config.targets]
+    return _Context(config, source, calibration, evaluation, outputs, profiles, report, step)
+
+
+def _load(path: Path | None, source: SourceModel, config: ConvertConfig) -> Dataset | None:
+    return load_dataset(path, source.inputs, config.scale) if path else None
+
+
+def _synthetic(source: SourceModel) -> Dataset:
+    rng = np.random.default_rng(0)
+    inputs = {i.name: rng.random([64, *[d if d > 0 else 1 for d in i.shape[1:]]])
+              .astype(i.dtype) for i in source.inputs}
+    return Dataset(inputs)
+
+
+def _check_path(kind: str, fmt: str) -> None:
+    not_offered = {("onnx", "tflite"): "ONNX -> TFLite needs onnx2tf and TensorFlow op coverage "
+                   "that edgefleet does not vouch for; export TFLite from the original framework",
+                   ("tflite", "onnx"): "TFLite -> ONNX converters are unmaintained; convert the "
+                   "original model with --format onnx"}
+    if (kind, fmt) in not_offered:
+        raise UnsupportedPathError(f"{kind} -> {fmt} is not offered",
+                                   hint=not_offered[(kind, fmt)])
+
+
+def _candidates(ctx: _Context) -> list[_Candidate]:
+    mode = ctx.config.quantize
+    if mode != "auto":
+        return [_Candidate(mode, mode)]
+    return [_Candidate("int8", "int8"), _Candidate("int8-mixed", "int8"),
+            _Candidate("fp16", "fp16")]
+
+
+def _attempt(ctx: _Context, candidate: _Candidate) -> tuple[Attempt, bytes | None]:
+    ctx.step(f"converting: {candidate.label}")
+    attempt = Attempt(candidate.label, candidate.mode)
+    try:
+        if candidate.label == "int8-mixed":
+            candidate = _Candidate(candidate.label, "int8", _sensitive(ctx))
+            attempt.keep_float = list(candidate.keep_float)
+        artifact = _build(ctx, candidate)
+        ctx.step(f"measuring: {candidate.label}")
+        _measure(ctx, attempt, artifact)
+    except ConverterError as exc:
+        attempt.reason = f"failed: {exc}"
+        return attempt, None
+    _judge(ctx, attempt)
+    return attempt, artifact
+
+
+def _sensitive(ctx: _Context) -> tuple[str, ...]:
+    data = ctx.calibration
+    if data is None:
+        raise DataError("int8 needs calibration data", hint="pass --calibration PATH")
+    ctx.step("measuring per-layer int8 error")
+    if ctx.config.format == "tflite":
+        return tuple(tflite_backend.sensitive_nodes(ctx.source, data))
+    float_model = _float_onnx(ctx)
+    return tuple(onnx_backend.sensitive_onnx_nodes(float_model, data))
+
+
+def _float_onnx(ctx: _Context) -> bytes:
+    if ctx.source.kind == "onnx":
+        return ctx.source.path.read_bytes()
+    return onnx_backend.export_onnx(ctx.source)
+
+
+def _build(ctx: _Context, candidate: _Candidate) -> bytes:
+    cfg, source = ctx.config, ctx.source
+    if cfg.format == "tflite" and source.kind in ("keras", "savedmodel"):
+        return tflite_backend.to_tflite(source, candidate.mode, ctx.calibration, cfg.int8_io,
+                                        candidate.keep_float)
+    if cfg.format == "tflite" and source.kind == "tflite":
+        from converter import litert_quantizer
+
+        quantized: bytes = litert_quantizer.quantize_tflite(source.path.read_bytes(),
+                                                            candidate.mode, ctx.calibration)
+        return quantized
+    return onnx_backend.quantize_onnx(_float_onnx(ctx), candidate.mode, ctx.calibration,
+                                      candidate.keep_float)
+
+
+def input_map(source: list[TensorInfo], converted: list[TensorInfo]) -> dict[str, TensorInfo]:
+    """Source input name -> converted input: by name (converters decorate names), else order."""
+    def bare(name: str) -> str:
+        return name.split(":")[0].removeprefix("serving_default_")
+
+    by_name = {bare(t.name): t for t in converted}
+    if all(bare(s.name) in by_name for s in source):
+        return {s.name: by_name[bare(s.name)] for s in source}
+    return {s.name: c for s, c in zip(source, converted, strict=True)}
+
+
+def _predict(runtime: Runtime, source: list[TensorInfo]
+             ) -> Callable[[Mapping[str, Array]], list[Array]]:
+    """Run with float I/O even when the model takes or gives int8 (quantize at the edges)."""
+    ins = input_map(source, runtime.inputs)
+    outs = runtime.outputs
+
+    def predict(feeds: Mapping[str, Array]) -> list[Array]:
+        quantized = {ins[k].name: _quantize(v, ins[k]) for k, v in feeds.items()}
+        result = runtime.run(quantized)
+        return [_dequantize(result[t.name], t) for t in outs]
+
+    return predict
+
+
+def _quantize(value: Array, spec: TensorInfo) -> Array:
+    if not spec.scales or spec.dtype not in ("int8", "uint8"):
+        return value
+    info = np.iinfo(spec.dtype)
+    q = np.round(value / spec.scales[0] + spec.zero_points[0])
+    out: Array = np.clip(q, info.min, info.max).astype(spec.dtype)
+    return out
+
+
+def _dequantize(value: Array, spec: TensorInfo) -> Array:
+    if not spec.scales or spec.dtype not in ("int8", "uint8"):
+        return value
+    out: Array = ((value.astype(np.float32) - spec.zero_points[0]) * spec.scales[0])
+    return out.astype(np.float32)
+
+
+def _measure(ctx: _Context, attempt: Attempt, artifact: bytes) -> None:
+    runtime = load_runtime(artifact, ctx.config.format)
+    predict = _predict(runtime, ctx.source.inputs)
+    outputs = run_batched(predict, ctx.evaluation)
+    attempt.size_bytes = len(artifact)
+    attempt.agreement = agreement(ctx.source_outputs, outputs).as_dict()
+    labels = ctx.evaluation.labels
+    if labels is not None:
+        attempt.accuracy = round(accuracy(outputs, labels), 6)
+    attempt.accuracy_drop_points = _drop(ctx, attempt)
+    attempt.latency_p50_ms = latency_p50_ms(predict, ctx.evaluation.take(1).inputs)
+    info = inspect_model(artifact, ctx.config.format)
+    attempt.ops, attempt.dtypes = dict(info.ops), sorted(info.dtypes)
+    attempt.violations = [v.as_dict() for p in ctx.profiles
+                          for v in check_model(p, _probe_manifest(ctx, runtime, info), info,
+                                               len(artifact))]
+    _never_slower(ctx, attempt)
+
+
+def _drop(ctx: _Context, attempt: Attempt) -> float:
+    """Accuracy points lost: from labels when given, else from top-1 agreement or cosine."""
+    if attempt.accuracy is not None and ctx.report.source_accuracy is not None:
+        return round((ctx.report.source_accuracy - attempt.accuracy) * 100, 4)
+    top1 = attempt.agreement.get("top1")
+    if top1 is not None:
+        return round((1 - float(top1)) * 100, 4)
+    return round((1 - float(min(attempt.agreement["cosine"]))) * 100, 4)
+
+
+def _never_slower(ctx: _Context, attempt: Attempt) -> None:
+    source_ms = ctx.report.source_latency_p50_ms
+    if attempt.latency_p50_ms is None or source_ms is None or attempt.latency_p50_ms <= source_ms:
+        return
+    message = (f"converted model is slower than its source on this host "
+               f"({attempt.latency_p50_ms} ms vs {source_ms} ms at p50)")
+    attempt.warnings.append(message)
+    for profile in ctx.profiles:
+        if profile.never_slower:
+            attempt.violations.append({"kind": "slower", "message": f"{profile.name}: {message}",
+                                       "nodes": []})
+
+
+def _judge(ctx: _Context, attempt: Attempt) -> None:
+    budget = ctx.config.max_drop
+    drop = attempt.accuracy_drop_points or 0.0
+    if budget is not None and drop > budget:
+        attempt.reason = f"accuracy drop {drop:.2f} points exceeds the budget of {budget} points"
+    elif attempt.violations:
+        attempt.reason = "; ".join(v["message"] for v in attempt.violations[:3])
+    else:
+        attempt.accepted, attempt.reason = True, "within budget and targets"
+
+
+def _choose(report: ConversionReport) -> Attempt | None:
+    accepted = [a for a in report.attempts if a.accepted and a.size_bytes is not None]
+    return min(accepted, key=lambda a: a.size_bytes or 0) if accepted else None
+
+
+def _failure(report: ConversionReport) -> ConverterError:
+    reasons = "; ".join(f"{a.label}: {a.reason}" for a in report.attempts)
+    if any("exceeds the budget" in a.reason for a in report.attempts):
+        return BudgetExceededError(f"no result within the accuracy budget ({reasons})",
+                                   hint="raise --max-drop, add --calibration data, or use fp16")
+    if any(a.violations for a in report.attempts):
+        return TargetViolationError(f"no result fits the targets ({reasons})",
+                                    hint="see the violations; pick another --quantize or target")
+    return ConverterError(f"conversion failed ({reasons})", hint="see the report")
+
+
+def _min_runtime(fmt: str, info: ModelInfo) -> str:
+    if fmt == "tflite":
+        return info.min_runtime_version or "0"
+    return ONNX_RUNTIME_FOR_OPSET.get(info.opset or 0, "0")
+
+
+def _probe_manifest(ctx: _Context, runtime: Runtime, info: ModelInfo) -> Manifest:
+    from converter.package import tensor_spec
+
+    return Manifest(schema_version=1, name=ctx.config.model_name, version=ctx.config.version,
+                    created="", format=ctx.config.format,
+                    runtime=RuntimeRequirement(name="litert" if ctx.config.format == "tflite"
+                                               else "onnxruntime",
+                                               min_version=_min_runtime(ctx.config.format, info)),
+                    inputs=[tensor_spec(t) for t in runtime.inputs],
+                    outputs=[tensor_spec(t) for t in runtime.outputs], files={})
+
+
+def _package(ctx: _Context, chosen: Attempt, artifact: bytes) -> None:
+    cfg = ctx.config
+    info = inspect_model(artifact, cfg.format)
+    runtime = load_runtime(artifact, cfg.format)
+    health = {t.name: _quantize(ctx.evaluation.inputs[name][:8], t)
+              for name, t in input_map(ctx.source.inputs, runtime.inputs).items()}
+    spec = PackageSpec(
+        cfg.model_name, cfg.version, health,
+        task="classification" if is_classifier(ctx.source_outputs) else "other",
+        optimization=Optimization(quantization=chosen.label,
+                                  sparsity=float(ctx.report.pruning.get("sparsity", 0.0))),
+        metrics=ctx.report.metrics(), targets=tuple(p.name for p in ctx.profiles),
+        min_runtime_version=_min_runtime(cfg.format, info),
+        atol=HEALTH_ATOL.get(chosen.mode, 2e-2))
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = Path(tmp) / f"model.{cfg.format}"
+        model_path.write_bytes(artifact)
+        from agent.protocol.signing import SigningKey
+
+        package_model(model_path, cfg.output, spec, SigningKey.load(cfg.sign_key))
+    ctx.report.output = str(cfg.output)
+    ctx.report.bundle_bytes = cfg.output.stat().st_size

@@ -1,0 +1,75 @@
+"""The conversion report: every attempt, what was measured, what was chosen and why."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Attempt", "ConversionReport"]
+
+
+@dataclass
+class Attempt:
+    """One candidate conversion and its measurements."""
+
+    label: str
+    mode: str
+    keep_float: list[str] = field(default_factory=list)
+    size_bytes: int | None = None
+    accuracy: float | None = None
+    accuracy_drop_points: float | None = None
+    agreement: dict[str, Any] = field(default_factory=dict)
+    latency_p50_ms: float | None = None
+    ops: dict[str, int] = field(default_factory=dict)
+    dtypes: list[str] = field(default_factory=list)
+    violations: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    accepted: bool = False
+    reason: str = ""
+
+
+@dataclass
+class ConversionReport:
+    """What ``edgefleet convert`` did; stored (minus bulky parts) in the manifest's metrics."""
+
+    source: str
+    source_kind: str
+    format: str
+    quantize: str
+    source_bytes: int
+    source_accuracy: float | None = None
+    source_latency_p50_ms: float | None = None
+    eval_samples: int = 0
+    eval_data: str = "none"
+    attempts: list[Attempt] = field(default_factory=list)
+    chosen: str | None = None
+    output: str | None = None
+    bundle_bytes: int | None = None
+    conversion_seconds: float = 0.0
+    pruning: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def chosen_attempt(self) -> Attempt | None:
+        return next((a for a in self.attempts if a.label == self.chosen), None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def metrics(self) -> dict[str, Any]:
+        """The manifest's ``metrics``: the chosen result and a one-line summary per attempt."""
+        chosen = self.chosen_attempt
+        result: dict[str, Any] = {
+            "source_bytes": self.source_bytes, "source_accuracy": self.source_accuracy,
+            "source_latency_p50_ms": self.source_latency_p50_ms,
+            "eval_samples": self.eval_samples, "eval_data": self.eval_data,
+            "conversion_seconds": self.conversion_seconds, "pruning": self.pruning,
+            "attempts": [{"label": a.label, "accepted": a.accepted, "reason": a.reason,
+                          "size_bytes": a.size_bytes, "accuracy": a.accuracy}
+                         for a in self.attempts]}
+        if chosen is not None:
+            result.update(model_bytes=chosen.size_bytes, accuracy=chosen.accuracy,
+                          accuracy_drop_points=chosen.accuracy_drop_points,
+                          agreement=chosen.agreement, latency_p50_ms=chosen.latency_p50_ms,
+                          keep_float=chosen.keep_float, warnings=chosen.warnings)
+        return result
