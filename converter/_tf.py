@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+from collections.abc import Iterator
 import warnings
 from typing import Any
 
 from converter.errors import MissingExtraError
 
-__all__ = ["keras", "tensorflow"]
+__all__ = ["keras", "quiet_stdout", "tensorflow"]
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Keras export and the TFLite converter print to stdout; keep it for our report."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def tensorflow() -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from converter._tf import quiet_stdout
 from converter.data import Dataset
 from converter.errors import ConversionFailedError, DataError, MissingExtraError
 from converter.sources import SourceModel
@@ -35,7 +36,8 @@ def export_onnx(source: SourceModel) -> bytes:
                 dummies = [np.zeros([1 if d == -1 else d for d in i.shape], i.dtype)
                            for i in source.inputs]
                 model(dummies[0] if len(dummies) == 1 else dummies)  # export needs a call
-                model.export(str(out), format="onnx", verbose=False, opset_version=OPSET)
+                with quiet_stdout():
+                    model.export(str(out), format="onnx", verbose=False, opset_version=OPSET)
             else:
                 _tf2onnx_cli(source.path, out)
         except ConversionFailedError:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from converter._tf import tensorflow
+from converter._tf import quiet_stdout, tensorflow
 from converter.data import Dataset
 from converter.errors import ConversionFailedError, DataError, UnsupportedPathError
 from converter.sources import SourceModel
@@ -66,12 +66,13 @@ def _configure(converter: Any, source: SourceModel, mode: str, data: Dataset | N
 def to_tflite(source: SourceModel, mode: str, data: Dataset | None = None,
               int8_io: bool = False, keep_float: tuple[str, ...] = ()) -> bytes:
     """Convert ``source`` with quantization ``mode``; ``keep_float`` nodes stay float."""
-    converter = _converter(source)
     try:
-        if keep_float:
-            return _selective_int8(converter, source, data, keep_float)
-        _configure(converter, source, mode, data, int8_io)
-        return bytes(converter.convert())
+        with quiet_stdout():
+            converter = _converter(source)
+            if keep_float:
+                return _selective_int8(converter, source, data, keep_float)
+            _configure(converter, source, mode, data, int8_io)
+            return bytes(converter.convert())
     except (DataError, UnsupportedPathError):
         raise
     except Exception as exc:  # the TFLite converter raises ConverterError, ValueError, ...
@@ -97,10 +98,11 @@ def _selective_int8(converter: Any, source: SourceModel, data: Dataset | None,
 
 def sensitive_nodes(source: SourceModel, data: Dataset | None, count: int = 2) -> list[str]:
     """The ``count`` nodes whose int8 outputs err most (RMSE over the quantization scale)."""
-    debugger = _debugger(_converter(source), source, data.take(64) if data else None, ())
-    debugger.run()
     buffer = io.StringIO()
-    debugger.layer_statistics_dump(buffer)
+    with quiet_stdout():
+        debugger = _debugger(_converter(source), source, data.take(64) if data else None, ())
+        debugger.run()
+        debugger.layer_statistics_dump(buffer)
     buffer.seek(0)
     scored = []
     for row in csv.DictReader(buffer):

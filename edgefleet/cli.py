@@ -7,6 +7,7 @@ import typer
 from agent.cli import agent as agent_cli
 from agent.cli import broker as broker_cli
 from agent.cli import keys as keys_cli
+from converter.cli import convert
 from devices import cli as device_cli
 from edgefleet.cli_demo import demo
 
@@ -20,6 +21,7 @@ app.add_typer(keys_cli.app, name="keys")
 app.add_typer(device_cli.app, name="device")
 app.command("broker")(broker_cli.broker)
 app.command("demo")(demo)
+app.command("convert")(convert)
 
 
 def main() -> None:

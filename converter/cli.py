@@ -1,0 +1,85 @@
+"""``edgefleet convert``: the command-line face of :mod:`converter.pipeline`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from agent.cli.output import console, emit, fail, table
+from agent.protocol.errors import EdgefleetError
+
+
+def convert(
+    model: Annotated[Path, typer.Argument(help=".keras/.h5, SavedModel folder, .onnx, .tflite")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (.efb)")],
+    format: Annotated[str, typer.Option(help="tflite or onnx")] = "tflite",
+    quantize: Annotated[str, typer.Option(help="none, fp16, dynamic, int8 or auto")] = "none",
+    calibration: Annotated[Path | None, typer.Option(help=".npy, .npz or image folder")] = None,
+    eval: Annotated[Path | None, typer.Option(help="Evaluation data; .npz 'labels'")] = None,
+    prune: Annotated[float | None, typer.Option(help="Target sparsity, e.g. 0.5")] = None,
+    fine_tune_data: Annotated[Path | None, typer.Option(help=".npz with x and labels")] = None,
+    target: Annotated[list[str] | None, typer.Option(help="Device profile(s) to check")] = None,
+    max_drop: Annotated[float | None, typer.Option(help="Accuracy budget in points")] = None,
+    name: Annotated[str | None, typer.Option(help="Bundle name (default: file stem)")] = None,
+    version: Annotated[str, typer.Option(help="Bundle version (semver)")] = "1.0.0",
+    sign_key: Annotated[Path, typer.Option(help="Ed25519 private key (.key)")] =
+    Path("keys/signing.key"),
+    scale: Annotated[str, typer.Option(help="Image scaling: 0-1, -1-1 or 0-255")] = "0-1",
+    int8_io: Annotated[bool, typer.Option(help="int8 inputs and outputs (Edge TPU)")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+) -> None:
+    """Convert a model for edge devices, measure it, and write a signed bundle."""
+    try:
+        from converter.config import ConvertConfig
+        from converter.pipeline import ConversionFailed
+        from converter.pipeline import convert as run
+    except EdgefleetError as exc:
+        fail(exc, as_json)
+    try:
+        config = ConvertConfig(model=model, output=output, sign_key=sign_key,
+                               format=format,  # type: ignore[arg-type]
+                               quantize=quantize,  # type: ignore[arg-type]
+                               calibration=calibration, eval=eval, prune=prune,
+                               fine_tune_data=fine_tune_data, targets=tuple(target or ()),
+                               max_drop=max_drop, name=name, version=version,
+                               scale=scale,  # type: ignore[arg-type]
+                               int8_io=int8_io, quiet=quiet or as_json)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  transient=True, disable=config.quiet) as progress:
+        task = progress.add_task("converting", total=None)
+        try:
+            report = run(config, lambda text: progress.update(task, description=text))
+        except ConversionFailed as exc:
+            _show(exc.report.as_dict(), as_json)
+            fail(exc.cause, as_json, code=1)
+        except EdgefleetError as exc:
+            fail(exc, as_json)
+    _show(report.as_dict(), as_json)
+
+
+def _show(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        emit(report, True)
+        return
+    rows = [{"attempt": a["label"], "size": a["size_bytes"], "accuracy": a["accuracy"],
+             "drop (points)": a["accuracy_drop_points"],
+             "top-1 agree": a["agreement"].get("top1"),
+             "min cosine": min(a["agreement"].get("cosine") or [None], key=lambda c: c or 0),
+             "p50 ms": a["latency_p50_ms"], "kept float": ", ".join(a["keep_float"])[:40],
+             "result": ("chosen" if a["label"] == report["chosen"] else
+                        "ok" if a["accepted"] else "rejected"), "why": a["reason"][:70]}
+            for a in report["attempts"]]
+    title = (f"{report['source']} ({report['source_kind']}, {report['source_bytes']} bytes, "
+             f"accuracy {report['source_accuracy']}, p50 {report['source_latency_p50_ms']} ms) "
+             f"-> {report['format']}, {report['conversion_seconds']} s")
+    console.print(table(title, rows, list(rows[0]) if rows else []))
+    for warning in report["warnings"] + [w for a in report["attempts"] for w in a["warnings"]]:
+        console.print(f"[yellow]warning:[/] {warning}")
+    if report["output"]:
+        console.print(f"wrote {report['output']} ({report['bundle_bytes']} bytes)")
