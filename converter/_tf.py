@@ -6,8 +6,8 @@ import contextlib
 import io
 import logging
 import os
-from collections.abc import Iterator
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from converter.errors import MissingExtraError

@@ -14,8 +14,12 @@ from typing import Any
 import flatbuffers
 
 from converter.data import Dataset
-from converter.errors import ConversionFailedError, DataError, MissingExtraError
-from converter.errors import UnsupportedPathError
+from converter.errors import (
+    ConversionFailedError,
+    DataError,
+    MissingExtraError,
+    UnsupportedPathError,
+)
 
 __all__ = ["ensure_signature", "quantize_tflite"]
 

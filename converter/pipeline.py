@@ -1,12 +1,13 @@
 """Run a conversion: load, measure the source, try candidates, check budget and targets, package.
 
-The path taken depends on (source kind, target format, mode):
+The path taken depends on (source kind, target format, mode); docs/converter.md
+has the table:
 
-| source | --format tflite | --format onnx |
-| --- | --- | --- |
-| Keras, SavedModel | TFLite converter PTQ: none, fp16, dynamic, int8 | tf2onnx export, then ONNX Runtime quantization |
-| ONNX | not offered | ONNX Runtime: fp16, dynamic, static QDQ int8 |
-| float TFLite | ai-edge-quantizer | not offered |
+- Keras, SavedModel -> tflite: the TFLite converter's post-training quantization;
+- Keras, SavedModel -> onnx: Keras export / tf2onnx, then ONNX Runtime quantization;
+- ONNX -> onnx: ONNX Runtime (fp16, dynamic, static QDQ per-channel int8);
+- float TFLite -> tflite: ai-edge-quantizer (dynamic, static int8);
+- ONNX -> tflite and TFLite -> onnx are not offered (see ``_check_path``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,97 @@
+"""``edgefleet convert`` and ``edgefleet device`` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import Keys
+from tests.models import TrainedModels
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgefleet", *args], capture_output=True,
+                          text=True, timeout=300, check=False,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def calib(digits_models: TrainedModels, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "calib.npz"
+    np.savez(path, x=digits_models.digits.x_train[:100], labels=digits_models.digits.y_train[:100])
+    return path
+
+
+def test_convert_prints_a_json_report_and_writes_the_bundle(
+        digits_models: TrainedModels, signing_keys: Keys, calib: Path, tmp_path: Path) -> None:
+    out = tmp_path / "digits.efb"
+    result = _run("convert", str(digits_models.keras), "-o", str(out), "--quantize", "int8",
+                  "--calibration", str(calib), "--eval", str(calib), "--sign-key",
+                  str(signing_keys.secret), "--name", "digits", "--version", "2.0.0", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["chosen"] == "int8" and report["output"] == str(out)
+    assert report["attempts"][0]["accuracy"] >= 0.9
+    assert out.exists()
+    assert "Saved artifact" not in result.stdout and "oneDNN" not in result.stderr
+
+
+def test_convert_shows_a_table(digits_models: TrainedModels, signing_keys: Keys, calib: Path,
+                               tmp_path: Path) -> None:
+    result = _run("convert", str(digits_models.keras), "-o", str(tmp_path / "d.efb"),
+                  "--quantize", "fp16", "--eval", str(calib), "--sign-key",
+                  str(signing_keys.secret))
+    assert result.returncode == 0, result.stderr
+    assert "attempt" in result.stdout and "chosen" in result.stdout
+    assert "wrote" in result.stdout
+
+
+def test_convert_over_budget_exits_non_zero_and_writes_nothing(
+        digits_models: TrainedModels, signing_keys: Keys, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.npz"
+    d = digits_models.digits
+    np.savez(bad, x=d.x_train[:100] * 0.01)
+    good = tmp_path / "eval.npz"
+    np.savez(good, x=d.x_test, labels=d.y_test)
+    out = tmp_path / "never.efb"
+    result = _run("convert", str(digits_models.keras), "-o", str(out), "--quantize", "int8",
+                  "--calibration", str(bad), "--eval", str(good), "--max-drop", "1",
+                  "--sign-key", str(signing_keys.secret))
+    assert result.returncode == 1
+    assert "exceeds the budget" in result.stderr and "rejected" in result.stdout
+    assert not out.exists()
+
+
+def test_convert_without_a_key_names_the_fix(digits_models: TrainedModels,
+                                             tmp_path: Path) -> None:
+    result = _run("convert", str(digits_models.keras), "-o", str(tmp_path / "x.efb"),
+                  "--sign-key", str(tmp_path / "missing.key"))
+    assert result.returncode == 2
+    assert "cannot read signing key" in result.stderr and "keys generate" in result.stderr
+
+
+def test_device_list_and_show(tmp_path: Path) -> None:
+    listed = json.loads(_run("device", "list", "--json").stdout)
+    names = {p["name"] for p in listed}
+    assert {"raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano", "coral-edgetpu",
+            "generic-x86_64", "generic-arm64"} <= names
+    coral = json.loads(_run("device", "show", "coral-edgetpu", "--json").stdout)
+    assert coral["full_int8_only"] is True and coral["dtypes"] == ["int8", "uint8", "int32"]
+    missing = _run("device", "show", "toaster")
+    assert missing.returncode == 2 and "no device profile 'toaster'" in missing.stderr
+
+
+def test_device_check_reports_violations_per_target(digits_bundles: dict[str, Path]) -> None:
+    result = _run("device", "check", str(digits_bundles["tflite"]), "--target",
+                  "raspberry-pi-4", "--target", "coral-edgetpu", "--json")
+    assert result.returncode == 1
+    found = json.loads(result.stdout)
+    assert found["raspberry-pi-4"] == []
+    kinds = {v["kind"] for v in found["coral-edgetpu"]}
+    assert {"dtype", "op"} <= kinds
