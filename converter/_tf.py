@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -17,9 +18,25 @@ __all__ = ["keras", "quiet_stdout", "tensorflow"]
 
 @contextlib.contextmanager
 def quiet_stdout() -> Iterator[None]:
-    """Keras export and the TFLite converter print to stdout; keep it for our report."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+    """Silence what Keras export and the TFLite converter print, from Python and from C++.
+
+    Both file descriptors 1 and 2 point at /dev/null meanwhile; progress shown by
+    the CLI goes to its own duplicate of stderr, so it stays visible.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
 
 
 def tensorflow() -> Any:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from agent.cli.output import console, emit, fail, table
 from agent.protocol.errors import EdgefleetError
@@ -50,11 +59,18 @@ def convert(
                                int8_io=int8_io, quiet=quiet or as_json)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  transient=True, disable=config.quiet) as progress:
+    # Progress goes to a duplicate of stderr: conversions silence fds 1 and 2 meanwhile.
+    progress_out = Console(file=os.fdopen(os.dup(2), "w"), stderr=True)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), transient=True,
+                  console=progress_out, disable=config.quiet) as progress:
         task = progress.add_task("converting", total=None)
+
+        def step(text: str, done: int | None = None, total: int | None = None) -> None:
+            progress.update(task, description=text, completed=done or 0, total=total)
+
         try:
-            report = run(config, lambda text: progress.update(task, description=text))
+            report = run(config, step)
         except ConversionFailed as exc:
             _show(exc.report.as_dict(), as_json)
             fail(exc.cause, as_json, code=1)

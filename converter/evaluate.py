@@ -29,8 +29,12 @@ class Agreement:
         return {"cosine": self.cosine, "max_abs_error": self.max_abs_error, "top1": self.top1}
 
 
-def run_batched(predict: Predict, data: Dataset, batch: int = 64) -> list[Array]:
-    parts = [predict(feeds) for feeds in data.batches(batch)]
+def run_batched(predict: Predict, data: Dataset, batch: int = 64,
+                on_batch: Callable[[int, int], None] = lambda done, total: None) -> list[Array]:
+    parts = []
+    for feeds in data.batches(batch):
+        parts.append(predict(feeds))
+        on_batch(min(len(parts) * batch, len(data)), len(data))
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,19 +61,24 @@ def _tf2onnx_cli(saved_model: Path, out: Path) -> None:
 class _Reader:
     """ONNX Runtime's calibration data reader over a :class:`Dataset`, one sample at a time."""
 
-    def __init__(self, data: Dataset) -> None:
-        self._items = iter([{k: v[i:i + 1] for k, v in data.inputs.items()}
-                            for i in range(len(data))])
+    def __init__(self, data: Dataset,
+                 on_sample: Callable[[int, int], None] = lambda done, total: None) -> None:
+        self._data, self._next, self._on_sample = data, 0, on_sample
 
     def get_next(self) -> dict[str, Any] | None:
-        return next(self._items, None)
+        if self._next >= len(self._data):
+            return None
+        i, self._next = self._next, self._next + 1
+        self._on_sample(self._next, len(self._data))
+        return {k: v[i:i + 1] for k, v in self._data.inputs.items()}
 
-    def rewind(self) -> None:  # pragma: no cover - ORT calls it for some calibrators
-        pass
+    def rewind(self) -> None:
+        self._next = 0
 
 
 def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
-                  keep_float: tuple[str, ...] = ()) -> bytes:
+                  keep_float: tuple[str, ...] = (),
+                  on_sample: Callable[[int, int], None] = lambda done, total: None) -> bytes:
     if mode == "none":
         return model
     try:
@@ -98,7 +104,7 @@ def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
                 if data is None:
                     raise DataError("int8 quantization needs calibration data",
                                     hint="pass --calibration PATH (.npy, .npz or an image folder)")
-                quantize_static(pre, out, _Reader(data), quant_format=QuantFormat.QDQ,
+                quantize_static(pre, out, _Reader(data, on_sample), quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=QuantType.QInt8,
                                 weight_type=QuantType.QInt8, nodes_to_exclude=list(keep_float))
         except (DataError, MissingExtraError):

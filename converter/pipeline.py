@@ -12,11 +12,13 @@ has the table:
 
 from __future__ import annotations
 
+import gzip
 import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -46,7 +48,14 @@ ONNX_RUNTIME_FOR_OPSET = {13: "1.7.0", 14: "1.8.0", 15: "1.10.0", 16: "1.11.0", 
                           18: "1.14.0", 19: "1.16.0", 20: "1.17.0", 21: "1.18.0", 22: "1.20.0",
                           23: "1.22.0"}
 HEALTH_ATOL = {"none": 1e-4, "fp16": 5e-3, "dynamic": 2e-2, "int8": 2e-2}
-Step = Callable[[str], None]
+class Step(Protocol):
+    """Progress: a description, and how far along (``done`` of ``total``) when countable."""
+
+    def __call__(self, text: str, done: int | None = None, total: int | None = None) -> None: ...
+
+
+def _no_progress(text: str, done: int | None = None, total: int | None = None) -> None:
+    return None
 
 
 class ConversionFailed(ConverterError):
@@ -67,7 +76,7 @@ class _Candidate:
 @dataclass
 class _Context:
     config: ConvertConfig
-    source: SourceModel
+    source: SourceModel  # what is converted (the pruned model when pruning)
     calibration: Dataset | None
     evaluation: Dataset
     source_outputs: list[Array]
@@ -76,7 +85,7 @@ class _Context:
     step: Step
 
 
-def convert(config: ConvertConfig, step: Step = lambda _: None) -> ConversionReport:
+def convert(config: ConvertConfig, step: Step = _no_progress) -> ConversionReport:
     """Convert, measure and package; raise :class:`ConversionFailed` when nothing passes."""
     started = time.perf_counter()
     step("loading the source model")
@@ -117,13 +126,57 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
     else:
         report.eval_data = str(config.eval or config.calibration)
     report.eval_samples = len(evaluation)
-    step(f"running the source model on {len(evaluation)} samples")
-    outputs = run_batched(source.predict, evaluation)
+    outputs = run_batched(source.predict, evaluation,
+                          on_batch=lambda d, t: step("evaluating the source model", d, t))
     if evaluation.labels is not None:
         report.source_accuracy = round(accuracy(outputs, evaluation.labels), 6)
     report.source_latency_p50_ms = latency_p50_ms(source.predict, evaluation.take(1).inputs)
     profiles = [load_profile(t) for t in config.targets]
-    return _Context(config, source, calibration, evaluation, outputs, profiles, report, step)
+    ctx = _Context(config, source, calibration, evaluation, outputs, profiles, report, step)
+    if config.prune:
+        ctx.source = _pruned(ctx, config.prune)
+    return ctx
+
+
+def _pruned(ctx: _Context, target: float) -> SourceModel:
+    """Prune to ``target`` (fine-tuned when data is given), else the sparsest within budget."""
+    from converter import prune
+
+    cfg, source = ctx.config, ctx.source
+    if source.kind != "keras":
+        raise UnsupportedPathError(f"pruning needs a Keras model, got {source.kind}",
+                                   hint="prune before exporting, or drop --prune")
+    tune = _load(cfg.fine_tune_data, source, cfg)
+    levels = [target] if tune is not None else [target * f for f in (1.0, 0.75, 0.5, 0.25)]
+    result = None
+    for level in levels:
+        ctx.step(f"pruning to {level:.0%} sparsity" + (" and fine-tuning" if tune else ""))
+        result = prune.prune_keras(source.handle, level, tune, cfg.fine_tune_epochs,
+                                   lambda e, n, loss: ctx.step(f"fine-tuning (loss {loss:.4f})",
+                                                               e, n))
+        drop = _pruned_drop(ctx, result.model)
+        ctx.report.pruning = {**result.as_dict(), "target": target, "drop_points": drop}
+        if cfg.max_drop is None or drop <= cfg.max_drop:
+            break
+    assert result is not None
+    model = result.model
+
+    def predict(feeds: Mapping[str, Array]) -> list[Array]:
+        values = [feeds[i.name] for i in source.inputs]
+        out = model(values[0] if len(values) == 1 else values, training=False)
+        return [np.asarray(o) for o in (out if isinstance(out, list | tuple) else [out])]
+
+    return SourceModel("keras", source.path, source.inputs, predict, model)
+
+
+def _pruned_drop(ctx: _Context, model: object) -> float:
+    outputs = run_batched(lambda f: [np.asarray(model(next(iter(f.values())),  # type: ignore[operator]
+                                                      training=False))], ctx.evaluation)
+    labels, base = ctx.evaluation.labels, ctx.report.source_accuracy
+    if labels is not None and base is not None:
+        return round((base - accuracy(outputs, labels)) * 100, 4)
+    found = agreement(ctx.source_outputs, outputs)
+    return round((1 - (found.top1 if found.top1 is not None else min(found.cosine))) * 100, 4)
 
 
 def _load(path: Path | None, source: SourceModel, config: ConvertConfig) -> Dataset | None:
@@ -191,9 +244,13 @@ def _float_onnx(ctx: _Context) -> bytes:
 
 def _build(ctx: _Context, candidate: _Candidate) -> bytes:
     cfg, source = ctx.config, ctx.source
+
+    def calibrate(done: int, total: int) -> None:
+        ctx.step(f"calibrating {candidate.label}", done, total)
+
     if cfg.format == "tflite" and source.kind in ("keras", "savedmodel"):
         return tflite_backend.to_tflite(source, candidate.mode, ctx.calibration, cfg.int8_io,
-                                        candidate.keep_float)
+                                        candidate.keep_float, on_sample=calibrate)
     if cfg.format == "tflite" and source.kind == "tflite":
         from converter import litert_quantizer
 
@@ -201,7 +258,7 @@ def _build(ctx: _Context, candidate: _Candidate) -> bytes:
                                                             candidate.mode, ctx.calibration)
         return quantized
     return onnx_backend.quantize_onnx(_float_onnx(ctx), candidate.mode, ctx.calibration,
-                                      candidate.keep_float)
+                                      candidate.keep_float, on_sample=calibrate)
 
 
 def input_map(source: list[TensorInfo], converted: list[TensorInfo]) -> dict[str, TensorInfo]:
@@ -248,8 +305,10 @@ def _dequantize(value: Array, spec: TensorInfo) -> Array:
 def _measure(ctx: _Context, attempt: Attempt, artifact: bytes) -> None:
     runtime = load_runtime(artifact, ctx.config.format)
     predict = _predict(runtime, ctx.source.inputs)
-    outputs = run_batched(predict, ctx.evaluation)
+    outputs = run_batched(predict, ctx.evaluation,
+                          on_batch=lambda d, t: ctx.step(f"evaluating {attempt.label}", d, t))
     attempt.size_bytes = len(artifact)
+    attempt.gzip_bytes = len(gzip.compress(artifact, compresslevel=9))
     attempt.agreement = agreement(ctx.source_outputs, outputs).as_dict()
     labels = ctx.evaluation.labels
     if labels is not None:

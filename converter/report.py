@@ -16,6 +16,7 @@ class Attempt:
     mode: str
     keep_float: list[str] = field(default_factory=list)
     size_bytes: int | None = None
+    gzip_bytes: int | None = None
     accuracy: float | None = None
     accuracy_drop_points: float | None = None
     agreement: dict[str, Any] = field(default_factory=dict)
@@ -68,7 +69,8 @@ class ConversionReport:
                           "size_bytes": a.size_bytes, "accuracy": a.accuracy}
                          for a in self.attempts]}
         if chosen is not None:
-            result.update(model_bytes=chosen.size_bytes, accuracy=chosen.accuracy,
+            result.update(model_bytes=chosen.size_bytes, gzip_bytes=chosen.gzip_bytes,
+                          accuracy=chosen.accuracy,
                           accuracy_drop_points=chosen.accuracy_drop_points,
                           agreement=chosen.agreement, latency_p50_ms=chosen.latency_p50_ms,
                           keep_float=chosen.keep_float, warnings=chosen.warnings)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,11 @@ def _converter(source: SourceModel) -> Any:
                                hint="float .tflite sources go through ai-edge-quantizer")
 
 
-def _representative(source: SourceModel, data: Dataset | None) -> Any:
+Progress = Callable[[int, int], None]
+
+
+def _representative(source: SourceModel, data: Dataset | None,
+                    on_sample: Progress = lambda done, total: None) -> Any:
     if data is None:
         raise DataError("int8 quantization needs calibration data",
                         hint="pass --calibration PATH (.npy, .npz or an image folder)")
@@ -42,13 +46,14 @@ def _representative(source: SourceModel, data: Dataset | None) -> Any:
 
     def gen() -> Iterator[list[np.ndarray[Any, Any]]]:
         for i in range(len(data)):
+            on_sample(i + 1, len(data))
             yield [data.inputs[n][i:i + 1] for n in names]
 
     return gen
 
 
 def _configure(converter: Any, source: SourceModel, mode: str, data: Dataset | None,
-               int8_io: bool) -> None:
+               int8_io: bool, on_sample: Progress) -> None:
     tf = tensorflow()
     if mode == "none":
         return
@@ -56,7 +61,7 @@ def _configure(converter: Any, source: SourceModel, mode: str, data: Dataset | N
     if mode == "fp16":
         converter.target_spec.supported_types = [tf.float16]
     elif mode == "int8":
-        converter.representative_dataset = _representative(source, data)
+        converter.representative_dataset = _representative(source, data, on_sample)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if int8_io:
             converter.inference_input_type = tf.int8
@@ -64,14 +69,15 @@ def _configure(converter: Any, source: SourceModel, mode: str, data: Dataset | N
 
 
 def to_tflite(source: SourceModel, mode: str, data: Dataset | None = None,
-              int8_io: bool = False, keep_float: tuple[str, ...] = ()) -> bytes:
+              int8_io: bool = False, keep_float: tuple[str, ...] = (),
+              on_sample: Progress = lambda done, total: None) -> bytes:
     """Convert ``source`` with quantization ``mode``; ``keep_float`` nodes stay float."""
     try:
         with quiet_stdout():
             converter = _converter(source)
             if keep_float:
                 return _selective_int8(converter, source, data, keep_float)
-            _configure(converter, source, mode, data, int8_io)
+            _configure(converter, source, mode, data, int8_io, on_sample)
             return bytes(converter.convert())
     except (DataError, UnsupportedPathError):
         raise
