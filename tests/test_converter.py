@@ -245,3 +245,50 @@ def test_config_refuses_nonsense() -> None:
                       quantize="int4")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="sparsity must be between 0 and 1"):
         ConvertConfig(Path("m.keras"), Path("o.efb"), Path("k.key"), prune=1.5)
+
+
+@pytest.fixture(scope="session")
+def tune_data(digits_models: TrainedModels, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tune") / "tune.npz"
+    np.savez(path, x=digits_models.digits.x_train, labels=digits_models.digits.y_train)
+    return path
+
+
+def test_pruning_with_fine_tune_reaches_the_sparsity_within_budget(
+        digits_models: TrainedModels, digits_data: Data, signing_keys: Keys, tune_data: Path,
+        tmp_path: Path) -> None:
+    plain = convert(_config(digits_models.keras, tmp_path / "plain.efb", signing_keys,
+                            quantize="int8", calibration=digits_data.calibration,
+                            eval=digits_data.eval))
+    report = convert(_config(digits_models.keras, tmp_path / "pruned.efb", signing_keys,
+                             quantize="int8", calibration=digits_data.calibration,
+                             eval=digits_data.eval, prune=0.75, fine_tune_data=tune_data,
+                             fine_tune_epochs=3, max_drop=1.0))
+    pruning = report.pruning
+    assert pruning["fine_tuned_epochs"] == 3
+    assert abs(pruning["sparsity"] - 0.75) < 0.01
+    assert all(abs(s - 0.75) < 0.02 for s in pruning["per_layer"].values())
+    assert len(pruning["per_layer"]) == 3, "two convolutions and the dense layer"
+    pruned, base = report.chosen_attempt, plain.chosen_attempt
+    assert pruned is not None and base is not None
+    assert pruned.gzip_bytes is not None and base.gzip_bytes is not None
+    assert pruned.gzip_bytes < base.gzip_bytes * 0.8, "pruned weights compress"
+    bundle = read_bundle(tmp_path / "pruned.efb", signing_keys.trusted)
+    assert bundle.manifest.optimization.sparsity == pytest.approx(pruning["sparsity"])
+
+
+def test_post_training_pruning_backs_off_to_stay_within_budget(
+        digits_models: TrainedModels, digits_data: Data, signing_keys: Keys,
+        tmp_path: Path) -> None:
+    report = convert(_config(digits_models.keras, tmp_path / "pt.efb", signing_keys,
+                             eval=digits_data.eval, prune=0.9, max_drop=1.0))
+    assert report.pruning["drop_points"] <= 1.0
+    assert report.pruning["sparsity"] < 0.9, "90% without fine-tuning breaks the budget"
+    assert report.pruning["target"] == 0.9
+
+
+def test_pruning_a_non_keras_model_is_refused(digits_models: TrainedModels,
+                                               signing_keys: Keys, tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedPathError, match="pruning needs a Keras model"):
+        convert(_config(digits_models.onnx, tmp_path / "x.efb", signing_keys, format="onnx",
+                        prune=0.5))
