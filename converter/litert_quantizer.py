@@ -13,6 +13,7 @@ from typing import Any
 
 import flatbuffers
 
+from converter._tf import quiet_stdout
 from converter.data import Dataset
 from converter.errors import (
     ConversionFailedError,
@@ -21,7 +22,7 @@ from converter.errors import (
     UnsupportedPathError,
 )
 
-__all__ = ["ensure_signature", "quantize_tflite"]
+__all__ = ["ensure_signature", "float16_weights_to_float32", "quantize_tflite"]
 
 SIGNATURE = "serving_default"
 
@@ -52,6 +53,44 @@ def ensure_signature(model: bytes) -> bytes:
     return bytes(builder.Output())
 
 
+def float16_weights_to_float32(model: bytes) -> bytes:
+    """Fold ``DEQUANTIZE`` of constant float16 weights into float32 constants.
+
+    Models published with float16 weights (mediapipe's, for one) dequantize them
+    at run time; the quantizer only quantizes float32 constants, so without this
+    it leaves such a model as it is.
+    """
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as schema
+
+    root = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model, 0))
+    dequantize = [i for i, c in enumerate(root.operatorCodes)
+                  if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.DEQUANTIZE]
+    folded = 0
+    for graph in root.subgraphs:
+        keep = []
+        for op in graph.operators:
+            source = graph.tensors[op.inputs[0]] if op.opcodeIndex in dequantize else None
+            data = root.buffers[source.buffer].data if source is not None else None
+            if source is None or source.type != schema.TensorType.FLOAT16 or data is None:
+                keep.append(op)
+                continue
+            weights = np.frombuffer(bytes(bytearray(data)), np.float16).astype(np.float32)
+            target = graph.tensors[op.outputs[0]]
+            buffer = schema.BufferT()
+            buffer.data = list(weights.tobytes())
+            root.buffers.append(buffer)
+            target.buffer = len(root.buffers) - 1
+            # the float16 source tensor stays (now unused): tensor indices must not shift
+            folded += 1
+        graph.operators = keep
+    if not folded:
+        return model
+    builder = flatbuffers.Builder(len(model) * 2 + 1024)
+    builder.Finish(root.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 def _tensor_map(graph: Any, index: int) -> Any:
     from ai_edge_litert import schema_py_generated as schema
 
@@ -77,23 +116,29 @@ def quantize_tflite(model: bytes, mode: str, data: Dataset | None) -> bytes:
         raise UnsupportedPathError("fp16 of a float .tflite is not offered",
                                    hint="convert the original Keras/SavedModel with fp16")
     quantizer, recipe = _modules()
-    signed = ensure_signature(model)
+    signed = ensure_signature(float16_weights_to_float32(model))
     try:
-        if mode == "dynamic":
-            q = quantizer.Quantizer(signed, recipe.dynamic_wi8_afp32())
-            return bytes(q.quantize(enable_progress_report=False).quantized_model)
-        if data is None:
-            raise DataError("int8 quantization needs calibration data",
-                            hint="pass --calibration PATH (.npy, .npz or an image folder)")
-        q = quantizer.Quantizer(signed, recipe.static_wi8_ai8())
-        names = _signature_inputs(signed)
-        samples = [{names.get(k, k): v[i:i + 1] for k, v in data.inputs.items()}
-                   for i in range(len(data))]
-        calibration = q.calibrate({SIGNATURE: samples})
-        return bytes(q.quantize(calibration, enable_progress_report=False).quantized_model)
+        with quiet_stdout():
+            return _quantize(quantizer, recipe, signed, mode, data)
     except (DataError, UnsupportedPathError):
         raise
     except Exception as exc:  # the quantizer raises ValueError, KeyError, RuntimeError
-        raise ConversionFailedError(f"ai-edge-quantizer ({mode}) failed: {exc}",
+        raise ConversionFailedError(f"ai-edge-quantizer ({mode}) failed: {exc!r}",
                                     hint="try --quantize dynamic, or convert the source model"
                                     ) from exc
+
+
+def _quantize(quantizer: Any, recipe: Any, signed: bytes, mode: str,
+              data: Dataset | None) -> bytes:
+    if mode == "dynamic":
+        q = quantizer.Quantizer(signed, recipe.dynamic_wi8_afp32())
+        return bytes(q.quantize(enable_progress_report=False).quantized_model)
+    if data is None:
+        raise DataError("int8 quantization needs calibration data",
+                        hint="pass --calibration PATH (.npy, .npz or an image folder)")
+    q = quantizer.Quantizer(signed, recipe.static_wi8_ai8())
+    names = _signature_inputs(signed)
+    samples = [{names.get(k, k): v[i:i + 1] for k, v in data.inputs.items()}
+               for i in range(len(data))]
+    calibration = q.calibrate({SIGNATURE: samples})
+    return bytes(q.quantize(calibration, enable_progress_report=False).quantized_model)

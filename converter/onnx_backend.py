@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from converter.sources import SourceModel
 __all__ = ["export_onnx", "quantize_onnx", "sensitive_onnx_nodes"]
 
 OPSET = 17
+QDQ_MIN_OPSET = 13
 
 
 def export_onnx(source: SourceModel) -> bytes:
@@ -75,6 +76,11 @@ class _Reader:
     def rewind(self) -> None:
         self._next = 0
 
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.rewind()
+        while (item := self.get_next()) is not None:
+            yield item
+
 
 def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
                   keep_float: tuple[str, ...] = (),
@@ -97,7 +103,7 @@ def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
         try:
             if mode == "fp16":
                 return _fp16(model)
-            quant_pre_process(src, pre, skip_symbolic_shape=False)
+            _pre_process(quant_pre_process, src, pre)
             if mode == "dynamic":
                 quantize_dynamic(pre, out, weight_type=QuantType.QInt8)
             else:
@@ -110,9 +116,36 @@ def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
         except (DataError, MissingExtraError):
             raise
         except Exception as exc:  # ORT quantization raises many types
-            raise ConversionFailedError(f"ONNX Runtime quantization ({mode}) failed: {exc}",
+            raise ConversionFailedError(f"ONNX Runtime quantization ({mode}) failed: {exc!r}",
                                         hint="try another --quantize mode") from exc
         return out.read_bytes()
+
+
+def _pre_process(pre_process: Any, src: Path, out: Path) -> None:
+    """Opset 13 at least (per-channel QDQ needs it), then ORT's pre-processing; symbolic
+    shape inference is skipped for graphs it cannot infer (dynamic spatial sizes, as in
+    many detection models)."""
+    _upgrade_opset(src, QDQ_MIN_OPSET)
+    try:
+        pre_process(src, out, skip_symbolic_shape=False)
+    except Exception:  # AssertionError or "Incomplete symbolic shape inference"
+        pre_process(src, out, skip_symbolic_shape=True)
+
+
+def _upgrade_opset(path: Path, opset: int) -> None:
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(path)
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if current >= opset:
+        return
+    try:
+        onnx.save(version_converter.convert_version(model, opset), path)
+    except Exception as exc:  # the version converter raises RuntimeError / ValidationError
+        raise ConversionFailedError(
+            f"the model uses ONNX opset {current}; upgrading it to {opset} for int8 failed: "
+            f"{exc}", hint="re-export the model with opset 13 or newer") from exc
 
 
 def _fp16(model: bytes) -> bytes:
@@ -126,6 +159,16 @@ def _fp16(model: bytes) -> bytes:
 
 def sensitive_onnx_nodes(model: bytes, data: Dataset, count: int = 2) -> list[str]:
     """Nodes whose int8 outputs have the lowest signal-to-quantization-noise ratio."""
+    try:
+        return _sensitive(model, data, count)
+    except ConversionFailedError:
+        raise
+    except Exception as exc:  # ORT's debugging helpers raise many types
+        raise ConversionFailedError(f"measuring per-node int8 error failed: {exc!r}",
+                                    hint="use --quantize int8 or fp16 directly") from exc
+
+
+def _sensitive(model: bytes, data: Dataset, count: int) -> list[str]:
     import onnx
     from onnxruntime.quantization import qdq_loss_debug as dbg
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -134,7 +177,7 @@ def sensitive_onnx_nodes(model: bytes, data: Dataset, count: int = 2) -> list[st
     with tempfile.TemporaryDirectory() as tmp:
         src, pre, qdq = (Path(tmp) / n for n in ("src.onnx", "pre.onnx", "qdq.onnx"))
         src.write_bytes(model)
-        quant_pre_process(src, pre)
+        _pre_process(quant_pre_process, src, pre)
         qdq.write_bytes(quantize_onnx(pre.read_bytes(), "int8", sample))
         activations = []
         for path in (pre, qdq):

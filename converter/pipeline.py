@@ -22,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
+from agent.protocol.errors import EdgefleetError
 from agent.protocol.manifest import Manifest, Optimization, RuntimeRequirement
 from agent.runtime.base import Array, Runtime, TensorInfo
 from agent.runtime.inspect import ModelInfo, inspect_model
@@ -218,7 +219,7 @@ def _attempt(ctx: _Context, candidate: _Candidate) -> tuple[Attempt, bytes | Non
         artifact = _build(ctx, candidate)
         ctx.step(f"measuring: {candidate.label}")
         _measure(ctx, attempt, artifact)
-    except ConverterError as exc:
+    except EdgefleetError as exc:  # conversion, or the result does not load on the runtime
         attempt.reason = f"failed: {exc}"
         return attempt, None
     _judge(ctx, attempt)
@@ -349,7 +350,11 @@ def _never_slower(ctx: _Context, attempt: Attempt) -> None:
 def _judge(ctx: _Context, attempt: Attempt) -> None:
     budget = ctx.config.max_drop
     drop = attempt.accuracy_drop_points or 0.0
-    if budget is not None and drop > budget:
+    source_bytes = ctx.source.size_bytes if ctx.source.kind in ("onnx", "tflite") else None
+    if attempt.mode != "none" and source_bytes and (attempt.size_bytes or 0) >= source_bytes:
+        attempt.reason = (f"{attempt.mode} did not make the model smaller ({attempt.size_bytes} "
+                          f"bytes, source {source_bytes}): nothing it quantizes was found")
+    elif budget is not None and drop > budget:
         attempt.reason = f"accuracy drop {drop:.2f} points exceeds the budget of {budget} points"
     elif attempt.violations:
         attempt.reason = "; ".join(v["message"] for v in attempt.violations[:3])

@@ -1,0 +1,79 @@
+"""Published models from PyPI wheels: each converts within its budget or fails by name.
+
+PP-OCR's text-direction classifier and text detector (ONNX, from rapidocr), and
+mediapipe's short-range face detector (float TFLite with float16 weights and no
+signature), calibrated on scikit-image's pictures. These never skip in CI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.core import Agent
+from converter.config import ConvertConfig
+from converter.pipeline import ConversionFailed, convert
+from converter.report import ConversionReport
+from tests import wheel_models
+from tests.conftest import Keys
+
+# A failure must say why in one of these ways; anything else is a bug.
+NAMED_REASONS = ("exceeds the budget", "did not make the model smaller", "cannot load the model",
+                 "is not offered", "does not read tflite models")
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return wheel_models.sample_images(tmp_path_factory.mktemp("skimage"))
+
+
+def _convert(key: str, tmp_path: Path, keys: Keys, images: Path,
+             **kw: object) -> ConversionReport | ConversionFailed:
+    config = ConvertConfig(model=wheel_models.model(key), output=tmp_path / f"{key}.efb",
+                           sign_key=keys.secret, calibration=images, **kw)  # type: ignore[arg-type]
+    try:
+        return convert(config)
+    except ConversionFailed as failed:
+        return failed
+
+
+def _check_contract(result: ConversionReport | ConversionFailed, keys: Keys) -> None:
+    if isinstance(result, ConversionFailed):
+        assert not Path(str(result.report.output or "none")).exists()
+        for attempt in result.report.attempts:
+            assert any(r in attempt.reason for r in NAMED_REASONS), attempt.reason
+        return
+    chosen = result.chosen_attempt
+    assert chosen is not None and result.output is not None
+    assert chosen.size_bytes is not None and chosen.size_bytes < result.source_bytes
+    Agent(keys.trusted).load(Path(result.output))  # verifies, loads, passes its health check
+
+
+def test_ppocr_classifier_auto_keeps_the_smallest_within_two_points(
+        tmp_path: Path, signing_keys: Keys, images: Path) -> None:
+    result = _convert("ppocr-cls", tmp_path, signing_keys, images, format="onnx",
+                      quantize="auto", scale="-1-1", max_drop=2.0)
+    _check_contract(result, signing_keys)
+    report = result.report if isinstance(result, ConversionFailed) else result
+    assert [a.label for a in report.attempts][0] == "int8"
+    assert all(a.reason for a in report.attempts), "every attempt says why"
+
+
+def test_ppocr_detector_int8_within_budget_or_named(tmp_path: Path, signing_keys: Keys,
+                                                    images: Path) -> None:
+    result = _convert("ppocr-det", tmp_path, signing_keys, images, format="onnx",
+                      quantize="int8", max_drop=2.0)
+    _check_contract(result, signing_keys)
+    report = result.report if isinstance(result, ConversionFailed) else result
+    attempt = report.attempts[0]
+    assert attempt.agreement["cosine"], "agreement was measured on the pictures"
+    assert "QuantizeLinear" in attempt.ops
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "int8"])
+def test_mediapipe_face_detector_within_budget_or_named(tmp_path: Path, signing_keys: Keys,
+                                                        images: Path, mode: str) -> None:
+    result = _convert("face-detection", tmp_path, signing_keys, images, quantize=mode,
+                      scale="-1-1", max_drop=2.0)
+    _check_contract(result, signing_keys)
