@@ -64,8 +64,9 @@ def float16_weights_to_float32(model: bytes) -> bytes:
     from ai_edge_litert import schema_py_generated as schema
 
     root = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model, 0))
+    code = schema.BuiltinOperator.DEQUANTIZE
     dequantize = [i for i, c in enumerate(root.operatorCodes)
-                  if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.DEQUANTIZE]
+                  if max(c.builtinCode, c.deprecatedBuiltinCode) == code]
     folded = 0
     for graph in root.subgraphs:
         keep = []

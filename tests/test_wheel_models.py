@@ -56,7 +56,7 @@ def test_ppocr_classifier_auto_keeps_the_smallest_within_two_points(
                       quantize="auto", scale="-1-1", max_drop=2.0)
     _check_contract(result, signing_keys)
     report = result.report if isinstance(result, ConversionFailed) else result
-    assert [a.label for a in report.attempts][0] == "int8"
+    assert report.attempts[0].label == "int8"
     assert all(a.reason for a in report.attempts), "every attempt says why"
 
 
