@@ -136,7 +136,16 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
     ctx = _Context(config, source, calibration, evaluation, outputs, profiles, report, step)
     if config.prune:
         ctx.source = _pruned(ctx, config.prune)
+    if source.kind in ("keras", "savedmodel") and config.quantize != "none":
+        report.float_latency_p50_ms = _float_latency(ctx)
     return ctx
+
+
+def _float_latency(ctx: _Context) -> float:
+    """Host p50 of the float conversion: what a quantized result must beat."""
+    ctx.step("measuring the float conversion")
+    runtime = load_runtime(_build(ctx, _Candidate("none", "none")), ctx.config.format)
+    return latency_p50_ms(_predict(runtime, ctx.source.inputs), ctx.evaluation.take(1).inputs)
 
 
 def _pruned(ctx: _Context, target: float) -> SourceModel:
@@ -335,11 +344,15 @@ def _drop(ctx: _Context, attempt: Attempt) -> float:
 
 
 def _never_slower(ctx: _Context, attempt: Attempt) -> None:
-    source_ms = ctx.report.source_latency_p50_ms
-    if attempt.latency_p50_ms is None or source_ms is None or attempt.latency_p50_ms <= source_ms:
+    """Warn when a result is slower than what it replaces: the source when that runs on an
+    edge runtime (ONNX, TFLite), else the float conversion to the same format."""
+    float_ms = ctx.report.float_latency_p50_ms
+    reference = float_ms if float_ms is not None else ctx.report.source_latency_p50_ms
+    what = "the float conversion" if float_ms is not None else "its source"
+    if attempt.latency_p50_ms is None or reference is None or attempt.latency_p50_ms <= reference:
         return
-    message = (f"converted model is slower than its source on this host "
-               f"({attempt.latency_p50_ms} ms vs {source_ms} ms at p50)")
+    message = (f"converted model is slower than {what} on this host "
+               f"({attempt.latency_p50_ms} ms vs {reference} ms at p50)")
     attempt.warnings.append(message)
     for profile in ctx.profiles:
         if profile.never_slower:

@@ -40,6 +40,7 @@ class ConversionReport:
     source_bytes: int
     source_accuracy: float | None = None
     source_latency_p50_ms: float | None = None
+    float_latency_p50_ms: float | None = None
     eval_samples: int = 0
     eval_data: str = "none"
     attempts: list[Attempt] = field(default_factory=list)
@@ -63,6 +64,7 @@ class ConversionReport:
         result: dict[str, Any] = {
             "source_bytes": self.source_bytes, "source_accuracy": self.source_accuracy,
             "source_latency_p50_ms": self.source_latency_p50_ms,
+            "float_latency_p50_ms": self.float_latency_p50_ms,
             "eval_samples": self.eval_samples, "eval_data": self.eval_data,
             "conversion_seconds": self.conversion_seconds, "pruning": self.pruning,
             "attempts": [{"label": a.label, "accepted": a.accepted, "reason": a.reason,

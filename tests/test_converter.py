@@ -292,3 +292,15 @@ def test_pruning_a_non_keras_model_is_refused(digits_models: TrainedModels,
     with pytest.raises(UnsupportedPathError, match="pruning needs a Keras model"):
         convert(_config(digits_models.onnx, tmp_path / "x.efb", signing_keys, format="onnx",
                         prune=0.5))
+
+
+def test_guard_compares_a_keras_conversion_with_its_float_export(
+        digits_models: TrainedModels, digits_data: Data, signing_keys: Keys,
+        tmp_path: Path) -> None:
+    report = convert(_config(digits_models.keras, tmp_path / "q.efb", signing_keys,
+                             format="onnx", quantize="int8", calibration=digits_data.calibration))
+    chosen = report.chosen_attempt
+    assert chosen is not None and chosen.latency_p50_ms is not None
+    assert report.float_latency_p50_ms is not None, "the float export was measured"
+    slower = chosen.latency_p50_ms > report.float_latency_p50_ms
+    assert any("slower than the float conversion" in w for w in chosen.warnings) == slower
