@@ -39,6 +39,7 @@ from bench.common import (
     ROOT,
     markdown_table,
     percentiles_us,
+    print_table,
     update_section,
     write_results,
 )
@@ -113,8 +114,10 @@ def http_call(port: int, input_name: str, x: np.ndarray) -> Call:
     conn = http.client.HTTPConnection("127.0.0.1", port)
     body = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape),
                                    "datatype": "FP32", "data": x.reshape(-1).tolist()}]})
-    headers = {"Content-Type": "application/json"}
+    return _poster(conn, body.encode(), {"Content-Type": "application/json"})
 
+
+def _poster(conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str]) -> Call:
     def call() -> object:
         conn.request("POST", "/v2/models/bench/infer", body, headers)
         response = conn.getresponse()
@@ -136,16 +139,7 @@ def binary_call(port: int, input_name: str, x: np.ndarray) -> Call:
                          "parameters": {"binary_data_output": True}}).encode()
     headers = {"Content-Type": "application/octet-stream",
                "Inference-Header-Content-Length": str(len(header))}
-
-    def call() -> object:
-        conn.request("POST", "/v2/models/bench/infer", header + raw, headers)
-        response = conn.getresponse()
-        payload = response.read()
-        if response.status != 200:
-            raise RuntimeError(payload.decode())
-        return payload
-
-    return call
+    return _poster(conn, header + raw, headers)
 
 
 def interleave(calls: dict[str, Call], iterations: int, warmup: int) -> dict[str, list[int]]:
@@ -198,9 +192,6 @@ def measure(label: str, model: Path, fmt: str, x: np.ndarray, keys: tuple[Path, 
 
 
 def report(rows: list[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     columns = ["model", "runtime", "bare p50/p99 µs", "Agent.predict p50/p99 µs",
                "in-process ratio p50", "added µs p50", "HTTP JSON p50/p99 µs", "JSON adds ms",
                "HTTP binary p50/p99 µs", "binary adds ms", "in-process ≤1.03×",
@@ -212,12 +203,7 @@ def report(rows: list[dict[str, Any]]) -> None:
               r["http_binary_added_p50_ms"], "yes" if r["agent_ratio_p50"] <= 1.03 else "no",
               "yes" if min(r["http_added_p50_ms"], r["http_binary_added_p50_ms"]) <= 0.3
               else "no"] for r in rows]
-    table = Table(title="serving overhead (interleaved, batch 1, 1 thread)", expand=True)
-    for column in columns:
-        table.add_column(column)
-    for row in cells:
-        table.add_row(*map(str, row))
-    Console().print(table)
+    print_table("serving overhead (interleaved, batch 1, 1 thread)", columns, cells)
     note = ("Interleaved, order rotating each round: the bare runtime call against "
             "`Agent.predict`, then the bare call against a keep-alive HTTP client POSTing "
             "JSON tensors, or binary tensors, to `edgefleet agent run` in its own process. "

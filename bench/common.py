@@ -50,3 +50,15 @@ def update_section(name: str, body: str) -> None:
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text}\n{block}\n"
     BENCHMARKS_MD.write_text(text)
+
+
+def print_table(title: str, columns: list[str], cells: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in cells:
+        table.add_row(*map(str, row))
+    Console().print(table)

@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.protocol.signing import generate_keypair
-from bench.common import markdown_table, update_section, write_results
+from bench.common import markdown_table, print_table, update_section, write_results
 from converter.config import ConvertConfig
 from converter.pipeline import ConversionFailed, convert
 from tests import wheel_models
@@ -123,9 +123,6 @@ def verdicts(row: dict[str, Any]) -> str:
 
 
 def report(rows: list[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     columns = ["model", "format", "mode", "bytes", "size ×float", "accuracy / top-1 / cosine",
                "latency ms", "latency ×float", "convert s", "int8 targets"]
     cells = []
@@ -140,12 +137,7 @@ def report(rows: list[dict[str, Any]]) -> None:
         cells.append([r["model"], r["format"], r["mode"], r["bytes"], r.get("size_ratio", "-"),
                       quality, r["latency_ms"], r.get("latency_ratio", "-"), r["seconds"],
                       verdicts(r)])
-    table = Table(title="converter benchmark (ratios against the float conversion)")
-    for column in columns:
-        table.add_column(column)
-    for row in cells:
-        table.add_row(*map(str, row))
-    Console().print(table)
+    print_table("converter benchmark (ratios against the float conversion)", columns, cells)
     note = ("Each mode converted by `edgefleet convert` in one run; ratios against the float "
             "(`none`) conversion of the same model to the same format. digits-cnn is the "
             "trained 8×8 digits CNN (accuracy on 450 held-out digits); edge-cnn a 96×96×3 "
