@@ -1,4 +1,10 @@
-"""Test-side MQTT helpers: the embedded broker as a process, and a recording subscriber."""
+"""Test-side MQTT helpers: brokers of our own on free ports, and a recording subscriber.
+
+``MosquittoBroker`` is ``fleet.mosquitto``'s (generated config, persistence in
+its own folder, stopped by PID; raises naming ``apt-get install mosquitto``
+when the binary is missing). ``AmqttBroker`` runs the embedded broker of
+``agent.broker`` in a child process with the same start/stop/restart/url.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +23,14 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.mqtt import parse_broker_url
-from fleet.mosquitto import free_port, wait_for_port
+from fleet.mosquitto import MosquittoBroker, free_port, wait_for_port
+
+__all__ = ["AmqttBroker", "AnyBroker", "Message", "MosquittoBroker", "Subscriber"]
 
 
 @dataclass
 class AmqttBroker:
-    """``edgefleet broker`` in its own process, stopped by its PID."""
+    """``agent.broker.run_embedded_broker`` in its own process, stopped by its PID."""
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -35,18 +43,44 @@ class AmqttBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
-    def start(self) -> AmqttBroker:
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet", "broker", "--host", self.host,
-             "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert wait_for_port(self.host, self.port, 20), "embedded broker did not start"
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self, timeout: float = 20.0) -> AmqttBroker:
+        code = ("from agent.broker import run_embedded_broker; "
+                f"run_embedded_broker({self.host!r}, {self.port})")
+        self._process = subprocess.Popen([sys.executable, "-c", code],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if not wait_for_port(self.host, self.port, timeout):
+            process, self._process = self._process, None
+            process.kill()
+            _, err = process.communicate()
+            raise RuntimeError(f"embedded broker did not listen on {self.port}: "
+                               f"{err.decode(errors='replace')[-2000:]}")
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop by PID (SIGTERM: clean shutdown; SIGKILL: a crash)."""
         process, self._process = self._process, None
-        if process and process.poll() is None:
+        if process is None:
+            return
+        if process.poll() is None:
             process.send_signal(sig)
-            process.wait(timeout=10)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stderr:
+            process.stderr.close()
+
+    def restart(self) -> AmqttBroker:
+        self.stop()
+        return self.start()
+
+
+AnyBroker = MosquittoBroker | AmqttBroker
 
 
 @dataclass(frozen=True)
@@ -60,10 +94,14 @@ class Message:
 
 
 class Subscriber:
-    """A paho client that records every message; optional persistent session."""
+    """A paho client that records every message; optionally a persistent session (QoS 1).
+
+    The constructor returns once the broker acknowledged the subscriptions; after a
+    reconnection they are made again.
+    """
 
     def __init__(self, url: str, topics: list[str], *, client_id: str | None = None,
-                 persistent: bool = False) -> None:
+                 persistent: bool = False, timeout: float = 10.0) -> None:
         host, port = parse_broker_url(url)
         self.messages: list[Message] = []
         self._cond = threading.Condition()
@@ -71,17 +109,24 @@ class Subscriber:
         self._client = paho.Client(CallbackAPIVersion.VERSION2,
                                    client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
                                    protocol=paho.MQTTv311, clean_session=not persistent)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=2)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=1)
         self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
         self._subscribed = threading.Event()
         self._client.connect_async(host, port, keepalive=10)
         self._client.loop_start()
-        assert self._subscribed.wait(10), f"subscriber could not connect to {url}"
+        if not self._subscribed.wait(timeout):
+            self.close()
+            raise AssertionError(f"subscriber could not subscribe on {url}")
 
     def _on_connect(self, client: paho.Client, *args: Any) -> None:
-        for topic in self._topics:
-            client.subscribe(topic, qos=1)
+        if self._topics:
+            client.subscribe([(topic, 1) for topic in self._topics])
+        else:
+            self._subscribed.set()
+
+    def _on_subscribe(self, client: paho.Client, *args: Any) -> None:
         self._subscribed.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
@@ -90,13 +135,15 @@ class Subscriber:
             self._cond.notify_all()
 
     def on(self, suffix: str) -> list[Message]:
+        """The messages so far whose topic ends with ``suffix``."""
         with self._cond:
             return [m for m in self.messages if m.topic.endswith(suffix)]
 
     def wait_for(self, predicate: Callable[[list[Message]], bool], timeout: float = 10.0) -> bool:
+        """Wait until ``predicate(messages)`` holds; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not predicate(self.messages):
+            while not predicate(list(self.messages)):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False

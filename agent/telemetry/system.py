@@ -6,9 +6,10 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["SystemProbe"]
+__all__ = ["SystemProbe", "temperature_c"]
 
 _THERMAL = Path("/sys/class/thermal")
+_PLAUSIBLE_C = (-40.0, 150.0)  # outside this a sensor reports an error code, not a temperature
 
 
 class SystemProbe:
@@ -24,13 +25,19 @@ class SystemProbe:
                 "temperature_c": temperature_c()}
 
 
-def temperature_c() -> float | None:
+def temperature_c(thermal_root: Path = _THERMAL) -> float | None:
     """The first thermal zone's reading (Raspberry Pi: the SoC), else psutil's sensors."""
-    for zone in sorted(_THERMAL.glob("thermal_zone*/temp")):
+    for zone in sorted(thermal_root.glob("thermal_zone*/temp")):
         try:
-            return round(int(zone.read_text().strip()) / 1000.0, 1)
+            celsius = int(zone.read_text().strip()) / 1000.0
         except (OSError, ValueError):
             continue
+        if _plausible(celsius):
+            return round(celsius, 1)
+    return _psutil_temperature()
+
+
+def _psutil_temperature() -> float | None:
     sensors = getattr(psutil, "sensors_temperatures", None)
     if sensors is None:
         return None
@@ -39,6 +46,11 @@ def temperature_c() -> float | None:
     except (OSError, RuntimeError):
         return None
     for entries in readings.values():
-        if entries:
-            return round(float(entries[0].current), 1)
+        for entry in entries:
+            if _plausible(float(entry.current)):
+                return round(float(entry.current), 1)
     return None
+
+
+def _plausible(celsius: float) -> bool:
+    return _PLAUSIBLE_C[0] <= celsius <= _PLAUSIBLE_C[1]

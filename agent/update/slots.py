@@ -1,0 +1,104 @@
+"""A/B slots on disk, and the pointer that says which one serves.
+
+::
+
+    DATA_DIR/
+      slots/a/bundle.efb, slots/b/bundle.efb   the two slots
+      slots.json                               {"active", "committed", "fallback"}
+      journal.json                             the update state machine's journal
+      downloads/<sha256>.part                  partial downloads (resumed with Range)
+      keys/*.pub                               trusted public keys
+      spool/                                   telemetry spooled while offline
+
+Every write goes through a temp file, fsync and rename (``atomic_write``), so a
+crash leaves either the old or the new pointer, never a torn one. ``active`` is
+what serves; ``committed`` what the device returns to if probation fails;
+``fallback`` the committed bundle before that, for a manual rollback.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from agent.protocol.errors import EdgefleetError
+from agent.protocol.files import atomic_write
+
+__all__ = ["SLOTS", "SlotError", "SlotPointer", "SlotStore"]
+
+SLOTS = ("a", "b")
+BUNDLE = "bundle.efb"
+
+
+class SlotError(EdgefleetError):
+    """A slot operation that cannot be done (nothing to roll back to, empty slot)."""
+
+
+@dataclass(frozen=True)
+class SlotPointer:
+    active: str | None = None
+    committed: str | None = None
+    fallback: str | None = None
+
+
+class SlotStore:
+    """The slots and the pointer of one data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir)
+        for slot in SLOTS:
+            (self.root / "slots" / slot).mkdir(parents=True, exist_ok=True)
+        self._pointer_file = self.root / "slots.json"
+
+    def pointer(self) -> SlotPointer:
+        try:
+            data = json.loads(self._pointer_file.read_text())
+            return SlotPointer(**{k: data.get(k) for k in ("active", "committed", "fallback")})
+        except (OSError, ValueError, TypeError):
+            return SlotPointer()
+
+    def bundle(self, slot: str | None) -> Path | None:
+        path = self.root / "slots" / slot / BUNDLE if slot else None
+        return path if path is not None and path.exists() else None
+
+    def active_bundle(self) -> Path | None:
+        return self.bundle(self.pointer().active)
+
+    def inactive(self) -> str:
+        """The slot to stage into: never the active or the committed one."""
+        pointer = self.pointer()
+        busy = {pointer.active, pointer.committed}
+        return next((s for s in SLOTS if s not in busy), SLOTS[0] if pointer.active != "a"
+                    else "b")
+
+    def stage(self, data: bytes) -> str:
+        slot = self.inactive()
+        atomic_write(self.root / "slots" / slot / BUNDLE, data)
+        return slot
+
+    def switch(self, slot: str) -> SlotPointer:
+        if self.bundle(slot) is None:
+            raise SlotError(f"slot {slot} holds no bundle", hint="stage a bundle first")
+        return self._write(replace(self.pointer(), active=slot))
+
+    def commit(self) -> SlotPointer:
+        pointer = self.pointer()
+        if pointer.active == pointer.committed:
+            return pointer
+        return self._write(SlotPointer(pointer.active, pointer.active, pointer.committed))
+
+    def rollback(self) -> SlotPointer:
+        """Back to the committed bundle (in probation), else to the one committed before it."""
+        pointer = self.pointer()
+        if pointer.active != pointer.committed and self.bundle(pointer.committed):
+            return self._write(replace(pointer, active=pointer.committed))
+        if pointer.fallback and self.bundle(pointer.fallback):
+            fallback = pointer.fallback
+            return self._write(SlotPointer(fallback, fallback, None))
+        raise SlotError("there is no earlier committed bundle to roll back to",
+                        hint="install a bundle with 'edgefleet agent install'")
+
+    def _write(self, pointer: SlotPointer) -> SlotPointer:
+        atomic_write(self._pointer_file, json.dumps(asdict(pointer)).encode())
+        return pointer
