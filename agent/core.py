@@ -93,6 +93,10 @@ class Agent:
         serving.stats.samples.append(time.perf_counter_ns() - started)
         return outputs
 
+    def stats_of(self, version: str) -> VersionStats:
+        """The counters of one model version (created empty if it has not served yet)."""
+        return self._stats.setdefault(version, VersionStats())
+
     def telemetry_values(self) -> dict[str, Any]:
         """Drain every version's window: flat keys for the active one, and a per-version map."""
         serving = self._serving

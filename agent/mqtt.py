@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +34,7 @@ Will = tuple[str, bytes, int, bool]  # topic, payload, qos, retain
 _DEFAULT_PORTS = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
 _URL_HINT = "write it like mqtt://127.0.0.1:1883 or mqtts://broker.example:8883"
 _RECONNECT_MIN_S, _RECONNECT_MAX_S = 0.2, 10
+_ACK_POLL_S = 0.05
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:
@@ -136,15 +138,24 @@ class MqttClient:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
             self._no_resend(info.mid, True)
         try:
-            info.wait_for_publish(timeout)
+            self._wait_acknowledged(info, topic, timeout)
         except (RuntimeError, ValueError) as exc:
             raise BrokerTimeoutError(f"publish to {topic} failed: {exc}",
-                                     hint="the connection dropped; retry after reconnecting",
-                                     ) from exc
-        if not info.is_published():
-            raise BrokerTimeoutError(f"no acknowledgement for {topic} within {timeout:.1f} s",
-                                     hint="the broker is slow or gone; retry later")
+                                     hint="retry after reconnecting") from exc
         self._no_resend(info.mid, False)
+
+    def _wait_acknowledged(self, info: paho.MQTTMessageInfo, topic: str, timeout: float) -> None:
+        """Return once acknowledged; raise as soon as the connection drops or time runs out."""
+        deadline = time.monotonic() + timeout
+        while not info.is_published():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerTimeoutError(f"no acknowledgement for {topic} within {timeout:.1f} s",
+                                         hint="the broker is slow or gone; retry later")
+            if not self.connected:
+                raise BrokerTimeoutError(f"the connection dropped before {topic} was acknowledged",
+                                         hint="retry after reconnecting")
+            info.wait_for_publish(min(left, _ACK_POLL_S))
 
     def _no_resend(self, mid: int, flag: bool) -> None:
         """Mark a message as owned by its sender: never re-sent after a reconnection."""

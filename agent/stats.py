@@ -48,6 +48,11 @@ class VersionStats:
         with self._lock:
             self._errors += 1
 
+    @property
+    def pending_errors(self) -> int:
+        """Errors in the current (not yet drained) window."""
+        return self._errors
+
     def drain(self) -> WindowSummary:
         """Summarise the window that ends now and start a new one."""
         samples, self.samples = self.samples, []

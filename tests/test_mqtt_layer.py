@@ -154,8 +154,8 @@ def test_publish_wait_returns_once_the_broker_acknowledged(
     assert late.messages[0] == Message(topic, b'{"serving": true}', retain=True)
 
 
-def test_publishing_while_offline_fails_fast(any_broker: AnyBroker, fleet_name: str) -> None:
-    client = MqttClient(f"{fleet_name}-offline", any_broker.host, any_broker.port)
+def test_publishing_while_offline_fails_fast(fleet_name: str) -> None:
+    client = MqttClient(f"{fleet_name}-offline", "127.0.0.1", 1)  # never started
     topic = device_topic(fleet_name, "dev-1", Leaf.EVENTS)
     assert client.publish(topic, b"x", qos=1) is False
     started = time.monotonic()
@@ -338,6 +338,7 @@ def test_a_broker_outage_loses_no_telemetry_and_keeps_order(
     reporter.start()
     try:
         _outage(mosquitto, reporter, sub)
+        assert counter.threads == {"edgefleet-telemetry"}, "snapshot only on its own thread"
     finally:
         reporter.stop(flush=True)
         client.stop()
@@ -346,7 +347,7 @@ def test_a_broker_outage_loses_no_telemetry_and_keeps_order(
     assert _seqs(sub.messages) == list(range(1, last + 1)), "every point, once, in order"
     batches = [m for m in sub.messages if m.payload.startswith(b"[")]
     assert batches and max(len(json.loads(m.payload)) for m in batches) > 1
-    assert len(reporter.spool) == 0 and counter.threads == {"edgefleet-telemetry", "MainThread"}
+    assert len(reporter.spool) == 0
 
 
 def test_an_outage_beyond_the_spool_bound_loses_the_oldest_and_says_how_many(
@@ -370,5 +371,5 @@ def test_an_outage_beyond_the_spool_bound_loses_the_oldest_and_says_how_many(
     dropped = points[received[-1]]["spool_dropped"]
     assert dropped == spool.dropped > 0 and len(missing) == dropped
     assert missing == list(range(missing[0], missing[0] + dropped)), "one block, no other gap"
-    assert at_stop <= missing[0] <= at_stop + 2, "the oldest points of the outage went first"
+    assert at_stop - 1 <= missing[0] <= at_stop + 2, "the oldest points of the outage went first"
     assert _seqs(sub.messages) == received, "what arrived came in order"

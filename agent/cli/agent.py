@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from agent.cli.output import fail
+from agent.cli.output import console, emit, fail, table
 from agent.core import Agent
 from agent.errors import NothingToServeError
 from agent.protocol.errors import EdgefleetError
@@ -40,16 +40,83 @@ def _trusted(paths: list[Path], data_dir: Path) -> TrustedKeys:
     return trusted
 
 
+DataDir = Annotated[Path, typer.Option(help="Slots, journal, spool, keys")]
+TrustedKey = Annotated[list[Path] | None, typer.Option(
+    help=".pub file or folder of them; default DATA_DIR/keys")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON")]
+
+
+@app.command()
+def install(
+    bundle: Annotated[Path, typer.Argument(help="Bundle (.efb) to install")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    trusted_key: TrustedKey = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Flash a bundle: verify, stage in the free slot, health-check, switch, commit."""
+    from agent.update import local
+
+    data = data_dir.expanduser()
+    try:
+        agent = Agent(_trusted(trusted_key or [], data))
+        journal = local.install(agent, data, bundle)
+    except EdgefleetError as exc:
+        fail(exc, as_json)
+    _show_result(journal.to_dict(), data, as_json)
+    if journal.state.value != "COMMITTED":
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonOpt = False) -> None:
+    """Slots, the active and previous bundle, and the update state."""
+    from agent.update import local
+
+    data = local.status(data_dir.expanduser())
+    emit(data, as_json, table(f"slots in {data_dir}", data["slots"],
+                              ["slot", "role", "name", "version", "sha256"]))
+    if not as_json:
+        update = data["update"]
+        console.print(f"update: {update['state']} {update['target'].get('version') or ''} "
+                      f"{update['detail']}")
+
+
+@app.command()
+def rollback(data_dir: DataDir = DEFAULT_DATA_DIR, trusted_key: TrustedKey = None,
+             as_json: JsonOpt = False) -> None:
+    """Return to the previous committed bundle."""
+    from agent.update import local
+
+    data = data_dir.expanduser()
+    try:
+        journal = local.rollback(Agent(_trusted(trusted_key or [], data)), data)
+    except EdgefleetError as exc:
+        fail(exc, as_json)
+    _show_result(journal.to_dict(), data, as_json)
+    if journal.state.value != "ROLLED_BACK":
+        raise typer.Exit(1)
+
+
+def _show_result(journal: dict[str, object], data: Path, as_json: bool) -> None:
+    from agent.update import local
+
+    result = {"update": journal, **local.status(data)}
+    emit(result, as_json, table(f"{journal['state']}: {journal['detail'] or 'done'}",
+                                result["slots"], ["slot", "role", "name", "version", "sha256"]))
+
+
 @app.command()
 def run(
-    bundle: Annotated[Path, typer.Option(help="Bundle (.efb) to serve")],
+    bundle: Annotated[Path | None, typer.Option(
+        help="Bundle to install when DATA_DIR has none yet (later updates come from the fleet)")
+    ] = None,
     fleet: Annotated[str, typer.Option(help="Fleet name (MQTT topic level)")] = "default",
     device_id: Annotated[str, typer.Option(help="This device's id")] = "device-1",
     broker: Annotated[str | None, typer.Option(help="mqtt://HOST:PORT; none = no MQTT")] = None,
     http: Annotated[str | None, typer.Option(help="HOST:PORT for the KServe v2 server")] = None,
     trusted_key: Annotated[list[Path] | None, typer.Option(
         help=".pub file or folder of them; default DATA_DIR/keys")] = None,
-    data_dir: Annotated[Path, typer.Option(help="Spool, counters, slots")] = DEFAULT_DATA_DIR,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
     threads: Annotated[int, typer.Option(min=1, help="Inference threads")] = 1,
     telemetry_interval: Annotated[float, typer.Option(min=0.05, help="Seconds")] = 10.0,
     spool_max_bytes: Annotated[int, typer.Option(min=4096, help="Disk bound while offline")] =
@@ -62,7 +129,7 @@ def run(
     data = data_dir.expanduser()
     try:
         agent = Agent(_trusted(trusted_key or [], data), threads=threads)
-        _load_or_refuse(agent, bundle)
+        _load_or_refuse(agent, data, bundle)
     except EdgefleetError as exc:
         fail(exc)
     host, port = _host_port(http) if http else ("127.0.0.1", None)
@@ -73,11 +140,21 @@ def run(
     _serve_until_signalled(AgentService(config, agent))
 
 
-def _load_or_refuse(agent: Agent, bundle: Path) -> None:
+def _load_or_refuse(agent: Agent, data: Path, bundle: Path | None) -> None:
+    """Serve the active slot; install ``bundle`` first when there is none."""
+    from agent.update import local
+    from agent.update.slots import SlotStore
+
     try:
-        agent.load(bundle)
+        if bundle is not None and SlotStore(data).active_bundle() is None:
+            journal = local.install(agent, data, bundle)
+            if agent.model is None:
+                raise NothingToServeError(f"{bundle} was not installed: {journal.detail}")
+        else:
+            local.serve_active(agent, data)
     except EdgefleetError as exc:
-        raise NothingToServeError(f"nothing to serve: {bundle}: {exc.message}",
+        where = bundle or data
+        raise NothingToServeError(f"nothing to serve: {where}: {exc.message}",
                                   hint=exc.hint or "pass a bundle that verifies") from exc
 
 

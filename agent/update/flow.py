@@ -90,6 +90,13 @@ class Updater:
             event, detail = Event.FAILURE, f"{type(exc).__name__}: {exc}"
         return self._move(journal, event, detail)
 
+    def move(self, journal: Journal, event: Event, detail: str = "") -> Journal:
+        """Apply an outside event (commit or rollback asked for); refuse one with no edge."""
+        if next_state(journal.state, event) is None:
+            raise EdgefleetError(f"cannot {event.value.lower()} while {journal.state.value}",
+                                 hint="see 'edgefleet agent status'")
+        return self._move(journal, event, detail)
+
     def _move(self, journal: Journal, event: Event, detail: str) -> Journal:
         state = next_state(journal.state, event)
         if state is None:

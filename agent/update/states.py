@@ -2,9 +2,11 @@
 
 ::
 
-    IDLE -> DOWNLOADING -> VERIFYING -> STAGED -> HEALTH_CHECK -> SWITCHING -> PROBATION -> COMMITTED
-                 |             |           |            |              |            |
-                 +-------------+-----------+------------+--> FAILED    +--> ROLLING_BACK -> ROLLED_BACK
+    IDLE -> DOWNLOADING -> VERIFYING -> STAGED -> HEALTH_CHECK -> SWITCHING -> PROBATION
+              |              |           |           |               |            |
+              +--------------+-----------+-----------+--> FAILED     |        COMMITTED
+                                                                     +--> ROLLING_BACK
+                                                                            -> ROLLED_BACK
 
 Before the switch a failure ends in ``FAILED`` with the old model untouched;
 from the switch on it ends in ``ROLLING_BACK`` and then ``ROLLED_BACK``. A
@@ -87,7 +89,7 @@ class Journal:
     def enter(self, state: State, now_ms: int, detail: str = "") -> Journal:
         counts = dict(self.entries)
         counts[state.value] = counts.get(state.value, 0) + 1
-        if state in TERMINAL or state == State.DOWNLOADING and self.state in TERMINAL:
+        if state in TERMINAL or (state == State.DOWNLOADING and self.state in TERMINAL):
             counts = {state.value: 1}
         return replace(self, state=state, entries=counts, detail=detail, since=now_ms)
 

@@ -1,0 +1,157 @@
+"""The real Controller: downloads, verifies, stages into a slot, health-checks, switches
+the serving model, watches probation, commits or rolls back. All file writes are atomic."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.core import Agent
+from agent.loader import LoadedModel, load_bundle
+from agent.protocol.bundle import inspect_bundle, read_bundle
+from agent.protocol.errors import EdgefleetError, IntegrityError
+from agent.protocol.files import atomic_write, sha256_bytes
+from agent.update.download import DownloadStats, fetch
+from agent.update.slots import SlotStore
+from agent.update.states import Event, Journal
+
+__all__ = ["DeviceController", "UpdateSettings", "load_journal"]
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    probation_s: float = 60.0
+    auto_commit: bool = False
+    max_error_rate: float = 0.05  # of requests on the new version during probation
+    min_requests: int = 20  # before the error-rate gate may fire
+    latency_budget_ms: float | None = None
+    poll_s: float = 0.05
+
+
+def load_journal(path: Path) -> Journal:
+    try:
+        return Journal.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return Journal()
+
+
+class DeviceController:
+    """Implements :class:`agent.update.flow.Controller` for one data directory and agent."""
+
+    def __init__(self, data_dir: Path, agent: Agent, settings: UpdateSettings = UpdateSettings(),
+                 publish: Callable[[Journal], None] = lambda journal: None) -> None:
+        self.data_dir, self.agent, self.settings = Path(data_dir), agent, settings
+        self.slots = SlotStore(self.data_dir)
+        self.journal_path = self.data_dir / "journal.json"
+        self.stats = DownloadStats()
+        self._publish = publish
+        self._candidate: LoadedModel | None = None
+        self._decision: Event | None = None
+        self._wake = threading.Event()
+
+    # decisions from the fleet (desired state) arrive on another thread
+    def decide(self, event: Event) -> None:
+        self._decision = event
+        self._wake.set()
+
+    def _download_path(self, j: Journal) -> Path:
+        return self.data_dir / "downloads" / f"{j.target['sha256']}.efb"
+
+    def download(self, j: Journal) -> None:
+        fetch(str(j.target["url"]), self._download_path(j), int(str(j.target.get("size", 0))),
+              stats=self.stats)
+
+    def verify(self, j: Journal) -> None:
+        raw = self._download_path(j).read_bytes()
+        bundle = read_bundle(raw, self.agent.trusted)
+        if bundle.sha256 != j.target["sha256"]:
+            raise IntegrityError(f"downloaded bundle is {bundle.manifest.ref} with manifest "
+                                 f"sha256 {bundle.sha256[:12]}, the target names "
+                                 f"{str(j.target['sha256'])[:12]}",
+                                 hint="the server sent another bundle; check the URL")
+
+    def stage(self, j: Journal) -> None:
+        if self._slot_of(j) is None:
+            self.slots.stage(self._download_path(j).read_bytes())
+
+    def health_check(self, j: Journal) -> None:
+        path = self._staged(j)
+        self._candidate = load_bundle(path, self.agent.trusted, threads=self.agent.threads,
+                                      latency_budget_ms=self.settings.latency_budget_ms)
+
+    def switch(self, j: Journal) -> None:
+        slot = self._slot_of(j)
+        if slot is None:
+            raise EdgefleetError("the staged bundle is gone", hint="the update restarts")
+        candidate = self._candidate or load_bundle(self._staged(j), self.agent.trusted,
+                                                   threads=self.agent.threads)
+        self.slots.switch(slot)
+        self.agent.activate(candidate)
+        self._candidate = None
+
+    def probation(self, j: Journal) -> Event:
+        """Wait for the fleet's word, an own gate failing, or the end of an auto-commit window."""
+        self._decision = None
+        deadline = time.monotonic() + self.settings.probation_s
+        while True:
+            if self._decision is not None:
+                return self._decision
+            if self._gate_failed(j):
+                return Event.FAILURE
+            if self.settings.auto_commit and time.monotonic() >= deadline:
+                return Event.COMMIT
+            self._wake.wait(self.settings.poll_s)
+            self._wake.clear()
+
+    def _gate_failed(self, j: Journal) -> bool:
+        model = self.agent.model
+        if model is None or model.version != j.target.get("version"):
+            return False
+        stats = self.agent.stats_of(model.version)
+        total = stats.total_inferences + len(stats.samples)
+        errors = stats.total_errors + stats.pending_errors
+        return total >= self.settings.min_requests and errors / total > self.settings.max_error_rate
+
+    def commit(self, j: Journal) -> None:
+        self.slots.commit()
+
+    def rollback(self, j: Journal) -> None:
+        self.slots.rollback()
+        path = self.slots.active_bundle()
+        if path is None:
+            raise EdgefleetError("no bundle to roll back to", hint="install one")
+        self.agent.activate(load_bundle(path, self.agent.trusted, threads=self.agent.threads))
+
+    def save(self, j: Journal) -> None:
+        atomic_write(self.journal_path, json.dumps(j.to_dict()).encode())
+
+    def report(self, j: Journal) -> None:
+        self._publish(j)
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    def _slot_of(self, j: Journal) -> str | None:
+        for slot in ("a", "b"):
+            path = self.slots.bundle(slot)
+            if path is not None and _manifest_sha(path) == j.target["sha256"]:
+                return slot
+        return None
+
+    def _staged(self, j: Journal) -> Path:
+        slot = self._slot_of(j)
+        path = self.slots.bundle(slot) if slot else None
+        if path is None:
+            raise EdgefleetError("no staged bundle for this update", hint="the update restarts")
+        return path
+
+
+def _manifest_sha(path: Path) -> str | None:
+    try:
+        return sha256_bytes(inspect_bundle(path).manifest_bytes)
+    except EdgefleetError:
+        return None
