@@ -19,12 +19,15 @@ from agent.core import Agent
 from agent.events import EventLog
 from agent.loader import LoadedModel
 from agent.mqtt import MqttClient, parse_broker_url
+from agent.protocol.bundle import inspect_bundle
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.payloads import (
     STATUS_OFFLINE,
     STATUS_ONLINE,
+    BundleRef,
     DesiredState,
     ReportedState,
+    UpdateReport,
     decode,
     encode,
 )
@@ -33,6 +36,10 @@ from agent.runtime.select import installed_runtimes
 from agent.serving.http import InferenceServer
 from agent.telemetry.reporter import TelemetryReporter
 from agent.telemetry.spool import Spool
+from agent.update.device import UpdateSettings
+from agent.update.runner import UpdateRunner
+from agent.update.slots import SlotStore
+from agent.update.states import Journal
 
 __all__ = ["AgentService", "ServiceConfig"]
 
@@ -52,6 +59,8 @@ class ServiceConfig:
     profile: str | None = None
     mqtt_username: str | None = None
     mqtt_password: str | None = field(default=None, repr=False)
+    probation_s: float = 60.0
+    max_error_rate: float = 0.05
 
 
 class AgentService:
@@ -65,6 +74,7 @@ class AgentService:
         self.http: InferenceServer | None = None
         self.mqtt: MqttClient | None = None
         self.reporter: TelemetryReporter | None = None
+        self.updates: UpdateRunner | None = None
         self._lock = threading.Lock()
         agent.on_change(self._model_changed)
 
@@ -79,6 +89,8 @@ class AgentService:
             self._start_mqtt(self.config.broker_url)
 
     def stop(self) -> None:
+        if self.updates:
+            self.updates.stop()
         if self.reporter:
             self.reporter.stop(flush=True)
         if self.mqtt:
@@ -99,20 +111,31 @@ class AgentService:
         self.reporter = TelemetryReporter(self.mqtt, cfg.fleet, cfg.device_id,
                                           self.agent.telemetry_values, spool,
                                           cfg.telemetry_interval_s)
+        settings = UpdateSettings(probation_s=cfg.probation_s, max_error_rate=cfg.max_error_rate)
+        self.updates = UpdateRunner(cfg.data_dir, self.agent, settings, self._journal_changed)
         self.mqtt.start()
         self.reporter.start()
+        self.updates.start()
 
     def reported_state(self) -> ReportedState:
         model = self.agent.model
+        slots = SlotStore(self.config.data_dir)
+        pointer = slots.pointer()
+        journal = self.updates.journal if self.updates else None
         return ReportedState(fleet=self.config.fleet, device=self.config.device_id,
                              agent_version=__version__, active=model.ref if model else None,
-                             slot=None, runtimes=installed_runtimes(),
-                             profile=self.config.profile, serving=model is not None,
-                             ts=int(time.time() * 1000))
+                             previous=_ref(slots.bundle(pointer.committed
+                                                        if pointer.committed != pointer.active
+                                                        else pointer.fallback)),
+                             slot=pointer.active, update=_update_report(journal),
+                             runtimes=installed_runtimes(), profile=self.config.profile,
+                             serving=model is not None, ts=int(time.time() * 1000))
 
-    def publish_event(self, kind: str, detail: str = "") -> None:
+    def publish_event(self, kind: str, detail: str = "", state: str | None = None,
+                      bundle: BundleRef | None = None) -> None:
         model = self.agent.model
-        event = self.events.next(kind, detail, bundle=model.ref if model else None)
+        event = self.events.next(kind, detail, state=state,
+                                 bundle=bundle or (model.ref if model else None))
         if self.mqtt:
             self.mqtt.publish(self.topic(Leaf.EVENTS), encode(event), qos=1, retain=False)
 
@@ -140,6 +163,11 @@ class AgentService:
         self._publish_reported()
         self.publish_event("model_loaded", f"serving {model.name} {model.version}")
 
+    def _journal_changed(self, journal: Journal) -> None:
+        self.publish_event("update", journal.detail, state=journal.state.value,
+                           bundle=_target_ref(journal))
+        self._publish_reported()
+
     def _desired_message(self, topic: str, payload: bytes) -> None:
         if not payload:
             return  # a cleared retained message
@@ -151,4 +179,33 @@ class AgentService:
             return
         with self._lock:
             self.desired = desired
-        log.info("desired state: %s %s", desired.name, desired.version)
+        log.info("desired state: %s %s (%s)", desired.name, desired.version, desired.action)
+        if self.updates:
+            self.updates.desired(desired)
+
+
+def _ref(path: Path | None) -> BundleRef | None:
+    if path is None:
+        return None
+    try:
+        bundle = inspect_bundle(path)
+    except EdgefleetError:
+        return None
+    return BundleRef(name=bundle.manifest.name, version=bundle.manifest.version,
+                     sha256=bundle.sha256)
+
+
+def _target_ref(journal: Journal | None) -> BundleRef | None:
+    target = journal.target if journal else {}
+    try:
+        return BundleRef(name=str(target["name"]), version=str(target["version"]),
+                         sha256=str(target["sha256"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _update_report(journal: Journal | None) -> UpdateReport:
+    if journal is None:
+        return UpdateReport()
+    return UpdateReport(state=journal.state.value, target=_target_ref(journal),
+                        detail=journal.detail, since=journal.since)

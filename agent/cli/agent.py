@@ -122,6 +122,10 @@ def run(
     spool_max_bytes: Annotated[int, typer.Option(min=4096, help="Disk bound while offline")] =
     8 * 1024 * 1024,
     profile: Annotated[str | None, typer.Option(help="Device profile name")] = None,
+    probation: Annotated[float, typer.Option(help="Probation window after a switch, seconds")
+                         ] = 60.0,
+    max_error_rate: Annotated[float, typer.Option(
+        help="Roll back by itself above this error rate in probation")] = 0.05,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Serve a bundle, report telemetry over MQTT, answer KServe v2 requests over HTTP."""
@@ -129,18 +133,19 @@ def run(
     data = data_dir.expanduser()
     try:
         agent = Agent(_trusted(trusted_key or [], data), threads=threads)
-        _load_or_refuse(agent, data, bundle)
+        _load_or_refuse(agent, data, bundle, resume=broker is None)
     except EdgefleetError as exc:
         fail(exc)
     host, port = _host_port(http) if http else ("127.0.0.1", None)
     config = ServiceConfig(fleet=fleet, device_id=device_id, data_dir=data, broker_url=broker,
                            http_host=host, http_port=port,
                            telemetry_interval_s=telemetry_interval,
-                           spool_max_bytes=spool_max_bytes, profile=profile)
+                           spool_max_bytes=spool_max_bytes, profile=profile,
+                           probation_s=probation, max_error_rate=max_error_rate)
     _serve_until_signalled(AgentService(config, agent))
 
 
-def _load_or_refuse(agent: Agent, data: Path, bundle: Path | None) -> None:
+def _load_or_refuse(agent: Agent, data: Path, bundle: Path | None, resume: bool) -> None:
     """Serve the active slot; install ``bundle`` first when there is none."""
     from agent.update import local
     from agent.update.slots import SlotStore
@@ -151,7 +156,7 @@ def _load_or_refuse(agent: Agent, data: Path, bundle: Path | None) -> None:
             if agent.model is None:
                 raise NothingToServeError(f"{bundle} was not installed: {journal.detail}")
         else:
-            local.serve_active(agent, data)
+            local.serve_active(agent, data, resume=resume)
     except EdgefleetError as exc:
         where = bundle or data
         raise NothingToServeError(f"nothing to serve: {where}: {exc.message}",

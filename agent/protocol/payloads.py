@@ -24,6 +24,7 @@ __all__ = [
     "Event",
     "ReportedState",
     "Telemetry",
+    "UpdateReport",
     "decode",
     "decode_status",
     "decode_telemetry",

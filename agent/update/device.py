@@ -102,7 +102,8 @@ class DeviceController:
                 return self._decision
             if self._gate_failed(j):
                 return Event.FAILURE
-            if self.settings.auto_commit and time.monotonic() >= deadline:
+            auto = bool(j.target.get("auto_commit", self.settings.auto_commit))
+            if auto and time.monotonic() >= deadline:
                 return Event.COMMIT
             self._wake.wait(self.settings.poll_s)
             self._wake.clear()

@@ -8,6 +8,7 @@ Retries back off exponentially; a local path or ``file://`` URL is copied.
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import time
@@ -57,7 +58,7 @@ def fetch(url: str, dest: Path, size: int, *, retries: int = 5, backoff_s: float
         try:
             _fetch_once(url, part, size, timeout_s, stats, on_chunk)
             break
-        except (OSError, urllib.error.URLError, DownloadError) as exc:
+        except (OSError, urllib.error.URLError, http.client.HTTPException, DownloadError) as exc:
             if attempt == retries:
                 raise DownloadError(f"download of {url} failed after {retries + 1} attempts: "
                                     f"{exc}", hint="check the URL and the network; the "

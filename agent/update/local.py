@@ -23,14 +23,16 @@ __all__ = ["install", "rollback", "serve_active", "status"]
 FLASH = UpdateSettings(probation_s=0.0, auto_commit=True)
 
 
-def serve_active(agent: Agent, data_dir: Path) -> None:
-    """Load the active slot, finishing an update a crash interrupted; raise if there is none."""
+def serve_active(agent: Agent, data_dir: Path, resume: bool = True) -> None:
+    """Load the active slot; with ``resume``, finish an update a crash interrupted (without a
+    fleet to decide, a probation commits). Raise if there is nothing to serve."""
     controller = DeviceController(data_dir, agent, FLASH)
     active = controller.slots.active_bundle()
     if active is not None:
         agent.activate(load_bundle(active, agent.trusted, threads=agent.threads))
     journal = load_journal(controller.journal_path)
-    if journal.state not in (State.IDLE, State.COMMITTED, State.ROLLED_BACK, State.FAILED):
+    if resume and journal.state not in (State.IDLE, State.COMMITTED, State.ROLLED_BACK,
+                                        State.FAILED):
         Updater(controller).resume(journal)
     if agent.model is None:
         raise EdgefleetError(f"no bundle is installed in {data_dir}",

@@ -1,0 +1,87 @@
+"""Over-the-air updates: follow the retained desired state on a worker thread.
+
+A new target (another bundle than the active one) starts the flow; ``commit``
+and ``rollback`` actions settle a probation, and ``rollback`` on a committed
+update returns to the previous committed bundle. A journal left in flight by a
+crash is resumed when the runner starts. Inference never waits on any of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.core import Agent
+from agent.protocol.payloads import DesiredState
+from agent.update.device import DeviceController, UpdateSettings, load_journal
+from agent.update.flow import Updater
+from agent.update.states import TERMINAL, Event, Journal, State
+
+__all__ = ["UpdateRunner"]
+
+log = logging.getLogger(__name__)
+Job = Callable[[], object]
+
+
+class UpdateRunner:
+    """One worker thread that applies desired states in order."""
+
+    def __init__(self, data_dir: Path, agent: Agent, settings: UpdateSettings,
+                 on_journal: Callable[[Journal], None] = lambda journal: None) -> None:
+        self.controller = DeviceController(data_dir, agent, settings, self._journalled)
+        self.updater = Updater(self.controller)
+        self.journal = load_journal(self.controller.journal_path)
+        self._on_journal = on_journal
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="edgefleet-update", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        if self.journal.state not in TERMINAL:
+            journal = self.journal
+            self._queue.put(lambda: self.updater.resume(journal))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def desired(self, desired: DesiredState) -> None:
+        """Called on the MQTT thread: settle probation now, queue everything else."""
+        in_probation = self.journal.state == State.PROBATION
+        same = self.journal.target.get("sha256") == desired.sha256
+        if desired.action == "commit" and in_probation and same:
+            self.controller.decide(Event.COMMIT)
+        elif desired.action == "rollback" and in_probation and same:
+            self.controller.decide(Event.ROLLBACK)
+        else:
+            self._queue.put(lambda: self._apply(desired))
+
+    def _journalled(self, journal: Journal) -> None:
+        self.journal = journal
+        self._on_journal(journal)
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                job()
+            except Exception:  # the worker must survive anything and keep serving
+                log.exception("update step failed")
+
+    def _apply(self, desired: DesiredState) -> None:
+        model = self.controller.agent.model
+        active_sha = model.bundle.sha256 if model is not None else None
+        if desired.action == "rollback":
+            if self.journal.state == State.COMMITTED and active_sha == desired.sha256:
+                self.updater.run(self.updater.move(self.journal, Event.ROLLBACK,
+                                                   "rollback asked for by the fleet"))
+            return
+        if desired.sha256 == active_sha or (desired.sha256 == self.journal.target.get("sha256")
+                                             and self.journal.state not in (State.FAILED,)):
+            return  # already there, or already on the way
+        target: dict[str, object] = {
+            "name": desired.name, "version": desired.version, "sha256": desired.sha256,
+            "url": desired.url, "size": desired.size, "rollout": desired.rollout,
+            "auto_commit": desired.auto_commit}
+        self.updater.run(self.updater.start(self.journal, target))
