@@ -1,0 +1,103 @@
+"""Serving never stops: steady HTTP load across an OTA update and a rollback, zero failures."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent.core import Agent
+from agent.protocol.bundle import read_bundle
+from agent.protocol.payloads import DesiredState, ReportedState, decode, encode
+from agent.protocol.topics import Leaf, device_topic, fleet_filter
+from agent.service import AgentService, ServiceConfig
+from agent.update import local
+from fleet.mosquitto import MosquittoBroker, free_port
+from tests.brokers import Subscriber
+from tests.conftest import Keys, make_bundle
+from tests.http_files import FileServer
+from tests.models import TrainedModels
+
+
+class Load:
+    """Keep-alive clients sending one digit after another; counts answers by version."""
+
+    def __init__(self, port: int, name: str, x: np.ndarray, clients: int = 2) -> None:
+        self.ok: dict[str, int] = {}
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        body = json.dumps({"inputs": [{"name": name, "shape": [1, 8, 8, 1], "datatype": "FP32",
+                                       "data": x.reshape(-1).tolist()}]})
+        self._threads = [threading.Thread(target=self._run, args=(port, body), daemon=True)
+                         for _ in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, port: int, body: str) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        while not self._stop.is_set():
+            try:
+                conn.request("POST", "/v2/models/digits/infer", body)
+                resp = conn.getresponse()
+                data = json.loads(resp.read())
+                if resp.status != 200:
+                    self.failed.append(f"{resp.status} {data}")
+                    continue
+                version = data["model_version"]
+                self.ok[version] = self.ok.get(version, 0) + 1
+            except Exception as exc:  # any failure counts
+                self.failed.append(repr(exc))
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def test_no_request_fails_across_an_update_and_a_rollback(
+        mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
+        digits_models: TrainedModels, signing_keys: Keys) -> None:
+    www = tmp_path / "www"
+    www.mkdir()
+    v1 = make_bundle(digits_models.tflite, www / "v1.efb", signing_keys, "1.0.0")
+    v2 = make_bundle(digits_models.tflite, www / "v2.efb", signing_keys, "2.0.0", rows=16)
+    server = FileServer(www)
+    agent = Agent(signing_keys.trusted)
+    data = tmp_path / "device"
+    local.install(agent, data, v1)
+    port = free_port()
+    service = AgentService(ServiceConfig(fleet=fleet_name, device_id="d1", data_dir=data,
+                                         broker_url=mosquitto.url, http_port=port,
+                                         telemetry_interval_s=1.0, probation_s=0.3), agent)
+    service.start()
+    sub = Subscriber(mosquitto.url, [fleet_filter(fleet_name, Leaf.REPORTED)])
+    assert agent.model is not None
+    load = Load(port, agent.model.runtime.inputs[0].name, digits_models.digits.x_test[:1])
+    try:
+        time.sleep(0.5)
+        bundle = read_bundle(v2, signing_keys.trusted)
+        desired = DesiredState(name="digits", version="2.0.0", sha256=bundle.sha256,
+                               url=server.url("v2.efb"), size=v2.stat().st_size,
+                               auto_commit=True)
+        topic = device_topic(fleet_name, "d1", Leaf.DESIRED)
+        sub.publish(topic, encode(desired), retain=True)
+        assert sub.wait_for(lambda ms: any(decode(ReportedState, m.payload).update.state ==
+                                           "COMMITTED" for m in ms), 30)
+        time.sleep(0.5)
+        sub.publish(topic, encode(desired.model_copy(update={"action": "rollback"})),
+                    retain=True)
+        assert sub.wait_for(lambda ms: any(decode(ReportedState, m.payload).update.state ==
+                                           "ROLLED_BACK" for m in ms), 30)
+        time.sleep(0.5)
+    finally:
+        load.stop()
+        service.stop()
+        server.stop()
+        sub.close()
+    assert load.failed == []
+    assert load.ok.get("1.0.0", 0) > 50 and load.ok.get("2.0.0", 0) > 50, load.ok
