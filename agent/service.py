@@ -61,6 +61,7 @@ class ServiceConfig:
     mqtt_password: str | None = field(default=None, repr=False)
     probation_s: float = 60.0
     max_error_rate: float = 0.05
+    step_delay_s: float = 0.0
 
 
 class AgentService:
@@ -111,7 +112,8 @@ class AgentService:
         self.reporter = TelemetryReporter(self.mqtt, cfg.fleet, cfg.device_id,
                                           self.agent.telemetry_values, spool,
                                           cfg.telemetry_interval_s)
-        settings = UpdateSettings(probation_s=cfg.probation_s, max_error_rate=cfg.max_error_rate)
+        settings = UpdateSettings(probation_s=cfg.probation_s, max_error_rate=cfg.max_error_rate,
+                                  step_delay_s=cfg.step_delay_s)
         self.updates = UpdateRunner(cfg.data_dir, self.agent, settings, self._journal_changed)
         self.mqtt.start()
         self.reporter.start()

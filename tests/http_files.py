@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,6 +16,7 @@ class Faults:
 
     cut_after: int = 0
     cuts: int = 0
+    throttle_s: float = 0.0  # pause after every 4 KiB, to make a download take a while
     requests: list[str | None] = field(default_factory=list)
     sent: int = 0
 
@@ -67,5 +69,12 @@ class FileServer:
             h.close_connection = True
             h.connection.shutdown(2)
             return
-        h.wfile.write(body)
-        self.faults.sent += len(body)
+        step = 4096 if self.faults.throttle_s else len(body) or 1
+        try:
+            for start_at in range(0, len(body), step):
+                h.wfile.write(body[start_at:start_at + step])
+                self.faults.sent += len(body[start_at:start_at + step])
+                if self.faults.throttle_s:
+                    time.sleep(self.faults.throttle_s)
+        except OSError:
+            pass  # the client went away (it was killed)

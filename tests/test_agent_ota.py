@@ -151,3 +151,28 @@ def test_a_corrupt_download_is_rejected_and_v1_keeps_serving(
     assert device.agent.model is not None and device.agent.model.version == "1.0.0"
     assert json.loads((device.config.data_dir / "slots.json").read_text())["active"] == "a"
     sub.close()
+
+
+@pytest.mark.parametrize("damage", ["unknown-key", "truncated"])
+def test_a_bundle_that_does_not_verify_is_rejected(
+        damage: str, device: AgentService, mosquitto: MosquittoBroker, fleet_name: str,
+        served: tuple[FileServer, Path], signing_keys: Keys, tmp_path: Path) -> None:
+    from agent.protocol.signing import SigningKey, generate_keypair
+
+    server, root = served
+    good = _desired(root, server, "v2.efb", signing_keys)
+    if damage == "unknown-key":
+        other, _ = generate_keypair(tmp_path / "other", "other")
+        raw = tamper.resigned(root / "v2.efb", SigningKey.load(other), lambda m: None)
+        expected = "unknown key"
+    else:
+        raw = (root / "v2.efb").read_bytes()[: (root / "v2.efb").stat().st_size // 2]
+        expected = "bundle"
+    (root / f"{damage}.efb").write_bytes(raw)
+    bad = good.model_copy(update={"url": server.url(f"{damage}.efb"), "size": len(raw)})
+    sub = Subscriber(mosquitto.url, [fleet_filter(fleet_name)])
+    sub.publish(device_topic(fleet_name, "pi-1", Leaf.DESIRED), encode(bad), retain=True)
+    reported = _wait_state(sub, "FAILED", "1.0.0")
+    assert expected in reported.update.detail
+    assert device.agent.model is not None and device.agent.model.version == "1.0.0"
+    sub.close()

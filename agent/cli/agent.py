@@ -141,7 +141,8 @@ def run(
                            http_host=host, http_port=port,
                            telemetry_interval_s=telemetry_interval,
                            spool_max_bytes=spool_max_bytes, profile=profile,
-                           probation_s=probation, max_error_rate=max_error_rate)
+                           probation_s=probation, max_error_rate=max_error_rate,
+                           step_delay_s=float(os.environ.get("EDGEFLEET_FAULT_STEP_DELAY", 0)))
     _serve_until_signalled(AgentService(config, agent))
 
 

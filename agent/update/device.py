@@ -30,6 +30,9 @@ class UpdateSettings:
     min_requests: int = 20  # before the error-rate gate may fire
     latency_budget_ms: float | None = None
     poll_s: float = 0.05
+    # Fault injection: pause at the start of every step, so tests can kill the agent
+    # inside a given state (set by EDGEFLEET_FAULT_STEP_DELAY; 0 in production).
+    step_delay_s: float = 0.0
 
 
 def load_journal(path: Path) -> Journal:
@@ -62,10 +65,12 @@ class DeviceController:
         return self.data_dir / "downloads" / f"{j.target['sha256']}.efb"
 
     def download(self, j: Journal) -> None:
+        self._pause()
         fetch(str(j.target["url"]), self._download_path(j), int(str(j.target.get("size", 0))),
               stats=self.stats)
 
     def verify(self, j: Journal) -> None:
+        self._pause()
         raw = self._download_path(j).read_bytes()
         bundle = read_bundle(raw, self.agent.trusted)
         if bundle.sha256 != j.target["sha256"]:
@@ -75,15 +80,18 @@ class DeviceController:
                                  hint="the server sent another bundle; check the URL")
 
     def stage(self, j: Journal) -> None:
+        self._pause()
         if self._slot_of(j) is None:
             self.slots.stage(self._download_path(j).read_bytes())
 
     def health_check(self, j: Journal) -> None:
+        self._pause()
         path = self._staged(j)
         self._candidate = load_bundle(path, self.agent.trusted, threads=self.agent.threads,
                                       latency_budget_ms=self.settings.latency_budget_ms)
 
     def switch(self, j: Journal) -> None:
+        self._pause()
         slot = self._slot_of(j)
         if slot is None:
             raise EdgefleetError("the staged bundle is gone", hint="the update restarts")
@@ -121,11 +129,16 @@ class DeviceController:
         self.slots.commit()
 
     def rollback(self, j: Journal) -> None:
+        self._pause()
         self.slots.rollback()
         path = self.slots.active_bundle()
         if path is None:
             raise EdgefleetError("no bundle to roll back to", hint="install one")
         self.agent.activate(load_bundle(path, self.agent.trusted, threads=self.agent.threads))
+
+    def _pause(self) -> None:
+        if self.settings.step_delay_s:
+            time.sleep(self.settings.step_delay_s)
 
     def save(self, j: Journal) -> None:
         atomic_write(self.journal_path, json.dumps(j.to_dict()).encode())

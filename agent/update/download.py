@@ -84,7 +84,7 @@ def _fetch_once(url: str, part: Path, size: int, timeout_s: float, stats: Downlo
         with open(part, "r+b" if have else "wb") as out:
             out.seek(have)
             out.truncate()
-            while chunk := response.read(CHUNK):
+            while chunk := response.read1(CHUNK):  # what has arrived, up to a chunk
                 out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
