@@ -34,6 +34,7 @@ test: system-deps install lint typecheck imports
 
 bench: system-deps install
 	$(BIN)/python bench/agent_overhead.py
+	$(BIN)/python bench/agent_update.py
 	$(BIN)/python bench/converter.py
 
 demo: system-deps install
