@@ -20,27 +20,28 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.core import Agent  # noqa: E402
-from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair  # noqa: E402
-from agent.runtime import load_runtime  # noqa: E402
-from agent.serving.http import InferenceServer  # noqa: E402
-from agent.update import local  # noqa: E402
-from agent.update.download import CHUNK, DownloadStats, fetch  # noqa: E402
-from bench.common import (  # noqa: E402
+from agent.core import Agent
+from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
+from agent.runtime import load_runtime
+from agent.serving.http import InferenceServer
+from agent.update import local
+from agent.update.download import CHUNK, DownloadStats, fetch
+from bench.common import (
     ROOT,
     markdown_table,
     print_table,
     update_section,
     write_results,
 )
-from converter.package import PackageSpec, package_model  # noqa: E402
-from tests.http_files import FileServer  # noqa: E402
+from converter.package import PackageSpec, package_model
+from tests.http_files import FileServer
 
 ASSETS = ROOT / "edgefleet" / "demo_assets"
 
@@ -148,7 +149,8 @@ def main() -> None:
         resend = resent_bytes(work, versions["1.0.0"])
     write_results("agent_update", [pause, resend], {"chunk_bytes": CHUNK})
     columns = ["measure", "value"]
-    cells = [["requests during the run", pause["requests"]], ["failed requests", pause["failures"]],
+    cells: list[list[Any]] = [["requests during the run", pause["requests"]],
+             ["failed requests", pause["failures"]],
              ["steady p50 / p99 / max ms", f"{pause['steady_p50_ms']} / {pause['steady_p99_ms']}"
               f" / {pause['steady_max_ms']}"],
              ["during updates p50 / max ms", f"{pause['update_p50_ms']} / "
