@@ -20,8 +20,10 @@ from agent.errors import BrokerError
 try:
     from amqtt.broker import Broker
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError(f"the embedded broker needs amqtt ({exc}); "
-                      "run: pip install 'edgefleet[broker]'", name=exc.name) from exc
+    raise ImportError(
+        f"the embedded broker needs amqtt ({exc}); run: pip install 'edgefleet[broker]'",
+        name=exc.name,
+    ) from exc
 
 __all__ = ["EmbeddedBroker", "run_embedded_broker"]
 
@@ -33,21 +35,21 @@ def _config(host: str, port: int) -> dict[str, Any]:
     """One TCP listener, anonymous clients, no $SYS topics, no packet logging."""
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {
-            "allow_anonymous": True}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
     }
 
 
-async def _serve(host: str, port: int, stop: asyncio.Event,
-                 on_ready: Callable[[], None]) -> None:
+async def _serve(host: str, port: int, stop: asyncio.Event, on_ready: Callable[[], None]) -> None:
     """Listen on host:port, call ``on_ready``, serve until ``stop`` is set."""
     broker = Broker(_config(host, port))
     try:
         await broker.start()
     except Exception as exc:
-        raise BrokerError(f"the embedded broker cannot listen on {host}:{port}: {exc}",
-                          hint="is the port in use? pick another one with --port",
-                          transient=False) from exc
+        raise BrokerError(
+            f"the embedded broker cannot listen on {host}:{port}: {exc}",
+            hint="is the port in use? pick another one with --port",
+            transient=False,
+        ) from exc
     on_ready()
     try:
         await stop.wait()
@@ -69,8 +71,14 @@ def run_embedded_broker(host: str = "127.0.0.1", port: int = 1883) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await _serve(host, port, stop, lambda: print(
-            f"edgefleet broker (amqtt, MQTT 3.1.1) listening on {host}:{port}", flush=True))
+        await _serve(
+            host,
+            port,
+            stop,
+            lambda: print(
+                f"edgefleet broker (amqtt, MQTT 3.1.1) listening on {host}:{port}", flush=True
+            ),
+        )
 
     asyncio.run(main())
 
@@ -101,8 +109,11 @@ class EmbeddedBroker:
             self.stop()
             if isinstance(self._error, BrokerError):
                 raise self._error
-            raise BrokerError(f"the embedded broker did not start on {self.host}:{self.port}",
-                              hint="is the port in use? pick another one", transient=False)
+            raise BrokerError(
+                f"the embedded broker did not start on {self.host}:{self.port}",
+                hint="is the port in use? pick another one",
+                transient=False,
+            )
         return self
 
     def stop(self) -> None:
@@ -127,6 +138,10 @@ class EmbeddedBroker:
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()

@@ -8,6 +8,8 @@
     ├── HealthCheckError            (agent.health) outputs or latency out of tolerance
     ├── RuntimeLoadError, ...       (agent.runtime.errors) runtime missing, too old, or failing
     └── InferenceError              (agent.runtime.errors) inputs that do not fit the model
+
+Broker errors are transient (retry later) except a malformed broker URL, which is not.
 """
 
 from __future__ import annotations

@@ -41,27 +41,36 @@ def parse_broker_url(url: str) -> tuple[str, int]:
     """``mqtt://host[:port]`` or ``mqtts://host[:port]`` -> (host, port)."""
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
     if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
-        raise BrokerError(f"broker URL {url!r} is not mqtt://HOST:PORT", hint=_URL_HINT,
-                          transient=False)
+        raise BrokerError(
+            f"broker URL {url!r} is not mqtt://HOST:PORT", hint=_URL_HINT, transient=False
+        )
     try:
         port = parts.port or _DEFAULT_PORTS[parts.scheme]
     except ValueError as exc:
-        raise BrokerError(f"broker URL {url!r} has a bad port", hint=_URL_HINT,
-                          transient=False) from exc
+        raise BrokerError(
+            f"broker URL {url!r} has a bad port", hint=_URL_HINT, transient=False
+        ) from exc
     return parts.hostname, port
 
 
 class MqttClient:
     """A reconnecting client; ``publish`` never blocks, ``publish_wait`` waits for PUBACK."""
 
-    def __init__(self, client_id: str, host: str, port: int, *, will: Will | None = None,
-                 username: str | None = None, password: str | None = None,
-                 keepalive: int = 30, clean_session: bool = True) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        host: str,
+        port: int,
+        *,
+        will: Will | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        keepalive: int = 30,
+        clean_session: bool = True,
+        tls: bool = False,
+    ) -> None:
         self.host, self.port, self.keepalive = host, port, keepalive
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   protocol=paho.MQTTv311, clean_session=clean_session)
-        # paho types the delays as int but computes with floats.
-        self._client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)  # type: ignore[arg-type]
+        self._client = _paho_client(client_id, clean_session, tls)
         if username is not None:
             self._client.username_pw_set(username, password)
         if will is not None:
@@ -76,6 +85,13 @@ class MqttClient:
         self._send_lock = threading.Lock()  # a publish and its marking vs. a reconnection
         self._network_thread: int | None = None
         self._bind_callbacks()
+
+    @classmethod
+    def from_url(cls, client_id: str, url: str, **options: Any) -> MqttClient:
+        """A client for ``mqtt://host:port``; ``mqtts://`` turns TLS on (system CAs)."""
+        host, port = parse_broker_url(url)
+        options.setdefault("tls", url.startswith(("mqtts://", "ssl://")))
+        return cls(client_id, host, port, **options)
 
     def _bind_callbacks(self) -> None:
         self._client.on_connect = self._on_connect
@@ -127,21 +143,25 @@ class MqttClient:
                 return False
         return True
 
-    def publish_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                     timeout: float = 5.0) -> None:
+    def publish_wait(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 5.0
+    ) -> None:
         """Publish and wait for the broker's acknowledgement; BrokerTimeoutError if none."""
         self._check_not_network_thread()
         if not self.connected:
-            raise BrokerTimeoutError(f"not connected to {self.host}:{self.port}",
-                                     hint="keep the message and retry after reconnecting")
+            raise BrokerTimeoutError(
+                f"not connected to {self.host}:{self.port}",
+                hint="keep the message and retry after reconnecting",
+            )
         with self._send_lock:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
             self._no_resend(info.mid, True)
         try:
             self._wait_acknowledged(info, topic, timeout)
         except (RuntimeError, ValueError) as exc:
-            raise BrokerTimeoutError(f"publish to {topic} failed: {exc}",
-                                     hint="retry after reconnecting") from exc
+            raise BrokerTimeoutError(
+                f"publish to {topic} failed: {exc}", hint="retry after reconnecting"
+            ) from exc
         self._no_resend(info.mid, False)
 
     def _wait_acknowledged(self, info: paho.MQTTMessageInfo, topic: str, timeout: float) -> None:
@@ -150,11 +170,15 @@ class MqttClient:
         while not info.is_published():
             left = deadline - time.monotonic()
             if left <= 0:
-                raise BrokerTimeoutError(f"no acknowledgement for {topic} within {timeout:.1f} s",
-                                         hint="the broker is slow or gone; retry later")
+                raise BrokerTimeoutError(
+                    f"no acknowledgement for {topic} within {timeout:.1f} s",
+                    hint="the broker is slow or gone; retry later",
+                )
             if not self.connected:
-                raise BrokerTimeoutError(f"the connection dropped before {topic} was acknowledged",
-                                         hint="retry after reconnecting")
+                raise BrokerTimeoutError(
+                    f"the connection dropped before {topic} was acknowledged",
+                    hint="retry after reconnecting",
+                )
             info.wait_for_publish(min(left, _ACK_POLL_S))
 
     def _no_resend(self, mid: int, flag: bool) -> None:
@@ -167,10 +191,12 @@ class MqttClient:
 
     def _check_not_network_thread(self) -> None:
         if threading.get_ident() == self._network_thread:
-            raise BrokerError("publish_wait() called from an MQTT handler or on_connect hook",
-                              hint="use publish() there: waiting would block the network "
-                                   "thread that receives the acknowledgement",
-                              transient=False)
+            raise BrokerError(
+                "publish_wait() called from an MQTT handler or on_connect hook",
+                hint="use publish() there: waiting would block the network "
+                "thread that receives the acknowledgement",
+                transient=False,
+            )
 
     def _subscribe(self, topic_filter: str, qos: int) -> None:
         self._subscribed.clear()
@@ -185,11 +211,11 @@ class MqttClient:
             owned, self._owned = self._owned, set()
         for message in stale:
             if message.mid not in owned:
-                self._client.publish(message.topic, message.payload, message.qos,
-                                     message.retain)
+                self._client.publish(message.topic, message.payload, message.qos, message.retain)
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
-                    properties: Any) -> None:
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         self._network_thread = threading.get_ident()
         if getattr(reason, "is_failure", False):
             log.warning("broker %s:%s refused the connection: %s", self.host, self.port, reason)
@@ -206,18 +232,21 @@ class MqttClient:
         for hook in list(self._hooks):
             _guarded(hook)
 
-    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any,
-                      properties: Any) -> None:
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any
+    ) -> None:
         self._pending_subacks.discard(mid)
         if not self._pending_subacks:
             self._subscribed.set()
 
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any,
-                    properties: Any) -> None:
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any
+    ) -> None:
         self._no_resend(mid, False)
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
-                       properties: Any) -> None:
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         if self._connected.is_set():
             log.info("disconnected from %s:%s: %s", self.host, self.port, reason)
         self._connected.clear()
@@ -230,9 +259,24 @@ class MqttClient:
                 _guarded(handler, message.topic, bytes(message.payload))
 
 
+def _paho_client(client_id: str, clean_session: bool, tls: bool) -> paho.Client:
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=paho.MQTTv311,
+        clean_session=clean_session,
+    )
+    # paho types the delays as int but computes with floats.
+    client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)  # type: ignore[arg-type]
+    if tls:
+        client.tls_set()
+    return client
+
+
 def _guarded(func: Callable[..., None], *args: Any) -> None:
     try:
         func(*args)
     except Exception:
-        log.exception("MQTT callback %s failed; the message was dropped",
-                      getattr(func, "__name__", func))
+        log.exception(
+            "MQTT callback %s failed; the message was dropped", getattr(func, "__name__", func)
+        )

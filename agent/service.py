@@ -18,7 +18,7 @@ from agent import __version__
 from agent.core import Agent
 from agent.events import EventLog
 from agent.loader import LoadedModel
-from agent.mqtt import MqttClient, parse_broker_url
+from agent.mqtt import MqttClient
 from agent.protocol.bundle import inspect_bundle
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.payloads import (
@@ -101,11 +101,11 @@ class AgentService:
             self.http.stop()
 
     def _start_mqtt(self, url: str) -> None:
-        host, port = parse_broker_url(url)
         cfg = self.config
-        self.mqtt = MqttClient(f"edgefleet-{cfg.fleet}-{cfg.device_id}", host, port,
-                               will=(self.topic(Leaf.STATUS), STATUS_OFFLINE.encode(), 1, True),
-                               username=cfg.mqtt_username, password=cfg.mqtt_password)
+        self.mqtt = MqttClient.from_url(
+            f"edgefleet-{cfg.fleet}-{cfg.device_id}", url,
+            will=(self.topic(Leaf.STATUS), STATUS_OFFLINE.encode(), 1, True),
+            username=cfg.mqtt_username, password=cfg.mqtt_password)
         self.mqtt.on_connect(self._connected)
         self.mqtt.subscribe(self.topic(Leaf.DESIRED), self._desired_message)
         spool = Spool(cfg.data_dir / "spool", cfg.spool_max_bytes)

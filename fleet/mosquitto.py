@@ -6,6 +6,7 @@ the place where later the secure configuration (TLS, passwords, ACL) is written.
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import signal
 import socket
@@ -82,7 +83,11 @@ class MosquittoBroker:
 
     def write_config(self) -> Path:
         assert self.workdir is not None
-        lines = [f"listener {self.port} {self.host}", "allow_anonymous true",
+        # Started as root, Mosquitto switches to the 'mosquitto' user, which cannot write
+        # into a private (0700) folder: nothing would persist across a restart. Keep the
+        # user it was started as.
+        lines = [f"user {getpass.getuser()}", f"listener {self.port} {self.host}",
+                 "allow_anonymous true",
                  "persistence true", f"persistence_location {self.workdir}/",
                  "autosave_interval 1", f"log_dest file {self.workdir}/mosquitto.log",
                  "max_queued_messages 100000", *self.extra_config]

@@ -2,8 +2,9 @@
 
 ``MosquittoBroker`` is ``fleet.mosquitto``'s (generated config, persistence in
 its own folder, stopped by PID; raises naming ``apt-get install mosquitto``
-when the binary is missing). ``AmqttBroker`` runs the embedded broker of
-``agent.broker`` in a child process with the same start/stop/restart/url.
+when the binary is missing, kept as the user it was started as).
+``AmqttBroker`` runs the embedded broker of ``agent.broker`` in a child process
+with the same start/stop/restart/url.
 """
 
 from __future__ import annotations
@@ -48,16 +49,21 @@ class AmqttBroker:
         return self._process.pid if self._process else None
 
     def start(self, timeout: float = 20.0) -> AmqttBroker:
-        code = ("from agent.broker import run_embedded_broker; "
-                f"run_embedded_broker({self.host!r}, {self.port})")
-        self._process = subprocess.Popen([sys.executable, "-c", code],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        code = (
+            "from agent.broker import run_embedded_broker; "
+            f"run_embedded_broker({self.host!r}, {self.port})"
+        )
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         if not wait_for_port(self.host, self.port, timeout):
             process, self._process = self._process, None
             process.kill()
             _, err = process.communicate()
-            raise RuntimeError(f"embedded broker did not listen on {self.port}: "
-                               f"{err.decode(errors='replace')[-2000:]}")
+            raise RuntimeError(
+                f"embedded broker did not listen on {self.port}: "
+                f"{err.decode(errors='replace')[-2000:]}"
+            )
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -88,6 +94,7 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
+    dup: bool = False  # the broker says this may be a redelivery (QoS 1 is at-least-once)
 
     def json(self) -> Any:
         return json.loads(self.payload)
@@ -100,15 +107,25 @@ class Subscriber:
     reconnection they are made again.
     """
 
-    def __init__(self, url: str, topics: list[str], *, client_id: str | None = None,
-                 persistent: bool = False, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        topics: list[str],
+        *,
+        client_id: str | None = None,
+        persistent: bool = False,
+        timeout: float = 10.0,
+    ) -> None:
         host, port = parse_broker_url(url)
         self.messages: list[Message] = []
         self._cond = threading.Condition()
         self._topics = topics
-        self._client = paho.Client(CallbackAPIVersion.VERSION2,
-                                   client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
-                                   protocol=paho.MQTTv311, clean_session=not persistent)
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
+            protocol=paho.MQTTv311,
+            clean_session=not persistent,
+        )
         self._client.reconnect_delay_set(min_delay=1, max_delay=1)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
@@ -131,7 +148,9 @@ class Subscriber:
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         with self._cond:
-            self.messages.append(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self.messages.append(
+                Message(msg.topic, bytes(msg.payload), bool(msg.retain), bool(msg.dup))
+            )
             self._cond.notify_all()
 
     def on(self, suffix: str) -> list[Message]:

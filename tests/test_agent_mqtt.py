@@ -138,7 +138,7 @@ def test_broker_outage_loses_no_telemetry(
         time.sleep(2.0)
         assert load.count - before > 100, "inference kept going while the broker was down"
         mosquitto.start()
-        produced_after = service.reporter._seq + 5 if service.reporter else 0
+        produced_after = service.reporter.seq + 5 if service.reporter else 0
         assert sub.wait_for(lambda ms: max(_seqs(ms), default=0) >= produced_after,
                             timeout=30)
     finally:
@@ -165,7 +165,7 @@ def test_outage_beyond_the_spool_bound_drops_the_oldest_and_says_so(
         time.sleep(2.0)
         mosquitto.start()
         assert service.reporter is not None
-        target = service.reporter._seq + 5
+        target = service.reporter.seq + 5
         assert sub.wait_for(lambda ms: max(_seqs(ms), default=0) >= target, timeout=30)
     finally:
         service.stop()

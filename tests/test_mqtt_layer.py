@@ -42,7 +42,7 @@ def clients() -> Iterator[ClientFactory]:
     made: list[MqttClient] = []
 
     def make(url: str, client_id: str, **kwargs: Any) -> MqttClient:
-        client = MqttClient(client_id, *parse_broker_url(url), **kwargs)
+        client = MqttClient.from_url(client_id, url, **kwargs)
         made.append(client)
         client.start()
         assert client.wait_connected(10), f"{client_id} could not connect to {url}"
@@ -72,9 +72,11 @@ def device_process(any_broker: AnyBroker) -> Iterator[Callable[[str], subprocess
     started: list[subprocess.Popen[str]] = []
 
     def start(topic: str) -> subprocess.Popen[str]:
-        process = subprocess.Popen([sys.executable, "-c", _DEVICE, any_broker.host,
-                                    str(any_broker.port), topic], stdout=subprocess.PIPE,
-                                   text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-c", _DEVICE, any_broker.host, str(any_broker.port), topic],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         started.append(process)
         assert process.stdout is not None and process.stdout.readline().strip() == "connected"
         return process
@@ -88,21 +90,44 @@ def device_process(any_broker: AnyBroker) -> Iterator[Callable[[str], subprocess
             process.stdout.close()
 
 
+def _first_deliveries(messages: list[Message]) -> list[Message]:
+    """Without the broker's redeliveries: a DUP-flagged copy of a message already received.
+
+    A broker that stops while a QoS 1 message to a persistent subscriber awaits its
+    PUBACK sends it again after the restart, as MQTT's at-least-once allows.
+    """
+    seen: set[tuple[str, bytes]] = set()
+    first = []
+    for message in messages:
+        key = (message.topic, message.payload)
+        if not (message.dup and key in seen):
+            first.append(message)
+        seen.add(key)
+    return first
+
+
 def _seqs(messages: list[Message]) -> list[int]:
     """Every telemetry seq in arrival order; replayed batches (JSON arrays) unrolled."""
-    return [int(point.values["seq"]) for m in messages if m.topic.endswith("/telemetry")
-            for point in decode_telemetry(m.payload)]
+    return [
+        int(point.values["seq"])
+        for m in _first_deliveries(messages)
+        if m.topic.endswith("/telemetry")
+        for point in decode_telemetry(m.payload)
+    ]
 
 
 # --- broker URLs -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("mqtt://10.0.0.5:1884", ("10.0.0.5", 1884)),
-    ("mqtt://broker.local", ("broker.local", 1883)),
-    ("mqtts://broker.local", ("broker.local", 8883)),
-    ("127.0.0.1:2000", ("127.0.0.1", 2000)),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mqtt://10.0.0.5:1884", ("10.0.0.5", 1884)),
+        ("mqtt://broker.local", ("broker.local", 1883)),
+        ("mqtts://broker.local", ("broker.local", 8883)),
+        ("127.0.0.1:2000", ("127.0.0.1", 2000)),
+    ],
+)
 def test_broker_urls_give_host_and_port(url: str, expected: tuple[str, int]) -> None:
     assert parse_broker_url(url) == expected
 
@@ -118,8 +143,11 @@ def test_a_bad_broker_url_is_a_fatal_broker_error(url: str) -> None:
 
 
 def test_retained_status_and_last_will_after_a_crash(
-        any_broker: AnyBroker, fleet_name: str, subscribers: Callable[..., Subscriber],
-        device_process: Callable[[str], subprocess.Popen[str]]) -> None:
+    any_broker: AnyBroker,
+    fleet_name: str,
+    subscribers: Callable[..., Subscriber],
+    device_process: Callable[[str], subprocess.Popen[str]],
+) -> None:
     topic = device_topic(fleet_name, "dev-1", Leaf.STATUS)
     watcher = subscribers(any_broker.url, [topic])
     device = device_process(topic)
@@ -132,20 +160,27 @@ def test_retained_status_and_last_will_after_a_crash(
 
 
 def test_a_clean_stop_sends_no_last_will(
-        any_broker: AnyBroker, fleet_name: str, clients: ClientFactory,
-        subscribers: Callable[..., Subscriber]) -> None:
+    any_broker: AnyBroker,
+    fleet_name: str,
+    clients: ClientFactory,
+    subscribers: Callable[..., Subscriber],
+) -> None:
     topic = device_topic(fleet_name, "dev-1", Leaf.STATUS)
     watcher = subscribers(any_broker.url, [topic])
-    client = clients(any_broker.url, f"{fleet_name}-dev",
-                     will=(topic, STATUS_OFFLINE.encode(), 1, True))
+    client = clients(
+        any_broker.url, f"{fleet_name}-dev", will=(topic, STATUS_OFFLINE.encode(), 1, True)
+    )
     client.publish_wait(topic, STATUS_ONLINE.encode(), retain=True)
     client.stop()
     assert not watcher.wait_for(lambda ms: any(m.payload == b"offline" for m in ms), 1.0)
 
 
 def test_publish_wait_returns_once_the_broker_acknowledged(
-        any_broker: AnyBroker, fleet_name: str, clients: ClientFactory,
-        subscribers: Callable[..., Subscriber]) -> None:
+    any_broker: AnyBroker,
+    fleet_name: str,
+    clients: ClientFactory,
+    subscribers: Callable[..., Subscriber],
+) -> None:
     topic = device_topic(fleet_name, "dev-1", Leaf.REPORTED)
     client = clients(any_broker.url, f"{fleet_name}-dev")
     client.publish_wait(topic, b'{"serving": true}', qos=1, retain=True, timeout=5.0)
@@ -165,8 +200,11 @@ def test_publishing_while_offline_fails_fast(fleet_name: str) -> None:
 
 
 def test_subscriptions_come_back_after_a_broker_restart(
-        any_broker: AnyBroker, fleet_name: str, clients: ClientFactory,
-        subscribers: Callable[..., Subscriber]) -> None:
+    any_broker: AnyBroker,
+    fleet_name: str,
+    clients: ClientFactory,
+    subscribers: Callable[..., Subscriber],
+) -> None:
     topic = device_topic(fleet_name, "dev-1", Leaf.DESIRED)
     received: list[bytes] = []
     connects = threading.Semaphore(0)
@@ -189,8 +227,12 @@ def test_subscriptions_come_back_after_a_broker_restart(
 
 
 def test_a_handler_that_raises_does_not_stop_the_client(
-        any_broker: AnyBroker, fleet_name: str, clients: ClientFactory,
-        subscribers: Callable[..., Subscriber], caplog: pytest.LogCaptureFixture) -> None:
+    any_broker: AnyBroker,
+    fleet_name: str,
+    clients: ClientFactory,
+    subscribers: Callable[..., Subscriber],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     topic = device_topic(fleet_name, "dev-1", Leaf.DESIRED)
     received: list[bytes] = []
 
@@ -213,8 +255,11 @@ def test_a_handler_that_raises_does_not_stop_the_client(
 
 
 def test_publish_wait_refuses_to_run_on_the_network_thread(
-        mosquitto: MosquittoBroker, fleet_name: str, clients: ClientFactory,
-        subscribers: Callable[..., Subscriber]) -> None:
+    mosquitto: MosquittoBroker,
+    fleet_name: str,
+    clients: ClientFactory,
+    subscribers: Callable[..., Subscriber],
+) -> None:
     topic = device_topic(fleet_name, "dev-1", Leaf.DESIRED)
     errors: list[BrokerError] = []
 
@@ -232,6 +277,23 @@ def test_publish_wait_refuses_to_run_on_the_network_thread(
     while not errors and time.monotonic() < deadline:
         time.sleep(0.02)
     assert errors and "use publish()" in str(errors[0]) and not errors[0].transient
+
+
+def test_a_mosquitto_restart_keeps_retained_messages_and_persistent_sessions(
+    mosquitto: MosquittoBroker, fleet_name: str, subscribers: Callable[..., Subscriber]
+) -> None:
+    status, events = (
+        device_topic(fleet_name, "dev-1", leaf) for leaf in (Leaf.STATUS, Leaf.EVENTS)
+    )
+    subscribers(mosquitto.url, [events], client_id=f"{fleet_name}-sub", persistent=True).close()
+    publisher = subscribers(mosquitto.url, [])
+    publisher.publish(status, b"online", retain=True)
+    mosquitto.restart()
+    subscribers(mosquitto.url, []).publish(events, b"while-away")
+    back = subscribers(mosquitto.url, [], client_id=f"{fleet_name}-sub", persistent=True)
+    assert back.wait_for(lambda ms: [m.payload for m in ms] == [b"while-away"], 5)
+    late = subscribers(mosquitto.url, [status])
+    assert late.wait_for(lambda ms: [m.payload for m in ms] == [b"online"], 5)
 
 
 # --- the spool ---------------------------------------------------------------------------
@@ -265,7 +327,8 @@ def test_the_spool_survives_a_restart(tmp_path: Path) -> None:
 
 
 def test_the_spool_skips_a_corrupt_file_and_counts_it(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     spool = Spool(tmp_path / "spool", max_bytes=10_000)
     _fill(spool, 0, 3)
     second = sorted((tmp_path / "spool").glob("*.json"))[1]
@@ -282,7 +345,7 @@ def test_the_spool_skips_a_corrupt_file_and_counts_it(
 
 
 class _Counter:
-    """Stands in for the agent: counts inferences, drained by each snapshot."""
+    """Stands in for the agent's snapshot and notes which threads called it."""
 
     def __init__(self) -> None:
         self.threads: set[str] = set()
@@ -292,8 +355,9 @@ class _Counter:
         return {"inferences": 1}
 
 
-def _reporter(url: str, fleet: str, spool: Spool, counter: _Counter,
-              interval: float = 0.1) -> tuple[MqttClient, TelemetryReporter]:
+def _reporter(
+    url: str, fleet: str, spool: Spool, counter: _Counter, interval: float = 0.1
+) -> tuple[MqttClient, TelemetryReporter]:
     client = MqttClient(f"{fleet}-dev", *parse_broker_url(url))
     return client, TelemetryReporter(client, fleet, "dev-1", counter.snapshot, spool, interval)
 
@@ -303,8 +367,9 @@ def test_seq_stays_monotonic_across_a_restart(tmp_path: Path, fleet_name: str) -
     _, first = _reporter("mqtt://127.0.0.1:1", fleet_name, spool, _Counter())
     for _ in range(3):
         first.tick()  # never connected: every point goes to the spool
-    _, second = _reporter("mqtt://127.0.0.1:1", fleet_name, Spool(spool.directory, 1 << 20),
-                          _Counter())
+    _, second = _reporter(
+        "mqtt://127.0.0.1:1", fleet_name, Spool(spool.directory, 1 << 20), _Counter()
+    )
     second.tick()
     points = [json.loads(data) for _, data in second.spool.peek_batch(10)]
     assert [p["values"]["seq"] for p in points] == [1, 2, 3, 4]
@@ -312,8 +377,9 @@ def test_seq_stays_monotonic_across_a_restart(tmp_path: Path, fleet_name: str) -
     assert {"cpu_percent", "rss_bytes", "temperature_c"} <= points[-1]["values"].keys()
 
 
-def _outage(broker: MosquittoBroker, reporter: TelemetryReporter, sub: Subscriber,
-            seconds: float = 2.0) -> int:
+def _outage(
+    broker: MosquittoBroker, reporter: TelemetryReporter, sub: Subscriber, seconds: float = 2.0
+) -> int:
     """Stop the broker by PID while points keep coming; restart it on the same port."""
     assert sub.wait_for(lambda ms: len(_seqs(ms)) >= 3), "points flow before the outage"
     broker.stop()
@@ -327,13 +393,17 @@ def _outage(broker: MosquittoBroker, reporter: TelemetryReporter, sub: Subscribe
 
 
 def test_a_broker_outage_loses_no_telemetry_and_keeps_order(
-        mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
-        subscribers: Callable[..., Subscriber]) -> None:
+    mosquitto: MosquittoBroker,
+    fleet_name: str,
+    tmp_path: Path,
+    subscribers: Callable[..., Subscriber],
+) -> None:
     topic = device_topic(fleet_name, "dev-1", Leaf.TELEMETRY)
     sub = subscribers(mosquitto.url, [topic], client_id=f"{fleet_name}-sub", persistent=True)
     counter = _Counter()
-    client, reporter = _reporter(mosquitto.url, fleet_name,
-                                 Spool(tmp_path / "spool", 1 << 20), counter)
+    client, reporter = _reporter(
+        mosquitto.url, fleet_name, Spool(tmp_path / "spool", 1 << 20), counter
+    )
     client.start()
     reporter.start()
     try:
@@ -351,8 +421,11 @@ def test_a_broker_outage_loses_no_telemetry_and_keeps_order(
 
 
 def test_an_outage_beyond_the_spool_bound_loses_the_oldest_and_says_how_many(
-        mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
-        subscribers: Callable[..., Subscriber]) -> None:
+    mosquitto: MosquittoBroker,
+    fleet_name: str,
+    tmp_path: Path,
+    subscribers: Callable[..., Subscriber],
+) -> None:
     topic = device_topic(fleet_name, "dev-1", Leaf.TELEMETRY)
     sub = subscribers(mosquitto.url, [topic], client_id=f"{fleet_name}-sub", persistent=True)
     spool = Spool(tmp_path / "spool", max_bytes=1500)  # room for about five points
@@ -364,8 +437,9 @@ def test_an_outage_beyond_the_spool_bound_loses_the_oldest_and_says_how_many(
     finally:
         reporter.stop(flush=False)
         client.stop()
-    points = {p.values["seq"]: p.values for m in sub.messages
-              for p in decode_telemetry(m.payload)}
+    last = reporter.seq
+    assert len(spool) == 0 and sub.wait_for(lambda ms: max(_seqs(ms)) >= last, timeout=5)
+    points = {p.values["seq"]: p.values for m in sub.messages for p in decode_telemetry(m.payload)}
     received = sorted(points)
     missing = sorted(set(range(1, received[-1] + 1)) - set(received))
     dropped = points[received[-1]]["spool_dropped"]

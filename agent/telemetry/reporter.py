@@ -33,10 +33,19 @@ SCHEMA_VERSION = 1
 class TelemetryReporter:
     """Every ``interval_s``: one point, preceded by the spooled backlog (JSON arrays)."""
 
-    def __init__(self, client: MqttClient, fleet: str, device: str,
-                 snapshot: Callable[[], dict[str, Any]], spool: Spool, interval_s: float,
-                 *, batch_size: int = 50, ack_timeout_s: float = 2.0,
-                 seq_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        client: MqttClient,
+        fleet: str,
+        device: str,
+        snapshot: Callable[[], dict[str, Any]],
+        spool: Spool,
+        interval_s: float,
+        *,
+        batch_size: int = 50,
+        ack_timeout_s: float = 2.0,
+        seq_path: Path | None = None,
+    ) -> None:
         if interval_s <= 0 or batch_size <= 0:
             raise ValueError("interval_s and batch_size must be positive")
         self.client, self.spool, self.interval_s = client, spool, interval_s
@@ -69,7 +78,7 @@ class TelemetryReporter:
         try:
             point = self._point()
         except Exception:
-            log.exception("telemetry snapshot failed; no point this interval")
+            log.exception("telemetry point could not be built; none this interval")
             return
         try:
             self._deliver(point)
@@ -85,12 +94,17 @@ class TelemetryReporter:
             self.tick()
 
     def _point(self) -> bytes:
-        values = {**self._snapshot(), "schema_version": SCHEMA_VERSION, "seq": self._seq + 1,
-                  **self._system.values(), "spool_dropped": self.spool.dropped,
-                  "spool_pending": len(self.spool)}
+        values = {
+            **self._snapshot(),
+            "schema_version": SCHEMA_VERSION,
+            "seq": self._seq + 1,
+            **self._system.values(),
+            "spool_dropped": self.spool.dropped,
+            "spool_pending": len(self.spool),
+        }
         point = json.dumps({"ts": int(time.time() * 1000), "values": values}).encode()
+        atomic_write(self._seq_path, str(self._seq + 1).encode())
         self._seq += 1
-        atomic_write(self._seq_path, str(self._seq).encode())
         return point
 
     def _deliver(self, point: bytes) -> None:
@@ -127,6 +141,5 @@ def _is_point(data: bytes) -> bool:
             return True
     except ValueError:
         pass
-    log.warning("skipped a spooled telemetry point that is not a JSON object (%d bytes)",
-                len(data))
+    log.warning("skipped a spooled telemetry point that is not a JSON object (%d bytes)", len(data))
     return False

@@ -57,8 +57,11 @@ class Spool:
         """Store one payload; drop the oldest ones if the bound would be exceeded."""
         with self._lock:
             if len(payload) > self.max_bytes:
-                log.warning("a %d-byte payload exceeds the whole spool (%d bytes); dropped",
-                            len(payload), self.max_bytes)
+                log.warning(
+                    "a %d-byte payload exceeds the whole spool (%d bytes); dropped",
+                    len(payload),
+                    self.max_bytes,
+                )
                 self._count_dropped(1)
                 return
             lost = 0

@@ -20,9 +20,11 @@ class SystemProbe:
         self._process.cpu_percent(None)
 
     def values(self) -> dict[str, float | int | None]:
-        return {"cpu_percent": round(self._process.cpu_percent(None), 1),
-                "rss_bytes": int(self._process.memory_info().rss),
-                "temperature_c": temperature_c()}
+        return {
+            "cpu_percent": round(self._process.cpu_percent(None), 1),
+            "rss_bytes": int(self._process.memory_info().rss),
+            "temperature_c": temperature_c(),
+        }
 
 
 def temperature_c(thermal_root: Path = _THERMAL) -> float | None:
