@@ -20,6 +20,7 @@ from agent.protocol.errors import EdgefleetError
 from agent.protocol.signing import TrustedKeys
 from agent.runtime.base import Array, check_feeds
 from agent.runtime.errors import InferenceError
+from agent.shadow import Shadow
 from agent.stats import VersionStats
 
 __all__ = ["Agent", "NotReadyError"]
@@ -50,6 +51,7 @@ class Agent:
         self._stats: dict[str, VersionStats] = {}
         self._swap_lock = threading.Lock()
         self._listeners: list[Callable[[LoadedModel], None]] = []
+        self._shadow: Shadow | None = None
         self.started = time.time()
 
     @property
@@ -91,7 +93,24 @@ class Agent:
             serving.stats.error()
             raise _inference_error(serving, feeds, exc) from exc
         serving.stats.samples.append(time.perf_counter_ns() - started)
+        if self._shadow is not None:
+            self._shadow.offer(feeds, outputs)
         return outputs
+
+    def start_shadow(self, previous: LoadedModel, sample_every: int = 10) -> None:
+        """During probation: compare a sample of live answers with ``previous``."""
+        self.stop_shadow()
+        self._shadow = Shadow(previous, sample_every)
+
+    def stop_shadow(self) -> None:
+        shadow, self._shadow = self._shadow, None
+        if shadow is not None:
+            shadow.stop()
+
+    @property
+    def agreement(self) -> dict[str, Any] | None:
+        shadow = self._shadow
+        return shadow.values() if shadow is not None else None
 
     def stats_of(self, version: str) -> VersionStats:
         """The counters of one model version (created empty if it has not served yet)."""
@@ -100,13 +119,18 @@ class Agent:
     def telemetry_values(self) -> dict[str, Any]:
         """Drain every version's window: flat keys for the active one, and a per-version map."""
         serving = self._serving
-        versions = {version: stats.drain().as_values() for version, stats in self._stats.items()}
+        versions: dict[str, dict[str, Any]] = {
+            version: dict(stats.drain().as_values()) for version, stats in self._stats.items()}
         values: dict[str, Any] = {"versions": versions}
         if serving is not None:
             values.update(model=serving.model.name, model_version=serving.model.version,
                           **versions[serving.model.version])
             values["inferences_total"] = serving.stats.total_inferences
             values["errors_total"] = serving.stats.total_errors
+            agreement = self.agreement
+            if agreement is not None:
+                values["agreement"] = agreement
+                versions[serving.model.version]["agreement"] = agreement
         return values
 
 

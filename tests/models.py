@@ -42,8 +42,11 @@ def load_digits() -> Digits:
     return Digits(x_train, y_train, x_test, y_test)
 
 
-def train_digits_cnn(out_dir: Path, epochs: int = 25) -> TrainedModels:
-    """Train a small CNN (seconds) and write .keras, float .tflite and .onnx."""
+def train_digits_cnn(out_dir: Path, epochs: int = 25, label_shift: int = 0) -> TrainedModels:
+    """Train a small CNN (seconds) and write .keras, float .tflite and .onnx.
+
+    ``label_shift`` trains on (label + shift) % 10: a model that disagrees on purpose.
+    """
     import keras
     import tensorflow as tf
 
@@ -59,7 +62,8 @@ def train_digits_cnn(out_dir: Path, epochs: int = 25) -> TrainedModels:
     ])
     model.compile(optimizer=keras.optimizers.Adam(3e-3),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(digits.x_train, digits.y_train, epochs=epochs, batch_size=32, verbose=0)
+    labels = (digits.y_train + label_shift) % 10
+    model.fit(digits.x_train, labels, epochs=epochs, batch_size=32, verbose=0)
     out_dir.mkdir(parents=True, exist_ok=True)
     keras_path = out_dir / "digits.keras"
     model.save(keras_path)

@@ -43,6 +43,7 @@ def test_install_install_rollback(versions: dict[str, Path], signing_keys: Keys,
     assert local.install(agent, tmp_path, versions["2.0.0"]).state == State.COMMITTED
     assert agent.model.version == "2.0.0"
     assert _roles(tmp_path) == {"active, committed": "2.0.0", "fallback": "1.0.0"}
+    assert not list((tmp_path / "downloads").glob("*")), "staged downloads are removed"
     assert local.rollback(agent, tmp_path).state == State.ROLLED_BACK
     assert agent.model.version == "1.0.0"
     assert _roles(tmp_path) == {"active, committed": "1.0.0"}

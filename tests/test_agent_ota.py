@@ -176,3 +176,20 @@ def test_a_bundle_that_does_not_verify_is_rejected(
     assert expected in reported.update.detail
     assert device.agent.model is not None and device.agent.model.version == "1.0.0"
     sub.close()
+
+
+def test_an_update_that_does_not_fit_on_disk_fails_before_downloading(
+        device: AgentService, mosquitto: MosquittoBroker, fleet_name: str,
+        served: tuple[FileServer, Path], signing_keys: Keys) -> None:
+    import shutil
+
+    server, root = served
+    huge = _desired(root, server, "v2.efb", signing_keys).model_copy(
+        update={"size": shutil.disk_usage(device.config.data_dir).free})
+    sub = Subscriber(mosquitto.url, [fleet_filter(fleet_name)])
+    sub.publish(device_topic(fleet_name, "pi-1", Leaf.DESIRED), encode(huge), retain=True)
+    reported = _wait_state(sub, "FAILED", "1.0.0")
+    assert "not enough free disk" in reported.update.detail
+    assert not list((device.config.data_dir / "downloads").glob(f"{huge.sha256}*")), \
+        "nothing was fetched"
+    sub.close()

@@ -4,6 +4,7 @@ the serving model, watches probation, commits or rolls back. All file writes are
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,9 @@ from agent.update.download import DownloadStats, fetch
 from agent.update.slots import SlotStore
 from agent.update.states import Event, Journal
 
-__all__ = ["DeviceController", "UpdateSettings", "load_journal"]
+__all__ = ["DISK_MARGIN", "DeviceController", "UpdateSettings", "load_journal"]
+
+DISK_MARGIN = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class UpdateSettings:
     # Fault injection: pause at the start of every step, so tests can kill the agent
     # inside a given state (set by EDGEFLEET_FAULT_STEP_DELAY; 0 in production).
     step_delay_s: float = 0.0
+    agreement_sample_every: int = 10  # every Nth live request is re-run on the previous model
+    min_agreement: float | None = None  # own gate: roll back below this top-1 agreement
+    min_agreement_samples: int = 20
 
 
 def load_journal(path: Path) -> Journal:
@@ -66,6 +72,7 @@ class DeviceController:
 
     def download(self, j: Journal) -> None:
         self._pause()
+        _check_disk(self.data_dir, int(str(j.target.get("size", 0))))
         fetch(str(j.target["url"]), self._download_path(j), int(str(j.target.get("size", 0))),
               stats=self.stats)
 
@@ -83,6 +90,7 @@ class DeviceController:
         self._pause()
         if self._slot_of(j) is None:
             self.slots.stage(self._download_path(j).read_bytes())
+        self._download_path(j).unlink(missing_ok=True)  # the slot holds it now
 
     def health_check(self, j: Journal) -> None:
         self._pause()
@@ -97,8 +105,11 @@ class DeviceController:
             raise EdgefleetError("the staged bundle is gone", hint="the update restarts")
         candidate = self._candidate or load_bundle(self._staged(j), self.agent.trusted,
                                                    threads=self.agent.threads)
+        previous = self.agent.model
         self.slots.switch(slot)
         self.agent.activate(candidate)
+        if previous is not None and previous.version != candidate.version:
+            self.agent.start_shadow(previous, self.settings.agreement_sample_every)
         self._candidate = None
 
     def probation(self, j: Journal) -> Event:
@@ -120,16 +131,23 @@ class DeviceController:
         model = self.agent.model
         if model is None or model.version != j.target.get("version"):
             return False
+        agreement = self.agent.agreement
+        if (self.settings.min_agreement is not None and agreement and agreement["top1"] is not None
+                and agreement["samples"] >= self.settings.min_agreement_samples
+                and agreement["top1"] < self.settings.min_agreement):
+            return True
         stats = self.agent.stats_of(model.version)
-        total = stats.total_inferences + len(stats.samples)
         errors = stats.total_errors + stats.pending_errors
+        total = stats.total_inferences + len(stats.samples) + errors
         return total >= self.settings.min_requests and errors / total > self.settings.max_error_rate
 
     def commit(self, j: Journal) -> None:
+        self.agent.stop_shadow()
         self.slots.commit()
 
     def rollback(self, j: Journal) -> None:
         self._pause()
+        self.agent.stop_shadow()
         self.slots.rollback()
         path = self.slots.active_bundle()
         if path is None:
@@ -162,6 +180,16 @@ class DeviceController:
         if path is None:
             raise EdgefleetError("no staged bundle for this update", hint="the update restarts")
         return path
+
+
+def _check_disk(data_dir: Path, size: int) -> None:
+    """The download and its staged copy must fit, with a margin for the rest of the agent."""
+    free = shutil.disk_usage(data_dir).free
+    needed = 2 * size + DISK_MARGIN
+    if free < needed:
+        raise EdgefleetError(f"not enough free disk in {data_dir}: {free} bytes free, the "
+                             f"update needs {needed} (twice the bundle and a margin)",
+                             hint="free space on the device, or ship a smaller bundle")
 
 
 def _manifest_sha(path: Path) -> str | None:

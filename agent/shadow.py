@@ -1,0 +1,82 @@
+"""Probation agreement: the previous model re-runs a sample of live requests, off the path.
+
+Every ``sample_every``-th request that the new model answered is queued (a
+bounded queue; a full one drops the sample rather than wait) and a worker
+thread runs the previous model on it: top-1 agreement for classifiers, cosine
+similarity of the outputs otherwise. Inference never waits on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from agent.loader import LoadedModel
+from agent.runtime.base import Array
+
+__all__ = ["Shadow"]
+
+Sample = tuple[Mapping[str, Array], dict[str, Array]]
+
+
+class Shadow:
+    """Compares the active model's answers with ``previous`` on sampled requests."""
+
+    def __init__(self, previous: LoadedModel, sample_every: int = 10,
+                 queue_size: int = 64) -> None:
+        self.previous, self.sample_every = previous, max(1, sample_every)
+        self._count = 0
+        self._queue: queue.Queue[Sample | None] = queue.Queue(queue_size)
+        self._lock = threading.Lock()
+        self.samples = self.agreeing = 0
+        self.cosine_sum = 0.0
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._work, name="edgefleet-shadow", daemon=True)
+        self._thread.start()
+
+    def offer(self, feeds: Mapping[str, Array], outputs: dict[str, Array]) -> None:
+        """Called on the request path: count, and maybe enqueue without waiting."""
+        self._count += 1
+        if self._count % self.sample_every:
+            return
+        try:
+            self._queue.put_nowait((feeds, outputs))
+        except queue.Full:
+            self.dropped += 1
+
+    def stop(self) -> None:
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+
+    def values(self) -> dict[str, Any]:
+        with self._lock:
+            n = self.samples
+            return {"against": self.previous.version, "samples": n, "dropped": self.dropped,
+                    "top1": round(self.agreeing / n, 6) if n else None,
+                    "cosine": round(self.cosine_sum / n, 6) if n else None}
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            feeds, new = item
+            try:
+                old = self.previous.runtime.run(feeds)
+            except Exception:  # the previous model may refuse what the new one takes
+                continue
+            self._record(next(iter(new.values())), next(iter(old.values())))
+
+    def _record(self, new: Array, old: Array) -> None:
+        a, b = np.asarray(new, np.float64), np.asarray(old, np.float64)
+        agree = a.shape == b.shape and a.ndim == 2 and a.shape[1] > 1 and bool(
+            np.all(a.argmax(1) == b.argmax(1)))
+        x, y = a.reshape(-1), b.reshape(-1)
+        denom = float(np.linalg.norm(x) * np.linalg.norm(y)) if x.size == y.size else 0.0
+        cosine = float(np.dot(x, y) / denom) if denom else 0.0
+        with self._lock:
+            self.samples += 1
+            self.agreeing += int(agree)
+            self.cosine_sum += cosine

@@ -1,0 +1,93 @@
+"""Probation gates: agreement with the previous model off the request path, error rate."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.core import Agent
+from agent.update.device import DeviceController, UpdateSettings
+from agent.update.states import Event, Journal, State
+from tests.conftest import Keys, make_bundle
+from tests.models import TrainedModels, train_digits_cnn
+
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory: pytest.TempPathFactory, signing_keys: Keys) -> Path:
+    """A digits model trained to answer (digit + 1) % 10: it disagrees with v1 on purpose."""
+    out = tmp_path_factory.mktemp("shifted")
+    models = train_digits_cnn(out, epochs=8, label_shift=1)
+    return make_bundle(models.tflite, out / "v2-bad.efb", signing_keys, "2.0.0")
+
+
+def _wait(predicate: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.02)
+
+
+def _agent_on(v1: Path, v2: Path, keys: Keys) -> Agent:
+    agent = Agent(keys.trusted)
+    previous = agent.load(v1)
+    agent.load(v2)
+    agent.start_shadow(previous, sample_every=2)
+    return agent
+
+
+def test_agreement_with_the_same_model_is_total(digits_bundles: dict[str, Path],
+                                               digits_models: TrainedModels,
+                                               signing_keys: Keys, tmp_path: Path) -> None:
+    v2 = make_bundle(digits_models.tflite, tmp_path / "v2.efb", signing_keys, "2.0.0")
+    agent = _agent_on(digits_bundles["tflite"], v2, signing_keys)
+    for x in digits_models.digits.x_test[:100]:
+        agent.predict(x[None])
+    _wait(lambda: (agent.agreement or {}).get("samples", 0) >= 40)
+    agreement = agent.agreement
+    assert agreement is not None and agreement["against"] == "1.0.0"
+    assert agreement["top1"] == 1.0 and agreement["cosine"] > 0.9999
+    assert agent.telemetry_values()["versions"]["2.0.0"]["agreement"]["samples"] >= 40
+
+
+def test_a_disagreeing_model_fails_the_agreement_gate(
+        digits_bundles: dict[str, Path], digits_models: TrainedModels, shifted: Path,
+        signing_keys: Keys, tmp_path: Path) -> None:
+    agent = _agent_on(digits_bundles["tflite"], shifted, signing_keys)
+    for x in digits_models.digits.x_test[:100]:
+        agent.predict(x[None])
+    _wait(lambda: (agent.agreement or {}).get("samples", 0) >= 40)
+    agreement = agent.agreement
+    assert agreement is not None and agreement["top1"] < 0.5
+    settings = UpdateSettings(probation_s=30, min_agreement=0.9, min_agreement_samples=20)
+    controller = DeviceController(tmp_path, agent, settings)
+    journal = Journal(state=State.PROBATION, target={"version": "2.0.0"})
+    started = time.monotonic()
+    assert controller.probation(journal) == Event.FAILURE
+    assert time.monotonic() - started < 5, "the gate fires without waiting out the window"
+
+
+def test_a_model_that_errors_fails_the_error_rate_gate(digits_bundles: dict[str, Path],
+                                                       signing_keys: Keys,
+                                                       tmp_path: Path) -> None:
+    agent = Agent(signing_keys.trusted)
+    agent.load(digits_bundles["onnx"])
+    for _ in range(30):
+        with pytest.raises(Exception):  # noqa: B017 - any refusal counts as an error
+            agent.predict(np.zeros((1, 8, 8, 1), np.float64))
+    settings = UpdateSettings(probation_s=30, max_error_rate=0.05, min_requests=20)
+    controller = DeviceController(tmp_path, agent, settings)
+    journal = Journal(state=State.PROBATION, target={"version": "1.0.0"})
+    assert controller.probation(journal) == Event.FAILURE
+
+
+def test_a_quiet_probation_commits_at_the_end_of_an_auto_commit_window(
+        digits_bundles: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
+    agent = Agent(signing_keys.trusted)
+    agent.load(digits_bundles["onnx"])
+    controller = DeviceController(tmp_path, agent, UpdateSettings(probation_s=0.3))
+    journal = Journal(state=State.PROBATION, target={"version": "1.0.0", "auto_commit": True})
+    started = time.monotonic()
+    assert controller.probation(journal) == Event.COMMIT
+    assert time.monotonic() - started >= 0.3
