@@ -19,7 +19,8 @@ from types import TracebackType
 
 from agent.protocol.errors import EdgefleetError
 
-__all__ = ["MosquittoBroker", "MosquittoMissingError", "find_mosquitto", "free_port"]
+__all__ = ["MosquittoBroker", "MosquittoMissingError", "find_mosquitto", "free_port",
+           "stop_process", "wait_for_port"]
 
 _SEARCH = ("/usr/sbin", "/usr/local/sbin", "/usr/bin")
 
@@ -40,6 +41,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to a child, wait (kill after 10 s), and close its stderr pipe."""
+    if process is None:
+        return
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stderr:
+        process.stderr.close()
 
 
 def wait_for_port(host: str, port: int, timeout: float) -> bool:
@@ -107,17 +123,7 @@ class MosquittoBroker:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop by PID (SIGTERM saves persistent sessions; SIGKILL simulates a crash)."""
         process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(sig)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stderr:
-            process.stderr.close()
+        stop_process(process, sig)
 
     def restart(self) -> MosquittoBroker:
         self.stop()

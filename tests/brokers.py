@@ -24,7 +24,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.mqtt import parse_broker_url
-from fleet.mosquitto import MosquittoBroker, free_port, wait_for_port
+from fleet.mosquitto import MosquittoBroker, free_port, stop_process, wait_for_port
 
 __all__ = ["AmqttBroker", "AnyBroker", "Message", "MosquittoBroker", "Subscriber"]
 
@@ -69,17 +69,7 @@ class AmqttBroker:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop by PID (SIGTERM: clean shutdown; SIGKILL: a crash)."""
         process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(sig)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stderr:
-            process.stderr.close()
+        stop_process(process, sig)
 
     def restart(self) -> AmqttBroker:
         self.stop()
