@@ -50,7 +50,8 @@ class TFLiteRuntime:
         return self._outputs
 
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
-        rows = _batch_of(feeds)
+        first = next(iter(feeds.values()))
+        rows = first.shape[0] if first.ndim else 1
         with self._lock:
             if rows == self._rows:
                 return self._invoke(feeds)
@@ -67,8 +68,10 @@ class TFLiteRuntime:
         for name, value in feeds.items():
             interp.set_tensor(index[name], value)
         interp.invoke()
-        get = interp.get_tensor
-        return {name: get(i) for name, i in self._out_index}
+        out = {}
+        for name, i in self._out_index:  # a plain loop: cheaper than a comprehension here
+            out[name] = interp.get_tensor(i)
+        return out
 
     def _resize(self, feeds: Mapping[str, Array], rows: int) -> None:
         for name, value in feeds.items():
@@ -79,11 +82,6 @@ class TFLiteRuntime:
     def close(self) -> None:
         with self._lock:
             self._interp = None
-
-
-def _batch_of(feeds: Mapping[str, Array]) -> int:
-    first = next(iter(feeds.values()))
-    return int(first.shape[0]) if first.ndim else 1
 
 
 def _info(detail: dict[str, Any]) -> TensorInfo:

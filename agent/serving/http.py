@@ -1,47 +1,67 @@
 """A local HTTP server speaking KServe v2 / Open Inference Protocol for an :class:`Agent`.
 
-Standard library only (a device needs nothing more): HTTP/1.1 keep-alive,
-one thread per connection, Nagle off, one write per response.
+Standard library only (a device needs nothing more): ``ThreadingHTTPServer``
+with one daemon thread per connection, HTTP/1.1 keep-alive, Nagle off, one
+write per response, nothing logged per request. Endpoints::
+
+    GET  /v2                                   server metadata
+    GET  /v2/health/live | /v2/health/ready    200, or 503 until a model is loaded
+    GET  /v2/models/{name}[/versions/{v}]      model metadata
+    GET  /v2/models/{name}[/versions/{v}]/ready
+    POST /v2/models/{name}[/versions/{v}]/infer
+
+Errors are JSON ``{"error": "..."}``: 400 for a request the model cannot take
+(naming what it expects), 404 for an unknown model, 503 before a model is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import re
+import socket
+import socketserver
+import sys
 import threading
+import weakref
 from http import HTTPStatus
-from http.server import ThreadingHTTPServer
-from socketserver import StreamRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
 from agent import __version__
 from agent.core import Agent, NotReadyError
 from agent.loader import LoadedModel
 from agent.runtime.errors import InferenceError
-from agent.serving.kserve import RequestError, decode_infer, encode_infer, model_metadata
+from agent.serving.kserve import ModelView, RequestError, decode_infer, encode_infer
 
 __all__ = ["InferenceServer"]
 
 log = logging.getLogger(__name__)
-_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
-_SERVER_META = {"name": "edgefleet", "version": __version__,
-                "extensions": ["binary_tensor_data"]}
-_HEADER_LENGTH = "Inference-Header-Content-Length"
+
+_MODEL_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?")
+_SERVER_META = json.dumps({"name": "edgefleet", "version": __version__,
+                           "extensions": ["binary_tensor_data"]}).encode()
+_HEADER_LENGTH = "inference-header-content-length"
 _SERVER = f"edgefleet/{__version__}"
 _MAX_LINE = 65536
 _MAX_HEADERS = 100
+_MAX_BODY = 256 * 1024 * 1024
+_JSON = "application/json"
 
 
 class InferenceServer:
-    """Serve ``agent`` on ``host:port`` (port 0 picks a free one) from a background thread."""
+    """Serve ``agent`` on ``host:port`` (port 0 picks a free one).
+
+    ``start()`` serves from a background thread; ``serve_forever()`` serves in the
+    calling thread (a CLI) until ``stop()`` is called from another thread or Ctrl-C.
+    """
 
     def __init__(self, agent: Agent, host: str = "127.0.0.1", port: int = 0) -> None:
-        handler = type("BoundHandler", (_Handler,), {"agent": agent, "meta_cache": {}})
-        self._httpd = ThreadingHTTPServer((host, port), handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        name="edgefleet-http", daemon=True)
+        self._httpd = _Server((host, port), agent)
+        self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
@@ -49,133 +69,230 @@ class InferenceServer:
 
     @property
     def url(self) -> str:
+        """``host:port``, as ``tritonclient`` takes it (no scheme)."""
         return f"{self._httpd.server_address[0]!s}:{self.port}"
 
     def start(self) -> InferenceServer:
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        name=f"edgefleet-http-{self.port}", daemon=True)
+        self._httpd.started = True
         self._thread.start()
         return self
 
+    def serve_forever(self) -> None:
+        """Serve in the calling thread until ``stop()`` (from another thread) or Ctrl-C."""
+        self._httpd.started = True
+        try:
+            self._httpd.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self._httpd.close()
+
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        """Stop accepting, close open keep-alive connections; requests in flight may fail."""
+        self._httpd.stop_loop()
+        self._httpd.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> InferenceServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
 
-class _Handler(StreamRequestHandler):
-    """A lean HTTP/1.1 keep-alive loop: request line, headers, Content-Length body."""
+class _Server(ThreadingHTTPServer):
+    """Owns the agent, the per-model protocol view and the open connections."""
 
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], agent: Agent) -> None:
+        super().__init__(address, _Handler)
+        self.agent, self.started = agent, False
+        self._view: tuple[weakref.ref[LoadedModel], ModelView] | None = None
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves getfqdn(host): seconds on a device without DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    def view(self, model: LoadedModel) -> ModelView:
+        """The protocol view of ``model``, made once per loaded model."""
+        cached = self._view
+        if cached is not None and cached[0]() is model:
+            return cached[1]
+        platform = f"{model.bundle.manifest.format}_{model.runtime.name}"
+        view = ModelView(model.name, model.version, platform, model.runtime.inputs,
+                         model.runtime.outputs)
+        self._view = (weakref.ref(model), view)
+        return view
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):  # the peer went away, or stop() closed it
+            log.debug("connection from %s: %s", client_address, sys.exc_info()[1])
+        else:
+            log.exception("connection from %s failed", client_address)
+
+    def stop_loop(self) -> None:
+        """``shutdown()``, waking the accept loop now rather than at its next poll."""
+        if not self.started:
+            return
+        stopper = threading.Thread(target=self.shutdown, daemon=True)
+        stopper.start()
+        while stopper.is_alive():
+            self._wake()
+            stopper.join(0.02)
+
+    def _wake(self) -> None:
+        host, port = self.server_address[:2]
+        target = "127.0.0.1" if host in ("0.0.0.0", "") else str(host)
+        with contextlib.suppress(OSError):
+            socket.create_connection((target, port), timeout=0.1).close()
+
+    def close(self) -> None:
+        self.server_close()
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """A lean HTTP/1.1 keep-alive loop: request line, headers, a Content-Length body.
+
+    ``BaseHTTPRequestHandler`` gives the socket setup; the request parsing is
+    replaced by a smaller one (``email.parser`` costs tens of µs a request).
+    """
+
+    protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
-    agent: Agent
-    meta_cache: dict[int, dict[str, Any]]
+    server: _Server
 
     def handle(self) -> None:
-        while self._one_request():
-            pass
+        try:
+            while self._one_request():
+                pass
+        except OSError as exc:  # the peer went away, or stop() closed the connection
+            log.debug("connection %s ended: %s", self.client_address, exc)
 
     def _one_request(self) -> bool:
         line = self.rfile.readline(_MAX_LINE)
         if not line.strip():
             return False
         try:
-            method, target, version = line.decode("latin-1").split()
-            self.headers = _read_headers(self.rfile)
-        except ValueError:
-            self._json(400, {"error": "malformed HTTP request"}, close=True)
-            return False
-        self.path = target
-        keep_alive = version == "HTTP/1.1" and self.headers.get("connection") != "close"
-        if "content-length" not in self.headers and method == "POST":
-            self._json(411, {"error": "Content-Length is required"}, close=True)
-            return False
-        body = self.rfile.read(int(self.headers.get("content-length") or 0))
-        self._dispatch(method, body)
-        return keep_alive
-
-    def _dispatch(self, method: str, body: bytes) -> None:
-        try:
-            if method == "GET":
-                self._get()
-            elif method == "POST":
-                self._post(body)
-            else:
-                raise RequestError(405, f"method {method} is not supported")
+            method, self.path, version = _request_line(line)
+            headers = _read_headers(self.rfile)
+            length = _content_length(headers, method)
         except RequestError as exc:
-            self._json(exc.status, {"error": str(exc)})
-        except (InferenceError, ValueError) as exc:
-            self._json(400, {"error": str(exc)})
+            self._send(exc.status, _error_json(exc), _JSON, close=True)
+            return False
+        if headers.get("expect", "").lower() == "100-continue":
+            self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:
+            return False  # the client went away mid-body
+        self._dispatch(method, headers, body)
+        return version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+
+    def _dispatch(self, method: str, headers: dict[str, str], body: bytes) -> None:
+        try:
+            if method == "POST":
+                self._post(headers, body)
+            elif method == "GET":
+                self._get()
+            else:
+                raise RequestError(f"method {method} is not supported", status=405)
+        except RequestError as exc:
+            self._send(exc.status, _error_json(exc), _JSON)
+        except InferenceError as exc:
+            self._send(400, _error_json(exc), _JSON)
         except NotReadyError as exc:
-            self._json(503, {"error": str(exc)})
+            self._send(503, _error_json(exc), _JSON)
+        except OSError:
+            raise  # the connection failed: nothing to answer, handle() ends it quietly
         except Exception as exc:
-            log.exception("request %s %s failed", method, self.path)
-            self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
+            log.exception("%s %s failed", method, self.path)
+            self._send(500, json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode(),
+                       _JSON)
+
+    def _post(self, headers: dict[str, str], body: bytes) -> None:
+        view, suffix = self._route()
+        if suffix != "/infer":
+            raise RequestError(f"no POST endpoint at {self.path}", status=405)
+        header_length = _header_length(headers)
+        request = decode_infer(body, header_length, view)
+        results = self.server.agent.predict(request.inputs)
+        payload, json_length = encode_infer(view, request, results)
+        if json_length is None:
+            self._send(200, payload, _JSON)
+        else:
+            self._send(200, payload, "application/octet-stream",
+                       f"Inference-Header-Content-Length: {json_length}\r\n")
 
     def _get(self) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/")
+        path = self.path.partition("?")[0].rstrip("/")
         if path == "/v2/health/live":
-            self._json(200, {"live": True})
+            self._send(200, b'{"live":true}', _JSON)
         elif path == "/v2/health/ready":
-            ready = self.agent.ready
-            self._json(200 if ready else 503, {"ready": ready})
+            ready = self.server.agent.ready
+            self._send(200 if ready else 503, b'{"ready":%s}' % (b"true" if ready else b"false"),
+                       _JSON)
         elif path == "/v2":
-            self._json(200, _SERVER_META)
+            self._send(200, _SERVER_META, _JSON)
         else:
-            model, suffix = self._route(path)
-            if suffix == "/ready":
-                self._json(200, {"name": model.name, "ready": True})
-            elif suffix is None:
-                self._json(200, self._metadata(model))
-            else:
-                raise RequestError(405, f"{path} takes POST")
+            view, suffix = self._route()
+            if suffix == "/infer":
+                raise RequestError(f"{path} takes POST", status=405)
+            self._send(200, view.ready_json if suffix == "/ready" else view.metadata_json, _JSON)
 
-    def _post(self, body: bytes) -> None:
-        model, suffix = self._route(self.path.split("?", 1)[0].rstrip("/"))
-        if suffix != "/infer":
-            raise RequestError(404, f"no POST endpoint at {self.path}")
-        header = self.headers.get(_HEADER_LENGTH.lower())
-        request = decode_infer(body, int(header) if header else None, model.runtime.inputs)
-        results = self.agent.predict(request.inputs)
-        payload, header_length = encode_infer(model.name, model.version, request, results)
-        extra = {_HEADER_LENGTH: str(header_length)} if header_length is not None else {}
-        content_type = "application/octet-stream" if extra else "application/json"
-        self._send(200, payload, content_type, extra)
-
-    def _route(self, path: str) -> tuple[LoadedModel, str | None]:
-        match = _MODEL_PATH.match(path)
+    def _route(self) -> tuple[ModelView, str | None]:
+        path = self.path.partition("?")[0].rstrip("/")
+        match = _MODEL_PATH.fullmatch(unquote(path) if "%" in path else path)
         if match is None:
-            raise RequestError(404, f"no endpoint at {path}")
+            raise RequestError(f"no endpoint at {path or '/'}", status=404)
         name, version, suffix = match.groups()
-        model = self.agent.model
+        model = self.server.agent.model
         if model is None:
-            raise RequestError(503, "no model is loaded yet", hint="retry when /v2/health/ready")
+            raise RequestError("no model is loaded yet", hint="retry when /v2/health/ready is 200",
+                               status=503)
         if name != model.name or (version is not None and version != model.version):
-            served = f"{model.name} version {model.version}"
-            raise RequestError(404, f"unknown model {name!r}" +
-                               (f" version {version!r}" if version else "") +
-                               f"; this device serves {served}")
-        return model, suffix
+            asked = f"{name!r}" + (f" version {version!r}" if version else "")
+            raise RequestError(f"unknown model {asked}; this device serves {model.name} "
+                               f"version {model.version}", status=404)
+        return self.server.view(model), suffix
 
-    def _metadata(self, model: LoadedModel) -> dict[str, Any]:
-        key = id(model)
-        meta = self.meta_cache.get(key)
-        if meta is None:
-            meta = model_metadata(model.name, model.version,
-                                  f"{model.bundle.manifest.format}_{model.runtime.name}",
-                                  model.runtime.inputs, model.runtime.outputs)
-            self.meta_cache.clear()
-            self.meta_cache[key] = meta
-        return meta
-
-    def _json(self, status: int, doc: Any, close: bool = False) -> None:
-        extra = {"Connection": "close"} if close else {}
-        self._send(status, json.dumps(doc).encode(), "application/json", extra)
-
-    def _send(self, status: int, body: bytes, content_type: str, extra: dict[str, str]) -> None:
-        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Server: {_SERVER}",
-                 f"Content-Type: {content_type}", f"Content-Length: {len(body)}",
-                 *(f"{k}: {v}" for k, v in extra.items())]
-        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    def _send(self, status: int, body: bytes, content_type: str, extra: str = "",
+              close: bool = False) -> None:
+        if close:
+            extra += "Connection: close\r\n"
+        head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nServer: {_SERVER}\r\n"
+                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{extra}\r\n")
+        self.request.sendall(head.encode("latin-1") + body)
 
 
-def _read_headers(rfile: Any) -> dict[str, str]:
+def _request_line(line: bytes) -> tuple[str, str, str]:
+    parts = line.decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise RequestError(f"malformed request line {line[:60]!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def _read_headers(rfile: io.BufferedIOBase) -> dict[str, str]:
     headers: dict[str, str] = {}
     for _ in range(_MAX_HEADERS):
         line = rfile.readline(_MAX_LINE)
@@ -183,6 +300,38 @@ def _read_headers(rfile: Any) -> dict[str, str]:
             return headers
         name, sep, value = line.decode("latin-1").partition(":")
         if not sep:
-            raise ValueError(f"malformed header line {line[:40]!r}")
+            raise RequestError(f"malformed header line {line[:40]!r}")
         headers[name.strip().lower()] = value.strip()
-    raise ValueError("too many headers")
+    raise RequestError(f"more than {_MAX_HEADERS} headers", status=431)
+
+
+def _content_length(headers: dict[str, str], method: str) -> int:
+    if "transfer-encoding" in headers:
+        raise RequestError("chunked request bodies are not supported", status=411,
+                           hint="send Content-Length")
+    if headers.get("content-encoding", "identity").lower() != "identity":
+        raise RequestError(f"Content-Encoding {headers['content-encoding']} is not supported",
+                           status=415, hint="send the request uncompressed")
+    raw = headers.get("content-length")
+    if raw is None:
+        if method == "POST":
+            raise RequestError("Content-Length is required", status=411)
+        return 0
+    if not raw.isdigit():
+        raise RequestError(f"Content-Length {raw!r} is not a number")
+    if int(raw) > _MAX_BODY:
+        raise RequestError(f"body of {raw} bytes is over the {_MAX_BODY} byte limit", status=413)
+    return int(raw)
+
+
+def _header_length(headers: dict[str, str]) -> int | None:
+    raw = headers.get(_HEADER_LENGTH)
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise RequestError(f"Inference-Header-Content-Length {raw!r} is not a number")
+    return int(raw)
+
+
+def _error_json(exc: Exception) -> bytes:
+    return json.dumps({"error": str(exc)}).encode()

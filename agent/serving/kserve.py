@@ -2,12 +2,19 @@
 
 JSON tensors, and the binary tensor data extension used by ``tritonclient``:
 the JSON header's length is given by ``Inference-Header-Content-Length`` and
-raw tensor bytes follow it, each input announcing ``binary_data_size``.
+raw tensor bytes follow it, each input announcing ``binary_data_size``; outputs
+asked for with ``binary_data`` (or all of them, with the request parameter
+``binary_data_output``) are returned the same way.
+
+What the server needs of a model is computed once, in :class:`ModelView`, so a
+request does a few dictionary lookups besides parsing and inference.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,125 +23,181 @@ import numpy as np
 from agent.protocol.errors import EdgefleetError
 from agent.runtime.base import Array, TensorInfo, check_feeds
 
-__all__ = ["DATATYPES", "InferRequest", "RequestError", "decode_infer", "encode_infer",
-           "model_metadata"]
+__all__ = ["DATATYPES", "InferRequest", "ModelView", "RequestError", "datatype_of",
+           "decode_infer", "encode_infer"]
 
 DATATYPES = {"FP32": "float32", "FP16": "float16", "FP64": "float64", "INT8": "int8",
              "UINT8": "uint8", "INT16": "int16", "UINT16": "uint16", "INT32": "int32",
              "UINT32": "uint32", "INT64": "int64", "UINT64": "uint64", "BOOL": "bool"}
-KSERVE_NAMES = {v: k for k, v in DATATYPES.items()}
+_BY_DTYPE = {np.dtype(numpy_name): name for name, numpy_name in DATATYPES.items()}
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+_INPUT_HINT = "GET /v2/models/{name} lists the inputs the model takes"
 
 
 class RequestError(EdgefleetError):
-    """A request the server answers with an HTTP error status."""
+    """A request the server answers with an HTTP error status (400 unless told)."""
 
-    def __init__(self, status: int, message: str, hint: str = "") -> None:
+    def __init__(self, message: str, hint: str = "", status: int = 400) -> None:
         super().__init__(message, hint=hint)
         self.status = status
+
+
+def datatype_of(dtype: str | np.dtype[Any]) -> str:
+    """The KServe datatype name of a numpy dtype (``BYTES`` for anything else)."""
+    return _BY_DTYPE.get(np.dtype(dtype), "BYTES")
+
+
+@dataclass(frozen=True)
+class _Input:
+    spec: TensorInfo
+    dtype: np.dtype[Any]
+    datatype: str
+
+
+class ModelView:
+    """One loaded model as the protocol sees it: names, datatypes, metadata (made once)."""
+
+    def __init__(self, name: str, version: str, platform: str, inputs: list[TensorInfo],
+                 outputs: list[TensorInfo]) -> None:
+        self.name, self.version, self.specs = name, version, inputs
+        self.inputs = {t.name: _Input(t, np.dtype(t.dtype), datatype_of(t.dtype))
+                       for t in inputs}
+        self.output_names = [t.name for t in outputs]
+        self.metadata = {"name": name, "versions": [version], "platform": platform,
+                         "inputs": [_tensor_meta(t) for t in inputs],
+                         "outputs": [_tensor_meta(t) for t in outputs]}
+        self.metadata_json = json.dumps(self.metadata).encode()
+        self.ready_json = json.dumps({"name": name, "ready": True}).encode()
+
+
+def _tensor_meta(t: TensorInfo) -> dict[str, Any]:
+    return {"name": t.name, "datatype": datatype_of(t.dtype), "shape": list(t.shape)}
 
 
 @dataclass(frozen=True)
 class InferRequest:
     id: str | None
     inputs: dict[str, Array]
-    outputs: list[tuple[str, bool]] | None  # requested (name, binary); None = all
-    binary_default: bool
+    outputs: list[tuple[str, bool]]  # (name, as binary), in the order to answer
 
 
-def datatype_of(dtype: str) -> str:
-    return KSERVE_NAMES.get(dtype, "BYTES")
-
-
-def model_metadata(name: str, version: str, platform: str, inputs: list[TensorInfo],
-                   outputs: list[TensorInfo]) -> dict[str, Any]:
-    def tensor(t: TensorInfo) -> dict[str, Any]:
-        return {"name": t.name, "datatype": datatype_of(t.dtype), "shape": list(t.shape)}
-
-    return {"name": name, "versions": [version], "platform": platform,
-            "inputs": [tensor(t) for t in inputs], "outputs": [tensor(t) for t in outputs]}
-
-
-def decode_infer(body: bytes, header_length: int | None, specs: list[TensorInfo]) -> InferRequest:
+def decode_infer(body: bytes, header_length: int | None, model: ModelView) -> InferRequest:
     """Parse an infer request and check every input against the model's inputs."""
-    header_bytes = body if header_length is None else body[:header_length]
-    try:
-        doc = json.loads(header_bytes)
-    except ValueError as exc:
-        raise RequestError(400, f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
-        raise RequestError(400, "request must be an object with an 'inputs' list")
-    binary = memoryview(body)[header_length:] if header_length is not None else memoryview(b"")
-    by_name = {spec.name: spec for spec in specs}
+    doc = _json_header(body, header_length)
+    binary = memoryview(body)[len(body) if header_length is None else header_length:]
     inputs, offset = {}, 0
     for item in doc["inputs"]:
-        name, array, offset = _decode_input(item, binary, offset, by_name)
+        name, array, offset = _decode_input(item, binary, offset, model)
         inputs[name] = array
-    problems = check_feeds(specs, inputs)
+    if offset != len(binary):
+        raise RequestError(f"{len(binary)} bytes of binary tensor data, inputs announce {offset}")
+    problems = check_feeds(model.specs, inputs)
     if problems:
-        raise RequestError(400, "; ".join(problems),
-                           hint="GET /v2/models/{name} lists the inputs the model takes")
+        raise RequestError("; ".join(problems), hint=_INPUT_HINT)
     params = doc.get("parameters") or {}
-    return InferRequest(doc.get("id"), inputs, _requested(doc.get("outputs")),
-                        bool(params.get("binary_data_output", False)))
+    binary_default = bool(params.get("binary_data_output", False))
+    return InferRequest(doc.get("id"), inputs,
+                        _requested(doc.get("outputs"), binary_default, model.output_names))
+
+
+def _json_header(body: bytes, header_length: int | None) -> dict[str, Any]:
+    if header_length is not None and not 0 < header_length <= len(body):
+        raise RequestError(f"Inference-Header-Content-Length {header_length} does not fit "
+                           f"a body of {len(body)} bytes")
+    try:
+        doc = json.loads(body if header_length is None else body[:header_length])
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise RequestError(f"request body is not valid JSON: {exc}",
+                           hint="send a KServe v2 infer request") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+        raise RequestError("request must be a JSON object with an 'inputs' list",
+                           hint="send a KServe v2 infer request")
+    return doc
 
 
 def _decode_input(item: Any, binary: memoryview, offset: int,
-                  specs: dict[str, TensorInfo]) -> tuple[str, Array, int]:
+                  model: ModelView) -> tuple[str, Array, int]:
     if not isinstance(item, dict) or not {"name", "shape", "datatype"} <= item.keys():
-        raise RequestError(400, "each input needs 'name', 'shape' and 'datatype'")
+        raise RequestError("each input needs 'name', 'shape' and 'datatype'", hint=_INPUT_HINT)
     name, shape, datatype = item["name"], item["shape"], item["datatype"]
-    spec = specs.get(name)
-    if spec is None:
-        raise RequestError(400, f"unknown input {name!r}; the model takes {sorted(specs)}")
-    expected = datatype_of(spec.dtype)
-    if datatype != expected:
-        raise RequestError(400, f"input {name!r}: datatype {datatype}, model expects {expected}",
-                           hint=f"send {expected} with shape {list(spec.shape)}")
-    dtype = np.dtype(spec.dtype)
+    known = model.inputs.get(name)
+    if known is None:
+        raise RequestError(f"unknown input {name!r}; the model takes {sorted(model.inputs)}",
+                           hint=_INPUT_HINT)
+    if datatype != known.datatype:
+        raise RequestError(f"input {name!r}: datatype {datatype}, model expects "
+                           f"{known.datatype}",
+                           hint=f"send {known.datatype} with shape {list(known.spec.shape)}")
+    _check_shape(name, shape)
     size = (item.get("parameters") or {}).get("binary_data_size")
+    if size is None:
+        return name, _from_json(name, item.get("data"), shape, known), offset
+    return name, _from_binary(name, binary, offset, size, shape, known), offset + size
+
+
+def _check_shape(name: str, shape: Any) -> None:
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise RequestError(f"input {name!r}: shape must be a list of non-negative integers, "
+                           f"got {shape!r}")
+
+
+def _from_json(name: str, data: Any, shape: list[int], known: _Input) -> Array:
+    if not isinstance(data, list):
+        raise RequestError(f"input {name!r} has no 'data' list and no binary_data_size",
+                           hint="send the values flat or nested in 'data'")
     try:
-        if size is not None:
-            data = np.frombuffer(binary[offset:offset + int(size)], dtype=dtype)
-            offset += int(size)
-        else:
-            data = np.asarray(item.get("data"), dtype=dtype).reshape(-1)
-        return name, data.reshape(shape), offset
+        return np.asarray(data, dtype=known.dtype).reshape(shape)
     except (ValueError, TypeError) as exc:
-        raise RequestError(400, f"input {name!r}: data does not fit shape {shape}: {exc}",
-                           hint=f"send prod(shape) {expected} values") from exc
+        raise RequestError(f"input {name!r}: data does not fit shape {shape}: {exc}",
+                           hint=f"send prod(shape) {known.datatype} values") from exc
 
 
-def _requested(outputs: Any) -> list[tuple[str, bool]] | None:
-    if outputs is None:
-        return None
-    if not isinstance(outputs, list):
-        raise RequestError(400, "'outputs' must be a list")
-    return [(str(o.get("name")), bool((o.get("parameters") or {}).get("binary_data", False)))
-            for o in outputs if isinstance(o, dict)]
+def _from_binary(name: str, binary: memoryview, offset: int, size: Any, shape: list[int],
+                 known: _Input) -> Array:
+    expected = math.prod(shape) * known.dtype.itemsize
+    if type(size) is not int or size != expected or offset + size > len(binary):
+        raise RequestError(f"input {name!r}: binary_data_size {size!r}, shape {shape} of "
+                           f"{known.datatype} needs {expected} bytes "
+                           f"({len(binary) - offset} left in the body)")
+    return np.frombuffer(binary, known.dtype, expected // known.dtype.itemsize,
+                         offset).reshape(shape)
 
 
-def encode_infer(model: str, version: str, request: InferRequest,
-                 results: dict[str, Array]) -> tuple[bytes, int | None]:
-    """Response body, and the JSON header length when binary tensors follow it."""
-    wanted = request.outputs or [(name, request.binary_default) for name in results]
+def _requested(outputs: Any, binary_default: bool,
+               names: list[str]) -> list[tuple[str, bool]]:
+    if outputs is None or outputs == []:
+        return [(name, binary_default) for name in names]
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise RequestError("'outputs' must be a list of objects with a 'name'")
+    wanted = [(o.get("name"), bool((o.get("parameters") or {}).get("binary_data",
+                                                                    binary_default)))
+              for o in outputs]
+    unknown = [name for name, _ in wanted if name not in names]
+    if unknown:
+        raise RequestError(f"unknown output {unknown[0]!r}; the model gives {names}")
+    return wanted
+
+
+def encode_infer(model: ModelView, request: InferRequest,
+                 results: Mapping[str, Array]) -> tuple[bytes, int | None]:
+    """Response body, and the JSON header's length when binary tensors follow it."""
     outputs, blobs = [], []
-    for name, binary in wanted:
-        if name not in results:
-            raise RequestError(400, f"unknown output {name!r}; the model gives {sorted(results)}")
+    for name, binary in request.outputs:
         value = results[name]
         entry: dict[str, Any] = {"name": name, "shape": list(value.shape),
-                                 "datatype": datatype_of(value.dtype.name)}
+                                 "datatype": _BY_DTYPE.get(value.dtype, "BYTES")}
         if binary:
-            blob = np.ascontiguousarray(value).tobytes()
+            blob = value.tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = value.reshape(-1).tolist()
+            entry["data"] = value.ravel().tolist()
         outputs.append(entry)
-    doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outputs}
+    doc: dict[str, Any] = {"model_name": model.name, "model_version": model.version,
+                           "outputs": outputs}
     if request.id is not None:
         doc["id"] = request.id
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = _COMPACT.encode(doc).encode()
     if not blobs:
         return header, None
-    return header + b"".join(blobs), len(header)
+    return b"".join([header, *blobs]), len(header)
