@@ -238,7 +238,7 @@ def cells(r: dict[str, Any]) -> list[Any]:
             f"{r['agent_p50_us']} / {r['agent_p99_us']}", f"{r['agent_ratio_p50']}×",
             f"{r['agent_ratio_p50_alone']}×", f"{r['http_p50_us']} / {r['http_p99_us']}",
             r["http_added_p50_ms"], f"{r['http_binary_p50_us']} / {r['http_binary_p99_us']}",
-            r["http_binary_added_p50_ms"], met(r["agent_ratio_p50"] <= TARGET_RATIO),
+            r["http_binary_added_p50_ms"], met(r["agent_ratio_p50_alone"] <= TARGET_RATIO),
             f"{met(r['http_added_p50_ms'] <= TARGET_HTTP_MS)} / "
             f"{met(r['http_binary_added_p50_ms'] <= TARGET_HTTP_MS)}"]
 
@@ -265,7 +265,9 @@ def report(rows: list[dict[str, Any]], results: Path) -> None:
             "tensors. \"In-process only\" is a second run of the first two alone. `digits` is "
             "the 8×8 test CNN (its bare call takes a few µs, so its ratio is the fixed cost of "
             "the Python path); `edge-cnn` is the converter table's 96×96×3 CNN. HTTP adds = "
-            "HTTP p50 − bare p50. Targets: in-process p50 ≤ 1.03× bare; HTTP adds ≤ 0.3 ms. "
+            "HTTP p50 − bare p50. Targets: in-process p50 ≤ 1.03× bare (judged on the "
+            "in-process-only run: a network call between two calls slows the bare one too); "
+            "HTTP adds ≤ 0.3 ms. "
             f"Raw numbers: `{shown}`.")
     update_section("agent_overhead", "## Serving overhead (`bench/agent_overhead.py`)\n\n" +
                    note + "\n\n" + markdown_table(COLUMNS, table))
