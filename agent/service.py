@@ -62,6 +62,7 @@ class ServiceConfig:
     probation_s: float = 60.0
     max_error_rate: float = 0.05
     step_delay_s: float = 0.0
+    latency_budget_ms: float | None = 1000.0
 
 
 class AgentService:
@@ -113,7 +114,8 @@ class AgentService:
                                           self.agent.telemetry_values, spool,
                                           cfg.telemetry_interval_s)
         settings = UpdateSettings(probation_s=cfg.probation_s, max_error_rate=cfg.max_error_rate,
-                                  step_delay_s=cfg.step_delay_s)
+                                  step_delay_s=cfg.step_delay_s,
+                                  latency_budget_ms=cfg.latency_budget_ms)
         self.updates = UpdateRunner(cfg.data_dir, self.agent, settings, self._journal_changed)
         self.mqtt.start()
         self.reporter.start()

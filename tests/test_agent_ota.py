@@ -153,7 +153,7 @@ def test_a_corrupt_download_is_rejected_and_v1_keeps_serving(
     sub.close()
 
 
-@pytest.mark.parametrize("damage", ["unknown-key", "truncated"])
+@pytest.mark.parametrize("damage", ["unknown-key", "bad-signature", "truncated"])
 def test_a_bundle_that_does_not_verify_is_rejected(
         damage: str, device: AgentService, mosquitto: MosquittoBroker, fleet_name: str,
         served: tuple[FileServer, Path], signing_keys: Keys, tmp_path: Path) -> None:
@@ -165,6 +165,11 @@ def test_a_bundle_that_does_not_verify_is_rejected(
         other, _ = generate_keypair(tmp_path / "other", "other")
         raw = tamper.resigned(root / "v2.efb", SigningKey.load(other), lambda m: None)
         expected = "unknown key"
+    elif damage == "bad-signature":  # signed by the trusted key, altered afterwards
+        files = tamper.members((root / "v2.efb").read_bytes())
+        files["manifest.json"] = files["manifest.json"].replace(b'"2.0.0"', b'"2.0.1"')
+        raw = tamper.pack(files)
+        expected = "does not verify"
     else:
         raw = (root / "v2.efb").read_bytes()[: (root / "v2.efb").stat().st_size // 2]
         expected = "bundle"
@@ -193,3 +198,26 @@ def test_an_update_that_does_not_fit_on_disk_fails_before_downloading(
     assert not list((device.config.data_dir / "downloads").glob(f"{huge.sha256}*")), \
         "nothing was fetched"
     sub.close()
+
+
+def test_an_update_slower_than_the_latency_budget_is_refused_before_the_switch(
+        mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
+        served: tuple[FileServer, Path], signing_keys: Keys) -> None:
+    server, root = served
+    agent = Agent(signing_keys.trusted)
+    local.install(agent, tmp_path, root / "v1.efb")
+    config = ServiceConfig(fleet=fleet_name, device_id="pi-1", data_dir=tmp_path,
+                           broker_url=mosquitto.url, probation_s=0.3,
+                           latency_budget_ms=1e-6)  # no model is this fast
+    service = AgentService(config, agent)
+    service.start()
+    try:
+        assert service.mqtt is not None and service.mqtt.wait_subscribed(10)
+        sub = Subscriber(mosquitto.url, [fleet_filter(fleet_name)])
+        desired = _desired(root, server, "v2.efb", signing_keys, auto_commit=True)
+        sub.publish(device_topic(fleet_name, "pi-1", Leaf.DESIRED), encode(desired), retain=True)
+        reported = _wait_state(sub, "FAILED", "1.0.0")
+        assert "exceeds the budget" in reported.update.detail
+        sub.close()
+    finally:
+        service.stop()

@@ -126,6 +126,8 @@ def run(
                          ] = 60.0,
     max_error_rate: Annotated[float, typer.Option(
         help="Roll back by itself above this error rate in probation")] = 0.05,
+    latency_budget_ms: Annotated[float, typer.Option(
+        help="Refuse an update whose health check runs slower than this per sample")] = 1000.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Serve a bundle, report telemetry over MQTT, answer KServe v2 requests over HTTP."""
@@ -142,6 +144,7 @@ def run(
                            telemetry_interval_s=telemetry_interval,
                            spool_max_bytes=spool_max_bytes, profile=profile,
                            probation_s=probation, max_error_rate=max_error_rate,
+                           latency_budget_ms=latency_budget_ms,
                            step_delay_s=float(os.environ.get("EDGEFLEET_FAULT_STEP_DELAY", 0)))
     _serve_until_signalled(AgentService(config, agent))
 

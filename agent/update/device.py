@@ -31,7 +31,9 @@ class UpdateSettings:
     auto_commit: bool = False
     max_error_rate: float = 0.05  # of requests on the new version during probation
     min_requests: int = 20  # before the error-rate gate may fire
-    latency_budget_ms: float | None = None
+    # The health check's per-sample latency budget: a bundle far slower than this on
+    # the device is refused before the switch (generous by default; set it per fleet).
+    latency_budget_ms: float | None = 1000.0
     poll_s: float = 0.05
     # Fault injection: pause at the start of every step, so tests can kill the agent
     # inside a given state (set by EDGEFLEET_FAULT_STEP_DELAY; 0 in production).
