@@ -19,7 +19,7 @@ from agent.core import Agent
 from agent.events import EventLog
 from agent.loader import LoadedModel
 from agent.mqtt import MqttClient
-from agent.protocol.bundle import inspect_bundle
+from agent.protocol.bundle import read_manifest
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.payloads import (
     STATUS_OFFLINE,
@@ -192,11 +192,10 @@ def _ref(path: Path | None) -> BundleRef | None:
     if path is None:
         return None
     try:
-        bundle = inspect_bundle(path)
+        manifest, sha256 = read_manifest(path)
     except EdgefleetError:
         return None
-    return BundleRef(name=bundle.manifest.name, version=bundle.manifest.version,
-                     sha256=bundle.sha256)
+    return BundleRef(name=manifest.name, version=manifest.version, sha256=sha256)
 
 
 def _target_ref(journal: Journal | None) -> BundleRef | None:

@@ -24,10 +24,11 @@ import numpy as np
 
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.manifest import Manifest, Optimization, RuntimeRequirement
+from agent.protocol.signing import SigningKey
 from agent.runtime.base import Array, Runtime, TensorInfo
 from agent.runtime.inspect import ModelInfo, inspect_model
 from agent.runtime.select import load_runtime
-from converter import onnx_backend, tflite_backend
+from converter import onnx_backend, prune, tflite_backend
 from converter.config import ConvertConfig
 from converter.data import Dataset, load_dataset
 from converter.errors import (
@@ -38,9 +39,9 @@ from converter.errors import (
     UnsupportedPathError,
 )
 from converter.evaluate import accuracy, agreement, is_classifier, latency_p50_ms, run_batched
-from converter.package import PackageSpec, package_model
+from converter.package import PackageSpec, package_model, tensor_spec
 from converter.report import Attempt, ConversionReport
-from converter.sources import SourceModel, load_source
+from converter.sources import SourceModel, keras_source, load_source
 from devices import DeviceProfile, check_model, load_profile
 
 __all__ = ["ConversionFailed", "convert"]
@@ -150,38 +151,29 @@ def _float_latency(ctx: _Context) -> float:
 
 def _pruned(ctx: _Context, target: float) -> SourceModel:
     """Prune to ``target`` (fine-tuned when data is given), else the sparsest within budget."""
-    from converter import prune
-
     cfg, source = ctx.config, ctx.source
     if source.kind != "keras":
         raise UnsupportedPathError(f"pruning needs a Keras model, got {source.kind}",
                                    hint="prune before exporting, or drop --prune")
     tune = _load(cfg.fine_tune_data, source, cfg)
     levels = [target] if tune is not None else [target * f for f in (1.0, 0.75, 0.5, 0.25)]
-    result = None
+    pruned: SourceModel | None = None
     for level in levels:
         ctx.step(f"pruning to {level:.0%} sparsity" + (" and fine-tuning" if tune else ""))
         result = prune.prune_keras(source.handle, level, tune, cfg.fine_tune_epochs,
                                    lambda e, n, loss: ctx.step(f"fine-tuning (loss {loss:.4f})",
                                                                e, n))
-        drop = _pruned_drop(ctx, result.model)
+        pruned = keras_source(source.path, source.inputs, result.model)
+        drop = _pruned_drop(ctx, pruned)
         ctx.report.pruning = {**result.as_dict(), "target": target, "drop_points": drop}
         if cfg.max_drop is None or drop <= cfg.max_drop:
             break
-    assert result is not None
-    model = result.model
-
-    def predict(feeds: Mapping[str, Array]) -> list[Array]:
-        values = [feeds[i.name] for i in source.inputs]
-        out = model(values[0] if len(values) == 1 else values, training=False)
-        return [np.asarray(o) for o in (out if isinstance(out, list | tuple) else [out])]
-
-    return SourceModel("keras", source.path, source.inputs, predict, model)
+    assert pruned is not None
+    return pruned
 
 
-def _pruned_drop(ctx: _Context, model: object) -> float:
-    outputs = run_batched(lambda f: [np.asarray(model(next(iter(f.values())),  # type: ignore[operator]
-                                                      training=False))], ctx.evaluation)
+def _pruned_drop(ctx: _Context, pruned: SourceModel) -> float:
+    outputs = run_batched(pruned.predict, ctx.evaluation)
     labels, base = ctx.evaluation.labels, ctx.report.source_accuracy
     if labels is not None and base is not None:
         return round((base - accuracy(outputs, labels)) * 100, 4)
@@ -398,8 +390,6 @@ def _min_runtime(fmt: str, info: ModelInfo) -> str:
 
 
 def _probe_manifest(ctx: _Context, runtime: Runtime, info: ModelInfo) -> Manifest:
-    from converter.package import tensor_spec
-
     return Manifest(schema_version=1, name=ctx.config.model_name, version=ctx.config.version,
                     created="", format=ctx.config.format,
                     runtime=RuntimeRequirement(name="litert" if ctx.config.format == "tflite"
@@ -426,8 +416,6 @@ def _package(ctx: _Context, chosen: Attempt, artifact: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(tmp) / f"model.{cfg.format}"
         model_path.write_bytes(artifact)
-        from agent.protocol.signing import SigningKey
-
         package_model(model_path, cfg.output, spec, SigningKey.load(cfg.sign_key))
     ctx.report.output = str(cfg.output)
     ctx.report.bundle_bytes = cfg.output.stat().st_size

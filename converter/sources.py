@@ -18,7 +18,7 @@ from agent.runtime.select import load_runtime
 from converter._tf import keras, tensorflow
 from converter.errors import SourceModelError
 
-__all__ = ["SourceKind", "SourceModel", "load_source"]
+__all__ = ["SourceKind", "SourceModel", "keras_source", "load_source"]
 
 SourceKind = Literal["keras", "savedmodel", "onnx", "tflite"]
 Predict = Callable[[Mapping[str, Array]], list[Array]]
@@ -74,13 +74,18 @@ def _keras(path: Path, kind: SourceKind) -> SourceModel:
     model = keras().models.load_model(path, compile=False)
     inputs = [TensorInfo(name=_clean(t.name), shape=_shape(t.shape),
                          dtype=np.dtype(t.dtype).name) for t in model.inputs]
+    return keras_source(path, inputs, model)
+
+
+def keras_source(path: Path, inputs: list[TensorInfo], model: Any) -> SourceModel:
+    """A Keras model in memory (loaded, or pruned from one) as a :class:`SourceModel`."""
 
     def predict(feeds: Mapping[str, Array]) -> list[Array]:
         values = [feeds[i.name] for i in inputs]
         out = model(values[0] if len(values) == 1 else values, training=False)
         return [np.asarray(o) for o in (out if isinstance(out, list | tuple) else [out])]
 
-    return SourceModel(kind, path, inputs, predict, model)
+    return SourceModel("keras", path, inputs, predict, model)
 
 
 def _savedmodel(path: Path, kind: SourceKind) -> SourceModel:

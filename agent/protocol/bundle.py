@@ -33,7 +33,7 @@ from agent.protocol.manifest import (
 from agent.protocol.signing import SigningKey, TrustedKeys
 
 __all__ = ["BUNDLE_SUFFIX", "Bundle", "build_bundle", "inspect_bundle", "read_bundle",
-           "write_bundle"]
+           "read_manifest", "write_bundle"]
 
 BUNDLE_SUFFIX = ".efb"
 MANIFEST = "manifest.json"
@@ -119,6 +119,21 @@ def inspect_bundle(source: Path | bytes) -> Bundle:
     _check_required(manifest, members.keys())
     _check_files(manifest, members)
     return Bundle(manifest, members[MANIFEST], "", {n: members[n] for n in manifest.files})
+
+
+def read_manifest(path: Path) -> tuple[Manifest, str]:
+    """Only the manifest of a bundle and its sha256 (the bundle's identity), without reading
+    or hashing the model: for bundles that verified before they were stored (A/B slots)."""
+    try:
+        with tarfile.open(path, mode="r:") as archive:
+            info = archive.getmember(MANIFEST)
+            _check_member(info)
+            handle = archive.extractfile(info)
+            raw = handle.read() if handle is not None else b""
+    except (OSError, KeyError, tarfile.TarError) as exc:
+        raise BundleFormatError(f"cannot read the manifest of {path!s}: {exc}",
+                                hint="the file is not a complete bundle") from exc
+    return parse_manifest(raw), sha256_bytes(raw)
 
 
 def _read_members(source: Path | bytes) -> dict[str, bytes]:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from agent.core import Agent
 from agent.loader import LoadedModel, load_bundle
-from agent.protocol.bundle import inspect_bundle, read_bundle
+from agent.protocol.bundle import read_bundle, read_manifest
 from agent.protocol.errors import EdgefleetError, IntegrityError
-from agent.protocol.files import atomic_write, sha256_bytes
+from agent.protocol.files import atomic_write
 from agent.update.download import DownloadStats, fetch
 from agent.update.slots import SlotStore
 from agent.update.states import Event, Journal
@@ -196,6 +196,6 @@ def _check_disk(data_dir: Path, size: int) -> None:
 
 def _manifest_sha(path: Path) -> str | None:
     try:
-        return sha256_bytes(inspect_bundle(path).manifest_bytes)
+        return read_manifest(path)[1]
     except EdgefleetError:
         return None

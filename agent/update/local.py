@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.core import Agent
 from agent.loader import load_bundle
-from agent.protocol.bundle import inspect_bundle, read_bundle
+from agent.protocol.bundle import read_bundle, read_manifest
 from agent.protocol.errors import EdgefleetError
 from agent.update.device import DeviceController, UpdateSettings, load_journal
 from agent.update.flow import Updater
@@ -76,9 +76,8 @@ def status(data_dir: Path) -> dict[str, Any]:
                                      ("fallback", pointer.fallback)) if value == slot)}
         if path is not None:
             try:
-                manifest = inspect_bundle(path)
-                entry.update(name=manifest.manifest.name, version=manifest.manifest.version,
-                             sha256=manifest.sha256[:16])
+                manifest, sha256 = read_manifest(path)
+                entry.update(name=manifest.name, version=manifest.version, sha256=sha256[:16])
             except EdgefleetError as exc:
                 entry["error"] = exc.message
         slots.append(entry)

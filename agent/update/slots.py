@@ -68,9 +68,8 @@ class SlotStore:
     def inactive(self) -> str:
         """The slot to stage into: never the active or the committed one."""
         pointer = self.pointer()
-        busy = {pointer.active, pointer.committed}
-        return next((s for s in SLOTS if s not in busy), SLOTS[0] if pointer.active != "a"
-                    else "b")
+        free = [s for s in SLOTS if s not in (pointer.active, pointer.committed)]
+        return free[0] if free else next(s for s in SLOTS if s != pointer.active)
 
     def stage(self, data: bytes) -> str:
         slot = self.inactive()
