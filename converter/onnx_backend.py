@@ -8,6 +8,8 @@ may exclude named nodes (``keep_float``).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -126,10 +128,23 @@ def _pre_process(pre_process: Any, src: Path, out: Path) -> None:
     shape inference is skipped for graphs it cannot infer (dynamic spatial sizes, as in
     many detection models)."""
     _upgrade_opset(src, QDQ_MIN_OPSET)
+    # A failed symbolic inference dumps the model into the working directory
+    # (sym_shape_infer_temp.onnx and its external data): keep that in the temp folder.
+    with _working_directory(src.parent):
+        try:
+            pre_process(src, out, skip_symbolic_shape=False)
+        except Exception:  # AssertionError or "Incomplete symbolic shape inference"
+            pre_process(src, out, skip_symbolic_shape=True)
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    previous = Path.cwd()
+    os.chdir(path)
     try:
-        pre_process(src, out, skip_symbolic_shape=False)
-    except Exception:  # AssertionError or "Incomplete symbolic shape inference"
-        pre_process(src, out, skip_symbolic_shape=True)
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _upgrade_opset(path: Path, opset: int) -> None:

@@ -1,0 +1,133 @@
+"""What the fleet keeps: devices, model versions and the audit trail (plain frozen data).
+
+Rollouts live in :mod:`fleet.rollout`. Everything here converts to and from plain
+JSON dicts (``as_dict`` / ``from_dict``): the store keeps them, the API sends them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from agent.protocol.payloads import BundleRef
+
+__all__ = ["AuditEntry", "Device", "ModelVersion", "ref_from_dict", "ref_to_dict"]
+
+
+def ref_to_dict(ref: BundleRef | None) -> dict[str, str] | None:
+    return None if ref is None else {"name": ref.name, "version": ref.version,
+                                     "sha256": ref.sha256}
+
+
+def ref_from_dict(data: Any) -> BundleRef | None:
+    if not isinstance(data, dict):
+        return None
+    return BundleRef(name=str(data["name"]), version=str(data["version"]),
+                     sha256=str(data["sha256"]))
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device as the controller knows it: what it reported, plus group and tags."""
+
+    id: str
+    fleet: str
+    online: bool = False
+    group: str | None = None
+    tags: frozenset[str] = frozenset()
+    profile: str | None = None
+    runtimes: dict[str, str] = field(default_factory=dict)
+    agent_version: str | None = None
+    active: BundleRef | None = None
+    previous: BundleRef | None = None
+    update_state: str = "IDLE"
+    update_target: str | None = None  # sha256 of the bundle the update is about
+    update_detail: str = ""
+    update_since_ms: int = 0  # when the device entered update_state (its own clock)
+    first_seen_ms: int = 0
+    last_seen_ms: int = 0
+
+    def with_changes(self, **changes: Any) -> Device:
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(tags=sorted(self.tags), active=ref_to_dict(self.active),
+                    previous=ref_to_dict(self.previous))
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Device:
+        return cls(id=str(data["id"]), fleet=str(data["fleet"]), online=bool(data["online"]),
+                   group=data.get("group"), tags=frozenset(data.get("tags") or ()),
+                   profile=data.get("profile"), runtimes=dict(data.get("runtimes") or {}),
+                   agent_version=data.get("agent_version"),
+                   active=ref_from_dict(data.get("active")),
+                   previous=ref_from_dict(data.get("previous")),
+                   update_state=str(data.get("update_state") or "IDLE"),
+                   update_target=data.get("update_target"),
+                   update_detail=str(data.get("update_detail") or ""),
+                   update_since_ms=int(data.get("update_since_ms") or 0),
+                   first_seen_ms=int(data.get("first_seen_ms") or 0),
+                   last_seen_ms=int(data.get("last_seen_ms") or 0))
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A pushed bundle: identity (name, version, manifest sha256), where it is, what it measured.
+
+    ``manifest`` is the bundle's manifest as a JSON dict; ``path`` is where the controller
+    keeps the ``.efb`` (content-addressed by ``sha256``).
+    """
+
+    name: str
+    version: str
+    sha256: str
+    size: int
+    format: str
+    runtime: str
+    min_runtime_version: str
+    manifest: dict[str, Any]
+    path: str
+    pushed_ms: int
+    pushed_by: str
+
+    @property
+    def ref(self) -> BundleRef:
+        return BundleRef(name=self.name, version=self.version, sha256=self.sha256)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        metrics = self.manifest.get("metrics")
+        return metrics if isinstance(metrics, dict) else {}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelVersion:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One line of history: who (token name) did what to which target, and how it ended."""
+
+    ts_ms: int
+    actor: str
+    action: str
+    target: str
+    outcome: str = "ok"
+    detail: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditEntry:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})

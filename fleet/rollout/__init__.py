@@ -1,0 +1,1 @@
+"""Rollouts: the plan (``spec``), the state (``state``) and the pure executor (``executor``)."""

@@ -1,0 +1,161 @@
+"""A rollout's state: where it is (``RolloutState``, current wave) and every device's progress.
+
+::
+
+    PENDING -> RUNNING <-> PAUSED
+                  |  \\-> SUCCEEDED  (every wave reached, enough devices succeeded)
+                  |   \\-> ABORTED   (a gate fired, or an operator aborted)
+                  +-------> ROLLED_BACK (an operator rolled it back; also from SUCCEEDED/ABORTED)
+
+A device in a rollout::
+
+    PENDING -> TARGETED -> UPDATING -> PROBATION -> COMMITTING -> SUCCEEDED
+       |           \\________\\___________\\_____________\\-> FAILED | TIMED_OUT
+       +-> INCOMPATIBLE (its runtime or profile cannot load the bundle; never targeted)
+       +-> CANCELLED    (the rollout ended before the device's turn)
+    any touched device -> ROLLING_BACK -> ROLLED_BACK (rollback)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+from agent.protocol.payloads import BundleRef
+from fleet.domain import ref_from_dict, ref_to_dict
+from fleet.rollout.spec import RolloutSpec
+
+__all__ = [
+    "ACTIVE",
+    "DONE",
+    "FINISHED",
+    "TOUCHED",
+    "DeviceState",
+    "Rollout",
+    "RolloutDevice",
+    "RolloutState",
+]
+
+
+class RolloutState(str, Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    SUCCEEDED = "SUCCEEDED"
+    ABORTED = "ABORTED"
+    ROLLED_BACK = "ROLLED_BACK"
+
+
+FINISHED = frozenset({RolloutState.SUCCEEDED, RolloutState.ABORTED, RolloutState.ROLLED_BACK})
+
+
+class DeviceState(str, Enum):
+    PENDING = "PENDING"
+    INCOMPATIBLE = "INCOMPATIBLE"
+    TARGETED = "TARGETED"
+    UPDATING = "UPDATING"
+    PROBATION = "PROBATION"
+    COMMITTING = "COMMITTING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    TIMED_OUT = "TIMED_OUT"
+    CANCELLED = "CANCELLED"
+    ROLLING_BACK = "ROLLING_BACK"
+    ROLLED_BACK = "ROLLED_BACK"
+
+
+# Devices the rollout sent something to and is still waiting on.
+ACTIVE = frozenset({DeviceState.TARGETED, DeviceState.UPDATING, DeviceState.PROBATION,
+                    DeviceState.COMMITTING})
+# Devices whose part in the current wave is over.
+DONE = frozenset({DeviceState.SUCCEEDED, DeviceState.FAILED, DeviceState.TIMED_OUT,
+                  DeviceState.INCOMPATIBLE, DeviceState.CANCELLED, DeviceState.ROLLED_BACK,
+                  DeviceState.ROLLING_BACK})
+# Devices that were sent the bundle: the ones a rollback must return.
+TOUCHED = ACTIVE | {DeviceState.SUCCEEDED, DeviceState.FAILED, DeviceState.TIMED_OUT,
+                    DeviceState.ROLLING_BACK}
+
+
+@dataclass(frozen=True)
+class RolloutDevice:
+    """One device's part in a rollout."""
+
+    device: str
+    wave: int
+    state: DeviceState = DeviceState.PENDING
+    since_ms: int = 0  # when it entered ``state``
+    targeted_ms: int = 0  # when the bundle was sent (0: not yet)
+    sent_ms: int = 0  # when the last desired state (install, commit, rollback) was sent
+    reason: str = ""
+    previous: BundleRef | None = None  # what it ran before (the rollback target)
+
+    def moved(self, state: DeviceState, now_ms: int, reason: str = "") -> RolloutDevice:
+        return replace(self, state=state, since_ms=now_ms, reason=reason)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "wave": self.wave, "state": self.state.value,
+                "since_ms": self.since_ms, "targeted_ms": self.targeted_ms,
+                "sent_ms": self.sent_ms,
+                "reason": self.reason, "previous": ref_to_dict(self.previous)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RolloutDevice:
+        return cls(device=str(data["device"]), wave=int(data["wave"]),
+                   state=DeviceState(data["state"]), since_ms=int(data.get("since_ms", 0)),
+                   targeted_ms=int(data.get("targeted_ms", 0)),
+                   sent_ms=int(data.get("sent_ms", 0)),
+                   reason=str(data.get("reason", "")),
+                   previous=ref_from_dict(data.get("previous")))
+
+
+@dataclass(frozen=True)
+class Rollout:
+    id: str
+    spec: RolloutSpec
+    state: RolloutState = RolloutState.PENDING
+    wave: int = 0
+    wave_started_ms: int = 0
+    started_in_wave: int = 0  # devices sent the bundle in the current wave (rate limit)
+    reason: str = ""
+    created_ms: int = 0
+    updated_ms: int = 0
+    created_by: str = ""
+    devices: Mapping[str, RolloutDevice] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for item in self.devices.values():
+            counts[item.state.value] = counts.get(item.state.value, 0) + 1
+        return counts
+
+    def summary(self) -> dict[str, Any]:
+        """The rollout without its device list."""
+        return {"id": self.id, "spec": self.spec.as_dict(), "state": self.state.value,
+                "wave": self.wave, "waves": len(self.spec.waves),
+                "wave_started_ms": self.wave_started_ms, "started_in_wave": self.started_in_wave,
+                "reason": self.reason, "created_ms": self.created_ms,
+                "updated_ms": self.updated_ms, "created_by": self.created_by,
+                "counts": self.counts(), "total": len(self.devices)}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.summary(),
+                "devices": [d.as_dict() for d in sorted(self.devices.values(),
+                                                        key=lambda d: (d.wave, d.device))]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Rollout:
+        devices = [RolloutDevice.from_dict(d) for d in data.get("devices", [])]
+        return cls(id=str(data["id"]), spec=RolloutSpec.from_dict(data["spec"]),
+                   state=RolloutState(data["state"]), wave=int(data.get("wave", 0)),
+                   wave_started_ms=int(data.get("wave_started_ms", 0)),
+                   started_in_wave=int(data.get("started_in_wave", 0)),
+                   reason=str(data.get("reason", "")), created_ms=int(data.get("created_ms", 0)),
+                   updated_ms=int(data.get("updated_ms", 0)),
+                   created_by=str(data.get("created_by", "")),
+                   devices={d.device: d for d in devices})

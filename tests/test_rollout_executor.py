@@ -1,0 +1,406 @@
+"""The pure rollout executor: table-driven, no broker, no clock."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from agent.protocol.payloads import BundleRef
+from fleet.errors import ConflictError, InvalidRolloutError
+from fleet.rollout.executor import (
+    Action,
+    Decisions,
+    DeviceView,
+    Observations,
+    Quality,
+    Send,
+    abort,
+    pause,
+    resume,
+    rollback,
+    tick,
+)
+from fleet.rollout.spec import Gates, RolloutSpec, Selector, Wave, parse_waves, wave_bounds
+from fleet.rollout.state import DeviceState, Rollout, RolloutState
+
+OLD = BundleRef(name="digits", version="1.0.0", sha256="1" * 64)
+NEW = BundleRef(name="digits", version="2.0.0", sha256="2" * 64)
+MIN = 60_000
+
+
+def spec(**changes: object) -> RolloutSpec:
+    base = RolloutSpec(model=NEW, url="http://c/b.efb", size=100,
+                       selectors=(Selector("group", "cams"),))
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def fleet(n: int, **view: object) -> dict[str, DeviceView]:
+    return {f"d{i:02d}": DeviceView(online=True, active=OLD, update_state="COMMITTED",
+                                    **view)  # type: ignore[arg-type]
+            for i in range(n)}
+
+
+def on(update_state: str, active: BundleRef = OLD, since: int = 0) -> DeviceView:
+    return DeviceView(online=True, active=active, update_state=update_state,
+                      update_target=NEW.sha256, update_since_ms=since)
+
+
+def committed_new() -> DeviceView:
+    return DeviceView(online=True, active=NEW, update_state="COMMITTED",
+                      update_target=NEW.sha256)
+
+
+def run(rollout: Rollout, devices: dict[str, DeviceView], now: int,
+        candidate: Quality = Quality(), baseline: Quality = Quality()) -> Decisions:
+    return tick(rollout, Observations(devices, candidate, baseline), now)
+
+
+def installs(d: Decisions) -> list[str]:
+    return [s.device for s in d.sends if s.action == Action.INSTALL]
+
+
+def states(r: Rollout) -> dict[str, str]:
+    return {k: v.state.value for k, v in sorted(r.devices.items())}
+
+
+def started(n: int, **changes: object) -> tuple[Rollout, dict[str, DeviceView]]:
+    devices = fleet(n)
+    first = run(Rollout("r1", spec(**changes)), devices, 0)
+    return first.rollout, devices
+
+
+# --- waves and spec ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("waves", "total", "bounds"), [
+    ("1%,10%,50%,100%", 10, [1, 1, 5, 10]),
+    ("1%,10%,50%,100%", 1000, [10, 100, 500, 1000]),
+    ("1%,10%,50%,100%", 0, [0, 0, 0, 0]),
+    ("2,100%", 10, [2, 10]),
+    ("50", 10, [10, 10]),  # a count above the group is everyone; 100% is always added
+    ("33%,66%", 3, [1, 2, 3]),
+])
+def test_wave_bounds_are_cumulative_round_up_and_reach_everyone(
+        waves: str, total: int, bounds: list[int]) -> None:
+    assert wave_bounds(parse_waves(waves), total) == bounds
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("0%", "out of range"), ("150%", "out of range"), ("x", "not a number"),
+    ("1.5", "whole number"), ("", "at least one wave"),
+])
+def test_bad_waves_are_refused_at_creation(text: str, problem: str) -> None:
+    with pytest.raises(InvalidRolloutError, match=problem):
+        parse_waves(text)
+
+
+@pytest.mark.parametrize("changes", [
+    {"gates": Gates(max_failures_pct=101)}, {"gates": Gates(min_success_pct=-1)},
+    {"gates": Gates(max_p95_ratio=0)}, {"rate_per_min": 0}, {"exponential": 0.5},
+    {"device_timeout_s": 0}, {"soak_s": -1}, {"selectors": ()},
+])
+def test_bad_thresholds_are_refused_when_the_rollout_is_created(changes: dict[str, object]
+                                                                 ) -> None:
+    with pytest.raises(InvalidRolloutError):
+        spec(**changes)
+
+
+def test_spec_round_trips_through_json() -> None:
+    original = spec(waves=(Wave(1, False), Wave(50, True)), rate_per_min=5, exponential=2,
+                    gates=Gates(max_p95_ratio=1.5, min_agreement_pct=95))
+    assert RolloutSpec.from_dict(original.as_dict()) == original
+
+
+# --- starting ---------------------------------------------------------------------------
+
+def test_an_empty_selection_succeeds_at_once_with_nothing_sent() -> None:
+    d = run(Rollout("r1", spec()), {}, 0)
+    assert d.rollout.state == RolloutState.SUCCEEDED
+    assert "no device matches" in d.rollout.reason and d.sends == []
+
+
+def test_the_first_tick_freezes_waves_and_sends_only_the_first_wave() -> None:
+    rollout, _ = started(10, waves=parse_waves("10%,50%,100%"))
+    assert rollout.state == RolloutState.RUNNING
+    assert sorted(d.wave for d in rollout.devices.values()) == [0, 1, 1, 1, 1, 2, 2, 2, 2, 2]
+    assert states(rollout)["d00"] == "TARGETED"
+    assert list(states(rollout).values()).count("TARGETED") == 1
+
+
+def test_canary_then_everyone() -> None:
+    rollout, _ = started(5, waves=(Wave(2, False),))
+    assert list(states(rollout).values()).count("TARGETED") == 2
+
+
+def test_offline_devices_are_sent_the_bundle_too_and_get_it_when_they_return() -> None:
+    devices = fleet(2)
+    devices["d01"] = replace(devices["d01"], online=False)
+    d = run(Rollout("r1", spec()), devices, 0)
+    assert installs(d) == ["d00", "d01"]  # retained desired state waits for d01 on the broker
+
+
+def test_devices_already_on_the_target_succeed_without_being_sent_anything() -> None:
+    devices = {"d00": committed_new(), **{k: v for k, v in fleet(2).items() if k != "d00"}}
+    d = run(Rollout("r1", spec()), devices, 0)
+    assert installs(d) == ["d01"]
+    assert d.rollout.devices["d00"].state == DeviceState.SUCCEEDED
+
+
+def test_incompatible_devices_are_never_sent_the_bundle_and_say_why() -> None:
+    devices = fleet(3)
+    devices["d01"] = replace(devices["d01"], incompatible="litert 2.1 < 2.3 needed")
+    d = run(Rollout("r1", spec()), devices, 0)
+    assert installs(d) == ["d00", "d02"]
+    item = d.rollout.devices["d01"]
+    assert item.state == DeviceState.INCOMPATIBLE and "2.3 needed" in item.reason
+
+
+# --- following devices ------------------------------------------------------------------
+
+def test_a_device_goes_from_targeted_to_succeeded_through_probation_and_commit() -> None:
+    rollout, devices = started(1, soak_s=30)
+    devices["d00"] = on("DOWNLOADING")
+    rollout = run(rollout, devices, 1000).rollout
+    assert states(rollout) == {"d00": "UPDATING"}
+    devices["d00"] = on("PROBATION", NEW, since=2000)
+    d = run(rollout, devices, 2000)
+    assert states(d.rollout) == {"d00": "PROBATION"} and d.sends == []
+    d = run(d.rollout, devices, 2000 + 29_999)
+    assert d.sends == []  # soak not over
+    d = run(d.rollout, devices, 2000 + 30_000)
+    assert d.sends == [Send("d00", Action.COMMIT)]
+    devices["d00"] = committed_new()
+    d = run(d.rollout, devices, 40_000)
+    assert states(d.rollout) == {"d00": "SUCCEEDED"}
+    assert d.rollout.state == RolloutState.SUCCEEDED
+
+
+def test_reports_never_move_a_device_backwards() -> None:
+    rollout, devices = started(1)
+    devices["d00"] = on("PROBATION", NEW)
+    d = run(rollout, devices, 1000)
+    assert states(d.rollout) == {"d00": "COMMITTING"}  # no soak: committed at once
+    d = run(d.rollout, devices, 1500)  # the device still says PROBATION
+    assert states(d.rollout) == {"d00": "COMMITTING"}
+
+
+def test_a_commit_sent_before_the_device_reached_probation_is_sent_again() -> None:
+    rollout, devices = started(1)
+    devices["d00"] = on("PROBATION", NEW, since=1000)
+    d = run(rollout, devices, 1000)
+    assert d.sends == [Send("d00", Action.COMMIT)]
+    d = run(d.rollout, devices, 2000)
+    assert d.sends == []  # it has it
+    devices["d00"] = on("PROBATION", NEW, since=2500)  # re-entered probation after a restart
+    d = run(d.rollout, devices, 3000)
+    assert d.sends == [Send("d00", Action.COMMIT)]
+
+
+# --- timeouts ---------------------------------------------------------------------------
+
+def test_a_device_that_never_answers_times_out_so_the_rollout_ends() -> None:
+    rollout, devices = started(2, device_timeout_s=60, gates=Gates(min_success_pct=50))
+    devices["d00"] = committed_new()
+    devices["d01"] = replace(devices["d01"], online=False)
+    d = run(rollout, devices, 60_000)
+    assert states(d.rollout) == {"d00": "SUCCEEDED", "d01": "TARGETED"}  # exactly at the limit
+    d = run(d.rollout, devices, 60_001)
+    assert states(d.rollout)["d01"] == "TIMED_OUT"
+    assert "offline" in d.rollout.devices["d01"].reason
+    assert d.rollout.state == RolloutState.SUCCEEDED  # 50% succeeded, not below 50%
+
+
+def test_timeouts_count_against_min_success_not_as_failures() -> None:
+    rollout, devices = started(2, device_timeout_s=60)
+    devices["d00"] = committed_new()
+    d = run(rollout, devices, 61_000)
+    assert d.rollout.state == RolloutState.ABORTED
+    assert "below --min-success 100%" in d.rollout.reason
+
+
+def test_a_timed_out_device_that_answers_late_is_followed_again() -> None:
+    rollout, devices = started(2, device_timeout_s=60, waves=parse_waves("50%"),
+                               gates=Gates(min_success_pct=0))
+    d = run(rollout, devices, 61_000)
+    assert states(d.rollout)["d00"] == "TIMED_OUT"
+    devices["d00"] = on("PROBATION", NEW, since=70_000)
+    d = run(d.rollout, devices, 70_000)
+    assert d.rollout.devices["d00"].state == DeviceState.COMMITTING
+    assert "(late)" in d.rollout.devices["d00"].reason or d.sends
+
+
+# --- gates ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("failed", "of", "max_pct", "aborts"), [
+    (1, 4, 25.0, False),  # exactly at the threshold: does not fire
+    (2, 4, 25.0, True),
+    (1, 4, 0.0, True),
+    (0, 4, 0.0, False),
+])
+def test_max_failures_fires_strictly_above(failed: int, of: int, max_pct: float,
+                                          aborts: bool) -> None:
+    rollout, devices = started(of + 1, waves=(Wave(of, False),),
+                               gates=Gates(max_failures_pct=max_pct, min_success_pct=0))
+    for i in range(failed):
+        devices[f"d{i:02d}"] = on("FAILED")
+    d = run(rollout, devices, 1000)
+    assert (d.rollout.state == RolloutState.ABORTED) is aborts
+    if aborts:
+        assert "above --max-failures" in d.rollout.reason
+        assert states(d.rollout)[f"d{of:02d}"] == "CANCELLED"  # never reached
+
+
+def test_a_failed_device_keeps_its_reason_and_its_desired_state_is_cleared() -> None:
+    rollout, devices = started(2, gates=Gates(max_failures_pct=50, min_success_pct=0))
+    devices["d00"] = replace(on("FAILED"), update_detail="health check: outputs differ")
+    d = run(rollout, devices, 1000)
+    assert d.rollout.devices["d00"].reason == "health check: outputs differ"
+    assert d.cleared == ["d00"]
+
+
+QUALITY_CASES = [
+    # (gates, candidate, baseline, fires)
+    (Gates(max_error_rate_pct=5), Quality(95, 5), Quality(), False),  # exactly 5%
+    (Gates(max_error_rate_pct=5), Quality(94, 6), Quality(), True),
+    (Gates(max_p95_ratio=1.5), Quality(100, 0, 15.0), Quality(100, 0, 10.0), False),
+    (Gates(max_p95_ratio=1.5), Quality(100, 0, 15.1), Quality(100, 0, 10.0), True),
+    (Gates(max_p95_ratio=1.5), Quality(100, 0, 99.0), Quality(), False),  # no baseline yet
+    (Gates(min_agreement_pct=90), Quality(100, 0, None, 0.90, 30), Quality(), False),
+    (Gates(min_agreement_pct=90), Quality(100, 0, None, 0.89, 30), Quality(), True),
+    (Gates(max_error_rate_pct=5), Quality(10, 9), Quality(), False),  # below min_samples
+]
+
+
+@pytest.mark.parametrize(("gates", "candidate", "baseline", "fires"), QUALITY_CASES)
+def test_quality_gates_compare_the_new_version_with_its_baseline(
+        gates: Gates, candidate: Quality, baseline: Quality, fires: bool) -> None:
+    rollout, devices = started(3, waves=(Wave(1, False),), soak_s=600, gates=gates)
+    devices["d00"] = on("PROBATION", NEW)
+    d = run(rollout, devices, 1000, candidate, baseline)
+    assert (d.rollout.state == RolloutState.ABORTED) is fires
+    if fires:
+        assert d.sends == [Send("d00", Action.ROLLBACK)]
+        assert states(d.rollout) == {"d00": "ROLLING_BACK", "d01": "CANCELLED",
+                                     "d02": "CANCELLED"}
+
+
+def test_the_error_condition_is_checked_before_the_success_condition() -> None:
+    rollout, devices = started(1, gates=Gates(max_error_rate_pct=1))
+    devices["d00"] = on("PROBATION", NEW)
+    d = run(rollout, devices, 1000, Quality(50, 50))
+    assert d.rollout.state == RolloutState.ABORTED
+    assert d.sends == [Send("d00", Action.ROLLBACK)]  # never committed
+
+
+def test_an_aborted_rollouts_devices_report_rolled_back_and_are_marked_so() -> None:
+    rollout, devices = started(1, gates=Gates(max_error_rate_pct=1), soak_s=60)
+    devices["d00"] = on("PROBATION", NEW)
+    d = run(rollout, devices, 1000, Quality(50, 50))
+    devices["d00"] = DeviceView(online=True, active=OLD, update_state="ROLLED_BACK",
+                                update_target=NEW.sha256)
+    d = run(d.rollout, devices, 2000)
+    assert states(d.rollout) == {"d00": "ROLLED_BACK"}
+    assert "digits 1.0.0" in d.rollout.devices["d00"].reason
+
+
+# --- waves, rate, newcomers -------------------------------------------------------------
+
+def test_the_next_wave_starts_only_when_the_current_one_is_done() -> None:
+    rollout, devices = started(4, waves=parse_waves("25%,100%"))
+    assert list(states(rollout).values()).count("TARGETED") == 1
+    devices["d00"] = committed_new()
+    d = run(rollout, devices, 1000)
+    assert d.rollout.wave == 1 and installs(d) == ["d01", "d02", "d03"]
+    assert any("wave 2 started" in n for n in d.notes)
+
+
+def test_the_rate_limits_how_many_devices_start_per_minute_and_grows_exponentially() -> None:
+    rollout, devices = started(20, rate_per_min=2, exponential=3,
+                               waves=parse_waves("5,100%"))
+    assert list(states(rollout).values()).count("TARGETED") == 1
+    assert installs(run(rollout, devices, MIN // 2 - 1)) == []
+    d = run(rollout, devices, MIN // 2)
+    assert len(installs(d)) == 1
+    d = run(d.rollout, devices, MIN * 2)
+    assert len(installs(d)) == 3  # 1 + 2*2 = 5 in the first wave, which has 5
+    for i in range(5):
+        devices[f"d{i:02d}"] = committed_new()
+    d = run(d.rollout, devices, MIN * 3)  # wave 2 at 6/min: 1 at once
+    assert d.rollout.wave == 1
+    d = run(d.rollout, devices, MIN * 4)
+    assert d.rollout.started_in_wave == 7
+
+
+def test_devices_that_join_while_running_go_in_the_last_wave() -> None:
+    rollout, devices = started(2, waves=parse_waves("50%,100%"))
+    devices["d99"] = fleet(1)["d00"]
+    d = run(rollout, devices, 1000)
+    assert d.rollout.devices["d99"].wave == 1 and installs(d) == []
+    devices["d00"] = committed_new()
+    d = run(d.rollout, devices, 2000)
+    assert installs(d) == ["d01", "d99"]
+
+
+def test_devices_that_join_after_the_end_are_left_alone() -> None:
+    rollout, devices = started(1)
+    devices["d00"] = committed_new()
+    d = run(rollout, devices, 1000)
+    assert d.rollout.state == RolloutState.SUCCEEDED
+    devices["d99"] = fleet(1)["d00"]
+    d = run(d.rollout, devices, 2000)
+    assert "d99" not in d.rollout.devices and d.sends == []
+
+
+# --- operators --------------------------------------------------------------------------
+
+def test_a_paused_rollout_sends_nothing_new_until_resumed() -> None:
+    rollout, devices = started(2, waves=parse_waves("50%,100%"))
+    paused = pause(rollout, 10).rollout
+    devices["d00"] = committed_new()
+    d = run(paused, devices, 1000)
+    assert d.rollout.state == RolloutState.PAUSED and d.sends == []
+    d = run(resume(d.rollout, 2000).rollout, devices, 3000)
+    assert installs(d) == ["d01"]
+
+
+def test_pause_resume_and_abort_refuse_states_they_do_not_apply_to() -> None:
+    rollout, _ = started(1)
+    with pytest.raises(ConflictError, match="RUNNING"):
+        resume(rollout, 0)
+    ended = abort(rollout, 0).rollout
+    assert ended.state == RolloutState.ABORTED
+    with pytest.raises(ConflictError, match="ABORTED"):
+        pause(ended, 0)
+
+
+def test_rollback_returns_every_touched_device_and_cancels_the_rest() -> None:
+    rollout, devices = started(3, waves=parse_waves("33%,100%"))
+    devices["d00"] = committed_new()
+    rollout = run(rollout, devices, 1000).rollout  # d00 done, wave 2 sent to d01, d02
+    devices["d01"] = on("DOWNLOADING")
+    rollout = run(rollout, devices, 2000).rollout
+    d = rollback(rollout, 3000)
+    assert d.rollout.state == RolloutState.ROLLED_BACK
+    assert sorted(s.device for s in d.sends if s.action == Action.ROLLBACK) == ["d00", "d01",
+                                                                                "d02"]
+    devices["d00"] = DeviceView(online=True, active=OLD, update_state="ROLLED_BACK",
+                                update_target=NEW.sha256)
+    devices["d01"] = on("PROBATION", NEW, since=5000)  # it was still on its way
+    d = run(d.rollout, devices, 5000)
+    assert states(d.rollout)["d00"] == "ROLLED_BACK"
+    assert d.sends == [Send("d01", Action.ROLLBACK)]  # told again once it can act on it
+
+
+def test_rolling_back_some_devices_keeps_the_rollout_state() -> None:
+    rollout, devices = started(2)
+    devices["d00"] = committed_new()
+    devices["d01"] = committed_new()
+    rollout = run(rollout, devices, 1000).rollout
+    d = rollback(rollout, 2000, only=frozenset({"d00"}))
+    assert d.rollout.state == RolloutState.SUCCEEDED
+    assert states(d.rollout) == {"d00": "ROLLING_BACK", "d01": "SUCCEEDED"}
+
+
+def test_a_rollout_round_trips_through_json() -> None:
+    rollout, _ = started(3)
+    assert Rollout.from_dict(rollout.as_dict()) == rollout
