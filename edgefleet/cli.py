@@ -10,6 +10,7 @@ from agent.cli import keys as keys_cli
 from converter.cli import convert
 from devices import cli as device_cli
 from edgefleet.cli_demo import demo
+from fleet import cli as fleet_cli
 
 app = typer.Typer(
     help="edgefleet: convert models, run them on devices, roll them out to fleets.",
@@ -19,6 +20,7 @@ app = typer.Typer(
 app.add_typer(agent_cli.app, name="agent")
 app.add_typer(keys_cli.app, name="keys")
 app.add_typer(device_cli.app, name="device")
+app.add_typer(fleet_cli.app, name="fleet")
 app.command("broker")(broker_cli.broker)
 app.command("demo")(demo)
 app.command("convert")(convert)

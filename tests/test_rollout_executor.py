@@ -27,6 +27,7 @@ from fleet.rollout.state import DeviceState, Rollout, RolloutState
 OLD = BundleRef(name="digits", version="1.0.0", sha256="1" * 64)
 NEW = BundleRef(name="digits", version="2.0.0", sha256="2" * 64)
 MIN = 60_000
+NO_DATA = Quality()
 
 
 def spec(**changes: object) -> RolloutSpec:
@@ -52,7 +53,7 @@ def committed_new() -> DeviceView:
 
 
 def run(rollout: Rollout, devices: dict[str, DeviceView], now: int,
-        candidate: Quality = Quality(), baseline: Quality = Quality()) -> Decisions:
+        candidate: Quality = NO_DATA, baseline: Quality = NO_DATA) -> Decisions:
     return tick(rollout, Observations(devices, candidate, baseline), now)
 
 

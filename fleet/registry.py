@@ -1,0 +1,87 @@
+"""The device registry in memory: devices register themselves through ``status`` and
+``state/reported``; group and tags come from operators. Changes are marked dirty and
+written to the store in batches by the controller's loop (never one row per message).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+from agent.protocol.payloads import STATUS_ONLINE, ReportedState
+from fleet.domain import Device
+
+__all__ = ["DeviceRegistry", "apply_reported"]
+
+
+def apply_reported(device: Device, reported: ReportedState, now_ms: int) -> Device:
+    """``device`` as its own retained report describes it."""
+    update = reported.update
+    return device.with_changes(
+        profile=reported.profile, runtimes=dict(reported.runtimes),
+        agent_version=reported.agent_version, active=reported.active,
+        previous=reported.previous, update_state=update.state,
+        update_target=update.target.sha256 if update.target else None,
+        update_detail=update.detail, update_since_ms=update.since, last_seen_ms=now_ms)
+
+
+class DeviceRegistry:
+    """Every known device of one fleet, thread-safe; ``dirty`` ids await a store write."""
+
+    def __init__(self, fleet: str, devices: Iterable[Device] = ()) -> None:
+        self.fleet = fleet
+        self._devices = {d.id: d for d in devices}
+        self._dirty: set[str] = set()
+        self._joined: list[str] = []
+        self._lock = threading.Lock()
+
+    def get(self, device_id: str) -> Device | None:
+        return self._devices.get(device_id)
+
+    def all(self) -> list[Device]:
+        with self._lock:
+            return sorted(self._devices.values(), key=lambda d: d.id)
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def _current(self, device_id: str, now_ms: int) -> Device:
+        device = self._devices.get(device_id)
+        if device is None:
+            device = Device(id=device_id, fleet=self.fleet, first_seen_ms=now_ms)
+            self._joined.append(device_id)
+        return device
+
+    def status(self, device_id: str, status: str, now_ms: int) -> None:
+        with self._lock:
+            device = self._current(device_id, now_ms)
+            self._set(device.with_changes(online=status == STATUS_ONLINE, last_seen_ms=now_ms))
+
+    def reported(self, reported: ReportedState, now_ms: int) -> None:
+        with self._lock:
+            self._set(apply_reported(self._current(reported.device, now_ms), reported, now_ms))
+
+    def seen(self, device_id: str, now_ms: int) -> None:
+        """Telemetry arrived: the device is alive (not written to the store for that alone)."""
+        device = self._devices.get(device_id)
+        if device is not None:
+            self._devices[device_id] = device.with_changes(last_seen_ms=now_ms)
+
+    def replace(self, device: Device) -> None:
+        """An operator's change (group, tags), already written to the store."""
+        with self._lock:
+            self._devices[device.id] = device
+
+    def _set(self, device: Device) -> None:
+        self._devices[device.id] = device
+        self._dirty.add(device.id)
+
+    def take_dirty(self) -> list[Device]:
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            return [self._devices[d] for d in dirty]
+
+    def take_joined(self) -> list[str]:
+        with self._lock:
+            joined, self._joined = self._joined, []
+            return joined

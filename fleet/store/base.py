@@ -1,0 +1,350 @@
+"""The ``Store`` protocol and its one SQL implementation, shared by SQLite and PostgreSQL.
+
+A backend (:mod:`fleet.store.sqlite`, :mod:`fleet.store.postgres`) only connects, begins,
+commits, rolls back and translates its driver's exceptions; every statement is written
+here once, with ``?`` placeholders (the PostgreSQL backend rewrites them to ``%s``).
+Each method is one transaction, serialised by the backend's lock, so a store can be
+shared by the controller's threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, TypeVar
+
+from fleet.domain import AuditEntry, Device, ModelVersion
+from fleet.errors import ConflictError, NotFoundError, StoreError
+from fleet.rollout.state import Rollout, RolloutState
+from fleet.store._tables import (
+    AUDIT,
+    DEVICES,
+    MODELS,
+    ROLLOUT_DEVICES,
+    ROLLOUTS,
+    SCHEMA_VERSION,
+    TABLES_DDL,
+    device_dict,
+    marks,
+)
+
+__all__ = ["Backend", "Dialect", "SqlStore", "Store", "Tx"]
+
+_IN_CHUNK = 500  # ids per ``IN (...)`` list, well under every driver's parameter limit
+_T = TypeVar("_T")
+
+
+class Store(Protocol):
+    """What the fleet controller keeps: devices, model versions, rollouts and history."""
+
+    def upsert_devices(self, devices: Sequence[Device]) -> None: ...
+    def device(self, device_id: str) -> Device | None: ...
+    def devices(self) -> list[Device]: ...
+    def set_group(self, device_ids: Sequence[str], group: str | None) -> None: ...
+    def set_tags(self, device_id: str, add: Iterable[str] = (),
+                 remove: Iterable[str] = ()) -> Device: ...
+    def add_model(self, model: ModelVersion) -> bool: ...
+    def model(self, name: str, version: str) -> ModelVersion | None: ...
+    def model_by_sha(self, sha256: str) -> ModelVersion | None: ...
+    def models(self, name: str | None = None) -> list[ModelVersion]: ...
+    def new_rollout_id(self) -> str: ...
+    def save_rollout(self, rollout: Rollout, changed: Iterable[str] | None = None) -> None: ...
+    def rollout(self, rollout_id: str) -> Rollout | None: ...
+    def rollouts(self, states: Iterable[RolloutState] | None = None) -> list[Rollout]: ...
+    def add_audit(self, entry: AuditEntry) -> AuditEntry: ...
+    def history(self, limit: int = 100, target: str | None = None) -> list[AuditEntry]: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """The few words the backends spell differently."""
+
+    id_pk: str  # an auto-numbered integer primary key, never reusing a number
+    key_text: str  # text compared by code point (so both backends sort ids alike)
+    for_update: str  # suffix of a SELECT that locks the rows it reads
+
+
+class DriverCursor(Protocol):
+    """The part of a DB-API cursor the store uses (``sqlite3`` and ``psycopg`` both fit)."""
+
+    @property
+    def rowcount(self) -> int: ...
+    def execute(self, sql: str, params: Sequence[Any], /) -> object: ...
+    def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> object: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+
+
+class Tx:
+    """One open transaction: statements in the shared ``?`` style, rows as tuples."""
+
+    def __init__(self, cursor: DriverCursor, dialect: Dialect,
+                 sql: Callable[[str], str]) -> None:
+        self._cursor, self.dialect, self._sql = cursor, dialect, sql
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._cursor.execute(self._sql(sql), params)
+        return self._cursor.rowcount
+
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self._cursor.executemany(self._sql(sql), rows)
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        self._cursor.execute(self._sql(sql), params)
+        row = self._cursor.fetchone()
+        return None if row is None else tuple(row)
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        self._cursor.execute(self._sql(sql), params)
+        return [tuple(row) for row in self._cursor.fetchall()]
+
+
+class Backend(ABC):
+    """A connection behind a lock; driver exceptions become :class:`StoreError` here only."""
+
+    dialect: Dialect
+    driver_errors: tuple[type[Exception], ...]
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+        with self._translated():
+            self._connect()
+
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[Tx]:
+        """One transaction: committed if the block ends normally, rolled back otherwise."""
+        with self._lock:
+            if self._closed:
+                raise StoreError("the store is closed", hint="open it again with open_store()",
+                                 transient=False)
+            with self._translated(), self._begin(write) as cursor:
+                yield Tx(cursor, self.dialect, self._sql)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                with self._translated():
+                    self._disconnect()
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except self.driver_errors as exc:
+            raise self.translate(exc) from exc
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    @abstractmethod
+    def _connect(self) -> None: ...
+
+    @abstractmethod
+    def _disconnect(self) -> None: ...
+
+    @abstractmethod
+    def _begin(self, write: bool) -> AbstractContextManager[DriverCursor]: ...
+
+    @abstractmethod
+    def translate(self, exc: Exception) -> StoreError: ...
+
+
+def create_schema(tx: Tx) -> None:
+    """Create what is missing (idempotent) and refuse a schema newer than this code."""
+    for statement in TABLES_DDL:
+        tx.run(statement.format(id_pk=tx.dialect.id_pk, key_text=tx.dialect.key_text))
+    for key, value in (("schema_version", SCHEMA_VERSION), ("rollout_seq", 0)):
+        tx.run("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+               (key, value))
+    row = tx.one("SELECT value FROM meta WHERE key = ?", ("schema_version",))
+    found = int(row[0]) if row else 0
+    if found != SCHEMA_VERSION:  # the place for migrations once there is a version 2
+        newer = found > SCHEMA_VERSION
+        raise StoreError(f"the store has schema version {found}; this edgefleet reads only "
+                         f"version {SCHEMA_VERSION}", transient=False,
+                         hint="upgrade edgefleet" if newer else "the meta table was altered "
+                              "by hand; restore it from a backup")
+
+
+class SqlStore:
+    """:class:`Store` over any :class:`Backend`."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._db = backend
+        try:
+            with backend.transaction() as tx:
+                create_schema(tx)
+        except BaseException:
+            with suppress(StoreError):
+                backend.close()
+            raise
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- devices -----------------------------------------------------------------------
+
+    def upsert_devices(self, devices: Sequence[Device]) -> None:
+        rows = [DEVICES.row(device_dict(device)) for device in devices]
+        with self._db.transaction() as tx:
+            tx.many(DEVICES.upsert(), rows)
+
+    def device(self, device_id: str) -> Device | None:
+        with self._db.transaction(write=False) as tx:
+            row = tx.one(f"SELECT {DEVICES.select()} FROM devices WHERE id = ?", (device_id,))
+        return None if row is None else Device.from_dict(DEVICES.record(row))
+
+    def devices(self) -> list[Device]:
+        with self._db.transaction(write=False) as tx:
+            rows = tx.rows(f"SELECT {DEVICES.select()} FROM devices ORDER BY id")
+        return [Device.from_dict(DEVICES.record(row)) for row in rows]
+
+    def set_group(self, device_ids: Sequence[str], group: str | None) -> None:
+        ids = list(dict.fromkeys(device_ids))
+        with self._db.transaction() as tx:
+            missing = sorted(set(ids) - _known_devices(tx, ids))
+            if missing:
+                raise NotFoundError(f"no device {_listed(missing)}",
+                                    hint="nothing was changed; check the ids against the "
+                                         "device list")
+            tx.many("UPDATE devices SET group_name = ? WHERE id = ?", [(group, i) for i in ids])
+
+    def set_tags(self, device_id: str, add: Iterable[str] = (),
+                 remove: Iterable[str] = ()) -> Device:
+        """Add, then remove (a tag in both ends up removed)."""
+        added, removed = frozenset(add), frozenset(remove)
+        with self._db.transaction() as tx:
+            row = tx.one(f"SELECT {DEVICES.select()} FROM devices WHERE id = ?"
+                         f"{tx.dialect.for_update}", (device_id,))
+            if row is None:
+                raise NotFoundError(f"no device {device_id!r}",
+                                    hint="check the id against the device list")
+            device = Device.from_dict(DEVICES.record(row))
+            device = device.with_changes(tags=(device.tags | added) - removed)
+            tx.run(DEVICES.upsert(), DEVICES.row(device_dict(device)))
+        return device
+
+    # -- model versions ------------------------------------------------------------------
+
+    def add_model(self, model: ModelVersion) -> bool:
+        with self._db.transaction() as tx:
+            if tx.run(MODELS.insert_new(), MODELS.row(model.as_dict())) == 1:
+                return True
+            row = tx.one("SELECT sha256 FROM models WHERE name = ? AND version = ?",
+                         (model.name, model.version))
+        stored = str(row[0]) if row else ""
+        if stored == model.sha256:
+            return False
+        raise ConflictError(f"{model.key} is already stored with sha256 {stored[:12]}…; "
+                            f"this bundle's sha256 is {model.sha256[:12]}…",
+                            hint="other bytes need another version: bump the version and "
+                                 "package again")
+
+    def model(self, name: str, version: str) -> ModelVersion | None:
+        return _first(self._models("WHERE name = ? AND version = ?", (name, version)))
+
+    def model_by_sha(self, sha256: str) -> ModelVersion | None:
+        return _first(self._models("WHERE sha256 = ?", (sha256,)))
+
+    def models(self, name: str | None = None) -> list[ModelVersion]:
+        return self._models("" if name is None else "WHERE name = ?",
+                            () if name is None else (name,))
+
+    def _models(self, where: str, params: Sequence[Any]) -> list[ModelVersion]:
+        with self._db.transaction(write=False) as tx:
+            rows = tx.rows(f"SELECT {MODELS.select()} FROM models {where} "
+                           "ORDER BY name, pushed_ms, version", params)
+        return [ModelVersion.from_dict(MODELS.record(row)) for row in rows]
+
+    # -- rollouts ------------------------------------------------------------------------
+
+    def new_rollout_id(self) -> str:
+        with self._db.transaction() as tx:
+            row = tx.one("UPDATE meta SET value = value + 1 WHERE key = ? RETURNING value",
+                         ("rollout_seq",))
+        if row is None:
+            raise StoreError("the store has no rollout counter", transient=False,
+                             hint="the meta table was altered by hand; restore it")
+        return f"r{row[0]}"
+
+    def save_rollout(self, rollout: Rollout, changed: Iterable[str] | None = None) -> None:
+        """Upsert the header and the device rows named in ``changed`` (all when None)."""
+        ids = list(rollout.devices) if changed is None else list(dict.fromkeys(changed))
+        unknown = [i for i in ids if i not in rollout.devices]
+        if unknown:
+            raise NotFoundError(f"rollout {rollout.id} has no device {_listed(unknown)}",
+                                hint="nothing was saved; pass ids of the rollout's devices")
+        rows = [ROLLOUT_DEVICES.row({"rollout_id": rollout.id, **rollout.devices[i].as_dict()})
+                for i in ids]
+        with self._db.transaction() as tx:
+            tx.run(ROLLOUTS.upsert(), ROLLOUTS.row(rollout.summary()))
+            tx.many(ROLLOUT_DEVICES.upsert(), rows)
+
+    def rollout(self, rollout_id: str) -> Rollout | None:
+        return _first(self._rollouts("WHERE r.id = ?", (rollout_id,)))
+
+    def rollouts(self, states: Iterable[RolloutState] | None = None) -> list[Rollout]:
+        """Newest first (by ``created_ms``, then by first save)."""
+        if states is None:
+            return self._rollouts("", ())
+        wanted = sorted({RolloutState(state).value for state in states})
+        return self._rollouts(f"WHERE r.state IN ({marks(len(wanted))})", wanted) if wanted else []
+
+    def _rollouts(self, where: str, params: Sequence[Any]) -> list[Rollout]:
+        with self._db.transaction(write=False) as tx:
+            headers = tx.rows(f"SELECT {ROLLOUTS.select('r')} FROM rollouts r {where} "
+                              "ORDER BY r.created_ms DESC, r.seq DESC", params)
+            items = tx.rows(f"SELECT {ROLLOUT_DEVICES.select('d')} FROM rollout_devices d "
+                            f"JOIN rollouts r ON r.id = d.rollout_id {where} "
+                            "ORDER BY d.wave, d.device", params)
+        devices: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+        for item in items:
+            record = ROLLOUT_DEVICES.record(item)
+            devices[record.pop("rollout_id")].append(record)
+        return [_rollout(ROLLOUTS.record(header), devices) for header in headers]
+
+    # -- audit history -------------------------------------------------------------------
+
+    def add_audit(self, entry: AuditEntry) -> AuditEntry:
+        with self._db.transaction() as tx:
+            row = tx.one(f"{AUDIT.insert()} RETURNING id", AUDIT.row(entry.as_dict()))
+        assert row is not None  # INSERT ... RETURNING returns the row it inserted
+        return replace(entry, id=int(row[0]))
+
+    def history(self, limit: int = 100, target: str | None = None) -> list[AuditEntry]:
+        """Newest first; ``target`` matches exactly."""
+        where, params = ("", []) if target is None else ("WHERE target = ?", [target])
+        with self._db.transaction(write=False) as tx:
+            rows = tx.rows(f"SELECT id, {AUDIT.select()} FROM audit {where} "
+                           "ORDER BY id DESC LIMIT ?", [*params, max(limit, 0)])
+        return [AuditEntry.from_dict({"id": row[0], **AUDIT.record(row[1:])}) for row in rows]
+
+
+def _known_devices(tx: Tx, ids: Sequence[str]) -> set[str]:
+    known: set[str] = set()
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start:start + _IN_CHUNK]
+        rows = tx.rows(f"SELECT id FROM devices WHERE id IN ({marks(len(chunk))})", chunk)
+        known.update(str(row[0]) for row in rows)
+    return known
+
+
+def _rollout(header: dict[str, Any], devices: dict[str, list[dict[str, Any]]]) -> Rollout:
+    return Rollout.from_dict({**header, "devices": devices.get(header["id"], [])})
+
+
+def _listed(ids: Sequence[str], shown: int = 5) -> str:
+    text = ", ".join(repr(i) for i in ids[:shown])
+    return text if len(ids) <= shown else f"{text} and {len(ids) - shown} more"
+
+
+def _first(items: list[_T]) -> _T | None:
+    return items[0] if items else None
