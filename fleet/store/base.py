@@ -28,7 +28,6 @@ from fleet.store._tables import (
     ROLLOUTS,
     SCHEMA_VERSION,
     TABLES_DDL,
-    device_dict,
     marks,
 )
 
@@ -193,7 +192,7 @@ class SqlStore:
     # -- devices -----------------------------------------------------------------------
 
     def upsert_devices(self, devices: Sequence[Device]) -> None:
-        rows = [DEVICES.row(device_dict(device)) for device in devices]
+        rows = [DEVICES.row(device.as_dict()) for device in devices]
         with self._db.transaction() as tx:
             tx.many(DEVICES.upsert(), rows)
 
@@ -229,7 +228,7 @@ class SqlStore:
                                     hint="check the id against the device list")
             device = Device.from_dict(DEVICES.record(row))
             device = device.with_changes(tags=(device.tags | added) - removed)
-            tx.run(DEVICES.upsert(), DEVICES.row(device_dict(device)))
+            tx.run(DEVICES.upsert(), DEVICES.row(device.as_dict()))
         return device
 
     # -- model versions ------------------------------------------------------------------
