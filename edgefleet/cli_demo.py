@@ -5,25 +5,33 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn
+from rich.console import Group
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from agent.cli.output import emit, table
 
 
 def demo(
-    devices: Annotated[int, typer.Option(min=1, max=50, help="Simulated devices")] = 3,
-    requests: Annotated[int, typer.Option(min=1, help="Inference requests to send")] = 100,
+    devices: Annotated[int, typer.Option(min=2, max=50, help="Devices in the fleet")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
-    """Run the whole product on this machine on the embedded digits model."""
+    """Convert a model, run a broker, a controller and devices; roll out, stop a bad
+    version, roll back, and show the fleet."""
     from edgefleet.demo import run_demo
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True,
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   disable=as_json) as progress:
-        progress.add_task("bundles, broker, devices, requests, telemetry", total=None)
-        result = run_demo(devices=devices, requests=requests)
-    rows = result.devices
-    columns = list(rows[0]) if rows else []
-    render = table(f"fleet 'demo' on {result.broker}: accuracy {result.accuracy:.3f} over "
-                   f"{requests} HTTP requests", rows, columns)
+        task = progress.add_task("starting", total=6)
+
+        def step(text: str) -> None:
+            progress.update(task, description=text, advance=1)
+
+        result = run_demo(devices=devices, step=step)
+        progress.update(task, description="done", completed=6)
+    render = Group(
+        table("model versions", result.models, ["model", "quantization", "size", "accuracy"]),
+        table("rollouts", result.rollouts, ["rollout", "model", "state", "devices", "reason"]),
+        table(f"fleet 'demo': broker {result.broker}",
+              result.devices, list(result.devices[0]) if result.devices else ["device"]),
+        table("history", result.history, ["by", "action", "outcome", "what"]))
     emit(result.as_dict(), as_json, render)

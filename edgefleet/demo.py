@@ -1,18 +1,22 @@
-"""``edgefleet demo``: the product on one machine, on the embedded digits model.
+"""``edgefleet demo``: the whole product on one machine, on the embedded digits model.
 
-Packages the embedded model into signed bundles, starts a broker (Mosquitto
-when installed, else the embedded one), starts a few simulated devices that
-serve the bundle over HTTP and report over MQTT, sends them real requests, and
-shows the telemetry the fleet sees. Rollouts and rollback join it with the
-fleet controller.
+1. signing keys; v1 = the embedded float model, packaged; v2 = the Keras model converted
+   to full-integer int8 by the converter, calibrated and measured on sample digits;
+   v3 = the same conversion calibrated on data at the wrong scale (0-255 instead of 0-1)
+   and shipped without an evaluation set: the kind of mistake a fleet must catch;
+2. a broker (Mosquitto when installed, else the embedded one), a controller with its API,
+   and a few devices (real agents) on v1, each serving a steady stream of digits;
+3. v2 rolled out in waves with quality gates: it succeeds;
+4. v3 rolled out with a canary: the agreement gate (the canary's new answers against its
+   previous model's, on live requests) stops it and the canary rolls back by itself;
+5. one command rolls the v2 rollout back: every device returns to v1;
+6. the fleet state: devices with live telemetry, rollouts, models, history.
 """
 
 from __future__ import annotations
 
 import tempfile
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,51 +24,33 @@ from typing import Any
 
 import numpy as np
 
-from agent.core import Agent
-from agent.mqtt import MqttClient, parse_broker_url
-from agent.protocol.payloads import decode_telemetry
 from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
-from agent.protocol.topics import Leaf, fleet_filter, parse_topic
 from agent.runtime import load_runtime
-from agent.service import AgentService, ServiceConfig
 from converter.package import PackageSpec, package_model
+from edgefleet.local_fleet import LocalFleet, wait_until
+from fleet.client import FleetClient
 from fleet.mosquitto import MosquittoBroker, MosquittoMissingError, find_mosquitto, free_port
 
 __all__ = ["DemoResult", "run_demo"]
 
 ASSETS = Path(__file__).resolve().parent / "demo_assets"
 FLEET = "demo"
+GROUP = "demo-cameras"
+Step = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class DemoResult:
     broker: str
+    controller: str
+    models: list[dict[str, Any]]
+    rollouts: list[dict[str, Any]]
     devices: list[dict[str, Any]]
-    accuracy: float
+    history: list[dict[str, Any]]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"broker": self.broker, "accuracy": self.accuracy, "devices": self.devices}
-
-
-class TelemetryCollector:
-    """Keeps the latest telemetry point of every device of a fleet."""
-
-    def __init__(self, url: str) -> None:
-        host, port = parse_broker_url(url)
-        self.latest: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-        self._client = MqttClient(f"edgefleet-demo-{port}", host, port)
-        self._client.subscribe(fleet_filter(FLEET, Leaf.TELEMETRY), self._message)
-        self._client.start()
-
-    def _message(self, topic: str, payload: bytes) -> None:
-        device = parse_topic(topic).device
-        for point in decode_telemetry(payload):
-            with self._lock:
-                self.latest[device] = point.values
-
-    def close(self) -> None:
-        self._client.stop()
+        return {"broker": self.broker, "controller": self.controller, "models": self.models,
+                "rollouts": self.rollouts, "devices": self.devices, "history": self.history}
 
 
 @contextmanager
@@ -81,72 +67,127 @@ def _broker(workdir: Path) -> Iterator[str]:
         yield mosquitto.url
 
 
-def _bundle(workdir: Path, fmt: str, key: Path) -> Path:
-    model = ASSETS / f"digits.{fmt}"
-    sample = np.load(ASSETS / "digits-sample.npz")["x"][:8]
-    name = load_runtime(model.read_bytes(), fmt).inputs[0].name
-    spec = PackageSpec("digits", "1.0.0", {name: sample}, task="classification",
+def _sample() -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    data = np.load(ASSETS / "digits-sample.npz")
+    return data["x"], data["y"]
+
+
+def _package_v1(work: Path, key: Path) -> Path:
+    model = ASSETS / "digits.tflite"
+    name = load_runtime(model.read_bytes(), "tflite").inputs[0].name
+    spec = PackageSpec("digits", "1.0.0", {name: _sample()[0][:8]}, task="classification",
                        labels=tuple(str(i) for i in range(10)))
-    return package_model(model, workdir / f"digits-{fmt}.efb", spec, SigningKey.load(key))
+    return package_model(model, work / "digits-1.0.0.efb", spec, SigningKey.load(key))
 
 
-def run_demo(devices: int = 3, requests: int = 100, workdir: Path | None = None) -> DemoResult:
-    """Run the one-machine demo and return what the fleet saw."""
+def _convert(work: Path, key: Path, version: str, scale: float, evaluate: bool) -> Path:
+    from converter.config import ConvertConfig
+    from converter.pipeline import convert
+
+    x, y = _sample()
+    calibration = work / f"calibration-{version}.npy"
+    np.save(calibration, x[:100] * scale)
+    eval_path = None
+    if evaluate:
+        eval_path = work / "eval.npz"
+        np.savez(eval_path, image=x[100:], labels=y[100:])
+    out = work / f"digits-{version}.efb"
+    convert(ConvertConfig(model=ASSETS / "digits.keras", output=out, sign_key=key,
+                          quantize="int8", calibration=calibration, eval=eval_path,
+                          version=version, name="digits", quiet=True))
+    return out
+
+
+def run_demo(devices: int = 4, workdir: Path | None = None,
+             step: Step = lambda text: None) -> DemoResult:
+    """Run the demo and return what the fleet looked like at the end."""
     with ExitStack() as stack:
         work = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        work.mkdir(parents=True, exist_ok=True)
+        step("signing keys and bundles: v1 float, v2 int8, v3 int8 with a bad calibration")
         secret, public = generate_keypair(work / "keys", "demo")
-        bundles = [_bundle(work, fmt, secret) for fmt in ("tflite", "onnx")]
+        v1 = _package_v1(work, secret)
+        v2 = _convert(work, secret, "2.0.0", 1.0, evaluate=True)
+        v3 = _convert(work, secret, "3.0.0", 255.0, evaluate=False)
+        step("broker, controller and devices")
         url = stack.enter_context(_broker(work))
-        collector = TelemetryCollector(url)
-        stack.callback(collector.close)
-        services = []
-        for i in range(devices):
-            agent = Agent(TrustedKeys.from_paths([public]))
-            agent.load(bundles[i % len(bundles)])
-            config = ServiceConfig(fleet=FLEET, device_id=f"device-{i + 1}",
-                                   data_dir=work / f"device-{i + 1}", broker_url=url,
-                                   http_port=free_port(), telemetry_interval_s=0.5,
-                                   profile="generic-x86_64")
-            service = AgentService(config, agent)
-            service.start()
-            stack.callback(service.stop)
-            services.append(service)
-        accuracy = _send_requests(services, requests)
-        _wait_for(lambda: all(collector.latest.get(s.config.device_id, {}).get("inferences_total")
-                              for s in services))
-        rows = [_row(s.config.device_id, collector.latest.get(s.config.device_id, {}))
-                for s in services]
-        return DemoResult(url, rows, accuracy)
+        fleet = LocalFleet(FLEET, url, work, TrustedKeys.from_paths([public]), _sample()[0])
+        stack.callback(fleet.stop)
+        client = fleet.start_controller()
+        ids = [f"camera-{i + 1}" for i in range(devices)]
+        for device in ids:
+            fleet.add_agent(device, v1)
+        wait_until(lambda: _on(client, ids, "1.0.0"), 60, what="devices registered on v1")
+        client.post("/api/v1/devices/group", {"devices": ids, "group": GROUP})
+        for bundle in (v1, v2, v3):
+            client.upload("/api/v1/models", bundle.read_bytes())
+        step("rolling out v2 in waves (25%, 100%) behind quality gates")
+        good = _rollout(client, "digits:2.0.0", waves=["25%", "100%"], soak_s=2)
+        _finish(client, good, "SUCCEEDED")
+        wait_until(lambda: _on(client, ids, "2.0.0"), 60, what="v2 everywhere")
+        step("rolling out v3 to a canary: the agreement gate must stop it")
+        bad = _rollout(client, "digits:3.0.0", waves=["1", "100%"], soak_s=60)
+        _finish(client, bad, "ABORTED")
+        wait_until(lambda: _on(client, ids, "2.0.0"), 60, what="the canary back on v2")
+        step("one command rolls v2 back: every device returns to v1")
+        client.post(f"/api/v1/rollouts/{good}/rollback")
+        wait_until(lambda: _on(client, ids, "1.0.0"), 60, what="v1 everywhere")
+        wait_until(lambda: _telemetry_on(fleet, ids, "1.0.0"), 30, what="fresh telemetry")
+        return _result(fleet, client, url)
 
 
-def _send_requests(services: list[AgentService], count: int) -> float:
-    import http.client
-    import json
-
-    data = np.load(ASSETS / "digits-sample.npz")
-    x, y = data["x"], data["y"]
-    correct = 0
-    for i in range(count):
-        service = services[i % len(services)]
-        assert service.http is not None and service.agent.model is not None
-        name = service.agent.model.runtime.inputs[0].name
-        body = json.dumps({"inputs": [{"name": name, "shape": [1, 8, 8, 1], "datatype": "FP32",
-                                       "data": x[i % len(x)].reshape(-1).tolist()}]})
-        conn = http.client.HTTPConnection("127.0.0.1", service.http.port, timeout=10)
-        conn.request("POST", "/v2/models/digits/infer", body)
-        probs = json.loads(conn.getresponse().read())["outputs"][0]["data"]
-        conn.close()
-        correct += int(int(np.argmax(probs)) == int(y[i % len(y)]))
-    return correct / count
+def _rollout(client: FleetClient, model: str, waves: list[str], soak_s: float) -> str:
+    body = {"model": model, "selectors": [f"group:{GROUP}"], "waves": waves, "soak_s": soak_s,
+            "device_timeout_s": 120, "gates": {"min_agreement_pct": 90,
+                                               "max_error_rate_pct": 1, "min_samples": 50}}
+    return str(client.post("/api/v1/rollouts", body)["id"])
 
 
-def _wait_for(predicate: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.1)
+def _finish(client: FleetClient, rollout: str, expected: str) -> None:
+    def ended() -> dict[str, Any] | None:
+        data: dict[str, Any] = client.get(f"/api/v1/rollouts/{rollout}")
+        return data if data["state"] in ("SUCCEEDED", "ABORTED", "ROLLED_BACK") else None
+
+    data = wait_until(ended, 120, what=f"rollout {rollout} to end")
+    if data["state"] != expected:
+        raise RuntimeError(f"rollout {rollout} ended {data['state']} ({data['reason']}), "
+                           f"the demo expected {expected}")
 
 
-def _row(device: str, values: dict[str, Any]) -> dict[str, Any]:
-    keys = ("model", "model_version", "inferences_total", "latency_p50_ms", "latency_p95_ms",
-            "cpu_percent", "rss_bytes", "spool_dropped")
-    return {"device": device, **{k: values.get(k) for k in keys}}
+def _on(client: FleetClient, ids: list[str], version: str) -> bool:
+    found = {d["id"]: d for d in client.get("/api/v1/devices")}
+    return all(i in found and found[i]["online"] and found[i]["active"]
+               and found[i]["active"]["version"] == version
+               and found[i]["update_state"] in ("COMMITTED", "ROLLED_BACK", "IDLE") for i in ids)
+
+
+def _telemetry_on(fleet: LocalFleet, ids: list[str], version: str) -> bool:
+    assert fleet.controller is not None
+    latest = fleet.controller.telemetry.latest
+    return all(latest.get(i, {}).get("model_version") == version
+               and latest[i].get("latency_p95_ms") is not None for i in ids)
+
+
+def _result(fleet: LocalFleet, client: FleetClient, url: str) -> DemoResult:
+    assert fleet.controller is not None and fleet.api is not None
+    latest = fleet.controller.telemetry.latest
+    devices = [_device_row(d, latest.get(d["id"], {})) for d in client.get("/api/v1/devices")]
+    rollouts = [{"rollout": r["id"], "model": f"{r['spec']['model']['name']}:"
+                 f"{r['spec']['model']['version']}", "state": r["state"],
+                 "devices": r["total"], "reason": r["reason"]}
+                for r in client.get("/api/v1/rollouts")]
+    models = [{"model": f"{m['name']}:{m['version']}", "size": m["size"],
+               "quantization": (m["manifest"].get("optimization") or {}).get("quantization"),
+               "accuracy": (m["manifest"].get("metrics") or {}).get("accuracy")}
+              for m in client.get("/api/v1/models")]
+    history = [{"by": e["actor"], "action": f"{e['action']} {e['target']}",
+                "outcome": e["outcome"], "what": e["detail"].get("summary", "")}
+               for e in reversed(client.get("/api/v1/history?limit=200"))]
+    return DemoResult(url, fleet.api.url, models, rollouts, devices, history)
+
+
+def _device_row(device: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    active = device["active"] or {}
+    return {"device": device["id"], "model": f"{active.get('name')}:{active.get('version')}",
+            "update": device["update_state"], "inferences": values.get("inferences_total"),
+            "p50 ms": values.get("latency_p50_ms"), "p95 ms": values.get("latency_p95_ms")}

@@ -27,6 +27,7 @@ from agent.mqtt import MqttClient
 from agent.protocol.bundle import read_bundle
 from agent.protocol.errors import EdgefleetError, PayloadError
 from agent.protocol.payloads import (
+    BundleRef,
     DesiredState,
     ReportedState,
     decode,
@@ -192,7 +193,7 @@ class FleetController:
         else:
             self._rollouts.pop(rollout.id, None)
         for send in decisions.sends:
-            self._queue_desired(rollout, send.device, send.action)
+            self._queue_desired(rollout, send.device, send.action, send.bundle)
         for device in decisions.cleared:
             self._outbox[device] = b""
         if decisions.notes or decisions.changed:
@@ -275,13 +276,37 @@ class FleetController:
     def bundle_url(self, sha256: str) -> str:
         return f"{self.config.public_url.rstrip('/')}/bundles/{sha256}.efb"
 
-    def _queue_desired(self, rollout: Rollout, device: str, action: Action) -> None:
-        ref = rollout.spec.model
+    def _queue_desired(self, rollout: Rollout, device: str, action: Action,
+                       bundle: BundleRef | None = None) -> None:
+        if bundle is None and action == Action.ROLLBACK:
+            bundle = self._reinstall(rollout, device)
+            action = Action.INSTALL if bundle is not None else action
+        ref, url, size = rollout.spec.model, rollout.spec.url, rollout.spec.size
+        if bundle is not None:
+            model = self.store.model_by_sha(bundle.sha256)
+            if model is None:
+                log.warning("cannot send %s to %s: the controller does not hold it",
+                            bundle.version, device)
+                return
+            ref, url, size = model.ref, self.bundle_url(model.sha256), model.size
         desired = DesiredState(name=ref.name, version=ref.version, sha256=ref.sha256,
-                               url=rollout.spec.url, size=rollout.spec.size,
-                               rollout=rollout.id, action=action.value,
+                               url=url, size=size, rollout=rollout.id, action=action.value,
                                issued_at=self.clock())
         self._outbox[device] = encode(desired)
+
+    def _reinstall(self, rollout: Rollout, device_id: str) -> BundleRef | None:
+        """The previous bundle to install again when a committed device's fallback slot no
+        longer holds it (overwritten by a later update); None: its own rollback will do."""
+        item, device = rollout.devices.get(device_id), self.registry.get(device_id)
+        if item is None or item.previous is None or device is None or device.active is None:
+            return None
+        if device.active.sha256 != rollout.spec.model.sha256:
+            return None  # in probation, or already back: the device rolls back by itself
+        if device.previous is not None and device.previous.sha256 == item.previous.sha256:
+            return None  # its fallback slot holds it
+        if self.store.model_by_sha(item.previous.sha256) is None:
+            return None  # not pushed here: the device's own rollback is all there is
+        return item.previous
 
     def _flush_outbox(self) -> None:
         mqtt = self.mqtt

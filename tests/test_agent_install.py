@@ -16,6 +16,7 @@ from agent.core import Agent
 from agent.protocol.errors import IntegrityError
 from agent.protocol.files import atomic_write
 from agent.update import local
+from agent.update.slots import SlotError, SlotStore
 from agent.update.states import Journal, State
 from tests import tamper
 from tests.conftest import Keys, make_bundle
@@ -154,3 +155,15 @@ def test_cli_install_status_rollback(versions: dict[str, Path], signing_keys: Ke
     assert back.returncode == 0 and "ROLLED_BACK" in back.stdout
     shown = json.loads(_cli("status", *common, "--json").stdout)
     assert next(s for s in shown["slots"] if "active" in s["role"])["version"] == "1.0.0"
+
+
+def test_staging_over_the_fallback_slot_forgets_the_fallback(
+        versions: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
+    agent = Agent(signing_keys.trusted)
+    local.install(agent, tmp_path, versions["1.0.0"])
+    local.install(agent, tmp_path, versions["2.0.0"])  # fallback: 1.0.0
+    slots = SlotStore(tmp_path)
+    slots.stage(versions["1.0.0"].read_bytes())  # a third update overwrites the fallback slot
+    assert slots.pointer().fallback is None, "a rollback must not land on the new bytes"
+    with pytest.raises(SlotError, match="no earlier committed bundle"):
+        slots.rollback()

@@ -1,4 +1,5 @@
-"""The demo that the README's first command runs."""
+"""The demo that the README's first command runs: convert, roll out, stop a bad version,
+roll back, show the fleet."""
 
 from __future__ import annotations
 
@@ -6,23 +7,24 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-from edgefleet.demo import run_demo
 
 
-def test_demo_serves_requests_and_shows_every_devices_telemetry(tmp_path: Path) -> None:
-    result = run_demo(devices=2, requests=30, workdir=tmp_path)
-    assert result.accuracy >= 0.9
-    assert [d["device"] for d in result.devices] == ["device-1", "device-2"]
-    assert [d["inferences_total"] for d in result.devices] == [15, 15]
-    assert all(d["model"] == "digits" and d["model_version"] == "1.0.0" for d in result.devices)
-
-
-def test_demo_command_prints_json() -> None:
-    result = subprocess.run([sys.executable, "-m", "edgefleet", "demo", "--devices", "2",
-                             "--requests", "10", "--json"], capture_output=True, text=True,
-                            timeout=300, check=False, env={**os.environ})
-    assert result.returncode == 0, result.stderr
+def test_the_demo_rolls_out_stops_a_bad_version_and_rolls_back() -> None:
+    result = subprocess.run([sys.executable, "-m", "edgefleet", "demo", "--devices", "3",
+                             "--json"], capture_output=True, text=True, timeout=600,
+                            check=False, env={**os.environ})
+    assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout)
-    assert len(data["devices"]) == 2 and data["broker"].startswith("mqtt://127.0.0.1:")
+    assert data["broker"].startswith("mqtt://127.0.0.1:")
+    rollouts = {r["model"]: r for r in data["rollouts"]}
+    assert rollouts["digits:2.0.0"]["state"] == "ROLLED_BACK"
+    assert rollouts["digits:3.0.0"]["state"] == "ABORTED"
+    assert "agreement" in rollouts["digits:3.0.0"]["reason"]
+    models = {m["model"]: m for m in data["models"]}
+    assert models["digits:2.0.0"]["quantization"] == "int8"
+    assert models["digits:2.0.0"]["accuracy"] >= 0.95  # measured by the converter
+    assert [d["model"] for d in data["devices"]] == ["digits:1.0.0"] * 3
+    assert all(d["inferences"] and d["p95 ms"] is not None for d in data["devices"])
+    actions = [e["action"] for e in data["history"]]
+    for action in ("model.push", "rollout.create", "rollout.rollback"):
+        assert any(a.startswith(action) for a in actions)

@@ -405,3 +405,30 @@ def test_rolling_back_some_devices_keeps_the_rollout_state() -> None:
 def test_a_rollout_round_trips_through_json() -> None:
     rollout, _ = started(3)
     assert Rollout.from_dict(rollout.as_dict()) == rollout
+
+
+def test_a_device_that_re_installs_its_previous_bundle_is_told_to_commit_it() -> None:
+    rollout, devices = started(1)
+    devices["d00"] = committed_new()
+    rollout = run(rollout, devices, 1000).rollout
+    rollout = rollback(rollout, 2000).rollout
+    devices["d00"] = DeviceView(online=True, active=OLD, update_state="PROBATION",
+                                update_target=OLD.sha256, update_since_ms=3000)
+    d = run(rollout, devices, 3000)
+    assert d.sends == [Send("d00", Action.COMMIT, OLD)]
+    assert states(d.rollout) == {"d00": "ROLLING_BACK"}
+    devices["d00"] = DeviceView(online=True, active=OLD, update_state="COMMITTED",
+                                update_target=OLD.sha256)
+    d = run(d.rollout, devices, 4000)
+    assert states(d.rollout) == {"d00": "ROLLED_BACK"} and d.sends == []
+
+
+def test_a_failed_re_install_of_the_previous_bundle_is_reported() -> None:
+    rollout, devices = started(1)
+    devices["d00"] = committed_new()
+    rollout = rollback(run(rollout, devices, 1000).rollout, 2000).rollout
+    devices["d00"] = DeviceView(online=True, active=NEW, update_state="FAILED",
+                                update_target=OLD.sha256, update_detail="disk full")
+    d = run(rollout, devices, 3000)
+    assert d.rollout.devices["d00"].state == DeviceState.FAILED
+    assert "rollback failed: disk full" in d.rollout.devices["d00"].reason

@@ -72,7 +72,12 @@ class SlotStore:
         return free[0] if free else next(s for s in SLOTS if s != pointer.active)
 
     def stage(self, data: bytes) -> str:
+        """Write ``data`` into the free slot; if that slot held the fallback, the device no
+        longer has one (cleared first, so a crash never leaves a pointer to the new bytes)."""
         slot = self.inactive()
+        pointer = self.pointer()
+        if pointer.fallback == slot:
+            self._write(replace(pointer, fallback=None))
         atomic_write(self.root / "slots" / slot / BUNDLE, data)
         return slot
 

@@ -99,10 +99,15 @@ class Observations:
 
 @dataclass(frozen=True)
 class Send:
-    """Publish a desired state for ``device``: install, commit or roll back the target."""
+    """Publish a desired state for ``device``: install, commit or roll back the target.
+
+    ``bundle`` names another bundle than the rollout's: the device's previous one, when a
+    rollback re-installs it (its fallback slot no longer held it) and it must be committed.
+    """
 
     device: str
     action: Action
+    bundle: BundleRef | None = None
 
 
 @dataclass(frozen=True)
@@ -135,10 +140,11 @@ class _Tick:
         self.set(moved)
         return moved
 
-    def send(self, item: RolloutDevice, action: Action) -> RolloutDevice:
+    def send(self, item: RolloutDevice, action: Action,
+             bundle: BundleRef | None = None) -> RolloutDevice:
         sent = replace(item, sent_ms=self.now)
         self.set(sent)
-        self.out.sends.append(Send(item.device, action))
+        self.out.sends.append(Send(item.device, action, bundle))
         return sent
 
     def state(self, state: RolloutState, reason: str = "") -> None:
@@ -251,6 +257,14 @@ def _reported(t: _Tick, view: DeviceView | None) -> DeviceState | None:
 
 def _follow_rollback(t: _Tick, item: RolloutDevice, view: DeviceView | None) -> None:
     if view is None:
+        return
+    previous = item.previous.sha256 if item.previous else None
+    if previous and view.update_target == previous and view.update_state == "PROBATION":
+        if view.update_since_ms > item.sent_ms or t.now - item.sent_ms > RESEND_MS:
+            t.send(item, Action.COMMIT, item.previous)  # the re-installed previous bundle
+        return
+    if previous and view.update_target == previous and view.update_state == "FAILED":
+        t.move(item, DeviceState.FAILED, f"rollback failed: {view.update_detail}")
         return
     settled = view.update_state in (*_SETTLED, "ROLLED_BACK", "FAILED")
     if view.active_sha != t.target and settled:
