@@ -4,6 +4,9 @@ Standard library only (``ThreadingHTTPServer``). Endpoints::
 
     GET  /healthz                                   no token
     GET  /bundles/{sha256}.efb                      no token; Range (bytes=N-M) honoured
+    GET  /metrics                                   no token; Prometheus text format
+    GET  /  and  /dashboard/...                     no token; the live fleet page (static)
+    GET  /api/v1/stream                             server-sent events for the dashboard
     GET  /api/v1/overview | devices | models | rollouts | history?limit=&target=
     GET  /api/v1/rollouts/{id}
     POST /api/v1/models                             body: the .efb bytes
@@ -13,9 +16,10 @@ Standard library only (``ThreadingHTTPServer``). Endpoints::
     POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}
     POST /api/v1/rollback                           {"group": G}
 
-``/api`` needs ``Authorization: Bearer TOKEN``; the token's name is the actor written in
-the audit history. Errors are JSON ``{"error", "hint", "kind"}``; the status follows the
-error's class (404 unknown, 409 conflict, 400 invalid, 401 token, 422 bundle refused).
+``/api`` needs ``Authorization: Bearer TOKEN`` (GET requests may pass ``?token=`` instead,
+for a browser's EventSource); the token's name is the actor written in the audit history.
+Errors are JSON ``{"error", "hint", "kind"}``; the status follows the error's class
+(404 unknown, 409 conflict, 400 invalid, 401 token, 422 bundle refused).
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from agent.protocol.errors import BundleError, EdgefleetError
+from fleet import dashboard
 from fleet.controller import FleetController
 from fleet.errors import AuthError, ConflictError, InvalidRolloutError, NotFoundError
+from fleet.metrics import FleetMetrics
 
 __all__ = ["ApiServer", "parse_tokens"]
 
@@ -92,6 +98,7 @@ class ApiServer:
         return self
 
     def stop(self) -> None:
+        self._httpd.stopping.set()  # ends open event streams
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
@@ -105,6 +112,8 @@ class _Server(ThreadingHTTPServer):
                  tokens: dict[str, str]) -> None:
         super().__init__(address, _Handler)
         self.controller, self.tokens = controller, tokens
+        self.metrics = FleetMetrics(controller)
+        self.stopping = threading.Event()
 
     def server_bind(self) -> None:  # no reverse DNS lookup of the host at bind time
         socketserver.TCPServer.server_bind(self)
@@ -155,10 +164,16 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json({"ok": True, **self.c.overview()})
         if match := _BUNDLE.match(path):
             return self._bundle(match.group(1))
+        if path == "/metrics":
+            return self._raw(*self.server.metrics.render())
+        if path == "/" or path.startswith("/dashboard"):
+            return self._dashboard(path)
         self._actor()
         query = parse_qs(urlsplit(self.path).query)
         if path == "/api/v1/overview":
             return self._json(self.c.overview())
+        if path == "/api/v1/stream":
+            return self._stream()
         if path == "/api/v1/devices":
             return self._json([d.as_dict() for d in self.c.devices()])
         if path == "/api/v1/models":
@@ -172,6 +187,40 @@ class _Handler(BaseHTTPRequestHandler):
         if (match := _ROLLOUT.match(path)) and not match.group(2):
             return self._json(self.c.rollout(match.group(1)).as_dict())
         raise NotFoundError(f"no such endpoint: GET {path}", hint="see docs/fleet.md")
+
+    def _dashboard(self, path: str) -> None:
+        if path in ("/", "/dashboard"):
+            self.send_response(HTTPStatus.FOUND)
+            self.send_header("Location", "/dashboard/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        found = dashboard.static_file(path.removeprefix("/dashboard"))
+        if found is None:
+            raise NotFoundError(f"no such page: {path}", hint="open /dashboard/")
+        self._raw(*found)
+
+    def _stream(self) -> None:
+        """Server-sent events until the client goes away or the server stops."""
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.close_connection = True
+
+        def write(chunk: bytes) -> None:
+            self.wfile.write(chunk)
+            self.wfile.flush()
+
+        dashboard.stream(self.c, write, self.server.stopping)
+
+    def _raw(self, content_type: str, body: bytes) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _bundle(self, sha256: str) -> None:
         path = self.c.bundle_path(sha256)
@@ -225,6 +274,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _actor(self) -> str:
         header = self.headers.get("Authorization", "")
         scheme, _, secret = header.partition(" ")
+        if not header and self.command in ("GET", "HEAD"):
+            scheme, secret = "bearer", parse_qs(urlsplit(self.path).query).get("token", [""])[0]
         if scheme.lower() != "bearer" or not secret:
             raise AuthError("this endpoint needs a token",
                             hint="pass --token or set EDGEFLEET_TOKEN")
