@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Install the system packages the tests need (Debian): the Mosquitto broker.
-# As root with apt-get it installs what is missing; otherwise it stops and
-# prints the one command to run.
+# Install the system packages the tests need (Debian): the Mosquitto broker, Prometheus
+# (the /metrics test scrapes the controller with a real one) and headless Chromium with
+# its driver (the dashboard test). As root with apt-get it installs what is missing;
+# otherwise it stops and prints the one command to run.
 set -euo pipefail
 
 packages=()
-command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || packages+=(mosquitto)
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
+have mosquitto || packages+=(mosquitto)
+have prometheus || packages+=(prometheus)
+have chromium || packages+=(chromium)
+have chromedriver || packages+=(chromium-driver)
 
 [ ${#packages[@]} -eq 0 ] && exit 0
 
@@ -14,6 +19,10 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+    # The Debian packages start services of their own; the tests run their own instances.
+    if command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
     exit 0
 fi
 
