@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 SYSTEM = "controller"
 _FOLLOW_AFTER_END_MS = 24 * 3600 * 1000
 _UNSETTLED = ACTIVE | {DeviceState.ROLLING_BACK, DeviceState.TIMED_OUT}
+_BASELINE_SAMPLE = 1000
 
 
 def now_ms() -> int:
@@ -225,7 +226,21 @@ class FleetController:
             device = self.registry.get(device_id)
             if device is not None:
                 views[device_id] = self._view(device, model)
+        if not self._gated(rollout):
+            return Observations(views)
         return Observations(views, self._candidate(rollout), self._baseline(rollout))
+
+    @staticmethod
+    def _gated(rollout: Rollout) -> bool:
+        """Quality is only measured for a running rollout with devices in probation and a
+        quality gate to feed."""
+        gates = rollout.spec.gates
+        if rollout.finished or not any(
+                g is not None for g in (gates.max_p95_ratio, gates.max_error_rate_pct,
+                                        gates.min_agreement_pct)):
+            return False
+        return any(d.state in (DeviceState.PROBATION, DeviceState.COMMITTING)
+                   for d in rollout.devices.values())
 
     def _view(self, device: Device, model: ModelVersion | None) -> DeviceView:
         reason = None
@@ -264,7 +279,10 @@ class FleetController:
         if not previous:
             return Quality()
         key: VersionKey = previous.most_common(1)[0][0]
-        devices = {*self.telemetry.running(key), *rollout.devices.keys()}
+        # the rollout's own devices (before they switched) and a bounded sample of the
+        # rest of the fleet still running the previous version
+        others = self.telemetry.running(key)[:_BASELINE_SAMPLE]
+        devices = {*others, *rollout.devices.keys()}
         return self.telemetry.quality(devices, key, self.clock() - self.config.quality_window_ms)
 
     def _busy_elsewhere(self, device: str, rollout_id: str) -> bool:

@@ -6,6 +6,11 @@ percentiles; the controller keeps a short history of those per device and versio
 sums them into a :class:`fleet.rollout.executor.Quality`: counts add up, p95 is the
 inference-weighted mean of the devices' window p95s, agreement the sample-weighted mean
 of the devices' latest top-1 agreement.
+
+For charts, :class:`VersionSeries` keeps the same sums per (model, version) and 5 s bucket
+of the points' time over the last 30 minutes (``TelemetryBook.series``): p50 and p95 are
+inference-weighted means of the devices' window percentiles, agreement the sample-weighted
+mean of the latest agreement each device reported in the bucket.
 """
 
 from __future__ import annotations
@@ -13,23 +18,86 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from fleet.rollout.executor import Quality
 
-__all__ = ["TelemetryBook", "VersionKey"]
+__all__ = ["TelemetryBook", "VersionKey", "VersionSeries"]
 
 VersionKey = tuple[str, str]  # (model name, version)
-_MAX_POINTS = 120  # per device and version
+_MAX_POINTS = 64  # per device and version, and never older than the window
 
 
-@dataclass(frozen=True)
-class _Window:
+class _Window(NamedTuple):  # a tuple: 10,000 devices keep tens of thousands of these
     ts_ms: int
     inferences: int
     errors: int
     p95_ms: float | None
+
+
+class _Bucket:
+    __slots__ = ("agreement", "errors", "inferences", "p50", "p50_weight", "p95",
+                 "p95_weight", "start_ms")
+
+    def __init__(self, start_ms: int) -> None:
+        self.start_ms, self.inferences, self.errors = start_ms, 0, 0
+        self.p50 = self.p95 = 0.0  # sums of percentile * inferences
+        self.p50_weight = self.p95_weight = 0
+        self.agreement: dict[str, tuple[float, int]] = {}  # device -> (top1, samples)
+
+    def add(self, device: str, inferences: int, errors: int, stats: dict[str, Any]) -> None:
+        self.inferences += inferences
+        self.errors += errors
+        if (p50 := _float(stats.get("latency_p50_ms"))) is not None and inferences:
+            self.p50, self.p50_weight = self.p50 + p50 * inferences, self.p50_weight + inferences
+        if (p95 := _float(stats.get("latency_p95_ms"))) is not None and inferences:
+            self.p95, self.p95_weight = self.p95 + p95 * inferences, self.p95_weight + inferences
+        agreement = stats.get("agreement")
+        if isinstance(agreement, dict) and agreement.get("top1") is not None:
+            self.agreement[device] = (float(agreement["top1"]), _int(agreement.get("samples")))
+
+    def as_dict(self) -> dict[str, Any]:
+        total, samples = self.inferences + self.errors, sum(s for _, s in self.agreement.values())
+        agreeing = sum(top1 * s for top1, s in self.agreement.values())
+        return {"t": self.start_ms, "inferences": self.inferences, "errors": self.errors,
+                "p50_ms": self.p50 / self.p50_weight if self.p50_weight else None,
+                "p95_ms": self.p95 / self.p95_weight if self.p95_weight else None,
+                "error_pct": 100 * self.errors / total if total else None,
+                "agreement_pct": 100 * agreeing / samples if samples else None,
+                "agreement_samples": samples}
+
+
+class VersionSeries:
+    """Fleet-wide telemetry per (model, version) in time buckets, the newest ``points`` kept.
+
+    Not thread-safe on its own: :class:`TelemetryBook` calls it under its lock. A point
+    older than the oldest kept bucket of its version is dropped.
+    """
+
+    def __init__(self, bucket_ms: int = 5_000, points: int = 360) -> None:
+        self.bucket_ms = bucket_ms
+        self._points = points
+        self._buckets: dict[VersionKey, deque[_Bucket]] = {}
+
+    def add(self, key: VersionKey, device: str, ts_ms: int, stats: dict[str, Any]) -> None:
+        inferences, errors = _int(stats.get("inferences")), _int(stats.get("errors"))
+        if not (inferences or errors or isinstance(stats.get("agreement"), dict)):
+            return
+        bucket = self._bucket(key, ts_ms - ts_ms % self.bucket_ms)
+        if bucket is not None:
+            bucket.add(device, inferences, errors, stats)
+
+    def _bucket(self, key: VersionKey, start_ms: int) -> _Bucket | None:
+        buckets = self._buckets.setdefault(key, deque(maxlen=self._points))
+        if not buckets or buckets[-1].start_ms < start_ms:
+            buckets.append(_Bucket(start_ms))
+            return buckets[-1]
+        return next((b for b in reversed(buckets) if b.start_ms == start_ms), None)
+
+    def since(self, since_ms: int = 0) -> dict[str, list[dict[str, Any]]]:
+        """``{"name:version": [bucket, ...]}`` of the buckets starting at or after ``since_ms``."""
+        return {f"{name}:{version}": [b.as_dict() for b in buckets if b.start_ms >= since_ms]
+                for (name, version), buckets in self._buckets.items()}
 
 
 class TelemetryBook:
@@ -42,6 +110,7 @@ class TelemetryBook:
         self.points = 0  # ingested points, for the ingest counter
         self._history: dict[tuple[str, VersionKey], deque[_Window]] = {}
         self._agreement: dict[tuple[str, VersionKey], tuple[float, int]] = {}
+        self._series = VersionSeries()
         self._lock = threading.Lock()
 
     def add(self, device: str, ts_ms: int, values: dict[str, Any]) -> None:
@@ -59,10 +128,13 @@ class TelemetryBook:
 
     def _add_version(self, device: str, key: VersionKey, ts_ms: int,
                      stats: dict[str, Any]) -> None:
+        self._series.add(key, device, ts_ms, stats)
         inferences, errors = _int(stats.get("inferences")), _int(stats.get("errors"))
         if inferences or errors:
             history = self._history.setdefault((device, key), deque(maxlen=_MAX_POINTS))
             history.append(_Window(ts_ms, inferences, errors, _float(stats.get("latency_p95_ms"))))
+            while history and history[0].ts_ms < ts_ms - self.window_ms:
+                history.popleft()
         agreement = stats.get("agreement")
         if isinstance(agreement, dict) and agreement.get("top1") is not None:
             self._agreement[(device, key)] = (float(agreement["top1"]),
@@ -74,9 +146,9 @@ class TelemetryBook:
         weighted_p95 = p95_weight = agreeing = 0.0
         with self._lock:
             for device in devices:
-                for window in self._history.get((device, key), ()):
+                for window in reversed(self._history.get((device, key), ())):
                     if window.ts_ms < since_ms:
-                        continue
+                        break  # oldest first: the rest is older still
                     inferences += window.inferences
                     errors += window.errors
                     if window.p95_ms is not None and window.inferences:
@@ -88,6 +160,15 @@ class TelemetryBook:
         return Quality(inferences, errors, weighted_p95 / p95_weight if p95_weight else None,
                        agreeing / agreement_samples if agreement_samples else None,
                        agreement_samples)
+
+    def series(self, since_ms: int = 0) -> dict[str, list[dict[str, Any]]]:
+        """Per-version chart points (see :class:`VersionSeries`) from ``since_ms`` on."""
+        with self._lock:
+            return self._series.since(since_ms)
+
+    @property
+    def series_bucket_ms(self) -> int:
+        return self._series.bucket_ms
 
     def running(self, key: VersionKey) -> list[str]:
         """Devices whose latest point says they serve ``key``."""
