@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlencode
 
 import typer
 from rich.console import Group
@@ -83,9 +84,11 @@ def serve(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, _, port = http.rpartition(":")
+    data_dir = data_dir.resolve()  # stored bundle paths must survive another working dir
     try:
         tokens = parse_tokens(token or [])
-        store = open_store(db or f"sqlite:///{(data_dir / 'fleet.db').resolve()}")
+        _make_dir(data_dir)  # a first run: SQLite needs the folder
+        store = open_store(db or (data_dir / "fleet.db").resolve())
         config = ControllerConfig(fleet=fleet, broker_url=broker, data_dir=data_dir,
                                   public_url=public_url or f"http://{http}",
                                   trusted=TrustedKeys.from_paths(trusted_key), tick_s=tick)
@@ -106,6 +109,14 @@ def serve(
         api.stop()
         controller.stop()
         store.close()
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgefleetError(f"cannot create --data-dir {path}: {exc.strerror}",
+                             hint="pass a folder this user may write to") from exc
 
 
 # --- models and devices -----------------------------------------------------------------
@@ -141,7 +152,8 @@ def _model_row(model: dict[str, Any]) -> dict[str, Any]:
     quant = (model["manifest"].get("optimization") or {}).get("quantization")
     return {"model": f"{model['name']}:{model['version']}", "sha256": model["sha256"][:12],
             "format": model["format"], "quantization": quant, "size": model["size"],
-            "accuracy": metrics.get("accuracy"), "agreement": metrics.get("top1_agreement"),
+            "accuracy": metrics.get("accuracy"),
+            "agreement": (metrics.get("agreement") or {}).get("top1"),
             "p50 ms": metrics.get("latency_p50_ms"), "pushed by": model["pushed_by"]}
 
 
@@ -192,8 +204,8 @@ def history(limit: Annotated[int, typer.Option(help="Newest N entries")] = 50,
             controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
             as_json: JsonOpt = False) -> None:
     """The audit history: what was done, when, by which token, and how it ended."""
-    query = f"?limit={limit}" + (f"&target={target}" if target else "")
-    data = _run(as_json, lambda: _client(controller, token).get(f"/api/v1/history{query}"))
+    query = urlencode({"limit": limit, **({"target": target} if target else {})})
+    data = _run(as_json, lambda: _client(controller, token).get(f"/api/v1/history?{query}"))
     rows = [{"when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts_ms"] / 1000)),
              "by": e["actor"], "action": e["action"], "target": e["target"],
              "outcome": e["outcome"], "what": (e.get("detail") or {}).get("summary", "")}

@@ -432,3 +432,9 @@ def test_a_failed_re_install_of_the_previous_bundle_is_reported() -> None:
     d = run(rollout, devices, 3000)
     assert d.rollout.devices["d00"].state == DeviceState.FAILED
     assert "rollback failed: disk full" in d.rollout.devices["d00"].reason
+
+
+def test_a_spec_without_waves_is_one_wave_to_everyone() -> None:
+    data = spec().as_dict()
+    del data["waves"]
+    assert RolloutSpec.from_dict(data).waves == (Wave(100.0, True),)

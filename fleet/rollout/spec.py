@@ -188,7 +188,7 @@ class RolloutSpec:
             raise InvalidRolloutError("a rollout needs a model")
         return cls(model=model, url=str(data["url"]), size=int(data["size"]),
                    selectors=tuple(parse_selector(s) for s in data["selectors"]),
-                   waves=parse_waves(",".join(data["waves"])),
+                   waves=parse_waves(",".join(data.get("waves") or ["100%"])),
                    rate_per_min=data.get("rate_per_min"),
                    exponential=float(data.get("exponential", 1.0)),
                    device_timeout_s=float(data.get("device_timeout_s", 600.0)),
