@@ -17,6 +17,7 @@ from pathlib import Path
 from agent import __version__
 from agent.core import Agent
 from agent.events import EventLog
+from agent.ha_discovery import publish_discovery
 from agent.loader import LoadedModel
 from agent.mqtt import MqttClient
 from agent.protocol.bundle import read_manifest
@@ -63,6 +64,7 @@ class ServiceConfig:
     max_error_rate: float = 0.05
     step_delay_s: float = 0.0
     latency_budget_ms: float | None = 1000.0
+    ha_discovery: bool = False
 
 
 class AgentService:
@@ -144,6 +146,9 @@ class AgentService:
             self.mqtt.publish(self.topic(Leaf.EVENTS), encode(event), qos=1, retain=False)
 
     def _connected(self) -> None:
+        if self.config.ha_discovery and self.mqtt:
+            publish_discovery(self.mqtt, self.config.fleet, self.config.device_id,
+                              self.config.profile)
         self._publish_status(STATUS_ONLINE)
         self._publish_reported()
 

@@ -11,17 +11,26 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from agent.loader import LoadedModel
-from agent.runtime.base import Array
+from agent.runtime.base import Array, TensorInfo
 
-__all__ = ["Shadow"]
+__all__ = ["Shadow", "as_inputs_of"]
 
 Sample = tuple[Mapping[str, Array], dict[str, Array]]
+
+
+def as_inputs_of(inputs: Sequence[TensorInfo], feeds: Mapping[str, Array]) -> Mapping[str, Array]:
+    """``feeds`` under the names of ``inputs``, matched by position when the names differ
+    (a .tflite and an .onnx of one model name their inputs differently)."""
+    names = [spec.name for spec in inputs]
+    if set(names) == set(feeds) or len(names) != len(feeds):
+        return feeds
+    return dict(zip(names, feeds.values(), strict=True))
 
 
 class Shadow:
@@ -64,7 +73,8 @@ class Shadow:
         while (item := self._queue.get()) is not None:
             feeds, new = item
             try:
-                old = self.previous.runtime.run(feeds)
+                old = self.previous.runtime.run(
+                    as_inputs_of(self.previous.runtime.inputs, feeds))
             except Exception:  # the previous model may refuse what the new one takes
                 continue
             self._record(next(iter(new.values())), next(iter(old.values())))

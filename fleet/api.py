@@ -113,6 +113,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.controller, self.tokens = controller, tokens
         self.metrics = FleetMetrics(controller)
+        dashboard.attach(controller)  # device events are kept from the start
         self.stopping = threading.Event()
 
     def server_bind(self) -> None:  # no reverse DNS lookup of the host at bind time

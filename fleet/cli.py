@@ -25,6 +25,8 @@ from rich.table import Table
 from agent.cli.output import console, emit, fail, table
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.signing import TrustedKeys
+from fleet.cli_simulate import simulate
+from fleet.cli_top import top
 from fleet.client import FleetClient
 
 app = typer.Typer(help="The fleet: controller, models, rollouts, rollback, history.",
@@ -371,12 +373,5 @@ def _rollout_view(r: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
-def _mount_simulate() -> None:
-    try:
-        from fleet.cli_simulate import simulate
-    except ImportError:  # the simulator is optional until it lands
-        return
-    app.command("simulate")(simulate)
-
-
-_mount_simulate()
+app.command("simulate")(simulate)
+app.command("top")(top)

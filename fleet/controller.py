@@ -524,5 +524,5 @@ class FleetController:
                 "online": sum(1 for d in devices if d.online),
                 "versions": dict(versions), "update_states": dict(states),
                 "telemetry_points": self.telemetry.points, "rejected": self.rejected,
-                "outbox": len(self._outbox)}
+                "outbox": len(self._outbox), "quality": self.telemetry.summary()}
 

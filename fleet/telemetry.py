@@ -170,6 +170,32 @@ class TelemetryBook:
     def series_bucket_ms(self) -> int:
         return self._series.bucket_ms
 
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Every device's latest values (a copy of ``latest``, safe to read from any thread)."""
+        with self._lock:
+            return dict(self.latest)
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per ``"model:version"``: the devices' latest windows summed (latency weighted by
+        inferences), error rate, and top-1 agreement weighted by samples."""
+        sums: dict[str, dict[str, float]] = {}
+        for values in self.snapshot().values():
+            for version, stats in (values.get("versions") or {}).items():
+                if not isinstance(stats, dict):
+                    continue
+                s = sums.setdefault(f"{values.get('model')}:{version}", dict.fromkeys(
+                    ("inferences", "errors", "p50", "p95", "agree", "samples"), 0.0))
+                n = _int(stats.get("inferences"))
+                s["inferences"] += n
+                s["errors"] += _int(stats.get("errors"))
+                s["p50"] += (_float(stats.get("latency_p50_ms")) or 0.0) * n
+                s["p95"] += (_float(stats.get("latency_p95_ms")) or 0.0) * n
+                agreement = stats.get("agreement") or {}
+                samples = _int(agreement.get("samples"))
+                s["agree"] += (_float(agreement.get("top1")) or 0.0) * samples
+                s["samples"] += samples
+        return {key: _summarised(s) for key, s in sums.items()}
+
     def running(self, key: VersionKey) -> list[str]:
         """Devices whose latest point says they serve ``key``."""
         with self._lock:
@@ -180,6 +206,14 @@ class TelemetryBook:
         with self._lock:
             for device in devices:
                 self._agreement.pop((device, key), None)
+
+
+def _summarised(s: dict[str, float]) -> dict[str, Any]:
+    n, total = s["inferences"], s["inferences"] + s["errors"]
+    return {"inferences": int(n), "p50_ms": s["p50"] / n if n else None,
+            "p95_ms": s["p95"] / n if n else None,
+            "error_rate": s["errors"] / total if total else None,
+            "agreement": s["agree"] / s["samples"] if s["samples"] else None}
 
 
 def _int(value: Any) -> int:

@@ -51,6 +51,21 @@ def test_agreement_with_the_same_model_is_total(digits_bundles: dict[str, Path],
     assert agent.telemetry_values()["versions"]["2.0.0"]["agreement"]["samples"] >= 40
 
 
+def test_agreement_is_measured_across_formats_whose_inputs_are_named_differently(
+        digits_bundles: dict[str, Path], digits_models: TrainedModels, signing_keys: Keys,
+        tmp_path: Path) -> None:
+    v2 = make_bundle(digits_models.onnx, tmp_path / "v2.efb", signing_keys, "2.0.0")
+    agent = _agent_on(digits_bundles["tflite"], v2, signing_keys)
+    assert agent.model is not None
+    assert agent.model.runtime.inputs[0].name == "image"  # the .tflite calls it otherwise
+    for x in digits_models.digits.x_test[:100]:
+        agent.predict(x[None])
+    _wait(lambda: (agent.agreement or {}).get("samples", 0) >= 40)
+    agreement = agent.agreement
+    assert agreement is not None and agreement["samples"] >= 40
+    assert agreement["top1"] == 1.0
+
+
 def test_a_disagreeing_model_fails_the_agreement_gate(
         digits_bundles: dict[str, Path], digits_models: TrainedModels, shifted: Path,
         signing_keys: Keys, tmp_path: Path) -> None:

@@ -128,6 +128,9 @@ def run(
         help="Roll back by itself above this error rate in probation")] = 0.05,
     latency_budget_ms: Annotated[float, typer.Option(
         help="Refuse an update whose health check runs slower than this per sample")] = 1000.0,
+    ha_discovery: Annotated[bool, typer.Option(
+        "--ha-discovery", help="Publish Home Assistant MQTT discovery configs (retained)")
+                            ] = False,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Serve a bundle, report telemetry over MQTT, answer KServe v2 requests over HTTP."""
@@ -145,6 +148,7 @@ def run(
                            spool_max_bytes=spool_max_bytes, profile=profile,
                            probation_s=probation, max_error_rate=max_error_rate,
                            latency_budget_ms=latency_budget_ms,
+                           ha_discovery=ha_discovery,
                            step_delay_s=float(os.environ.get("EDGEFLEET_FAULT_STEP_DELAY", 0)))
     _serve_until_signalled(AgentService(config, agent))
 

@@ -1,0 +1,220 @@
+"""``edgefleet fleet top``: the fleet at a glance, refreshed live in the terminal.
+
+Each frame is read from the controller's REST API: ``/api/v1/overview`` (devices online,
+model versions, update states), ``/api/v1/devices`` (the devices that need a look: offline,
+or in the middle of an update), ``/api/v1/rollouts`` and ``/api/v1/rollouts/{id}`` for each
+rollout still going (progress per wave). Per-version latency, error rate and agreement come
+from the overview's ``quality`` map (``"name:version"`` -> ``p50_ms``, ``p95_ms``,
+``error_rate``, ``agreement``, ``inferences``) when the controller reports one; without it
+those columns stay empty.
+
+``--once`` prints one frame and exits; ``--json`` prints each frame's data as one line of
+JSON. A live view keeps going through transient API errors (shown under the frame).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+from agent.cli.output import console, fail
+from agent.protocol.errors import EdgefleetError
+from fleet.client import FleetClient
+from fleet.rollout.state import DONE, FINISHED
+
+__all__ = ["collect", "render", "top"]
+
+_DONE = frozenset(s.value for s in DONE)
+_FINISHED = frozenset(s.value for s in FINISHED)
+_SETTLED = frozenset({"IDLE", "COMMITTED", "ROLLED_BACK"})  # update states needing no look
+_ATTENTION_ROWS = 20
+
+
+def collect(client: FleetClient) -> dict[str, Any]:
+    """One frame's data, from four kinds of API calls."""
+    overview = client.get("/api/v1/overview")
+    devices = client.get("/api/v1/devices")
+    going = [r["id"] for r in client.get("/api/v1/rollouts") if r["state"] not in _FINISHED]
+    quality = overview.get("quality") or {}
+    attention = [_device_row(d) for d in devices
+                 if not d["online"] or d["update_state"] not in _SETTLED]
+    return {"ts_ms": int(time.time() * 1000), "fleet": overview["fleet"],
+            "devices": {"total": overview["devices"], "online": overview["online"],
+                        "offline": overview["devices"] - overview["online"]},
+            "versions": [{"version": name, "devices": count, **_quality(quality.get(name))}
+                         for name, count in sorted(overview["versions"].items())],
+            "update_states": overview["update_states"],
+            "rollouts": [_rollout(client.get(f"/api/v1/rollouts/{rid}")) for rid in going],
+            "attention": attention[:_ATTENTION_ROWS], "attention_total": len(attention)}
+
+
+def _quality(q: dict[str, Any] | None) -> dict[str, Any]:
+    q = q or {}
+    return {key: q.get(key) for key in ("inferences", "p50_ms", "p95_ms", "error_rate",
+                                        "agreement")}
+
+
+def _device_row(d: dict[str, Any]) -> dict[str, Any]:
+    active = d["active"]
+    return {"device": d["id"], "online": d["online"], "group": d["group"],
+            "model": f"{active['name']}:{active['version']}" if active else None,
+            "update": d["update_state"], "detail": d["update_detail"]}
+
+
+def _rollout(r: dict[str, Any]) -> dict[str, Any]:
+    spec = r["spec"]
+    return {"id": r["id"], "model": f"{spec['model']['name']}:{spec['model']['version']}",
+            "to": spec["selectors"], "state": r["state"], "reason": r["reason"],
+            "wave": r["wave"] + 1, "waves": [_wave(r, i, bound)
+                                             for i, bound in enumerate(spec["waves"])]}
+
+
+def _wave(r: dict[str, Any], index: int, bound: str) -> dict[str, Any]:
+    states = [d["state"] for d in r["devices"] if d["wave"] == index]
+    done = sum(s in _DONE for s in states)
+    return {"wave": index + 1, "up_to": bound, "devices": len(states), "done": done,
+            "succeeded": states.count("SUCCEEDED"),
+            "failed": states.count("FAILED") + states.count("TIMED_OUT"),
+            "waiting": len(states) - done}
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+def render(frame: dict[str, Any], problem: str = "") -> Group:
+    """The frame for people: header, versions, update states, rollouts, devices to look at."""
+    devices = frame["devices"]
+    when = time.strftime("%H:%M:%S", time.localtime(frame["ts_ms"] / 1000))
+    states = "  ".join(f"{s} {n}" for s, n in sorted(frame["update_states"].items()))
+    parts: list[Any] = [
+        f"[bold]fleet {frame['fleet']}[/]  {devices['total']} devices: "
+        f"[green]{devices['online']} online[/], [red]{devices['offline']} offline[/]  {when}",
+        _versions_table(frame["versions"]), f"update states: {states or '-'}"]
+    parts += [_rollout_table(r) for r in frame["rollouts"]] or ["no rollout running"]
+    if frame["attention"]:
+        parts.append(_attention_table(frame))
+    if problem:
+        parts.append(f"[yellow]{problem}[/]")
+    return Group(*parts)
+
+
+def _versions_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="model versions", title_justify="left")
+    for column in ("version", "devices", "inferences", "p50 ms", "p95 ms", "error rate",
+                   "agreement"):
+        table.add_column(column, justify="left" if column == "version" else "right")
+    for row in rows:
+        table.add_row(row["version"], str(row["devices"]), _text(row["inferences"]),
+                      _ms(row["p50_ms"]), _ms(row["p95_ms"]), _pct(row["error_rate"]),
+                      _pct(row["agreement"]))
+    return table
+
+
+def _rollout_table(r: dict[str, Any]) -> Table:
+    table = Table(title=f"rollout {r['id']}: {r['model']} -> {' '.join(r['to'])}  "
+                        f"[bold]{r['state']}[/]  {r['reason']}", title_justify="left")
+    for column in ("wave", "up to", "devices", "progress", "succeeded", "failed", "waiting"):
+        table.add_column(column)
+    for w in r["waves"]:
+        marker = "▶ " if w["wave"] == r["wave"] and r["state"] == "RUNNING" else ""
+        table.add_row(f"{marker}{w['wave']}", w["up_to"], str(w["devices"]),
+                      ProgressBar(total=max(w["devices"], 1), completed=w["done"], width=20),
+                      str(w["succeeded"]), str(w["failed"]), str(w["waiting"]))
+    return table
+
+
+def _attention_table(frame: dict[str, Any]) -> Table:
+    shown, total = len(frame["attention"]), frame["attention_total"]
+    more = f" (first {shown} of {total})" if total > shown else ""
+    table = Table(title=f"devices offline or updating{more}", title_justify="left")
+    for column in ("device", "online", "group", "model", "update", "detail"):
+        table.add_column(column)
+    for d in frame["attention"]:
+        table.add_row(d["device"], "yes" if d["online"] else "[red]no[/]", d["group"] or "",
+                      d["model"] or "", d["update"], d["detail"])
+    return table
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+# --- the command --------------------------------------------------------------------------
+
+def top(
+    controller: Annotated[str, typer.Option("--controller", envvar="EDGEFLEET_CONTROLLER",
+                                            help="The controller's URL")
+                          ] = "http://127.0.0.1:8600",
+    token: Annotated[str | None, typer.Option("--token", envvar="EDGEFLEET_TOKEN",
+                                              help="API token (or EDGEFLEET_TOKEN)")] = None,
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between frames")] = 2.0,
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Each frame as one line of JSON")
+                       ] = False,
+) -> None:
+    """The fleet live: devices online, versions with their latency and agreement, rollouts."""
+    client = FleetClient(controller, token, timeout_s=max(interval * 5, 10.0))
+    try:
+        frame = collect(client)
+    except EdgefleetError as exc:
+        fail(exc, as_json)
+    try:
+        if as_json:
+            _json_lines(client, frame, interval, once)
+        elif once:
+            console.print(render(frame))
+        else:
+            _live(client, frame, interval)
+    except KeyboardInterrupt:
+        pass
+
+
+def _json_lines(client: FleetClient, frame: dict[str, Any], interval: float,
+                once: bool) -> None:
+    """JSON Lines on stdout; a transient error goes to stderr and the line is skipped."""
+    _write_line(frame)
+    while not once:
+        time.sleep(interval)
+        frame, problem = _next(client, frame, as_json=True)
+        if problem:
+            sys.stderr.write(problem + "\n")
+        else:
+            _write_line(frame)
+
+
+def _write_line(frame: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(frame, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def _live(client: FleetClient, frame: dict[str, Any], interval: float) -> None:
+    with Live(render(frame), console=console, refresh_per_second=4) as live:
+        while True:
+            time.sleep(interval)
+            frame, problem = _next(client, frame, as_json=False)
+            live.update(render(frame, problem))
+
+
+def _next(client: FleetClient, last: dict[str, Any], as_json: bool) -> tuple[dict[str, Any], str]:
+    """A new frame; on a transient error the last one and what went wrong."""
+    try:
+        return collect(client), ""
+    except EdgefleetError as exc:
+        if not exc.transient:
+            fail(exc, as_json)
+        return last, f"{time.strftime('%H:%M:%S')} {exc} - retrying"

@@ -1,0 +1,117 @@
+"""The simulator's :class:`agent.update.flow.Controller`: the real flow, simulated I/O.
+
+``download`` really requests the URL, ``verify`` really checks the signature
+and hashes (once per content, shared), the health check really loads and runs
+the model (once per bundle, shared); staging and switching move the device's
+in-memory A/B pointer. ``probation`` never waits: the device only steps a
+PROBATION journal once the fleet (or a gate, or the auto-commit window) has
+decided, and this returns that decision.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from agent.health import HealthCheckError
+from agent.protocol.errors import EdgefleetError, IntegrityError
+from agent.protocol.payloads import BundleRef
+from agent.update.states import Event, Journal
+
+if TYPE_CHECKING:
+    from fleet.simulate.device import SimDevice
+
+__all__ = ["SimController"]
+
+
+class SimController:
+    """Implements the Controller protocol for one simulated device."""
+
+    def __init__(self, device: SimDevice) -> None:
+        self.device = device
+        self._digest: str | None = None  # what the last download brought
+
+    def download(self, j: Journal) -> None:
+        self._digest = self.device.env.downloads.fetch(str(j.target["url"]),
+                                                       int(str(j.target.get("size", 0))))
+
+    def verify(self, j: Journal) -> None:
+        env = self.device.env
+        if self._digest is None:
+            raise EdgefleetError("nothing was downloaded for this update",
+                                 hint="the update restarts")
+        bundle = env.models.verify(self._digest, env.downloads.body(self._digest))
+        if bundle.sha256 != j.target["sha256"]:
+            raise IntegrityError(f"downloaded bundle is {bundle.manifest.ref} with manifest "
+                                 f"sha256 {bundle.sha256[:12]}, the target names "
+                                 f"{str(j.target['sha256'])[:12]}",
+                                 hint="the server sent another bundle; check the URL")
+        self.device.staged_ref = BundleRef(name=bundle.manifest.name,
+                                           version=bundle.manifest.version, sha256=bundle.sha256)
+
+    def stage(self, j: Journal) -> None:
+        device = self.device
+        if device.slots.slot_of(str(j.target["sha256"])) is None:
+            if device.staged_ref is None:
+                raise EdgefleetError("no verified bundle to stage", hint="the update restarts")
+            device.slots.stage(device.staged_ref)
+        self._digest = None
+
+    def health_check(self, j: Journal) -> None:
+        device = self.device
+        profile = device.env.models.profile(self._staged(j))
+        if device.traits.fail_health:
+            raise HealthCheckError("health check: output differs from the expected outputs "
+                                   "(simulated fault: fail_health)",
+                                   hint="the model computes differently on this device; "
+                                   "do not deploy it here")
+        latency = profile.health_latency_ms * device.latency_factor(profile.sha256)
+        budget = device.env.options.settings.latency_budget_ms
+        if budget is not None and latency > budget:
+            raise HealthCheckError(f"health check latency {latency:.2f} ms per sample exceeds "
+                                   f"the budget of {budget:.2f} ms",
+                                   hint="use a smaller or quantized model for this device")
+
+    def switch(self, j: Journal) -> None:
+        device = self.device
+        slot = device.slots.slot_of(str(j.target["sha256"]))
+        if slot is None:
+            raise EdgefleetError("the staged bundle is gone", hint="the update restarts")
+        candidate = device.env.models.profile(self._staged(j))
+        previous = device.serving.active
+        device.slots.switch(slot)
+        device.activate(candidate)
+        if previous is not None and previous.version != candidate.version:
+            device.start_shadow(previous.version,
+                                device.env.models.agreement(candidate.sha256, previous.sha256))
+
+    def probation(self, j: Journal) -> Event:
+        return self.device.take_decision()
+
+    def commit(self, j: Journal) -> None:
+        self.device.stop_shadow()
+        self.device.slots.commit()
+
+    def rollback(self, j: Journal) -> None:
+        device = self.device
+        device.stop_shadow()
+        device.slots.rollback()
+        active = device.slots.active
+        if active is None:
+            raise EdgefleetError("no bundle to roll back to", hint="install one")
+        device.activate(device.env.models.profile(active.sha256))
+
+    def save(self, j: Journal) -> None:
+        self.device.journal = j
+
+    def report(self, j: Journal) -> None:
+        self.device.journal_changed(j)
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    def _staged(self, j: Journal) -> str:
+        sha = str(j.target["sha256"])
+        if self.device.slots.slot_of(sha) is None:
+            raise EdgefleetError("no staged bundle for this update", hint="the update restarts")
+        return sha

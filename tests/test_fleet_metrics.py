@@ -1,0 +1,300 @@
+"""``GET /metrics`` of a controller with real agents on a real Mosquitto, read back by a real
+Prometheus, and the Grafana dashboard's queries against what the live endpoint exposes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from fleet.controller import ControllerConfig, FleetController
+from fleet.metrics import FleetMetrics
+from fleet.mosquitto import MosquittoBroker, free_port, stop_process
+from fleet.store import open_store
+from tests.conftest import Keys, make_bundle
+from tests.fleet_harness import Fleet, wait_until
+from tests.models import TrainedModels
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "dashboards" / "grafana" / "edgefleet.json"
+# Grafana's variables, as the dashboard would send them with "All" selected
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model": ".*"}
+_NOT_METRICS = frozenset({"and", "or", "unless", "bool", "offset", "inf", "nan"})
+
+Scrape = dict[str, list[Sample]]  # sample name -> samples
+
+
+# --- fixtures and helpers ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def versions(digits_models: TrainedModels, signing_keys: Keys,
+             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    # both LiteRT: the probation shadow re-runs the new version's inputs, by input name, on
+    # the previous model, so the agreement the dashboard charts needs matching input names
+    root = tmp_path_factory.mktemp("metrics-bundles")
+    return {"v1": make_bundle(digits_models.tflite, root / "v1.efb", signing_keys, "1.0.0"),
+            "v2": make_bundle(digits_models.tflite, root / "v2.efb", signing_keys, "2.0.0",
+                              rows=4)}
+
+
+@pytest.fixture()
+def fleet(mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
+          signing_keys: Keys) -> Iterator[Fleet]:
+    harness = Fleet(fleet_name, mosquitto.url, tmp_path, signing_keys)
+    yield harness
+    harness.stop()
+
+
+def _start(fleet: Fleet, versions: dict[str, Path], ids: list[str]) -> None:
+    """A controller, ``ids`` serving v1 in group "cams", and v2 pushed."""
+    client = fleet.start_controller()
+    for device in ids:
+        fleet.add_agent(device, versions["v1"])
+    wait_until(lambda: _total(_scrape(fleet), "edgefleet_devices_by_version",
+                              version="1.0.0") == len(ids), 30, what="devices on v1")
+    client.post("/api/v1/devices/group", {"devices": ids, "group": "cams"})
+    client.upload("/api/v1/models", versions["v2"].read_bytes())
+
+
+def _rollout(fleet: Fleet, **options: Any) -> str:
+    body = {"model": "digits:2.0.0", "selectors": ["group:cams"], "waves": ["1", "100%"],
+            "device_timeout_s": 60, **options}
+    return str(fleet.client().post("/api/v1/rollouts", body)["id"])
+
+
+def _scrape(fleet: Fleet) -> Scrape:
+    assert fleet.api is not None
+    with urllib.request.urlopen(f"{fleet.api.url}/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return _parse(response.read().decode())
+
+
+def _parse(text: str) -> Scrape:
+    scrape: Scrape = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            scrape.setdefault(sample.name, []).append(sample)
+    return scrape
+
+
+def _samples(scrape: Scrape, name: str, **labels: str) -> list[float]:
+    return [s.value for s in scrape.get(name, [])
+            if all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def _total(scrape: Scrape, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples carrying ``labels`` (0 when there is none)."""
+    return sum(_samples(scrape, name, **labels))
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (not functions, labels or keywords)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', "", expr)  # strings
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", expr)  # label matchers, ranges
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    names = set()
+    for match in re.finditer(r"(?<![\w:.$])[A-Za-z_:][\w:]*", expr):
+        if not expr[match.end():].lstrip().startswith("(") and match[0] not in _NOT_METRICS:
+            names.add(match[0])
+    return names
+
+
+def _dashboard_exprs() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def _controller(tmp_path: Path, keys: Keys) -> FleetController:
+    """A controller that is not started: its registry and telemetry are fed by hand."""
+    config = ControllerConfig(fleet="f", broker_url="mqtt://127.0.0.1:1",
+                              data_dir=tmp_path / "controller", public_url="http://127.0.0.1:1",
+                              trusted=keys.trusted)
+    return FleetController(config, open_store(f"sqlite:///{tmp_path / 'fleet.db'}"))
+
+
+def _point(version: str, total: int, p50: float = 1.0) -> dict[str, Any]:
+    window = {"inferences": 10, "errors": 0, "latency_p50_ms": p50,
+              "latency_p95_ms": 2 * p50, "throughput_rps": 5.0}
+    return {"model": "digits", "model_version": version, "inferences_total": total,
+            "errors_total": 0, "versions": {version: window}, **window}
+
+
+class Prometheus:
+    """A real Prometheus (the Debian package) on loopback scraping ``target`` every second."""
+
+    def __init__(self, workdir: Path, target: str) -> None:
+        binary = shutil.which("prometheus")
+        assert binary, "prometheus is missing: run scripts/system-deps.sh"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / "prometheus.yml"
+        config.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+                          "scrape_configs:\n  - job_name: edgefleet\n    scrape_timeout: 1s\n"
+                          f"    static_configs:\n      - targets: ['{target}']\n")
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = workdir / "prometheus.log"
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+                 f"--web.listen-address={self.url.removeprefix('http://')}"],
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def ready(self) -> bool:
+        assert self.process.poll() is None, self.log.read_text()[-2000:]
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=5) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query; its result vector (raises on a PromQL error)."""
+        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                answer = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"{expr}: {exc.read().decode()}") from None
+        assert answer["status"] == "success", answer
+        result: list[dict[str, Any]] = answer["data"]["result"]
+        return result
+
+    def stop(self) -> None:
+        stop_process(self.process)  # by its PID
+
+
+# --- /metrics ---------------------------------------------------------------------------
+
+def test_metrics_show_devices_by_version_and_a_rollouts_progress(
+        fleet: Fleet, versions: dict[str, Path]) -> None:
+    _start(fleet, versions, ["cam-0", "cam-1"])
+    before = wait_until(lambda: (s := _scrape(fleet)) and _total(
+        s, "edgefleet_latency_p50_ms_gcount", version="1.0.0") == 2 and s, 30,
+        what="both devices' telemetry")
+    assert _total(before, "edgefleet_devices", online="true") == 2
+    assert _total(before, "edgefleet_device_online", device="cam-1") == 1
+    assert _total(before, "edgefleet_latency_p50_ms_bucket", version="1.0.0", le="+Inf") == 2
+    assert _total(before, "edgefleet_inferences_total", version="1.0.0") > 0
+    assert _total(before, "edgefleet_throughput_rps", version="1.0.0") > 0
+
+    rollout = _rollout(fleet, soak_s=3)
+    probation = wait_until(lambda: (s := _scrape(fleet)) and _total(
+        s, "edgefleet_rollout_devices", rollout=rollout, state="PROBATION") == 1 and _samples(
+        s, "edgefleet_agreement_top1", version="2.0.0") and s, 60,
+        what="the canary in probation, its agreement measured")
+    assert _total(probation, "edgefleet_rollout_state", rollout=rollout, state="RUNNING") == 1
+    assert _total(probation, "edgefleet_rollout_wave", rollout=rollout) == 1
+    assert _total(probation, "edgefleet_rollout_waves", rollout=rollout) == 2
+    assert _total(probation, "edgefleet_agreement_top1", version="2.0.0") >= 0.9
+    served_v1 = _total(probation, "edgefleet_inferences_total", version="1.0.0")
+
+    done = wait_until(lambda: (s := _scrape(fleet)) and _total(
+        s, "edgefleet_devices_by_version", version="2.0.0") == 2 and _total(
+        s, "edgefleet_rollout_state", rollout=rollout, state="SUCCEEDED") == 1 and s, 90,
+        what="the rollout succeeded, both devices on v2")
+    assert _total(done, "edgefleet_rollout_devices", rollout=rollout, state="SUCCEEDED") == 2
+    assert _total(done, "edgefleet_rollout_devices", rollout=rollout) == 2
+    assert _total(done, "edgefleet_rollout_wave", rollout=rollout) == 2
+    assert not _total(done, "edgefleet_devices_by_version", version="1.0.0")
+    # v1's counter keeps what v1 served after every device moved on
+    assert _total(done, "edgefleet_inferences_total", version="1.0.0") >= served_v1
+
+
+def test_inference_counters_never_go_down_when_an_agent_restarts_or_switches_version(
+        tmp_path: Path, signing_keys: Keys) -> None:
+    controller = _controller(tmp_path, signing_keys)
+    metrics = FleetMetrics(controller)
+
+    def served(point: dict[str, Any], ts: int) -> tuple[float, float]:
+        controller.telemetry.add("cam-0", ts, point)
+        scrape = _parse(metrics.render()[1].decode())
+        return (_total(scrape, "edgefleet_inferences_total", version="1.0.0"),
+                _total(scrape, "edgefleet_inferences_total", version="2.0.0"))
+
+    assert served(_point("1.0.0", 100), 1) == (100, 0)
+    assert served(_point("1.0.0", 5), 2) == (105, 0)  # the agent restarted
+    assert served(_point("2.0.0", 7), 3) == (105, 7)  # and then switched version
+
+
+def test_latency_histograms_count_online_devices_by_their_latest_window(
+        tmp_path: Path, signing_keys: Keys) -> None:
+    controller = _controller(tmp_path, signing_keys)
+    for device, p50, status in [("a", 0.3, "online"), ("b", 4.0, "online"),
+                                ("c", 0.3, "offline")]:
+        controller.registry.status(device, status, 1)
+        controller.telemetry.add(device, 1, _point("1.0.0", 10, p50))
+    scrape = _parse(FleetMetrics(controller).render()[1].decode())
+
+    def devices_at_most(le: str) -> float:
+        return _total(scrape, "edgefleet_latency_p50_ms_bucket", version="1.0.0", le=le)
+
+    assert (devices_at_most("0.25"), devices_at_most("0.5"), devices_at_most("5.0"),
+            devices_at_most("+Inf")) == (0, 1, 2, 2)
+    assert _total(scrape, "edgefleet_latency_p50_ms_gsum", version="1.0.0") == 4.3
+    assert _total(scrape, "edgefleet_latency_p95_ms_bucket", version="1.0.0", le="1.0") == 1
+    assert _total(scrape, "edgefleet_inferences_total", version="1.0.0") == 30  # all devices
+
+
+# --- a real Prometheus ------------------------------------------------------------------
+
+def test_a_real_prometheus_scrapes_the_controller_and_answers_dashboard_queries(
+        fleet: Fleet, versions: dict[str, Path], tmp_path: Path) -> None:
+    _start(fleet, versions, ["cam-0", "cam-1"])
+    assert fleet.api is not None
+    prometheus = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{fleet.api.port}")
+    try:
+        wait_until(prometheus.ready, 30, what="Prometheus ready")
+        result = wait_until(lambda: [r for r in prometheus.query(
+            'edgefleet_devices_by_version{model="digits",version="1.0.0"}')
+            if r["value"][1] == "2"], 60, every=0.5, what="the scraped device count")
+        assert result[0]["metric"]["job"] == "edgefleet"
+        p50 = wait_until(lambda: prometheus.query(
+            "histogram_quantile(0.5, sum by (le, version) (edgefleet_latency_p50_ms_bucket))"),
+            30, every=0.5, what="the p50 histogram scraped")
+        assert 0 < float(p50[0]["value"][1]) < 5000 and p50[0]["metric"]["version"] == "1.0.0"
+        for expr in _dashboard_exprs():
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            prometheus.query(expr)  # valid PromQL on real data
+    finally:
+        prometheus.stop()
+
+
+# --- the Grafana dashboard --------------------------------------------------------------
+
+def test_promql_metric_names_leave_out_functions_labels_keywords_and_durations() -> None:
+    assert metric_names('histogram_quantile(0.95, sum by (le, version) '
+                        '(rate(x_ms_bucket{a="b", c=~"$m"}[$__rate_interval])))') == {"x_ms_bucket"}
+    assert metric_names('sum(a{online="true"}) or vector(0)') == {"a"}
+    assert metric_names("b / on (rollout) group_left (state) c > bool 1e3 offset 5m") == {"b",
+                                                                                           "c"}
+
+
+def test_every_dashboard_query_names_a_metric_the_live_endpoint_exposes(
+        fleet: Fleet, versions: dict[str, Path]) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["schemaVersion"] >= 36 and dashboard["uid"] == "edgefleet"
+    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+    assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {"${DS_PROMETHEUS}"}
+    wanted = {name for expr in _dashboard_exprs() for name in metric_names(expr)}
+    assert {"edgefleet_latency_p50_ms_bucket", "edgefleet_agreement_top1"} <= wanted
+    _start(fleet, versions, ["cam-0", "cam-1"])
+    _rollout(fleet, soak_s=600)  # the canary stays in probation: agreement is measured
+    missing: list[set[str]] = []
+
+    def all_exposed() -> bool:
+        missing.append(wanted - set(_scrape(fleet)))
+        return not missing[-1]
+
+    try:
+        wait_until(all_exposed, 60, every=0.5, what="every dashboard metric with samples")
+    except TimeoutError:
+        pytest.fail(f"the dashboard queries metrics /metrics does not expose: {missing[-1]}")
