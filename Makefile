@@ -36,6 +36,7 @@ bench: system-deps install
 	$(BIN)/python bench/agent_overhead.py
 	$(BIN)/python bench/agent_update.py
 	$(BIN)/python bench/converter.py
+	$(BIN)/python bench/fleet_scale.py
 
 demo: system-deps install
 	$(BIN)/python -m edgefleet demo
