@@ -89,6 +89,7 @@ class FleetController:
         self._rollouts: dict[str, Rollout] = {}
         self._outbox: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._info: dict[str, ModelInfo | None] = {}
+        self._views: dict[str, tuple[Device, str | None, DeviceView]] = {}
         self._compat: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], str | None] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -107,7 +108,9 @@ class FleetController:
                                         self.config.broker_url,
                                         username=self.config.mqtt_username,
                                         password=self.config.mqtt_password)
-        self.mqtt.subscribe(fleet_filter(self.config.fleet), self._message)
+        # every leaf but state/desired: the controller writes that one itself
+        for leaf in (Leaf.STATUS, Leaf.REPORTED, Leaf.EVENTS, Leaf.TELEMETRY):
+            self.mqtt.subscribe(fleet_filter(self.config.fleet, leaf), self._message)
         self.mqtt.start()
         self._thread = threading.Thread(target=self._loop, name="edgefleet-controller",
                                         daemon=True)
@@ -243,16 +246,21 @@ class FleetController:
                    for d in rollout.devices.values())
 
     def _view(self, device: Device, model: ModelVersion | None) -> DeviceView:
+        cached = self._views.get(device.id)
+        if cached is not None and cached[0] is device and cached[1] == (model and model.sha256):
+            return cached[2]  # the registry replaces a Device on every change
         reason = None
         if model is not None:
             key = (model.sha256, device.profile, tuple(sorted(device.runtimes.items())))
             if key not in self._compat:
                 self._compat[key] = incompatibility(device, model, self._model_info(model))
             reason = self._compat[key]
-        return DeviceView(online=device.online, active=device.active,
+        view = DeviceView(online=device.online, active=device.active,
                           update_state=device.update_state, update_target=device.update_target,
                           update_since_ms=device.update_since_ms,
                           update_detail=device.update_detail, incompatible=reason)
+        self._views[device.id] = (device, model.sha256 if model else None, view)
+        return view
 
     def _model_info(self, model: ModelVersion) -> ModelInfo | None:
         if model.sha256 not in self._info:

@@ -32,6 +32,7 @@ class DeviceRegistry:
         self.fleet = fleet
         self._devices = {d.id: d for d in devices}
         self._dirty: set[str] = set()
+        self._seen: dict[str, int] = {}
         self._joined: list[str] = []
         self._lock = threading.Lock()
 
@@ -39,8 +40,11 @@ class DeviceRegistry:
         return self._devices.get(device_id)
 
     def all(self) -> list[Device]:
+        """Every device, sorted by id, with the last time its telemetry was seen."""
         with self._lock:
-            return sorted(self._devices.values(), key=lambda d: d.id)
+            devices = sorted(self._devices.values(), key=lambda d: d.id)
+        return [d.with_changes(last_seen_ms=seen)
+                if (seen := self._seen.get(d.id, 0)) > d.last_seen_ms else d for d in devices]
 
     def __len__(self) -> int:
         return len(self._devices)
@@ -62,10 +66,13 @@ class DeviceRegistry:
             self._set(apply_reported(self._current(reported.device, now_ms), reported, now_ms))
 
     def seen(self, device_id: str, now_ms: int) -> None:
-        """Telemetry arrived: the device is alive (not written to the store for that alone)."""
+        """Telemetry arrived: the device is alive (kept aside, not a change of the device:
+        telemetry is the busiest topic, and this is not worth a store write)."""
+        self._seen[device_id] = now_ms
+
+    def last_seen(self, device_id: str) -> int:
         device = self._devices.get(device_id)
-        if device is not None:
-            self._devices[device_id] = device.with_changes(last_seen_ms=now_ms)
+        return max(self._seen.get(device_id, 0), device.last_seen_ms if device else 0)
 
     def replace(self, device: Device) -> None:
         """An operator's change (group, tags), already written to the store."""
