@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +94,15 @@ def any_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mosqu
 def fleet_name(request: pytest.FixtureRequest) -> str:
     """A topic prefix unique to the test."""
     return "t" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]
+
+
+@pytest.fixture()
+def fleet(mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
+          signing_keys: Keys) -> Iterator[Any]:
+    """A fleet on one machine (``tests.fleet_harness.Fleet``) on a private Mosquitto; the
+    controller is not started yet. Stopped, with its agents, at the end."""
+    from tests.fleet_harness import Fleet
+
+    harness = Fleet(fleet_name, mosquitto.url, tmp_path, signing_keys)
+    yield harness
+    harness.stop()

@@ -41,12 +41,10 @@ def versions(digits_models: TrainedModels, signing_keys: Keys,
 
 
 @pytest.fixture()
-def fleet(mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
-          signing_keys: Keys) -> Iterator[Fleet]:
-    harness = Fleet(fleet_name, mosquitto.url, tmp_path, signing_keys)
-    harness.start_controller()
-    yield harness
-    harness.stop()
+def fleet(fleet: Fleet) -> Fleet:
+    """The shared fleet (tests/conftest.py), its controller started."""
+    fleet.start_controller()
+    return fleet
 
 
 @pytest.fixture()

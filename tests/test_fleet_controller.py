@@ -4,14 +4,12 @@ shifted labels, is the bad version the agreement gate must stop."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fleet.errors import AuthError, ConflictError, NotFoundError
-from fleet.mosquitto import MosquittoBroker
 from tests import tamper
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import Fleet, wait_until
@@ -27,14 +25,6 @@ def versions(digits_models: TrainedModels, signing_keys: Keys,
             "v2": make_bundle(digits_models.onnx, root / "v2.efb", signing_keys, "2.0.0"),
             "bad": make_bundle(shifted.tflite, root / "v3.efb", signing_keys, "3.0.0",
                                rows=4)}
-
-
-@pytest.fixture()
-def fleet(mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
-          signing_keys: Keys) -> Iterator[Fleet]:
-    harness = Fleet(fleet_name, mosquitto.url, tmp_path, signing_keys)
-    yield harness
-    harness.stop()
 
 
 def _devices(fleet: Fleet) -> dict[str, dict[str, Any]]:

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from prometheus_client.samples import Sample
 
 from fleet.controller import ControllerConfig, FleetController
 from fleet.metrics import FleetMetrics
-from fleet.mosquitto import MosquittoBroker, free_port, stop_process
+from fleet.mosquitto import free_port, stop_process
 from fleet.store import open_store
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import Fleet, wait_until
@@ -44,14 +43,6 @@ def versions(digits_models: TrainedModels, signing_keys: Keys,
     return {"v1": make_bundle(digits_models.tflite, root / "v1.efb", signing_keys, "1.0.0"),
             "v2": make_bundle(digits_models.tflite, root / "v2.efb", signing_keys, "2.0.0",
                               rows=4)}
-
-
-@pytest.fixture()
-def fleet(mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
-          signing_keys: Keys) -> Iterator[Fleet]:
-    harness = Fleet(fleet_name, mosquitto.url, tmp_path, signing_keys)
-    yield harness
-    harness.stop()
 
 
 def _start(fleet: Fleet, versions: dict[str, Path], ids: list[str]) -> None:
