@@ -162,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _get(self, path: str) -> None:
         if path == "/healthz":
-            return self._json({"ok": True, **self.c.overview()})
+            return self._json({"ok": True, **self.c.overview(quality=False)})
         if match := _BUNDLE.match(path):
             return self._bundle(match.group(1))
         if path == "/metrics":

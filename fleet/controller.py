@@ -523,8 +523,9 @@ class FleetController:
     def devices(self) -> list[Device]:
         return self.registry.all()
 
-    def overview(self) -> dict[str, Any]:
-        devices = self.registry.all()
+    def overview(self, quality: bool = True) -> dict[str, Any]:
+        """Counts of the fleet; with ``quality``, per-version telemetry too (O(devices))."""
+        devices = self.registry.snapshot()
         versions = collections.Counter(f"{d.active.name}:{d.active.version}" if d.active
                                        else "none" for d in devices)
         states = collections.Counter(d.update_state for d in devices)
@@ -532,5 +533,6 @@ class FleetController:
                 "online": sum(1 for d in devices if d.online),
                 "versions": dict(versions), "update_states": dict(states),
                 "telemetry_points": self.telemetry.points, "rejected": self.rejected,
-                "outbox": len(self._outbox), "quality": self.telemetry.summary()}
+                "outbox": len(self._outbox),
+                **({"quality": self.telemetry.summary()} if quality else {})}
 

@@ -46,6 +46,11 @@ class DeviceRegistry:
         return [d.with_changes(last_seen_ms=seen)
                 if (seen := self._seen.get(d.id, 0)) > d.last_seen_ms else d for d in devices]
 
+    def snapshot(self) -> list[Device]:
+        """Every device, unsorted (cheap: for counting)."""
+        with self._lock:
+            return list(self._devices.values())
+
     def __len__(self) -> int:
         return len(self._devices)
 
