@@ -28,7 +28,6 @@ from agent.protocol.payloads import (
     BundleRef,
     DesiredState,
     ReportedState,
-    UpdateReport,
     decode,
     encode,
 )
@@ -38,6 +37,7 @@ from agent.serving.http import InferenceServer
 from agent.telemetry.reporter import TelemetryReporter
 from agent.telemetry.spool import Spool
 from agent.update.device import UpdateSettings
+from agent.update.report import target_ref, update_report
 from agent.update.runner import UpdateRunner
 from agent.update.slots import SlotStore
 from agent.update.states import Journal
@@ -133,7 +133,7 @@ class AgentService:
                              previous=_ref(slots.bundle(pointer.committed
                                                         if pointer.committed != pointer.active
                                                         else pointer.fallback)),
-                             slot=pointer.active, update=_update_report(journal),
+                             slot=pointer.active, update=update_report(journal),
                              runtimes=installed_runtimes(), profile=self.config.profile,
                              serving=model is not None, ts=int(time.time() * 1000))
 
@@ -174,7 +174,7 @@ class AgentService:
 
     def _journal_changed(self, journal: Journal) -> None:
         self.publish_event("update", journal.detail, state=journal.state.value,
-                           bundle=_target_ref(journal))
+                           bundle=target_ref(journal))
         self._publish_reported()
 
     def _desired_message(self, topic: str, payload: bytes) -> None:
@@ -201,19 +201,3 @@ def _ref(path: Path | None) -> BundleRef | None:
     except EdgefleetError:
         return None
     return BundleRef(name=manifest.name, version=manifest.version, sha256=sha256)
-
-
-def _target_ref(journal: Journal | None) -> BundleRef | None:
-    target = journal.target if journal else {}
-    try:
-        return BundleRef(name=str(target["name"]), version=str(target["version"]),
-                         sha256=str(target["sha256"]))
-    except (KeyError, ValueError):
-        return None
-
-
-def _update_report(journal: Journal | None) -> UpdateReport:
-    if journal is None:
-        return UpdateReport()
-    return UpdateReport(state=journal.state.value, target=_target_ref(journal),
-                        detail=journal.detail, since=journal.since)

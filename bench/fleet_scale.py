@@ -54,21 +54,20 @@ import psutil
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
+from agent.protocol.signing import TrustedKeys, generate_keypair
 from agent.protocol.topics import Leaf, device_topic, fleet_filter
-from agent.runtime import load_runtime
 from bench.common import (
     ROOT,
     markdown_table,
     update_section,
     write_results,
 )
-from converter.package import PackageSpec, package_model
+from edgefleet.demo import package_digits
+from edgefleet.local_fleet import wait_until
 from fleet.client import FleetClient
 from fleet.mosquitto import MosquittoBroker, free_port, stop_process, wait_for_port
 from fleet.simulate import SimOptions, SimulatedFleet
 
-ASSETS = ROOT / "edgefleet" / "demo_assets"
 SIZES, QUICK_SIZES = (100, 1000, 10_000), (50,)
 BURST, QUICK_BURST = 50_000, 5_000
 TICK_S, SAMPLE_S = 0.5, 0.2
@@ -96,23 +95,16 @@ class Kit:
 
 def make_kit(work: Path) -> Kit:
     secret, public = generate_keypair(work / "keys", "bench")
-    model = ASSETS / "digits.tflite"
-    name = load_runtime(model.read_bytes(), "tflite").inputs[0].name
-    x = np.load(ASSETS / "digits-sample.npz")["x"][:8]
-    paths = [package_model(model, work / f"digits-{v}.efb",
-                           PackageSpec("digits", v, {name: x}, task="classification",
-                                       labels=tuple(map(str, range(10)))),
-                           SigningKey.load(secret)) for v in ("1.0.0", "2.0.0")]
+    paths = [package_digits(work / f"digits-{v}.efb", v, secret) for v in ("1.0.0", "2.0.0")]
     return Kit(work, paths[0], paths[1], public, TrustedKeys.from_paths([public]))
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
              poll_s: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise BenchError(f"{what}: not done within {timeout:.0f} s")
-        time.sleep(poll_s)
+    try:
+        wait_until(predicate, timeout, poll_s, what)
+    except TimeoutError as exc:
+        raise BenchError(str(exc)) from None
 
 
 # --- the controller in its own process ------------------------------------------------

@@ -31,7 +31,7 @@ from edgefleet.local_fleet import LocalFleet, wait_until
 from fleet.client import FleetClient
 from fleet.mosquitto import MosquittoBroker, MosquittoMissingError, find_mosquitto, free_port
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = ["DemoResult", "package_digits", "run_demo"]
 
 ASSETS = Path(__file__).resolve().parent / "demo_assets"
 FLEET = "demo"
@@ -72,12 +72,13 @@ def _sample() -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     return data["x"], data["y"]
 
 
-def _package_v1(work: Path, key: Path) -> Path:
+def package_digits(out: Path, version: str, key: Path) -> Path:
+    """The embedded float digits model as a signed bundle (health vectors: 8 sample digits)."""
     model = ASSETS / "digits.tflite"
     name = load_runtime(model.read_bytes(), "tflite").inputs[0].name
-    spec = PackageSpec("digits", "1.0.0", {name: _sample()[0][:8]}, task="classification",
+    spec = PackageSpec("digits", version, {name: _sample()[0][:8]}, task="classification",
                        labels=tuple(str(i) for i in range(10)))
-    return package_model(model, work / "digits-1.0.0.efb", spec, SigningKey.load(key))
+    return package_model(model, out, spec, SigningKey.load(key))
 
 
 def _convert(work: Path, key: Path, version: str, scale: float, evaluate: bool) -> Path:
@@ -106,7 +107,7 @@ def run_demo(devices: int = 4, workdir: Path | None = None,
         work.mkdir(parents=True, exist_ok=True)
         step("signing keys and bundles: v1 float, v2 int8, v3 int8 with a bad calibration")
         secret, public = generate_keypair(work / "keys", "demo")
-        v1 = _package_v1(work, secret)
+        v1 = package_digits(work / "digits-1.0.0.efb", "1.0.0", secret)
         v2 = _convert(work, secret, "2.0.0", 1.0, evaluate=True)
         v3 = _convert(work, secret, "3.0.0", 255.0, evaluate=False)
         step("broker, controller and devices")

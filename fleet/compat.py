@@ -8,11 +8,10 @@ if it names a profile, the profile accepts the model (ops, dtypes, size, op vers
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 
 from agent.protocol.errors import EdgefleetError
-from agent.protocol.manifest import parse_manifest
+from agent.protocol.manifest import Manifest
 from agent.runtime.inspect import ModelInfo
 from agent.runtime.select import RUNTIMES_BY_FORMAT, tflite_op_level, version_tuple
 from devices import DeviceProfile, check_model, load_profile
@@ -48,7 +47,7 @@ def _profile_problem(device: Device, model: ModelVersion, info: ModelInfo | None
     profile = _profile(device.profile)
     if profile is None:
         return None  # an unknown profile name: the runtime check above still holds
-    manifest = parse_manifest(_manifest_bytes(model))
+    manifest = Manifest.model_validate(model.manifest)
     violations = check_model(profile, manifest, info, _model_size(model))
     return "; ".join(v.message for v in violations) or None
 
@@ -59,10 +58,6 @@ def _profile(name: str) -> DeviceProfile | None:
         return load_profile(name)
     except EdgefleetError:
         return None
-
-
-def _manifest_bytes(model: ModelVersion) -> bytes:
-    return json.dumps(model.manifest).encode()
 
 
 def _model_size(model: ModelVersion) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 from agent.mqtt import MqttClient
 from agent.protocol.bundle import read_bundle
 from agent.protocol.errors import EdgefleetError, PayloadError
+from agent.protocol.files import atomic_write
 from agent.protocol.payloads import (
     BundleRef,
     DesiredState,
@@ -89,6 +90,7 @@ class FleetController:
         self._rollouts: dict[str, Rollout] = {}
         self._outbox: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._info: dict[str, ModelInfo | None] = {}
+        self._models: dict[str, ModelVersion] = {}
         self._views: dict[str, tuple[Device, str | None, DeviceView]] = {}
         self._compat: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], str | None] = {}
         self._lock = threading.RLock()
@@ -185,9 +187,8 @@ class FleetController:
 
     def _apply(self, decisions: Decisions, actor: str) -> Rollout:
         rollout = decisions.rollout
-        if not decisions.changed and not decisions.sends and not decisions.notes and (
-                rollout.state == self._rollouts.get(rollout.id, rollout).state):
-            self._rollouts[rollout.id] = rollout
+        if not (decisions.changed or decisions.sends or decisions.notes):
+            self._rollouts[rollout.id] = rollout  # a state change always comes with a note
             return rollout
         self.store.save_rollout(rollout, decisions.changed)
         for note in decisions.notes:
@@ -223,7 +224,7 @@ class FleetController:
             newcomers = [d for d in joined if (dev := self.registry.get(d)) is not None
                          and spec.matches(dev) and not self._busy_elsewhere(d, rollout.id)]
             ids = [*rollout.devices.keys(), *newcomers]
-        model = self.store.model_by_sha(spec.model.sha256)
+        model = self._model_by_sha(spec.model.sha256)
         views = {}
         for device_id in ids:
             device = self.registry.get(device_id)
@@ -261,6 +262,15 @@ class FleetController:
                           update_detail=device.update_detail, incompatible=reason)
         self._views[device.id] = (device, model.sha256 if model else None, view)
         return view
+
+    def _model_by_sha(self, sha256: str) -> ModelVersion | None:
+        """A pushed version (cached: what a sha256 names never changes)."""
+        model = self._models.get(sha256)
+        if model is None:
+            model = self.store.model_by_sha(sha256)
+            if model is not None:
+                self._models[sha256] = model
+        return model
 
     def _model_info(self, model: ModelVersion) -> ModelInfo | None:
         if model.sha256 not in self._info:
@@ -309,7 +319,7 @@ class FleetController:
             action = Action.INSTALL if bundle is not None else action
         ref, url, size = rollout.spec.model, rollout.spec.url, rollout.spec.size
         if bundle is not None:
-            model = self.store.model_by_sha(bundle.sha256)
+            model = self._model_by_sha(bundle.sha256)
             if model is None:
                 log.warning("cannot send %s to %s: the controller does not hold it",
                             bundle.version, device)
@@ -330,7 +340,7 @@ class FleetController:
             return None  # in probation, or already back: the device rolls back by itself
         if device.previous is not None and device.previous.sha256 == item.previous.sha256:
             return None  # its fallback slot holds it
-        if self.store.model_by_sha(item.previous.sha256) is None:
+        if self._model_by_sha(item.previous.sha256) is None:
             return None  # not pushed here: the device's own rollback is all there is
         return item.previous
 
@@ -375,9 +385,7 @@ class FleetController:
         manifest = bundle.manifest
         path = self.artifacts / f"{bundle.sha256}.efb"
         if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            atomic_write(path, data)
         model = ModelVersion(name=manifest.name, version=manifest.version, sha256=bundle.sha256,
                              size=len(data), format=manifest.format,
                              runtime=manifest.runtime.name,
@@ -392,7 +400,7 @@ class FleetController:
         if added:
             self._audit(actor, "model.push", model.key, f"sha256 {bundle.sha256[:12]}",
                         size=len(data))
-        return (model if added else self.store.model_by_sha(bundle.sha256) or model), added
+        return (model if added else self._model_by_sha(bundle.sha256) or model), added
 
     def model(self, key: str) -> ModelVersion:
         name, _, version = key.partition(":")
@@ -404,7 +412,7 @@ class FleetController:
         return found
 
     def bundle_path(self, sha256: str) -> Path | None:
-        model = self.store.model_by_sha(sha256)
+        model = self._model_by_sha(sha256)
         return Path(model.path) if model is not None else None
 
     def set_group(self, devices: list[str], group: str | None, actor: str) -> list[Device]:

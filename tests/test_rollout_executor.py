@@ -438,3 +438,10 @@ def test_a_spec_without_waves_is_one_wave_to_everyone() -> None:
     data = spec().as_dict()
     del data["waves"]
     assert RolloutSpec.from_dict(data).waves == (Wave(100.0, True),)
+
+
+def test_a_tick_that_changes_nothing_keeps_the_rollouts_last_update_time() -> None:
+    rollout, devices = started(2, waves=parse_waves("50%,100%"))
+    quiet = run(rollout, devices, 5000)
+    assert quiet.sends == [] and not quiet.changed
+    assert quiet.rollout.updated_ms == rollout.updated_ms == 0

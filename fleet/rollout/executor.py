@@ -152,7 +152,9 @@ class _Tick:
         self.out.notes.append(f"rollout {state.value.lower()}" + (f": {reason}" if reason else ""))
 
     def done(self) -> Decisions:
-        rollout = replace(self.r, devices=self.devices, updated_ms=self.now)
+        changed = self.out.changed or self.out.sends or self.out.notes
+        rollout = replace(self.r, devices=self.devices,
+                          updated_ms=self.now if changed else self.r.updated_ms)
         return replace(self.out, rollout=rollout)
 
 

@@ -36,13 +36,14 @@ from agent.protocol.payloads import (
 from agent.protocol.payloads import Event as EventPayload
 from agent.protocol.topics import Leaf, device_topic
 from agent.update.flow import Updater
+from agent.update.report import target_ref, update_report
 from agent.update.states import TERMINAL, Event, Journal, State
 from fleet.simulate.agreement import AgreementTable
 from fleet.simulate.controller import SimController
 from fleet.simulate.env import FleetEnv, Outlet
 from fleet.simulate.models import ModelProfile
 from fleet.simulate.options import DeviceTraits
-from fleet.simulate.payloads import target_ref, telemetry_point, update_report
+from fleet.simulate.payloads import telemetry_point
 from fleet.simulate.serving import Load, Serving
 from fleet.simulate.slots import MemorySlots
 

@@ -1,7 +1,6 @@
 """Payloads of a simulated device, byte for byte in the agent's shapes.
 
-``update_report`` and ``target_ref`` follow ``agent.service``; a telemetry
-point is ``Agent.telemetry_values()`` plus what ``TelemetryReporter`` adds
+A telemetry point is ``Agent.telemetry_values()`` plus what ``TelemetryReporter`` adds
 (``schema_version``, ``seq``, process figures, spool counters). The process
 figures are synthetic: ``cpu_percent`` is the busy share of one core implied by
 the window's requests, ``rss_bytes`` a typical agent's, ``temperature_c`` null.
@@ -13,27 +12,11 @@ import json
 import time
 from typing import Any
 
-from agent.protocol.payloads import BundleRef, UpdateReport
 from agent.telemetry.reporter import SCHEMA_VERSION
-from agent.update.states import Journal
 
-__all__ = ["SIM_RSS_BYTES", "target_ref", "telemetry_point", "update_report"]
+__all__ = ["SIM_RSS_BYTES", "telemetry_point"]
 
 SIM_RSS_BYTES = 96 * 1024 * 1024
-
-
-def target_ref(journal: Journal) -> BundleRef | None:
-    target = journal.target
-    try:
-        return BundleRef(name=str(target["name"]), version=str(target["version"]),
-                         sha256=str(target["sha256"]))
-    except (KeyError, ValueError):
-        return None
-
-
-def update_report(journal: Journal) -> UpdateReport:
-    return UpdateReport(state=journal.state.value, target=target_ref(journal),
-                        detail=journal.detail, since=journal.since)
 
 
 def telemetry_point(values: dict[str, Any], seq: int, cpu_percent: float,

@@ -1,0 +1,25 @@
+"""What the reported state says about an update: its journal as protocol payloads."""
+
+from __future__ import annotations
+
+from agent.protocol.payloads import BundleRef, UpdateReport
+from agent.update.states import Journal
+
+__all__ = ["target_ref", "update_report"]
+
+
+def target_ref(journal: Journal | None) -> BundleRef | None:
+    """The bundle the update is about, or None when the journal names none (or a bad one)."""
+    target = journal.target if journal else {}
+    try:
+        return BundleRef(name=str(target["name"]), version=str(target["version"]),
+                         sha256=str(target["sha256"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def update_report(journal: Journal | None) -> UpdateReport:
+    if journal is None:
+        return UpdateReport()
+    return UpdateReport(state=journal.state.value, target=target_ref(journal),
+                        detail=journal.detail, since=journal.since)
