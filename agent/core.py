@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from agent.drift import DriftSampler
 from agent.loader import LoadedModel, load_bundle
+from agent.protocol.encryption import DecryptionKeys
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.signing import TrustedKeys
 from agent.runtime.base import Array, check_feeds
@@ -35,18 +37,21 @@ class NotReadyError(EdgefleetError):
 class _Serving:
     """The active model and the stats of its version, swapped as one reference."""
 
-    __slots__ = ("input_name", "model", "run", "stats")
+    __slots__ = ("drift", "input_name", "model", "run", "stats")
 
     def __init__(self, model: LoadedModel, stats: VersionStats) -> None:
         self.model, self.stats, self.run = model, stats, model.runtime.run
         self.input_name = model.runtime.inputs[0].name
+        self.drift = DriftSampler(model.bundle.manifest)
 
 
 class Agent:
     """Serves one active model; thread-safe; loading is verified and never destructive."""
 
-    def __init__(self, trusted: TrustedKeys, *, threads: int = 1) -> None:
+    def __init__(self, trusted: TrustedKeys, *, threads: int = 1,
+                 keys: DecryptionKeys | None = None) -> None:
         self.trusted, self.threads = trusted, threads
+        self.keys = keys if keys is not None else DecryptionKeys()  # for encrypted models
         self._serving: _Serving | None = None
         self._stats: dict[str, VersionStats] = {}
         self._swap_lock = threading.Lock()
@@ -66,9 +71,14 @@ class Agent:
     def on_change(self, listener: Callable[[LoadedModel], None]) -> None:
         self._listeners.append(listener)
 
+    def trust(self, trusted: TrustedKeys) -> None:
+        """Verify bundles against ``trusted`` from now on (a new fleet keyring). Every check
+        reads ``self.trusted`` when it runs: the model being served stays."""
+        self.trusted = trusted
+
     def load(self, source: Path | bytes) -> LoadedModel:
         """Verify, load and health-check ``source``, then make it the active model."""
-        loaded = load_bundle(source, self.trusted, threads=self.threads)
+        loaded = load_bundle(source, self.trusted, threads=self.threads, keys=self.keys)
         self.activate(loaded)
         return loaded
 
@@ -92,7 +102,9 @@ class Agent:
         except Exception as exc:
             serving.stats.error()
             raise _inference_error(serving, feeds, exc) from exc
-        serving.stats.samples.append(time.perf_counter_ns() - started)
+        ended = time.perf_counter_ns()
+        serving.stats.samples.append(ended - started)
+        serving.drift.offer(feeds, outputs, started, ended)
         if self._shadow is not None:
             self._shadow.offer(feeds, outputs)
         return outputs
@@ -125,6 +137,9 @@ class Agent:
         if serving is not None:
             values.update(model=serving.model.name, model_version=serving.model.version,
                           **versions[serving.model.version])
+            drift = serving.drift.drain()
+            if drift is not None:
+                values["drift"] = drift
             values["inferences_total"] = serving.stats.total_inferences
             values["errors_total"] = serving.stats.total_errors
             agreement = self.agreement

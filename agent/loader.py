@@ -1,4 +1,10 @@
-"""Load a bundle for serving: verify, check runtime compatibility, load, health-check."""
+"""Load a bundle for serving: verify, check runtime compatibility, load, health-check.
+
+An encrypted model is decrypted in memory with the device's keys and handed to the
+runtime as bytes (LiteRT's ``model_content``, ONNX Runtime's serialized model): the
+plain model is never written to disk, and a device without a matching key refuses
+the bundle before anything is loaded.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from pathlib import Path
 
 from agent.health import HealthCheckError, HealthResult, run_health_check
 from agent.protocol.bundle import Bundle, read_bundle
+from agent.protocol.encryption import DecryptionKeys
 from agent.protocol.health import HealthData
 from agent.protocol.payloads import BundleRef
 from agent.protocol.signing import TrustedKeys
@@ -39,9 +46,11 @@ class LoadedModel:
 
 
 def load_bundle(source: Path | bytes, trusted: TrustedKeys, *, threads: int = 1,
-                latency_budget_ms: float | None = None) -> LoadedModel:
-    """Verify in the order of the contract, then load and health-check; close on failure."""
-    bundle = read_bundle(source, trusted)
+                latency_budget_ms: float | None = None,
+                keys: DecryptionKeys | None = None) -> LoadedModel:
+    """Verify in the order of the contract (decrypting with ``keys`` when the model is
+    encrypted), then load and health-check; close on failure."""
+    bundle = read_bundle(source, trusted, keys if keys is not None else DecryptionKeys())
     manifest = bundle.manifest
     runtime = load_runtime(bundle.model_bytes, manifest.format, threads=threads,
                            required=manifest.runtime.name,

@@ -9,14 +9,24 @@ when the connection drops are sent again after reconnecting). ``publish_wait``
 waits for the PUBACK; when it raises, the message is the caller's to retry and
 is never sent again by this client, so a caller that spools and replays does
 not produce duplicates.
+
+Security: :class:`MqttSecurity` says how the client checks the broker (a CA file, or the
+system's CAs for ``mqtts://``) and proves who it is (a client certificate, or a user
+name and password). A broker that refuses us (bad credentials, not authorised, a TLS
+failure) is logged once per distinct reason, not at every reconnection, and kept as
+:attr:`MqttClient.connect_error` until a connection succeeds.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,7 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.errors import BrokerError, BrokerTimeoutError
 
-__all__ = ["Handler", "MqttClient", "Will", "parse_broker_url"]
+__all__ = ["Handler", "MqttClient", "MqttSecurity", "Will", "parse_broker_url"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +45,44 @@ _DEFAULT_PORTS = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
 _URL_HINT = "write it like mqtt://127.0.0.1:1883 or mqtts://broker.example:8883"
 _RECONNECT_MIN_S, _RECONNECT_MAX_S = 0.2, 10
 _ACK_POLL_S = 0.05
+_MAX_ROUTES = 200_000  # remembered topics (a fleet of 10,000 devices has 40,000)
+
+
+@dataclass(frozen=True)
+class MqttSecurity:
+    """How the client checks the broker and proves who it is; every field is optional.
+
+    TLS is on when ``ca_file`` or a client certificate is given, or the URL is
+    ``mqtts://`` (then, without ``ca_file``, the system's CAs check the broker). The
+    broker's certificate must name the host of the URL. The password never shows in a
+    repr or a log.
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise BrokerError("a client certificate needs both its certificate and its key",
+                              hint="pass --cert DEVICE.crt and --key DEVICE.key together",
+                              transient=False)
+        if self.password is not None and not self.username:
+            raise BrokerError("a password without a user name",
+                              hint="pass --username too", transient=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None or self.cert_file is not None
+
+    def describe(self) -> str:
+        """What a log line may say about it (never the password)."""
+        parts = [f"CA {self.ca_file}" if self.ca_file else "",
+                 f"certificate {self.cert_file}" if self.cert_file else "",
+                 f"user {self.username}" if self.username else ""]
+        return ", ".join(p for p in parts if p) or "no credentials"
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:
@@ -63,19 +111,28 @@ class MqttClient:
         port: int,
         *,
         will: Will | None = None,
-        username: str | None = None,
-        password: str | None = None,
+        security: MqttSecurity | None = None,
         keepalive: int = 30,
         clean_session: bool = True,
         tls: bool = False,
     ) -> None:
         self.host, self.port, self.keepalive = host, port, keepalive
-        self._client = _paho_client(client_id, clean_session, tls)
-        if username is not None:
-            self._client.username_pw_set(username, password)
+        self.security = security or MqttSecurity()
+        self.tls = tls or self.security.tls
+        self._client = _paho_client(client_id, clean_session)
+        _apply_security(self._client, self.security, self.tls)
+        self._errors = _ErrorTap()
+        self._client.enable_logger(self._errors)
+        self.connect_error: BrokerError | None = None  # why connecting fails, until it works
+        self._attempt_failed = False  # this attempt's failure is already reported
+        self._reported: set[str] = set()  # reasons logged since the last connection
+        if self.security.password is not None and not self.tls:
+            log.warning("the MQTT password for %s:%s goes in clear text: use mqtts:// or "
+                        "--ca", host, port)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=will[2], retain=will[3])
         self._subscriptions: dict[str, tuple[Handler, int]] = {}
+        self._routes: dict[str, tuple[Handler, ...]] = {}  # topic -> matching handlers
         self._hooks: list[Callable[[], None]] = []
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -88,7 +145,8 @@ class MqttClient:
 
     @classmethod
     def from_url(cls, client_id: str, url: str, **options: Any) -> MqttClient:
-        """A client for ``mqtt://host:port``; ``mqtts://`` turns TLS on (system CAs)."""
+        """A client for ``mqtt://host:port``; ``mqtts://`` turns TLS on (system CAs unless
+        ``security`` names a CA file)."""
         host, port = parse_broker_url(url)
         options.setdefault("tls", url.startswith(("mqtts://", "ssl://")))
         return cls(client_id, host, port, **options)
@@ -99,6 +157,8 @@ class MqttClient:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
+        self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_pre_connect = self._on_pre_connect
 
     @property
     def connected(self) -> bool:
@@ -129,6 +189,7 @@ class MqttClient:
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Route matching messages to ``handler``; re-subscribed after every reconnection."""
         self._subscriptions[topic_filter] = (handler, qos)
+        self._routes = {}
         if self.connected:
             self._subscribe(topic_filter, qos)
 
@@ -218,9 +279,12 @@ class MqttClient:
     ) -> None:
         self._network_thread = threading.get_ident()
         if getattr(reason, "is_failure", False):
-            log.warning("broker %s:%s refused the connection: %s", self.host, self.port, reason)
+            self._refused(f"refused the connection: {reason}", _refusal_hint(str(reason)))
             return
         log.info("connected to %s:%s", self.host, self.port)
+        self.connect_error = None
+        self._reported.clear()
+        self._errors.last = ""
         self._connected.set()
         with self._send_lock:
             self._resend_unacknowledged()
@@ -249,17 +313,74 @@ class MqttClient:
     ) -> None:
         if self._connected.is_set():
             log.info("disconnected from %s:%s: %s", self.host, self.port, reason)
+        elif getattr(reason, "is_failure", True) and not self._attempt_failed:
+            # closed before its CONNACK: a TLS alert or a plain client on a TLS port
+            error = self._errors.last or str(reason)
+            self._refused(f"closed the connection before accepting it: {error}",
+                          _closed_hint(error, self.security, self.tls))
+        self._errors.last = ""
         self._connected.clear()
         self._subscribed.clear()
 
+    def _on_pre_connect(self, client: paho.Client, userdata: Any) -> None:
+        self._attempt_failed = False
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        """paho calls this inside its ``except OSError``: the exception is the reason."""
+        exc = sys.exc_info()[1]
+        if exc is not None:
+            self._refused(f"could not connect: {exc}", _connect_hint(exc, self.security))
+
+    def _refused(self, reason: str, hint: str) -> None:
+        """Log a failed connection once per distinct reason; keep it as ``connect_error``."""
+        self._errors.last = ""
+        self._attempt_failed = True
+        self.connect_error = BrokerError(reason, hint=hint)
+        if reason in self._reported:
+            return
+        self._reported.add(reason)
+        log.warning("MQTT broker %s:%s (%s): %s; retrying in the background. Fix: %s",
+                    self.host, self.port, self.security.describe(), reason, hint)
+
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         self._network_thread = threading.get_ident()
-        for topic_filter, (handler, _) in list(self._subscriptions.items()):
-            if paho.topic_matches_sub(topic_filter, message.topic):
-                _guarded(handler, message.topic, bytes(message.payload))
+        topic = message.topic
+        handlers = self._routes.get(topic)
+        if handlers is None:
+            handlers = self._route(topic)
+        payload = bytes(message.payload)
+        for handler in handlers:
+            _guarded(handler, topic, payload)
+
+    def _route(self, topic: str) -> tuple[Handler, ...]:
+        """The handlers of every subscription matching ``topic``, remembered per topic (a
+        fleet's topics repeat: matching each message against every filter would cost more
+        than handling it)."""
+        if len(self._routes) >= _MAX_ROUTES:
+            self._routes.clear()
+        handlers = tuple(handler for topic_filter, (handler, _) in
+                         list(self._subscriptions.items()) if topic_matches(topic_filter, topic))
+        self._routes[topic] = handlers
+        return handlers
 
 
-def _paho_client(client_id: str, clean_session: bool, tls: bool) -> paho.Client:
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT topic matching (``+`` one level, ``#`` the rest); a shared subscription
+    (``$share/GROUP/FILTER``) matches as its FILTER."""
+    if topic_filter.startswith("$share/"):
+        topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
+    wanted, parts = topic_filter.split("/"), topic.split("/")
+    if topic.startswith("$") and wanted[0] in ("+", "#"):
+        return False  # $SYS and friends never match a leading wildcard
+    for i, level in enumerate(wanted):
+        if level == "#":
+            return True
+        if i >= len(parts) or (level != "+" and level != parts[i]):
+            return False
+    return len(parts) == len(wanted)
+
+
+def _paho_client(client_id: str, clean_session: bool) -> paho.Client:
     client = paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -268,9 +389,78 @@ def _paho_client(client_id: str, clean_session: bool, tls: bool) -> paho.Client:
     )
     # paho types the delays as int but computes with floats.
     client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)  # type: ignore[arg-type]
-    if tls:
-        client.tls_set()
     return client
+
+
+def _apply_security(client: paho.Client, security: MqttSecurity, tls: bool) -> None:
+    """Credentials and TLS files, read now: a missing or unreadable file fails here."""
+    if security.username:
+        client.username_pw_set(security.username, security.password)
+    if not tls:
+        return
+    files = [str(p) if p is not None else None
+             for p in (security.ca_file, security.cert_file, security.key_file)]
+    try:
+        client.tls_set(ca_certs=files[0], certfile=files[1], keyfile=files[2])
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise BrokerError(f"cannot use the TLS files ({security.describe()}): {exc}",
+                          hint="pass the CA certificate (--ca), and the client certificate "
+                               "(--cert) with its own key (--key), as PEM files this user "
+                               "may read", transient=False) from exc
+
+
+class _ErrorTap(logging.Logger):
+    """paho's logger: keeps its last error (e.g. a TLS alert read from the socket), cheaply.
+
+    paho formats its debug lines only for a logger that wants them; this one wants only
+    warnings and errors, which are rare.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("agent.mqtt.paho", logging.WARNING)
+        self.last = ""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.WARNING:
+            self.last = str(msg) % args if args else str(msg)
+            log.debug("paho: %s", self.last)
+
+
+def _refusal_hint(reason: str) -> str:
+    """For a CONNACK that says no."""
+    lowered = reason.lower()
+    if "authori" in lowered or "user name" in lowered or "password" in lowered:
+        return ("check this client's credentials: its certificate (signed by the broker's "
+                "CA) or its user name and password (--password-file), and that the broker's "
+                "password file and ACL list it")
+    if "identifier" in lowered:
+        return "the broker refused the client id: see its log"
+    return "see the broker's log"
+
+
+def _closed_hint(error: str, security: MqttSecurity, tls: bool) -> str:
+    lowered = error.lower()
+    if not tls:
+        return "the broker may want TLS: use mqtts://HOST:8883 with --ca CA.crt"
+    if "certificate required" in lowered or (security.cert_file is None
+                                              and "certificate" in lowered):
+        return "the broker wants a client certificate: pass --cert and --key"
+    if "unknown ca" in lowered or "bad certificate" in lowered or "expired" in lowered:
+        return ("the broker does not accept this client certificate: it must be signed by "
+                "the broker's CA and still valid (see 'edgefleet certs show')")
+    return "see the broker's log"
+
+
+def _connect_hint(exc: BaseException, security: MqttSecurity) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ("the broker's certificate is not trusted: pass the CA that signed it with "
+                "--ca, and dial a host name or IP address listed in it (--host of "
+                "'edgefleet certs server')")
+    if isinstance(exc, ssl.SSLError):
+        return "TLS failed: is this a TLS port, and does it accept TLS 1.2 or newer?"
+    if isinstance(exc, ConnectionRefusedError):
+        return "nothing listens there yet: start the broker or fix the URL"
+    return "check the host, the port and the network"
 
 
 def _guarded(func: Callable[..., None], *args: Any) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent import __version__
@@ -19,9 +19,16 @@ from agent.core import Agent
 from agent.events import EventLog
 from agent.ha_discovery import publish_discovery
 from agent.loader import LoadedModel
-from agent.mqtt import MqttClient
+from agent.mqtt import MqttClient, MqttSecurity
 from agent.protocol.bundle import read_manifest
 from agent.protocol.errors import EdgefleetError
+from agent.protocol.keyring import (
+    KEYRING_FILE,
+    SignedKeyring,
+    accept_keyring,
+    load_keyring,
+    save_keyring,
+)
 from agent.protocol.payloads import (
     STATUS_OFFLINE,
     STATUS_ONLINE,
@@ -31,7 +38,7 @@ from agent.protocol.payloads import (
     decode,
     encode,
 )
-from agent.protocol.topics import Leaf, device_topic
+from agent.protocol.topics import Leaf, device_topic, keyring_topic
 from agent.runtime.select import installed_runtimes
 from agent.serving.http import InferenceServer
 from agent.telemetry.reporter import TelemetryReporter
@@ -58,8 +65,7 @@ class ServiceConfig:
     telemetry_interval_s: float = 10.0
     spool_max_bytes: int = 8 * 1024 * 1024
     profile: str | None = None
-    mqtt_username: str | None = None
-    mqtt_password: str | None = field(default=None, repr=False)
+    mqtt_security: MqttSecurity | None = None  # TLS files, client certificate, user/password
     probation_s: float = 60.0
     max_error_rate: float = 0.05
     step_delay_s: float = 0.0
@@ -80,6 +86,7 @@ class AgentService:
         self.reporter: TelemetryReporter | None = None
         self.updates: UpdateRunner | None = None
         self._lock = threading.Lock()
+        self.keyring = _held_keyring(config.data_dir / KEYRING_FILE)
         agent.on_change(self._model_changed)
 
     def topic(self, leaf: Leaf) -> str:
@@ -108,8 +115,10 @@ class AgentService:
         self.mqtt = MqttClient.from_url(
             f"edgefleet-{cfg.fleet}-{cfg.device_id}", url,
             will=(self.topic(Leaf.STATUS), STATUS_OFFLINE.encode(), 1, True),
-            username=cfg.mqtt_username, password=cfg.mqtt_password)
+            security=cfg.mqtt_security)
         self.mqtt.on_connect(self._connected)
+        # the keyring first: its retained copy then arrives before the desired state
+        self.mqtt.subscribe(keyring_topic(cfg.fleet), self._keyring_message)
         self.mqtt.subscribe(self.topic(Leaf.DESIRED), self._desired_message)
         spool = Spool(cfg.data_dir / "spool", cfg.spool_max_bytes)
         self.reporter = TelemetryReporter(self.mqtt, cfg.fleet, cfg.device_id,
@@ -135,6 +144,7 @@ class AgentService:
                                                         else pointer.fallback)),
                              slot=pointer.active, update=update_report(journal),
                              runtimes=installed_runtimes(), profile=self.config.profile,
+                             decryption_keys=self.agent.keys.key_ids,
                              serving=model is not None, ts=int(time.time() * 1000))
 
     def publish_event(self, kind: str, detail: str = "", state: str | None = None,
@@ -191,6 +201,43 @@ class AgentService:
         log.info("desired state: %s %s (%s)", desired.name, desired.version, desired.action)
         if self.updates:
             self.updates.desired(desired)
+
+    def _keyring_message(self, topic: str, payload: bytes) -> None:
+        """A new fleet keyring: checked against the keys trusted now, kept, then trusted."""
+        if not payload:
+            return  # a cleared retained message changes nothing
+        with self._lock:
+            try:
+                keyring = accept_keyring(payload, self.agent.trusted, self.keyring)
+                if keyring is not None:
+                    save_keyring(self.config.data_dir / KEYRING_FILE, keyring)
+            except EdgefleetError as exc:
+                log.warning("refused the keyring on %s: %s", topic, exc)
+                self.publish_event("keyring_rejected", f"{topic}: {exc.message}")
+                return
+            if keyring is None:
+                return  # the one held already (retained, sent again on every connection)
+            self.keyring, desired = keyring, self.desired
+            self.agent.trust(keyring.trusted())
+        log.info("keyring serial %d applied: trusting %s", keyring.serial,
+                 ", ".join(keyring.key_ids))
+        self.publish_event("keyring_applied", f"serial {keyring.serial}: trusting "
+                                              f"{', '.join(keyring.key_ids)}")
+        model = self.agent.model
+        if model is not None and model.bundle.key_id not in keyring.key_ids:
+            log.warning("the active bundle %s is signed by %s, which keyring serial %d no "
+                        "longer trusts: it will not load again after a restart", model.name,
+                        model.bundle.key_id, keyring.serial)
+        if desired is not None and self.updates:
+            self.updates.desired(desired)  # a target refused for its key may verify now
+
+
+def _held_keyring(path: Path) -> SignedKeyring | None:
+    try:
+        return load_keyring(path)
+    except EdgefleetError as exc:  # the next keyring published is checked against agent.trusted
+        log.warning("%s", exc)
+        return None
 
 
 def _ref(path: Path | None) -> BundleRef | None:

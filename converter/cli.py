@@ -38,6 +38,11 @@ def convert(
     Path("keys/signing.key"),
     scale: Annotated[str, typer.Option(help="Image scaling: 0-1, -1-1 or 0-255")] = "0-1",
     int8_io: Annotated[bool, typer.Option(help="int8 inputs and outputs (Edge TPU)")] = False,
+    encrypt_for: Annotated[list[Path] | None, typer.Option(
+        help="Encrypt the model for this X25519 public key (NAME.x25519pub, from 'edgefleet "
+             "keys generate-encryption'); repeat for several devices or a fleet key")] = None,
+    record_host: Annotated[bool, typer.Option(
+        help="Record the build host's name in the bundle's lineage")] = True,
     quiet: Annotated[bool, typer.Option(help="No progress output")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
 ) -> None:
@@ -56,7 +61,8 @@ def convert(
                                fine_tune_data=fine_tune_data, targets=tuple(target or ()),
                                max_drop=max_drop, name=name, version=version,
                                scale=scale,  # type: ignore[arg-type]
-                               int8_io=int8_io, quiet=quiet or as_json)
+                               int8_io=int8_io, quiet=quiet or as_json,
+                               encrypt_for=tuple(encrypt_for or ()), record_host=record_host)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     # Progress goes to a duplicate of stderr: conversions silence fds 1 and 2 meanwhile.
@@ -99,3 +105,5 @@ def _show(report: dict[str, Any], as_json: bool) -> None:
         console.print(f"[yellow]warning:[/] {warning}")
     if report["output"]:
         console.print(f"wrote {report['output']} ({report['bundle_bytes']} bytes)")
+    if report.get("encrypted_for"):
+        console.print(f"model encrypted for key ids {', '.join(report['encrypted_for'])}")

@@ -36,6 +36,8 @@ class ConvertConfig:
     calibration_samples: int = 200
     int8_io: bool = False
     quiet: bool = False
+    encrypt_for: tuple[Path, ...] = ()  # X25519 public keys (NAME.x25519pub) to encrypt for
+    record_host: bool = True  # the build host's name in the bundle's lineage
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_MODES:

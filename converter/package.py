@@ -1,4 +1,8 @@
-"""Package a model file into a signed bundle: describe its tensors, record health vectors."""
+"""Package a model into a signed bundle: describe its tensors, record health vectors,
+lineage, and (with ``encrypt_for``) encrypt the model for its recipients.
+
+The model travels as bytes from the converter to the archive: no plain copy is written
+anywhere but the bundle, and into the bundle only when it is not encrypted."""
 
 from __future__ import annotations
 
@@ -6,15 +10,20 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from agent.drift import scales_of
 from agent.protocol.bundle import write_bundle
+from agent.protocol.drift import Monitoring, reference_from
+from agent.protocol.encryption import RecipientKey
 from agent.protocol.health import HealthData
 from agent.protocol.manifest import (
     LABELS_FILE,
     MODEL_FILES,
+    PLAIN_SCHEMA_VERSION,
+    Lineage,
     Manifest,
     Optimization,
     Quantization,
@@ -25,7 +34,7 @@ from agent.protocol.signing import SigningKey
 from agent.runtime.base import Array, Runtime, TensorInfo
 from agent.runtime.select import load_runtime
 
-__all__ = ["PackageSpec", "package_model", "tensor_spec"]
+__all__ = ["PackageSpec", "package_bytes", "package_model", "tensor_spec"]
 
 RUNTIME_FOR_FORMAT = {"tflite": "litert", "onnx": "onnxruntime"}
 
@@ -45,6 +54,12 @@ class PackageSpec:
     min_runtime_version: str = "0"
     atol: float = 1e-4
     rtol: float = 1e-3
+    lineage: Lineage | None = None
+    encrypt_for: tuple[RecipientKey, ...] = ()
+    # drift reference: these inputs (as the model takes them) and the model's answers on
+    # them; None = the health inputs; an empty mapping = no reference
+    reference_inputs: Mapping[str, Array] | None = None
+    reference_source: Literal["eval", "calibration", "health"] = "health"
 
 
 def tensor_spec(info: TensorInfo) -> TensorSpec:
@@ -56,12 +71,16 @@ def tensor_spec(info: TensorInfo) -> TensorSpec:
 
 def package_model(model: Path, out: Path, spec: PackageSpec, key: SigningKey) -> Path:
     """Write a signed ``.efb`` for ``model`` (``.tflite`` or ``.onnx``) to ``out``."""
-    fmt = model.suffix.lstrip(".").lower()
-    model_bytes = model.read_bytes()
+    return package_bytes(model.read_bytes(), model.suffix.lstrip(".").lower(), out, spec, key)
+
+
+def package_bytes(model_bytes: bytes, fmt: str, out: Path, spec: PackageSpec,
+                  key: SigningKey) -> Path:
+    """Write a signed ``.efb`` for a ``tflite`` or ``onnx`` model held in memory."""
     runtime = load_runtime(model_bytes, fmt)
     health = _health(runtime, spec)
     manifest = Manifest(
-        schema_version=1, name=spec.name, version=spec.version,
+        schema_version=PLAIN_SCHEMA_VERSION, name=spec.name, version=spec.version,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         format=fmt,
         runtime=RuntimeRequirement(name=RUNTIME_FOR_FORMAT[fmt],
@@ -70,11 +89,29 @@ def package_model(model: Path, out: Path, spec: PackageSpec, key: SigningKey) ->
         outputs=[tensor_spec(t) for t in runtime.outputs],
         task=spec.task,
         optimization=spec.optimization, metrics=dict(spec.metrics),
-        targets=list(spec.targets), files={})
+        targets=list(spec.targets), files={}, lineage=spec.lineage)
+    manifest = manifest.model_copy(update={"monitoring": _reference(runtime, spec, manifest)})
     files = {MODEL_FILES[fmt]: model_bytes, "health.npz": health.to_bytes()}
     if spec.labels:
         files[LABELS_FILE] = "\n".join(spec.labels).encode()
-    return write_bundle(out, manifest, files, key)
+    return write_bundle(out, manifest, files, key, encrypt_for=spec.encrypt_for)
+
+
+MAX_REFERENCE_ROWS = 5000
+
+
+def _reference(runtime: Runtime, spec: PackageSpec, manifest: Manifest) -> Monitoring | None:
+    """The drift reference: the inputs' and the model's outputs' statistics."""
+    inputs = spec.health_inputs if spec.reference_inputs is None else spec.reference_inputs
+    source = "health" if spec.reference_inputs is None else spec.reference_source
+    if not inputs:
+        return None
+    feeds = {name: np.ascontiguousarray(value[:MAX_REFERENCE_ROWS])
+             for name, value in inputs.items()}
+    outputs = runtime.run(feeds)
+    scales = scales_of([*manifest.inputs, *manifest.outputs])
+    return reference_from(feeds, outputs, classifier=spec.task == "classification",
+                          source=source, scales=scales)
 
 
 def _health(runtime: Runtime, spec: PackageSpec) -> HealthData:

@@ -13,19 +13,18 @@ has the table:
 from __future__ import annotations
 
 import gzip
-import tempfile
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from agent.protocol.encryption import RecipientKey
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.manifest import Manifest, Optimization, RuntimeRequirement
 from agent.protocol.signing import SigningKey
-from agent.runtime.base import Array, Runtime, TensorInfo
+from agent.runtime.base import Array, Runtime
 from agent.runtime.inspect import ModelInfo, inspect_model
 from agent.runtime.select import load_runtime
 from converter import onnx_backend, prune, tflite_backend
@@ -39,7 +38,10 @@ from converter.errors import (
     UnsupportedPathError,
 )
 from converter.evaluate import accuracy, agreement, is_classifier, latency_p50_ms, run_batched
-from converter.package import PackageSpec, package_model, tensor_spec
+from converter.floatio import float_predict as _predict
+from converter.floatio import input_map, quantize_input
+from converter.lineage import lineage_of
+from converter.package import PackageSpec, package_bytes, tensor_spec
 from converter.report import Attempt, ConversionReport
 from converter.sources import SourceModel, keras_source, load_source
 from devices import DeviceProfile, check_model, load_profile
@@ -85,6 +87,7 @@ class _Context:
     profiles: list[DeviceProfile]
     report: ConversionReport
     step: Step
+    recipients: tuple[RecipientKey, ...] = ()
 
 
 def convert(config: ConvertConfig, step: Step = _no_progress) -> ConversionReport:
@@ -112,6 +115,7 @@ def convert(config: ConvertConfig, step: Step = _no_progress) -> ConversionRepor
 
 
 def _context(config: ConvertConfig, step: Step) -> _Context:
+    recipients = tuple(RecipientKey.load(p) for p in config.encrypt_for)  # fail before converting
     source = load_source(config.model)
     _check_path(source.kind, config.format)
     calibration = _load(config.calibration, source, config)
@@ -134,7 +138,8 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
         report.source_accuracy = round(accuracy(outputs, evaluation.labels), 6)
     report.source_latency_p50_ms = latency_p50_ms(source.predict, evaluation.take(1).inputs)
     profiles = [load_profile(t) for t in config.targets]
-    ctx = _Context(config, source, calibration, evaluation, outputs, profiles, report, step)
+    ctx = _Context(config, source, calibration, evaluation, outputs, profiles, report, step,
+                   recipients)
     if config.prune:
         ctx.source = _pruned(ctx, config.prune)
     if source.kind in ("keras", "savedmodel") and config.quantize != "none":
@@ -263,47 +268,6 @@ def _build(ctx: _Context, candidate: _Candidate) -> bytes:
                                       candidate.keep_float, on_sample=calibrate)
 
 
-def input_map(source: list[TensorInfo], converted: list[TensorInfo]) -> dict[str, TensorInfo]:
-    """Source input name -> converted input: by name (converters decorate names), else order."""
-    def bare(name: str) -> str:
-        return name.split(":")[0].removeprefix("serving_default_")
-
-    by_name = {bare(t.name): t for t in converted}
-    if all(bare(s.name) in by_name for s in source):
-        return {s.name: by_name[bare(s.name)] for s in source}
-    return {s.name: c for s, c in zip(source, converted, strict=True)}
-
-
-def _predict(runtime: Runtime, source: list[TensorInfo]
-             ) -> Callable[[Mapping[str, Array]], list[Array]]:
-    """Run with float I/O even when the model takes or gives int8 (quantize at the edges)."""
-    ins = input_map(source, runtime.inputs)
-    outs = runtime.outputs
-
-    def predict(feeds: Mapping[str, Array]) -> list[Array]:
-        quantized = {ins[k].name: _quantize(v, ins[k]) for k, v in feeds.items()}
-        result = runtime.run(quantized)
-        return [_dequantize(result[t.name], t) for t in outs]
-
-    return predict
-
-
-def _quantize(value: Array, spec: TensorInfo) -> Array:
-    if not spec.scales or spec.dtype not in ("int8", "uint8"):
-        return value
-    info = np.iinfo(spec.dtype)
-    q = np.round(value / spec.scales[0] + spec.zero_points[0])
-    out: Array = np.clip(q, info.min, info.max).astype(spec.dtype)
-    return out
-
-
-def _dequantize(value: Array, spec: TensorInfo) -> Array:
-    if not spec.scales or spec.dtype not in ("int8", "uint8"):
-        return value
-    out: Array = ((value.astype(np.float32) - spec.zero_points[0]) * spec.scales[0])
-    return out.astype(np.float32)
-
-
 def _measure(ctx: _Context, attempt: Attempt, artifact: bytes) -> None:
     runtime = load_runtime(artifact, ctx.config.format)
     predict = _predict(runtime, ctx.source.inputs)
@@ -399,11 +363,23 @@ def _probe_manifest(ctx: _Context, runtime: Runtime, info: ModelInfo) -> Manifes
                     outputs=[tensor_spec(t) for t in runtime.outputs], files={})
 
 
+def _reference_data(ctx: _Context, runtime: Runtime) -> dict[str, Any]:
+    """The drift reference's data: the evaluation set (or the calibration set it fell back
+    to), as the converted model takes it; none when the data was synthetic."""
+    cfg = ctx.config
+    if cfg.eval is None and cfg.calibration is None:
+        return {"reference_inputs": {}}
+    feeds = {t.name: quantize_input(ctx.evaluation.inputs[name], t)
+             for name, t in input_map(ctx.source.inputs, runtime.inputs).items()}
+    return {"reference_inputs": feeds,
+            "reference_source": "eval" if cfg.eval is not None else "calibration"}
+
+
 def _package(ctx: _Context, chosen: Attempt, artifact: bytes) -> None:
     cfg = ctx.config
     info = inspect_model(artifact, cfg.format)
     runtime = load_runtime(artifact, cfg.format)
-    health = {t.name: _quantize(ctx.evaluation.inputs[name][:8], t)
+    health = {t.name: quantize_input(ctx.evaluation.inputs[name][:8], t)
               for name, t in input_map(ctx.source.inputs, runtime.inputs).items()}
     spec = PackageSpec(
         cfg.model_name, cfg.version, health,
@@ -412,10 +388,10 @@ def _package(ctx: _Context, chosen: Attempt, artifact: bytes) -> None:
                                   sparsity=float(ctx.report.pruning.get("sparsity", 0.0))),
         metrics=ctx.report.metrics(), targets=tuple(p.name for p in ctx.profiles),
         min_runtime_version=_min_runtime(cfg.format, info),
-        atol=HEALTH_ATOL.get(chosen.mode, 2e-2))
-    with tempfile.TemporaryDirectory() as tmp:
-        model_path = Path(tmp) / f"model.{cfg.format}"
-        model_path.write_bytes(artifact)
-        package_model(model_path, cfg.output, spec, SigningKey.load(cfg.sign_key))
+        atol=HEALTH_ATOL.get(chosen.mode, 2e-2),
+        lineage=lineage_of(cfg, ctx.report.source_kind), encrypt_for=ctx.recipients,
+        **_reference_data(ctx, runtime))
+    package_bytes(artifact, cfg.format, cfg.output, spec, SigningKey.load(cfg.sign_key))
     ctx.report.output = str(cfg.output)
+    ctx.report.encrypted_for = sorted({r.key_id for r in ctx.recipients})
     ctx.report.bundle_bytes = cfg.output.stat().st_size

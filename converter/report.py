@@ -50,6 +50,7 @@ class ConversionReport:
     conversion_seconds: float = 0.0
     pruning: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    encrypted_for: list[str] = field(default_factory=list)  # recipient key ids
 
     @property
     def chosen_attempt(self) -> Attempt | None:

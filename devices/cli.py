@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from agent.cli.output import emit, fail, table
-from agent.protocol.bundle import inspect_bundle
+from agent.protocol.bundle import Bundle, inspect_bundle
+from agent.protocol.encryption import DecryptionKeys, NoDecryptionKeyError
 from agent.protocol.errors import EdgefleetError
 from agent.runtime.inspect import inspect_model
 from devices import check_model, list_profiles, load_profile
@@ -43,10 +44,12 @@ def show(name: Annotated[str, typer.Argument(help="Profile name or .json path")]
 @app.command()
 def check(bundle: Annotated[Path, typer.Argument(help="Bundle (.efb) to check")],
           target: Annotated[list[str], typer.Option(help="Profile name(s) or path(s)")],
+          decrypt_key: Annotated[list[Path] | None, typer.Option(
+              help="X25519 private key (NAME.x25519) or folder, for an encrypted model")] = None,
           as_json: JsonOpt = False) -> None:
     """Report every reason the bundle cannot run on each target; exit 1 if any."""
     try:
-        opened = inspect_bundle(bundle)
+        opened = _open(bundle, decrypt_key or [])
         info = inspect_model(opened.model_bytes, opened.manifest.format)
         profiles = [load_profile(t) for t in target]
     except EdgefleetError as exc:
@@ -63,3 +66,13 @@ def check(bundle: Annotated[Path, typer.Argument(help="Bundle (.efb) to check")]
                                  ["target", "kind", "problem", "nodes"]))
     if any(results.values()):
         raise typer.Exit(1)
+
+
+def _open(bundle: Path, decrypt_key: list[Path]) -> Bundle:
+    """The bundle with its model readable; an encrypted one needs a key for its ops."""
+    try:
+        return inspect_bundle(bundle, DecryptionKeys.from_paths(decrypt_key))
+    except NoDecryptionKeyError as exc:
+        raise NoDecryptionKeyError(
+            f"{bundle.name}: the model is encrypted, and checking it against a profile needs its "
+            f"ops: {exc.message}", hint="pass --decrypt-key NAME.x25519 of a recipient") from exc

@@ -10,7 +10,9 @@ from agent.cli import keys as keys_cli
 from converter.cli import convert
 from devices import cli as device_cli
 from edgefleet.cli_demo import demo
+from edgefleet.cli_diff import diff
 from fleet import cli as fleet_cli
+from fleet import cli_certs as certs_cli
 
 app = typer.Typer(
     help="edgefleet: convert models, run them on devices, roll them out to fleets.",
@@ -21,9 +23,11 @@ app.add_typer(agent_cli.app, name="agent")
 app.add_typer(keys_cli.app, name="keys")
 app.add_typer(device_cli.app, name="device")
 app.add_typer(fleet_cli.app, name="fleet")
+app.add_typer(certs_cli.app, name="certs")
 app.command("broker")(broker_cli.broker)
 app.command("demo")(demo)
 app.command("convert")(convert)
+app.command("diff")(diff)
 
 
 def main() -> None:

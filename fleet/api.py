@@ -15,11 +15,22 @@ Standard library only (``ThreadingHTTPServer``). Endpoints::
     POST /api/v1/rollouts                           {"model": "NAME:VERSION", ...options}
     POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}
     POST /api/v1/rollback                           {"group": G}
+    GET  /api/v1/keyring                            the fleet keyring held (404: none yet)
+    POST /api/v1/keyring[?force=1]                  body: a keyring.json (docs/keys.md)
 
 ``/api`` needs ``Authorization: Bearer TOKEN`` (GET requests may pass ``?token=`` instead,
 for a browser's EventSource); the token's name is the actor written in the audit history.
+Every other method (PUT, DELETE, PATCH) needs the token too, then gets 405.
 Errors are JSON ``{"error", "hint", "kind"}``; the status follows the error's class
-(404 unknown, 409 conflict, 400 invalid, 401 token, 422 bundle refused).
+(404 unknown, 409 conflict, 400 invalid, 401 token, 422 bundle or keyring refused,
+413 body too large, 405 method).
+
+Input is checked before it reaches the controller: a path with ``..``, a backslash or an
+encoded ``/`` is refused (400) whatever the token; ids in paths and bodies must be contract
+ids (``agent.protocol.topics.check_id``), model keys ``NAME:SEMVER``; bodies are capped
+(bundles 512 MiB, keyrings 64 KiB, JSON 1 MiB) from ``Content-Length`` before they are read.
+A bundle is verified in memory before a byte reaches the artifact folder, which holds files
+named by sha256 only.
 """
 
 from __future__ import annotations
@@ -29,32 +40,50 @@ import json
 import logging
 import re
 import socketserver
+import ssl
+import sys
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from agent.protocol.errors import BundleError, EdgefleetError
+from agent.protocol.keyring import MAX_KEYRING_BYTES, KeyringError
+from agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
+from agent.protocol.topics import check_id
 from fleet import dashboard
 from fleet.controller import FleetController
-from fleet.errors import AuthError, ConflictError, InvalidRolloutError, NotFoundError
+from fleet.errors import AuthError, ConflictError, FleetError, InvalidRolloutError, NotFoundError
 from fleet.metrics import FleetMetrics
 
 __all__ = ["ApiServer", "parse_tokens"]
 
 log = logging.getLogger(__name__)
 _BUNDLE = re.compile(r"^/bundles/([0-9a-f]{64})\.efb$")
-_ROLLOUT = re.compile(r"^/api/v1/rollouts/([A-Za-z0-9_-]+)(?:/(pause|resume|abort|rollback))?$")
-_TAGS = re.compile(r"^/api/v1/devices/([A-Za-z0-9._-]+)/tags$")
-_MAX_BODY = 512 * 1024 * 1024
+_ROLLOUT = re.compile(r"^/api/v1/rollouts/([^/]+)(?:/([^/]+))?$")
+_VERBS = ("pause", "resume", "abort", "rollback")
+_TAGS = re.compile(r"^/api/v1/devices/([^/]+)/tags$")
+_NAME, _SEMVER = re.compile(NAME_PATTERN), re.compile(SEMVER_PATTERN)
+_MAX_BODY = 512 * 1024 * 1024  # a bundle
+_MAX_JSON = 1024 * 1024
+_DRAIN = 8 * 1024 * 1024  # an oversized body up to this is read away, so the client sees the 413
 _CHUNK = 256 * 1024
 _STATUS: list[tuple[type[EdgefleetError], HTTPStatus]] = [
     (NotFoundError, HTTPStatus.NOT_FOUND), (ConflictError, HTTPStatus.CONFLICT),
     (InvalidRolloutError, HTTPStatus.BAD_REQUEST), (AuthError, HTTPStatus.UNAUTHORIZED),
-    (BundleError, HTTPStatus.UNPROCESSABLE_ENTITY)]
+    (BundleError, HTTPStatus.UNPROCESSABLE_ENTITY),
+    (KeyringError, HTTPStatus.UNPROCESSABLE_ENTITY)]
+
+
+class RequestError(FleetError):
+    """A request refused before it reaches the controller: its path, size or method."""
+
+    def __init__(self, message: str, status: HTTPStatus, *, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
 
 
 def parse_tokens(specs: list[str]) -> dict[str, str]:
@@ -76,11 +105,18 @@ class ApiServer:
     """Serves one controller on ``host:port`` (0 picks a free port) from a thread."""
 
     def __init__(self, controller: FleetController, tokens: dict[str, str],
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """``tls`` (``fleet.certs.server_context``) serves HTTPS: tokens and bundles are
+        never sent in clear. Each connection's handshake runs in its own thread."""
         if not tokens:
             raise AuthError("the API needs at least one token",
                             hint="pass --token NAME=SECRET or set EDGEFLEET_TOKEN")
         self._httpd = _Server((host, port), controller, tokens)
+        self.scheme = "https" if tls else "http"
+        if tls is not None:
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True,
+                                                 do_handshake_on_connect=False)
         self._thread: threading.Thread | None = None
 
     @property
@@ -89,7 +125,7 @@ class ApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self._httpd.server_address[0]!s}:{self.port}"
+        return f"{self.scheme}://{self._httpd.server_address[0]!s}:{self.port}"
 
     def start(self) -> ApiServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever,
@@ -116,6 +152,14 @@ class _Server(ThreadingHTTPServer):
         dashboard.attach(controller)  # device events are kept from the start
         self.stopping = threading.Event()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that fails the TLS handshake or hangs up: one line, not a traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ssl.SSLError, ConnectionError)):
+            log.info("client %s: %s", client_address[0], exc)
+            return
+        super().handle_error(request, client_address)
+
     def server_bind(self) -> None:  # no reverse DNS lookup of the host at bind time
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
@@ -124,6 +168,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    _consumed = True  # whether this request's body was read (or needs no reading)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -141,19 +186,33 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._guard(self._post)
 
+    def do_PUT(self) -> None:
+        self._guard(self._not_allowed)
+
+    def do_DELETE(self) -> None:
+        self._guard(self._not_allowed)
+
+    def do_PATCH(self) -> None:
+        self._guard(self._not_allowed)
+
     def _guard(self, handler: Callable[[str], None]) -> None:
         path = urlsplit(self.path).path
+        self._consumed = False
         try:
-            handler(path)
+            handler(_checked_path(path))
         except EdgefleetError as exc:
-            status = next((s for cls, s in _STATUS if isinstance(exc, cls)),
-                          HTTPStatus.BAD_REQUEST)
+            self._drop_unread_body()
+            status = exc.status if isinstance(exc, RequestError) else next(
+                (s for cls, s in _STATUS if isinstance(exc, cls)), HTTPStatus.BAD_REQUEST)
+            if status >= HTTPStatus.BAD_REQUEST and self.command != "GET":
+                log.info("refused %s %s: %s", self.command, path[:200], exc.message)
             self._json({"error": exc.message, "hint": exc.hint, "kind": type(exc).__name__},
                        status)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:
             log.exception("API request %s %s failed", self.command, self.path)
+            self._drop_unread_body()
             self._json({"error": f"internal error: {type(exc).__name__}: {exc}",
                         "hint": "see the controller's log", "kind": "InternalError"},
                        HTTPStatus.INTERNAL_SERVER_ERROR)
@@ -182,11 +241,13 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/api/v1/rollouts":
             return self._json([r.summary() for r in self.c.rollouts()])
         if path == "/api/v1/history":
-            limit = int(query.get("limit", ["100"])[0])
+            limit = _limit(query.get("limit", ["100"])[0])
             target = query.get("target", [None])[0]
             return self._json([e.as_dict() for e in self.c.history(limit, target)])
+        if path == "/api/v1/keyring":
+            return self._keyring()
         if (match := _ROLLOUT.match(path)) and not match.group(2):
-            return self._json(self.c.rollout(match.group(1)).as_dict())
+            return self._json(self.c.rollout(_rollout_id(unquote(match.group(1)))).as_dict())
         raise NotFoundError(f"no such endpoint: GET {path}", hint="see docs/fleet.md")
 
     def _dashboard(self, path: str) -> None:
@@ -243,32 +304,52 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- POST ---------------------------------------------------------------------------
 
+    def _keyring(self) -> None:
+        keyring = self.c.keyring()
+        if keyring is None:
+            raise NotFoundError("this controller holds no keyring yet",
+                                hint="write one with 'edgefleet keys rotate', then "
+                                     "'edgefleet fleet keyring publish'")
+        self._json({**keyring.summary(), "document": json.loads(keyring.raw)})
+
     def _post(self, path: str) -> None:
         actor = self._actor()
         if path == "/api/v1/models":
-            model, added = self.c.push(self._body(), actor)
+            model, added = self.c.push(self._body(_MAX_BODY), actor)
             return self._json({"model": model.as_dict(), "added": added},
                               HTTPStatus.CREATED if added else HTTPStatus.OK)
+        if path == "/api/v1/keyring":
+            force = parse_qs(urlsplit(self.path).query).get("force", ["0"])[0] in ("1", "true")
+            return self._json(self.c.publish_keyring(self._body(MAX_KEYRING_BYTES), actor,
+                                                     force))
         body = self._json_body()
         if path == "/api/v1/rollouts":
             options = {k: v for k, v in body.items() if k != "model"}
-            rollout = self.c.create_rollout(str(body.get("model", "")), options, actor)
+            rollout = self.c.create_rollout(_model_key(body.get("model")), options, actor)
             return self._json(rollout.as_dict(), HTTPStatus.CREATED)
-        if (match := _ROLLOUT.match(path)) and match.group(2):
-            return self._json(self.c.operate(match.group(1), match.group(2), actor).as_dict())
+        if (match := _ROLLOUT.match(path)) and match.group(2) in _VERBS:
+            return self._json(self.c.operate(_rollout_id(unquote(match.group(1))), match.group(2),
+                                             actor).as_dict())
         if path == "/api/v1/rollback":
-            done = self.c.rollback_group(str(body.get("group", "")), actor)
+            done = self.c.rollback_group(_id(body.get("group"), "group"), actor)
             return self._json([r.summary() for r in done])
         if path == "/api/v1/devices/group":
-            devices = [str(d) for d in body.get("devices", [])]
+            devices = _ids(body.get("devices"), "devices", "device id")
             group = body.get("group")
-            changed = self.c.set_group(devices, None if group is None else str(group), actor)
+            changed = self.c.set_group(devices, None if group is None else _id(group, "group"),
+                                       actor)
             return self._json([d.as_dict() for d in changed])
         if match := _TAGS.match(path):
-            device = self.c.tag(match.group(1), [str(t) for t in body.get("add", [])],
-                                [str(t) for t in body.get("remove", [])], actor)
+            device = self.c.tag(_id(unquote(match.group(1)), "device id"),
+                                _ids(body.get("add", []), "add", "tag"),
+                                _ids(body.get("remove", []), "remove", "tag"), actor)
             return self._json(device.as_dict())
         raise NotFoundError(f"no such endpoint: POST {path}", hint="see docs/fleet.md")
+
+    def _not_allowed(self, path: str) -> None:
+        self._actor()
+        raise RequestError(f"{self.command} is not an API method", HTTPStatus.METHOD_NOT_ALLOWED,
+                           hint="the API takes GET and POST: see docs/fleet.md")
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -286,18 +367,56 @@ class _Handler(BaseHTTPRequestHandler):
         raise AuthError("the token is not known to this controller",
                         hint="check --token / EDGEFLEET_TOKEN against the controller's")
 
-    def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > _MAX_BODY:
-            raise InvalidRolloutError(f"request body of {length} bytes is too large",
-                                      hint=f"at most {_MAX_BODY} bytes")
+    def _body(self, limit: int) -> bytes:
+        """The request body, refused from its ``Content-Length`` alone when above ``limit``."""
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise RequestError("a chunked request body is not accepted",
+                               HTTPStatus.LENGTH_REQUIRED, hint="send Content-Length")
+        self._consumed = True
+        text = (self.headers.get("Content-Length") or "0").strip()
+        if not (text.isascii() and text.isdigit()):
+            self.close_connection = True
+            raise RequestError(f"Content-Length {text[:40]!r} is not a byte count",
+                               HTTPStatus.BAD_REQUEST, hint="send a valid Content-Length")
+        length = int(text)
+        if length > limit:
+            self._discard(length)
+            raise RequestError(f"request body of {length} bytes is too large for {self.path}",
+                               HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               hint=f"at most {limit} bytes here")
         return self.rfile.read(length) if length else b""
 
+    def _drop_unread_body(self) -> None:
+        """After a refusal: a body nobody read must not be parsed as the next request."""
+        if self._consumed:
+            return
+        self._consumed = True
+        text = (self.headers.get("Content-Length") or "0").strip()
+        if self.headers.get("Transfer-Encoding") or not (text.isascii() and text.isdigit()):
+            self.close_connection = True
+            return
+        try:
+            self._discard(int(text))
+        except OSError:
+            self.close_connection = True
+
+    def _discard(self, length: int) -> None:
+        """Read away a refused body (when small enough) so the client can read the answer."""
+        if length > _DRAIN:
+            self.close_connection = True
+            return
+        while length > 0:
+            chunk = self.rfile.read(min(_CHUNK, length))
+            if not chunk:
+                break
+            length -= len(chunk)
+
     def _json_body(self) -> dict[str, Any]:
-        raw = self._body()
+        raw = self._body(_MAX_JSON)
         try:
             data = json.loads(raw) if raw else {}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise InvalidRolloutError(f"request body is not JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise InvalidRolloutError("request body must be a JSON object")
@@ -308,9 +427,64 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        if status == HTTPStatus.METHOD_NOT_ALLOWED:
+            self.send_header("Allow", "GET, HEAD, POST")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+
+def _checked_path(path: str) -> str:
+    """Refuse a path that tries to climb or hide a separator, before any routing."""
+    decoded = unquote(path)
+    if (".." in decoded.split("/") or "\\" in decoded or "\x00" in decoded
+            or decoded.count("/") != path.count("/")):
+        raise RequestError(f"path {path[:200]!r} is not allowed", HTTPStatus.BAD_REQUEST,
+                           hint="no '..' segments, backslashes or encoded '/' in API paths")
+    return path
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(message, HTTPStatus.BAD_REQUEST, hint="see docs/fleet.md")
+
+
+def _id(value: object, what: str) -> str:
+    """A contract id (1-64 of [A-Za-z0-9._-], starting with a letter or digit)."""
+    if not isinstance(value, str):
+        raise _invalid(f"{what} must be a string, got {type(value).__name__}")
+    try:
+        return check_id(value, what)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from exc
+
+
+def _ids(value: object, field: str, what: str) -> list[str]:
+    if not isinstance(value, list):
+        raise _invalid(f"{field} must be a list of {what}s, got {type(value).__name__}")
+    return [_id(item, what) for item in value]
+
+
+def _rollout_id(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise _invalid(f"rollout id {value[:80]!r} is not allowed: ids look like r12")
+    return value
+
+
+def _model_key(value: object) -> str:
+    """``NAME:VERSION`` with the manifest's name and semver patterns."""
+    name, _, version = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if not (_NAME.match(name) and _SEMVER.match(version)):
+        raise _invalid(f"model must be NAME:VERSION (e.g. digits:1.2.0), got {value!r:.80}")
+    return f"{name}:{version}"
+
+
+def _limit(text: str | None) -> int:
+    text = text or ""
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 10_000:
+        raise _invalid(f"limit must be a whole number from 1 to 10000, got {text!r:.40}")
+    return int(text)
 
 
 def _range(header: str | None, size: int) -> tuple[int, int]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -22,9 +24,18 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from agent.cli.mqtt_options import (
+    CaOpt,
+    CertOpt,
+    KeyOpt,
+    PasswordFileOpt,
+    UsernameOpt,
+    mqtt_security,
+)
 from agent.cli.output import console, emit, fail, table
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.signing import TrustedKeys
+from fleet.cli_models import show_model
 from fleet.cli_simulate import simulate
 from fleet.cli_top import top
 from fleet.client import FleetClient
@@ -63,7 +74,13 @@ def serve(
     trusted_key: Annotated[list[Path], typer.Option("--trusted-key",
                                                     help="Public key(s) bundles must be "
                                                          "signed with")],
-    broker: Annotated[str, typer.Option(help="mqtt://HOST:PORT")] = "mqtt://127.0.0.1:1883",
+    broker: Annotated[str, typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:8883")] = (
+        "mqtt://127.0.0.1:1883"),
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
     db: Annotated[str | None, typer.Option(help="sqlite:///PATH (default: in --data-dir) "
                                                 "or postgresql://...")] = None,
     data_dir: Annotated[Path, typer.Option(help="Where bundles (and SQLite) live")] = Path(
@@ -71,11 +88,28 @@ def serve(
     http: Annotated[str, typer.Option(help="HOST:PORT of the API and bundle server")] = (
         "127.0.0.1:8600"),
     public_url: Annotated[str | None, typer.Option(help="URL devices use to reach --http "
-                                                        "(default: http://HTTP)")] = None,
+                                                        "(default: http(s)://HTTP)")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        help="Serve HTTPS with this certificate ('edgefleet certs server'); with --tls-key",
+        exists=True, dir_okay=False)] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        help="The HTTPS certificate's key", exists=True, dir_okay=False)] = None,
     token: Annotated[list[str] | None, typer.Option(
         "--token", envvar="EDGEFLEET_TOKEN",
         help="NAME=SECRET (repeatable); the name is written in the history")] = None,
     tick: Annotated[float, typer.Option(help="Seconds between rollout steps")] = 1.0,
+    controller_id: Annotated[str | None, typer.Option(
+        "--controller-id", envvar="EDGEFLEET_CONTROLLER_ID",
+        help="This controller's name, unique among several (default: the host name)")] = None,
+    lease_s: Annotated[float | None, typer.Option(
+        "--lease-s", help="Scale-out: several controllers on one store and broker, one leads "
+                          "at a time; a dead leader is replaced within this many seconds "
+                          "(>= 3 x --tick; docs/scale-out.md)")] = None,
+    shared_telemetry: Annotated[bool, typer.Option(
+        "--shared-telemetry", help="With --lease-s: split telemetry between the controllers "
+                                   "(MQTT shared subscription)")] = False,
+    share_group: Annotated[str, typer.Option(
+        help="The shared subscription group of --shared-telemetry")] = "edgefleet",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the controller: registry, rollouts, REST API and bundle downloads."""
@@ -90,16 +124,23 @@ def serve(
     try:
         tokens = parse_tokens(token or [])
         _make_dir(data_dir)  # a first run: SQLite needs the folder
+        tls = _server_tls(tls_cert, tls_key)
         store = open_store(db or (data_dir / "fleet.db").resolve())
         config = ControllerConfig(fleet=fleet, broker_url=broker, data_dir=data_dir,
-                                  public_url=public_url or f"http://{http}",
-                                  trusted=TrustedKeys.from_paths(trusted_key), tick_s=tick)
+                                  public_url=public_url or f"{'https' if tls else 'http'}://"
+                                                           f"{http}",
+                                  trusted=TrustedKeys.from_paths(trusted_key), tick_s=tick,
+                                  mqtt_security=mqtt_security(ca, cert, key, username,
+                                                              password_file),
+                                  **_scale_out(controller_id, lease_s, shared_telemetry,
+                                               share_group))
         controller = FleetController(config, store).start()
-        api = ApiServer(controller, tokens, host or "127.0.0.1", int(port)).start()
+        api = ApiServer(controller, tokens, host or "127.0.0.1", int(port), tls=tls).start()
     except EdgefleetError as exc:
         fail(exc)
     console.print(f"edgefleet controller for fleet [bold]{fleet}[/]: API {api.url}, "
-                  f"broker {broker}, {len(controller.registry)} devices known")
+                  f"broker {broker}, {len(controller.registry)} devices known"
+                  + _role(controller.controller_status()))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -111,6 +152,103 @@ def serve(
         api.stop()
         controller.stop()
         store.close()
+
+
+@app.command()
+def acl(
+    fleet: Annotated[str, typer.Option(help="Fleet name (the MQTT topic level)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="ACL file to write (Mosquitto "
+                                                          "acl_file)")] = Path("edgefleet.acl"),
+    controller_user: Annotated[str, typer.Option(
+        help="The controller's MQTT user name (CN of 'edgefleet certs controller')")] =
+    "edgefleet-controller",
+    device: Annotated[list[str] | None, typer.Option(
+        "--device", help="Device id (repeatable): gets a password with --passwd-file, may "
+                         "publish discovery with --ha-discovery")] = None,
+    ha_discovery: Annotated[bool, typer.Option(
+        "--ha-discovery", help="Let the --device ids publish Home Assistant discovery")] =
+    False,
+    ha_user: Annotated[str, typer.Option(
+        help="With --ha-discovery: Home Assistant's user, which reads telemetry, status and "
+             "discovery")] = "homeassistant",
+    passwd_file: Annotated[Path | None, typer.Option(
+        help="Mosquitto password_file: new random passwords for the --device ids "
+             "(password mode; needs mosquitto_passwd)")] = None,
+    controller_password: Annotated[bool, typer.Option(
+        "--controller-password", help="With --passwd-file: a new password for the "
+                                      "controller too")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the broker's ACL: each device its own topics, the controller writes desired state."""
+    from agent.protocol.files import atomic_write
+    from fleet.acl import acl_rules, check_devices, render_acl
+    from fleet.errors import FleetError
+    from fleet.mosquitto import add_passwords
+
+    devices = device or []
+    try:
+        try:
+            check_devices(devices, controller_user, ha_user if ha_discovery else None)
+            ha = (devices, ha_user) if ha_discovery else ((), None)
+            rules = acl_rules(fleet, controller_user, *ha)
+            text = render_acl(fleet, controller_user, *ha)
+        except ValueError as exc:
+            raise FleetError(str(exc), hint="ids are 1-64 letters, digits, '.', '_' or '-'; "
+                                            "no device may be named like the controller"
+                             ) from exc
+        if ha_discovery and not devices:
+            raise FleetError("--ha-discovery names no device",
+                             hint="pass --device ID for each device that publishes discovery")
+        users = [*devices, *([controller_user] if controller_password else [])]
+        if passwd_file is not None and not users:
+            raise FleetError("--passwd-file without a user to add",
+                             hint="pass --device ID (repeatable) or --controller-password")
+        atomic_write(out, text.encode(), mode=0o644)
+        passwords = add_passwords(passwd_file, users) if passwd_file is not None else {}
+    except (EdgefleetError, OSError) as exc:
+        fail(exc if isinstance(exc, EdgefleetError) else EdgefleetError(
+            f"cannot write {out}: {exc}", hint="pass an --out path this user may write"),
+             as_json)
+    _show_acl(out, rules, passwd_file, passwords, as_json)
+
+
+def _show_acl(out: Path, rules: list[Any], passwd_file: Path | None,
+              passwords: dict[str, str], as_json: bool) -> None:
+    data = {"acl_file": str(out), "rules": [vars(r) for r in rules],
+            "passwd_file": str(passwd_file) if passwd_file else None, "passwords": passwords}
+    rows = [{"who": "each device (%u)" if r.who == "*" else r.who, "may": r.access,
+             "topic": r.topic} for r in rules]
+    views: list[Any] = [table(f"ACL written to {out}", rows, ["who", "may", "topic"])]
+    if passwords:
+        views.append(table(f"new passwords in {passwd_file}: shown once, hand each to its "
+                           "device now", [{"user": u, "password": p}
+                                          for u, p in passwords.items()], ["user", "password"]))
+    emit(data, as_json, Group(*views))
+
+
+def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise EdgefleetError("HTTPS needs both --tls-cert and --tls-key",
+                             hint="make them with 'edgefleet certs server --host NAME'")
+    from fleet.certs import server_context
+
+    return server_context(cert, key)
+
+
+def _scale_out(controller_id: str | None, lease_s: float | None, shared: bool,
+               group: str) -> dict[str, Any]:
+    """ControllerConfig's scale-out fields (it checks them: lease vs tick, the group)."""
+    return {"controller_id": controller_id or socket.gethostname(), "lease_s": lease_s,
+            "shared_telemetry": group if shared else None}
+
+
+def _role(status: dict[str, Any]) -> str:
+    if status["role"] == "single":
+        return ""
+    return (f"; controller {status['id']} is the {status['role']}"
+            + (f" (leader: {status['leader']})" if status["role"] == "follower" else ""))
 
 
 def _make_dir(path: Path) -> None:
@@ -140,10 +278,18 @@ def push(bundle: Annotated[Path, typer.Argument(help="A signed .efb bundle")],
     emit(result, as_json, table("pushed", [row], list(row)))
 
 
-@app.command()
-def models(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
+models_app = typer.Typer(help="Pushed model versions: list them, or show one in full.")
+app.add_typer(models_app, name="models")
+models_app.command("show")(show_model)
+
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context, controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
            as_json: JsonOpt = False) -> None:
-    """Every pushed model version with its measured metrics."""
+    """Every pushed model version with its measured metrics ('models show NAME:VERSION': one
+    in full, with its lineage)."""
+    if ctx.invoked_subcommand is not None:
+        return
     data = _run(as_json, lambda: _client(controller, token).get("/api/v1/models"))
     rows = [_model_row(m) for m in data]
     emit(data, as_json, table("model versions", rows, list(rows[0]) if rows else ["model"]))
@@ -375,3 +521,55 @@ def _rollout_view(r: dict[str, Any]) -> Group:
 
 app.command("simulate")(simulate)
 app.command("top")(top)
+
+
+# --- the fleet keyring (docs/keys.md) ---------------------------------------------------
+
+keyring_app = typer.Typer(help="The fleet keyring: which signing keys devices trust.",
+                          no_args_is_help=True)
+app.add_typer(keyring_app, name="keyring")
+
+
+@keyring_app.command("publish")
+def keyring_publish(
+    keyring: Annotated[Path, typer.Argument(help="keyring.json from 'edgefleet keys rotate' "
+                                                 "or 'keys retire'")],
+    force: Annotated[bool, typer.Option("--force", help="Publish even if devices run a "
+                                                        "bundle signed by a dropped key")
+                     ] = False,
+    controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Send a keyring to every device (retained); the controller checks it first."""
+    try:
+        data = keyring.read_bytes()
+    except OSError as exc:
+        fail(EdgefleetError(f"cannot read {keyring}: {exc.strerror}",
+                            hint="pass the keyring.json in your keys folder"), as_json)
+    path = "/api/v1/keyring?force=1" if force else "/api/v1/keyring"
+    result = _run(as_json, lambda: _client(controller, token).upload(path, data))
+    if not result["changed"]:
+        what = "already held: sent again"
+    else:
+        what = "published" if result["published"] else "stored; goes out when the broker is back"
+    emit(result, as_json, _keyring_view(result, what))
+
+
+@keyring_app.command("show")
+def keyring_show(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
+                 as_json: JsonOpt = False) -> None:
+    """The keyring the controller holds and publishes."""
+    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/keyring"))
+    emit(data, as_json, _keyring_view(data, f"issued {data['issued']}"))
+
+
+def _keyring_view(data: dict[str, Any], what: str) -> Group:
+    rows = [{"key_id": k["key_id"], "name": k["name"],
+             "signed it": "yes" if k["key_id"] in data["signed_by"] else ""}
+            for k in data["keys"]]
+    parts: list[Any] = [table(f"keyring serial {data['serial']}: {what}", rows,
+                              ["key_id", "name", "signed it"])]
+    stranded = data.get("stranded") or []
+    if stranded:
+        parts.append(f"[yellow]forced past {len(stranded)} devices whose bundle is signed by "
+                     f"a dropped key:[/] {', '.join(stranded[:10])}")
+    return Group(*parts)

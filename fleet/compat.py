@@ -22,7 +22,24 @@ __all__ = ["incompatibility"]
 
 def incompatibility(device: Device, model: ModelVersion, info: ModelInfo | None) -> str | None:
     """Why ``device`` cannot load ``model`` (one sentence), or None when it can."""
-    return _runtime_problem(device, model) or _profile_problem(device, model, info)
+    return (_runtime_problem(device, model) or _key_problem(device, model)
+            or _profile_problem(device, model, info))
+
+
+def _key_problem(device: Device, model: ModelVersion) -> str | None:
+    """An encrypted model goes only to devices that report a recipient's key id."""
+    encryption = model.manifest.get("encryption")
+    if not encryption:
+        return None
+    needed = [str(r["key_id"]) for r in encryption.get("recipients") or []]
+    if device.decryption_keys is None:
+        return (f"the model is encrypted for key ids {', '.join(needed)} and the device "
+                "reports no decryption keys (an agent that predates encrypted bundles)")
+    if set(needed) & set(device.decryption_keys):
+        return None
+    held = ", ".join(device.decryption_keys) or "none"
+    return (f"the model is encrypted for key ids {', '.join(needed)}; the device holds {held} "
+            "(re-encrypt for its key, or give it one)")
 
 
 def _runtime_problem(device: Device, model: ModelVersion) -> str | None:
@@ -61,6 +78,9 @@ def _profile(name: str) -> DeviceProfile | None:
 
 
 def _model_size(model: ModelVersion) -> int:
+    encryption = model.manifest.get("encryption") or {}
+    if "plain_size" in encryption:  # an encrypted model: the size a runtime loads
+        return int(encryption["plain_size"])
     files = model.manifest.get("files") or {}
     entry = files.get(f"model.{model.format}") or {}
     return int(entry.get("size", model.size))

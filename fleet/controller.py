@@ -10,23 +10,38 @@ After a restart the controller loads the store, publishes the desired state of e
 device a rollout is still waiting on again (retained and idempotent: an agent ignores a
 target it already runs or is already updating to), and carries on: no device is updated
 twice.
+
+Scale-out (``lease_s``, docs/scale-out.md): several controllers share the store and the
+broker; the one holding the lease (:mod:`fleet.lease`) leads: only it writes devices,
+ticks rollouts and publishes desired states, every save fenced by its lease generation.
+When it is elected it loads the live rollouts and publishes again, exactly as after a
+restart. Followers keep their registry from MQTT and answer the API; their rollout
+actions are relayed to the leader through the store (:mod:`fleet.scale`).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.mqtt import MqttClient
+from agent.mqtt import MqttClient, MqttSecurity
 from agent.protocol.bundle import read_bundle
 from agent.protocol.errors import EdgefleetError, PayloadError
 from agent.protocol.files import atomic_write
+from agent.protocol.keyring import (
+    KEYRING_FILE,
+    SignedKeyring,
+    accept_keyring,
+    load_keyring,
+    save_keyring,
+)
 from agent.protocol.payloads import (
     BundleRef,
     DesiredState,
@@ -37,16 +52,20 @@ from agent.protocol.payloads import (
     encode,
 )
 from agent.protocol.signing import TrustedKeys
-from agent.protocol.topics import Leaf, device_topic, fleet_filter, parse_topic
+from agent.protocol.topics import Leaf, device_topic, fleet_filter, keyring_topic, parse_topic
 from agent.runtime.inspect import ModelInfo, inspect_model
 from fleet.compat import incompatibility
 from fleet.domain import AuditEntry, Device, ModelVersion
-from fleet.errors import ConflictError, InvalidRolloutError, NotFoundError
+from fleet.errors import ConflictError, FleetError, InvalidRolloutError, NotFoundError
+from fleet.lease import Fence, Turn
+from fleet.mqtt_share import SharingMqttClient, check_group
 from fleet.registry import DeviceRegistry
+from fleet.relay import OperatorRequest, error_result
 from fleet.rollout import executor
 from fleet.rollout.executor import Action, Decisions, DeviceView, Observations, Quality
 from fleet.rollout.spec import RolloutSpec
 from fleet.rollout.state import ACTIVE, DeviceState, Rollout, RolloutState
+from fleet.scale import ScaleOut
 from fleet.store import Store
 from fleet.telemetry import TelemetryBook, VersionKey
 
@@ -71,9 +90,31 @@ class ControllerConfig:
     public_url: str  # how devices reach this controller's HTTP server, e.g. http://10.0.0.2:8600
     trusted: TrustedKeys
     tick_s: float = 1.0
-    mqtt_username: str | None = None
-    mqtt_password: str | None = field(default=None, repr=False)
+    mqtt_security: MqttSecurity | None = None  # TLS files, client certificate, user/password
     quality_window_ms: int = 300_000
+    # scale-out (docs/scale-out.md): several controllers on one store and one broker
+    controller_id: str = ""  # unique among them; shown in /healthz
+    lease_s: float | None = None  # None: the only controller (no lease)
+    shared_telemetry: str | None = None  # share group: telemetry split between controllers
+
+    def __post_init__(self) -> None:
+        if self.lease_s is not None and self.lease_s < 3 * self.tick_s - 1e-9:
+            raise FleetError(f"a lease of {self.lease_s:g} s is shorter than 3 ticks "
+                             f"({self.tick_s:g} s each)",
+                             hint="pass --lease-s of at least 3 x --tick, e.g. "
+                                  f"--lease-s {max(3 * self.tick_s, 5):g}")
+        if self.lease_s is not None and not self.controller_id:
+            raise FleetError("scaled-out controllers need an id each",
+                             hint="pass --controller-id NAME (unique among them)")
+        if self.shared_telemetry is not None:
+            if self.lease_s is None:
+                raise FleetError("--shared-telemetry splits telemetry between several "
+                                 "controllers, and they need a leader",
+                                 hint="pass --lease-s too (docs/scale-out.md)")
+            try:
+                check_group(self.shared_telemetry)
+            except ValueError as exc:
+                raise FleetError(str(exc), hint="e.g. --shared-telemetry edgefleet") from exc
 
 
 class FleetController:
@@ -84,15 +125,24 @@ class FleetController:
         self.config, self.store, self.clock = config, store, clock
         self.artifacts = config.data_dir / "bundles"
         self.artifacts.mkdir(parents=True, exist_ok=True)
+        self.scale: ScaleOut | None = None
+        scaled = config.lease_s is not None
+        self.telemetry = TelemetryBook(config.quality_window_ms,
+                                       journal=config.shared_telemetry is not None)
+        if scaled:  # before the registry is read: labels changed meanwhile come again
+            self.scale = ScaleOut(store, self.telemetry, config.controller_id,
+                                  float(config.lease_s or 0), config.tick_s, config.public_url,
+                                  config.shared_telemetry, clock)
         self.registry = DeviceRegistry(config.fleet, store.devices())
-        self.telemetry = TelemetryBook(config.quality_window_ms)
         self.rejected = 0  # malformed messages dropped
         self._rollouts: dict[str, Rollout] = {}
         self._outbox: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._info: dict[str, ModelInfo | None] = {}
         self._models: dict[str, ModelVersion] = {}
         self._views: dict[str, tuple[Device, str | None, DeviceView]] = {}
-        self._compat: dict[tuple[str, str | None, tuple[tuple[str, str], ...]], str | None] = {}
+        # (model sha256, profile, runtimes, decryption key ids) -> why incompatible, or None
+        self._compat: dict[tuple[str, str | None, tuple[tuple[str, str], ...],
+                                 tuple[str, ...] | None], str | None] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -102,17 +152,22 @@ class FleetController:
     # --- life -------------------------------------------------------------------------
 
     def start(self) -> FleetController:
-        for rollout in self.store.rollouts():
-            if self._followed(rollout, self.clock()):
-                self._rollouts[rollout.id] = rollout
-        self._republish_waiting()
-        self.mqtt = MqttClient.from_url(f"edgefleet-controller-{self.config.fleet}",
-                                        self.config.broker_url,
-                                        username=self.config.mqtt_username,
-                                        password=self.config.mqtt_password)
+        if self.scale is None:
+            self._load_rollouts()
+        else:
+            self.scale.share_bundles(self._local_bundles())
+            with self._lock:
+                self._take_turn()
+        self.mqtt = mqtt = SharingMqttClient.from_url(self._client_id(),
+                                                      self.config.broker_url,
+                                                      security=self.config.mqtt_security)
+        if self.config.shared_telemetry is not None:  # each message to one controller
+            mqtt.share(fleet_filter(self.config.fleet, Leaf.TELEMETRY),
+                       self.config.shared_telemetry)
         # every leaf but state/desired: the controller writes that one itself
         for leaf in (Leaf.STATUS, Leaf.REPORTED, Leaf.EVENTS, Leaf.TELEMETRY):
             self.mqtt.subscribe(fleet_filter(self.config.fleet, leaf), self._message)
+        self._start_keyring()  # trust the stored keyring; publish it on every connection
         self.mqtt.start()
         self._thread = threading.Thread(target=self._loop, name="edgefleet-controller",
                                         daemon=True)
@@ -125,8 +180,31 @@ class FleetController:
             self._thread.join(timeout=10)
         with self._lock:
             self._flush_devices()
+            if self.scale is not None:
+                try:
+                    self.scale.release()  # a follower takes over at its next tick
+                except FleetError as exc:
+                    log.warning("could not release the lease (it expires by itself): %s", exc)
         if self.mqtt is not None:
             self.mqtt.stop()
+
+    def _client_id(self) -> str:
+        """Unique per controller: a broker disconnects the older of two equal client ids."""
+        suffix = f"-{self.config.controller_id}" if self.scale is not None else ""
+        return f"edgefleet-controller-{self.config.fleet}{suffix}"
+
+    def _load_rollouts(self) -> None:
+        """Follow the live rollouts of the store and tell their devices again (start,
+        election)."""
+        now = self.clock()
+        self._rollouts = {r.id: r for r in self.store.rollouts() if self._followed(r, now)}
+        self._outbox.clear()
+        self._republish_waiting()
+
+    @property
+    def leading(self) -> bool:
+        """This controller executes rollouts (always, unless scaled out)."""
+        return self.scale is None or self.scale.leading
 
     def _loop(self) -> None:
         while not self._stop.wait(self.config.tick_s):
@@ -170,10 +248,26 @@ class FleetController:
     # --- the loop -----------------------------------------------------------------------
 
     def step(self) -> None:
-        """Write dirty devices, tick every live rollout, publish what the ticks decided."""
+        """Write dirty devices, tick every live rollout, publish what the ticks decided.
+
+        Scaled out, first renew or contest the lease, take in other controllers' label
+        changes and share telemetry; a follower stops there, a leader also runs the
+        requests followers relayed.
+        """
         with self._lock:
+            if self.scale is not None:
+                self._take_turn()
+                self.scale.sync_labels(self.registry)
+                if self.config.shared_telemetry is not None:
+                    self.scale.exchange_telemetry(self._wanted_keys())
+                if not self.leading:
+                    self.registry.take_joined()  # the leader handles newcomers
+                    return
             now = self.clock()
             self._flush_devices()
+            if self.scale is not None:
+                for request in self.scale.take_requests():
+                    self._run_request(request)
             joined = set(self.registry.take_joined())
             for rollout in list(self._rollouts.values()):
                 self._apply(executor.tick(rollout, self._observe(rollout, joined), now),
@@ -181,16 +275,93 @@ class FleetController:
             self._flush_outbox()
 
     def _flush_devices(self) -> None:
+        if not self.leading:
+            return  # the leader writes devices; they stay dirty here until this one leads
         dirty = self.registry.take_dirty()
         if dirty:
             self.store.upsert_devices(dirty)
+
+    # --- scale-out: the lease, and requests relayed by followers ------------------------
+
+    def _take_turn(self) -> None:
+        assert self.scale is not None
+        led = self.leading
+        try:
+            turn = self.scale.turn(self._wanted_keys())
+        except FleetError:
+            if led and not self.leading:
+                self._step_down()
+            raise
+        if turn == Turn.ELECTED:
+            self._load_rollouts()
+            self._audit(SYSTEM, "controller.elected", self.config.controller_id,
+                        f"leads with lease generation {self.scale.leadership.generation}")
+        elif turn == Turn.DEPOSED:
+            self._step_down()
+        if turn in (Turn.ELECTED, Turn.DEPOSED):
+            self._notify("controller", self.scale.status())
+
+    def _step_down(self) -> None:
+        """No longer the leader: forget what only a leader does (the store has it all)."""
+        self._rollouts.clear()
+        self._outbox.clear()
+
+    def _wanted_keys(self) -> list[VersionKey]:
+        """The versions whose telemetry the leader's quality gates need from everyone: each
+        quality-gated live rollout's new version and the version its devices ran before."""
+        if not self.leading or self.config.shared_telemetry is None:
+            return []
+        keys: set[VersionKey] = set()
+        for rollout in self._rollouts.values():
+            gates = rollout.spec.gates
+            if rollout.finished or all(g is None for g in (
+                    gates.max_p95_ratio, gates.max_error_rate_pct, gates.min_agreement_pct)):
+                continue
+            keys.add((rollout.spec.model.name, rollout.spec.model.version))
+            previous = self._baseline_key(rollout)
+            if previous is not None:
+                keys.add(previous)
+        return sorted(keys)
+
+    def _relayed(self) -> bool:
+        """An operator's rollout action on a follower goes to the leader."""
+        return self.scale is not None and not self.scale.leading
+
+    def _fence(self) -> Fence | None:
+        """What a rollout save carries (raises LeaseLostError on a controller not leading)."""
+        return self.scale.fence if self.scale is not None else None
+
+    def _run_request(self, request: OperatorRequest) -> None:
+        """A request a follower relayed, run as if asked here; the outcome goes back."""
+        assert self.scale is not None
+        body, actor = request.body, request.actor
+        try:
+            if request.kind == "rollout.create":
+                result: Any = self._create_rollout(str(body["model"]), dict(body["options"]),
+                                                   actor).as_dict()
+            elif request.kind == "rollout.operate":
+                result = self._operate(str(body["rollout"]), str(body["verb"]),
+                                       actor).as_dict()
+            elif request.kind == "fleet.rollback":
+                result = [r.as_dict() for r in self._rollback_group(str(body["group"]), actor)]
+            else:
+                raise InvalidRolloutError(f"unknown request kind {request.kind!r}",
+                                          hint="controllers of different versions?")
+            ok = True
+        except EdgefleetError as exc:
+            result, ok = error_result(exc), False
+        except Exception as exc:  # the outcome must reach the operator whatever happened
+            log.exception("relayed request %d failed", request.id)
+            result, ok = {"error": f"internal error: {type(exc).__name__}: {exc}",
+                          "hint": "see the leader's log", "kind": "FleetError"}, False
+        self.scale.finish(request, ok, result)
 
     def _apply(self, decisions: Decisions, actor: str) -> Rollout:
         rollout = decisions.rollout
         if not (decisions.changed or decisions.sends or decisions.notes):
             self._rollouts[rollout.id] = rollout  # a state change always comes with a note
             return rollout
-        self.store.save_rollout(rollout, decisions.changed)
+        self.store.save_rollout(rollout, decisions.changed, fence=self._fence())
         for note in decisions.notes:
             self._audit(actor, "rollout.progress", rollout.id, note)
         if self._followed(rollout, self.clock()):
@@ -252,7 +423,8 @@ class FleetController:
             return cached[2]  # the registry replaces a Device on every change
         reason = None
         if model is not None:
-            key = (model.sha256, device.profile, tuple(sorted(device.runtimes.items())))
+            key = (model.sha256, device.profile, tuple(sorted(device.runtimes.items())),
+                   device.decryption_keys)
             if key not in self._compat:
                 self._compat[key] = incompatibility(device, model, self._model_info(model))
             reason = self._compat[key]
@@ -275,8 +447,10 @@ class FleetController:
     def _model_info(self, model: ModelVersion) -> ModelInfo | None:
         if model.sha256 not in self._info:
             try:
-                bundle = read_bundle(Path(model.path), self.config.trusted)
-                self._info[model.sha256] = inspect_model(bundle.model_bytes, model.format)
+                path = self.bundle_path(model.sha256)  # here, or fetched from the store
+                bundle = read_bundle(path or Path(model.path), self.config.trusted)
+                self._info[model.sha256] = (  # an encrypted model's ops need a device's key
+                    None if bundle.encrypted else inspect_model(bundle.model_bytes, model.format))
             except Exception:  # inspection is best effort; the runtime check still holds
                 log.exception("could not inspect %s", model.key)
                 self._info[model.sha256] = None
@@ -291,12 +465,17 @@ class FleetController:
         return self.telemetry.quality([d.device for d in trying], key,
                                       min(d.since_ms for d in trying))
 
-    def _baseline(self, rollout: Rollout) -> Quality:
+    @staticmethod
+    def _baseline_key(rollout: Rollout) -> VersionKey | None:
+        """The version most of the rollout's devices ran before (None: none sent yet)."""
         previous = collections.Counter((d.previous.name, d.previous.version)
                                        for d in rollout.devices.values() if d.previous)
-        if not previous:
+        return previous.most_common(1)[0][0] if previous else None
+
+    def _baseline(self, rollout: Rollout) -> Quality:
+        key = self._baseline_key(rollout)
+        if key is None:
             return Quality()
-        key: VersionKey = previous.most_common(1)[0][0]
         # the rollout's own devices (before they switched) and a bounded sample of the
         # rest of the fleet still running the previous version
         others = self.telemetry.running(key)[:_BASELINE_SAMPLE]
@@ -318,6 +497,8 @@ class FleetController:
             bundle = self._reinstall(rollout, device)
             action = Action.INSTALL if bundle is not None else action
         ref, url, size = rollout.spec.model, rollout.spec.url, rollout.spec.size
+        if self.scale is not None:  # the leader that publishes serves it (or its balancer)
+            url = self.bundle_url(ref.sha256)
         if bundle is not None:
             model = self._model_by_sha(bundle.sha256)
             if model is None:
@@ -349,6 +530,11 @@ class FleetController:
         if mqtt is None or not self._outbox:
             return
         while self._outbox:
+            if not self.leading:  # the lease lapsed (a pause, the store away): not ours
+                log.warning("not the leader any more: %d desired states dropped (the "
+                            "leader publishes them)", len(self._outbox))
+                self._outbox.clear()
+                return
             device, payload = next(iter(self._outbox.items()))
             topic = device_topic(self.config.fleet, device, Leaf.DESIRED)
             if not mqtt.publish(topic, payload, qos=1, retain=True):
@@ -384,7 +570,8 @@ class FleetController:
             raise
         manifest = bundle.manifest
         path = self.artifacts / f"{bundle.sha256}.efb"
-        if not path.exists():
+        wrote = not path.exists()
+        if wrote:
             atomic_write(path, data)
         model = ModelVersion(name=manifest.name, version=manifest.version, sha256=bundle.sha256,
                              size=len(data), format=manifest.format,
@@ -395,8 +582,12 @@ class FleetController:
         try:
             added = self.store.add_model(model)
         except ConflictError as exc:
+            if wrote:  # a refused bundle leaves the artifact folder as it was
+                path.unlink(missing_ok=True)
             self._audit(actor, "model.push", model.key, str(exc), outcome="refused")
             raise
+        if self.scale is not None:  # every controller may have to serve it
+            self.scale.share_bundle(bundle.sha256, data)
         if added:
             self._audit(actor, "model.push", model.key, f"sha256 {bundle.sha256[:12]}",
                         size=len(data))
@@ -412,12 +603,42 @@ class FleetController:
         return found
 
     def bundle_path(self, sha256: str) -> Path | None:
+        """The bundle's file here; scaled out, fetched from the store (and verified) the
+        first time this controller needs a bundle another one was pushed."""
         model = self._model_by_sha(sha256)
-        return Path(model.path) if model is not None else None
+        if model is None:
+            return None
+        local = self.artifacts / f"{sha256}.efb"
+        for path in (Path(model.path), local):
+            if path.exists():
+                return path
+        data = self.scale.fetch_bundle(sha256) if self.scale is not None else None
+        if data is None:
+            return Path(model.path)
+        try:
+            if read_bundle(data, self.config.trusted).sha256 != sha256:
+                raise FleetError(f"the store's bytes of bundle {sha256[:12]} are another "
+                                 "bundle", hint="push the bundle again")
+        except EdgefleetError as exc:
+            log.error("not serving bundle %s from the store: %s", sha256[:12], exc)
+            return None
+        atomic_write(local, data)
+        return local
+
+    def _local_bundles(self) -> dict[str, Callable[[], bytes]]:
+        """Every pushed bundle this controller holds a file of, read when asked."""
+        found: dict[str, Callable[[], bytes]] = {}
+        for model in self.store.models():
+            for path in (Path(model.path), self.artifacts / f"{model.sha256}.efb"):
+                if path.exists():
+                    found[model.sha256] = path.read_bytes
+                    break
+        return found
 
     def set_group(self, devices: list[str], group: str | None, actor: str) -> list[Device]:
         with self._lock:
             self._flush_devices()
+            self._store_new(devices)
             self.store.set_group(devices, group)
             changed = [self._reload(d) for d in devices]
             self._audit(actor, "device.group", ",".join(devices), f"group {group}")
@@ -426,19 +647,34 @@ class FleetController:
     def tag(self, device: str, add: list[str], remove: list[str], actor: str) -> Device:
         with self._lock:
             self._flush_devices()
+            self._store_new([device])
             self.store.set_tags(device, add, remove)
             changed = self._reload(device)
             self._audit(actor, "device.tags", device, f"+{add} -{remove}")
             return changed
 
+    def _store_new(self, device_ids: list[str]) -> None:
+        """A follower labels a device it saw before the leader wrote it: write it first
+        (only if missing: the leader's rows stay as they are)."""
+        if not self.leading:
+            known = [d for i in device_ids if (d := self.registry.get(i)) is not None]
+            self.store.insert_devices(known)
+
     def _reload(self, device_id: str) -> Device:
+        """The device with the group and tags just stored (its reported state as known
+        here: scaled out, the store's row may be older than this registry)."""
         device = self.store.device(device_id)
         if device is None:
             raise NotFoundError(f"no device {device_id!r}")
-        self.registry.replace(device)
-        return device
+        return self.registry.relabel(device.id, device.group, device.tags) or device
 
     def create_rollout(self, model_key: str, options: dict[str, Any], actor: str) -> Rollout:
+        if self.scale is not None and self._relayed():
+            return Rollout.from_dict(self.scale.relay(
+                "rollout.create", {"model": model_key, "options": options}, actor))
+        return self._create_rollout(model_key, options, actor)
+
+    def _create_rollout(self, model_key: str, options: dict[str, Any], actor: str) -> Rollout:
         model = self.model(model_key)
         try:
             spec = RolloutSpec.from_dict({**options, "model": model.ref.model_dump(),
@@ -460,7 +696,7 @@ class FleetController:
             now = self.clock()
             rollout = Rollout(self.store.new_rollout_id(), spec, created_ms=now,
                               updated_ms=now, created_by=actor)
-            self.store.save_rollout(rollout)
+            self.store.save_rollout(rollout, fence=self._fence())
             self._audit(actor, "rollout.create", rollout.id,
                         f"{model.key} to {', '.join(map(str, spec.selectors))}",
                         spec=spec.as_dict())
@@ -485,6 +721,12 @@ class FleetController:
 
     def operate(self, rollout_id: str, verb: str, actor: str) -> Rollout:
         """pause, resume, abort or rollback one rollout."""
+        if self.scale is not None and self._relayed():
+            return Rollout.from_dict(self.scale.relay(
+                "rollout.operate", {"rollout": rollout_id, "verb": verb}, actor))
+        return self._operate(rollout_id, verb, actor)
+
+    def _operate(self, rollout_id: str, verb: str, actor: str) -> Rollout:
         operations: dict[str, Callable[[Rollout, int], Decisions]] = {
             "pause": executor.pause, "resume": executor.resume, "abort": executor.abort,
             "rollback": executor.rollback}
@@ -506,6 +748,12 @@ class FleetController:
 
     def rollback_group(self, group: str, actor: str) -> list[Rollout]:
         """Return every device of ``group`` that a rollout touched to its previous bundle."""
+        if self.scale is not None and self._relayed():
+            return [Rollout.from_dict(r) for r in self.scale.relay(
+                "fleet.rollback", {"group": group}, actor)]
+        return self._rollback_group(group, actor)
+
+    def _rollback_group(self, group: str, actor: str) -> list[Rollout]:
         with self._lock:
             members = frozenset(d.id for d in self.registry.all() if d.group == group)
             if not members:
@@ -541,6 +789,112 @@ class FleetController:
                 "online": sum(1 for d in devices if d.online),
                 "versions": dict(versions), "update_states": dict(states),
                 "telemetry_points": self.telemetry.points, "rejected": self.rejected,
-                "outbox": len(self._outbox),
+                "outbox": len(self._outbox), "controller": self.controller_status(),
                 **({"quality": self.telemetry.summary()} if quality else {})}
 
+    def controller_status(self) -> dict[str, Any]:
+        """Who this controller is and who leads (``role``: single, leader or follower)."""
+        if self.scale is None:
+            return {"id": self.config.controller_id or None, "role": "single",
+                    "leader": self.config.controller_id or None}
+        return self.scale.status()
+
+
+    # --- the fleet keyring: which signing keys devices trust (docs/keys.md) --------------
+
+    def _start_keyring(self) -> None:
+        """At start: trust the stored keyring's keys, and publish it (retained) on every
+        connection, so a broker that lost its retained messages gets it back."""
+        stored = self.keyring()
+        if stored is not None:
+            self._trust(stored)
+        if self.mqtt is not None:
+            self.mqtt.on_connect(self._publish_stored_keyring)
+
+    def keyring(self) -> SignedKeyring | None:
+        """The keyring this controller publishes (None before the first rotation)."""
+        return load_keyring(self.config.data_dir / KEYRING_FILE)
+
+    def publish_keyring(self, raw: bytes, actor: str, force: bool = False) -> dict[str, Any]:
+        """Check a keyring against the keys trusted here (signature, serial), keep it, verify
+        pushes with its keys from now on, and publish it retained to every device."""
+        with self._lock:
+            try:
+                held = self.keyring()
+                keyring = accept_keyring(raw, self.config.trusted, held)
+                stranded = self._stranded(keyring) if keyring is not None else []
+                if stranded and not force:
+                    raise ConflictError(
+                        f"{len(stranded)} devices run a bundle not known to be signed by a key "
+                        f"of this keyring, and could not load it again after a restart: "
+                        f"{', '.join(stranded[:5])}",
+                        hint="roll out a bundle signed by a key that stays first (push the "
+                             "bundle a device runs if it is not here), or pass --force")
+            except EdgefleetError as exc:
+                self._audit(actor, "keyring.publish", "keyring", str(exc), outcome="refused")
+                raise
+            if keyring is not None:
+                save_keyring(self.config.data_dir / KEYRING_FILE, keyring)
+                self._trust(keyring)
+                self._audit(actor, "keyring.publish", "keyring",
+                            f"serial {keyring.serial}: {', '.join(keyring.key_ids)}",
+                            signed_by=keyring.signed_by, stranded=stranded)
+        current = keyring or held
+        assert current is not None  # accept_keyring returns None only for the held one
+        return {**current.summary(), "changed": keyring is not None, "stranded": stranded,
+                "published": self._publish_keyring_now(current)}
+
+    def _trust(self, keyring: SignedKeyring) -> None:
+        self.config = dataclasses.replace(self.config, trusted=keyring.trusted())
+
+    def _stranded(self, keyring: SignedKeyring) -> list[str]:
+        """When ``keyring`` drops a key: the devices whose active bundle is not known to be
+        signed by a key it keeps."""
+        keep, signers = set(keyring.key_ids), {}
+        stranded: list[str] = []
+        if not set(self.config.trusted.key_ids) - keep:
+            return stranded  # only adds keys
+        for device in self.registry.all():
+            if device.active is None:
+                continue
+            sha256 = device.active.sha256
+            if sha256 not in signers:
+                signers[sha256] = self._signer(sha256, keyring)
+            if signers[sha256] not in keep:
+                stranded.append(f"{device.id} ({device.active.name}:{device.active.version}, "
+                                f"{signers[sha256] or 'a bundle not pushed here'})")
+        return stranded
+
+    def _signer(self, sha256: str, keyring: SignedKeyring) -> str | None:
+        """The key id that signed a pushed bundle; None when this controller cannot tell."""
+        model = self._model_by_sha(sha256)
+        if model is None:
+            return None
+        both = TrustedKeys({**self.config.trusted.public_keys(),
+                            **keyring.trusted().public_keys()})
+        try:
+            return read_bundle(Path(model.path), both).key_id
+        except EdgefleetError as exc:
+            return f"unverifiable: {exc.message}"
+
+    def _publish_keyring_now(self, keyring: SignedKeyring) -> bool:
+        """Publish and wait for the broker; False: it goes out on the next connection."""
+        mqtt = self.mqtt
+        if mqtt is None or not mqtt.connected:
+            return False
+        try:
+            mqtt.publish_wait(keyring_topic(self.config.fleet), keyring.raw, qos=1,
+                              retain=True, timeout=5.0)
+        except EdgefleetError as exc:
+            log.warning("the keyring goes out on the next connection: %s", exc)
+            return False
+        return True
+
+    def _publish_stored_keyring(self) -> None:
+        try:
+            stored = self.keyring()
+        except EdgefleetError as exc:
+            log.error("not publishing the stored keyring: %s", exc)
+            return
+        if stored is not None and self.mqtt is not None:
+            self.mqtt.publish(keyring_topic(self.config.fleet), stored.raw, qos=1, retain=True)

@@ -38,6 +38,9 @@ class Device:
     tags: frozenset[str] = frozenset()
     profile: str | None = None
     runtimes: dict[str, str] = field(default_factory=dict)
+    # key ids the device decrypts models with, as it reported them (None: not reported);
+    # kept in memory only: a device's retained report restores it after a restart
+    decryption_keys: tuple[str, ...] | None = None
     agent_version: str | None = None
     active: BundleRef | None = None
     previous: BundleRef | None = None

@@ -1,26 +1,35 @@
 """Run a Mosquitto broker of our own: generated config, free port, stopped by its PID.
 
-Used by the demo and the tests (which never touch the system's broker), and
-the place where later the secure configuration (TLS, passwords, ACL) is written.
+Used by the demo and the tests (which never touch the system's broker). Plain mode
+(``security=None``) listens without TLS and lets anyone in. Secure mode
+(:class:`BrokerSecurity`) is the example configuration for operators
+(``docs/security.md``): one TLS listener, no anonymous clients, and either client
+certificates whose CN becomes the user name (``require_certificate`` and
+``use_identity_as_username``) or a password file; the ACL written by
+``edgefleet fleet acl`` decides what each user may publish and read.
 """
 
 from __future__ import annotations
 
 import getpass
+import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 from agent.protocol.errors import EdgefleetError
+from agent.protocol.files import atomic_write
 
-__all__ = ["MosquittoBroker", "MosquittoMissingError", "find_mosquitto", "free_port",
-           "stop_process", "wait_for_port"]
+__all__ = ["BrokerSecurity", "MosquittoBroker", "MosquittoMissingError", "add_passwords",
+           "find_mosquitto", "free_port", "stop_process", "wait_for_port"]
 
 _SEARCH = ("/usr/sbin", "/usr/local/sbin", "/usr/bin")
 
@@ -29,12 +38,52 @@ class MosquittoMissingError(EdgefleetError):
     """The mosquitto binary is not installed."""
 
 
-def find_mosquitto() -> str:
-    found = shutil.which("mosquitto") or shutil.which("mosquitto", path=":".join(_SEARCH))
+def find_mosquitto(program: str = "mosquitto") -> str:
+    """The path of ``mosquitto`` (or of one of its tools, e.g. ``mosquitto_passwd``)."""
+    found = shutil.which(program) or shutil.which(program, path=":".join(_SEARCH))
     if not found:
-        raise MosquittoMissingError("the mosquitto broker is not installed",
+        raise MosquittoMissingError(f"{program} is not installed (it comes with Mosquitto)",
                                     hint="run: sudo apt-get install -y mosquitto")
     return found
+
+
+def add_passwords(path: Path, users: Iterable[str]) -> dict[str, str]:
+    """Give each of ``users`` a new random password in the Mosquitto password file ``path``.
+
+    Other users already in the file keep theirs. Only hashes are written (by
+    ``mosquitto_passwd -U`` on a private temporary file), the file gets mode 0600, and the
+    plain passwords are returned once: nothing else keeps them.
+    """
+    new = {user: secrets.token_urlsafe(24) for user in users}
+    hashed = _hash(path.parent, new)
+    try:
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and line.split(":", 1)[0] not in new]
+    except FileNotFoundError:
+        kept = []
+    except OSError as exc:
+        raise EdgefleetError(f"cannot read {path}: {exc.strerror}",
+                             hint="pass a password file this user may read and write") from exc
+    atomic_write(path, ("\n".join([*kept, *hashed]) + "\n").encode(), mode=0o600)
+    return new
+
+
+def _hash(folder: Path, passwords: dict[str, str]) -> list[str]:
+    """``user:hash`` lines for plain ``passwords``, via ``mosquitto_passwd -U``."""
+    binary = find_mosquitto("mosquitto_passwd")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".passwd.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.writelines(f"{user}:{password}\n" for user, password in passwords.items())
+        done = subprocess.run([binary, "-U", name], capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            raise EdgefleetError(f"mosquitto_passwd failed: {done.stderr.strip()}",
+                                 hint="check that Mosquitto 2.x is installed")
+        return [line for line in Path(name).read_text().splitlines() if line.strip()]
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -69,6 +118,56 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """A TLS listener that admits only clients with a certificate or a password.
+
+    ``client_certificates``: every client shows a certificate signed by ``cafile`` and
+    its CN is its user name (``require_certificate``, ``use_identity_as_username``).
+    Otherwise clients authenticate with ``password_file`` (``mosquitto_passwd``) and use
+    TLS only to check the broker and to hide the password. ``acl_file`` limits topics;
+    ``username_as_clientid`` makes the client id the user name, so one device's
+    credential cannot take over another device's session by reusing its client id.
+    """
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    client_certificates: bool = True
+    password_file: Path | None = None
+    acl_file: Path | None = None
+    username_as_clientid: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.client_certificates and self.password_file is None:
+            raise EdgefleetError("a secure broker needs client certificates or a password "
+                                 "file", hint="pass client_certificates=True or "
+                                              "password_file=PATH")
+        for path in (self.cafile, self.certfile, self.keyfile, self.password_file,
+                     self.acl_file):
+            if path is not None and not Path(path).is_file():
+                raise EdgefleetError(f"{path} does not exist",
+                                     hint="see docs/security.md for the files to create")
+
+    def listener_lines(self) -> list[str]:
+        """The options that belong to the TLS listener."""
+        lines = [f"cafile {self.cafile}", f"certfile {self.certfile}",
+                 f"keyfile {self.keyfile}", "tls_version tlsv1.2"]  # the lowest allowed
+        if self.client_certificates:
+            lines += ["require_certificate true", "use_identity_as_username true"]
+        if self.username_as_clientid:
+            lines.append("use_username_as_clientid true")
+        return lines
+
+    def global_lines(self) -> list[str]:
+        lines = ["allow_anonymous false"]
+        if self.password_file is not None:
+            lines.append(f"password_file {self.password_file}")
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
+        return lines
+
+
 @dataclass
 class MosquittoBroker:
     """A private Mosquitto on 127.0.0.1 with persistence in its own folder."""
@@ -77,6 +176,7 @@ class MosquittoBroker:
     port: int = 0
     workdir: Path | None = None
     extra_config: list[str] = field(default_factory=list)
+    security: BrokerSecurity | None = None
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -86,7 +186,8 @@ class MosquittoBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        scheme = "mqtts" if self.security else "mqtt"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -102,13 +203,18 @@ class MosquittoBroker:
         # Started as root, Mosquitto switches to the 'mosquitto' user, which cannot write
         # into a private (0700) folder: nothing would persist across a restart. Keep the
         # user it was started as.
-        lines = [f"user {getpass.getuser()}", f"listener {self.port} {self.host}",
-                 "allow_anonymous true",
+        lines = [f"user {getpass.getuser()}", *self._access_lines(),
                  "persistence true", f"persistence_location {self.workdir}/",
                  "autosave_interval 1", f"log_dest file {self.workdir}/mosquitto.log",
                  "max_queued_messages 100000", *self.extra_config]
         self.config_path.write_text("\n".join(lines) + "\n")
         return self.config_path
+
+    def _access_lines(self) -> list[str]:
+        listener = f"listener {self.port} {self.host}"
+        if self.security is None:
+            return [listener, "allow_anonymous true"]
+        return [*self.security.global_lines(), listener, *self.security.listener_lines()]
 
     def start(self, timeout: float = 10.0) -> MosquittoBroker:
         binary = find_mosquitto()
@@ -124,6 +230,11 @@ class MosquittoBroker:
         """Stop by PID (SIGTERM saves persistent sessions; SIGKILL simulates a crash)."""
         process, self._process = self._process, None
         stop_process(process, sig)
+
+    def reload(self) -> None:
+        """Re-read the password file and the ACL (SIGHUP); connected clients stay."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGHUP)
 
     def restart(self) -> MosquittoBroker:
         self.stop()

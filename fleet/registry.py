@@ -1,6 +1,11 @@
 """The device registry in memory: devices register themselves through ``status`` and
 ``state/reported``; group and tags come from operators. Changes are marked dirty and
 written to the store in batches by the controller's loop (never one row per message).
+
+Scaled out (docs/scale-out.md), every controller keeps a whole registry (status and
+reports are not shared subscriptions: each controller sees them all); only the leader
+writes dirty devices, and operators' group and tag changes reach the others from the
+store (``relabel``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ def apply_reported(device: Device, reported: ReportedState, now_ms: int) -> Devi
     update = reported.update
     return device.with_changes(
         profile=reported.profile, runtimes=dict(reported.runtimes),
+        decryption_keys=(None if reported.decryption_keys is None
+                         else tuple(reported.decryption_keys)),
         agent_version=reported.agent_version, active=reported.active,
         previous=reported.previous, update_state=update.state,
         update_target=update.target.sha256 if update.target else None,
@@ -83,6 +90,18 @@ class DeviceRegistry:
         """An operator's change (group, tags), already written to the store."""
         with self._lock:
             self._devices[device.id] = device
+
+    def relabel(self, device_id: str, group: str | None, tags: frozenset[str]) -> Device | None:
+        """An operator's group and tags, as stored (this or another controller wrote them):
+        the device's reported state here stays as it is. None: not known here."""
+        with self._lock:
+            device = self._devices.get(device_id)
+            if device is None:
+                return None
+            if (device.group, device.tags) != (group, tags):
+                device = device.with_changes(group=group, tags=tags)
+                self._devices[device_id] = device
+            return device
 
     def _set(self, device: Device) -> None:
         self._devices[device.id] = device

@@ -7,6 +7,14 @@ sums them into a :class:`fleet.rollout.executor.Quality`: counts add up, p95 is 
 inference-weighted mean of the devices' window p95s, agreement the sample-weighted mean
 of the devices' latest top-1 agreement.
 
+Scale-out (docs/scale-out.md): with shared MQTT subscriptions each controller ingests
+part of every device's telemetry. A book made with ``journal=True`` notes each window and
+agreement it takes in; :meth:`TelemetryBook.take_share` hands the leader's wanted version
+keys over as one JSON-ready batch (on a key's first wanting, everything kept for it), and
+the leader's :meth:`TelemetryBook.merge` puts other controllers' batches into its own
+history, in time order and idempotently (a window is known by its device, version and
+``ts``), so its quality gates sum the whole fleet exactly as one controller would.
+
 For charts, :class:`VersionSeries` keeps the same sums per (model, version) and 5 s bucket
 of the points' time over the last 30 minutes (``TelemetryBook.series``): p50 and p95 are
 inference-weighted means of the devices' window percentiles, agreement the sample-weighted
@@ -15,6 +23,7 @@ mean of the latest agreement each device reported in the bucket.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -22,7 +31,7 @@ from typing import Any, NamedTuple
 
 from fleet.rollout.executor import Quality
 
-__all__ = ["TelemetryBook", "VersionKey", "VersionSeries"]
+__all__ = ["Share", "TelemetryBook", "VersionKey", "VersionSeries"]
 
 VersionKey = tuple[str, str]  # (model name, version)
 _MAX_POINTS = 64  # per device and version, and never older than the window
@@ -33,6 +42,11 @@ class _Window(NamedTuple):  # a tuple: 10,000 devices keep tens of thousands of 
     inferences: int
     errors: int
     p95_ms: float | None
+
+
+# {"w": [[device, model, version, ts_ms, inferences, errors, p95_ms|null], ...],
+#  "a": [[device, model, version, ts_ms, top1, samples], ...]}
+Share = dict[str, list[list[Any]]]
 
 
 class _Bucket:
@@ -53,8 +67,8 @@ class _Bucket:
         if (p95 := _float(stats.get("latency_p95_ms"))) is not None and inferences:
             self.p95, self.p95_weight = self.p95 + p95 * inferences, self.p95_weight + inferences
         agreement = stats.get("agreement")
-        if isinstance(agreement, dict) and agreement.get("top1") is not None:
-            self.agreement[device] = (float(agreement["top1"]), _int(agreement.get("samples")))
+        if isinstance(agreement, dict) and (top1 := _float(agreement.get("top1"))) is not None:
+            self.agreement[device] = (top1, _int(agreement.get("samples")))
 
     def as_dict(self) -> dict[str, Any]:
         total, samples = self.inferences + self.errors, sum(s for _, s in self.agreement.values())
@@ -103,13 +117,19 @@ class VersionSeries:
 class TelemetryBook:
     """Latest values per device and a bounded history per (device, model version)."""
 
-    def __init__(self, window_ms: int = 300_000) -> None:
+    def __init__(self, window_ms: int = 300_000, journal: bool = False) -> None:
         self.window_ms = window_ms
         self.latest: dict[str, dict[str, Any]] = {}
         self.latest_ts: dict[str, int] = {}
         self.points = 0  # ingested points, for the ingest counter
+        self.merged = 0  # windows merged from other controllers' shares
         self._history: dict[tuple[str, VersionKey], deque[_Window]] = {}
-        self._agreement: dict[tuple[str, VersionKey], tuple[float, int]] = {}
+        # (device, version) -> (top1, samples, ts of the point that said so)
+        self._agreement: dict[tuple[str, VersionKey], tuple[float, int, int]] = {}
+        # what was taken in since the last take_share (None: not scaled out)
+        self._journal: list[tuple[str, VersionKey, _Window | None,
+                                  tuple[float, int, int] | None]] | None = (
+            [] if journal else None)
         self._series = VersionSeries()
         self._lock = threading.Lock()
 
@@ -131,14 +151,15 @@ class TelemetryBook:
         self._series.add(key, device, ts_ms, stats)
         inferences, errors = _int(stats.get("inferences")), _int(stats.get("errors"))
         if inferences or errors:
-            history = self._history.setdefault((device, key), deque(maxlen=_MAX_POINTS))
-            history.append(_Window(ts_ms, inferences, errors, _float(stats.get("latency_p95_ms"))))
-            while history and history[0].ts_ms < ts_ms - self.window_ms:
-                history.popleft()
+            window = _Window(ts_ms, inferences, errors, _float(stats.get("latency_p95_ms")))
+            if self._insert(device, key, window) and self._journal is not None:
+                self._journal.append((device, key, window, None))
         agreement = stats.get("agreement")
-        if isinstance(agreement, dict) and agreement.get("top1") is not None:
-            self._agreement[(device, key)] = (float(agreement["top1"]),
-                                              _int(agreement.get("samples")))
+        if isinstance(agreement, dict) and (top1 := _float(agreement.get("top1"))) is not None:
+            said = (top1, _int(agreement.get("samples")), ts_ms)
+            self._agreement[(device, key)] = said
+            if self._journal is not None:
+                self._journal.append((device, key, None, said))
 
     def quality(self, devices: Iterable[str], key: VersionKey, since_ms: int) -> Quality:
         """``key``'s telemetry on ``devices`` since ``since_ms``."""
@@ -154,12 +175,68 @@ class TelemetryBook:
                     if window.p95_ms is not None and window.inferences:
                         weighted_p95 += window.p95_ms * window.inferences
                         p95_weight += window.inferences
-                top1, samples = self._agreement.get((device, key), (0.0, 0))
+                top1, samples, _ = self._agreement.get((device, key), (0.0, 0, 0))
                 agreeing += top1 * samples
                 agreement_samples += samples
         return Quality(inferences, errors, weighted_p95 / p95_weight if p95_weight else None,
                        agreeing / agreement_samples if agreement_samples else None,
                        agreement_samples)
+
+    # --- scale-out: sharing with the leader, and merging at the leader --------------------
+
+    def take_share(self, wanted: Iterable[VersionKey], new: Iterable[VersionKey] = ()) -> Share:
+        """What this controller took in of ``wanted`` since the last call, and everything it
+        keeps of the ``new`` keys (wanted for the first time); the journal is emptied."""
+        wanted_keys, new_keys = set(wanted), set(new)
+        share: Share = {"w": [], "a": []}
+        with self._lock:
+            journal, self._journal = self._journal or [], ([] if self._journal is not None
+                                                           else None)
+            for device, key, window, said in journal:
+                if key in wanted_keys and key not in new_keys:
+                    _note(share, device, key, window, said)
+            if new_keys:
+                for (device, key), history in self._history.items():
+                    if key in new_keys:
+                        for window in history:
+                            _note(share, device, key, window, None)
+                for (device, key), said in self._agreement.items():
+                    if key in new_keys:
+                        _note(share, device, key, None, said)
+        return share
+
+    def merge(self, share: Share) -> int:
+        """Take in another controller's share; returns the windows that were new here."""
+        added = 0
+        with self._lock:
+            for device, name, version, ts, inferences, errors, p95 in share.get("w", ()):
+                window = _Window(int(ts), int(inferences), int(errors), _float(p95))
+                history = self._history.get((str(device), (str(name), str(version))))
+                if history and history[-1].ts_ms == window.ts_ms:
+                    continue  # known already
+                added += self._insert(str(device), (str(name), str(version)), window)
+            for device, name, version, ts, top1, samples in share.get("a", ()):
+                key = (str(device), (str(name), str(version)))
+                known = self._agreement.get(key)
+                if known is None or int(ts) >= known[2]:
+                    self._agreement[key] = (float(top1), int(samples), int(ts))
+            self.merged += added
+        return added
+
+    def _insert(self, device: str, key: VersionKey, window: _Window) -> int:
+        """Keep ``window`` in time order (0: a window of that ``ts`` is known already)."""
+        history = self._history.setdefault((device, key), deque(maxlen=_MAX_POINTS))
+        if not history or history[-1].ts_ms <= window.ts_ms:
+            history.append(window)  # the usual case: newer than anything kept
+        elif any(kept.ts_ms == window.ts_ms for kept in history):
+            return 0  # known already (a share read twice, or this controller's own)
+        else:  # older than the newest (a replayed spool, or another controller's share)
+            ordered = sorted((*history, window), key=lambda w: w.ts_ms)
+            history.clear()
+            history.extend(ordered[-_MAX_POINTS:])
+        while history and history[0].ts_ms < history[-1].ts_ms - self.window_ms:
+            history.popleft()
+        return 1
 
     def series(self, since_ms: int = 0) -> dict[str, list[dict[str, Any]]]:
         """Per-version chart points (see :class:`VersionSeries`) from ``since_ms`` on."""
@@ -208,6 +285,15 @@ class TelemetryBook:
                 self._agreement.pop((device, key), None)
 
 
+def _note(share: Share, device: str, key: VersionKey, window: _Window | None,
+          said: tuple[float, int, int] | None) -> None:
+    if window is not None:
+        share["w"].append([device, key[0], key[1], window.ts_ms, window.inferences,
+                           window.errors, window.p95_ms])
+    if said is not None:
+        share["a"].append([device, key[0], key[1], said[2], said[0], said[1]])
+
+
 def _summarised(s: dict[str, float]) -> dict[str, Any]:
     n, total = s["inferences"], s["inferences"] + s["errors"]
     return {"inferences": int(n), "p50_ms": s["p50"] / n if n else None,
@@ -217,8 +303,13 @@ def _summarised(s: dict[str, float]) -> dict[str, Any]:
 
 
 def _int(value: Any) -> int:
-    return int(value) if isinstance(value, int | float) else 0
+    """A count from a device: a finite, non-negative number, else 0 (never NaN or Infinity)."""
+    return max(int(value), 0) if isinstance(value, int | float) and math.isfinite(value) else 0
 
 
 def _float(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
+    """A measurement from a device: a finite number, else None (NaN would poison averages
+    and make every gate comparison false)."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)

@@ -11,12 +11,22 @@ from typing import Annotated
 
 import typer
 
+from agent.cli.mqtt_options import (
+    CertOpt,
+    KeyOpt,
+    PasswordFileOpt,
+    UsernameOpt,
+    mqtt_security,
+)
 from agent.cli.output import console, emit, fail, table
 from agent.core import Agent
 from agent.errors import NothingToServeError
+from agent.protocol.encryption import DecryptionKeys
 from agent.protocol.errors import EdgefleetError
+from agent.protocol.keyring import trust_at_start
 from agent.protocol.signing import TrustedKeys
 from agent.service import AgentService, ServiceConfig
+from agent.update import download
 
 app = typer.Typer(help="Run models on this device.", no_args_is_help=True)
 
@@ -31,8 +41,11 @@ def _host_port(value: str) -> tuple[str, int]:
 
 
 def _trusted(paths: list[Path], data_dir: Path) -> TrustedKeys:
+    """The provisioned keys (``--trusted-key``, else DATA_DIR/keys) until the fleet's keyring
+    replaces them: once one was accepted (DATA_DIR/keyring.json), exactly its keys."""
     candidates = paths or [data_dir / "keys"]
-    trusted = TrustedKeys.from_paths([p for p in candidates if p.exists()])
+    provisioned = TrustedKeys.from_paths([p for p in candidates if p.exists()])
+    trusted = trust_at_start(provisioned, data_dir)
     if not len(trusted):
         raise NothingToServeError(
             f"no trusted public keys in {', '.join(map(str, candidates))}",
@@ -40,10 +53,20 @@ def _trusted(paths: list[Path], data_dir: Path) -> TrustedKeys:
     return trusted
 
 
+def _decryption(paths: list[Path], data_dir: Path) -> DecryptionKeys:
+    """Keys for encrypted models: ``--decrypt-key`` files or folders, else DATA_DIR/keys/*.x25519
+    (none is fine: an encrypted bundle is then refused with the key ids it needs)."""
+    candidates = paths or [data_dir / "keys"]
+    return DecryptionKeys.from_paths([p for p in candidates if p.exists() or paths])
+
+
 DataDir = Annotated[Path, typer.Option(help="Slots, journal, spool, keys")]
 TrustedKey = Annotated[list[Path] | None, typer.Option(
     help=".pub file or folder of them; default DATA_DIR/keys")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON")]
+DecryptKey = Annotated[list[Path] | None, typer.Option(
+    help="X25519 private key (NAME.x25519) or folder of them, for encrypted models; "
+         "default DATA_DIR/keys")]
 
 
 @app.command()
@@ -51,6 +74,7 @@ def install(
     bundle: Annotated[Path, typer.Argument(help="Bundle (.efb) to install")],
     data_dir: DataDir = DEFAULT_DATA_DIR,
     trusted_key: TrustedKey = None,
+    decrypt_key: DecryptKey = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Flash a bundle: verify, stage in the free slot, health-check, switch, commit."""
@@ -58,7 +82,8 @@ def install(
 
     data = data_dir.expanduser()
     try:
-        agent = Agent(_trusted(trusted_key or [], data))
+        agent = Agent(_trusted(trusted_key or [], data),
+                      keys=_decryption(decrypt_key or [], data))
         journal = local.install(agent, data, bundle)
     except EdgefleetError as exc:
         fail(exc, as_json)
@@ -83,13 +108,14 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonOpt = False) -> No
 
 @app.command()
 def rollback(data_dir: DataDir = DEFAULT_DATA_DIR, trusted_key: TrustedKey = None,
-             as_json: JsonOpt = False) -> None:
+             decrypt_key: DecryptKey = None, as_json: JsonOpt = False) -> None:
     """Return to the previous committed bundle."""
     from agent.update import local
 
     data = data_dir.expanduser()
     try:
-        journal = local.rollback(Agent(_trusted(trusted_key or [], data)), data)
+        journal = local.rollback(Agent(_trusted(trusted_key or [], data),
+                                       keys=_decryption(decrypt_key or [], data)), data)
     except EdgefleetError as exc:
         fail(exc, as_json)
     _show_result(journal.to_dict(), data, as_json)
@@ -112,10 +138,20 @@ def run(
     ] = None,
     fleet: Annotated[str, typer.Option(help="Fleet name (MQTT topic level)")] = "default",
     device_id: Annotated[str, typer.Option(help="This device's id")] = "device-1",
-    broker: Annotated[str | None, typer.Option(help="mqtt://HOST:PORT; none = no MQTT")] = None,
+    broker: Annotated[str | None, typer.Option(
+        help="mqtt://HOST:PORT or mqtts://HOST:8883; none = no MQTT")] = None,
+    ca: Annotated[Path | None, typer.Option(
+        "--ca", help="The fleet CA's certificate: checks the broker (turns TLS on) and an "
+                     "https:// controller's bundle downloads", exists=True, dir_okay=False,
+        readable=True, resolve_path=True)] = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
     http: Annotated[str | None, typer.Option(help="HOST:PORT for the KServe v2 server")] = None,
     trusted_key: Annotated[list[Path] | None, typer.Option(
         help=".pub file or folder of them; default DATA_DIR/keys")] = None,
+    decrypt_key: DecryptKey = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     threads: Annotated[int, typer.Option(min=1, help="Inference threads")] = 1,
     telemetry_interval: Annotated[float, typer.Option(min=0.05, help="Seconds")] = 10.0,
@@ -137,7 +173,11 @@ def run(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     data = data_dir.expanduser()
     try:
-        agent = Agent(_trusted(trusted_key or [], data), threads=threads)
+        security = mqtt_security(ca, cert, key, username, password_file)
+        if ca is not None:  # the fleet CA also signs the controller's HTTPS certificate
+            download.trust_ca(ca)
+        agent = Agent(_trusted(trusted_key or [], data), threads=threads,
+                      keys=_decryption(decrypt_key or [], data))
         _load_or_refuse(agent, data, bundle, resume=broker is None)
     except EdgefleetError as exc:
         fail(exc)
@@ -148,7 +188,7 @@ def run(
                            spool_max_bytes=spool_max_bytes, profile=profile,
                            probation_s=probation, max_error_rate=max_error_rate,
                            latency_budget_ms=latency_budget_ms,
-                           ha_discovery=ha_discovery,
+                           ha_discovery=ha_discovery, mqtt_security=security,
                            step_delay_s=float(os.environ.get("EDGEFLEET_FAULT_STEP_DELAY", 0)))
     _serve_until_signalled(AgentService(config, agent))
 
@@ -175,7 +215,11 @@ def _serve_until_signalled(service: AgentService) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    service.start()
+    try:
+        service.start()
+    except EdgefleetError as exc:  # e.g. TLS files that cannot be used
+        service.stop()
+        fail(exc)
     model = service.agent.model
     where = f" on http://{service.http.url}" if service.http else ""
     logging.getLogger("edgefleet").info("serving %s %s%s", model.name if model else "-",

@@ -6,16 +6,28 @@ the model (``model.tflite`` or ``model.onnx``), ``health.npz`` and optionally
 no "..", no links, no duplicates), the signature over the manifest bytes, then
 every file's size and sha256. Runtime compatibility and the health check come
 after, on the device (see ``agent.loader``).
+
+An encrypted bundle holds ``model.<format>.enc`` instead of the plain model
+(``agent.protocol.encryption``). Reading checks the ciphertext like any file; with
+``keys`` it also decrypts, in memory, and refuses when no key matches. Without
+``keys`` (a controller, a registry) the model stays sealed and ``model_bytes`` raises.
 """
 
 from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
+from agent.protocol.encryption import (
+    DecryptionKeys,
+    NoDecryptionKeyError,
+    RecipientKey,
+    decrypt_model,
+    encrypt_model,
+)
 from agent.protocol.errors import (
     BundleFormatError,
     IntegrityError,
@@ -24,6 +36,7 @@ from agent.protocol.errors import (
 )
 from agent.protocol.files import atomic_write, sha256_bytes
 from agent.protocol.manifest import (
+    ENCRYPTED_SCHEMA_VERSION,
     HEALTH_FILE,
     LABELS_FILE,
     FileEntry,
@@ -49,10 +62,24 @@ class Bundle:
     manifest_bytes: bytes
     key_id: str
     files: Mapping[str, bytes]
+    plain_model: bytes | None = None  # the decrypted model of an encrypted bundle, in memory
+
+    @property
+    def encrypted(self) -> bool:
+        return self.manifest.encrypted
 
     @property
     def model_bytes(self) -> bytes:
-        return self.files[self.manifest.model_file]
+        """The model a runtime loads; for an encrypted bundle only once it was decrypted."""
+        if not self.manifest.encrypted:
+            return self.files[self.manifest.model_file]
+        if self.plain_model is None:
+            encryption = self.manifest.encryption
+            ids = ", ".join(encryption.key_ids) if encryption else ""
+            raise NoDecryptionKeyError(
+                f"{self.manifest.ref} is encrypted for key ids {ids}; its model was not "
+                "decrypted", hint="pass --decrypt-key NAME.x25519 for op-level information")
+        return self.plain_model
 
     @property
     def health_bytes(self) -> bytes:
@@ -69,8 +96,15 @@ class Bundle:
         return sha256_bytes(self.manifest_bytes)
 
 
-def build_bundle(manifest: Manifest, files: Mapping[str, bytes], key: SigningKey) -> bytes:
-    """Fill the manifest's ``files`` table, sign it and return the archive bytes."""
+def build_bundle(manifest: Manifest, files: Mapping[str, bytes], key: SigningKey, *,
+                 encrypt_for: Sequence[RecipientKey] = ()) -> bytes:
+    """Fill the manifest's ``files`` table, sign it and return the archive bytes.
+
+    With ``encrypt_for``, the model (``files[manifest.model_file]``) is replaced by its
+    ciphertext and the manifest gains its ``encryption`` section (schema version 2).
+    """
+    if encrypt_for:
+        manifest, files = _seal(manifest, files, encrypt_for)
     entries = {name: FileEntry(sha256=sha256_bytes(data), size=len(data))
                for name, data in sorted(files.items())}
     final = manifest.model_copy(update={"files": entries})
@@ -87,13 +121,32 @@ def build_bundle(manifest: Manifest, files: Mapping[str, bytes], key: SigningKey
 
 
 def write_bundle(path: Path, manifest: Manifest, files: Mapping[str, bytes],
-                 key: SigningKey) -> Path:
-    atomic_write(Path(path), build_bundle(manifest, files, key))
+                 key: SigningKey, *, encrypt_for: Sequence[RecipientKey] = ()) -> Path:
+    atomic_write(Path(path), build_bundle(manifest, files, key, encrypt_for=encrypt_for))
     return Path(path)
 
 
-def read_bundle(source: Path | bytes, trusted: TrustedKeys) -> Bundle:
-    """Open and verify a bundle; raise the most specific :class:`BundleError`."""
+def _seal(manifest: Manifest, files: Mapping[str, bytes], recipients: Sequence[RecipientKey]
+          ) -> tuple[Manifest, dict[str, bytes]]:
+    plain_name = manifest.plain_model_file
+    if manifest.encrypted or plain_name not in files:
+        raise MissingFileError(f"nothing to encrypt: no plain {plain_name} in the bundle files",
+                               hint="pass the plain model; encrypt a bundle only once")
+    ciphertext, section = encrypt_model(files[plain_name], recipients, manifest.name,
+                                        manifest.version, manifest.format)
+    sealed = manifest.model_copy(update={"encryption": section,
+                                         "schema_version": ENCRYPTED_SCHEMA_VERSION})
+    rest = {name: data for name, data in files.items() if name != plain_name}
+    return sealed, {**rest, sealed.model_file: ciphertext}
+
+
+def read_bundle(source: Path | bytes, trusted: TrustedKeys,
+                keys: DecryptionKeys | None = None) -> Bundle:
+    """Open and verify a bundle; raise the most specific :class:`BundleError`.
+
+    ``keys``: decrypt an encrypted model in memory (and refuse without a matching key);
+    None leaves it sealed, for sides that only relay bundles.
+    """
     members = _read_members(source)
     for required in (MANIFEST, SIGNATURE):
         if required not in members:
@@ -104,10 +157,17 @@ def read_bundle(source: Path | bytes, trusted: TrustedKeys) -> Bundle:
     _check_required(manifest, members.keys())
     _check_files(manifest, members)
     files = {name: members[name] for name in manifest.files}
-    return Bundle(manifest, members[MANIFEST], key_id, files)
+    return _opened(Bundle(manifest, members[MANIFEST], key_id, files), keys)
 
 
-def inspect_bundle(source: Path | bytes) -> Bundle:
+def _opened(bundle: Bundle, keys: DecryptionKeys | None) -> Bundle:
+    if keys is None or not bundle.manifest.encrypted:
+        return bundle
+    plain = decrypt_model(bundle.files[bundle.manifest.model_file], bundle.manifest, keys)
+    return replace(bundle, plain_model=plain)
+
+
+def inspect_bundle(source: Path | bytes, keys: DecryptionKeys | None = None) -> Bundle:
     """Open a bundle for inspection only: every check but the signature (``key_id`` is "").
 
     Never serve what this returns; devices and the controller use :func:`read_bundle`.
@@ -118,7 +178,8 @@ def inspect_bundle(source: Path | bytes) -> Bundle:
     manifest = parse_manifest(members[MANIFEST])
     _check_required(manifest, members.keys())
     _check_files(manifest, members)
-    return Bundle(manifest, members[MANIFEST], "", {n: members[n] for n in manifest.files})
+    return _opened(Bundle(manifest, members[MANIFEST], "", {n: members[n] for n in manifest.files}),
+                   keys)
 
 
 def read_manifest(path: Path) -> tuple[Manifest, str]:

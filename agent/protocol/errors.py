@@ -13,7 +13,10 @@ converter and the fleet hang their own branches under it::
     │   ├── SignatureError          manifest.sig does not check out
     │   │   ├── BadSignatureError   signed by a trusted key id, but the bytes differ
     │   │   └── UnknownKeyError     signed by a key that is not trusted here
-    │   └── SchemaVersionError      a schema_version this build does not read
+    │   ├── SchemaVersionError      a schema_version this build does not read
+    │   ├── NoDecryptionKeyError    an encrypted model, and no recipient key here
+    │   └── DecryptionError         a wrapped key or ciphertext that does not open
+    │                               (both in agent.protocol.encryption)
     ├── KeyFileError                a key file that cannot be read or written
     ├── PayloadError                an MQTT payload that fails its schema
     └── (agent.errors, converter.errors, fleet.errors add their own branches)

@@ -13,6 +13,7 @@ from agent.protocol.schema import (
     SHA256_PATTERN,
     Document,
     decode_json,
+    is_supported,
     validate_document,
 )
 
@@ -84,6 +85,9 @@ class ReportedState(Document):
     runtimes: dict[str, str] = Field(default_factory=dict)
     profile: str | None = None
     serving: bool = False
+    # key ids of the X25519 keys this device opens encrypted models with (agent.protocol.
+    # encryption); None: an agent that predates encrypted bundles (optional, additive)
+    decryption_keys: list[str] | None = None
     ts: int = 0
 
 
@@ -134,7 +138,7 @@ def decode_telemetry(raw: bytes | str) -> list[Telemetry]:
             raise PayloadError(f"telemetry ts must be an integer of milliseconds, got {ts!r}",
                                hint="see docs/protocol.md for the schema")
         version = values.get("schema_version")
-        if version not in Telemetry.SUPPORTED_VERSIONS:
+        if not is_supported(version, Telemetry.SUPPORTED_VERSIONS):
             raise SchemaVersionError(
                 f"telemetry has schema_version {version!r}; this edgefleet reads "
                 f"{sorted(Telemetry.SUPPORTED_VERSIONS)}",

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.protocol.errors import EdgefleetError, PayloadError, SchemaVersionError
 
-__all__ = ["Document", "decode_json", "validate_document"]
+__all__ = ["Document", "decode_json", "is_supported", "validate_document"]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SEMVER_PATTERN = (
@@ -35,6 +35,14 @@ def decode_json(raw: bytes | str, what: str, error: type[EdgefleetError] = Paylo
     except (ValueError, UnicodeDecodeError) as exc:
         raise error(f"{what} is not valid JSON: {exc}",
                            hint="send UTF-8 JSON as described in docs/protocol.md") from exc
+    except RecursionError as exc:  # "[[[[...": json recurses once per level
+        raise error(f"{what} is nested too deeply to be a document",
+                    hint="see docs/protocol.md for the schema") from exc
+
+
+def is_supported(version: object, versions: frozenset[int]) -> bool:
+    """``schema_version`` is a plain int this build reads (never a bool, list or dict)."""
+    return type(version) is int and version in versions
 
 
 def validate_document(
@@ -45,7 +53,7 @@ def validate_document(
         raise error(f"{what} must be a JSON object, got {type(data).__name__}")
     version = data.get("schema_version")
     supported = sorted(cls.SUPPORTED_VERSIONS)
-    if version not in cls.SUPPORTED_VERSIONS:
+    if not is_supported(version, cls.SUPPORTED_VERSIONS):
         raise SchemaVersionError(
             f"{what} has schema_version {version!r}; this edgefleet reads {supported}",
             hint="upgrade edgefleet on this side, or produce the document with a matching version",

@@ -3,7 +3,8 @@
 A key is identified by ``key_id``: the first 16 hex digits of the sha256 of its
 raw 32-byte public key. ``manifest.sig`` is a small JSON document naming the key
 id and carrying the base64 signature over the exact ``manifest.json`` bytes.
-Rotation is "add the new public key, re-sign, then remove the old one".
+Rotation is "add the new public key, re-sign, then remove the old one"; a fleet does
+it with a signed keyring (:mod:`agent.protocol.keyring`, docs/keys.md).
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ class TrustedKeys:
     def key_ids(self) -> list[str]:
         return sorted(self._keys)
 
+    def public_keys(self) -> dict[str, Ed25519PublicKey]:
+        """Key id -> public key (a copy: the set itself never changes behind a reader)."""
+        return dict(self._keys)
+
     def add(self, public_key: Ed25519PublicKey) -> str:
         key_id = key_id_of(public_key)
         self._keys[key_id] = public_key
@@ -132,7 +137,7 @@ def _parse_signature(signature_doc: bytes) -> tuple[str, bytes]:
         if doc.get("alg") != SIGNATURE_ALG:
             raise ValueError(f"algorithm {doc.get('alg')!r} is not {SIGNATURE_ALG}")
         return str(doc["key_id"]), base64.b64decode(doc["sig"], validate=True)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise BadSignatureError(f"manifest.sig is malformed: {exc}",
                                 hint="re-sign the bundle with 'edgefleet keys'") from exc
 

@@ -13,16 +13,19 @@ from enum import Enum
 from agent.protocol.errors import PayloadError
 
 __all__ = [
+    "FLEET_LEVEL",
     "PREFIX",
     "Leaf",
     "TopicAddress",
     "check_id",
     "device_topic",
     "fleet_filter",
+    "keyring_topic",
     "parse_topic",
 ]
 
 PREFIX = "edgefleet/v1"
+FLEET_LEVEL = "_fleet"  # fleet-wide topics: no device id starts with "_", so never a device's
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -52,6 +55,11 @@ def check_id(value: str, what: str = "id") -> str:
 
 def device_topic(fleet: str, device: str, leaf: Leaf) -> str:
     return f"{PREFIX}/{check_id(fleet, 'fleet')}/{check_id(device, 'device id')}/{leaf.value}"
+
+
+def keyring_topic(fleet: str) -> str:
+    """Retained, written by the controller only: the fleet's signed keyring (docs/keys.md)."""
+    return f"{PREFIX}/{check_id(fleet, 'fleet')}/{FLEET_LEVEL}/keyring"
 
 
 def fleet_filter(fleet: str, leaf: Leaf | None = None) -> str:

@@ -81,7 +81,7 @@ class DeviceController:
     def verify(self, j: Journal) -> None:
         self._pause()
         raw = self._download_path(j).read_bytes()
-        bundle = read_bundle(raw, self.agent.trusted)
+        bundle = read_bundle(raw, self.agent.trusted, self.agent.keys)  # decrypts in memory
         if bundle.sha256 != j.target["sha256"]:
             raise IntegrityError(f"downloaded bundle is {bundle.manifest.ref} with manifest "
                                  f"sha256 {bundle.sha256[:12]}, the target names "
@@ -98,7 +98,8 @@ class DeviceController:
         self._pause()
         path = self._staged(j)
         self._candidate = load_bundle(path, self.agent.trusted, threads=self.agent.threads,
-                                      latency_budget_ms=self.settings.latency_budget_ms)
+                                      latency_budget_ms=self.settings.latency_budget_ms,
+                                      keys=self.agent.keys)
 
     def switch(self, j: Journal) -> None:
         self._pause()
@@ -106,7 +107,8 @@ class DeviceController:
         if slot is None:
             raise EdgefleetError("the staged bundle is gone", hint="the update restarts")
         candidate = self._candidate or load_bundle(self._staged(j), self.agent.trusted,
-                                                   threads=self.agent.threads)
+                                                   threads=self.agent.threads,
+                                                   keys=self.agent.keys)
         previous = self.agent.model
         self.slots.switch(slot)
         self.agent.activate(candidate)
@@ -154,7 +156,8 @@ class DeviceController:
         path = self.slots.active_bundle()
         if path is None:
             raise EdgefleetError("no bundle to roll back to", hint="install one")
-        self.agent.activate(load_bundle(path, self.agent.trusted, threads=self.agent.threads))
+        self.agent.activate(load_bundle(path, self.agent.trusted, threads=self.agent.threads,
+                                        keys=self.agent.keys))
 
     def _pause(self) -> None:
         if self.settings.step_delay_s:

@@ -4,6 +4,9 @@ The partial file lives in ``downloads/<sha256>.part`` and grows in chunks, each
 flushed and fsynced, so a process killed mid-download resumes from what reached
 the disk. A server that ignores Range (200 instead of 206) restarts the file.
 Retries back off exponentially; a local path or ``file://`` URL is copied.
+``https://`` URLs are checked against the system's CAs plus the fleet CA given to
+:func:`trust_ca` (``agent run --ca``), so a controller with a certificate from
+``edgefleet certs server`` is accepted.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +25,7 @@ from urllib.parse import urlsplit
 
 from agent.protocol.errors import EdgefleetError
 
-__all__ = ["DownloadError", "DownloadStats", "fetch"]
+__all__ = ["DownloadError", "DownloadStats", "fetch", "trust_ca"]
 
 CHUNK = 64 * 1024
 
@@ -30,6 +34,22 @@ class DownloadError(EdgefleetError):
     """The bundle could not be fetched (after retries), or came back the wrong size."""
 
     transient = True
+
+
+_tls: ssl.SSLContext | None = None  # None: urllib's default (the system's CAs)
+
+
+def trust_ca(ca_file: Path) -> None:
+    """Also trust ``ca_file`` for every later ``https://`` download of this process."""
+    global _tls
+    context = _tls or ssl.create_default_context()
+    try:
+        context.load_verify_locations(cafile=str(ca_file))
+    except (OSError, ValueError) as exc:
+        raise DownloadError(f"cannot use the CA file {ca_file}: {exc}",
+                            hint="pass the fleet CA's certificate (ca.crt)",
+                            transient=False) from exc
+    _tls = context
 
 
 @dataclass
@@ -77,7 +97,7 @@ def _fetch_once(url: str, part: Path, size: int, timeout_s: float, stats: Downlo
     if have == size:
         return
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+    with urllib.request.urlopen(request, timeout=timeout_s, context=_tls) as response:
         if have and response.status != 206:
             have = 0  # the server ignored Range: start over
         stats.resumed_from = max(stats.resumed_from, have)

@@ -29,7 +29,8 @@ def serve_active(agent: Agent, data_dir: Path, resume: bool = True) -> None:
     controller = DeviceController(data_dir, agent, FLASH)
     active = controller.slots.active_bundle()
     if active is not None:
-        agent.activate(load_bundle(active, agent.trusted, threads=agent.threads))
+        agent.activate(load_bundle(active, agent.trusted, threads=agent.threads,
+                                   keys=agent.keys))
     journal = load_journal(controller.journal_path)
     if resume and journal.state not in (State.IDLE, State.COMMITTED, State.ROLLED_BACK,
                                         State.FAILED):
@@ -41,11 +42,12 @@ def serve_active(agent: Agent, data_dir: Path, resume: bool = True) -> None:
 
 def install(agent: Agent, data_dir: Path, bundle: Path) -> Journal:
     """Verify, stage, health-check, switch and commit ``bundle``; the old one stays on error."""
-    verified = read_bundle(bundle, agent.trusted)
+    verified = read_bundle(bundle, agent.trusted, agent.keys)  # refuses without a key
     controller = DeviceController(data_dir, agent, FLASH)
     active = controller.slots.active_bundle()
     if agent.model is None and active is not None:
-        agent.activate(load_bundle(active, agent.trusted, threads=agent.threads))
+        agent.activate(load_bundle(active, agent.trusted, threads=agent.threads,
+                                   keys=agent.keys))
     target: dict[str, object] = {"name": verified.manifest.name,
                                  "version": verified.manifest.version,
                                  "sha256": verified.sha256, "url": str(bundle.resolve()),

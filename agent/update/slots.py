@@ -8,6 +8,7 @@
       journal.json                             the update state machine's journal
       downloads/<sha256>.part                  partial downloads (resumed with Range)
       keys/*.pub                               trusted public keys
+      keys/*.x25519                            private keys for encrypted models (0600)
       spool/                                   telemetry spooled while offline
 
 Every write goes through a temp file, fsync and rename (``atomic_write``), so a

@@ -214,10 +214,16 @@ def _follow_devices(t: _Tick) -> None:
 
 def _follow_update(t: _Tick, item: RolloutDevice, view: DeviceView | None) -> None:
     reported = _reported(t, view)
+    if item.state == DeviceState.TIMED_OUT and (view is None or not view.online):
+        reported = None  # what a device said before it went away is no late answer
     if reported is not None and view is not None and _RANK[reported] > _RANK[item.state]:
         late = " (late)" if item.state == DeviceState.TIMED_OUT else ""
         detail = view.update_detail if reported == DeviceState.FAILED else ""
-        t.move(item, reported, detail or f"device reported {view.update_state}{late}")
+        moved = t.move(item, reported, detail or f"device reported {view.update_state}{late}")
+        if late and reported == DeviceState.UPDATING:
+            # its clock restarts: a fresh --device-timeout to reach probation, instead of
+            # timing out again at the next tick (and again after every report)
+            t.set(replace(moved, targeted_ms=t.now))
         if reported == DeviceState.FAILED:
             t.out.cleared.append(item.device)
         return
@@ -315,7 +321,9 @@ def gate_failure(rollout: Rollout, obs: Observations) -> str:
 def _abort(t: _Tick, reason: str) -> None:
     t.state(RolloutState.ABORTED, reason)
     for item in list(t.devices.values()):
-        if item.state in ACTIVE:
+        # a timed-out device never confirmed the version either: it is told to roll back
+        # too, and does so when it comes back (instead of carrying out an older word)
+        if item.state in ACTIVE or item.state == DeviceState.TIMED_OUT:
             t.send(t.move(item, DeviceState.ROLLING_BACK, "rollout aborted"), Action.ROLLBACK)
         elif item.state == DeviceState.PENDING:
             t.move(item, DeviceState.CANCELLED, "rollout aborted before its turn")

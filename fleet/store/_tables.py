@@ -1,11 +1,18 @@
 """The store's schema and the mapping between rows and the domain's plain dicts.
 
-Both backends run the same SQL text. The DDL has two dialect slots, filled from
-:class:`fleet.store.base.Dialect`: ``{id_pk}`` (an auto-numbered primary key) and
+Both backends run the same SQL text. The DDL has three dialect slots, filled from
+:class:`fleet.store.base.Dialect`: ``{id_pk}`` (an auto-numbered primary key),
 ``{key_text}`` (text that sorts by code point on both backends, whatever the server's
-locale); the queries have one, a row lock for read-modify-write. Structured values the
-code only needs back whole (spec, manifest, tags, runtimes, refs, audit detail) are JSON
-text; what is queried gets a real column.
+locale) and ``{blob}`` (bytes); the queries have two, a row lock for read-modify-write
+and the database's clock in milliseconds (leases). Structured values the code only needs
+back whole (spec, manifest, tags, runtimes, refs, audit detail) are JSON text; what is
+queried gets a real column.
+
+Schema 2 (scale-out, docs/scale-out.md) added ``leases``, ``requests`` (operator actions
+relayed to the leader), ``telemetry_shares``, ``bundles`` (bundle bytes, so every
+controller can serve every bundle) and ``devices.labels_seq`` (which devices' group or
+tags changed since a controller last looked); :data:`MIGRATIONS` brings a version 1
+store there.
 """
 
 from __future__ import annotations
@@ -15,10 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AUDIT", "DEVICES", "MODELS", "ROLLOUTS", "ROLLOUT_DEVICES", "SCHEMA_VERSION",
-           "TABLES_DDL", "Table", "marks"]
+__all__ = ["AUDIT", "DEVICES", "LEASES", "MIGRATIONS", "MODELS", "REQUESTS", "ROLLOUTS",
+           "ROLLOUT_DEVICES", "SCHEMA_VERSION", "TABLES_DDL", "Table", "marks"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 TABLES_DDL = (
     "CREATE TABLE IF NOT EXISTS meta (key {key_text} PRIMARY KEY, value BIGINT NOT NULL)",
@@ -27,8 +34,10 @@ TABLES_DDL = (
         group_name {key_text}, tags TEXT NOT NULL, profile TEXT, runtimes TEXT NOT NULL,
         agent_version TEXT, active TEXT, previous TEXT, update_state TEXT NOT NULL,
         update_target TEXT, update_detail TEXT NOT NULL, update_since_ms BIGINT NOT NULL,
-        first_seen_ms BIGINT NOT NULL, last_seen_ms BIGINT NOT NULL)""",
+        first_seen_ms BIGINT NOT NULL, last_seen_ms BIGINT NOT NULL,
+        labels_seq BIGINT NOT NULL DEFAULT 0)""",
     "CREATE INDEX IF NOT EXISTS devices_group ON devices (group_name)",
+    "CREATE INDEX IF NOT EXISTS devices_labels ON devices (labels_seq)",
     """CREATE TABLE IF NOT EXISTS models (
         name {key_text} NOT NULL, version {key_text} NOT NULL, sha256 TEXT NOT NULL,
         size BIGINT NOT NULL, format TEXT NOT NULL, runtime TEXT NOT NULL,
@@ -51,7 +60,27 @@ TABLES_DDL = (
         id {id_pk}, ts_ms BIGINT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
         target TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS audit_target ON audit (target, id)",
+    """CREATE TABLE IF NOT EXISTS leases (
+        name {key_text} PRIMARY KEY, holder TEXT NOT NULL, nonce TEXT NOT NULL,
+        generation BIGINT NOT NULL, expires_ms BIGINT NOT NULL, acquired_ms BIGINT NOT NULL,
+        url TEXT NOT NULL, wanted TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS requests (
+        id {id_pk}, kind TEXT NOT NULL, body TEXT NOT NULL, actor TEXT NOT NULL,
+        state TEXT NOT NULL, result TEXT, created_ms BIGINT NOT NULL,
+        taken_by TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS requests_state ON requests (state, id)",
+    """CREATE TABLE IF NOT EXISTS telemetry_shares (
+        stream {key_text} NOT NULL, seq BIGINT NOT NULL, written_ms BIGINT NOT NULL,
+        body TEXT NOT NULL, PRIMARY KEY (stream, seq))""",
+    "CREATE INDEX IF NOT EXISTS telemetry_shares_written ON telemetry_shares (written_ms)",
+    """CREATE TABLE IF NOT EXISTS bundles (
+        sha256 {key_text} PRIMARY KEY, size BIGINT NOT NULL, data {blob} NOT NULL)""",
 )
+
+# schema version -> the statements that bring a store of that version to the next one
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE devices ADD COLUMN labels_seq BIGINT NOT NULL DEFAULT 0",),
+}
 
 
 def marks(count: int) -> str:
@@ -75,7 +104,8 @@ class Table:
     """A table whose rows are the ``as_dict`` of a domain object (or part of it).
 
     ``renamed`` maps a column to its dict key where they differ; ``computed`` holds
-    insert-only columns given as SQL expressions (never overwritten by an upsert).
+    insert-only columns given as SQL expressions (never overwritten by an upsert);
+    ``kept`` columns are written by an insert but never overwritten by an upsert.
     """
 
     name: str
@@ -84,10 +114,16 @@ class Table:
     json: frozenset[str] = frozenset()
     renamed: Mapping[str, str] = field(default_factory=dict)
     computed: Mapping[str, str] = field(default_factory=dict)
+    kept: frozenset[str] = frozenset()
 
     def row(self, data: Mapping[str, Any]) -> tuple[Any, ...]:
         return tuple(_dumps(data[self._field(c)]) if c in self.json else data[self._field(c)]
                      for c in self.columns)
+
+    def value(self, column: str, data: Mapping[str, Any]) -> Any:
+        """One column's stored value of ``data`` (JSON text for a JSON column)."""
+        value = data[self._field(column)]
+        return _dumps(value) if column in self.json else value
 
     def record(self, row: Sequence[Any]) -> dict[str, Any]:
         return {self._field(c): _loads(v) if c in self.json else v
@@ -103,7 +139,8 @@ class Table:
         return f"INSERT INTO {self.name} ({names}) VALUES ({values})"
 
     def upsert(self) -> str:
-        updates = ", ".join(f"{c} = excluded.{c}" for c in self.columns if c not in self.key)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in self.columns
+                            if c not in self.key and c not in self.kept)
         return f"{self.insert()} ON CONFLICT ({', '.join(self.key)}) DO UPDATE SET {updates}"
 
     def insert_new(self) -> str:
@@ -119,7 +156,10 @@ DEVICES = Table(
      "active", "previous", "update_state", "update_target", "update_detail", "update_since_ms",
      "first_seen_ms", "last_seen_ms"),
     key=("id",), json=frozenset({"tags", "runtimes", "active", "previous"}),
-    renamed={"group_name": "group"})
+    renamed={"group_name": "group"},
+    # group and tags belong to operators (set_group, set_tags): a device's own report,
+    # written by whichever controller saw it, never overwrites them
+    kept=frozenset({"group_name", "tags"}))
 
 MODELS = Table(
     "models",
@@ -145,3 +185,11 @@ ROLLOUT_DEVICES = Table(
 AUDIT = Table(
     "audit", ("ts_ms", "actor", "action", "target", "outcome", "detail"),
     key=("id",), json=frozenset({"detail"}))
+
+LEASES = Table(
+    "leases", ("name", "holder", "nonce", "generation", "expires_ms", "acquired_ms", "url",
+               "wanted"), key=("name",))
+
+REQUESTS = Table(
+    "requests", ("kind", "body", "actor", "state", "result", "created_ms", "taken_by"),
+    key=("id",), json=frozenset({"body", "result"}))

@@ -12,17 +12,21 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from fleet.domain import AuditEntry, Device, ModelVersion
 from fleet.errors import ConflictError, NotFoundError, StoreError
+from fleet.lease import Fence, Lease
+from fleet.relay import OperatorRequest
 from fleet.rollout.state import Rollout, RolloutState
+from fleet.store._shared import SharedState, check_fence, next_labels_seq
 from fleet.store._tables import (
     AUDIT,
     DEVICES,
+    MIGRATIONS,
     MODELS,
     ROLLOUT_DEVICES,
     ROLLOUTS,
@@ -41,6 +45,7 @@ class Store(Protocol):
     """What the fleet controller keeps: devices, model versions, rollouts and history."""
 
     def upsert_devices(self, devices: Sequence[Device]) -> None: ...
+    def insert_devices(self, devices: Sequence[Device]) -> None: ...
     def device(self, device_id: str) -> Device | None: ...
     def devices(self) -> list[Device]: ...
     def set_group(self, device_ids: Sequence[str], group: str | None) -> None: ...
@@ -51,12 +56,33 @@ class Store(Protocol):
     def model_by_sha(self, sha256: str) -> ModelVersion | None: ...
     def models(self, name: str | None = None) -> list[ModelVersion]: ...
     def new_rollout_id(self) -> str: ...
-    def save_rollout(self, rollout: Rollout, changed: Iterable[str] | None = None) -> None: ...
+    def save_rollout(self, rollout: Rollout, changed: Iterable[str] | None = None,
+                     fence: Fence | None = None) -> None: ...
     def rollout(self, rollout_id: str) -> Rollout | None: ...
     def rollouts(self, states: Iterable[RolloutState] | None = None) -> list[Rollout]: ...
     def add_audit(self, entry: AuditEntry) -> AuditEntry: ...
     def history(self, limit: int = 100, target: str | None = None) -> list[AuditEntry]: ...
     def close(self) -> None: ...
+    # shared by scaled-out controllers (fleet.store._shared, docs/scale-out.md)
+    def acquire_lease(self, name: str, holder: str, nonce: str, ttl_ms: int, url: str = "",
+                      wanted: str = "") -> Lease: ...
+    def release_lease(self, name: str, nonce: str) -> None: ...
+    def lease(self, name: str) -> Lease | None: ...
+    def submit_request(self, kind: str, body: dict[str, Any], actor: str,
+                       now_ms: int) -> int: ...
+    def request(self, request_id: int) -> OperatorRequest | None: ...
+    def withdraw_request(self, request_id: int) -> bool: ...
+    def take_requests(self, fence: Fence, taker: str) -> list[OperatorRequest]: ...
+    def finish_request(self, request_id: int, ok: bool, result: Any) -> None: ...
+    def share_telemetry(self, stream: str, seq: int, body: str) -> None: ...
+    def shared_telemetry(self, exclude: str,
+                         after: Mapping[str, int]) -> list[tuple[str, int, str]]: ...
+    def prune_shared(self, telemetry_ms: int, requests_ms: int) -> None: ...
+    def put_bundle(self, sha256: str, data: bytes) -> bool: ...
+    def bundle_data(self, sha256: str) -> bytes | None: ...
+    def bundle_shas(self) -> set[str]: ...
+    def labels_since(self, seq: int) -> tuple[int, list[tuple[str, str | None,
+                                                              frozenset[str]]]]: ...
 
 
 @dataclass(frozen=True)
@@ -66,6 +92,8 @@ class Dialect:
     id_pk: str  # an auto-numbered integer primary key, never reusing a number
     key_text: str  # text compared by code point (so both backends sort ids alike)
     for_update: str  # suffix of a SELECT that locks the rows it reads
+    blob: str  # a column of bytes
+    now_ms: str  # the database's clock, integer milliseconds since the epoch
 
 
 class DriverCursor(Protocol):
@@ -157,23 +185,39 @@ class Backend(ABC):
 
 
 def create_schema(tx: Tx) -> None:
-    """Create what is missing (idempotent) and refuse a schema newer than this code."""
-    for statement in TABLES_DDL:
-        tx.run(statement.format(id_pk=tx.dialect.id_pk, key_text=tx.dialect.key_text))
-    for key, value in (("schema_version", SCHEMA_VERSION), ("rollout_seq", 0)):
+    """Create what is missing (idempotent), migrate an older schema, refuse a newer one.
+
+    The schema version row is locked first, so controllers starting together on one
+    PostgreSQL migrate once.
+    """
+    def run(statement: str) -> None:
+        tx.run(statement.format(id_pk=tx.dialect.id_pk, key_text=tx.dialect.key_text,
+                                blob=tx.dialect.blob))
+
+    run(TABLES_DDL[0])  # meta: a new store starts at the current version
+    for key, value in (("schema_version", SCHEMA_VERSION), ("rollout_seq", 0),
+                       ("labels_seq", 0)):
         tx.run("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
                (key, value))
-    row = tx.one("SELECT value FROM meta WHERE key = ?", ("schema_version",))
+    row = tx.one(f"SELECT value FROM meta WHERE key = ?{tx.dialect.for_update}",
+                 ("schema_version",))
     found = int(row[0]) if row else 0
-    if found != SCHEMA_VERSION:  # the place for migrations once there is a version 2
+    if not 1 <= found <= SCHEMA_VERSION:
         newer = found > SCHEMA_VERSION
         raise StoreError(f"the store has schema version {found}; this edgefleet reads only "
                          f"version {SCHEMA_VERSION}", transient=False,
                          hint="upgrade edgefleet" if newer else "the meta table was altered "
                               "by hand; restore it from a backup")
+    for version in range(found, SCHEMA_VERSION):
+        for statement in MIGRATIONS[version]:
+            run(statement)
+    if found != SCHEMA_VERSION:
+        tx.run("UPDATE meta SET value = ? WHERE key = ?", (SCHEMA_VERSION, "schema_version"))
+    for statement in TABLES_DDL[1:]:
+        run(statement)
 
 
-class SqlStore:
+class SqlStore(SharedState):
     """:class:`Store` over any :class:`Backend`."""
 
     def __init__(self, backend: Backend) -> None:
@@ -196,6 +240,12 @@ class SqlStore:
         with self._db.transaction() as tx:
             tx.many(DEVICES.upsert(), rows)
 
+    def insert_devices(self, devices: Sequence[Device]) -> None:
+        """Write the devices the store does not know yet; leave the others as they are."""
+        rows = [DEVICES.row(device.as_dict()) for device in devices]
+        with self._db.transaction() as tx:
+            tx.many(DEVICES.insert_new(), rows)
+
     def device(self, device_id: str) -> Device | None:
         with self._db.transaction(write=False) as tx:
             row = tx.one(f"SELECT {DEVICES.select()} FROM devices WHERE id = ?", (device_id,))
@@ -214,7 +264,9 @@ class SqlStore:
                 raise NotFoundError(f"no device {_listed(missing)}",
                                     hint="nothing was changed; check the ids against the "
                                          "device list")
-            tx.many("UPDATE devices SET group_name = ? WHERE id = ?", [(group, i) for i in ids])
+            seq = next_labels_seq(tx)
+            tx.many("UPDATE devices SET group_name = ?, labels_seq = ? WHERE id = ?",
+                    [(group, seq, i) for i in ids])
 
     def set_tags(self, device_id: str, add: Iterable[str] = (),
                  remove: Iterable[str] = ()) -> Device:
@@ -228,7 +280,8 @@ class SqlStore:
                                     hint="check the id against the device list")
             device = Device.from_dict(DEVICES.record(row))
             device = device.with_changes(tags=(device.tags | added) - removed)
-            tx.run(DEVICES.upsert(), DEVICES.row(device.as_dict()))
+            tx.run("UPDATE devices SET tags = ?, labels_seq = ? WHERE id = ?",
+                   (DEVICES.value("tags", device.as_dict()), next_labels_seq(tx), device_id))
         return device
 
     # -- model versions ------------------------------------------------------------------
@@ -274,8 +327,14 @@ class SqlStore:
                              hint="the meta table was altered by hand; restore it")
         return f"r{row[0]}"
 
-    def save_rollout(self, rollout: Rollout, changed: Iterable[str] | None = None) -> None:
-        """Upsert the header and the device rows named in ``changed`` (all when None)."""
+    def save_rollout(self, rollout: Rollout, changed: Iterable[str] | None = None,
+                     fence: Fence | None = None) -> None:
+        """Upsert the header and the device rows named in ``changed`` (all when None).
+
+        With ``fence``, only while the lease is still that one (same holder process and
+        generation), checked and locked in the same transaction; otherwise nothing is
+        written and :class:`fleet.lease.LeaseLostError` is raised.
+        """
         ids = list(rollout.devices) if changed is None else list(dict.fromkeys(changed))
         unknown = [i for i in ids if i not in rollout.devices]
         if unknown:
@@ -284,6 +343,8 @@ class SqlStore:
         rows = [ROLLOUT_DEVICES.row({"rollout_id": rollout.id, **rollout.devices[i].as_dict()})
                 for i in ids]
         with self._db.transaction() as tx:
+            if fence is not None:
+                check_fence(tx, fence)
             tx.run(ROLLOUTS.upsert(), ROLLOUTS.row(rollout.summary()))
             tx.many(ROLLOUT_DEVICES.upsert(), rows)
 

@@ -16,7 +16,8 @@ _BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's write loc
 
 class SqliteBackend(Backend):
     dialect = Dialect(id_pk="INTEGER PRIMARY KEY AUTOINCREMENT", key_text="TEXT",
-                      for_update="")
+                      for_update="", blob="BLOB",
+                      now_ms="CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)")
     driver_errors = (sqlite3.Error,)
 
     def __init__(self, path: str) -> None:

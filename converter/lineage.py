@@ -1,0 +1,93 @@
+"""A bundle's lineage: what it was converted from, with which tool, config and data.
+
+Files are identified by their sha256. A folder (a SavedModel, an image folder) by a
+tree hash that does not depend on where it lies or on file times::
+
+    sha256( for each file under the folder, in sorted relative POSIX path order:
+            relative_path NUL sha256_hex_of_the_file LF )
+
+so ``sha256sum``-style tools can recompute it, and renaming or editing any file
+changes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import socket
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from agent.protocol.files import sha256_file
+from agent.protocol.manifest import DataRef, Lineage, SourceRef
+from converter.config import ConvertConfig
+
+__all__ = ["LIBRARIES", "config_json", "data_ref", "lineage_of", "path_sha256", "tree_sha256"]
+
+# The distributions whose versions decide what a conversion produces.
+LIBRARIES = ("edgefleet", "tensorflow-cpu", "tensorflow", "keras", "onnx", "onnxruntime",
+             "tf2onnx", "ai-edge-litert", "ai-edge-quantizer", "numpy")
+
+
+def tree_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted((p for p in folder.rglob("*") if p.is_file()),
+                       key=lambda p: p.relative_to(folder).as_posix()):
+        relative = path.relative_to(folder).as_posix()
+        digest.update(f"{relative}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def path_sha256(path: Path) -> str:
+    """A file's sha256, or a folder's tree hash."""
+    return tree_sha256(path) if path.is_dir() else sha256_file(path)
+
+
+def _size_and_count(path: Path) -> tuple[int, int]:
+    if not path.is_dir():
+        return path.stat().st_size, 1
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def data_ref(path: Path | None) -> DataRef | None:
+    if path is None:
+        return None
+    size, count = _size_and_count(path)
+    return DataRef(path=str(path), sha256=path_sha256(path), size=size, files=count)
+
+
+def config_json(config: ConvertConfig) -> dict[str, Any]:
+    """Every field of the frozen config, JSON-ready (paths as given, tuples as lists)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        return value
+
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def _libraries() -> dict[str, str]:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def lineage_of(config: ConvertConfig, source_kind: str) -> Lineage:
+    """Hash the source and the data the conversion read; record the tool and config."""
+    size, _ = _size_and_count(config.model)
+    libraries = _libraries()
+    return Lineage(
+        source=SourceRef(path=str(config.model), kind=source_kind,
+                         sha256=path_sha256(config.model), size=size),
+        tool_version=libraries.get("edgefleet", "unknown"), config=config_json(config),
+        calibration=data_ref(config.calibration), eval=data_ref(config.eval),
+        fine_tune=data_ref(config.fine_tune_data), libraries=libraries,
+        host=socket.gethostname() if config.record_host else None)

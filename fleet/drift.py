@@ -1,0 +1,180 @@
+"""Drift alerts: each device's windows against its bundle's reference, by PSI.
+
+The MQTT thread only queues the windows that telemetry carries (``offer``: an append);
+the controller's loop compares them (``process``) with the reference statistics in the
+manifest of the version the device ran (:mod:`agent.protocol.drift`) and keeps one small
+state machine per (device, model, version, feature):
+
+* quiet -> firing when a window of at least ``min_samples`` summarised requests has a PSI
+  strictly above the model's ``psi`` threshold;
+* firing -> quiet after ``clear_after`` consecutive such windows at or below it.
+
+A window with fewer samples changes nothing (too few requests to say). Thresholds are
+per model name (:class:`DriftPolicy`), set from the CLI and kept in the store.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from agent.protocol.drift import DEFAULT_PSI_THRESHOLD, Monitoring, compare
+
+__all__ = ["Alert", "AlertChange", "DriftMonitor", "DriftPolicy"]
+
+log = logging.getLogger(__name__)
+_MAX_QUEUED = 100_000  # windows waiting for the loop; beyond, the oldest are dropped
+
+
+@dataclass(frozen=True)
+class DriftPolicy:
+    """When a model's drift raises an alert."""
+
+    psi: float = DEFAULT_PSI_THRESHOLD
+    min_samples: int = 30
+    clear_after: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.psi > 0:
+            raise ValueError(f"psi threshold must be above 0, got {self.psi}")
+        if self.min_samples < 1 or self.clear_after < 1:
+            raise ValueError("min_samples and clear_after must be at least 1")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Alert:
+    device: str
+    model: str
+    version: str
+    feature: str
+    psi: float
+    threshold: float
+    samples: int
+    since_ms: int
+    last_ms: int
+    quiet_windows: int = field(default=0, repr=False)
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return self.device, self.model, self.version, self.feature
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "model": f"{self.model}:{self.version}",
+                "feature": self.feature, "psi": self.psi, "threshold": self.threshold,
+                "samples": self.samples, "since_ms": self.since_ms, "last_ms": self.last_ms}
+
+
+@dataclass(frozen=True)
+class AlertChange:
+    kind: str  # "raised" or "cleared"
+    alert: Alert
+
+
+@dataclass(frozen=True)
+class _Window:
+    device: str
+    model: str
+    version: str
+    ts_ms: int
+    stats: dict[str, Any]
+
+
+class DriftMonitor:
+    """Queues windows from the ingest thread; compares and keeps alerts on the loop thread."""
+
+    def __init__(self, reference: Callable[[str, str], Monitoring | None],
+                 policy: Callable[[str], DriftPolicy]) -> None:
+        self._reference, self._policy = reference, policy
+        self._queue: collections.deque[_Window] = collections.deque(maxlen=_MAX_QUEUED)
+        self._firing: dict[tuple[str, str, str, str], Alert] = {}
+        self._latest: dict[tuple[str, str, str], dict[str, float]] = {}  # per device/version
+        self._lock = threading.Lock()
+        self.windows = 0  # compared
+        self.rejected = 0  # malformed
+
+    def offer(self, device: str, model: str, version: str, ts_ms: int,
+              stats: dict[str, Any]) -> None:
+        """Called per telemetry point that carries a ``drift`` window (cheap)."""
+        self._queue.append(_Window(device, model, version, ts_ms, stats))
+
+    def process(self) -> list[AlertChange]:
+        """Compare every queued window; return the alerts raised and cleared."""
+        changes: list[AlertChange] = []
+        while self._queue:
+            window = self._queue.popleft()
+            reference = self._reference(window.model, window.version)
+            if reference is None:
+                continue  # a bundle without reference statistics: nothing to compare
+            try:
+                scores = compare(reference, window.stats)
+                samples = int(window.stats.get("samples", 0))
+            except (ValueError, TypeError) as exc:
+                self.rejected += 1
+                log.warning("dropped a drift window of %s: %s", window.device, exc)
+                continue
+            self.windows += 1
+            with self._lock:
+                self._latest[(window.device, window.model, window.version)] = scores
+                changes.extend(self._judge(window, scores, samples))
+        return changes
+
+    def _judge(self, window: _Window, scores: dict[str, float],
+               samples: int) -> Iterable[AlertChange]:
+        policy = self._policy(window.model)
+        if samples < policy.min_samples:
+            return
+        for feature, value in scores.items():
+            key = (window.device, window.model, window.version, feature)
+            alert = self._firing.get(key)
+            if value > policy.psi:
+                if alert is None:
+                    alert = Alert(window.device, window.model, window.version, feature, value,
+                                  policy.psi, samples, window.ts_ms, window.ts_ms)
+                    self._firing[key] = alert
+                    yield AlertChange("raised", alert)
+                else:
+                    alert.psi, alert.samples, alert.last_ms = value, samples, window.ts_ms
+                    alert.quiet_windows = 0
+            elif alert is not None:
+                alert.quiet_windows += 1
+                alert.psi, alert.last_ms = value, window.ts_ms
+                if alert.quiet_windows >= policy.clear_after:
+                    del self._firing[key]
+                    yield AlertChange("cleared", alert)
+
+    def forget(self, device: str) -> None:
+        """A device left (or was removed): its alerts go."""
+        with self._lock:
+            for key in [k for k in self._firing if k[0] == device]:
+                del self._firing[key]
+
+    def alerts(self) -> list[Alert]:
+        with self._lock:
+            return sorted(self._firing.values(), key=lambda a: (-a.psi, a.device, a.feature))
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per (model, version, feature): devices reporting, firing, and max and mean PSI."""
+        with self._lock:
+            rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+            for (_, model, version), scores in self._latest.items():
+                for feature, value in scores.items():
+                    row = rows.setdefault((model, version, feature), {
+                        "model": f"{model}:{version}", "feature": feature, "devices": 0,
+                        "firing": 0, "psi_max": 0.0, "psi_sum": 0.0})
+                    row["devices"] += 1
+                    row["psi_max"] = max(row["psi_max"], value)
+                    row["psi_sum"] += value
+            for alert in self._firing.values():
+                found = rows.get((alert.model, alert.version, alert.feature))
+                if found is not None:
+                    found["firing"] += 1
+        return [{**{k: v for k, v in row.items() if k != "psi_sum"},
+                 "psi_mean": round(row["psi_sum"] / row["devices"], 6)}
+                for row in sorted(rows.values(), key=lambda r: (r["model"], r["feature"]))]

@@ -1,0 +1,96 @@
+"""The controller's drift alert state machine, window by window."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agent.protocol.drift import InputReference, Monitoring, OutputReference
+from fleet.drift import DriftMonitor, DriftPolicy
+
+REFERENCE = Monitoring(
+    source="eval", samples=100,
+    inputs={"x": InputReference(mean=0.5, std=0.1, min=0, max=1, edges=[0.5],
+                                hist=[0.5, 0.5])},
+    outputs={"y": OutputReference(kind="classes", classes=[0.5, 0.5], confidence_mean=0.9,
+                                  confidence_hist=[0.0] * 9 + [1.0])})
+
+
+def window(low: int, high: int, classes: tuple[int, int] = (50, 50)) -> dict[str, Any]:
+    return {"samples": low + high, "inputs": {"x": {"hist": [low, high]}},
+            "outputs": {"y": {"classes": list(classes), "confidence_hist": [0] * 9 + [low + high]}}}
+
+
+CALM, SHIFTED, FEW = window(50, 50), window(95, 5), window(9, 1)
+
+
+def monitor(policy: DriftPolicy = DriftPolicy(min_samples=30, clear_after=2)) -> DriftMonitor:
+    return DriftMonitor(lambda model, version: REFERENCE if model == "m" else None,
+                        lambda model: policy)
+
+
+def feed(mon: DriftMonitor, *windows: dict[str, Any], device: str = "d1") -> list[str]:
+    changes = []
+    for i, w in enumerate(windows):
+        mon.offer(device, "m", "1.0.0", 1000 * (i + 1), w)
+        changes += [f"{c.kind}:{c.alert.feature}" for c in mon.process()]
+    return changes
+
+
+@pytest.mark.parametrize(("windows", "changes", "firing"), [
+    ((CALM, CALM), [], []),
+    ((SHIFTED,), ["raised:input:x"], ["input:x"]),
+    ((FEW,), [], []),  # too few samples to say anything
+    ((SHIFTED, CALM), ["raised:input:x"], ["input:x"]),  # one quiet window is not enough
+    ((SHIFTED, CALM, CALM), ["raised:input:x", "cleared:input:x"], []),
+    ((SHIFTED, CALM, SHIFTED, CALM), ["raised:input:x"], ["input:x"]),  # the count restarts
+    ((SHIFTED, FEW, FEW, FEW), ["raised:input:x"], ["input:x"]),  # small windows change nothing
+    ((window(50, 50, (95, 5)),), ["raised:output:y:classes"], ["output:y:classes"]),
+])
+def test_alerts_follow_the_windows(windows: tuple[dict[str, Any], ...], changes: list[str],
+                                   firing: list[str]) -> None:
+    mon = monitor()
+    assert feed(mon, *windows) == changes
+    assert [a.feature for a in mon.alerts()] == firing
+
+
+def test_a_psi_exactly_at_the_threshold_does_not_fire_and_just_above_does() -> None:
+    exact = DriftMonitor(lambda m, v: REFERENCE, lambda m: DriftPolicy(psi=0.2, min_samples=1))
+    exact.offer("d1", "m", "1.0.0", 1, window(50, 50))
+    exact.process()
+    # find the PSI of a given window, then set the threshold exactly there and just below
+    from agent.protocol.drift import compare
+
+    value = compare(REFERENCE, SHIFTED)["input:x"]
+    for threshold, fires in ((value, False), (value - 1e-6, True)):
+        mon = DriftMonitor(lambda m, v: REFERENCE,
+                           lambda m, t=threshold: DriftPolicy(psi=t, min_samples=1))
+        assert bool(feed(mon, SHIFTED)) is fires
+
+
+def test_devices_and_versions_are_judged_apart_and_summed_per_version() -> None:
+    mon = monitor()
+    feed(mon, SHIFTED, device="d1")
+    feed(mon, CALM, device="d2")
+    assert [a.device for a in mon.alerts()] == ["d1"]
+    (row,) = [r for r in mon.summary() if r["feature"] == "input:x"]
+    assert row["devices"] == 2 and row["firing"] == 1 and row["psi_max"] > row["psi_mean"] > 0
+    mon.forget("d1")
+    assert mon.alerts() == []
+
+
+def test_models_without_reference_and_malformed_windows_are_skipped() -> None:
+    mon = monitor()
+    mon.offer("d1", "other", "1.0.0", 1, SHIFTED)  # no reference for this model
+    mon.offer("d1", "m", "1.0.0", 2, {"inputs": {"x": {"hist": "not counts"}}, "samples": 50})
+    mon.offer("d1", "m", "1.0.0", 3, {"inputs": {"x": {"hist": [1, 2]}}, "samples": "many"})
+    assert mon.process() == []
+    assert mon.rejected == 2 and mon.windows == 0
+
+
+@pytest.mark.parametrize("bad", [{"psi": 0}, {"psi": -1}, {"min_samples": 0},
+                                 {"clear_after": 0}])
+def test_a_policy_refuses_values_that_make_no_sense(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        DriftPolicy(**bad)  # type: ignore[arg-type]

@@ -1,0 +1,358 @@
+"""Devices cut off from the broker and the controller, and a flapping link, on a real
+network path (``tests/netfault.py``: a network namespace behind a veth pair where the
+machine allows it, TCP proxies the test controls elsewhere).
+
+The devices behind the link ("far") are real agent processes (``edgefleet agent run``);
+the ones in front of it ("near"), the controller and the broker run as in the other
+fleet tests. The broker and the controller's HTTP server listen where the far devices
+reach them (``link.service_host``). What the bundle server answered is read from its
+access log (a 206 is a download resumed with Range).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet.client import FleetClient
+from fleet.mosquitto import MosquittoBroker, stop_process
+from tests.conftest import Keys, make_bundle
+from tests.fleet_harness import Fleet, wait_until
+from tests.models import TrainedModels
+from tests.netfault import Link, open_link
+
+pytestmark = pytest.mark.faults
+
+TIMEOUT_S = 6  # each rollout's --device-timeout
+
+
+@pytest.fixture(scope="module")
+def versions(digits_models: TrainedModels, signing_keys: Keys,
+             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("network-fault-bundles")
+    return {"v1": make_bundle(digits_models.tflite, root / "v1.efb", signing_keys, "1.0.0"),
+            "v2": make_bundle(digits_models.onnx, root / "v2.efb", signing_keys, "2.0.0")}
+
+
+@pytest.fixture()
+def link() -> Iterator[Link]:
+    with open_link() as opened:
+        yield opened
+
+
+@pytest.fixture()
+def mosquitto(tmp_path: Path, link: Link) -> Iterator[MosquittoBroker]:
+    """Overrides conftest's: listens where the devices behind the link reach it."""
+    broker = MosquittoBroker(host=link.service_host, workdir=tmp_path / "mosquitto").start()
+    yield broker
+    broker.stop()
+
+
+@dataclass
+class FarDevice:
+    """``edgefleet agent run`` behind the link, with its data folder on this disk."""
+
+    device: str
+    data_dir: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def journal(self) -> dict[str, Any]:
+        try:
+            data = json.loads((self.data_dir / "journal.json").read_text())
+        except (OSError, ValueError):  # none yet, or being replaced
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @property
+    def state(self) -> str:
+        return str(self.journal().get("state", "IDLE"))
+
+    def downloaded(self) -> int:
+        """Bytes of the download in progress (0 when there is none)."""
+        return sum(p.stat().st_size for p in (self.data_dir / "downloads").glob("*.part"))
+
+    def stop(self) -> None:
+        stop_process(self.process, signal.SIGTERM)
+
+
+class AccessLog(logging.Handler):
+    """The controller's HTTP access log (``fleet.api`` at DEBUG), line by line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def bundle_requests(self, client: str) -> list[str]:
+        """The status codes of the bundle downloads ``client`` made, in order."""
+        return [line.split()[-2] for line in list(self.lines)
+                if line.startswith(f"{client} ") and "/bundles/" in line]
+
+
+@dataclass
+class Site:
+    """A fleet with some devices near (in this process) and some far (behind ``link``)."""
+
+    fleet: Fleet
+    link: Link
+    keys: Keys
+    access: AccessLog
+    far: dict[str, FarDevice] = field(default_factory=dict)
+    client: FleetClient | None = None
+
+    def start(self, near: list[str], far: list[str], bundle: Path) -> FleetClient:
+        self.client = client = self.fleet.start_controller()
+        for device in far:
+            self.far[device] = self._spawn(device, bundle)
+        for device in near:
+            self.fleet.add_agent(device, bundle, traffic=False)
+        everyone = [*near, *far]
+        wait_until(lambda: self._all(lambda d: d["online"] and d["active"] and
+                                     d["active"]["version"] == "1.0.0", everyone),
+                   60, what="every device online on 1.0.0")
+        client.post("/api/v1/devices/group", {"devices": everyone, "group": "site"})
+        return client
+
+    def _spawn(self, device: str, bundle: Path) -> FarDevice:
+        data = self.fleet.root / "far" / device
+        data.mkdir(parents=True)
+        log = self.fleet.root / f"{device}.log"
+        argv = [sys.executable, "-m", "edgefleet", "agent", "run", "--bundle", str(bundle),
+                "--fleet", self.fleet.name, "--device-id", device,
+                "--broker", self.link.broker_url(self.fleet.broker_url),
+                "--trusted-key", str(self.keys.public), "--data-dir", str(data),
+                "--telemetry-interval", "0.5"]
+        with log.open("wb") as out:
+            process = subprocess.Popen(self.link.command(argv), env={**os.environ,
+                                                                    **self.link.env()},
+                                       stdout=out, stderr=subprocess.STDOUT)
+        return FarDevice(device, data, process, log)
+
+    def devices(self) -> dict[str, dict[str, Any]]:
+        assert self.client is not None
+        return {d["id"]: d for d in self.client.get("/api/v1/devices")}
+
+    def _all(self, check: Any, ids: list[str]) -> bool:
+        known = self.devices()
+        return all(i in known and check(known[i]) for i in ids)
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        assert self.client is not None
+        return self.client.get(f"/api/v1/rollouts/{rollout_id}")
+
+    def stop(self) -> None:
+        for device in self.far.values():
+            device.stop()
+        self.fleet.stop()
+
+
+@pytest.fixture()
+def site(link: Link, mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
+         signing_keys: Keys) -> Iterator[Site]:
+    access = AccessLog()
+    api_log = logging.getLogger("fleet.api")
+    level = api_log.level
+    api_log.setLevel(logging.DEBUG)
+    api_log.addHandler(access)
+    fleet = Fleet(fleet_name, mosquitto.url, tmp_path, signing_keys,
+                  http_host=link.service_host)
+    built = Site(fleet, link, signing_keys, access)
+    try:
+        yield built
+    finally:
+        built.stop()
+        api_log.removeHandler(access)
+        api_log.setLevel(level)
+        for device in built.far.values():  # what the far agents said, when a test failed
+            sys.stdout.write(f"--- {device.device} ---\n{device.log.read_text()[-3000:]}\n")
+
+
+class Watch:
+    """Every state each device of a rollout goes through, polled every 50 ms."""
+
+    def __init__(self, site: Site, rollout_id: str) -> None:
+        self.seen: dict[str, list[tuple[str, str]]] = {}
+        self._site, self._id = site, rollout_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True, name="watch")
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            for device in self._site.rollout(self._id)["devices"]:
+                seen = self.seen.setdefault(device["device"], [])
+                now = (device["state"], device["reason"])
+                if not seen or seen[-1] != now:
+                    seen.append(now)
+
+    def states(self, device: str) -> list[str]:
+        """Its states in order (a state seen twice in a row is one)."""
+        return [state for state, _ in itertools.groupby(s for s, _ in self.seen[device])]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _states(rollout: dict[str, Any]) -> dict[str, str]:
+    return {d["device"]: d["state"] for d in rollout["devices"]}
+
+
+def _reasons(rollout: dict[str, Any]) -> dict[str, str]:
+    return {d["device"]: d["reason"] for d in rollout["devices"]}
+
+
+def _rollout_until(site: Site, rollout_id: str, done: Any, what: str,
+                   timeout: float = 60.0) -> dict[str, Any]:
+    """Poll the rollout until ``done(rollout)``; on a timeout, say where every device is."""
+    last: dict[str, Any] = {}
+
+    def check() -> bool:
+        nonlocal last
+        last = site.rollout(rollout_id)
+        return bool(done(last))
+
+    try:
+        wait_until(check, timeout, what=what)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {last.get('state')} {last.get('reason')!r}, "
+                             f"devices {_states(last)}, {_reasons(last)}") from None
+    return last
+
+
+def _decided(rollout: dict[str, Any]) -> bool:
+    return rollout["state"] not in ("PENDING", "RUNNING")
+
+
+NEAR, FAR = ["near-0", "near-1"], ["far-0", "far-1"]
+
+
+def test_devices_cut_off_while_downloading_time_out_then_resume_and_commit(
+        site: Site, versions: dict[str, Path]) -> None:
+    client = site.start(NEAR, FAR, versions["v1"])
+    client.upload("/api/v1/models", versions["v2"].read_bytes())
+    site.link.rate_limit(64)  # the far downloads take several seconds
+    rollout = client.post("/api/v1/rollouts", {
+        "model": "digits:2.0.0", "selectors": ["group:site"], "soak_s": 0.5,
+        "device_timeout_s": TIMEOUT_S, "gates": {"min_success_pct": 50}})
+    wait_until(lambda: all(site.far[d].downloaded() > 0 for d in FAR), 30, every=0.05,
+               what="the far devices to be downloading")
+    site.link.cut()
+
+    # the rollout decides without them: they time out, 2 of 4 is not below --min-success 50
+    done = _rollout_until(site, rollout["id"], _decided, "the rollout to decide", 30)
+    assert done["state"] == "SUCCEEDED", done["reason"]
+    assert done["reason"] == "2 of 4 devices run 2.0.0"
+    assert _states(done) == {**dict.fromkeys(NEAR, "SUCCEEDED"),
+                             **dict.fromkeys(FAR, "TIMED_OUT")}
+    assert {d: _reasons(done)[d] for d in FAR} == dict.fromkeys(
+        FAR, f"no answer within {TIMEOUT_S}s (offline)")
+    assert {d: site.far[d].state for d in FAR} == dict.fromkeys(FAR, "DOWNLOADING")
+    assert all(0 < site.far[d].downloaded() < done["spec"]["size"] for d in FAR)
+
+    site.link.rate_limit(None)
+    site.link.restore()
+    watch = Watch(site, rollout["id"])
+    # they reconnect, resume their downloads, and the succeeded rollout commits them late
+    final = wait_until(lambda: (r := site.rollout(rollout["id"])) and set(_states(r).values())
+                       == {"SUCCEEDED"} and r, 60, what="the far devices to be committed")
+    assert final["state"] == "SUCCEEDED"
+    watch.stop()
+    for device in FAR:  # once it answered, never declared timed out again
+        states = watch.states(device)
+        assert states[0] == "TIMED_OUT" and "TIMED_OUT" not in states[1:], watch.seen[device]
+        assert states[-1] == "SUCCEEDED", watch.seen[device]
+    registry = wait_until(lambda: (r := site.devices()) and all(
+        r[d]["online"] and r[d]["update_state"] == "COMMITTED" for d in NEAR + FAR) and r,
+        30, what="the registry to show every device committed")
+    assert {d: registry[d]["active"]["version"] for d in NEAR + FAR} == dict.fromkeys(
+        NEAR + FAR, "2.0.0")
+    assert {d: site.far[d].state for d in FAR} == dict.fromkeys(FAR, "COMMITTED")
+    assert "206" in site.access.bundle_requests(site.link.device_host)  # resumed with Range
+
+
+def test_devices_cut_off_in_probation_time_out_the_rollout_aborts_and_they_roll_back(
+        site: Site, versions: dict[str, Path]) -> None:
+    client = site.start(NEAR, FAR, versions["v1"])
+    client.upload("/api/v1/models", versions["v2"].read_bytes())
+    rollout = client.post("/api/v1/rollouts", {
+        "model": "digits:2.0.0", "selectors": ["group:site"], "soak_s": 3,
+        "device_timeout_s": TIMEOUT_S})  # --min-success 100 (the default)
+    watch = Watch(site, rollout["id"])
+    _rollout_until(site, rollout["id"], lambda r: all(_states(r)[d] == "PROBATION" for d in FAR),
+                   "the far devices in probation", 30)
+    site.link.cut()
+
+    # their soak ends, the commit goes unconfirmed, they time out: the wave misses
+    # --min-success and the rollout aborts; the devices that never confirmed roll back
+    done = _rollout_until(site, rollout["id"], _decided, "the rollout to decide", 30)
+    assert done["state"] == "ABORTED"
+    assert done["reason"] == ("wave 1 of 1: 2 of 4 devices succeeded (50.0%), below "
+                              "--min-success 100%")
+    assert _states(done) == {**dict.fromkeys(NEAR, "SUCCEEDED"),
+                             **dict.fromkeys(FAR, "ROLLING_BACK")}
+    assert {d: site.devices()[d]["online"] for d in FAR} == dict.fromkeys(FAR, False)
+    # cut off, they wait in probation on the new version, the previous one ready
+    assert {d: site.far[d].state for d in FAR} == dict.fromkeys(FAR, "PROBATION")
+
+    site.link.restore()
+    final = _rollout_until(site, rollout["id"], lambda r: all(
+        _states(r)[d] == "ROLLED_BACK" for d in FAR), "the far devices to roll back")
+    watch.stop()
+    assert final["state"] == "ABORTED"
+    assert _states(final) == {**dict.fromkeys(NEAR, "SUCCEEDED"),
+                              **dict.fromkeys(FAR, "ROLLED_BACK")}
+    for device in FAR:
+        assert watch.states(device)[-4:] == ["PROBATION", "COMMITTING", "ROLLING_BACK",
+                                             "ROLLED_BACK"], watch.seen[device]
+        assert _reasons(final)[device] == "running digits 1.0.0"
+    registry = wait_until(lambda: (r := site.devices()) and all(
+        r[d]["online"] and r[d]["update_state"] in ("COMMITTED", "ROLLED_BACK")
+        for d in NEAR + FAR) and r, 30, what="the registry to show every device settled")
+    assert {d: (registry[d]["active"]["version"], registry[d]["update_state"])
+            for d in NEAR + FAR} == {**dict.fromkeys(NEAR, ("2.0.0", "COMMITTED")),
+                                     **dict.fromkeys(FAR, ("1.0.0", "ROLLED_BACK"))}
+    assert {d: site.far[d].state for d in FAR} == dict.fromkeys(FAR, "ROLLED_BACK")
+
+
+def test_a_download_over_a_link_that_flaps_five_times_resumes_and_commits(
+        site: Site, versions: dict[str, Path]) -> None:
+    client = site.start([], ["far-0"], versions["v1"])
+    device = site.far["far-0"]
+    client.upload("/api/v1/models", versions["v2"].read_bytes())
+    site.link.rate_limit(32)  # 4 KB/s: the bundle takes longer than the five flaps
+    rollout = client.post("/api/v1/rollouts", {
+        "model": "digits:2.0.0", "selectors": ["device:far-0"], "soak_s": 0.5,
+        "device_timeout_s": 120})
+    wait_until(lambda: device.downloaded() > 0, 30, every=0.05, what="the download to start")
+    progress = []
+    for _ in range(6):
+        assert device.state == "DOWNLOADING"  # each flap cuts the download in progress
+        progress.append(device.downloaded())
+        site.link.flap(1, down_s=1.0, up_s=1.5)
+    print(progress, site.access.bundle_requests(site.link.device_host))
+    site.link.rate_limit(None)
+
+    done = _rollout_until(site, rollout["id"], _decided, "the rollout to end", 60)
+    assert done["state"] == "SUCCEEDED", done["reason"]
+    assert _states(done) == {"far-0": "SUCCEEDED"}
+    assert device.journal()["state"] == "COMMITTED"
+    assert device.journal()["target"]["version"] == "2.0.0"
+    requests = site.access.bundle_requests(site.link.device_host)
+    print(requests)
+    assert requests[0] == "200" and "206" in requests[1:]  # resumed with Range, not restarted
