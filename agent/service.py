@@ -211,9 +211,10 @@ class AgentService:
                 keyring = accept_keyring(payload, self.agent.trusted, self.keyring)
                 if keyring is not None:
                     save_keyring(self.config.data_dir / KEYRING_FILE, keyring)
-            except EdgefleetError as exc:
-                log.warning("refused the keyring on %s: %s", topic, exc)
-                self.publish_event("keyring_rejected", f"{topic}: {exc.message}")
+            except (EdgefleetError, OSError) as exc:  # OSError: it could not be kept
+                reason = exc.message if isinstance(exc, EdgefleetError) else str(exc)
+                log.warning("refused the keyring on %s: %s", topic, reason)
+                self.publish_event("keyring_rejected", f"{topic}: {reason}")
                 return
             if keyring is None:
                 return  # the one held already (retained, sent again on every connection)

@@ -26,8 +26,9 @@ Errors are JSON ``{"error", "hint", "kind"}``; the status follows the error's cl
 413 body too large, 405 method).
 
 Input is checked before it reaches the controller: a path with ``..``, a backslash or an
-encoded ``/`` is refused (400) whatever the token; ids in paths and bodies must be contract
-ids (``agent.protocol.topics.check_id``), model keys ``NAME:SEMVER``; bodies are capped
+encoded ``/`` is refused (400) whatever the token; device ids in paths and bodies must be
+contract ids (``agent.protocol.topics.check_id``), groups and tags 1-64 printable characters,
+model keys ``NAME:SEMVER``, rollout ids ``r12``-like; bodies are capped
 (bundles 512 MiB, keyrings 64 KiB, JSON 1 MiB) from ``Content-Length`` before they are read.
 A bundle is verified in memory before a byte reaches the artifact folder, which holds files
 named by sha256 only.
@@ -331,18 +332,18 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(self.c.operate(_rollout_id(unquote(match.group(1))), match.group(2),
                                              actor).as_dict())
         if path == "/api/v1/rollback":
-            done = self.c.rollback_group(_id(body.get("group"), "group"), actor)
+            done = self.c.rollback_group(_label(body.get("group"), "group"), actor)
             return self._json([r.summary() for r in done])
         if path == "/api/v1/devices/group":
             devices = _ids(body.get("devices"), "devices", "device id")
             group = body.get("group")
-            changed = self.c.set_group(devices, None if group is None else _id(group, "group"),
+            changed = self.c.set_group(devices, None if group is None else _label(group, "group"),
                                        actor)
             return self._json([d.as_dict() for d in changed])
         if match := _TAGS.match(path):
             device = self.c.tag(_id(unquote(match.group(1)), "device id"),
-                                _ids(body.get("add", []), "add", "tag"),
-                                _ids(body.get("remove", []), "remove", "tag"), actor)
+                                _labels(body.get("add", []), "add", "tag"),
+                                _labels(body.get("remove", []), "remove", "tag"), actor)
             return self._json(device.as_dict())
         raise NotFoundError(f"no such endpoint: POST {path}", hint="see docs/fleet.md")
 
@@ -464,6 +465,21 @@ def _ids(value: object, field: str, what: str) -> list[str]:
     if not isinstance(value, list):
         raise _invalid(f"{field} must be a list of {what}s, got {type(value).__name__}")
     return [_id(item, what) for item in value]
+
+
+def _label(value: object, what: str) -> str:
+    """A group or tag: free text for people (``north cams & co``), 1-64 printable characters."""
+    if not isinstance(value, str):
+        raise _invalid(f"{what} must be a string, got {type(value).__name__}")
+    if not 1 <= len(value) <= 64 or not value.isprintable():
+        raise _invalid(f"{what} {value[:80]!r} is not allowed: use 1-64 printable characters")
+    return value
+
+
+def _labels(value: object, field: str, what: str) -> list[str]:
+    if not isinstance(value, list):
+        raise _invalid(f"{field} must be a list of {what}s, got {type(value).__name__}")
+    return [_label(item, what) for item in value]
 
 
 def _rollout_id(value: str) -> str:

@@ -6,7 +6,8 @@ or in the middle of an update), ``/api/v1/rollouts`` and ``/api/v1/rollouts/{id}
 rollout still going (progress per wave). Per-version latency, error rate and agreement come
 from the overview's ``quality`` map (``"name:version"`` -> ``p50_ms``, ``p95_ms``,
 ``error_rate``, ``agreement``, ``inferences``) when the controller reports one; without it
-those columns stay empty.
+those columns stay empty. The overview's ``controller`` says which controller answered and
+who leads when several share the fleet (docs/scale-out.md).
 
 ``--once`` prints one frame and exits; ``--json`` prints each frame's data as one line of
 JSON. A live view keeps going through transient API errors (shown under the frame).
@@ -47,6 +48,7 @@ def collect(client: FleetClient) -> dict[str, Any]:
     attention = [_device_row(d) for d in devices
                  if not d["online"] or d["update_state"] not in _SETTLED]
     return {"ts_ms": int(time.time() * 1000), "fleet": overview["fleet"],
+            "controller": overview.get("controller") or {},
             "devices": {"total": overview["devices"], "online": overview["online"],
                         "offline": overview["devices"] - overview["online"]},
             "versions": [{"version": name, "devices": count, **_quality(quality.get(name))}
@@ -95,7 +97,8 @@ def render(frame: dict[str, Any], problem: str = "") -> Group:
     states = "  ".join(f"{s} {n}" for s, n in sorted(frame["update_states"].items()))
     parts: list[Any] = [
         f"[bold]fleet {frame['fleet']}[/]  {devices['total']} devices: "
-        f"[green]{devices['online']} online[/], [red]{devices['offline']} offline[/]  {when}",
+        f"[green]{devices['online']} online[/], [red]{devices['offline']} offline[/]  {when}"
+        f"{_leader(frame.get('controller') or {})}",
         _versions_table(frame["versions"]), f"update states: {states or '-'}"]
     parts += [_rollout_table(r) for r in frame["rollouts"]] or ["no rollout running"]
     if frame["attention"]:
@@ -103,6 +106,15 @@ def render(frame: dict[str, Any], problem: str = "") -> Group:
     if problem:
         parts.append(f"[yellow]{problem}[/]")
     return Group(*parts)
+
+
+def _leader(controller: dict[str, Any]) -> str:
+    """``  controller b (follower, leader a)`` when several controllers share the fleet."""
+    role = controller.get("role")
+    if role not in ("leader", "follower"):
+        return ""
+    leads = f", leader {controller.get('leader') or 'none right now'}" if role == "follower" else ""
+    return f"  controller {controller.get('id')} ({role}{leads})"
 
 
 def _versions_table(rows: list[dict[str, Any]]) -> Table:

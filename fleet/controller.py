@@ -33,6 +33,7 @@ from typing import Any
 
 from agent.mqtt import MqttClient, MqttSecurity
 from agent.protocol.bundle import read_bundle
+from agent.protocol.drift import Monitoring
 from agent.protocol.errors import EdgefleetError, PayloadError
 from agent.protocol.files import atomic_write
 from agent.protocol.keyring import (
@@ -52,20 +53,27 @@ from agent.protocol.payloads import (
     encode,
 )
 from agent.protocol.signing import TrustedKeys
-from agent.protocol.topics import Leaf, device_topic, fleet_filter, keyring_topic, parse_topic
+from agent.protocol.topics import (
+    Leaf,
+    check_id,
+    device_topic,
+    fleet_filter,
+    keyring_topic,
+    parse_topic,
+)
 from agent.runtime.inspect import ModelInfo, inspect_model
 from fleet.compat import incompatibility
 from fleet.domain import AuditEntry, Device, ModelVersion
+from fleet.drift import Alert, DriftMonitor, DriftPolicy
 from fleet.errors import ConflictError, FleetError, InvalidRolloutError, NotFoundError
 from fleet.lease import Fence, Turn
-from fleet.mqtt_share import SharingMqttClient, check_group
 from fleet.registry import DeviceRegistry
 from fleet.relay import OperatorRequest, error_result
 from fleet.rollout import executor
 from fleet.rollout.executor import Action, Decisions, DeviceView, Observations, Quality
 from fleet.rollout.spec import RolloutSpec
 from fleet.rollout.state import ACTIVE, DeviceState, Rollout, RolloutState
-from fleet.scale import ScaleOut
+from fleet.scale import ScaleOut, check_group, shared_filter
 from fleet.store import Store
 from fleet.telemetry import TelemetryBook, VersionKey
 
@@ -74,6 +82,8 @@ __all__ = ["ControllerConfig", "FleetController"]
 log = logging.getLogger(__name__)
 SYSTEM = "controller"
 _FOLLOW_AFTER_END_MS = 24 * 3600 * 1000
+_DRIFT_PREFIX = "drift:"  # settings key of a model's DriftPolicy
+_POLICIES_EVERY_MS = 30_000  # how often the drift policies are read again from the store
 _UNSETTLED = ACTIVE | {DeviceState.ROLLING_BACK, DeviceState.TIMED_OUT}
 _BASELINE_SAMPLE = 1000
 
@@ -148,6 +158,10 @@ class FleetController:
         self._thread: threading.Thread | None = None
         self.mqtt: MqttClient | None = None
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._references: dict[VersionKey, Monitoring | None] = {}
+        self._policies: dict[str, DriftPolicy] = {}
+        self._policies_read_ms = 0
+        self.drift = DriftMonitor(self._drift_reference, self.drift_policy)
 
     # --- life -------------------------------------------------------------------------
 
@@ -158,15 +172,14 @@ class FleetController:
             self.scale.share_bundles(self._local_bundles())
             with self._lock:
                 self._take_turn()
-        self.mqtt = mqtt = SharingMqttClient.from_url(self._client_id(),
-                                                      self.config.broker_url,
-                                                      security=self.config.mqtt_security)
-        if self.config.shared_telemetry is not None:  # each message to one controller
-            mqtt.share(fleet_filter(self.config.fleet, Leaf.TELEMETRY),
-                       self.config.shared_telemetry)
+        self.mqtt = MqttClient.from_url(self._client_id(), self.config.broker_url,
+                                        security=self.config.mqtt_security)
         # every leaf but state/desired: the controller writes that one itself
         for leaf in (Leaf.STATUS, Leaf.REPORTED, Leaf.EVENTS, Leaf.TELEMETRY):
-            self.mqtt.subscribe(fleet_filter(self.config.fleet, leaf), self._message)
+            topic_filter = fleet_filter(self.config.fleet, leaf)
+            if leaf == Leaf.TELEMETRY and self.config.shared_telemetry is not None:
+                topic_filter = shared_filter(self.config.shared_telemetry, topic_filter)
+            self.mqtt.subscribe(topic_filter, self._message)
         self._start_keyring()  # trust the stored keyring; publish it on every connection
         self.mqtt.start()
         self._thread = threading.Thread(target=self._loop, name="edgefleet-controller",
@@ -222,6 +235,8 @@ class FleetController:
             if address.leaf == Leaf.TELEMETRY:
                 for point in decode_telemetry(payload):
                     self.telemetry.add(address.device, point.ts, point.values)
+                    if "drift" in point.values:
+                        self._offer_drift(address.device, point.ts, point.values)
                 self.registry.seen(address.device, now)
             elif address.leaf == Leaf.STATUS and payload:
                 self.registry.status(address.device, decode_status(payload), now)
@@ -237,6 +252,14 @@ class FleetController:
         except (EdgefleetError, ValueError) as exc:
             self.rejected += 1
             log.warning("dropped a message on %s: %s", topic, exc)
+
+    def _offer_drift(self, device: str, ts: int, values: dict[str, Any]) -> None:
+        window, model, version = values["drift"], values.get("model"), values.get("model_version")
+        if isinstance(window, dict) and isinstance(model, str) and isinstance(version, str):
+            self.drift.offer(device, model, version, ts, window)
+        else:
+            raise PayloadError("telemetry carries a drift window without model and "
+                               "model_version, or one that is not an object")
 
     def _notify(self, kind: str, data: dict[str, Any]) -> None:
         for listener in list(self.listeners):
@@ -255,6 +278,7 @@ class FleetController:
         requests followers relayed.
         """
         with self._lock:
+            self._judge_drift()
             if self.scale is not None:
                 self._take_turn()
                 self.scale.sync_labels(self.registry)
@@ -273,6 +297,62 @@ class FleetController:
                 self._apply(executor.tick(rollout, self._observe(rollout, joined), now),
                             SYSTEM)
             self._flush_outbox()
+
+    def _judge_drift(self) -> None:
+        """Compare the drift windows telemetry brought since the last tick; audit and
+        announce every alert raised or cleared."""
+        now = self.clock()
+        if now - self._policies_read_ms >= _POLICIES_EVERY_MS:  # set on any controller
+            self._policies_read_ms = now
+            self._policies = {key.partition(":")[2]: DriftPolicy(**value) for key, value in
+                              self.store.settings(_DRIFT_PREFIX).items()}
+        for change in self.drift.process():
+            alert = change.alert
+            self._audit(SYSTEM, f"drift.{change.kind}", alert.device,
+                        f"{alert.model}:{alert.version} {alert.feature} PSI {alert.psi:.3f} "
+                        f"(threshold {alert.threshold})", **alert.as_dict())
+            self._notify("alert", {"kind": change.kind, **alert.as_dict()})
+
+    def _drift_reference(self, model: str, version: str) -> Monitoring | None:
+        """The reference statistics in a pushed version's manifest (cached)."""
+        key = (model, version)
+        if key not in self._references:
+            found = self.store.model(model, version)
+            raw = found.manifest.get("monitoring") if found is not None else None
+            try:
+                self._references[key] = Monitoring.model_validate(raw) if raw else None
+            except ValueError:
+                log.warning("%s:%s carries unreadable drift reference statistics", *key)
+                self._references[key] = None
+            if found is None:  # maybe pushed later: ask again then
+                return self._references.pop(key)
+        return self._references[key]
+
+    def drift_policy(self, model: str) -> DriftPolicy:
+        return self._policies.get(model, DriftPolicy())
+
+    def drift_policies(self) -> dict[str, DriftPolicy]:
+        return dict(self._policies)
+
+    def set_drift_policy(self, model: str, policy: DriftPolicy | None,
+                         actor: str) -> DriftPolicy:
+        """Set (or with ``None`` reset to the defaults) when ``model``'s drift alerts."""
+        check_id(model, "model name")
+        with self._lock:
+            self.store.put_setting(f"{_DRIFT_PREFIX}{model}",
+                                   policy.as_dict() if policy else None, self.clock())
+            if policy is None:
+                self._policies.pop(model, None)
+            else:
+                self._policies[model] = policy
+            chosen = self.drift_policy(model)
+            self._audit(actor, "drift.policy", model,
+                        "defaults" if policy is None else str(chosen.as_dict()),
+                        **chosen.as_dict())
+            return chosen
+
+    def alerts(self) -> list[Alert]:
+        return self.drift.alerts()
 
     def _flush_devices(self) -> None:
         if not self.leading:

@@ -5,12 +5,14 @@ the controller's loop compares them (``process``) with the reference statistics 
 manifest of the version the device ran (:mod:`agent.protocol.drift`) and keeps one small
 state machine per (device, model, version, feature):
 
-* quiet -> firing when a window of at least ``min_samples`` summarised requests has a PSI
-  strictly above the model's ``psi`` threshold;
-* firing -> quiet after ``clear_after`` consecutive such windows at or below it.
+* quiet -> firing when a pooled window (below) has a PSI strictly above the model's
+  ``psi`` threshold;
+* firing -> quiet after ``clear_after`` consecutive pooled windows at or below it.
 
-A window with fewer samples changes nothing (too few requests to say). Thresholds are
-per model name (:class:`DriftPolicy`), set from the CLI and kept in the store.
+PSI over few samples is noise (about (bins - 1) / n for equal distributions), so a
+device's consecutive windows are pooled (their counts added) until they hold at least
+``min_samples`` summarised requests, and only then judged. Thresholds are per model
+name (:class:`DriftPolicy`), set from the CLI and kept in the store.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class DriftPolicy:
     """When a model's drift raises an alert."""
 
     psi: float = DEFAULT_PSI_THRESHOLD
-    min_samples: int = 30
+    min_samples: int = 200  # PSI noise of equal distributions over 10 bins: about 0.045
     clear_after: int = 2
 
     def __post_init__(self) -> None:
@@ -86,6 +88,37 @@ class _Window:
     stats: dict[str, Any]
 
 
+_COUNTS = ("hist", "classes", "confidence_hist")
+
+
+def _pool(pooled: dict[str, Any] | None, stats: dict[str, Any]) -> dict[str, Any]:
+    """``stats`` added to ``pooled``: samples and every count list (same lengths) summed;
+    a tensor whose bins changed starts again from ``stats``."""
+    samples = stats.get("samples", 0)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError("a drift window's samples must be a non-negative integer")
+    sides: dict[str, dict[str, dict[str, list[float]]]] = {
+        side: {k: _counts_of(v) for k, v in dict(stats.get(side, {})).items()}
+        for side in ("inputs", "outputs")}
+    if pooled is None:
+        return {"samples": samples, **sides}
+    for side, tensors in sides.items():
+        for name, counts in tensors.items():
+            before = pooled[side].get(name)
+            if before is not None:
+                for key, values in counts.items():
+                    old = before.get(key)
+                    if old is not None and len(old) == len(values):
+                        counts[key] = [a + b for a, b in zip(old, values, strict=True)]
+    return {"samples": samples + pooled["samples"], **sides}
+
+
+def _counts_of(stats: Any) -> dict[str, list[float]]:
+    if not isinstance(stats, dict):
+        raise ValueError("a drift window's per-tensor statistics must be objects")
+    return {key: list(stats[key]) for key in _COUNTS if isinstance(stats.get(key), list)}
+
+
 class DriftMonitor:
     """Queues windows from the ingest thread; compares and keeps alerts on the loop thread."""
 
@@ -95,6 +128,7 @@ class DriftMonitor:
         self._queue: collections.deque[_Window] = collections.deque(maxlen=_MAX_QUEUED)
         self._firing: dict[tuple[str, str, str, str], Alert] = {}
         self._latest: dict[tuple[str, str, str], dict[str, float]] = {}  # per device/version
+        self._pooled: dict[tuple[str, str, str], dict[str, Any]] = {}  # not yet judged
         self._lock = threading.Lock()
         self.windows = 0  # compared
         self.rejected = 0  # malformed
@@ -112,24 +146,28 @@ class DriftMonitor:
             reference = self._reference(window.model, window.version)
             if reference is None:
                 continue  # a bundle without reference statistics: nothing to compare
+            key = (window.device, window.model, window.version)
             try:
-                scores = compare(reference, window.stats)
-                samples = int(window.stats.get("samples", 0))
+                compare(reference, window.stats)  # refuse a malformed window alone
+                pooled = _pool(self._pooled.get(key), window.stats)
             except (ValueError, TypeError) as exc:
                 self.rejected += 1
                 log.warning("dropped a drift window of %s: %s", window.device, exc)
                 continue
             self.windows += 1
+            if pooled["samples"] < self._policy(window.model).min_samples:
+                self._pooled[key] = pooled
+                continue
+            self._pooled.pop(key, None)
+            scores = compare(reference, pooled)
             with self._lock:
-                self._latest[(window.device, window.model, window.version)] = scores
-                changes.extend(self._judge(window, scores, samples))
+                self._latest[key] = scores
+                changes.extend(self._judge(window, scores, int(pooled["samples"])))
         return changes
 
     def _judge(self, window: _Window, scores: dict[str, float],
                samples: int) -> Iterable[AlertChange]:
         policy = self._policy(window.model)
-        if samples < policy.min_samples:
-            return
         for feature, value in scores.items():
             key = (window.device, window.model, window.version, feature)
             alert = self._firing.get(key)
@@ -154,6 +192,8 @@ class DriftMonitor:
         with self._lock:
             for key in [k for k in self._firing if k[0] == device]:
                 del self._firing[key]
+            for pooled in [k for k in self._pooled if k[0] == device]:
+                del self._pooled[pooled]
 
     def alerts(self) -> list[Alert]:
         with self._lock:

@@ -22,6 +22,10 @@ is counted on the ingest path. Families (all prefixed ``edgefleet_``)::
     agreement_samples{model,version}     gauge    the samples behind agreement_top1
     inferences_total{model,version}      counter  inferences served (the agents' own totals)
     inference_errors_total{model,version} counter failed inferences (idem)
+    drift_alerts{model,version,feature}  gauge    devices whose drift alert on the feature fires
+    drift_psi_max{model,version,feature} gauge    highest PSI of the devices' latest windows
+    drift_psi_mean{model,version,feature} gauge   mean PSI of the devices' latest windows
+    drift_windows_total                  counter  drift windows compared with their reference
     telemetry_points_total               counter  telemetry points ingested
     messages_rejected_total              counter  MQTT messages dropped as malformed
 
@@ -111,6 +115,7 @@ class FleetCollector:
         yield from _window_families(_windows(v for d, v in latest.items() if d in online))
         with self._lock:
             yield from self._counter_families(latest)
+        yield from _drift_families(c.drift.summary(), c.drift.windows)
         yield CounterMetricFamily("edgefleet_telemetry_points",
                                   "Telemetry points ingested from devices.",
                                   value=c.telemetry.points)
@@ -291,6 +296,29 @@ class _MonotonicSum:
         for (device, key), last in self._last.items():
             sums[key] += self._base.get((device, key), 0.0) + last
         return dict(sorted(sums.items()))
+
+
+def _drift_families(rows: list[dict[str, Any]], windows: int) -> Iterator[Metric]:
+    """Per (model, version, feature): firing devices, and max and mean PSI (docs/monitoring.md)."""
+    labels = ["model", "version", "feature"]
+    families = {
+        "firing": GaugeMetricFamily("edgefleet_drift_alerts",
+                                    "Devices whose drift alert on the feature fires.",
+                                    labels=labels),
+        "psi_max": GaugeMetricFamily("edgefleet_drift_psi_max",
+                                     "Highest PSI of the devices' latest drift windows.",
+                                     labels=labels),
+        "psi_mean": GaugeMetricFamily("edgefleet_drift_psi_mean",
+                                      "Mean PSI of the devices' latest drift windows.",
+                                      labels=labels)}
+    for row in rows:
+        model, _, version = str(row["model"]).partition(":")
+        for key, family in families.items():
+            family.add_metric([model, version, str(row["feature"])], float(row[key]))
+    yield from families.values()
+    yield CounterMetricFamily("edgefleet_drift_windows",
+                              "Drift windows compared with their bundle's reference.",
+                              value=windows)
 
 
 # --- helpers ----------------------------------------------------------------------------

@@ -31,12 +31,28 @@ from fleet.relay import OperatorRequest, relay
 from fleet.store import Store
 from fleet.telemetry import TelemetryBook, VersionKey
 
-__all__ = ["ScaleOut"]
+__all__ = ["ScaleOut", "check_group", "shared_filter"]
 
 log = logging.getLogger(__name__)
 _ONLY_THE_SEQUENCE = 2**62  # labels_since() above every sequence: no rows, just the number
 _PRUNE_EVERY_MS = 30_000
 _REQUESTS_KEPT_MS = 24 * 3600 * 1000
+
+
+def check_group(group: str) -> str:
+    """A share group name: non-empty, without ``/``, ``+``, ``#`` or ``:``."""
+    if not group or any(c in group for c in "/+#:") or len(group) > 64:
+        raise ValueError(f"{group!r} is not a shared subscription group: use 1-64 characters "
+                         "without '/', '+', '#' or ':'")
+    return group
+
+
+def shared_filter(group: str, topic_filter: str) -> str:
+    """``topic_filter`` as a shared subscription of ``group`` (``$share/GROUP/FILTER``):
+    the broker hands each matching message to one member of the group (MQTT 5; Mosquitto
+    2, EMQX, HiveMQ and VerneMQ accept it from MQTT 3.1.1 clients too). Messages arrive
+    under their real topic; :func:`agent.mqtt.topic_matches` routes them by FILTER."""
+    return f"$share/{check_group(group)}/{topic_filter}"
 
 
 class ScaleOut:

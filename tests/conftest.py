@@ -106,3 +106,27 @@ def fleet(mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
     harness = Fleet(fleet_name, mosquitto.url, tmp_path, signing_keys)
     yield harness
     harness.stop()
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture()
+def browser() -> Iterator[Any]:
+    """Headless Chromium from the system packages (Selenium Manager never downloads)."""
+    from selenium.webdriver import Chrome
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                     "--disable-background-networking", "--disable-dev-shm-usage",
+                     "--window-size=1920,1080", "--lang=en-GB"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

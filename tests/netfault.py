@@ -43,7 +43,7 @@ __all__ = ["Link", "LinkError", "NetNamespace", "ProxyLink", "TcpProxy", "netns_
            "open_link"]
 
 log = logging.getLogger(__name__)
-_POOL = ipaddress.ip_network("10.213.0.0/16")  # private; split into /30s, one per link
+_POOL = ipaddress.IPv4Network("10.213.0.0/16")  # private; split into /30s, one per link
 _COUNTER = itertools.count()
 
 

@@ -25,7 +25,10 @@ def window(low: int, high: int, classes: tuple[int, int] = (50, 50)) -> dict[str
 CALM, SHIFTED, FEW = window(50, 50), window(95, 5), window(9, 1)
 
 
-def monitor(policy: DriftPolicy = DriftPolicy(min_samples=30, clear_after=2)) -> DriftMonitor:
+POLICY = DriftPolicy(min_samples=30, clear_after=2)
+
+
+def monitor(policy: DriftPolicy = POLICY) -> DriftMonitor:
     return DriftMonitor(lambda model, version: REFERENCE if model == "m" else None,
                         lambda model: policy)
 
@@ -41,11 +44,15 @@ def feed(mon: DriftMonitor, *windows: dict[str, Any], device: str = "d1") -> lis
 @pytest.mark.parametrize(("windows", "changes", "firing"), [
     ((CALM, CALM), [], []),
     ((SHIFTED,), ["raised:input:x"], ["input:x"]),
-    ((FEW,), [], []),  # too few samples to say anything
+    ((FEW,), [], []),  # too few samples to say anything yet
+    ((FEW, FEW, FEW), ["raised:input:x"], ["input:x"]),  # pooled: 30 samples, judged
+    ((window(5, 5),) * 7, [], []),  # small calm windows pooled: nothing
     ((SHIFTED, CALM), ["raised:input:x"], ["input:x"]),  # one quiet window is not enough
     ((SHIFTED, CALM, CALM), ["raised:input:x", "cleared:input:x"], []),
     ((SHIFTED, CALM, SHIFTED, CALM), ["raised:input:x"], ["input:x"]),  # the count restarts
-    ((SHIFTED, FEW, FEW, FEW), ["raised:input:x"], ["input:x"]),  # small windows change nothing
+    ((SHIFTED, window(5, 5), window(5, 5), CALM), ["raised:input:x"], ["input:x"]),  # 1 pool
+    ((SHIFTED, CALM, window(5, 5), window(5, 5), window(5, 5)),
+     ["raised:input:x", "cleared:input:x"], []),
     ((window(50, 50, (95, 5)),), ["raised:output:y:classes"], ["output:y:classes"]),
 ])
 def test_alerts_follow_the_windows(windows: tuple[dict[str, Any], ...], changes: list[str],

@@ -26,10 +26,12 @@ from typing import Any
 
 import pytest
 
+from agent.update.download import DownloadError, DownloadStats, fetch
 from fleet.client import FleetClient
 from fleet.mosquitto import MosquittoBroker, stop_process
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import Fleet, wait_until
+from tests.http_files import FileServer
 from tests.models import TrainedModels
 from tests.netfault import Link, open_link
 
@@ -153,7 +155,8 @@ class Site:
 
     def rollout(self, rollout_id: str) -> dict[str, Any]:
         assert self.client is not None
-        return self.client.get(f"/api/v1/rollouts/{rollout_id}")
+        found: dict[str, Any] = self.client.get(f"/api/v1/rollouts/{rollout_id}")
+        return found
 
     def stop(self) -> None:
         for device in self.far.values():
@@ -194,19 +197,24 @@ class Watch:
 
     def _poll(self) -> None:
         while not self._stop.wait(0.05):
-            for device in self._site.rollout(self._id)["devices"]:
-                seen = self.seen.setdefault(device["device"], [])
-                now = (device["state"], device["reason"])
-                if not seen or seen[-1] != now:
-                    seen.append(now)
+            self._record()
+
+    def _record(self) -> None:
+        for device in self._site.rollout(self._id)["devices"]:
+            seen = self.seen.setdefault(device["device"], [])
+            now = (device["state"], device["reason"])
+            if not seen or seen[-1] != now:
+                seen.append(now)
 
     def states(self, device: str) -> list[str]:
         """Its states in order (a state seen twice in a row is one)."""
         return [state for state, _ in itertools.groupby(s for s, _ in self.seen[device])]
 
     def stop(self) -> None:
+        """Stop polling, after one last look (the state the test just waited for)."""
         self._stop.set()
         self._thread.join(timeout=5)
+        self._record()
 
 
 def _states(rollout: dict[str, Any]) -> dict[str, str]:
@@ -265,14 +273,14 @@ def test_devices_cut_off_while_downloading_time_out_then_resume_and_commit(
     assert {d: site.far[d].state for d in FAR} == dict.fromkeys(FAR, "DOWNLOADING")
     assert all(0 < site.far[d].downloaded() < done["spec"]["size"] for d in FAR)
 
+    watch = Watch(site, rollout["id"])
     site.link.rate_limit(None)
     site.link.restore()
-    watch = Watch(site, rollout["id"])
     # they reconnect, resume their downloads, and the succeeded rollout commits them late
-    final = wait_until(lambda: (r := site.rollout(rollout["id"])) and set(_states(r).values())
-                       == {"SUCCEEDED"} and r, 60, what="the far devices to be committed")
-    assert final["state"] == "SUCCEEDED"
+    final = _rollout_until(site, rollout["id"], lambda r: set(_states(r).values()) == {
+        "SUCCEEDED"}, "the far devices to be committed")
     watch.stop()
+    assert final["state"] == "SUCCEEDED"
     for device in FAR:  # once it answered, never declared timed out again
         states = watch.states(device)
         assert states[0] == "TIMED_OUT" and "TIMED_OUT" not in states[1:], watch.seen[device]
@@ -341,11 +349,10 @@ def test_a_download_over_a_link_that_flaps_five_times_resumes_and_commits(
         "device_timeout_s": 120})
     wait_until(lambda: device.downloaded() > 0, 30, every=0.05, what="the download to start")
     progress = []
-    for _ in range(6):
+    for _ in range(5):
         assert device.state == "DOWNLOADING"  # each flap cuts the download in progress
         progress.append(device.downloaded())
         site.link.flap(1, down_s=1.0, up_s=1.5)
-    print(progress, site.access.bundle_requests(site.link.device_host))
     site.link.rate_limit(None)
 
     done = _rollout_until(site, rollout["id"], _decided, "the rollout to end", 60)
@@ -353,6 +360,38 @@ def test_a_download_over_a_link_that_flaps_five_times_resumes_and_commits(
     assert _states(done) == {"far-0": "SUCCEEDED"}
     assert device.journal()["state"] == "COMMITTED"
     assert device.journal()["target"]["version"] == "2.0.0"
+    assert progress == sorted(progress)  # the partial file only grew across the flaps
     requests = site.access.bundle_requests(site.link.device_host)
-    print(requests)
     assert requests[0] == "200" and "206" in requests[1:]  # resumed with Range, not restarted
+
+
+# --- the downloader under the same faults, on a test server (no link needed) ------------
+
+@pytest.fixture()
+def served(versions: dict[str, Path]) -> Iterator[FileServer]:
+    server = FileServer(versions["v2"].parent)
+    yield server
+    server.stop()
+
+
+def test_a_download_cut_more_often_than_its_retries_completes_while_it_progresses(
+        served: FileServer, versions: dict[str, Path], tmp_path: Path) -> None:
+    source = versions["v2"]
+    served.faults.cut_after, served.faults.cuts = 4096, 8  # retries=5: 6 attempts in a row
+    stats = DownloadStats()
+    out = fetch(served.url(source.name), tmp_path / "v2.efb", source.stat().st_size,
+                retries=5, backoff_s=0.01, stats=stats)
+    assert out.read_bytes() == source.read_bytes()
+    assert stats.attempts == 9
+    assert served.faults.requests == [None, *(f"bytes={4096 * i}-" for i in range(1, 9))]
+
+
+def test_a_download_that_brings_nothing_gives_up_after_its_retries(
+        served: FileServer, versions: dict[str, Path], tmp_path: Path) -> None:
+    source = versions["v2"]
+    served.faults.cut_after, served.faults.cuts = 0, 100  # every answer is cut at once
+    stats = DownloadStats()
+    with pytest.raises(DownloadError, match="after 6 attempts, the last 6 without a byte"):
+        fetch(served.url(source.name), tmp_path / "v2.efb", source.stat().st_size,
+              retries=5, backoff_s=0.01, stats=stats)
+    assert stats.attempts == 6

@@ -18,8 +18,6 @@ from typing import Any
 
 import pytest
 from selenium.webdriver import Chrome
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from fleet import dashboard
@@ -28,7 +26,6 @@ from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, Fleet, wait_until
 from tests.models import TrainedModels
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
 DEVICES = ["cam-0", "cam-1", "cam-2"]
 
@@ -63,23 +60,6 @@ def fleet(mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
         yield harness
     finally:
         harness.stop()
-
-
-@pytest.fixture()
-def browser() -> Iterator[Chrome]:
-    """Headless Chromium from the system packages (Selenium Manager never downloads)."""
-    options = Options()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                     "--disable-background-networking", "--disable-dev-shm-usage",
-                     "--window-size=1920,1080", "--lang=en-GB"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _on(fleet: Fleet, version: str) -> set[str]:

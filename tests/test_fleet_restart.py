@@ -157,6 +157,7 @@ def _serving(devices: Fleet, device: str) -> str | None:
     return model.version if model is not None else None
 
 
+@pytest.mark.faults
 def test_a_controller_killed_mid_rollout_resumes_and_updates_no_device_twice(
         controller: ControllerProcess, devices: Fleet, versions: dict[str, Path],
         mosquitto: MosquittoBroker) -> None:

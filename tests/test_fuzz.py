@@ -627,6 +627,12 @@ def controller_messages(draw: st.DrawFn) -> tuple[str, bytes, bool]:
     return topic, payload, untouched and ok_id and leaf not in ("state/desired", "nonsense")
 
 
+def _foreign_level(topic: str) -> bool:
+    """The device level of the topic is no device id (e.g. "_fleet", "a b"): refuse it."""
+    parts = topic.split("/")
+    return len(parts) >= 5 and not _is_id(parts[3])
+
+
 def _is_id(device: str) -> bool:
     try:
         check_id(device)
@@ -661,6 +667,8 @@ def test_the_controller_ingest_takes_any_message(controller: FleetController) ->
             assert said[-1].split(": ", 1)[1], "the reason is missing"
         if valid:
             assert ctl.rejected == rejected, f"a valid message was refused: {_said(records)}"
+        if _foreign_level(topic):
+            assert ctl.rejected == rejected + 1, "a topic level that is no device id got in"
         if topic.endswith("/events") and ctl.rejected == rejected:
             recorded = len(journal.recent(10**6)) > events_before
             assert recorded or _said(records, logging.INFO), "an event vanished unlogged"

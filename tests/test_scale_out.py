@@ -10,6 +10,7 @@ shared) subscription beside the controllers.
 
 from __future__ import annotations
 
+import io
 import signal
 import sqlite3
 import subprocess
@@ -24,10 +25,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from rich.console import Console
 
 from agent.protocol.payloads import BundleRef, decode_telemetry
 from agent.protocol.topics import Leaf, fleet_filter, parse_topic
 from fleet.api import ApiServer
+from fleet.cli_top import collect, render
 from fleet.client import FleetClient
 from fleet.controller import ControllerConfig, FleetController
 from fleet.domain import ModelVersion
@@ -381,7 +384,12 @@ def test_a_followers_rollout_action_is_done_by_the_leader_under_the_operators_na
     worker = threading.Thread(target=lambda: done.append(
         follower.operate("r1", "pause", "bob")))
     worker.start()
-    wait_until(lambda: leader.step() or done, 10, what="the relayed pause")
+
+    def lead() -> bool:
+        leader.step()
+        return bool(done)
+
+    wait_until(lead, 10, what="the relayed pause")
     worker.join()
     assert done[0].state == RolloutState.PAUSED
     assert leader.store.rollout("r1").state == RolloutState.PAUSED  # type: ignore[union-attr]
@@ -463,7 +471,7 @@ def _on_v1(client: FleetClient, devices: Fleet, v1: Path, ids: list[str],
 
 def _sent(telemetry: Subscriber, version: str) -> tuple[int, dict[str, tuple[int, int]]]:
     """Points the devices published, and each device's (inferences, errors) of ``version``."""
-    points, sums = 0, {}
+    points, sums = 0, dict[str, tuple[int, int]]()
     for message in telemetry.on(Leaf.TELEMETRY.value):
         device = parse_topic(message.topic).device
         for point in decode_telemetry(message.payload):
@@ -490,6 +498,9 @@ def test_two_controllers_split_telemetry_and_the_leader_gates_on_all_of_it(
         assert (leader.role, follower.role) == ("leader", "follower")
         health = follower.client.get("/healthz")
         assert health["controller"]["leader"] == "a" and health["devices"] == 4
+        screen = Console(file=io.StringIO(), width=200)
+        screen.print(render(collect(follower.client)))  # edgefleet fleet top
+        assert "controller b (follower, leader a)" in screen.file.getvalue()  # type: ignore[attr-defined]
 
         follower.client.post("/api/v1/devices/group", {"devices": ids, "group": "cams"})
         wait_until(lambda: {d.group for d in leader.controller.devices()} == {"cams"}, 10,
@@ -525,11 +536,13 @@ def test_two_controllers_split_telemetry_and_the_leader_gates_on_all_of_it(
 
         for service in devices.agents.values():
             service.stop()
-        published = lambda: _sent(telemetry, "2.0.0")[0]  # noqa: E731
-        ingested = lambda: (leader.controller.telemetry.points  # noqa: E731
-                            + follower.controller.telemetry.points)
-        wait_until(lambda: ingested() == published(), 10,
-                   what="every published point ingested once")
+
+        def ingested_once() -> bool:
+            ingested = (leader.controller.telemetry.points
+                        + follower.controller.telemetry.points)
+            return ingested == _sent(telemetry, "2.0.0")[0]
+
+        wait_until(ingested_once, 10, what="every published point ingested once")
         assert leader.controller.telemetry.points > 0
         assert follower.controller.telemetry.points > 0
         assert (leader.role, follower.role) == ("leader", "follower")

@@ -94,8 +94,11 @@ def rotate(
                                                   "signing-SERIAL)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
-    """Add a new signing key: NAME.key/NAME.pub, and keyring.json (the current keys and the
-    new one, serial + 1) signed by the current keys. Then: edgefleet fleet keyring publish."""
+    """Add a new signing key and write the next keyring (docs/keys.md).
+
+    Writes NAME.key and NAME.pub, and keyring.json: the current keys and the new one,
+    serial + 1, signed by the current keys. Then: edgefleet fleet keyring publish.
+    """
     try:
         serial, current = _current(keys)
         signers = _signers(keys, current)
@@ -117,14 +120,18 @@ def retire(
     keys: KeysDir,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
-    """Stop trusting a key: keyring.json without it (serial + 1), signed by the keys that stay
-    (and by the retired one if its .key is here, so devices that missed the rotation follow)."""
+    """Stop trusting a key: write the next keyring without it (docs/keys.md).
+
+    keyring.json without the key, serial + 1, signed by the keys that stay, and by the
+    retired one while its .key is here, so devices that missed the rotation follow.
+    """
     try:
         serial, current = _current(keys)
         gone = [key_id for key_id, (name, _) in current.items() if key in (key_id, name)]
         if not gone:
             raise KeyFileError(f"{key} is not in the keyring of {keys} "
-                               f"(keys: {', '.join(current)})", hint="edgefleet keys list")
+                               f"(keys: {', '.join(current)})",
+                               hint=f"pass a key id or a key name listed in {keys / KEYRING_FILE}")
         staying = {k: v for k, v in current.items() if k not in gone}
         if not staying:
             raise KeyFileError(f"retiring {key} would leave devices trusting no key",

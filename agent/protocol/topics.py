@@ -74,6 +74,7 @@ def parse_topic(topic: str) -> TopicAddress:
         raise PayloadError(f"topic {topic!r} is not an edgefleet v1 topic")
     try:
         leaf = Leaf("/".join(parts[4:]))
-    except ValueError as exc:
-        raise PayloadError(f"topic {topic!r} has an unknown leaf") from exc
-    return TopicAddress(parts[2], parts[3], leaf)
+        fleet, device = check_id(parts[2], "fleet"), check_id(parts[3], "device id")
+    except ValueError as exc:  # an unknown leaf, or a level no device id can be ("_fleet")
+        raise PayloadError(f"topic {topic[:200]!r}: {exc}") from exc
+    return TopicAddress(fleet, device, leaf)

@@ -3,7 +3,10 @@
 The partial file lives in ``downloads/<sha256>.part`` and grows in chunks, each
 flushed and fsynced, so a process killed mid-download resumes from what reached
 the disk. A server that ignores Range (200 instead of 206) restarts the file.
-Retries back off exponentially; a local path or ``file://`` URL is copied.
+Retries back off exponentially; an attempt that adds to the partial file restarts the
+count, so only ``retries + 1`` attempts in a row that bring nothing give up (a link
+that keeps flapping slows a download, it does not fail it). A local path or
+``file://`` URL is copied.
 ``https://`` URLs are checked against the system's CAs plus the fleet CA given to
 :func:`trust_ca` (``agent run --ca``), so a controller with a certificate from
 ``edgefleet certs server`` is accepted.
@@ -73,19 +76,32 @@ def fetch(url: str, dest: Path, size: int, *, retries: int = 5, backoff_s: float
     if scheme in ("", "file"):
         return _copy(Path(urlsplit(url).path if scheme else url), dest, size)
     part = dest.with_suffix(dest.suffix + ".part")
-    for attempt in range(retries + 1):
+    failures = 0  # attempts in a row that added nothing to the partial file
+    while True:
         stats.attempts += 1
+        had = _size(part)
         try:
             _fetch_once(url, part, size, timeout_s, stats, on_chunk)
             break
         except (OSError, urllib.error.URLError, http.client.HTTPException, DownloadError) as exc:
-            if attempt == retries:
-                raise DownloadError(f"download of {url} failed after {retries + 1} attempts: "
-                                    f"{exc}", hint="check the URL and the network; the "
+            # a flapping network costs attempts but not the download: progress restarts
+            # the count, only retries + 1 fruitless attempts in a row give up
+            failures = 0 if _size(part) > had else failures + 1
+            if failures > retries:
+                raise DownloadError(f"download of {url} failed after {stats.attempts} "
+                                    f"attempts, the last {failures} without a byte: {exc}",
+                                    hint="check the URL and the network; the "
                                     "partial file is kept and resumed next time") from exc
-            time.sleep(backoff_s * 2 ** attempt)
+            time.sleep(backoff_s * 2 ** max(failures - 1, 0))
     os.replace(part, dest)
     return dest
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _fetch_once(url: str, part: Path, size: int, timeout_s: float, stats: DownloadStats,

@@ -5,7 +5,8 @@ One stream per open page. Events, each ``data`` one JSON line::
     hello      on connect: fleet name, series bucket width, recent device events
     snapshot   every ``snapshot_s``: overview, a fingerprint of the device list (the page
                refetches the list when it changes) and the per-version chart points
-               since the last snapshot (the last few buckets are sent again: they fill up)
+               since the last snapshot (the last few buckets are sent again: they fill up),
+               and the drift alerts firing (worst first, at most 50) with their count
     rollout    a rollout's summary, on every change the controller makes to it
     event      one device event
     resync     the page fell behind (its queue overflowed): reload everything
@@ -102,11 +103,19 @@ class _Pump:
         self.send("snapshot", {"ts": int(time.time() * 1000),
                                "overview": self.controller.overview(),
                                "devices_rev": _devices_rev(self.controller),
-                               "series": series})
+                               "series": series, "drift": _drift(self.controller)})
 
     def send(self, kind: str, data: dict[str, Any]) -> None:
         body = json.dumps(data, separators=(",", ":"), default=str)
         self.write(f"event: {kind}\ndata: {body}\n\n".encode())
+
+
+_ALERTS_SHOWN = 50
+
+
+def _drift(controller: FleetController) -> dict[str, Any]:
+    alerts = controller.alerts()
+    return {"firing": len(alerts), "alerts": [a.as_dict() for a in alerts[:_ALERTS_SHOWN]]}
 
 
 def _devices_rev(controller: FleetController) -> str:

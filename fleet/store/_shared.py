@@ -124,6 +124,9 @@ class SharedState:
 
     def take_requests(self, fence: Fence, taker: str) -> list[OperatorRequest]:
         """Every queued request, oldest first, marked taken by ``taker`` (fenced)."""
+        with self._db.transaction(write=False) as tx:  # the usual answer, without a commit
+            if tx.one("SELECT 1 FROM requests WHERE state = ? LIMIT 1", (QUEUED,)) is None:
+                return []
         with self._db.transaction() as tx:
             check_fence(tx, fence)
             rows = tx.rows(f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE state = ? "
@@ -173,6 +176,23 @@ class SharedState:
                    (DONE, FAILED, WITHDRAWN, requests_ms))
 
     # -- bundle bytes --------------------------------------------------------------------
+
+    def put_setting(self, key: str, value: Any, now_ms: int) -> None:
+        """Set (or with ``None`` delete) one fleet-wide setting, a JSON value."""
+        with self._db.transaction() as tx:
+            if value is None:
+                tx.run("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                tx.run("INSERT INTO settings (key, value, updated_ms) VALUES (?, ?, ?) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                       "updated_ms = excluded.updated_ms", (key, json.dumps(value), now_ms))
+
+    def settings(self, prefix: str = "") -> dict[str, Any]:
+        """Every setting whose key starts with ``prefix``."""
+        with self._db.transaction(write=False) as tx:
+            rows = tx.rows("SELECT key, value FROM settings WHERE key >= ? ORDER BY key",
+                           (prefix,))
+        return {key: json.loads(value) for key, value in rows if key.startswith(prefix)}
 
     def put_bundle(self, sha256: str, data: bytes) -> bool:
         """Keep a bundle's bytes (content-addressed: a second put is a no-op; False)."""

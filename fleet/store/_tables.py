@@ -75,6 +75,9 @@ TABLES_DDL = (
     "CREATE INDEX IF NOT EXISTS telemetry_shares_written ON telemetry_shares (written_ms)",
     """CREATE TABLE IF NOT EXISTS bundles (
         sha256 {key_text} PRIMARY KEY, size BIGINT NOT NULL, data {blob} NOT NULL)""",
+    # small fleet-wide settings shared by every controller (e.g. drift:MODEL), JSON values
+    """CREATE TABLE IF NOT EXISTS settings (
+        key {key_text} PRIMARY KEY, value TEXT NOT NULL, updated_ms BIGINT NOT NULL)""",
 )
 
 # schema version -> the statements that bring a store of that version to the next one

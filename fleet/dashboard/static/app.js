@@ -38,7 +38,7 @@
     token: "", fleet: "", bucketMs: 5000, overview: null, devices: [], devicesRev: null,
     rollouts: new Map(), details: new Map(), series: new Map(), events: new Map(), feed: [],
     colors: new Map(), messages: 0, lastMessage: 0, connected: false, ingest: null,
-    ingestRate: null,
+    ingestRate: null, drift: { firing: 0, alerts: [] },
   };
 
   // --- small helpers ------------------------------------------------------------------
@@ -221,6 +221,7 @@
       S.ingest = { points, ts: data.ts };
       S.overview = data.overview;
       mergeSeries(data.series);
+      if (data.drift) S.drift = data.drift;
       if (data.devices_rev !== S.devicesRev) {
         if (S.devicesRev !== null) loadDevices().catch(report);
         S.devicesRev = data.devices_rev;
@@ -266,6 +267,7 @@
     renderStates();
     renderRollouts();
     renderCharts();
+    renderDrift();
     renderDevices();
     renderFeed();
   }
@@ -509,6 +511,25 @@
   }
 
   // devices and events
+
+  function renderDrift() {
+    const { firing, alerts } = S.drift;
+    $("drift-count").textContent = firing ? `${firing} firing` : "";
+    if (!alerts.length) {
+      put("drift", h("p", { class: "muted", id: "drift-none" },
+        "No drift: every device's inputs and outputs look like the model's reference data."));
+      return;
+    }
+    const row = (a) => h("tr", { class: "drift-alert", "data-device": a.device },
+      h("td", {}, h("a", { href: `#/device/${encodeURIComponent(a.device)}` }, a.device)),
+      h("td", {}, a.model), h("td", {}, a.feature),
+      h("td", { class: "num bad" }, a.psi.toFixed(3)), h("td", { class: "num" }, String(a.threshold)),
+      h("td", { class: "num" }, String(a.samples)), h("td", {}, ago(a.since_ms)));
+    put("drift", h("table", { class: "list" },
+      h("thead", {}, h("tr", {}, ...["device", "model", "feature", "PSI", "threshold", "samples",
+        "since"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, ...alerts.map(row))));
+  }
 
   function deviceTone(d) {
     if (!d.online) return "s-bad";

@@ -1,0 +1,108 @@
+"""Drift alerts end to end: real agents fed shifted and unshifted digits, a real controller
+on a real Mosquitto, the alert in the controller, the history, Prometheus and the dashboard."""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.core import Agent
+from agent.runtime import load_runtime
+from fleet import dashboard
+from fleet.drift import DriftPolicy
+from tests.conftest import Keys, make_bundle
+from tests.fleet_harness import TOKEN, Fleet, wait_until
+from tests.models import TrainedModels, load_digits
+
+CALM, SHIFTED = "cam-calm", "cam-shifted"
+
+
+def _traffic(agent: Agent, x: np.ndarray, stop: threading.Event) -> None:
+    i = 0
+    while not stop.wait(0.003):
+        agent.predict(x[i % len(x)][None])
+        i += 1
+
+
+@pytest.fixture()
+def drifting(fleet: Fleet, digits_models: TrainedModels, signing_keys: Keys,
+             tmp_path: Path) -> Iterator[Fleet]:
+    """Two cameras on a bundle whose reference is 300 held-out digits: one keeps seeing
+    digits like those, the other washed-out ones."""
+    x = load_digits().x_test
+    name = load_runtime(digits_models.tflite.read_bytes(), "tflite").inputs[0].name
+    bundle = make_bundle(digits_models.tflite, tmp_path / "v1.efb", signing_keys,
+                         reference_inputs={name: x[:300]}, reference_source="eval")
+    client = fleet.start_controller()
+    assert fleet.controller is not None
+    dashboard.attach(fleet.controller)
+    client.upload("/api/v1/models", bundle.read_bytes())
+    fleet.controller.set_drift_policy("digits", DriftPolicy(psi=0.2, min_samples=200,
+                                                            clear_after=2), "alice")
+    stop = threading.Event()
+    threads = []
+    held_out = x[300:]
+    washed_out = np.clip(held_out * 0.4 + 0.55, 0, 1).astype(np.float32)
+    for device, inputs in ((CALM, held_out), (SHIFTED, washed_out)):
+        service = fleet.add_agent(device, bundle, traffic=False)
+        thread = threading.Thread(target=_traffic, args=(service.agent, inputs, stop),
+                                  daemon=True)
+        thread.start()
+        threads.append(thread)
+    try:
+        yield fleet
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=5)
+
+
+def _firing(fleet: Fleet) -> list[dict[str, Any]]:
+    assert fleet.controller is not None
+    return [a.as_dict() for a in fleet.controller.alerts()]
+
+
+def test_shifted_inputs_raise_an_alert_and_unshifted_ones_none(drifting: Fleet) -> None:
+    controller = drifting.controller
+    assert controller is not None
+    firing = wait_until(lambda: [a for a in _firing(drifting) if a["device"] == SHIFTED
+                                 and a["feature"].startswith("input:")], 60,
+                        what="an input drift alert on the shifted camera")
+    assert firing[0]["model"] == "digits:1.0.0" and firing[0]["psi"] > 0.2
+    # the calm camera's windows were compared too, many times, and never fired
+    before = controller.drift.windows
+    wait_until(lambda: controller.drift.windows >= before + 10, 30, what="more windows")
+    assert not [a for a in _firing(drifting) if a["device"] == CALM]
+    summary = {r["feature"]: r for r in controller.drift.summary()}
+    assert all(row["devices"] == 2 for row in summary.values())
+
+    history = drifting.client().get("/api/v1/history?target=" + SHIFTED)
+    raised = [e for e in history if e["action"] == "drift.raised"]
+    assert raised and raised[0]["actor"] == "controller"
+
+    assert drifting.api is not None
+    with urllib.request.urlopen(f"{drifting.api.url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    feature = firing[0]["feature"]
+    assert (f'edgefleet_drift_alerts{{feature="{feature}",model="digits",version="1.0.0"}} 1.0'
+            in text), text
+    assert "edgefleet_drift_windows_total" in text
+
+
+def test_the_dashboard_lists_the_alert(drifting: Fleet, browser: Any) -> None:
+    wait_until(lambda: any(a["device"] == SHIFTED for a in _firing(drifting)), 60,
+               what="a drift alert")
+    assert drifting.api is not None
+    browser.get(f"{drifting.api.url}/dashboard/?token={TOKEN}")
+    rows = wait_until(lambda: browser.execute_script(
+        "return [...document.querySelectorAll('#drift tr.drift-alert')]"
+        ".map(r => r.dataset.device)"), 30, what="drift rows on the page")
+    assert SHIFTED in rows and CALM not in rows
+    count = browser.execute_script("return document.getElementById('drift-count').textContent")
+    assert "firing" in count
