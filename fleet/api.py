@@ -17,6 +17,10 @@ Standard library only (``ThreadingHTTPServer``). Endpoints::
     POST /api/v1/rollback                           {"group": G}
     GET  /api/v1/keyring                            the fleet keyring held (404: none yet)
     POST /api/v1/keyring[?force=1]                  body: a keyring.json (docs/keys.md)
+    GET  /api/v1/alerts                             drift alerts firing, and PSI per version
+    GET  /api/v1/drift                              drift alert policies (docs/monitoring.md)
+    POST /api/v1/drift/{model}                      {"psi", "min_samples", "clear_after"} |
+                                                    {"reset": true}
 
 ``/api`` needs ``Authorization: Bearer TOKEN`` (GET requests may pass ``?token=`` instead,
 for a browser's EventSource); the token's name is the actor written in the audit history.
@@ -57,6 +61,7 @@ from agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
 from agent.protocol.topics import check_id
 from fleet import dashboard
 from fleet.controller import FleetController
+from fleet.drift import DriftPolicy
 from fleet.errors import AuthError, ConflictError, FleetError, InvalidRolloutError, NotFoundError
 from fleet.metrics import FleetMetrics
 
@@ -67,6 +72,7 @@ _BUNDLE = re.compile(r"^/bundles/([0-9a-f]{64})\.efb$")
 _ROLLOUT = re.compile(r"^/api/v1/rollouts/([^/]+)(?:/([^/]+))?$")
 _VERBS = ("pause", "resume", "abort", "rollback")
 _TAGS = re.compile(r"^/api/v1/devices/([^/]+)/tags$")
+_DRIFT = re.compile(r"^/api/v1/drift/([^/]+)$")
 _NAME, _SEMVER = re.compile(NAME_PATTERN), re.compile(SEMVER_PATTERN)
 _MAX_BODY = 512 * 1024 * 1024  # a bundle
 _MAX_JSON = 1024 * 1024
@@ -247,6 +253,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json([e.as_dict() for e in self.c.history(limit, target)])
         if path == "/api/v1/keyring":
             return self._keyring()
+        if path == "/api/v1/alerts":
+            return self._json({"alerts": [a.as_dict() for a in self.c.alerts()],
+                               "summary": self.c.drift.summary()})
+        if path == "/api/v1/drift":
+            return self._json({"default": DriftPolicy().as_dict(),
+                               "models": {k: v.as_dict()
+                                          for k, v in self.c.drift_policies().items()}})
         if (match := _ROLLOUT.match(path)) and not match.group(2):
             return self._json(self.c.rollout(_rollout_id(unquote(match.group(1)))).as_dict())
         raise NotFoundError(f"no such endpoint: GET {path}", hint="see docs/fleet.md")
@@ -340,12 +353,36 @@ class _Handler(BaseHTTPRequestHandler):
             changed = self.c.set_group(devices, None if group is None else _label(group, "group"),
                                        actor)
             return self._json([d.as_dict() for d in changed])
+        if match := _DRIFT.match(path):
+            return self._json(self._drift_policy(_id(unquote(match.group(1)), "model name"), body,
+                                                 actor).as_dict())
         if match := _TAGS.match(path):
             device = self.c.tag(_id(unquote(match.group(1)), "device id"),
                                 _labels(body.get("add", []), "add", "tag"),
                                 _labels(body.get("remove", []), "remove", "tag"), actor)
             return self._json(device.as_dict())
         raise NotFoundError(f"no such endpoint: POST {path}", hint="see docs/fleet.md")
+
+    def _drift_policy(self, model: str, body: dict[str, Any], actor: str) -> DriftPolicy:
+        """A model's drift alert policy: the fields given change, the others stay."""
+        if body.get("reset") is True:
+            return self.c.set_drift_policy(model, None, actor)
+        fields = {"psi": float, "min_samples": int, "clear_after": int}
+        unknown = sorted(set(body) - set(fields))
+        if unknown or not body:
+            raise _invalid(f"a drift policy takes {', '.join(fields)} (or reset: true); "
+                           f"got {', '.join(unknown) or 'nothing'}")
+        changes = {}
+        for key, value in body.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or (
+                    fields[key] is int and not isinstance(value, int)):
+                raise _invalid(f"drift policy {key} must be a number, got {value!r}")
+            changes[key] = value
+        try:
+            policy = DriftPolicy(**{**self.c.drift_policy(model).as_dict(), **changes})
+        except ValueError as exc:
+            raise _invalid(f"drift policy refused: {exc}") from exc
+        return self.c.set_drift_policy(model, policy, actor)
 
     def _not_allowed(self, path: str) -> None:
         self._actor()

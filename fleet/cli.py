@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
 import typer
@@ -35,36 +35,19 @@ from agent.cli.mqtt_options import (
 from agent.cli.output import console, emit, fail, table
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.signing import TrustedKeys
+from fleet.cli_common import DEFAULT_URL, ControllerOpt, JsonOpt, TokenOpt
+from fleet.cli_common import client as _client
+from fleet.cli_common import run as _run
+from fleet.cli_drift import alerts, drift_app
 from fleet.cli_models import show_model
 from fleet.cli_simulate import simulate
 from fleet.cli_top import top
-from fleet.client import FleetClient
 
 app = typer.Typer(help="The fleet: controller, models, rollouts, rollback, history.",
                   no_args_is_help=True)
 rollout_app = typer.Typer(help="Staged rollouts: create, watch, pause, resume, abort.",
                           no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
-
-T = TypeVar("T")
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines")]
-ControllerOpt = Annotated[str, typer.Option("--controller", envvar="EDGEFLEET_CONTROLLER",
-                                            help="The controller's URL")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="EDGEFLEET_TOKEN",
-                                              help="API token (or EDGEFLEET_TOKEN)")]
-DEFAULT_URL = "http://127.0.0.1:8600"
-
-
-def _client(url: str, token: str | None) -> FleetClient:
-    return FleetClient(url, token)
-
-
-def _run(as_json: bool, call: Callable[[], T]) -> T:
-    try:
-        return call()
-    except EdgefleetError as exc:
-        fail(exc, as_json)
-
 
 # --- serve ------------------------------------------------------------------------------
 
@@ -521,6 +504,8 @@ def _rollout_view(r: dict[str, Any]) -> Group:
 
 app.command("simulate")(simulate)
 app.command("top")(top)
+app.command("alerts")(alerts)
+app.add_typer(drift_app, name="drift")
 
 
 # --- the fleet keyring (docs/keys.md) ---------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -88,6 +89,7 @@ def test_a_window_counts_every_sample_and_is_empty_after_draining(
 def test_malformed_windows_raise_value_errors(digits_models: TrainedModels) -> None:
     reference, _ = _reference_and_runtime(digits_models)
     name = next(iter(reference.inputs))  # type: ignore[attr-defined]
+    bad: dict[str, Any]
     for bad in ({"inputs": []}, {"inputs": {name: 3}}, {"inputs": {name: {"hist": [1, -2]}}},
                 {"inputs": {name: {"hist": ["x"]}}}, {"inputs": {name: {"hist": [float("nan")]}}}):
         with pytest.raises(ValueError):

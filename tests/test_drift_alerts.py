@@ -3,6 +3,7 @@ on a real Mosquitto, the alert in the controller, the history, Prometheus and th
 
 from __future__ import annotations
 
+import re
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -15,10 +16,10 @@ import pytest
 from agent.core import Agent
 from agent.runtime import load_runtime
 from fleet import dashboard
-from fleet.drift import DriftPolicy
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, Fleet, wait_until
 from tests.models import TrainedModels, load_digits
+from tests.test_cli_fleet import as_json, edgefleet
 
 CALM, SHIFTED = "cam-calm", "cam-shifted"
 
@@ -43,8 +44,7 @@ def drifting(fleet: Fleet, digits_models: TrainedModels, signing_keys: Keys,
     assert fleet.controller is not None
     dashboard.attach(fleet.controller)
     client.upload("/api/v1/models", bundle.read_bytes())
-    fleet.controller.set_drift_policy("digits", DriftPolicy(psi=0.2, min_samples=200,
-                                                            clear_after=2), "alice")
+    assert edgefleet(fleet, "drift", "set", "digits", "--psi", "0.2").exit_code == 0
     stop = threading.Event()
     threads = []
     held_out = x[300:]
@@ -106,3 +106,25 @@ def test_the_dashboard_lists_the_alert(drifting: Fleet, browser: Any) -> None:
     assert SHIFTED in rows and CALM not in rows
     count = browser.execute_script("return document.getElementById('drift-count').textContent")
     assert "firing" in count
+
+
+def test_the_cli_lists_alerts_and_sets_policies(drifting: Fleet) -> None:
+    firing = wait_until(lambda: as_json(edgefleet(drifting, "alerts", "--json"))["alerts"], 60,
+                        what="alerts through the CLI")
+    assert {a["device"] for a in firing} == {SHIFTED}
+    table = edgefleet(drifting, "alerts")
+    assert table.exit_code == 0 and re.search(r"drift alerts firing: [1-9]", table.output)
+
+    policies = as_json(edgefleet(drifting, "drift", "show", "--json"))
+    assert policies["models"]["digits"] == {"psi": 0.2, "min_samples": 200, "clear_after": 2}
+    changed = as_json(edgefleet(drifting, "drift", "set", "digits", "--clear-after", "3",
+                                "--json"))
+    assert changed == {"psi": 0.2, "min_samples": 200, "clear_after": 3}  # psi kept
+    refused = edgefleet(drifting, "drift", "set", "digits", "--psi", "-1")
+    assert refused.exit_code == 2 and "psi threshold must be above 0" in refused.output
+    assert edgefleet(drifting, "drift", "set", "../x", "--psi", "1").exit_code == 2
+    reset = as_json(edgefleet(drifting, "drift", "set", "digits", "--reset", "--json"))
+    assert reset == {"psi": 0.2, "min_samples": 200, "clear_after": 2}
+    assert as_json(edgefleet(drifting, "drift", "show", "--json"))["models"] == {}
+    actions = [e["action"] for e in drifting.client().get("/api/v1/history?target=digits")]
+    assert actions.count("drift.policy") == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -62,17 +63,18 @@ def test_alerts_follow_the_windows(windows: tuple[dict[str, Any], ...], changes:
     assert [a.feature for a in mon.alerts()] == firing
 
 
+def _same(policy: DriftPolicy, model: str) -> DriftPolicy:
+    return policy
+
+
 def test_a_psi_exactly_at_the_threshold_does_not_fire_and_just_above_does() -> None:
-    exact = DriftMonitor(lambda m, v: REFERENCE, lambda m: DriftPolicy(psi=0.2, min_samples=1))
-    exact.offer("d1", "m", "1.0.0", 1, window(50, 50))
-    exact.process()
-    # find the PSI of a given window, then set the threshold exactly there and just below
     from agent.protocol.drift import compare
 
+    # the PSI of the shifted window, then a threshold exactly there and one just below
     value = compare(REFERENCE, SHIFTED)["input:x"]
     for threshold, fires in ((value, False), (value - 1e-6, True)):
-        mon = DriftMonitor(lambda m, v: REFERENCE,
-                           lambda m, t=threshold: DriftPolicy(psi=t, min_samples=1))
+        policy = DriftPolicy(psi=threshold, min_samples=1)
+        mon = DriftMonitor(lambda m, v: REFERENCE, functools.partial(_same, policy))
         assert bool(feed(mon, SHIFTED)) is fires
 
 

@@ -1,0 +1,34 @@
+"""What every operating ``edgefleet fleet`` command shares: its options and its client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+import typer
+
+from agent.cli.output import fail
+from agent.protocol.errors import EdgefleetError
+from fleet.client import FleetClient
+
+__all__ = ["DEFAULT_URL", "ControllerOpt", "JsonOpt", "TokenOpt", "client", "run"]
+
+T = TypeVar("T")
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines")]
+ControllerOpt = Annotated[str, typer.Option("--controller", envvar="EDGEFLEET_CONTROLLER",
+                                            help="The controller's URL")]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="EDGEFLEET_TOKEN",
+                                              help="API token (or EDGEFLEET_TOKEN)")]
+DEFAULT_URL = "http://127.0.0.1:8600"
+
+
+def client(url: str, token: str | None) -> FleetClient:
+    return FleetClient(url, token)
+
+
+def run(as_json: bool, call: Callable[[], T]) -> T:
+    """``call()``, or the error printed (a table, or JSON) and exit code 2."""
+    try:
+        return call()
+    except EdgefleetError as exc:
+        fail(exc, as_json)
