@@ -438,10 +438,20 @@ def _refusal_hint(reason: str) -> str:
     return "see the broker's log"
 
 
+_NETWORK_WORDS = ("reset", "timed out", "timeout", "unreachable", "no route", "broken pipe",
+                  "network", "refused", "keepalive", "lost")
+
+
 def _closed_hint(error: str, security: MqttSecurity, tls: bool) -> str:
     lowered = error.lower()
-    if not tls:
-        return "the broker may want TLS: use mqtts://HOST:8883 with --ca CA.crt"
+    network = any(word in lowered for word in _NETWORK_WORDS)
+    if not tls:  # a plain client on a TLS port and a cut link look the same from here
+        return ("if the broker's port takes TLS, use mqtts://HOST:8883 with --ca CA.crt"
+                + ("; if the network is what dropped it, the client keeps reconnecting by "
+                   "itself" if network else "; else see the broker's log"))
+    if network:
+        return ("the network dropped the connection before the broker answered; the client "
+                "keeps reconnecting by itself (check the link if it lasts)")
     if "certificate required" in lowered or (security.cert_file is None
                                               and "certificate" in lowered):
         return "the broker wants a client certificate: pass --cert and --key"

@@ -41,7 +41,7 @@ from agent.protocol.keyring import (
     SignedKeyring,
     accept_keyring,
     load_keyring,
-    save_keyring,
+    parse_keyring,
 )
 from agent.protocol.payloads import (
     BundleRef,
@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 SYSTEM = "controller"
 _FOLLOW_AFTER_END_MS = 24 * 3600 * 1000
 _DRIFT_PREFIX = "drift:"  # settings key of a model's DriftPolicy
+_KEYRING_KEY = "keyring"  # settings key of the fleet keyring's signed bytes
 _POLICIES_EVERY_MS = 30_000  # how often the drift policies are read again from the store
 _UNSETTLED = ACTIVE | {DeviceState.ROLLING_BACK, DeviceState.TIMED_OUT}
 _BASELINE_SAMPLE = 1000
@@ -306,6 +307,8 @@ class FleetController:
             self._policies_read_ms = now
             self._policies = {key.partition(":")[2]: DriftPolicy(**value) for key, value in
                               self.store.settings(_DRIFT_PREFIX).items()}
+            if self.scale is not None:
+                self._follow_keyring()
         for change in self.drift.process():
             alert = change.alert
             self._audit(SYSTEM, f"drift.{change.kind}", alert.device,
@@ -892,8 +895,26 @@ class FleetController:
             self.mqtt.on_connect(self._publish_stored_keyring)
 
     def keyring(self) -> SignedKeyring | None:
-        """The keyring this controller publishes (None before the first rotation)."""
-        return load_keyring(self.config.data_dir / KEYRING_FILE)
+        """The fleet keyring (None before the first rotation), from the store every
+        controller shares; a keyring kept in the data folder by an earlier edgefleet moves
+        into the store."""
+        raw = self.store.settings(_KEYRING_KEY).get(_KEYRING_KEY)
+        if isinstance(raw, str):
+            return parse_keyring(raw.encode())
+        local = load_keyring(self.config.data_dir / KEYRING_FILE)
+        if local is not None:
+            self.store.put_setting(_KEYRING_KEY, local.raw.decode(), self.clock())
+        return local
+
+    def _follow_keyring(self) -> None:
+        """Trust the keyring another controller published (scale-out), once it is stored."""
+        try:
+            stored = self.keyring()
+        except EdgefleetError as exc:
+            log.error("the stored keyring is unreadable: %s", exc)
+            return
+        if stored is not None and set(stored.key_ids) != set(self.config.trusted.key_ids):
+            self._trust(stored)
 
     def publish_keyring(self, raw: bytes, actor: str, force: bool = False) -> dict[str, Any]:
         """Check a keyring against the keys trusted here (signature, serial), keep it, verify
@@ -914,7 +935,7 @@ class FleetController:
                 self._audit(actor, "keyring.publish", "keyring", str(exc), outcome="refused")
                 raise
             if keyring is not None:
-                save_keyring(self.config.data_dir / KEYRING_FILE, keyring)
+                self.store.put_setting(_KEYRING_KEY, keyring.raw.decode(), self.clock())
                 self._trust(keyring)
                 self._audit(actor, "keyring.publish", "keyring",
                             f"serial {keyring.serial}: {', '.join(keyring.key_ids)}",

@@ -118,11 +118,13 @@ ANY_JSON = st.recursive(LEAF, lambda inner: st.lists(inner, max_size=3)
 NUMBER = st.floats(0, 1e4, allow_nan=False)
 COUNT = st.integers(0, 10**6)
 
+URL = st.builds("{}://{}".format, st.sampled_from(["http", "https"]),
+                st.text("abcdefghijklmnopqrstuvwxyz0123456789.-:/%?=&", min_size=1, max_size=50))
 BUNDLE_REF = st.fixed_dictionaries({"schema_version": st.just(1), "name": NAMES,
                                     "version": SEMVER, "sha256": SHA256})
 DESIRED = st.fixed_dictionaries(
     {"schema_version": st.just(1), "name": NAMES, "version": SEMVER, "sha256": SHA256,
-     "url": st.text(min_size=1, max_size=60), "size": st.integers(0, 2**40)},
+     "url": URL, "size": st.integers(0, 2**40)},
     optional={"rollout": st.none() | NAMES, "action": st.sampled_from(["install", "commit",
                                                                       "rollback"]),
               "auto_commit": st.booleans(), "issued_at": st.integers(0, 2**50)})
@@ -674,3 +676,16 @@ def test_the_controller_ingest_takes_any_message(controller: FleetController) ->
             assert recorded or _said(records, logging.INFO), "an event vanished unlogged"
 
     check()
+
+
+@pytest.mark.parametrize("url", ["/etc/passwd", "file:///etc/passwd", "ftp://host/x.efb",
+                                 "../slots/a/bundle.efb", "http://", "http://host/a b"])
+def test_a_desired_state_that_points_at_anything_but_http_is_refused(url: str) -> None:
+    from agent.protocol.payloads import DesiredState, decode
+
+    body = {"schema_version": 1, "name": "digits", "version": "1.0.0", "sha256": "0" * 64,
+            "url": url, "size": 1}
+    with pytest.raises(EdgefleetError, match="url"):
+        decode(DesiredState, json.dumps(body).encode())
+    body["url"] = "https://fleet.example/bundles/x.efb"
+    assert decode(DesiredState, json.dumps(body).encode()).url == body["url"]

@@ -55,7 +55,8 @@ class DesiredState(Document):
     name: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=SEMVER_PATTERN)
     sha256: str = Field(pattern=SHA256_PATTERN)
-    url: str = Field(min_length=1, max_length=2048)
+    # http(s) only: a desired state must never make a device read its own files
+    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://[^\s]+$")
     size: int = Field(ge=0)
     rollout: str | None = None
     action: Literal["install", "commit", "rollback"] = "install"
