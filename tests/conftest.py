@@ -19,6 +19,7 @@ from converter.package import PackageSpec, package_model
 from fleet.mosquitto import MosquittoBroker
 from tests.brokers import AmqttBroker
 from tests.models import TrainedModels, train_digits_cnn
+from tests.postgres import postgres_schema
 
 DIGIT_LABELS = tuple(str(i) for i in range(10))
 
@@ -130,3 +131,16 @@ def browser() -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite://{tmp_path / 'fleet.db'}"
+    else:
+        yield from postgres_schema()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    yield from postgres_schema()

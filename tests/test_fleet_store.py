@@ -7,19 +7,15 @@ fresh schema a test; when it cannot be reached the tests fail, they are never sk
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from agent.protocol.payloads import BundleRef
 from fleet.domain import AuditEntry, Device, ModelVersion
@@ -27,8 +23,7 @@ from fleet.errors import ConflictError, NotFoundError, StoreError
 from fleet.rollout.spec import Gates, RolloutSpec, Selector, Wave
 from fleet.rollout.state import DeviceState, Rollout, RolloutDevice, RolloutState
 from fleet.store import Store, open_store
-
-PG_URL = os.environ.get("EDGEFLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+from tests.postgres import admin_connection
 
 OLD = BundleRef(name="digits", version="0.9.0", sha256="b" * 64)
 NEW = BundleRef(name="digits", version="1.0.0", sha256="a" * 64)
@@ -37,41 +32,6 @@ Opener = Callable[[], Store]
 
 
 # -- fixtures ----------------------------------------------------------------------------
-
-def _admin_connection() -> psycopg.Connection[Any]:
-    try:
-        return psycopg.connect(PG_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        reason = " ".join(str(exc).split())
-    pytest.fail(f"PostgreSQL at {PG_URL} cannot be reached ({reason}); these tests need a "
-                "running server: start it, or set EDGEFLEET_TEST_POSTGRES", pytrace=False)
-
-
-def _postgres_schema() -> Iterator[str]:
-    """A URL whose search_path (and application_name) is a fresh schema, dropped afterwards."""
-    schema = f"t_{uuid.uuid4().hex}"
-    with _admin_connection() as admin:
-        admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-        try:
-            separator = "&" if "?" in PG_URL else "?"
-            yield (f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
-                   f"&application_name={schema}")
-        finally:
-            admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite://{tmp_path / 'fleet.db'}"
-    else:
-        yield from _postgres_schema()
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    yield from _postgres_schema()
-
 
 @pytest.fixture
 def reopen(store_url: str) -> Iterator[Opener]:
@@ -94,7 +54,7 @@ def store(reopen: Opener) -> Store:
 
 def _terminate_backends(application: str) -> None:
     """Kill the server side of every connection named ``application``, and wait until gone."""
-    with _admin_connection() as admin:
+    with admin_connection() as admin:
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                       "WHERE application_name = %s", (application,))
         deadline = time.monotonic() + 10
@@ -349,6 +309,23 @@ def test_history_is_newest_first_and_limited(store: Store) -> None:
     saved = [store.add_audit(_audit(ts)) for ts in (1_000, 2_000, 3_000)]
     assert store.history() == saved[::-1]
     assert store.history(limit=2) == saved[:0:-1]
+
+
+def test_settings_are_json_values_by_key_listed_by_prefix_and_deleted_by_none(
+        reopen: Opener) -> None:
+    store = reopen()
+    store.put_setting("drift:digits", {"psi": 0.3, "min_samples": 50, "clear_after": 2}, 1)
+    store.put_setting("drift:faces", {"psi": 0.1, "min_samples": 9, "clear_after": 1}, 1)
+    store.put_setting("keyring", "signed bytes", 1)
+    store.put_setting("drift:digits", {"psi": 0.25, "min_samples": 50, "clear_after": 2}, 2)
+    other = reopen()  # another controller sees the same
+    assert other.settings("drift:") == {
+        "drift:digits": {"psi": 0.25, "min_samples": 50, "clear_after": 2},
+        "drift:faces": {"psi": 0.1, "min_samples": 9, "clear_after": 1}}
+    assert other.settings("keyring") == {"keyring": "signed bytes"}
+    store.put_setting("drift:faces", None, 3)
+    assert list(other.settings("drift:")) == ["drift:digits"]
+    assert other.settings("nothing") == {}
 
 
 def test_history_target_filter_matches_exactly(store: Store) -> None:

@@ -47,7 +47,7 @@ from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, Fleet, wait_until
 from tests.models import TrainedModels
 from tests.test_fleet_restart import _serving, _updates
-from tests.test_fleet_store import _device, _postgres_schema
+from tests.test_fleet_store import _device
 
 V1 = BundleRef(name="digits", version="1.0.0", sha256="c" * 64)
 V2 = BundleRef(name="digits", version="2.0.0", sha256="a" * 64)
@@ -55,19 +55,6 @@ LEASE = "rollouts"
 
 
 # -- fixtures ----------------------------------------------------------------------------
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite://{tmp_path / 'fleet.db'}"
-    else:
-        yield from _postgres_schema()
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    yield from _postgres_schema()
-
 
 @pytest.fixture
 def stores(store_url: str) -> Iterator[Callable[[], Store]]:

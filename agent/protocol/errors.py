@@ -19,6 +19,8 @@ converter and the fleet hang their own branches under it::
     │                               (both in agent.protocol.encryption)
     ├── KeyFileError                a key file that cannot be read or written
     ├── PayloadError                an MQTT payload that fails its schema
+    │   └── KeyringError            a fleet keyring that does not verify (agent.protocol.keyring)
+    │       └── StaleKeyringError   one older than the keyring held (a replay)
     └── (agent.errors, converter.errors, fleet.errors add their own branches)
 
 Each error carries ``hint`` (what to do about it) and ``transient`` (whether a

@@ -8,7 +8,8 @@ A tick does, in this order:
    succeeds at once: there is nothing to do);
 2. take devices that joined and match the selector into the last wave (while it runs);
 3. follow every device from what it reports (UPDATING, PROBATION, SUCCEEDED, FAILED,
-   late answers after a timeout) and time out those that do not answer;
+   late answers after a timeout, a retry after a failure) and time out those that do
+   not answer;
 4. check the error conditions before the success conditions: failures above
    ``max_failures_pct`` or a quality gate firing abort the rollout, and devices that
    have not committed are rolled back;
@@ -19,7 +20,10 @@ A tick does, in this order:
 Thresholds fire strictly above their value (minimums strictly below). A device that
 never answers times out (``device_timeout_s`` after it was sent the bundle), so no
 rollout stays running forever; a timed-out device counts against ``min_success_pct``,
-not as a failure, and is followed again if it answers later.
+not as a failure, and is followed again if it answers later. A failed device that works
+on the bundle again (it re-received the install it had given up on) is followed again
+too, during the rollout and after its end, so no device is left in probation without
+a decision.
 """
 
 from __future__ import annotations
@@ -210,12 +214,14 @@ def _follow_devices(t: _Tick) -> None:
             _follow_rollback(t, item, view)
         elif item.state in ACTIVE or item.state == DeviceState.TIMED_OUT:
             _follow_update(t, item, view)
+        elif item.state == DeviceState.FAILED:
+            _follow_retry(t, item, view)
 
 
 def _follow_update(t: _Tick, item: RolloutDevice, view: DeviceView | None) -> None:
     reported = _reported(t, view)
-    if item.state == DeviceState.TIMED_OUT and (view is None or not view.online):
-        reported = None  # what a device said before it went away is no late answer
+    if item.state == DeviceState.TIMED_OUT and not _late_answer(item, view, reported):
+        reported = None
     if reported is not None and view is not None and _RANK[reported] > _RANK[item.state]:
         late = " (late)" if item.state == DeviceState.TIMED_OUT else ""
         detail = view.update_detail if reported == DeviceState.FAILED else ""
@@ -239,8 +245,46 @@ def _follow_update(t: _Tick, item: RolloutDevice, view: DeviceView | None) -> No
                f"commit not confirmed within {t.r.spec.device_timeout_s:g}s")
 
 
+def _late_answer(item: RolloutDevice, view: DeviceView | None,
+                 reported: DeviceState | None) -> bool:
+    """Whether a timed-out device's report is an answer.
+
+    What a device said before it went away is none (it must be online), and an update
+    still on its way answers only if it moved since the timeout: the same stale report
+    would otherwise restart its clock every ``--device-timeout``, and two devices stuck
+    out of step would keep their wave (and the rollout) from ever ending.
+    """
+    if view is None or not view.online:
+        return False
+    return reported != DeviceState.UPDATING or view.update_since_ms > item.since_ms
+
+
+def _follow_retry(t: _Tick, item: RolloutDevice, view: DeviceView | None) -> None:
+    """A failed device that works on this rollout's bundle again is followed again.
+
+    Its agent retries when it gets the install again (a device that gave up a download
+    during a long network cut re-receives the retained install when it reconnects, before
+    the cleared desired state reaches it). Online, on its way to (or in) probation on the
+    target, it is a late answer: while the rollout runs it goes on (soak, gates, commit,
+    with a fresh ``--device-timeout``) and counts as it then ends; after a success it is
+    committed; after an abort or a rollback it is rolled back. A device that settled
+    (committed, failed, rolled back) is left alone.
+    """
+    reported = _reported(t, view)
+    if view is None or not view.online or reported not in (DeviceState.UPDATING,
+                                                            DeviceState.PROBATION):
+        return
+    retried = f"device retried after failing: reported {view.update_state}"
+    if t.r.state in (RolloutState.ABORTED, RolloutState.ROLLED_BACK):
+        ended = t.r.state.value.lower().replace("_", " ")
+        t.send(t.move(item, DeviceState.ROLLING_BACK, f"{retried}; the rollout was {ended}"),
+               Action.ROLLBACK)
+        return
+    t.set(replace(t.move(item, reported, retried), targeted_ms=t.now))
+
+
 # A device only moves forward; a failure is always taken; a timed-out device that answers
-# late is followed again.
+# late is followed again (a failed one that retries too, see _follow_retry).
 _RANK = {DeviceState.TIMED_OUT: -1, DeviceState.TARGETED: 0, DeviceState.UPDATING: 1,
          DeviceState.PROBATION: 2, DeviceState.COMMITTING: 3, DeviceState.SUCCEEDED: 4,
          DeviceState.FAILED: 5}
