@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from agent.protocol.errors import BundleError, KeyFileError
 from agent.protocol.files import atomic_write, sha256_bytes
 from agent.protocol.manifest import Encryption, Manifest, Recipient
+from agent.protocol.pem import load_key
 
 __all__ = [
     "PRIVATE_SUFFIX",
@@ -91,16 +92,10 @@ class RecipientKey:
 
     @classmethod
     def load(cls, path: Path) -> RecipientKey:
-        try:
-            key = serialization.load_pem_public_key(Path(path).read_bytes())
-        except (OSError, ValueError) as exc:
-            raise KeyFileError(f"cannot read encryption public key {path}: {exc}",
-                               hint="pass a NAME.x25519pub file written by "
-                                    "'edgefleet keys generate-encryption'") from exc
-        if not isinstance(key, X25519PublicKey):
-            raise KeyFileError(f"{path} is not an X25519 public key",
-                               hint="make one with 'edgefleet keys generate-encryption'")
-        return cls(key)
+        return cls(load_key(path, X25519PublicKey, private=False,  # type: ignore[type-abstract]
+                            what="encryption public key", kind_name="X25519 public key",
+                            hint="pass a NAME.x25519pub file written by "
+                                 "'edgefleet keys generate-encryption'"))
 
 
 @dataclass(frozen=True)
@@ -115,16 +110,10 @@ class DeviceKey:
 
     @classmethod
     def load(cls, path: Path) -> DeviceKey:
-        try:
-            key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
-            raise KeyFileError(f"cannot read decryption key {path}: {exc}",
-                               hint="pass a NAME.x25519 file written by "
-                                    "'edgefleet keys generate-encryption'") from exc
-        if not isinstance(key, X25519PrivateKey):
-            raise KeyFileError(f"{path} is not an X25519 private key",
-                               hint="make one with 'edgefleet keys generate-encryption'")
-        return cls(key)
+        return cls(load_key(path, X25519PrivateKey, private=True, what="decryption key",  # type: ignore[type-abstract]
+                            kind_name="X25519 private key",
+                            hint="pass a NAME.x25519 file written by "
+                                 "'edgefleet keys generate-encryption'"))
 
 
 class DecryptionKeys:

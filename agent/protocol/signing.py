@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from agent.protocol.errors import BadSignatureError, KeyFileError, UnknownKeyError
 from agent.protocol.files import atomic_write
+from agent.protocol.pem import load_key
 
 __all__ = [
     "PUBLIC_SUFFIX",
@@ -56,17 +57,10 @@ class SigningKey:
 
     @classmethod
     def load(cls, path: Path) -> SigningKey:
-        try:
-            key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
-            raise KeyFileError(
-                f"cannot read signing key {path}: {exc}",
-                hint="pass a key written by 'edgefleet keys generate' (the .key file)",
-            ) from exc
-        if not isinstance(key, Ed25519PrivateKey):
-            raise KeyFileError(f"{path} is not an Ed25519 private key",
-                               hint="generate one with 'edgefleet keys generate'")
-        return cls(key)
+        return cls(load_key(path, Ed25519PrivateKey, private=True, what="signing key",  # type: ignore[type-abstract]
+                            kind_name="Ed25519 private key",
+                            hint="pass a key written by 'edgefleet keys generate' (the .key "
+                                 "file)"))
 
     def sign(self, manifest_bytes: bytes) -> bytes:
         """Return the ``manifest.sig`` document for these exact manifest bytes."""
@@ -143,15 +137,9 @@ def _parse_signature(signature_doc: bytes) -> tuple[str, bytes]:
 
 
 def _load_public(path: Path) -> Ed25519PublicKey:
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise KeyFileError(f"cannot read public key {path}: {exc}",
-                           hint="pass a .pub file written by 'edgefleet keys generate'") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{path} is not an Ed25519 public key",
-                           hint="generate one with 'edgefleet keys generate'")
-    return key
+    return load_key(path, Ed25519PublicKey, private=False, what="public key",  # type: ignore[type-abstract]
+                    kind_name="Ed25519 public key",
+                    hint="pass a .pub file written by 'edgefleet keys generate'")
 
 
 def generate_keypair(directory: Path, name: str) -> tuple[Path, Path]:
