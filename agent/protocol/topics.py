@@ -6,6 +6,7 @@ which also refuse ids that would break topic matching ("/", "+", "#").
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -68,7 +69,9 @@ def fleet_filter(fleet: str, leaf: Leaf | None = None) -> str:
     return f"{base}/{leaf.value}" if leaf else f"{base}/#"
 
 
+@functools.lru_cache(maxsize=1 << 17)  # a fleet's topics repeat (10,000 devices: 40,000)
 def parse_topic(topic: str) -> TopicAddress:
+    """The fleet, device and leaf of a device topic; ``PayloadError`` if it is none."""
     parts = topic.split("/")
     if len(parts) < 5 or "/".join(parts[:2]) != PREFIX:
         raise PayloadError(f"topic {topic!r} is not an edgefleet v1 topic")
