@@ -4,7 +4,9 @@ Recipes: ``dynamic`` (int8 weights, float activations), ``int8`` (static int8
 weights and activations, calibrated), ``fp16`` is not offered for TFLite
 sources (re-export from the original model). Many published models carry no
 signature, which the quantizer requires: such a model first gets a
-``serving_default`` signature over its graph inputs and outputs.
+``serving_default`` signature over its graph inputs and outputs; float16 weights
+behind ``DEQUANTIZE`` are folded to float32 first, and operator codes written in
+the old schema field only are normalized (the quantizer reads the new field alone).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from converter.errors import (
     UnsupportedPathError,
 )
 
-__all__ = ["ensure_signature", "float16_weights_to_float32", "quantize_tflite"]
+__all__ = ["ensure_signature", "float16_weights_to_float32", "normalize_opcodes",
+           "quantize_tflite"]
 
 SIGNATURE = "serving_default"
 
@@ -48,9 +51,7 @@ def ensure_signature(model: bytes) -> bytes:
     signature.inputs = [_tensor_map(graph, i) for i in graph.inputs]
     signature.outputs = [_tensor_map(graph, i) for i in graph.outputs]
     root.signatureDefs = [signature]
-    builder = flatbuffers.Builder(len(model) + 1024)
-    builder.Finish(root.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return _pack(root, len(model))
 
 
 def float16_weights_to_float32(model: bytes) -> bytes:
@@ -58,12 +59,44 @@ def float16_weights_to_float32(model: bytes) -> bytes:
 
     Models published with float16 weights (mediapipe's, for one) dequantize them
     at run time; the quantizer only quantizes float32 constants, so without this
-    it leaves such a model as it is.
+    it leaves such a model as it is. The float16 copies are dropped from the file.
     """
-    import numpy as np
     from ai_edge_litert import schema_py_generated as schema
 
     root = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model, 0))
+    if not _fold_float16(root, schema):
+        return model
+    return _pack(root, len(model) * 2)
+
+
+def normalize_opcodes(model: bytes) -> bytes:
+    """Set every operator code's ``builtinCode`` from ``deprecatedBuiltinCode`` when older.
+
+    Models written before the schema widened the field (mediapipe's, for one) only fill
+    ``deprecated_builtin_code``; LiteRT reads the larger of the two, but ai-edge-quantizer
+    reads ``builtin_code`` alone and took every such operator for ``ADD`` (code 0): it
+    quantized convolution weights as activations (asymmetric, zero point != 0), which the
+    int8 kernels refuse to load.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    root = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model, 0))
+    if not _normalize(root):
+        return model
+    return _pack(root, len(model))
+
+
+def _normalize(root: Any) -> int:
+    fixed = 0
+    for code in root.operatorCodes:
+        if code.deprecatedBuiltinCode > code.builtinCode:
+            code.builtinCode, fixed = code.deprecatedBuiltinCode, fixed + 1
+    return fixed
+
+
+def _fold_float16(root: Any, schema: Any) -> int:
+    import numpy as np
+
     code = schema.BuiltinOperator.DEQUANTIZE
     dequantize = [i for i, c in enumerate(root.operatorCodes)
                   if max(c.builtinCode, c.deprecatedBuiltinCode) == code]
@@ -77,17 +110,36 @@ def float16_weights_to_float32(model: bytes) -> bytes:
                 keep.append(op)
                 continue
             weights = np.frombuffer(bytes(bytearray(data)), np.float16).astype(np.float32)
-            target = graph.tensors[op.outputs[0]]
             buffer = schema.BufferT()
             buffer.data = list(weights.tobytes())
             root.buffers.append(buffer)
-            target.buffer = len(root.buffers) - 1
-            # the float16 source tensor stays (now unused): tensor indices must not shift
+            graph.tensors[op.outputs[0]].buffer = len(root.buffers) - 1
+            root.buffers[source.buffer].data = None  # the float16 copy is no longer read
             folded += 1
         graph.operators = keep
-    if not folded:
-        return model
-    builder = flatbuffers.Builder(len(model) * 2 + 1024)
+        _drop_unused_tensors(root, graph, root.subgraphs.index(graph))
+    return folded
+
+
+def _drop_unused_tensors(root: Any, graph: Any, index: int) -> None:
+    """Remove tensors no operator, graph input or output uses; renumber the rest."""
+    used = {i for op in graph.operators for i in [*op.inputs, *op.outputs] if i >= 0}
+    used |= {*graph.inputs, *graph.outputs}
+    order = [i for i in range(len(graph.tensors)) if i in used]
+    new = {old: n for n, old in enumerate(order)}
+    graph.tensors = [graph.tensors[i] for i in order]
+    for op in graph.operators:
+        op.inputs = [new[i] if i >= 0 else i for i in op.inputs]
+        op.outputs = [new[i] for i in op.outputs]
+    graph.inputs, graph.outputs = [new[i] for i in graph.inputs], [new[i] for i in graph.outputs]
+    for signature in root.signatureDefs or []:
+        if signature.subgraphIndex == index:
+            for item in [*(signature.inputs or []), *(signature.outputs or [])]:
+                item.tensorIndex = new[item.tensorIndex]
+
+
+def _pack(root: Any, size_hint: int) -> bytes:
+    builder = flatbuffers.Builder(size_hint + 1024)
     builder.Finish(root.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
 
@@ -117,7 +169,7 @@ def quantize_tflite(model: bytes, mode: str, data: Dataset | None) -> bytes:
         raise UnsupportedPathError("fp16 of a float .tflite is not offered",
                                    hint="convert the original Keras/SavedModel with fp16")
     quantizer, recipe = _modules()
-    signed = ensure_signature(float16_weights_to_float32(model))
+    signed = ensure_signature(float16_weights_to_float32(normalize_opcodes(model)))
     try:
         with quiet_stdout():
             return _quantize(quantizer, recipe, signed, mode, data)

@@ -2,8 +2,15 @@
 
 ONNX -> ONNX modes: ``none`` (as is), ``fp16`` (float16 weights and compute, float
 I/O kept), ``dynamic`` (int8 weights, after ``quant_pre_process``), ``int8``
-(static QDQ, per-channel, calibrated, after ``quant_pre_process``); ``int8``
-may exclude named nodes (``keep_float``).
+(static QDQ: uint8 activations, int8 per-channel weights, calibrated, after
+``quant_pre_process``); ``int8`` may exclude named nodes (``keep_float``).
+
+Activations are uint8 (ONNX Runtime's default): with int8 activations ONNX Runtime's
+CPU kernels fuse fewer ``DequantizeLinear -> Conv -> QuantizeLinear`` groups (depthwise
+convolutions among them), which then run in float between Q/DQ round trips; on
+PP-OCR's classifier that made int8 3x slower than float, with uint8 1.5x
+(BENCHMARKS.md). The shape annotations (``value_info``) pre-processing leaves
+behind are dropped from the result: the runtime infers them again.
 """
 
 from __future__ import annotations
@@ -113,14 +120,24 @@ def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
                     raise DataError("int8 quantization needs calibration data",
                                     hint="pass --calibration PATH (.npy, .npz or an image folder)")
                 quantize_static(pre, out, _Reader(data, on_sample), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QInt8,
+                                per_channel=True, activation_type=QuantType.QUInt8,
                                 weight_type=QuantType.QInt8, nodes_to_exclude=list(keep_float))
+            _strip_shape_annotations(out)
         except (DataError, MissingExtraError):
             raise
         except Exception as exc:  # ORT quantization raises many types
             raise ConversionFailedError(f"ONNX Runtime quantization ({mode}) failed: {exc!r}",
                                         hint="try another --quantize mode") from exc
         return out.read_bytes()
+
+
+def _strip_shape_annotations(path: Path) -> None:
+    import onnx
+
+    model = onnx.load(path)
+    if len(model.graph.value_info):
+        del model.graph.value_info[:]
+        onnx.save(model, path)
 
 
 def _pre_process(pre_process: Any, src: Path, out: Path) -> None:

@@ -21,6 +21,8 @@ class Attempt:
     accuracy_drop_points: float | None = None
     agreement: dict[str, Any] = field(default_factory=dict)
     latency_p50_ms: float | None = None
+    # the p50 of what it replaces (source or float conversion), from the same comparison
+    reference_latency_p50_ms: float | None = None
     ops: dict[str, int] = field(default_factory=dict)
     dtypes: list[str] = field(default_factory=list)
     violations: list[dict[str, Any]] = field(default_factory=list)

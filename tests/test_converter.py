@@ -12,7 +12,7 @@ from agent.core import Agent
 from agent.protocol.bundle import read_bundle
 from converter.config import ConvertConfig
 from converter.errors import DataError, UnsupportedPathError
-from converter.pipeline import ConversionFailed, convert
+from converter.pipeline import SLOWER_MARGIN, ConversionFailed, convert, is_slower
 from tests.conftest import Keys
 from tests.models import TrainedModels
 
@@ -193,8 +193,8 @@ def test_onnx_dynamic_slower_than_float_is_warned_and_refused_by_a_strict_profil
                              format="onnx", quantize="dynamic", eval=digits_data.eval))
     chosen = report.chosen_attempt
     assert chosen is not None
-    assert chosen.latency_p50_ms is not None and report.source_latency_p50_ms is not None
-    slower = chosen.latency_p50_ms > report.source_latency_p50_ms
+    assert chosen.latency_p50_ms is not None and chosen.reference_latency_p50_ms is not None
+    slower = is_slower(chosen.latency_p50_ms, chosen.reference_latency_p50_ms)
     assert bool(chosen.warnings) == slower
     if slower:
         with pytest.raises(ConversionFailed, match="slower than its source"):
@@ -302,5 +302,33 @@ def test_guard_compares_a_keras_conversion_with_its_float_export(
     chosen = report.chosen_attempt
     assert chosen is not None and chosen.latency_p50_ms is not None
     assert report.float_latency_p50_ms is not None, "the float export was measured"
-    slower = chosen.latency_p50_ms > report.float_latency_p50_ms
+    assert chosen.reference_latency_p50_ms is not None
+    slower = is_slower(chosen.latency_p50_ms, chosen.reference_latency_p50_ms)
     assert any("slower than the float conversion" in w for w in chosen.warnings) == slower
+
+
+def test_slower_means_beyond_the_measurement_margin() -> None:
+    assert SLOWER_MARGIN == 0.03
+    assert not is_slower(1.0, 1.0) and not is_slower(1.03, 1.0)
+    assert is_slower(1.031, 1.0) and is_slower(3.1, 1.0)
+
+
+def test_onnx_int8_has_uint8_activations_and_no_leftover_shape_annotations(
+        digits_models: TrainedModels, digits_data: Data) -> None:
+    import onnx
+
+    from converter.data import load_dataset
+    from converter.onnx_backend import quantize_onnx
+    from converter.sources import load_source
+
+    source = load_source(digits_models.onnx)
+    data = load_dataset(digits_data.calibration, source.inputs)
+    model = onnx.load_model_from_string(quantize_onnx(digits_models.onnx.read_bytes(), "int8",
+                                                      data))
+    zero_points = {i.name: i.data_type for i in model.graph.initializer}
+    activations = [n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert activations and {zero_points[z] for z in activations} == {onnx.TensorProto.UINT8}
+    weights = [n.input[2] for n in model.graph.node if n.op_type == "DequantizeLinear"
+               and n.input[0] in zero_points and zero_points[n.input[0]] == onnx.TensorProto.INT8]
+    assert weights, "weights stay int8 (per channel)"
+    assert len(model.graph.value_info) == 0

@@ -71,6 +71,37 @@ def test_ppocr_detector_int8_within_budget_or_named(tmp_path: Path, signing_keys
     assert "QuantizeLinear" in attempt.ops
 
 
+def test_mediapipe_face_detector_int8_loads_with_symmetric_weights(images: Path) -> None:
+    """mediapipe writes operator codes in the old schema field only; unnormalized, the
+    quantizer took every operator for ADD and quantized convolution weights as activations
+    (zero point != 0), which LiteRT refused to load."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from agent.runtime.select import load_runtime
+    from converter import litert_quantizer
+    from converter.data import load_dataset
+    from converter.sources import load_source
+
+    path = wheel_models.model("face-detection")
+    raw = path.read_bytes()
+    codes = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0)).operatorCodes
+    assert any(c.deprecatedBuiltinCode > c.builtinCode for c in codes), "the case being fixed"
+    fixed = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(
+        litert_quantizer.normalize_opcodes(raw), 0)).operatorCodes
+    assert all(c.builtinCode == c.deprecatedBuiltinCode for c in fixed)
+    data = load_dataset(images, load_source(path).inputs, "-1-1").take(8)
+    quantized = litert_quantizer.quantize_tflite(raw, "int8", data)
+    assert len(quantized) < len(raw), "the float16 copies of folded weights are dropped"
+    root = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(quantized, 0))
+    graph, conv = root.subgraphs[0], schema.BuiltinOperator.CONV_2D
+    convs = [op for op in graph.operators if root.operatorCodes[op.opcodeIndex].builtinCode == conv]
+    for op in convs:
+        weights = graph.tensors[op.inputs[1]].quantization
+        assert weights.zeroPoint is not None and not any(weights.zeroPoint)
+        assert len(weights.scale) > 1, "per-channel"
+    assert convs and load_runtime(quantized, "tflite").outputs
+
+
 @pytest.mark.parametrize("mode", ["dynamic", "int8"])
 def test_mediapipe_face_detector_within_budget_or_named(tmp_path: Path, signing_keys: Keys,
                                                         images: Path, mode: str) -> None:
