@@ -85,7 +85,9 @@ _FOLLOW_AFTER_END_MS = 24 * 3600 * 1000
 _DRIFT_PREFIX = "drift:"  # settings key of a model's DriftPolicy
 _KEYRING_KEY = "keyring"  # settings key of the fleet keyring's signed bytes
 _POLICIES_EVERY_MS = 30_000  # how often the drift policies are read again from the store
-_UNSETTLED = ACTIVE | {DeviceState.ROLLING_BACK, DeviceState.TIMED_OUT}
+# a finished rollout is followed (up to a day) while the executor has a device of it to
+# follow: on its way, rolling back, timed out (it may answer late) or failed (it may retry)
+_UNSETTLED = executor.FOLLOWED
 _BASELINE_SAMPLE = 1000
 
 
@@ -473,7 +475,16 @@ class FleetController:
         if rollout.state == RolloutState.PENDING:
             ids: Iterable[str] = [d.id for d in self.registry.all() if spec.matches(d)]
         elif rollout.finished:
-            ids = rollout.devices.keys()
+            # only the devices it still waits on, less those that another rollout sent a
+            # desired state since: the device acts on that one's word now, not this one's
+            others = [r for r in self._rollouts.values() if r.id != rollout.id]
+
+            def taken(device: str, sent_ms: int) -> bool:
+                return any((item := r.devices.get(device)) is not None
+                           and item.sent_ms > sent_ms for r in others)
+
+            ids = [d.device for d in rollout.devices.values()
+                   if d.state in _UNSETTLED and not taken(d.device, d.sent_ms)]
         else:
             newcomers = [d for d in joined if (dev := self.registry.get(d)) is not None
                          and spec.matches(dev) and not self._busy_elsewhere(d, rollout.id)]

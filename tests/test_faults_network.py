@@ -367,6 +367,90 @@ def test_a_download_over_a_link_that_flaps_five_times_resumes_and_commits(
     assert requests[0] == "200" and "206" in requests[1:]  # resumed with Range, not restarted
 
 
+class RetryHold:
+    """A controller listener that holds the controller's MQTT ingest at the first update
+    event of ``device`` into ``state`` stamped after ``after_ms`` (its clock) until
+    ``until()`` holds, at most ``limit_s``: a slow ingest, so that a tick sees what the
+    device reported just before that event."""
+
+    def __init__(self, device: str, state: str, after_ms: int, until: Any,
+                 limit_s: float = 10.0) -> None:
+        self.device, self.state, self.after_ms = device, state, after_ms
+        self.until, self.limit_s = until, limit_s
+        self.held: bool | None = None  # None: not yet; True: ``until()`` held in time
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        if kind != "event" or data["device"] != self.device or self.held is not None:
+            return
+        event = json.loads(data["event"])  # a reconnection first resends what was unacked
+        if (event.get("kind"), event.get("state")) == ("update", self.state) and (
+                event["ts"] > self.after_ms):
+            try:
+                wait_until(self.until, self.limit_s, every=0.02, what="the hold to end")
+                self.held = True
+            except TimeoutError:
+                self.held = False
+
+
+def test_a_device_that_gives_its_download_up_during_a_long_cut_then_retries_is_committed(
+        site: Site, versions: dict[str, Path]) -> None:
+    """The agent behind a long cut gives its download up (FAILED, after its retries); when
+    it reconnects it reports the failure, which the controller records late (clearing its
+    desired state), but it has re-received the retained install by then and retries by
+    design: the rollout, finished by then, follows it again and commits it.
+
+    The controller must see the late FAILED before the retry's first report, a race of a
+    few milliseconds on the reconnect: ``RetryHold`` holds the controller's ingest at the
+    retry's first event until a tick recorded the failure, so the test takes that path
+    every time."""
+    client = site.start(["near-0"], ["far-0"], versions["v1"])
+    device = site.far["far-0"]
+    client.upload("/api/v1/models", versions["v2"].read_bytes())
+    site.link.rate_limit(64)
+    rollout = client.post("/api/v1/rollouts", {
+        "model": "digits:2.0.0", "selectors": ["group:site"], "soak_s": 0.5,
+        "device_timeout_s": TIMEOUT_S, "gates": {"min_success_pct": 50}})
+    wait_until(lambda: device.state == "DOWNLOADING" and device.downloaded() > 0, 30,
+               every=0.05, what="the far device to be downloading")
+    site.link.cut()
+
+    done = _rollout_until(site, rollout["id"], _decided, "the rollout to decide", 30)
+    assert (done["state"], _states(done)) == ("SUCCEEDED", {"near-0": "SUCCEEDED",
+                                                            "far-0": "TIMED_OUT"})
+    # cut off for longer than its download's retries: the agent gives the update up
+    wait_until(lambda: device.state == "FAILED", 90, every=0.1,  # about 25 s here
+               what="the far agent to give its download up")
+    assert "failed after" in device.journal()["detail"]
+    assert site.devices()["far-0"]["online"] is False
+
+    controller = site.fleet.controller
+    assert controller is not None
+    hold = RetryHold("far-0", "DOWNLOADING", int(device.journal()["since"]), lambda: (
+        controller.rollout(rollout["id"]).devices["far-0"].state.value == "FAILED"))
+    controller.listeners.append(hold)
+    watch = Watch(site, rollout["id"])
+    site.link.rate_limit(None)
+    site.link.restore()
+
+    final = _rollout_until(site, rollout["id"], lambda r: _states(r)["far-0"] == "SUCCEEDED",
+                           "the far device to be committed", 30)
+    watch.stop()
+    assert hold.held is True  # the controller recorded the late FAILED before the retry
+    assert final["state"] == "SUCCEEDED" and final["reason"] == "1 of 2 devices run 2.0.0"
+    # on its way again, it is followed from the first state the next tick sees it in
+    # (UPDATING or, when it got there that fast, PROBATION); COMMITTING may be brief
+    seen = watch.seen["far-0"]
+    assert [s for s in watch.states("far-0") if s not in ("UPDATING", "COMMITTING")] == [
+        "TIMED_OUT", "FAILED", "PROBATION", "SUCCEEDED"], seen
+    assert "the last 6 without a byte" in seen[1][1], seen  # its retries, then it gave up
+    assert seen[2][1].startswith("device retried after failing: reported "), seen
+    assert device.journal()["state"] == "COMMITTED"
+    assert device.journal()["target"]["version"] == "2.0.0"
+    registry = wait_until(lambda: (r := site.devices()) and r["far-0"]["online"] and r[
+        "far-0"]["update_state"] == "COMMITTED" and r, 30, what="the registry to show it")
+    assert registry["far-0"]["active"]["version"] == "2.0.0"
+
+
 # --- the downloader under the same faults, on a test server (no link needed) ------------
 
 @pytest.fixture()

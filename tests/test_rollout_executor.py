@@ -268,6 +268,9 @@ QUALITY_CASES = [
     (Gates(max_p95_ratio=1.5), Quality(100, 0, 99.0), Quality(), False),  # no baseline yet
     (Gates(min_agreement_pct=90), Quality(100, 0, None, 0.90, 30), Quality(), False),
     (Gates(min_agreement_pct=90), Quality(100, 0, None, 0.89, 30), Quality(), True),
+    # too few compared requests to judge agreement: one disagreement in 7 is 85.7%
+    (Gates(min_agreement_pct=90), Quality(100, 0, None, 6 / 7, 7), Quality(), False),
+    (Gates(min_agreement_pct=90), Quality(100, 0, None, 0.5, 29), Quality(), False),
     (Gates(max_error_rate_pct=5), Quality(10, 9), Quality(), False),  # below min_samples
 ]
 
@@ -445,3 +448,331 @@ def test_a_tick_that_changes_nothing_keeps_the_rollouts_last_update_time() -> No
     quiet = run(rollout, devices, 5000)
     assert quiet.sends == [] and not quiet.changed
     assert quiet.rollout.updated_ms == rollout.updated_ms == 0
+
+
+# --- late answers: a fresh timeout, online only, rolled back after an abort --------------
+
+def timed_out() -> tuple[Rollout, dict[str, DeviceView]]:
+    """d00 timed out at 61 s (sent at 0, --device-timeout 60); d01 keeps the wave open in
+    probation (a 600 s soak)."""
+    rollout, devices = started(2, device_timeout_s=60, soak_s=600,
+                               gates=Gates(max_failures_pct=50))
+    devices["d01"] = on("PROBATION", NEW, since=1000)
+    rollout = run(rollout, devices, 1000).rollout
+    rollout = run(rollout, devices, 61_000).rollout
+    assert states(rollout) == {"d00": "TIMED_OUT", "d01": "PROBATION"}
+    return rollout, devices
+
+
+LATE_ANSWERS = [
+    # (what d00 reports at 70 s, its state then, desired states cleared, targeted_ms, reason)
+    (on("DOWNLOADING", since=65_000), "UPDATING", [], 70_000,
+     "device reported DOWNLOADING (late)"),  # on its way again: a fresh --device-timeout
+    (on("DOWNLOADING", since=60_000), "TIMED_OUT", [], 0,
+     "no answer within 60s (still COMMITTED)"),  # the report it timed out with: no answer
+    (on("PROBATION", NEW, since=60_000), "PROBATION", [], 0,
+     "device reported PROBATION (late)"),  # probation is an answer, however old
+    (committed_new(), "SUCCEEDED", [], 0, "device reported COMMITTED (late)"),
+    (replace(on("FAILED"), update_detail="download failed"), "FAILED", ["d00"], 0,
+     "download failed"),
+    # offline: what the registry shows is what it said before it went away
+    (replace(on("PROBATION", NEW, since=65_000), online=False), "TIMED_OUT", [], 0,
+     "no answer within 60s (still COMMITTED)"),
+    (replace(on("FAILED"), online=False), "TIMED_OUT", [], 0,
+     "no answer within 60s (still COMMITTED)"),
+    (replace(committed_new(), online=False), "TIMED_OUT", [], 0,
+     "no answer within 60s (still COMMITTED)"),
+]
+
+
+@pytest.mark.parametrize(("report", "state", "cleared", "targeted", "reason"), LATE_ANSWERS)
+def test_a_timed_out_device_is_followed_again_only_on_a_new_answer_while_online(
+        report: DeviceView, state: str, cleared: list[str], targeted: int, reason: str
+        ) -> None:
+    rollout, devices = timed_out()
+    devices["d00"] = report
+    d = run(rollout, devices, 70_000)
+    item = d.rollout.devices["d00"]
+    assert (item.state.value, d.cleared, item.targeted_ms, item.reason) == (
+        state, cleared, targeted, reason)
+    assert d.sends == [] and d.rollout.state == RolloutState.RUNNING
+
+
+LATE_STEPS = [
+    # (now, what d00 reports from then on (None: as before), its state, its targeted_ms)
+    (70_000, on("DOWNLOADING", since=65_000), "UPDATING", 70_000),
+    (71_000, None, "UPDATING", 70_000),  # not timed out again at the next tick
+    (130_000, None, "UPDATING", 70_000),  # exactly --device-timeout after the late answer
+    (130_001, None, "TIMED_OUT", 70_000),
+    (190_000, None, "TIMED_OUT", 70_000),  # the same report is no new answer
+    (200_000, on("VERIFYING", since=195_000), "UPDATING", 200_000),  # it moved: followed
+    (201_000, on("PROBATION", NEW, since=201_000), "PROBATION", 200_000),
+]
+
+
+def test_a_late_answer_gets_one_fresh_timeout_per_move_instead_of_flip_flopping() -> None:
+    rollout, devices = timed_out()
+    seen = []
+    for now, report, state, targeted in LATE_STEPS:
+        if report is not None:
+            devices["d00"] = report
+        d = run(rollout, devices, now)
+        rollout, item = d.rollout, d.rollout.devices["d00"]
+        assert (now, item.state.value, item.targeted_ms) == (now, state, targeted)
+        seen.append(item.state.value)
+    assert seen.count("TIMED_OUT") == 2  # once at 130_001, and it stayed so
+
+
+@pytest.mark.parametrize(("min_success", "end", "sends"), [
+    (0, RolloutState.SUCCEEDED, []),
+    (100, RolloutState.ABORTED, [Send("d00", Action.ROLLBACK), Send("d01", Action.ROLLBACK)]),
+])
+def test_devices_stuck_on_their_way_out_of_step_still_let_the_rollout_end(
+        min_success: float, end: RolloutState, sends: list[Send]) -> None:
+    """Two online devices stuck downloading, sent the bundle a minute apart: the same
+    stale report is no late answer, so they time out once each and the wave ends."""
+    rollout, devices = started(2, device_timeout_s=60, rate_per_min=1,
+                               gates=Gates(min_success_pct=min_success))
+    devices["d00"] = on("DOWNLOADING", since=500)
+    d = run(rollout, devices, 60_000)
+    assert installs(d) == ["d01"]
+    devices["d01"] = on("DOWNLOADING", since=60_500)
+    for now in range(61_000, 3_600_000, 1000):
+        d = run(d.rollout, devices, now)
+        if d.rollout.finished:
+            break
+    assert (now, d.rollout.state, d.sends) == (121_000, end, sends)
+    assert d.rollout.reason.startswith("0 of 2 devices" if end == RolloutState.SUCCEEDED
+                                       else "wave 1 of 1: 0 of 2 devices succeeded")
+
+
+def aborting() -> tuple[Rollout, dict[str, DeviceView]]:
+    """d00 timed out, d01 in probation, d02 committed in wave 1; d03 waits for wave 2."""
+    rollout, devices = started(4, waves=(Wave(3, False),), device_timeout_s=60, soak_s=600,
+                               gates=Gates(max_error_rate_pct=1))
+    devices["d01"] = on("PROBATION", NEW, since=1000)
+    devices["d02"] = committed_new()
+    rollout = run(rollout, devices, 1000).rollout
+    rollout = run(rollout, devices, 61_000).rollout
+    assert states(rollout) == {"d00": "TIMED_OUT", "d01": "PROBATION", "d02": "SUCCEEDED",
+                               "d03": "PENDING"}
+    return rollout, devices
+
+
+def _operator_abort(rollout: Rollout, devices: dict[str, DeviceView]) -> Decisions:
+    return abort(rollout, 62_000)
+
+
+def _error_rate(rollout: Rollout, devices: dict[str, DeviceView]) -> Decisions:
+    return run(rollout, devices, 62_000, Quality(50, 50))
+
+
+def _failure(rollout: Rollout, devices: dict[str, DeviceView]) -> Decisions:
+    devices["d01"] = on("FAILED")  # its own gate rolled it back
+    return run(rollout, devices, 62_000)
+
+
+def _min_success(rollout: Rollout, devices: dict[str, DeviceView]) -> Decisions:
+    devices["d01"] = committed_new()  # the wave is done: 2 of 3 is below --min-success 100
+    return run(rollout, devices, 62_000)
+
+
+@pytest.mark.parametrize(("how", "reason", "expected", "rolled_back"), [
+    (_operator_abort, "aborted by an operator",
+     {"d01": "ROLLING_BACK", "d02": "SUCCEEDED"}, ["d00", "d01"]),
+    (_error_rate, "error rate 50.00%", {"d01": "ROLLING_BACK", "d02": "SUCCEEDED"},
+     ["d00", "d01"]),
+    (_failure, "1 of 3 devices failed", {"d01": "FAILED", "d02": "SUCCEEDED"}, ["d00"]),
+    (_min_success, "wave 1 of 2: 2 of 3 devices succeeded",
+     {"d01": "SUCCEEDED", "d02": "SUCCEEDED"}, ["d00"]),
+])
+def test_an_abort_tells_timed_out_devices_to_roll_back_too(
+        how: object, reason: str, expected: dict[str, str], rolled_back: list[str]) -> None:
+    rollout, devices = aborting()
+    d = how(rollout, devices)  # type: ignore[operator]
+    assert d.rollout.state == RolloutState.ABORTED and d.rollout.reason.startswith(reason)
+    assert states(d.rollout) == {"d00": "ROLLING_BACK", **expected, "d03": "CANCELLED"}
+    assert d.rollout.devices["d00"].reason == "rollout aborted"
+    assert d.sends == [Send(device, Action.ROLLBACK) for device in rolled_back]
+
+
+RETURNS = [
+    # (what d00, told to roll back while timed out, says at 70 s, its state, sends, cleared)
+    (replace(on("PROBATION", NEW, since=50_000), online=False), "ROLLING_BACK", [], []),
+    (replace(fleet(1)["d00"], online=False), "ROLLING_BACK", [], []),  # it may have started
+    (on("DOWNLOADING", since=65_000), "ROLLING_BACK", [], []),  # rolled back in probation
+    (on("PROBATION", NEW, since=50_000), "ROLLING_BACK", [Send("d00", Action.ROLLBACK)], []),
+    (committed_new(), "ROLLING_BACK", [], []),  # the retained rollback reaches it
+    (DeviceView(online=True, active=OLD, update_state="ROLLED_BACK",
+                update_target=NEW.sha256), "ROLLED_BACK", [], ["d00"]),
+    (on("FAILED"), "ROLLED_BACK", [], ["d00"]),  # its download had given up
+    (fleet(1)["d00"], "ROLLED_BACK", [], ["d00"]),  # it never started
+]
+
+
+@pytest.mark.parametrize(("report", "state", "sends", "cleared"), RETURNS)
+def test_a_timed_out_device_told_to_roll_back_does_so_when_it_returns(
+        report: DeviceView, state: str, sends: list[Send], cleared: list[str]) -> None:
+    rollout, devices = aborting()
+    rollout = abort(rollout, 62_000).rollout
+    devices["d00"] = report
+    devices["d01"] = DeviceView(online=True, active=OLD, update_state="ROLLED_BACK",
+                                update_target=NEW.sha256)
+    d = run(rollout, devices, 70_000)
+    assert d.rollout.state == RolloutState.ABORTED
+    assert states(d.rollout)["d00"] == state
+    assert [s for s in d.sends if s.device == "d00"] == sends
+    assert [c for c in d.cleared if c == "d00"] == cleared
+
+
+# --- a failed device that retries -------------------------------------------------------
+
+OTHER = BundleRef(name="digits", version="3.0.0", sha256="3" * 64)
+
+
+def failed(end: str) -> tuple[Rollout, dict[str, DeviceView]]:
+    """d00's download gave up at 1 s (FAILED, its desired state cleared); the rollout is
+    then ``end``: RUNNING (d01 still on its way), PAUSED, SUCCEEDED (d01 committed, 1 of 2
+    is not below --min-success 50), ABORTED or ROLLED_BACK by an operator."""
+    rollout, devices = started(2, device_timeout_s=60, soak_s=30,
+                               gates=Gates(max_failures_pct=50, min_success_pct=50))
+    devices["d00"] = replace(on("FAILED", since=900), update_detail="download failed")
+    d = run(rollout, devices, 1000)
+    assert states(d.rollout) == {"d00": "FAILED", "d01": "TARGETED"} and d.cleared == ["d00"]
+    rollout = d.rollout
+    if end == "PAUSED":
+        rollout = pause(rollout, 2000).rollout
+    elif end == "SUCCEEDED":
+        devices["d01"] = committed_new()
+        rollout = run(rollout, devices, 2000).rollout
+    elif end == "ABORTED":
+        rollout = abort(rollout, 2000).rollout
+    elif end == "ROLLED_BACK":
+        rollout = rollback(rollout, 2000).rollout
+    assert rollout.state.value == end
+    return rollout, devices
+
+
+RETRIES = [
+    # (the rollout then, what d00 reports at 10 s, its state, what it is sent)
+    ("RUNNING", on("DOWNLOADING", since=9000), "UPDATING", []),
+    ("RUNNING", on("PROBATION", NEW, since=9000), "PROBATION", []),
+    ("PAUSED", on("PROBATION", NEW, since=9000), "PROBATION", []),
+    ("SUCCEEDED", on("DOWNLOADING", since=9000), "UPDATING", []),
+    ("SUCCEEDED", on("PROBATION", NEW, since=9000), "PROBATION", []),
+    ("ABORTED", on("DOWNLOADING", since=9000), "ROLLING_BACK", [Action.ROLLBACK]),
+    ("ABORTED", on("PROBATION", NEW, since=9000), "ROLLING_BACK", [Action.ROLLBACK]),
+    ("ROLLED_BACK", on("PROBATION", NEW, since=9000), "ROLLING_BACK", [Action.ROLLBACK]),
+    # left alone: not online, not working on this rollout's bundle, or settled
+    ("SUCCEEDED", replace(on("PROBATION", NEW, since=9000), online=False), "FAILED", []),
+    ("RUNNING", replace(on("DOWNLOADING", since=9000), online=False), "FAILED", []),
+    ("SUCCEEDED", on("FAILED", since=9000), "FAILED", []),
+    ("SUCCEEDED", DeviceView(online=True, active=OLD, update_state="ROLLED_BACK",
+                             update_target=NEW.sha256), "FAILED", []),
+    ("SUCCEEDED", DeviceView(online=True, active=OLD, update_state="DOWNLOADING",
+                             update_target=OTHER.sha256, update_since_ms=9000), "FAILED", []),
+    ("SUCCEEDED", committed_new(), "FAILED", []),  # settled: maybe by another rollout
+    ("ABORTED", committed_new(), "FAILED", []),  # never rolled back from here
+]
+
+
+@pytest.mark.parametrize(("end", "report", "state", "actions"), RETRIES)
+def test_a_failed_device_working_on_the_bundle_again_is_followed_as_the_rollout_says(
+        end: str, report: DeviceView, state: str, actions: list[Action]) -> None:
+    rollout, devices = failed(end)
+    devices["d00"] = report
+    d = run(rollout, devices, 10_000)
+    item = d.rollout.devices["d00"]
+    assert item.state.value == state
+    assert [s for s in d.sends if s.device == "d00"] == [Send("d00", a) for a in actions]
+    assert d.rollout.state.value == end  # a retry never changes how the rollout ended
+    assert "d00" not in d.cleared
+    if state in ("UPDATING", "PROBATION"):
+        assert (item.reason, item.since_ms, item.targeted_ms) == (
+            f"device retried after failing: reported {report.update_state}", 10_000, 10_000)
+    elif state == "ROLLING_BACK":
+        assert item.reason == (f"device retried after failing: reported {report.update_state}"
+                               f"; the rollout was {end.lower().replace('_', ' ')}")
+    else:
+        assert (item.reason, item.since_ms) == ("download failed", 1000)
+
+
+def steps(rollout: Rollout, devices: dict[str, DeviceView],
+          table: list[tuple[int, DeviceView | None, str, list[Send]]]) -> Rollout:
+    """Tick through ``table``: (now, what d00 reports from then on, its state, sends)."""
+    for now, report, state, sends in table:
+        if report is not None:
+            devices["d00"] = report
+        d = run(rollout, devices, now)
+        rollout = d.rollout
+        assert (now, states(rollout)["d00"], d.sends) == (now, state, sends)
+    return rollout
+
+
+def test_a_device_that_fails_late_then_retries_after_the_rollout_succeeded_is_committed() -> None:
+    """The network cut: d00 timed out, gave its download up while cut off, reported FAILED
+    when it came back (its desired state is cleared) but had re-received the retained
+    install by then, and retries: it is committed, not left in probation."""
+    rollout, devices = started(2, device_timeout_s=60, soak_s=30,
+                               gates=Gates(min_success_pct=50))
+    devices["d00"] = on("DOWNLOADING", since=500)
+    devices["d01"] = committed_new()
+    rollout = run(rollout, devices, 1000).rollout
+    devices["d00"] = replace(devices["d00"], online=False)  # the cut
+    rollout = run(rollout, devices, 61_000).rollout
+    assert rollout.state == RolloutState.SUCCEEDED
+    assert states(rollout) == {"d00": "TIMED_OUT", "d01": "SUCCEEDED"}
+    d = run(rollout, devices | {"d00": replace(on("FAILED", since=90_000),
+                                               update_detail="download failed")}, 100_000)
+    assert states(d.rollout)["d00"] == "FAILED" and d.cleared == ["d00"]
+    rollout = steps(d.rollout, devices, [
+        (101_000, on("DOWNLOADING", since=100_500), "UPDATING", []),
+        (161_000, on("PROBATION", NEW, since=130_000), "PROBATION", []),
+        (190_999, None, "PROBATION", []),  # soak: 30 s from when it was seen in probation
+        (191_000, None, "COMMITTING", [Send("d00", Action.COMMIT)]),
+        (192_000, committed_new(), "SUCCEEDED", []),
+    ])
+    assert rollout.state == RolloutState.SUCCEEDED
+
+
+def test_a_failed_device_that_retries_while_the_rollout_runs_counts_as_it_ends() -> None:
+    rollout, devices = failed("RUNNING")
+    rollout = replace(rollout, spec=replace(rollout.spec, gates=Gates(max_failures_pct=50)))
+    rollout = steps(rollout, devices, [  # --min-success 100: without d00 the rollout aborts
+        (10_000, on("PROBATION", NEW, since=9000), "PROBATION", []),
+        (40_000, None, "COMMITTING", [Send("d00", Action.COMMIT)]),
+        (41_000, committed_new(), "SUCCEEDED", []),
+    ])
+    assert rollout.state == RolloutState.RUNNING  # d01 still on its way
+    devices["d01"] = committed_new()
+    d = run(rollout, devices, 42_000)
+    assert d.rollout.state == RolloutState.SUCCEEDED
+    assert d.rollout.reason == "2 of 2 devices run 2.0.0"
+
+
+def test_a_failed_device_that_retries_then_stops_answering_times_out_so_the_rollout_ends(
+        ) -> None:
+    rollout, devices = failed("RUNNING")
+    devices["d01"] = committed_new()
+    rollout = steps(rollout, devices, [
+        (10_000, on("DOWNLOADING", since=9000), "UPDATING", []),  # d01 done: d00 holds the wave
+        (70_000, None, "UPDATING", []),  # exactly --device-timeout after it retried
+        (70_001, None, "TIMED_OUT", []),
+    ])
+    assert rollout.state == RolloutState.SUCCEEDED
+    assert rollout.reason == "1 of 2 devices run 2.0.0"
+
+
+def test_a_failed_device_that_retries_after_an_abort_is_rolled_back_once_in_probation() -> None:
+    rollout, devices = failed("ABORTED")
+    rollout = steps(rollout, devices, [
+        (10_000, on("DOWNLOADING", since=9000), "ROLLING_BACK", [Send("d00", Action.ROLLBACK)]),
+        (12_000, None, "ROLLING_BACK", []),  # downloading: the rollback waits for probation
+        (20_000, on("PROBATION", NEW, since=20_000), "ROLLING_BACK",
+         [Send("d00", Action.ROLLBACK)]),  # told again once it can act on it
+        (21_000, None, "ROLLING_BACK", []),
+        (22_000, DeviceView(online=True, active=OLD, update_state="ROLLED_BACK",
+                            update_target=NEW.sha256), "ROLLED_BACK", []),
+    ])
+    assert rollout.state == RolloutState.ABORTED
+    assert rollout.devices["d00"].reason == "running digits 1.0.0"

@@ -44,8 +44,8 @@ from fleet.rollout.state import (
     RolloutState,
 )
 
-__all__ = ["Action", "Decisions", "DeviceView", "Observations", "Quality", "Send", "abort",
-           "gate_failure", "pause", "resume", "rollback", "tick"]
+__all__ = ["FOLLOWED", "Action", "Decisions", "DeviceView", "Observations", "Quality", "Send",
+           "abort", "gate_failure", "pause", "resume", "rollback", "tick"]
 
 RESEND_MS = 5_000  # a device still in probation after a commit/rollback this old is told again
 _IN_FLIGHT = ("DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK", "SWITCHING")
@@ -53,6 +53,10 @@ _SETTLED = ("COMMITTED", "IDLE")
 
 
 _UNTOUCHED = (DeviceState.PENDING, DeviceState.INCOMPATIBLE, DeviceState.CANCELLED)
+# The devices a tick follows (their reports, timeouts, commits, rollbacks): on their way,
+# rolling back, timed out (they may answer late) or failed (they may retry). The others
+# are settled, or not sent anything yet.
+FOLLOWED = ACTIVE | {DeviceState.ROLLING_BACK, DeviceState.TIMED_OUT, DeviceState.FAILED}
 
 
 class Action(str, Enum):
@@ -130,6 +134,14 @@ class _Tick:
         self.r, self.obs, self.now = rollout, obs, now
         self.devices: dict[str, RolloutDevice] = dict(rollout.devices)
         self.out = Decisions(rollout)
+        # those it follows, in the rollout's order: after one pass, a tick of a finished
+        # rollout of 10,000 devices costs in proportion to its few unsettled ones
+        self.followed = [d.device for d in rollout.devices.values() if d.state in FOLLOWED]
+
+    def following(self) -> list[RolloutDevice]:
+        """The devices followed this tick, as they are now (no other enters a followed
+        state during a tick but pending ones being sent the bundle)."""
+        return [self.devices[device] for device in self.followed]
 
     @property
     def target(self) -> str:
@@ -208,7 +220,7 @@ def _join_newcomers(t: _Tick) -> None:
 
 
 def _follow_devices(t: _Tick) -> None:
-    for item in list(t.devices.values()):
+    for item in t.following():
         view = t.obs.devices.get(item.device)
         if item.state == DeviceState.ROLLING_BACK:
             _follow_rollback(t, item, view)
@@ -308,7 +320,10 @@ def _reported(t: _Tick, view: DeviceView | None) -> DeviceState | None:
 
 
 def _follow_rollback(t: _Tick, item: RolloutDevice, view: DeviceView | None) -> None:
-    if view is None:
+    if view is None or not view.online:
+        # what it said before it went away is no answer: it may have started the update
+        # since (its report did not get out), so it is only marked rolled back once it is
+        # back and says so; the retained rollback waits for it on the broker
         return
     previous = item.previous.sha256 if item.previous else None
     if previous and view.update_target == previous and view.update_state == "PROBATION":
@@ -336,6 +351,11 @@ def _failure(t: _Tick) -> str:
     return ""
 
 
+# the agreement gate judges once this many sampled requests were compared: one
+# disagreement in 7 is 85.7%, which says nothing about a 90% gate
+MIN_AGREEMENT_SAMPLES = 30
+
+
 def gate_failure(rollout: Rollout, obs: Observations) -> str:
     """The first quality gate that fires on live telemetry, as a sentence; "" when none does.
 
@@ -355,10 +375,11 @@ def gate_failure(rollout: Rollout, obs: Observations) -> str:
         return (f"p95 latency {new.p95_ms:.3g} ms is {new.p95_ms / base.p95_ms:.2f}x the "
                 f"baseline's {base.p95_ms:.3g} ms, above --max-p95-ratio {gates.max_p95_ratio:g}")
     if (gates.min_agreement_pct is not None and new.agreement is not None
-            and new.agreement_samples > 0
+            and new.agreement_samples >= MIN_AGREEMENT_SAMPLES
             and 100 * new.agreement < gates.min_agreement_pct):
-        return (f"top-1 agreement with the previous model is {100 * new.agreement:.1f}%, below "
-                f"--min-agreement {gates.min_agreement_pct:g}%")
+        return (f"top-1 agreement with the previous model is {100 * new.agreement:.1f}% over "
+                f"{new.agreement_samples} compared requests, below --min-agreement "
+                f"{gates.min_agreement_pct:g}%")
     return ""
 
 
@@ -375,7 +396,7 @@ def _abort(t: _Tick, reason: str) -> None:
 
 def _commit_soaked(t: _Tick) -> None:
     soak_ms = t.r.spec.soak_s * 1000
-    for item in list(t.devices.values()):
+    for item in t.following():
         if item.state == DeviceState.PROBATION and t.now - item.since_ms >= soak_ms:
             t.send(t.move(item, DeviceState.COMMITTING, "soak passed"), Action.COMMIT)
 
@@ -441,10 +462,12 @@ def _rate_budget(t: _Tick) -> int | None:
 
 def _resend(t: _Tick) -> None:
     """A device that entered probation after a commit/rollback was sent did not act on it
-    (it was still on the way there): tell it again."""
-    for item in list(t.devices.values()):
+    (it was still on the way there): tell it again. An offline one is not: it gets the
+    retained word when it returns (what the registry shows is what it said before)."""
+    for item in t.following():
         view = t.obs.devices.get(item.device)
-        if view is None or view.update_state != "PROBATION" or view.update_target != t.target:
+        if view is None or not view.online or view.update_state != "PROBATION" or (
+                view.update_target != t.target):
             continue
         if item.state not in (DeviceState.COMMITTING, DeviceState.ROLLING_BACK):
             continue

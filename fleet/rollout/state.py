@@ -14,6 +14,9 @@ A device in a rollout::
        +-> INCOMPATIBLE (its runtime or profile cannot load the bundle; never targeted)
        +-> CANCELLED    (the rollout ended before the device's turn)
     any touched device -> ROLLING_BACK -> ROLLED_BACK (rollback)
+    TIMED_OUT -> what it reports when it answers late (online, a new answer)
+    FAILED -> UPDATING | PROBATION when it works on the bundle again (online), or
+              ROLLING_BACK if the rollout was aborted or rolled back by then
 """
 
 from __future__ import annotations
