@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import numpy as np
 
 from agent.protocol.drift import DriftWindow, Monitoring, Scale
 from agent.protocol.manifest import Manifest, TensorSpec
@@ -25,6 +27,7 @@ __all__ = ["DriftSampler", "scales_of"]
 INFERENCE_BUDGET = 0.02  # of each inference's time
 WALL_BUDGET = 0.005  # of wall time, so a quiet device summarises everything
 _MAX_TOKENS_NS = 50_000_000  # never a burst of more than 50 ms of summaries
+_BUSY = INFERENCE_BUDGET / WALL_BUDGET  # an inference's ns earn what 4 ns of wall time do
 
 
 def scales_of(specs: list[TensorSpec]) -> dict[str, Scale]:
@@ -39,33 +42,48 @@ def scales_of(specs: list[TensorSpec]) -> dict[str, Scale]:
 
 
 class DriftSampler:
-    """Summarises a budgeted sample of one model version's requests; drained per window."""
+    """Summarises a budgeted sample of one model version's requests; drained per window.
 
-    def __init__(self, manifest: Manifest) -> None:
+    The bucket is kept as a deadline: tokens earned by wall time need no bookkeeping
+    per request, so a request that is not summarised costs one subtraction and one
+    comparison. With ``B`` the tokens and ``C`` the last summary's cost after a
+    summary at ``t``, the bucket holds ``C`` again at the first ``now`` with
+    ``B + INFERENCE_BUDGET * busy + WALL_BUDGET * (now - t) >= C``, that is
+    ``now >= due`` with ``due = t + (C - B) / WALL_BUDGET - busy * INFERENCE_BUDGET /
+    WALL_BUDGET``: every inference moves ``due`` earlier by its time times ``_BUSY``.
+    """
+
+    def __init__(self, manifest: Manifest,
+                 clock: Callable[[], int] = time.perf_counter_ns) -> None:
+        """``clock`` (ns) must be the one the request path's timestamps come from."""
         reference: Monitoring | None = manifest.monitoring
         self._window = DriftWindow(reference, scales_of([*manifest.inputs, *manifest.outputs]),
                                    classifier=manifest.task == "classification")
-        self._lock = threading.Lock()
-        self._tokens = float(_MAX_TOKENS_NS)
-        self._cost = 0.0
-        self._last_ns = time.perf_counter_ns()
+        self._first = manifest.inputs[0].name
+        self._lock, self._clock = threading.Lock(), clock
+        self._cost = 0
+        self._due = clock() - _MAX_TOKENS_NS / WALL_BUDGET  # a full bucket
         self._requests = 0
 
-    def offer(self, feeds: Mapping[str, Array], outputs: Mapping[str, Array],
+    def offer(self, inputs: Mapping[str, Array] | Array, outputs: Mapping[str, Array],
               started_ns: int, ended_ns: int) -> None:
-        """Called on the request path after a successful inference."""
+        """Called on the request path after a successful inference (a bare array stands
+        for the model's first input)."""
         self._requests += 1
-        tokens = (self._tokens + (ended_ns - started_ns) * INFERENCE_BUDGET
-                  + (ended_ns - self._last_ns) * WALL_BUDGET)
-        self._last_ns = ended_ns
-        if tokens < self._cost:
-            self._tokens = tokens
-            return
+        self._due -= (ended_ns - started_ns) * _BUSY
+        if ended_ns >= self._due:
+            self._summarise(inputs, outputs, ended_ns)
+
+    def _summarise(self, inputs: Mapping[str, Array] | Array, outputs: Mapping[str, Array],
+                   ended_ns: int) -> None:
+        tokens = self._cost + (ended_ns - self._due) * WALL_BUDGET  # what the bucket holds
+        feeds = {self._first: inputs} if isinstance(inputs, np.ndarray) else inputs
         with self._lock:
             self._window.add(feeds, outputs)
-        cost = time.perf_counter_ns() - ended_ns
-        self._cost = float(cost)
-        self._tokens = min(tokens - cost, _MAX_TOKENS_NS)
+        cost = self._clock() - ended_ns
+        tokens = min(tokens - cost, _MAX_TOKENS_NS)
+        self._cost = cost
+        self._due = ended_ns + (cost - tokens) / WALL_BUDGET
 
     def drain(self) -> dict[str, Any] | None:
         """The window that ends now (None when no request was summarised)."""

@@ -1,8 +1,9 @@
 """Per-version inference counters and latency samples, drained once per telemetry window.
 
-Recording is an ``append`` and a counter bump on the caller's thread: nothing
-here blocks inference. Percentiles are computed when a window is drained, on
-the telemetry thread.
+Recording a latency is one ``list.append`` on the caller's thread (the list is
+never replaced, so a caller may keep its bound ``append``), an error a counter
+bump under a lock: nothing here blocks inference. Percentiles are computed when
+a window is drained, on the telemetry thread.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class VersionStats:
 
     def drain(self) -> WindowSummary:
         """Summarise the window that ends now and start a new one."""
-        samples, self.samples = self.samples, []
+        # Take the window's samples in place: appends racing with this land after them.
+        samples = self.samples[:]
+        del self.samples[:len(samples)]
         with self._lock:
             errors, self._errors = self._errors, 0
         now = time.monotonic()

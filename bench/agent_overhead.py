@@ -4,11 +4,14 @@ For each model and runtime, one run calls, every iteration and on the same
 batch-1 input: (a) the bare runtime (LiteRT ``set_tensor``/``invoke``/``get_tensor``,
 or ``InferenceSession.run``), (b) ``Agent.predict``, (c) the HTTP endpoint with
 JSON tensors and (d) with binary tensors, through a keep-alive ``http.client``
-connection to ``edgefleet agent run`` in its own process, as on a device. The
-order is shuffled every iteration: a fixed rotation would let one call always
-run right after a network round trip has cooled the caches. A second, shorter
-run interleaves (a) and (b) alone, for the in-process ratio without network
-calls between them.
+connection to ``edgefleet agent run`` in its own process, as on a device, and
+(e) ``GET /v2/health/live`` on that connection: the round trip any request pays
+(client, loopback, request parsing), whatever it carries. The order is shuffled
+every iteration: a fixed rotation would let one call always run right after a
+network round trip has cooled the caches. A second run interleaves (a) and (b)
+alone, for the in-process ratio without network calls between them, with (f) the
+floor of any Python serving path: the bare call wrapped in one more function call,
+one lock, two clock reads and one list append.
 
 Targets: in-process p50 <= 1.03x the bare call; HTTP adds <= 0.3 ms at p50.
 
@@ -24,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -139,6 +143,33 @@ def http_agent(bundle: Path, public: Path, workdir: Path) -> Iterator[int]:
         process.wait(timeout=30)
 
 
+def floor_call(bare: Call) -> Call:
+    """The bare call with the least any wrapper that times and serialises it must add."""
+    lock, clock, samples = threading.Lock(), time.perf_counter_ns, []
+
+    def floor() -> object:
+        lock.acquire()
+        try:
+            started = clock()
+            result = bare()
+            samples.append(clock() - started)
+        finally:
+            lock.release()
+        if len(samples) > 100_000:
+            samples.clear()
+        return result
+
+    return floor
+
+
+def live_call(conn: http.client.HTTPConnection) -> Call:
+    def live() -> object:
+        conn.request("GET", "/v2/health/live")
+        return conn.getresponse().read()
+
+    return live
+
+
 def json_call(conn: http.client.HTTPConnection, path: str, name: str, x: np.ndarray) -> Call:
     body = json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
                                    "data": x.reshape(-1).tolist()}]}).encode()
@@ -197,37 +228,50 @@ def measure(case: Case, public: Path, workdir: Path) -> dict[str, Any]:
     x, name, n = case.x, model.runtime.inputs[0].name, case.iterations
     bare = bare_call(read_bundle(case.bundle, agent.trusted).model_bytes, case.fmt, x)
     warmup = max(100, n // 10)
-    alone = interleave({"bare": bare, "agent": lambda: agent.predict(x)}, n, warmup,
-                       f"{case.label} {case.fmt}: in-process")
+    twin = bare_call(read_bundle(case.bundle, agent.trusted).model_bytes, case.fmt, x)
+    agent.telemetry_values()  # an empty window: the drift numbers below are this run's
+    alone = interleave({"bare": bare, "agent": lambda: agent.predict(x), "floor": floor_call(bare),
+                        "twin": twin}, n, warmup, f"{case.label} {case.fmt}: in-process")
+    drift = agent.telemetry_values().get("drift") or {"samples": 0, "requests": 1}
     with http_agent(case.bundle, public, workdir) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port)
         path = f"/v2/models/{model.name}/infer"
         calls = {"bare": bare, "agent": lambda: agent.predict(x),
-                 "http": json_call(conn, path, name, x), "binary": binary_call(conn, path, name, x)}
+                 "http": json_call(conn, path, name, x), "binary": binary_call(conn, path, name, x),
+                 "live": live_call(conn)}
         run = interleave(calls, n, warmup, f"{case.label} {case.fmt}: interleaved")
         conn.close()
-    return summarise(case, model.runtime.name, run, alone)
+    row = summarise(case, model.runtime.name, run, alone)
+    row["drift_summarised"] = round(drift["samples"] / max(drift["requests"], 1), 3)
+    return row
 
 
 def summarise(case: Case, runtime: str, run: dict[str, list[int]],
               alone: dict[str, list[int]]) -> dict[str, Any]:
     (b50, b99), (a50, a99) = percentiles_us(run["bare"]), percentiles_us(run["agent"])
     (h50, h99), (y50, y99) = percentiles_us(run["http"]), percentiles_us(run["binary"])
-    alone_ratio = percentiles_us(alone["agent"])[0] / percentiles_us(alone["bare"])[0]
+    alone_bare = percentiles_us(alone["bare"])[0]
+    alone_ratio = percentiles_us(alone["agent"])[0] / alone_bare
+    floor_ratio = percentiles_us(alone["floor"])[0] / alone_bare
     return {"model": case.label, "runtime": runtime, "iterations": case.iterations,
             "bare_p50_us": b50, "bare_p99_us": b99, "agent_p50_us": a50, "agent_p99_us": a99,
             "agent_ratio_p50": round(a50 / b50, 3), "agent_added_p50_us": round(a50 - b50, 2),
             "agent_ratio_p50_alone": round(alone_ratio, 3),
+            "agent_added_p50_us_alone": round(percentiles_us(alone["agent"])[0] - alone_bare, 2),
+            "floor_ratio_p50_alone": round(floor_ratio, 3),
+            "floor_added_p50_us_alone": round(percentiles_us(alone["floor"])[0] - alone_bare, 2),
+            "twin_ratio_p50_alone": round(percentiles_us(alone["twin"])[0] / alone_bare, 3),
             "http_p50_us": h50, "http_p99_us": h99,
             "http_added_p50_ms": round((h50 - b50) / 1e3, 3),
             "http_binary_p50_us": y50, "http_binary_p99_us": y99,
-            "http_binary_added_p50_ms": round((y50 - b50) / 1e3, 3)}
+            "http_binary_added_p50_ms": round((y50 - b50) / 1e3, 3),
+            "http_live_p50_us": percentiles_us(run["live"])[0]}
 
 
 COLUMNS = ["model", "runtime", "bare p50/p99 µs", "Agent.predict p50/p99 µs", "ratio p50",
-           "ratio p50 (in-process only)", "HTTP JSON p50/p99 µs", "JSON adds p50 ms",
-           "HTTP binary p50/p99 µs", "binary adds p50 ms", "in-process ≤ 1.03×",
-           "HTTP adds ≤ 0.3 ms (JSON / binary)"]
+           "ratio p50 (in-process only)", "floor ratio p50", "HTTP JSON p50/p99 µs",
+           "JSON adds p50 ms", "HTTP binary p50/p99 µs", "binary adds p50 ms",
+           "empty GET p50 µs", "in-process ≤ 1.03×", "HTTP adds ≤ 0.3 ms (JSON / binary)"]
 
 
 def cells(r: dict[str, Any]) -> list[Any]:
@@ -236,11 +280,46 @@ def cells(r: dict[str, Any]) -> list[Any]:
 
     return [r["model"], r["runtime"], f"{r['bare_p50_us']} / {r['bare_p99_us']}",
             f"{r['agent_p50_us']} / {r['agent_p99_us']}", f"{r['agent_ratio_p50']}×",
-            f"{r['agent_ratio_p50_alone']}×", f"{r['http_p50_us']} / {r['http_p99_us']}",
+            f"{r['agent_ratio_p50_alone']}×", f"{r['floor_ratio_p50_alone']}×",
+            f"{r['http_p50_us']} / {r['http_p99_us']}",
             r["http_added_p50_ms"], f"{r['http_binary_p50_us']} / {r['http_binary_p99_us']}",
-            r["http_binary_added_p50_ms"], met(r["agent_ratio_p50_alone"] <= TARGET_RATIO),
+            r["http_binary_added_p50_ms"], r["http_live_p50_us"],
+            met(r["agent_ratio_p50_alone"] <= TARGET_RATIO),
             f"{met(r['http_added_p50_ms'] <= TARGET_HTTP_MS)} / "
             f"{met(r['http_binary_added_p50_ms'] <= TARGET_HTTP_MS)}"]
+
+
+def remarks(rows: list[dict[str, Any]]) -> str:
+    """What a miss is made of, in this run's numbers."""
+    lines = []
+    for r in rows:
+        label = f"{r['model']} on {r['runtime']}"
+        if r["agent_ratio_p50_alone"] > TARGET_RATIO:
+            allowed = r["agent_added_p50_us_alone"] / (r["agent_ratio_p50_alone"] - 1) * (
+                TARGET_RATIO - 1)
+            lines.append(
+                f"- {label}: `Agent.predict` adds {r['agent_added_p50_us_alone']} µs to the bare "
+                f"call; 1.03× allows {allowed:.2f} µs, while the floor alone adds "
+                f"{r['floor_added_p50_us_alone']} µs ({r['floor_ratio_p50_alone']}×). The rest "
+                "is what the agent does per request: the array/mapping dispatch, the runtime "
+                "wrapper's batch check, the latency append, the drift sampler's deadline and the "
+                "shadow check." if r["bare_p50_us"] < 100 else
+                f"- {label}: `Agent.predict` is {r['agent_ratio_p50_alone']}× the bare call, "
+                f"{r['agent_added_p50_us_alone']} µs; the floor is "
+                f"{r['floor_ratio_p50_alone']}× and a second bare interpreter of the same model "
+                f"{r['twin_ratio_p50_alone']}× (the run's noise). The drift sampler summarised "
+                f"{r['drift_summarised']:.0%} of the requests on the request path, within its "
+                "budget of 2 % of inference time plus 0.5 % of wall time (docs/monitoring.md).")
+        for kind, added in (("JSON", r["http_added_p50_ms"]),
+                            ("binary", r["http_binary_added_p50_ms"])):
+            if added > TARGET_HTTP_MS:
+                what = ("parsing tens of thousands of JSON numbers; send binary tensors"
+                        if kind == "JSON" and added > 1 else
+                        f"the empty GET round trip alone takes {r['http_live_p50_us'] / 1e3:.3f}"
+                        " ms (http.client's request and response handling, loopback, "
+                        "thread wake-ups)")
+                lines.append(f"- {label}, HTTP {kind}: adds {added} ms; {what}.")
+    return ("Misses, with this run's floor:\n\n" + "\n".join(lines)) if lines else ""
 
 
 def print_wide(title: str, table: list[list[Any]]) -> None:
@@ -255,22 +334,28 @@ def print_wide(title: str, table: list[list[Any]]) -> None:
     Console(width=max(Console().width, 200)).print(shown)
 
 
-def report(rows: list[dict[str, Any]], results: Path) -> None:
+def report(rows: list[dict[str, Any]], results: Path, remarks: str = "") -> None:
     table = [cells(r) for r in rows]
     shown = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
     print_wide("serving overhead (batch 1, 1 thread, interleaved)", table)
     note = ("One run per model and runtime; every iteration calls, in a fresh random order, "
             "the bare runtime, `Agent.predict`, and `edgefleet agent run` (its own process) "
-            "over a keep-alive `http.client` connection with JSON tensors and with binary "
-            "tensors. \"In-process only\" is a second run of the first two alone. `digits` is "
+            "over a keep-alive `http.client` connection with JSON tensors, with binary "
+            "tensors, and an empty `GET /v2/health/live` (the round trip any request pays: "
+            "client, loopback, request parsing). \"In-process only\" is a second run of the "
+            "first two alone, with the *floor*: the bare call wrapped in one more function "
+            "call, one lock, two clock reads and one list append, the least any Python "
+            "serving path that times and serialises requests adds. `digits` is "
             "the 8×8 test CNN (its bare call takes a few µs, so its ratio is the fixed cost of "
             "the Python path); `edge-cnn` is the converter table's 96×96×3 CNN. HTTP adds = "
             "HTTP p50 − bare p50. Targets: in-process p50 ≤ 1.03× bare (judged on the "
             "in-process-only run: a network call between two calls slows the bare one too); "
             "HTTP adds ≤ 0.3 ms. "
-            f"Raw numbers: `{shown}`.")
+            "Other work on the 2-core machine moves these numbers (the JSON gives the load "
+            f"average before and after the run). Raw numbers: `{shown}`.")
     update_section("agent_overhead", "## Serving overhead (`bench/agent_overhead.py`)\n\n" +
-                   note + "\n\n" + markdown_table(COLUMNS, table))
+                   note + "\n\n" + markdown_table(COLUMNS, table) +
+                   (f"\n\n{remarks}" if remarks else ""))
 
 
 def main() -> None:
@@ -279,6 +364,7 @@ def main() -> None:
                         help="per digits case; the edge CNN runs a fifth of it (min 300)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON results")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]  # other work on the machine moves every number here
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         secret, public = generate_keypair(work / "keys", "bench")
@@ -291,10 +377,11 @@ def main() -> None:
         rows = [measure(case, public, work) for case in cases]
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out.resolve() / "agent_overhead.json"
-    results.write_text(json.dumps({"machine": machine(), "targets": {
+    results.write_text(json.dumps({"machine": machine(), "load_average_1m": [
+        round(load_before, 2), round(os.getloadavg()[0], 2)], "targets": {
         "agent_ratio_p50": TARGET_RATIO, "http_added_p50_ms": TARGET_HTTP_MS}, "rows": rows},
         indent=2) + "\n")
-    report(rows, results)
+    report(rows, results, remarks(rows))
     print(f"results: {results}")
 
 

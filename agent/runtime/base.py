@@ -45,6 +45,10 @@ class Runtime(Protocol):
 
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]: ...
 
+    def run_array(self, x: Array) -> dict[str, Array]:
+        """``run({first input: x})``, on the cheapest path the runtime has for it."""
+        ...
+
     def close(self) -> None: ...
 
 

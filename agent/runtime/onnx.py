@@ -1,8 +1,12 @@
-"""``.onnx`` models on ONNX Runtime (CPU execution provider)."""
+"""``.onnx`` models on ONNX Runtime (CPU execution provider).
+
+``run_array`` is the serving path for one array fed to a one-input model: a
+closure with the session's ``run``, the input name and the output names bound.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -39,6 +43,7 @@ class OnnxRuntime:
         self._inputs = [_info(a) for a in self._session.get_inputs()]
         self._outputs = [_info(a) for a in self._session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]
+        self.run_array, self._forget = self._fast_path()
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -54,6 +59,28 @@ class OnnxRuntime:
 
     def close(self) -> None:
         self._session = None
+        self._forget()
+
+    def _fast_path(self) -> tuple[Callable[[Array], dict[str, Array]], Callable[[], None]]:
+        """``run_array``, and how to make it drop the session when the runtime is closed."""
+        general, name, names = self.run, self._inputs[0].name, self._output_names
+        session_run = self._session.run
+        single = names[0] if len(names) == 1 else None
+
+        def run_array(x: Array) -> dict[str, Array]:
+            if single is not None:
+                return {single: session_run(names, {name: x})[0]}
+            return general({name: x})
+
+        def forget() -> None:
+            nonlocal session_run, single
+            session_run, single = _closed, None
+
+        return run_array, forget
+
+
+def _closed(*_: Any) -> Any:
+    raise RuntimeError("the runtime is closed")
 
 
 def _info(arg: Any) -> TensorInfo:

@@ -50,6 +50,9 @@ _MAX_LINE = 65536
 _MAX_HEADERS = 100
 _MAX_BODY = 256 * 1024 * 1024
 _JSON = "application/json"
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\nServer: {_SERVER}\r\n"
+                 for s in HTTPStatus}
+_ROUTES_KEPT = 64
 
 
 class InferenceServer:
@@ -112,6 +115,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.agent, self.started = agent, False
         self._view: tuple[weakref.ref[LoadedModel], ModelView] | None = None
+        self._routes: dict[str, tuple[weakref.ref[LoadedModel], ModelView, str | None]] = {}
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
 
@@ -130,6 +134,17 @@ class _Server(ThreadingHTTPServer):
                          model.runtime.outputs)
         self._view = (weakref.ref(model), view)
         return view
+
+    def routed(self, path: str, model: LoadedModel) -> tuple[ModelView, str | None] | None:
+        """The view and suffix ``path`` was routed to, while ``model`` still serves."""
+        hit = self._routes.get(path)
+        return (hit[1], hit[2]) if hit is not None and hit[0]() is model else None
+
+    def remember_route(self, path: str, model: LoadedModel, view: ModelView,
+                       suffix: str | None) -> None:
+        if len(self._routes) >= _ROUTES_KEPT:
+            self._routes.clear()
+        self._routes[path] = (weakref.ref(model), view, suffix)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:
@@ -261,12 +276,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, view.ready_json if suffix == "/ready" else view.metadata_json, _JSON)
 
     def _route(self) -> tuple[ModelView, str | None]:
+        model = self.server.agent.model
+        hit = self.server.routed(self.path, model) if model is not None else None
+        if hit is not None:
+            return hit
         path = self.path.partition("?")[0].rstrip("/")
         match = _MODEL_PATH.fullmatch(unquote(path) if "%" in path else path)
         if match is None:
             raise RequestError(f"no endpoint at {path or '/'}", status=404)
         name, version, suffix = match.groups()
-        model = self.server.agent.model
         if model is None:
             raise RequestError("no model is loaded yet", hint="retry when /v2/health/ready is 200",
                                status=503)
@@ -274,14 +292,16 @@ class _Handler(BaseHTTPRequestHandler):
             asked = f"{name!r}" + (f" version {version!r}" if version else "")
             raise RequestError(f"unknown model {asked}; this device serves {model.name} "
                                f"version {model.version}", status=404)
-        return self.server.view(model), suffix
+        view = self.server.view(model)
+        self.server.remember_route(self.path, model, view, suffix)
+        return view, suffix
 
     def _send(self, status: int, body: bytes, content_type: str, extra: str = "",
               close: bool = False) -> None:
         if close:
             extra += "Connection: close\r\n"
-        head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nServer: {_SERVER}\r\n"
-                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{extra}\r\n")
+        head = (f"{_STATUS_LINES[status]}Content-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n{extra}\r\n")
         self.request.sendall(head.encode("latin-1") + body)
 
 

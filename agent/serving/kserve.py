@@ -7,15 +7,20 @@ asked for with ``binary_data`` (or all of them, with the request parameter
 ``binary_data_output``) are returned the same way.
 
 What the server needs of a model is computed once, in :class:`ModelView`, so a
-request does a few dictionary lookups besides parsing and inference.
+request does a few dictionary lookups besides parsing and inference. A client
+sending binary tensors repeats the same JSON header on every request of one
+shape: the view keeps each such header's parsed and checked form (a
+:class:`Plan`, at most ``CACHE_SIZE`` of them), and the JSON header of the
+answer to it, so a repeated request is a bytes lookup, ``np.frombuffer`` views of
+the body and one join of the answer.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,8 +28,10 @@ import numpy as np
 from agent.protocol.errors import EdgefleetError
 from agent.runtime.base import Array, TensorInfo, check_feeds
 
-__all__ = ["DATATYPES", "InferRequest", "ModelView", "RequestError", "datatype_of",
-           "decode_infer", "encode_infer"]
+__all__ = ["CACHE_SIZE", "DATATYPES", "InferRequest", "ModelView", "Plan", "RequestError",
+           "datatype_of", "decode_infer", "encode_infer"]
+
+CACHE_SIZE = 64  # request headers remembered per model (then forgotten all at once)
 
 DATATYPES = {"FP32": "float32", "FP16": "float16", "FP64": "float64", "INT8": "int8",
              "UINT8": "uint8", "INT16": "int16", "UINT16": "uint16", "INT32": "int32",
@@ -68,6 +75,12 @@ class ModelView:
                          "outputs": [_tensor_meta(t) for t in outputs]}
         self.metadata_json = json.dumps(self.metadata).encode()
         self.ready_json = json.dumps({"name": name, "ready": True}).encode()
+        self.plans: dict[bytes, Plan] = {}
+
+    def remember(self, header: bytes, plan: Plan) -> None:
+        if len(self.plans) >= CACHE_SIZE:
+            self.plans.clear()  # a client varying its headers gets no cache, not unbounded memory
+        self.plans[header] = plan
 
 
 def _tensor_meta(t: TensorInfo) -> dict[str, Any]:
@@ -78,17 +91,43 @@ def _tensor_meta(t: TensorInfo) -> dict[str, Any]:
 class InferRequest:
     id: str | None
     inputs: dict[str, Array]
-    outputs: list[tuple[str, bool]]  # (name, as binary), in the order to answer
+    outputs: Sequence[tuple[str, bool]]  # (name, as binary), in the order to answer
+    plan: Plan | None = None  # set when every input came as binary data
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A binary request's JSON header, parsed and checked once: where each input lies in
+    the binary data (name, dtype, offset, count, shape), and the answers' JSON headers
+    by output shapes and dtypes."""
+
+    id: str | None
+    inputs: tuple[tuple[str, np.dtype[Any], int, int, tuple[int, ...]], ...]
+    size: int
+    outputs: tuple[tuple[str, bool], ...]
+    heads: dict[tuple[Any, ...], bytes] = field(default_factory=dict, compare=False)
+
+    def request(self, binary: memoryview) -> InferRequest:
+        inputs = {name: np.frombuffer(binary, dtype, count, offset).reshape(shape)
+                  for name, dtype, offset, count, shape in self.inputs}
+        return InferRequest(self.id, inputs, self.outputs, self)
 
 
 def decode_infer(body: bytes, header_length: int | None, model: ModelView) -> InferRequest:
     """Parse an infer request and check every input against the model's inputs."""
+    if header_length is not None:
+        plan = model.plans.get(body[:header_length])
+        if plan is not None and len(body) - header_length == plan.size:
+            return plan.request(memoryview(body)[header_length:])
     doc = _json_header(body, header_length)
     binary = memoryview(body)[len(body) if header_length is None else header_length:]
-    inputs, offset = {}, 0
+    inputs, offset, layout = {}, 0, []
     for item in doc["inputs"]:
-        name, array, offset = _decode_input(item, binary, offset, model)
+        name, array, end = _decode_input(item, binary, offset, model)
         inputs[name] = array
+        if (item.get("parameters") or {}).get("binary_data_size") is not None:
+            layout.append((name, array.dtype, offset, array.size, array.shape))
+        offset = end
     if offset != len(binary):
         raise RequestError(f"{len(binary)} bytes of binary tensor data, inputs announce {offset}")
     problems = check_feeds(model.specs, inputs)
@@ -96,8 +135,16 @@ def decode_infer(body: bytes, header_length: int | None, model: ModelView) -> In
         raise RequestError("; ".join(problems), hint=_INPUT_HINT)
     params = doc.get("parameters") or {}
     binary_default = bool(params.get("binary_data_output", False))
-    return InferRequest(doc.get("id"), inputs,
-                        _requested(doc.get("outputs"), binary_default, model.output_names))
+    outputs = tuple(_requested(doc.get("outputs"), binary_default, model.output_names))
+    plan = None
+    if header_length is not None and len(layout) == len(inputs) and _plain_id(doc.get("id")):
+        plan = Plan(doc.get("id"), tuple(layout), offset, outputs)
+        model.remember(body[:header_length], plan)
+    return InferRequest(doc.get("id"), inputs, outputs, plan)
+
+
+def _plain_id(value: Any) -> bool:
+    return value is None or isinstance(value, str)
 
 
 def _json_header(body: bytes, header_length: int | None) -> dict[str, Any]:
@@ -181,14 +228,23 @@ def _requested(outputs: Any, binary_default: bool,
 def encode_infer(model: ModelView, request: InferRequest,
                  results: Mapping[str, Array]) -> tuple[bytes, int | None]:
     """Response body, and the JSON header's length when binary tensors follow it."""
+    plan = request.plan
+    if plan is not None and all(binary for _, binary in plan.outputs):
+        values = [results[name] for name, _ in plan.outputs]
+        key = tuple((v.shape, v.dtype) for v in values)
+        header = plan.heads.get(key)
+        if header is None:
+            header, length = encode_infer(model, InferRequest(plan.id, {}, plan.outputs), results)
+            header = plan.heads.setdefault(key, header[:length])
+        return b"".join([header, *(_raw(v) for v in values)]), len(header)
     outputs, blobs = [], []
     for name, binary in request.outputs:
         value = results[name]
         entry: dict[str, Any] = {"name": name, "shape": list(value.shape),
                                  "datatype": _BY_DTYPE.get(value.dtype, "BYTES")}
         if binary:
-            blob = value.tobytes()
-            entry["parameters"] = {"binary_data_size": len(blob)}
+            blob = _raw(value)
+            entry["parameters"] = {"binary_data_size": value.nbytes}
             blobs.append(blob)
         else:
             entry["data"] = value.ravel().tolist()
@@ -201,3 +257,10 @@ def encode_infer(model: ModelView, request: InferRequest,
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
+
+
+def _raw(value: Array) -> bytes | memoryview:
+    """The bytes of ``value`` in C order, without a copy when it is contiguous."""
+    if value.size and value.flags.c_contiguous:
+        return value.data.cast("B")
+    return value.tobytes()
