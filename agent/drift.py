@@ -1,11 +1,12 @@
 """Drift statistics on the request path, within a CPU budget.
 
 :class:`DriftSampler` feeds a :class:`agent.protocol.drift.DriftWindow` with a sample of
-the requests the active model answers. Which requests: a token bucket earns 2 % of every
+the requests the active model answers. Which requests: a token bucket earns 0.5 % of every
 inference's own time plus 5 ms per second of wall time, and a request is summarised when
-the bucket holds what the last summary cost. A slow model or a quiet device is summarised
-on every request; a 10 µs model serving flat out is summarised on about one request in
-a hundred and never spends more than a few percent of its time on it. The window says
+the bucket holds what the last summary cost, and at most one request in four (so the
+median request never carries a summary). A slow model or a quiet device is summarised
+on one request in four; a model serving flat out is summarised on a small fraction of its
+requests and spends well under 1 % of its time on it. The window says
 how many requests it summarised (``samples``) and out of how many (``requests``).
 """
 
@@ -24,10 +25,12 @@ from agent.runtime.base import Array
 
 __all__ = ["DriftSampler", "scales_of"]
 
-INFERENCE_BUDGET = 0.02  # of each inference's time
+INFERENCE_BUDGET = 0.005  # of each inference's time
 WALL_BUDGET = 0.005  # of wall time, so a quiet device summarises everything
+# at most one request in SPACING is summarised, so the median request never carries it
+SPACING = 4
 _MAX_TOKENS_NS = 50_000_000  # never a burst of more than 50 ms of summaries
-_BUSY = INFERENCE_BUDGET / WALL_BUDGET  # an inference's ns earn what 4 ns of wall time do
+_BUSY = INFERENCE_BUDGET / WALL_BUDGET  # an inference's ns earn what 1 ns of wall time does
 
 
 def scales_of(specs: list[TensorSpec]) -> dict[str, Scale]:
@@ -64,14 +67,17 @@ class DriftSampler:
         self._cost = 0
         self._due = clock() - _MAX_TOKENS_NS / WALL_BUDGET  # a full bucket
         self._requests = 0
+        self._since = SPACING  # requests since the last summary
 
     def offer(self, inputs: Mapping[str, Array] | Array, outputs: Mapping[str, Array],
               started_ns: int, ended_ns: int) -> None:
         """Called on the request path after a successful inference (a bare array stands
         for the model's first input)."""
         self._requests += 1
+        self._since += 1
         self._due -= (ended_ns - started_ns) * _BUSY
-        if ended_ns >= self._due:
+        if ended_ns >= self._due and self._since >= SPACING:
+            self._since = 0
             self._summarise(inputs, outputs, ended_ns)
 
     def _summarise(self, inputs: Mapping[str, Array] | Array, outputs: Mapping[str, Array],

@@ -309,7 +309,7 @@ def remarks(rows: list[dict[str, Any]]) -> str:
                 f"{r['floor_ratio_p50_alone']}× and a second bare interpreter of the same model "
                 f"{r['twin_ratio_p50_alone']}× (the run's noise). The drift sampler summarised "
                 f"{r['drift_summarised']:.0%} of the requests on the request path, within its "
-                "budget of 2 % of inference time plus 0.5 % of wall time (docs/monitoring.md).")
+                "budget of 0.5 % of inference time plus 0.5 % of wall time (docs/monitoring.md).")
         for kind, added in (("JSON", r["http_added_p50_ms"]),
                             ("binary", r["http_binary_added_p50_ms"])):
             if added > TARGET_HTTP_MS:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from agent.core import Agent
-from agent.drift import _MAX_TOKENS_NS, INFERENCE_BUDGET, WALL_BUDGET, DriftSampler
+from agent.drift import _MAX_TOKENS_NS, INFERENCE_BUDGET, SPACING, WALL_BUDGET, DriftSampler
 from agent.protocol.bundle import read_bundle
 from agent.runtime import load_runtime
 from agent.runtime.base import TensorInfo
@@ -106,15 +106,19 @@ class _Clock:
 
 
 def _bucket_decisions(steps: list[tuple[int, int, int]], start: int) -> list[bool]:
-    """The token bucket of docs/monitoring.md, as first written: per request, earn 2 % of
+    """The token bucket of docs/monitoring.md, as first written: per request, earn 0.5 % of
     the inference and 0.5 % of the wall time since the last one; summarise when the
-    bucket holds the last summary's cost; a summary spends its cost, capped at 50 ms."""
+    bucket holds the last summary's cost and SPACING requests came since the last summary;
+    a summary spends its cost, capped at 50 ms."""
     tokens, cost, last, decisions = float(_MAX_TOKENS_NS), 0.0, start, []
+    since = SPACING
     for started, ended, spent in steps:
         tokens += (ended - started) * INFERENCE_BUDGET + (ended - last) * WALL_BUDGET
         last = ended
-        decisions.append(tokens >= cost)
-        if tokens >= cost:
+        since += 1
+        decisions.append(tokens >= cost and since >= SPACING)
+        if decisions[-1]:
+            since = 0
             cost = float(spent)
             tokens = min(tokens - spent, _MAX_TOKENS_NS)
     return decisions

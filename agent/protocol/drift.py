@@ -83,27 +83,32 @@ class Monitoring(_Frozen):
 # --- summaries --------------------------------------------------------------------------
 
 
-def real_values(x: Array, scale: Scale) -> npt.NDArray[np.float64]:
-    """``x`` as float64 real values (dequantized when ``scale`` is given)."""
-    values = np.asarray(x, dtype=np.float64)
+def real_values(x: Array, scale: Scale) -> npt.NDArray[np.floating[Any]]:
+    """``x`` as real values: float tensors as they are (no copy), integer ones as float64
+    (dequantized when ``scale`` is given)."""
+    values = np.asarray(x)
+    if scale is None and values.dtype.kind == "f":
+        return values
+    values = values.astype(np.float64)
     if scale is not None:
         values = (values - scale[1]) * scale[0]
     return values
 
 
-def sample_summary(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def sample_summary(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
     """One number per sample (the mean of its elements); a 0-d or 1-d tensor is one sample
     per element."""
     if x.ndim <= 1:
-        return x.reshape(-1)
-    return np.asarray(x.reshape(x.shape[0], -1).mean(axis=1), dtype=np.float64)
+        return np.asarray(x.reshape(-1), dtype=np.float64)
+    rows = x.reshape(x.shape[0], -1)
+    return np.asarray(rows.sum(axis=1), dtype=np.float64) / rows.shape[1]
 
 
-def probabilities(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def probabilities(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.floating[Any]]:
     """Rows of class probabilities: kept when they already are, else a softmax of logits."""
     rows = x.reshape(x.shape[0], -1) if x.ndim > 1 else x.reshape(1, -1)
     sums = rows.sum(axis=1)
-    if rows.size and rows.min() >= 0 and np.allclose(sums, 1.0, atol=1e-2):
+    if rows.size and rows.min() >= 0 and float(np.abs(sums - 1.0).max()) <= 1e-2:
         return rows
     shifted = np.exp(rows - rows.max(axis=1, keepdims=True))
     return np.asarray(shifted / shifted.sum(axis=1, keepdims=True), dtype=np.float64)
@@ -124,7 +129,7 @@ def _bin_counts(summary: npt.NDArray[np.float64], edges: Sequence[float]) -> Arr
                        minlength=len(edges) + 1)
 
 
-def _input_reference(values: npt.NDArray[np.float64]) -> InputReference:
+def _input_reference(values: npt.NDArray[np.floating[Any]]) -> InputReference:
     summary = sample_summary(values)
     edges = _deciles(summary)
     return InputReference(mean=float(values.mean()), std=float(values.std()),
@@ -170,12 +175,13 @@ class _Moments:
         self.minimum, self.maximum = math.inf, -math.inf
         self.hist = np.zeros(bins, dtype=np.int64)
 
-    def add(self, values: npt.NDArray[np.float64], edges: Sequence[float] | None) -> None:
+    def add(self, values: npt.NDArray[np.floating[Any]], edges: Sequence[float] | None) -> None:
         if not values.size:
             return
+        flat = values.reshape(-1)
         self.count += values.size
-        self.total += float(values.sum())
-        self.total_sq += float(np.square(values).sum())
+        self.total += float(flat.sum())  # pairwise summation: accurate in float32 too
+        self.total_sq += float(np.dot(flat, flat))  # no temporary array
         self.minimum = min(self.minimum, float(values.min()))
         self.maximum = max(self.maximum, float(values.max()))
         summary = sample_summary(values)
@@ -199,7 +205,7 @@ class _Classes:
         self.hist = np.zeros(BINS, dtype=np.int64)
         self.confidence, self.samples = 0.0, 0
 
-    def add(self, values: npt.NDArray[np.float64]) -> None:
+    def add(self, values: npt.NDArray[np.floating[Any]]) -> None:
         probs = probabilities(values)
         if probs.shape[1] != self.classes.size:
             self.classes = np.zeros(probs.shape[1], dtype=np.int64)  # reference disagrees
