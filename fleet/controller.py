@@ -84,6 +84,7 @@ SYSTEM = "controller"
 _FOLLOW_AFTER_END_MS = 24 * 3600 * 1000
 _DRIFT_PREFIX = "drift:"  # settings key of a model's DriftPolicy
 _KEYRING_KEY = "keyring"  # settings key of the fleet keyring's signed bytes
+MIN_REFERENCE_SAMPLES = 100  # drift is judged only against references at least this big
 _POLICIES_EVERY_MS = 30_000  # how often the drift policies are read again from the store
 # a finished rollout is followed (up to a day) while the executor has a device of it to
 # follow: on its way, rolling back, timed out (it may answer late) or failed (it may retry)
@@ -325,7 +326,10 @@ class FleetController:
             found = self.store.model(model, version)
             raw = found.manifest.get("monitoring") if found is not None else None
             try:
-                self._references[key] = Monitoring.model_validate(raw) if raw else None
+                found_ref = Monitoring.model_validate(raw) if raw else None
+                # a reference of a few health vectors would make every device "drift"
+                self._references[key] = (found_ref if found_ref is not None and
+                                         found_ref.samples >= MIN_REFERENCE_SAMPLES else None)
             except ValueError:
                 log.warning("%s:%s carries unreadable drift reference statistics", *key)
                 self._references[key] = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
 from agent.runtime import load_runtime
 from converter.package import PackageSpec, package_model
 from fleet.mosquitto import MosquittoBroker
+from fleet.store import Store, open_store
 from tests.brokers import AmqttBroker
 from tests.models import TrainedModels, train_digits_cnn
 from tests.postgres import postgres_schema
@@ -144,3 +145,17 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     yield from postgres_schema()
+
+
+@pytest.fixture
+def reopen(store_url: str) -> Iterator[Callable[[], Store]]:
+    """Opens the test's store (again); every store it opened is closed at the end."""
+    opened: list[Store] = []
+
+    def opener() -> Store:
+        opened.append(open_store(store_url))
+        return opened[-1]
+
+    yield opener
+    for store in opened:
+        store.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,20 +32,6 @@ Opener = Callable[[], Store]
 
 
 # -- fixtures ----------------------------------------------------------------------------
-
-@pytest.fixture
-def reopen(store_url: str) -> Iterator[Opener]:
-    """Opens the test's store (again); every store it opened is closed at the end."""
-    opened: list[Store] = []
-
-    def opener() -> Store:
-        opened.append(open_store(store_url))
-        return opened[-1]
-
-    yield opener
-    for store in opened:
-        store.close()
-
 
 @pytest.fixture
 def store(reopen: Opener) -> Store:

@@ -57,17 +57,9 @@ LEASE = "rollouts"
 # -- fixtures ----------------------------------------------------------------------------
 
 @pytest.fixture
-def stores(store_url: str) -> Iterator[Callable[[], Store]]:
+def stores(reopen: Callable[[], Store]) -> Callable[[], Store]:
     """Opens another connection to the test's store (one per controller)."""
-    opened: list[Store] = []
-
-    def opener() -> Store:
-        opened.append(open_store(store_url))
-        return opened[-1]
-
-    yield opener
-    for store in opened:
-        store.close()
+    return reopen
 
 
 @pytest.fixture(scope="module")

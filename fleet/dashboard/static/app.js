@@ -223,8 +223,9 @@
       mergeSeries(data.series);
       if (data.drift) S.drift = data.drift;
       if (data.devices_rev !== S.devicesRev) {
-        if (S.devicesRev !== null) loadDevices().catch(report);
+        // the first snapshot too: the list loaded on connect may predate it
         S.devicesRev = data.devices_rev;
+        loadDevices().catch(report);
       }
       schedule();
     });
@@ -520,7 +521,7 @@
         "No drift: every device's inputs and outputs look like the model's reference data."));
       return;
     }
-    const row = (a) => h("tr", { class: "drift-alert", "data-device": a.device },
+    const row = (a) => h("tr", { class: "drift-alert", "data-alert-device": a.device },
       h("td", {}, h("a", { href: `#/device/${encodeURIComponent(a.device)}` }, a.device)),
       h("td", {}, a.model), h("td", {}, a.feature),
       h("td", { class: "num bad" }, a.psi.toFixed(3)), h("td", { class: "num" }, String(a.threshold)),
