@@ -328,8 +328,11 @@ def test_devices_cut_off_in_probation_time_out_the_rollout_aborts_and_they_roll_
     assert _states(final) == {**dict.fromkeys(NEAR, "SUCCEEDED"),
                               **dict.fromkeys(FAR, "ROLLED_BACK")}
     for device in FAR:
-        assert watch.states(device)[-4:] == ["PROBATION", "COMMITTING", "ROLLING_BACK",
-                                             "ROLLED_BACK"], watch.seen[device]
+        # the unconfirmed commit may be seen timing out before the abort tells it to roll
+        # back (which one a poll catches depends on the machine's load): both are right
+        moved = [state for state in watch.states(device) if state != "TIMED_OUT"]
+        assert moved[-4:] == ["PROBATION", "COMMITTING", "ROLLING_BACK",
+                              "ROLLED_BACK"], watch.seen[device]
         assert _reasons(final)[device] == "running digits 1.0.0"
     registry = wait_until(lambda: (r := site.devices()) and all(
         r[d]["online"] and r[d]["update_state"] in ("COMMITTED", "ROLLED_BACK")
