@@ -3,11 +3,11 @@
 :class:`DriftSampler` feeds a :class:`agent.protocol.drift.DriftWindow` with a sample of
 the requests the active model answers. Which requests: a token bucket earns 0.5 % of every
 inference's own time plus 5 ms per second of wall time, and a request is summarised when
-the bucket holds what the last summary cost, and at most one request in four (so the
-median request never carries a summary). A slow model or a quiet device is summarised
-on one request in four; a model serving flat out is summarised on a small fraction of its
-requests and spends well under 1 % of its time on it. The window says
-how many requests it summarised (``samples``) and out of how many (``requests``).
+the bucket holds what the last summary cost (in the thread's CPU time), and at most one
+request in four (so the median request never carries a summary). A slow model or a quiet
+device is summarised on one request in four; a model serving flat out is summarised on a
+small fraction of its requests and spends well under 1 % of its time on it. The window
+says how many requests it summarised (``samples``) and out of how many (``requests``).
 """
 
 from __future__ import annotations
@@ -57,13 +57,16 @@ class DriftSampler:
     """
 
     def __init__(self, manifest: Manifest,
-                 clock: Callable[[], int] = time.perf_counter_ns) -> None:
-        """``clock`` (ns) must be the one the request path's timestamps come from."""
+                 clock: Callable[[], int] = time.perf_counter_ns,
+                 cpu_clock: Callable[[], int] = time.thread_time_ns) -> None:
+        """``clock`` (ns) must be the one the request path's timestamps come from; a
+        summary's cost is read on ``cpu_clock`` (the calling thread's CPU time, so a
+        thread kept waiting by a busy machine does not count its wait as cost)."""
         reference: Monitoring | None = manifest.monitoring
         self._window = DriftWindow(reference, scales_of([*manifest.inputs, *manifest.outputs]),
                                    classifier=manifest.task == "classification")
         self._first = manifest.inputs[0].name
-        self._lock, self._clock = threading.Lock(), clock
+        self._lock, self._cpu_clock = threading.Lock(), cpu_clock
         self._cost = 0
         self._due = clock() - _MAX_TOKENS_NS / WALL_BUDGET  # a full bucket
         self._requests = 0
@@ -84,9 +87,10 @@ class DriftSampler:
                    ended_ns: int) -> None:
         tokens = self._cost + (ended_ns - self._due) * WALL_BUDGET  # what the bucket holds
         feeds = {self._first: inputs} if isinstance(inputs, np.ndarray) else inputs
+        began = self._cpu_clock()
         with self._lock:
             self._window.add(feeds, outputs)
-        cost = self._clock() - ended_ns
+        cost = self._cpu_clock() - began
         tokens = min(tokens - cost, _MAX_TOKENS_NS)
         self._cost = cost
         self._due = ended_ns + (cost - tokens) / WALL_BUDGET

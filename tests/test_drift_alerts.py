@@ -111,7 +111,7 @@ def test_the_dashboard_lists_the_alert(drifting: Fleet, browser: Any) -> None:
 
 def test_the_cli_lists_alerts_and_sets_policies(drifting: Fleet) -> None:
     firing = wait_until(lambda: as_json(edgefleet(drifting, "alerts", "--json"))["alerts"], 60,
-                        what="alerts through the CLI")
+                        every=0.5, what="alerts through the CLI")
     assert {a["device"] for a in firing} == {SHIFTED}
     table = edgefleet(drifting, "alerts")
     assert table.exit_code == 0 and re.search(r"drift alerts firing: [1-9]", table.output)
