@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from agent.protocol.drift import DEFAULT_PSI_THRESHOLD, Monitoring, compare
+from agent.protocol.drift import DEFAULT_PSI_THRESHOLD, Monitoring, compare, window_counts
 
 __all__ = ["Alert", "AlertChange", "DriftMonitor", "DriftPolicy"]
 
@@ -93,13 +93,17 @@ _COUNTS = ("hist", "classes", "confidence_hist")
 
 def _pool(pooled: dict[str, Any] | None, stats: dict[str, Any]) -> dict[str, Any]:
     """``stats`` added to ``pooled``: samples and every count list (same lengths) summed;
-    a tensor whose bins changed starts again from ``stats``."""
+    a tensor whose bins changed starts again from ``stats``. A malformed window raises
+    ``ValueError`` and leaves ``pooled`` as it was."""
     samples = stats.get("samples", 0)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise ValueError("a drift window's samples must be a non-negative integer")
-    sides: dict[str, dict[str, dict[str, list[float]]]] = {
-        side: {k: _counts_of(v) for k, v in dict(stats.get(side, {})).items()}
-        for side in ("inputs", "outputs")}
+    sides: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for side in ("inputs", "outputs"):
+        tensors = stats.get(side, {})
+        if not isinstance(tensors, dict):
+            raise ValueError("a drift window's inputs and outputs must be objects")
+        sides[side] = {name: _counts_of(value) for name, value in tensors.items()}
     if pooled is None:
         return {"samples": samples, **sides}
     for side, tensors in sides.items():
@@ -114,9 +118,8 @@ def _pool(pooled: dict[str, Any] | None, stats: dict[str, Any]) -> dict[str, Any
 
 
 def _counts_of(stats: Any) -> dict[str, list[float]]:
-    if not isinstance(stats, dict):
-        raise ValueError("a drift window's per-tensor statistics must be objects")
-    return {key: list(stats[key]) for key in _COUNTS if isinstance(stats.get(key), list)}
+    found = {key: window_counts(stats, key) for key in _COUNTS}
+    return {key: counts for key, counts in found.items() if counts is not None}
 
 
 class DriftMonitor:
@@ -147,8 +150,7 @@ class DriftMonitor:
             if reference is None:
                 continue  # a bundle without reference statistics: nothing to compare
             key = (window.device, window.model, window.version)
-            try:
-                compare(reference, window.stats)  # refuse a malformed window alone
+            try:  # a malformed window is refused alone
                 pooled = _pool(self._pooled.get(key), window.stats)
             except (ValueError, TypeError) as exc:
                 self.rejected += 1

@@ -94,8 +94,10 @@ def test_models_without_reference_and_malformed_windows_are_skipped() -> None:
     mon.offer("d1", "other", "1.0.0", 1, SHIFTED)  # no reference for this model
     mon.offer("d1", "m", "1.0.0", 2, {"inputs": {"x": {"hist": "not counts"}}, "samples": 50})
     mon.offer("d1", "m", "1.0.0", 3, {"inputs": {"x": {"hist": [1, 2]}}, "samples": "many"})
+    mon.offer("d1", "m", "1.0.0", 4, {"inputs": {"x": {"hist": [1, -2]}}, "samples": 3})
+    mon.offer("d1", "m", "1.0.0", 5, {"inputs": [["x", {"hist": [1]}]], "samples": 1})
     assert mon.process() == []
-    assert mon.rejected == 2 and mon.windows == 0
+    assert mon.rejected == 4 and mon.windows == 0
 
 
 @pytest.mark.parametrize("bad", [{"psi": 0}, {"psi": -1}, {"min_samples": 0},

@@ -36,6 +36,7 @@ __all__ = [
     "compare",
     "psi",
     "reference_from",
+    "window_counts",
 ]
 
 Array = npt.NDArray[Any]
@@ -315,19 +316,20 @@ def compare(reference: Monitoring, window: Mapping[str, Any]) -> dict[str, float
     if not isinstance(inputs, Mapping) or not isinstance(outputs, Mapping):
         raise ValueError("a drift window's inputs and outputs must be objects")
     for name, ref in reference.inputs.items():
-        _put(found, f"input:{name}", ref.hist, _counts(inputs.get(name), "hist"))
+        _put(found, f"input:{name}", ref.hist, window_counts(inputs.get(name), "hist"))
     for name, out in reference.outputs.items():
         seen = outputs.get(name)
         if out.kind == "classes":
-            _put(found, f"output:{name}:classes", out.classes, _counts(seen, "classes"))
+            _put(found, f"output:{name}:classes", out.classes, window_counts(seen, "classes"))
             _put(found, f"output:{name}:confidence", out.confidence_hist,
-                 _counts(seen, "confidence_hist"))
+                 window_counts(seen, "confidence_hist"))
         elif out.values is not None:
-            _put(found, f"output:{name}", out.values.hist, _counts(seen, "hist"))
+            _put(found, f"output:{name}", out.values.hist, window_counts(seen, "hist"))
     return found
 
 
-def _counts(stats: Any, key: str) -> list[float] | None:
+def window_counts(stats: Any, key: str) -> list[float] | None:
+    """One count list of a window's per-tensor statistics, checked (None when absent)."""
     if stats is None:
         return None
     if not isinstance(stats, Mapping):
