@@ -43,6 +43,7 @@ class LocalFleet:
     token: str = "local-fleet-token"
     token_name: str = "operator"  # the actor the history names
     store_url: str = ""
+    http_host: str = "127.0.0.1"  # where the API and the bundles are served
     telemetry_interval_s: float = 0.3
     controller: FleetController | None = None
     api: ApiServer | None = None
@@ -53,13 +54,14 @@ class LocalFleet:
 
     def start_controller(self, tick_s: float = 0.2) -> FleetClient:
         self.store = open_store(self.store_url or f"sqlite:///{self.root / 'fleet.db'}")
-        port = free_port()
+        port = free_port(self.http_host)
         config = ControllerConfig(fleet=self.name, broker_url=self.broker_url,
                                   data_dir=self.root / "controller",
-                                  public_url=f"http://127.0.0.1:{port}", trusted=self.trusted,
-                                  tick_s=tick_s, quality_window_ms=60_000)
+                                  public_url=f"http://{self.http_host}:{port}",
+                                  trusted=self.trusted, tick_s=tick_s, quality_window_ms=60_000)
         self.controller = FleetController(config, self.store)
-        self.api = ApiServer(self.controller, {self.token: self.token_name}, port=port)
+        self.api = ApiServer(self.controller, {self.token: self.token_name},
+                             host=self.http_host, port=port)
         self.controller.start()
         self.api.start()
         return self.client()

@@ -165,6 +165,7 @@ class FleetController:
         self._references: dict[VersionKey, Monitoring | None] = {}
         self._policies: dict[str, DriftPolicy] = {}
         self._policies_read_ms = 0
+        self._keyring_parsed: tuple[str, SignedKeyring] | None = None  # (stored text, parsed)
         self.drift = DriftMonitor(self._drift_reference, self.drift_policy)
 
     # --- life -------------------------------------------------------------------------
@@ -915,7 +916,10 @@ class FleetController:
         into the store."""
         raw = self.store.settings(_KEYRING_KEY).get(_KEYRING_KEY)
         if isinstance(raw, str):
-            return parse_keyring(raw.encode())
+            cached = self._keyring_parsed
+            if cached is None or cached[0] != raw:  # parsed (signatures checked) once
+                cached = self._keyring_parsed = raw, parse_keyring(raw.encode())
+            return cached[1]
         local = load_keyring(self.config.data_dir / KEYRING_FILE)
         if local is not None:
             self.store.put_setting(_KEYRING_KEY, local.raw.decode(), self.clock())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from fleet.cli_simulate import simulate
 from fleet.mosquitto import MosquittoBroker
 from fleet.simulate import SimOptions, SimulatedFleet
 from fleet.simulate.options import assign_traits
+from fleet.simulate.pool import WorkPool
 from tests.brokers import Subscriber
 from tests.conftest import Keys, make_bundle
 from tests.http_files import FileServer
@@ -296,3 +299,37 @@ def test_the_cli_prints_json_lines_until_the_duration_ends(
     lines = [json.loads(line) for line in result.output.splitlines()]
     assert lines[-1]["online"] == 3
     assert lines[-1]["groups"] == [{"state": "COMMITTED", "version": "1.0.0", "devices": 3}]
+
+
+def test_the_update_pool_survives_a_failing_step_and_drops_queued_steps_at_shutdown() -> None:
+    pool = WorkPool(2, "test-pool")
+    ran: list[int] = []
+    release, running = threading.Event(), threading.Event()
+
+    def fail() -> None:
+        raise RuntimeError("a broken step")
+
+    def block() -> None:
+        running.set()
+        release.wait(10)
+        ran.append(0)
+
+    for _ in range(2):
+        pool.submit(fail)  # each worker survives its failure
+    for i in range(1, 6):
+        pool.submit(lambda i=i: ran.append(i))  # type: ignore[misc]
+    deadline = time.monotonic() + 10
+    while len(ran) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(ran) == [1, 2, 3, 4, 5]
+    pool.submit(block)
+    assert running.wait(10)
+    pool.submit(lambda: ran.append(99))  # may be taken by the idle worker, or dropped
+    threading.Timer(0.2, release.set).start()
+    pool.shutdown()  # waits for the running step
+    assert 0 in ran
+    pool.submit(lambda: ran.append(100))  # after shutdown: dropped
+    time.sleep(0.05)
+    assert 100 not in ran
+    with pytest.raises(ValueError, match="at least one worker"):
+        WorkPool(0, "none")

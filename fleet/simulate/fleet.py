@@ -7,10 +7,8 @@ model and download caches; the behaviour is in :mod:`fleet.simulate.device`.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -27,6 +25,7 @@ from fleet.simulate.env import FleetEnv
 from fleet.simulate.loop import NetworkLoop
 from fleet.simulate.models import ModelCache
 from fleet.simulate.options import SimOptions, SimulationError, assign_traits
+from fleet.simulate.pool import WorkPool
 from fleet.simulate.view import DeviceView
 
 __all__ = ["SimulatedFleet"]
@@ -47,8 +46,7 @@ class SimulatedFleet:
         self.downloads = Downloads(share=self.options.share_downloads)
         self._loop = NetworkLoop(broker_url, connect_rate=self.options.connect_rate,
                                  keepalive=self.options.keepalive_s)
-        self._pool = ThreadPoolExecutor(self.options.workers,
-                                        thread_name_prefix="edgefleet-sim-update")
+        self._pool = WorkPool(self.options.workers, "edgefleet-sim-update")
         self._started = self._stopped = False
         env = FleetEnv(self.fleet, self.options, self.models, self.downloads, self._submit,
                        self._loop, installed_runtimes(), np.random.default_rng(self.options.seed))
@@ -87,7 +85,7 @@ class SimulatedFleet:
         if self._stopped or not self._started:
             return
         self._stopped = True
-        self._pool.shutdown(wait=True, cancel_futures=True)  # steps in progress finish
+        self._pool.shutdown()  # steps in progress finish, queued ones are dropped
         self._loop.stop()
         self.models.close()
 
@@ -109,9 +107,7 @@ class SimulatedFleet:
         return True
 
     def _submit(self, job: Callable[[], None]) -> None:
-        if self._stopped:
-            return
-        with contextlib.suppress(RuntimeError):  # the pool shut down meanwhile
+        if not self._stopped:
             self._pool.submit(job)
 
     def _sweeper(self, due: float, turn: int) -> Callable[[], None]:
