@@ -646,11 +646,13 @@ class FleetController:
         actions = {DeviceState.TARGETED: Action.INSTALL, DeviceState.UPDATING: Action.INSTALL,
                    DeviceState.PROBATION: Action.INSTALL, DeviceState.COMMITTING: Action.COMMIT,
                    DeviceState.ROLLING_BACK: Action.ROLLBACK}
-        for rollout in self._rollouts.values():
-            for item in rollout.devices.values():
-                action = actions.get(item.state)
-                if action is not None:
-                    self._queue_desired(rollout, item.device, action)
+        waiting = sorted(((item.sent_ms, rollout.id, item.device, action, rollout)
+                          for rollout in self._rollouts.values()
+                          for item in rollout.devices.values()
+                          if (action := actions.get(item.state)) is not None),
+                         key=lambda w: w[:3])
+        for _, _, device, action, rollout in waiting:  # the word sent last wins, as it did
+            self._queue_desired(rollout, device, action)
 
     # --- operator actions (API threads) -------------------------------------------------
 

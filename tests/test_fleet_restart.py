@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,12 +20,14 @@ from typing import Any
 
 import pytest
 
-from agent.protocol.payloads import Event, decode
+from agent.protocol.payloads import BundleRef, DesiredState, Event, decode
 from agent.protocol.topics import Leaf, fleet_filter, parse_topic
 from fleet.client import FleetClient
+from fleet.controller import ControllerConfig, FleetController
 from fleet.errors import ConflictError
 from fleet.mosquitto import MosquittoBroker, free_port, stop_process, wait_for_port
-from fleet.rollout.state import ACTIVE, DeviceState, Rollout, RolloutState
+from fleet.rollout.spec import RolloutSpec, Selector, Wave
+from fleet.rollout.state import ACTIVE, DeviceState, Rollout, RolloutDevice, RolloutState
 from fleet.store import open_store
 from tests.brokers import Subscriber
 from tests.conftest import Keys, make_bundle
@@ -216,3 +219,31 @@ def test_a_second_rollout_over_devices_a_running_one_holds_is_refused_naming_it(
         client.post("/api/v1/rollouts", {**slow, "selectors": ["device:cam-1"]})
     rollouts = client.get("/api/v1/rollouts")
     assert [r["id"] for r in rollouts] == [holder["id"]]
+
+
+@pytest.mark.parametrize("later", ["r-a", "r-b"])
+def test_after_a_restart_a_device_two_rollouts_wait_on_hears_the_later_word(
+        tmp_path: Path, signing_keys: Keys, later: str) -> None:
+    """A device in two rollouts' lists (the first one finished, still following it; the
+    second sent it a bundle since): the restarted controller repeats only the word it sent
+    last, whatever order the store lists the rollouts in."""
+    config = ControllerConfig(fleet="f", broker_url="mqtt://127.0.0.1:1",
+                              data_dir=tmp_path / "controller",
+                              public_url="http://127.0.0.1:1", trusted=signing_keys.trusted)
+    store = open_store(f"sqlite:///{tmp_path / 'fleet.db'}")
+    now = int(time.time() * 1000)
+    for rollout_id, sha, patch in (("r-a", "a", 1), ("r-b", "b", 2)):
+        spec = RolloutSpec(model=BundleRef(name="digits", version=f"1.0.{patch}", sha256=sha * 64),
+                           url="http://x/b.efb", size=10, selectors=(Selector("device", "d1"),),
+                           waves=(Wave(100.0, True),))
+        sent = now - (1_000 if rollout_id == later else 5_000)
+        item = RolloutDevice("d1", wave=0, state=DeviceState.TARGETED, since_ms=sent,
+                             targeted_ms=sent, sent_ms=sent)
+        store.save_rollout(Rollout(id=rollout_id, spec=spec, state=RolloutState.RUNNING,
+                                   created_ms=now - 9_000, updated_ms=now,
+                                   devices={"d1": item}))
+    controller = FleetController(config, store)
+    controller._load_rollouts()
+    desired = decode(DesiredState, controller._outbox["d1"])
+    assert desired.rollout == later and desired.action == "install"
+    store.close()
