@@ -2,7 +2,9 @@
 
 ``Agent.predict`` is the in-process API. A model swap replaces one reference,
 so a request in flight finishes on the model it started on and the next one
-uses the new model. A failed load never replaces what is serving.
+uses the new model. A failed load never replaces what is serving. One background
+thread per agent (``agent.drift.DriftWorker``, started with the first model)
+summarises the drift samples and keeps the latency lists bounded; ``close`` ends it.
 """
 
 from __future__ import annotations
@@ -10,18 +12,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agent.drift import DriftSampler
+from agent.drift import DriftSampler, DriftWorker
 from agent.loader import LoadedModel, load_bundle
 from agent.protocol.encryption import DecryptionKeys
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.signing import TrustedKeys
 from agent.runtime.base import Array, check_feeds
-from agent.runtime.errors import InferenceError
+from agent.runtime.errors import InferenceError, ModelClosedError
 from agent.shadow import Shadow
 from agent.stats import VersionStats
 
@@ -43,12 +46,12 @@ class _Serving:
     __slots__ = ("drift", "input_name", "model", "offer", "record", "run_array", "run_feeds",
                  "stats")
 
-    def __init__(self, model: LoadedModel, stats: VersionStats) -> None:
+    def __init__(self, model: LoadedModel, stats: VersionStats, worker: DriftWorker) -> None:
         runtime = model.runtime
         self.model, self.stats, self.input_name = model, stats, runtime.inputs[0].name
         self.run_array, self.run_feeds = runtime.run_array, runtime.run
         self.record = stats.samples.append  # the list is never replaced (VersionStats)
-        self.drift = DriftSampler(model.bundle.manifest)
+        self.drift = DriftSampler(model.bundle.manifest, worker=worker)
         self.offer = self.drift.offer
 
     def single(self, feeds: Mapping[str, Array]) -> Array | None:
@@ -75,6 +78,8 @@ class Agent:
         self.keys = keys if keys is not None else DecryptionKeys()  # for encrypted models
         self._serving: _Serving | None = None
         self._stats: dict[str, VersionStats] = {}
+        # the thread holds the stats map, never the agent: a dropped agent ends it
+        self._worker = DriftWorker(upkeep=partial(_trim, self._stats))
         self._swap_lock = threading.Lock()
         self._listeners: list[Callable[[LoadedModel], None]] = []
         self._shadow: Shadow | None = None
@@ -107,7 +112,7 @@ class Agent:
         with self._swap_lock:
             stats = self._stats.setdefault(loaded.version, VersionStats())
             # The replaced runtime is freed when the last request holding it returns.
-            self._serving = _Serving(loaded, stats)
+            self._serving = _Serving(loaded, stats, self._worker.start())
         for listener in self._listeners:
             listener(loaded)
 
@@ -127,6 +132,8 @@ class Agent:
             outputs = serving.run(inputs) if array is None else serving.run_array(array)
         except Exception as exc:
             serving.stats.error()
+            if isinstance(exc, ModelClosedError):
+                raise
             raise _inference_error(serving, serving.feeds(inputs), exc) from exc
         ended = _clock()
         serving.record(ended - started)
@@ -135,6 +142,15 @@ class Agent:
         if shadow is not None:
             shadow.offer(serving.feeds(inputs), outputs)
         return outputs
+
+    def close(self) -> None:
+        """Stop serving (``predict`` raises ``NotReadyError`` until a model is loaded again)
+        and end the agent's threads: the drift worker, after the summaries it was handed,
+        and the shadow."""
+        self.stop_shadow()
+        with self._swap_lock:
+            self._serving = None
+        self._worker.stop()
 
     def start_shadow(self, previous: LoadedModel, sample_every: int = 10) -> None:
         """During probation: compare a sample of live answers with ``previous``."""
@@ -174,6 +190,12 @@ class Agent:
                 values["agreement"] = agreement
                 versions[serving.model.version]["agreement"] = agreement
         return values
+
+
+def _trim(stats: dict[str, VersionStats]) -> None:
+    """The drift worker's upkeep: keep every version's latency list bounded."""
+    for version_stats in list(stats.values()):
+        version_stats.trim()
 
 
 def _inference_error(serving: _Serving, feeds: Mapping[str, Array],

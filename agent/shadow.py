@@ -1,9 +1,10 @@
 """Probation agreement: the previous model re-runs a sample of live requests, off the path.
 
-Every ``sample_every``-th request that the new model answered is queued (a
-bounded queue; a full one drops the sample rather than wait) and a worker
-thread runs the previous model on it: top-1 agreement for classifiers, cosine
-similarity of the outputs otherwise. Inference never waits on it.
+Every ``sample_every``-th request that the new model answered is copied (a caller
+may reuse its input buffer, and owns the answer it got) and queued (a bounded
+queue; a full one drops the sample rather than wait), and a worker thread runs the
+previous model on it: top-1 agreement for classifiers, cosine similarity of the
+outputs otherwise. Inference never waits on it.
 """
 
 from __future__ import annotations
@@ -45,21 +46,29 @@ class Shadow:
         self.samples = self.agreeing = 0
         self.cosine_sum = 0.0
         self.dropped = 0
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._work, name="edgefleet-shadow", daemon=True)
         self._thread.start()
 
     def offer(self, feeds: Mapping[str, Array], outputs: dict[str, Array]) -> None:
-        """Called on the request path: count, and maybe enqueue without waiting."""
+        """Called on the request path: count, and maybe copy and enqueue without waiting."""
         self._count += 1
         if self._count % self.sample_every:
             return
+        if self._queue.full():  # no room: drop it before copying it
+            self.dropped += 1
+            return
+        sample = ({k: np.array(v, copy=True) for k, v in feeds.items()},
+                  {k: np.array(v, copy=True) for k, v in outputs.items()})
         try:
-            self._queue.put_nowait((feeds, outputs))
+            self._queue.put_nowait(sample)
         except queue.Full:
             self.dropped += 1
 
     def stop(self) -> None:
-        with contextlib.suppress(queue.Full):
+        """End the worker after the samples already queued."""
+        self._stopping.set()
+        with contextlib.suppress(queue.Full):  # a full queue: the worker sees the flag after it
             self._queue.put_nowait(None)
 
     def values(self) -> dict[str, Any]:
@@ -76,8 +85,11 @@ class Shadow:
                 old = self.previous.runtime.run(
                     as_inputs_of(self.previous.runtime.inputs, feeds))
             except Exception:  # the previous model may refuse what the new one takes
-                continue
-            self._record(next(iter(new.values())), next(iter(old.values())))
+                pass
+            else:
+                self._record(next(iter(new.values())), next(iter(old.values())))
+            if self._stopping.is_set() and self._queue.empty():
+                return
 
     def _record(self, new: Array, old: Array) -> None:
         a, b = np.asarray(new, np.float64), np.asarray(old, np.float64)

@@ -11,7 +11,8 @@ every iteration: a fixed rotation would let one call always run right after a
 network round trip has cooled the caches. A second run interleaves (a) and (b)
 alone, for the in-process ratio without network calls between them, with (f) the
 floor of any Python serving path: the bare call wrapped in one more function call,
-one lock, two clock reads and one list append.
+one lock, two clock reads and one list append, and (g) the *twin*: a second bare
+runtime of the same model, whose ratio to (a) is the run's own noise.
 
 Targets: in-process p50 <= 1.03x the bare call; HTTP adds <= 0.3 ms at p50.
 
@@ -241,6 +242,7 @@ def measure(case: Case, public: Path, workdir: Path) -> dict[str, Any]:
                  "live": live_call(conn)}
         run = interleave(calls, n, warmup, f"{case.label} {case.fmt}: interleaved")
         conn.close()
+    agent.close()
     row = summarise(case, model.runtime.name, run, alone)
     row["drift_summarised"] = round(drift["samples"] / max(drift["requests"], 1), 3)
     return row
@@ -269,7 +271,8 @@ def summarise(case: Case, runtime: str, run: dict[str, list[int]],
 
 
 COLUMNS = ["model", "runtime", "bare p50/p99 µs", "Agent.predict p50/p99 µs", "ratio p50",
-           "ratio p50 (in-process only)", "floor ratio p50", "HTTP JSON p50/p99 µs",
+           "ratio p50 (in-process only)", "floor ratio p50", "twin ratio p50",
+           "HTTP JSON p50/p99 µs",
            "JSON adds p50 ms", "HTTP binary p50/p99 µs", "binary adds p50 ms",
            "empty GET p50 µs", "in-process ≤ 1.03×", "HTTP adds ≤ 0.3 ms (JSON / binary)"]
 
@@ -281,6 +284,7 @@ def cells(r: dict[str, Any]) -> list[Any]:
     return [r["model"], r["runtime"], f"{r['bare_p50_us']} / {r['bare_p99_us']}",
             f"{r['agent_p50_us']} / {r['agent_p99_us']}", f"{r['agent_ratio_p50']}×",
             f"{r['agent_ratio_p50_alone']}×", f"{r['floor_ratio_p50_alone']}×",
+            f"{r['twin_ratio_p50_alone']}×",
             f"{r['http_p50_us']} / {r['http_p99_us']}",
             r["http_added_p50_ms"], f"{r['http_binary_p50_us']} / {r['http_binary_p99_us']}",
             r["http_binary_added_p50_ms"], r["http_live_p50_us"],
@@ -307,9 +311,10 @@ def remarks(rows: list[dict[str, Any]]) -> str:
                 f"- {label}: `Agent.predict` is {r['agent_ratio_p50_alone']}× the bare call, "
                 f"{r['agent_added_p50_us_alone']} µs; the floor is "
                 f"{r['floor_ratio_p50_alone']}× and a second bare interpreter of the same model "
-                f"{r['twin_ratio_p50_alone']}× (the run's noise). The drift sampler summarised "
-                f"{r['drift_summarised']:.0%} of the requests on the request path, within its "
-                "budget of 0.5 % of inference time plus 0.5 % of wall time (docs/monitoring.md).")
+                f"{r['twin_ratio_p50_alone']}× (the run's noise). The drift worker summarised "
+                f"{r['drift_summarised']:.0%} of the requests off the request path (a picked "
+                "request copies its input for it), within its budget of 0.5 % of inference "
+                "time plus 0.5 % of wall time (docs/monitoring.md).")
         for kind, added in (("JSON", r["http_added_p50_ms"]),
                             ("binary", r["http_binary_added_p50_ms"])):
             if added > TARGET_HTTP_MS:
@@ -345,7 +350,9 @@ def report(rows: list[dict[str, Any]], results: Path, remarks: str = "") -> None
             "client, loopback, request parsing). \"In-process only\" is a second run of the "
             "first two alone, with the *floor*: the bare call wrapped in one more function "
             "call, one lock, two clock reads and one list append, the least any Python "
-            "serving path that times and serialises requests adds. `digits` is "
+            "serving path that times and serialises requests adds, and the *twin*: a second "
+            "bare runtime of the same model in the same run, whose ratio is the run's noise. "
+            "`digits` is "
             "the 8×8 test CNN (its bare call takes a few µs, so its ratio is the fixed cost of "
             "the Python path); `edge-cnn` is the converter table's 96×96×3 CNN. HTTP adds = "
             "HTTP p50 − bare p50. Targets: in-process p50 ≤ 1.03× bare (judged on the "

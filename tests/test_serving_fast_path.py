@@ -96,14 +96,20 @@ def test_a_kept_latency_append_still_records_after_a_drain() -> None:
 
 
 class _CpuClock:
-    """CPU nanoseconds that move only when told: each summary (two reads) "costs" ``cost``."""
+    """CPU nanoseconds that move only when told. A picked request reads it twice around its
+    copy, then the worker twice around the summary (``drain`` waits for the summary, so
+    the reads never interleave): the copy "costs" ``copy`` and the summary ``summary``."""
 
     def __init__(self) -> None:
-        self.cost, self._reads = 0, 0
+        self.copy = self.summary = 0
+        self._reads, self._now = 0, 0
 
     def __call__(self) -> int:
         self._reads += 1
-        return self.cost if self._reads % 2 == 0 else 0
+        if self._reads % 2:  # a measurement begins
+            return self._now
+        self._now += self.copy if self._reads % 4 == 2 else self.summary
+        return self._now
 
 
 def _bucket_decisions(steps: list[tuple[int, int, int]], start: int) -> list[bool]:
@@ -143,14 +149,16 @@ def test_the_drift_deadline_decides_like_the_token_bucket(
         steps.append((started, now, int(rng.integers(20_000, 200_000))))
     cpu = _CpuClock()
     sampler, decided = DriftSampler(manifest, lambda: start, cpu), []
-    for started, ended, spent in steps:
-        cpu.cost = spent
+    for started, ended, spent in steps:  # a pick costs its copy plus the worker's summary
+        cpu.copy = spent // 8
+        cpu.summary = spent - cpu.copy
         sampler.offer(x, outputs, started, ended)
-        window = sampler.drain()
+        window = sampler.drain()  # waits for the worker's summary and charge
         decided.append(window is not None and window["samples"] == 1)
     expected = _bucket_decisions(steps, start)
     assert decided == expected
     assert 30 < sum(decided) < len(decided)  # the test covers both answers
+    assert sampler.dropped == 0
 
 
 @pytest.fixture

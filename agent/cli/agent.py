@@ -226,3 +226,4 @@ def _serve_until_signalled(service: AgentService) -> None:
                                         model.version if model else "-", where)
     stop.wait()
     service.stop()
+    service.agent.close()  # the drift worker finishes what it was handed

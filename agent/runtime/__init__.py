@@ -5,6 +5,7 @@ from agent.runtime.errors import (
     IncompatibleModelError,
     InferenceError,
     MissingRuntimeError,
+    ModelClosedError,
     RuntimeLoadError,
 )
 from agent.runtime.select import installed_runtimes, load_runtime
@@ -13,6 +14,7 @@ __all__ = [
     "IncompatibleModelError",
     "InferenceError",
     "MissingRuntimeError",
+    "ModelClosedError",
     "Runtime",
     "RuntimeLoadError",
     "TensorInfo",

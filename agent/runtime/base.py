@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Array", "Runtime", "TensorInfo", "check_feeds"]
+from agent.runtime.errors import closed_error
+
+__all__ = ["Array", "ClosedEngine", "Runtime", "TensorInfo", "check_feeds", "refusal"]
 
 Array = npt.NDArray[Any]
 
@@ -50,6 +52,26 @@ class Runtime(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class ClosedEngine:
+    """Stands in for a closed runtime's engine: any use raises ``ModelClosedError``, so
+    a closed runtime refuses requests without a check on the open path."""
+
+    def __init__(self, runtime: str) -> None:
+        self._runtime = runtime
+
+    def __getattr__(self, name: str) -> Any:
+        raise closed_error(self._runtime)
+
+
+def refusal(runtime: str) -> Callable[..., Any]:
+    """A callable to bind in a closed runtime's fast path in place of an engine method."""
+
+    def refuse(*_: Any) -> Any:
+        raise closed_error(runtime)
+
+    return refuse
 
 
 def check_feeds(specs: list[TensorInfo], feeds: Mapping[str, Array]) -> list[str]:

@@ -5,13 +5,15 @@
         ├── MissingRuntimeError     no runtime for this format is installed
         └── IncompatibleModelError  the installed runtime is older than the model needs
     └── InferenceError              inputs do not fit the model, or the runtime failed
+        └── ModelClosedError        the runtime was closed: its model is unloaded
 """
 
 from __future__ import annotations
 
 from agent.protocol.errors import EdgefleetError
 
-__all__ = ["IncompatibleModelError", "InferenceError", "MissingRuntimeError", "RuntimeLoadError"]
+__all__ = ["IncompatibleModelError", "InferenceError", "MissingRuntimeError", "ModelClosedError",
+           "RuntimeLoadError", "closed_error"]
 
 
 class RuntimeLoadError(EdgefleetError):
@@ -28,3 +30,14 @@ class IncompatibleModelError(RuntimeLoadError):
 
 class InferenceError(EdgefleetError):
     """A request the model cannot run: wrong inputs, or a runtime failure."""
+
+
+class ModelClosedError(InferenceError):
+    """A request to a runtime that was closed (its model unloaded)."""
+
+
+def closed_error(runtime: str) -> ModelClosedError:
+    return ModelClosedError(
+        f"the model on {runtime} was closed (unloaded) and answers no more requests",
+        hint="run the request on the model loaded now (Agent.predict serves the active one), "
+             "or load the bundle again")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtime.base import Array, TensorInfo
+from agent.runtime.base import Array, ClosedEngine, TensorInfo, refusal
 from agent.runtime.errors import RuntimeLoadError
 
 __all__ = ["OnnxRuntime"]
@@ -33,6 +33,7 @@ class OnnxRuntime:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        self._session: Any
         try:
             self._session = ort.InferenceSession(model, sess_options=options,
                                                  providers=["CPUExecutionProvider"])
@@ -58,13 +59,14 @@ class OnnxRuntime:
         return dict(zip(self._output_names, values, strict=True))
 
     def close(self) -> None:
-        self._session = None
+        """Let the session go; every later request raises ``ModelClosedError``."""
+        self._session = ClosedEngine(self.name)
         self._forget()
 
     def _fast_path(self) -> tuple[Callable[[Array], dict[str, Array]], Callable[[], None]]:
         """``run_array``, and how to make it drop the session when the runtime is closed."""
         general, name, names = self.run, self._inputs[0].name, self._output_names
-        session_run = self._session.run
+        session_run, refuse = self._session.run, refusal(self.name)
         single = names[0] if len(names) == 1 else None
 
         def run_array(x: Array) -> dict[str, Array]:
@@ -74,13 +76,9 @@ class OnnxRuntime:
 
         def forget() -> None:
             nonlocal session_run, single
-            session_run, single = _closed, None
+            session_run, single = refuse, None
 
         return run_array, forget
-
-
-def _closed(*_: Any) -> Any:
-    raise RuntimeError("the runtime is closed")
 
 
 def _info(arg: Any) -> TensorInfo:

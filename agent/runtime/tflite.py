@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtime.base import Array, TensorInfo
-from agent.runtime.errors import RuntimeLoadError
+from agent.runtime.base import Array, ClosedEngine, TensorInfo, refusal
+from agent.runtime.errors import RuntimeLoadError, closed_error
 
 __all__ = ["TFLiteRuntime"]
 
@@ -29,6 +29,7 @@ class TFLiteRuntime:
     def __init__(self, interpreter_cls: Any, name: str, version: str,
                  model: bytes, threads: int) -> None:
         self.name, self.version, self.threads = name, version, threads
+        self._interp: Any
         try:
             self._interp = interpreter_cls(model_content=model, num_threads=threads)
             self._interp.allocate_tensors()
@@ -64,6 +65,8 @@ class TFLiteRuntime:
             if self._dynamic:
                 self._resize(feeds, rows)
                 return self._invoke(feeds)
+        if isinstance(self._interp, ClosedEngine):
+            raise closed_error(self.name)
         if self._rows != 1:
             raise ValueError(f"model takes a batch of exactly {self._rows}, got {rows}")
         parts = [self.run({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(rows)]
@@ -87,15 +90,16 @@ class TFLiteRuntime:
         self._retarget(rows)
 
     def close(self) -> None:
+        """Let the interpreter go; every later request raises ``ModelClosedError``."""
         with self._lock:
-            self._interp = None
+            self._interp = ClosedEngine(self.name)
             self._retarget(None)
 
     def _fast_path(self) -> tuple[Callable[[Array], dict[str, Array]],
                                   Callable[[int | None], None]]:
         """``run_array``, and how to point it at a new batch size (None: closed, which also
         drops its references to the interpreter)."""
-        general, name = self.run, self._in[0]["name"]
+        general, name, refuse = self.run, self._in[0]["name"], refusal(self.name)
 
         def slow(x: Array) -> dict[str, Array]:
             return general({name: x})
@@ -124,15 +128,11 @@ class TFLiteRuntime:
         def retarget(rows: int | None) -> None:
             nonlocal fast_rows, set_tensor, invoke, get_tensor
             if rows is None:
-                fast_rows, set_tensor, invoke, get_tensor = -1, _closed, _closed, _closed
+                fast_rows, set_tensor, invoke, get_tensor = -1, refuse, refuse, refuse
             else:
                 fast_rows = rows
 
         return run_array, retarget
-
-
-def _closed(*_: Any) -> Any:
-    raise RuntimeError("the runtime is closed")
 
 
 def _info(detail: dict[str, Any]) -> TensorInfo:

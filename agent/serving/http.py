@@ -34,7 +34,7 @@ from urllib.parse import unquote
 from agent import __version__
 from agent.core import Agent, NotReadyError
 from agent.loader import LoadedModel
-from agent.runtime.errors import InferenceError
+from agent.runtime.errors import InferenceError, ModelClosedError
 from agent.serving.kserve import ModelView, RequestError, decode_infer, encode_infer
 
 __all__ = ["InferenceServer"]
@@ -234,10 +234,10 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError(f"method {method} is not supported", status=405)
         except RequestError as exc:
             self._send(exc.status, _error_json(exc), _JSON)
+        except (NotReadyError, ModelClosedError) as exc:  # the next model answers: retry
+            self._send(503, _error_json(exc), _JSON)
         except InferenceError as exc:
             self._send(400, _error_json(exc), _JSON)
-        except NotReadyError as exc:
-            self._send(503, _error_json(exc), _JSON)
         except OSError:
             raise  # the connection failed: nothing to answer, handle() ends it quietly
         except Exception as exc:
