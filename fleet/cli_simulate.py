@@ -44,6 +44,9 @@ def simulate(
     offline_after: Annotated[float, typer.Option(min=0.0, help="Seconds before dropping")
                              ] = 30.0,
     offline_for: Annotated[float, typer.Option(min=0.0, help="Seconds spent offline")] = 30.0,
+    drifting: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of devices whose inputs drift from the bundle's "
+                               "reference statistics (drift alerts)")] = 0.0,
     telemetry_interval: Annotated[float, typer.Option(min=0.05, help="Seconds")] = 5.0,
     request_rate: Annotated[float, typer.Option(
         min=0.0, help="Synthetic requests per second per device")] = 5.0,
@@ -66,7 +69,8 @@ def simulate(
                              telemetry_interval_s=telemetry_interval, request_rate=request_rate,
                              connect_rate=connect_rate, fail_health=fail_health, slow=slow,
                              slow_factor=slow_factor, disagree=disagree, offline=offline,
-                             offline_after_s=offline_after, offline_for_s=offline_for)
+                             offline_after_s=offline_after, offline_for_s=offline_for,
+                             drifting=drifting)
         simulated = SimulatedFleet(broker, fleet, devices, _trusted(trusted_key or []), options,
                                    bundle)
     except EdgefleetError as exc:

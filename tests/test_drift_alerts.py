@@ -16,6 +16,7 @@ import pytest
 from agent.core import Agent
 from agent.runtime import load_runtime
 from fleet import dashboard
+from fleet.simulate import SimOptions, SimulatedFleet
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, Fleet, wait_until
 from tests.models import TrainedModels, load_digits
@@ -129,3 +130,32 @@ def test_the_cli_lists_alerts_and_sets_policies(drifting: Fleet) -> None:
     assert as_json(edgefleet(drifting, "drift", "show", "--json"))["models"] == {}
     actions = [e["action"] for e in drifting.client().get("/api/v1/history?target=digits")]
     assert actions.count("drift.policy") == 3
+
+
+def test_simulated_drifting_devices_raise_alerts_and_the_others_none(
+        fleet: Fleet, digits_models: TrainedModels, signing_keys: Keys, tmp_path: Path) -> None:
+    """``fleet simulate --drifting``: windows drawn from the bundle's reference, shifted for
+    the drifting devices, judged by a real controller."""
+    x = load_digits().x_test
+    name = load_runtime(digits_models.tflite.read_bytes(), "tflite").inputs[0].name
+    bundle = make_bundle(digits_models.tflite, tmp_path / "v1.efb", signing_keys,
+                         reference_inputs={name: x[:300]}, reference_source="eval")
+    client = fleet.start_controller()
+    client.upload("/api/v1/models", bundle.read_bytes())
+    options = SimOptions(telemetry_interval_s=0.2, request_rate=400, drifting=0.25,
+                         connect_rate=1000)
+    with SimulatedFleet(fleet.broker_url, fleet.name, 8, signing_keys.trusted, options,
+                        bundle) as sim:
+        drifting = {d for d, view in sim.devices.items() if "drifting" in view.faults}
+        assert len(drifting) == 2
+        controller = fleet.controller
+        assert controller is not None
+        wait_until(lambda: {a.device for a in controller.alerts()} >= drifting, 60,
+                   what="alerts on the drifting devices")
+        judged = controller.drift.windows
+        wait_until(lambda: controller.drift.windows >= judged + 100, 60, what="more windows")
+    alerted = {a.device for a in controller.alerts()}
+    assert alerted == drifting, alerted
+    features = {a.feature for a in controller.alerts()}
+    assert any(f.startswith("input:") for f in features)
+    assert any(f.endswith(":classes") for f in features)

@@ -5,10 +5,18 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import numpy as np
 import pytest
 
-from agent.protocol.drift import InputReference, Monitoring, OutputReference
+from agent.protocol.drift import (
+    InputReference,
+    Monitoring,
+    OutputReference,
+    compare,
+    reference_from,
+)
 from fleet.drift import DriftMonitor, DriftPolicy
+from fleet.simulate.drift import DriftDraw
 
 REFERENCE = Monitoring(
     source="eval", samples=100,
@@ -105,3 +113,32 @@ def test_models_without_reference_and_malformed_windows_are_skipped() -> None:
 def test_a_policy_refuses_values_that_make_no_sense(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         DriftPolicy(**bad)  # type: ignore[arg-type]
+
+
+def _summed(windows: list[dict[str, Any]], pick: Any) -> list[int]:
+    return [int(c) for c in np.sum([pick(w) for w in windows], axis=0)]
+
+
+@pytest.mark.parametrize("drifting", [False, True])
+def test_simulated_windows_pool_to_the_reference_unless_drifting(drifting: bool) -> None:
+    """Windows drawn by the simulator: the calm ones pooled to 200 samples stay under the
+    threshold, the drifting ones go over it on the inputs, the classes and the confidence."""
+    x = np.random.default_rng(1).random((400, 8), dtype=np.float32)
+    logits = np.random.default_rng(2).normal(size=(400, 4)).astype(np.float32) * 3
+    reference = reference_from({"x": x}, {"y": logits}, classifier=True, source="eval")
+    draw, rng = DriftDraw(reference), np.random.default_rng(3)
+    for trial in range(20):
+        drawn = [draw.window(rng, 40, drifting) for _ in range(20)]  # 10 samples each
+        windows = [w for w in drawn if w is not None and w["samples"] == 10]
+        assert len(windows) == 20
+        pooled = {"samples": 200,
+                  "inputs": {"x": {"hist": _summed(windows, lambda w: w["inputs"]["x"]["hist"])}},
+                  "outputs": {"y": {key: _summed(windows, lambda w, k=key: w["outputs"]["y"][k])
+                                    for key in ("classes", "confidence_hist")}}}
+        scores = compare(reference, pooled)
+        assert set(scores) == {"input:x", "output:y:classes", "output:y:confidence"}
+        if drifting:
+            assert min(scores.values()) > 0.2, (trial, scores)
+        else:
+            assert max(scores.values()) <= 0.2, (trial, scores)
+    assert draw.window(rng, 3, drifting) is None  # no request in four summarised

@@ -10,7 +10,7 @@ Layout: :mod:`~fleet.simulate.options` (knobs and faults), :mod:`~fleet.simulate
 (one network thread for every connection), :mod:`~fleet.simulate.device` (one
 device's behaviour), :mod:`~fleet.simulate.controller` (its update I/O),
 :mod:`~fleet.simulate.models`, :mod:`~fleet.simulate.download`,
-:mod:`~fleet.simulate.serving`, :mod:`~fleet.simulate.agreement`,
+:mod:`~fleet.simulate.serving`, :mod:`~fleet.simulate.drift`, :mod:`~fleet.simulate.agreement`,
 :mod:`~fleet.simulate.slots`, :mod:`~fleet.simulate.fleet` (the public wiring).
 """
 

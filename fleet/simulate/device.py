@@ -257,7 +257,8 @@ class SimDevice:
                     latency_factor=self.latency_factor(active.sha256) if active else 1.0,
                     wrong_rate=options.disagree_rate if disagree else 0.0,
                     error_rate=options.disagree_error_rate if disagree else 0.0,
-                    sample_every=options.settings.agreement_sample_every)
+                    sample_every=options.settings.agreement_sample_every,
+                    drifting=self.traits.drifting)
 
     def _auto_commit(self, since: int) -> None:
         with self.lock:

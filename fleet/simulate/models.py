@@ -30,6 +30,7 @@ from agent.protocol.payloads import BundleRef
 from agent.protocol.signing import TrustedKeys
 from agent.shadow import as_inputs_of
 from fleet.simulate.agreement import AgreementTable
+from fleet.simulate.drift import DriftDraw
 from fleet.simulate.options import SimulationError
 
 __all__ = ["ModelCache", "ModelProfile"]
@@ -47,6 +48,7 @@ class ModelProfile:
     ref: BundleRef
     health_latency_ms: float  # per sample, measured by the health check here
     latency_ms: npt.NDArray[np.float64]  # per health input row, measured here
+    drift: DriftDraw | None = None  # windows drawn from the manifest's reference statistics
 
     @property
     def version(self) -> str:
@@ -103,7 +105,9 @@ class ModelCache:
                 self._models[sha256] = model
             loaded = _result(model)
             latency = self._measure(loaded)
-            profile = ModelProfile(loaded.ref, loaded.health.latency_ms, latency)
+            reference = loaded.bundle.manifest.monitoring
+            profile = ModelProfile(loaded.ref, loaded.health.latency_ms, latency,
+                                   DriftDraw(reference) if reference is not None else None)
             self._profiles[sha256] = profile
             return profile
 

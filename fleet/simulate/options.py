@@ -2,8 +2,8 @@
 
 Faults are fractions (0-1) of the devices. One seeded shuffle of the device ids
 hands them out in consecutive chunks (``fail_health``, then ``slow``, then
-``disagree``, then ``offline``), so the same seed always picks the same
-devices and the groups do not overlap while the fractions add up to at most 1.
+``disagree``, then ``offline``, then ``drifting``), so the same seed always picks the
+same devices and the groups do not overlap while the fractions add up to at most 1.
 
 Fault semantics (they apply to "new" bundles: every bundle but the one a device
 started with):
@@ -20,6 +20,10 @@ started with):
   the TCP connection without a DISCONNECT (the broker publishes its will), keeps
   serving and spooling telemetry, and reconnects ``offline_for_s`` later (once),
   then receives the retained desired state it missed.
+- ``drifting``: on every bundle, the device's inputs come from another world than
+  the reference statistics in the bundle's manifest (its drift windows are drawn
+  from shifted distributions, :mod:`fleet.simulate.drift`), so the controller
+  raises drift alerts for it. Bundles without reference statistics report no drift.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from fleet.errors import FleetError
 
 __all__ = ["DeviceTraits", "SimOptions", "SimulationError", "assign_traits"]
 
-FAULTS = ("fail_health", "slow", "disagree", "offline")
+FAULTS = ("fail_health", "slow", "disagree", "offline", "drifting")
 
 
 class SimulationError(FleetError):
@@ -66,6 +70,7 @@ class SimOptions:
     offline: float = 0.0
     offline_after_s: float = 30.0
     offline_for_s: float = 30.0
+    drifting: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (*FAULTS, "disagree_rate", "disagree_error_rate"):
@@ -92,6 +97,7 @@ class DeviceTraits:
     slow: bool = False
     disagree: bool = False
     offline: bool = False
+    drifting: bool = False
 
     @property
     def faults(self) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ class Load:
     wrong_rate: float = 0.0
     error_rate: float = 0.0
     sample_every: int = 10
+    drifting: bool = False  # the inputs come from another world than the reference's
 
 
 class Serving:
@@ -77,6 +78,10 @@ class Serving:
         totals = self.totals[active.version]
         values.update(model=active.ref.name, model_version=active.version, **current,
                       inferences_total=totals[0], errors_total=totals[1])
+        if active.drift is not None:
+            window = active.drift.window(rng, current["inferences"], load.drifting)
+            if window is not None:
+                values["drift"] = window
         if self.shadow is not None:
             agreement = self.shadow.values()
             values["agreement"] = current["agreement"] = agreement
