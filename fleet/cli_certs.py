@@ -6,6 +6,7 @@ Everything lives under one folder (``--dir``, default ``certs``)::
     certs/server.key  server.crt         the broker's (and the controller's HTTPS)
     certs/edgefleet-controller.key .crt  the controller's client certificate
     certs/devices/ID.key  ID.crt         one per device; CN = the device id
+    certs/ca.crl                         revoked certificates (``certs revoke``)
 
 Keys are written with mode 0600 and never over an existing file without ``--force``.
 """
@@ -20,7 +21,7 @@ import typer
 
 from agent.cli.output import emit, fail, table
 from agent.protocol.errors import EdgefleetError
-from fleet import certs
+from fleet import certs, crl
 from fleet.acl import CONTROLLER_USER
 
 app = typer.Typer(help="Certificates for secure mode: a fleet CA, the broker's, the "
@@ -100,6 +101,40 @@ def show(paths: Annotated[list[Path], typer.Argument(help="Certificate files (.c
         fail(exc, as_json)
     columns = ["certificate", "CN", "purpose", "hosts", "valid until", "days left", "sha256"]
     emit(rows, as_json, table("certificates", [_flat(r) for r in rows], columns))
+
+
+@app.command()
+def revoke(paths: Annotated[list[Path] | None, typer.Argument(
+               help="Certificates to revoke (.crt), e.g. certs/devices/cam-7.crt")] = None,
+           cert_dir: DirOpt = Path("certs"),
+           days: Annotated[int, typer.Option(
+               min=1, help="The list's validity: re-run before it ends (--renew)")] =
+           crl.CRL_DAYS,
+           renew: Annotated[bool, typer.Option(
+               "--renew", help="Re-sign the list with a new validity, revoking nothing new")]
+           = False,
+           as_json: JsonOpt = False) -> None:
+    """Revoke certificates (a lost or compromised device): DIR/ca.crl lists them, signed by
+    the CA; a broker with ``crlfile DIR/ca.crl`` refuses them once it reads the list again
+    (SIGHUP: ``systemctl reload mosquitto``)."""
+    if not paths and not renew:
+        fail(EdgefleetError("nothing to revoke", hint="pass the .crt files to revoke, or "
+                                                      "--renew to re-sign the list"), as_json)
+    path = cert_dir / crl.CRL_FILE
+    try:
+        revoked = [certs.read_cert(p) for p in paths or []]
+        authority = _ca(cert_dir)
+        listed = crl.revoke(authority, revoked, crl.read_crl(path), days)
+        crl.save_crl(listed, path)
+    except EdgefleetError as exc:
+        fail(exc, as_json)
+    rows = [{"certificate": str(p), **certs.describe(c)} for p, c in zip(paths or [], revoked,
+                                                                        strict=True)]
+    result = {**crl.summary(listed, path), "certificates": rows}
+    emit(result, as_json, table(
+        f"revoked; {path} now lists {len(listed)} (valid until "
+        f"{str(result['next_update'])[:10]})", [_flat(r) for r in rows],
+        ["certificate", "CN", "purpose", "sha256"]))
 
 
 def _issue(as_json: bool, title: str, make: Callable[[], tuple[certs.Issued, Path, str]],

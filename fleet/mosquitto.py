@@ -137,6 +137,7 @@ class BrokerSecurity:
     password_file: Path | None = None
     acl_file: Path | None = None
     username_as_clientid: bool = True
+    crlfile: Path | None = None  # revoked client certificates (``edgefleet certs revoke``)
 
     def __post_init__(self) -> None:
         if not self.client_certificates and self.password_file is None:
@@ -144,7 +145,7 @@ class BrokerSecurity:
                                  "file", hint="pass client_certificates=True or "
                                               "password_file=PATH")
         for path in (self.cafile, self.certfile, self.keyfile, self.password_file,
-                     self.acl_file):
+                     self.acl_file, self.crlfile):
             if path is not None and not Path(path).is_file():
                 raise EdgefleetError(f"{path} does not exist",
                                      hint="see docs/security.md for the files to create")
@@ -157,6 +158,8 @@ class BrokerSecurity:
             lines += ["require_certificate true", "use_identity_as_username true"]
         if self.username_as_clientid:
             lines.append("use_username_as_clientid true")
+        if self.crlfile is not None:
+            lines.append(f"crlfile {self.crlfile}")
         return lines
 
     def global_lines(self) -> list[str]:

@@ -457,3 +457,45 @@ def _device(client: FleetClient, device: str, version: str) -> bool:
     found = [d for d in client.get("/api/v1/devices") if d["id"] == device]
     return bool(found and found[0]["active"] and found[0]["active"]["version"] == version
                 and found[0]["update_state"] in ("COMMITTED", "IDLE"))
+
+
+def test_a_revoked_device_certificate_is_refused_and_the_others_still_connect(
+        pki: Pki, tmp_path: Path, clients: list[MqttClient]) -> None:
+    folder = tmp_path / "ca"
+    folder.mkdir()
+    for name in ("ca.key", "ca.crt"):
+        (folder / name).write_bytes((pki.root / name).read_bytes())
+    runner = CliRunner()
+    nothing = runner.invoke(app, ["certs", "revoke", "--dir", str(folder)])
+    assert nothing.exit_code == 2 and "--renew" in nothing.output
+    foreign = runner.invoke(app, ["certs", "revoke", str(pki.root / "rogue-d1.crt"),
+                                  "--dir", str(folder)])
+    assert foreign.exit_code == 2 and "not issued by this CA" in foreign.output
+    assert not (folder / "ca.crl").exists()  # nothing written on a refusal
+
+    result = runner.invoke(app, ["certs", "revoke", str(pki.root / "d2.crt"), "--dir",
+                                 str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["revoked"] == 1 and doc["certificates"][0]["common_name"] == "d2"
+    security = BrokerSecurity(pki.ca, pki.root / "server.crt", pki.root / "server.key",
+                              acl_file=pki.root / "acl", crlfile=folder / "ca.crl")
+    with MosquittoBroker(workdir=tmp_path / "mosquitto", security=security) as broker:
+        refused = _connect(clients, broker.url, pki.client("d2"), "d2", expect=False)
+        wait_until(lambda: refused.connect_error, 15, what="the revoked certificate refused")
+        assert not refused.connected
+        assert "revoked" in refused.connect_error.message  # type: ignore[union-attr]
+        _connect(clients, broker.url, pki.client("d1"), "d1")  # not revoked: connects
+        _connect(clients, broker.url, pki.client("cam-1"), "cam-1")
+
+        again = json.loads(runner.invoke(app, ["certs", "revoke", str(pki.root / "cam-1.crt"),
+                                               "--dir", str(folder), "--json"]).stdout)
+        assert again["revoked"] == 2  # the list keeps what it revoked before
+        broker.reload()  # SIGHUP: the broker reads the list again
+        late = _connect(clients, broker.url, pki.client("cam-1"), "cam-1-again", expect=False)
+        wait_until(lambda: late.connect_error, 15, what="the certificate revoked later")
+        assert "revoked" in late.connect_error.message  # type: ignore[union-attr]
+
+    renewed = json.loads(runner.invoke(app, ["certs", "revoke", "--renew", "--days", "30",
+                                             "--dir", str(folder), "--json"]).stdout)
+    assert renewed["revoked"] == 2 and renewed["next_update"] < again["next_update"]
