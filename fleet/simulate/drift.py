@@ -52,8 +52,8 @@ class _Feature:
         self.calm, self.drifting = calm, drifting
 
     def draw(self, rng: np.random.Generator, n: int, drifting: bool) -> list[int]:
-        counts = rng.multinomial(n, self.drifting if drifting else self.calm)
-        return [int(c) for c in counts]
+        counts: list[int] = rng.multinomial(n, self.drifting if drifting else self.calm).tolist()
+        return counts
 
 
 class DriftDraw:
@@ -96,9 +96,8 @@ class DriftDraw:
             for key, feature in features.items():
                 drawn[key] = feature.draw(rng, n, drifting)
             if "confidence_hist" in drawn:  # the mean of the drawn bins' centres
-                centres = (np.arange(len(drawn["confidence_hist"])) + 0.5) / len(
-                    drawn["confidence_hist"])
+                hist = drawn["confidence_hist"]
                 drawn["confidence_mean"] = round(
-                    float(np.dot(drawn["confidence_hist"], centres)) / n, 6)
+                    sum(c * (i + 0.5) for i, c in enumerate(hist)) / (len(hist) * n), 6)
             outputs[name] = drawn
         return {"samples": n, "requests": requests, "inputs": inputs, "outputs": outputs}
