@@ -4,8 +4,11 @@ runtimes that say so, and drift summaries made on one background thread per agen
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from agent.drift import WORKER_NAME, DriftSampler, DriftWorker
 from agent.loader import load_bundle
 from agent.protocol.bundle import read_bundle
 from agent.runtime.errors import InferenceError, ModelClosedError
+from agent.serving.http import InferenceServer
 from agent.stats import CAP, RESERVOIR, VersionStats
 from tests.conftest import Keys
 from tests.models import TrainedModels
@@ -153,6 +157,20 @@ def test_a_closed_runtime_refuses_with_a_project_error_on_every_path(
         assert isinstance(caught.value, InferenceError), what
         assert "load the bundle again" in caught.value.hint, what
     assert agent.stats_of(model.version).pending_errors == 1  # the agent counted its refusal
+    server = InferenceServer(agent).start()
+    try:  # over HTTP a closed model is "not now, retry", not a bad request
+        body = json.dumps({"inputs": [{"name": name, "shape": [1, *x.shape[1:]],
+                                       "datatype": "FP32",
+                                       "data": x[:1].reshape(-1).tolist()}]}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}/v2/models/{model.name}/infer", body,
+            {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 503
+        assert "was closed" in json.loads(refused.value.read())["error"]
+    finally:
+        server.stop()
     agent.close()
 
 
