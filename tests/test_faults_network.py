@@ -192,6 +192,7 @@ class Watch:
         self.seen: dict[str, list[tuple[str, str]]] = {}
         self._site, self._id = site, rollout_id
         self._stop = threading.Event()
+        self._record()  # the states now, before anything the test does next moves them
         self._thread = threading.Thread(target=self._poll, daemon=True, name="watch")
         self._thread.start()
 
