@@ -234,10 +234,29 @@ class MosquittoBroker:
         process, self._process = self._process, None
         stop_process(process, sig)
 
-    def reload(self) -> None:
-        """Re-read the password file and the ACL (SIGHUP); connected clients stay."""
-        if self._process is not None:
-            self._process.send_signal(signal.SIGHUP)
+    def reload(self, timeout: float = 10.0) -> None:
+        """Re-read the password file, the ACL and the revocation list (SIGHUP); connected
+        clients stay. Returns once the broker logged the reload (its main loop handles
+        the signal between two rounds of network work, so a connection made after this
+        returns meets the new files)."""
+        if self._process is None:
+            return
+        log = Path(self.workdir) / "mosquitto.log" if self.workdir is not None else None
+        before = self._reloads(log)
+        self._process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while log is not None and self._reloads(log) <= before:
+            if time.monotonic() >= deadline:
+                raise EdgefleetError(f"mosquitto did not reload within {timeout:g} s",
+                                     hint=f"see {log}")
+            time.sleep(0.02)
+
+    @staticmethod
+    def _reloads(log: Path | None) -> int:
+        try:
+            return log.read_text(errors="replace").count("Reloading config.") if log else 0
+        except FileNotFoundError:
+            return 0
 
     def restart(self) -> MosquittoBroker:
         self.stop()
