@@ -109,22 +109,14 @@ def bare_call(model: bytes, fmt: str, x: np.ndarray) -> Call:
 
         interp = Interpreter(model_content=model, num_threads=1)
         interp.allocate_tensors()
-        i = interp.get_input_details()[0]["index"]
-        o = interp.get_output_details()[0]["index"]
-
-        def tflite() -> object:
-            interp.set_tensor(i, x)
-            interp.invoke()
-            return interp.get_tensor(o)
-
-        return tflite
+        return _tflite_call(interp, interp.get_input_details()[0]["index"],
+                            interp.get_output_details()[0]["index"], x)
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda: session.run(None, {name: x})
+    return _onnx_call(session, session.get_inputs()[0].name, x)
 
 
 def engine_call(runtime: Any, fmt: str, x: np.ndarray) -> Call:
@@ -132,16 +124,21 @@ def engine_call(runtime: Any, fmt: str, x: np.ndarray) -> Call:
     serves with: the agent's overhead without the few per cent two interpreters of one
     model differ by (memory placement; the *twin* measures that)."""
     if fmt == "tflite":
-        interp = runtime._interp
-        i, o = runtime._in[0]["index"], runtime._out[0]["index"]
+        return _tflite_call(runtime._interp, runtime._in[0]["index"],
+                            runtime._out[0]["index"], x)
+    return _onnx_call(runtime._session, runtime.inputs[0].name, x)
 
-        def tflite() -> object:
-            interp.set_tensor(i, x)
-            interp.invoke()
-            return interp.get_tensor(o)
 
-        return tflite
-    session, name = runtime._session, runtime.inputs[0].name
+def _tflite_call(interp: Any, i: int, o: int, x: np.ndarray) -> Call:
+    def tflite() -> object:
+        interp.set_tensor(i, x)
+        interp.invoke()
+        return interp.get_tensor(o)
+
+    return tflite
+
+
+def _onnx_call(session: Any, name: str, x: np.ndarray) -> Call:
     return lambda: session.run(None, {name: x})
 
 
@@ -199,15 +196,19 @@ def json_call(conn: http.client.HTTPConnection, path: str, name: str, x: np.ndar
     return _poster(conn, path, json_body(name, x), {"Content-Type": "application/json"})
 
 
-def binary_call(conn: http.client.HTTPConnection, path: str, name: str, x: np.ndarray) -> Call:
-    """The same request with the binary tensor extension (what tritonclient sends)."""
+def binary_body(name: str, x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """The request with the binary tensor extension (what tritonclient sends), and its
+    headers."""
     raw = np.ascontiguousarray(x).tobytes()
     header = json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
                                      "parameters": {"binary_data_size": len(raw)}}],
                          "parameters": {"binary_data_output": True}}).encode()
-    headers = {"Content-Type": "application/octet-stream",
-               "Inference-Header-Content-Length": str(len(header))}
-    return _poster(conn, path, header + raw, headers)
+    return header + raw, {"Content-Type": "application/octet-stream",
+                          "Inference-Header-Content-Length": str(len(header))}
+
+
+def binary_call(conn: http.client.HTTPConnection, path: str, name: str, x: np.ndarray) -> Call:
+    return _poster(conn, path, *binary_body(name, x))
 
 
 class LeanClient:
@@ -262,14 +263,8 @@ def lean_request(method: str, path: str, body: bytes = b"",
 
 
 def binary_request(path: str, name: str, x: np.ndarray) -> bytes:
-    """The binary-tensor request of :func:`binary_call`, as bytes for :class:`LeanClient`."""
-    raw = np.ascontiguousarray(x).tobytes()
-    header = json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32",
-                                     "parameters": {"binary_data_size": len(raw)}}],
-                         "parameters": {"binary_data_output": True}}).encode()
-    return lean_request("POST", path, header + raw, {
-        "Content-Type": "application/octet-stream",
-        "Inference-Header-Content-Length": str(len(header))})
+    """The request of :func:`binary_call`, as bytes for :class:`LeanClient`."""
+    return lean_request("POST", path, *binary_body(name, x))
 
 
 def _poster(conn: http.client.HTTPConnection, path: str, body: bytes,
