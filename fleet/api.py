@@ -27,7 +27,8 @@ for a browser's EventSource); the token's name is the actor written in the audit
 Every other method (PUT, DELETE, PATCH) needs the token too, then gets 405.
 Errors are JSON ``{"error", "hint", "kind"}``; the status follows the error's class
 (404 unknown, 409 conflict, 400 invalid, 401 token, 422 bundle or keyring refused,
-413 body too large, 405 method).
+413 body too large, 405 method, 503 the store failed for now and a retry may pass, 500 it
+failed for good).
 
 Input is checked before it reaches the controller: a path with ``..``, a backslash or an
 encoded ``/`` is refused (400) whatever the token; device ids in paths and bodies must be
@@ -62,7 +63,14 @@ from agent.protocol.topics import check_id
 from fleet import dashboard
 from fleet.controller import FleetController
 from fleet.drift import DriftPolicy
-from fleet.errors import AuthError, ConflictError, FleetError, InvalidRolloutError, NotFoundError
+from fleet.errors import (
+    AuthError,
+    ConflictError,
+    FleetError,
+    InvalidRolloutError,
+    NotFoundError,
+    StoreError,
+)
 from fleet.metrics import FleetMetrics
 
 __all__ = ["ApiServer", "parse_tokens"]
@@ -209,8 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
             handler(_checked_path(path))
         except EdgefleetError as exc:
             self._drop_unread_body()
-            status = exc.status if isinstance(exc, RequestError) else next(
-                (s for cls, s in _STATUS if isinstance(exc, cls)), HTTPStatus.BAD_REQUEST)
+            status = _status(exc)
             if status >= HTTPStatus.BAD_REQUEST and self.command != "GET":
                 log.info("refused %s %s: %s", self.command, path[:200], exc.message)
             self._json({"error": exc.message, "hint": exc.hint, "kind": type(exc).__name__},
@@ -565,3 +572,13 @@ def _copy(path: Path, start: int, length: int, out: Any) -> None:
                 return
             out.write(chunk)
             length -= len(chunk)
+
+
+def _status(exc: EdgefleetError) -> HTTPStatus:
+    """The HTTP status an error is answered with."""
+    if isinstance(exc, RequestError):
+        return exc.status
+    if isinstance(exc, StoreError):
+        return (HTTPStatus.SERVICE_UNAVAILABLE if exc.transient
+                else HTTPStatus.INTERNAL_SERVER_ERROR)
+    return next((s for cls, s in _STATUS if isinstance(exc, cls)), HTTPStatus.BAD_REQUEST)

@@ -369,7 +369,11 @@ class FleetController:
             return  # the leader writes devices; they stay dirty here until this one leads
         dirty = self.registry.take_dirty()
         if dirty:
-            self.store.upsert_devices(dirty)
+            try:
+                self.store.upsert_devices(dirty)
+            except FleetError:
+                self.registry.mark_dirty(d.id for d in dirty)  # written at the next flush
+                raise
 
     # --- scale-out: the lease, and requests relayed by followers ------------------------
 

@@ -108,9 +108,15 @@ class DeviceRegistry:
         self._dirty.add(device.id)
 
     def take_dirty(self) -> list[Device]:
+        """The devices changed since the last take, in id order (the store's lock order)."""
         with self._lock:
             dirty, self._dirty = self._dirty, set()
-            return [self._devices[d] for d in dirty]
+            return [self._devices[d] for d in sorted(dirty)]
+
+    def mark_dirty(self, device_ids: Iterable[str]) -> None:
+        """Write these again at the next flush (the last write of them failed)."""
+        with self._lock:
+            self._dirty.update(d for d in device_ids if d in self._devices)
 
     def take_joined(self) -> list[str]:
         with self._lock:

@@ -297,3 +297,11 @@ def test_the_page_and_bundle_routes_serve_nothing_outside_their_folders(api: Api
     buffer = io.BytesIO(api.raw(b"GET /bundles/..%2f..%2fetc%2fpasswd HTTP/1.1\r\nHost: x\r\n"
                                 b"Connection: close\r\n\r\n"))
     assert buffer.read().startswith(b"HTTP/1.1 400")
+
+
+def test_a_store_failure_is_answered_503_when_a_retry_may_pass_and_500_otherwise() -> None:
+    from fleet.api import _status
+    from fleet.errors import StoreError
+
+    assert _status(StoreError("deadlock detected", hint="retry it")) == 503
+    assert _status(StoreError("the store is closed", transient=False)) == 500

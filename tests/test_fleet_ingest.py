@@ -21,6 +21,16 @@ def test_status_and_reports_mark_devices_dirty_once_each() -> None:
     assert registry.take_dirty() == [] and registry.take_joined() == ["cam-1"]
 
 
+def test_dirty_devices_come_in_id_order_and_a_failed_write_marks_them_again() -> None:
+    registry = DeviceRegistry("f")
+    for device in ("cam-3", "cam-1", "cam-2"):
+        registry.status(device, "online", 10)
+    dirty = registry.take_dirty()
+    assert [d.id for d in dirty] == ["cam-1", "cam-2", "cam-3"]
+    registry.mark_dirty([d.id for d in dirty] + ["never-seen"])
+    assert [d.id for d in registry.take_dirty()] == ["cam-1", "cam-2", "cam-3"]
+
+
 def test_telemetry_updates_last_seen_without_a_store_write() -> None:
     registry = DeviceRegistry("f")
     registry.status("cam-1", "online", 10)

@@ -372,6 +372,70 @@ def test_the_store_is_usable_from_several_threads(store: Store) -> None:
     assert len(store.history(limit=1_000)) == 80
 
 
+def test_two_connections_writing_one_set_of_devices_in_opposite_orders_never_deadlock(
+        reopen: Opener) -> None:
+    """Two controllers flush and label overlapping devices, each in its own order; rows
+    are written in id order, so neither waits on the other in a cycle (PostgreSQL
+    refused one with "deadlock detected" before)."""
+    ids = [f"cam-{i:02d}" for i in range(12)]
+    errors: list[Exception] = []
+
+    def work(store: Store, order: list[str]) -> None:
+        try:
+            for round_ in range(40):
+                store.upsert_devices([_device(i, last_seen_ms=round_) for i in order])
+                store.insert_devices([_device(i) for i in order])
+                store.set_group(order, f"g{round_ % 3}")
+        except Exception as exc:
+            errors.append(exc)
+
+    a, b = reopen(), reopen()
+    threads = [threading.Thread(target=work, args=(a, ids)),
+               threading.Thread(target=work, args=(b, ids[::-1]))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert [d.id for d in a.devices()] == ids
+
+
+def test_a_real_deadlock_is_reported_as_a_conflict_worth_a_retry(postgres_url: str) -> None:
+    from fleet.store.postgres import PostgresBackend
+
+    with psycopg.connect(postgres_url) as one, psycopg.connect(postgres_url) as two:
+        for conn in (one, two):
+            conn.autocommit = True
+        one.execute("CREATE TABLE locks (id INT PRIMARY KEY)")
+        one.execute("INSERT INTO locks VALUES (1), (2)")
+        one.autocommit = two.autocommit = False
+        one.execute("UPDATE locks SET id = id WHERE id = 1")
+        two.execute("UPDATE locks SET id = id WHERE id = 2")
+        caught: list[Exception] = []
+
+        def cross(conn: psycopg.Connection[object], row: int) -> None:
+            try:
+                conn.execute("UPDATE locks SET id = id WHERE id = %s", (row,))
+            except psycopg.Error as exc:
+                caught.append(exc)
+            conn.rollback()
+
+        other = threading.Thread(target=cross, args=(two, 1))
+        other.start()
+        time.sleep(0.2)  # two waits on one's row
+        cross(one, 2)
+        other.join()
+    assert len(caught) == 1 and getattr(caught[0], "sqlstate", None) == "40P01"
+    backend = PostgresBackend(postgres_url)
+    try:
+        error = backend.translate(caught[0])
+    finally:
+        backend.close()
+    assert error.transient
+    assert "concurrent write conflicted" in error.message and "retry" in error.hint
+    assert "is PostgreSQL running" not in error.hint
+
+
 def test_a_bare_path_opens_sqlite_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "fleet.db"
     for url in (path, str(path)):

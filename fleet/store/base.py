@@ -237,14 +237,17 @@ class SqlStore(SharedState):
 
     # -- devices -----------------------------------------------------------------------
 
+    # Rows a transaction writes are written in key order, so two controllers writing
+    # overlapping devices lock them in one order and cannot deadlock each other.
+
     def upsert_devices(self, devices: Sequence[Device]) -> None:
-        rows = [DEVICES.row(device.as_dict()) for device in devices]
+        rows = [DEVICES.row(device.as_dict()) for device in _by_id(devices)]
         with self._db.transaction() as tx:
             tx.many(DEVICES.upsert(), rows)
 
     def insert_devices(self, devices: Sequence[Device]) -> None:
         """Write the devices the store does not know yet; leave the others as they are."""
-        rows = [DEVICES.row(device.as_dict()) for device in devices]
+        rows = [DEVICES.row(device.as_dict()) for device in _by_id(devices)]
         with self._db.transaction() as tx:
             tx.many(DEVICES.insert_new(), rows)
 
@@ -259,7 +262,7 @@ class SqlStore(SharedState):
         return [Device.from_dict(DEVICES.record(row)) for row in rows]
 
     def set_group(self, device_ids: Sequence[str], group: str | None) -> None:
-        ids = list(dict.fromkeys(device_ids))
+        ids = sorted(set(device_ids))
         with self._db.transaction() as tx:
             missing = sorted(set(ids) - _known_devices(tx, ids))
             if missing:
@@ -337,7 +340,7 @@ class SqlStore(SharedState):
         generation), checked and locked in the same transaction; otherwise nothing is
         written and :class:`fleet.lease.LeaseLostError` is raised.
         """
-        ids = list(rollout.devices) if changed is None else list(dict.fromkeys(changed))
+        ids = sorted(rollout.devices if changed is None else set(changed))
         unknown = [i for i in ids if i not in rollout.devices]
         if unknown:
             raise NotFoundError(f"rollout {rollout.id} has no device {_listed(unknown)}",
@@ -410,3 +413,8 @@ def _listed(ids: Sequence[str], shown: int = 5) -> str:
 
 def _first(items: list[_T]) -> _T | None:
     return items[0] if items else None
+
+
+def _by_id(devices: Sequence[Device]) -> list[Device]:
+    """The devices in id order, one each (the last given wins)."""
+    return sorted({d.id: d for d in devices}.values(), key=lambda d: d.id)

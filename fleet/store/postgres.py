@@ -71,6 +71,10 @@ class PostgresBackend(Backend):
     def translate(self, exc: Exception) -> StoreError:
         server, database = _where(self.url)
         text = " ".join(str(exc).split()) or type(exc).__name__
+        if (getattr(exc, "sqlstate", None) or "").startswith("40"):  # deadlock, serialization
+            return StoreError(f"PostgreSQL at {server}, database {database!r}: a concurrent "
+                              f"write conflicted with this one, which was rolled back: {text}",
+                              hint="nothing of it was written; retry it")
         if isinstance(exc, psycopg.OperationalError):
             return StoreError(f"PostgreSQL at {server}, database {database!r}: {text}",
                               hint=f"is PostgreSQL running at {server}, and may the URL's "
