@@ -261,8 +261,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/api/v1/keyring":
             return self._keyring()
         if path == "/api/v1/alerts":
-            return self._json({"alerts": [a.as_dict() for a in self.c.alerts()],
-                               "summary": self.c.drift.summary()})
+            view = self.c.drift_view()
+            return self._json({"alerts": [a.as_dict() for a in view.alerts],
+                               "summary": view.summary})
         if path == "/api/v1/drift":
             return self._json({"default": DriftPolicy().as_dict(),
                                "models": {k: v.as_dict()

@@ -64,7 +64,7 @@ from agent.protocol.topics import (
 from agent.runtime.inspect import ModelInfo, inspect_model
 from fleet.compat import incompatibility
 from fleet.domain import AuditEntry, Device, ModelVersion
-from fleet.drift import Alert, DriftMonitor, DriftPolicy
+from fleet.drift import Alert, AlertChange, DriftMonitor, DriftPolicy, DriftView
 from fleet.errors import ConflictError, FleetError, InvalidRolloutError, NotFoundError
 from fleet.lease import Fence, Turn
 from fleet.registry import DeviceRegistry
@@ -86,6 +86,8 @@ _DRIFT_PREFIX = "drift:"  # settings key of a model's DriftPolicy
 _KEYRING_KEY = "keyring"  # settings key of the fleet keyring's signed bytes
 MIN_REFERENCE_SAMPLES = 100  # drift is judged only against references at least this big
 _POLICIES_EVERY_MS = 30_000  # how often the drift policies are read again from the store
+_DRIFT_VIEW_KEY = "state:drift"  # settings key of the leader's DriftView (scale-out)
+_DRIFT_VIEW_EVERY_MS = 5_000  # how often the leader rewrites it while nothing fires
 # a finished rollout is followed (up to a day) while the executor has a device of it to
 # follow: on its way, rolling back, timed out (it may answer late) or failed (it may retry)
 _UNSETTLED = executor.FOLLOWED
@@ -141,10 +143,16 @@ class FleetController:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         self.scale: ScaleOut | None = None
         scaled = config.lease_s is not None
-        self.telemetry = TelemetryBook(config.quality_window_ms,
-                                       journal=config.shared_telemetry is not None)
+        shared = config.shared_telemetry is not None
+        self.telemetry = TelemetryBook(config.quality_window_ms, journal=shared)
+        self._references: dict[VersionKey, Monitoring | None] = {}
+        self._policies: dict[str, DriftPolicy] = {}
+        self._policies_read_ms = 0
+        self.drift = DriftMonitor(self._drift_reference, self.drift_policy, journal=shared)
+        self._drift_view: DriftView | None = None  # a follower's copy of the leader's
+        self._drift_written: tuple[int, int] = (-1, 0)  # (windows, ms) of the last write
         if scaled:  # before the registry is read: labels changed meanwhile come again
-            self.scale = ScaleOut(store, self.telemetry, config.controller_id,
+            self.scale = ScaleOut(store, self.telemetry, self.drift, config.controller_id,
                                   float(config.lease_s or 0), config.tick_s, config.public_url,
                                   config.shared_telemetry, clock)
         self.registry = DeviceRegistry(config.fleet, store.devices())
@@ -162,11 +170,7 @@ class FleetController:
         self._thread: threading.Thread | None = None
         self.mqtt: MqttClient | None = None
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
-        self._references: dict[VersionKey, Monitoring | None] = {}
-        self._policies: dict[str, DriftPolicy] = {}
-        self._policies_read_ms = 0
         self._keyring_parsed: tuple[str, SignedKeyring] | None = None  # (stored text, parsed)
-        self.drift = DriftMonitor(self._drift_reference, self.drift_policy)
 
     # --- life -------------------------------------------------------------------------
 
@@ -313,12 +317,46 @@ class FleetController:
                               self.store.settings(_DRIFT_PREFIX).items()}
             if self.scale is not None:
                 self._follow_keyring()
-        for change in self.drift.process():
+        changes = self.drift.process()
+        if self.scale is None:
+            self._announce(changes)
+        elif self.leading:  # the leader judges for everyone and says so once
+            self._announce(changes)
+            self._write_drift_view(now, bool(changes))
+        else:  # a follower keeps its pools for a takeover and shows the leader's view
+            self._read_drift_view()
+
+    def _announce(self, changes: list[AlertChange]) -> None:
+        for change in changes:
             alert = change.alert
             self._audit(SYSTEM, f"drift.{change.kind}", alert.device,
                         f"{alert.model}:{alert.version} {alert.feature} PSI {alert.psi:.3f} "
                         f"(threshold {alert.threshold})", **alert.as_dict())
             self._notify("alert", {"kind": change.kind, **alert.as_dict()})
+
+    def _write_drift_view(self, now: int, changed: bool) -> None:
+        """The leader's alerts and PSI summary into the store: at once when an alert was
+        raised or cleared, else every few seconds while windows come in."""
+        windows, written_ms = self._drift_written
+        if changed or windows < 0 or (self.drift.windows != windows
+                                      and now - written_ms >= _DRIFT_VIEW_EVERY_MS):
+            view = self.drift.view()
+            self.store.put_setting(_DRIFT_VIEW_KEY, view.as_dict(), now)
+            self._drift_written = (view.windows, now)
+
+    def _read_drift_view(self) -> None:
+        stored = self.store.settings(_DRIFT_VIEW_KEY).get(_DRIFT_VIEW_KEY)
+        try:
+            self._drift_view = None if stored is None else DriftView.from_dict(stored)
+        except ValueError as exc:
+            log.warning("the leader's stored drift view is unreadable: %s", exc)
+
+    def drift_view(self) -> DriftView:
+        """Alerts, PSI summary and windows judged, as the API and ``/metrics`` show them:
+        a scaled-out follower shows the leader's (the store's copy, at most a tick old)."""
+        if self.scale is not None and not self.leading:
+            return self._drift_view or DriftView([], [], 0)
+        return self.drift.view()
 
     def _drift_reference(self, model: str, version: str) -> Monitoring | None:
         """The reference statistics in a pushed version's manifest (cached)."""
@@ -362,7 +400,7 @@ class FleetController:
             return chosen
 
     def alerts(self) -> list[Alert]:
-        return self.drift.alerts()
+        return self.drift_view().alerts
 
     def _flush_devices(self) -> None:
         if not self.leading:
@@ -388,6 +426,7 @@ class FleetController:
             raise
         if turn == Turn.ELECTED:
             self._load_rollouts()
+            self._drift_written = (-1, 0)  # the store holds the last leader's drift view
             self._audit(SYSTEM, "controller.elected", self.config.controller_id,
                         f"leads with lease generation {self.scale.leadership.generation}")
         elif turn == Turn.DEPOSED:

@@ -13,6 +13,12 @@ PSI over few samples is noise (about (bins - 1) / n for equal distributions), so
 device's consecutive windows are pooled (their counts added) until they hold at least
 ``min_samples`` summarised requests, and only then judged. Thresholds are per model
 name (:class:`DriftPolicy`), set from the CLI and kept in the store.
+
+Scaled out (docs/scale-out.md), the leader judges for everyone: with shared telemetry a
+follower's monitor notes the windows it was handed (``journal``) and the leader queues
+them from the store (``merge``), so each device's windows are pooled in one place; the
+leader's :meth:`DriftMonitor.snapshot` goes into the store and every controller answers
+from it (:class:`DriftView`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any
 
 from agent.protocol.drift import DEFAULT_PSI_THRESHOLD, Monitoring, compare, window_counts
 
-__all__ = ["Alert", "AlertChange", "DriftMonitor", "DriftPolicy"]
+__all__ = ["Alert", "AlertChange", "DriftMonitor", "DriftPolicy", "DriftView"]
 
 log = logging.getLogger(__name__)
 _MAX_QUEUED = 100_000  # windows waiting for the loop; beyond, the oldest are dropped
@@ -126,13 +132,16 @@ class DriftMonitor:
     """Queues windows from the ingest thread; compares and keeps alerts on the loop thread."""
 
     def __init__(self, reference: Callable[[str, str], Monitoring | None],
-                 policy: Callable[[str], DriftPolicy]) -> None:
+                 policy: Callable[[str], DriftPolicy], journal: bool = False) -> None:
         self._reference, self._policy = reference, policy
         self._queue: collections.deque[_Window] = collections.deque(maxlen=_MAX_QUEUED)
+        self._journal: list[list[Any]] | None = [] if journal else None
+        self._journal_lock = threading.Lock()
         self._firing: dict[tuple[str, str, str, str], Alert] = {}
         self._latest: dict[tuple[str, str, str], dict[str, float]] = {}  # per device/version
         self._pooled: dict[tuple[str, str, str], dict[str, Any]] = {}  # not yet judged
         self._lock = threading.Lock()
+        self.offered = 0  # windows telemetry brought here (not merged from the store)
         self.windows = 0  # compared
         self.rejected = 0  # malformed
 
@@ -140,6 +149,35 @@ class DriftMonitor:
               stats: dict[str, Any]) -> None:
         """Called per telemetry point that carries a ``drift`` window (cheap)."""
         self._queue.append(_Window(device, model, version, ts_ms, stats))
+        self.offered += 1  # only the ingest thread offers
+        if self._journal is not None:
+            with self._journal_lock:
+                self._journal.append([device, model, version, ts_ms, stats])
+
+    def take_journal(self) -> list[list[Any]]:
+        """The windows offered since the last call, ``[device, model, version, ts, stats]``
+        (empty without ``journal``)."""
+        if self._journal is None:
+            return []
+        with self._journal_lock:
+            taken, self._journal = self._journal, []
+        return taken
+
+    def merge(self, entries: Any) -> int:
+        """Queue another controller's journal; returns how many entries were well-formed
+        (the rest are counted in ``rejected`` and logged)."""
+        queued = 0
+        for entry in entries if isinstance(entries, list) else ():
+            if (isinstance(entry, list) and len(entry) == 5
+                    and all(isinstance(v, str) for v in entry[:3])
+                    and isinstance(entry[3], int) and isinstance(entry[4], dict)):
+                self._queue.append(_Window(*entry))
+                queued += 1
+            else:
+                self.rejected += 1
+                log.warning("dropped a shared drift window that is not [device, model, "
+                            "version, ts, stats]: %.80r", entry)
+        return queued
 
     def process(self) -> list[AlertChange]:
         """Compare every queued window; return the alerts raised and cleared."""
@@ -220,3 +258,30 @@ class DriftMonitor:
         return [{**{k: v for k, v in row.items() if k != "psi_sum"},
                  "psi_mean": round(row["psi_sum"] / row["devices"], 6)}
                 for row in sorted(rows.values(), key=lambda r: (r["model"], r["feature"]))]
+
+    def view(self) -> DriftView:
+        """What the API, the dashboard and ``/metrics`` show, as of now."""
+        return DriftView(self.alerts(), self.summary(), self.windows)
+
+
+@dataclass(frozen=True)
+class DriftView:
+    """Alerts firing, the per-version PSI summary, and the windows judged: the monitor's
+    own, or, on a scaled-out follower, the leader's as it last wrote them to the store."""
+
+    alerts: list[Alert]
+    summary: list[dict[str, Any]]
+    windows: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"alerts": [asdict(a) for a in self.alerts], "summary": self.summary,
+                "windows": self.windows}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> DriftView:
+        """A stored view; ``ValueError`` names what is wrong with one that does not parse."""
+        try:
+            return cls([Alert(**a) for a in data["alerts"]], list(data["summary"]),
+                       int(data["windows"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a stored drift view: {exc}") from exc

@@ -115,7 +115,8 @@ class FleetCollector:
         yield from _window_families(_windows(v for d, v in latest.items() if d in online))
         with self._lock:
             yield from self._counter_families(latest)
-        yield from _drift_families(c.drift.summary(), c.drift.windows)
+        view = c.drift_view()
+        yield from _drift_families(view.summary, view.windows)
         yield CounterMetricFamily("edgefleet_telemetry_points",
                                   "Telemetry points ingested from devices.",
                                   value=c.telemetry.points)

@@ -9,9 +9,10 @@ makes one and pays nothing. Every tick, under the controller's lock, it:
    version keys its quality gates need (``wanted``);
 2. applies the group and tag changes operators made through any controller
    (``labels_seq``, one small query);
-3. with shared telemetry: writes what this controller ingested of the wanted keys as one
-   batch (one row), and, on the leader, merges the other controllers' batches into its
-   telemetry book (one query); the leader prunes the batches to the quality window.
+3. with shared telemetry: writes what this controller ingested of the wanted keys, and
+   on a follower every drift window it was handed, as one batch (one row), and, on the
+   leader, merges the other controllers' batches into its telemetry book and its drift
+   monitor (one query); the leader prunes the batches to the quality window.
 
 Followers relay rollout actions to the leader through the store (:mod:`fleet.relay`);
 the leader takes them at step 4 of its tick. Bundle bytes go into the store at push, so
@@ -25,6 +26,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from fleet.drift import DriftMonitor
 from fleet.lease import Fence, Leadership, Turn
 from fleet.registry import DeviceRegistry
 from fleet.relay import OperatorRequest, relay
@@ -58,10 +60,10 @@ def shared_filter(group: str, topic_filter: str) -> str:
 class ScaleOut:
     """One controller's part in a group of controllers on one store and one broker."""
 
-    def __init__(self, store: Store, telemetry: TelemetryBook, controller_id: str,
-                 lease_s: float, tick_s: float, url: str, share_group: str | None,
-                 clock: Callable[[], int]) -> None:
-        self.store, self.telemetry = store, telemetry
+    def __init__(self, store: Store, telemetry: TelemetryBook, drift: DriftMonitor,
+                 controller_id: str, lease_s: float, tick_s: float, url: str,
+                 share_group: str | None, clock: Callable[[], int]) -> None:
+        self.store, self.telemetry, self.drift = store, telemetry, drift
         self.controller_id, self.lease_s, self.tick_s = controller_id, lease_s, tick_s
         self.share_group, self.clock = share_group, clock
         self.leadership = Leadership(store, controller_id, lease_s, url)
@@ -115,9 +117,12 @@ class ScaleOut:
         keys = set(wanted) if self.leading else {
             (str(k[0]), str(k[1])) for k in self.leadership.wanted()
             if isinstance(k, list) and len(k) == 2}
-        share = self.telemetry.take_share(keys, keys - self._shared_keys)
+        share: dict[str, Any] = dict(self.telemetry.take_share(keys, keys - self._shared_keys))
         self._shared_keys = keys
-        if share["w"] or share["a"]:
+        drift = self.drift.take_journal()
+        if drift and not self.leading:  # the leader judges drift for everyone
+            share["d"] = drift
+        if share["w"] or share["a"] or share.get("d"):
             self._share_seq += 1
             self.store.share_telemetry(self.stream, self._share_seq,
                                        json.dumps(share, separators=(",", ":")))
@@ -128,8 +133,10 @@ class ScaleOut:
         now = self.clock()
         for stream, seq, body in self.store.shared_telemetry(self.stream, self._cursors):
             try:
-                self.telemetry.merge(json.loads(body))
-            except (ValueError, TypeError) as exc:
+                shared = json.loads(body)
+                self.telemetry.merge(shared)
+                self.drift.merge(shared.get("d", []))
+            except (ValueError, TypeError, AttributeError) as exc:
                 log.warning("dropped telemetry share %s#%d: %s", stream, seq, exc)
             self._cursors[stream], self._cursor_seen[stream] = seq, now
         if now - self._pruned_ms >= _PRUNE_EVERY_MS:

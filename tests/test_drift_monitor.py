@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from agent.protocol.drift import (
     compare,
     reference_from,
 )
-from fleet.drift import DriftMonitor, DriftPolicy
+from fleet.drift import DriftMonitor, DriftPolicy, DriftView
 from fleet.simulate.drift import DriftDraw
 
 REFERENCE = Monitoring(
@@ -142,3 +143,40 @@ def test_simulated_windows_pool_to_the_reference_unless_drifting(drifting: bool)
         else:
             assert max(scores.values()) <= 0.2, (trial, scores)
     assert draw.window(rng, 3, drifting) is None  # no request in four summarised
+
+
+def test_a_journal_hands_over_each_offered_window_once_and_is_off_by_default() -> None:
+    assert feed(monitor(), SHIFTED) == ["raised:input:x"]
+    plain = monitor()
+    plain.offer("d1", "m", "1.0.0", 1, CALM)
+    assert plain.take_journal() == []
+    noting = DriftMonitor(lambda model, version: REFERENCE, lambda model: POLICY, journal=True)
+    noting.offer("d1", "m", "1.0.0", 1, CALM)
+    noting.offer("d2", "m", "1.0.0", 2, SHIFTED)
+    assert noting.take_journal() == [["d1", "m", "1.0.0", 1, CALM],
+                                     ["d2", "m", "1.0.0", 2, SHIFTED]]
+    assert noting.take_journal() == []
+    assert noting.offered == 2
+
+
+def test_merged_windows_are_judged_like_offered_ones_and_malformed_ones_counted() -> None:
+    leader = monitor()
+    entries: list[Any] = [["d1", "m", "1.0.0", 1, SHIFTED], ["d1", "m", "1.0.0"],
+                          ["d1", "m", "1.0.0", "1", SHIFTED], ["d1", 7, "1.0.0", 1, SHIFTED],
+                          ["d2", "m", "1.0.0", 2, "not a window"]]
+    assert leader.merge(entries) == 1
+    assert leader.merge({"not": "a list"}) == 0
+    assert leader.rejected == 4 and leader.offered == 0
+    assert [(c.kind, c.alert.device) for c in leader.process()] == [("raised", "d1")]
+
+
+def test_a_drift_view_goes_through_json_and_a_wrong_one_is_refused() -> None:
+    mon = monitor()
+    feed(mon, SHIFTED)
+    view = mon.view()
+    again = DriftView.from_dict(json.loads(json.dumps(view.as_dict())))
+    assert again == view and again.alerts[0].device == "d1" and again.windows == 1
+    wrongs: list[Any] = [{}, {"alerts": [{"device": "d1"}], "summary": [], "windows": 1}, []]
+    for wrong in wrongs:
+        with pytest.raises(ValueError, match="not a stored drift view"):
+            DriftView.from_dict(wrong)

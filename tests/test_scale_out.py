@@ -29,6 +29,7 @@ from rich.console import Console
 
 from agent.protocol.payloads import BundleRef, decode_telemetry
 from agent.protocol.topics import Leaf, fleet_filter, parse_topic
+from agent.runtime import load_runtime
 from fleet.api import ApiServer
 from fleet.cli_top import collect, render
 from fleet.client import FleetClient
@@ -40,12 +41,13 @@ from fleet.mosquitto import MosquittoBroker, free_port, stop_process, wait_for_p
 from fleet.relay import relay
 from fleet.rollout.spec import Gates, RolloutSpec, Selector, Wave
 from fleet.rollout.state import DeviceState, Rollout, RolloutDevice, RolloutState
+from fleet.simulate import SimOptions, SimulatedFleet
 from fleet.store import Store, open_store
 from fleet.telemetry import TelemetryBook
 from tests.brokers import Subscriber
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, Fleet, wait_until
-from tests.models import TrainedModels
+from tests.models import TrainedModels, load_digits
 from tests.test_fleet_restart import _serving, _updates
 from tests.test_fleet_store import _device
 
@@ -561,6 +563,48 @@ class ServeProcess:
     def kill(self) -> None:
         process, self.process = self.process, None
         stop_process(process, signal.SIGKILL)
+
+
+def test_the_leader_judges_drift_on_every_controllers_share_and_all_show_its_alerts(
+        members: list[Member], mosquitto: MosquittoBroker, fleet_name: str,
+        postgres_url: str, digits_models: TrainedModels, signing_keys: Keys,
+        tmp_path: Path) -> None:
+    """With shared telemetry each controller is handed part of every device's drift
+    windows; the follower passes its part on, the leader pools them per device and raises
+    each alert once, and both controllers list the same alerts."""
+    x = load_digits().x_test
+    name = load_runtime(digits_models.tflite.read_bytes(), "tflite").inputs[0].name
+    bundle = make_bundle(digits_models.tflite, tmp_path / "ref.efb", signing_keys,
+                         reference_inputs={name: x[:300]}, reference_source="eval")
+    for cid in ("a", "b"):
+        members.append(_member(cid, postgres_url, mosquitto, fleet_name, tmp_path,
+                               signing_keys, lease_s=1.5))
+    leader, follower = members
+    follower.client.upload("/api/v1/models", bundle.read_bytes())
+    options = SimOptions(telemetry_interval_s=0.2, request_rate=400, drifting=0.25,
+                         connect_rate=1000)
+    with SimulatedFleet(mosquitto.url, fleet_name, 8, signing_keys.trusted, options,
+                        bundle) as sim:
+        drifting = {d for d, view in sim.devices.items() if "drifting" in view.faults}
+        assert len(drifting) == 2
+
+        def listed(member: Member) -> set[str]:
+            return {a["device"] for a in member.client.get("/api/v1/alerts")["alerts"]}
+
+        wait_until(lambda: listed(leader) == listed(follower) == drifting, 60,
+                   what="the drifting devices' alerts on both controllers")
+        judged = leader.controller.drift.windows
+        wait_until(lambda: leader.controller.drift.windows >= judged + 100, 60,
+                   what="more windows judged")
+    assert follower.controller.drift.offered > 0  # the broker handed the follower a part
+    assert leader.controller.drift.windows > leader.controller.drift.offered  # and it came
+    summary = follower.client.get("/api/v1/alerts")["summary"]
+    assert {row["model"] for row in summary} == {"digits:1.0.0"}
+    assert sum(row["devices"] for row in summary) >= 8  # the leader's view of all devices
+    raised = [(e["target"], e["detail"]["feature"]) for e in
+              follower.client.get("/api/v1/history?limit=1000") if e["action"] == "drift.raised"]
+    assert raised and len(raised) == len(set(raised))  # each (device, feature) said once
+    assert {device for device, _ in raised} == drifting
 
 
 def test_the_leader_killed_mid_rollout_is_replaced_and_no_device_is_updated_twice(
