@@ -3,15 +3,18 @@
 :class:`DriftSampler` feeds a :class:`agent.protocol.drift.DriftWindow` with a sample of
 the requests the active model answers. Which requests: a token bucket earns 0.5 % of every
 inference's own time plus 5 ms per second of wall time, and a request is picked when the
-bucket holds what the last summary cost (in CPU time), and at most one request in four. A
+bucket holds what the last summary cost (in CPU time), at most one request in four, and
+about ``MAX_RATE`` (50) a second at most: after a pick, the next one waits for as many
+requests as the last pick's rate brings in 20 ms. A
 picked request only copies its arrays into buffers the sampler keeps and hands them to the
 agent's :class:`DriftWorker`, one background thread that makes the summary; what the copy
 and the summary cost (each thread's CPU time) is what the bucket is charged. A slow model
 or a quiet device is summarised on up to one request in four (no request is picked while
 the last summary waits for the worker, which looks for work every ``POLL_S``); a model
 serving flat out on a small fraction of its requests, and spends well under 1 % of its
-time on it. The window says how many requests it summarised (``samples``) and out of how
-many (``requests``).
+time on it. A busy device's window still holds up to 50 samples a second: 500 in a 10 s
+telemetry window, where 10-bin PSI noise is about 0.02. The window says how many requests
+it summarised (``samples``) and out of how many (``requests``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ INFERENCE_BUDGET = 0.005  # of each inference's time
 WALL_BUDGET = 0.005  # of wall time, so a quiet device summarises everything
 # at most one request in SPACING is picked, so the median request never carries the copy
 SPACING = 4
+# and about MAX_RATE a second: a window's histograms need hundreds of samples, not a
+# fraction of a busy device's requests (whose copies also take the inference's caches)
+MAX_RATE = 50
+_MIN_GAP_NS = 1_000_000_000 // MAX_RATE
 QUEUE_SIZE = 8  # summaries waiting for the worker; one more is dropped (and counted)
 POLL_S = 0.005  # how often the worker looks for summaries while requests flow
 IDLE_S = 1.0  # ... until it found none for this long; then it blocks until woken
@@ -204,6 +211,8 @@ class DriftSampler:
         self._due = clock() - _MAX_TOKENS_NS / WALL_BUDGET  # a full bucket
         self._requests = 0
         self._since = SPACING  # requests since the last pick
+        self._spacing = SPACING  # requests the next pick waits for (see _hand_over)
+        self._picked_ns = int(self._due)  # when the last pick was
         self._pending = False  # a summary is in flight (its buffers are the worker's)
         self._buffers: dict[str, Array] = {}
         self.dropped = 0
@@ -215,7 +224,7 @@ class DriftSampler:
         self._requests += 1
         self._since += 1
         self._due -= (ended_ns - started_ns) * _BUSY
-        if ended_ns >= self._due and self._since >= SPACING:
+        if ended_ns >= self._due and self._since >= self._spacing:
             self._hand_over(inputs, outputs, ended_ns)
 
     def _hand_over(self, inputs: Mapping[str, Array] | Array, outputs: Mapping[str, Array],
@@ -223,7 +232,11 @@ class DriftSampler:
         """A picked request: copy, charge provisionally, queue the summary."""
         if self._pending:  # the worker has not made the last summary yet: wait for it
             return
-        self._since = 0
+        # the next pick waits for as many requests as came in the last _MIN_GAP_NS at the
+        # rate since this one's predecessor: about MAX_RATE picks a second at most
+        self._spacing = max(SPACING, -(-self._since * _MIN_GAP_NS //
+                                       max(ended_ns - self._picked_ns, 1)))
+        self._since, self._picked_ns = 0, ended_ns
         tokens = self._cost + (ended_ns - self._due) * WALL_BUDGET  # what the bucket holds
         began = self._cpu_clock()
         feeds = {self._first: inputs} if isinstance(inputs, np.ndarray) else inputs

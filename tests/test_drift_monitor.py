@@ -129,7 +129,7 @@ def test_simulated_windows_pool_to_the_reference_unless_drifting(drifting: bool)
     reference = reference_from({"x": x}, {"y": logits}, classifier=True, source="eval")
     draw, rng = DriftDraw(reference), np.random.default_rng(3)
     for trial in range(20):
-        drawn = [draw.window(rng, 40, drifting) for _ in range(20)]  # 10 samples each
+        drawn = [draw.window(rng, 40, drifting, 1.0) for _ in range(20)]  # 10 samples each
         windows = [w for w in drawn if w is not None and w["samples"] == 10]
         assert len(windows) == 20
         pooled = {"samples": 200,
@@ -142,7 +142,9 @@ def test_simulated_windows_pool_to_the_reference_unless_drifting(drifting: bool)
             assert min(scores.values()) > 0.2, (trial, scores)
         else:
             assert max(scores.values()) <= 0.2, (trial, scores)
-    assert draw.window(rng, 3, drifting) is None  # no request in four summarised
+    assert draw.window(rng, 3, drifting, 1.0) is None  # no request in four summarised
+    busy = draw.window(rng, 10_000, drifting, 2.0)  # 2,500 in four; 100 in 2 s at 50/s
+    assert busy is not None and busy["samples"] == 100
 
 
 def test_a_journal_hands_over_each_offered_window_once_and_is_off_by_default() -> None:

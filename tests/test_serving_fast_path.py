@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import http.client
 import json
+import math
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,14 @@ import numpy as np
 import pytest
 
 from agent.core import Agent
-from agent.drift import _MAX_TOKENS_NS, INFERENCE_BUDGET, SPACING, WALL_BUDGET, DriftSampler
+from agent.drift import (
+    _MAX_TOKENS_NS,
+    INFERENCE_BUDGET,
+    MAX_RATE,
+    SPACING,
+    WALL_BUDGET,
+    DriftSampler,
+)
 from agent.protocol.bundle import read_bundle
 from agent.runtime import load_runtime
 from agent.runtime.base import TensorInfo
@@ -115,17 +123,20 @@ class _CpuClock:
 def _bucket_decisions(steps: list[tuple[int, int, int]], start: int) -> list[bool]:
     """The token bucket of docs/monitoring.md, as first written: per request, earn 0.5 % of
     the inference and 0.5 % of the wall time since the last one; summarise when the
-    bucket holds the last summary's cost and SPACING requests came since the last summary;
-    a summary spends its cost, capped at 50 ms."""
+    bucket holds the last summary's cost and enough requests came since the last summary:
+    SPACING, or as many as came in 1/MAX_RATE s at the rate between the last two picks if
+    that is more; a summary spends its cost, capped at 50 ms."""
     tokens, cost, last, decisions = float(_MAX_TOKENS_NS), 0.0, start, []
-    since = SPACING
+    since, wanted, picked = SPACING, SPACING, None
     for started, ended, spent in steps:
         tokens += (ended - started) * INFERENCE_BUDGET + (ended - last) * WALL_BUDGET
         last = ended
         since += 1
-        decisions.append(tokens >= cost and since >= SPACING)
+        decisions.append(tokens >= cost and since >= wanted)
         if decisions[-1]:
-            since = 0
+            rate = since / ((ended - picked) / 1e9) if picked is not None else 0.0
+            wanted = max(SPACING, math.ceil(rate / MAX_RATE - 1e-9))
+            since, picked = 0, ended
             cost = float(spent)
             tokens = min(tokens - spent, _MAX_TOKENS_NS)
     return decisions

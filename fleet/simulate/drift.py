@@ -10,7 +10,8 @@ another world) draws from shifted distributions: input summaries moved up
 class, and its confidence moved down :data:`SHIFT_BINS` bins, the way washed-out
 images move a real classifier.
 
-As on a real device, one request in :data:`agent.drift.SPACING` at most is summarised.
+As on a real device, one request in :data:`agent.drift.SPACING` at most is summarised,
+and :data:`agent.drift.MAX_RATE` a second at most.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.drift import SPACING
+from agent.drift import MAX_RATE, SPACING
 from agent.protocol.drift import Monitoring
 
 __all__ = ["SHIFT_BINS", "DriftDraw"]
@@ -77,10 +78,11 @@ class DriftDraw:
                 p = _normalised(out.values.hist)
                 self._outputs[name] = {"hist": _Feature(p, _shifted(p, SHIFT_BINS))}
 
-    def window(self, rng: np.random.Generator, requests: int,
-               drifting: bool) -> dict[str, Any] | None:
-        """The window of ``requests`` answered requests (None when none is summarised)."""
-        n = requests // SPACING
+    def window(self, rng: np.random.Generator, requests: int, drifting: bool,
+               seconds: float) -> dict[str, Any] | None:
+        """The window of ``requests`` answered in ``seconds`` (None when none is
+        summarised)."""
+        n = min(requests // SPACING, int(MAX_RATE * seconds))
         if n < 1:
             return None
         inputs = {}

@@ -79,7 +79,7 @@ class Serving:
         values.update(model=active.ref.name, model_version=active.version, **current,
                       inferences_total=totals[0], errors_total=totals[1])
         if active.drift is not None:
-            window = active.drift.window(rng, current["inferences"], load.drifting)
+            window = active.drift.window(rng, current["inferences"], load.drifting, elapsed)
             if window is not None:
                 values["drift"] = window
         if self.shadow is not None:
