@@ -386,6 +386,7 @@ def test_two_connections_writing_one_set_of_devices_in_opposite_orders_never_dea
                 store.upsert_devices([_device(i, last_seen_ms=round_) for i in order])
                 store.insert_devices([_device(i) for i in order])
                 store.set_group(order, f"g{round_ % 3}")
+                store.set_tags(order[round_ % len(order)], add=[f"t{round_}"])
         except Exception as exc:
             errors.append(exc)
 

@@ -237,8 +237,9 @@ class SqlStore(SharedState):
 
     # -- devices -----------------------------------------------------------------------
 
-    # Rows a transaction writes are written in key order, so two controllers writing
-    # overlapping devices lock them in one order and cannot deadlock each other.
+    # Rows a transaction writes are written in key order, and a label change takes the
+    # labels_seq row before any device row, so two controllers writing overlapping devices
+    # lock them in one order and cannot deadlock each other.
 
     def upsert_devices(self, devices: Sequence[Device]) -> None:
         rows = [DEVICES.row(device.as_dict()) for device in _by_id(devices)]
@@ -278,6 +279,7 @@ class SqlStore(SharedState):
         """Add, then remove (a tag in both ends up removed)."""
         added, removed = frozenset(add), frozenset(remove)
         with self._db.transaction() as tx:
+            seq = next_labels_seq(tx)  # the sequence row first, then devices, as set_group
             row = tx.one(f"SELECT {DEVICES.select()} FROM devices WHERE id = ?"
                          f"{tx.dialect.for_update}", (device_id,))
             if row is None:
@@ -286,7 +288,7 @@ class SqlStore(SharedState):
             device = Device.from_dict(DEVICES.record(row))
             device = device.with_changes(tags=(device.tags | added) - removed)
             tx.run("UPDATE devices SET tags = ?, labels_seq = ? WHERE id = ?",
-                   (DEVICES.value("tags", device.as_dict()), next_labels_seq(tx), device_id))
+                   (DEVICES.value("tags", device.as_dict()), seq, device_id))
         return device
 
     # -- model versions ------------------------------------------------------------------
