@@ -54,6 +54,12 @@ def simulate(
         min=1.0, help="Connections per second, for the whole fleet")] = 500.0,
     seed: Annotated[int, typer.Option(help="Picks the faulty devices and device speeds")] = 0,
     prefix: Annotated[str, typer.Option(help="Device ids: PREFIX00001, ...")] = "sim-",
+    ca: Annotated[Path | None, typer.Option(
+        help="Fleet CA certificate: TLS to the broker, and https bundle URLs checked with it"
+    )] = None,
+    certs: Annotated[Path | None, typer.Option(
+        help="Folder of ID.crt and ID.key per simulated device ('edgefleet certs device "
+             "ID... --out DIR'): each device connects with its own certificate")] = None,
     duration: Annotated[float | None, typer.Option(
         help="Seconds to run; default until Ctrl-C")] = None,
     every: Annotated[float, typer.Option(min=0.1, help="Seconds between status reports")
@@ -70,7 +76,7 @@ def simulate(
                              connect_rate=connect_rate, fail_health=fail_health, slow=slow,
                              slow_factor=slow_factor, disagree=disagree, offline=offline,
                              offline_after_s=offline_after, offline_for_s=offline_for,
-                             drifting=drifting)
+                             drifting=drifting, ca_file=ca, certs_dir=certs)
         simulated = SimulatedFleet(broker, fleet, devices, _trusted(trusted_key or []), options,
                                    bundle)
     except EdgefleetError as exc:

@@ -33,6 +33,8 @@ from fleet.client import FleetClient
 from fleet.controller import ControllerConfig, FleetController
 from fleet.errors import ApiError
 from fleet.mosquitto import BrokerSecurity, MosquittoBroker, add_passwords, free_port
+from fleet.simulate import SimOptions, SimulatedFleet
+from fleet.simulate.options import SimulationError
 from fleet.store import open_store
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, wait_until
@@ -499,3 +501,55 @@ def test_a_revoked_device_certificate_is_refused_and_the_others_still_connect(
     renewed = json.loads(runner.invoke(app, ["certs", "revoke", "--renew", "--days", "30",
                                              "--dir", str(folder), "--json"]).stdout)
     assert renewed["revoked"] == 2 and renewed["next_update"] < again["next_update"]
+
+
+# --- a simulated fleet on the secure broker -----------------------------------------------
+
+def test_a_simulated_fleet_connects_with_a_certificate_per_device_and_rolls_out_over_https(
+        broker: MosquittoBroker, pki: Pki, digits_models: TrainedModels, signing_keys: Keys,
+        tmp_path: Path) -> None:
+    """``fleet simulate --ca --certs``: each simulated device is its own MQTT user under the
+    generated ACL, checks the broker with the fleet CA and fetches the bundle over HTTPS."""
+    v1 = make_bundle(digits_models.tflite, tmp_path / "v1.efb", signing_keys, "1.0.0")
+    v2 = make_bundle(digits_models.onnx, tmp_path / "v2.efb", signing_keys, "2.0.0")
+    ids = ["sim-00001", "sim-00002", "sim-00003"]
+    made = CliRunner().invoke(app, ["certs", "device", *ids, "--dir", str(pki.root),
+                                    "--out", str(tmp_path / "devices")])
+    assert made.exit_code == 0, made.output
+    options = SimOptions(ca_file=pki.ca, certs_dir=tmp_path / "devices",
+                         telemetry_interval_s=0.3, connect_rate=100)
+    with pytest.raises(SimulationError, match=r"1 of 4 .*no certificate.*sim-00004") as info:
+        SimulatedFleet(broker.url, FLEET, 4, signing_keys.trusted, options, v1)
+    assert "edgefleet certs device sim-00004" in info.value.hint
+    with pytest.raises(SimulationError, match="needs TLS settings"):
+        SimulatedFleet(broker.url.replace("mqtt:", "mqtts:"), FLEET, 1, signing_keys.trusted)
+
+    store = open_store(f"sqlite:///{tmp_path / 'fleet.db'}")
+    port = free_port()
+    controller = FleetController(ControllerConfig(
+        fleet=FLEET, broker_url=broker.url, data_dir=tmp_path / "controller",
+        public_url=f"https://127.0.0.1:{port}", trusted=signing_keys.trusted, tick_s=0.2,
+        mqtt_security=pki.client(CONTROLLER)), store)
+    api = ApiServer(controller, {TOKEN: "alice"}, port=port,
+                    tls=certs.server_context(pki.root / "server.crt", pki.root / "server.key"))
+    try:
+        controller.start()
+        api.start()
+        client = FleetClient(api.url, TOKEN, ca_file=pki.ca)
+        with SimulatedFleet(broker.url, FLEET, 3, signing_keys.trusted, options, v1):
+            wait_until(lambda: all(_device(client, d, "1.0.0") for d in ids), 30,
+                       what="the simulated devices registered over TLS")
+            client.upload("/api/v1/models", v2.read_bytes())
+            rollout = client.post("/api/v1/rollouts", {
+                "model": "digits:2.0.0", "selectors": [f"device:{d}" for d in ids],
+                "waves": ["100%"], "device_timeout_s": 60, "soak_s": 0.5})
+            done = wait_until(lambda: (r := client.get(f"/api/v1/rollouts/{rollout['id']}"))
+                              ["state"] in ("SUCCEEDED", "ABORTED") and r, 90,
+                              what="the rollout to end")
+            assert done["state"] == "SUCCEEDED", done["reason"]
+            wait_until(lambda: all(_device(client, d, "2.0.0") for d in ids), 30,
+                       what="v2 committed on every simulated device")
+    finally:
+        api.stop()
+        controller.stop()
+        store.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import ssl
 import threading
 import time
 import urllib.error
@@ -26,8 +27,9 @@ __all__ = ["Downloads", "http_get"]
 class Downloads:
     """Fetches bundles and keeps each distinct body once, by its sha256."""
 
-    def __init__(self, share: bool = False) -> None:
-        self.share = share
+    def __init__(self, share: bool = False, tls: ssl.SSLContext | None = None) -> None:
+        """``tls`` checks ``https://`` servers (default: the system's CAs)."""
+        self.share, self.tls = share, tls
         self.requests = 0
         self._bodies: dict[str, bytes] = {}
         self._by_url: dict[tuple[str, int], str] = {}
@@ -40,7 +42,7 @@ class Downloads:
                 known = self._by_url.get((url, size))
             if known is not None:
                 return known
-        body = http_get(url, size)
+        body = http_get(url, size, tls=self.tls)
         digest = hashlib.sha256(body).hexdigest()
         with self._lock:
             self.requests += 1
@@ -54,7 +56,7 @@ class Downloads:
 
 
 def http_get(url: str, size: int, *, retries: int = 3, backoff_s: float = 0.2,
-             timeout_s: float = 10.0) -> bytes:
+             timeout_s: float = 10.0, tls: ssl.SSLContext | None = None) -> bytes:
     """The whole body of ``url``, resumed with Range after a cut; DownloadError if it fails."""
     scheme = urlsplit(url).scheme
     if scheme in ("", "file"):
@@ -62,7 +64,7 @@ def http_get(url: str, size: int, *, retries: int = 3, backoff_s: float = 0.2,
     data = bytearray()
     for attempt in range(retries + 1):
         try:
-            _get_once(url, data, size, timeout_s)
+            _get_once(url, data, size, timeout_s, tls)
             return bytes(data)
         except (OSError, urllib.error.URLError, http.client.HTTPException, DownloadError) as exc:
             if attempt == retries:
@@ -72,12 +74,13 @@ def http_get(url: str, size: int, *, retries: int = 3, backoff_s: float = 0.2,
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-def _get_once(url: str, data: bytearray, size: int, timeout_s: float) -> None:
+def _get_once(url: str, data: bytearray, size: int, timeout_s: float,
+              tls: ssl.SSLContext | None) -> None:
     if len(data) > size:
         data.clear()
     headers = {"Range": f"bytes={len(data)}-"} if data else {}
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                timeout=timeout_s) as response:
+                                timeout=timeout_s, context=tls) as response:
         if data and response.status != 206:
             data.clear()  # the server ignored Range: start over
         while chunk := response.read1(CHUNK):

@@ -26,6 +26,7 @@ from fleet.simulate.loop import NetworkLoop
 from fleet.simulate.models import ModelCache
 from fleet.simulate.options import SimOptions, SimulationError, assign_traits
 from fleet.simulate.pool import WorkPool
+from fleet.simulate.tls import device_contexts, server_checker
 from fleet.simulate.view import DeviceView
 
 __all__ = ["SimulatedFleet"]
@@ -43,9 +44,11 @@ class SimulatedFleet:
             raise SimulationError(f"a fleet needs at least one device, got {count}")
         self.fleet, self.options = check_id(fleet, "fleet"), options or SimOptions()
         self.models = ModelCache(trusted)
-        self.downloads = Downloads(share=self.options.share_downloads)
-        self._loop = NetworkLoop(broker_url, connect_rate=self.options.connect_rate,
-                                 keepalive=self.options.keepalive_s)
+        options = self.options
+        self.downloads = Downloads(share=options.share_downloads,
+                                   tls=server_checker(options.ca_file) if options.tls else None)
+        self._loop = NetworkLoop(broker_url, connect_rate=options.connect_rate,
+                                 keepalive=options.keepalive_s, tls=options.tls)
         self._pool = WorkPool(self.options.workers, "edgefleet-sim-update")
         self._started = self._stopped = False
         env = FleetEnv(self.fleet, self.options, self.models, self.downloads, self._submit,
@@ -56,6 +59,8 @@ class SimulatedFleet:
         width = max(5, len(str(count)))
         ids = [check_id(f"{self.options.device_prefix}{i:0{width}d}", "device id")
                for i in range(1, count + 1)]
+        self._tls = (device_contexts(ids, options.ca_file, options.certs_dir) if options.tls
+                     else {})
         traits = assign_traits(self.options, ids)
         self._devices = [SimDevice(i, env, traits[i], initial, url) for i in ids]
         self.devices: Devices = MappingProxyType({d.id: DeviceView(d) for d in self._devices})
@@ -70,7 +75,8 @@ class SimulatedFleet:
         for index, device in enumerate(self._devices):
             link = self._loop.link(f"edgefleet-{self.fleet}-{device.id}",
                                    (device.topics[Leaf.STATUS], STATUS_OFFLINE.encode()),
-                                   device.topics[Leaf.DESIRED], device)
+                                   device.topics[Leaf.DESIRED], device,
+                                   self._tls.get(device.id))
             device.outlet = link
             self._loop.connect(link)
             if device.traits.offline:

@@ -22,6 +22,7 @@ import itertools
 import logging
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -88,11 +89,16 @@ class Link:
 class NetworkLoop:
     """The selector thread, its timers, its call queue and its connection pacing."""
 
-    def __init__(self, broker_url: str, *, connect_rate: float, keepalive: int) -> None:
-        if broker_url.startswith(("mqtts://", "ssl://")):
-            raise SimulationError("the simulator speaks plain MQTT only",
-                                  hint="point it at an mqtt:// listener of the broker")
+    def __init__(self, broker_url: str, *, connect_rate: float, keepalive: int,
+                 tls: bool = False) -> None:
+        """``tls``: every link gets a TLS context (:meth:`link`); an ``mqtts://`` URL needs
+        them."""
+        if broker_url.startswith(("mqtts://", "ssl://")) and not tls:
+            raise SimulationError("an mqtts:// broker needs TLS settings for the devices",
+                                  hint="pass --ca CA.crt (and --certs DIR for client "
+                                       "certificates), or an mqtt:// listener")
         self.host, self.port = parse_broker_url(broker_url)
+        self._tls_warned = False
         self.keepalive, self.connect_rate = keepalive, connect_rate
         self.links: list[Link] = []
         self._selector = selectors.DefaultSelector()
@@ -113,10 +119,12 @@ class NetworkLoop:
 
     # --- public, thread-safe ---------------------------------------------------------
     def link(self, client_id: str, will: tuple[str, bytes], subscription: str,
-             handler: Handler) -> Link:
+             handler: Handler, tls: ssl.SSLContext | None = None) -> Link:
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=paho.MQTTv311, clean_session=True)
         client.will_set(will[0], will[1], qos=1, retain=True)
+        if tls is not None:
+            client.tls_set_context(tls)
         link = Link(self, client_id, client, subscription, handler)
         client.user_data_set(link)
         self._bind(client)
@@ -203,6 +211,11 @@ class NetworkLoop:
         try:
             if mask & selectors.EVENT_READ:
                 client.loop_read()
+                sock = client.socket()
+                # TLS may hold decrypted bytes the selector cannot see: read them too
+                while isinstance(sock, ssl.SSLSocket) and sock.pending():
+                    client.loop_read()
+                    sock = client.socket()
             if mask & selectors.EVENT_WRITE and client.want_write():
                 client.loop_write()
         except Exception:  # one broken connection must not stop the others
@@ -257,7 +270,13 @@ class NetworkLoop:
                 link.started = True
                 link.client.connect(self.host, self.port, keepalive=self.keepalive)
         except (OSError, ValueError) as exc:
-            log.debug("connection of %s failed: %s", link.name, exc)
+            if isinstance(exc, ssl.SSLError) and not self._tls_warned:
+                self._tls_warned = True  # the same cause for every device: say it once
+                log.warning("TLS connection of %s to %s:%d failed: %s (check --ca and "
+                            "--certs; retrying in the background)", link.name, self.host,
+                            self.port, exc)
+            else:
+                log.debug("connection of %s failed: %s", link.name, exc)
             self._retry(link)
 
     def _retry(self, link: Link) -> None:

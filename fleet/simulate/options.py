@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agent.update.device import UpdateSettings
 from fleet.errors import FleetError
@@ -71,6 +72,14 @@ class SimOptions:
     offline_after_s: float = 30.0
     offline_for_s: float = 30.0
     drifting: float = 0.0
+    # secure mode (docs/security.md): the fleet CA checks the broker and https bundle URLs;
+    # certs_dir holds each device's ID.crt and ID.key (edgefleet certs device)
+    ca_file: Path | None = None
+    certs_dir: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None or self.certs_dir is not None
 
     def __post_init__(self) -> None:
         for name in (*FAULTS, "disagree_rate", "disagree_error_rate"):
