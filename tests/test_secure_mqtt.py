@@ -35,7 +35,7 @@ from fleet.errors import ApiError
 from fleet.mosquitto import BrokerSecurity, MosquittoBroker, add_passwords, free_port
 from fleet.simulate import SimOptions, SimulatedFleet
 from fleet.simulate.options import SimulationError
-from fleet.store import open_store
+from fleet.store import Store, open_store
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, wait_until
 from tests.models import TrainedModels
@@ -414,14 +414,7 @@ def test_a_rollout_reaches_a_device_over_tls_with_client_certificates_and_https(
         tmp_path: Path) -> None:
     v1 = make_bundle(digits_models.tflite, tmp_path / "v1.efb", signing_keys, "1.0.0")
     v2 = make_bundle(digits_models.onnx, tmp_path / "v2.efb", signing_keys, "2.0.0")
-    store = open_store(f"sqlite:///{tmp_path / 'fleet.db'}")
-    port = free_port()
-    controller = FleetController(ControllerConfig(
-        fleet=FLEET, broker_url=broker.url, data_dir=tmp_path / "controller",
-        public_url=f"https://127.0.0.1:{port}", trusted=signing_keys.trusted, tick_s=0.2,
-        mqtt_security=pki.client(CONTROLLER)), store)
-    tls = certs.server_context(pki.root / "server.crt", pki.root / "server.key")
-    api = ApiServer(controller, {TOKEN: "alice"}, port=port, tls=tls)
+    controller, api, store = _https_controller(broker, pki, signing_keys, tmp_path)
     download.trust_ca(pki.ca)  # what 'agent run --ca' does for bundle downloads
     agent = Agent(signing_keys.trusted)
     local.install(agent, tmp_path / "cam-1", v1)
@@ -453,6 +446,20 @@ def test_a_rollout_reaches_a_device_over_tls_with_client_certificates_and_https(
         api.stop()
         controller.stop()
         store.close()
+
+
+def _https_controller(broker: MosquittoBroker, pki: Pki, keys: Keys, root: Path
+                      ) -> tuple[FleetController, ApiServer, Store]:
+    """A controller on the secure broker with its own certificate, its API over HTTPS
+    (not started)."""
+    store = open_store(f"sqlite:///{root / 'fleet.db'}")
+    port = free_port()
+    controller = FleetController(ControllerConfig(
+        fleet=FLEET, broker_url=broker.url, data_dir=root / "controller",
+        public_url=f"https://127.0.0.1:{port}", trusted=keys.trusted, tick_s=0.2,
+        mqtt_security=pki.client(CONTROLLER)), store)
+    tls = certs.server_context(pki.root / "server.crt", pki.root / "server.key")
+    return controller, ApiServer(controller, {TOKEN: "alice"}, port=port, tls=tls), store
 
 
 def _device(client: FleetClient, device: str, version: str) -> bool:
@@ -524,14 +531,7 @@ def test_a_simulated_fleet_connects_with_a_certificate_per_device_and_rolls_out_
     with pytest.raises(SimulationError, match="needs TLS settings"):
         SimulatedFleet(broker.url.replace("mqtt:", "mqtts:"), FLEET, 1, signing_keys.trusted)
 
-    store = open_store(f"sqlite:///{tmp_path / 'fleet.db'}")
-    port = free_port()
-    controller = FleetController(ControllerConfig(
-        fleet=FLEET, broker_url=broker.url, data_dir=tmp_path / "controller",
-        public_url=f"https://127.0.0.1:{port}", trusted=signing_keys.trusted, tick_s=0.2,
-        mqtt_security=pki.client(CONTROLLER)), store)
-    api = ApiServer(controller, {TOKEN: "alice"}, port=port,
-                    tls=certs.server_context(pki.root / "server.crt", pki.root / "server.key"))
+    controller, api, store = _https_controller(broker, pki, signing_keys, tmp_path)
     try:
         controller.start()
         api.start()
