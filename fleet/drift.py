@@ -17,7 +17,7 @@ name (:class:`DriftPolicy`), set from the CLI and kept in the store.
 Scaled out (docs/scale-out.md), the leader judges for everyone: with shared telemetry a
 follower's monitor notes the windows it was handed (``journal``) and the leader queues
 them from the store (``merge``), so each device's windows are pooled in one place; the
-leader's :meth:`DriftMonitor.snapshot` goes into the store and every controller answers
+leader's :meth:`DriftMonitor.view` goes into the store and every controller answers
 from it (:class:`DriftView`).
 """
 

@@ -45,8 +45,7 @@ def device_contexts(ids: list[str], ca_file: Path | None,
         raise SimulationError(
             f"{len(missing)} of {len(ids)} simulated devices have no certificate and key in "
             f"{certs_dir} ({shown})",
-            hint=f"make one per simulated device: edgefleet certs device "
-                 f"{' '.join(missing[:_SHOWN])}{' ...' if len(missing) > _SHOWN else ''} "
+            hint=f"make one per simulated device: edgefleet certs device {shown} "
                  f"--out {certs_dir}")
     contexts = {}
     for device in ids:
