@@ -7,7 +7,7 @@ export PATH := /usr/sbin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install system-deps lint typecheck imports test bench demo clean
+.PHONY: install system-deps lint typecheck imports test hostile bench demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ imports: install
 
 test: system-deps install lint typecheck imports
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The hostile-input tests with 1,000 generated examples each (CI runs 200).
+hostile: system-deps install
+	EDGEFLEET_HOSTILE_EXAMPLES=1000 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_hostile_*.py
 
 bench: system-deps install
 	$(BIN)/python bench/agent_overhead.py
