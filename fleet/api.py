@@ -25,7 +25,8 @@ Standard library only (``ThreadingHTTPServer``). Endpoints::
 ``/api`` needs ``Authorization: Bearer TOKEN`` (GET requests may pass ``?token=`` instead,
 for a browser's EventSource); the token's name is the actor written in the audit history.
 Every other method (PUT, DELETE, PATCH) needs the token too, then gets 405.
-Errors are JSON ``{"error", "hint", "kind"}``; the status follows the error's class
+Errors are JSON ``{"error", "hint", "kind"}`` (and ``"field"``, the option's name, when a
+rollout option is refused); the status follows the error's class
 (404 unknown, 409 conflict, 400 invalid, 401 token, 422 bundle or keyring refused,
 413 body too large, 405 method, 503 the store failed for now and a retry may pass, 500 it
 failed for good).
@@ -56,6 +57,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from agent.ports import bind_error
 from agent.protocol.errors import BundleError, EdgefleetError
 from agent.protocol.keyring import MAX_KEYRING_BYTES, KeyringError
 from agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
@@ -72,6 +74,7 @@ from fleet.errors import (
     StoreError,
 )
 from fleet.metrics import FleetMetrics
+from fleet.rollout.validate import RolloutOptionError
 
 __all__ = ["ApiServer", "parse_tokens"]
 
@@ -176,7 +179,11 @@ class _Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
     def server_bind(self) -> None:  # no reverse DNS lookup of the host at bind time
-        socketserver.TCPServer.server_bind(self)
+        try:
+            socketserver.TCPServer.server_bind(self)
+        except OSError as exc:
+            host, port = self.server_address[:2]
+            raise bind_error(str(host), int(port), "--http HOST:PORT", exc) from exc
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
 
@@ -220,8 +227,9 @@ class _Handler(BaseHTTPRequestHandler):
             status = _status(exc)
             if status >= HTTPStatus.BAD_REQUEST and self.command != "GET":
                 log.info("refused %s %s: %s", self.command, path[:200], exc.message)
-            self._json({"error": exc.message, "hint": exc.hint, "kind": type(exc).__name__},
-                       status)
+            field = {"field": exc.field} if isinstance(exc, RolloutOptionError) else {}
+            self._json({"error": exc.message, "hint": exc.hint, "kind": type(exc).__name__,
+                        **field}, status)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:

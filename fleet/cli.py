@@ -33,8 +33,10 @@ from agent.cli.mqtt_options import (
     mqtt_security,
 )
 from agent.cli.output import console, emit, fail, table
+from agent.cli.service import ServiceSpec, service_app, subcommand
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.signing import TrustedKeys
+from agent.systemd import Unit
 from fleet.cli_common import DEFAULT_URL, ControllerOpt, JsonOpt, TokenOpt
 from fleet.cli_common import client as _client
 from fleet.cli_common import run as _run
@@ -379,10 +381,11 @@ def rollout_create(
     exponential: Annotated[float, typer.Option(help="Rate multiplier per wave")] = 1.0,
     device_timeout: Annotated[str, typer.Option(help="A device that has not answered "
                                                      "by then times out")] = "10m",
-    max_failures: Annotated[float, typer.Option(help="Abort above this % of failed "
-                                                     "devices")] = 0.0,
-    min_success: Annotated[float, typer.Option(help="A wave advances with at least this % "
-                                                    "succeeded")] = 100.0,
+    max_failures: Annotated[float | None, typer.Option(help="Abort above this % of failed "
+                                                            "devices [default: 0]")] = None,
+    min_success: Annotated[float | None, typer.Option(
+        help="A wave advances with at least this % succeeded [default: 100 - "
+             "--max-failures]")] = None,
     max_p95_ratio: Annotated[float | None, typer.Option(help="Abort when the new p95 latency "
                                                              "is above R x the baseline")
                              ] = None,
@@ -396,20 +399,27 @@ def rollout_create(
                     ] = "0s",
     controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    """Start a staged rollout of a pushed model version to a set of devices."""
+    """Start a staged rollout of a pushed model version to a set of devices.
+
+    Every option is checked here first (and again by the controller): a bad one is one
+    error naming it, exit 2, and nothing is sent."""
     from fleet.rollout.spec import parse_duration
+    from fleet.rollout.validate import check_options
 
     if waves is not None and canary is not None:
         fail(EdgefleetError("--waves and --canary exclude each other",
                             hint="--canary N is --waves N,100%"), as_json)
     wave_text = f"{canary},100%" if canary is not None else (waves or "100%")
-    body = _run(as_json, lambda: {
-        "model": model, "selectors": to, "waves": wave_text.split(","),
-        "rate_per_min": rate, "exponential": exponential,
-        "device_timeout_s": parse_duration(device_timeout), "soak_s": parse_duration(soak),
-        "gates": {"max_failures_pct": max_failures, "min_success_pct": min_success,
-                  "max_p95_ratio": max_p95_ratio, "max_error_rate_pct": max_error_rate,
-                  "min_agreement_pct": min_agreement, "min_samples": min_samples}})
+    gates = {"max_failures_pct": max_failures, "min_success_pct": min_success,
+             "max_p95_ratio": max_p95_ratio, "max_error_rate_pct": max_error_rate,
+             "min_agreement_pct": min_agreement, "min_samples": min_samples}
+    options = _run(as_json, lambda: {
+        "selectors": to, "waves": wave_text.split(","), "rate_per_min": rate,
+        "exponential": exponential, "device_timeout_s": parse_duration(device_timeout),
+        "soak_s": parse_duration(soak),
+        "gates": {k: v for k, v in gates.items() if v is not None}})
+    _run(as_json, lambda: check_options(options))
+    body = {"model": model, **options}
     data = _run(as_json, lambda: _client(controller, token).post("/api/v1/rollouts", body))
     emit(data, as_json, _rollout_view(data))
 
@@ -558,3 +568,9 @@ def _keyring_view(data: dict[str, Any], what: str) -> Group:
         parts.append(f"[yellow]forced past {len(stranded)} devices whose bundle is signed by "
                      f"a dropped key:[/] {', '.join(stranded[:10])}")
     return Group(*parts)
+
+
+app.add_typer(service_app(ServiceSpec(
+    Unit("fleet", "edgefleet-controller.service"), ("fleet", "serve"), lambda: subcommand(app, "serve"),
+    user="edgefleet-controller", data_dir=Path("/var/lib/edgefleet-controller"))),
+    name="service")

@@ -71,8 +71,8 @@ from fleet.registry import DeviceRegistry
 from fleet.relay import OperatorRequest, error_result
 from fleet.rollout import executor
 from fleet.rollout.executor import Action, Decisions, DeviceView, Observations, Quality
-from fleet.rollout.spec import RolloutSpec
 from fleet.rollout.state import ACTIVE, DeviceState, Rollout, RolloutState
+from fleet.rollout.validate import rollout_spec
 from fleet.scale import ScaleOut, check_group, shared_filter
 from fleet.store import Store
 from fleet.telemetry import TelemetryBook, VersionKey
@@ -157,6 +157,7 @@ class FleetController:
                                   config.shared_telemetry, clock)
         self.registry = DeviceRegistry(config.fleet, store.devices())
         self.rejected = 0  # malformed messages dropped
+        self.broken_ticks = 0  # rollout ticks that raised (each stopped its rollout)
         self._rollouts: dict[str, Rollout] = {}
         self._outbox: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._info: dict[str, ModelInfo | None] = {}
@@ -303,9 +304,40 @@ class FleetController:
                     self._run_request(request)
             joined = set(self.registry.take_joined())
             for rollout in list(self._rollouts.values()):
-                self._apply(executor.tick(rollout, self._observe(rollout, joined), now),
-                            SYSTEM)
+                self._tick(rollout, joined, now, SYSTEM)
             self._flush_outbox()
+
+    def _tick(self, rollout: Rollout, joined: set[str], now: int, actor: str) -> Rollout:
+        """One rollout's tick, applied; a tick that raises stops that rollout only.
+
+        The executor is pure, so what raises in it comes from this rollout's own data (a
+        store written before its options were checked may hold a NaN rate): the rollout
+        is aborted with the reason (or, if even that fails, no longer followed here) and
+        the loop steps the others. Store failures raise as before: the next step retries.
+        """
+        try:
+            decisions = executor.tick(rollout, self._observe(rollout, joined), now)
+        except FleetError:
+            raise
+        except Exception as exc:  # one rollout's bad data must never stop the others
+            log.exception("rollout %s: its tick failed; stopping it", rollout.id)
+            return self._stop_broken(rollout, exc, now, actor)
+        return self._apply(decisions, actor)
+
+    def _stop_broken(self, rollout: Rollout, exc: Exception, now: int, actor: str) -> Rollout:
+        self.broken_ticks += 1
+        reason = f"stopped: its tick failed ({type(exc).__name__}: {str(exc)[:200]})"
+        if not rollout.finished:
+            try:
+                aborted = executor.abort(rollout, now, reason)
+            except Exception:  # the abort cannot run on this rollout's data either
+                log.exception("rollout %s: cannot abort it either", rollout.id)
+            else:
+                return self._apply(aborted, actor)  # a store failure: the next step retries
+        self._rollouts.pop(rollout.id, None)  # finished, or beyond repair: left alone here
+        self._audit(actor, "rollout.progress", rollout.id, f"no longer followed: {reason}",
+                    outcome="failed")
+        return rollout
 
     def _judge_drift(self) -> None:
         """Compare the drift windows telemetry brought since the last tick; audit and
@@ -820,12 +852,8 @@ class FleetController:
 
     def _create_rollout(self, model_key: str, options: dict[str, Any], actor: str) -> Rollout:
         model = self.model(model_key)
-        try:
-            spec = RolloutSpec.from_dict({**options, "model": model.ref.model_dump(),
-                                          "url": self.bundle_url(model.sha256),
-                                          "size": model.size})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidRolloutError(f"rollout options are invalid: {exc}") from exc
+        # every option checked (finite, ranges, lengths, counts) before anything is stored
+        spec = rollout_spec(options, model.ref, self.bundle_url(model.sha256), model.size)
         with self._lock:
             self._flush_devices()
             busy = sorted(d.id for d in self.registry.all()
@@ -844,8 +872,7 @@ class FleetController:
             self._audit(actor, "rollout.create", rollout.id,
                         f"{model.key} to {', '.join(map(str, spec.selectors))}",
                         spec=spec.as_dict())
-            decisions = executor.tick(rollout, self._observe(rollout, set()), now)
-            rollout = self._apply(decisions, actor)
+            rollout = self._tick(rollout, set(), now, actor)
             self._flush_outbox()
             return rollout
 

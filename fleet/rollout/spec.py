@@ -7,6 +7,11 @@ exponentially from wave to wave, a per-device timeout, and the gates.
 
 Gates fire strictly above (or, for minimums, strictly below) their value; exactly at the
 value they do not. Percentages are 0-100.
+
+Options from outside (API, CLI, a relayed request) are checked whole by
+:mod:`fleet.rollout.validate` before a spec is built and stored: finite numbers, ranges,
+lengths and counts. The checks here are only those a stored spec must pass to be loaded
+(a store written by an earlier edgefleet may hold what ``validate`` now refuses).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from fleet.errors import InvalidRolloutError
 __all__ = ["Gates", "RolloutSpec", "Selector", "Wave", "parse_duration", "parse_selector",
            "parse_waves", "wave_bounds"]
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_DURATION = re.compile(r"^(\d{1,12}(?:\.\d{1,6})?)(ms|s|m|h)?$")  # bounded: never inf
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 SELECTOR_KINDS = ("group", "tag", "device")
 
@@ -32,7 +37,7 @@ def parse_duration(text: str) -> float:
     """``500ms``, ``30s``, ``5m``, ``1h`` or a bare number of seconds -> seconds."""
     match = _DURATION.match(text.strip())
     if not match:
-        raise InvalidRolloutError(f"duration {text!r} is not understood",
+        raise InvalidRolloutError(f"duration {text[:40]!r} is not understood",
                                   hint="write it like 90s, 5m, 1h or 500ms")
     return float(match.group(1)) * _UNITS[match.group(2)]
 
