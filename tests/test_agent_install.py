@@ -110,8 +110,9 @@ def test_rollback_with_nothing_before_is_refused(versions: dict[str, Path], sign
                                                  tmp_path: Path) -> None:
     agent = Agent(signing_keys.trusted)
     local.install(agent, tmp_path, versions["1.0.0"])
-    journal = local.rollback(agent, tmp_path)
-    assert journal.state == State.FAILED
+    with pytest.raises(SlotError, match="no earlier committed bundle"):
+        local.rollback(agent, tmp_path)
+    assert local.status(tmp_path)["update"]["state"] == "COMMITTED", "the state stays as it was"
     assert agent.model is not None and agent.model.version == "1.0.0"
 
 

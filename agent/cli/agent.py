@@ -6,10 +6,12 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
+from rich.markup import escape
 
 from agent.cli.mqtt_options import (
     CertOpt,
@@ -18,7 +20,8 @@ from agent.cli.mqtt_options import (
     UsernameOpt,
     mqtt_security,
 )
-from agent.cli.output import console, emit, fail, table
+from agent.cli.output import console, emit, err_console, fail, table
+from agent.cli.service import ServiceSpec, service_app, subcommand
 from agent.core import Agent
 from agent.errors import NothingToServeError
 from agent.protocol.encryption import DecryptionKeys
@@ -26,6 +29,7 @@ from agent.protocol.errors import EdgefleetError
 from agent.protocol.keyring import trust_at_start
 from agent.protocol.signing import TrustedKeys
 from agent.service import AgentService, ServiceConfig
+from agent.systemd import HOST_NAME, Unit
 from agent.update import download
 
 app = typer.Typer(help="Run models on this device.", no_args_is_help=True)
@@ -89,7 +93,7 @@ def install(
         fail(exc, as_json)
     _show_result(journal.to_dict(), data, as_json)
     if journal.state.value != "COMMITTED":
-        raise typer.Exit(1)
+        _failed(journal.detail, as_json)
 
 
 @app.command()
@@ -102,8 +106,8 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonOpt = False) -> No
                               ["slot", "role", "name", "version", "sha256"]))
     if not as_json:
         update = data["update"]
-        console.print(f"update: {update['state']} {update['target'].get('version') or ''} "
-                      f"{update['detail']}")
+        console.print(escape(f"update: {update['state']} "
+                             f"{update['target'].get('version') or ''} {update['detail']}"))
 
 
 @app.command()
@@ -120,15 +124,23 @@ def rollback(data_dir: DataDir = DEFAULT_DATA_DIR, trusted_key: TrustedKey = Non
         fail(exc, as_json)
     _show_result(journal.to_dict(), data, as_json)
     if journal.state.value != "ROLLED_BACK":
-        raise typer.Exit(1)
+        _failed(journal.detail, as_json)
 
 
 def _show_result(journal: dict[str, object], data: Path, as_json: bool) -> None:
     from agent.update import local
 
     result = {"update": journal, **local.status(data)}
-    emit(result, as_json, table(f"{journal['state']}: {journal['detail'] or 'done'}",
+    emit(result, as_json, table(escape(f"{journal['state']}: {journal['detail'] or 'done'}"),
                                 result["slots"], ["slot", "role", "name", "version", "sha256"]))
+
+
+def _failed(detail: str, as_json: bool) -> NoReturn:
+    """The update ran and did not end where asked: exit 1 (2 is for a refusal before any
+    step), with its reason on one line of stderr; the model served is the one shown."""
+    if not as_json:
+        err_console.print(escape(f"error: {detail}"), soft_wrap=True)
+    raise typer.Exit(1)
 
 
 @app.command()
@@ -227,3 +239,14 @@ def _serve_until_signalled(service: AgentService) -> None:
     stop.wait()
     service.stop()
     service.agent.close()  # the drift worker finishes what it was handed
+
+
+def _device_id_default(args: Sequence[str]) -> list[str]:
+    given = any(a == "--device-id" or a.startswith("--device-id=") for a in args)
+    return [] if given else ["--device-id", HOST_NAME]
+
+
+app.add_typer(service_app(ServiceSpec(
+    Unit("agent", "edgefleet-agent.service"), ("agent", "run"), lambda: subcommand(app, "run"),
+    user="edgefleet", data_dir=Path("/var/lib/edgefleet"), defaults=_device_id_default)),
+    name="service")

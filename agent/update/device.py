@@ -4,7 +4,6 @@ the serving model, watches probation, commits or rolls back. All file writes are
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -16,13 +15,12 @@ from agent.loader import LoadedModel, load_bundle
 from agent.protocol.bundle import read_bundle, read_manifest
 from agent.protocol.errors import EdgefleetError, IntegrityError
 from agent.protocol.files import atomic_write
+from agent.update.disk import DISK_MARGIN, check_free, discard, guarded, sweep
 from agent.update.download import DownloadStats, fetch
 from agent.update.slots import SlotStore
 from agent.update.states import Event, Journal
 
 __all__ = ["DISK_MARGIN", "DeviceController", "UpdateSettings", "load_journal"]
-
-DISK_MARGIN = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -72,15 +70,43 @@ class DeviceController:
     def _download_path(self, j: Journal) -> Path:
         return self.data_dir / "downloads" / f"{j.target['sha256']}.efb"
 
+    def sweep(self, journal: Journal) -> list[Path]:
+        """At start: remove what killed runs left (temp files, downloads of other bundles)."""
+        with guarded(self.data_dir):
+            return sweep(self.data_dir, str(journal.target.get("sha256") or "") or None)
+
     def download(self, j: Journal) -> None:
+        """Fetch the target; a complete file an earlier attempt left is reused only if it
+        verifies against the target now (else it is discarded and fetched again)."""
         self._pause()
-        _check_disk(self.data_dir, int(str(j.target.get("size", 0))))
-        fetch(str(j.target["url"]), self._download_path(j), int(str(j.target.get("size", 0))),
-              stats=self.stats)
+        path, size = self._download_path(j), int(str(j.target.get("size", 0)))
+        if path.exists() and self._verifies(j, path):
+            return
+        self._discard(path)
+        check_free(self.data_dir, size)
+        fetch(str(j.target["url"]), path, size, stats=self.stats)
 
     def verify(self, j: Journal) -> None:
+        """Check the download against the target; one that fails is discarded (with its
+        partial file), so the next attempt downloads again instead of failing again."""
         self._pause()
-        raw = self._download_path(j).read_bytes()
+        path = self._download_path(j)
+        try:
+            self._check(j, path)
+        except EdgefleetError:
+            self._discard(path)
+            raise
+
+    def _verifies(self, j: Journal, path: Path) -> bool:
+        try:
+            self._check(j, path)
+        except EdgefleetError:
+            return False
+        return True
+
+    def _check(self, j: Journal, path: Path) -> None:
+        with guarded(path):
+            raw = path.read_bytes()
         bundle = read_bundle(raw, self.agent.trusted, self.agent.keys)  # decrypts in memory
         if bundle.sha256 != j.target["sha256"]:
             raise IntegrityError(f"downloaded bundle is {bundle.manifest.ref} with manifest "
@@ -88,11 +114,17 @@ class DeviceController:
                                  f"{str(j.target['sha256'])[:12]}",
                                  hint="the server sent another bundle; check the URL")
 
+    @staticmethod
+    def _discard(path: Path) -> None:
+        with guarded(path):
+            discard(path, path.with_suffix(path.suffix + ".part"))
+
     def stage(self, j: Journal) -> None:
         self._pause()
-        if self._slot_of(j) is None:
-            self.slots.stage(self._download_path(j).read_bytes())
-        self._download_path(j).unlink(missing_ok=True)  # the slot holds it now
+        with guarded(self.data_dir / "slots"):
+            if self._slot_of(j) is None:
+                self.slots.stage(self._download_path(j).read_bytes())
+            self._download_path(j).unlink(missing_ok=True)  # the slot holds it now
 
     def health_check(self, j: Journal) -> None:
         self._pause()
@@ -110,7 +142,8 @@ class DeviceController:
                                                    threads=self.agent.threads,
                                                    keys=self.agent.keys)
         previous = self.agent.model
-        self.slots.switch(slot)
+        with guarded(self.data_dir):
+            self.slots.switch(slot)
         self.agent.activate(candidate)
         if previous is not None and previous.version != candidate.version:
             self.agent.start_shadow(previous, self.settings.agreement_sample_every)
@@ -147,12 +180,14 @@ class DeviceController:
 
     def commit(self, j: Journal) -> None:
         self.agent.stop_shadow()
-        self.slots.commit()
+        with guarded(self.data_dir):
+            self.slots.commit()
 
     def rollback(self, j: Journal) -> None:
         self._pause()
         self.agent.stop_shadow()
-        self.slots.rollback()
+        with guarded(self.data_dir):
+            self.slots.rollback()
         path = self.slots.active_bundle()
         if path is None:
             raise EdgefleetError("no bundle to roll back to", hint="install one")
@@ -164,7 +199,8 @@ class DeviceController:
             time.sleep(self.settings.step_delay_s)
 
     def save(self, j: Journal) -> None:
-        atomic_write(self.journal_path, json.dumps(j.to_dict()).encode())
+        with guarded(self.journal_path):
+            atomic_write(self.journal_path, json.dumps(j.to_dict()).encode())
 
     def report(self, j: Journal) -> None:
         self._publish(j)
@@ -185,16 +221,6 @@ class DeviceController:
         if path is None:
             raise EdgefleetError("no staged bundle for this update", hint="the update restarts")
         return path
-
-
-def _check_disk(data_dir: Path, size: int) -> None:
-    """The download and its staged copy must fit, with a margin for the rest of the agent."""
-    free = shutil.disk_usage(data_dir).free
-    needed = 2 * size + DISK_MARGIN
-    if free < needed:
-        raise EdgefleetError(f"not enough free disk in {data_dir}: {free} bytes free, the "
-                             f"update needs {needed} (twice the bundle and a margin)",
-                             hint="free space on the device, or ship a smaller bundle")
 
 
 def _manifest_sha(path: Path) -> str | None:

@@ -14,6 +14,7 @@ from agent.loader import load_bundle
 from agent.protocol.bundle import read_bundle, read_manifest
 from agent.protocol.errors import EdgefleetError
 from agent.update.device import DeviceController, UpdateSettings, load_journal
+from agent.update.disk import guarded
 from agent.update.flow import Updater
 from agent.update.slots import SLOTS, SlotStore
 from agent.update.states import Event, Journal, State
@@ -26,12 +27,11 @@ FLASH = UpdateSettings(probation_s=0.0, auto_commit=True)
 def serve_active(agent: Agent, data_dir: Path, resume: bool = True) -> None:
     """Load the active slot; with ``resume``, finish an update a crash interrupted (without a
     fleet to decide, a probation commits). Raise if there is nothing to serve."""
-    controller = DeviceController(data_dir, agent, FLASH)
+    controller, journal = _open(agent, data_dir)
     active = controller.slots.active_bundle()
     if active is not None:
         agent.activate(load_bundle(active, agent.trusted, threads=agent.threads,
                                    keys=agent.keys))
-    journal = load_journal(controller.journal_path)
     if resume and journal.state not in (State.IDLE, State.COMMITTED, State.ROLLED_BACK,
                                         State.FAILED):
         Updater(controller).resume(journal)
@@ -43,7 +43,7 @@ def serve_active(agent: Agent, data_dir: Path, resume: bool = True) -> None:
 def install(agent: Agent, data_dir: Path, bundle: Path) -> Journal:
     """Verify, stage, health-check, switch and commit ``bundle``; the old one stays on error."""
     verified = read_bundle(bundle, agent.trusted, agent.keys)  # refuses without a key
-    controller = DeviceController(data_dir, agent, FLASH)
+    controller, journal = _open(agent, data_dir)
     active = controller.slots.active_bundle()
     if agent.model is None and active is not None:
         agent.activate(load_bundle(active, agent.trusted, threads=agent.threads,
@@ -53,17 +53,27 @@ def install(agent: Agent, data_dir: Path, bundle: Path) -> Journal:
                                  "sha256": verified.sha256, "url": str(bundle.resolve()),
                                  "size": bundle.stat().st_size}
     updater = Updater(controller)
-    return updater.run(updater.start(load_journal(controller.journal_path), target))
+    return updater.run(updater.start(journal, target))
 
 
 def rollback(agent: Agent, data_dir: Path) -> Journal:
-    """Return to the previous committed bundle."""
-    controller = DeviceController(data_dir, agent, FLASH)
-    journal = load_journal(controller.journal_path)
+    """Return to the previous committed bundle; SlotError, with nothing changed, when
+    there is none (one bundle installed, or a rollback already done)."""
+    controller, journal = _open(agent, data_dir)
+    controller.slots.rollback_target()  # refuses before the journal moves
     if journal.state != State.COMMITTED:
         journal = Journal(state=State.COMMITTED, target=journal.target)
     updater = Updater(controller)
     return updater.run(updater.move(journal, Event.ROLLBACK, "rollback asked for"))
+
+
+def _open(agent: Agent, data_dir: Path) -> tuple[DeviceController, Journal]:
+    """The data dir's controller and journal, after sweeping what killed runs left."""
+    with guarded(Path(data_dir)):
+        controller = DeviceController(data_dir, agent, FLASH)
+    journal = load_journal(controller.journal_path)
+    controller.sweep(journal)
+    return controller, journal
 
 
 def status(data_dir: Path) -> dict[str, Any]:

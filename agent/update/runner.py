@@ -1,9 +1,12 @@
 """Over-the-air updates: follow the retained desired state on a worker thread.
 
-A new target (another bundle than the active one) starts the flow; ``commit``
-and ``rollback`` actions settle a probation, and ``rollback`` on a committed
-update returns to the previous committed bundle. A journal left in flight by a
-crash is resumed when the runner starts. Inference never waits on any of it.
+A new target (another bundle than the active one) or a new attempt (another rollout,
+see :mod:`agent.update.attempts`) starts the flow; ``commit`` and ``rollback``
+actions settle a probation, and ``rollback`` on a committed update returns to the
+previous committed bundle (a rollback with nothing to return to is refused, and
+changes nothing). A journal left in flight by a crash is resumed when the runner
+starts, after what killed runs left in the data dir is swept. Inference never waits on
+any of it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.core import Agent
+from agent.protocol.errors import EdgefleetError
 from agent.protocol.payloads import DesiredState
+from agent.update.attempts import starts_attempt
 from agent.update.device import DeviceController, UpdateSettings, load_journal
 from agent.update.flow import Updater
 from agent.update.states import TERMINAL, Event, Journal, State
@@ -34,6 +39,7 @@ class UpdateRunner:
         self.controller = DeviceController(data_dir, agent, settings, self._journalled)
         self.updater = Updater(self.controller)
         self.journal = load_journal(self.controller.journal_path)
+        self.controller.sweep(self.journal)
         self._on_journal = on_journal
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="edgefleet-update", daemon=True)
@@ -66,6 +72,8 @@ class UpdateRunner:
         while (job := self._queue.get()) is not None:
             try:
                 job()
+            except EdgefleetError as exc:  # e.g. a full disk while saving the journal
+                log.error("update step failed: %s", exc)
             except Exception:  # the worker must survive anything and keep serving
                 log.exception("update step failed")
 
@@ -74,14 +82,23 @@ class UpdateRunner:
         active_sha = model.bundle.sha256 if model is not None else None
         if desired.action == "rollback":
             if self.journal.state == State.COMMITTED and active_sha == desired.sha256:
-                self.updater.run(self.updater.move(self.journal, Event.ROLLBACK,
-                                                   "rollback asked for by the fleet"))
+                self._roll_back()
             return
-        if desired.sha256 == active_sha or (desired.sha256 == self.journal.target.get("sha256")
-                                             and self.journal.state not in (State.FAILED,)):
-            return  # already there, or already on the way
+        if not starts_attempt(self.journal, desired, active_sha):
+            return  # already there, already on the way, or this attempt was made
         target: dict[str, object] = {
             "name": desired.name, "version": desired.version, "sha256": desired.sha256,
             "url": desired.url, "size": desired.size, "rollout": desired.rollout,
             "auto_commit": desired.auto_commit}
         self.updater.run(self.updater.start(self.journal, target))
+
+    def _roll_back(self) -> None:
+        """The fleet's rollback of a committed update; with nothing to go back to, it is
+        logged and the update state stays as it is."""
+        try:
+            self.controller.slots.rollback_target()
+        except EdgefleetError as exc:
+            log.warning("rollback asked for by the fleet refused: %s", exc)
+            return
+        self.updater.run(self.updater.move(self.journal, Event.ROLLBACK,
+                                           "rollback asked for by the fleet"))

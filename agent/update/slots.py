@@ -95,12 +95,17 @@ class SlotStore:
 
     def rollback(self) -> SlotPointer:
         """Back to the committed bundle (in probation), else to the one committed before it."""
+        return self._write(self.rollback_target())
+
+    def rollback_target(self) -> SlotPointer:
+        """The pointer a rollback would write, without writing it; SlotError if there is
+        nothing to go back to (asked before a rollback starts, so a refused one changes
+        nothing)."""
         pointer = self.pointer()
         if pointer.active != pointer.committed and self.bundle(pointer.committed):
-            return self._write(replace(pointer, active=pointer.committed))
+            return replace(pointer, active=pointer.committed)
         if pointer.fallback and self.bundle(pointer.fallback):
-            fallback = pointer.fallback
-            return self._write(SlotPointer(fallback, fallback, None))
+            return SlotPointer(pointer.fallback, pointer.fallback, None)
         raise SlotError("there is no earlier committed bundle to roll back to",
                         hint="install a bundle with 'edgefleet agent install'")
 
