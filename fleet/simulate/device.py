@@ -35,6 +35,7 @@ from agent.protocol.payloads import (
 )
 from agent.protocol.payloads import Event as EventPayload
 from agent.protocol.topics import Leaf, device_topic
+from agent.update.attempts import starts_attempt
 from agent.update.flow import Updater
 from agent.update.report import target_ref, update_report
 from agent.update.states import TERMINAL, Event, Journal, State
@@ -159,9 +160,8 @@ class SimDevice:
             if journal.state == State.COMMITTED and active_sha == desired.sha256:
                 self.updater.move(journal, Event.ROLLBACK, "rollback asked for by the fleet")
             return
-        if desired.sha256 == active_sha or (desired.sha256 == journal.target.get("sha256")
-                                             and journal.state not in (State.FAILED,)):
-            return  # already there, or already on the way
+        if not starts_attempt(journal, desired, active_sha):
+            return  # already there, already on the way, or this attempt was made
         target: dict[str, object] = {
             "name": desired.name, "version": desired.version, "sha256": desired.sha256,
             "url": desired.url, "size": desired.size, "rollout": desired.rollout,

@@ -83,8 +83,8 @@ def _get_once(url: str, data: bytearray, size: int, timeout_s: float,
                                 timeout=timeout_s, context=tls) as response:
         if data and response.status != 206:
             data.clear()  # the server ignored Range: start over
-        while chunk := response.read1(CHUNK):
-            data.extend(chunk)
+        while len(data) < size and (chunk := response.read1(min(CHUNK, size - len(data)))):
+            data.extend(chunk)  # bounded by the declared size, like the agent's fetch
     if len(data) != size:
         raise DownloadError(f"download of {url} ended at {len(data)} of {size} bytes",
                             hint="retrying resumes from there")
