@@ -7,7 +7,7 @@ export PATH := /usr/sbin:$(PATH)
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install system-deps lint typecheck imports test hostile bench demo clean
+.PHONY: install system-deps lint typecheck imports test hostile bench demo clean arm-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench: system-deps install
 
 demo: system-deps install
 	$(BIN)/python -m edgefleet demo
+
+# The agent on arm64 under qemu-user-static, in a cached Debian root filesystem (root;
+# heavy, so not part of make test): docs/raspberry-pi.md.
+arm-check: install
+	$(BIN)/python scripts/arm_check.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
