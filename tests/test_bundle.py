@@ -102,8 +102,15 @@ def test_member_that_is_a_link_is_unsafe(digits_bundles: dict[str, Path], signin
 
 
 def test_unlisted_member_is_refused(digits_bundles: dict[str, Path], signing_keys: Keys) -> None:
-    raw = tamper.with_member(digits_bundles["tflite"], "extra.bin", b"payload")
+    raw = tamper.with_member(digits_bundles["tflite"], "model.onnx", b"payload")
     with pytest.raises(errors.IntegrityError, match="not listed in the manifest"):
+        read_bundle(raw, signing_keys.trusted)
+
+
+def test_a_member_that_is_no_bundle_file_is_refused_by_its_name(
+        digits_bundles: dict[str, Path], signing_keys: Keys) -> None:
+    raw = tamper.with_member(digits_bundles["tflite"], "extra.bin", b"payload")
+    with pytest.raises(errors.UnsafeMemberError, match="'extra.bin' is not a bundle file"):
         read_bundle(raw, signing_keys.trusted)
 
 

@@ -2,10 +2,14 @@
 
 A bundle is one uncompressed tar holding ``manifest.json``, ``manifest.sig``,
 the model (``model.tflite`` or ``model.onnx``), ``health.npz`` and optionally
-``labels.txt``. Reading checks, in this order: member names (no absolute path,
-no "..", no links, no duplicates), the signature over the manifest bytes, then
-every file's size and sha256. Runtime compatibility and the health check come
-after, on the device (see ``agent.loader``).
+``labels.txt``. Reading checks, in this order: the members from their tar headers
+alone (flat known names only, regular files only, no duplicates, each size under its
+cap: :data:`MEMBER_CAPS`, :data:`MAX_FILE_BYTES`), the signature over the manifest
+bytes, then every file's size against the signed manifest before it is read, and its
+sha256 once read. Nothing but ``manifest.json`` and ``manifest.sig`` is read before
+the signature verifies, and no member is read whole before its size was bounded, so a
+lying header costs no memory (``agent.protocol._tar``). Runtime compatibility and the
+health check come after, on the device (see ``agent.loader``).
 
 An encrypted bundle holds ``model.<format>.enc`` instead of the plain model
 (``agent.protocol.encryption``). Reading checks the ciphertext like any file; with
@@ -16,11 +20,15 @@ An encrypted bundle holds ``model.<format>.enc`` instead of the plain model
 from __future__ import annotations
 
 import io
+import os
 import tarfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
+from agent.protocol._tar import Entry, TarReader, shown
 from agent.protocol.encryption import (
     DecryptionKeys,
     NoDecryptionKeyError,
@@ -29,6 +37,7 @@ from agent.protocol.encryption import (
     encrypt_model,
 )
 from agent.protocol.errors import (
+    BundleError,
     BundleFormatError,
     IntegrityError,
     MissingFileError,
@@ -37,8 +46,10 @@ from agent.protocol.errors import (
 from agent.protocol.files import atomic_write, sha256_bytes
 from agent.protocol.manifest import (
     ENCRYPTED_SCHEMA_VERSION,
+    ENCRYPTED_SUFFIX,
     HEALTH_FILE,
     LABELS_FILE,
+    MODEL_FILES,
     FileEntry,
     Manifest,
     parse_manifest,
@@ -52,6 +63,12 @@ BUNDLE_SUFFIX = ".efb"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 MAX_MEMBERS = 16
+KNOWN_MEMBERS = frozenset({MANIFEST, SIGNATURE, HEALTH_FILE, LABELS_FILE, *MODEL_FILES.values(),
+                           *(model + ENCRYPTED_SUFFIX for model in MODEL_FILES.values())})
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # read before the signature verifies: small on purpose
+MAX_SIGNATURE_BYTES = 4 * 1024  # {"alg", "key_id", "sig"}: about 150 bytes
+MAX_FILE_BYTES = 1024 * 1024 * 1024  # any other member; its signed size bounds it first
+MEMBER_CAPS = {MANIFEST: MAX_MANIFEST_BYTES, SIGNATURE: MAX_SIGNATURE_BYTES}
 
 
 @dataclass(frozen=True)
@@ -147,17 +164,13 @@ def read_bundle(source: Path | bytes, trusted: TrustedKeys,
     ``keys``: decrypt an encrypted model in memory (and refuse without a matching key);
     None leaves it sealed, for sides that only relay bundles.
     """
-    members = _read_members(source)
-    for required in (MANIFEST, SIGNATURE):
-        if required not in members:
-            raise MissingFileError(f"bundle has no {required}",
-                                   hint="rebuild it with 'edgefleet convert' or build_bundle()")
-    key_id = trusted.verify(members[MANIFEST], members[SIGNATURE])
-    manifest = parse_manifest(members[MANIFEST])
-    _check_required(manifest, members.keys())
-    _check_files(manifest, members)
-    files = {name: members[name] for name in manifest.files}
-    return _opened(Bundle(manifest, members[MANIFEST], key_id, files), keys)
+    with _archive(source) as reader:
+        index = _index(reader)
+        manifest_bytes = _read_small(reader, index, MANIFEST)
+        key_id = trusted.verify(manifest_bytes, _read_small(reader, index, SIGNATURE))
+        manifest = parse_manifest(manifest_bytes)
+        files = _read_files(reader, index, manifest)
+    return _opened(Bundle(manifest, manifest_bytes, key_id, files), keys)
 
 
 def _opened(bundle: Bundle, keys: DecryptionKeys | None) -> Bundle:
@@ -172,76 +185,124 @@ def inspect_bundle(source: Path | bytes, keys: DecryptionKeys | None = None) -> 
 
     Never serve what this returns; devices and the controller use :func:`read_bundle`.
     """
-    members = _read_members(source)
-    if MANIFEST not in members:
-        raise MissingFileError("bundle has no manifest.json", hint="rebuild the bundle")
-    manifest = parse_manifest(members[MANIFEST])
-    _check_required(manifest, members.keys())
-    _check_files(manifest, members)
-    return _opened(Bundle(manifest, members[MANIFEST], "", {n: members[n] for n in manifest.files}),
-                   keys)
+    with _archive(source) as reader:
+        index = _index(reader)
+        manifest_bytes = _read_small(reader, index, MANIFEST)
+        manifest = parse_manifest(manifest_bytes)
+        files = _read_files(reader, index, manifest)
+    return _opened(Bundle(manifest, manifest_bytes, "", files), keys)
 
 
 def read_manifest(path: Path) -> tuple[Manifest, str]:
     """Only the manifest of a bundle and its sha256 (the bundle's identity), without reading
     or hashing the model: for bundles that verified before they were stored (A/B slots)."""
     try:
-        with tarfile.open(path, mode="r:") as archive:
-            info = archive.getmember(MANIFEST)
-            _check_member(info)
-            handle = archive.extractfile(info)
-            raw = handle.read() if handle is not None else b""
-    except (OSError, KeyError, tarfile.TarError) as exc:
-        raise BundleFormatError(f"cannot read the manifest of {path!s}: {exc}",
+        with _archive(path) as reader:
+            raw = _read_small(reader, _index(reader), MANIFEST)
+    except BundleError as exc:
+        raise BundleFormatError(f"cannot read the manifest of {path!s}: {exc.message}",
                                 hint="the file is not a complete bundle") from exc
     return parse_manifest(raw), sha256_bytes(raw)
 
 
-def _read_members(source: Path | bytes) -> dict[str, bytes]:
+@contextmanager
+def _archive(source: Path | bytes) -> Iterator[TarReader]:
+    """A reader over the file (never read whole) or the bytes; OS errors named."""
     try:
-        raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+        with _stream(source) as (stream, length):
+            yield TarReader(stream, length)
     except OSError as exc:
-        raise BundleFormatError(f"cannot read bundle {source!s}: {exc.strerror}",
-                                hint="check the path") from exc
-    try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as archive:
-            return _extract_all(archive)
-    except tarfile.TarError as exc:
-        raise BundleFormatError(f"not a bundle archive: {exc}",
+        raise BundleFormatError(f"cannot read bundle {_source_name(source)}: "
+                                f"{exc.strerror or exc}", hint="check the path") from exc
+    except (ValueError, OverflowError, EOFError, MemoryError) as exc:
+        # TarReader bounds every number before it uses one; should a header still get
+        # past it, the bundle is refused like any other unreadable one, never a crash
+        raise BundleFormatError(f"not a bundle archive: {type(exc).__name__}",
                                 hint="truncated, or not an .efb; fetch it again") from exc
 
 
-def _extract_all(archive: tarfile.TarFile) -> dict[str, bytes]:
-    members: dict[str, bytes] = {}
-    for info in archive:
-        _check_member(info)
-        if info.name in members:
-            raise UnsafeMemberError(f"member {info.name!r} appears twice",
+@contextmanager
+def _stream(source: Path | bytes) -> Iterator[tuple[BinaryIO, int]]:
+    if isinstance(source, bytes):
+        yield io.BytesIO(source), len(source)
+        return
+    with open(source, "rb") as handle:
+        yield handle, os.fstat(handle.fileno()).st_size
+
+
+def _source_name(source: Path | bytes) -> str:
+    return f"of {len(source)} bytes" if isinstance(source, bytes) else str(source)
+
+
+def _index(reader: TarReader) -> dict[str, Entry]:
+    """Step 1 of verification: every member checked from its headers, before any read."""
+    index: dict[str, Entry] = {}
+    for entry in reader.entries():
+        _check_member(entry)
+        if entry.name in index:
+            raise UnsafeMemberError(f"member {shown(entry.name)} appears twice",
                                     hint="rebuild the bundle")
-        if len(members) >= MAX_MEMBERS:
+        if len(index) >= MAX_MEMBERS:
             raise BundleFormatError(f"bundle has more than {MAX_MEMBERS} members")
-        handle = archive.extractfile(info)
-        if handle is None:
-            raise BundleFormatError(f"member {info.name!r} has no data")
-        members[info.name] = handle.read()
-    return members
+        _check_cap(entry)
+        index[entry.name] = entry
+    return index
 
 
-def _check_member(info: tarfile.TarInfo) -> None:
-    name = info.name
+def _check_member(entry: Entry) -> None:
+    name = entry.name
     path = PurePosixPath(name)
     if name.startswith(("/", "\\")) or path.is_absolute() or (len(name) > 1 and name[1] == ":"):
-        raise UnsafeMemberError(f"member {name!r} has an absolute path",
+        raise UnsafeMemberError(f"member {shown(name)} has an absolute path",
                                 hint="bundles hold flat relative names only")
     if ".." in path.parts or "\\" in name:
-        raise UnsafeMemberError(f"member {name!r} contains '..'",
+        raise UnsafeMemberError(f"member {shown(name)} contains '..'",
                                 hint="bundles hold flat relative names only")
-    if info.issym() or info.islnk():
-        raise UnsafeMemberError(f"member {name!r} is a link to {info.linkname!r}",
+    if entry.link:
+        raise UnsafeMemberError(f"member {shown(name)} is a link to {shown(entry.linkname)}",
                                 hint="bundles hold regular files only")
-    if not info.isfile():
-        raise UnsafeMemberError(f"member {name!r} is not a regular file",
-                                hint="bundles hold regular files only")
+    if not entry.regular:
+        kind = "sparse file" if entry.sparse else entry.kind
+        raise UnsafeMemberError(f"member {shown(name)} is a {kind}, not a regular file",
+                                hint="bundles hold regular files only; rebuild it with "
+                                     "'edgefleet convert'")
+    if name not in KNOWN_MEMBERS:
+        raise UnsafeMemberError(f"member {shown(name)} is not a bundle file (a bundle holds "
+                                f"only {', '.join(sorted(KNOWN_MEMBERS))})",
+                                hint="the bundle was altered; rebuild it with 'edgefleet "
+                                     "convert'")
+
+
+def _check_cap(entry: Entry) -> None:
+    cap = MEMBER_CAPS.get(entry.name, MAX_FILE_BYTES)
+    if entry.size > cap:
+        raise BundleFormatError(f"member {shown(entry.name)} declares {entry.size} bytes, more "
+                                f"than the {cap} a bundle's {entry.name} may hold",
+                                hint="the header lies or the bundle is not an .efb; rebuild "
+                                     "it with 'edgefleet convert'")
+
+
+def _read_small(reader: TarReader, index: Mapping[str, Entry], name: str) -> bytes:
+    entry = index.get(name)
+    if entry is None:
+        raise MissingFileError(f"bundle has no {name}",
+                               hint="rebuild it with 'edgefleet convert' or build_bundle()")
+    return reader.read(entry)
+
+
+def _read_files(reader: TarReader, index: Mapping[str, Entry],
+                manifest: Manifest) -> dict[str, bytes]:
+    """Steps 3-4: each listed file's size against the manifest, then read and hash it."""
+    _check_required(manifest, index.keys())
+    _check_listed(manifest, index)
+    files: dict[str, bytes] = {}
+    for name, listed in manifest.files.items():
+        data = reader.read(index[name])
+        if sha256_bytes(data) != listed.sha256:
+            raise IntegrityError(f"{name}: sha256 differs from the manifest",
+                                 hint="the bundle is corrupt or altered; fetch it again")
+        files[name] = data
+    return files
 
 
 def _check_required(manifest: Manifest, names: Iterable[str]) -> None:
@@ -252,19 +313,17 @@ def _check_required(manifest: Manifest, names: Iterable[str]) -> None:
                                    hint="the converter writes it; rebuild the bundle")
 
 
-def _check_files(manifest: Manifest, members: Mapping[str, bytes]) -> None:
-    extra = set(members) - set(manifest.files) - {MANIFEST, SIGNATURE}
+def _check_listed(manifest: Manifest, index: Mapping[str, Entry]) -> None:
+    """Every listed file is present with the size the manifest gives it, and nothing else."""
+    extra = set(index) - set(manifest.files) - {MANIFEST, SIGNATURE}
     if extra:
         raise IntegrityError(f"members not listed in the manifest: {sorted(extra)}",
                              hint="the bundle was altered after signing; rebuild it")
-    for name, entry in manifest.files.items():
-        data = members.get(name)
-        if data is None:
-            raise MissingFileError(f"manifest lists {name} but the bundle lacks it",
+    for name, listed in manifest.files.items():
+        entry = index.get(name)
+        if entry is None:
+            raise MissingFileError(f"manifest lists {shown(name)} but the bundle lacks it",
                                    hint="the bundle is incomplete; fetch or rebuild it")
-        if len(data) != entry.size:
-            raise IntegrityError(f"{name}: size {len(data)} bytes, manifest says {entry.size}",
+        if entry.size != listed.size:
+            raise IntegrityError(f"{name}: size {entry.size} bytes, manifest says {listed.size}",
                                  hint="the bundle is truncated or altered; fetch it again")
-        if sha256_bytes(data) != entry.sha256:
-            raise IntegrityError(f"{name}: sha256 differs from the manifest",
-                                 hint="the bundle is corrupt or altered; fetch it again")
