@@ -4,6 +4,7 @@
     ├── BrokerError                 the MQTT broker cannot be reached or refused us
     │   └── BrokerTimeoutError      a QoS 1 publish was not acknowledged in time
     ├── NothingToServeError         the agent has no loadable model and will not start
+    ├── ServiceInstallError         a systemd unit that cannot be written, or bad options
     ├── NotReadyError               (agent.core) a request before any model is loaded
     ├── HealthCheckError            (agent.health) outputs or latency out of tolerance
     ├── RuntimeLoadError, ...       (agent.runtime.errors) runtime missing, too old, or failing
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from agent.protocol.errors import EdgefleetError
 
-__all__ = ["BrokerError", "BrokerTimeoutError", "NothingToServeError"]
+__all__ = ["BrokerError", "BrokerTimeoutError", "NothingToServeError", "ServiceInstallError"]
 
 
 class BrokerError(EdgefleetError):
@@ -31,3 +32,7 @@ class BrokerTimeoutError(BrokerError):
 
 class NothingToServeError(EdgefleetError):
     """No bundle could be loaded, so the agent refuses to start."""
+
+
+class ServiceInstallError(EdgefleetError):
+    """A systemd unit that cannot be written, or options its command does not take."""

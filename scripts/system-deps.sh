@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install the system packages the tests need (Debian): the Mosquitto broker, Prometheus
-# (the /metrics test scrapes the controller with a real one) and headless Chromium with
-# its driver (the dashboard test). As root with apt-get it installs what is missing;
-# otherwise it stops and prints the one command to run.
+# (the /metrics test scrapes the controller with a real one), headless Chromium with its
+# driver (the dashboard test) and systemd-analyze (the unit files' checks). As root with
+# apt-get it installs what is missing; otherwise it stops and prints the one command to run.
 set -euo pipefail
 
 packages=()
@@ -11,6 +11,7 @@ have mosquitto || packages+=(mosquitto)
 have prometheus || packages+=(prometheus)
 have chromium || packages+=(chromium)
 have chromedriver || packages+=(chromium-driver)
+have systemd-analyze || packages+=(systemd)
 
 [ ${#packages[@]} -eq 0 ] && exit 0
 
