@@ -17,7 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from agent.cli.output import console, emit, fail, table
+from agent.cli.output import console, emit, fail, literal, styled, table
 from agent.protocol.errors import EdgefleetError
 
 
@@ -102,8 +102,9 @@ def _show(report: dict[str, Any], as_json: bool) -> None:
              f"-> {report['format']}, {report['conversion_seconds']} s")
     console.print(table(title, rows, list(rows[0]) if rows else []))
     for warning in report["warnings"] + [w for a in report["attempts"] for w in a["warnings"]]:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(styled("[yellow]warning:[/] {}", warning))
     if report["output"]:
-        console.print(f"wrote {report['output']} ({report['bundle_bytes']} bytes)")
+        console.print(literal(f"wrote {report['output']} ({report['bundle_bytes']} bytes)"))
     if report.get("encrypted_for"):
-        console.print(f"model encrypted for key ids {', '.join(report['encrypted_for'])}")
+        console.print(literal(f"model encrypted for key ids "
+                              f"{', '.join(report['encrypted_for'])}"))

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Group
 
-from agent.cli.output import emit, fail, table
+from agent.cli.output import emit, fail, styled, table
 from agent.protocol.encryption import DecryptionKeys
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
@@ -99,7 +99,7 @@ def render(result: dict[str, Any]) -> Group:
                        ["what", "a", "b", "delta", "ratio"]))
     ops = result["ops"]
     if ops["skipped"]:
-        parts.append(f"[yellow]ops:[/] {ops['skipped']}")
+        parts.append(styled("[yellow]ops:[/] {}", ops["skipped"]))
     else:
         total = {"op": "total", **ops["total"]}
         parts.append(table("op types and counts", [*ops["rows"], total],
@@ -119,14 +119,14 @@ def _lineage(lineage: dict[str, Any]) -> Any:
             None: f"no lineage in {', '.join(lineage['missing'])} (built before lineage was "
                   "recorded, or packaged outside 'edgefleet convert')"}[same]
     if not lineage["differences"]:
-        return f"[bold]lineage:[/] {note}" + ("; nothing else differs" if same else "")
+        return styled("[bold]lineage:[/] {}{}", note, "; nothing else differs" if same else "")
     return table(f"lineage differences ({note})", _rows(lineage["differences"]),
                  ["field", "a", "b"])
 
 
 def _agreement(found: dict[str, Any]) -> Any:
     if found.get("skipped"):
-        return f"[yellow]output agreement:[/] {found['skipped']}"
+        return styled("[yellow]output agreement:[/] {}", found["skipped"])
     rows = [{"measure": "top-1 agreement", "value": found["top1"]}] if found["classifier"] else []
     rows += [{"measure": f"cosine, output {i}", "value": c} for i, c in enumerate(found["cosine"])]
     rows += [{"measure": f"max abs error, output {i}", "value": m}

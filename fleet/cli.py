@@ -32,7 +32,7 @@ from agent.cli.mqtt_options import (
     UsernameOpt,
     mqtt_security,
 )
-from agent.cli.output import console, emit, fail, table
+from agent.cli.output import console, emit, fail, literal, styled, table
 from agent.cli.service import ServiceSpec, service_app, subcommand
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.signing import TrustedKeys
@@ -485,9 +485,10 @@ def _rollout_row(r: dict[str, Any]) -> dict[str, Any]:
 def _rollout_view(r: dict[str, Any]) -> Group:
     """Header, one progress bar per wave, gates, and the devices that are not done."""
     spec, devices = r["spec"], r.get("devices", [])
-    waves = Table(title=f"rollout {r['id']}: {spec['model']['name']}:"
-                        f"{spec['model']['version']} -> {' '.join(spec['selectors'])}  "
-                        f"[bold]{r['state']}[/]  {r['reason']}", expand=False)
+    waves = Table(title=styled("rollout {}: {}:{} -> {}  [bold]{}[/]  {}", r["id"],
+                               spec["model"]["name"], spec["model"]["version"],
+                               " ".join(spec["selectors"]), r["state"], r["reason"]),
+                  expand=False)
     for column in ("wave", "up to", "devices", "progress", "succeeded", "failed", "waiting"):
         waves.add_column(column)
     for index, bound in enumerate(spec["waves"]):
@@ -497,7 +498,7 @@ def _rollout_view(r: dict[str, Any]) -> Group:
         ok = sum(1 for d in members if d["state"] == "SUCCEEDED")
         bad = sum(1 for d in members if d["state"] in ("FAILED", "TIMED_OUT"))
         marker = "▶ " if index == r["wave"] and r["state"] == "RUNNING" else ""
-        waves.add_row(f"{marker}{index + 1}", bound, str(len(members)),
+        waves.add_row(f"{marker}{index + 1}", literal(bound), str(len(members)),
                       ProgressBar(total=max(len(members), 1), completed=done, width=24),
                       str(ok), str(bad), str(len(members) - done))
     gates = spec["gates"]
@@ -505,8 +506,8 @@ def _rollout_view(r: dict[str, Any]) -> Group:
     notable = [d for d in devices if d["state"] not in ("SUCCEEDED", "PENDING")][:30]
     rows = [{"device": d["device"], "wave": d["wave"] + 1, "state": d["state"],
              "reason": d["reason"]} for d in notable]
-    parts: list[Any] = [waves, f"gates: {gate_text}; soak {spec['soak_s']:g}s, timeout "
-                               f"{spec['device_timeout_s']:g}s"]
+    parts: list[Any] = [waves, literal(f"gates: {gate_text}; soak {spec['soak_s']:g}s, "
+                                       f"timeout {spec['device_timeout_s']:g}s")]
     if rows:
         parts.append(table("devices not done or not succeeded", rows, list(rows[0])))
     return Group(*parts)
@@ -565,8 +566,8 @@ def _keyring_view(data: dict[str, Any], what: str) -> Group:
                               ["key_id", "name", "signed it"])]
     stranded = data.get("stranded") or []
     if stranded:
-        parts.append(f"[yellow]forced past {len(stranded)} devices whose bundle is signed by "
-                     f"a dropped key:[/] {', '.join(stranded[:10])}")
+        parts.append(styled("[yellow]forced past {} devices whose bundle is signed by a "
+                            "dropped key:[/] {}", len(stranded), ", ".join(stranded[:10])))
     return Group(*parts)
 
 

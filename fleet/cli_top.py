@@ -26,7 +26,7 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from agent.cli.output import console, fail
+from agent.cli.output import console, fail, literal, styled
 from agent.protocol.errors import EdgefleetError
 from fleet.client import FleetClient
 from fleet.rollout.state import DONE, FINISHED
@@ -96,15 +96,15 @@ def render(frame: dict[str, Any], problem: str = "") -> Group:
     when = time.strftime("%H:%M:%S", time.localtime(frame["ts_ms"] / 1000))
     states = "  ".join(f"{s} {n}" for s, n in sorted(frame["update_states"].items()))
     parts: list[Any] = [
-        f"[bold]fleet {frame['fleet']}[/]  {devices['total']} devices: "
-        f"[green]{devices['online']} online[/], [red]{devices['offline']} offline[/]  {when}"
-        f"{_leader(frame.get('controller') or {})}",
-        _versions_table(frame["versions"]), f"update states: {states or '-'}"]
+        styled("[bold]fleet {}[/]  {} devices: [green]{} online[/], [red]{} offline[/]  {}{}",
+               frame["fleet"], devices["total"], devices["online"], devices["offline"], when,
+               _leader(frame.get("controller") or {})),
+        _versions_table(frame["versions"]), literal(f"update states: {states or '-'}")]
     parts += [_rollout_table(r) for r in frame["rollouts"]] or ["no rollout running"]
     if frame["attention"]:
         parts.append(_attention_table(frame))
     if problem:
-        parts.append(f"[yellow]{problem}[/]")
+        parts.append(styled("[yellow]{}[/]", problem))
     return Group(*parts)
 
 
@@ -123,20 +123,22 @@ def _versions_table(rows: list[dict[str, Any]]) -> Table:
                    "agreement"):
         table.add_column(column, justify="left" if column == "version" else "right")
     for row in rows:
-        table.add_row(row["version"], str(row["devices"]), _text(row["inferences"]),
+        table.add_row(literal(row["version"]), str(row["devices"]),
+                      literal(_text(row["inferences"])),
                       _ms(row["p50_ms"]), _ms(row["p95_ms"]), _pct(row["error_rate"]),
                       _pct(row["agreement"]))
     return table
 
 
 def _rollout_table(r: dict[str, Any]) -> Table:
-    table = Table(title=f"rollout {r['id']}: {r['model']} -> {' '.join(r['to'])}  "
-                        f"[bold]{r['state']}[/]  {r['reason']}", title_justify="left")
+    table = Table(title=styled("rollout {}: {} -> {}  [bold]{}[/]  {}", r["id"], r["model"],
+                               " ".join(r["to"]), r["state"], r["reason"]),
+                  title_justify="left")
     for column in ("wave", "up to", "devices", "progress", "succeeded", "failed", "waiting"):
         table.add_column(column)
     for w in r["waves"]:
         marker = "▶ " if w["wave"] == r["wave"] and r["state"] == "RUNNING" else ""
-        table.add_row(f"{marker}{w['wave']}", w["up_to"], str(w["devices"]),
+        table.add_row(f"{marker}{w['wave']}", literal(w["up_to"]), str(w["devices"]),
                       ProgressBar(total=max(w["devices"], 1), completed=w["done"], width=20),
                       str(w["succeeded"]), str(w["failed"]), str(w["waiting"]))
     return table
@@ -149,8 +151,8 @@ def _attention_table(frame: dict[str, Any]) -> Table:
     for column in ("device", "online", "group", "model", "update", "detail"):
         table.add_column(column)
     for d in frame["attention"]:
-        table.add_row(d["device"], "yes" if d["online"] else "[red]no[/]", d["group"] or "",
-                      d["model"] or "", d["update"], d["detail"])
+        table.add_row(literal(d["device"]), "yes" if d["online"] else "[red]no[/]",
+                      *(literal(d[k] or "") for k in ("group", "model", "update", "detail")))
     return table
 
 
