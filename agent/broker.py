@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from agent.errors import BrokerError
+from agent.ports import BindError, check_free
 
 try:
     from amqtt.broker import Broker
@@ -41,6 +42,7 @@ def _config(host: str, port: int) -> dict[str, Any]:
 
 async def _serve(host: str, port: int, stop: asyncio.Event, on_ready: Callable[[], None]) -> None:
     """Listen on host:port, call ``on_ready``, serve until ``stop`` is set."""
+    check_free(host, port, "--port PORT")  # amqtt would log a traceback, then fail
     broker = Broker(_config(host, port))
     try:
         await broker.start()
@@ -62,8 +64,11 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_embedded_broker(host: str = "127.0.0.1", port: int = 1883) -> None:
-    """Serve in the foreground until SIGINT or SIGTERM."""
+def run_embedded_broker(host: str = "127.0.0.1", port: int = 1883,
+                        announce: Callable[[str], None] = lambda line: print(line, flush=True)
+                        ) -> None:
+    """Serve in the foreground until SIGINT or SIGTERM; ``announce`` the address once
+    listening."""
     _quiet()
 
     async def main() -> None:
@@ -71,14 +76,8 @@ def run_embedded_broker(host: str = "127.0.0.1", port: int = 1883) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await _serve(
-            host,
-            port,
-            stop,
-            lambda: print(
-                f"edgefleet broker (amqtt, MQTT 3.1.1) listening on {host}:{port}", flush=True
-            ),
-        )
+        await _serve(host, port, stop, lambda: announce(
+            f"edgefleet broker (amqtt, MQTT 3.1.1) listening on {host}:{port}"))
 
     asyncio.run(main())
 
@@ -107,7 +106,7 @@ class EmbeddedBroker:
         self._thread.start()
         if not self._ready.wait(timeout) or self._error is not None:
             self.stop()
-            if isinstance(self._error, BrokerError):
+            if isinstance(self._error, (BrokerError, BindError)):
                 raise self._error
             raise BrokerError(
                 f"the embedded broker did not start on {self.host}:{self.port}",

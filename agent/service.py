@@ -152,6 +152,9 @@ class AgentService:
         model = self.agent.model
         event = self.events.next(kind, detail, state=state,
                                  bundle=bundle or (model.ref if model else None))
+        ref = event.bundle  # the log line names what the event is about, as --log-format json
+        log.info("%s: %s", kind, detail, extra={"state": state, "model": ref and ref.name,
+                                                "version": ref and ref.version})
         if self.mqtt:
             self.mqtt.publish(self.topic(Leaf.EVENTS), encode(event), qos=1, retain=False)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from agent.cli import agent as agent_cli
 from agent.cli import broker as broker_cli
 from agent.cli import keys as keys_cli
+from agent.cli.extras import ExtraMissingError, extra_of, needs, report_missing
 from converter.cli import convert
 from devices import cli as device_cli
 from edgefleet.cli_demo import demo
@@ -24,11 +27,19 @@ app.add_typer(keys_cli.app, name="keys")
 app.add_typer(device_cli.app, name="device")
 app.add_typer(fleet_cli.app, name="fleet")
 app.add_typer(certs_cli.app, name="certs")
-app.command("broker")(broker_cli.broker)
-app.command("demo")(demo)
-app.command("convert")(convert)
+app.command("broker")(broker_cli.broker)  # checks its [broker] extra itself
+app.command("demo")(demo)  # checks its extras itself
+app.command("convert")(needs("convert", "converter")(convert))
 app.command("diff")(diff)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        extra = extra_of(exc.name)
+        if extra is None:
+            raise
+        # a command that needed an extra later than it said: still one line, exit 2
+        report_missing(ExtraMissingError(None, {extra: str(exc.name)}))
+        sys.exit(2)

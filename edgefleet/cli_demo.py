@@ -8,6 +8,7 @@ import typer
 from rich.console import Group
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from agent.cli.extras import ExtraMissingError, report_missing, require
 from agent.cli.output import emit, table
 
 
@@ -17,6 +18,7 @@ def demo(
 ) -> None:
     """Convert a model, run a broker, a controller and devices; roll out, stop a bad
     version, roll back, and show the fleet."""
+    _require_extras()
     from edgefleet.demo import run_demo
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -35,3 +37,19 @@ def demo(
               result.devices, list(result.devices[0]) if result.devices else ["device"]),
         table("history", result.history, ["by", "action", "outcome", "what"]))
     emit(result.as_dict(), as_json, render)
+
+
+def _require_extras() -> None:
+    """The converter and the controller; the embedded broker only without Mosquitto."""
+    from fleet.mosquitto import MosquittoMissingError, find_mosquitto
+
+    try:
+        find_mosquitto()
+        broker: tuple[str, ...] = ()
+    except MosquittoMissingError:
+        broker = ("broker",)
+    try:
+        require("demo", "converter", "fleet", *broker)
+    except ExtraMissingError as exc:
+        report_missing(exc)
+        raise typer.Exit(2) from exc

@@ -24,6 +24,8 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from agent.cli.extras import needs
+from agent.cli.logs import LogFormat, LogFormatOpt, fail_in, setup_logging
 from agent.cli.mqtt_options import (
     CaOpt,
     CertOpt,
@@ -34,6 +36,7 @@ from agent.cli.mqtt_options import (
 )
 from agent.cli.output import console, emit, fail, literal, styled, table
 from agent.cli.service import ServiceSpec, service_app, subcommand
+from agent.ports import check_free
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.signing import TrustedKeys
 from agent.systemd import Unit
@@ -54,6 +57,7 @@ app.add_typer(rollout_app, name="rollout")
 # --- serve ------------------------------------------------------------------------------
 
 @app.command()
+@needs("fleet serve", "fleet")
 def serve(
     fleet: Annotated[str, typer.Option(help="Fleet name (the MQTT topic level)")],
     trusted_key: Annotated[list[Path], typer.Option("--trusted-key",
@@ -96,18 +100,22 @@ def serve(
     share_group: Annotated[str, typer.Option(
         help="The shared subscription group of --shared-telemetry")] = "edgefleet",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Run the controller: registry, rollouts, REST API and bundle downloads."""
     from fleet.api import ApiServer, parse_tokens
     from fleet.controller import ControllerConfig, FleetController
+    from fleet.events_log import log_events
     from fleet.store import open_store
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    json_logs = log_format is LogFormat.json  # machines filter by level themselves
+    setup_logging(log_format, logging.INFO if verbose or json_logs else logging.WARNING,
+                  "%(asctime)s %(levelname)s %(name)s: %(message)s", lambda: {"fleet": fleet})
     host, _, port = http.rpartition(":")
     data_dir = data_dir.resolve()  # stored bundle paths must survive another working dir
     try:
         tokens = parse_tokens(token or [])
+        check_free(host or "127.0.0.1", int(port), "--http HOST:PORT")  # before any thread
         _make_dir(data_dir)  # a first run: SQLite needs the folder
         tls = _server_tls(tls_cert, tls_key)
         store = open_store(db or (data_dir / "fleet.db").resolve())
@@ -120,12 +128,16 @@ def serve(
                                   **_scale_out(controller_id, lease_s, shared_telemetry,
                                                share_group))
         controller = FleetController(config, store).start()
+        log_events(controller)
         api = ApiServer(controller, tokens, host or "127.0.0.1", int(port), tls=tls).start()
     except EdgefleetError as exc:
-        fail(exc)
-    console.print(f"edgefleet controller for fleet [bold]{fleet}[/]: API {api.url}, "
-                  f"broker {broker}, {len(controller.registry)} devices known"
-                  + _role(controller.controller_status()))
+        fail_in(log_format, exc)
+    started = (f"API {api.url}, broker {broker}, {len(controller.registry)} devices known"
+               + _role(controller.controller_status()))
+    if json_logs:
+        logging.getLogger("fleet").info("edgefleet controller: %s", started)
+    else:
+        console.print(f"edgefleet controller for fleet [bold]{fleet}[/]: {started}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -13,6 +13,7 @@ from typing import Annotated, NoReturn
 import typer
 from rich.markup import escape
 
+from agent.cli.logs import LogFormat, LogFormatOpt, agent_context, fail_in, setup_logging
 from agent.cli.mqtt_options import (
     CertOpt,
     KeyOpt,
@@ -180,9 +181,11 @@ def run(
         "--ha-discovery", help="Publish Home Assistant MQTT discovery configs (retained)")
                             ] = False,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Serve a bundle, report telemetry over MQTT, answer KServe v2 requests over HTTP."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    logs = setup_logging(log_format, log_level, "%(asctime)s %(levelname)s %(message)s",
+                         lambda: {"fleet": fleet, "device": device_id})
     data = data_dir.expanduser()
     try:
         security = mqtt_security(ca, cert, key, username, password_file)
@@ -192,7 +195,7 @@ def run(
                       keys=_decryption(decrypt_key or [], data))
         _load_or_refuse(agent, data, bundle, resume=broker is None)
     except EdgefleetError as exc:
-        fail(exc)
+        fail_in(log_format, exc)
     host, port = _host_port(http) if http else ("127.0.0.1", None)
     config = ServiceConfig(fleet=fleet, device_id=device_id, data_dir=data, broker_url=broker,
                            http_host=host, http_port=port,
@@ -202,7 +205,10 @@ def run(
                            latency_budget_ms=latency_budget_ms,
                            ha_discovery=ha_discovery, mqtt_security=security,
                            step_delay_s=float(os.environ.get("EDGEFLEET_FAULT_STEP_DELAY", 0)))
-    _serve_until_signalled(AgentService(config, agent))
+    service = AgentService(config, agent)
+    if logs is not None:
+        logs.context = agent_context(service)
+    _serve_until_signalled(service, log_format)
 
 
 def _load_or_refuse(agent: Agent, data: Path, bundle: Path | None, resume: bool) -> None:
@@ -223,15 +229,15 @@ def _load_or_refuse(agent: Agent, data: Path, bundle: Path | None, resume: bool)
                                   hint=exc.hint or "pass a bundle that verifies") from exc
 
 
-def _serve_until_signalled(service: AgentService) -> None:
+def _serve_until_signalled(service: AgentService, log_format: LogFormat) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         service.start()
-    except EdgefleetError as exc:  # e.g. TLS files that cannot be used
+    except EdgefleetError as exc:  # e.g. TLS files that cannot be used, a port in use
         service.stop()
-        fail(exc)
+        fail_in(log_format, exc)
     model = service.agent.model
     where = f" on http://{service.http.url}" if service.http else ""
     logging.getLogger("edgefleet").info("serving %s %s%s", model.name if model else "-",

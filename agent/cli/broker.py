@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import typer
 
+from agent.cli.extras import needs
+from agent.cli.logs import LogFormat, LogFormatOpt, fail_in, setup_logging
+from agent.protocol.errors import EdgefleetError
 
+log = logging.getLogger("agent.broker")
+
+
+@needs("broker", "broker")
 def broker(
     host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 1883,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port")] = 1883,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Run an embedded broker (amqtt) until Ctrl-C; use Mosquitto for real fleets."""
+    from agent.broker import run_embedded_broker
+
+    setup_logging(log_format, logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    announce = log.info if log_format is LogFormat.json else _print
     try:
-        from agent.broker import run_embedded_broker
-    except ImportError as exc:
-        typer.echo(f"error: the embedded broker is not installed ({exc.name})", err=True)
-        typer.echo("fix: pip install 'edgefleet[broker]'", err=True)
-        raise typer.Exit(2) from exc
-    run_embedded_broker(host, port)
+        run_embedded_broker(host, port, announce)
+    except EdgefleetError as exc:
+        fail_in(log_format, exc)
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)

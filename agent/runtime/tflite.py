@@ -11,16 +11,20 @@ lock and the three interpreter calls. Any other request goes through ``run``.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from agent.runtime._stderr import native_banners_to_log
 from agent.runtime.base import Array, ClosedEngine, TensorInfo, refusal
 from agent.runtime.errors import RuntimeLoadError, closed_error
 
 __all__ = ["TFLiteRuntime"]
+
+log = logging.getLogger(__name__)
 
 
 class TFLiteRuntime:
@@ -31,8 +35,9 @@ class TFLiteRuntime:
         self.name, self.version, self.threads = name, version, threads
         self._interp: Any
         try:
-            self._interp = interpreter_cls(model_content=model, num_threads=threads)
-            self._interp.allocate_tensors()
+            with native_banners_to_log(log):  # the XNNPACK "INFO: Created ..." line
+                self._interp = interpreter_cls(model_content=model, num_threads=threads)
+                self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise RuntimeLoadError(f"{name} {version} cannot load the model: {exc}".strip(),
                                    hint="convert the model for this runtime version") from exc

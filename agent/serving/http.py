@@ -34,6 +34,7 @@ from urllib.parse import unquote
 from agent import __version__
 from agent.core import Agent, NotReadyError
 from agent.loader import LoadedModel
+from agent.ports import bind_error
 from agent.runtime.errors import InferenceError, ModelClosedError
 from agent.serving.kserve import ModelView, RequestError, decode_infer, encode_infer
 
@@ -121,7 +122,11 @@ class _Server(ThreadingHTTPServer):
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves getfqdn(host): seconds on a device without DNS.
-        socketserver.TCPServer.server_bind(self)
+        try:
+            socketserver.TCPServer.server_bind(self)
+        except OSError as exc:
+            host, port = self.server_address[:2]
+            raise bind_error(str(host), int(port), "--http HOST:PORT", exc) from exc
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
     def view(self, model: LoadedModel) -> ModelView:

@@ -1,0 +1,116 @@
+"""Log lines of the long-running commands (``agent run``, ``fleet serve``, ``broker``).
+
+``--log-format text`` (the default) keeps the human line; ``--log-format json`` writes
+one JSON object a line on stderr, ready for ``jq`` or a log shipper::
+
+    {"ts": "2026-12-07T01:02:03.456Z", "level": "INFO", "logger": "agent.service",
+     "message": "update: ...", "device": "cam-17", "model": "digits", "version": "2.0.0",
+     "state": "PROBATION", "rollout": "r1"}
+
+``ts``, ``level``, ``logger`` and ``message`` are always there; ``fleet``, ``device``,
+``model``, ``version``, ``state`` and ``rollout`` when known, from the log call's
+``extra=`` or else from the command's context (a callable read at each line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+from rich.markup import escape
+
+from agent.cli.output import err_console
+from agent.protocol.errors import EdgefleetError
+
+if TYPE_CHECKING:
+    from agent.service import AgentService
+
+__all__ = ["FIELDS", "JsonFormatter", "LogFormat", "LogFormatOpt", "agent_context", "fail_in",
+           "setup_logging"]
+
+FIELDS = ("fleet", "device", "model", "version", "state", "rollout")
+Context = Callable[[], Mapping[str, Any]]
+
+
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+LogFormatOpt = Annotated[LogFormat, typer.Option(
+    "--log-format", help="text, or json: one object a line with ts, level, logger, message "
+                         "and, when known, fleet, device, model, version, state, rollout")]
+
+
+def _no_context() -> Mapping[str, Any]:
+    return {}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record; never a line break inside one (json.dumps escapes it)."""
+
+    def __init__(self, context: Context = _no_context) -> None:
+        super().__init__()
+        self.context = context
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, Any] = {"ts": _utc(record.created), "level": record.levelname,
+                                 "logger": record.name, "message": record.getMessage()}
+        known = {**self.context(), **{k: getattr(record, k, None) for k in FIELDS}}
+        event.update((k, v) for k, v in known.items() if v is not None)
+        if record.exc_info:
+            event["exception"] = self.formatException(record.exc_info)
+        return json.dumps(event, default=str, ensure_ascii=False)
+
+
+def _utc(created: float) -> str:
+    millis = int(created * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{millis:03d}Z"
+
+
+def setup_logging(fmt: LogFormat, level: int | str, text_format: str,
+                  context: Context = _no_context) -> JsonFormatter | None:
+    """Send every log record to stderr in ``fmt``; return the JSON formatter (whose
+    ``context`` the command may widen once it knows more), or None for text."""
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = JsonFormatter(context) if fmt is LogFormat.json else None
+    handler.setFormatter(formatter or logging.Formatter(text_format))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    logging.captureWarnings(True)  # warnings.warn lines become records, JSON too
+    return formatter
+
+
+def fail_in(fmt: LogFormat, exc: EdgefleetError) -> NoReturn:
+    """Report ``exc`` on one line, as the command's other lines are (a JSON record, or
+    ``error: ...``; never wrapped), and exit 2."""
+    if fmt is LogFormat.json:
+        logging.getLogger("edgefleet").error("%s", exc)  # message and hint in one line
+    else:
+        fix = f" (fix: {exc.hint})" if exc.hint else ""
+        err_console.print(f"[bold red]error:[/] {escape(exc.message + fix)}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def agent_context(service: AgentService) -> Context:
+    """What each line of ``agent run`` says of the device: its ids, the model it serves,
+    its update's state and the rollout that asked for it."""
+    config = service.config
+
+    def context() -> Mapping[str, Any]:
+        model, updates, desired = service.agent.model, service.updates, service.desired
+        return {"fleet": config.fleet, "device": config.device_id,
+                "model": model.name if model else None,
+                "version": model.version if model else None,
+                "state": updates.journal.state.value if updates else None,
+                "rollout": desired.rollout if desired else None}
+    return context

@@ -1,0 +1,67 @@
+"""The controller's events as log records, with the fields an operator greps for.
+
+``fleet serve`` attaches :func:`log_events` to its controller: each rollout change,
+device event (update steps, model switches, errors) and drift alert becomes one
+record of the ``fleet.events`` logger whose ``extra`` carries ``rollout``,
+``device``, ``model``, ``version`` and ``state`` where the event knows them (the
+JSON log lines of ``--log-format json`` show them as fields).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fleet.controller import FleetController
+
+__all__ = ["log_events"]
+
+log = logging.getLogger("fleet.events")
+
+
+def log_events(controller: FleetController) -> None:
+    """Log every event ``controller`` notifies its listeners of, from now on."""
+    controller.listeners.append(_record)
+
+
+def _record(kind: str, data: dict[str, Any]) -> None:
+    handler = _HANDLERS.get(kind)
+    if handler is not None:
+        handler(data)
+
+
+def _rollout(data: Mapping[str, Any]) -> None:
+    model = data.get("spec", {}).get("model") or {}
+    reason = f": {data['reason']}" if data.get("reason") else ""
+    log.info("rollout %s %s, wave %s of %s%s", data.get("id"), data.get("state"),
+             int(data.get("wave", 0)) + 1, data.get("waves"), reason,
+             extra={"rollout": data.get("id"), "state": data.get("state"),
+                    "model": model.get("name"), "version": model.get("version")})
+
+
+def _device_event(data: Mapping[str, Any]) -> None:
+    try:
+        event = json.loads(data.get("event") or "{}")
+    except ValueError:  # the controller counts and drops malformed events; log what came
+        event = {}
+    event = event if isinstance(event, dict) else {}
+    bundle = event.get("bundle")
+    bundle = bundle if isinstance(bundle, dict) else {}
+    log.info("device %s %s: %s", data.get("device"), event.get("kind", "event"),
+             event.get("detail", ""),
+             extra={"device": data.get("device"), "state": event.get("state"),
+                    "model": bundle.get("name"), "version": bundle.get("version")})
+
+
+def _alert(data: Mapping[str, Any]) -> None:
+    model, _, version = str(data.get("model") or "").partition(":")
+    log.warning("drift alert %s: %s feature %s PSI %s", data.get("kind"), data.get("device"),
+                data.get("feature"), data.get("psi"),
+                extra={"device": data.get("device"), "model": model or None,
+                       "version": version or None, "state": data.get("kind")})
+
+
+_HANDLERS: dict[str, Callable[[Mapping[str, Any]], None]] = {
+    "rollout": _rollout, "event": _device_event, "alert": _alert}
