@@ -11,13 +11,19 @@ write per response, nothing logged per request. Endpoints::
     POST /v2/models/{name}[/versions/{v}]/infer
 
 Errors are JSON ``{"error": "..."}``: 400 for a request the model cannot take
-(naming what it expects), 404 for an unknown model, 503 before a model is loaded.
+(naming what it expects) or that breaks the protocol's schema (naming the field),
+404 for an unknown model, 503 before a model is loaded.
+
+Every connection is held to :class:`~agent.serving.limits.HttpLimits`: bodies
+over their bound are answered 413 by their ``Content-Length`` before being read,
+a request that does not arrive in time is answered 408 (an idle keep-alive
+connection is closed), a connection over ``max_connections`` is answered 503 and
+closed, and large bodies held at once share one byte budget (else 503).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import re
@@ -25,6 +31,7 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 import weakref
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,7 +43,11 @@ from agent.core import Agent, NotReadyError
 from agent.loader import LoadedModel
 from agent.ports import bind_error
 from agent.runtime.errors import InferenceError, ModelClosedError
-from agent.serving.kserve import ModelView, RequestError, decode_infer, encode_infer
+from agent.serving._head import MAX_LINE, Lengths, lengths, read_headers, request_line
+from agent.serving.errors import IncompleteRequestError, RequestError
+from agent.serving.guard import Budget, Watch, Watchdog
+from agent.serving.kserve import ModelView, decode_infer, encode_infer
+from agent.serving.limits import JSON_WEIGHT, HttpLimits
 
 __all__ = ["InferenceServer"]
 
@@ -45,12 +56,9 @@ log = logging.getLogger(__name__)
 _MODEL_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?")
 _SERVER_META = json.dumps({"name": "edgefleet", "version": __version__,
                            "extensions": ["binary_tensor_data"]}).encode()
-_HEADER_LENGTH = "inference-header-content-length"
 _SERVER = f"edgefleet/{__version__}"
-_MAX_LINE = 65536
-_MAX_HEADERS = 100
-_MAX_BODY = 256 * 1024 * 1024
 _JSON = "application/json"
+_SMALL = 64 * 1024  # bodies up to this size take nothing from the shared budget
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\nServer: {_SERVER}\r\n"
                  for s in HTTPStatus}
 _ROUTES_KEPT = 64
@@ -63,8 +71,9 @@ class InferenceServer:
     calling thread (a CLI) until ``stop()`` is called from another thread or Ctrl-C.
     """
 
-    def __init__(self, agent: Agent, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._httpd = _Server((host, port), agent)
+    def __init__(self, agent: Agent, host: str = "127.0.0.1", port: int = 0,
+                 limits: HttpLimits | None = None) -> None:
+        self._httpd = _Server((host, port), agent, limits or HttpLimits())
         self._thread: threading.Thread | None = None
 
     @property
@@ -76,16 +85,20 @@ class InferenceServer:
         """``host:port``, as ``tritonclient`` takes it (no scheme)."""
         return f"{self._httpd.server_address[0]!s}:{self.port}"
 
+    @property
+    def limits(self) -> HttpLimits:
+        return self._httpd.limits
+
     def start(self) -> InferenceServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         name=f"edgefleet-http-{self.port}", daemon=True)
-        self._httpd.started = True
+        self._httpd.begin()
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
         """Serve in the calling thread until ``stop()`` (from another thread) or Ctrl-C."""
-        self._httpd.started = True
+        self._httpd.begin()
         try:
             self._httpd.serve_forever()
         except KeyboardInterrupt:
@@ -111,14 +124,19 @@ class _Server(ThreadingHTTPServer):
     """Owns the agent, the per-model protocol view and the open connections."""
 
     daemon_threads = True
+    request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], agent: Agent) -> None:
+    def __init__(self, address: tuple[str, int], agent: Agent, limits: HttpLimits) -> None:
         super().__init__(address, _Handler)
-        self.agent, self.started = agent, False
+        self.agent, self.started, self.limits = agent, False, limits
         self._view: tuple[weakref.ref[LoadedModel], ModelView] | None = None
         self._routes: dict[str, tuple[weakref.ref[LoadedModel], ModelView, str | None]] = {}
-        self._connections: set[socket.socket] = set()
-        self._lock = threading.Lock()
+        self.watchdog = Watchdog(period_s=min(0.5, limits.timeout_s / 4))
+        self.budget = Budget(limits.in_flight)
+
+    def begin(self) -> None:
+        self.started = True
+        self.watchdog.start(f"edgefleet-http-watchdog-{self.server_address[1]}")
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves getfqdn(host): seconds on a device without DNS.
@@ -152,13 +170,26 @@ class _Server(ThreadingHTTPServer):
         self._routes[path] = (weakref.ref(model), view, suffix)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        with self._lock:
-            self._connections.add(request)
+        if len(self.watchdog) >= self.limits.max_connections:
+            self._refuse(request)
+            return
+        self.watchdog.add(request)
         super().process_request(request, client_address)
 
+    def _refuse(self, request: socket.socket) -> None:
+        """Answer 503 on a connection over the bound, without a thread, and close it."""
+        log.warning("refused a connection: %d open (agent run --http-max-connections)",
+                    len(self.watchdog))
+        body = _error_json(RequestError(f"{self.limits.max_connections} connections are "
+                                        "open, the most this server takes",
+                                        hint="retry in a second"))
+        with contextlib.suppress(OSError):  # the peer may be gone already
+            request.settimeout(1.0)
+            request.sendall(_head(503, _JSON, len(body), "Retry-After: 1\r\n", True) + body)
+        self.shutdown_request(request)
+
     def shutdown_request(self, request: Any) -> None:
-        with self._lock:
-            self._connections.discard(request)
+        self.watchdog.remove(request)
         super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -185,9 +216,8 @@ class _Server(ThreadingHTTPServer):
 
     def close(self) -> None:
         self.server_close()
-        with self._lock:
-            connections, self._connections = list(self._connections), set()
-        for connection in connections:
+        self.watchdog.stop()
+        for connection in self.watchdog.take_all():
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
 
@@ -196,12 +226,19 @@ class _Handler(BaseHTTPRequestHandler):
     """A lean HTTP/1.1 keep-alive loop: request line, headers, a Content-Length body.
 
     ``BaseHTTPRequestHandler`` gives the socket setup; the request parsing is
-    replaced by a smaller one (``email.parser`` costs tens of µs a request).
+    replaced by a smaller one (``email.parser`` costs tens of µs a request). Each
+    step sets the connection's deadline; the server's watchdog enforces it.
     """
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     server: _Server
+    watch: Watch
+    limits: HttpLimits
+
+    def setup(self) -> None:
+        super().setup()
+        self.watch, self.limits = self.server.watchdog.get(self.request), self.server.limits
 
     def handle(self) -> None:
         try:
@@ -211,32 +248,65 @@ class _Handler(BaseHTTPRequestHandler):
             log.debug("connection %s ended: %s", self.client_address, exc)
 
     def _one_request(self) -> bool:
-        line = self.rfile.readline(_MAX_LINE)
+        self.watch.deadline = time.monotonic() + self.limits.timeout_s
+        line = self.rfile.readline(MAX_LINE)
         if not line.strip():
+            return False  # closed, idle past the timeout, or a stray line end
+        try:
+            method, self.path, version = request_line(line)
+            headers = read_headers(self.rfile)
+            size = lengths(headers, method, self.limits)
+        except RequestError as exc:
+            self._refuse(exc)
+            return False
+        taken = _weight(size)
+        if taken and not self.server.budget.take(taken, self.limits.timeout_s):
+            self._refuse(RequestError("too many large requests are being read at once",
+                                      hint="retry in a second", status=503))
             return False
         try:
-            method, self.path, version = _request_line(line)
-            headers = _read_headers(self.rfile)
-            length = _content_length(headers, method)
-        except RequestError as exc:
-            self._send(exc.status, _error_json(exc), _JSON, close=True)
-            return False
+            return self._answer(method, version, headers, size)
+        finally:
+            if taken:
+                self.server.budget.give(taken)
+
+    def _answer(self, method: str, version: str, headers: dict[str, str],
+                size: Lengths) -> bool:
         if headers.get("expect", "").lower() == "100-continue":
             self.request.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = self.rfile.read(length) if length else b""
-        if len(body) < length:
-            return False  # the client went away mid-body
-        self._dispatch(method, headers, body)
+        body = self._body(size.body) if size.body else b""
+        if body is None:
+            return False
+        self.watch.deadline = _NEVER  # the answer may take as long as inference does
+        self._dispatch(method, body, size.header)
         return version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
 
-    def _dispatch(self, method: str, headers: dict[str, str], body: bytes) -> None:
+    def _body(self, length: int) -> bytes | None:
+        """The body, or None (answered) when it stopped short or ran out of time."""
+        self.watch.deadline = time.monotonic() + self.limits.body_seconds(length)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self._refuse(IncompleteRequestError(f"the body ended after {len(body)} of the "
+                                                f"{length} bytes its Content-Length announced"))
+            return None
+        return body
+
+    def _refuse(self, exc: RequestError) -> None:
+        """Answer an error that ends the connection (408 if its time ran out mid-request)."""
+        if self.watch.expired and isinstance(exc, IncompleteRequestError):
+            exc = RequestError(f"the request did not arrive within its time "
+                               f"({self.limits.timeout_s:g} s for the head, then "
+                               f"{self.limits.min_body_rate} bytes a second)", status=408)
+        self._send(exc.status, _error_json(exc), _JSON, close=True)
+
+    def _dispatch(self, method: str, body: bytes, header_length: int | None) -> None:
         try:
             if method == "POST":
-                self._post(headers, body)
+                self._post(body, header_length)
             elif method == "GET":
                 self._get()
             else:
-                raise RequestError(f"method {method} is not supported", status=405)
+                raise RequestError(f"method {method[:20]} is not supported", status=405)
         except RequestError as exc:
             self._send(exc.status, _error_json(exc), _JSON)
         except (NotReadyError, ModelClosedError) as exc:  # the next model answers: retry
@@ -245,17 +315,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, _error_json(exc), _JSON)
         except OSError:
             raise  # the connection failed: nothing to answer, handle() ends it quietly
-        except Exception as exc:
+        except Exception as exc:  # a bug: answer 500 with its name, keep the connection
             log.exception("%s %s failed", method, self.path)
             self._send(500, json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode(),
                        _JSON)
 
-    def _post(self, headers: dict[str, str], body: bytes) -> None:
+    def _post(self, body: bytes, header_length: int | None) -> None:
         view, suffix = self._route()
         if suffix != "/infer":
             raise RequestError(f"no POST endpoint at {self.path}", status=405)
-        header_length = _header_length(headers)
-        request = decode_infer(body, header_length, view)
+        request = decode_infer(body, header_length, view, self.limits.max_depth)
         results = self.server.agent.predict(request.inputs)
         payload, json_length = encode_infer(view, request, results)
         if json_length is None:
@@ -288,13 +357,13 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.partition("?")[0].rstrip("/")
         match = _MODEL_PATH.fullmatch(unquote(path) if "%" in path else path)
         if match is None:
-            raise RequestError(f"no endpoint at {path or '/'}", status=404)
+            raise RequestError(f"no endpoint at {path[:200] or '/'}", status=404)
         name, version, suffix = match.groups()
         if model is None:
             raise RequestError("no model is loaded yet", hint="retry when /v2/health/ready is 200",
                                status=503)
         if name != model.name or (version is not None and version != model.version):
-            asked = f"{name!r}" + (f" version {version!r}" if version else "")
+            asked = f"{name[:100]!r}" + (f" version {version[:100]!r}" if version else "")
             raise RequestError(f"unknown model {asked}; this device serves {model.name} "
                                f"version {model.version}", status=404)
         view = self.server.view(model)
@@ -303,59 +372,27 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes, content_type: str, extra: str = "",
               close: bool = False) -> None:
-        if close:
-            extra += "Connection: close\r\n"
-        head = (f"{_STATUS_LINES[status]}Content-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\n{extra}\r\n")
-        self.request.sendall(head.encode("latin-1") + body)
+        self.watch.deadline = time.monotonic() + self.limits.body_seconds(len(body))
+        self.request.sendall(_head(status, content_type, len(body), extra, close) + body)
 
 
-def _request_line(line: bytes) -> tuple[str, str, str]:
-    parts = line.decode("latin-1").split()
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise RequestError(f"malformed request line {line[:60]!r}")
-    return parts[0], parts[1], parts[2]
+_NEVER = float("inf")
 
 
-def _read_headers(rfile: io.BufferedIOBase) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for _ in range(_MAX_HEADERS):
-        line = rfile.readline(_MAX_LINE)
-        if line in (b"\r\n", b"\n", b""):
-            return headers
-        name, sep, value = line.decode("latin-1").partition(":")
-        if not sep:
-            raise RequestError(f"malformed header line {line[:40]!r}")
-        headers[name.strip().lower()] = value.strip()
-    raise RequestError(f"more than {_MAX_HEADERS} headers", status=431)
+def _head(status: int, content_type: str, length: int, extra: str, close: bool) -> bytes:
+    if close:
+        extra += "Connection: close\r\n"
+    return (f"{_STATUS_LINES[status]}Content-Type: {content_type}\r\n"
+            f"Content-Length: {length}\r\n{extra}\r\n").encode("latin-1")
 
 
-def _content_length(headers: dict[str, str], method: str) -> int:
-    if "transfer-encoding" in headers:
-        raise RequestError("chunked request bodies are not supported", status=411,
-                           hint="send Content-Length")
-    if headers.get("content-encoding", "identity").lower() != "identity":
-        raise RequestError(f"Content-Encoding {headers['content-encoding']} is not supported",
-                           status=415, hint="send the request uncompressed")
-    raw = headers.get("content-length")
-    if raw is None:
-        if method == "POST":
-            raise RequestError("Content-Length is required", status=411)
+def _weight(size: Lengths) -> int:
+    """What a request takes from the shared budget: its body, and its JSON again
+    ``JSON_WEIGHT - 1`` times (parsing it takes that); nothing for a small body."""
+    if size.body <= _SMALL:
         return 0
-    if not raw.isdigit():
-        raise RequestError(f"Content-Length {raw!r} is not a number")
-    if int(raw) > _MAX_BODY:
-        raise RequestError(f"body of {raw} bytes is over the {_MAX_BODY} byte limit", status=413)
-    return int(raw)
-
-
-def _header_length(headers: dict[str, str]) -> int | None:
-    raw = headers.get(_HEADER_LENGTH)
-    if raw is None:
-        return None
-    if not raw.isdigit():
-        raise RequestError(f"Inference-Header-Content-Length {raw!r} is not a number")
-    return int(raw)
+    json_part = size.body if size.header is None else size.header
+    return size.body + (JSON_WEIGHT - 1) * json_part
 
 
 def _error_json(exc: Exception) -> bytes:

@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.protocol.errors import EdgefleetError
 from agent.runtime.base import Array, TensorInfo, check_feeds
+from agent.serving.errors import RequestError
+from agent.serving.schema import check_depth, check_request
 
 __all__ = ["CACHE_SIZE", "DATATYPES", "InferRequest", "ModelView", "Plan", "RequestError",
            "datatype_of", "decode_infer", "encode_infer"]
@@ -37,16 +38,9 @@ DATATYPES = {"FP32": "float32", "FP16": "float16", "FP64": "float64", "INT8": "i
              "UINT8": "uint8", "INT16": "int16", "UINT16": "uint16", "INT32": "int32",
              "UINT32": "uint32", "INT64": "int64", "UINT64": "uint64", "BOOL": "bool"}
 _BY_DTYPE = {np.dtype(numpy_name): name for name, numpy_name in DATATYPES.items()}
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
+_COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _INPUT_HINT = "GET /v2/models/{name} lists the inputs the model takes"
-
-
-class RequestError(EdgefleetError):
-    """A request the server answers with an HTTP error status (400 unless told)."""
-
-    def __init__(self, message: str, hint: str = "", status: int = 400) -> None:
-        super().__init__(message, hint=hint)
-        self.status = status
 
 
 def datatype_of(dtype: str | np.dtype[Any]) -> str:
@@ -113,13 +107,15 @@ class Plan:
         return InferRequest(self.id, inputs, self.outputs, self)
 
 
-def decode_infer(body: bytes, header_length: int | None, model: ModelView) -> InferRequest:
-    """Parse an infer request and check every input against the model's inputs."""
+def decode_infer(body: bytes, header_length: int | None, model: ModelView,
+                 max_depth: int = 64) -> InferRequest:
+    """Parse an infer request and check it against the protocol's schema (JSON nested
+    deeper than ``max_depth`` is refused unparsed), then every input against the model's."""
     if header_length is not None:
         plan = model.plans.get(body[:header_length])
         if plan is not None and len(body) - header_length == plan.size:
             return plan.request(memoryview(body)[header_length:])
-    doc = _json_header(body, header_length)
+    doc = _json_header(body, header_length, max_depth)
     binary = memoryview(body)[len(body) if header_length is None else header_length:]
     inputs, offset, layout = {}, 0, []
     for item in doc["inputs"]:
@@ -147,25 +143,22 @@ def _plain_id(value: Any) -> bool:
     return value is None or isinstance(value, str)
 
 
-def _json_header(body: bytes, header_length: int | None) -> dict[str, Any]:
+def _json_header(body: bytes, header_length: int | None, max_depth: int) -> dict[str, Any]:
     if header_length is not None and not 0 < header_length <= len(body):
         raise RequestError(f"Inference-Header-Content-Length {header_length} does not fit "
                            f"a body of {len(body)} bytes")
+    text = body if header_length is None else body[:header_length]
+    check_depth(text, max_depth)
     try:
-        doc = json.loads(body if header_length is None else body[:header_length])
+        doc = json.loads(text)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise RequestError(f"request body is not valid JSON: {exc}",
                            hint="send a KServe v2 infer request") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
-        raise RequestError("request must be a JSON object with an 'inputs' list",
-                           hint="send a KServe v2 infer request")
-    return doc
+    return check_request(doc)
 
 
-def _decode_input(item: Any, binary: memoryview, offset: int,
+def _decode_input(item: dict[str, Any], binary: memoryview, offset: int,
                   model: ModelView) -> tuple[str, Array, int]:
-    if not isinstance(item, dict) or not {"name", "shape", "datatype"} <= item.keys():
-        raise RequestError("each input needs 'name', 'shape' and 'datatype'", hint=_INPUT_HINT)
     name, shape, datatype = item["name"], item["shape"], item["datatype"]
     known = model.inputs.get(name)
     if known is None:
@@ -175,34 +168,24 @@ def _decode_input(item: Any, binary: memoryview, offset: int,
         raise RequestError(f"input {name!r}: datatype {datatype}, model expects "
                            f"{known.datatype}",
                            hint=f"send {known.datatype} with shape {list(known.spec.shape)}")
-    _check_shape(name, shape)
     size = (item.get("parameters") or {}).get("binary_data_size")
     if size is None:
-        return name, _from_json(name, item.get("data"), shape, known), offset
+        return name, _from_json(name, item["data"], shape, known), offset
     return name, _from_binary(name, binary, offset, size, shape, known), offset + size
 
 
-def _check_shape(name: str, shape: Any) -> None:
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise RequestError(f"input {name!r}: shape must be a list of non-negative integers, "
-                           f"got {shape!r}")
-
-
-def _from_json(name: str, data: Any, shape: list[int], known: _Input) -> Array:
-    if not isinstance(data, list):
-        raise RequestError(f"input {name!r} has no 'data' list and no binary_data_size",
-                           hint="send the values flat or nested in 'data'")
+def _from_json(name: str, data: list[Any], shape: list[int], known: _Input) -> Array:
     try:
         return np.asarray(data, dtype=known.dtype).reshape(shape)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:  # OverflowError: 1e400, 300 as INT8
         raise RequestError(f"input {name!r}: data does not fit shape {shape}: {exc}",
                            hint=f"send prod(shape) {known.datatype} values") from exc
 
 
-def _from_binary(name: str, binary: memoryview, offset: int, size: Any, shape: list[int],
+def _from_binary(name: str, binary: memoryview, offset: int, size: int, shape: list[int],
                  known: _Input) -> Array:
     expected = math.prod(shape) * known.dtype.itemsize
-    if type(size) is not int or size != expected or offset + size > len(binary):
+    if size != expected or offset + size > len(binary):
         raise RequestError(f"input {name!r}: binary_data_size {size!r}, shape {shape} of "
                            f"{known.datatype} needs {expected} bytes "
                            f"({len(binary) - offset} left in the body)")
@@ -210,14 +193,12 @@ def _from_binary(name: str, binary: memoryview, offset: int, size: Any, shape: l
                          offset).reshape(shape)
 
 
-def _requested(outputs: Any, binary_default: bool,
+def _requested(outputs: list[dict[str, Any]] | None, binary_default: bool,
                names: list[str]) -> list[tuple[str, bool]]:
-    if outputs is None or outputs == []:
+    if not outputs:
         return [(name, binary_default) for name in names]
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-        raise RequestError("'outputs' must be a list of objects with a 'name'")
-    wanted = [(o.get("name"), bool((o.get("parameters") or {}).get("binary_data",
-                                                                    binary_default)))
+    wanted = [(str(o["name"]), bool((o.get("parameters") or {}).get("binary_data",
+                                                                     binary_default)))
               for o in outputs]
     unknown = [name for name, _ in wanted if name not in names]
     if unknown:
@@ -253,10 +234,28 @@ def encode_infer(model: ModelView, request: InferRequest,
                            "outputs": outputs}
     if request.id is not None:
         doc["id"] = request.id
-    header = _COMPACT.encode(doc).encode()
+    header = _json_bytes(doc)
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
+
+
+def _json_bytes(doc: dict[str, Any]) -> bytes:
+    """``doc`` as strict JSON: NaN and infinities in output data become the strings
+    ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (JSON has no such numbers)."""
+    try:
+        return _COMPACT.encode(doc).encode()
+    except ValueError:  # a non-finite float: rare, so only then is every value looked at
+        for output in doc["outputs"]:
+            if "data" in output:
+                output["data"] = [_finite(v) for v in output["data"]]
+        return _COMPACT.encode(doc).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return _NON_FINITE[repr(value)]
+    return value
 
 
 def _raw(value: Array) -> bytes | memoryview:

@@ -1,0 +1,27 @@
+"""Errors of the HTTP server: each one is an answer with a status and a JSON body.
+
+::
+
+    EdgefleetError
+    └── RequestError              a request answered with an HTTP error status (400 unless told)
+        └── IncompleteRequestError  the connection ended, or its time ran out, mid-request
+"""
+
+from __future__ import annotations
+
+from agent.protocol.errors import EdgefleetError
+
+__all__ = ["IncompleteRequestError", "RequestError"]
+
+
+class RequestError(EdgefleetError):
+    """A request the server answers with an HTTP error status (400 unless told)."""
+
+    def __init__(self, message: str, hint: str = "", status: int = 400) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+
+
+class IncompleteRequestError(RequestError):
+    """Part of a request arrived, then the peer stopped sending (400), or took longer than
+    the server waits (answered 408 by the server, which knows which)."""
