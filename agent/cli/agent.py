@@ -13,6 +13,7 @@ from typing import Annotated, NoReturn
 import typer
 from rich.markup import escape
 
+from agent.cli import http_options as web
 from agent.cli.logs import LogFormat, LogFormatOpt, agent_context, fail_in, setup_logging
 from agent.cli.mqtt_options import (
     CertOpt,
@@ -162,6 +163,11 @@ def run(
     username: UsernameOpt = None,
     password_file: PasswordFileOpt = None,
     http: Annotated[str | None, typer.Option(help="HOST:PORT for the KServe v2 server")] = None,
+    http_max_body: web.MaxBodyOpt = web.MAX_BODY,
+    http_max_json: web.MaxJsonOpt = web.MAX_JSON,
+    http_timeout: web.TimeoutOpt = web.TIMEOUT_S,
+    http_min_body_rate: web.MinBodyRateOpt = web.MIN_BODY_RATE,
+    http_max_connections: web.MaxConnectionsOpt = web.MAX_CONNECTIONS,
     trusted_key: Annotated[list[Path] | None, typer.Option(
         help=".pub file or folder of them; default DATA_DIR/keys")] = None,
     decrypt_key: DecryptKey = None,
@@ -199,6 +205,8 @@ def run(
     host, port = _host_port(http) if http else ("127.0.0.1", None)
     config = ServiceConfig(fleet=fleet, device_id=device_id, data_dir=data, broker_url=broker,
                            http_host=host, http_port=port,
+                           http_limits=web.http_limits(http_max_body, http_max_json, http_timeout,
+                                                       http_min_body_rate, http_max_connections),
                            telemetry_interval_s=telemetry_interval,
                            spool_max_bytes=spool_max_bytes, profile=profile,
                            probation_s=probation, max_error_rate=max_error_rate,
