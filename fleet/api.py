@@ -3,7 +3,8 @@
 Standard library only (``ThreadingHTTPServer``). Endpoints::
 
     GET  /healthz                                   no token
-    GET  /bundles/{sha256}.efb                      no token; Range (bytes=N-M) honoured
+    GET  /bundles/{sha256}.efb                      no token; one Range (bytes=N-M, N-, -K)
+                                                    honoured (RFC 9110; 416 when unsatisfiable)
     GET  /metrics                                   no token; Prometheus text format
     GET  /  and  /dashboard/...                     no token; the live fleet page (static)
     GET  /api/v1/stream                             server-sent events for the dashboard
@@ -319,8 +320,11 @@ class _Handler(BaseHTTPRequestHandler):
         if path is None or not path.exists():
             raise NotFoundError(f"no bundle {sha256[:12]}", hint="push it first")
         size = path.stat().st_size
-        start, end = _range(self.headers.get("Range"), size)
-        partial = (start, end) != (0, size - 1)
+        span = _range(self.headers.get("Range"), size)
+        if span is None:
+            return self._unsatisfiable(size)
+        start, end = span
+        partial = (start, end) != (0, max(size - 1, 0))
         self.send_response(HTTPStatus.PARTIAL_CONTENT if partial else HTTPStatus.OK)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Accept-Ranges", "bytes")
@@ -331,6 +335,19 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         _copy(path, start, end - start + 1, self.wfile)
+
+    def _unsatisfiable(self, size: int) -> None:
+        """416 with ``Content-Range: bytes */size`` (RFC 9110 section 15.5.17)."""
+        body = json.dumps({"error": f"the range asked for is not within the bundle's {size} "
+                                    "bytes", "hint": "ask for bytes=N- with N below the size",
+                           "kind": "RangeNotSatisfiable"}).encode()
+        self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Range", f"bytes */{size}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     # --- POST ---------------------------------------------------------------------------
 
@@ -556,20 +573,42 @@ def _limit(text: str | None) -> int:
     return int(text)
 
 
-def _range(header: str | None, size: int) -> tuple[int, int]:
-    """``bytes=N-``, ``bytes=N-M`` or ``bytes=-K`` -> inclusive (start, end); else the whole."""
+_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")  # ASCII digits only (not "²", not "٣")
+_RANGE_DIGITS = 18  # a position of more digits is beyond any file served here
+_BEYOND = 10**_RANGE_DIGITS
+
+
+def _range(header: str | None, size: int) -> tuple[int, int] | None:
+    """RFC 9110 section 14: the inclusive (start, end) a ``Range`` header asks of ``size``
+    bytes, or None when it cannot be satisfied (answered 416, ``bytes */size``).
+
+    The whole file when there is no header, or one that is not a single valid ``bytes``
+    range: another unit, a syntax error, ``N-M`` with M < N, or several ranges (a
+    server may ignore a Range header; devices ask for one range to resume). Positions
+    are ASCII digits, read up to 18 of them (more is beyond any file); a start at or
+    past the end, or a suffix of 0 bytes, is unsatisfiable; an end past it is the end.
+    """
     whole = (0, max(size - 1, 0))
-    match = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
-    if not match or not (match.group(1) or match.group(2)):
+    unit, sep, ranges = (header or "").strip().partition("=")
+    specs = [r.strip(" \t") for r in ranges.split(",")] if sep else []
+    specs = [r for r in specs if r]  # empty list elements are allowed, and ignored
+    if unit.lower() != "bytes" or len(specs) != 1 or size == 0:
         return whole
-    first, last = match.group(1), match.group(2)
-    if not first:
-        return (max(size - int(last), 0), size - 1)
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if start >= size or start > end:
+    match = _RANGE_SPEC.fullmatch(specs[0])
+    if match is None or not (match.group(1) or match.group(2)):
         return whole
-    return start, end
+    first, last = (_position(g) if g else None for g in match.groups())
+    if first is None:  # a suffix: the last N bytes
+        return None if not last else (max(size - last, 0), size - 1)
+    if last is not None and last < first:
+        return whole  # invalid: ignored
+    if first >= size:
+        return None
+    return first, size - 1 if last is None else min(last, size - 1)
+
+
+def _position(digits: str) -> int:
+    return _BEYOND if len(digits) > _RANGE_DIGITS else int(digits)
 
 
 def _copy(path: Path, start: int, length: int, out: Any) -> None:

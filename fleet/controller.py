@@ -34,7 +34,7 @@ from typing import Any
 from agent.mqtt import MqttClient, MqttSecurity
 from agent.protocol.bundle import read_bundle
 from agent.protocol.drift import Monitoring
-from agent.protocol.errors import EdgefleetError, PayloadError
+from agent.protocol.errors import EdgefleetError
 from agent.protocol.files import atomic_write
 from agent.protocol.keyring import (
     KEYRING_FILE,
@@ -46,10 +46,6 @@ from agent.protocol.keyring import (
 from agent.protocol.payloads import (
     BundleRef,
     DesiredState,
-    ReportedState,
-    decode,
-    decode_status,
-    decode_telemetry,
     encode,
 )
 from agent.protocol.signing import TrustedKeys
@@ -62,6 +58,7 @@ from agent.protocol.topics import (
     parse_topic,
 )
 from agent.runtime.inspect import ModelInfo, inspect_model
+from fleet import ingest
 from fleet.compat import incompatibility
 from fleet.domain import AuditEntry, Device, ModelVersion
 from fleet.drift import Alert, AlertChange, DriftMonitor, DriftPolicy, DriftView
@@ -157,6 +154,7 @@ class FleetController:
                                   config.shared_telemetry, clock)
         self.registry = DeviceRegistry(config.fleet, store.devices())
         self.rejected = 0  # malformed messages dropped
+        self.rejected_by: collections.Counter[str] = collections.Counter()  # by reason
         self.broken_ticks = 0  # rollout ticks that raised (each stopped its rollout)
         self._rollouts: dict[str, Rollout] = {}
         self._outbox: collections.OrderedDict[str, bytes] = collections.OrderedDict()
@@ -239,37 +237,38 @@ class FleetController:
     # --- ingest (MQTT network thread) ---------------------------------------------------
 
     def _message(self, topic: str, payload: bytes) -> None:
+        """One device message, checked whole against its schema (:mod:`fleet.ingest`)
+        before anything of it is kept; a refused one is counted by reason and logged."""
         try:
             address = parse_topic(topic)
-            now = self.clock()
-            if address.leaf == Leaf.TELEMETRY:
-                for point in decode_telemetry(payload):
-                    self.telemetry.add(address.device, point.ts, point.values)
-                    if "drift" in point.values:
-                        self._offer_drift(address.device, point.ts, point.values)
-                self.registry.seen(address.device, now)
-            elif address.leaf == Leaf.STATUS and payload:
-                self.registry.status(address.device, decode_status(payload), now)
-            elif address.leaf == Leaf.REPORTED and payload:
-                reported = decode(ReportedState, payload)
-                if reported.device != address.device:
-                    raise PayloadError(f"state/reported of {address.device} names "
-                                       f"{reported.device}")
-                self.registry.reported(reported, now)
-            elif address.leaf == Leaf.EVENTS:
-                self._notify("event", {"device": address.device,
-                                       "event": payload.decode("utf-8", "replace")})
         except (EdgefleetError, ValueError) as exc:
-            self.rejected += 1
-            log.warning("dropped a message on %s: %s", topic, exc)
+            self._reject(topic, "topic", exc)
+            return
+        try:
+            self._take(address.leaf, address.device, payload)
+        except (EdgefleetError, ValueError) as exc:
+            self._reject(topic, ingest.reason(exc), exc)
 
-    def _offer_drift(self, device: str, ts: int, values: dict[str, Any]) -> None:
-        window, model, version = values["drift"], values.get("model"), values.get("model_version")
-        if isinstance(window, dict) and isinstance(model, str) and isinstance(version, str):
-            self.drift.offer(device, model, version, ts, window)
-        else:
-            raise PayloadError("telemetry carries a drift window without model and "
-                               "model_version, or one that is not an object")
+    def _take(self, leaf: Leaf, device: str, payload: bytes) -> None:
+        now = self.clock()
+        if leaf == Leaf.TELEMETRY:
+            for ts, values in ingest.telemetry(payload):
+                self.telemetry.add(device, ts, values)
+                if "drift" in values:  # checked: an object, with model and model_version
+                    self.drift.offer(device, values["model"], values["model_version"], ts,
+                                     values["drift"])
+            self.registry.seen(device, now)
+        elif leaf == Leaf.STATUS and payload:
+            self.registry.status(device, ingest.status(payload), now)
+        elif leaf == Leaf.REPORTED and payload:
+            self.registry.reported(ingest.reported(device, payload), now)
+        elif leaf == Leaf.EVENTS:
+            self._notify("event", {"device": device, "event": ingest.event(payload)})
+
+    def _reject(self, topic: str, reason: str, exc: Exception) -> None:
+        self.rejected += 1
+        self.rejected_by[reason] += 1
+        log.warning("dropped a message on %s (%s): %s", topic[:200], reason, exc)
 
     def _notify(self, kind: str, data: dict[str, Any]) -> None:
         for listener in list(self.listeners):
@@ -960,6 +959,7 @@ class FleetController:
                 "online": sum(1 for d in devices if d.online),
                 "versions": dict(versions), "update_states": dict(states),
                 "telemetry_points": self.telemetry.points, "rejected": self.rejected,
+                "rejected_by": dict(self.rejected_by),
                 "outbox": len(self._outbox), "controller": self.controller_status(),
                 **({"quality": self.telemetry.summary()} if quality else {})}
 

@@ -27,7 +27,9 @@ is counted on the ingest path. Families (all prefixed ``edgefleet_``)::
     drift_psi_mean{model,version,feature} gauge   mean PSI of the devices' latest windows
     drift_windows_total                  counter  drift windows compared with their reference
     telemetry_points_total               counter  telemetry points ingested
-    messages_rejected_total              counter  MQTT messages dropped as malformed
+    messages_rejected_total{reason}      counter  MQTT messages refused on arrival (fleet.ingest:
+                                                  topic, too_large, json, schema_version,
+                                                  schema, identity); every reason shown
 
 Which windows: the *latest window* of a (model, version) is the entry for that version in
 the latest telemetry point of each **online** device (agents send one point per
@@ -69,6 +71,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.registry import CollectorRegistry
 
 from fleet.domain import Device
+from fleet.ingest import REASONS
 from fleet.rollout.state import DeviceState, Rollout, RolloutState
 from fleet.telemetry import VersionKey
 
@@ -120,8 +123,13 @@ class FleetCollector:
         yield CounterMetricFamily("edgefleet_telemetry_points",
                                   "Telemetry points ingested from devices.",
                                   value=c.telemetry.points)
-        yield CounterMetricFamily("edgefleet_messages_rejected",
-                                  "MQTT messages dropped as malformed.", value=c.rejected)
+        rejected = CounterMetricFamily("edgefleet_messages_rejected",
+                                       "MQTT messages dropped as malformed, by reason "
+                                       "(fleet.ingest.REASONS).", labels=["reason"])
+        by_reason = dict(c.rejected_by)
+        for reason in (*REASONS, *sorted(set(by_reason) - set(REASONS))):
+            rejected.add_metric([reason], by_reason.get(reason, 0))
+        yield rejected
 
     def _counter_families(self, latest: dict[str, dict[str, Any]]) -> Iterator[Metric]:
         for device, values in latest.items():
