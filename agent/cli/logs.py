@@ -62,8 +62,8 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         event: dict[str, Any] = {"ts": _utc(record.created), "level": record.levelname,
                                  "logger": record.name, "message": record.getMessage()}
-        known = {**self.context(), **{k: getattr(record, k, None) for k in FIELDS}}
-        event.update((k, v) for k, v in known.items() if v is not None)
+        event.update((k, v) for k, v in self.context().items() if v is not None)
+        event.update((k, v) for k in FIELDS if (v := getattr(record, k, None)) is not None)
         if record.exc_info:
             event["exception"] = self.formatException(record.exc_info)
         return json.dumps(event, default=str, ensure_ascii=False)
