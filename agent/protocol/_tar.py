@@ -80,12 +80,12 @@ class TarReader:
                 raise BundleFormatError(f"not a bundle archive: more than {MAX_HEADERS} headers",
                                         hint=_HINT)
             entry = _entry(block, offset + BLOCK, pending)
-            self._check_fits(entry)
             if block[156:157] in _EXTENDED:
                 pending = self._extended(block[156:157], entry, pending)
             else:
-                yield entry
+                yield entry  # the caller judges its name, type and size first
                 pending = _Pending()
+            self._check_fits(entry)
             offset = entry.offset + _padded(entry.size)
         if pending.count:
             raise BundleFormatError("not a bundle archive: it ends after an extended header",
