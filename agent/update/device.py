@@ -93,14 +93,14 @@ class DeviceController:
         path = self._download_path(j)
         try:
             self._check(j, path)
-        except EdgefleetError:
+        except Exception:  # whatever the parser raised, these bytes must not be used again
             self._discard(path)
             raise
 
     def _verifies(self, j: Journal, path: Path) -> bool:
         try:
             self._check(j, path)
-        except EdgefleetError:
+        except Exception:  # any failure to verify means: not reusable, fetch it again
             return False
         return True
 
