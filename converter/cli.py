@@ -8,9 +8,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
     SpinnerColumn,
     TextColumn,
@@ -25,13 +25,27 @@ def convert(
     model: Annotated[Path, typer.Argument(help=".keras/.h5, SavedModel folder, .onnx, .tflite")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (.efb)")],
     format: Annotated[str, typer.Option(help="tflite or onnx")] = "tflite",
-    quantize: Annotated[str, typer.Option(help="none, fp16, dynamic, int8 or auto")] = "none",
+    quantize: Annotated[str, typer.Option(
+        help="none, fp16, dynamic, int8 or auto; float .tflite sources also weight-only and "
+             "int8-a16 (16-bit activations)")] = "none",
     calibration: Annotated[Path | None, typer.Option(help=".npy, .npz or image folder")] = None,
     eval: Annotated[Path | None, typer.Option(help="Evaluation data; .npz 'labels'")] = None,
     prune: Annotated[float | None, typer.Option(help="Target sparsity, e.g. 0.5")] = None,
     fine_tune_data: Annotated[Path | None, typer.Option(help=".npz with x and labels")] = None,
     target: Annotated[list[str] | None, typer.Option(help="Device profile(s) to check")] = None,
-    max_drop: Annotated[float | None, typer.Option(help="Accuracy budget in points")] = None,
+    max_drop: Annotated[float | None, typer.Option(
+        help="Accuracy budget in points (default 1: labels' accuracy, else the worst output's "
+             "score)")] = None,
+    search_budget: Annotated[float, typer.Option(
+        help="Seconds --quantize auto may spend searching")] = 480.0,
+    calibration_method: Annotated[str, typer.Option(
+        help="ONNX int8 calibration: minmax, percentile or entropy")] = "minmax",
+    activations: Annotated[str, typer.Option(help="ONNX int8 activations: uint8 or int8")] =
+    "uint8",
+    input_shape: Annotated[list[str] | None, typer.Option(
+        help="Fix an input's dynamic dims: NAME=1x3x320x320 (repeatable)")] = None,
+    input_size: Annotated[str | None, typer.Option(
+        help="Height x width of a single image input, e.g. 320x320")] = None,
     name: Annotated[str | None, typer.Option(help="Bundle name (default: file stem)")] = None,
     version: Annotated[str, typer.Option(help="Bundle version (semver)")] = "1.0.0",
     sign_key: Annotated[Path, typer.Option(help="Ed25519 private key (.key)")] =
@@ -62,18 +76,26 @@ def convert(
                                max_drop=max_drop, name=name, version=version,
                                scale=scale,  # type: ignore[arg-type]
                                int8_io=int8_io, quiet=quiet or as_json,
-                               encrypt_for=tuple(encrypt_for or ()), record_host=record_host)
+                               encrypt_for=tuple(encrypt_for or ()), record_host=record_host,
+                               search_budget=search_budget,
+                               calibration_method=calibration_method, activations=activations,
+                               input_shapes=tuple(_shape(s) for s in input_shape or ()),
+                               input_size=_size(input_size) if input_size else None)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     # Progress goes to a duplicate of stderr: conversions silence fds 1 and 2 meanwhile.
     progress_out = Console(file=os.fdopen(os.dup(2), "w"), stderr=True)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), transient=True,
+                  TextColumn("{task.fields[count]}"), TimeElapsedColumn(), transient=True,
                   console=progress_out, disable=config.quiet) as progress:
-        task = progress.add_task("converting", total=None)
+        task = progress.add_task("loading the source model", total=None, count="")
 
         def step(text: str, done: int | None = None, total: int | None = None) -> None:
-            progress.update(task, description=text, completed=done or 0, total=total)
+            # a stage without a count shows no stale count from the stage before it
+            counted = done is not None and total is not None
+            progress.update(task, description=escape(text), completed=done or 0,
+                            total=total if counted else None,
+                            count=f"{done}/{total}" if counted else "")
 
         try:
             report = run(config, step)
@@ -85,15 +107,51 @@ def convert(
     _show(report.as_dict(), as_json)
 
 
+def _worst(agreement: dict[str, Any]) -> str:
+    outputs = agreement.get("outputs") or []
+    if not outputs:
+        return ""
+    worst = min(outputs, key=lambda o: o["score"])
+    metric = (f"cos {worst['cosine']:.4f}, rel RMS {worst['rel_rms']:.3f}"
+              if worst["judged_by"] == "cosine" else
+              f"err {worst['max_abs_error'] / (worst['range'] or 1):.1%} of range")
+    return f"{worst['name'][:24]}: {metric}"
+
+
+def _kept(names: list[str]) -> str:
+    return "" if not names else f"{len(names)}: {', '.join(names)}"[:40]
+
+
+def _shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, _, dims = text.rpartition("=")
+    if not name or not dims:
+        raise typer.BadParameter(f"--input-shape {text!r}: expected NAME=1x3x320x320")
+    return name, _dims(dims, "--input-shape")
+
+
+def _size(text: str) -> tuple[int, int]:
+    dims = _dims(text, "--input-size")
+    if len(dims) != 2:
+        raise typer.BadParameter(f"--input-size {text!r}: expected HEIGHTxWIDTH, e.g. 320x320")
+    return dims[0], dims[1]
+
+
+def _dims(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in text.lower().split("x"))
+    except ValueError as exc:
+        raise typer.BadParameter(f"{option} {text!r}: dims are integers joined by x") from exc
+
+
 def _show(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         emit(report, True)
         return
-    rows = [{"attempt": a["label"], "size": a["size_bytes"], "accuracy": a["accuracy"],
-             "drop (points)": a["accuracy_drop_points"],
+    rows = [{"attempt": a["label"], "recipe": a["recipe"][:40], "size": a["size_bytes"],
+             "accuracy": a["accuracy"], "drop (points)": a["accuracy_drop_points"],
              "top-1 agree": a["agreement"].get("top1"),
-             "min cosine": min(a["agreement"].get("cosine") or [None], key=lambda c: c or 0),
-             "p50 ms": a["latency_p50_ms"], "kept float": ", ".join(a["keep_float"])[:40],
+             "worst output": _worst(a["agreement"]),
+             "p50 ms": a["latency_p50_ms"], "kept float": _kept(a["keep_float"]),
              "result": ("chosen" if a["label"] == report["chosen"] else
                         "ok" if a["accepted"] else "rejected"), "why": a["reason"][:70]}
             for a in report["attempts"]]
@@ -101,6 +159,8 @@ def _show(report: dict[str, Any], as_json: bool) -> None:
              f"accuracy {report['source_accuracy']}, p50 {report['source_latency_p50_ms']} ms) "
              f"-> {report['format']}, {report['conversion_seconds']} s")
     console.print(table(title, rows, list(rows[0]) if rows else []))
+    for suggestion in report.get("suggestions") or []:
+        console.print(f"try: {escape(suggestion['option'])} ({escape(suggestion['why'])})")
     for warning in report["warnings"] + [w for a in report["attempts"] for w in a["warnings"]]:
         console.print(styled("[yellow]warning:[/] {}", warning))
     if report["output"]:

@@ -6,12 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["QUANTIZE_MODES", "ConvertConfig", "Format", "Quantize", "Scale"]
+__all__ = ["CALIBRATION_METHODS", "DEFAULT_MAX_DROP", "QUANTIZE_MODES", "TFLITE_SOURCE_ONLY",
+           "ConvertConfig", "Format", "Quantize", "Scale"]
 
 Format = Literal["tflite", "onnx"]
-Quantize = Literal["none", "fp16", "dynamic", "int8", "auto"]
+Quantize = Literal["none", "fp16", "dynamic", "weight-only", "int8", "int8-a16", "auto"]
 Scale = Literal["0-1", "-1-1", "0-255"]
-QUANTIZE_MODES: tuple[Quantize, ...] = ("none", "fp16", "dynamic", "int8", "auto")
+DEFAULT_MAX_DROP = 1.0  # points: accuracy with labels, else 100 x (1 - worst output score)
+QUANTIZE_MODES: tuple[Quantize, ...] = ("none", "fp16", "dynamic", "weight-only", "int8",
+                                        "int8-a16", "auto")
+TFLITE_SOURCE_ONLY = ("weight-only", "int8-a16")  # ai-edge-quantizer recipes
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,12 @@ class ConvertConfig:
     quiet: bool = False
     encrypt_for: tuple[Path, ...] = ()  # X25519 public keys (NAME.x25519pub) to encrypt for
     record_host: bool = True  # the build host's name in the bundle's lineage
+    calibration_method: str = "minmax"  # ONNX int8: minmax, percentile or entropy
+    activations: str = "uint8"  # ONNX int8 activations: uint8 or int8
+    search_budget: float = 480.0  # seconds --quantize auto may spend on its search
+    # NAME -> fixed shape for inputs with dynamic dims; input_size fixes H x W of one image input
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    input_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_MODES:
@@ -48,8 +59,22 @@ class ConvertConfig:
             raise ValueError(f"prune sparsity must be between 0 and 1, got {self.prune}")
         if self.max_drop is not None and self.max_drop < 0:
             raise ValueError("max_drop is in accuracy points and cannot be negative")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}")
+        if self.activations not in ("uint8", "int8"):
+            raise ValueError("activations must be uint8 or int8")
+        if self.search_budget <= 0:
+            raise ValueError("search budget must be a positive number of seconds")
+        if any(d < 1 for _, shape in self.input_shapes for d in shape) or \
+                any(d < 1 for d in self.input_size or ()):
+            raise ValueError("input shapes and sizes are positive integers")
         if self.calibration_samples < 1:
             raise ValueError("calibration_samples must be at least 1")
+
+    @property
+    def budget_points(self) -> float:
+        """``max_drop``, or :data:`DEFAULT_MAX_DROP` when none was given."""
+        return DEFAULT_MAX_DROP if self.max_drop is None else self.max_drop
 
     @property
     def model_name(self) -> str:

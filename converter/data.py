@@ -21,7 +21,7 @@ from agent.runtime.base import Array, TensorInfo
 from converter.config import Scale
 from converter.errors import DataError
 
-__all__ = ["IMAGE_SUFFIXES", "Dataset", "load_dataset"]
+__all__ = ["DYNAMIC_SIDE", "IMAGE_SUFFIXES", "Dataset", "load_dataset"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 DYNAMIC_SIDE = 224  # images for inputs with a dynamic height or width are resized to this

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -12,21 +13,70 @@ import numpy as np
 from agent.runtime.base import Array
 from converter.data import Dataset
 
-__all__ = ["Agreement", "accuracy", "agreement", "is_classifier", "latency_p50_ms", "run_batched"]
+__all__ = ["SMALL_OUTPUT", "Agreement", "OutputError", "accuracy", "agreement", "is_classifier",
+           "latency_p50_ms", "output_error", "run_batched"]
 
 Predict = Callable[[Mapping[str, Array]], list[Array]]
 
 
-@dataclass(frozen=True)
-class Agreement:
-    """Per output: cosine similarity and max abs error; top-1 agreement for classifiers."""
+SMALL_OUTPUT = 8  # outputs of fewer numbers a sample are judged by error against their range
+RANGE_WEIGHT = 0.2  # a small output's score: 1 - 0.2 x (max abs error / range)
 
-    cosine: list[float]
-    max_abs_error: list[float]
-    top1: float | None
+
+@dataclass(frozen=True)
+class OutputError:
+    """How far one converted output is from the source's, measured several ways.
+
+    ``score`` is what the budget reads, on a cosine's scale: the cosine for outputs of
+    at least :data:`SMALL_OUTPUT` numbers a sample; for smaller ones (a score, a flag),
+    where a cosine says nothing, ``1 - RANGE_WEIGHT * max_abs_error / range`` (an error
+    of 5 % of the output's range on the evaluation data scores 0.99).
+    """
+
+    index: int
+    name: str
+    numbers: int  # per sample
+    cosine: float
+    rel_rms: float  # RMS of the error over the RMS of the source output
+    sqnr_db: float | None  # 10 log10(signal power / error power); None when exact
+    max_abs_error: float
+    range: float  # max - min of the source output over the evaluation data
+    judged_by: str  # "cosine" or "range"
+    score: float
 
     def as_dict(self) -> dict[str, Any]:
-        return {"cosine": self.cosine, "max_abs_error": self.max_abs_error, "top1": self.top1}
+        return asdict(self)
+
+    def describe(self) -> str:
+        if self.judged_by == "range":
+            return (f"output {self.name!r} ({self.numbers} numbers): max error "
+                    f"{self.max_abs_error:.4g} = {self.max_abs_error / (self.range or 1):.1%} "
+                    f"of its range {self.range:.4g}")
+        return (f"output {self.name!r}: cosine {self.cosine:.4f}, rel RMS {self.rel_rms:.4f}, "
+                f"SQNR {'exact' if self.sqnr_db is None else f'{self.sqnr_db:.1f} dB'}")
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Per output errors (:class:`OutputError`), the worst of them; top-1 for classifiers."""
+
+    outputs: list[OutputError]
+    top1: float | None
+
+    @property
+    def cosine(self) -> list[float]:
+        return [o.cosine for o in self.outputs]
+
+    @property
+    def worst(self) -> OutputError:
+        return min(self.outputs, key=lambda o: o.score)
+
+    def as_dict(self) -> dict[str, Any]:
+        worst = self.worst
+        return {"cosine": self.cosine, "max_abs_error": [o.max_abs_error for o in self.outputs],
+                "top1": self.top1, "outputs": [o.as_dict() for o in self.outputs],
+                "worst_output": worst.name, "worst_score": worst.score,
+                "worst": worst.describe()}
 
 
 def run_batched(predict: Predict, data: Dataset, batch: int = 64,
@@ -47,16 +97,41 @@ def accuracy(outputs: Sequence[Array], labels: Array) -> float:
     return float((np.asarray(outputs[0]).argmax(axis=1) == labels.reshape(-1)).mean())
 
 
-def agreement(source: Sequence[Array], converted: Sequence[Array]) -> Agreement:
+def agreement(source: Sequence[Array], converted: Sequence[Array],
+              names: Sequence[str] = ()) -> Agreement:
+    """Compare outputs pairwise (by position, or by shape when reordered)."""
     pairs = _match(source, converted)
-    cosine = [_cosine(a, b) for a, b in pairs]
-    max_abs = [float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) for a, b in pairs]
+    labels = list(names) if len(names) == len(pairs) else [str(i) for i in range(len(pairs))]
+    errors = [output_error(i, labels[i], a, b) for i, (a, b) in enumerate(pairs)]
     top1 = None
     if is_classifier(source):
         a, b = pairs[0]
-        top1 = float((a.argmax(axis=1) == b.argmax(axis=1)).mean())
-    return Agreement([round(c, 6) for c in cosine], [round(m, 6) for m in max_abs],
-                     None if top1 is None else round(top1, 6))
+        top1 = round(float((a.argmax(axis=1) == b.argmax(axis=1)).mean()), 6)
+    return Agreement(errors, top1)
+
+
+def output_error(index: int, name: str, source: Array, converted: Array) -> OutputError:
+    a, b = source.astype(np.float64), converted.astype(np.float64)
+    error = a - b
+    signal, noise = float(np.mean(a * a)), float(np.mean(error * error))
+    numbers = int(a.size // max(a.shape[0], 1)) if a.ndim else 1
+    span = float(a.max() - a.min()) if a.size else 0.0
+    max_abs = float(np.abs(error).max()) if a.size else 0.0
+    cosine = _cosine(a, b)
+    small = numbers < SMALL_OUTPUT
+    score = (1.0 - RANGE_WEIGHT * min(max_abs / span, 5.0) if span > 0 else
+             (1.0 if max_abs == 0 else 0.0)) if small else cosine
+    return OutputError(index, name, numbers, round(cosine, 6),
+                       round(math.sqrt(noise / signal), 6) if signal > 0 else
+                       (0.0 if noise == 0 else 1.0),
+                       _sqnr(signal, noise), round(max_abs, 6), round(span, 6),
+                       "range" if small else "cosine", round(score, 6))
+
+
+def _sqnr(signal: float, noise: float) -> float | None:
+    if noise == 0:
+        return None
+    return round(10 * math.log10(signal / noise), 2) if signal > 0 else -100.0  # all-zero source
 
 
 def _match(source: Sequence[Array], converted: Sequence[Array]) -> list[tuple[Array, Array]]:

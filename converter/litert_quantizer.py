@@ -24,8 +24,9 @@ from converter.errors import (
     UnsupportedPathError,
 )
 
-__all__ = ["ensure_signature", "float16_weights_to_float32", "normalize_opcodes",
-           "quantize_tflite"]
+__all__ = ["RECIPES", "STATIC", "ensure_signature", "float16_weights_to_float32",
+           "normalize_opcodes",
+           "prepare", "quantize_tflite", "stores_float16"]
 
 SIGNATURE = "serving_default"
 
@@ -162,34 +163,87 @@ def _signature_inputs(model: bytes) -> dict[str, str]:
     return {detail["name"]: key for key, detail in runner.get_input_details().items()}
 
 
-def quantize_tflite(model: bytes, mode: str, data: Dataset | None) -> bytes:
-    if mode in ("none",):
+def prepare(model: bytes) -> bytes:
+    """What the quantizer reads: opcodes normalized, float16 weights folded, a signature."""
+    return ensure_signature(float16_weights_to_float32(normalize_opcodes(model)))
+
+
+def stores_float16(model: bytes) -> bool:
+    """Whether the model keeps its weights in float16 behind ``DEQUANTIZE`` (mediapipe's do)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    root = schema.Model.GetRootAsModel(model, 0)
+    graph = root.Subgraphs(0)
+    codes = [max(root.OperatorCodes(i).BuiltinCode(), root.OperatorCodes(i).DeprecatedBuiltinCode())
+             for i in range(root.OperatorCodesLength())]
+    for i in range(graph.OperatorsLength()):
+        op = graph.Operators(i)
+        if codes[op.OpcodeIndex()] == schema.BuiltinOperator.DEQUANTIZE and \
+                graph.Tensors(op.Inputs(0)).Type() == schema.TensorType.FLOAT16:
+            return True
+    return False
+
+
+def quantize_tflite(model: bytes, mode: str, data: Dataset | None,
+                    keep_float: tuple[str, ...] = ()) -> bytes:
+    """Quantize a float TFLite with recipe ``mode`` (:data:`RECIPES`); ``keep_float`` names
+    the output tensors of operators left in float."""
+    if mode == "none":
         return model
-    if mode == "fp16":
-        raise UnsupportedPathError("fp16 of a float .tflite is not offered",
-                                   hint="convert the original Keras/SavedModel with fp16")
-    quantizer, recipe = _modules()
-    signed = ensure_signature(float16_weights_to_float32(normalize_opcodes(model)))
+    if mode == "fp16" and stores_float16(model):
+        return model  # keep float16: the source already is what fp16 would write
+    if mode not in RECIPES:
+        raise UnsupportedPathError(f"{mode} of a float .tflite is not offered",
+                                   hint=f"use --quantize with one of {sorted(RECIPES)}")
+    quantizer, _ = _modules()
+    signed = prepare(model)
     try:
         with quiet_stdout():
-            return _quantize(quantizer, recipe, signed, mode, data)
+            return _quantize(quantizer, _recipe(mode, keep_float), signed, data)
     except (DataError, UnsupportedPathError):
         raise
     except Exception as exc:  # the quantizer raises ValueError, KeyError, RuntimeError
         raise ConversionFailedError(f"ai-edge-quantizer ({mode}) failed: {exc!r}",
-                                    hint="try --quantize dynamic, or convert the source model"
-                                    ) from exc
+                                    hint="try --quantize fp16 or --quantize auto") from exc
 
 
-def _quantize(quantizer: Any, recipe: Any, signed: bytes, mode: str,
-              data: Dataset | None) -> bytes:
-    if mode == "dynamic":
-        q = quantizer.Quantizer(signed, recipe.dynamic_wi8_afp32())
+# edgefleet mode -> (ai-edge-quantizer config kind, weight bits, activation bits)
+RECIPES = {"dynamic": ("dynamic", 8, 0), "weight-only": ("weight_only", 8, 0),
+           "int8": ("static", 8, 8), "int8-a16": ("static", 8, 16), "fp16": ("float16", 16, 0)}
+STATIC = ("int8", "int8-a16")
+
+
+def _recipe(mode: str, keep_float: tuple[str, ...]) -> Any:
+    import re
+
+    from ai_edge_quantizer import algorithm_manager, qtyping, recipe_manager
+
+    manager = recipe_manager.RecipeManager()
+    kind, weights, activations = RECIPES[mode]
+    every = qtyping.TFLOperationName.ALL_SUPPORTED
+    if kind == "static":
+        manager.add_static_config(regex=".*", operation_name=every,
+                                  activation_num_bits=activations, weight_num_bits=weights)
+    elif kind == "float16":
+        manager.add_weight_only_config(regex=".*", operation_name=every, num_bits=16,
+                                       algorithm_key=algorithm_manager.AlgorithmName.FLOAT_CASTING)
+    else:
+        getattr(manager, f"add_{kind}_config")(regex=".*", operation_name=every,
+                                                 num_bits=weights)
+    for name in keep_float:  # later rules win: these operators stay float
+        manager.add_quantization_config(
+            regex=f"^{re.escape(name)};", operation_name=every,  # scope: "out1;out2;"
+            algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE)
+    return manager.get_quantization_recipe()
+
+
+def _quantize(quantizer: Any, recipe: Any, signed: bytes, data: Dataset | None) -> bytes:
+    q = quantizer.Quantizer(signed, recipe)
+    if not q.need_calibration:
         return bytes(q.quantize(enable_progress_report=False).quantized_model)
     if data is None:
-        raise DataError("int8 quantization needs calibration data",
+        raise DataError("static quantization needs calibration data",
                         hint="pass --calibration PATH (.npy, .npz or an image folder)")
-    q = quantizer.Quantizer(signed, recipe.static_wi8_ai8())
     names = _signature_inputs(signed)
     samples = [{names.get(k, k): v[i:i + 1] for k, v in data.inputs.items()}
                for i in range(len(data))]

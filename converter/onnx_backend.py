@@ -31,7 +31,7 @@ from converter.data import Dataset
 from converter.errors import ConversionFailedError, DataError, MissingExtraError
 from converter.sources import SourceModel
 
-__all__ = ["export_onnx", "quantize_onnx", "sensitive_onnx_nodes"]
+__all__ = ["CALIBRATION_METHODS", "export_onnx", "quantize_onnx", "sensitive_onnx_nodes"]
 
 OPSET = 17
 QDQ_MIN_OPSET = 13
@@ -91,9 +91,15 @@ class _Reader:
             yield item
 
 
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
 def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
                   keep_float: tuple[str, ...] = (),
-                  on_sample: Callable[[int, int], None] = lambda done, total: None) -> bytes:
+                  on_sample: Callable[[int, int], None] = lambda done, total: None,
+                  method: str = "minmax", activations: str = "uint8") -> bytes:
+    """``mode`` none, fp16, dynamic or int8; int8 takes a calibration ``method``
+    (:data:`CALIBRATION_METHODS`) and ``activations`` (uint8 or int8)."""
     if mode == "none":
         return model
     try:
@@ -120,8 +126,11 @@ def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
                     raise DataError("int8 quantization needs calibration data",
                                     hint="pass --calibration PATH (.npy, .npz or an image folder)")
                 quantize_static(pre, out, _Reader(data, on_sample), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QUInt8,
-                                weight_type=QuantType.QInt8, nodes_to_exclude=list(keep_float))
+                                per_channel=True, activation_type=QuantType.QUInt8
+                                if activations == "uint8" else QuantType.QInt8,
+                                weight_type=QuantType.QInt8, nodes_to_exclude=list(keep_float),
+                                calibrate_method=_method(method),
+                                extra_options=_calibration_options(method))
             _strip_shape_annotations(out)
         except (DataError, MissingExtraError):
             raise
@@ -129,6 +138,18 @@ def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
             raise ConversionFailedError(f"ONNX Runtime quantization ({mode}) failed: {exc!r}",
                                         hint="try another --quantize mode") from exc
         return out.read_bytes()
+
+
+def _method(name: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy}[name]
+
+
+def _calibration_options(method: str) -> dict[str, Any]:
+    # histograms of 2048 bins (ORT's entropy default is 128): fine enough, bounded memory
+    return {"CalibPercentile": 99.999, "CalibNumBins": 2048} if method != "minmax" else {}
 
 
 def _strip_shape_annotations(path: Path) -> None:
@@ -189,10 +210,10 @@ def _fp16(model: bytes) -> bytes:
     return bytes(converted.SerializeToString())
 
 
-def sensitive_onnx_nodes(model: bytes, data: Dataset, count: int = 2) -> list[str]:
-    """Nodes whose int8 outputs have the lowest signal-to-quantization-noise ratio."""
+def sensitive_onnx_nodes(model: bytes, data: Dataset, quantized: bytes) -> list[str]:
+    """Nodes ranked by the SQNR their QDQ versions in ``quantized`` lose (worst first)."""
     try:
-        return _sensitive(model, data, count)
+        return _sensitive(model, data, quantized)
     except ConversionFailedError:
         raise
     except Exception as exc:  # ORT's debugging helpers raise many types
@@ -200,17 +221,19 @@ def sensitive_onnx_nodes(model: bytes, data: Dataset, count: int = 2) -> list[st
                                     hint="use --quantize int8 or fp16 directly") from exc
 
 
-def _sensitive(model: bytes, data: Dataset, count: int) -> list[str]:
+def _sensitive(model: bytes, data: Dataset, quantized: bytes) -> list[str]:
     import onnx
     from onnxruntime.quantization import qdq_loss_debug as dbg
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    sample = data.take(32)
+    from converter.sensitivity import Node, rank_by_loss
+
+    sample = data.take(16)
     with tempfile.TemporaryDirectory() as tmp:
         src, pre, qdq = (Path(tmp) / n for n in ("src.onnx", "pre.onnx", "qdq.onnx"))
         src.write_bytes(model)
         _pre_process(quant_pre_process, src, pre)
-        qdq.write_bytes(quantize_onnx(pre.read_bytes(), "int8", sample))
+        qdq.write_bytes(quantized)
         activations = []
         for path in (pre, qdq):
             augmented = Path(tmp) / f"aug-{path.name}"
@@ -218,7 +241,7 @@ def _sensitive(model: bytes, data: Dataset, count: int) -> list[str]:
             activations.append(dbg.collect_activations(str(augmented), _Reader(sample)))
         matched = dbg.create_activation_matching(activations[1], activations[0])
         errors = dbg.compute_activation_error(matched)
-        producers = {out: node.name for node in onnx.load(pre).graph.node for out in node.output}
-    ranked = sorted((e.get("xmodel_err", float("inf")), t) for t, e in errors.items()
-                    if t in producers)
-    return [producers[t] for _, t in ranked[:count]]
+        graph = onnx.load(pre).graph
+    nodes = [Node(n.name, tuple(n.input), tuple(n.output)) for n in graph.node if n.name]
+    sqnr = {t: float(e["xmodel_err"]) for t, e in errors.items() if "xmodel_err" in e}
+    return rank_by_loss(nodes, sqnr)

@@ -13,8 +13,10 @@ has the table:
 from __future__ import annotations
 
 import gzip
+import math
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,17 +29,17 @@ from agent.protocol.signing import SigningKey
 from agent.runtime.base import Array, Runtime
 from agent.runtime.inspect import ModelInfo, inspect_model
 from agent.runtime.select import load_runtime
-from converter import onnx_backend, prune, tflite_backend
-from converter.config import ConvertConfig
-from converter.data import Dataset, load_dataset
+from converter import onnx_backend, prune, shapes, tflite_backend
+from converter.config import TFLITE_SOURCE_ONLY, ConvertConfig
+from converter.data import DYNAMIC_SIDE, Dataset, load_dataset
 from converter.errors import (
     BudgetExceededError,
     ConverterError,
-    DataError,
     TargetViolationError,
     UnsupportedPathError,
 )
 from converter.evaluate import (
+    Agreement,
     Predict,
     accuracy,
     agreement,
@@ -50,6 +52,7 @@ from converter.floatio import input_map, quantize_input
 from converter.lineage import lineage_of
 from converter.package import PackageSpec, package_bytes, tensor_spec
 from converter.report import Attempt, ConversionReport
+from converter.search import Candidate, Search, auto_candidates
 from converter.sources import SourceModel, keras_source, load_source
 from devices import DeviceProfile, check_model, load_profile
 
@@ -80,13 +83,6 @@ class ConversionFailed(ConverterError):
         self.cause, self.report = cause, report
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    label: str
-    mode: str
-    keep_float: tuple[str, ...] = ()
-
-
 @dataclass
 class _Context:
     config: ConvertConfig
@@ -99,6 +95,7 @@ class _Context:
     step: Step
     recipients: tuple[RecipientKey, ...] = ()
     reference: Predict | None = None  # what a result must not be slower than
+    built: dict[str, bytes] = field(default_factory=dict)  # artifacts by attempt label
 
 
 def convert(config: ConvertConfig, step: Step = _no_progress) -> ConversionReport:
@@ -106,18 +103,17 @@ def convert(config: ConvertConfig, step: Step = _no_progress) -> ConversionRepor
     started = time.perf_counter()
     step("loading the source model")
     ctx = _context(config, step)
-    built: dict[str, bytes] = {}
-    for candidate in _candidates(ctx):
+    built = ctx.built
+    for number, candidate in enumerate(_candidates(ctx), start=1):
+        ctx.step(f"[{number}] {candidate.label}")
         attempt, artifact = _attempt(ctx, candidate)
         ctx.report.attempts.append(attempt)
         if artifact is not None:
             built[attempt.label] = artifact
-        if attempt.accepted and config.quantize == "auto" and candidate.mode == "int8":
-            break  # nothing later in the ladder is smaller than an accepted int8
     chosen = _choose(ctx.report)
     ctx.report.conversion_seconds = round(time.perf_counter() - started, 2)
     if chosen is None:
-        raise ConversionFailed(_failure(ctx.report), ctx.report)
+        raise ConversionFailed(_failure(ctx), ctx.report)
     ctx.report.chosen = chosen.label
     step("writing the signed bundle")
     _package(ctx, chosen, built[chosen.label])
@@ -127,14 +123,17 @@ def convert(config: ConvertConfig, step: Step = _no_progress) -> ConversionRepor
 
 def _context(config: ConvertConfig, step: Step) -> _Context:
     recipients = tuple(RecipientKey.load(p) for p in config.encrypt_for)  # fail before converting
-    source = load_source(config.model)
+    source = _with_shapes(load_source(config.model), config)
     _check_path(source.kind, config.format)
+    _check_mode(source.kind, config.quantize)
     calibration = _load(config.calibration, source, config)
     if calibration is not None:
         calibration = calibration.take(config.calibration_samples)
     evaluation = _load(config.eval, source, config) or calibration
     report = ConversionReport(str(config.model), source.kind, config.format, config.quantize,
-                              source.size_bytes)
+                              source.size_bytes, budget_points=config.budget_points,
+                              input_shapes={i.name: list(i.shape) for i in source.inputs})
+    report.warnings.extend(_size_warnings(source, config))
     if evaluation is None:
         evaluation = _synthetic(source)
         report.warnings.append("no --eval or --calibration data: agreement measured on 64 "
@@ -162,10 +161,26 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
     return ctx
 
 
+def _with_shapes(source: SourceModel, config: ConvertConfig) -> SourceModel:
+    fixed = shapes.fix_inputs(source.inputs, config.input_shapes, config.input_size)
+    return source if fixed == source.inputs else replace(source, inputs=fixed)
+
+
+def _size_warnings(source: SourceModel, config: ConvertConfig) -> list[str]:
+    """A dynamic image input fed an image folder: say what size the images became."""
+    dynamic = shapes.dynamic_image_inputs(source.inputs)
+    folders = [p for p in (config.calibration, config.eval) if p is not None and p.is_dir()]
+    if not dynamic or not folders:
+        return []
+    return [f"input {dynamic[0]!r} has a dynamic height or width: images were resized to "
+            f"{DYNAMIC_SIDE}x{DYNAMIC_SIDE}; pass --input-size HEIGHTxWIDTH (or --input-shape) "
+            "to calibrate and evaluate at the deployment size"]
+
+
 def _float_conversion(ctx: _Context) -> Predict:
     """The float conversion on the host: what a quantized result must beat."""
     ctx.step("measuring the float conversion")
-    runtime = load_runtime(_build(ctx, _Candidate("none", "none")), ctx.config.format)
+    runtime = load_runtime(_build(ctx, Candidate("none", "none")), ctx.config.format)
     return _predict(runtime, ctx.source.inputs)
 
 
@@ -186,7 +201,7 @@ def _pruned(ctx: _Context, target: float) -> SourceModel:
         pruned = keras_source(source.path, source.inputs, result.model)
         drop = _pruned_drop(ctx, pruned)
         ctx.report.pruning = {**result.as_dict(), "target": target, "drop_points": drop}
-        if cfg.max_drop is None or drop <= cfg.max_drop:
+        if drop <= cfg.budget_points:
             break
     assert pruned is not None
     return pruned
@@ -197,8 +212,7 @@ def _pruned_drop(ctx: _Context, pruned: SourceModel) -> float:
     labels, base = ctx.evaluation.labels, ctx.report.source_accuracy
     if labels is not None and base is not None:
         return round((base - accuracy(outputs, labels)) * 100, 4)
-    found = agreement(ctx.source_outputs, outputs)
-    return round((1 - (found.top1 if found.top1 is not None else min(found.cosine))) * 100, 4)
+    return agreement_drop(agreement(ctx.source_outputs, outputs, pruned.output_names))
 
 
 def _load(path: Path | None, source: SourceModel, config: ConvertConfig) -> Dataset | None:
@@ -212,6 +226,13 @@ def _synthetic(source: SourceModel) -> Dataset:
     return Dataset(inputs)
 
 
+def _check_mode(kind: str, mode: str) -> None:
+    if mode in TFLITE_SOURCE_ONLY and kind != "tflite":
+        raise UnsupportedPathError(
+            f"--quantize {mode} is an ai-edge-quantizer recipe for float .tflite sources",
+            hint="use int8, dynamic, fp16 or auto for this source")
+
+
 def _check_path(kind: str, fmt: str) -> None:
     not_offered = {("onnx", "tflite"): "ONNX -> TFLite needs onnx2tf and TensorFlow op coverage "
                    "that edgefleet does not vouch for; export TFLite from the original framework",
@@ -222,22 +243,27 @@ def _check_path(kind: str, fmt: str) -> None:
                                    hint=not_offered[(kind, fmt)])
 
 
-def _candidates(ctx: _Context) -> list[_Candidate]:
-    mode = ctx.config.quantize
-    if mode != "auto":
-        return [_Candidate(mode, mode)]
-    return [_Candidate("int8", "int8"), _Candidate("int8-mixed", "int8"),
-            _Candidate("fp16", "fp16")]
+def _candidates(ctx: _Context) -> Iterator[Candidate]:
+    cfg = ctx.config
+    if cfg.quantize != "auto":
+        yield Candidate(cfg.quantize, cfg.quantize, method=cfg.calibration_method,
+                        activations=cfg.activations)
+        return
+    search = Search(ctx.source.kind, cfg.format, ctx.report.attempts,
+                    lambda base: _ranking(ctx, base), cfg.search_budget)
+    yield from auto_candidates(search)
+    if search.stopped:
+        ctx.report.warnings.append(search.stopped)
 
 
-def _attempt(ctx: _Context, candidate: _Candidate) -> tuple[Attempt, bytes | None]:
+def _attempt(ctx: _Context, candidate: Candidate) -> tuple[Attempt, bytes | None]:
     ctx.step(f"converting: {candidate.label}")
-    attempt = Attempt(candidate.label, candidate.mode)
+    attempt = Attempt(candidate.label, candidate.mode, list(candidate.keep_float),
+                      recipe=_recipe_name(ctx, candidate))
     try:
-        if candidate.label == "int8-mixed":
-            candidate = _Candidate(candidate.label, "int8", _sensitive(ctx))
-            attempt.keep_float = list(candidate.keep_float)
         artifact = _build(ctx, candidate)
+        attempt.kept_source = ctx.source.kind in ("onnx", "tflite") and \
+            artifact == ctx.source.path.read_bytes()
         ctx.step(f"measuring: {candidate.label}")
         _measure(ctx, attempt, artifact)
     except EdgefleetError as exc:  # conversion, or the result does not load on the runtime
@@ -247,24 +273,54 @@ def _attempt(ctx: _Context, candidate: _Candidate) -> tuple[Attempt, bytes | Non
     return attempt, artifact
 
 
-def _sensitive(ctx: _Context) -> tuple[str, ...]:
-    data = ctx.calibration
-    if data is None:
-        raise DataError("int8 needs calibration data", hint="pass --calibration PATH")
-    ctx.step("measuring per-layer int8 error")
-    if ctx.config.format == "tflite":
-        return tuple(tflite_backend.sensitive_nodes(ctx.source, data))
-    float_model = _float_onnx(ctx)
-    return tuple(onnx_backend.sensitive_onnx_nodes(float_model, data))
+def _ranking(ctx: _Context, base: Candidate) -> list[str]:
+    """Operators of the model, the one whose quantization in ``base`` loses most first."""
+    # measured where it is judged: an output clipped to the calibration range only shows
+    # its error on the evaluation data (the calibration data when there is no --eval)
+    data = ctx.evaluation.take(16)
+    ctx.step(f"measuring per-operator error of {base.label}")
+    quantized = ctx.built.get(base.label)
+    try:
+        if ctx.config.format == "onnx" and quantized is not None:
+            return onnx_backend.sensitive_onnx_nodes(_float_onnx(ctx), data, quantized)
+        if ctx.source.kind == "tflite" and quantized is not None:
+            from converter import litert_quantizer, sensitivity
+
+            prepared = litert_quantizer.prepare(ctx.source.path.read_bytes())
+            return sensitivity.tflite_ranking(prepared, quantized, data)
+        if ctx.config.format == "tflite":
+            return tflite_backend.sensitive_nodes(ctx.source, data, count=1 << 16)
+    except EdgefleetError as exc:  # no ranking: the mixed stage is skipped, and says why
+        ctx.report.warnings.append(f"per-operator error not measured: {exc}")
+    return []
+
+
+def _recipe_name(ctx: _Context, candidate: Candidate) -> str:
+    """The backend recipe behind a candidate, as the report names it."""
+    if ctx.source.kind == "tflite":
+        names = {"int8": "static_wi8_ai8", "int8-a16": "static_wi8_ai16",
+                 "weight-only": "weight_only_wi8_afp32", "dynamic": "dynamic_wi8_afp32",
+                 "fp16": "float16 (kept)" if _stores_float16(ctx) else "float_casting fp16"}
+        return names.get(candidate.mode, candidate.mode)
+    if ctx.config.format == "onnx" and candidate.mode == "int8":
+        return (f"QDQ per-channel, {candidate.activations} activations, "
+                f"{candidate.method} calibration")
+    return candidate.mode
+
+
+def _stores_float16(ctx: _Context) -> bool:
+    from converter import litert_quantizer
+
+    return litert_quantizer.stores_float16(ctx.source.path.read_bytes())
 
 
 def _float_onnx(ctx: _Context) -> bytes:
     if ctx.source.kind == "onnx":
-        return ctx.source.path.read_bytes()
-    return onnx_backend.export_onnx(ctx.source)
+        return shapes.static_onnx(ctx.source.path.read_bytes(), ctx.source.inputs)
+    return shapes.static_onnx(onnx_backend.export_onnx(ctx.source), ctx.source.inputs)
 
 
-def _build(ctx: _Context, candidate: _Candidate) -> bytes:
+def _build(ctx: _Context, candidate: Candidate) -> bytes:
     cfg, source = ctx.config, ctx.source
 
     def calibrate(done: int, total: int) -> None:
@@ -276,11 +332,12 @@ def _build(ctx: _Context, candidate: _Candidate) -> bytes:
     if cfg.format == "tflite" and source.kind == "tflite":
         from converter import litert_quantizer
 
-        quantized: bytes = litert_quantizer.quantize_tflite(source.path.read_bytes(),
-                                                            candidate.mode, ctx.calibration)
+        quantized: bytes = litert_quantizer.quantize_tflite(
+            source.path.read_bytes(), candidate.mode, ctx.calibration, candidate.keep_float)
         return quantized
     return onnx_backend.quantize_onnx(_float_onnx(ctx), candidate.mode, ctx.calibration,
-                                      candidate.keep_float, on_sample=calibrate)
+                                      candidate.keep_float, on_sample=calibrate,
+                                      method=candidate.method, activations=candidate.activations)
 
 
 def _measure(ctx: _Context, attempt: Attempt, artifact: bytes) -> None:
@@ -290,11 +347,12 @@ def _measure(ctx: _Context, attempt: Attempt, artifact: bytes) -> None:
                           on_batch=lambda d, t: ctx.step(f"evaluating {attempt.label}", d, t))
     attempt.size_bytes = len(artifact)
     attempt.gzip_bytes = len(gzip.compress(artifact, compresslevel=9))
-    attempt.agreement = agreement(ctx.source_outputs, outputs).as_dict()
+    found = agreement(ctx.source_outputs, outputs, ctx.source.output_names)
+    attempt.agreement = found.as_dict()
     labels = ctx.evaluation.labels
     if labels is not None:
         attempt.accuracy = round(accuracy(outputs, labels), 6)
-    attempt.accuracy_drop_points = _drop(ctx, attempt)
+    attempt.accuracy_drop_points = _drop(ctx, attempt, found)
     attempt.latency_p50_ms = latency_p50_ms(predict, ctx.evaluation.take(1).inputs)
     info = inspect_model(artifact, ctx.config.format)
     attempt.ops, attempt.dtypes = dict(info.ops), sorted(info.dtypes)
@@ -304,14 +362,18 @@ def _measure(ctx: _Context, attempt: Attempt, artifact: bytes) -> None:
     _never_slower(ctx, attempt, predict)
 
 
-def _drop(ctx: _Context, attempt: Attempt) -> float:
-    """Accuracy points lost: from labels when given, else from top-1 agreement or cosine."""
+def _drop(ctx: _Context, attempt: Attempt, found: Agreement) -> float:
+    """Accuracy points lost: from labels when given, else from the worst output's score
+    (and top-1 agreement for classifiers)."""
     if attempt.accuracy is not None and ctx.report.source_accuracy is not None:
         return round((ctx.report.source_accuracy - attempt.accuracy) * 100, 4)
-    top1 = attempt.agreement.get("top1")
-    if top1 is not None:
-        return round((1 - float(top1)) * 100, 4)
-    return round((1 - float(min(attempt.agreement["cosine"]))) * 100, 4)
+    return agreement_drop(found)
+
+
+def agreement_drop(found: Agreement) -> float:
+    """``100 x (1 - score)`` of the worst output, or of top-1 agreement when lower."""
+    scores = [found.worst.score] + ([found.top1] if found.top1 is not None else [])
+    return round((1 - min(scores)) * 100, 4)
 
 
 def _never_slower(ctx: _Context, attempt: Attempt, predict: Predict) -> None:
@@ -360,18 +422,26 @@ def _alternating(predict: Predict, reference: Predict, sample: dict[str, Array],
 
 
 def _judge(ctx: _Context, attempt: Attempt) -> None:
-    budget = ctx.config.max_drop
+    budget = ctx.config.budget_points
     drop = attempt.accuracy_drop_points or 0.0
     source_bytes = ctx.source.size_bytes if ctx.source.kind in ("onnx", "tflite") else None
-    if attempt.mode != "none" and source_bytes and (attempt.size_bytes or 0) >= source_bytes:
+    if attempt.mode != "none" and source_bytes and (attempt.size_bytes or 0) >= source_bytes \
+            and not attempt.kept_source:
         attempt.reason = (f"{attempt.mode} did not make the model smaller ({attempt.size_bytes} "
                           f"bytes, source {source_bytes}): nothing it quantizes was found")
-    elif budget is not None and drop > budget:
-        attempt.reason = f"accuracy drop {drop:.2f} points exceeds the budget of {budget} points"
+    elif drop > budget:
+        attempt.reason = _over_budget(ctx, attempt, drop, budget)
     elif attempt.violations:
         attempt.reason = "; ".join(v["message"] for v in attempt.violations[:3])
     else:
         attempt.accepted, attempt.reason = True, "within budget and targets"
+
+
+def _over_budget(ctx: _Context, attempt: Attempt, drop: float, budget: float) -> str:
+    default = " (the default: --max-drop sets it)" if ctx.config.max_drop is None else ""
+    worst = "" if attempt.accuracy is not None else f"; worst {attempt.agreement['worst']}"
+    return (f"accuracy drop {drop:.2f} points exceeds the budget of {budget} points"
+            f"{default}{worst}")
 
 
 def _choose(report: ConversionReport) -> Attempt | None:
@@ -379,15 +449,38 @@ def _choose(report: ConversionReport) -> Attempt | None:
     return min(accepted, key=lambda a: a.size_bytes or 0) if accepted else None
 
 
-def _failure(report: ConversionReport) -> ConverterError:
+def _failure(ctx: _Context) -> ConverterError:
+    report = ctx.report
     reasons = "; ".join(f"{a.label}: {a.reason}" for a in report.attempts)
+    report.suggestions = _suggestions(ctx)
+    hint = "; or ".join(f"{s['option']} ({s['why']})" for s in report.suggestions)
     if any("exceeds the budget" in a.reason for a in report.attempts):
         return BudgetExceededError(f"no result within the accuracy budget ({reasons})",
-                                   hint="raise --max-drop, add --calibration data, or use fp16")
+                                   hint=hint or "see the report")
     if any(a.violations for a in report.attempts):
         return TargetViolationError(f"no result fits the targets ({reasons})",
                                     hint="see the violations; pick another --quantize or target")
-    return ConverterError(f"conversion failed ({reasons})", hint="see the report")
+    return ConverterError(f"conversion failed ({reasons})", hint=hint or "see the report")
+
+
+def _suggestions(ctx: _Context) -> list[dict[str, Any]]:
+    """Options that change the outcome, each offered on this source and format."""
+    cfg, attempts = ctx.config, ctx.report.attempts
+    tried = {a.mode for a in attempts}
+    out: list[dict[str, Any]] = []
+    over = [a for a in attempts if "exceeds the budget" in a.reason and not a.violations]
+    if over:
+        best = min(over, key=lambda a: a.accuracy_drop_points or 0.0)
+        points = math.ceil((best.accuracy_drop_points or 0.0) * 10 + 1) / 10
+        out.append({"option": f"--max-drop {points:g}", "config": {"max_drop": points},
+                    "why": f"accepts {best.label}, {best.accuracy_drop_points:.2f} points lost"})
+    if cfg.quantize not in ("auto", "none"):
+        out.append({"option": "--quantize auto", "config": {"quantize": "auto"},
+                    "why": "searches recipes, keeping the most sensitive operators in float"})
+    if "fp16" not in tried and cfg.quantize != "none":
+        out.append({"option": "--quantize fp16", "config": {"quantize": "fp16"},
+                    "why": "float16 weights, half the float32 size"})
+    return out
 
 
 def _min_runtime(fmt: str, info: ModelInfo) -> str:

@@ -15,6 +15,8 @@ class Attempt:
     label: str
     mode: str
     keep_float: list[str] = field(default_factory=list)
+    recipe: str = ""  # the backend recipe, named as the backend names it
+    kept_source: bool = False  # the result is the source itself (fp16 of a float16 source)
     size_bytes: int | None = None
     gzip_bytes: int | None = None
     accuracy: float | None = None
@@ -53,6 +55,10 @@ class ConversionReport:
     pruning: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     encrypted_for: list[str] = field(default_factory=list)  # recipient key ids
+    budget_points: float | None = None  # the accuracy budget the attempts were judged by
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # as converted
+    # when nothing passed: options that change the outcome ({"option", "config", "why"})
+    suggestions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def chosen_attempt(self) -> Attempt | None:
@@ -70,8 +76,12 @@ class ConversionReport:
             "float_latency_p50_ms": self.float_latency_p50_ms,
             "eval_samples": self.eval_samples, "eval_data": self.eval_data,
             "conversion_seconds": self.conversion_seconds, "pruning": self.pruning,
-            "attempts": [{"label": a.label, "accepted": a.accepted, "reason": a.reason,
-                          "size_bytes": a.size_bytes, "accuracy": a.accuracy}
+            "budget_points": self.budget_points, "input_shapes": self.input_shapes,
+            "attempts": [{"label": a.label, "recipe": a.recipe, "accepted": a.accepted,
+                          "reason": a.reason, "size_bytes": a.size_bytes,
+                          "accuracy": a.accuracy, "keep_float": len(a.keep_float),
+                          "worst": a.agreement.get("worst"),
+                          "latency_p50_ms": a.latency_p50_ms}
                          for a in self.attempts]}
         if chosen is not None:
             result.update(model_bytes=chosen.size_bytes, gzip_bytes=chosen.gzip_bytes,

@@ -33,6 +33,7 @@ class SourceModel:
     inputs: list[TensorInfo]
     predict: Predict
     handle: Any = None
+    output_names: tuple[str, ...] = ()
 
     @property
     def size_bytes(self) -> int:
@@ -85,7 +86,8 @@ def keras_source(path: Path, inputs: list[TensorInfo], model: Any) -> SourceMode
         out = model(values[0] if len(values) == 1 else values, training=False)
         return [np.asarray(o) for o in (out if isinstance(out, list | tuple) else [out])]
 
-    return SourceModel("keras", path, inputs, predict, model)
+    names = tuple(_clean(str(getattr(o, "name", i))) for i, o in enumerate(model.outputs))
+    return SourceModel("keras", path, inputs, predict, model, names)
 
 
 def _savedmodel(path: Path, kind: SourceKind) -> SourceModel:
@@ -104,7 +106,8 @@ def _savedmodel(path: Path, kind: SourceKind) -> SourceModel:
         out = signature(**{k: tf.constant(v) for k, v in feeds.items()})
         return [np.asarray(out[k]) for k in sorted(out)]
 
-    return SourceModel(kind, path, inputs, predict, loaded)
+    return SourceModel(kind, path, inputs, predict, loaded, tuple(sorted(
+        signature.structured_outputs)))
 
 
 def _runtime(path: Path, kind: SourceKind) -> SourceModel:
@@ -115,7 +118,7 @@ def _runtime(path: Path, kind: SourceKind) -> SourceModel:
         out = runtime.run(feeds)
         return [out[n] for n in names]
 
-    return SourceModel(kind, path, runtime.inputs, predict, runtime)
+    return SourceModel(kind, path, runtime.inputs, predict, runtime, tuple(names))
 
 
 def _shape(shape: Any) -> tuple[int, ...]:

@@ -110,9 +110,9 @@ def test_auto_lists_every_attempt_and_keeps_the_smallest_within_budget(
                              quantize="auto", calibration=digits_data.bad_calibration,
                              eval=digits_data.eval, max_drop=1.0))
     labels = [a.label for a in report.attempts]
-    assert labels == ["int8", "int8-mixed", "fp16"]
+    assert labels[:2] == ["int8", "dynamic"], "full int8, then the next smallest recipe"
     assert "exceeds the budget" in report.attempts[0].reason
-    assert report.attempts[1].keep_float, "the sensitive layers are named"
+    assert all(a.recipe and a.agreement.get("worst") for a in report.attempts)
     accepted = [a for a in report.attempts if a.accepted]
     assert report.chosen == min(accepted, key=lambda a: a.size_bytes or 0).label
 

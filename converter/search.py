@@ -1,0 +1,117 @@
+"""``--quantize auto``: an accuracy-aware search over recipes, smallest first.
+
+The ladder, for each path (docs/converter.md has the table):
+
+1. full int8 (ONNX: MinMax, then Percentile and Entropy calibration when MinMax misses);
+2. the other recipes about as small (float TFLite sources: weight-only int8, dynamic
+   range; Keras -> TFLite: dynamic range);
+3. **mixed**: the best full-int8 recipe with the operators that lose most SQNR kept in
+   float (:mod:`converter.sensitivity`), 1, 2, 4, 8, ... of them, until the budget holds;
+4. fp16 (for a float16-stored TFLite source: the source as it is).
+
+Every candidate is measured and becomes a report row. The search stops at the first
+candidate within the budget and the targets (everything after it is larger), or when
+the search budget (seconds) is spent; fp16 is always tried last when nothing passed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from converter.report import Attempt
+
+__all__ = ["DEFAULT_SEARCH_SECONDS", "KEEP_STEPS", "Candidate", "auto_candidates"]
+
+DEFAULT_SEARCH_SECONDS = 480.0  # a 10M-parameter model finishes under 10 minutes on 2 cores
+KEEP_STEPS = (1, 2, 4, 8, 16, 32, 64)  # operators kept in float, tried in this order
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One recipe to build and measure."""
+
+    label: str
+    mode: str  # none, fp16, dynamic, weight-only, int8, int8-a16
+    keep_float: tuple[str, ...] = ()
+    method: str = "minmax"  # ONNX calibration: minmax, percentile, entropy
+    activations: str = "uint8"  # ONNX activations: uint8 or int8
+
+
+@dataclass
+class Search:
+    """What the search needs from the pipeline: the path, the attempts so far, a ranking."""
+
+    kind: str  # source kind
+    fmt: str
+    attempts: list[Attempt]
+    rank: Callable[[Candidate], Sequence[str]]  # operators, most sensitive first
+    seconds: float = DEFAULT_SEARCH_SECONDS
+    started: float = field(default_factory=time.perf_counter)
+    stopped: str = ""  # why the search stopped early, when it did
+
+    def out_of_time(self, next_label: str) -> bool:
+        spent = time.perf_counter() - self.started
+        if spent <= self.seconds:
+            return False
+        self.stopped = (f"search budget of {self.seconds:g} s spent ({spent:.0f} s) before "
+                        f"{next_label}; --search-budget raises it")
+        return True
+
+
+def auto_candidates(search: Search) -> Iterator[Candidate]:
+    """Yield candidates smallest first until one is accepted or time runs out."""
+    full: list[Candidate] = []
+    for candidate in [*_full_int8(search), *_others(search)]:
+        if search.out_of_time(candidate.label):
+            break
+        yield candidate
+        if candidate.mode == "int8":
+            full.append(candidate)
+        if _accepted(search):
+            return
+    else:
+        yield from _mixed(search, _best(search, full))
+    if not _accepted(search):
+        yield Candidate("fp16", "fp16")
+
+
+def _full_int8(search: Search) -> list[Candidate]:
+    if search.fmt == "onnx":
+        return [Candidate("int8", "int8"),
+                Candidate("int8-percentile", "int8", method="percentile"),
+                Candidate("int8-entropy", "int8", method="entropy")]
+    return [Candidate("int8", "int8")]
+
+
+def _others(search: Search) -> list[Candidate]:
+    if search.kind == "tflite":
+        return [Candidate("weight-only", "weight-only"), Candidate("dynamic", "dynamic")]
+    if search.fmt == "tflite":
+        return [Candidate("dynamic", "dynamic")]
+    return []  # ONNX Runtime's dynamic int8 ran 4-8x slower than float on CNNs here
+
+
+def _accepted(search: Search) -> bool:
+    return any(a.accepted for a in search.attempts)
+
+
+def _best(search: Search, full: list[Candidate]) -> Candidate | None:
+    """The full-int8 candidate whose worst output came closest to the source."""
+    scored = [(a.agreement.get("worst_score", -1.0), c) for c in full for a in search.attempts
+              if a.label == c.label and a.size_bytes is not None]
+    return max(scored, key=lambda s: s[0])[1] if scored else None
+
+
+def _mixed(search: Search, base: Candidate | None) -> Iterator[Candidate]:
+    if base is None or search.out_of_time("int8-mixed"):
+        return
+    ranking = list(search.rank(base))
+    for count in [k for k in KEEP_STEPS if k <= max(1, len(ranking) // 2)]:
+        label = f"{base.label}-mixed-{count}"
+        if search.out_of_time(label):
+            return
+        yield Candidate(label, base.mode, tuple(ranking[:count]), base.method, base.activations)
+        if _accepted(search):
+            return

@@ -1,0 +1,81 @@
+"""Fixed input shapes: ``--input-shape NAME=1x3x320x320`` and ``--input-size 320x320``.
+
+A dynamic height or width (detectors, OCR) is fixed to the deployment size given, so
+calibration and evaluation run at that size and the ONNX artifact's dims are static.
+The batch dimension stays as the source has it (a runtime may still batch). A TFLite
+source's input shapes are static already: a requested shape must match them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from agent.runtime.base import TensorInfo
+from converter.errors import DataError
+
+__all__ = ["dynamic_image_inputs", "fix_inputs", "static_onnx"]
+
+
+def fix_inputs(inputs: Sequence[TensorInfo], shapes: Sequence[tuple[str, tuple[int, ...]]],
+               size: tuple[int, int] | None) -> list[TensorInfo]:
+    """``inputs`` with the requested shapes; refuses names, ranks or dims that do not fit."""
+    wanted = dict(shapes)
+    unknown = sorted(set(wanted) - {i.name for i in inputs})
+    if unknown:
+        raise DataError(f"--input-shape names {unknown}, the model's inputs are "
+                        f"{[i.name for i in inputs]}", hint="use NAME=DIMS with an input's name")
+    if size is not None:
+        wanted.update(_sized(inputs, size))
+    return [_fixed(i, wanted[i.name]) if i.name in wanted else i for i in inputs]
+
+
+def _sized(inputs: Sequence[TensorInfo], size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    images = [i for i in inputs if len(i.shape) == 4]
+    if len(images) != 1:
+        raise DataError(f"--input-size needs one image input (4 dims), the model has "
+                        f"{[(i.name, list(i.shape)) for i in inputs]}",
+                        hint="use --input-shape NAME=DIMS for each input")
+    spec = images[0]
+    height, width = size
+    batch = spec.shape[0] if spec.shape[0] > 0 else 1
+    nchw = spec.shape[1] in (1, 3, 4) and spec.shape[3] not in (1, 3, 4)
+    shape = (batch, spec.shape[1], height, width) if nchw else \
+        (batch, height, width, spec.shape[3])
+    return {spec.name: shape}
+
+
+def _fixed(spec: TensorInfo, shape: tuple[int, ...]) -> TensorInfo:
+    if len(shape) != len(spec.shape):
+        raise DataError(f"input {spec.name!r} has {len(spec.shape)} dims {list(spec.shape)}, "
+                        f"given {list(shape)}", hint="give every dim, batch first")
+    clash = [i for i, (s, g) in enumerate(zip(spec.shape, shape, strict=True))
+             if i > 0 and s > 0 and s != g]
+    if clash:
+        raise DataError(f"input {spec.name!r} has fixed dims {list(spec.shape)}; given "
+                        f"{list(shape)} differs at dim {clash[0]}",
+                        hint="only dynamic dims (-1) can be fixed")
+    batch = spec.shape[0]  # stays as the source has it
+    return replace(spec, shape=(batch, *shape[1:]))
+
+
+def dynamic_image_inputs(inputs: Sequence[TensorInfo]) -> list[str]:
+    """Names of 4-dim inputs whose height or width is still dynamic."""
+    return [i.name for i in inputs if len(i.shape) == 4 and any(d < 0 for d in i.shape[1:])]
+
+
+def static_onnx(model: bytes, inputs: Sequence[TensorInfo]) -> bytes:
+    """``model`` with the given inputs' non-batch dims written as static values."""
+    import onnx
+
+    proto = onnx.load_model_from_string(model)
+    shapes = {i.name: i.shape for i in inputs}
+    changed = False
+    for graph_input in proto.graph.input:
+        shape = shapes.get(graph_input.name)
+        if shape is None:
+            continue
+        for index, dim in enumerate(graph_input.type.tensor_type.shape.dim):
+            if index > 0 and shape[index] > 0 and not dim.HasField("dim_value"):
+                dim.dim_value, changed = shape[index], True
+    return bytes(proto.SerializeToString()) if changed else model
