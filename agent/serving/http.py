@@ -58,7 +58,7 @@ _SERVER_META = json.dumps({"name": "edgefleet", "version": __version__,
                            "extensions": ["binary_tensor_data"]}).encode()
 _SERVER = f"edgefleet/{__version__}"
 _JSON = "application/json"
-_SMALL = 64 * 1024  # bodies up to this size take nothing from the shared budget
+_SMALL = 16 * 1024  # bodies up to this size take nothing from the shared budget
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\nServer: {_SERVER}\r\n"
                  for s in HTTPStatus}
 _ROUTES_KEPT = 64
@@ -388,11 +388,11 @@ def _head(status: int, content_type: str, length: int, extra: str, close: bool) 
 
 def _weight(size: Lengths) -> int:
     """What a request takes from the shared budget: its body, and its JSON again
-    ``JSON_WEIGHT - 1`` times (parsing it takes that); nothing for a small body."""
+    ``JSON_WEIGHT`` times (parsing it may take that); nothing for a small body."""
     if size.body <= _SMALL:
         return 0
     json_part = size.body if size.header is None else size.header
-    return size.body + (JSON_WEIGHT - 1) * json_part
+    return size.body + JSON_WEIGHT * json_part
 
 
 def _error_json(exc: Exception) -> bytes:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 __all__ = ["JSON_WEIGHT", "HttpLimits", "MiB"]
 
 MiB = 1024 * 1024
+JSON_WEIGHT = 26  # Python objects per byte of JSON text, worst case measured: 25.2x for
+#                   "[{},{},...]", 22.5x for "[[],[],...]", 9x for "[0.5,0.5,...]"
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class HttpLimits:
     """
 
     max_body: int = 16 * MiB
-    max_json: int = 4 * MiB
+    max_json: int = 2 * MiB
     timeout_s: float = 10.0
     min_body_rate: int = 256 * 1024
     max_connections: int = 64
@@ -39,13 +41,12 @@ class HttpLimits:
 
     @property
     def in_flight(self) -> int:
-        """Bytes of large request bodies the server holds at once, all connections together
-        (JSON counted ``JSON_WEIGHT`` times: what parsing it may take)."""
-        return 2 * max(self.max_body, self.max_json * JSON_WEIGHT)
+        """Bytes the server holds at once for request bodies over 16 KiB, all connections
+        together, a body's JSON counted ``JSON_WEIGHT`` times more (what parsing it may
+        take): room for the largest binary request and the largest JSON one, or two of
+        the largest binary ones (68 MiB with the defaults)."""
+        return max(2 * self.max_body, self.max_body + JSON_WEIGHT * self.max_json)
 
     def body_seconds(self, size: int) -> float:
         """The time a body (or an answer) of ``size`` bytes may take."""
         return self.timeout_s + size / self.min_body_rate
-
-
-JSON_WEIGHT = 8  # parsed JSON numbers take ~5x their text; nested empty arrays ~20x

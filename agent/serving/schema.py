@@ -159,4 +159,4 @@ def _kind(value: Any) -> str:
 def _short(value: Any) -> str:
     """``value`` for a message: its JSON type, and its text when that is short."""
     text = repr(value)
-    return f"{_kind(value)} {text}" if len(text) <= 60 else _kind(value)
+    return f"{_kind(value)} {text}" if value is not None and len(text) <= 60 else _kind(value)
