@@ -163,12 +163,18 @@ def test_a_command_that_needs_an_extra_names_it_in_one_line(
     assert line.startswith("error: ") and result.stdout == ""
 
 
-def test_agent_commands_work_on_the_agent_only_install(agent_only: Path, tmp_path: Path) -> None:
+def test_agent_commands_work_on_the_agent_only_install(
+        agent_only: Path, bundles: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
     assert _run([str(agent_only), "agent", "--help"]).returncode == 0
     keys = _run([str(agent_only), "keys", "generate", "--out", str(tmp_path), "--json"])
     assert keys.returncode == 0, keys.stderr
     assert len(json.loads(keys.stdout)["key_id"]) == 16
     assert (tmp_path / "signing.pub").exists()
+    flashed = _run([str(agent_only), "agent", "install", str(bundles["1.0.0"]), "--json",
+                    "--trusted-key", str(signing_keys.public), "--data-dir", str(tmp_path)])
+    assert flashed.returncode == 0, flashed.stderr
+    assert json.loads(flashed.stdout)["update"]["state"] == "COMMITTED"
+    assert BANNER not in flashed.stderr
 
 
 # --- 4. LiteRT's banner ----------------------------------------------------------------------
