@@ -337,9 +337,11 @@ def worker() -> None:
     from agent.protocol.signing import TrustedKeys
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    agent: Agent | None = None
     for line in sys.stdin:
         job = json.loads(line)
-        agent = Agent(TrustedKeys.from_paths([Path(job["key"])]))
+        if agent is None or agent.model is None or agent.model.version != "1.0.0":
+            agent = Agent(TrustedKeys.from_paths([Path(job["key"])]))  # serves each copy's v1
         resource.setrlimit(resource.RLIMIT_FSIZE, (job["limit"], resource.RLIM_INFINITY))
         answer: dict[str, str | None]
         try:
@@ -352,7 +354,6 @@ def worker() -> None:
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
         answer["model"] = agent.model.version if agent.model else None
-        agent.close()
         print(json.dumps(answer), flush=True)
 
 
@@ -385,21 +386,33 @@ def test_a_file_size_limit_hit_at_any_write_leaves_the_model_and_no_temp_file(
         limited.stdin.flush()  # type: ignore[union-attr]
         answer = json.loads(limited.stdout.readline())  # type: ignore[union-attr]
         assert "crash" not in answer, answer["crash"]
-        _assert_unharmed(data, answer)
+        _assert_unharmed(data, answer, signing_keys)
+        seen.add(_outcome(answer))
 
+    seen: set[str] = set()
     check()
+    assert seen >= {"refused", "recorded FAILED", "COMMITTED"}, seen
 
 
-def _assert_unharmed(data: Path, answer: dict[str, Any]) -> None:
+def _assert_unharmed(data: Path, answer: dict[str, Any], keys: Keys) -> None:
+    """Installed, or refused with the model unchanged and no temp file; a failure the full
+    disk did not let the journal record resumes at the next start, once there is room."""
     if answer.get("state") == "COMMITTED":
         assert answer["model"] == "2.0.0"
-    else:
-        assert answer.get("error", "DiskFullError") == "DiskFullError", answer
-        assert answer["model"] == "1.0.0", "the model served is unchanged"
+        assert _leftovers(data) == []
+        return
+    assert answer.get("error", "DiskFullError") == "DiskFullError", answer
+    assert answer["model"] == "1.0.0", "the model served is unchanged"
+    active = next(s for s in local.status(data)["slots"] if "active" in s["role"])
+    assert active["version"] == "1.0.0"
+    assert not [p for p in _leftovers(data) if p.endswith((".tmp", ".part"))], \
+        "every temp file written is removed on failure"
+    if local.status(data)["update"]["state"] not in ("COMMITTED", "FAILED"):
+        agent = Agent(keys.trusted)
+        local.serve_active(agent, data)
+        agent.close()
         assert local.status(data)["update"]["state"] in ("COMMITTED", "FAILED")
-        active = next(s for s in local.status(data)["slots"] if "active" in s["role"])
-        assert active["version"] == "1.0.0"
-    assert _leftovers(data) == [], "every temp file written is removed on failure"
+    assert _leftovers(data) == [], "nothing is left once the update ended"
 
 
 @pytest.fixture()
@@ -436,9 +449,19 @@ def test_a_disk_out_of_room_at_any_file_leaves_the_model_and_no_temp_file(
         answer["model"] = agent.model.version if agent.model else None
         agent.close()
         shutil.rmtree(small_disk / "fill")
-        _assert_unharmed(data, answer)
+        _assert_unharmed(data, answer, signing_keys)
+        seen.add(_outcome(answer))
 
+    seen: set[str] = set()
     check()
+    assert seen >= {"refused", "COMMITTED"}, seen
+
+
+def _outcome(answer: dict[str, Any]) -> str:
+    """COMMITTED; the failure recorded in the journal; or refused (the error raised)."""
+    if "error" in answer:
+        return "refused"
+    return str(answer["state"]) if answer["state"] == "COMMITTED" else "recorded FAILED"
 
 
 def _fill_inodes(folder: Path, leave: int) -> None:
@@ -477,7 +500,7 @@ def test_agent_install_on_a_full_disk_prints_one_line_and_no_traceback(
     # refused before any step could be recorded: 2 (as every CLI error); the update ran
     # and was recorded FAILED: 1
     assert done.returncode == (2 if where == "journal" else 1)
-    _assert_unharmed(data, {"error": "DiskFullError", "model": "1.0.0"})
+    _assert_unharmed(data, {"error": "DiskFullError", "model": "1.0.0"}, signing_keys)
 
 
 def test_orphans_of_killed_runs_are_swept_at_start_and_a_resumable_download_kept(
@@ -553,6 +576,29 @@ def test_a_version_rolled_back_by_one_rollout_installs_with_the_next(
     assert _device(fleet)["active"]["version"] == "2.0.0"
     agent = fleet.agents["cam-0"].agent
     assert agent.model is not None and agent.model.version == "2.0.0"
+
+
+@pytest.mark.parametrize(("since", "followed"), [(500, "TARGETED"), (1_100, "FAILED")])
+def test_a_failure_reported_before_a_rollout_sent_its_bundle_is_no_answer_to_it(
+        since: int, followed: str) -> None:
+    """The controller's side: the device's ROLLED_BACK from the earlier rollout (its report
+    older than this rollout's install) must not count as this rollout's failure."""
+    from agent.protocol.payloads import BundleRef
+    from fleet.rollout.executor import DeviceView, Observations, Quality, tick
+    from fleet.rollout.spec import RolloutSpec, Selector
+    from fleet.rollout.state import Rollout
+
+    old = BundleRef(name="digits", version="1.0.0", sha256="1" * 64)
+    new = BundleRef(name="digits", version="2.0.0", sha256="2" * 64)
+    spec = RolloutSpec(model=new, url="http://c/b.efb", size=100,
+                       selectors=(Selector("device", "d0"),))
+    views = {"d0": DeviceView(online=True, active=old, update_state="COMMITTED")}
+    first = tick(Rollout("r2", spec), Observations(views, Quality(), Quality()), 1_000)
+    assert first.rollout.devices["d0"].state.value == "TARGETED"
+    views = {"d0": DeviceView(online=True, active=old, update_state="ROLLED_BACK",
+                              update_target=new.sha256, update_since_ms=since)}
+    second = tick(first.rollout, Observations(views, Quality(), Quality()), 1_200)
+    assert second.rollout.devices["d0"].state.value == followed
 
 
 def _device(fleet: Any) -> dict[str, Any]:

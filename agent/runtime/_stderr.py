@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
+from typing import IO
 
 __all__ = ["native_banners_to_log"]
 
@@ -28,13 +29,28 @@ _lock = threading.Lock()
 @contextlib.contextmanager
 def native_banners_to_log(log: logging.Logger) -> Iterator[None]:
     """Capture what native code writes to fd 2 meanwhile; route it as described above."""
-    with _lock, tempfile.TemporaryFile() as sink:
+    with _lock, _sink() as sink:
+        if sink is None:  # no room for a temp file (a full disk): let the banner through
+            yield
+            return
         try:
             with _fd2_to(sink.fileno()):
                 yield
         finally:  # a failing call's own explanation is routed too
             sink.seek(0)
             _route(sink.read().decode("utf-8", "replace"), log)
+
+
+@contextlib.contextmanager
+def _sink() -> Iterator[IO[bytes] | None]:
+    """A temporary file for fd 2, or None when none can be made (a full disk must not stop a
+    model from loading)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            sink: IO[bytes] | None = stack.enter_context(tempfile.TemporaryFile())
+        except OSError:
+            sink = None
+        yield sink
 
 
 @contextlib.contextmanager

@@ -232,6 +232,8 @@ def _follow_devices(t: _Tick) -> None:
 
 def _follow_update(t: _Tick, item: RolloutDevice, view: DeviceView | None) -> None:
     reported = _reported(t, view)
+    if item.state == DeviceState.TARGETED and _earlier_attempt(item, view):
+        reported = None
     if item.state == DeviceState.TIMED_OUT and not _late_answer(item, view, reported):
         reported = None
     if reported is not None and view is not None and _RANK[reported] > _RANK[item.state]:
@@ -255,6 +257,14 @@ def _follow_update(t: _Tick, item: RolloutDevice, view: DeviceView | None) -> No
     elif item.state == DeviceState.COMMITTING and t.now - item.since_ms > limit_ms:
         t.move(item, DeviceState.TIMED_OUT,
                f"commit not confirmed within {t.r.spec.device_timeout_s:g}s")
+
+
+def _earlier_attempt(item: RolloutDevice, view: DeviceView | None) -> bool:
+    """A failure or rollback the device reported before this rollout sent it the bundle is
+    about an earlier attempt (an earlier rollout of the same version): the device starts a
+    new one for this rollout (docs/protocol.md, "Desired state"), so it is no answer."""
+    return (view is not None and view.update_state in ("FAILED", "ROLLED_BACK")
+            and view.update_since_ms < item.targeted_ms)
 
 
 def _late_answer(item: RolloutDevice, view: DeviceView | None,
