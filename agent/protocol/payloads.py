@@ -57,11 +57,13 @@ class DesiredState(Document):
     sha256: str = Field(pattern=SHA256_PATTERN)
     # http(s) only: a desired state must never make a device read its own files
     url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://[^\s]+$")
-    size: int = Field(ge=0)
+    size: int = Field(ge=0)  # bytes of the bundle file: the download never reads more
+    # the update attempt: the same id repeated is the same word, another id a new attempt
+    # (a new rollout of a version the device rolled back installs it; docs/protocol.md)
     rollout: str | None = None
     action: Literal["install", "commit", "rollback"] = "install"
     auto_commit: bool = False
-    issued_at: int = 0
+    issued_at: int = 0  # when the controller wrote it (changes on a re-send: no identity)
 
 
 class UpdateReport(Document):
