@@ -494,7 +494,7 @@ class _Handler(BaseHTTPRequestHandler):
         return data
 
     def _json(self, data: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
-        body = json.dumps(data).encode()
+        body = dashboard.json_text(data).encode()  # strict JSON: never NaN
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

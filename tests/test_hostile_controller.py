@@ -301,6 +301,9 @@ def test_a_stored_rollout_whose_tick_raises_is_stopped_and_a_healthy_one_complet
             _report(served, good_device, state, active, target)
         ctl.step()
         assert ctl.rollout(healthy.id).state == RolloutState.SUCCEEDED
+        for path in ("/api/v1/rollouts", f"/api/v1/rollouts/{bad.id}", "/metrics"):
+            status, _, body = served.get(path)  # the stored NaN is shown as null
+            assert status == 200 and (path == "/metrics" or _strict_json(body)), body[:300]
         stopped = ctl.rollout(bad.id)
         if ctl.broken_ticks > broken_ticks:
             assert stopped.state == RolloutState.ABORTED and "its tick failed" in stopped.reason
@@ -378,11 +381,15 @@ NUMERIC_PATHS = [("seq",), ("inferences",), ("errors",), ("latency_p95_ms",),
 NEVER_A_FIGURE = st.sampled_from([math.nan, math.inf, -math.inf, -1, -(2**70), 2**70, 1e300,
                                   "12", [1], {"n": 1}, True, [[[[1]]]], "x" * 10_000])
 NEVER_A_CONTAINER = st.sampled_from([[1], "x", 5, math.nan, True, [[{"a": 1}]]])
+
+
+def _nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                         max_size=3)
+
+
 ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats()
-                        | st.text(max_size=20),
-                        lambda inner: st.lists(inner, max_size=3)
-                        | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-                        max_leaves=12)
+                        | st.text(max_size=20), _nested, max_leaves=12)
 
 
 def _containers(doc: Any) -> list[Any]:

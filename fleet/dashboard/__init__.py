@@ -17,9 +17,9 @@ import re
 from importlib import resources
 
 from fleet.dashboard._journal import EventJournal, attach
-from fleet.dashboard._stream import stream
+from fleet.dashboard._stream import json_text, stream
 
-__all__ = ["EventJournal", "attach", "static_file", "stream"]
+__all__ = ["EventJournal", "attach", "json_text", "static_file", "stream"]
 
 _NAME = re.compile(r"[a-z0-9_-]+\.(html|js|css|svg)")
 _TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8",

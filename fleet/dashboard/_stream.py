@@ -18,6 +18,7 @@ queues; this thread does the writing.
 from __future__ import annotations
 
 import json
+import math
 import queue
 import threading
 import time
@@ -29,7 +30,7 @@ from fleet.dashboard._journal import EventJournal, attach, parse_event
 if TYPE_CHECKING:
     from fleet.controller import FleetController
 
-__all__ = ["stream"]
+__all__ = ["json_text", "stream"]
 
 _INBOX = 2000  # notifications a slow page may lag behind before it must resync
 _RESEND_BUCKETS = 2  # series buckets sent again with each snapshot (late points)
@@ -106,8 +107,27 @@ class _Pump:
                                "series": series, "drift": _drift(self.controller)})
 
     def send(self, kind: str, data: dict[str, Any]) -> None:
-        body = json.dumps(data, separators=(",", ":"), default=str)
+        body = json_text(data, separators=(",", ":"), default=str)
         self.write(f"event: {kind}\ndata: {body}\n\n".encode())
+
+
+def json_text(data: Any, **options: Any) -> str:
+    """JSON a browser can parse: a non-finite number (a rollout an earlier edgefleet
+    stored with a NaN rate) is written as null rather than as ``NaN``."""
+    try:
+        return json.dumps(data, allow_nan=False, **options)
+    except ValueError:
+        return json.dumps(_finite(data), allow_nan=False, **options)
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(value) for value in data]
+    return data
 
 
 _ALERTS_SHOWN = 50
