@@ -4,7 +4,7 @@ Text that came from outside (names, versions, device ids, labels, key ids, URLs,
 messages quoting any of them) is printed as it is, never read as rich markup and never
 as terminal control: :func:`table` cells and titles and :func:`fail` lines are built as
 ``Text``; a template of the project's own markup takes outside values through
-:func:`styled` only, which escapes them. Control characters are shown as ``\\x1b``,
+:func:`styled` only, which never parses them. Control characters are shown as ``\\x1b``,
 ``\\u202e`` (:func:`visible`).
 
 Where stdout or stderr is not a terminal (a pipe, a file, a CI log), nothing is wrapped
@@ -24,9 +24,8 @@ import typer
 import typer._click.formatting
 import typer.core
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
+from rich.text import Span, Text
 
 from agent.protocol.errors import EdgefleetError
 
@@ -34,6 +33,7 @@ __all__ = ["PIPED_WIDTH", "console", "emit", "err_console", "fail", "literal", "
            "table", "visible"]
 
 PIPED_WIDTH = 1_000_000  # columns where output goes to a pipe or a file: never wrapped
+_SLOT = "\x00"  # a value's place in a styled() template while the template is parsed
 _BIDI = {"\u061c", "\u200e", "\u200f", *map(chr, range(0x202a, 0x202f)),
          *map(chr, range(0x2066, 0x206a))}
 
@@ -75,9 +75,25 @@ def literal(value: object) -> Text:
 
 
 def styled(template: str, *values: object) -> Text:
-    """The project's own markup ``template`` with each ``{}`` filled by a value, escaped."""
-    return Text.from_markup(template.format(*(escape(visible(str(v))) for v in values)),
-                            emoji=False)
+    """The project's own markup ``template``, each ``{}`` filled by a value as plain text.
+
+    The template is parsed alone (with a NUL, which :func:`visible` never lets through, in
+    each slot), then each slot is replaced by its value in the slot's style: a value is
+    never parsed, so no escaping can be got wrong.
+    """
+    skeleton = Text.from_markup(template.replace("{}", _SLOT), emoji=False)
+    slots = [i for i, char in enumerate(skeleton.plain) if char == _SLOT]
+    fill = iter(values)
+    out = Text()
+    for piece in skeleton.divide(o for slot in slots for o in (slot, slot + 1)):
+        out.append_text(_filled(piece, next(fill)) if piece.plain == _SLOT else piece)
+    return out
+
+
+def _filled(slot: Text, value: object) -> Text:
+    shown = visible(str(value))
+    return Text(shown, style=slot.style,
+                spans=[Span(0, len(shown), span.style) for span in slot.spans])
 
 
 def emit(data: Any, as_json: bool, render: Any = None) -> None:
@@ -91,7 +107,7 @@ def emit(data: Any, as_json: bool, render: Any = None) -> None:
 
 def table(title: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Table:
     """A table whose title, headers and cells are printed literally."""
-    out = Table(title=literal(title))
+    out = Table(title=Text(visible(title), no_wrap=True, overflow="ignore"))  # whole, always
     for column in columns:
         out.add_column(literal(column))
     for row in rows:
