@@ -108,10 +108,14 @@ def test_broker_on_a_taken_port_names_its_holder_and_the_option(taken_port: int)
 
 def _agent_only_venv() -> Path:
     """A venv (no system site packages) with only ``.[agent]`` from this checkout, editable,
-    cached under ~/.cache/edgefleet by pyproject, constraints and checkout path."""
-    key = hashlib.sha256(b"".join([(ROOT / "pyproject.toml").read_bytes(),
-                                   (ROOT / "constraints.txt").read_bytes(),
-                                   str(ROOT).encode()])).hexdigest()[:16]
+    cached under ~/.cache/edgefleet by the agent's dependencies, constraints, checkout path
+    and Python (about 40 s of CPU to build; seconds once cached)."""
+    import tomllib  # Python 3.11+, as this test run
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    what = [project["dependencies"], project["optional-dependencies"]["agent"],
+            (ROOT / "constraints.txt").read_text(), str(ROOT), sys.version]
+    key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
     cache = Path.home() / ".cache" / "edgefleet"
     cache.mkdir(parents=True, exist_ok=True)
     venv = cache / f"agent-only-venv-{key}"
