@@ -272,9 +272,8 @@ def _reaches(runner: UpdateRunner, state: State, url: str) -> None:
 
 # --- 2. a download is bounded by its declared size --------------------------------------
 
-@pytest.mark.parametrize("how", ["length", "short", "chunked", "close", "range200"])
 def test_a_server_that_oversends_is_refused_after_one_get_having_read_no_more_than_declared(
-        how: str, server: Hostile, versions: dict[str, Path], signing_keys: Keys,
+        server: Hostile, versions: dict[str, Path], signing_keys: Keys,
         tmp_path: Path) -> None:
     bundle = versions["v2"]
     size = bundle.stat().st_size
@@ -282,11 +281,10 @@ def test_a_server_that_oversends_is_refused_after_one_get_having_read_no_more_th
     downloads = tmp_path / "downloads"
 
     @HOSTILE
-    @given(extra=st.one_of(st.integers(1, 64), st.integers(1, 8 * MiB)),
+    @given(how=st.sampled_from(["length", "short", "chunked", "close", "range200"]),
+           extra=st.one_of(st.integers(1, 64), st.integers(1, 8 * MiB)),
            had=st.integers(1, size - 1))
-    def check(extra: int, had: int) -> None:
-        if how == "short":
-            extra = max(extra, 1)
+    def check(how: str, extra: int, had: int) -> None:
         journal = Journal(State.DOWNLOADING, _target(bundle, signing_keys,
                                                      server.url("over", f"{extra}:{how}",
                                                                 bundle.name)))
@@ -407,12 +405,19 @@ def _assert_unharmed(data: Path, answer: dict[str, Any], keys: Keys) -> None:
     assert active["version"] == "1.0.0"
     assert not [p for p in _leftovers(data) if p.endswith((".tmp", ".part"))], \
         "every temp file written is removed on failure"
-    if local.status(data)["update"]["state"] not in ("COMMITTED", "FAILED"):
+    recorded = local.status(data)["update"]["state"]
+    if recorded not in ("COMMITTED", "FAILED"):
+        if recorded in _RESUMED:
+            return
+        _RESUMED.add(recorded)  # once per state the journal was left in: a full install
         agent = Agent(keys.trusted)
         local.serve_active(agent, data)
         agent.close()
         assert local.status(data)["update"]["state"] in ("COMMITTED", "FAILED")
     assert _leftovers(data) == [], "nothing is left once the update ended"
+
+
+_RESUMED: set[str] = set()
 
 
 @pytest.fixture()
