@@ -23,6 +23,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.cli.logs import JsonFormatter
+from agent.core import Agent
+from agent.ports import BindError
+from agent.serving.http import InferenceServer
+from fleet.api import ApiServer
 from fleet.client import FleetClient
 from fleet.mosquitto import (
     MosquittoBroker,
@@ -32,7 +36,7 @@ from fleet.mosquitto import (
     wait_for_port,
 )
 from tests.conftest import Keys, make_bundle
-from tests.fleet_harness import wait_until
+from tests.fleet_harness import Fleet, wait_until
 from tests.hostile import HOSTILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,10 +84,11 @@ def _one_line_about(result: subprocess.CompletedProcess[str], *words: str) -> st
 def test_agent_run_on_a_taken_port_names_its_holder_and_the_option(
         taken_port: int, bundles: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
     result = _run([*EDGEFLEET, "agent", "run", "--bundle", str(bundles["1.0.0"]),
-                   "--trusted-key", str(signing_keys.public), "--data-dir", str(tmp_path),
-                   "--http", f"127.0.0.1:{taken_port}"])
+                   "--trusted-key", str(signing_keys.public), "--data-dir",
+                   str(tmp_path / "data"), "--http", f"127.0.0.1:{taken_port}"])
     _one_line_about(result, f"127.0.0.1:{taken_port}", "in use by",
                     f"(pid {os.getpid()})", "--http HOST:PORT")
+    assert not (tmp_path / "data").exists()  # refused before installing anything
 
 
 def test_fleet_serve_on_a_taken_port_names_its_holder_and_the_option(
@@ -102,6 +107,17 @@ def test_broker_on_a_taken_port_names_its_holder_and_the_option(taken_port: int)
     line = _one_line_about(result, f"127.0.0.1:{taken_port}", "in use by",
                            f"(pid {os.getpid()})", "--port PORT")
     assert len(result.stderr.strip().splitlines()) == 1, line  # amqtt's 93 lines are gone
+
+
+def test_both_http_servers_refuse_a_taken_port_at_bind_with_the_option(
+        taken_port: int, fleet: Fleet, signing_keys: Keys) -> None:
+    """The bind sites themselves (a port taken between the CLI's check and the bind)."""
+    with pytest.raises(BindError, match=rf"127.0.0.1:{taken_port}: in use by .*--http"):
+        InferenceServer(Agent(signing_keys.trusted), "127.0.0.1", taken_port)
+    fleet.start_controller()
+    assert fleet.controller is not None
+    with pytest.raises(BindError, match=rf"127.0.0.1:{taken_port}: in use by .*--http"):
+        ApiServer(fleet.controller, {TOKEN: "ops"}, "127.0.0.1", taken_port)
 
 
 # --- 2. the device install: pip install 'edgefleet[agent]' -------------------------------

@@ -26,6 +26,7 @@ from agent.cli.output import console, emit, err_console, fail, table
 from agent.cli.service import ServiceSpec, service_app, subcommand
 from agent.core import Agent
 from agent.errors import NothingToServeError
+from agent.ports import check_free
 from agent.protocol.encryption import DecryptionKeys
 from agent.protocol.errors import EdgefleetError
 from agent.protocol.keyring import trust_at_start
@@ -197,6 +198,8 @@ def run(
         security = mqtt_security(ca, cert, key, username, password_file)
         if ca is not None:  # the fleet CA also signs the controller's HTTPS certificate
             download.trust_ca(ca)
+        if http:  # a taken port is refused before anything is installed
+            check_free(*_host_port(http), "--http HOST:PORT")
         agent = Agent(_trusted(trusted_key or [], data), threads=threads,
                       keys=_decryption(decrypt_key or [], data))
         _load_or_refuse(agent, data, bundle, resume=broker is None)
