@@ -35,7 +35,9 @@ import tritonclient.http as triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.serving.errors import RequestError
 from agent.serving.limits import JSON_WEIGHT, HttpLimits
+from agent.serving.schema import check_depth
 from fleet.mosquitto import free_port, wait_for_port
 from tests.conftest import Keys
 from tests.hostile import EXAMPLES, HOSTILE, MiB
@@ -576,3 +578,34 @@ def test_nan_outputs_are_strict_json_and_tritonclient_reads_them(served: Served)
          ("Inference-Header-Content-Length", str(len(header)))]))
     data = _strict_json(response.body)["outputs"][0]["data"]
     assert data[:10] == ["NaN"] * 10 and all(isinstance(v, float) for v in data[10:])
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    return 0
+
+
+_JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.floats(allow_nan=False), st.integers(),
+              st.text(alphabet=st.sampled_from('[]{}"\\ab\n'), max_size=8)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(alphabet=st.sampled_from('[]{}"\\k'), max_size=4), inner, max_size=3),
+    max_leaves=40)
+
+
+@HOSTILE
+@given(_JSON_VALUES, st.integers(1, 12))
+def test_the_nesting_prescan_refuses_exactly_what_nests_deeper_than_its_limit(
+        value: Any, limit: int) -> None:
+    """Brackets inside strings (escaped quotes too) never count: the pre-scan refuses a
+    document if and only if the parser would have nested deeper than the limit."""
+    text = json.dumps(value).encode()
+    try:
+        check_depth(text, limit)
+        refused = False
+    except RequestError as exc:
+        refused = "nested deeper than" in str(exc)
+    assert refused == (_depth(value) > limit), text

@@ -248,7 +248,7 @@ class _Handler(BaseHTTPRequestHandler):
             log.debug("connection %s ended: %s", self.client_address, exc)
 
     def _one_request(self) -> bool:
-        self.watch.deadline = time.monotonic() + self.limits.timeout_s
+        self.watch.deadline = _monotonic() + self.limits.timeout_s
         line = self.rfile.readline(MAX_LINE)
         if not line.strip():
             return False  # closed, idle past the timeout, or a stray line end
@@ -259,7 +259,7 @@ class _Handler(BaseHTTPRequestHandler):
         except RequestError as exc:
             self._refuse(exc)
             return False
-        taken = _weight(size)
+        taken = _weight(size) if size.body > _SMALL else 0
         if taken and not self.server.budget.take(taken, self.limits.timeout_s):
             self._refuse(RequestError("too many large requests are being read at once",
                                       hint="retry in a second", status=503))
@@ -283,7 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self, length: int) -> bytes | None:
         """The body, or None (answered) when it stopped short or ran out of time."""
-        self.watch.deadline = time.monotonic() + self.limits.body_seconds(length)
+        self.watch.deadline = _monotonic() + self.limits.body_seconds(length)
         body = self.rfile.read(length)
         if len(body) < length:
             self._refuse(IncompleteRequestError(f"the body ended after {len(body)} of the "
@@ -372,11 +372,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes, content_type: str, extra: str = "",
               close: bool = False) -> None:
-        self.watch.deadline = time.monotonic() + self.limits.body_seconds(len(body))
+        self.watch.deadline = _monotonic() + self.limits.body_seconds(len(body))
         self.request.sendall(_head(status, content_type, len(body), extra, close) + body)
 
 
 _NEVER = float("inf")
+_monotonic = time.monotonic
 
 
 def _head(status: int, content_type: str, length: int, extra: str, close: bool) -> bytes:
@@ -387,10 +388,8 @@ def _head(status: int, content_type: str, length: int, extra: str, close: bool) 
 
 
 def _weight(size: Lengths) -> int:
-    """What a request takes from the shared budget: its body, and its JSON again
-    ``JSON_WEIGHT`` times (parsing it may take that); nothing for a small body."""
-    if size.body <= _SMALL:
-        return 0
+    """What a large request takes from the shared budget: its body, and its JSON again
+    ``JSON_WEIGHT`` times (parsing it may take that)."""
     json_part = size.body if size.header is None else size.header
     return size.body + JSON_WEIGHT * json_part
 
