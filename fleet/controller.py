@@ -49,6 +49,7 @@ from agent.protocol.payloads import (
     encode,
 )
 from agent.protocol.signing import TrustedKeys
+from agent.protocol.telemetry_schema import drift_problem
 from agent.protocol.topics import (
     Leaf,
     check_id,
@@ -253,8 +254,10 @@ class FleetController:
         now = self.clock()
         if leaf == Leaf.TELEMETRY:
             for ts, values in ingest.telemetry(payload):
+                if "drift" in values and (problem := drift_problem(values)):
+                    values = self._without_drift(device, values, problem)
                 self.telemetry.add(device, ts, values)
-                if "drift" in values:  # checked: an object, with model and model_version
+                if "drift" in values:
                     self.drift.offer(device, values["model"], values["model_version"], ts,
                                      values["drift"])
             self.registry.seen(device, now)
@@ -264,6 +267,13 @@ class FleetController:
             self.registry.reported(ingest.reported(device, payload), now)
         elif leaf == Leaf.EVENTS:
             self._notify("event", {"device": device, "event": ingest.event(payload)})
+
+    def _without_drift(self, device: str, values: dict[str, Any],
+                       problem: str) -> dict[str, Any]:
+        """A point whose drift window is unusable: the rest of it is still good."""
+        self.drift.rejected += 1
+        log.warning("dropped the drift window of %s: %s", device, problem)
+        return {key: value for key, value in values.items() if key != "drift"}
 
     def _reject(self, topic: str, reason: str, exc: Exception) -> None:
         self.rejected += 1

@@ -417,7 +417,7 @@ def telemetry_messages(draw: st.DrawFn) -> tuple[bytes, bool | None]:
         node[path[-1]] = draw(NEVER_A_FIGURE)
         return json.dumps(doc, allow_nan=True).encode(), False
     if how == "container":
-        key = draw(st.sampled_from(["versions", "agreement", "version window", "drift"]))
+        key = draw(st.sampled_from(["versions", "agreement", "version window"]))
         bad = draw(NEVER_A_CONTAINER)
         if key == "version window":
             values["versions"][draw(st.sampled_from(sorted(values["versions"])))] = bad
@@ -472,6 +472,26 @@ def other_messages(draw: st.DrawFn, device: str) -> tuple[str, bytes, bool | Non
     elif bad == "deep":
         doc["runtimes"] = json.loads('{"a":' * 40 + "1" + "}" * 40)
     return leaf, json.dumps(doc).encode(), bad is None
+
+
+@pytest.mark.parametrize("drift", [{"inputs": {"x": {"mean": math.inf}}}, [1], "x", 5,
+                                   json.loads('{"a":' * 10 + "1" + "}" * 10), None])
+def test_an_unusable_drift_window_is_dropped_alone_and_the_point_is_kept(
+        served: Served, drift: Any) -> None:
+    """A drift window summarises what the device was sent (one request of Infinity
+    makes it infinite): it goes, the point's figures stay, and nothing is rejected."""
+    ctl, device = served.ctl, served.device("drift")
+    values: dict[str, Any] = {"schema_version": 1, "model": "digits", "model_version": "1.0.0",
+                              "versions": {"1.0.0": {"inferences": 7, "errors": 0}},
+                              "drift": drift}
+    if drift is None:  # a window without model and model_version beside it
+        values = {"schema_version": 1, "drift": {"samples": 3}}
+    rejected, dropped = ctl.rejected, ctl.drift.rejected
+    ctl._message(f"edgefleet/v1/{FLEET}/{device}/telemetry",
+                 json.dumps({"ts": 5, "values": values}).encode())
+    kept = ctl.telemetry.snapshot()[device]
+    assert ctl.rejected == rejected and ctl.drift.rejected == dropped + 1
+    assert "drift" not in kept and kept.get("versions") == values.get("versions")
 
 
 def _views(served: Served) -> dict[str, Any]:

@@ -25,8 +25,10 @@ measure                    null or a finite number, 0 to 1e12 (``latency_p50_ms`
 ``agreement``              an object: ``against`` (a version), ``samples``, ``dropped``,
                            ``top1``, ``cosine``
 ``drift``                  an object of finite numbers, lists and short strings, at most
-                           :data:`MAX_DRIFT_DEPTH` deep (its statistics are checked by the
-                           controller's drift monitor, which counts its own rejects)
+                           :data:`MAX_DRIFT_DEPTH` deep, beside ``model`` and
+                           ``model_version``; a window that is not is dropped alone
+                           (:func:`drift_problem`): it summarises what the device was sent,
+                           and the point's counts are still good
 =========================  ===================================================================
 
 Unknown fields are allowed (a newer agent may add some) and read by nobody. NaN and
@@ -47,7 +49,7 @@ from agent.protocol.payloads import Telemetry
 from agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN, is_supported
 
 __all__ = ["MAX_BATCH", "MAX_COUNT", "MAX_DRIFT_DEPTH", "MAX_VERSIONS", "TelemetrySchemaError",
-           "check_points", "check_values"]
+           "check_points", "check_values", "drift_problem"]
 
 MAX_COUNT = 2**53  # integers JSON readers everywhere keep exactly
 MAX_BATCH = 1000  # points in one message (the agent replays its spool 50 at a time)
@@ -130,7 +132,7 @@ _EXPECTED = {**dict.fromkeys(("inferences", "errors", "seq", "inferences_total",
              "top1": "null or a number from 0 to 1", "cosine": "null or a number from -1 to 1",
              "model": "a bundle name", "model_version": "a semantic version",
              "against": "a semantic version", "versions": "an object of version windows",
-             "agreement": "an object", "drift": "an object of finite numbers"}
+             "agreement": "an object"}
 
 
 def check_points(data: Any) -> list[tuple[int, dict[str, Any]]]:
@@ -175,13 +177,24 @@ def check_values(values: dict[str, Any]) -> None:
     agreement = values.get("agreement")
     if agreement is not None:
         _agreement(agreement, "agreement")
+
+
+def drift_problem(values: dict[str, Any]) -> str:
+    """Why the point's ``drift`` window cannot be used ("" when it can, or has none).
+
+    Not a reason to refuse the point: a drift window summarises what the device was
+    sent (one request of Infinity makes its input statistics infinite), and its counts
+    and latencies are still good. The window alone is dropped.
+    """
     drift = values.get("drift")
-    if drift is not None:
-        if not (type(drift) is dict and _plain(drift, MAX_DRIFT_DEPTH)):
-            raise TelemetrySchemaError("drift", drift)
-        if "model" not in values or "model_version" not in values:
-            raise PayloadError("telemetry carries a drift window without model and "
-                               "model_version", hint="see docs/protocol.md, telemetry")
+    if drift is None:
+        return ""
+    if not (type(drift) is dict and _plain(drift, MAX_DRIFT_DEPTH)):
+        return ("drift must be an object of finite numbers, short strings, lists and "
+                f"objects at most {MAX_DRIFT_DEPTH} levels deep")
+    if "model" not in values or "model_version" not in values:
+        return "a drift window needs model and model_version beside it"
+    return ""
 
 
 def _fields(values: dict[str, Any], counts: tuple[str, ...], measures: tuple[str, ...],
