@@ -160,7 +160,7 @@ def _show(report: dict[str, Any], as_json: bool) -> None:
              f"-> {report['format']}, {report['conversion_seconds']} s")
     console.print(table(title, rows, list(rows[0]) if rows else []))
     for suggestion in report.get("suggestions") or []:
-        console.print(f"try: {escape(suggestion['option'])} ({escape(suggestion['why'])})")
+        console.print(literal(f"try: {suggestion['option']} ({suggestion['why']})"))
     for warning in report["warnings"] + [w for a in report["attempts"] for w in a["warnings"]]:
         console.print(styled("[yellow]warning:[/] {}", warning))
     if report["output"]:

@@ -42,7 +42,7 @@ def float_predict(runtime: Runtime, source: list[TensorInfo]
 
 
 def quantize_input(value: Array, spec: TensorInfo) -> Array:
-    if not spec.scales or spec.dtype not in ("int8", "uint8"):
+    if not spec.scales or spec.dtype not in ("int8", "uint8", "int16"):
         return value
     info = np.iinfo(spec.dtype)
     q = np.round(value / spec.scales[0] + spec.zero_points[0])
@@ -51,7 +51,7 @@ def quantize_input(value: Array, spec: TensorInfo) -> Array:
 
 
 def dequantize_output(value: Array, spec: TensorInfo) -> Array:
-    if not spec.scales or spec.dtype not in ("int8", "uint8"):
+    if not spec.scales or spec.dtype not in ("int8", "uint8", "int16"):
         return value
     out: Array = ((value.astype(np.float32) - spec.zero_points[0]) * spec.scales[0])
     return out.astype(np.float32)

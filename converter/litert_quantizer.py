@@ -1,12 +1,15 @@
 """Float ``.tflite`` -> quantized ``.tflite`` with ai-edge-quantizer (LiteRT Quantizer).
 
-Recipes: ``dynamic`` (int8 weights, float activations), ``int8`` (static int8
-weights and activations, calibrated), ``fp16`` is not offered for TFLite
-sources (re-export from the original model). Many published models carry no
-signature, which the quantizer requires: such a model first gets a
-``serving_default`` signature over its graph inputs and outputs; float16 weights
-behind ``DEQUANTIZE`` are folded to float32 first, and operator codes written in
-the old schema field only are normalized (the quantizer reads the new field alone).
+Recipes (:data:`RECIPES`): ``int8`` (``static_wi8_ai8``, calibrated), ``int8-a16``
+(``static_wi8_ai16``: an accuracy option, LiteRT runs int16 activations on reference
+kernels), ``weight-only`` (``weight_only_wi8_afp32``), ``dynamic`` (``dynamic_wi8_afp32``)
+and ``fp16`` (float casting; a source that already stores float16 weights is kept as it
+is). ``keep_float`` names operators (by their first output tensor) left in float through
+per-op ``NO_QUANTIZE`` rules. Many published models carry no signature, which the
+quantizer requires: such a model first gets a ``serving_default`` signature over its graph
+inputs and outputs; float16 weights behind ``DEQUANTIZE`` are folded to float32 first, and
+operator codes written in the old schema field only are normalized (the quantizer reads
+the new field alone).
 """
 
 from __future__ import annotations
@@ -233,6 +236,15 @@ def _recipe(mode: str, keep_float: tuple[str, ...]) -> Any:
     for name in keep_float:  # later rules win: these operators stay float
         manager.add_quantization_config(
             regex=f"^{re.escape(name)};", operation_name=every,  # scope: "out1;out2;"
+            algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE)
+    # graph outputs of float operators stay float, not requantized at the end; int16
+    # activations keep float I/O (LiteRT takes int16 inputs, which nothing upstream gives)
+    ends = [qtyping.TFLOperationName.OUTPUT] if keep_float else []
+    if activations == 16:
+        ends = [qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT]
+    for end in ends:
+        manager.add_quantization_config(
+            regex=".*", operation_name=end,
             algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE)
     return manager.get_quantization_recipe()
 

@@ -5,8 +5,11 @@ has the table:
 
 - Keras, SavedModel -> tflite: the TFLite converter's post-training quantization;
 - Keras, SavedModel -> onnx: Keras export / tf2onnx, then ONNX Runtime quantization;
-- ONNX -> onnx: ONNX Runtime (fp16, dynamic, static QDQ per-channel int8);
-- float TFLite -> tflite: ai-edge-quantizer (dynamic, static int8);
+- ONNX -> onnx: ONNX Runtime (fp16, dynamic, static QDQ per-channel int8 with a chosen
+  calibration method and activation type, named nodes kept float);
+- float TFLite -> tflite: ai-edge-quantizer recipes (int8, int8-a16, weight-only,
+  dynamic, fp16; named operators kept float);
+- ``auto``: the accuracy-aware search of :mod:`converter.search`;
 - ONNX -> tflite and TFLite -> onnx are not offered (see ``_check_path``).
 """
 
@@ -266,7 +269,8 @@ def _attempt(ctx: _Context, candidate: Candidate) -> tuple[Attempt, bytes | None
             artifact == ctx.source.path.read_bytes()
         ctx.step(f"measuring: {candidate.label}")
         _measure(ctx, attempt, artifact)
-    except EdgefleetError as exc:  # conversion, or the result does not load on the runtime
+    except (EdgefleetError, ValueError) as exc:  # conversion, or the result does not load
+        # or run (LiteRT's set_tensor raises a bare ValueError on a dtype it does not take)
         attempt.reason = f"failed: {exc}"
         return attempt, None
     _judge(ctx, attempt)

@@ -95,3 +95,23 @@ def test_device_check_reports_violations_per_target(digits_bundles: dict[str, Pa
     assert found["raspberry-pi-4"] == []
     kinds = {v["kind"] for v in found["coral-edgetpu"]}
     assert {"dtype", "op"} <= kinds
+
+
+def test_convert_refuses_a_malformed_input_size_or_shape(digits_models: TrainedModels,
+                                                        signing_keys: Keys,
+                                                        tmp_path: Path) -> None:
+    common = ("convert", str(digits_models.keras), "-o", str(tmp_path / "x.efb"),
+              "--sign-key", str(signing_keys.secret))
+    size = _run(*common, "--input-size", "320")
+    assert size.returncode == 2 and "expected HEIGHTxWIDTH" in size.stderr
+    shape = _run(*common, "--input-shape", "1x3x8x8")
+    assert shape.returncode == 2 and "expected NAME=1x3x320x320" in shape.stderr
+    assert not (tmp_path / "x.efb").exists()
+
+
+def test_a_recipe_for_tflite_sources_only_is_refused_for_keras_with_what_works(
+        digits_models: TrainedModels, signing_keys: Keys, tmp_path: Path) -> None:
+    result = _run("convert", str(digits_models.keras), "-o", str(tmp_path / "x.efb"),
+                  "--quantize", "weight-only", "--sign-key", str(signing_keys.secret))
+    assert result.returncode == 2
+    assert "for float .tflite sources" in result.stderr and "auto" in result.stderr
