@@ -1,10 +1,10 @@
 """The controller's events as log records, with the fields an operator greps for.
 
-``fleet serve`` attaches :func:`log_events` to its controller: each rollout change,
-device event (update steps, model switches, errors) and drift alert becomes one
-record of the ``fleet.events`` logger whose ``extra`` carries ``rollout``,
-``device``, ``model``, ``version`` and ``state`` where the event knows them (the
-JSON log lines of ``--log-format json`` show them as fields).
+``fleet serve`` attaches :func:`log_events` to its controller: each rollout change (a
+warning when it pauses, aborts or rolls back), device event (update steps, model
+switches, errors) and drift alert becomes one record of the ``fleet.events`` logger
+whose ``extra`` carries ``rollout``, ``device``, ``model``, ``version`` and ``state``
+where the event knows them (the JSON lines of ``--log-format json`` show them as fields).
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from fleet.controller import FleetController
+from fleet.rollout.state import RolloutState
 
 __all__ = ["log_events"]
 
 log = logging.getLogger("fleet.events")
+_STOPPED = {RolloutState.PAUSED.value, RolloutState.ABORTED.value, RolloutState.ROLLED_BACK.value}
 
 
 def log_events(controller: FleetController) -> None:
@@ -35,10 +37,12 @@ def _record(kind: str, data: dict[str, Any]) -> None:
 def _rollout(data: Mapping[str, Any]) -> None:
     model = data.get("spec", {}).get("model") or {}
     reason = f": {data['reason']}" if data.get("reason") else ""
-    log.info("rollout %s %s, wave %s of %s%s", data.get("id"), data.get("state"),
-             int(data.get("wave", 0)) + 1, data.get("waves"), reason,
-             extra={"rollout": data.get("id"), "state": data.get("state"),
-                    "model": model.get("name"), "version": model.get("version")})
+    waves, state = int(data.get("waves") or 0), data.get("state")
+    level = logging.WARNING if state in _STOPPED else logging.INFO
+    log.log(level, "rollout %s %s, wave %d of %d%s", data.get("id"), state,
+            min(int(data.get("wave") or 0) + 1, waves), waves, reason,
+            extra={"rollout": data.get("id"), "state": state,
+                   "model": model.get("name"), "version": model.get("version")})
 
 
 def _device_event(data: Mapping[str, Any]) -> None:
