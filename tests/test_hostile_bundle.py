@@ -31,6 +31,8 @@ from hypothesis import strategies as st
 
 from agent.protocol.bundle import (
     MAX_FILE_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_SIGNATURE_BYTES,
     Bundle,
     build_bundle,
     read_bundle,
@@ -303,13 +305,18 @@ def test_the_sparse_and_lying_members_found_outside_are_refused_by_their_header_
         assert peak < 2 * len(raw) + MiB, (what, peak)  # nothing beyond the archive's bytes
 
 
+@pytest.mark.parametrize(("name", "size"), [("manifest.json", MAX_MANIFEST_BYTES + 1),
+                                          ("manifest.sig", MAX_SIGNATURE_BYTES + 1),
+                                          ("model.tflite", MAX_FILE_BYTES + 1)])
 def test_a_member_larger_than_its_cap_is_refused_before_it_is_read(
-        small: dict[str, bytes], signer: SigningKey) -> None:
-    raw = _with(small, "manifest.json", header(b"manifest.json", _octal(5 * MiB))
-                + padded(small["manifest.json"]))
-    error, _ = peak_traced_bytes(lambda: read_bundle(raw, _trusted(signer)))
-    assert isinstance(error, BundleFormatError) and "may hold" in error.message
-    assert MAX_FILE_BYTES == 1 << 30  # docs/protocol.md states this cap
+        small: dict[str, bytes], signer: SigningKey, name: str, size: int) -> None:
+    raw = _with(small, name, header(name.encode(), _octal(size)) + padded(small[name]))
+    error, peak = peak_traced_bytes(lambda: read_bundle(raw, _trusted(signer)))
+    assert isinstance(error, BundleFormatError), error
+    assert f"declares {size} bytes, more than the {size - 1} a bundle's {name} may hold" \
+        in error.message
+    assert peak < 2 * len(raw) + MiB
+    assert (4 * MiB, 4096, 1 << 30) == (MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, MAX_FILE_BYTES)
 
 
 # --- the same archives through the commands ----------------------------------------------

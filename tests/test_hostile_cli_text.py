@@ -179,6 +179,15 @@ def test_fleet_push_names_a_markup_key_id_and_member_literally(
         assert result.returncode == 2, result.stderr
         assert words in _one_line_error(result.stderr)
     assert fleet.client().get("/api/v1/models") == []
+    history = run_measured([*EDGEFLEET, "fleet", "history", "--controller", fleet.api.url,
+                            "--token", TOKEN])  # piped: each refusal on one line, whole
+    assert history.returncode == 0, history.stderr
+    refused = [line for line in history.stdout.splitlines() if "model.push" in line]
+    assert len(refused) == 2 and "…" not in history.stdout, history.stdout
+    assert "unknown key [/x] (trusted: " in refused[0] + refused[1]
+    assert any("'[/x]' is not a bundle file (a bundle holds only health.npz, labels.txt, "
+               "manifest.json, manifest.sig, model.onnx, model.onnx.enc, model.tflite, "
+               "model.tflite.enc)" in line for line in refused), history.stdout
 
 
 # --- piped output is whole ---------------------------------------------------------------
