@@ -40,7 +40,7 @@ from fleet.rollout import executor
 from fleet.rollout.executor import DeviceView, Observations
 from fleet.rollout.spec import Gates, RolloutSpec, Selector, Wave
 from fleet.rollout.state import Rollout, RolloutState
-from fleet.rollout.validate import rollout_spec
+from fleet.rollout.validate import RolloutOptionError, check_options, rollout_spec
 from fleet.store import Store, open_store
 from tests.conftest import Keys
 from tests.hostile import HOSTILE, MiB, peak_traced_bytes
@@ -202,6 +202,36 @@ def _assert_finite(spec: dict[str, Any]) -> None:
     if spec["rate_per_min"] is not None:
         numbers.append(spec["rate_per_min"])
     assert all(math.isfinite(n) for n in numbers), spec
+
+
+DAYS_30 = 30 * 24 * 3600
+
+
+@pytest.mark.parametrize(("options", "field"), [
+    ({"rate_per_min": 1_000_000}, None), ({"rate_per_min": 1_000_000.5}, "rate_per_min"),
+    ({"exponential": 10}, None), ({"exponential": 10.01}, "exponential"),
+    ({"soak_s": DAYS_30}, None), ({"soak_s": DAYS_30 + 1}, "soak_s"),
+    ({"device_timeout_s": DAYS_30}, None), ({"device_timeout_s": 0}, "device_timeout_s"),
+    ({"selectors": [f"tag:t{i}" for i in range(1000)]}, None),
+    ({"selectors": [f"tag:t{i}" for i in range(1001)]}, "selectors"),
+    ({"selectors": ["group:" + "g" * 64]}, None),
+    ({"selectors": ["group:" + "g" * 65]}, "selectors"),
+    ({"waves": [str(i) for i in range(1, 100)] + ["100%"]}, None),
+    ({"waves": [str(i) for i in range(1, 101)]}, "waves"),
+    ({"waves": ["10000000", "100%"]}, None), ({"waves": ["10000001"]}, "waves"),
+    ({"gates": {"max_p95_ratio": 1000}}, None),
+    ({"gates": {"max_p95_ratio": 1000.5}}, "gates.max_p95_ratio"),
+    ({"gates": {"min_samples": 10**9}}, None),
+    ({"gates": {"min_samples": 10**9 + 1}}, "gates.min_samples")])
+def test_the_rollout_option_bounds_hold_exactly_at_their_value(
+        options: dict[str, Any], field: str | None) -> None:
+    options = {"selectors": ["group:g"], **options}
+    if field is None:
+        check_options(options)
+        return
+    with pytest.raises(RolloutOptionError) as refused:
+        check_options(options)
+    assert refused.value.field == field
 
 
 FLAG_VALUES = st.sampled_from(["nan", "inf", "-inf", "-1", "1e400", "-5e-324"])
@@ -586,6 +616,28 @@ def test_an_oversized_message_is_refused_before_it_is_parsed(served: Served, lea
         f"edgefleet/v1/{FLEET}/{served.device('big')}/{leaf}", payload))
     assert result is None and ctl.rejected_by["too_large"] == before + 1
     assert peak < 1 * MiB, f"{peak} bytes to refuse {len(payload)}"
+
+
+def _window_versions(count: int) -> dict[str, Any]:
+    return {f"1.0.{i}": {"inferences": 1} for i in range(count)}
+
+
+@pytest.mark.parametrize(("values", "points", "passes"), [
+    ({"versions": _window_versions(64)}, 1, True),
+    ({"versions": _window_versions(65)}, 1, False),
+    ({"model_version": "1.0.0-" + "a" * 122}, 1, True),  # 128 characters
+    ({"model_version": "1.0.0-" + "a" * 123}, 1, False),
+    ({"seq": 2**53}, 1, True), ({"seq": 2**53 + 1}, 1, False),
+    ({"cpu_percent": 1e12}, 1, True), ({"cpu_percent": 1.0000001e12}, 1, False),
+    ({}, 1000, True), ({}, 1001, False)])
+def test_the_telemetry_bounds_hold_exactly_at_their_value(
+        served: Served, values: dict[str, Any], points: int, passes: bool) -> None:
+    ctl = served.ctl
+    point = {"ts": 1, "values": {"schema_version": 1, **values}}
+    payload = json.dumps(point if points == 1 else [point] * points).encode()
+    rejected = ctl.rejected
+    ctl._message(f"edgefleet/v1/{FLEET}/{served.device('bound')}/telemetry", payload)
+    assert (ctl.rejected == rejected) is passes
 
 
 def test_the_issues_telemetry_cases_are_each_refused_and_the_views_answer(
