@@ -14,6 +14,7 @@ their natural width, and ``--help`` is click's plain help at that width.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import unicodedata
@@ -21,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 
 import typer
-import typer._click.formatting
 import typer.core
 from rich.console import Console
 from rich.table import Table
@@ -45,9 +45,15 @@ def _console(stream: TextIO, stderr: bool = False) -> Console:
 def _plain_help_when_piped() -> None:
     """typer draws ``--help`` in boxes as wide as the terminal (80 columns in a pipe);
     in a pipe, click's plain help at :data:`PIPED_WIDTH` prints every line whole."""
-    if not sys.stdout.isatty():
-        typer.core.HAS_RICH = False
-        typer._click.formatting.FORCED_WIDTH = PIPED_WIDTH
+    if sys.stdout.isatty():
+        return
+    typer.core.HAS_RICH = False
+    formatting: Any  # the module of click's help formatter: FORCED_WIDTH is its width
+    try:  # typer 0.2x carries its own click as typer._click; older ones use click itself
+        formatting = importlib.import_module("typer._click.formatting")
+    except ImportError:
+        formatting = importlib.import_module("click.formatting")
+    formatting.FORCED_WIDTH = PIPED_WIDTH
 
 
 console = _console(sys.stdout)
