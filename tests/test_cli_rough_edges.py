@@ -183,6 +183,17 @@ def test_a_command_that_needs_an_extra_names_it_in_one_line(
     assert line.startswith("error: ") and result.stdout == ""
 
 
+def test_a_module_of_an_extra_missed_later_still_gives_the_one_line(agent_only: Path) -> None:
+    """The console script's last resort, for a command that imports an extra's module late."""
+    code = ("import sys; from edgefleet import cli; "
+            "cli.app.command('late')(lambda: __import__('prometheus_client.core')); "
+            "sys.argv = ['edgefleet', 'late']; cli.main()")
+    result = _run([str(agent_only.parent / "python"), "-c", code])
+    line = _one_line_about(result, "pip install", "prometheus_client is not installed",
+                           "pip install 'edgefleet[fleet]'")
+    assert line.startswith("error: this command needs the [fleet] extra")
+
+
 def test_agent_commands_work_on_the_agent_only_install(
         agent_only: Path, bundles: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
     assert _run([str(agent_only), "agent", "--help"]).returncode == 0
