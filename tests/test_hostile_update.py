@@ -321,6 +321,22 @@ def test_an_honest_200_to_a_range_request_restarts_and_completes(
     assert controller.stats.received == bundle.stat().st_size
 
 
+def test_a_partial_download_is_resumed_not_discarded(
+        server: Hostile, versions: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
+    bundle = versions["v2"]
+    size = bundle.stat().st_size
+    controller = DeviceController(tmp_path, Agent(signing_keys.trusted))
+    journal = Journal(State.DOWNLOADING, _target(bundle, signing_keys,
+                                                 server.url("good", 0, bundle.name)))
+    part = tmp_path / "downloads" / f"{journal.target['sha256']}.efb.part"
+    part.parent.mkdir()
+    part.write_bytes(bundle.read_bytes()[:size // 2])  # what a killed run had received
+    controller.download(journal)
+    controller.verify(journal)
+    assert controller.stats.resumed_from == size // 2
+    assert controller.stats.received == size - size // 2
+
+
 # --- 3. a full disk ------------------------------------------------------------------------
 
 def _fsize_limited(limit: int) -> None:

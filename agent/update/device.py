@@ -80,9 +80,10 @@ class DeviceController:
         verifies against the target now (else it is discarded and fetched again)."""
         self._pause()
         path, size = self._download_path(j), int(str(j.target.get("size", 0)))
-        if path.exists() and self._verifies(j, path):
-            return
-        self._discard(path)
+        if path.exists():
+            if self._verifies(j, path):
+                return
+            self._discard(path)  # with its partial file: those bytes came with it
         check_free(self.data_dir, size)
         fetch(str(j.target["url"]), path, size, stats=self.stats)
 
