@@ -17,7 +17,9 @@ from typing import Any
 from fleet.controller import FleetController
 from fleet.rollout.state import RolloutState
 
-__all__ = ["log_events"]
+__all__ = ["DETAIL_MAX", "FIELD_MAX", "log_event", "log_events"]
+
+FIELD_MAX, DETAIL_MAX = 128, 1024  # a device's text in one log line, in characters
 
 log = logging.getLogger("fleet.events")
 _STOPPED = {RolloutState.PAUSED.value, RolloutState.ABORTED.value, RolloutState.ROLLED_BACK.value}
@@ -25,10 +27,11 @@ _STOPPED = {RolloutState.PAUSED.value, RolloutState.ABORTED.value, RolloutState.
 
 def log_events(controller: FleetController) -> None:
     """Log every event ``controller`` notifies its listeners of, from now on."""
-    controller.listeners.append(_record)
+    controller.listeners.append(log_event)
 
 
-def _record(kind: str, data: dict[str, Any]) -> None:
+def log_event(kind: str, data: dict[str, Any]) -> None:
+    """Log one controller event (kind "rollout", "event" or "alert"; others are not logged)."""
     handler = _HANDLERS.get(kind)
     if handler is not None:
         handler(data)
@@ -46,17 +49,22 @@ def _rollout(data: Mapping[str, Any]) -> None:
 
 
 def _device_event(data: Mapping[str, Any]) -> None:
+    """A device's own text: logged cut to ``FIELD_MAX`` (detail ``DETAIL_MAX``) characters."""
     try:
         event = json.loads(data.get("event") or "{}")
-    except ValueError:  # the controller counts and drops malformed events; log what came
+    except ValueError:  # not JSON: the device's event is logged as an empty one
         event = {}
     event = event if isinstance(event, dict) else {}
     bundle = event.get("bundle")
     bundle = bundle if isinstance(bundle, dict) else {}
-    log.info("device %s %s: %s", data.get("device"), event.get("kind", "event"),
-             event.get("detail", ""),
-             extra={"device": data.get("device"), "state": event.get("state"),
-                    "model": bundle.get("name"), "version": bundle.get("version")})
+    log.info("device %s %s: %s", data.get("device"), _cut(event.get("kind")) or "event",
+             _cut(event.get("detail"), DETAIL_MAX) or "",
+             extra={"device": data.get("device"), "state": _cut(event.get("state")),
+                    "model": _cut(bundle.get("name")), "version": _cut(bundle.get("version"))})
+
+
+def _cut(value: Any, limit: int = FIELD_MAX) -> str | None:
+    return None if value is None else str(value)[:limit]
 
 
 def _alert(data: Mapping[str, Any]) -> None:

@@ -28,6 +28,7 @@ from agent.ports import BindError
 from agent.serving.http import InferenceServer
 from fleet.api import ApiServer
 from fleet.client import FleetClient
+from fleet.events_log import DETAIL_MAX, FIELD_MAX, log_event
 from fleet.mosquitto import (
     MosquittoBroker,
     MosquittoMissingError,
@@ -37,7 +38,7 @@ from fleet.mosquitto import (
 )
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import Fleet, wait_until
-from tests.hostile import HOSTILE
+from tests.hostile import HOSTILE, peak_traced_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGEFLEET = [sys.executable, "-m", "edgefleet"]
@@ -359,6 +360,54 @@ def test_any_text_logged_stays_one_json_line(message: str, device: str, args: li
     parsed = json.loads(line)
     assert parsed["message"] == record.getMessage() and parsed["device"] == device
     assert parsed["fleet"] == "f" and parsed["ts"].endswith("Z")
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+_EVENTS = st.one_of(
+    st.text(max_size=5000),  # not JSON at all, or any text
+    st.builds(json.dumps, _JSON),
+    st.builds(lambda kind, detail, state, bundle: json.dumps(
+        {"kind": kind, "detail": detail, "state": state, "bundle": bundle}),
+        _JSON, st.text(max_size=20000) | _JSON, _JSON, _JSON | st.fixed_dictionaries(
+            {"name": st.text(max_size=5000), "version": st.text(max_size=5000)})))
+
+
+class _Lines(logging.Handler):
+    """The JSON lines a logger writes, kept in a list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self.setFormatter(JsonFormatter(lambda: {"fleet": "f"}))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@HOSTILE
+@given(payload=_EVENTS)
+def test_a_device_event_of_any_shape_is_one_bounded_json_line(payload: str) -> None:
+    """Whatever a device publishes on its events topic, the controller logs one JSON line,
+    its own text cut to DETAIL_MAX and FIELD_MAX, within 1 MiB of memory."""
+    handler, events = _Lines(), logging.getLogger("fleet.events")
+    events.addHandler(handler)
+    level, events.level = events.level, logging.INFO
+    try:
+        result, peak = peak_traced_bytes(lambda: log_event("event",
+                                                           {"device": "cam-1", "event": payload}))
+    finally:
+        events.removeHandler(handler)
+        events.setLevel(level)
+    assert not isinstance(result, BaseException), result
+    assert peak < 1024 * 1024
+    [line] = handler.lines
+    record = json.loads(line)
+    assert record["device"] == "cam-1" and record["fleet"] == "f"
+    assert len(record["message"]) <= len("device cam-1 : ") + FIELD_MAX + DETAIL_MAX
+    for key in ("state", "model", "version"):
+        assert len(record.get(key, "")) <= FIELD_MAX
 
 
 def test_json_timestamps_are_utc_with_milliseconds() -> None:
