@@ -137,7 +137,7 @@ def serve(
     if json_logs:
         logging.getLogger("fleet").info("edgefleet controller: %s", started)
     else:
-        console.print(f"edgefleet controller for fleet [bold]{fleet}[/]: {started}")
+        console.print(styled("edgefleet controller for fleet [bold]{}[/]: {}", fleet, started))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -584,6 +584,7 @@ def _keyring_view(data: dict[str, Any], what: str) -> Group:
 
 
 app.add_typer(service_app(ServiceSpec(
-    Unit("fleet", "edgefleet-controller.service"), ("fleet", "serve"), lambda: subcommand(app, "serve"),
+    Unit("fleet", "edgefleet-controller.service"), ("fleet", "serve"),
+    lambda: subcommand(app, "serve"),
     user="edgefleet-controller", data_dir=Path("/var/lib/edgefleet-controller"))),
     name="service")

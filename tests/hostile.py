@@ -9,19 +9,26 @@ Memory is bounded two ways:
 * in this process, :func:`peak_traced_bytes` runs a call under ``tracemalloc`` (numpy
   reports its buffers there too) and returns the peak bytes allocated during it;
 * in a child process, :func:`run_measured` runs a command and returns its own peak RSS
-  from ``wait4`` (not the high-water mark of every child this test ever waited on).
+  from ``wait4``. The command is started by a small fresh interpreter, not by this
+  process: Linux carries the memory peak of the process that forks into the child's
+  ``ru_maxrss`` across ``exec``, so a child of a pytest process that trained a model would
+  report that process's peak (about 770 MiB) whatever it used itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, TypeVar
 
 from hypothesis import HealthCheck, settings
@@ -68,9 +75,36 @@ def run_measured(argv: Sequence[str], *, timeout_s: float = 120.0,
                  env: dict[str, str] | None = None, stdin: bytes | None = None) -> Measured:
     """Run a command; return its exit code, output, its own peak RSS and its wall time."""
     started = time.monotonic()
-    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                            env=env)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-rss-") as folder:
+        report = Path(folder) / "peak"
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _STARTER, str(report),
+                                 *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.PIPE if stdin is not None
+                                else subprocess.DEVNULL, env=env, start_new_session=True)
+        status, out, err = _collect(proc, stdin, started + timeout_s)
+        peak = int(report.read_text()) if report.exists() else 0
+    return Measured(status, out, err, peak, time.monotonic() - started)
+
+
+# Started as `python -I -S` (a few MB): it runs the command, passes SIGTERM and SIGINT on
+# to it, and writes the command's own peak RSS, which wait4 reports without this small
+# starter's memory in it.
+_STARTER = """
+import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: os.kill(pid, signum))
+status, usage = os.wait4(pid, 0)[1:]
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def _collect(proc: subprocess.Popen[bytes], stdin: bytes | None,
+             deadline: float) -> tuple[int, str, str]:
     chunks: dict[str, bytes] = {}
     readers = [threading.Thread(target=_drain, args=(stream, key, chunks), daemon=True)
                for key, stream in (("out", proc.stdout), ("err", proc.stderr))]
@@ -80,28 +114,18 @@ def run_measured(argv: Sequence[str], *, timeout_s: float = 120.0,
         with contextlib.suppress(BrokenPipeError):
             proc.stdin.write(stdin)
         proc.stdin.close()
-    status, peak = _wait4(proc, started + timeout_s)
+    try:
+        status = proc.wait(max(deadline - time.monotonic(), 0.001))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the starter and the command it runs
+        proc.wait()
+        raise
     for reader in readers:
         reader.join()
-    return Measured(status, chunks.get("out", b"").decode(errors="replace"),
-                    chunks.get("err", b"").decode(errors="replace"), peak,
-                    time.monotonic() - started)
+    return (status, chunks.get("out", b"").decode(errors="replace"),
+            chunks.get("err", b"").decode(errors="replace"))
 
 
 def _drain(stream: IO[bytes] | None, key: str, into: dict[str, bytes]) -> None:
     if stream is not None:
         into[key] = stream.read()
-
-
-def _wait4(proc: subprocess.Popen[bytes], deadline: float) -> tuple[int, int]:
-    """Reap ``proc`` ourselves so that its own rusage (peak RSS) is ours to read."""
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid == proc.pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, usage.ru_maxrss * 1024
-        if time.monotonic() > deadline:
-            proc.kill()
-            os.wait4(proc.pid, 0)
-            raise subprocess.TimeoutExpired(proc.args, 0)
-        time.sleep(0.01)

@@ -13,7 +13,6 @@ are also run through ``edgefleet agent install`` and ``edgefleet fleet push`` (a
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import http.client
 import json
@@ -321,29 +320,6 @@ def test_a_member_larger_than_its_cap_is_refused_before_it_is_read(
 
 # --- the same archives through the commands ----------------------------------------------
 
-# A child's ru_maxrss starts at its parent's high-water mark (the kernel carries the forked
-# image's peak across exec), and this pytest process trained a model: the command runs under
-# a fresh, small interpreter that forks it and reports the command's own peak.
-_WRAPPER = """
-import json, os, signal, sys
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[1], sys.argv[1:])
-signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(pid, signum))
-status, usage = os.wait4(pid, 0)[1:]
-with open(os.environ["EDGEFLEET_PEAK_RSS_TO"], "w") as out:
-    json.dump(usage.ru_maxrss * 1024, out)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
-def measured(argv: list[str], report: Path, timeout_s: float = 120.0) -> Measured:
-    """``run_measured`` with the command's own peak RSS (see ``_WRAPPER``)."""
-    result = run_measured([sys.executable, "-c", _WRAPPER, *argv], timeout_s=timeout_s,
-                          env={**os.environ, "EDGEFLEET_PEAK_RSS_TO": str(report)})
-    return dataclasses.replace(result, peak_rss_bytes=json.loads(report.read_text()))
-
-
 @pytest.fixture(scope="module")
 def sparse_files(digits_bundles: dict[str, Path],
                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -371,10 +347,10 @@ def test_agent_install_refuses_sparse_members_in_one_line_and_bounded_memory(
     data = tmp_path / "device"
     install = [*EDGEFLEET, "agent", "install", "--data-dir", str(data),
                "--trusted-key", str(signing_keys.public)]
-    good = measured([*install, str(digits_bundles["tflite"])], tmp_path / "rss")
+    good = run_measured([*install, str(digits_bundles["tflite"])])
     assert good.returncode == 0, good.stderr
     for label, path in sparse_files.items():
-        result = measured([*install, str(path)], tmp_path / "rss")
+        result = run_measured([*install, str(path)])
         assert result.returncode == 2, (label, result.stderr)
         line = _one_error_line(result)
         assert "'model.tflite' is a GNU sparse file, not a regular file" in line, line
@@ -397,7 +373,7 @@ def served(mosquitto: MosquittoBroker, signing_keys: Keys,
             "--trusted-key", str(signing_keys.public), "--token", f"ops={TOKEN}"]
     done: dict[str, Measured] = {}
     runner = threading.Thread(target=lambda: done.update(
-        server=measured(argv, tmp_path / "server-rss", timeout_s=300)))
+        server=run_measured(argv, timeout_s=300)))
     runner.start()
     wait_until(lambda: not runner.is_alive() or _answers(port), 60, what="fleet serve")
     yield f"http://127.0.0.1:{port}", done, data
@@ -421,7 +397,7 @@ def _stop(marker: str) -> None:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"serve" in argv and marker.encode() in argv and argv[1:2] != [b"-c"]:
+        if b"serve" in argv and marker.encode() in argv and b"-c" not in argv[1:4]:
             os.kill(int(proc.name), signal.SIGTERM)
 
 
