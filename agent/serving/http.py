@@ -133,6 +133,7 @@ class _Server(ThreadingHTTPServer):
         self._routes: dict[str, tuple[weakref.ref[LoadedModel], ModelView, str | None]] = {}
         self.watchdog = Watchdog(period_s=min(0.5, limits.timeout_s / 4))
         self.budget = Budget(limits.in_flight)
+        self._refused, self._refusals_logged = 0, float("-inf")
 
     def begin(self) -> None:
         self.started = True
@@ -178,8 +179,7 @@ class _Server(ThreadingHTTPServer):
 
     def _refuse(self, request: socket.socket) -> None:
         """Answer 503 on a connection over the bound, without a thread, and close it."""
-        log.warning("refused a connection: %d open (agent run --http-max-connections)",
-                    len(self.watchdog))
+        self._log_refusal()
         body = _error_json(RequestError(f"{self.limits.max_connections} connections are "
                                         "open, the most this server takes",
                                         hint="retry in a second"))
@@ -187,6 +187,15 @@ class _Server(ThreadingHTTPServer):
             request.settimeout(1.0)
             request.sendall(_head(503, _JSON, len(body), "Retry-After: 1\r\n", True) + body)
         self.shutdown_request(request)
+
+    def _log_refusal(self) -> None:
+        """A warning at most every 10 s, with the count since (a flood floods no log)."""
+        self._refused += 1
+        now = _monotonic()
+        if now - self._refusals_logged >= 10.0:
+            log.warning("refused %d connection(s): %d open, the most this server takes "
+                        "(agent run --http-max-connections)", self._refused, len(self.watchdog))
+            self._refused, self._refusals_logged = 0, now
 
     def shutdown_request(self, request: Any) -> None:
         self.watchdog.remove(request)
