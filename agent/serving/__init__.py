@@ -1,5 +1,6 @@
-"""Serving over HTTP: the KServe v2 / Open Inference Protocol server."""
+"""Serving over HTTP: the KServe v2 / Open Inference Protocol server, and its bounds."""
 
 from agent.serving.http import InferenceServer
+from agent.serving.limits import HttpLimits
 
-__all__ = ["InferenceServer"]
+__all__ = ["HttpLimits", "InferenceServer"]

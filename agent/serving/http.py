@@ -268,16 +268,27 @@ class _Handler(BaseHTTPRequestHandler):
         except RequestError as exc:
             self._refuse(exc)
             return False
-        taken = _weight(size) if size.body > _SMALL else 0
-        if taken and not self.server.budget.take(taken, self.limits.timeout_s):
-            self._refuse(RequestError("too many large requests are being read at once",
-                                      hint="retry in a second", status=503))
+        taken = self._take(size)
+        if taken is None:
             return False
         try:
             return self._answer(method, version, headers, size)
         finally:
             if taken:
                 self.server.budget.give(taken)
+
+    def _take(self, size: Lengths) -> int | None:
+        """The share of the body budget this request holds (0 for a small body), or None
+        when it waited for one in vain (then answered 503)."""
+        if size.body <= _SMALL:
+            return 0
+        self.watch.deadline = _NEVER  # the wait for the budget has its own bound
+        taken = _weight(size)
+        if self.server.budget.take(taken, self.limits.timeout_s):
+            return taken
+        self._refuse(RequestError("too many large requests are being read at once",
+                                  hint="retry in a second", status=503))
+        return None
 
     def _answer(self, method: str, version: str, headers: dict[str, str],
                 size: Lengths) -> bool:
