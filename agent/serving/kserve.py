@@ -177,7 +177,7 @@ def _decode_input(item: dict[str, Any], binary: memoryview, offset: int,
 def _from_json(name: str, data: list[Any], shape: list[int], known: _Input) -> Array:
     try:
         return np.asarray(data, dtype=known.dtype).reshape(shape)
-    except (ValueError, TypeError, OverflowError) as exc:  # OverflowError: 1e400, 300 as INT8
+    except (ValueError, TypeError, OverflowError) as exc:  # Overflow: 10**400 as FP32, 300 as INT8
         raise RequestError(f"input {name!r}: data does not fit shape {shape}: {exc}",
                            hint=f"send prod(shape) {known.datatype} values") from exc
 
