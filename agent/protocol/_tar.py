@@ -117,8 +117,9 @@ class TarReader:
         left = self._length - entry.offset
         if entry.size > left:
             raise BundleFormatError(
-                f"member {shown(entry.name)} declares {entry.size} bytes but only {max(left, 0)} "
-                "follow its header (a truncated archive, or a header that lies)", hint=_HINT)
+                f"a truncated bundle (or a header that lies): member {shown(entry.name)} "
+                f"declares {entry.size} bytes but only {max(left, 0)} follow its header",
+                hint=_HINT)
 
     def _extended(self, flag: bytes, entry: Entry, pending: _Pending) -> _Pending:
         if entry.size > MAX_EXTENDED_BYTES or pending.count >= 4:
