@@ -28,8 +28,9 @@ import subprocess
 import sys
 import tarfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,14 @@ FLEET, DEVICE, TOKEN = "armcheck", "pi-arm64", "arm-check-token"
 VENV, INSIDE = "/opt/edgefleet", "/tmp/arm-check"
 DATA_DIR = "/var/lib/edgefleet"
 EMULATED_TIMEOUT_S = 600.0
+PIP_TIMEOUT_S = 3600.0  # a first install compiles every module under emulation
 CHROOT_ENV = {"PATH": f"{VENV}/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
               "LANG": "C.UTF-8", "TF_CPP_MIN_LOG_LEVEL": "3",
-              "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+              "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1",
+              "PIP_CERT": rootfs.HOST_CA, "SSL_CERT_FILE": rootfs.HOST_CA}
 ARM_WHEELS = ("ai_edge_litert", "onnxruntime", "numpy")
-console = Console(highlight=False)
+# Piped (make, CI logs): wide enough that step lines and the table print whole.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 F32 = npt.NDArray[np.float32]
 
 
@@ -83,13 +87,13 @@ class Run:
         if self.stopped:
             self.results.append(Result(name, False, 0.0, "not run: an earlier step failed"))
             return
-        console.print(f"[bold]▶[/] {name} …")
+        console.print(f"[bold]▶[/] {escape(name)} …")
         start = time.monotonic()
         ok, detail = _attempt(action)
         seconds = time.monotonic() - start
         self.results.append(Result(name, ok, seconds, detail))
         mark = "[green]✓[/]" if ok else "[red]✗[/]"
-        console.print(f"{mark} {name}  [dim]{seconds:.1f} s[/]  {escape(detail)}")
+        console.print(f"{mark} {escape(name)}  [dim]{seconds:.1f} s[/]  {escape(detail)}")
         self.stopped = not ok and needed
 
     @property
@@ -198,7 +202,9 @@ def bundles(fleet: Fleet) -> str:
     _host([str(Path(sys.executable).with_name("edgefleet")), "keys", "generate",
            "--out", str(fleet.keys)])
     keys = Keys(fleet.keys / "signing.key", fleet.keys / "signing.pub")
-    models = train_digits_cnn(WORK / "models")
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()):  # Keras' export chatter
+        warnings.simplefilter("ignore", FutureWarning)
+        models = train_digits_cnn(WORK / "models")
     fleet.x, fleet.y = models.digits.x_test, models.digits.y_test
     fleet.bundles = {
         "tflite": make_bundle(models.tflite, WORK / "digits-1.0.0.efb", keys, "1.0.0"),
@@ -222,12 +228,15 @@ def pip_install(fleet: Fleet) -> str:
     built = next((WORK / "wheel").glob("edgefleet-*.whl"))
     shutil.copy2(built, staged / built.name)
     shutil.copy2(REPO / "constraints.txt", staged / "constraints.txt")
+    start = time.monotonic()
     if not fleet.host_path(f"{VENV}/bin/pip").exists():
         fleet.inside(["python3", "-m", "venv", VENV])
+    venv = time.monotonic() - start
     target = f"{INSIDE}/{built.name}"
-    fleet.inside(["pip", "install", "-q", "-c", f"{INSIDE}/constraints.txt", f"{target}[agent]"])
+    fleet.inside(["pip", "install", "-q", "-c", f"{INSIDE}/constraints.txt", f"{target}[agent]"],
+                 timeout=PIP_TIMEOUT_S)
     fleet.inside(["pip", "install", "-q", "--no-deps", "--force-reinstall", target])
-    return _installed(fleet)
+    return f"venv {venv:.0f} s, pip {time.monotonic() - start - venv:.0f} s; {_installed(fleet)}"
 
 
 def _installed(fleet: Fleet) -> str:

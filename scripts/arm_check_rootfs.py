@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["ArmCheckError", "Recipe", "chroot_command", "ensure_binfmt", "ensure_host_tools",
-           "ensure_rootfs", "host_recipe", "mounted", "remove_tree",
+__all__ = ["HOST_CA", "ArmCheckError", "Recipe", "chroot_command", "ensure_binfmt",
+           "ensure_host_tools", "ensure_rootfs", "host_recipe", "mounted", "remove_tree",
            "unmount_under"]
 
 CACHE = Path(os.environ.get("EDGEFLEET_ARM_CACHE", Path.home() / ".cache/edgefleet"))
@@ -32,6 +32,7 @@ PACKAGES = ("python3", "python3-venv", "ca-certificates")
 HOST_TOOLS = {"debootstrap": "debootstrap", "qemu-aarch64-static": "qemu-user-static",
               "update-binfmts": "binfmt-support"}
 NICE = ("nice", "-n", "10")
+HOST_CA = "/etc/ssl/certs/edgefleet-host-ca.crt"
 _SOURCES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
 
 
@@ -165,9 +166,15 @@ def _debootstrap(recipe: Recipe, target: Path) -> None:
 
 @contextmanager
 def mounted(root: Path) -> Iterator[None]:
-    """/proc, /dev and the host's resolv.conf inside ``root`` for the duration."""
+    """/proc, /dev, the host's resolv.conf and CA bundle inside ``root`` for the duration.
+
+    The root shares the host's network, so it trusts what the host trusts (a site's own
+    CA included): the bundle goes to ``HOST_CA`` and the chroot's env points pip there.
+    """
     unmount_under(root)
     shutil.copyfile("/etc/resolv.conf", root / "etc/resolv.conf")
+    shutil.copyfile(os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"),
+                    root / HOST_CA.lstrip("/"))
     done: list[Path] = []
     try:
         for source, target, kind in (("proc", "proc", "proc"), ("/dev", "dev", "bind")):
