@@ -618,3 +618,18 @@ def test_the_nesting_prescan_refuses_exactly_what_nests_deeper_than_its_limit(
     except RequestError as exc:
         refused = "nested deeper than" in str(exc)
     assert refused == (_depth(value) > limit), text
+
+
+@pytest.mark.parametrize(("head", "status"), [
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET /v2 HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+    (b"GET /v2 HTTP/1.1\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n", 431),
+    (b"GET /v2 HTTP/1.1\r\n" + b"X-Many: " + b"b" * 1000 + b"\r\n" * 1 + (
+        b"X-More: " + b"c" * 1000 + b"\r\n") * 70 + b"\r\n", 431),
+    (b"GET /v2 HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+])
+def test_heads_over_their_bounds_are_refused_with_their_status(
+        served: Served, head: bytes, status: int) -> None:
+    response = _exchange(served.port, head)
+    assert response.status == status and response.headers["connection"] == "close"
+    assert response.error()
