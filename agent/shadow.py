@@ -93,11 +93,14 @@ class Shadow:
 
     def _record(self, new: Array, old: Array) -> None:
         a, b = np.asarray(new, np.float64), np.asarray(old, np.float64)
-        agree = a.shape == b.shape and a.ndim == 2 and a.shape[1] > 1 and bool(
+        # an output with NaN or an infinity agrees with nothing (and its cosine is no number)
+        finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
+        agree = finite and a.shape == b.shape and a.ndim == 2 and a.shape[1] > 1 and bool(
             np.all(a.argmax(1) == b.argmax(1)))
         x, y = a.reshape(-1), b.reshape(-1)
-        denom = float(np.linalg.norm(x) * np.linalg.norm(y)) if x.size == y.size else 0.0
-        cosine = float(np.dot(x, y) / denom) if denom else 0.0
+        denom = float(np.linalg.norm(x) * np.linalg.norm(y)) if finite and x.size == y.size \
+            else 0.0
+        cosine = float(np.dot(x, y) / denom) if denom and np.isfinite(denom) else 0.0
         with self._lock:
             self.samples += 1
             self.agreeing += int(agree)
