@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import __version__
@@ -63,7 +63,7 @@ class ServiceConfig:
     broker_url: str | None = None
     http_host: str = "127.0.0.1"
     http_port: int | None = None
-    http_limits: HttpLimits = HttpLimits()  # body sizes, timeouts, connections
+    http_limits: HttpLimits = field(default_factory=HttpLimits)  # sizes, timeouts, connections
     telemetry_interval_s: float = 10.0
     spool_max_bytes: int = 8 * 1024 * 1024
     profile: str | None = None
