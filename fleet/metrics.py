@@ -13,13 +13,15 @@ is counted on the ingest path. Families (all prefixed ``edgefleet_``)::
     rollout_waves{rollout}               gauge    the rollout's number of waves (M)
     rollout_devices{rollout,model,       gauge    the rollout's devices in each rollout device
                     version,state}                state (every state, zeros included)
-    latency_p50_ms{model,version}        gauge histogram, see below
-    latency_p95_ms{model,version}        gauge histogram, see below
-    throughput_rps{model,version}        gauge    sum of the latest windows' requests per second
-    error_rate{model,version}            gauge    errors / (inferences + errors), latest windows
-    agreement_top1{model,version}        gauge    sample-weighted top-1 agreement with the previous
-                                                  version (only while devices are in probation)
-    agreement_samples{model,version}     gauge    the samples behind agreement_top1
+    latency_p50_seconds{model,version}   gauge histogram, see below
+    latency_p95_seconds{model,version}   gauge histogram, see below
+    throughput_requests_per_second       gauge    sum of the latest windows' requests per second
+                    {model,version}
+    error_ratio{model,version}           gauge    errors / (inferences + errors), latest windows
+    agreement_top1_ratio{model,version}  gauge    sample-weighted top-1 agreement with the previous
+                                                  version, 0-1 (only while devices are in
+                                                  probation)
+    agreement_samples{model,version}     gauge    the samples behind agreement_top1_ratio
     inferences_total{model,version}      counter  inferences served (the agents' own totals)
     inference_errors_total{model,version} counter failed inferences (idem)
     drift_alerts{model,version,feature}  gauge    devices whose drift alert on the feature fires
@@ -35,14 +37,18 @@ Which windows: the *latest window* of a (model, version) is the entry for that v
 the latest telemetry point of each **online** device (agents send one point per
 telemetry interval, with per-version inferences, errors, p50/p95/p99 and agreement).
 
+Names follow Prometheus' conventions (``promtool check metrics`` is clean): base units
+(seconds), ``_ratio`` for 0-1 fractions, ``_total`` on counters. Devices send milliseconds
+(``latency_p50_ms``, the device contract); the controller converts at the exposition.
+
 Latency: agents send percentiles per window, not samples, so the latency families are
-*gauge histograms over devices*: ``edgefleet_latency_p50_ms_bucket{le="5.0"}`` is the
-number of online devices whose latest window p50 for that version was at most 5 ms;
-``_gcount`` is the number of such devices and ``_gsum`` the sum of their p50s. They are
-snapshots, not accumulations: query them without ``rate()``, e.g.
-``histogram_quantile(0.5, sum by (le, model, version) (edgefleet_latency_p50_ms_bucket))``
-is the median device's p50, and the same over ``latency_p95_ms`` at 0.95 the p95 of the
-devices' p95s (the slow tail of the fleet).
+*gauge histograms over devices*: ``edgefleet_latency_p50_seconds_bucket{le="0.005"}`` is
+the number of online devices whose latest window p50 for that version was at most 5 ms;
+``_gcount`` is the number of such devices and ``_gsum`` the sum of their p50s (seconds).
+They are snapshots, not accumulations: query them without ``rate()``, e.g.
+``histogram_quantile(0.5, sum by (le, model, version) (edgefleet_latency_p50_seconds_bucket))``
+is the median device's p50, and the same over ``latency_p95_seconds`` at 0.95 the p95 of
+the devices' p95s (the slow tail of the fleet).
 
 Counters: a device's ``inferences_total`` restarts at 0 when its agent restarts and its
 counts move to another label set when it switches versions; a plain sum of the latest
@@ -81,8 +87,11 @@ if TYPE_CHECKING:
 __all__ = ["FINISHED_SHOWN", "LATENCY_BUCKETS_MS", "FleetCollector", "FleetMetrics"]
 
 FINISHED_SHOWN = 5
+# bucket bounds in the devices' unit (ms), compared with their figures as sent; each
+# bucket's ``le`` label is the bound in seconds
 LATENCY_BUCKETS_MS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0,
                       500.0, 1000.0, 2500.0, 5000.0)
+MS_PER_SECOND = 1000.0
 NONE = "none"
 
 
@@ -120,6 +129,7 @@ class FleetCollector:
             yield from self._counter_families(latest)
         view = c.drift_view()
         yield from _drift_families(view.summary, view.windows)
+        # counter families are named without _total: the exposition appends it
         yield CounterMetricFamily("edgefleet_telemetry_points",
                                   "Telemetry points ingested from devices.",
                                   value=c.telemetry.points)
@@ -244,37 +254,38 @@ def _windows(points: Iterable[dict[str, Any]]) -> dict[VersionKey, _Windows]:
 
 def _window_families(windows: dict[VersionKey, _Windows]) -> Iterator[Metric]:
     keys = sorted(windows)
-    yield _histogram("edgefleet_latency_p50_ms",
-                     "Online devices by their latest window's p50 latency (ms), per version.",
+    yield _histogram("edgefleet_latency_p50_seconds",
+                     "Online devices by their latest window's p50 latency (seconds), per version.",
                      {k: windows[k].p50 for k in keys})
-    yield _histogram("edgefleet_latency_p95_ms",
-                     "Online devices by their latest window's p95 latency (ms), per version.",
+    yield _histogram("edgefleet_latency_p95_seconds",
+                     "Online devices by their latest window's p95 latency (seconds), per version.",
                      {k: windows[k].p95 for k in keys})
-    yield _per_version(GaugeMetricFamily, "edgefleet_throughput_rps",
+    yield _per_version(GaugeMetricFamily, "edgefleet_throughput_requests_per_second",
                        "Requests per second served, summed over online devices' latest windows.",
                        {k: windows[k].throughput for k in keys})
-    yield _per_version(GaugeMetricFamily, "edgefleet_error_rate",
-                       "errors / (inferences + errors) in online devices' latest windows.",
+    yield _per_version(GaugeMetricFamily, "edgefleet_error_ratio",
+                       "errors / (inferences + errors) in online devices' latest windows, 0-1.",
                        {k: w.errors / (w.inferences + w.errors) for k in keys
                         if (w := windows[k]).inferences + w.errors})
-    yield _per_version(GaugeMetricFamily, "edgefleet_agreement_top1",
+    yield _per_version(GaugeMetricFamily, "edgefleet_agreement_top1_ratio",
                        "Top-1 agreement with the previous version during probation "
                        "(sample-weighted over online devices), 0-1.",
                        {k: w.agreeing / w.samples for k in keys if (w := windows[k]).samples})
     yield _per_version(GaugeMetricFamily, "edgefleet_agreement_samples",
-                       "Inputs compared behind edgefleet_agreement_top1.",
+                       "Inputs compared behind edgefleet_agreement_top1_ratio.",
                        {k: windows[k].samples for k in keys if windows[k].samples})
 
 
 def _histogram(name: str, documentation: str,
-               values: dict[VersionKey, list[float]]) -> GaugeHistogramMetricFamily:
+               values_ms: dict[VersionKey, list[float]]) -> GaugeHistogramMetricFamily:
+    """Devices by latency; ``values_ms`` as the devices sent them, buckets and sum in seconds."""
     family = GaugeHistogramMetricFamily(name, documentation, labels=["model", "version"])
-    for key, observed in values.items():
+    for key, observed in values_ms.items():
         if observed:
-            buckets = [(str(le), float(sum(1 for v in observed if v <= le)))
+            buckets = [(repr(le / MS_PER_SECOND), float(sum(1 for v in observed if v <= le)))
                        for le in LATENCY_BUCKETS_MS]
             buckets.append(("+Inf", float(len(observed))))
-            family.add_metric(list(key), buckets, gsum_value=sum(observed))
+            family.add_metric(list(key), buckets, gsum_value=sum(observed) / MS_PER_SECOND)
     return family
 
 

@@ -1,10 +1,10 @@
-"""``GET /metrics`` of a controller with real agents on a real Mosquitto, read back by a real
-Prometheus, and the Grafana dashboard's queries against what the live endpoint exposes."""
+"""``GET /metrics`` of a controller with real agents on a real Mosquitto: its families, their
+names checked by ``promtool check metrics``, and a real Prometheus's helpers (the Grafana
+dashboard's tests, tests/test_grafana_dashboard.py, reuse them)."""
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import urllib.parse
@@ -20,16 +20,13 @@ from fleet.controller import ControllerConfig, FleetController
 from fleet.metrics import FleetMetrics
 from fleet.mosquitto import free_port, stop_process
 from fleet.store import open_store
+from tests.brokers import Subscriber
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import Fleet, wait_until
 from tests.models import TrainedModels
 
-DASHBOARD = Path(__file__).resolve().parents[1] / "dashboards" / "grafana" / "edgefleet.json"
-# Grafana's variables, as the dashboard would send them with "All" selected
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model": ".*"}
-_NOT_METRICS = frozenset({"and", "or", "unless", "bool", "offset", "inf", "nan"})
-
 Scrape = dict[str, list[Sample]]  # sample name -> samples
+DRIFT_FAMILIES = {"edgefleet_drift_alerts", "edgefleet_drift_psi_max", "edgefleet_drift_psi_mean"}
 
 
 # --- fixtures and helpers ---------------------------------------------------------------
@@ -62,11 +59,44 @@ def _rollout(fleet: Fleet, **options: Any) -> str:
     return str(fleet.client().post("/api/v1/rollouts", body)["id"])
 
 
-def _scrape(fleet: Fleet) -> Scrape:
+def metrics_text(fleet: Fleet) -> str:
+    """The controller's ``/metrics``, as Prometheus reads it."""
     assert fleet.api is not None
     with urllib.request.urlopen(f"{fleet.api.url}/metrics", timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        return _parse(response.read().decode())
+        return str(response.read().decode())
+
+
+def _scrape(fleet: Fleet, kept: list[str] | None = None) -> Scrape:
+    """``/metrics`` parsed; its text into ``kept`` (the last one only) if given."""
+    text = metrics_text(fleet)
+    if kept is not None:
+        kept[:] = [text]
+    return _parse(text)
+
+
+def promtool_problems(text: str) -> str:
+    """What ``promtool check metrics`` (the Debian package's) says of ``text``; "" if nothing."""
+    binary = shutil.which("promtool")
+    assert binary, "promtool is missing: run scripts/system-deps.sh"
+    done = subprocess.run([binary, "check", "metrics"], input=text.encode(), capture_output=True,
+                          timeout=60, check=False)
+    return (done.stdout + done.stderr).decode().strip() + ("" if done.returncode == 0 else
+                                                          f" (exit {done.returncode})")
+
+
+def empty_families(text: str) -> set[str]:
+    """The families of ``text`` that have no sample."""
+    return {f.name for f in text_string_to_metric_families(text) if not f.samples}
+
+
+def reject_a_message(fleet: Fleet, device: str) -> None:
+    """Publish a telemetry message that is not JSON on ``device``'s topic (reason "json")."""
+    publisher = Subscriber(fleet.broker_url, [])
+    try:
+        publisher.publish(f"edgefleet/v1/{fleet.name}/{device}/telemetry", b"{not json")
+    finally:
+        publisher.close()
 
 
 def _parse(text: str) -> Scrape:
@@ -85,23 +115,6 @@ def _samples(scrape: Scrape, name: str, **labels: str) -> list[float]:
 def _total(scrape: Scrape, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples carrying ``labels`` (0 when there is none)."""
     return sum(_samples(scrape, name, **labels))
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression reads (not functions, labels or keywords)."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', "", expr)  # strings
-    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", expr)  # label matchers, ranges
-    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
-    names = set()
-    for match in re.finditer(r"(?<![\w:.$])[A-Za-z_:][\w:]*", expr):
-        if not expr[match.end():].lstrip().startswith("(") and match[0] not in _NOT_METRICS:
-            names.add(match[0])
-    return names
-
-
-def _dashboard_exprs() -> list[str]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
 
 
 def _controller(tmp_path: Path, keys: Keys) -> FleetController:
@@ -167,27 +180,34 @@ class Prometheus:
 def test_metrics_show_devices_by_version_and_a_rollouts_progress(
         fleet: Fleet, versions: dict[str, Path]) -> None:
     _start(fleet, versions, ["cam-0", "cam-1"])
+    reject_a_message(fleet, "cam-0")
     before = wait_until(lambda: (s := _scrape(fleet)) and _total(
-        s, "edgefleet_latency_p50_ms_gcount", version="1.0.0") == 2 and s, 30,
+        s, "edgefleet_latency_p50_seconds_gcount", version="1.0.0") == 2 and s, 30,
         what="both devices' telemetry")
     assert _total(before, "edgefleet_devices", online="true") == 2
     assert _total(before, "edgefleet_device_online", device="cam-1") == 1
-    assert _total(before, "edgefleet_latency_p50_ms_bucket", version="1.0.0", le="+Inf") == 2
+    assert _total(before, "edgefleet_latency_p50_seconds_bucket", version="1.0.0", le="+Inf") == 2
     assert _total(before, "edgefleet_inferences_total", version="1.0.0") > 0
-    assert _total(before, "edgefleet_throughput_rps", version="1.0.0") > 0
+    assert _total(before, "edgefleet_throughput_requests_per_second", version="1.0.0") > 0
 
     rollout = _rollout(fleet, soak_s=3)
-    probation = wait_until(lambda: (s := _scrape(fleet)) and _total(
+    probation_text: list[str] = []
+    probation = wait_until(lambda: (s := _scrape(fleet, probation_text)) and _total(
         s, "edgefleet_rollout_devices", rollout=rollout, state="PROBATION") == 1 and _samples(
-        s, "edgefleet_agreement_top1", version="2.0.0") and s, 60,
+        s, "edgefleet_agreement_top1_ratio", version="2.0.0") and s, 60,
         what="the canary in probation, its agreement measured")
     assert _total(probation, "edgefleet_rollout_state", rollout=rollout, state="RUNNING") == 1
     assert _total(probation, "edgefleet_rollout_wave", rollout=rollout) == 1
     assert _total(probation, "edgefleet_rollout_waves", rollout=rollout) == 2
-    assert _total(probation, "edgefleet_agreement_top1", version="2.0.0") >= 0.9
+    assert _total(probation, "edgefleet_agreement_top1_ratio", version="2.0.0") >= 0.9
     served_v1 = _total(probation, "edgefleet_inferences_total", version="1.0.0")
+    assert _total(probation, "edgefleet_messages_rejected_total", reason="json") == 1
+    assert promtool_problems(probation_text[0]) == ""
+    # every family has samples but drift's (no drift reference in these bundles)
+    assert empty_families(probation_text[0]) <= DRIFT_FAMILIES
 
-    done = wait_until(lambda: (s := _scrape(fleet)) and _total(
+    done_text: list[str] = []
+    done = wait_until(lambda: (s := _scrape(fleet, done_text)) and _total(
         s, "edgefleet_devices_by_version", version="2.0.0") == 2 and _total(
         s, "edgefleet_rollout_state", rollout=rollout, state="SUCCEEDED") == 1 and s, 90,
         what="the rollout succeeded, both devices on v2")
@@ -197,6 +217,7 @@ def test_metrics_show_devices_by_version_and_a_rollouts_progress(
     assert not _total(done, "edgefleet_devices_by_version", version="1.0.0")
     # v1's counter keeps what v1 served after every device moved on
     assert _total(done, "edgefleet_inferences_total", version="1.0.0") >= served_v1
+    assert promtool_problems(done_text[0]) == ""
 
 
 def test_inference_counters_never_go_down_when_an_agent_restarts_or_switches_version(
@@ -225,67 +246,13 @@ def test_latency_histograms_count_online_devices_by_their_latest_window(
     scrape = _parse(FleetMetrics(controller).render()[1].decode())
 
     def devices_at_most(le: str) -> float:
-        return _total(scrape, "edgefleet_latency_p50_ms_bucket", version="1.0.0", le=le)
+        return _total(scrape, "edgefleet_latency_p50_seconds_bucket", version="1.0.0", le=le)
 
-    assert (devices_at_most("0.25"), devices_at_most("0.5"), devices_at_most("5.0"),
+    # devices send milliseconds; buckets and sum are in seconds
+    assert (devices_at_most("0.00025"), devices_at_most("0.0005"), devices_at_most("0.005"),
             devices_at_most("+Inf")) == (0, 1, 2, 2)
-    assert _total(scrape, "edgefleet_latency_p50_ms_gsum", version="1.0.0") == 4.3
-    assert _total(scrape, "edgefleet_latency_p95_ms_bucket", version="1.0.0", le="1.0") == 1
+    assert _total(scrape, "edgefleet_latency_p50_seconds_gsum",
+                  version="1.0.0") == pytest.approx(0.0043)
+    assert _total(scrape, "edgefleet_latency_p95_seconds_bucket", version="1.0.0",
+                  le="0.001") == 1
     assert _total(scrape, "edgefleet_inferences_total", version="1.0.0") == 30  # all devices
-
-
-# --- a real Prometheus ------------------------------------------------------------------
-
-def test_a_real_prometheus_scrapes_the_controller_and_answers_dashboard_queries(
-        fleet: Fleet, versions: dict[str, Path], tmp_path: Path) -> None:
-    _start(fleet, versions, ["cam-0", "cam-1"])
-    assert fleet.api is not None
-    prometheus = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{fleet.api.port}")
-    try:
-        wait_until(prometheus.ready, 30, what="Prometheus ready")
-        result = wait_until(lambda: [r for r in prometheus.query(
-            'edgefleet_devices_by_version{model="digits",version="1.0.0"}')
-            if r["value"][1] == "2"], 60, every=0.5, what="the scraped device count")
-        assert result[0]["metric"]["job"] == "edgefleet"
-        p50 = wait_until(lambda: prometheus.query(
-            "histogram_quantile(0.5, sum by (le, version) (edgefleet_latency_p50_ms_bucket))"),
-            30, every=0.5, what="the p50 histogram scraped")
-        assert 0 < float(p50[0]["value"][1]) < 5000 and p50[0]["metric"]["version"] == "1.0.0"
-        for expr in _dashboard_exprs():
-            for variable, value in GRAFANA_VARIABLES.items():
-                expr = expr.replace(variable, value)
-            prometheus.query(expr)  # valid PromQL on real data
-    finally:
-        prometheus.stop()
-
-
-# --- the Grafana dashboard --------------------------------------------------------------
-
-def test_promql_metric_names_leave_out_functions_labels_keywords_and_durations() -> None:
-    assert metric_names('histogram_quantile(0.95, sum by (le, version) '
-                        '(rate(x_ms_bucket{a="b", c=~"$m"}[$__rate_interval])))') == {"x_ms_bucket"}
-    assert metric_names('sum(a{online="true"}) or vector(0)') == {"a"}
-    assert metric_names("b / on (rollout) group_left (state) c > bool 1e3 offset 5m") == {"b",
-                                                                                           "c"}
-
-
-def test_every_dashboard_query_names_a_metric_the_live_endpoint_exposes(
-        fleet: Fleet, versions: dict[str, Path]) -> None:
-    dashboard = json.loads(DASHBOARD.read_text())
-    assert dashboard["schemaVersion"] >= 36 and dashboard["uid"] == "edgefleet"
-    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
-    assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {"${DS_PROMETHEUS}"}
-    wanted = {name for expr in _dashboard_exprs() for name in metric_names(expr)}
-    assert {"edgefleet_latency_p50_ms_bucket", "edgefleet_agreement_top1"} <= wanted
-    _start(fleet, versions, ["cam-0", "cam-1"])
-    _rollout(fleet, soak_s=600)  # the canary stays in probation: agreement is measured
-    missing: list[set[str]] = []
-
-    def all_exposed() -> bool:
-        missing.append(wanted - set(_scrape(fleet)))
-        return not missing[-1]
-
-    try:
-        wait_until(all_exposed, 60, every=0.5, what="every dashboard metric with samples")
-    except TimeoutError:
-        pytest.fail(f"the dashboard queries metrics /metrics does not expose: {missing[-1]}")
