@@ -9,15 +9,19 @@ import shutil
 import subprocess
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.core import Metric
+from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 
 from fleet.controller import ControllerConfig, FleetController
-from fleet.metrics import FleetMetrics
+from fleet.metrics import FleetMetrics, _drift_families
 from fleet.mosquitto import free_port, stop_process
 from fleet.store import open_store
 from tests.brokers import Subscriber
@@ -234,6 +238,25 @@ def test_inference_counters_never_go_down_when_an_agent_restarts_or_switches_ver
     assert served(_point("1.0.0", 100), 1) == (100, 0)
     assert served(_point("1.0.0", 5), 2) == (105, 0)  # the agent restarted
     assert served(_point("2.0.0", 7), 3) == (105, 7)  # and then switched version
+
+
+class _Drift(Collector):
+    """The drift families of one row shaped as ``DriftMonitor.summary()``'s."""
+
+    def collect(self) -> Iterator[Metric]:
+        row = {"model": "digits:1.0.0", "feature": "input:0", "devices": 2, "firing": 1,
+               "psi_max": 0.4, "psi_mean": 0.25}
+        yield from _drift_families([row], 7)
+
+
+def test_drift_families_with_samples_pass_promtool() -> None:
+    # the live fleets above have no drift reference; promtool lints only families with samples
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Drift())
+    text = generate_latest(registry).decode()
+    assert not empty_families(text)
+    assert 'edgefleet_drift_psi_max{feature="input:0",model="digits",version="1.0.0"} 0.4' in text
+    assert promtool_problems(text) == ""
 
 
 def test_latency_histograms_count_online_devices_by_their_latest_window(
