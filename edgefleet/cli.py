@@ -14,6 +14,7 @@ from converter.cli import convert
 from devices import cli as device_cli
 from edgefleet.cli_demo import demo
 from edgefleet.cli_diff import diff
+from edgefleet.cli_example_data import example_data
 from fleet import cli as fleet_cli
 from fleet import cli_certs as certs_cli
 
@@ -31,6 +32,7 @@ app.command("broker")(broker_cli.broker)  # checks its [broker] extra itself
 app.command("demo")(demo)  # checks its extras itself
 app.command("convert")(needs("convert", "converter")(convert))
 app.command("diff")(diff)
+app.command("example-data")(example_data)
 
 
 def main() -> None:
