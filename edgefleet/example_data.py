@@ -31,7 +31,7 @@ def write_example_data(out: Path) -> list[Path]:
     targets = [out / name for name in FILES]
     taken = [str(path) for path in targets if path.exists()]
     if taken:
-        raise ExampleDataExistsError(f"{', '.join(taken)} already exist(s); nothing written",
+        raise ExampleDataExistsError(f"not overwriting {', '.join(taken)}: nothing was written",
                                      hint="choose an empty folder or remove those files")
     out.mkdir(parents=True, exist_ok=True)
     x, y = _sample()

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from edgefleet.cli import app
 from fleet.mosquitto import MosquittoBroker, free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -168,3 +171,26 @@ def test_the_readme_walkthrough_runs_from_keys_to_rollback(mosquitto: MosquittoB
     assert shell.exit() == 0, shell.log()
     assert not [pid for pid in pids if _alive(pid)]
     assert shell.session_pids() == []
+
+
+def test_example_data_writes_a_model_calibration_and_labelled_eval_set(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["example-data", str(tmp_path / "new"), "--json"])
+    assert result.exit_code == 0, result.output
+    written = {Path(row["file"]).name for row in json.loads(result.output)["written"]}
+    assert written == {"digits.keras", "calibration.npy", "eval.npz"}
+    calibration = np.load(tmp_path / "new" / "calibration.npy")
+    with np.load(tmp_path / "new" / "eval.npz") as evaluation:
+        images, labels = evaluation["image"], evaluation["labels"]
+    assert calibration.shape == (100, 8, 8, 1) and images.shape == (200, 8, 8, 1)
+    assert calibration.min() >= 0.0 and calibration.max() <= 1.0  # scaled 0-1, as trained
+    assert sorted(set(labels.tolist())) == list(range(10))
+
+
+def test_example_data_refuses_to_overwrite_and_changes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "eval.npz").write_bytes(b"mine")
+    result = CliRunner().invoke(app, ["example-data", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not overwriting" in result.output and "eval.npz" in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.npz"]
+    assert (tmp_path / "eval.npz").read_bytes() == b"mine"
