@@ -95,12 +95,14 @@ def row(name: str, recipe: str, report: ConversionReport, attempt: Attempt | Non
             "source_latency_ms": report.source_latency_p50_ms}
 
 
-def bench_model(name: str, work: Path, key: Path) -> list[dict[str, Any]]:
+def bench_model(name: str, work: Path, key: Path, crops: int = 16,
+                skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     case = CASES[name]
     data = wheel_models.domain_images(case["domain"], work / f"img-{case.get('aspect', 1.0)}",
-                                      aspect=case.get("aspect", 1.0))
+                                      count=crops, aspect=case.get("aspect", 1.0))
     base = float32_equivalent(wheel_models.model(name), case["format"])
-    recipes = ONNX_RECIPES if case["format"] == "onnx" else TFLITE_RECIPES
+    recipes = {k: v for k, v in (ONNX_RECIPES if case["format"] == "onnx" else
+                                 TFLITE_RECIPES).items() if k not in skip}
     rows = []
     auto: dict[str, Any] = {"quantize": "auto", "max_drop": 1.0}
     for recipe, overrides in [*recipes.items(), ("auto --max-drop 1", auto)]:
@@ -116,7 +118,7 @@ def bench_model(name: str, work: Path, key: Path) -> list[dict[str, Any]]:
             rows[-1]["tried"] = [a.label for a in report.attempts]
             rows[-1]["warnings"] = [*report.warnings, *rows[-1].get("warnings", [])]
     rows.append(raw_tool(name, case, data, base))
-    return rows
+    return [{**r, "crops": crops} for r in rows]
 
 
 def raw_tool(name: str, case: dict[str, Any], data: tuple[Path, Path],
@@ -250,19 +252,43 @@ def _size_of(r: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=list(CASES))
+    parser.add_argument("--results", default="converter",
+                        help="bench/results/NAME.json to write (parallel runs use two names)")
+    parser.add_argument("--crops", type=int, default=16,
+                        help="calibration and evaluation crops per model (each)")
+    parser.add_argument("--skip", nargs="*", default=[], help="recipes to leave out")
+    parser.add_argument("--merge", nargs="*", default=None,
+                        help="only merge these results files into converter.json and the table")
     args = parser.parse_args()
+    if args.merge is not None:
+        merge(args.merge)
+        return
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         key, _ = generate_keypair(work / "keys", "bench")
         for name in args.only:
             print(f"== {name}", flush=True)
-            rows += bench_model(name, work, key)
-            write_results("converter", rows, {"partial": True})
+            rows += bench_model(name, work, key, args.crops, tuple(args.skip))
+            write_results(args.results, rows, {"partial": True})
             for line in cells(rows[-8:]):
                 print(line, flush=True)
     load = round(os.getloadavg()[1], 2)  # 5-minute load average: this host is shared
-    write_results("converter", rows, {"load_average_5min": load, "cpu": cpu()})
+    write_results(args.results, rows, {"load_average_5min": load, "cpu": cpu()})
+    if args.results == "converter":
+        report(rows, load, cpu())
+
+
+def merge(paths: list[str]) -> None:
+    """Join the rows of runs made in parallel (in CASES order) into converter.json."""
+    import json
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for run in runs for r in run["rows"]]
+    rows.sort(key=lambda r: list(CASES).index(r["model"]))
+    load = max(float(run.get("load_average_5min", 0.0)) for run in runs)
+    write_results("converter", rows, {"load_average_5min": load, "cpu": cpu(),
+                                      "merged_from": paths})
     report(rows, load, cpu())
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from converter.search import DEFAULT_SEARCH_SECONDS
+
 __all__ = ["CALIBRATION_METHODS", "DEFAULT_MAX_DROP", "QUANTIZE_MODES", "TFLITE_SOURCE_ONLY",
            "ConvertConfig", "Format", "Quantize", "Scale"]
 
@@ -45,7 +47,7 @@ class ConvertConfig:
     record_host: bool = True  # the build host's name in the bundle's lineage
     calibration_method: str = "minmax"  # ONNX int8: minmax, percentile or entropy
     activations: str = "uint8"  # ONNX int8 activations: uint8 or int8
-    search_budget: float = 480.0  # seconds --quantize auto may spend on its search
+    search_budget: float = DEFAULT_SEARCH_SECONDS  # seconds --quantize auto may search
     # NAME -> fixed shape for inputs with dynamic dims; input_size fixes H x W of one image input
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     input_size: tuple[int, int] | None = None

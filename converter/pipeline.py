@@ -108,11 +108,12 @@ def convert(config: ConvertConfig, step: Step = _no_progress) -> ConversionRepor
     ctx = _context(config, step)
     built = ctx.built
     for number, candidate in enumerate(_candidates(ctx), start=1):
-        ctx.step(f"[{number}] {candidate.label}")
+        ctx.step = _numbered(step, number)  # every stage of candidate n reads "[n] ..."
         attempt, artifact = _attempt(ctx, candidate)
         ctx.report.attempts.append(attempt)
         if artifact is not None:
             built[attempt.label] = artifact
+    ctx.step = step
     chosen = _choose(ctx.report)
     ctx.report.conversion_seconds = round(time.perf_counter() - started, 2)
     if chosen is None:
@@ -122,6 +123,13 @@ def convert(config: ConvertConfig, step: Step = _no_progress) -> ConversionRepor
     _package(ctx, chosen, built[chosen.label])
     ctx.report.conversion_seconds = round(time.perf_counter() - started, 2)
     return ctx.report
+
+
+def _numbered(step: Step, number: int) -> Step:
+    def numbered(text: str, done: int | None = None, total: int | None = None) -> None:
+        step(f"[{number}] {text}", done, total)
+
+    return numbered
 
 
 def _context(config: ConvertConfig, step: Step) -> _Context:

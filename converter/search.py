@@ -4,14 +4,16 @@ The ladder, for each path (docs/converter.md has the table):
 
 1. full int8 (ONNX: MinMax, then Percentile and Entropy calibration when MinMax misses);
 2. the other recipes about as small (float TFLite sources: weight-only int8, dynamic
-   range; Keras -> TFLite: dynamic range);
+   range; Keras -> TFLite: dynamic range), tried even when full int8 passed, since
+   one of them can be smaller;
 3. **mixed**: the best full-int8 recipe with the operators that lose most SQNR kept in
    float (:mod:`converter.sensitivity`), 1, 2, 4, 8, ... of them, until the budget holds;
 4. fp16 (for a float16-stored TFLite source: the source as it is).
 
-Every candidate is measured and becomes a report row. The search stops at the first
-candidate within the budget and the targets (everything after it is larger), or when
-the search budget (seconds) is spent; fp16 is always tried last when nothing passed.
+Every candidate is measured and becomes a report row; the pipeline keeps the smallest
+accepted. Mixed and fp16 run only when nothing smaller passed (everything after them is
+larger); no candidate starts once the search budget (seconds) is spent, except fp16,
+which is always tried last when nothing passed.
 """
 
 from __future__ import annotations
@@ -61,18 +63,24 @@ class Search:
 
 
 def auto_candidates(search: Search) -> Iterator[Candidate]:
-    """Yield candidates smallest first until one is accepted or time runs out."""
+    """Yield candidates smallest first until one is accepted or time runs out.
+
+    Full int8 and the recipes about as small form one tier: all of it is tried (the
+    first full int8 accepted ends the calibration variants), so the smallest of the tier
+    wins; the mixed and fp16 stages only run when nothing in it passed.
+    """
     full: list[Candidate] = []
     for candidate in [*_full_int8(search), *_others(search)]:
+        if candidate.mode == "int8" and _accepted(search):
+            continue  # another calibration of an accepted full int8 is no smaller
         if search.out_of_time(candidate.label):
             break
         yield candidate
         if candidate.mode == "int8":
             full.append(candidate)
-        if _accepted(search):
-            return
     else:
-        yield from _mixed(search, _best(search, full))
+        if not _accepted(search):
+            yield from _mixed(search, _best(search, full))
     if not _accepted(search):
         yield Candidate("fp16", "fp16")
 

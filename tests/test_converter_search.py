@@ -122,17 +122,18 @@ def test_keep_float_leaves_the_named_tflite_operator_in_float(
 
 # --- fixed input shapes ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def dynamic_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _dynamic_onnx(path: Path, wide: int, narrow: int) -> Path:
     """A small CNN with dynamic height and width (as detectors have)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
+
     def tensor(name: str, *shape: int) -> onnx.TensorProto:
         return numpy_helper.from_array((rng.normal(size=shape) * 0.2).astype(np.float32), name)
 
-    weights = [tensor("w1", 64, 3, 3, 3), tensor("w2", 32, 64, 3, 3), tensor("h", 32, 4)]
+    weights = [tensor("w1", wide, 3, 3, 3), tensor("w2", narrow, wide, 3, 3),
+               tensor("h", narrow, 4)]
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
              helper.make_node("Conv", ["r1", "w2"], ["c"], name="conv2", pads=[1, 1, 1, 1]),
@@ -145,9 +146,20 @@ def dynamic_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    path = tmp_path_factory.mktemp("dyn") / "dyn.onnx"
     onnx.save(model, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def dynamic_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Large enough that int8 is smaller than float (run at a small fixed size)."""
+    return _dynamic_onnx(tmp_path_factory.mktemp("dyn") / "dyn.onnx", 64, 32)
+
+
+@pytest.fixture(scope="module")
+def tiny_dynamic_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cheap at 224x224: for the run without a size."""
+    return _dynamic_onnx(tmp_path_factory.mktemp("tiny") / "tiny.onnx", 4, 4)
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +186,8 @@ def test_input_size_fixes_dynamic_dims_and_calibrates_at_that_size(
 
 
 def test_a_dynamic_model_fed_images_without_a_size_is_warned_with_the_size_used(
-        dynamic_onnx: Path, photos: Path, signing_keys: Keys, tmp_path: Path) -> None:
-    report = convert(_config(dynamic_onnx, tmp_path / "d.efb", signing_keys, format="onnx",
+        tiny_dynamic_onnx: Path, photos: Path, signing_keys: Keys, tmp_path: Path) -> None:
+    report = convert(_config(tiny_dynamic_onnx, tmp_path / "d.efb", signing_keys, format="onnx",
                              calibration=photos))
     assert any("resized to 224x224" in w and "--input-size" in w for w in report.warnings)
 
@@ -215,7 +227,9 @@ def test_auto_tries_recipes_smallest_first_and_keeps_fewest_ops_float() -> None:
     assert _walk(tflite, set()) == ["int8", "weight-only", "dynamic", "int8-mixed-1",
                                     "int8-mixed-2", "int8-mixed-4", "int8-mixed-8",
                                     "int8-mixed-16", "fp16"], "at most half the ops kept float"
-    assert _walk(Search("keras", "tflite", [], lambda base: ranked), {"int8"}) == ["int8"]
+    assert _walk(Search("keras", "tflite", [], lambda base: ranked), {"int8"}) == \
+        ["int8", "dynamic"], "the tier of similar sizes is tried whole: the smallest wins"
+    assert _walk(Search("onnx", "onnx", [], lambda base: ranked), {"int8"}) == ["int8"]
 
 
 def test_auto_stops_when_the_search_budget_is_spent_and_still_tries_fp16() -> None:
@@ -227,3 +241,18 @@ def test_auto_stops_when_the_search_budget_is_spent_and_still_tries_fp16() -> No
 def test_a_candidate_names_its_recipe() -> None:
     assert Candidate("int8", "int8").method == "minmax"
     assert Candidate("int8", "int8").activations == "uint8"
+
+
+def test_progress_names_each_candidate_and_counts_only_counted_stages(
+        digits_models: TrainedModels, data: dict[str, Path], signing_keys: Keys,
+        tmp_path: Path) -> None:
+    seen: list[tuple[str, int | None, int | None]] = []
+    convert(_config(digits_models.tflite, tmp_path / "p.efb", signing_keys,
+                    quantize="weight-only", eval=data["eval"]),
+            lambda text, done=None, total=None: seen.append((text, done, total)))
+    texts = [t for t, _, _ in seen]
+    assert "loading the source model" in texts and "writing the signed bundle" in texts
+    assert any(t.startswith("[1] converting: weight-only") for t in texts)
+    counted = [(d, n) for t, d, n in seen if t.startswith("[1] evaluating")]
+    assert counted and counted[-1] == (200, 200), "evaluation counts its samples"
+    assert all((d is None) == (n is None) for _, d, n in seen), "no count without a total"

@@ -65,8 +65,9 @@ def test_auto_on_a_float16_mediapipe_model_returns_a_result_within_the_default_b
         tmp_path: Path, signing_keys: Keys, images: Path) -> None:
     """A float .tflite source searches ai-edge-quantizer's recipes; without --max-drop the
     default budget (1 point) holds whatever is written."""
-    result = _convert("face-detection", tmp_path, signing_keys, images, quantize="auto",
-                      scale="-1-1")
+    calibration, evaluation = wheel_models.domain_images("people", tmp_path, count=8)
+    result = _convert("face-detection", tmp_path, signing_keys, calibration, quantize="auto",
+                      scale="-1-1", eval=evaluation, search_budget=120.0)
     assert isinstance(result, ConversionReport), result
     chosen = result.chosen_attempt
     assert chosen is not None and chosen.accuracy_drop_points is not None
