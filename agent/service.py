@@ -42,6 +42,7 @@ from agent.protocol.topics import Leaf, device_topic, keyring_topic
 from agent.runtime.select import installed_runtimes
 from agent.serving.http import InferenceServer
 from agent.serving.limits import HttpLimits
+from agent.serving.security import HttpSecurity
 from agent.telemetry.reporter import TelemetryReporter
 from agent.telemetry.spool import Spool
 from agent.update.device import UpdateSettings
@@ -64,6 +65,7 @@ class ServiceConfig:
     http_host: str = "127.0.0.1"
     http_port: int | None = None
     http_limits: HttpLimits = field(default_factory=HttpLimits)  # sizes, timeouts, connections
+    http_security: HttpSecurity | None = None  # HTTPS, bearer tokens, client certificates
     telemetry_interval_s: float = 10.0
     spool_max_bytes: int = 8 * 1024 * 1024
     profile: str | None = None
@@ -97,7 +99,7 @@ class AgentService:
     def start(self) -> None:
         if self.config.http_port is not None:
             self.http = InferenceServer(self.agent, self.config.http_host, self.config.http_port,
-                                        self.config.http_limits)
+                                        self.config.http_limits, self.config.http_security)
             self.http.start()
         if self.config.broker_url:
             self._start_mqtt(self.config.broker_url)

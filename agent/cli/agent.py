@@ -169,6 +169,10 @@ def run(
     http_timeout: web.TimeoutOpt = web.TIMEOUT_S,
     http_min_body_rate: web.MinBodyRateOpt = web.MIN_BODY_RATE,
     http_max_connections: web.MaxConnectionsOpt = web.MAX_CONNECTIONS,
+    http_tls_cert: web.TlsCertOpt = None,
+    http_tls_key: web.TlsKeyOpt = None,
+    http_token_file: web.TokenFileOpt = None,
+    http_client_ca: web.ClientCaOpt = None,
     trusted_key: Annotated[list[Path] | None, typer.Option(
         help=".pub file or folder of them; default DATA_DIR/keys")] = None,
     decrypt_key: DecryptKey = None,
@@ -200,6 +204,8 @@ def run(
             download.trust_ca(ca)
         if http:  # a taken port is refused before anything is installed
             check_free(*_host_port(http), "--http HOST:PORT")
+        http_security = web.http_security(http_tls_cert, http_tls_key, http_token_file,
+                                          http_client_ca, http or "")
         agent = Agent(_trusted(trusted_key or [], data), threads=threads,
                       keys=_decryption(decrypt_key or [], data))
         _load_or_refuse(agent, data, bundle, resume=broker is None)
@@ -210,6 +216,7 @@ def run(
                            http_host=host, http_port=port,
                            http_limits=web.http_limits(http_max_body, http_max_json, http_timeout,
                                                        http_min_body_rate, http_max_connections),
+                           http_security=http_security,
                            telemetry_interval_s=telemetry_interval,
                            spool_max_bytes=spool_max_bytes, profile=profile,
                            probation_s=probation, max_error_rate=max_error_rate,
@@ -250,7 +257,7 @@ def _serve_until_signalled(service: AgentService, log_format: LogFormat) -> None
         service.stop()
         fail_in(log_format, exc)
     model = service.agent.model
-    where = f" on http://{service.http.url}" if service.http else ""
+    where = f" on {service.http.base_url}" if service.http else ""
     logging.getLogger("edgefleet").info("serving %s %s%s", model.name if model else "-",
                                         model.version if model else "-", where)
     stop.wait()

@@ -3,15 +3,16 @@
 ::
 
     EdgefleetError
-    └── RequestError              a request answered with an HTTP error status (400 unless told)
-        └── IncompleteRequestError  the connection ended, or its time ran out, mid-request
+    ├── RequestError              a request answered with an HTTP error status (400 unless told)
+    │   └── IncompleteRequestError  the connection ended, or its time ran out, mid-request
+    └── HttpSetupError            TLS files, client CA or tokens the server cannot use
 """
 
 from __future__ import annotations
 
 from agent.protocol.errors import EdgefleetError
 
-__all__ = ["IncompleteRequestError", "RequestError"]
+__all__ = ["HttpSetupError", "IncompleteRequestError", "RequestError"]
 
 
 class RequestError(EdgefleetError):
@@ -25,3 +26,8 @@ class RequestError(EdgefleetError):
 class IncompleteRequestError(RequestError):
     """Part of a request arrived, then the peer stopped sending (400), or took longer than
     the server waits (answered 408 by the server, which knows which)."""
+
+
+class HttpSetupError(EdgefleetError):
+    """The HTTP server's TLS files, client CA or tokens cannot be used (fatal: fix the
+    options and start again)."""

@@ -90,7 +90,8 @@ class Watchdog:
             how = socket.SHUT_RDWR if watch.expired else socket.SHUT_RD
             watch.expired = True
             with contextlib.suppress(OSError):  # the peer closed it meanwhile
-                watch.sock.shutdown(how)
+                socket.socket.shutdown(watch.sock, how)  # TCP's, under TLS too: a TLS
+                #                                          socket's own forgets its session
 
 
 class Budget:

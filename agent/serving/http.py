@@ -19,6 +19,13 @@ over their bound are answered 413 by their ``Content-Length`` before being read,
 a request that does not arrive in time is answered 408 (an idle keep-alive
 connection is closed), a connection over ``max_connections`` is answered 503 and
 closed, and large bodies held at once share one byte budget (else 503).
+
+With :class:`~agent.serving.security.HttpSecurity` the server speaks HTTPS only: each
+connection's TLS handshake runs in its own thread under the same deadline as a
+request's head (the watchdog cuts a client that never finishes it), plain HTTP sent to
+the port is answered 400 in plain text and closed, and callers of every endpoint but
+the health probes prove who they are (a bearer token or a client certificate), else
+401 before any body is read.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import logging
 import re
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -48,6 +56,7 @@ from agent.serving.errors import IncompleteRequestError, RequestError
 from agent.serving.guard import Budget, Watch, Watchdog
 from agent.serving.kserve import ModelView, decode_infer, encode_infer
 from agent.serving.limits import JSON_WEIGHT, HttpLimits
+from agent.serving.security import OPEN_PATHS, HttpSecurity, tls_context
 
 __all__ = ["InferenceServer"]
 
@@ -62,6 +71,10 @@ _SMALL = 16 * 1024  # bodies up to this size take nothing from the shared budget
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\nServer: {_SERVER}\r\n"
                  for s in HTTPStatus}
 _ROUTES_KEPT = 64
+_TLS_RECORD = 0x16  # the first byte a TLS client sends (a handshake record)
+_NOT_TLS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 46\r\n"
+            b"Connection: close\r\n\r\nthis port speaks HTTPS: use an https:// URL.\r\n")
+_BEARER = 'WWW-Authenticate: Bearer realm="edgefleet"'
 
 
 class InferenceServer:
@@ -72,8 +85,8 @@ class InferenceServer:
     """
 
     def __init__(self, agent: Agent, host: str = "127.0.0.1", port: int = 0,
-                 limits: HttpLimits | None = None) -> None:
-        self._httpd = _Server((host, port), agent, limits or HttpLimits())
+                 limits: HttpLimits | None = None, security: HttpSecurity | None = None) -> None:
+        self._httpd = _Server((host, port), agent, limits or HttpLimits(), security)
         self._thread: threading.Thread | None = None
 
     @property
@@ -84,6 +97,11 @@ class InferenceServer:
     def url(self) -> str:
         """``host:port``, as ``tritonclient`` takes it (no scheme)."""
         return f"{self._httpd.server_address[0]!s}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port``, or ``https://`` when it serves TLS."""
+        return f"{'https' if self._httpd.tls else 'http'}://{self.url}"
 
     @property
     def limits(self) -> HttpLimits:
@@ -126,7 +144,10 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], agent: Agent, limits: HttpLimits) -> None:
+    def __init__(self, address: tuple[str, int], agent: Agent, limits: HttpLimits,
+                 security: HttpSecurity | None) -> None:
+        self.tls = tls_context(security) if security is not None else None
+        self.guard = security if security is not None and security.guarded else None
         super().__init__(address, _Handler)
         self.agent, self.started, self.limits = agent, False, limits
         self._view: tuple[weakref.ref[LoadedModel], ModelView] | None = None
@@ -170,6 +191,15 @@ class _Server(ThreadingHTTPServer):
             self._routes.clear()
         self._routes[path] = (weakref.ref(model), view, suffix)
 
+    def get_request(self) -> tuple[Any, Any]:
+        """The next connection, wrapped for TLS without its handshake (that runs in the
+        connection's own thread, under its deadline, so the accept loop never waits)."""
+        sock, address = super().get_request()
+        if self.tls is None:
+            return sock, address
+        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), \
+            address
+
     def process_request(self, request: Any, client_address: Any) -> None:
         if len(self.watchdog) >= self.limits.max_connections:
             self._refuse(request)
@@ -180,6 +210,9 @@ class _Server(ThreadingHTTPServer):
     def _refuse(self, request: socket.socket) -> None:
         """Answer 503 on a connection over the bound, without a thread, and close it."""
         self._log_refusal()
+        if isinstance(request, ssl.SSLSocket):  # no handshake here: the accept loop waits
+            self.shutdown_request(request)      # for nobody; the client sees it closed
+            return
         body = _error_json(RequestError(f"{self.limits.max_connections} connections are "
                                         "open, the most this server takes",
                                         hint="retry in a second"))
@@ -227,8 +260,8 @@ class _Server(ThreadingHTTPServer):
         self.server_close()
         self.watchdog.stop()
         for connection in self.watchdog.take_all():
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):  # the TCP socket under a TLS one too
+                socket.socket.shutdown(connection, socket.SHUT_RDWR)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -246,8 +279,24 @@ class _Handler(BaseHTTPRequestHandler):
     limits: HttpLimits
 
     def setup(self) -> None:
-        super().setup()
         self.watch, self.limits = self.server.watchdog.get(self.request), self.server.limits
+        self.proven = self.server.guard is None
+        if isinstance(self.request, ssl.SSLSocket):
+            self._handshake(self.request)
+        super().setup()
+
+    def _handshake(self, sock: ssl.SSLSocket) -> None:
+        """TLS, within the time a request's head has; a client speaking plain HTTP is told
+        so in plain text. Raises OSError (ending the connection quietly) when it fails."""
+        self.watch.deadline = _monotonic() + self.limits.timeout_s
+        first = socket.socket.recv(sock, 1, socket.MSG_PEEK)  # the TCP bytes, not TLS's
+        if not first:
+            raise ConnectionAbortedError("closed (or out of time) before the TLS handshake")
+        if first[0] != _TLS_RECORD:
+            socket.socket.sendall(sock, _NOT_TLS)
+            raise ConnectionAbortedError("plain HTTP on the HTTPS port")
+        sock.do_handshake()
+        self.proven = self.proven or bool(sock.getpeercert())  # a client CA's certificate
 
     def handle(self) -> None:
         try:
@@ -264,6 +313,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             method, self.path, version = request_line(line)
             headers = read_headers(self.rfile)
+            if not self.proven and not self._allowed(headers):
+                return not _has_body(headers)  # a body announced, unread: the connection ends
             size = lengths(headers, method, self.limits)
         except RequestError as exc:
             self._refuse(exc)
@@ -276,6 +327,23 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             if taken:
                 self.server.budget.give(taken)
+
+    def _allowed(self, headers: dict[str, str]) -> bool:
+        """Whether the request may go on (a health probe, or a valid token); else it is
+        answered 401 here, before its lengths are checked or its body is read."""
+        assert self.server.guard is not None
+        if self.path.partition("?")[0].rstrip("/") in OPEN_PATHS:
+            return True
+        given = headers.get("authorization")
+        if given is not None and self.server.guard.accepts(given):
+            return True
+        error = "" if given is None else ', error="invalid_token"'
+        what = "no bearer token" if given is None else "a bearer token this server does not take"
+        body = _error_json(RequestError(f"{what}: {self.path[:100]} needs "
+                                        "'Authorization: Bearer TOKEN' or a client certificate "
+                                        "from the fleet CA"))
+        self._send(401, body, _JSON, f"{_BEARER}{error}\r\n", close=_has_body(headers))
+        return False
 
     def _take(self, size: Lengths) -> int | None:
         """The share of the body budget this request holds (0 for a small body), or None
@@ -405,6 +473,10 @@ def _head(status: int, content_type: str, length: int, extra: str, close: bool) 
         extra += "Connection: close\r\n"
     return (f"{_STATUS_LINES[status]}Content-Type: {content_type}\r\n"
             f"Content-Length: {length}\r\n{extra}\r\n").encode("latin-1")
+
+
+def _has_body(headers: dict[str, str]) -> bool:
+    return headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
 
 
 def _weight(size: Lengths) -> int:
