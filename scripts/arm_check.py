@@ -64,7 +64,7 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 F32 = npt.NDArray[np.float32]
 
 
-class CheckFailedError(Exception):
+class CheckFailedError(rootfs.ArmCheckError):
     """A check ran and what it measured is not what the agent promises."""
 
 
@@ -104,7 +104,7 @@ class Run:
 def _attempt(action: Callable[[], str]) -> tuple[bool, str]:
     try:
         return True, action()
-    except (CheckFailedError, rootfs.ArmCheckError) as exc:
+    except rootfs.ArmCheckError as exc:
         return False, str(exc)
     except Exception as exc:  # a broken step is a failed check with its reason, not a crash
         return False, f"{type(exc).__name__}: {exc}"
@@ -272,6 +272,12 @@ def _wheel_tags(site: Path, name: str) -> str:
 def host_fleet(fleet: Fleet) -> str:
     from tests.brokers import Subscriber
 
+    for stale in ("fleet.db", "controller", "mosquitto"):  # each run starts a new fleet
+        target = WORK / stale
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
     fleet.broker = MosquittoBroker(workdir=WORK / "mosquitto").start()
     fleet.stack.callback(fleet.broker.stop)
     fleet.events = Subscriber(fleet.broker.url, [f"edgefleet/v1/{FLEET}/{DEVICE}/#"])

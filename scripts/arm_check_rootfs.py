@@ -15,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from agent.protocol.errors import EdgefleetError
 
 __all__ = ["HOST_CA", "ArmCheckError", "Recipe", "chroot_command", "ensure_binfmt",
            "ensure_host_tools", "ensure_rootfs", "host_recipe", "mounted", "remove_tree",
@@ -36,8 +39,8 @@ HOST_CA = "/etc/ssl/certs/edgefleet-host-ca.crt"
 _SOURCES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
 
 
-class ArmCheckError(Exception):
-    """A step of the arm64 check cannot run; the message says what to do."""
+class ArmCheckError(EdgefleetError):
+    """A step of the arm64 check cannot run or did not hold; the hint says what to do."""
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ def host_recipe() -> Recipe:
     mirror = next((uri for uri, suite in _apt_sources() if suite == release), "")
     if not release or not mirror:
         raise ArmCheckError("cannot find this machine's Debian release and mirror in "
-                            "/etc/os-release and /etc/apt/sources*: set EDGEFLEET_ARM_MIRROR "
-                            "and EDGEFLEET_ARM_RELEASE")
+                            "/etc/os-release and /etc/apt/sources*",
+                            hint="set EDGEFLEET_ARM_MIRROR and EDGEFLEET_ARM_RELEASE")
     return Recipe(release=os.environ.get("EDGEFLEET_ARM_RELEASE", release),
                   mirror=os.environ.get("EDGEFLEET_ARM_MIRROR", mirror))
 
@@ -86,8 +89,8 @@ def _parse_sources(text: str) -> Iterator[tuple[str, str]]:
         for uri in fields.get("URIs", "").split():
             yield from ((uri, suite) for suite in fields.get("Suites", "").split())
     for line in text.splitlines():
-        words = line.split()
-        if len(words) >= 3 and words[0] == "deb" and not words[1].startswith("["):
+        words = re.sub(r"\[[^]]*\]", "", line).split()  # drop "[arch=… signed-by=…]"
+        if len(words) >= 3 and words[0] == "deb":
             yield words[1], words[2]
 
 
@@ -97,8 +100,8 @@ def ensure_host_tools() -> list[str]:
     if not missing:
         return []
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise ArmCheckError(f"missing: {' '.join(missing)}; run: sudo apt-get install -y "
-                            + " ".join(missing))
+        raise ArmCheckError(f"missing: {' '.join(missing)}",
+                            hint=f"run: sudo apt-get install -y {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     _run(["apt-get", "update", "-qq"], env=env)
     _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env)
@@ -121,8 +124,8 @@ def ensure_binfmt() -> str:
     lines = entry.read_text().splitlines() if entry.exists() else []
     flags = next((line.split()[1] for line in lines if line.startswith("flags:")), "")
     if "enabled" not in lines or "F" not in flags:
-        raise ArmCheckError(f"binfmt entry qemu-aarch64 is not enabled with flag F ({flags!r}): "
-                            "run: update-binfmts --enable qemu-aarch64")
+        raise ArmCheckError(f"binfmt entry qemu-aarch64 is not enabled with flag F ({flags!r})",
+                            hint="run: update-binfmts --enable qemu-aarch64")
     return flags
 
 
@@ -198,5 +201,5 @@ def _run(argv: Sequence[str], *, env: dict[str, str] | None = None, hint: str = 
     done = subprocess.run(list(argv), env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
-        raise ArmCheckError(f"{' '.join(argv[:4])} ... failed ({done.returncode}): {tail}"
-                            + (f"\n{hint}" if hint else ""))
+        raise ArmCheckError(f"{' '.join(argv[:4])} … failed ({done.returncode}): {tail}",
+                            hint=hint)
