@@ -195,7 +195,6 @@ def test_a_client_certificate_from_another_ca_is_refused_in_the_handshake(https:
     with socket.create_connection(("127.0.0.1", https.port), timeout=10) as raw, \
             pytest.raises(ssl.SSLError, match="unknown ca"), \
             context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-        tls.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
         tls.recv(100)  # TLS 1.3: the server's alert arrives after the client's Finished
 
 
@@ -260,7 +259,8 @@ def test_stalled_handshakes_block_no_one_and_are_cut_at_the_timeout(
     assert time.monotonic() - started < TIMEOUT_S / 2, "a good client waited for stalled ones"
     for sock in silent + partial:
         sock.settimeout(5 * TIMEOUT_S)
-        assert sock.recv(100) == b""  # closed by the server, not by this timeout
+        said = _read_all(sock)  # to the server's close, not to this timeout
+        assert said == b"" or said.startswith(b"\x15\x03"), said  # nothing, or a TLS alert
         sock.close()
     waited = time.monotonic() - opened
     assert TIMEOUT_S * 0.9 <= waited <= TIMEOUT_S + 1.5, f"cut after {waited:.2f} s"
@@ -312,6 +312,7 @@ def test_security_options_that_cannot_work_are_refused_in_one_line(
         https: Https, tmp_path: Path, options: list[str], said: str) -> None:
     token = tmp_path / "token"
     token.write_text(TOKEN)
+    token.chmod(0o600)
     files = {"TOKEN": token, "CA": https.certs / "ca.crt", "CERT": https.certs / "agent-https.crt",
              "CLIENT": https.certs / "devices" / "cam-1.crt",
              "CERT_KEY": https.certs / "agent-https.key"}
