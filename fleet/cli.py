@@ -586,5 +586,7 @@ def _keyring_view(data: dict[str, Any], what: str) -> Group:
 app.add_typer(service_app(ServiceSpec(
     Unit("fleet", "edgefleet-controller.service"), ("fleet", "serve"),
     lambda: subcommand(app, "serve"),
-    user="edgefleet-controller", data_dir=Path("/var/lib/edgefleet-controller"))),
+    user="edgefleet-controller", data_dir=Path("/var/lib/edgefleet-controller"),
+    secrets=(("--token", "put EDGEFLEET_TOKEN=NAME=SECRET in /etc/edgefleet/controller.env "
+                         "(mode 0600): the unit reads it"),))),
     name="service")

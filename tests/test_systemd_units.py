@@ -17,9 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from agent.systemd import HOST_NAME, exec_line
+from agent.errors import ServiceInstallError
+from agent.systemd import HOST_NAME, Unit, exec_line, render
 from tests.conftest import Keys
+from tests.hostile import HOSTILE
 
 EDGEFLEET = str(Path(sys.executable).with_name("edgefleet"))
 ANALYZE = shutil.which("systemd-analyze")
@@ -138,3 +142,55 @@ def test_the_agent_serves_both_runtimes_with_no_writable_executable_memory(
     got = json.loads(done.stdout.strip().splitlines()[-1])
     for name, value in expected.items():
         np.testing.assert_allclose(np.asarray(got[name]), value, rtol=1e-5, atol=1e-6)
+
+
+# --- hostile values: nothing an option says can add a line to the unit ------------------
+
+def _directives(text: str) -> list[str]:
+    return [line.split("=", 1)[0] for line in text.splitlines()
+            if line and not line.startswith(("#", "["))]
+
+
+_TEMPLATE = Unit("agent", "edgefleet-agent.service").template()
+_ARGS = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
+
+
+@HOSTILE
+@given(user=st.one_of(st.just("edgefleet"), _ARGS),
+       data_dir=st.one_of(st.just("/var/lib/edgefleet"),
+                          st.builds(lambda t: "/" + t, _ARGS), _ARGS),
+       argv=st.lists(_ARGS, max_size=4))
+def test_any_value_is_refused_or_written_as_one_argument_never_as_a_line(
+        user: str, data_dir: str, argv: list[str]) -> None:
+    try:
+        text = render(_TEMPLATE, user=user, data_dir=Path(data_dir),
+                      argv=["/opt/edgefleet/bin/edgefleet", "agent", "run", *argv])
+    except ServiceInstallError as exc:
+        assert exc.message and exc.hint
+        return
+    assert _directives(text) == _directives(_TEMPLATE)
+    assert "\n" not in user + data_dir + "".join(argv)
+    assert data_dir.startswith("/") and data_dir.rstrip("/") not in ("", "/var", "/etc", "/usr")
+
+
+@pytest.mark.parametrize("options", [
+    ("--user", "edgefleet\nExecStartPre=/bin/sh -c id"),
+    ("--data-dir", "/var/lib/e f\nExecStartPre=/bin/id"),
+    ("--data-dir", "relative/dir"), ("--data-dir", "/"), ("--data-dir", "/etc"),
+    ("--user", "a b"),
+    ("--", "--device-id", "x\nExecStartPre=/bin/id"),
+])
+def test_the_injections_found_outside_are_refused_and_nothing_is_written(
+        tmp_path: Path, options: tuple[str, ...]) -> None:
+    argv = [EDGEFLEET, "agent", "service", "install", "--root", str(tmp_path), *options]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "etc").exists()
+
+
+def test_a_token_on_the_controllers_command_line_is_refused_with_the_env_file(
+        tmp_path: Path) -> None:
+    done = _install("fleet", tmp_path, *CONTROLLER_ARGS, "--token", "ops=supersecret1")
+    assert done.returncode == 2 and "controller.env" in json.loads(done.stdout)["hint"]
+    assert not (tmp_path / "etc").exists()

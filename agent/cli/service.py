@@ -38,6 +38,8 @@ class ServiceSpec:
     user: str
     data_dir: Path
     defaults: Callable[[Sequence[str]], list[str]] = lambda args: []
+    # options whose value is a secret: a unit file is readable by every local user
+    secrets: tuple[tuple[str, str], ...] = ()
 
 
 def subcommand(app: typer.Typer, name: str) -> Parser:
@@ -61,6 +63,11 @@ def _checked(spec: ServiceSpec, args: list[str]) -> None:
     if "--data-dir" in args[2:] or any(a.startswith("--data-dir=") for a in args):
         raise ServiceInstallError("--data-dir after -- would differ from the folder the unit "
                                   "lets the service write", hint="give --data-dir before --")
+    for option, instead in spec.secrets:
+        if any(a == option or a.startswith(option + "=") for a in args):
+            raise ServiceInstallError(
+                f"{option} would put a secret in the unit file, which every local user can "
+                "read", hint=instead)
     try:
         spec.command().make_context(name, list(args))
     except typer.TyperException as exc:  # typer's usage errors: the options do not parse
