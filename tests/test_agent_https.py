@@ -116,6 +116,8 @@ def https(tmp_path_factory: pytest.TempPathFactory, digits_bundles: dict[str, Pa
     assert process.wait(timeout=30) == 0
     text = log.read_text()
     assert "Traceback" not in text and "https://127.0.0.1" in text, text
+    warned = text.count("request(s) 401: no valid bearer token")  # hundreds were refused
+    assert 1 <= warned <= 20, text  # one warning per 10 s at most, with the count
 
 
 def _infer(client: triton.InferenceServerClient, x: np.ndarray, binary: bool = True,

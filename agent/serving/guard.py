@@ -9,7 +9,8 @@ at once and the handler answers 408 or closes. A connection still past a deadlin
 at a later look (a peer that takes up no answer) is shut both ways.
 
 :class:`Budget` bounds the bytes of large request bodies held at once over all
-connections: a request waits for its share, or is answered 503.
+connections: a request waits for its share, or is answered 503. :class:`Every` keeps
+a flood of refusals from flooding the log.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import socket
 import threading
 import time
 
-__all__ = ["Budget", "Watch", "Watchdog"]
+__all__ = ["Budget", "Every", "Watch", "Watchdog"]
 
 
 class Watch:
@@ -112,3 +113,19 @@ class Budget:
         with self._changed:
             self._free += size
             self._changed.notify_all()
+
+
+class Every:
+    """Counts events and says when to log them: at most once per ``period_s`` seconds,
+    with how many there were since (a flood floods no log)."""
+
+    def __init__(self, period_s: float) -> None:
+        self._period, self._count, self._logged = period_s, 0, -math.inf
+
+    def count(self, now: float) -> int:
+        """Count one event; the number to log now, or 0 when it is not yet time."""
+        self._count += 1
+        if now - self._logged < self._period:
+            return 0
+        counted, self._count, self._logged = self._count, 0, now
+        return counted

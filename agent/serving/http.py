@@ -53,7 +53,7 @@ from agent.ports import bind_error
 from agent.runtime.errors import InferenceError, ModelClosedError
 from agent.serving._head import MAX_LINE, Lengths, lengths, read_headers, request_line
 from agent.serving.errors import IncompleteRequestError, RequestError
-from agent.serving.guard import Budget, Watch, Watchdog
+from agent.serving.guard import Budget, Every, Watch, Watchdog
 from agent.serving.kserve import ModelView, decode_infer, encode_infer
 from agent.serving.limits import JSON_WEIGHT, HttpLimits
 from agent.serving.security import OPEN_PATHS, HttpSecurity, tls_context
@@ -148,13 +148,14 @@ class _Server(ThreadingHTTPServer):
                  security: HttpSecurity | None) -> None:
         self.tls = tls_context(security) if security is not None else None
         self.guard = security if security is not None and security.guarded else None
+        self.tls_clients = security is not None and security.client_ca is not None
         super().__init__(address, _Handler)
         self.agent, self.started, self.limits = agent, False, limits
         self._view: tuple[weakref.ref[LoadedModel], ModelView] | None = None
         self._routes: dict[str, tuple[weakref.ref[LoadedModel], ModelView, str | None]] = {}
         self.watchdog = Watchdog(period_s=min(0.5, limits.timeout_s / 4))
         self.budget = Budget(limits.in_flight)
-        self._refused, self._refusals_logged = 0, float("-inf")
+        self._refusals, self._unproven = Every(10.0), Every(10.0)
 
     def begin(self) -> None:
         self.started = True
@@ -223,12 +224,17 @@ class _Server(ThreadingHTTPServer):
 
     def _log_refusal(self) -> None:
         """A warning at most every 10 s, with the count since (a flood floods no log)."""
-        self._refused += 1
-        now = _monotonic()
-        if now - self._refusals_logged >= 10.0:
+        refused = self._refusals.count(_monotonic())
+        if refused:
             log.warning("refused %d connection(s): %d open, the most this server takes "
-                        "(agent run --http-max-connections)", self._refused, len(self.watchdog))
-            self._refused, self._refusals_logged = 0, now
+                        "(agent run --http-max-connections)", refused, len(self.watchdog))
+
+    def log_unproven(self, client: Any) -> None:
+        """A warning at most every 10 s: requests answered 401, the last one's address."""
+        refused = self._unproven.count(_monotonic())
+        if refused:
+            log.warning("answered %d request(s) 401: no valid bearer token or client "
+                        "certificate (the last from %s)", refused, client[0])
 
     def shutdown_request(self, request: Any) -> None:
         self.watchdog.remove(request)
@@ -277,6 +283,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     watch: Watch
     limits: HttpLimits
+    proven: bool  # the caller showed a client certificate, or no proof is asked for
 
     def setup(self) -> None:
         self.watch, self.limits = self.server.watchdog.get(self.request), self.server.limits
@@ -337,11 +344,13 @@ class _Handler(BaseHTTPRequestHandler):
         given = headers.get("authorization")
         if given is not None and self.server.guard.accepts(given):
             return True
+        self.server.log_unproven(self.client_address)
         error = "" if given is None else ', error="invalid_token"'
         what = "no bearer token" if given is None else "a bearer token this server does not take"
+        certificate = " or a client certificate from the fleet CA" if self.server.tls_clients \
+            else ""
         body = _error_json(RequestError(f"{what}: {self.path[:100]} needs "
-                                        "'Authorization: Bearer TOKEN' or a client certificate "
-                                        "from the fleet CA"))
+                                        f"'Authorization: Bearer TOKEN'{certificate}"))
         self._send(401, body, _JSON, f"{_BEARER}{error}\r\n", close=_has_body(headers))
         return False
 
