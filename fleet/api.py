@@ -47,6 +47,7 @@ import hmac
 import json
 import logging
 import re
+import secrets
 import socketserver
 import ssl
 import sys
@@ -59,12 +60,14 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from agent.ports import bind_error
+from agent.protocol._tar import BLOCK, check_first_block
 from agent.protocol.errors import BundleError, EdgefleetError
 from agent.protocol.keyring import MAX_KEYRING_BYTES, KeyringError
 from agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
 from agent.protocol.topics import check_id
 from fleet import dashboard
 from fleet.controller import FleetController
+from fleet.domain import ModelVersion
 from fleet.drift import DriftPolicy
 from fleet.errors import (
     AuthError,
@@ -90,6 +93,8 @@ _MAX_BODY = 512 * 1024 * 1024  # a bundle
 _MAX_JSON = 1024 * 1024
 _DRAIN = 8 * 1024 * 1024  # an oversized body up to this is read away, so the client sees the 413
 _CHUNK = 256 * 1024
+_MAX_PUSHES = 2  # bundle uploads streaming at once; one more is answered 503 + Retry-After
+_RETRY_AFTER_S = 5
 _STATUS: list[tuple[type[EdgefleetError], HTTPStatus]] = [
     (NotFoundError, HTTPStatus.NOT_FOUND), (ConflictError, HTTPStatus.CONFLICT),
     (InvalidRolloutError, HTTPStatus.BAD_REQUEST), (AuthError, HTTPStatus.UNAUTHORIZED),
@@ -170,6 +175,7 @@ class _Server(ThreadingHTTPServer):
         self.metrics = FleetMetrics(controller)
         dashboard.attach(controller)  # device events are kept from the start
         self.stopping = threading.Event()
+        self.pushes = threading.BoundedSemaphore(_MAX_PUSHES)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that fails the TLS handshake or hangs up: one line, not a traceback."""
@@ -362,7 +368,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _post(self, path: str) -> None:
         actor = self._actor()
         if path == "/api/v1/models":
-            model, added = self.c.push(self._body(_MAX_BODY), actor)
+            model, added = self._push(actor)
             return self._json({"model": model.as_dict(), "added": added},
                               HTTPStatus.CREATED if added else HTTPStatus.OK)
         if path == "/api/v1/keyring":
@@ -395,6 +401,43 @@ class _Handler(BaseHTTPRequestHandler):
                                 _labels(body.get("remove", []), "remove", "tag"), actor)
             return self._json(device.as_dict())
         raise NotFoundError(f"no such endpoint: POST {path}", hint="see docs/fleet.md")
+
+    def _push(self, actor: str) -> tuple[ModelVersion, bool]:
+        """At most ``_MAX_PUSHES`` uploads at once, each streamed to a file, then verified."""
+        if not self.server.pushes.acquire(blocking=False):
+            raise RequestError(f"{_MAX_PUSHES} pushes are already uploading",
+                               HTTPStatus.SERVICE_UNAVAILABLE,
+                               hint=f"retry in {_RETRY_AFTER_S} s")
+        upload = self.c.artifacts / f".upload-{secrets.token_hex(8)}.part"
+        try:
+            self._stream_to(upload, self._length(_MAX_BODY))
+            return self.c.push(upload, actor)
+        finally:
+            upload.unlink(missing_ok=True)
+            self.server.pushes.release()
+
+    def _stream_to(self, path: Path, length: int) -> None:
+        """The body into ``path`` in chunks; refused at its first block if no tar header."""
+        self._consumed = True
+        first = self.rfile.read(min(BLOCK, length))
+        self._first_block(first)
+        left = length - len(first)
+        with open(path, "wb") as out:
+            out.write(first)
+            while left > 0:
+                chunk = self.rfile.read(min(_CHUNK, left))
+                if not chunk:
+                    raise RequestError(f"the upload ended after {length - left} of {length} "
+                                       "bytes", HTTPStatus.BAD_REQUEST, hint="send it again")
+                out.write(chunk)
+                left -= len(chunk)
+
+    def _first_block(self, block: bytes) -> None:
+        try:
+            check_first_block(block)
+        except BundleError:
+            self.close_connection = True  # the rest of the body is never read
+            raise
 
     def _drift_policy(self, model: str, body: dict[str, Any], actor: str) -> DriftPolicy:
         """A model's drift alert policy: the fields given change, the others stay."""
@@ -440,6 +483,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self, limit: int) -> bytes:
         """The request body, refused from its ``Content-Length`` alone when above ``limit``."""
+        length = self._length(limit)
+        return self.rfile.read(length) if length else b""
+
+    def _length(self, limit: int) -> int:
+        """The body's ``Content-Length``, refused when missing, malformed or above ``limit``."""
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise RequestError("a chunked request body is not accepted",
@@ -453,10 +501,10 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(text)
         if length > limit:
             self._discard(length)
-            raise RequestError(f"request body of {length} bytes is too large for {self.path}",
-                               HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            raise RequestError(f"request body of {length} bytes is too large (limit {limit}) "
+                               f"for {self.path}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                hint=f"at most {limit} bytes here")
-        return self.rfile.read(length) if length else b""
+        return length
 
     def _drop_unread_body(self) -> None:
         """After a refusal: a body nobody read must not be parsed as the next request."""
@@ -500,6 +548,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         if status == HTTPStatus.METHOD_NOT_ALLOWED:
             self.send_header("Allow", "GET, HEAD, POST")
+        if status == HTTPStatus.SERVICE_UNAVAILABLE:
+            self.send_header("Retry-After", str(_RETRY_AFTER_S))
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()

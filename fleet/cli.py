@@ -35,6 +35,7 @@ from agent.cli.mqtt_options import (
     mqtt_security,
 )
 from agent.cli.output import console, emit, fail, literal, styled, table
+from agent.cli.params import api_address, fleet_option, host_port
 from agent.cli.service import ServiceSpec, service_app, subcommand
 from agent.ports import check_free
 from agent.protocol.errors import EdgefleetError
@@ -59,7 +60,8 @@ app.add_typer(rollout_app, name="rollout")
 @app.command()
 @needs("fleet serve", "fleet")
 def serve(
-    fleet: Annotated[str, typer.Option(help="Fleet name (the MQTT topic level)")],
+    fleet: Annotated[str, typer.Option(help="Fleet name (the MQTT topic level)",
+                                       callback=fleet_option)],
     trusted_key: Annotated[list[Path], typer.Option("--trusted-key",
                                                     help="Public key(s) bundles must be "
                                                          "signed with")],
@@ -74,7 +76,8 @@ def serve(
                                                 "or postgresql://...")] = None,
     data_dir: Annotated[Path, typer.Option(help="Where bundles (and SQLite) live")] = Path(
         "fleet-data"),
-    http: Annotated[str, typer.Option(help="HOST:PORT of the API and bundle server")] = (
+    http: Annotated[str, typer.Option(help="HOST:PORT (IPv4 or a host name) of the API and "
+                                           "bundle server", callback=api_address)] = (
         "127.0.0.1:8600"),
     public_url: Annotated[str | None, typer.Option(help="URL devices use to reach --http "
                                                         "(default: http(s)://HTTP)")] = None,
@@ -111,11 +114,11 @@ def serve(
     json_logs = log_format is LogFormat.json  # machines filter by level themselves
     setup_logging(log_format, logging.INFO if verbose or json_logs else logging.WARNING,
                   "%(asctime)s %(levelname)s %(name)s: %(message)s", lambda: {"fleet": fleet})
-    host, _, port = http.rpartition(":")
+    host, port = host_port(http, "--http")
     data_dir = data_dir.resolve()  # stored bundle paths must survive another working dir
     try:
         tokens = parse_tokens(token or [])
-        check_free(host or "127.0.0.1", int(port), "--http HOST:PORT")  # before any thread
+        check_free(host, port, "--http HOST:PORT")  # before any thread
         _make_dir(data_dir)  # a first run: SQLite needs the folder
         tls = _server_tls(tls_cert, tls_key)
         store = open_store(db or (data_dir / "fleet.db").resolve())
@@ -129,7 +132,7 @@ def serve(
                                                share_group))
         controller = FleetController(config, store).start()
         log_events(controller)
-        api = ApiServer(controller, tokens, host or "127.0.0.1", int(port), tls=tls).start()
+        api = ApiServer(controller, tokens, host, port, tls=tls).start()
     except EdgefleetError as exc:
         fail_in(log_format, exc)
     started = (f"API {api.url}, broker {broker}, {len(controller.registry)} devices known"
@@ -262,13 +265,12 @@ def _make_dir(path: Path) -> None:
 def push(bundle: Annotated[Path, typer.Argument(help="A signed .efb bundle")],
          controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
          as_json: JsonOpt = False) -> None:
-    """Upload a bundle; the controller verifies it before it stores it."""
-    try:
-        data = bundle.read_bytes()
-    except OSError as exc:
-        fail(EdgefleetError(f"cannot read {bundle}: {exc.strerror}",
+    """Upload a bundle (streamed from disk); the controller verifies it before it stores it."""
+    if not bundle.is_file():
+        fail(EdgefleetError(f"cannot read {bundle}: not a file",
                             hint="pass the path of an .efb file"), as_json)
-    result = _run(as_json, lambda: _client(controller, token).upload("/api/v1/models", data))
+    result = _run(as_json, lambda: _client(controller, token).upload_file("/api/v1/models",
+                                                                          bundle))
     model = result["model"]
     row = {"model": f"{model['name']}:{model['version']}", "sha256": model["sha256"][:12],
            "size": model["size"], "stored": "new" if result["added"] else "already there"}

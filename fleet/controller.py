@@ -746,8 +746,9 @@ class FleetController:
                            outcome=outcome, detail={"summary": summary, **detail})
         return self.store.add_audit(entry)
 
-    def push(self, data: bytes, actor: str) -> tuple[ModelVersion, bool]:
-        """Verify a bundle, keep it content-addressed, register its version."""
+    def push(self, data: bytes | Path, actor: str) -> tuple[ModelVersion, bool]:
+        """Verify a bundle, keep it content-addressed, register its version. A path (an
+        upload streamed to a file in ``artifacts``) is renamed into place, never read whole."""
         try:
             bundle = read_bundle(data, self.config.trusted)
         except EdgefleetError as exc:
@@ -757,9 +758,10 @@ class FleetController:
         path = self.artifacts / f"{bundle.sha256}.efb"
         wrote = not path.exists()
         if wrote:
-            atomic_write(path, data)
+            _keep(path, data)
+        size = path.stat().st_size
         model = ModelVersion(name=manifest.name, version=manifest.version, sha256=bundle.sha256,
-                             size=len(data), format=manifest.format,
+                             size=size, format=manifest.format,
                              runtime=manifest.runtime.name,
                              min_runtime_version=manifest.runtime.min_version,
                              manifest=manifest.model_dump(mode="json"), path=str(path),
@@ -772,10 +774,10 @@ class FleetController:
             self._audit(actor, "model.push", model.key, str(exc), outcome="refused")
             raise
         if self.scale is not None:  # every controller may have to serve it
-            self.scale.share_bundle(bundle.sha256, data)
+            self.scale.share_bundle(bundle.sha256, path.read_bytes())
         if added:
             self._audit(actor, "model.push", model.key, f"sha256 {bundle.sha256[:12]}",
-                        size=len(data))
+                        size=size)
         return (model if added else self._model_by_sha(bundle.sha256) or model), added
 
     def model(self, key: str) -> ModelVersion:
@@ -1100,3 +1102,11 @@ class FleetController:
             return
         if stored is not None and self.mqtt is not None:
             self.mqtt.publish(keyring_topic(self.config.fleet), stored.raw, qos=1, retain=True)
+
+
+def _keep(path: Path, data: bytes | Path) -> None:
+    """Store a verified bundle: bytes written atomically, an upload's file renamed."""
+    if isinstance(data, Path):
+        data.replace(path)
+    else:
+        atomic_write(path, data)

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from agent.protocol.errors import BundleFormatError
 
-__all__ = ["MAX_EXTENDED_BYTES", "Entry", "TarReader"]
+__all__ = ["BLOCK", "MAX_EXTENDED_BYTES", "Entry", "TarReader", "check_first_block"]
 
 BLOCK = 512
 MAX_EXTENDED_BYTES = 64 * 1024  # the data of one pax or GNU long-name header
@@ -31,6 +31,7 @@ _KINDS = {b"0": "file", b"\0": "file", b"7": "contiguous file", b"1": "hard link
           b"5": "directory", b"6": "fifo", b"S": "GNU sparse file"}
 _EXTENDED = (b"x", b"L", b"K")
 _HINT = "the file is truncated or not an .efb; fetch it again or rebuild it"
+NOT_A_BUNDLE_HINT = "a bundle is the .efb file 'edgefleet convert' writes; pass one of those"
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class TarReader:
     def __init__(self, stream: BinaryIO, length: int) -> None:
         self._stream = stream
         self._length = length
+
+    @property
+    def length(self) -> int:
+        return self._length
 
     def entries(self) -> Iterator[Entry]:
         """Each member in archive order; the archive's bounds are checked before moving on."""
@@ -135,6 +140,19 @@ class TarReader:
         else:
             pending.linkname = _text(data)
         return pending
+
+
+def check_first_block(block: bytes) -> None:
+    """Refuse an upload from its first 512 bytes: an end-of-archive block, or no tar header."""
+    if not block:
+        raise BundleFormatError("an empty file, not a bundle", hint=NOT_A_BUNDLE_HINT)
+    if not block.strip(b"\0"):
+        raise BundleFormatError("not a bundle: the archive holds no members",
+                                hint=NOT_A_BUNDLE_HINT)
+    if len(block) < BLOCK:
+        raise BundleFormatError(f"not a bundle: {len(block)} bytes, shorter than one tar "
+                                "header", hint=NOT_A_BUNDLE_HINT)
+    _check_header(block, 0)
 
 
 def shown(name: str, limit: int = 80) -> str:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from agent.protocol._tar import Entry, TarReader, shown
+from agent.protocol._tar import NOT_A_BUNDLE_HINT, Entry, TarReader, shown
 from agent.protocol.encryption import (
     DecryptionKeys,
     NoDecryptionKeyError,
@@ -236,6 +236,8 @@ def _source_name(source: Path | bytes) -> str:
 
 def _index(reader: TarReader) -> dict[str, Entry]:
     """Step 1 of verification: every member checked from its headers, before any read."""
+    if reader.length == 0:
+        raise BundleFormatError("an empty file, not a bundle", hint=NOT_A_BUNDLE_HINT)
     index: dict[str, Entry] = {}
     for entry in reader.entries():
         _check_member(entry)
@@ -246,6 +248,9 @@ def _index(reader: TarReader) -> dict[str, Entry]:
             raise BundleFormatError(f"bundle has more than {MAX_MEMBERS} members")
         _check_cap(entry)
         index[entry.name] = entry
+    if not index:
+        raise BundleFormatError("not a bundle: the archive holds no members",
+                                hint=NOT_A_BUNDLE_HINT)
     return index
 
 
@@ -286,7 +291,8 @@ def _read_small(reader: TarReader, index: Mapping[str, Entry], name: str) -> byt
     entry = index.get(name)
     if entry is None:
         raise MissingFileError(f"bundle has no {name}",
-                               hint="rebuild it with 'edgefleet convert' or build_bundle()")
+                               hint="rebuild it with 'edgefleet convert' (a bundle is the "
+                                    ".efb file it writes)")
     return reader.read(entry)
 
 
