@@ -16,6 +16,7 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,10 +25,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+import typer
+from hypothesis import given
+from hypothesis import strategies as st
+from typer.testing import CliRunner, Result
 
+from agent.cli.output import visible
 from edgefleet.cli import app
+from edgefleet.cli_example_data import example_data
 from fleet.mosquitto import MosquittoBroker, free_port
+from tests.hostile import HOSTILE, MiB, peak_traced_bytes
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 REGION = re.compile(r"<!-- walkthrough:start -->(.*?)<!-- walkthrough:end -->", re.S)
@@ -212,3 +219,33 @@ def test_example_data_refuses_to_overwrite_and_changes_nothing(tmp_path: Path) -
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.npz"]
     assert (tmp_path / "eval.npz").read_bytes() == b"mine"
+
+
+# any name a Linux folder can have, decoded as argv is (undecodable bytes as surrogates)
+FOLDER_NAMES = st.one_of(st.binary(min_size=1, max_size=60).map(os.fsdecode),
+                         st.text(min_size=1, max_size=40).map(os.fsencode).map(os.fsdecode)
+                         ).filter(lambda name: "/" not in name and "\x00" not in name
+                                  and name not in (".", "..") and len(os.fsencode(name)) < 256)
+EXAMPLE_DATA_PEAK_CAP = 8 * MiB  # two small arrays and a 150 KB copy; far below it
+EXAMPLE_DATA = typer.Typer()  # the command alone: building the whole CLI per example costs 0.4 s
+EXAMPLE_DATA.command()(example_data)
+
+
+@HOSTILE
+@given(name=FOLDER_NAMES)
+def test_example_data_prints_any_folder_name_literally_and_never_overwrites(name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / name
+        runner = CliRunner()
+        first, peak = peak_traced_bytes(lambda: runner.invoke(EXAMPLE_DATA,
+                                                              [str(folder), "--json"]))
+        assert isinstance(first, Result) and first.exit_code == 0, first
+        assert peak < EXAMPLE_DATA_PEAK_CAP
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        assert sorted(before) == ["calibration.npy", "digits.keras", "eval.npz"]
+        again = runner.invoke(EXAMPLE_DATA, [str(folder)])
+        assert again.exit_code == 2 and "Traceback" not in again.output
+        shown = visible(str(folder / "digits.keras")).encode("utf-8", "backslashreplace")
+        assert shown.decode() in again.output  # literally: no markup, controls escaped
+        assert len(again.output.strip().splitlines()) == 1
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
