@@ -59,6 +59,7 @@ def test_an_exact_output_has_no_sqnr_number_and_scores_one() -> None:
 
 # --- default budget and hints ----------------------------------------------------------------
 
+@pytest.mark.timeout(600)  # four conversions: the refusal and each hint's (~90 s on 2 cores)
 def test_without_max_drop_a_broken_int8_is_refused_and_every_hint_works(
         digits_models: TrainedModels, data: dict[str, Path], signing_keys: Keys,
         tmp_path: Path) -> None:

@@ -61,6 +61,7 @@ def test_ppocr_classifier_int8_within_two_points_or_named(
     assert report.attempts[0].agreement["worst"], "the worst output is named"
 
 
+@pytest.mark.timeout(600)  # a search: int8, weight-only and dynamic, each measured
 def test_auto_on_a_float16_mediapipe_model_returns_a_result_within_the_default_budget(
         tmp_path: Path, signing_keys: Keys, images: Path) -> None:
     """A float .tflite source searches ai-edge-quantizer's recipes; without --max-drop the
