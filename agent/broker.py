@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from agent.errors import BrokerError
-from agent.ports import BindError, check_free
+from agent.ports import BindError, check_free, free_port
 
 try:
     from amqtt.broker import Broker
@@ -68,8 +68,9 @@ def run_embedded_broker(host: str = "127.0.0.1", port: int = 1883,
                         announce: Callable[[str], None] = lambda line: print(line, flush=True)
                         ) -> None:
     """Serve in the foreground until SIGINT or SIGTERM; ``announce`` the address once
-    listening."""
+    listening (port 0: a free port, the one announced)."""
     _quiet()
+    port = port or free_port(host, "--port PORT")
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -98,8 +99,10 @@ class EmbeddedBroker:
         return f"mqtt://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> EmbeddedBroker:
-        """Start listening; return once the port accepts connections."""
+        """Start listening (port 0: on a free port, then in ``port``); return once the port
+        accepts connections."""
         _quiet()
+        self.port = self.port or free_port(self.host, "port")
         self._ready.clear()
         self._error = None
         self._thread = threading.Thread(target=self._run, name="edgefleet-broker", daemon=True)

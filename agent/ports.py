@@ -13,7 +13,7 @@ import socket
 
 from agent.protocol.errors import EdgefleetError
 
-__all__ = ["BindError", "bind_error", "check_free", "listener_of"]
+__all__ = ["BindError", "bind_error", "check_free", "free_port", "listener_of"]
 
 _REASONS = {errno.EACCES: "this user may not listen there (ports below 1024 need root)",
             errno.EADDRNOTAVAIL: "that address is not one of this machine's"}
@@ -48,6 +48,18 @@ def check_free(host: str, port: int, option: str) -> None:
             probe.bind((host, port))
         except OSError as exc:
             raise bind_error(host, port, option, exc) from exc
+
+
+def free_port(host: str, option: str) -> int:
+    """A TCP port free on ``host`` now, chosen by the kernel (for ``--port 0`` on servers that
+    do not say which port they got); ``BindError`` if ``host`` cannot be bound at all."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError as exc:
+            raise bind_error(host, 0, option, exc) from exc
+        return int(probe.getsockname()[1])
 
 
 def listener_of(port: int) -> str | None:
