@@ -53,7 +53,9 @@ def _no_context() -> Mapping[str, Any]:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record; never a line break inside one (json.dumps escapes it)."""
+    """One JSON object per record, in printable ASCII: json.dumps escapes line breaks and
+    control characters (DEL here), and ``ensure_ascii`` every non-ASCII one (a bidi override such as
+    U+202E too), so a terminal tailing the log shows ``\\u202e``, not reordered text."""
 
     def __init__(self, context: Context = _no_context) -> None:
         super().__init__()
@@ -66,7 +68,8 @@ class JsonFormatter(logging.Formatter):
         event.update((k, v) for k in FIELDS if (v := getattr(record, k, None)) is not None)
         if record.exc_info:
             event["exception"] = self.formatException(record.exc_info)
-        return json.dumps(event, default=str, ensure_ascii=False)
+        text = json.dumps(event, default=str, ensure_ascii=True)
+        return text.replace("\x7f", "\\u007f")  # DEL: the one control json leaves raw
 
 
 def _utc(created: float) -> str:
