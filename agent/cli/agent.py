@@ -23,6 +23,7 @@ from agent.cli.mqtt_options import (
     mqtt_security,
 )
 from agent.cli.output import console, emit, err_console, fail, table
+from agent.cli.params import device_id_option, fleet_option, host_port, http_address
 from agent.cli.service import ServiceSpec, service_app, subcommand
 from agent.core import Agent
 from agent.errors import NothingToServeError
@@ -38,13 +39,6 @@ from agent.update import download
 app = typer.Typer(help="Run models on this device.", no_args_is_help=True)
 
 DEFAULT_DATA_DIR = Path(os.environ.get("EDGEFLEET_DATA_DIR", "~/.local/share/edgefleet"))
-
-
-def _host_port(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise typer.BadParameter(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
-    return host, int(port)
 
 
 def _trusted(paths: list[Path], data_dir: Path) -> TrustedKeys:
@@ -151,8 +145,10 @@ def run(
     bundle: Annotated[Path | None, typer.Option(
         help="Bundle to install when DATA_DIR has none yet (later updates come from the fleet)")
     ] = None,
-    fleet: Annotated[str, typer.Option(help="Fleet name (MQTT topic level)")] = "default",
-    device_id: Annotated[str, typer.Option(help="This device's id")] = "device-1",
+    fleet: Annotated[str, typer.Option(help="Fleet name (MQTT topic level)",
+                                       callback=fleet_option)] = "default",
+    device_id: Annotated[str, typer.Option(help="This device's id",
+                                           callback=device_id_option)] = "device-1",
     broker: Annotated[str | None, typer.Option(
         help="mqtt://HOST:PORT or mqtts://HOST:8883; none = no MQTT")] = None,
     ca: Annotated[Path | None, typer.Option(
@@ -163,7 +159,10 @@ def run(
     key: KeyOpt = None,
     username: UsernameOpt = None,
     password_file: PasswordFileOpt = None,
-    http: Annotated[str | None, typer.Option(help="HOST:PORT for the KServe v2 server")] = None,
+    http: Annotated[str | None, typer.Option(
+        help="HOST:PORT (IPv4 or a host name; port 0: any free one) for the KServe v2 "
+             "server",
+        callback=http_address)] = None,
     http_max_body: web.MaxBodyOpt = web.MAX_BODY,
     http_max_json: web.MaxJsonOpt = web.MAX_JSON,
     http_timeout: web.TimeoutOpt = web.TIMEOUT_S,
@@ -203,7 +202,7 @@ def run(
         if ca is not None:  # the fleet CA also signs the controller's HTTPS certificate
             download.trust_ca(ca)
         if http:  # a taken port is refused before anything is installed
-            check_free(*_host_port(http), "--http HOST:PORT")
+            check_free(*host_port(http, "--http"), "--http HOST:PORT")
         http_security = web.http_security(http_tls_cert, http_tls_key, http_token_file,
                                           http_client_ca, http or "")
         agent = Agent(_trusted(trusted_key or [], data), threads=threads,
@@ -211,7 +210,7 @@ def run(
         _load_or_refuse(agent, data, bundle, resume=broker is None)
     except EdgefleetError as exc:
         fail_in(log_format, exc)
-    host, port = _host_port(http) if http else ("127.0.0.1", None)
+    host, port = host_port(http, "--http") if http else ("127.0.0.1", None)
     config = ServiceConfig(fleet=fleet, device_id=device_id, data_dir=data, broker_url=broker,
                            http_host=host, http_port=port,
                            http_limits=web.http_limits(http_max_body, http_max_json, http_timeout,

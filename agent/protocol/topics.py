@@ -46,7 +46,7 @@ class TopicAddress:
 
 
 def check_id(value: str, what: str = "id") -> str:
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):  # "$" alone would let a trailing "\n" through
         raise ValueError(
             f"{what} {value!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
