@@ -27,7 +27,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
+from agent.core import Agent
 from agent.serving.errors import HttpSetupError
+from agent.serving.http import InferenceServer
+from agent.serving.limits import HttpLimits
 from agent.serving.security import HttpSecurity
 from fleet.mosquitto import free_port, wait_for_port
 from tests.conftest import Keys
@@ -266,6 +269,31 @@ def test_stalled_handshakes_block_no_one_and_are_cut_at_the_timeout(
         sock.close()
     waited = time.monotonic() - opened
     assert TIMEOUT_S * 0.9 <= waited <= TIMEOUT_S + 1.5, f"cut after {waited:.2f} s"
+
+
+def test_handshakes_count_against_the_connection_bound(
+        https: Https, digits_bundles: dict[str, Path], signing_keys: Keys,
+        digits_models: TrainedModels) -> None:
+    agent = Agent(signing_keys.trusted)
+    agent.load(digits_bundles["tflite"])
+    security = HttpSecurity(https.certs / "agent-https.crt", https.certs / "agent-https.key",
+                            tokens=(TOKEN.encode(),))
+    limits = HttpLimits(timeout_s=TIMEOUT_S, max_connections=4)
+    with InferenceServer(agent, limits=limits, security=security) as server:
+        stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
+        time.sleep(0.2)  # all four accepted, each in its handshake
+        started = time.monotonic()
+        assert _exchange(server.port, b"") == b""  # one more: closed, no handshake, no answer
+        assert time.monotonic() - started < TIMEOUT_S / 2
+        for sock in stalled:
+            sock.settimeout(5 * TIMEOUT_S)
+            _read_all(sock)  # cut by the watchdog
+            sock.close()
+        client = triton.InferenceServerClient(server.url, ssl=True,
+                                              ssl_options={"ca_certs": str(https.certs / "ca.crt")})
+        assert _accuracy(_infer(client, digits_models.digits.x_test, headers=AUTH),
+                         digits_models) >= 0.95
+    agent.close()
 
 
 @HOSTILE
