@@ -410,17 +410,17 @@ class _Handler(BaseHTTPRequestHandler):
                                hint=f"retry in {_RETRY_AFTER_S} s")
         upload = self.c.artifacts / f".upload-{secrets.token_hex(8)}.part"
         try:
-            self._stream_to(upload, self._length(_MAX_BODY))
+            self._stream_to(upload, self._length(_MAX_BODY), actor)
             return self.c.push(upload, actor)
         finally:
             upload.unlink(missing_ok=True)
             self.server.pushes.release()
 
-    def _stream_to(self, path: Path, length: int) -> None:
+    def _stream_to(self, path: Path, length: int, actor: str) -> None:
         """The body into ``path`` in chunks; refused at its first block if no tar header."""
         self._consumed = True
         first = self.rfile.read(min(BLOCK, length))
-        self._first_block(first)
+        self._first_block(first, actor)
         left = length - len(first)
         with open(path, "wb") as out:
             out.write(first)
@@ -432,11 +432,12 @@ class _Handler(BaseHTTPRequestHandler):
                 out.write(chunk)
                 left -= len(chunk)
 
-    def _first_block(self, block: bytes) -> None:
+    def _first_block(self, block: bytes, actor: str) -> None:
         try:
             check_first_block(block)
-        except BundleError:
+        except BundleError as exc:
             self.close_connection = True  # the rest of the body is never read
+            self.c.push_refused(actor, exc)
             raise
 
     def _drift_policy(self, model: str, body: dict[str, Any], actor: str) -> DriftPolicy:

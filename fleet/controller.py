@@ -746,6 +746,10 @@ class FleetController:
                            outcome=outcome, detail={"summary": summary, **detail})
         return self.store.add_audit(entry)
 
+    def push_refused(self, actor: str, error: EdgefleetError) -> None:
+        """Audit a push the API refused before the controller saw it (its first block)."""
+        self._audit(actor, "model.push", "?", str(error), outcome="refused")
+
     def push(self, data: bytes | Path, actor: str) -> tuple[ModelVersion, bool]:
         """Verify a bundle, keep it content-addressed, register its version. A path (an
         upload streamed to a file in ``artifacts``) is renamed into place, never read whole."""
