@@ -42,6 +42,7 @@ BLOCK = re.compile(r"^```sh\n(.*?)^```", re.S | re.M)
 DOCUMENTED = ("BROKER", "CONTROLLER_HTTP", "CAM1_HTTP", "CAM2_HTTP", "SOAK")
 BLOCK_TIMEOUT_S = 300.0  # a hang, not slowness: two conversions took 132 s at load 14 on 2 cores
 TEST_SOAK = "3s"
+WALKTHROUGH_TIMEOUT_S = 600  # 54-57 s of CPU; 170-230 s of wall time at load 12-14 on 2 cores
 
 
 def walkthrough_blocks(text: str) -> list[str]:
@@ -167,6 +168,7 @@ def _settled_on(shell: Shell, version: str, timeout: float = 60) -> list[dict[st
         time.sleep(1)
 
 
+@pytest.mark.timeout(WALKTHROUGH_TIMEOUT_S)
 def test_the_readme_walkthrough_runs_from_keys_to_rollback(mosquitto: MosquittoBroker,
                                                            shell: Shell) -> None:
     blocks = walkthrough_blocks(README.read_text())
