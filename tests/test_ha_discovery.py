@@ -196,7 +196,8 @@ def test_node_ids_are_what_home_assistant_accepts_and_never_shared() -> None:
 def test_agent_run_has_the_option(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                   digits_bundles: dict[str, Path], signing_keys: Keys) -> None:
     started: list[ServiceConfig] = []
-    monkeypatch.setattr(agent_cli, "_serve_until_signalled", lambda s: started.append(s.config))
+    monkeypatch.setattr(agent_cli, "_serve_until_signalled",
+                        lambda s, *_: started.append(s.config))
     result = CliRunner().invoke(agent_cli.app, [
         "run", "--bundle", str(digits_bundles["onnx"]), "--trusted-key",
         str(signing_keys.public), "--data-dir", str(tmp_path), "--ha-discovery"])
