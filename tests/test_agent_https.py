@@ -351,3 +351,11 @@ def test_security_options_that_cannot_work_are_refused_in_one_line(
     assert result.returncode == 2, result.stderr
     assert said in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_security_options_without_http_are_refused(https: Https, tmp_path: Path) -> None:
+    result = _edgefleet("agent", "run", "--data-dir", tmp_path / "data", "--http-tls-cert",
+                        https.certs / "agent-https.crt", "--http-tls-key",
+                        https.certs / "agent-https.key")
+    assert result.returncode == 2 and "pass --http HOST:PORT" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -75,6 +75,10 @@ def http_security(cert: Path | None, key: Path | None, token_file: Path | None,
                   client_ca: Path | None, host: str) -> HttpSecurity | None:
     """The security the options give, checked now (files that load, tokens that are long
     enough, no token sent in clear off this machine); None for plain, open HTTP."""
+    if not host and any((cert, key, token_file, client_ca)):
+        raise HttpSetupError("--http-tls-cert, --http-tls-key, --http-token-file and "
+                             "--http-client-ca secure the HTTP server, which is off",
+                             hint="pass --http HOST:PORT too")
     tokens = _tokens(token_file)
     if cert is None or key is None:
         _plain(cert, key, tokens, client_ca, token_file)
