@@ -113,6 +113,11 @@ def test_three_pushes_of_200_mb_of_zeros_at_once_are_422_from_their_first_block(
             assert body["error"] == "not a bundle: the archive holds no members", body
             assert "edgefleet convert" in body["hint"] and "build_bundle" not in body["hint"]
     assert _no_upload_left(data) == []
+    conn = _connect(url)
+    conn.request("GET", "/api/v1/history", headers={"Authorization": f"Bearer {TOKEN}"})
+    refused = [e for e in json.loads(conn.getresponse().read())
+               if e["action"] == "model.push" and e["outcome"] == "refused"]
+    assert len(refused) == sum(status == 422 for status, _, _ in results)
 
 
 def test_an_empty_push_is_named_an_empty_file(
