@@ -265,13 +265,12 @@ def _make_dir(path: Path) -> None:
 def push(bundle: Annotated[Path, typer.Argument(help="A signed .efb bundle")],
          controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
          as_json: JsonOpt = False) -> None:
-    """Upload a bundle; the controller verifies it before it stores it."""
-    try:
-        data = bundle.read_bytes()
-    except OSError as exc:
-        fail(EdgefleetError(f"cannot read {bundle}: {exc.strerror}",
+    """Upload a bundle (streamed from disk); the controller verifies it before it stores it."""
+    if not bundle.is_file():
+        fail(EdgefleetError(f"cannot read {bundle}: not a file",
                             hint="pass the path of an .efb file"), as_json)
-    result = _run(as_json, lambda: _client(controller, token).upload("/api/v1/models", data))
+    result = _run(as_json, lambda: _client(controller, token).upload_file("/api/v1/models",
+                                                                          bundle))
     model = result["model"]
     row = {"model": f"{model['name']}:{model['version']}", "sha256": model["sha256"][:12],
            "size": model["size"], "stored": "new" if result["added"] else "already there"}
