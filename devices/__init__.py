@@ -8,6 +8,7 @@ fleet targets rollouts by profile and refuses devices that cannot load a bundle.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,8 +21,8 @@ from agent.protocol.schema import Document
 from agent.runtime.inspect import ModelInfo
 from agent.runtime.select import version_tuple
 
-__all__ = ["DeviceProfile", "ProfileError", "Violation", "check_model", "list_profiles",
-           "load_profile"]
+__all__ = ["DeviceProfile", "ProfileError", "Violation", "builtin_profile", "check_model",
+           "list_profiles", "load_profile"]
 
 
 class ProfileError(EdgefleetError):
@@ -66,6 +67,18 @@ def _profiles_dir() -> Path:
 
 def list_profiles() -> list[DeviceProfile]:
     return [load_profile(p.stem) for p in sorted(_profiles_dir().glob("*.json"))]
+
+
+_PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$", re.ASCII)
+
+
+def builtin_profile(name: str) -> DeviceProfile:
+    """A profile this package ships, by name only: what a device *reports* as its profile
+    is never read as a path (a name with '/' or '..' could reach any file here)."""
+    if not _PROFILE_NAME.match(name) or ".." in name:
+        raise ProfileError(f"{name!r} is not a device profile name",
+                           hint="use the name of a built-in profile, e.g. raspberry-pi-4")
+    return load_profile(name)
 
 
 def load_profile(name_or_path: str) -> DeviceProfile:

@@ -14,7 +14,7 @@ from agent.protocol.errors import EdgefleetError
 from agent.protocol.manifest import Manifest
 from agent.runtime.inspect import ModelInfo
 from agent.runtime.select import RUNTIMES_BY_FORMAT, tflite_op_level, version_tuple
-from devices import DeviceProfile, check_model, load_profile
+from devices import DeviceProfile, builtin_profile, check_model
 from fleet.domain import Device, ModelVersion
 
 __all__ = ["incompatibility"]
@@ -72,7 +72,7 @@ def _profile_problem(device: Device, model: ModelVersion, info: ModelInfo | None
 @lru_cache(maxsize=64)
 def _profile(name: str) -> DeviceProfile | None:
     try:
-        return load_profile(name)
+        return builtin_profile(name)  # a device's word is a name, never a path here
     except EdgefleetError:
         return None
 
