@@ -88,7 +88,7 @@ def digits_bundles(work: Path, key: Path) -> dict[str, Path]:
 
 def edge_bundles(work: Path, key: Path) -> dict[str, Path]:
     """The converter benchmark's 96x96x3 edge CNN, through ``edgefleet convert`` (float)."""
-    from bench.converter import edge_cnn
+    from bench.common import edge_cnn
     from converter.config import ConvertConfig
     from converter.pipeline import convert
 

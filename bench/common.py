@@ -62,3 +62,20 @@ def print_table(title: str, columns: list[str], cells: list[list[Any]]) -> None:
     for row in cells:
         table.add_row(*map(str, row))
     Console().print(table)
+
+
+def edge_cnn(out: Path) -> Path:
+    """A MobileNet-sized CNN on 96x96x3 (random weights): a realistic size and speed."""
+    from converter._tf import keras
+
+    k = keras()
+    k.utils.set_random_seed(0)
+    layers: list[Any] = [k.Input((96, 96, 3), name="image")]
+    for filters in (32, 64, 128, 128, 256):
+        layers += [k.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu"),
+                   k.layers.Conv2D(filters, 1, activation="relu")]
+    layers += [k.layers.GlobalAveragePooling2D(), k.layers.Dense(10, activation="softmax")]
+    model = k.Sequential(layers)
+    path = out / "edge_cnn.keras"
+    model.save(path)
+    return path
