@@ -251,6 +251,57 @@ def test_max_failures_fires_strictly_above(failed: int, of: int, max_pct: float,
         assert states(d.rollout)[f"d{of:02d}"] == "CANCELLED"  # never reached
 
 
+def rate_limited(n: int, waves: tuple[Wave, ...]) -> tuple[Rollout, dict[str, DeviceView]]:
+    """--max-failures 20 alone (min-success follows it) and 30 devices a minute: one
+    device is sent the bundle at once, one more every 2 s."""
+    return started(n, waves=waves, rate_per_min=30, soak_s=0,
+                   gates=Gates(max_failures_pct=20, min_success_pct=80))
+
+
+def step(d: Decisions, devices: dict[str, DeviceView], failing: set[str]) -> None:
+    """Every device sent the bundle answers: the failing ones fail, the others commit."""
+    for device, item in d.rollout.devices.items():
+        if item.state == DeviceState.TARGETED:
+            devices[device] = on("FAILED", since=10**9) if device in failing else (
+                committed_new())
+
+
+def test_one_failure_in_a_rate_limited_wave_of_five_is_20_percent_and_advances() -> None:
+    rollout, devices = rate_limited(6, (Wave(5, False), Wave(100, True)))
+    d = run(rollout, devices, 0)
+    for now in range(2000, 12_000, 2000):
+        step(d, devices, {"d00"})
+        d = run(d.rollout, devices, now)
+        assert d.rollout.state == RolloutState.RUNNING, d.rollout.reason
+    assert d.rollout.wave == 1  # the first wave (4 of 5 succeeded) passed
+    assert states(d.rollout)["d00"] == "FAILED"
+    step(d, devices, {"d00"})
+    d = run(d.rollout, devices, 12_000)
+    assert (d.rollout.state, d.rollout.reason) == (RolloutState.SUCCEEDED,
+                                                   "5 of 6 devices run 2.0.0")
+
+
+def test_a_second_failure_of_five_aborts_as_soon_as_it_is_seen() -> None:
+    rollout, devices = rate_limited(6, (Wave(5, False), Wave(100, True)))
+    d = run(rollout, devices, 0)
+    step(d, devices, {"d00", "d01"})
+    d = run(d.rollout, devices, 2000)  # d00 failed (20%); d01 is sent the bundle
+    assert d.rollout.state == RolloutState.RUNNING
+    step(d, devices, {"d00", "d01"})
+    d = run(d.rollout, devices, 3000)
+    assert d.rollout.state == RolloutState.ABORTED
+    assert d.rollout.reason.startswith("2 of 5 devices failed (40.0%), above --max-failures")
+    assert [states(d.rollout)[f"d{i:02d}"] for i in range(2, 6)] == ["CANCELLED"] * 4
+
+
+def test_the_failure_of_a_canary_of_one_is_all_of_its_wave_and_aborts() -> None:
+    rollout, devices = rate_limited(5, (Wave(1, False), Wave(100, True)))
+    devices["d00"] = on("FAILED", since=1)
+    d = run(rollout, devices, 1000)
+    assert d.rollout.state == RolloutState.ABORTED
+    assert d.rollout.reason.startswith("1 of 1 devices failed (100.0%)")
+
+
 def test_a_failed_device_keeps_its_reason_and_its_desired_state_is_cleared() -> None:
     rollout, devices = started(2, gates=Gates(max_failures_pct=50, min_success_pct=0))
     devices["d00"] = replace(on("FAILED"), update_detail="health check: outputs differ")

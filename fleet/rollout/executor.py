@@ -11,8 +11,9 @@ A tick does, in this order:
    late answers after a timeout, a retry after a failure) and time out those that do
    not answer;
 4. check the error conditions before the success conditions: failures above
-   ``max_failures_pct`` or a quality gate firing abort the rollout, and devices that
-   have not committed are rolled back;
+   ``max_failures_pct`` of the waves so far (their whole, not only those sent) or a
+   quality gate firing abort the rollout, and devices that have not committed are
+   rolled back;
 5. commit devices whose soak is over; advance to the next wave when the current one is
    done and at least ``min_success_pct`` of its devices succeeded; succeed after the last;
 6. send the bundle to the current wave's pending devices, at most as fast as the rate.
@@ -51,8 +52,6 @@ RESEND_MS = 5_000  # a device still in probation after a commit/rollback this ol
 _IN_FLIGHT = ("DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK", "SWITCHING")
 _SETTLED = ("COMMITTED", "IDLE")
 
-
-_UNTOUCHED = (DeviceState.PENDING, DeviceState.INCOMPATIBLE, DeviceState.CANCELLED)
 # The devices a tick follows (their reports, timeouts, commits, rollbacks): on their way,
 # rolling back, timed out (they may answer late) or failed (they may retry). The others
 # are settled, or not sent anything yet.
@@ -350,13 +349,21 @@ def _follow_rollback(t: _Tick, item: RolloutDevice, view: DeviceView | None) -> 
 
 
 def _failure(t: _Tick) -> str:
-    failed = sum(1 for d in t.devices.values() if d.state == DeviceState.FAILED)
-    touched = sum(1 for d in t.devices.values() if d.state not in _UNTOUCHED)
-    if not touched or not failed:
+    """Failures above ``max_failures_pct`` of the devices the waves so far hold.
+
+    The share is judged against the whole of the current and earlier waves (not against
+    the devices sent the bundle so far), so a rate or a small first send does not turn
+    one failure into 50%; it still fires as soon as the failures alone are too many for
+    those waves, before every device was sent the bundle.
+    """
+    waves = [d for d in t.devices.values() if d.wave <= t.r.wave and d.state not in (
+        DeviceState.INCOMPATIBLE, DeviceState.CANCELLED)]
+    failed, total = sum(1 for d in waves if d.state == DeviceState.FAILED), len(waves)
+    if not failed:
         return ""
-    pct = 100.0 * failed / touched
+    pct = 100.0 * failed / total
     if pct > t.r.spec.gates.max_failures_pct:
-        return (f"{failed} of {touched} devices failed ({pct:.1f}%), above --max-failures "
+        return (f"{failed} of {total} devices failed ({pct:.1f}%), above --max-failures "
                 f"{t.r.spec.gates.max_failures_pct:g}%")
     return ""
 
