@@ -28,7 +28,7 @@ from agent.runtime.inspect import ModelInfo, inspect_model
 from agent.runtime.select import load_runtime
 from converter.config import Scale
 from converter.data import Dataset, load_dataset
-from converter.evaluate import accuracy, agreement, is_classifier, run_batched
+from converter.evaluate import accuracy, agreement, batch_size, is_classifier, run_batched
 from converter.floatio import float_predict, input_map
 
 __all__ = ["Side", "diff_bundles", "open_side"]
@@ -227,8 +227,9 @@ def _agreement(a: Side, b: Side, data: Path | None, scale: Scale) -> dict[str, A
     runtime_a = load_runtime(a.bundle.model_bytes, a.manifest.format)
     runtime_b = load_runtime(b.bundle.model_bytes, b.manifest.format)
     try:
-        outs_a = run_batched(float_predict(runtime_a, reference), dataset)
-        outs_b = run_batched(float_predict(runtime_b, reference), dataset)
+        batch = min(batch_size(runtime_a.inputs), batch_size(runtime_b.inputs))
+        outs_a = run_batched(float_predict(runtime_a, reference), dataset, batch)
+        outs_b = run_batched(float_predict(runtime_b, reference), dataset, batch)
     finally:
         runtime_a.close()
         runtime_b.close()

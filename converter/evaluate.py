@@ -10,11 +10,21 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtime.base import Array
+from agent.runtime.base import Array, TensorInfo
 from converter.data import Dataset
 
-__all__ = ["SMALL_OUTPUT", "Agreement", "OutputError", "accuracy", "agreement", "is_classifier",
-           "latency_p50_ms", "output_error", "run_batched"]
+__all__ = [
+    "SMALL_OUTPUT",
+    "Agreement",
+    "OutputError",
+    "accuracy",
+    "agreement",
+    "batch_size",
+    "is_classifier",
+    "latency_p50_ms",
+    "output_error",
+    "run_batched",
+]
 
 Predict = Callable[[Mapping[str, Array]], list[Array]]
 
@@ -79,13 +89,42 @@ class Agreement:
                 "worst": worst.describe()}
 
 
-def run_batched(predict: Predict, data: Dataset, batch: int = 64,
+BATCH = 64
+
+
+def fixed_batch(inputs: Sequence[TensorInfo]) -> int | None:
+    """The model's fixed leading dimension, if every input has the same one (a model
+    exported with batch 1 refuses 64 rows); None when it takes any batch."""
+    leading = {info.shape[0] for info in inputs if len(info.shape) > 0}
+    if len(leading) == 1 and all(n > 0 for n in leading):
+        return leading.pop()
+    return None
+
+
+def batch_size(inputs: Sequence[TensorInfo]) -> int:
+    """How many samples a call takes: the model's fixed batch, else :data:`BATCH`."""
+    return fixed_batch(inputs) or BATCH
+
+
+def run_batched(predict: Predict, data: Dataset, batch: int = BATCH,
                 on_batch: Callable[[int, int], None] = lambda done, total: None) -> list[Array]:
-    parts = []
+    """``predict`` over ``data`` in calls of ``batch`` rows (the last one padded with its own
+    last row when it is short, and the padding's outputs dropped, so a model of a fixed
+    batch gets exactly that many rows)."""
+    parts: list[list[Array]] = []
+    done = 0
     for feeds in data.batches(batch):
-        parts.append(predict(feeds))
-        on_batch(min(len(parts) * batch, len(data)), len(data))
+        rows = len(next(iter(feeds.values())))
+        outputs = predict(_padded(feeds, batch) if rows < batch else feeds)
+        parts.append([np.asarray(o)[:rows] for o in outputs])
+        done += rows
+        on_batch(done, len(data))
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def _padded(feeds: Mapping[str, Array], batch: int) -> dict[str, Array]:
+    return {name: np.concatenate([value, np.repeat(value[-1:], batch - len(value), axis=0)])
+            for name, value in feeds.items()}
 
 
 def is_classifier(outputs: Sequence[Array]) -> bool:

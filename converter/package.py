@@ -33,6 +33,7 @@ from agent.protocol.manifest import (
 from agent.protocol.signing import SigningKey
 from agent.runtime.base import Array, Runtime, TensorInfo
 from agent.runtime.select import load_runtime
+from converter.evaluate import fixed_batch
 
 __all__ = ["PackageSpec", "package_bytes", "package_model", "tensor_spec"]
 
@@ -108,14 +109,28 @@ def _reference(runtime: Runtime, spec: PackageSpec, manifest: Manifest) -> Monit
         return None
     feeds = {name: np.ascontiguousarray(value[:MAX_REFERENCE_ROWS])
              for name, value in inputs.items()}
-    outputs = runtime.run(feeds)
+    outputs = _run(runtime, feeds)
     scales = scales_of([*manifest.inputs, *manifest.outputs])
     return reference_from(feeds, outputs, classifier=spec.task == "classification",
                           source=source, scales=scales)
 
 
+def _run(runtime: Runtime, feeds: dict[str, Array]) -> dict[str, Array]:
+    """The model's outputs for ``feeds``, in calls of its fixed batch when it has one."""
+    batch = fixed_batch(runtime.inputs)
+    rows = len(next(iter(feeds.values())))
+    if batch is None or rows <= batch:
+        return runtime.run(feeds)
+    parts = [runtime.run({k: v[i:i + batch] for k, v in feeds.items()})
+             for i in range(0, rows - rows % batch, batch)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
 def _health(runtime: Runtime, spec: PackageSpec) -> HealthData:
-    inputs = {name: np.ascontiguousarray(value) for name, value in spec.health_inputs.items()}
+    # the device runs its health check in one call: as many rows as the model takes
+    batch = fixed_batch(runtime.inputs)
+    inputs = {name: np.ascontiguousarray(value if batch is None else value[:batch])
+              for name, value in spec.health_inputs.items()}
     outputs = runtime.run(inputs)
     return HealthData(inputs, {k: np.asarray(v) for k, v in outputs.items()},
                       atol=spec.atol, rtol=spec.rtol)

@@ -46,6 +46,7 @@ from converter.evaluate import (
     Predict,
     accuracy,
     agreement,
+    batch_size,
     is_classifier,
     latency_p50_ms,
     run_batched,
@@ -153,7 +154,7 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
     else:
         report.eval_data = str(config.eval or config.calibration)
     report.eval_samples = len(evaluation)
-    outputs = run_batched(source.predict, evaluation,
+    outputs = run_batched(source.predict, evaluation, batch_size(source.inputs),
                           on_batch=lambda d, t: step("evaluating the source model", d, t))
     if evaluation.labels is not None:
         report.source_accuracy = round(accuracy(outputs, evaluation.labels), 6)
@@ -219,7 +220,7 @@ def _pruned(ctx: _Context, target: float) -> SourceModel:
 
 
 def _pruned_drop(ctx: _Context, pruned: SourceModel) -> float:
-    outputs = run_batched(pruned.predict, ctx.evaluation)
+    outputs = run_batched(pruned.predict, ctx.evaluation, batch_size(pruned.inputs))
     labels, base = ctx.evaluation.labels, ctx.report.source_accuracy
     if labels is not None and base is not None:
         return round((base - accuracy(outputs, labels)) * 100, 4)
@@ -355,7 +356,7 @@ def _build(ctx: _Context, candidate: Candidate) -> bytes:
 def _measure(ctx: _Context, attempt: Attempt, artifact: bytes) -> None:
     runtime = load_runtime(artifact, ctx.config.format)
     predict = _predict(runtime, ctx.source.inputs)
-    outputs = run_batched(predict, ctx.evaluation,
+    outputs = run_batched(predict, ctx.evaluation, batch_size(runtime.inputs),
                           on_batch=lambda d, t: ctx.step(f"evaluating {attempt.label}", d, t))
     attempt.size_bytes = len(artifact)
     attempt.gzip_bytes = len(gzip.compress(artifact, compresslevel=9))
