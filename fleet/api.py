@@ -535,7 +535,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _json_body(self) -> dict[str, Any]:
         raw = self._body(_MAX_JSON)
         try:
-            data = json.loads(raw) if raw else {}
+            data = json.loads(raw, parse_int=_json_int) if raw else {}
         except (ValueError, RecursionError) as exc:
             raise InvalidRolloutError(f"request body is not JSON: {exc}") from exc
         if not isinstance(data, dict):
@@ -609,11 +609,22 @@ def _rollout_id(value: str) -> str:
     return value
 
 
+def _json_int(text: str) -> int | float:
+    """A JSON integer; one of more digits than Python reads (4300) is read as the float it
+    overflows to (+-inf), which every check refuses as not finite, naming its field,
+    instead of the whole body failing with Python's own message."""
+    return int(text) if len(text) <= _INT_DIGITS else float(text)
+
+
+_INT_DIGITS = 4000  # below sys.get_int_max_str_digits()'s default of 4300
+
+
 def _model_key(value: object) -> str:
     """``NAME:VERSION`` with the manifest's name and semver patterns."""
     name, _, version = value.partition(":") if isinstance(value, str) else ("", "", "")
     if not (_NAME.match(name) and _SEMVER.match(version)):
-        raise _invalid(f"model must be NAME:VERSION (e.g. digits:1.2.0), got {value!r:.80}")
+        raise RolloutOptionError("model", f"must be NAME:VERSION (e.g. digits:1.2.0), got "
+                                          f"{value!r:.80}", hint="see docs/fleet.md")
     return f"{name}:{version}"
 
 

@@ -118,7 +118,8 @@ BAD_SELECTORS = st.sampled_from(["device:" + "x" * 100_000, "device:", "device:a
                                  "group:" + "g" * 65, "tag:", "group:a\nb", "nope:x", "x",
                                  "device:../etc", 7, None, ["group:a"]]) | st.text(max_size=80)
 BAD_WAVES = st.sampled_from(["nan%", "nan", "inf", "inf%", "-5%", "0", "0%", "101%", "1.5",
-                             "1e2", "", "²", "٣%", "10" * 10, 5, None, ["1%"]])
+                             "1e2", "", "²", "٣%", "٣", "١٠%", " 50% ", "5\n", "50%\n",
+                             "\t5", "10" * 10, 5, None, ["1%"]])
 
 
 def _valid_options(device: str) -> st.SearchStrategy[dict[str, Any]]:
@@ -196,6 +197,31 @@ def test_rollout_options_outside_their_range_are_refused_naming_the_field_and_no
     check()
 
 
+def test_a_whole_float_is_a_count_and_only_ascii_digits_make_a_wave() -> None:
+    checked = check_options({"selectors": ["group:g"], "waves": ["5", "50%"],
+                             "gates": {"min_samples": 7.0}})
+    assert checked.gates.min_samples == 7 and isinstance(checked.gates.min_samples, int)
+    assert [str(w) for w in checked.waves] == ["5", "50%", "100%"]
+
+
+@pytest.mark.parametrize("field", [*NUMBER_FIELDS, "model"])
+def test_a_number_of_5000_digits_or_a_bad_model_is_refused_naming_its_field(
+        served: Served, field: str) -> None:
+    ctl = served.ctl
+    options: dict[str, Any] = {"model": MODEL, "selectors": [f"device:{served.device('big')}"]}
+    target = options.setdefault("gates", {}) if field.startswith("gates.") else options
+    target[field.removeprefix("gates.")] = "HUGE"
+    huge = ("-" if field == "soak_s" else "") + "9" * 5000
+    body = json.dumps(options).replace('"HUGE"', huge).encode()
+    stored = len(ctl.rollouts())
+    status, answer = served.post("/api/v1/rollouts", body)
+    assert status == 400 and answer["field"] == field, answer
+    assert "Exceeds the limit" not in answer["error"], answer
+    assert len(answer["error"]) < 400 and len(ctl.rollouts()) == stored
+    if field == "model":
+        assert answer["error"].startswith("rollout option model must be NAME:VERSION")
+
+
 def _assert_finite(spec: dict[str, Any]) -> None:
     numbers = [spec["exponential"], spec["device_timeout_s"], spec["soak_s"],
                *(v for v in spec["gates"].values() if isinstance(v, int | float))]
@@ -221,7 +247,8 @@ DAYS_30 = 30 * 24 * 3600
     ({"waves": ["10000000", "100%"]}, None), ({"waves": ["10000001"]}, "waves"),
     ({"gates": {"max_p95_ratio": 1000}}, None),
     ({"gates": {"max_p95_ratio": 1000.5}}, "gates.max_p95_ratio"),
-    ({"gates": {"min_samples": 10**9}}, None),
+    ({"gates": {"min_samples": 10**9}}, None), ({"gates": {"min_samples": 1.0}}, None),
+    ({"gates": {"min_samples": 1.5}}, "gates.min_samples"),
     ({"gates": {"min_samples": 10**9 + 1}}, "gates.min_samples")])
 def test_the_rollout_option_bounds_hold_exactly_at_their_value(
         options: dict[str, Any], field: str | None) -> None:

@@ -25,17 +25,20 @@ from agent.protocol.payloads import BundleRef
 from fleet.domain import Device, ref_from_dict, ref_to_dict
 from fleet.errors import InvalidRolloutError
 
-__all__ = ["Gates", "RolloutSpec", "Selector", "Wave", "parse_duration", "parse_selector",
+__all__ = ["WAVE", "Gates", "RolloutSpec", "Selector", "Wave", "parse_duration", "parse_selector",
            "parse_waves", "wave_bounds"]
 
-_DURATION = re.compile(r"^(\d{1,12}(?:\.\d{1,6})?)(ms|s|m|h)?$")  # bounded: never inf
+# ASCII digits only ("\d" would take "٣" and "²"), bounded: never inf; matched whole
+# (no "$", which lets a trailing newline through)
+_DURATION = re.compile(r"([0-9]{1,12}(?:\.[0-9]{1,6})?)(ms|s|m|h)?", re.ASCII)
+WAVE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)(%?)", re.ASCII)  # a count or a percentage
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 SELECTOR_KINDS = ("group", "tag", "device")
 
 
 def parse_duration(text: str) -> float:
     """``500ms``, ``30s``, ``5m``, ``1h`` or a bare number of seconds -> seconds."""
-    match = _DURATION.match(text.strip())
+    match = _DURATION.fullmatch(text)
     if not match:
         raise InvalidRolloutError(f"duration {text[:40]!r} is not understood",
                                   hint="write it like 90s, 5m, 1h or 500ms")
@@ -83,13 +86,11 @@ def parse_waves(text: str) -> tuple[Wave, ...]:
     """``1%,10%,50%,100%`` or ``5,50,100%``: cumulative, growing, the last one reaching all."""
     waves = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        percent = part.endswith("%")
-        try:
-            value = float(part.rstrip("%"))
-        except ValueError:
-            raise InvalidRolloutError(f"wave {part!r} is not a number or a percentage",
-                                      hint="write waves like 1%,10%,50%,100%") from None
-        waves.append(Wave(value, percent))
+        match = WAVE.fullmatch(part)
+        if match is None:
+            raise InvalidRolloutError(f"wave {part[:40]!r} is not a number or a percentage",
+                                      hint="write waves like 1%,10%,50%,100%")
+        waves.append(Wave(float(match.group(1)), bool(match.group(2))))
     return _checked_waves(tuple(waves))
 
 

@@ -23,7 +23,6 @@ rollout when its tick fails instead of refusing to start.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 from agent.protocol.payloads import BundleRef
 from agent.protocol.topics import check_id
 from fleet.errors import InvalidRolloutError
-from fleet.rollout.spec import Gates, RolloutSpec, Selector, Wave
+from fleet.rollout.spec import WAVE, Gates, RolloutSpec, Selector, Wave
 
 __all__ = ["MAX_DURATION_S", "MAX_EXPONENTIAL", "MAX_LABEL", "MAX_RATE_PER_MIN",
            "MAX_SELECTORS", "MAX_WAVES", "MAX_WAVE_DEVICES", "CheckedOptions",
@@ -55,7 +54,6 @@ FLAGS = {"selectors": "--to", "waves": "--waves", "rate_per_min": "--rate",
          "gates.min_agreement_pct": "--min-agreement", "gates.min_samples": "--min-samples"}
 _OPTIONS = frozenset(f for f in FLAGS if "." not in f)
 _GATES = frozenset(f.partition(".")[2] for f in FLAGS if f.startswith("gates."))
-_WAVE = re.compile(r"(\d{1,9}(?:\.\d{1,6})?)(%?)")
 
 
 class RolloutOptionError(InvalidRolloutError):
@@ -182,16 +180,18 @@ def _waves(value: Any) -> tuple[Wave, ...]:
 
 
 def _wave(item: Any) -> Wave:
-    match = _WAVE.fullmatch(item.strip()) if isinstance(item, str) else None
+    # the whole entry: ASCII digits, no space or newline around them
+    match = WAVE.fullmatch(item) if isinstance(item, str) else None
     if match is None:
         raise RolloutOptionError("waves", f"entry {_shown(item)} is not a count or a "
-                                          "percentage", hint="write waves like 1%,10%,50%,100%")
+                                          "percentage of ASCII digits",
+                                 hint="write waves like 1%,10%,50%,100%")
     value, percent = float(match.group(1)), bool(match.group(2))
     if value <= 0 or (percent and value > 100):
-        raise RolloutOptionError("waves", f"entry {item.strip()!r} is out of range",
+        raise RolloutOptionError("waves", f"entry {item!r} is out of range",
                                  hint="percentages are in (0, 100], counts above 0")
     if not percent and (value != int(value) or value > MAX_WAVE_DEVICES):
-        raise RolloutOptionError("waves", f"entry {item.strip()!r} is not a whole number of "
+        raise RolloutOptionError("waves", f"entry {item!r} is not a whole number of "
                                           f"devices up to {MAX_WAVE_DEVICES}")
     return Wave(value, percent)
 
@@ -238,8 +238,10 @@ def _min_success(value: Any, max_failures: float, failures_given: bool) -> float
 
 
 def _count(field: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """A whole number: an int, or a float without a fraction (JSON has one number type)."""
+    whole = isinstance(value, float) and value.is_integer()
+    if isinstance(value, bool) or not (isinstance(value, int) or whole):
         raise RolloutOptionError(field, f"must be a whole number, got {_shown(value)}")
     if not 0 <= value <= MAX_MIN_SAMPLES:
         raise RolloutOptionError(field, f"must be 0 to {MAX_MIN_SAMPLES}, got {_figure(value)}")
-    return value
+    return int(value)
