@@ -16,10 +16,7 @@ from __future__ import annotations
 import functools
 import http.client
 import json
-import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,9 +37,10 @@ from agent.protocol.bundle import (
 from agent.protocol.errors import BundleError, BundleFormatError, UnsafeMemberError
 from agent.protocol.manifest import Manifest
 from agent.protocol.signing import SigningKey, TrustedKeys
-from fleet.mosquitto import MosquittoBroker, free_port
+from fleet.mosquitto import MosquittoBroker
 from tests import tamper
 from tests.conftest import Keys
+from tests.controller_process import measured_controller, stop
 from tests.fleet_harness import TOKEN, wait_until
 from tests.hostile import HOSTILE, Measured, MiB, peak_traced_bytes, run_measured
 
@@ -367,38 +365,9 @@ def test_agent_install_refuses_sparse_members_in_one_line_and_bounded_memory(
 def served(mosquitto: MosquittoBroker, signing_keys: Keys,
            tmp_path: Path) -> Iterator[tuple[str, dict[str, Measured], Path]]:
     """``edgefleet fleet serve`` as its own process; its peak RSS once it stopped."""
-    port, data = free_port(), tmp_path / "fleet-data"
-    argv = [*EDGEFLEET, "fleet", "serve", "--fleet", "hostile", "--broker", mosquitto.url,
-            "--data-dir", str(data), "--http", f"127.0.0.1:{port}",
-            "--trusted-key", str(signing_keys.public), "--token", f"ops={TOKEN}"]
-    done: dict[str, Measured] = {}
-    runner = threading.Thread(target=lambda: done.update(
-        server=run_measured(argv, timeout_s=300)))
-    runner.start()
-    wait_until(lambda: not runner.is_alive() or _answers(port), 60, what="fleet serve")
-    yield f"http://127.0.0.1:{port}", done, data
-    _stop(str(data))
-    runner.join(60)
-
-
-def _answers(port: int) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        conn.request("GET", "/healthz")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-
-
-def _stop(marker: str) -> None:
-    """SIGTERM the ``fleet serve`` whose command line holds ``marker`` (its data dir)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"serve" in argv and marker.encode() in argv and b"-c" not in argv[1:4]:
-            os.kill(int(proc.name), signal.SIGTERM)
+    data = tmp_path / "fleet-data"
+    with measured_controller(mosquitto.url, signing_keys.public, data, "hostile") as (url, done):
+        yield url, done, data
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict[str, str]]:
@@ -425,7 +394,7 @@ def test_fleet_push_of_sparse_members_is_422_in_one_line_and_the_controller_stay
     good = run_measured([*push, str(digits_bundles["tflite"])])
     assert good.returncode == 0, good.stderr
     assert [p.suffix for p in (data / "bundles").iterdir()] == [".efb"]
-    _stop(str(data))
+    stop(str(data))
     wait_until(lambda: "server" in done, 60, what="fleet serve to stop")
     server = done["server"]
     assert server.returncode == 0, server.stderr

@@ -113,8 +113,8 @@ def test_nan_outputs_agree_with_nothing_and_the_telemetry_stays_in_the_fleets_sc
         tmp_path: Path) -> None:
     import json
 
+    from agent.protocol.schema import finite
     from agent.protocol.telemetry_schema import check_points
-    from agent.telemetry.reporter import _finite
 
     v2 = make_bundle(digits_models.tflite, tmp_path / "v2.efb", signing_keys, "2.0.0")
     agent = _agent_on(digits_bundles["tflite"], v2, signing_keys)
@@ -125,7 +125,7 @@ def test_nan_outputs_agree_with_nothing_and_the_telemetry_stays_in_the_fleets_sc
     _wait(lambda: (agent.agreement or {}).get("samples", 0) >= 10)
     agreement = agent.agreement
     assert agreement is not None and agreement["top1"] == 0.0 and agreement["cosine"] == 0.0
-    point = {"ts": 1, "values": _finite({**agent.telemetry_values(), "schema_version": 1,
+    point = {"ts": 1, "values": finite({**agent.telemetry_values(), "schema_version": 1,
                                          "seq": 1, "temperature_c": float("nan")})}
     raw = json.dumps(point, allow_nan=False)
     assert check_points(json.loads(raw))  # the fleet takes it: no figure is NaN

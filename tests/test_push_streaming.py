@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from fleet.mosquitto import MosquittoBroker, free_port
+from fleet.mosquitto import MosquittoBroker
 from tests.conftest import Keys
+from tests.controller_process import measured_controller, stop
 from tests.fleet_harness import TOKEN, wait_until
 from tests.hostile import Measured, MiB, run_measured
-from tests.test_hostile_bundle import _answers, _one_error_line, _stop
+from tests.test_hostile_bundle import _one_error_line
 
 EDGEFLEET = [sys.executable, "-m", "edgefleet"]
 SERVER_RSS_CAP = 150 * MiB  # fleet serve after every push below (it idles near 80 MiB)
@@ -36,18 +37,9 @@ def served(signing_keys: Keys, tmp_path_factory: pytest.TempPathFactory
     """One ``edgefleet fleet serve`` process for the module; its peak RSS once stopped."""
     folder = tmp_path_factory.mktemp("push-streaming")
     broker = MosquittoBroker(workdir=folder / "mosquitto").start()
-    port, data = free_port(), folder / "fleet-data"
-    argv = [*EDGEFLEET, "fleet", "serve", "--fleet", "push", "--broker", broker.url,
-            "--data-dir", str(data), "--http", f"127.0.0.1:{port}",
-            "--trusted-key", str(signing_keys.public), "--token", f"ops={TOKEN}"]
-    done: dict[str, Measured] = {}
-    runner = threading.Thread(target=lambda: done.update(
-        server=run_measured(argv, timeout_s=600)))
-    runner.start()
-    wait_until(lambda: not runner.is_alive() or _answers(port), 60, what="fleet serve")
-    yield f"http://127.0.0.1:{port}", done, data
-    _stop(str(data))
-    runner.join(60)
+    data = folder / "fleet-data"
+    with measured_controller(broker.url, signing_keys.public, data, "push", 600) as (url, done):
+        yield url, done, data
     broker.stop()
 
 
@@ -170,7 +162,7 @@ def test_a_good_bundle_pushed_after_is_stored_and_the_controller_stayed_small(
     stored = data / "bundles" / f"{pushed['model']['sha256']}.efb"
     assert stored.read_bytes() == digits_bundles["tflite"].read_bytes()
     assert _no_upload_left(data) == []
-    _stop(str(data))
+    stop(str(data))
     wait_until(lambda: "server" in done, 60, what="fleet serve to stop")
     server = done["server"]
     assert server.returncode == 0, server.stderr

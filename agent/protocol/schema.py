@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.protocol.errors import EdgefleetError, PayloadError, SchemaVersionError
 
-__all__ = ["Document", "decode_json", "is_supported", "validate_document"]
+__all__ = ["Document", "decode_json", "finite", "is_supported", "validate_document"]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SEMVER_PATTERN = (
@@ -71,3 +72,15 @@ def _summarise(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "(root)"
         parts.append(f"{where}: {err['msg']}")
     return "; ".join(parts)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinity made null: strict JSON has no such number, and the
+    fleet refuses them in telemetry."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(item) for item in value]
+    return value

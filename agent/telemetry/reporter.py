@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 from agent.errors import BrokerTimeoutError
 from agent.mqtt import MqttClient
 from agent.protocol.files import atomic_write, read_int
+from agent.protocol.schema import finite
 from agent.protocol.topics import Leaf, device_topic
 from agent.telemetry.spool import Spool
 from agent.telemetry.system import SystemProbe
@@ -103,7 +103,7 @@ class TelemetryReporter:
             "spool_dropped": self.spool.dropped,
             "spool_pending": len(self.spool),
         }
-        point = json.dumps({"ts": int(time.time() * 1000), "values": _finite(values)},
+        point = json.dumps({"ts": int(time.time() * 1000), "values": finite(values)},
                            allow_nan=False).encode()
         atomic_write(self._seq_path, str(self._seq + 1).encode())
         self._seq += 1
@@ -134,17 +134,6 @@ class TelemetryReporter:
             if time.monotonic() > deadline and len(self.spool):
                 return False
         return True
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every NaN or infinity made null: the fleet refuses non-finite figures."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value
 
 
 def _is_point(data: bytes) -> bool:

@@ -18,13 +18,13 @@ queues; this thread does the writing.
 from __future__ import annotations
 
 import json
-import math
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from agent.protocol.schema import finite
 from fleet.dashboard._journal import EventJournal, attach, parse_event
 
 if TYPE_CHECKING:
@@ -117,17 +117,7 @@ def json_text(data: Any, **options: Any) -> str:
     try:
         return json.dumps(data, allow_nan=False, **options)
     except ValueError:
-        return json.dumps(_finite(data), allow_nan=False, **options)
-
-
-def _finite(data: Any) -> Any:
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {key: _finite(value) for key, value in data.items()}
-    if isinstance(data, list | tuple):
-        return [_finite(value) for value in data]
-    return data
+        return json.dumps(finite(data), allow_nan=False, **options)
 
 
 _ALERTS_SHOWN = 50
