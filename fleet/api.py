@@ -56,7 +56,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from agent.ports import bind_error
@@ -251,8 +251,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _get(self, path: str) -> None:
         if path == "/healthz":
             return self._json({"ok": True, **self.c.overview(quality=False)})
-        if match := _BUNDLE.match(path):
-            return self._bundle(match.group(1))
+        if path.startswith("/bundles/"):  # no token, whatever the name
+            return self._bundle(_bundle_sha(path))
         if path == "/metrics":
             return self._raw(*self.server.metrics.render())
         if path == "/" or path.startswith("/dashboard"):
@@ -326,11 +326,12 @@ class _Handler(BaseHTTPRequestHandler):
         if path is None or not path.exists():
             raise NotFoundError(f"no bundle {sha256[:12]}", hint="push it first")
         size = path.stat().st_size
-        span = _range(self.headers.get("Range"), size)
-        if span is None:
+        ranges = self.headers.get_all("Range") or []
+        span = _range(ranges[0], size) if len(ranges) == 1 else None  # two: both ignored
+        if span == UNSATISFIABLE:
             return self._unsatisfiable(size)
-        start, end = span
-        partial = (start, end) != (0, max(size - 1, 0))
+        partial = isinstance(span, tuple)
+        start, end = span if isinstance(span, tuple) else (0, max(size - 1, 0))
         self.send_response(HTTPStatus.PARTIAL_CONTENT if partial else HTTPStatus.OK)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Accept-Ranges", "bytes")
@@ -640,33 +641,48 @@ _RANGE_DIGITS = 18  # a position of more digits is beyond any file served here
 _BEYOND = 10**_RANGE_DIGITS
 
 
-def _range(header: str | None, size: int) -> tuple[int, int] | None:
-    """RFC 9110 section 14: the inclusive (start, end) a ``Range`` header asks of ``size``
-    bytes, or None when it cannot be satisfied (answered 416, ``bytes */size``).
+UNSATISFIABLE: Final = "unsatisfiable"
 
-    The whole file when there is no header, or one that is not a single valid ``bytes``
-    range: another unit, a syntax error, ``N-M`` with M < N, or several ranges (a
-    server may ignore a Range header; devices ask for one range to resume). Positions
-    are ASCII digits, read up to 18 of them (more is beyond any file); a start at or
-    past the end, or a suffix of 0 bytes, is unsatisfiable; an end past it is the end.
+
+def _range(header: str | None, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
+    """RFC 9110 section 14: the inclusive (start, end) a ``Range`` header asks of ``size``
+    bytes (answered 206, even when that is the whole file), :data:`UNSATISFIABLE`
+    (answered 416, ``bytes */size``), or None when the header is ignored (200, the whole
+    file).
+
+    Ignored: no header, or one that is not a single valid ``bytes`` range: another unit,
+    a syntax error, ``N-M`` with M < N, or several ranges (a server may ignore a Range
+    header; devices ask for one range to resume). Positions are ASCII digits, read up to
+    18 of them (more is beyond any file); a start at or past the end, or a suffix of 0
+    bytes, is unsatisfiable; an end past it is the end, and a suffix longer than the file
+    is all of it (section 14.1.2).
     """
-    whole = (0, max(size - 1, 0))
     unit, sep, ranges = (header or "").strip().partition("=")
     specs = [r.strip(" \t") for r in ranges.split(",")] if sep else []
     specs = [r for r in specs if r]  # empty list elements are allowed, and ignored
     if unit.lower() != "bytes" or len(specs) != 1 or size == 0:
-        return whole
+        return None
     match = _RANGE_SPEC.fullmatch(specs[0])
     if match is None or not (match.group(1) or match.group(2)):
-        return whole
+        return None
     first, last = (_position(g) if g else None for g in match.groups())
     if first is None:  # a suffix: the last N bytes
-        return None if not last else (max(size - last, 0), size - 1)
+        return UNSATISFIABLE if not last else (max(size - last, 0), size - 1)
     if last is not None and last < first:
-        return whole  # invalid: ignored
+        return None  # invalid: ignored
     if first >= size:
-        return None
+        return UNSATISFIABLE
     return first, size - 1 if last is None else min(last, size - 1)
+
+
+def _bundle_sha(path: str) -> str:
+    """The sha256 a ``/bundles/`` path names; any other name there is no stored bundle."""
+    match = _BUNDLE.match(path)
+    if match is None:
+        raise NotFoundError(f"no bundle {path[len('/bundles/'):][:80]!r}: bundles are "
+                            "/bundles/{sha256}.efb (64 lowercase hex digits)",
+                            hint="take the URL from the rollout's desired state")
+    return match.group(1)
 
 
 def _position(digits: str) -> int:
