@@ -50,6 +50,21 @@ def test_agent_refuses_to_start_with_nothing_to_serve(
     assert "nothing to serve" in result.stderr and "contains '..'" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["rollback"], ["status"], ["status", "--json"]])
+def test_rollback_and_status_on_a_missing_data_dir_are_refused_and_create_nothing(
+        command: list[str], tmp_path: Path, signing_keys: Keys) -> None:
+    missing = tmp_path / "nonexist"
+    keys = ["--trusted-key", str(signing_keys.public)] if command == ["rollback"] else []
+    result = _run("agent", *command, "--data-dir", str(missing), *keys)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert f"there is no data dir {missing}" in result.stdout + result.stderr
+    if "--json" not in command:
+        assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, \
+            result.stderr
+    assert list(tmp_path.iterdir()) == [], "a refused command creates nothing"
+
+
 def test_agent_refuses_to_start_without_trusted_keys(
         tmp_path: Path, digits_bundles: dict[str, Path]) -> None:
     result = _run("agent", "run", "--bundle", str(digits_bundles["onnx"]),

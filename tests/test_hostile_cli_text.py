@@ -195,6 +195,7 @@ def test_fleet_push_names_a_markup_key_id_and_member_literally(
 def test_piped_tables_and_errors_print_long_values_whole(signing_keys: Keys,
                                                          tmp_path: Path) -> None:
     long_dir = tmp_path / ("d" * 120) / ("e" * 120)
+    long_dir.mkdir(parents=True)  # status refuses a data dir that does not exist
     status = run_measured([*EDGEFLEET, "agent", "status", "--data-dir", str(long_dir)])
     assert status.returncode == 0, status.stderr
     assert f"slots in {long_dir}" in status.stdout

@@ -421,6 +421,8 @@ def _assert_unharmed(data: Path, answer: dict[str, Any], keys: Keys) -> None:
     assert active["version"] == "1.0.0"
     assert not [p for p in _leftovers(data) if p.endswith((".tmp", ".part"))], \
         "every temp file written is removed on failure"
+    if "error" in answer:  # refused: the attempt ended, and every file it wrote is gone
+        _assert_ended(data)
     recorded = local.status(data)["update"]["state"]
     if recorded not in ("COMMITTED", "FAILED"):
         if recorded in _RESUMED:
@@ -434,6 +436,15 @@ def _assert_unharmed(data: Path, answer: dict[str, Any], keys: Keys) -> None:
 
 
 _RESUMED: set[str] = set()
+_ENDED = ("IDLE", "COMMITTED", "ROLLED_BACK", "FAILED")
+
+
+def _assert_ended(data: Path) -> None:
+    """After a refused install of 2.0.0: no update in flight, no download, no staged 2.0.0."""
+    shown = local.status(data)
+    assert shown["update"]["state"] in _ENDED, shown["update"]
+    assert _leftovers(data) == [], "every file of the refused attempt is removed"
+    assert [s["version"] for s in shown["slots"]].count("2.0.0") == 0, shown["slots"]
 
 
 @pytest.fixture()
@@ -522,6 +533,66 @@ def test_agent_install_on_a_full_disk_prints_one_line_and_no_traceback(
     # and was recorded FAILED: 1
     assert done.returncode == (2 if where == "journal" else 1)
     _assert_unharmed(data, {"error": "DiskFullError", "model": "1.0.0"}, signing_keys)
+
+
+@contextlib.contextmanager
+def _tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgefleet", "agent", *args],
+                          capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+                          env={**os.environ, "COLUMNS": "300"})
+
+
+def _one_error(done: subprocess.CompletedProcess[str], says: str) -> None:
+    """Exit 2, and the output is one line: the error (with its fix), no table, no traceback."""
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert done.stdout.strip() == "", done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and says in errors[0], done.stderr
+
+
+def test_agent_install_with_no_inode_left_ends_the_attempt_and_removes_its_files(
+        versions: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
+    with _tmpfs(tmp_path / "disk", "40m") as disk:
+        data, key = disk / "device", str(signing_keys.public)
+        assert _cli("install", str(versions["v1"]), "--data-dir", str(data),
+                    "--trusted-key", key).returncode == 0
+        before = (data / "journal.json").read_bytes()
+        stat = os.statvfs(disk)
+        subprocess.run(["mount", "-o", f"remount,nr_inodes={stat.f_files - stat.f_ffree}",
+                        str(disk)], check=True)
+        done = _cli("install", str(versions["v2"]), "--data-dir", str(data), "--trusted-key", key)
+        _one_error(done, "the disk is full")
+        _assert_ended(data)
+        journal = (data / "journal.json").read_bytes()
+        assert journal == before or json.loads(journal)["state"] == "FAILED", journal
+        shown = _cli("status", "--data-dir", str(data))
+        assert "update: DOWNLOADING" not in shown.stdout and "2.0.0" not in shown.stdout.split(
+            "update:")[0], shown.stdout
+
+
+def test_agent_install_refused_by_the_free_space_check_prints_one_line_and_writes_nothing(
+        versions: dict[str, Path], signing_keys: Keys, device_dir: Path, tmp_path: Path) -> None:
+    with _tmpfs(tmp_path / "disk", "16m") as disk:  # under 2 x bundle + the 16 MiB margin
+        data = disk / "device"
+        shutil.copytree(device_dir, data)
+        files = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+        done = _cli("install", str(versions["v2"]), "--data-dir", str(data),
+                    "--trusted-key", str(signing_keys.public))
+        _one_error(done, "not enough free disk in")
+        assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == files
 
 
 def test_orphans_of_killed_runs_are_swept_at_start_and_a_resumable_download_kept(

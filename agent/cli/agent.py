@@ -98,7 +98,10 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonOpt = False) -> No
     """Slots, the active and previous bundle, and the update state."""
     from agent.update import local
 
-    data = local.status(data_dir.expanduser())
+    try:
+        data = local.status(data_dir.expanduser())
+    except EdgefleetError as exc:
+        fail(exc, as_json)
     emit(data, as_json, table(f"slots in {data_dir}", data["slots"],
                               ["slot", "role", "name", "version", "sha256"]))
     if not as_json:
@@ -115,6 +118,7 @@ def rollback(data_dir: DataDir = DEFAULT_DATA_DIR, trusted_key: TrustedKey = Non
 
     data = data_dir.expanduser()
     try:
+        local.existing(data)  # before the keys are looked for in it
         journal = local.rollback(Agent(_trusted(trusted_key or [], data),
                                        keys=_decryption(decrypt_key or [], data)), data)
     except EdgefleetError as exc:

@@ -67,7 +67,7 @@ class DeviceController:
         self._decision = event
         self._wake.set()
 
-    def _download_path(self, j: Journal) -> Path:
+    def download_path(self, j: Journal) -> Path:
         return self.data_dir / "downloads" / f"{j.target['sha256']}.efb"
 
     def sweep(self, journal: Journal) -> list[Path]:
@@ -79,7 +79,7 @@ class DeviceController:
         """Fetch the target; a complete file an earlier attempt left is reused only if it
         verifies against the target now (else it is discarded and fetched again)."""
         self._pause()
-        path, size = self._download_path(j), int(str(j.target.get("size", 0)))
+        path, size = self.download_path(j), int(str(j.target.get("size", 0)))
         if path.exists():
             if self._verifies(j, path):
                 return
@@ -91,7 +91,7 @@ class DeviceController:
         """Check the download against the target; one that fails is discarded (with its
         partial file), so the next attempt downloads again instead of failing again."""
         self._pause()
-        path = self._download_path(j)
+        path = self.download_path(j)
         try:
             self._check(j, path)
         except Exception:  # whatever the parser raised, these bytes must not be used again
@@ -123,9 +123,9 @@ class DeviceController:
     def stage(self, j: Journal) -> None:
         self._pause()
         with guarded(self.data_dir / "slots"):
-            if self._slot_of(j) is None:
-                self.slots.stage(self._download_path(j).read_bytes())
-            self._download_path(j).unlink(missing_ok=True)  # the slot holds it now
+            if self.slot_of(j) is None:
+                self.slots.stage(self.download_path(j).read_bytes())
+            self.download_path(j).unlink(missing_ok=True)  # the slot holds it now
 
     def health_check(self, j: Journal) -> None:
         self._pause()
@@ -136,7 +136,7 @@ class DeviceController:
 
     def switch(self, j: Journal) -> None:
         self._pause()
-        slot = self._slot_of(j)
+        slot = self.slot_of(j)
         if slot is None:
             raise EdgefleetError("the staged bundle is gone", hint="the update restarts")
         candidate = self._candidate or load_bundle(self._staged(j), self.agent.trusted,
@@ -209,7 +209,7 @@ class DeviceController:
     def now_ms(self) -> int:
         return int(time.time() * 1000)
 
-    def _slot_of(self, j: Journal) -> str | None:
+    def slot_of(self, j: Journal) -> str | None:
         for slot in ("a", "b"):
             path = self.slots.bundle(slot)
             if path is not None and _manifest_sha(path) == j.target["sha256"]:
@@ -217,7 +217,7 @@ class DeviceController:
         return None
 
     def _staged(self, j: Journal) -> Path:
-        slot = self._slot_of(j)
+        slot = self.slot_of(j)
         path = self.slots.bundle(slot) if slot else None
         if path is None:
             raise EdgefleetError("no staged bundle for this update", hint="the update restarts")

@@ -13,13 +13,14 @@ from agent.core import Agent
 from agent.loader import load_bundle
 from agent.protocol.bundle import read_bundle, read_manifest
 from agent.protocol.errors import EdgefleetError
+from agent.protocol.files import atomic_write
 from agent.update.device import DeviceController, UpdateSettings, load_journal
-from agent.update.disk import guarded
+from agent.update.disk import StorageError, check_free, discard, guarded
 from agent.update.flow import Updater
 from agent.update.slots import SLOTS, SlotStore
 from agent.update.states import Event, Journal, State
 
-__all__ = ["install", "rollback", "serve_active", "status"]
+__all__ = ["existing", "install", "rollback", "serve_active", "status"]
 
 FLASH = UpdateSettings(probation_s=0.0, auto_commit=True)
 
@@ -52,14 +53,67 @@ def install(agent: Agent, data_dir: Path, bundle: Path) -> Journal:
                                  "version": verified.manifest.version,
                                  "sha256": verified.sha256, "url": str(bundle.resolve()),
                                  "size": bundle.stat().st_size}
+    with guarded(data_dir):  # refused before the journal moves: nothing is written
+        check_free(data_dir, int(str(target["size"])))
+    before = _journal_bytes(controller)
     updater = Updater(controller)
-    return updater.run(updater.start(journal, target))
+    try:
+        return updater.run(updater.start(journal, target))
+    except StorageError as exc:  # the disk refused a journal write: the attempt is given up
+        failed = Journal(target=target).enter(State.FAILED, controller.now_ms(), exc.message)
+        _give_up(controller, failed, before)
+        raise
+
+
+def _journal_bytes(controller: DeviceController) -> bytes | None:
+    """The journal as it is before an attempt (None: there is none yet)."""
+    try:
+        return controller.journal_path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _give_up(controller: DeviceController, failed: Journal, before: bytes | None) -> None:
+    """A disk-full attempt that never switched ends: first its files go (which frees room),
+    then the failure is recorded, else the journal of before is put back."""
+    slot = controller.slot_of(failed)  # the staged copy, if the attempt got that far
+    if slot is not None and slot == controller.slots.pointer().active:
+        return  # switched: the journal left in flight resumes at the next start
+    try:
+        _remove_attempt(controller, failed, slot)
+        controller.save(failed)
+    except StorageError:
+        _restore(controller, before)
+
+
+def _remove_attempt(controller: DeviceController, failed: Journal, slot: str | None) -> None:
+    """The download, its partial file and a staged copy in a slot nothing points at."""
+    download = controller.download_path(failed)
+    with guarded(download):
+        discard(download, download.with_suffix(".efb.part"))
+    pointer = controller.slots.pointer()
+    if slot is not None and slot not in (pointer.committed, pointer.fallback):
+        staged = controller.slots.bundle(slot)
+        with guarded(controller.data_dir / "slots"):
+            discard(*([staged] if staged else []))
+
+
+def _restore(controller: DeviceController, before: bytes | None) -> None:
+    """Put the journal of before back; when even that cannot be written, the start-up sweep
+    finds a local install in flight and records it failed."""
+    try:
+        if before is None:
+            controller.journal_path.unlink(missing_ok=True)
+        else:
+            atomic_write(controller.journal_path, before)
+    except OSError:  # the disk refuses even this: the start-up sweep ends the attempt
+        return
 
 
 def rollback(agent: Agent, data_dir: Path) -> Journal:
     """Return to the previous committed bundle; SlotError, with nothing changed, when
     there is none (one bundle installed, or a rollback already done)."""
-    controller, journal = _open(agent, data_dir)
+    controller, journal = _open(agent, existing(data_dir))
     controller.slots.rollback_target()  # refuses before the journal moves
     if journal.state != State.COMMITTED:
         journal = Journal(state=State.COMMITTED, target=journal.target)
@@ -76,8 +130,17 @@ def _open(agent: Agent, data_dir: Path) -> tuple[DeviceController, Journal]:
     return controller, journal
 
 
+def existing(data_dir: Path) -> Path:
+    """``data_dir``, refused when it does not exist (a command that only reads creates none)."""
+    if not Path(data_dir).is_dir():
+        raise EdgefleetError(f"there is no data dir {data_dir}",
+                             hint="pass the --data-dir a bundle was installed into "
+                                  "('edgefleet agent install BUNDLE --data-dir DIR')")
+    return Path(data_dir)
+
+
 def status(data_dir: Path) -> dict[str, Any]:
-    store = SlotStore(data_dir)
+    store = SlotStore(existing(data_dir))
     pointer = store.pointer()
     slots = []
     for slot in SLOTS:
