@@ -264,7 +264,7 @@ class FleetController:
         elif leaf == Leaf.STATUS and payload:
             self.registry.status(device, ingest.status(payload), now)
         elif leaf == Leaf.REPORTED and payload:
-            self.registry.reported(ingest.reported(device, payload), now)
+            self.registry.reported(ingest.reported(device, payload, self.config.fleet), now)
         elif leaf == Leaf.EVENTS:
             self._notify("event", {"device": device, "event": ingest.event(payload)})
 

@@ -10,7 +10,11 @@ reads it.
 
 ``state/reported`` is written to the store: besides its schema, its strings must be
 storable (no NUL, no lone surrogate: PostgreSQL refuses both, and one such device would
-fail every batch write) and its integers fit the store's 64-bit columns.
+fail every batch write) and its integers fit the store's 64-bit columns. What it says
+must also be something an agent says: ``update.state`` one of :data:`UPDATE_STATES`,
+``slot`` ``a``, ``b`` or null, ``serving`` a JSON boolean (not ``"yes"``), ``ts`` and
+``update.since`` milliseconds below 2**53 (exact in JSON everywhere), and ``fleet`` this
+controller's fleet (else ``identity``).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from agent.protocol.schema import decode_json, validate_document
 from agent.protocol.telemetry_schema import check_points
 from agent.protocol.topics import Leaf
 
-__all__ = ["MAX_BYTES", "REASONS", "IngestError", "event", "reason", "reported", "status",
-           "telemetry"]
+__all__ = ["MAX_BYTES", "MAX_MS", "REASONS", "SLOTS", "UPDATE_STATES", "IngestError", "event",
+           "reason", "reported", "status", "telemetry"]
 
 KiB = 1024
 MAX_BYTES = {Leaf.TELEMETRY: 1024 * KiB, Leaf.REPORTED: 64 * KiB, Leaf.EVENTS: 64 * KiB,
@@ -32,6 +36,13 @@ MAX_BYTES = {Leaf.TELEMETRY: 1024 * KiB, Leaf.REPORTED: 64 * KiB, Leaf.EVENTS: 6
 REASONS = ("topic", "too_large", "json", "schema_version", "schema", "identity")
 _STORE_INT = 2**63  # the store's integer columns are signed 64-bit
 _MAX_DEPTH = 16  # of a state/reported document (it is 3 deep)
+MAX_MS = 2**53  # ts and update.since: an exact number in every JSON reader
+# the agent's update states (agent.update.states.State; a test holds the two equal) and
+# A/B slots: the controller reads the device contract, not the agent's code
+UPDATE_STATES = frozenset({"IDLE", "DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK",
+                           "SWITCHING", "PROBATION", "COMMITTED", "ROLLING_BACK",
+                           "ROLLED_BACK", "FAILED"})
+SLOTS = frozenset({"a", "b"})
 
 
 class IngestError(PayloadError):
@@ -77,20 +88,36 @@ def status(payload: bytes) -> str:
     return decode_status(_sized(Leaf.STATUS, payload))
 
 
-def reported(device: str, payload: bytes) -> ReportedState:
-    """``device``'s own report, storable as it is."""
+def reported(device: str, payload: bytes, fleet: str) -> ReportedState:
+    """``device``'s own report on ``fleet``'s topic, storable as it is."""
     data = decode_json(_sized(Leaf.REPORTED, payload), "state/reported", NotJsonError)
     if not _storable(data, _MAX_DEPTH):
         raise IngestError("state/reported holds a NUL, a lone surrogate, an integer beyond "
                           "64 bits or nesting deeper than 16 levels",
                           hint="see docs/protocol.md, state/reported")
+    if isinstance(data, dict) and "serving" in data and type(data["serving"]) is not bool:
+        raise IngestError(f"state/reported serving must be true or false, got "
+                          f"{type(data['serving']).__name__}")
     document = validate_document(ReportedState, data, "state/reported")
     if document.device != device:
         raise IdentityError(f"state/reported of {device} names {document.device[:80]!r}")
-    if not 0 <= document.update.since < _STORE_INT or not 0 <= document.ts < _STORE_INT:
-        raise IngestError("state/reported update.since and ts must be milliseconds from 0 "
-                          "to 2**63")
+    if document.fleet != fleet:
+        raise IdentityError(f"state/reported of {device} on fleet {fleet!r}'s topic names "
+                            f"fleet {document.fleet[:80]!r}")
+    _check_report(document)
     return document
+
+
+def _check_report(document: ReportedState) -> None:
+    """What the report says is something an agent says."""
+    if document.update.state not in UPDATE_STATES:
+        raise IngestError(f"state/reported update.state {document.update.state[:40]!r} is not "
+                          f"an update state: {', '.join(sorted(UPDATE_STATES))}")
+    if document.slot is not None and document.slot not in SLOTS:
+        raise IngestError(f"state/reported slot {document.slot[:40]!r} is not a, b or null")
+    if not 0 <= document.update.since < MAX_MS or not 0 <= document.ts < MAX_MS:
+        raise IngestError("state/reported update.since and ts must be milliseconds from 0 "
+                          "to 2**53")
 
 
 def event(payload: bytes) -> str:

@@ -35,7 +35,7 @@ from fleet.api import ApiServer
 from fleet.cli_top import collect
 from fleet.client import FleetClient
 from fleet.controller import ControllerConfig, FleetController
-from fleet.ingest import REASONS
+from fleet.ingest import REASONS, SLOTS, UPDATE_STATES
 from fleet.rollout import executor
 from fleet.rollout.executor import DeviceView, Observations
 from fleet.rollout.spec import Gates, RolloutSpec, Selector, Wave
@@ -500,6 +500,17 @@ def telemetry_messages(draw: st.DrawFn) -> tuple[bytes, bool | None]:
     return json.dumps(doc).encode(), True
 
 
+# what no agent reports: (field, values); each is refused (schema, or identity for fleet)
+ODD: dict[str, tuple[str, st.SearchStrategy[Any]]] = {
+    "state": ("update.state", st.sampled_from(["WEIRD", "idle", "", "IDLE ", "PROBATION\n"])
+              | st.text(max_size=20).filter(lambda t: t not in UPDATE_STATES)),
+    "slot": ("slot", st.sampled_from(["c", "A", "", "a ", "ab"])),
+    "serving": ("serving", st.sampled_from(["yes", "true", 1, 0, "1"])),
+    "fleet": ("fleet", st.sampled_from(["G", FLEET.upper(), f"{FLEET}-2", ""])),
+    "ts": ("ts", st.sampled_from([2**63 - 1, 2**53, -1, 2**62])),
+}
+
+
 @st.composite
 def other_messages(draw: st.DrawFn, device: str) -> tuple[str, bytes, bool | None]:
     """(leaf, payload, must pass): a device's report, event or status, valid or broken."""
@@ -516,9 +527,16 @@ def other_messages(draw: st.DrawFn, device: str) -> tuple[str, bytes, bool | Non
             doc[bad] = draw(st.sampled_from([math.nan, -1, [1], {"a": 1}, None]))
         return leaf, json.dumps(doc, allow_nan=True).encode(), bad is None
     doc = {"schema_version": 1, "fleet": FLEET, "device": device, "agent_version": "0.1.0",
-           "runtimes": {"onnxruntime": "1.32.0"},
-           "update": {"schema_version": 1, "state": "IDLE", "detail": "", "since": 1}}
-    bad = draw(st.sampled_from([None, "nul", "surrogate", "since", "device", "deep"]))
+           "runtimes": {"onnxruntime": "1.32.0"}, "slot": draw(st.sampled_from(["a", "b", None])),
+           "serving": draw(st.booleans()), "ts": draw(st.integers(0, 2**53 - 1)),
+           "update": {"schema_version": 1, "state": draw(st.sampled_from(sorted(UPDATE_STATES))),
+                      "detail": "", "since": 1}}
+    bad = draw(st.sampled_from([None, "nul", "surrogate", "since", "device", "deep", *ODD]))
+    if bad in ODD:
+        field, value = ODD[bad]
+        target = doc["update"] if field == "update.state" else doc
+        target[field.removeprefix("update.")] = draw(value)
+        return leaf, json.dumps(doc).encode(), False
     if bad == "nul":
         doc["update"]["detail"] = "a\x00b"
     elif bad == "surrogate":
@@ -530,6 +548,36 @@ def other_messages(draw: st.DrawFn, device: str) -> tuple[str, bytes, bool | Non
     elif bad == "deep":
         doc["runtimes"] = json.loads('{"a":' * 40 + "1" + "}" * 40)
     return leaf, json.dumps(doc).encode(), bad is None
+
+
+def test_the_update_states_and_slots_the_controller_takes_are_the_agents() -> None:
+    from agent.update.slots import SLOTS as AGENT_SLOTS
+    from agent.update.states import State
+    assert {s.value for s in State} == UPDATE_STATES
+    assert set(AGENT_SLOTS) == SLOTS
+
+
+@pytest.mark.parametrize(("field", "value", "why"), [
+    ("update.state", "WEIRD", "schema"), ("slot", "c", "schema"), ("serving", "yes", "schema"),
+    ("fleet", "G", "identity"), ("ts", 2**63 - 1, "schema"), ("ts", 2**53, "schema"),
+    ("ts", 2**53 - 1, None), ("slot", None, None), ("serving", False, None)])
+def test_the_issues_reported_cases_are_refused_by_reason_and_nothing_is_kept(
+        served: Served, field: str, value: Any, why: str | None) -> None:
+    ctl, device = served.ctl, served.device("odd")
+    doc: dict[str, Any] = {"schema_version": 1, "fleet": FLEET, "device": device,
+                           "agent_version": "0.1.0", "slot": "a", "serving": True, "ts": 5,
+                           "update": {"schema_version": 1, "state": "IDLE", "since": 1}}
+    (doc["update"] if field == "update.state" else doc)[field.removeprefix("update.")] = value
+    before = dict(ctl.rejected_by)
+    ctl._message(f"edgefleet/v1/{FLEET}/{device}/state/reported", json.dumps(doc).encode())
+    ctl.step()
+    kept = ctl.store.device(device)
+    if why is None:
+        assert dict(ctl.rejected_by) == before
+        assert kept is not None and kept.agent_version == "0.1.0"
+        return
+    assert ctl.rejected_by[why] == before.get(why, 0) + 1
+    assert kept is None or kept.agent_version is None, "a refused report was kept"
 
 
 @pytest.mark.parametrize("drift", [{"inputs": {"x": {"mean": math.inf}}}, [1], "x", 5,
