@@ -85,12 +85,17 @@ class Wave:
 def parse_waves(text: str) -> tuple[Wave, ...]:
     """``1%,10%,50%,100%`` or ``5,50,100%``: cumulative, growing, the last one reaching all."""
     waves = []
+    # lenient on purpose: it reads stored specs too, which an earlier edgefleet may have
+    # written with what validate (WAVE, ASCII digits) now refuses; such a rollout loads,
+    # and the controller stops it when its tick fails
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        match = WAVE.fullmatch(part)
-        if match is None:
+        percent = part.endswith("%")
+        try:
+            value = float(part.rstrip("%"))
+        except ValueError:
             raise InvalidRolloutError(f"wave {part[:40]!r} is not a number or a percentage",
-                                      hint="write waves like 1%,10%,50%,100%")
-        waves.append(Wave(float(match.group(1)), bool(match.group(2))))
+                                      hint="write waves like 1%,10%,50%,100%") from None
+        waves.append(Wave(value, percent))
     return _checked_waves(tuple(waves))
 
 
