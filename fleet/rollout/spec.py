@@ -130,7 +130,7 @@ def wave_bounds(waves: tuple[Wave, ...], total: int) -> list[int]:
 class Gates:
     """When to stop, when to go on, and the quality the new version must keep."""
 
-    max_failures_pct: float = 0.0  # failed / finished devices above this aborts
+    max_failures_pct: float = 0.0  # failed / devices of the waves so far, above this aborts
     min_success_pct: float = 100.0  # a wave advances only with at least this many succeeded
     max_p95_ratio: float | None = None  # new p95 / baseline p95 above this aborts
     max_error_rate_pct: float | None = None  # new version's errors / requests, in %
