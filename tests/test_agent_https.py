@@ -359,3 +359,16 @@ def test_security_options_without_http_are_refused(https: Https, tmp_path: Path)
                         https.certs / "agent-https.key")
     assert result.returncode == 2 and "pass --http HOST:PORT" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("order", ["bad-then-good", "good-then-bad"])
+def test_two_authorization_headers_are_refused_whatever_their_order(
+        https: Https, order: str) -> None:
+    good, bad = AUTH["Authorization"], "Bearer wrong-token-xyz-123"
+    first, second = (bad, good) if order == "bad-then-good" else (good, bad)
+    with socket.create_connection(("127.0.0.1", https.port), timeout=10) as raw, \
+            https.context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(f"GET /v2/models/digits HTTP/1.1\r\nHost: x\r\nAuthorization: {first}\r\n"
+                    f"Authorization: {second}\r\nConnection: close\r\n\r\n".encode())
+        head, _, body = _read_all(tls).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"two Authorization headers" in body

@@ -72,14 +72,17 @@ def _too_many() -> RequestError:
 
 
 def _odd_header(line: bytes, key: str, value: str, headers: dict[str, str], size: int) -> None:
-    """Refuse a header line over the bounds, without a colon, or repeating a length with
-    another value; let any other repeated header through (the last one counts)."""
+    """Refuse a header line over the bounds, without a colon, repeating a length with
+    another value, or a second Authorization; let any other repeated header through (the
+    last one counts)."""
     if size >= MAX_HEAD:
         raise _too_many()
     if b":" not in line:
         raise RequestError(f"malformed header line {line[:40]!r}")
     if key in _SINGLE and headers[key] != value:
         raise RequestError(f"two different {key} headers", hint="send one")
+    if key == "authorization":  # a proxy reading the first and this server the last disagree
+        raise RequestError("two Authorization headers", hint="send one")
 
 
 def lengths(headers: dict[str, str], method: str, limits: HttpLimits) -> Lengths:
