@@ -77,11 +77,25 @@ def _utc(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{millis:03d}Z"
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record comes, not to the one there was
+    when logging was set up: a caller that swapped it (a test runner's capture) and closed
+    it since must not turn a background thread's record into a logging error."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # always the current sys.stderr
+
+
 def setup_logging(fmt: LogFormat, level: int | str, text_format: str,
                   context: Context = _no_context) -> JsonFormatter | None:
     """Send every log record to stderr in ``fmt``; return the JSON formatter (whose
     ``context`` the command may widen once it knows more), or None for text."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     formatter = JsonFormatter(context) if fmt is LogFormat.json else None
     handler.setFormatter(formatter or logging.Formatter(text_format))
     root = logging.getLogger()
