@@ -66,7 +66,9 @@ def test_devices_register_themselves_with_what_they_run(fleet: Fleet,
                                                        versions: dict[str, Path]) -> None:
     fleet.start_controller()
     fleet.add_agent("cam-0", versions["v1"], profile="raspberry-pi-4", traffic=False)
-    device = wait_until(lambda: _devices(fleet).get("cam-0"), 30, what="registration")
+    # its status can come before its reported state: wait for what the device reports
+    device = wait_until(lambda: (d := _devices(fleet).get("cam-0")) and d.get("active") and d,
+                        30, what="registration")
     assert device["online"] is True and device["profile"] == "raspberry-pi-4"
     assert device["active"]["version"] == "1.0.0" and "litert" in device["runtimes"]
     fleet.agents.pop("cam-0").stop()
