@@ -58,6 +58,7 @@ from agent.update import local
 from agent.update.slots import SlotStore
 from fleet import dashboard
 from fleet.controller import ControllerConfig, FleetController
+from fleet.ingest import UPDATE_STATES
 from fleet.store import Store, open_store
 from tests import tamper
 from tests.conftest import Keys
@@ -150,10 +151,10 @@ EVENT = st.fixed_dictionaries(
 
 def reported(device: str) -> st.SearchStrategy[dict[str, Any]]:
     update = st.fixed_dictionaries({}, optional={
-        "state": TEXT, "target": st.none() | BUNDLE_REF, "detail": TEXT,
-        "since": st.integers(0, 2**45)})
-    return st.fixed_dictionaries(
-        {"schema_version": st.just(1), "fleet": NAMES, "device": st.just(device),
+        "state": st.sampled_from(sorted(UPDATE_STATES)), "target": st.none() | BUNDLE_REF,
+        "detail": TEXT, "since": st.integers(0, 2**45)})
+    return st.fixed_dictionaries(  # a device reports the fleet it belongs to
+        {"schema_version": st.just(1), "fleet": st.just("fuzz"), "device": st.just(device),
          "agent_version": SEMVER},
         optional={"active": st.none() | BUNDLE_REF, "previous": st.none() | BUNDLE_REF,
                   "slot": st.sampled_from([None, "a", "b"]), "update": update,
