@@ -447,17 +447,27 @@ def _assert_ended(data: Path) -> None:
     assert [s["version"] for s in shown["slots"]].count("2.0.0") == 0, shown["slots"]
 
 
+@contextlib.contextmanager
+def _tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted at ``folder`` (the tests run as root, as CI does: a machine that
+    cannot mount one fails here, naming why, rather than skipping the disk-full tests)."""
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the full-disk tests (run them as root): "
+                    f"{done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
 @pytest.fixture()
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real tmpfs, so that files stop being created with ENOSPC; unmounted afterwards."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=64", "tmpfs",
-                           str(mount)], capture_output=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with _tmpfs(tmp_path / "disk", "size=64m,nr_inodes=64") as mount:
+        yield mount
 
 
 def test_a_disk_out_of_room_at_any_file_leaves_the_model_and_no_temp_file(
@@ -535,19 +545,6 @@ def test_agent_install_on_a_full_disk_prints_one_line_and_no_traceback(
     _assert_unharmed(data, {"error": "DiskFullError", "model": "1.0.0"}, signing_keys)
 
 
-@contextlib.contextmanager
-def _tmpfs(folder: Path, size: str) -> Iterator[Path]:
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                          capture_output=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "edgefleet", "agent", *args],
                           capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
@@ -566,7 +563,7 @@ def _one_error(done: subprocess.CompletedProcess[str], says: str) -> None:
 @pytest.mark.parametrize("spare", [0, 1])  # inodes left free once 1.0.0 is installed
 def test_agent_install_with_no_inode_left_ends_the_attempt_and_removes_its_files(
         spare: int, versions: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
-    with _tmpfs(tmp_path / "disk", "40m") as disk:
+    with _tmpfs(tmp_path / "disk", "size=40m") as disk:
         data, key = disk / "device", str(signing_keys.public)
         assert _cli("install", str(versions["v1"]), "--data-dir", str(data),
                     "--trusted-key", key).returncode == 0
@@ -586,7 +583,7 @@ def test_agent_install_with_no_inode_left_ends_the_attempt_and_removes_its_files
 
 def test_agent_install_refused_by_the_free_space_check_prints_one_line_and_writes_nothing(
         versions: dict[str, Path], signing_keys: Keys, device_dir: Path, tmp_path: Path) -> None:
-    with _tmpfs(tmp_path / "disk", "16m") as disk:  # under 2 x bundle + the 16 MiB margin
+    with _tmpfs(tmp_path / "disk", "size=16m") as disk:  # under 2 x bundle + the 16 MiB margin
         data = disk / "device"
         shutil.copytree(device_dir, data)
         files = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
