@@ -15,8 +15,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from agent.errors import BrokerError
-from agent.ports import BindError, check_free, free_port
+from edgefleet.agent.errors import BrokerError
+from edgefleet.agent.ports import BindError, check_free, free_port
 
 try:
     from amqtt.broker import Broker

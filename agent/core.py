@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from agent.drift import DriftSampler, DriftWorker
-from agent.loader import LoadedModel, load_bundle
-from agent.protocol.encryption import DecryptionKeys
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.signing import TrustedKeys
-from agent.runtime.base import Array, check_feeds
-from agent.runtime.errors import InferenceError, ModelClosedError
-from agent.shadow import Shadow
-from agent.stats import VersionStats
+from edgefleet.agent.drift import DriftSampler, DriftWorker
+from edgefleet.agent.loader import LoadedModel, load_bundle
+from edgefleet.agent.protocol.encryption import DecryptionKeys
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.signing import TrustedKeys
+from edgefleet.agent.runtime.base import Array, check_feeds
+from edgefleet.agent.runtime.errors import InferenceError, ModelClosedError
+from edgefleet.agent.shadow import Shadow
+from edgefleet.agent.stats import VersionStats
 
 __all__ = ["Agent", "NotReadyError"]
 

@@ -1,6 +1,6 @@
 """Drift statistics of a budgeted sample of requests, summarised off the request path.
 
-:class:`DriftSampler` feeds a :class:`agent.protocol.drift.DriftWindow` with a sample of
+:class:`DriftSampler` feeds a :class:`edgefleet.agent.protocol.drift.DriftWindow` with a sample of
 the requests the active model answers. Which requests: a token bucket earns 0.5 % of every
 inference's own time plus 5 ms per second of wall time, and a request is picked when the
 bucket holds what the last summary cost (in CPU time), at most one request in four, and
@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.protocol.drift import DriftWindow, Monitoring, Scale
-from agent.protocol.manifest import Manifest, TensorSpec
-from agent.runtime.base import Array
+from edgefleet.agent.protocol.drift import DriftWindow, Monitoring, Scale
+from edgefleet.agent.protocol.manifest import Manifest, TensorSpec
+from edgefleet.agent.runtime.base import Array
 
 __all__ = ["DriftSampler", "DriftWorker", "scales_of"]
 

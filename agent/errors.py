@@ -15,7 +15,7 @@ Broker errors are transient (retry later) except a malformed broker URL, which i
 
 from __future__ import annotations
 
-from agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.errors import EdgefleetError
 
 __all__ = ["BrokerError", "BrokerTimeoutError", "NothingToServeError", "ServiceInstallError"]
 

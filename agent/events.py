@@ -6,8 +6,8 @@ import threading
 import time
 from pathlib import Path
 
-from agent.protocol.files import atomic_write, read_int
-from agent.protocol.payloads import BundleRef, Event
+from edgefleet.agent.protocol.files import atomic_write, read_int
+from edgefleet.agent.protocol.payloads import BundleRef, Event
 
 __all__ = ["EventLog"]
 

@@ -3,16 +3,16 @@
 Called from the MQTT client's on-connect hook, so on every (re)connection: the configs
 are retained (QoS 1), a Home Assistant that starts later still finds them, and one
 that restarted with a clean broker gets them back at the device's next connection.
-The configs themselves are built by :mod:`agent.protocol.homeassistant`.
+The configs themselves are built by :mod:`edgefleet.agent.protocol.homeassistant`.
 """
 
 from __future__ import annotations
 
 import logging
 
-from agent import __version__
-from agent.mqtt import MqttClient
-from agent.protocol.homeassistant import DiscoveredDevice, discovery_configs
+from edgefleet.agent import __version__
+from edgefleet.agent.mqtt import MqttClient
+from edgefleet.agent.protocol.homeassistant import DiscoveredDevice, discovery_configs
 
 __all__ = ["publish_discovery"]
 

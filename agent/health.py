@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.health import HealthData
-from agent.runtime.base import Array, Runtime
-from agent.runtime.errors import InferenceError
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.health import HealthData
+from edgefleet.agent.runtime.base import Array, Runtime
+from edgefleet.agent.runtime.errors import InferenceError
 
 __all__ = ["HealthCheckError", "HealthResult", "run_health_check"]
 

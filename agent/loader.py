@@ -11,14 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.health import HealthCheckError, HealthResult, run_health_check
-from agent.protocol.bundle import Bundle, read_bundle
-from agent.protocol.encryption import DecryptionKeys
-from agent.protocol.health import HealthData
-from agent.protocol.payloads import BundleRef
-from agent.protocol.signing import TrustedKeys
-from agent.runtime.base import Runtime
-from agent.runtime.select import load_runtime
+from edgefleet.agent.health import HealthCheckError, HealthResult, run_health_check
+from edgefleet.agent.protocol.bundle import Bundle, read_bundle
+from edgefleet.agent.protocol.encryption import DecryptionKeys
+from edgefleet.agent.protocol.health import HealthData
+from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.agent.protocol.signing import TrustedKeys
+from edgefleet.agent.runtime.base import Runtime
+from edgefleet.agent.runtime.select import load_runtime
 
 __all__ = ["LoadedModel", "load_bundle"]
 

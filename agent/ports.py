@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.errors import EdgefleetError
 
 __all__ = ["BindError", "bind_error", "check_free", "free_port", "listener_of"]
 

@@ -1,9 +1,9 @@
 """The running agent: serving, HTTP, MQTT status, reported state, events and telemetry.
 
 Wires the pieces together and owns their start and stop; each piece does one job:
-:class:`agent.core.Agent` serves, :class:`agent.serving.http.InferenceServer`
-speaks KServe v2, :class:`agent.mqtt.MqttClient` talks to the broker,
-:class:`agent.telemetry.reporter.TelemetryReporter` publishes (or spools) telemetry.
+:class:`edgefleet.agent.core.Agent` serves, :class:`edgefleet.agent.serving.http.InferenceServer`
+speaks KServe v2, :class:`edgefleet.agent.mqtt.MqttClient` talks to the broker,
+:class:`edgefleet.agent.telemetry.reporter.TelemetryReporter` publishes (or spools) telemetry.
 """
 
 from __future__ import annotations
@@ -14,22 +14,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent import __version__
-from agent.core import Agent
-from agent.events import EventLog
-from agent.ha_discovery import publish_discovery
-from agent.loader import LoadedModel
-from agent.mqtt import MqttClient, MqttSecurity
-from agent.protocol.bundle import read_manifest
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.keyring import (
+from edgefleet.agent import __version__
+from edgefleet.agent.core import Agent
+from edgefleet.agent.events import EventLog
+from edgefleet.agent.ha_discovery import publish_discovery
+from edgefleet.agent.loader import LoadedModel
+from edgefleet.agent.mqtt import MqttClient, MqttSecurity
+from edgefleet.agent.protocol.bundle import read_manifest
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.keyring import (
     KEYRING_FILE,
     SignedKeyring,
     accept_keyring,
     load_keyring,
     save_keyring,
 )
-from agent.protocol.payloads import (
+from edgefleet.agent.protocol.payloads import (
     STATUS_OFFLINE,
     STATUS_ONLINE,
     BundleRef,
@@ -38,18 +38,18 @@ from agent.protocol.payloads import (
     decode,
     encode,
 )
-from agent.protocol.topics import Leaf, device_topic, keyring_topic
-from agent.runtime.select import installed_runtimes
-from agent.serving.http import InferenceServer
-from agent.serving.limits import HttpLimits
-from agent.serving.security import HttpSecurity
-from agent.telemetry.reporter import TelemetryReporter
-from agent.telemetry.spool import Spool
-from agent.update.device import UpdateSettings
-from agent.update.report import target_ref, update_report
-from agent.update.runner import UpdateRunner
-from agent.update.slots import SlotStore
-from agent.update.states import Journal
+from edgefleet.agent.protocol.topics import Leaf, device_topic, keyring_topic
+from edgefleet.agent.runtime.select import installed_runtimes
+from edgefleet.agent.serving.http import InferenceServer
+from edgefleet.agent.serving.limits import HttpLimits
+from edgefleet.agent.serving.security import HttpSecurity
+from edgefleet.agent.telemetry.reporter import TelemetryReporter
+from edgefleet.agent.telemetry.spool import Spool
+from edgefleet.agent.update.device import UpdateSettings
+from edgefleet.agent.update.report import target_ref, update_report
+from edgefleet.agent.update.runner import UpdateRunner
+from edgefleet.agent.update.slots import SlotStore
+from edgefleet.agent.update.states import Journal
 
 __all__ = ["AgentService", "ServiceConfig"]
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.loader import LoadedModel
-from agent.runtime.base import Array, TensorInfo
+from edgefleet.agent.loader import LoadedModel
+from edgefleet.agent.runtime.base import Array, TensorInfo
 
 __all__ = ["Shadow", "as_inputs_of"]
 

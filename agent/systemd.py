@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
-from agent.errors import ServiceInstallError
+from edgefleet.agent.errors import ServiceInstallError
 
 __all__ = ["HOST_NAME", "Unit", "check_argv", "check_data_dir", "check_user", "exec_line",
            "render", "user_exists", "write_unit"]

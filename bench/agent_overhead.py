@@ -42,10 +42,6 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.core import Agent
-from agent.protocol.bundle import read_bundle
-from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
-from agent.runtime import load_runtime
 from bench.common import (
     RESULTS,
     ROOT,
@@ -54,7 +50,11 @@ from bench.common import (
     percentiles_us,
     update_section,
 )
-from fleet.mosquitto import free_port, wait_for_port
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
+from edgefleet.agent.runtime import load_runtime
+from edgefleet.fleet.mosquitto import free_port, wait_for_port
 
 ASSETS = ROOT / "edgefleet" / "demo_assets"
 TARGET_RATIO, TARGET_HTTP_MS = 1.03, 0.3
@@ -72,7 +72,7 @@ class Case:
 
 def digits_bundles(work: Path, key: Path) -> dict[str, Path]:
     """The trained digits CNN shipped with the demo, packaged as signed bundles."""
-    from converter.package import PackageSpec, package_model
+    from edgefleet.converter.package import PackageSpec, package_model
 
     x = np.load(ASSETS / "digits-sample.npz")["x"][:8]
     bundles = {}
@@ -89,8 +89,8 @@ def digits_bundles(work: Path, key: Path) -> dict[str, Path]:
 def edge_bundles(work: Path, key: Path) -> dict[str, Path]:
     """The converter benchmark's 96x96x3 edge CNN, through ``edgefleet convert`` (float)."""
     from bench.common import edge_cnn
-    from converter.config import ConvertConfig
-    from converter.pipeline import convert
+    from edgefleet.converter.config import ConvertConfig
+    from edgefleet.converter.pipeline import convert
 
     source = edge_cnn(work)
     bundles = {}

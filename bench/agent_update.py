@@ -27,12 +27,6 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.core import Agent
-from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
-from agent.runtime import load_runtime
-from agent.serving.http import InferenceServer
-from agent.update import local
-from agent.update.download import CHUNK, DownloadStats, fetch
 from bench.common import (
     ROOT,
     markdown_table,
@@ -40,7 +34,13 @@ from bench.common import (
     update_section,
     write_results,
 )
-from converter.package import PackageSpec, package_model
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
+from edgefleet.agent.runtime import load_runtime
+from edgefleet.agent.serving.http import InferenceServer
+from edgefleet.agent.update import local
+from edgefleet.agent.update.download import CHUNK, DownloadStats, fetch
+from edgefleet.converter.package import PackageSpec, package_model
 from tests.http_files import FileServer
 
 ASSETS = ROOT / "edgefleet" / "demo_assets"

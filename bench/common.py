@@ -66,7 +66,7 @@ def print_table(title: str, columns: list[str], cells: list[list[Any]]) -> None:
 
 def edge_cnn(out: Path) -> Path:
     """A MobileNet-sized CNN on 96x96x3 (random weights): a realistic size and speed."""
-    from converter._tf import keras
+    from edgefleet.converter._tf import keras
 
     k = keras()
     k.utils.set_random_seed(0)

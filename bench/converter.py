@@ -23,11 +23,11 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.protocol.signing import generate_keypair
 from bench.common import markdown_table, print_table, update_section, write_results
-from converter.config import ConvertConfig
-from converter.pipeline import ConversionFailed, convert
-from converter.report import Attempt, ConversionReport
+from edgefleet.agent.protocol.signing import generate_keypair
+from edgefleet.converter.config import ConvertConfig
+from edgefleet.converter.pipeline import ConversionFailed, convert
+from edgefleet.converter.report import Attempt, ConversionReport
 from tests import wheel_models
 
 # name -> (format, domain, scale, crop aspect (w/h), fixed input size or shape)
@@ -59,7 +59,7 @@ def float32_equivalent(path: Path, fmt: str) -> int:
     """Bytes of the model with every weight in float32 (float16 weights folded)."""
     if fmt == "onnx":
         return path.stat().st_size
-    from converter.litert_quantizer import prepare
+    from edgefleet.converter.litert_quantizer import prepare
 
     return len(prepare(path.read_bytes()))
 
@@ -124,12 +124,12 @@ def bench_model(name: str, work: Path, key: Path, crops: int = 16,
 def raw_tool(name: str, case: dict[str, Any], data: tuple[Path, Path],
              base: int) -> dict[str, Any]:
     """The raw tool with its defaults, measured the same way."""
-    from agent.runtime.select import load_runtime
-    from converter import shapes
-    from converter.data import load_dataset
-    from converter.evaluate import agreement, latency_p50_ms, run_batched
-    from converter.floatio import float_predict
-    from converter.sources import load_source
+    from edgefleet.agent.runtime.select import load_runtime
+    from edgefleet.converter import shapes
+    from edgefleet.converter.data import load_dataset
+    from edgefleet.converter.evaluate import agreement, latency_p50_ms, run_batched
+    from edgefleet.converter.floatio import float_predict
+    from edgefleet.converter.sources import load_source
 
     source = load_source(wheel_models.model(name))
     inputs = shapes.fix_inputs(source.inputs, (), case.get("input_size"))
@@ -161,8 +161,8 @@ def raw_tool(name: str, case: dict[str, Any], data: tuple[Path, Path],
 def _raw_onnx(path: Path, inputs: Any, calib: Any) -> bytes:
     from onnxruntime.quantization import quantize_static
 
-    from converter import shapes
-    from converter.onnx_backend import _Reader
+    from edgefleet.converter import shapes
+    from edgefleet.converter.onnx_backend import _Reader
 
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "src.onnx", Path(tmp) / "out.onnx"

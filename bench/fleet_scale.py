@@ -2,7 +2,7 @@
 
 For each N (100, 1,000, 10,000 by default) one run starts a private Mosquitto, the
 controller in its own process (``edgefleet fleet serve --tick 0.5``, SQLite store) and N
-simulated devices in this process (:mod:`fleet.simulate`: the device contract and the
+simulated devices in this process (:mod:`edgefleet.fleet.simulate`: the device contract and the
 agent's update flow, one network thread for every connection), all on v1 of the digits
 bundle. It measures:
 
@@ -54,19 +54,19 @@ import psutil
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.protocol.signing import TrustedKeys, generate_keypair
-from agent.protocol.topics import Leaf, device_topic, fleet_filter
 from bench.common import (
     ROOT,
     markdown_table,
     update_section,
     write_results,
 )
+from edgefleet.agent.protocol.signing import TrustedKeys, generate_keypair
+from edgefleet.agent.protocol.topics import Leaf, device_topic, fleet_filter
 from edgefleet.demo import package_digits
+from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.mosquitto import MosquittoBroker, free_port, stop_process, wait_for_port
+from edgefleet.fleet.simulate import SimOptions, SimulatedFleet
 from edgefleet.local_fleet import wait_until
-from fleet.client import FleetClient
-from fleet.mosquitto import MosquittoBroker, free_port, stop_process, wait_for_port
-from fleet.simulate import SimOptions, SimulatedFleet
 
 SIZES, QUICK_SIZES = (100, 1000, 10_000), (50,)
 BURST, QUICK_BURST = 50_000, 5_000
@@ -176,7 +176,7 @@ class Capture:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from agent.mqtt import parse_broker_url
+        from edgefleet.agent.mqtt import parse_broker_url
 
         self.keep, self.payloads = keep, list[bytes]()
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-capture-{fleet}",
@@ -350,7 +350,7 @@ class Flood:
     """
 
     def __init__(self, url: str) -> None:
-        from agent.mqtt import parse_broker_url
+        from edgefleet.agent.mqtt import parse_broker_url
 
         self._sock = socket.create_connection(parse_broker_url(url), timeout=30)
         self._sock.sendall(_packet(0x10, _text("MQTT") + bytes([4, 0x02]) +
@@ -446,7 +446,7 @@ def raw_subscriber(url: str, topic_filter: str, expect: int, timeout: float = 30
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from agent.mqtt import parse_broker_url
+    from edgefleet.agent.mqtt import parse_broker_url
 
     got = {"received": 0, "first": 0.0, "last": 0.0}
     subscribed = threading.Event()

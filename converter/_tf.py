@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from converter.errors import MissingExtraError
+from edgefleet.converter.errors import MissingExtraError
 
 __all__ = ["keras", "quiet_stdout", "tensorflow"]
 

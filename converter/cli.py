@@ -1,4 +1,4 @@
-"""``edgefleet convert``: the command-line face of :mod:`converter.pipeline`."""
+"""``edgefleet convert``: the command-line face of :mod:`edgefleet.converter.pipeline`."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from agent.cli.output import console, emit, fail, literal, styled, table
-from agent.protocol.errors import EdgefleetError
+from edgefleet.agent.cli.output import console, emit, fail, literal, styled, table
+from edgefleet.agent.protocol.errors import EdgefleetError
 
 
 def convert(
@@ -62,9 +62,9 @@ def convert(
 ) -> None:
     """Convert a model for edge devices, measure it, and write a signed bundle."""
     try:
-        from converter.config import ConvertConfig
-        from converter.pipeline import ConversionFailed
-        from converter.pipeline import convert as run
+        from edgefleet.converter.config import ConvertConfig
+        from edgefleet.converter.pipeline import ConversionFailed
+        from edgefleet.converter.pipeline import convert as run
     except EdgefleetError as exc:
         fail(exc, as_json)
     try:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from converter.search import DEFAULT_SEARCH_SECONDS
+from edgefleet.converter.search import DEFAULT_SEARCH_SECONDS
 
 __all__ = ["CALIBRATION_METHODS", "DEFAULT_MAX_DROP", "QUANTIZE_MODES", "TFLITE_SOURCE_ONLY",
            "ConvertConfig", "Format", "Quantize", "Scale"]

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.runtime.base import Array, TensorInfo
-from converter.config import Scale
-from converter.errors import DataError
+from edgefleet.agent.runtime.base import Array, TensorInfo
+from edgefleet.converter.config import Scale
+from edgefleet.converter.errors import DataError
 
 __all__ = ["DYNAMIC_SIDE", "IMAGE_SUFFIXES", "Dataset", "load_dataset"]
 

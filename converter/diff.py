@@ -19,17 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from agent.protocol.bundle import Bundle, inspect_bundle
-from agent.protocol.encryption import DecryptionKeys, NoDecryptionKeyError, decrypt_model
-from agent.protocol.health import HealthData
-from agent.protocol.manifest import Manifest, TensorSpec
-from agent.runtime.base import Array, TensorInfo
-from agent.runtime.inspect import ModelInfo, inspect_model
-from agent.runtime.select import load_runtime
-from converter.config import Scale
-from converter.data import Dataset, load_dataset
-from converter.evaluate import accuracy, agreement, batch_size, is_classifier, run_batched
-from converter.floatio import float_predict, input_map
+from edgefleet.agent.protocol.bundle import Bundle, inspect_bundle
+from edgefleet.agent.protocol.encryption import DecryptionKeys, NoDecryptionKeyError, decrypt_model
+from edgefleet.agent.protocol.health import HealthData
+from edgefleet.agent.protocol.manifest import Manifest, TensorSpec
+from edgefleet.agent.runtime.base import Array, TensorInfo
+from edgefleet.agent.runtime.inspect import ModelInfo, inspect_model
+from edgefleet.agent.runtime.select import load_runtime
+from edgefleet.converter.config import Scale
+from edgefleet.converter.data import Dataset, load_dataset
+from edgefleet.converter.evaluate import accuracy, agreement, batch_size, is_classifier, run_batched
+from edgefleet.converter.floatio import float_predict, input_map
 
 __all__ = ["Side", "diff_bundles", "open_side"]
 

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.errors import EdgefleetError
 
 __all__ = ["BudgetExceededError", "ConversionFailedError", "ConverterError", "DataError",
            "MissingExtraError", "SourceModelError", "TargetViolationError",

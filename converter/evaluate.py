@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtime.base import Array, TensorInfo
-from converter.data import Dataset
+from edgefleet.agent.runtime.base import Array, TensorInfo
+from edgefleet.converter.data import Dataset
 
 __all__ = [
     "SMALL_OUTPUT",

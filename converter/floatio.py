@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from agent.runtime.base import Array, Runtime, TensorInfo
+from edgefleet.agent.runtime.base import Array, Runtime, TensorInfo
 
 __all__ = ["dequantize_output", "float_predict", "input_map", "quantize_input"]
 

@@ -19,9 +19,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from agent.protocol.files import sha256_file
-from agent.protocol.manifest import DataRef, Lineage, SourceRef
-from converter.config import ConvertConfig
+from edgefleet.agent.protocol.files import sha256_file
+from edgefleet.agent.protocol.manifest import DataRef, Lineage, SourceRef
+from edgefleet.converter.config import ConvertConfig
 
 __all__ = ["LIBRARIES", "config_json", "data_ref", "lineage_of", "path_sha256", "tree_sha256"]
 

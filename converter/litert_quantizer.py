@@ -18,9 +18,9 @@ from typing import Any
 
 import flatbuffers
 
-from converter._tf import quiet_stdout
-from converter.data import Dataset
-from converter.errors import (
+from edgefleet.converter._tf import quiet_stdout
+from edgefleet.converter.data import Dataset
+from edgefleet.converter.errors import (
     ConversionFailedError,
     DataError,
     MissingExtraError,

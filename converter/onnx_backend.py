@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from converter._tf import quiet_stdout
-from converter.data import Dataset
-from converter.errors import ConversionFailedError, DataError, MissingExtraError
-from converter.sources import SourceModel
+from edgefleet.converter._tf import quiet_stdout
+from edgefleet.converter.data import Dataset
+from edgefleet.converter.errors import ConversionFailedError, DataError, MissingExtraError
+from edgefleet.converter.sources import SourceModel
 
 __all__ = ["CALIBRATION_METHODS", "export_onnx", "quantize_onnx", "sensitive_onnx_nodes"]
 
@@ -226,7 +226,7 @@ def _sensitive(model: bytes, data: Dataset, quantized: bytes) -> list[str]:
     from onnxruntime.quantization import qdq_loss_debug as dbg
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from converter.sensitivity import Node, rank_by_loss
+    from edgefleet.converter.sensitivity import Node, rank_by_loss
 
     sample = data.take(16)
     with tempfile.TemporaryDirectory() as tmp:

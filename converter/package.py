@@ -14,12 +14,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agent.drift import scales_of
-from agent.protocol.bundle import write_bundle
-from agent.protocol.drift import Monitoring, reference_from
-from agent.protocol.encryption import RecipientKey
-from agent.protocol.health import HealthData
-from agent.protocol.manifest import (
+from edgefleet.agent.drift import scales_of
+from edgefleet.agent.protocol.bundle import write_bundle
+from edgefleet.agent.protocol.drift import Monitoring, reference_from
+from edgefleet.agent.protocol.encryption import RecipientKey
+from edgefleet.agent.protocol.health import HealthData
+from edgefleet.agent.protocol.manifest import (
     LABELS_FILE,
     MODEL_FILES,
     PLAIN_SCHEMA_VERSION,
@@ -30,10 +30,10 @@ from agent.protocol.manifest import (
     RuntimeRequirement,
     TensorSpec,
 )
-from agent.protocol.signing import SigningKey
-from agent.runtime.base import Array, Runtime, TensorInfo
-from agent.runtime.select import load_runtime
-from converter.evaluate import fixed_batch
+from edgefleet.agent.protocol.signing import SigningKey
+from edgefleet.agent.runtime.base import Array, Runtime, TensorInfo
+from edgefleet.agent.runtime.select import load_runtime
+from edgefleet.converter.evaluate import fixed_batch
 
 __all__ = ["PackageSpec", "package_bytes", "package_model", "tensor_spec"]
 

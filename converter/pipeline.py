@@ -9,7 +9,7 @@ has the table:
   calibration method and activation type, named nodes kept float);
 - float TFLite -> tflite: ai-edge-quantizer recipes (int8, int8-a16, weight-only,
   dynamic, fp16; named operators kept float);
-- ``auto``: the accuracy-aware search of :mod:`converter.search`;
+- ``auto``: the accuracy-aware search of :mod:`edgefleet.converter.search`;
 - ONNX -> tflite and TFLite -> onnx are not offered (see ``_check_path``).
 """
 
@@ -25,23 +25,23 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent.protocol.encryption import RecipientKey
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.manifest import Manifest, Optimization, RuntimeRequirement
-from agent.protocol.signing import SigningKey
-from agent.runtime.base import Array, Runtime
-from agent.runtime.inspect import ModelInfo, inspect_model
-from agent.runtime.select import load_runtime
-from converter import onnx_backend, prune, shapes, tflite_backend
-from converter.config import TFLITE_SOURCE_ONLY, ConvertConfig
-from converter.data import DYNAMIC_SIDE, Dataset, load_dataset
-from converter.errors import (
+from edgefleet.agent.protocol.encryption import RecipientKey
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.manifest import Manifest, Optimization, RuntimeRequirement
+from edgefleet.agent.protocol.signing import SigningKey
+from edgefleet.agent.runtime.base import Array, Runtime
+from edgefleet.agent.runtime.inspect import ModelInfo, inspect_model
+from edgefleet.agent.runtime.select import load_runtime
+from edgefleet.converter import onnx_backend, prune, shapes, tflite_backend
+from edgefleet.converter.config import TFLITE_SOURCE_ONLY, ConvertConfig
+from edgefleet.converter.data import DYNAMIC_SIDE, Dataset, load_dataset
+from edgefleet.converter.errors import (
     BudgetExceededError,
     ConverterError,
     TargetViolationError,
     UnsupportedPathError,
 )
-from converter.evaluate import (
+from edgefleet.converter.evaluate import (
     Agreement,
     Predict,
     accuracy,
@@ -51,14 +51,14 @@ from converter.evaluate import (
     latency_p50_ms,
     run_batched,
 )
-from converter.floatio import float_predict as _predict
-from converter.floatio import input_map, quantize_input
-from converter.lineage import lineage_of
-from converter.package import PackageSpec, package_bytes, tensor_spec
-from converter.report import Attempt, ConversionReport
-from converter.search import Candidate, Search, auto_candidates
-from converter.sources import SourceModel, keras_source, load_source
-from devices import DeviceProfile, check_model, load_profile
+from edgefleet.converter.floatio import float_predict as _predict
+from edgefleet.converter.floatio import input_map, quantize_input
+from edgefleet.converter.lineage import lineage_of
+from edgefleet.converter.package import PackageSpec, package_bytes, tensor_spec
+from edgefleet.converter.report import Attempt, ConversionReport
+from edgefleet.converter.search import Candidate, Search, auto_candidates
+from edgefleet.converter.sources import SourceModel, keras_source, load_source
+from edgefleet.devices import DeviceProfile, check_model, load_profile
 
 __all__ = ["SLOWER_MARGIN", "ConversionFailed", "convert", "is_slower"]
 
@@ -297,7 +297,7 @@ def _ranking(ctx: _Context, base: Candidate) -> list[str]:
         if ctx.config.format == "onnx" and quantized is not None:
             return onnx_backend.sensitive_onnx_nodes(_float_onnx(ctx), data, quantized)
         if ctx.source.kind == "tflite" and quantized is not None:
-            from converter import litert_quantizer, sensitivity
+            from edgefleet.converter import litert_quantizer, sensitivity
 
             prepared = litert_quantizer.prepare(ctx.source.path.read_bytes())
             return sensitivity.tflite_ranking(prepared, quantized, data)
@@ -322,7 +322,7 @@ def _recipe_name(ctx: _Context, candidate: Candidate) -> str:
 
 
 def _stores_float16(ctx: _Context) -> bool:
-    from converter import litert_quantizer
+    from edgefleet.converter import litert_quantizer
 
     return litert_quantizer.stores_float16(ctx.source.path.read_bytes())
 
@@ -343,7 +343,7 @@ def _build(ctx: _Context, candidate: Candidate) -> bytes:
         return tflite_backend.to_tflite(source, candidate.mode, ctx.calibration, cfg.int8_io,
                                         candidate.keep_float, on_sample=calibrate)
     if cfg.format == "tflite" and source.kind == "tflite":
-        from converter import litert_quantizer
+        from edgefleet.converter import litert_quantizer
 
         quantized: bytes = litert_quantizer.quantize_tflite(
             source.path.read_bytes(), candidate.mode, ctx.calibration, candidate.keep_float)

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from converter._tf import keras
-from converter.data import Dataset
-from converter.errors import DataError
+from edgefleet.converter._tf import keras
+from edgefleet.converter.data import Dataset
+from edgefleet.converter.errors import DataError
 
 __all__ = ["PruneResult", "prune_keras"]
 

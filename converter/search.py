@@ -7,7 +7,7 @@ The ladder, for each path (docs/converter.md has the table):
    range; Keras -> TFLite: dynamic range), tried even when full int8 passed, since
    one of them can be smaller;
 3. **mixed**: the best full-int8 recipe with the operators that lose most SQNR kept in
-   float (:mod:`converter.sensitivity`), 1, 2, 4, 8, ... of them, until the budget holds;
+   float (:mod:`edgefleet.converter.sensitivity`), 1, 2, 4, 8, ... of them, until the budget holds;
 4. fp16 (for a float16-stored TFLite source: the source as it is).
 
 Every candidate is measured and becomes a report row; the pipeline keeps the smallest
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from converter.report import Attempt
+from edgefleet.converter.report import Attempt
 
 __all__ = ["DEFAULT_SEARCH_SECONDS", "KEEP_STEPS", "Candidate", "auto_candidates"]
 

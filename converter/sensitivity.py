@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtime.base import Array
-from converter.data import Dataset
+from edgefleet.agent.runtime.base import Array
+from edgefleet.converter.data import Dataset
 
 __all__ = ["Node", "rank_by_loss", "sqnr_db", "tflite_ranking"]
 

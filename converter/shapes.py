@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from agent.runtime.base import TensorInfo
-from converter.errors import DataError
+from edgefleet.agent.runtime.base import TensorInfo
+from edgefleet.converter.errors import DataError
 
 __all__ = ["dynamic_image_inputs", "fix_inputs", "static_onnx"]
 

@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agent.runtime.base import Array, TensorInfo
-from agent.runtime.select import load_runtime
-from converter._tf import keras, tensorflow
-from converter.errors import SourceModelError
+from edgefleet.agent.runtime.base import Array, TensorInfo
+from edgefleet.agent.runtime.select import load_runtime
+from edgefleet.converter._tf import keras, tensorflow
+from edgefleet.converter.errors import SourceModelError
 
 __all__ = ["SourceKind", "SourceModel", "keras_source", "load_source"]
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from converter._tf import quiet_stdout, tensorflow
-from converter.data import Dataset
-from converter.errors import ConversionFailedError, DataError, UnsupportedPathError
-from converter.sources import SourceModel
+from edgefleet.converter._tf import quiet_stdout, tensorflow
+from edgefleet.converter.data import Dataset
+from edgefleet.converter.errors import ConversionFailedError, DataError, UnsupportedPathError
+from edgefleet.converter.sources import SourceModel
 
 __all__ = ["sensitive_nodes", "to_tflite"]
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from pydantic import Field, ValidationError
 
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.manifest import Manifest
-from agent.protocol.schema import Document
-from agent.runtime.inspect import ModelInfo
-from agent.runtime.select import version_tuple
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.manifest import Manifest
+from edgefleet.agent.protocol.schema import Document
+from edgefleet.agent.runtime.inspect import ModelInfo
+from edgefleet.agent.runtime.select import version_tuple
 
 __all__ = ["DeviceProfile", "ProfileError", "Violation", "builtin_profile", "check_model",
            "list_profiles", "load_profile"]
@@ -62,7 +62,7 @@ class Violation:
 
 
 def _profiles_dir() -> Path:
-    return Path(str(resources.files("devices") / "profiles"))
+    return Path(str(resources.files(__name__) / "profiles"))
 
 
 def list_profiles() -> list[DeviceProfile]:

@@ -6,17 +6,17 @@ import sys
 
 import typer
 
-from agent.cli import agent as agent_cli
-from agent.cli import broker as broker_cli
-from agent.cli import keys as keys_cli
-from agent.cli.extras import ExtraMissingError, extra_of, needs, report_missing
-from converter.cli import convert
-from devices import cli as device_cli
+from edgefleet.agent.cli import agent as agent_cli
+from edgefleet.agent.cli import broker as broker_cli
+from edgefleet.agent.cli import keys as keys_cli
+from edgefleet.agent.cli.extras import ExtraMissingError, extra_of, needs, report_missing
 from edgefleet.cli_demo import demo
 from edgefleet.cli_diff import diff
 from edgefleet.cli_example_data import example_data
-from fleet import cli as fleet_cli
-from fleet import cli_certs as certs_cli
+from edgefleet.converter.cli import convert
+from edgefleet.devices import cli as device_cli
+from edgefleet.fleet import cli as fleet_cli
+from edgefleet.fleet import cli_certs as certs_cli
 
 app = typer.Typer(
     help="edgefleet: convert models, run them on devices, roll them out to fleets.",

@@ -8,8 +8,8 @@ import typer
 from rich.console import Group
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from agent.cli.extras import ExtraMissingError, report_missing, require
-from agent.cli.output import emit, table
+from edgefleet.agent.cli.extras import ExtraMissingError, report_missing, require
+from edgefleet.agent.cli.output import emit, table
 
 
 def demo(
@@ -41,7 +41,7 @@ def demo(
 
 def _require_extras() -> None:
     """The converter and the controller; the embedded broker only without Mosquitto."""
-    from fleet.mosquitto import MosquittoMissingError, find_mosquitto
+    from edgefleet.fleet.mosquitto import MosquittoMissingError, find_mosquitto
 
     try:
         find_mosquitto()

@@ -1,6 +1,6 @@
 """``edgefleet diff A B``: compare two bundles, each an ``.efb`` or a registry ``NAME:VERSION``.
 
-The comparison itself is :mod:`converter.diff`; this joiner only fetches registry
+The comparison itself is :mod:`edgefleet.converter.diff`; this joiner only fetches registry
 versions through the fleet's REST client (the converter never imports the fleet).
 """
 
@@ -13,10 +13,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Group
 
-from agent.cli.output import emit, fail, styled, table
-from agent.protocol.encryption import DecryptionKeys
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
+from edgefleet.agent.cli.output import emit, fail, styled, table
+from edgefleet.agent.protocol.encryption import DecryptionKeys
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
 
 __all__ = ["diff", "fetch_bundle"]
 
@@ -36,7 +36,7 @@ def fetch_bundle(ref: str, controller: str, token: str | None) -> bytes:
     if match is None:
         raise EdgefleetError(f"{ref!r} is neither a bundle file nor NAME:VERSION",
                              hint="pass a path to an .efb, or a pushed version like digits:1.2.0")
-    from fleet.client import FleetClient
+    from edgefleet.fleet.client import FleetClient
 
     client = FleetClient(controller, token)
     model = client.model(match["name"], match["version"])
@@ -64,7 +64,7 @@ def diff(
     if scale not in ("0-1", "-1-1", "0-255"):
         raise typer.BadParameter(f"scale must be 0-1, -1-1 or 0-255, got {scale!r}")
     try:
-        from converter.diff import diff_bundles, open_side
+        from edgefleet.converter.diff import diff_bundles, open_side
 
         keys = DecryptionKeys.from_paths(decrypt_key or [])
         side_a = open_side(a, fetch_bundle(a, controller, token), keys)

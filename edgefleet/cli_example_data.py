@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from agent.cli.output import emit, fail, table
+from edgefleet.agent.cli.output import emit, fail, table
 
 
 def example_data(

@@ -24,12 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
-from agent.runtime import load_runtime
-from converter.package import PackageSpec, package_model
+from edgefleet.agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
+from edgefleet.agent.runtime import load_runtime
+from edgefleet.converter.package import PackageSpec, package_model
+from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.mosquitto import (
+    MosquittoBroker,
+    MosquittoMissingError,
+    find_mosquitto,
+    free_port,
+)
 from edgefleet.local_fleet import LocalFleet, wait_until
-from fleet.client import FleetClient
-from fleet.mosquitto import MosquittoBroker, MosquittoMissingError, find_mosquitto, free_port
 
 __all__ = ["DemoResult", "package_digits", "run_demo"]
 
@@ -58,7 +63,7 @@ def _broker(workdir: Path) -> Iterator[str]:
     try:
         find_mosquitto()
     except MosquittoMissingError:
-        from agent.broker import EmbeddedBroker
+        from edgefleet.agent.broker import EmbeddedBroker
 
         with EmbeddedBroker(port=free_port()) as embedded:
             yield embedded.url
@@ -82,8 +87,8 @@ def package_digits(out: Path, version: str, key: Path) -> Path:
 
 
 def _convert(work: Path, key: Path, version: str, scale: float, evaluate: bool) -> Path:
-    from converter.config import ConvertConfig
-    from converter.pipeline import convert
+    from edgefleet.converter.config import ConvertConfig
+    from edgefleet.converter.pipeline import convert
 
     x, y = _sample()
     calibration = work / f"calibration-{version}.npy"

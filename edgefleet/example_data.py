@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.errors import EdgefleetError
 
 __all__ = ["CALIBRATION_SAMPLES", "ExampleDataExistsError", "write_example_data"]
 

@@ -1,7 +1,7 @@
 """A whole fleet on one machine: a broker, a controller with its API, and real agents.
 
 Used by ``edgefleet demo`` and by the tests. Agents are the real
-:class:`agent.service.AgentService` (real runtimes, real update flow, real telemetry);
+:class:`edgefleet.agent.service.AgentService` (real runtimes, real update flow, real telemetry);
 each gets a traffic thread that keeps it serving sample inputs, so latency, error rate
 and the probation agreement the controller gates on are measured, not made up.
 """
@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from agent.core import Agent
-from agent.protocol.signing import TrustedKeys
-from agent.service import AgentService, ServiceConfig
-from agent.update import local
-from fleet.api import ApiServer
-from fleet.client import FleetClient
-from fleet.controller import ControllerConfig, FleetController
-from fleet.mosquitto import free_port
-from fleet.store import Store, open_store
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.signing import TrustedKeys
+from edgefleet.agent.service import AgentService, ServiceConfig
+from edgefleet.agent.update import local
+from edgefleet.fleet.api import ApiServer
+from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.controller import ControllerConfig, FleetController
+from edgefleet.fleet.mosquitto import free_port
+from edgefleet.fleet.store import Store, open_store
 
 __all__ = ["LocalFleet", "wait_until"]
 

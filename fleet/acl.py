@@ -16,7 +16,7 @@ cannot hold anyway). Anything not granted is denied::
 
 Home Assistant discovery (``agent run --ha-discovery``) publishes retained configs on
 ``homeassistant/{component}/{node}/{object}/config`` where the node id is
-``edgefleet_{fleet}_{device}_{hash}`` (:func:`agent.protocol.homeassistant.node_id`).
+``edgefleet_{fleet}_{device}_{hash}`` (:func:`edgefleet.agent.protocol.homeassistant.node_id`).
 That id cannot be written with ``%u``, so ``ha_devices`` lists the devices allowed to
 publish discovery, each in a ``user`` block naming exactly its own node, and
 ``ha_user`` is Home Assistant's own user: it reads the devices' ``telemetry`` and
@@ -30,8 +30,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from agent.protocol.homeassistant import DISCOVERY_PREFIX, node_id
-from agent.protocol.topics import FLEET_LEVEL, PREFIX, Leaf, check_id
+from edgefleet.agent.protocol.homeassistant import DISCOVERY_PREFIX, node_id
+from edgefleet.agent.protocol.topics import FLEET_LEVEL, PREFIX, Leaf, check_id
 
 __all__ = ["CONTROLLER_USER", "Rule", "acl_rules", "check_devices", "render_acl"]
 

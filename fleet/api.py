@@ -59,17 +59,17 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from agent.ports import bind_error
-from agent.protocol._tar import BLOCK, check_first_block
-from agent.protocol.errors import BundleError, EdgefleetError
-from agent.protocol.keyring import MAX_KEYRING_BYTES, KeyringError
-from agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
-from agent.protocol.topics import check_id
-from fleet import dashboard
-from fleet.controller import FleetController
-from fleet.domain import ModelVersion
-from fleet.drift import DriftPolicy
-from fleet.errors import (
+from edgefleet.agent.ports import bind_error
+from edgefleet.agent.protocol._tar import BLOCK, check_first_block
+from edgefleet.agent.protocol.errors import BundleError, EdgefleetError
+from edgefleet.agent.protocol.keyring import MAX_KEYRING_BYTES, KeyringError
+from edgefleet.agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
+from edgefleet.agent.protocol.topics import check_id
+from edgefleet.fleet import dashboard
+from edgefleet.fleet.controller import FleetController
+from edgefleet.fleet.domain import ModelVersion
+from edgefleet.fleet.drift import DriftPolicy
+from edgefleet.fleet.errors import (
     AuthError,
     ConflictError,
     FleetError,
@@ -77,8 +77,8 @@ from fleet.errors import (
     NotFoundError,
     StoreError,
 )
-from fleet.metrics import FleetMetrics
-from fleet.rollout.validate import RolloutOptionError
+from edgefleet.fleet.metrics import FleetMetrics
+from edgefleet.fleet.rollout.validate import RolloutOptionError
 
 __all__ = ["ApiServer", "parse_tokens"]
 

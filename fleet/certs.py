@@ -30,10 +30,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.protocol.files import atomic_write
-from agent.protocol.topics import check_id
-from fleet.acl import CONTROLLER_USER
-from fleet.errors import FleetError
+from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.agent.protocol.topics import check_id
+from edgefleet.fleet.acl import CONTROLLER_USER
+from edgefleet.fleet.errors import FleetError
 
 __all__ = [
     "CA_DAYS",

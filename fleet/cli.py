@@ -24,9 +24,9 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from agent.cli.extras import needs
-from agent.cli.logs import LogFormat, LogFormatOpt, fail_in, setup_logging
-from agent.cli.mqtt_options import (
+from edgefleet.agent.cli.extras import needs
+from edgefleet.agent.cli.logs import LogFormat, LogFormatOpt, fail_in, setup_logging
+from edgefleet.agent.cli.mqtt_options import (
     CaOpt,
     CertOpt,
     KeyOpt,
@@ -34,20 +34,20 @@ from agent.cli.mqtt_options import (
     UsernameOpt,
     mqtt_security,
 )
-from agent.cli.output import console, emit, fail, literal, styled, table
-from agent.cli.params import api_address, fleet_option, host_port
-from agent.cli.service import ServiceSpec, service_app, subcommand
-from agent.ports import check_free
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.signing import TrustedKeys
-from agent.systemd import Unit
-from fleet.cli_common import DEFAULT_URL, ControllerOpt, JsonOpt, TokenOpt
-from fleet.cli_common import client as _client
-from fleet.cli_common import run as _run
-from fleet.cli_drift import alerts, drift_app
-from fleet.cli_models import show_model
-from fleet.cli_simulate import simulate
-from fleet.cli_top import top
+from edgefleet.agent.cli.output import console, emit, fail, literal, styled, table
+from edgefleet.agent.cli.params import api_address, fleet_option, host_port
+from edgefleet.agent.cli.service import ServiceSpec, service_app, subcommand
+from edgefleet.agent.ports import check_free
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.signing import TrustedKeys
+from edgefleet.agent.systemd import Unit
+from edgefleet.fleet.cli_common import DEFAULT_URL, ControllerOpt, JsonOpt, TokenOpt
+from edgefleet.fleet.cli_common import client as _client
+from edgefleet.fleet.cli_common import run as _run
+from edgefleet.fleet.cli_drift import alerts, drift_app
+from edgefleet.fleet.cli_models import show_model
+from edgefleet.fleet.cli_simulate import simulate
+from edgefleet.fleet.cli_top import top
 
 app = typer.Typer(help="The fleet: controller, models, rollouts, rollback, history.",
                   no_args_is_help=True)
@@ -106,10 +106,10 @@ def serve(
     log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Run the controller: registry, rollouts, REST API and bundle downloads."""
-    from fleet.api import ApiServer, parse_tokens
-    from fleet.controller import ControllerConfig, FleetController
-    from fleet.events_log import log_events
-    from fleet.store import open_store
+    from edgefleet.fleet.api import ApiServer, parse_tokens
+    from edgefleet.fleet.controller import ControllerConfig, FleetController
+    from edgefleet.fleet.events_log import log_events
+    from edgefleet.fleet.store import open_store
 
     json_logs = log_format is LogFormat.json  # machines filter by level themselves
     setup_logging(log_format, logging.INFO if verbose or json_logs else logging.WARNING,
@@ -138,7 +138,7 @@ def serve(
     started = (f"API {api.url}, broker {broker}, {len(controller.registry)} devices known"
                + _role(controller.controller_status()))
     if json_logs:
-        logging.getLogger("fleet").info("edgefleet controller: %s", started)
+        logging.getLogger("edgefleet.fleet").info("edgefleet controller: %s", started)
     else:
         console.print(styled("edgefleet controller for fleet [bold]{}[/]: {}", fleet, started))
     stop = threading.Event()
@@ -180,10 +180,10 @@ def acl(
     as_json: JsonOpt = False,
 ) -> None:
     """Write the broker's ACL: each device its own topics, the controller writes desired state."""
-    from agent.protocol.files import atomic_write
-    from fleet.acl import acl_rules, check_devices, render_acl
-    from fleet.errors import FleetError
-    from fleet.mosquitto import add_passwords
+    from edgefleet.agent.protocol.files import atomic_write
+    from edgefleet.fleet.acl import acl_rules, check_devices, render_acl
+    from edgefleet.fleet.errors import FleetError
+    from edgefleet.fleet.mosquitto import add_passwords
 
     devices = device or []
     try:
@@ -232,7 +232,7 @@ def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     if cert is None or key is None:
         raise EdgefleetError("HTTPS needs both --tls-cert and --tls-key",
                              hint="make them with 'edgefleet certs server --host NAME'")
-    from fleet.certs import server_context
+    from edgefleet.fleet.certs import server_context
 
     return server_context(cert, key)
 
@@ -417,8 +417,8 @@ def rollout_create(
 
     Every option is checked here first (and again by the controller): a bad one is one
     error naming it, exit 2, and nothing is sent."""
-    from fleet.rollout.spec import parse_duration
-    from fleet.rollout.validate import check_options
+    from edgefleet.fleet.rollout.spec import parse_duration
+    from edgefleet.fleet.rollout.validate import check_options
 
     if waves is not None and canary is not None:
         fail(EdgefleetError("--waves and --canary exclude each other",
@@ -586,7 +586,7 @@ def _keyring_view(data: dict[str, Any], what: str) -> Group:
 
 
 app.add_typer(service_app(ServiceSpec(
-    Unit("fleet", "edgefleet-controller.service"), ("fleet", "serve"),
+    Unit("edgefleet.fleet", "edgefleet-controller.service"), ("fleet", "serve"),
     lambda: subcommand(app, "serve"),
     user="edgefleet-controller", data_dir=Path("/var/lib/edgefleet-controller"),
     secrets=(("--token", "put EDGEFLEET_TOKEN=NAME=SECRET in /etc/edgefleet/controller.env "

@@ -19,10 +19,10 @@ from typing import Annotated, Any
 
 import typer
 
-from agent.cli.output import emit, fail, table
-from agent.protocol.errors import EdgefleetError
-from fleet import certs, crl
-from fleet.acl import CONTROLLER_USER
+from edgefleet.agent.cli.output import emit, fail, table
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.fleet import certs, crl
+from edgefleet.fleet.acl import CONTROLLER_USER
 
 app = typer.Typer(help="Certificates for secure mode: a fleet CA, the broker's, the "
                        "controller's and one per device.", no_args_is_help=True)

@@ -7,9 +7,9 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from agent.cli.output import fail
-from agent.protocol.errors import EdgefleetError
-from fleet.client import FleetClient
+from edgefleet.agent.cli.output import fail
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.fleet.client import FleetClient
 
 __all__ = ["DEFAULT_URL", "ControllerOpt", "JsonOpt", "TokenOpt", "client", "run"]
 

@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from agent.cli.output import console, emit, table
-from fleet.cli_common import DEFAULT_URL, ControllerOpt, JsonOpt, TokenOpt, client, run
+from edgefleet.agent.cli.output import console, emit, table
+from edgefleet.fleet.cli_common import DEFAULT_URL, ControllerOpt, JsonOpt, TokenOpt, client, run
 
 __all__ = ["alerts", "drift_app"]
 

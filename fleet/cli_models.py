@@ -14,9 +14,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Group
 
-from agent.cli.output import emit, fail, table
-from agent.protocol.errors import EdgefleetError
-from fleet.client import FleetClient
+from edgefleet.agent.cli.output import emit, fail, table
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.fleet.client import FleetClient
 
 __all__ = ["render_model", "show_model"]
 

@@ -1,5 +1,5 @@
 """``edgefleet fleet simulate``: run many simulated devices against a broker (thin: see
-:mod:`fleet.simulate`)."""
+:mod:`edgefleet.fleet.simulate`)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from agent.cli.output import console, fail, table
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.signing import TrustedKeys
+from edgefleet.agent.cli.output import console, fail, table
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.signing import TrustedKeys
 
 if TYPE_CHECKING:
-    from fleet.simulate import SimulatedFleet
+    from edgefleet.fleet.simulate import SimulatedFleet
 
 __all__ = ["simulate"]
 
@@ -68,7 +68,7 @@ def simulate(
                        ] = False,
 ) -> None:
     """Simulate a fleet: devices that speak the real protocol and run the real update flow."""
-    from fleet.simulate import SimOptions, SimulatedFleet
+    from edgefleet.fleet.simulate import SimOptions, SimulatedFleet
 
     try:
         options = SimOptions(device_prefix=prefix, seed=seed,
@@ -95,7 +95,7 @@ def _trusted(paths: list[Path]) -> TrustedKeys:
 
 def _report_until(simulated: SimulatedFleet, duration: float | None, every: float, as_json: bool,
                   title: str) -> None:
-    from fleet.simulate import summarize
+    from edgefleet.fleet.simulate import summarize
 
     started = time.monotonic()
     deadline = started + duration if duration is not None else None

@@ -26,10 +26,10 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from agent.cli.output import console, fail, literal, styled
-from agent.protocol.errors import EdgefleetError
-from fleet.client import FleetClient
-from fleet.rollout.state import DONE, FINISHED
+from edgefleet.agent.cli.output import console, fail, literal, styled
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.rollout.state import DONE, FINISHED
 
 __all__ = ["collect", "render", "top"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-from fleet.errors import (
+from edgefleet.fleet.errors import (
     ApiError,
     AuthError,
     ConflictError,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.manifest import Manifest
-from agent.runtime.inspect import ModelInfo
-from agent.runtime.select import RUNTIMES_BY_FORMAT, tflite_op_level, version_tuple
-from devices import DeviceProfile, builtin_profile, check_model
-from fleet.domain import Device, ModelVersion
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.manifest import Manifest
+from edgefleet.agent.runtime.inspect import ModelInfo
+from edgefleet.agent.runtime.select import RUNTIMES_BY_FORMAT, tflite_op_level, version_tuple
+from edgefleet.devices import DeviceProfile, builtin_profile, check_model
+from edgefleet.fleet.domain import Device, ModelVersion
 
 __all__ = ["incompatibility"]
 

@@ -2,7 +2,7 @@
 
 Threads: paho's network thread feeds the registry and the telemetry book (cheap, no
 store writes); the loop thread, every ``tick_s``, writes dirty devices in one batch,
-ticks every live rollout (pure, :mod:`fleet.rollout.executor`), saves what changed, and
+ticks every live rollout (pure, :mod:`edgefleet.fleet.rollout.executor`), saves what changed, and
 only then publishes the desired states the tick asked for. A desired state that cannot
 be published (broker away) waits in an outbox and goes out when the broker is back.
 
@@ -12,11 +12,11 @@ target it already runs or is already updating to), and carries on: no device is 
 twice.
 
 Scale-out (``lease_s``, docs/scale-out.md): several controllers share the store and the
-broker; the one holding the lease (:mod:`fleet.lease`) leads: only it writes devices,
+broker; the one holding the lease (:mod:`edgefleet.fleet.lease`) leads: only it writes devices,
 ticks rollouts and publishes desired states, every save fenced by its lease generation.
 When it is elected it loads the live rollouts and publishes again, exactly as after a
 restart. Followers keep their registry from MQTT and answer the API; their rollout
-actions are relayed to the leader through the store (:mod:`fleet.scale`).
+actions are relayed to the leader through the store (:mod:`edgefleet.fleet.scale`).
 """
 
 from __future__ import annotations
@@ -31,26 +31,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.mqtt import MqttClient, MqttSecurity
-from agent.protocol.bundle import read_bundle
-from agent.protocol.drift import Monitoring
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.files import atomic_write
-from agent.protocol.keyring import (
+from edgefleet.agent.mqtt import MqttClient, MqttSecurity
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.agent.protocol.drift import Monitoring
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.agent.protocol.keyring import (
     KEYRING_FILE,
     SignedKeyring,
     accept_keyring,
     load_keyring,
     parse_keyring,
 )
-from agent.protocol.payloads import (
+from edgefleet.agent.protocol.payloads import (
     BundleRef,
     DesiredState,
     encode,
 )
-from agent.protocol.signing import TrustedKeys
-from agent.protocol.telemetry_schema import drift_problem
-from agent.protocol.topics import (
+from edgefleet.agent.protocol.signing import TrustedKeys
+from edgefleet.agent.protocol.telemetry_schema import drift_problem
+from edgefleet.agent.protocol.topics import (
     Leaf,
     check_id,
     device_topic,
@@ -58,22 +58,22 @@ from agent.protocol.topics import (
     keyring_topic,
     parse_topic,
 )
-from agent.runtime.inspect import ModelInfo, inspect_model
-from fleet import ingest
-from fleet.compat import incompatibility
-from fleet.domain import AuditEntry, Device, ModelVersion
-from fleet.drift import Alert, AlertChange, DriftMonitor, DriftPolicy, DriftView
-from fleet.errors import ConflictError, FleetError, InvalidRolloutError, NotFoundError
-from fleet.lease import Fence, Turn
-from fleet.registry import DeviceRegistry
-from fleet.relay import OperatorRequest, error_result
-from fleet.rollout import executor
-from fleet.rollout.executor import Action, Decisions, DeviceView, Observations, Quality
-from fleet.rollout.state import ACTIVE, DeviceState, Rollout, RolloutState
-from fleet.rollout.validate import rollout_spec
-from fleet.scale import ScaleOut, check_group, shared_filter
-from fleet.store import Store
-from fleet.telemetry import TelemetryBook, VersionKey
+from edgefleet.agent.runtime.inspect import ModelInfo, inspect_model
+from edgefleet.fleet import ingest
+from edgefleet.fleet.compat import incompatibility
+from edgefleet.fleet.domain import AuditEntry, Device, ModelVersion
+from edgefleet.fleet.drift import Alert, AlertChange, DriftMonitor, DriftPolicy, DriftView
+from edgefleet.fleet.errors import ConflictError, FleetError, InvalidRolloutError, NotFoundError
+from edgefleet.fleet.lease import Fence, Turn
+from edgefleet.fleet.registry import DeviceRegistry
+from edgefleet.fleet.relay import OperatorRequest, error_result
+from edgefleet.fleet.rollout import executor
+from edgefleet.fleet.rollout.executor import Action, Decisions, DeviceView, Observations, Quality
+from edgefleet.fleet.rollout.state import ACTIVE, DeviceState, Rollout, RolloutState
+from edgefleet.fleet.rollout.validate import rollout_spec
+from edgefleet.fleet.scale import ScaleOut, check_group, shared_filter
+from edgefleet.fleet.store import Store
+from edgefleet.fleet.telemetry import TelemetryBook, VersionKey
 
 __all__ = ["ControllerConfig", "FleetController"]
 
@@ -238,7 +238,7 @@ class FleetController:
     # --- ingest (MQTT network thread) ---------------------------------------------------
 
     def _message(self, topic: str, payload: bytes) -> None:
-        """One device message, checked whole against its schema (:mod:`fleet.ingest`)
+        """One device message, checked whole against its schema (:mod:`edgefleet.fleet.ingest`)
         before anything of it is kept; a refused one is counted by reason and logged."""
         try:
             address = parse_topic(topic)

@@ -19,8 +19,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from agent.protocol.files import atomic_write
-from fleet.certs import CertError, Issued, describe
+from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.fleet.certs import CertError, Issued, describe
 
 __all__ = ["CRL_DAYS", "CRL_FILE", "read_crl", "revoke", "revoked_serials", "save_crl",
            "summary"]

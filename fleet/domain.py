@@ -1,6 +1,6 @@
 """What the fleet keeps: devices, model versions and the audit trail (plain frozen data).
 
-Rollouts live in :mod:`fleet.rollout`. Everything here converts to and from plain
+Rollouts live in :mod:`edgefleet.fleet.rollout`. Everything here converts to and from plain
 JSON dicts (``as_dict`` / ``from_dict``): the store keeps them, the API sends them.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from agent.protocol.payloads import BundleRef
+from edgefleet.agent.protocol.payloads import BundleRef
 
 __all__ = ["AuditEntry", "Device", "ModelVersion", "ref_from_dict", "ref_to_dict"]
 

@@ -2,7 +2,7 @@
 
 The MQTT thread only queues the windows that telemetry carries (``offer``: an append);
 the controller's loop compares them (``process``) with the reference statistics in the
-manifest of the version the device ran (:mod:`agent.protocol.drift`) and keeps one small
+manifest of the version the device ran (:mod:`edgefleet.agent.protocol.drift`) and keeps one small
 state machine per (device, model, version, feature):
 
 * quiet -> firing when a pooled window (below) has a PSI strictly above the model's
@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from agent.protocol.drift import DEFAULT_PSI_THRESHOLD, Monitoring, compare, window_counts
+from edgefleet.agent.protocol.drift import DEFAULT_PSI_THRESHOLD, Monitoring, compare, window_counts
 
 __all__ = ["Alert", "AlertChange", "DriftMonitor", "DriftPolicy", "DriftView"]
 

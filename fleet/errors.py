@@ -22,7 +22,7 @@ with an HTTP status that ``kind`` maps to (see ``fleet.api``).
 
 from __future__ import annotations
 
-from agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.errors import EdgefleetError
 
 __all__ = ["ApiError", "AuthError", "ConflictError", "FleetError", "InvalidRolloutError",
            "NotFoundError", "StoreError"]

@@ -14,14 +14,14 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fleet.controller import FleetController
-from fleet.rollout.state import RolloutState
+from edgefleet.fleet.controller import FleetController
+from edgefleet.fleet.rollout.state import RolloutState
 
 __all__ = ["DETAIL_MAX", "FIELD_MAX", "log_event", "log_events"]
 
 FIELD_MAX, DETAIL_MAX = 128, 1024  # a device's text in one log line, in characters
 
-log = logging.getLogger("fleet.events")
+log = logging.getLogger("edgefleet.fleet.events")
 _STOPPED = {RolloutState.PAUSED.value, RolloutState.ABORTED.value, RolloutState.ROLLED_BACK.value}
 
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.protocol.errors import PayloadError, SchemaVersionError
-from agent.protocol.payloads import Event, ReportedState, decode_status
-from agent.protocol.schema import decode_json, validate_document
-from agent.protocol.telemetry_schema import check_points
-from agent.protocol.topics import Leaf
+from edgefleet.agent.protocol.errors import PayloadError, SchemaVersionError
+from edgefleet.agent.protocol.payloads import Event, ReportedState, decode_status
+from edgefleet.agent.protocol.schema import decode_json, validate_document
+from edgefleet.agent.protocol.telemetry_schema import check_points
+from edgefleet.agent.protocol.topics import Leaf
 
 __all__ = ["MAX_BYTES", "MAX_MS", "REASONS", "SLOTS", "UPDATE_STATES", "IngestError", "event",
            "reason", "reported", "status", "telemetry"]

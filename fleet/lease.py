@@ -3,7 +3,7 @@
 Several controllers may share one store and one broker (docs/scale-out.md); exactly one
 of them, the leader, executes rollouts: it ticks the executor, saves rollouts and
 publishes desired states. The others (followers) ingest, keep their registry, answer the
-API and relay operator actions to the leader through the store (:mod:`fleet.relay`).
+API and relay operator actions to the leader through the store (:mod:`edgefleet.fleet.relay`).
 
 The lease is one row (``leases``): holder id, the holder's per-process ``nonce``, a
 ``generation`` that grows at every change of holder, and an expiry written in the
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
-from fleet.errors import ConflictError
+from edgefleet.fleet.errors import ConflictError
 
 __all__ = ["SAFETY", "Fence", "Leadership", "Lease", "LeaseLostError", "LeaseStore", "Turn"]
 

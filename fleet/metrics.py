@@ -76,13 +76,13 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from fleet.domain import Device
-from fleet.ingest import REASONS
-from fleet.rollout.state import DeviceState, Rollout, RolloutState
-from fleet.telemetry import VersionKey
+from edgefleet.fleet.domain import Device
+from edgefleet.fleet.ingest import REASONS
+from edgefleet.fleet.rollout.state import DeviceState, Rollout, RolloutState
+from edgefleet.fleet.telemetry import VersionKey
 
 if TYPE_CHECKING:
-    from fleet.controller import FleetController
+    from edgefleet.fleet.controller import FleetController
 
 __all__ = ["FINISHED_SHOWN", "LATENCY_BUCKETS_MS", "FleetCollector", "FleetMetrics"]
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.files import atomic_write
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.files import atomic_write
 
 __all__ = ["BrokerSecurity", "MosquittoBroker", "MosquittoMissingError", "add_passwords",
            "find_mosquitto", "free_port", "stop_process", "wait_for_port"]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from agent.protocol.payloads import STATUS_ONLINE, ReportedState
-from fleet.domain import Device
+from edgefleet.agent.protocol.payloads import STATUS_ONLINE, ReportedState
+from edgefleet.fleet.domain import Device
 
 __all__ = ["DeviceRegistry", "apply_reported"]
 

@@ -1,6 +1,6 @@
 """Operator actions that reach a follower go to the leader through the store.
 
-Rollouts have one writer, the leader (:mod:`fleet.lease`). A follower's API therefore
+Rollouts have one writer, the leader (:mod:`edgefleet.fleet.lease`). A follower's API therefore
 does not change a rollout itself: it queues the request (``requests`` table: kind,
 arguments, the token's name), and the leader takes every queued request at its next
 tick, runs it exactly as if it had been asked directly (same checks, same audit entry
@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agent.protocol.errors import EdgefleetError
-from fleet.errors import (
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.fleet.errors import (
     AuthError,
     ConflictError,
     FleetError,
@@ -36,7 +36,7 @@ from fleet.errors import (
     NotFoundError,
     StoreError,
 )
-from fleet.lease import Fence, LeaseLostError
+from edgefleet.fleet.lease import Fence, LeaseLostError
 
 __all__ = ["KINDS", "OperatorRequest", "RelayStore", "error_result", "relay"]
 

@@ -1,10 +1,10 @@
 """What a controller does besides its own work when several share one store and one broker.
 
-:class:`ScaleOut` is owned by :class:`fleet.controller.FleetController` when scale-out is
+:class:`ScaleOut` is owned by :class:`edgefleet.fleet.controller.FleetController` when scale-out is
 configured (``--lease-s``, docs/scale-out.md); one controller alone on SQLite never
 makes one and pays nothing. Every tick, under the controller's lock, it:
 
-1. renews or contests the lease (:class:`fleet.lease.Leadership`), telling the controller
+1. renews or contests the lease (:class:`edgefleet.fleet.lease.Leadership`), telling the controller
    whether it was just elected or deposed; the leader writes into the lease row the
    version keys its quality gates need (``wanted``);
 2. applies the group and tag changes operators made through any controller
@@ -14,7 +14,7 @@ makes one and pays nothing. Every tick, under the controller's lock, it:
    leader, merges the other controllers' batches into its telemetry book and its drift
    monitor (one query); the leader prunes the batches to the quality window.
 
-Followers relay rollout actions to the leader through the store (:mod:`fleet.relay`);
+Followers relay rollout actions to the leader through the store (:mod:`edgefleet.fleet.relay`);
 the leader takes them at step 4 of its tick. Bundle bytes go into the store at push, so
 any controller can serve (and inspect) any bundle.
 """
@@ -26,12 +26,12 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from fleet.drift import DriftMonitor
-from fleet.lease import Fence, Leadership, Turn
-from fleet.registry import DeviceRegistry
-from fleet.relay import OperatorRequest, relay
-from fleet.store import Store
-from fleet.telemetry import TelemetryBook, VersionKey
+from edgefleet.fleet.drift import DriftMonitor
+from edgefleet.fleet.lease import Fence, Leadership, Turn
+from edgefleet.fleet.registry import DeviceRegistry
+from edgefleet.fleet.relay import OperatorRequest, relay
+from edgefleet.fleet.store import Store
+from edgefleet.fleet.telemetry import TelemetryBook, VersionKey
 
 __all__ = ["ScaleOut", "check_group", "shared_filter"]
 
@@ -53,7 +53,7 @@ def shared_filter(group: str, topic_filter: str) -> str:
     """``topic_filter`` as a shared subscription of ``group`` (``$share/GROUP/FILTER``):
     the broker hands each matching message to one member of the group (MQTT 5; Mosquitto
     2, EMQX, HiveMQ and VerneMQ accept it from MQTT 3.1.1 clients too). Messages arrive
-    under their real topic; :func:`agent.mqtt.topic_matches` routes them by FILTER."""
+    under their real topic; :func:`edgefleet.agent.mqtt.topic_matches` routes them by FILTER."""
     return f"$share/{check_group(group)}/{topic_filter}"
 
 

@@ -3,7 +3,7 @@
 Fed from the MQTT thread (``add``), read by the rollout loop and the API. Each point's
 ``versions`` map gives, per model version, the window's inferences, errors and latency
 percentiles; the controller keeps a short history of those per device and version and
-sums them into a :class:`fleet.rollout.executor.Quality`: counts add up, p95 is the
+sums them into a :class:`edgefleet.fleet.rollout.executor.Quality`: counts add up, p95 is the
 inference-weighted mean of the devices' window p95s, agreement the sample-weighted mean
 of the devices' latest top-1 agreement.
 
@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from fleet.rollout.executor import Quality
+from edgefleet.fleet.rollout.executor import Quality
 
 __all__ = ["Share", "TelemetryBook", "VersionKey", "VersionSeries"]
 

@@ -43,9 +43,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from agent.runtime import load_runtime
-from fleet.client import FleetClient
-from fleet.mosquitto import MosquittoBroker, free_port, stop_process, wait_for_port
+from edgefleet.agent.runtime import load_runtime
+from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.mosquitto import MosquittoBroker, free_port, stop_process, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = rootfs.CACHE / "arm-check-run"

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.errors import EdgefleetError
 
 __all__ = ["HOST_CA", "ArmCheckError", "Recipe", "chroot_command", "ensure_binfmt",
            "ensure_host_tools", "ensure_rootfs", "host_recipe", "mounted", "remove_tree",

@@ -23,8 +23,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.mqtt import parse_broker_url
-from fleet.mosquitto import MosquittoBroker, free_port, stop_process, wait_for_port
+from edgefleet.agent.mqtt import parse_broker_url
+from edgefleet.fleet.mosquitto import MosquittoBroker, free_port, stop_process, wait_for_port
 
 __all__ = ["AmqttBroker", "AnyBroker", "Message", "MosquittoBroker", "Subscriber"]
 

@@ -13,11 +13,11 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
-from agent.runtime import load_runtime
-from converter.package import PackageSpec, package_model
-from fleet.mosquitto import MosquittoBroker
-from fleet.store import Store, open_store
+from edgefleet.agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
+from edgefleet.agent.runtime import load_runtime
+from edgefleet.converter.package import PackageSpec, package_model
+from edgefleet.fleet.mosquitto import MosquittoBroker
+from edgefleet.fleet.store import Store, open_store
 from tests.brokers import AmqttBroker
 from tests.models import TrainedModels, train_digits_cnn
 from tests.postgres import postgres_schema

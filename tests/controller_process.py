@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fleet.mosquitto import free_port
+from edgefleet.fleet.mosquitto import free_port
 from tests.fleet_harness import TOKEN, wait_until
 from tests.hostile import Measured, run_measured
 

@@ -8,7 +8,7 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.protocol.signing import SigningKey
+from edgefleet.agent.protocol.signing import SigningKey
 
 
 def members(bundle: bytes) -> dict[str, bytes]:

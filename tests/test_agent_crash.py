@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.core import Agent
-from agent.protocol.bundle import read_bundle
-from agent.protocol.payloads import DesiredState, ReportedState, decode, encode
-from agent.protocol.topics import Leaf, device_topic, fleet_filter
-from agent.update import local
-from fleet.mosquitto import MosquittoBroker, free_port, wait_for_port
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.agent.protocol.payloads import DesiredState, ReportedState, decode, encode
+from edgefleet.agent.protocol.topics import Leaf, device_topic, fleet_filter
+from edgefleet.agent.update import local
+from edgefleet.fleet.mosquitto import MosquittoBroker, free_port, wait_for_port
 from tests.brokers import Subscriber
 from tests.conftest import Keys, make_bundle
 from tests.http_files import FileServer

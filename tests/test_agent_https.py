@@ -27,12 +27,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
-from agent.core import Agent
-from agent.serving.errors import HttpSetupError
-from agent.serving.http import InferenceServer
-from agent.serving.limits import HttpLimits
-from agent.serving.security import HttpSecurity
-from fleet.mosquitto import free_port, wait_for_port
+from edgefleet.agent.core import Agent
+from edgefleet.agent.serving.errors import HttpSetupError
+from edgefleet.agent.serving.http import InferenceServer
+from edgefleet.agent.serving.limits import HttpLimits
+from edgefleet.agent.serving.security import HttpSecurity
+from edgefleet.fleet.mosquitto import free_port, wait_for_port
 from tests.conftest import Keys
 from tests.hostile import HOSTILE, MiB
 from tests.models import TrainedModels

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.core import Agent, NotReadyError
-from agent.drift import WORKER_NAME, DriftSampler, DriftWorker
-from agent.loader import load_bundle
-from agent.protocol.bundle import read_bundle
-from agent.runtime.errors import InferenceError, ModelClosedError
-from agent.serving.http import InferenceServer
-from agent.stats import CAP, RESERVOIR, VersionStats
+from edgefleet.agent.core import Agent, NotReadyError
+from edgefleet.agent.drift import WORKER_NAME, DriftSampler, DriftWorker
+from edgefleet.agent.loader import load_bundle
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.agent.runtime.errors import InferenceError, ModelClosedError
+from edgefleet.agent.serving.http import InferenceServer
+from edgefleet.agent.stats import CAP, RESERVOIR, VersionStats
 from tests.conftest import Keys
 from tests.models import TrainedModels
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.core import Agent
-from agent.protocol.errors import IntegrityError
-from agent.protocol.files import atomic_write
-from agent.update import local
-from agent.update.slots import SlotError, SlotStore
-from agent.update.states import Journal, State
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.errors import IntegrityError
+from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.agent.update import local
+from edgefleet.agent.update.slots import SlotError, SlotStore
+from edgefleet.agent.update.states import Journal, State
 from tests import tamper
 from tests.conftest import Keys, make_bundle
 from tests.models import TrainedModels
@@ -121,8 +121,8 @@ def test_an_update_interrupted_after_staging_finishes_at_start(
     agent = Agent(signing_keys.trusted)
     local.install(agent, tmp_path, versions["1.0.0"])
     # What a crash right after staging v2 leaves behind: the slot and the journal.
-    from agent.protocol.bundle import read_bundle
-    from agent.update.slots import SlotStore
+    from edgefleet.agent.protocol.bundle import read_bundle
+    from edgefleet.agent.update.slots import SlotStore
 
     SlotStore(tmp_path).stage(versions["2.0.0"].read_bytes())
     sha = read_bundle(versions["2.0.0"], signing_keys.trusted).sha256

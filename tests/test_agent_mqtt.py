@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.core import Agent
-from agent.protocol.payloads import ReportedState, Telemetry, decode, decode_telemetry
-from agent.protocol.topics import Leaf, device_topic, fleet_filter
-from agent.service import AgentService, ServiceConfig
-from fleet.mosquitto import MosquittoBroker
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.payloads import ReportedState, Telemetry, decode, decode_telemetry
+from edgefleet.agent.protocol.topics import Leaf, device_topic, fleet_filter
+from edgefleet.agent.service import AgentService, ServiceConfig
+from edgefleet.fleet.mosquitto import MosquittoBroker
 from tests.brokers import AmqttBroker, Message, Subscriber
 from tests.conftest import Keys
 from tests.models import TrainedModels

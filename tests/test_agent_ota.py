@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.core import Agent
-from agent.protocol.bundle import read_bundle
-from agent.protocol.payloads import DesiredState, ReportedState, decode, encode
-from agent.protocol.topics import Leaf, device_topic, fleet_filter
-from agent.service import AgentService, ServiceConfig
-from agent.update import local
-from agent.update.download import CHUNK, DownloadStats, fetch
-from fleet.mosquitto import MosquittoBroker
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.agent.protocol.payloads import DesiredState, ReportedState, decode, encode
+from edgefleet.agent.protocol.topics import Leaf, device_topic, fleet_filter
+from edgefleet.agent.service import AgentService, ServiceConfig
+from edgefleet.agent.update import local
+from edgefleet.agent.update.download import CHUNK, DownloadStats, fetch
+from edgefleet.fleet.mosquitto import MosquittoBroker
 from tests import tamper
 from tests.brokers import Subscriber
 from tests.conftest import Keys, make_bundle
@@ -157,7 +157,7 @@ def test_a_corrupt_download_is_rejected_and_v1_keeps_serving(
 def test_a_bundle_that_does_not_verify_is_rejected(
         damage: str, device: AgentService, mosquitto: MosquittoBroker, fleet_name: str,
         served: tuple[FileServer, Path], signing_keys: Keys, tmp_path: Path) -> None:
-    from agent.protocol.signing import SigningKey, generate_keypair
+    from edgefleet.agent.protocol.signing import SigningKey, generate_keypair
 
     server, root = served
     good = _desired(root, server, "v2.efb", signing_keys)

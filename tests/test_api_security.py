@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from agent.protocol.signing import SigningKey, generate_keypair
+from edgefleet.agent.protocol.signing import SigningKey, generate_keypair
 from tests import tamper
 from tests.conftest import Keys
 from tests.fleet_harness import TOKEN, Fleet
@@ -274,7 +274,7 @@ def test_bodies_are_capped_before_they_are_read(api: Api) -> None:
 
 def test_a_keyring_that_does_not_verify_is_refused_and_not_stored(
         api: Api, fleet: Fleet, tmp_path: Path) -> None:
-    from agent.protocol.keyring import build_keyring
+    from edgefleet.agent.protocol.keyring import build_keyring
 
     thief = SigningKey.load(generate_keypair(tmp_path / "thief", "thief")[0])
     raw = build_keyring([("thief", thief.private_key.public_key())], 99, [thief])
@@ -300,8 +300,8 @@ def test_the_page_and_bundle_routes_serve_nothing_outside_their_folders(api: Api
 
 
 def test_a_store_failure_is_answered_503_when_a_retry_may_pass_and_500_otherwise() -> None:
-    from fleet.api import _status
-    from fleet.errors import StoreError
+    from edgefleet.fleet.api import _status
+    from edgefleet.fleet.errors import StoreError
 
     assert _status(StoreError("deadlock detected", hint="retry it")) == 503
     assert _status(StoreError("the store is closed", transient=False)) == 500

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.core import Agent
-from agent.protocol import errors
-from agent.protocol.bundle import read_bundle
-from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
-from agent.runtime import RuntimeLoadError
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol import errors
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
+from edgefleet.agent.runtime import RuntimeLoadError
 from tests import tamper
 from tests.conftest import Keys
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import tritonclient.http as triton
 
-from fleet.mosquitto import MosquittoBroker, free_port, wait_for_port
+from edgefleet.fleet.mosquitto import MosquittoBroker, free_port, wait_for_port
 from tests import tamper
 from tests.brokers import Subscriber
 from tests.conftest import Keys

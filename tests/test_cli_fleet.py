@@ -21,9 +21,9 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from edgefleet.cli import app
-from fleet.api import ApiServer
-from fleet.client import FleetClient
-from fleet.mosquitto import MosquittoBroker, free_port, wait_for_port
+from edgefleet.fleet.api import ApiServer
+from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.mosquitto import MosquittoBroker, free_port, wait_for_port
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, Fleet, wait_until
 from tests.models import TrainedModels

@@ -29,8 +29,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from agent.cli.logs import JsonFormatter
-from agent.cli.params import (
+from edgefleet.agent.cli.logs import JsonFormatter
+from edgefleet.agent.cli.params import (
     OptionRefused,
     api_address,
     device_id_option,

@@ -22,14 +22,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.cli.logs import JsonFormatter
-from agent.core import Agent
-from agent.ports import BindError
-from agent.serving.http import InferenceServer
-from fleet.api import ApiServer
-from fleet.client import FleetClient
-from fleet.events_log import DETAIL_MAX, FIELD_MAX, log_event
-from fleet.mosquitto import (
+from edgefleet.agent.cli.logs import JsonFormatter
+from edgefleet.agent.core import Agent
+from edgefleet.agent.ports import BindError
+from edgefleet.agent.serving.http import InferenceServer
+from edgefleet.fleet.api import ApiServer
+from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.events_log import DETAIL_MAX, FIELD_MAX, log_event
+from edgefleet.fleet.mosquitto import (
     MosquittoBroker,
     MosquittoMissingError,
     find_mosquitto,
@@ -315,7 +315,7 @@ def test_agent_and_controller_log_one_json_object_a_line_with_the_fields_to_grep
                                                     "waves": ["100%"], "soak_s": 0.5})
         done = _logged(fleet, rollout=created["id"], state="SUCCEEDED")
         assert done | {"model": "digits", "version": "2.0.0", "fleet": "rough",
-                       "logger": "fleet.events"} == done
+                       "logger": "edgefleet.fleet.events"} == done
         seen = _logged(fleet, device="pi-9", state="COMMITTED")
         assert seen["version"] == "2.0.0" and seen["model"] == "digits"
         switched = _logged(agent, state="COMMITTED", version="2.0.0")
@@ -391,7 +391,7 @@ class _Lines(logging.Handler):
 def test_a_device_event_of_any_shape_is_one_bounded_json_line(payload: str) -> None:
     """Whatever a device publishes on its events topic, the controller logs one JSON line,
     its own text cut to DETAIL_MAX and FIELD_MAX, within 1 MiB of memory."""
-    handler, events = _Lines(), logging.getLogger("fleet.events")
+    handler, events = _Lines(), logging.getLogger("edgefleet.fleet.events")
     events.addHandler(handler)
     level, events.level = events.level, logging.INFO
     try:

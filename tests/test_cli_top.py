@@ -17,8 +17,8 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
-from fleet.cli_top import top
-from fleet.mosquitto import MosquittoBroker
+from edgefleet.fleet.cli_top import top
+from edgefleet.fleet.mosquitto import MosquittoBroker
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, Fleet, wait_until
 from tests.models import TrainedModels

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.core import Agent
-from agent.protocol.bundle import read_bundle
-from converter.config import ConvertConfig
-from converter.errors import DataError, UnsupportedPathError
-from converter.pipeline import SLOWER_MARGIN, ConversionFailed, convert, is_slower
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.converter.config import ConvertConfig
+from edgefleet.converter.errors import DataError, UnsupportedPathError
+from edgefleet.converter.pipeline import SLOWER_MARGIN, ConversionFailed, convert, is_slower
 from tests.conftest import Keys
 from tests.models import TrainedModels
 
@@ -222,7 +222,7 @@ def test_signature_less_tflite_gets_a_signature(digits_models: TrainedModels) ->
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
-    from converter.litert_quantizer import ensure_signature
+    from edgefleet.converter.litert_quantizer import ensure_signature
 
     raw = digits_models.tflite.read_bytes()
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
@@ -320,9 +320,9 @@ def test_onnx_int8_has_uint8_activations_and_no_leftover_shape_annotations(
         digits_models: TrainedModels, digits_data: Data) -> None:
     import onnx
 
-    from converter.data import load_dataset
-    from converter.onnx_backend import quantize_onnx
-    from converter.sources import load_source
+    from edgefleet.converter.data import load_dataset
+    from edgefleet.converter.onnx_backend import quantize_onnx
+    from edgefleet.converter.sources import load_source
 
     source = load_source(digits_models.onnx)
     data = load_dataset(digits_data.calibration, source.inputs)

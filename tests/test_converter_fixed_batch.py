@@ -11,9 +11,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.core import Agent
-from converter.config import ConvertConfig, Quantize
-from converter.pipeline import convert
+from edgefleet.agent.core import Agent
+from edgefleet.converter.config import ConvertConfig, Quantize
+from edgefleet.converter.pipeline import convert
 from tests.conftest import Keys
 
 

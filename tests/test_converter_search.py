@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.protocol.bundle import read_bundle
-from converter.config import ConvertConfig
-from converter.evaluate import agreement, output_error
-from converter.pipeline import ConversionFailed, convert
-from converter.report import Attempt
-from converter.search import Candidate, Search, auto_candidates
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.converter.config import ConvertConfig
+from edgefleet.converter.evaluate import agreement, output_error
+from edgefleet.converter.pipeline import ConversionFailed, convert
+from edgefleet.converter.report import Attempt
+from edgefleet.converter.search import Candidate, Search, auto_candidates
 from tests.conftest import Keys
 from tests.models import TrainedModels
 
@@ -102,9 +102,9 @@ def test_keep_float_leaves_the_named_tflite_operator_in_float(
         digits_models: TrainedModels, data: dict[str, Path]) -> None:
     from ai_edge_litert import schema_py_generated as schema
 
-    from converter import litert_quantizer, sensitivity
-    from converter.data import load_dataset
-    from converter.sources import load_source
+    from edgefleet.converter import litert_quantizer, sensitivity
+    from edgefleet.converter.data import load_dataset
+    from edgefleet.converter.sources import load_source
 
     raw = digits_models.tflite.read_bytes()
     calib = load_dataset(data["calibration"], load_source(digits_models.tflite).inputs).take(16)
@@ -195,7 +195,7 @@ def test_a_dynamic_model_fed_images_without_a_size_is_warned_with_the_size_used(
 
 def test_input_shape_for_a_missing_input_or_a_fixed_dim_is_refused_by_name(
         dynamic_onnx: Path, signing_keys: Keys, tmp_path: Path) -> None:
-    from converter.errors import DataError
+    from edgefleet.converter.errors import DataError
 
     with pytest.raises(DataError, match=r"names \['image'\], the model's inputs are \['x'\]"):
         convert(_config(dynamic_onnx, tmp_path / "x.efb", signing_keys, format="onnx",

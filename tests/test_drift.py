@@ -8,16 +8,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.core import Agent
-from agent.protocol.bundle import read_bundle
-from agent.protocol.drift import (
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.agent.protocol.drift import (
     DEFAULT_PSI_THRESHOLD,
     DriftWindow,
     compare,
     psi,
     reference_from,
 )
-from agent.runtime import load_runtime
+from edgefleet.agent.runtime import load_runtime
 from tests.conftest import Keys, make_bundle
 from tests.models import TrainedModels, load_digits
 

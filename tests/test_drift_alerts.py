@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.core import Agent
-from agent.runtime import load_runtime
-from fleet import dashboard
-from fleet.simulate import SimOptions, SimulatedFleet
+from edgefleet.agent.core import Agent
+from edgefleet.agent.runtime import load_runtime
+from edgefleet.fleet import dashboard
+from edgefleet.fleet.simulate import SimOptions, SimulatedFleet
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, Fleet, wait_until
 from tests.models import TrainedModels, load_digits

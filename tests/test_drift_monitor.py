@@ -9,15 +9,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.protocol.drift import (
+from edgefleet.agent.protocol.drift import (
     InputReference,
     Monitoring,
     OutputReference,
     compare,
     reference_from,
 )
-from fleet.drift import DriftMonitor, DriftPolicy, DriftView
-from fleet.simulate.drift import DriftDraw
+from edgefleet.fleet.drift import DriftMonitor, DriftPolicy, DriftView
+from edgefleet.fleet.simulate.drift import DriftDraw
 
 REFERENCE = Monitoring(
     source="eval", samples=100,
@@ -77,7 +77,7 @@ def _same(policy: DriftPolicy, model: str) -> DriftPolicy:
 
 
 def test_a_psi_exactly_at_the_threshold_does_not_fire_and_just_above_does() -> None:
-    from agent.protocol.drift import compare
+    from edgefleet.agent.protocol.drift import compare
 
     # the PSI of the shifted window, then a threshold exactly there and one just below
     value = compare(REFERENCE, SHIFTED)["input:x"]

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from agent.core import Agent
-from agent.protocol.bundle import build_bundle, read_bundle
-from agent.protocol.encryption import (
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.bundle import build_bundle, read_bundle
+from edgefleet.agent.protocol.encryption import (
     DecryptionError,
     DecryptionKeys,
     DeviceKey,
@@ -25,13 +25,13 @@ from agent.protocol.encryption import (
     RecipientKey,
     generate_device_key,
 )
-from agent.protocol.errors import BadSignatureError, IntegrityError, SchemaVersionError
-from agent.protocol.manifest import Manifest, parse_manifest
-from agent.protocol.schema import Document
-from agent.update import local
-from agent.update.device import DeviceController, UpdateSettings, load_journal
-from agent.update.flow import Updater
-from agent.update.states import State
+from edgefleet.agent.protocol.errors import BadSignatureError, IntegrityError, SchemaVersionError
+from edgefleet.agent.protocol.manifest import Manifest, parse_manifest
+from edgefleet.agent.protocol.schema import Document
+from edgefleet.agent.update import local
+from edgefleet.agent.update.device import DeviceController, UpdateSettings, load_journal
+from edgefleet.agent.update.flow import Updater
+from edgefleet.agent.update.states import State
 from edgefleet.cli import app
 from tests import tamper
 from tests.conftest import Keys, make_bundle
@@ -116,7 +116,7 @@ def test_a_reader_without_encryption_refuses_by_schema_version(
     class OldManifest(Manifest):  # what an edgefleet before encryption reads
         SUPPORTED_VERSIONS = Document.SUPPORTED_VERSIONS
 
-    from agent.protocol.schema import decode_json, validate_document
+    from edgefleet.agent.protocol.schema import decode_json, validate_document
 
     raw = tamper.members(bundles["v2-sealed"].read_bytes())["manifest.json"]
     with pytest.raises(SchemaVersionError, match="schema_version 2"):
@@ -275,11 +275,11 @@ def test_cli_keys_convert_install_and_inspect(
 def test_the_fleet_sends_a_sealed_model_only_to_devices_reporting_a_recipient_key(
         bundles: dict[str, Path], signing_keys: Keys,
         device_keys: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
-    from agent.protocol.payloads import ReportedState, decode, encode
-    from agent.service import AgentService, ServiceConfig
-    from fleet.compat import incompatibility
-    from fleet.domain import Device, ModelVersion
-    from fleet.registry import apply_reported
+    from edgefleet.agent.protocol.payloads import ReportedState, decode, encode
+    from edgefleet.agent.service import AgentService, ServiceConfig
+    from edgefleet.fleet.compat import incompatibility
+    from edgefleet.fleet.domain import Device, ModelVersion
+    from edgefleet.fleet.registry import apply_reported
 
     agent = Agent(signing_keys.trusted, keys=_keys(device_keys["cam"]))
     service = AgentService(ServiceConfig(fleet="f", device_id="cam-1", data_dir=tmp_path),

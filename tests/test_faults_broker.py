@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from agent.core import Agent
-from agent.protocol.topics import Leaf, fleet_filter, parse_topic
-from agent.service import AgentService, ServiceConfig
-from agent.update import local
-from fleet.client import FleetClient
-from fleet.mosquitto import MosquittoBroker
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.topics import Leaf, fleet_filter, parse_topic
+from edgefleet.agent.service import AgentService, ServiceConfig
+from edgefleet.agent.update import local
+from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.mosquitto import MosquittoBroker
 from tests.brokers import Subscriber
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import Fleet, wait_until

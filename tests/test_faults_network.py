@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from agent.update.download import DownloadError, DownloadStats, fetch
-from fleet.client import FleetClient
-from fleet.mosquitto import MosquittoBroker, stop_process
+from edgefleet.agent.update.download import DownloadError, DownloadStats, fetch
+from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.mosquitto import MosquittoBroker, stop_process
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import Fleet, wait_until
 from tests.http_files import FileServer
@@ -168,7 +168,7 @@ class Site:
 def site(link: Link, mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
          signing_keys: Keys) -> Iterator[Site]:
     access = AccessLog()
-    api_log = logging.getLogger("fleet.api")
+    api_log = logging.getLogger("edgefleet.fleet.api")
     level = api_log.level
     api_log.setLevel(logging.DEBUG)
     api_log.addHandler(access)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fleet.errors import AuthError, ConflictError, NotFoundError
+from edgefleet.fleet.errors import AuthError, ConflictError, NotFoundError
 from tests import tamper
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import Fleet, wait_until

@@ -20,8 +20,8 @@ import pytest
 from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
 
-from fleet import dashboard
-from fleet.mosquitto import MosquittoBroker
+from edgefleet.fleet import dashboard
+from edgefleet.fleet.mosquitto import MosquittoBroker
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, Fleet, wait_until
 from tests.models import TrainedModels

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.payloads import ReportedState, decode_telemetry
-from fleet.registry import DeviceRegistry
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.payloads import ReportedState, decode_telemetry
+from edgefleet.fleet.registry import DeviceRegistry
 
 
 def test_status_and_reports_mark_devices_dirty_once_each() -> None:

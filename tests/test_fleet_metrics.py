@@ -20,10 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 
-from fleet.controller import ControllerConfig, FleetController
-from fleet.metrics import FleetMetrics, _drift_families
-from fleet.mosquitto import free_port, stop_process
-from fleet.store import open_store
+from edgefleet.fleet.controller import ControllerConfig, FleetController
+from edgefleet.fleet.metrics import FleetMetrics, _drift_families
+from edgefleet.fleet.mosquitto import free_port, stop_process
+from edgefleet.fleet.store import open_store
 from tests.brokers import Subscriber
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import Fleet, wait_until

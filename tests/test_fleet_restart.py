@@ -20,15 +20,15 @@ from typing import Any
 
 import pytest
 
-from agent.protocol.payloads import BundleRef, DesiredState, Event, decode
-from agent.protocol.topics import Leaf, fleet_filter, parse_topic
-from fleet.client import FleetClient
-from fleet.controller import ControllerConfig, FleetController
-from fleet.errors import ConflictError
-from fleet.mosquitto import MosquittoBroker, free_port, stop_process, wait_for_port
-from fleet.rollout.spec import RolloutSpec, Selector, Wave
-from fleet.rollout.state import ACTIVE, DeviceState, Rollout, RolloutDevice, RolloutState
-from fleet.store import open_store
+from edgefleet.agent.protocol.payloads import BundleRef, DesiredState, Event, decode
+from edgefleet.agent.protocol.topics import Leaf, fleet_filter, parse_topic
+from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.controller import ControllerConfig, FleetController
+from edgefleet.fleet.errors import ConflictError
+from edgefleet.fleet.mosquitto import MosquittoBroker, free_port, stop_process, wait_for_port
+from edgefleet.fleet.rollout.spec import RolloutSpec, Selector, Wave
+from edgefleet.fleet.rollout.state import ACTIVE, DeviceState, Rollout, RolloutDevice, RolloutState
+from edgefleet.fleet.store import open_store
 from tests.brokers import Subscriber
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import Fleet, wait_until

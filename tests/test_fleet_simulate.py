@@ -14,8 +14,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from agent.protocol.bundle import read_bundle
-from agent.protocol.payloads import (
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.agent.protocol.payloads import (
     DesiredState,
     ReportedState,
     decode,
@@ -23,13 +23,13 @@ from agent.protocol.payloads import (
     decode_telemetry,
     encode,
 )
-from agent.protocol.topics import Leaf, device_topic, fleet_filter
-from agent.update.device import UpdateSettings
-from fleet.cli_simulate import simulate
-from fleet.mosquitto import MosquittoBroker
-from fleet.simulate import SimOptions, SimulatedFleet
-from fleet.simulate.options import assign_traits
-from fleet.simulate.pool import WorkPool
+from edgefleet.agent.protocol.topics import Leaf, device_topic, fleet_filter
+from edgefleet.agent.update.device import UpdateSettings
+from edgefleet.fleet.cli_simulate import simulate
+from edgefleet.fleet.mosquitto import MosquittoBroker
+from edgefleet.fleet.simulate import SimOptions, SimulatedFleet
+from edgefleet.fleet.simulate.options import assign_traits
+from edgefleet.fleet.simulate.pool import WorkPool
 from tests.brokers import Subscriber
 from tests.conftest import Keys, make_bundle
 from tests.http_files import FileServer

@@ -17,12 +17,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from agent.protocol.payloads import BundleRef
-from fleet.domain import AuditEntry, Device, ModelVersion
-from fleet.errors import ConflictError, NotFoundError, StoreError
-from fleet.rollout.spec import Gates, RolloutSpec, Selector, Wave
-from fleet.rollout.state import DeviceState, Rollout, RolloutDevice, RolloutState
-from fleet.store import Store, open_store
+from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.fleet.domain import AuditEntry, Device, ModelVersion
+from edgefleet.fleet.errors import ConflictError, NotFoundError, StoreError
+from edgefleet.fleet.rollout.spec import Gates, RolloutSpec, Selector, Wave
+from edgefleet.fleet.rollout.state import DeviceState, Rollout, RolloutDevice, RolloutState
+from edgefleet.fleet.store import Store, open_store
 from tests.postgres import admin_connection
 
 OLD = BundleRef(name="digits", version="0.9.0", sha256="b" * 64)
@@ -402,7 +402,7 @@ def test_two_connections_writing_one_set_of_devices_in_opposite_orders_never_dea
 
 
 def test_a_real_deadlock_is_reported_as_a_conflict_worth_a_retry(postgres_url: str) -> None:
-    from fleet.store.postgres import PostgresBackend
+    from edgefleet.fleet.store.postgres import PostgresBackend
 
     with psycopg.connect(postgres_url) as one, psycopg.connect(postgres_url) as two:
         for conn in (one, two):

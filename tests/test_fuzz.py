@@ -44,22 +44,22 @@ from cryptography.exceptions import InvalidSignature
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from agent.core import Agent
-from agent.protocol.bundle import read_bundle
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.files import read_int
-from agent.protocol.keyring import KEYRING_FILE, build_keyring, parse_keyring
-from agent.protocol.payloads import DesiredState, decode
-from agent.protocol.schema import NAME_PATTERN
-from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
-from agent.protocol.topics import Leaf, check_id, keyring_topic
-from agent.service import AgentService, ServiceConfig
-from agent.update import local
-from agent.update.slots import SlotStore
-from fleet import dashboard
-from fleet.controller import ControllerConfig, FleetController
-from fleet.ingest import UPDATE_STATES
-from fleet.store import Store, open_store
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.files import read_int
+from edgefleet.agent.protocol.keyring import KEYRING_FILE, build_keyring, parse_keyring
+from edgefleet.agent.protocol.payloads import DesiredState, decode
+from edgefleet.agent.protocol.schema import NAME_PATTERN
+from edgefleet.agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
+from edgefleet.agent.protocol.topics import Leaf, check_id, keyring_topic
+from edgefleet.agent.service import AgentService, ServiceConfig
+from edgefleet.agent.update import local
+from edgefleet.agent.update.slots import SlotStore
+from edgefleet.fleet import dashboard
+from edgefleet.fleet.controller import ControllerConfig, FleetController
+from edgefleet.fleet.ingest import UPDATE_STATES
+from edgefleet.fleet.store import Store, open_store
 from tests import tamper
 from tests.conftest import Keys
 from tests.models import load_digits
@@ -294,7 +294,7 @@ def test_the_agent_takes_any_desired_state_payload(idle_service: AgentService) -
     def check(message: tuple[bytes, bool]) -> None:
         payload, untouched = message
         before, seq = service.desired, read_int(counter)
-        with logged("agent.service") as records:
+        with logged("edgefleet.agent.service") as records:
             service._desired_message(topic, payload)
         try:
             expected: DesiredState | None = decode(DesiredState, payload)
@@ -375,7 +375,7 @@ def test_the_agent_takes_any_keyring_payload(idle_service: AgentService, pool: P
             service.keyring = None
             service.agent.trust(pool.trusted("root"))
         trusted, serial = service.agent.trusted, 3 if held else 0
-        with logged("agent.service") as records:
+        with logged("edgefleet.agent.service") as records:
             service._keyring_message(topic, payload)
         assert not _tracebacks(records)
         if service.agent.trusted is not trusted:
@@ -658,7 +658,7 @@ def test_the_controller_ingest_takes_any_message(controller: FleetController) ->
         topic, payload, valid = message
         before, rejected = _ingest_state(ctl), ctl.rejected
         events_before = len(journal.recent(10**6))
-        with logged("fleet.controller", "fleet.dashboard._journal") as records:
+        with logged("edgefleet.fleet.controller", "edgefleet.fleet.dashboard._journal") as records:
             ctl._message(topic, payload)
         assert not _tracebacks(records), _tracebacks(records)
         if ctl.rejected > rejected:
@@ -681,7 +681,7 @@ def test_the_controller_ingest_takes_any_message(controller: FleetController) ->
 @pytest.mark.parametrize("url", ["/etc/passwd", "file:///etc/passwd", "ftp://host/x.efb",
                                  "../slots/a/bundle.efb", "http://", "http://host/a b"])
 def test_a_desired_state_that_points_at_anything_but_http_is_refused(url: str) -> None:
-    from agent.protocol.payloads import DesiredState, decode
+    from edgefleet.agent.protocol.payloads import DesiredState, decode
 
     body = {"schema_version": 1, "name": "digits", "version": "1.0.0", "sha256": "0" * 64,
             "url": url, "size": 1}

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.protocol.bundle import (
+from edgefleet.agent.protocol.bundle import (
     MAX_FILE_BYTES,
     MAX_MANIFEST_BYTES,
     MAX_SIGNATURE_BYTES,
@@ -34,10 +34,10 @@ from agent.protocol.bundle import (
     read_bundle,
     read_manifest,
 )
-from agent.protocol.errors import BundleError, BundleFormatError, UnsafeMemberError
-from agent.protocol.manifest import Manifest
-from agent.protocol.signing import SigningKey, TrustedKeys
-from fleet.mosquitto import MosquittoBroker
+from edgefleet.agent.protocol.errors import BundleError, BundleFormatError, UnsafeMemberError
+from edgefleet.agent.protocol.manifest import Manifest
+from edgefleet.agent.protocol.signing import SigningKey, TrustedKeys
+from edgefleet.fleet.mosquitto import MosquittoBroker
 from tests import tamper
 from tests.conftest import Keys
 from tests.controller_process import measured_controller, stop
@@ -121,7 +121,7 @@ def pax_sparse(name: str, stored: bytes, realsize: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def signer(tmp_path_factory: pytest.TempPathFactory) -> SigningKey:
-    from agent.protocol.signing import generate_keypair
+    from edgefleet.agent.protocol.signing import generate_keypair
 
     return SigningKey.load(generate_keypair(tmp_path_factory.mktemp("hostile-keys"), "k")[0])
 

@@ -28,20 +28,20 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from agent.protocol.payloads import BundleRef
-from agent.protocol.schema import NAME_PATTERN
+from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.agent.protocol.schema import NAME_PATTERN
 from edgefleet.cli import app
-from fleet.api import ApiServer
-from fleet.cli_top import collect
-from fleet.client import FleetClient
-from fleet.controller import ControllerConfig, FleetController
-from fleet.ingest import REASONS, SLOTS, UPDATE_STATES
-from fleet.rollout import executor
-from fleet.rollout.executor import DeviceView, Observations
-from fleet.rollout.spec import Gates, RolloutSpec, Selector, Wave
-from fleet.rollout.state import Rollout, RolloutState
-from fleet.rollout.validate import RolloutOptionError, check_options, rollout_spec
-from fleet.store import Store, open_store
+from edgefleet.fleet.api import ApiServer
+from edgefleet.fleet.cli_top import collect
+from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.controller import ControllerConfig, FleetController
+from edgefleet.fleet.ingest import REASONS, SLOTS, UPDATE_STATES
+from edgefleet.fleet.rollout import executor
+from edgefleet.fleet.rollout.executor import DeviceView, Observations
+from edgefleet.fleet.rollout.spec import Gates, RolloutSpec, Selector, Wave
+from edgefleet.fleet.rollout.state import Rollout, RolloutState
+from edgefleet.fleet.rollout.validate import RolloutOptionError, check_options, rollout_spec
+from edgefleet.fleet.store import Store, open_store
 from tests.conftest import Keys
 from tests.hostile import HOSTILE, MiB, peak_traced_bytes
 
@@ -551,8 +551,8 @@ def other_messages(draw: st.DrawFn, device: str) -> tuple[str, bytes, bool | Non
 
 
 def test_the_update_states_and_slots_the_controller_takes_are_the_agents() -> None:
-    from agent.update.slots import SLOTS as AGENT_SLOTS
-    from agent.update.states import State
+    from edgefleet.agent.update.slots import SLOTS as AGENT_SLOTS
+    from edgefleet.agent.update.states import State
     assert {s.value for s in State} == UPDATE_STATES
     assert set(AGENT_SLOTS) == SLOTS
 
@@ -661,7 +661,7 @@ def test_device_messages_outside_their_schema_are_counted_by_reason_and_never_re
         rejected, by_reason = ctl.rejected, dict(ctl.rejected_by)
         latest = copy.deepcopy(ctl.telemetry.snapshot().get(device))
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="fleet.controller"):
+        with caplog.at_level(logging.WARNING, logger="edgefleet.fleet.controller"):
             result, peak = peak_traced_bytes(lambda: ctl._message(
                 f"edgefleet/v1/{FLEET}/{device}/{leaf}", payload))
         assert not isinstance(result, BaseException), result

@@ -35,10 +35,10 @@ import tritonclient.http as triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.serving.errors import RequestError
-from agent.serving.limits import JSON_WEIGHT, HttpLimits
-from agent.serving.schema import check_depth
-from fleet.mosquitto import free_port, wait_for_port
+from edgefleet.agent.serving.errors import RequestError
+from edgefleet.agent.serving.limits import JSON_WEIGHT, HttpLimits
+from edgefleet.agent.serving.schema import check_depth
+from edgefleet.fleet.mosquitto import free_port, wait_for_port
 from tests.conftest import Keys
 from tests.hostile import EXAMPLES, HOSTILE, MiB
 from tests.models import TrainedModels

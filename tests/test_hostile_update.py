@@ -35,17 +35,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from agent.core import Agent
-from agent.protocol.bundle import read_bundle
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.payloads import DesiredState
-from agent.update import local
-from agent.update.attempts import starts_attempt
-from agent.update.device import DeviceController, UpdateSettings
-from agent.update.disk import DiskFullError, sweep
-from agent.update.download import CHUNK, DownloadError
-from agent.update.runner import UpdateRunner
-from agent.update.states import Journal, State
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.payloads import DesiredState
+from edgefleet.agent.update import local
+from edgefleet.agent.update.attempts import starts_attempt
+from edgefleet.agent.update.device import DeviceController, UpdateSettings
+from edgefleet.agent.update.disk import DiskFullError, sweep
+from edgefleet.agent.update.download import CHUNK, DownloadError
+from edgefleet.agent.update.runner import UpdateRunner
+from edgefleet.agent.update.states import Journal, State
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import wait_until
 from tests.hostile import HOSTILE, MiB, peak_traced_bytes
@@ -348,7 +348,7 @@ def _fsize_limited(limit: int) -> None:
 def worker() -> None:
     """Run in a child process: one ``local.install`` per stdin line under a file-size
     limit (the limit is lifted again before answering), one JSON answer per line."""
-    from agent.protocol.signing import TrustedKeys
+    from edgefleet.agent.protocol.signing import TrustedKeys
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     agent: Agent | None = None
@@ -673,10 +673,10 @@ def test_a_failure_reported_before_a_rollout_sent_its_bundle_is_no_answer_to_it(
         since: int, followed: str) -> None:
     """The controller's side: the device's ROLLED_BACK from the earlier rollout (its report
     older than this rollout's install) must not count as this rollout's failure."""
-    from agent.protocol.payloads import BundleRef
-    from fleet.rollout.executor import DeviceView, Observations, Quality, tick
-    from fleet.rollout.spec import RolloutSpec, Selector
-    from fleet.rollout.state import Rollout
+    from edgefleet.agent.protocol.payloads import BundleRef
+    from edgefleet.fleet.rollout.executor import DeviceView, Observations, Quality, tick
+    from edgefleet.fleet.rollout.spec import RolloutSpec, Selector
+    from edgefleet.fleet.rollout.state import Rollout
 
     old = BundleRef(name="digits", version="1.0.0", sha256="1" * 64)
     new = BundleRef(name="digits", version="2.0.0", sha256="2" * 64)
@@ -707,7 +707,7 @@ def _ended(fleet: Any, rollout_id: str) -> dict[str, Any] | None:
 @pytest.mark.parametrize("installs", [1, 2])
 def test_agent_rollback_with_no_earlier_bundle_is_refused_and_changes_nothing(
         installs: int, versions: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
-    from agent.cli.agent import app
+    from edgefleet.agent.cli.agent import app
 
     agent = Agent(signing_keys.trusted)
     for name in ("v1", "v2")[:installs]:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from agent.core import Agent
-from agent.serving.http import InferenceServer
+from edgefleet.agent.core import Agent
+from edgefleet.agent.serving.http import InferenceServer
 from tests.conftest import Keys
 from tests.models import TrainedModels
 

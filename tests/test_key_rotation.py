@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from agent.core import Agent
-from agent.protocol.bundle import read_bundle
-from agent.protocol.errors import EdgefleetError, UnknownKeyError
-from agent.protocol.keyring import (
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.agent.protocol.errors import EdgefleetError, UnknownKeyError
+from edgefleet.agent.protocol.keyring import (
     KEYRING_FILE,
     KeyringError,
     StaleKeyringError,
@@ -27,14 +27,14 @@ from agent.protocol.keyring import (
     parse_keyring,
     trust_at_start,
 )
-from agent.protocol.payloads import DesiredState, encode
-from agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
-from agent.protocol.topics import Leaf, device_topic, keyring_topic
-from agent.service import AgentService, ServiceConfig
-from agent.update import local
-from agent.update.states import State
+from edgefleet.agent.protocol.payloads import DesiredState, encode
+from edgefleet.agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
+from edgefleet.agent.protocol.topics import Leaf, device_topic, keyring_topic
+from edgefleet.agent.service import AgentService, ServiceConfig
+from edgefleet.agent.update import local
+from edgefleet.agent.update.states import State
 from edgefleet.cli import app
-from fleet.errors import ConflictError
+from edgefleet.fleet.errors import ConflictError
 from tests.brokers import Subscriber
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, Fleet, wait_until

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner, Result
 
-from agent.protocol.bundle import inspect_bundle, read_bundle
-from agent.protocol.encryption import RecipientKey, generate_device_key
-from agent.runtime import load_runtime
-from converter.config import ConvertConfig
-from converter.lineage import config_json, tree_sha256
-from converter.pipeline import convert
+from edgefleet.agent.protocol.bundle import inspect_bundle, read_bundle
+from edgefleet.agent.protocol.encryption import RecipientKey, generate_device_key
+from edgefleet.agent.runtime import load_runtime
 from edgefleet.cli import app
+from edgefleet.converter.config import ConvertConfig
+from edgefleet.converter.lineage import config_json, tree_sha256
+from edgefleet.converter.pipeline import convert
 from tests import tamper
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, Fleet

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from agent.errors import BrokerError, BrokerTimeoutError
-from agent.mqtt import MqttClient, parse_broker_url
-from agent.protocol.payloads import STATUS_OFFLINE, STATUS_ONLINE, decode_telemetry
-from agent.protocol.topics import Leaf, device_topic
-from agent.telemetry.reporter import TelemetryReporter
-from agent.telemetry.spool import Spool
+from edgefleet.agent.errors import BrokerError, BrokerTimeoutError
+from edgefleet.agent.mqtt import MqttClient, parse_broker_url
+from edgefleet.agent.protocol.payloads import STATUS_OFFLINE, STATUS_ONLINE, decode_telemetry
+from edgefleet.agent.protocol.topics import Leaf, device_topic
+from edgefleet.agent.telemetry.reporter import TelemetryReporter
+from edgefleet.agent.telemetry.spool import Spool
 from tests.brokers import AnyBroker, Message, MosquittoBroker, Subscriber
 
 ClientFactory = Callable[..., MqttClient]
@@ -26,7 +26,7 @@ ClientFactory = Callable[..., MqttClient]
 # A device in its own process: connects with a last will and says "online" (retained).
 _DEVICE = """
 import sys, time
-from agent.mqtt import MqttClient
+from edgefleet.agent.mqtt import MqttClient
 host, port, topic = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 client = MqttClient("will-device", host, port, will=(topic, b"offline", 1, True), keepalive=5)
 client.on_connect(lambda: client.publish(topic, b"online", qos=1, retain=True))

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.core import Agent
-from agent.update.device import DeviceController, UpdateSettings
-from agent.update.states import Event, Journal, State
+from edgefleet.agent.core import Agent
+from edgefleet.agent.update.device import DeviceController, UpdateSettings
+from edgefleet.agent.update.states import Event, Journal, State
 from tests.conftest import Keys, make_bundle
 from tests.models import TrainedModels, train_digits_cnn
 
@@ -113,8 +113,8 @@ def test_nan_outputs_agree_with_nothing_and_the_telemetry_stays_in_the_fleets_sc
         tmp_path: Path) -> None:
     import json
 
-    from agent.protocol.schema import finite
-    from agent.protocol.telemetry_schema import check_points
+    from edgefleet.agent.protocol.schema import finite
+    from edgefleet.agent.protocol.telemetry_schema import check_points
 
     v2 = make_bundle(digits_models.tflite, tmp_path / "v2.efb", signing_keys, "2.0.0")
     agent = _agent_on(digits_bundles["tflite"], v2, signing_keys)

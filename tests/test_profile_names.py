@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from devices import ProfileError, builtin_profile, list_profiles
-from fleet.compat import _profile
+from edgefleet.devices import ProfileError, builtin_profile, list_profiles
+from edgefleet.fleet.compat import _profile
 from tests.hostile import HOSTILE
 
 

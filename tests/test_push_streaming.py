@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.mosquitto import MosquittoBroker
+from edgefleet.fleet.mosquitto import MosquittoBroker
 from tests.conftest import Keys
 from tests.controller_process import measured_controller, stop
 from tests.fleet_harness import TOKEN, wait_until

@@ -30,10 +30,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner, Result
 
-from agent.cli.output import visible
+from edgefleet.agent.cli.output import visible
 from edgefleet.cli import app
 from edgefleet.cli_example_data import example_data
-from fleet.mosquitto import MosquittoBroker, free_port
+from edgefleet.fleet.mosquitto import MosquittoBroker, free_port
 from tests.hostile import HOSTILE, MiB, peak_traced_bytes
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from agent.protocol.payloads import BundleRef
-from fleet.errors import ConflictError, InvalidRolloutError
-from fleet.rollout.executor import (
+from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.fleet.errors import ConflictError, InvalidRolloutError
+from edgefleet.fleet.rollout.executor import (
     Action,
     Decisions,
     DeviceView,
@@ -21,8 +21,15 @@ from fleet.rollout.executor import (
     rollback,
     tick,
 )
-from fleet.rollout.spec import Gates, RolloutSpec, Selector, Wave, parse_waves, wave_bounds
-from fleet.rollout.state import DeviceState, Rollout, RolloutState
+from edgefleet.fleet.rollout.spec import (
+    Gates,
+    RolloutSpec,
+    Selector,
+    Wave,
+    parse_waves,
+    wave_bounds,
+)
+from edgefleet.fleet.rollout.state import DeviceState, Rollout, RolloutState
 
 OLD = BundleRef(name="digits", version="1.0.0", sha256="1" * 64)
 NEW = BundleRef(name="digits", version="2.0.0", sha256="2" * 64)

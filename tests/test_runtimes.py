@@ -5,9 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.core import Agent, NotReadyError
-from agent.runtime import InferenceError, RuntimeLoadError, installed_runtimes, load_runtime
-from agent.runtime.select import tflite_op_level, version_tuple
+from edgefleet.agent.core import Agent, NotReadyError
+from edgefleet.agent.runtime import (
+    InferenceError,
+    RuntimeLoadError,
+    installed_runtimes,
+    load_runtime,
+)
+from edgefleet.agent.runtime.select import tflite_op_level, version_tuple
 from tests.conftest import Keys
 from tests.models import TrainedModels
 

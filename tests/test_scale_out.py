@@ -27,23 +27,23 @@ import psycopg
 import pytest
 from rich.console import Console
 
-from agent.protocol.payloads import BundleRef, decode_telemetry
-from agent.protocol.topics import Leaf, fleet_filter, parse_topic
-from agent.runtime import load_runtime
-from fleet.api import ApiServer
-from fleet.cli_top import collect, render
-from fleet.client import FleetClient
-from fleet.controller import ControllerConfig, FleetController
-from fleet.domain import ModelVersion
-from fleet.errors import FleetError
-from fleet.lease import Fence, LeaseLostError
-from fleet.mosquitto import MosquittoBroker, free_port, stop_process, wait_for_port
-from fleet.relay import relay
-from fleet.rollout.spec import Gates, RolloutSpec, Selector, Wave
-from fleet.rollout.state import DeviceState, Rollout, RolloutDevice, RolloutState
-from fleet.simulate import SimOptions, SimulatedFleet
-from fleet.store import Store, open_store
-from fleet.telemetry import TelemetryBook
+from edgefleet.agent.protocol.payloads import BundleRef, decode_telemetry
+from edgefleet.agent.protocol.topics import Leaf, fleet_filter, parse_topic
+from edgefleet.agent.runtime import load_runtime
+from edgefleet.fleet.api import ApiServer
+from edgefleet.fleet.cli_top import collect, render
+from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.controller import ControllerConfig, FleetController
+from edgefleet.fleet.domain import ModelVersion
+from edgefleet.fleet.errors import FleetError
+from edgefleet.fleet.lease import Fence, LeaseLostError
+from edgefleet.fleet.mosquitto import MosquittoBroker, free_port, stop_process, wait_for_port
+from edgefleet.fleet.relay import relay
+from edgefleet.fleet.rollout.spec import Gates, RolloutSpec, Selector, Wave
+from edgefleet.fleet.rollout.state import DeviceState, Rollout, RolloutDevice, RolloutState
+from edgefleet.fleet.simulate import SimOptions, SimulatedFleet
+from edgefleet.fleet.store import Store, open_store
+from edgefleet.fleet.telemetry import TelemetryBook
 from tests.brokers import Subscriber
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, Fleet, wait_until

@@ -19,23 +19,23 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
 
-from agent.core import Agent
-from agent.ha_discovery import publish_discovery
-from agent.mqtt import MqttClient, MqttSecurity
-from agent.protocol.homeassistant import node_id
-from agent.service import AgentService, ServiceConfig
-from agent.update import download, local
+from edgefleet.agent.core import Agent
+from edgefleet.agent.ha_discovery import publish_discovery
+from edgefleet.agent.mqtt import MqttClient, MqttSecurity
+from edgefleet.agent.protocol.homeassistant import node_id
+from edgefleet.agent.service import AgentService, ServiceConfig
+from edgefleet.agent.update import download, local
 from edgefleet.cli import app
-from fleet import certs
-from fleet.acl import acl_rules, render_acl
-from fleet.api import ApiServer
-from fleet.client import FleetClient
-from fleet.controller import ControllerConfig, FleetController
-from fleet.errors import ApiError
-from fleet.mosquitto import BrokerSecurity, MosquittoBroker, add_passwords, free_port
-from fleet.simulate import SimOptions, SimulatedFleet
-from fleet.simulate.options import SimulationError
-from fleet.store import Store, open_store
+from edgefleet.fleet import certs
+from edgefleet.fleet.acl import acl_rules, render_acl
+from edgefleet.fleet.api import ApiServer
+from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.controller import ControllerConfig, FleetController
+from edgefleet.fleet.errors import ApiError
+from edgefleet.fleet.mosquitto import BrokerSecurity, MosquittoBroker, add_passwords, free_port
+from edgefleet.fleet.simulate import SimOptions, SimulatedFleet
+from edgefleet.fleet.simulate.options import SimulationError
+from edgefleet.fleet.store import Store, open_store
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, wait_until
 from tests.models import TrainedModels
@@ -244,7 +244,7 @@ def test_a_client_without_a_valid_certificate_cannot_connect_and_says_why_once(
         broker: MosquittoBroker, pki: Pki, clients: list[MqttClient],
         caplog: pytest.LogCaptureFixture) -> None:
     before = _log_lines(broker, "peer did not return a certificate")
-    with caplog.at_level(logging.WARNING, logger="agent.mqtt"):
+    with caplog.at_level(logging.WARNING, logger="edgefleet.agent.mqtt"):
         no_cert = _connect(clients, broker.url, MqttSecurity(ca_file=pki.ca), "no-cert",
                            expect=False)
         wait_until(lambda: _log_lines(broker, "peer did not return a certificate")
@@ -252,7 +252,7 @@ def test_a_client_without_a_valid_certificate_cannot_connect_and_says_why_once(
     assert not no_cert.connected and no_cert.connect_error is not None
     assert "certificate required" in no_cert.connect_error.message
     assert "--cert" in no_cert.connect_error.hint
-    warnings = [r.getMessage() for r in caplog.records if r.name == "agent.mqtt"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "edgefleet.agent.mqtt"]
     # once per distinct reason (in practice one), not at every one of the 3+ attempts
     assert 1 <= len(warnings) < 3 and len(set(warnings)) == len(warnings), warnings
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.core import Agent
-from agent.drift import (
+from edgefleet.agent.core import Agent
+from edgefleet.agent.drift import (
     _MAX_TOKENS_NS,
     INFERENCE_BUDGET,
     MAX_RATE,
@@ -27,19 +27,19 @@ from agent.drift import (
     WALL_BUDGET,
     DriftSampler,
 )
-from agent.protocol.bundle import read_bundle
-from agent.runtime import load_runtime
-from agent.runtime.base import TensorInfo
-from agent.runtime.errors import InferenceError
-from agent.serving.http import InferenceServer
-from agent.serving.kserve import (
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.agent.runtime import load_runtime
+from edgefleet.agent.runtime.base import TensorInfo
+from edgefleet.agent.runtime.errors import InferenceError
+from edgefleet.agent.serving.http import InferenceServer
+from edgefleet.agent.serving.kserve import (
     CACHE_SIZE,
     ModelView,
     RequestError,
     decode_infer,
     encode_infer,
 )
-from agent.stats import VersionStats
+from edgefleet.agent.stats import VersionStats
 from tests.conftest import Keys, make_bundle
 from tests.models import TrainedModels
 

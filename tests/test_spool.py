@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.telemetry.spool import Spool
+from edgefleet.agent.telemetry.spool import Spool
 
 
 def _fill(spool: Spool, count: int, size: int = 100) -> None:

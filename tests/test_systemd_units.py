@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import ServiceInstallError
-from agent.systemd import HOST_NAME, Unit, exec_line, render
+from edgefleet.agent.errors import ServiceInstallError
+from edgefleet.agent.systemd import HOST_NAME, Unit, exec_line, render
 from tests.conftest import Keys
 from tests.hostile import HOSTILE
 
@@ -114,8 +114,8 @@ try:
 except PermissionError:
     pass
 import numpy as np
-from agent.core import Agent
-from agent.protocol.signing import TrustedKeys
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.signing import TrustedKeys
 agent = Agent(TrustedKeys.from_paths([sys.argv[1]]))
 agent.load(sys.argv[2])
 x = np.load(sys.argv[3])
@@ -127,7 +127,7 @@ print(json.dumps({k: v.tolist() for k, v in out.items()}))
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_the_agent_serves_both_runtimes_with_no_writable_executable_memory(
         tmp_path: Path, signing_keys: Keys, digits_bundles: dict[str, Path], fmt: str) -> None:
-    from agent.core import Agent
+    from edgefleet.agent.core import Agent
     from tests.models import load_digits
 
     x = load_digits().x_test[:16]
@@ -151,7 +151,7 @@ def _directives(text: str) -> list[str]:
             if line and not line.startswith(("#", "["))]
 
 
-_TEMPLATE = Unit("agent", "edgefleet-agent.service").template()
+_TEMPLATE = Unit("edgefleet.agent", "edgefleet-agent.service").template()
 _ARGS = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
 
 

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.core import Agent
-from agent.protocol.topics import Leaf, device_topic
-from agent.service import AgentService, ServiceConfig
-from fleet.mosquitto import MosquittoBroker
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.topics import Leaf, device_topic
+from edgefleet.agent.service import AgentService, ServiceConfig
+from edgefleet.fleet.mosquitto import MosquittoBroker
 from tests.brokers import Subscriber
 from tests.conftest import Keys
 

@@ -6,7 +6,7 @@ import itertools
 
 import paho.mqtt.client as paho
 
-from agent.mqtt import topic_matches
+from edgefleet.agent.mqtt import topic_matches
 
 FILTERS = ["a/+/c", "a/#", "#", "+/+", "a/b/c", "+", "a/+", "a/b/#", "+/#", "/#", "+/b/+",
            "edgefleet/v1/f/+/state/reported", "edgefleet/v1/f/+/telemetry"]

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from agent.protocol.errors import EdgefleetError
-from agent.update.flow import Updater
-from agent.update.states import (
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.update.flow import Updater
+from edgefleet.agent.update.states import (
     MAX_ENTRIES,
     TERMINAL,
     TRANSITIONS,

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.core import Agent
-from converter.config import ConvertConfig
-from converter.pipeline import ConversionFailed, convert
-from converter.report import ConversionReport
+from edgefleet.agent.core import Agent
+from edgefleet.converter.config import ConvertConfig
+from edgefleet.converter.pipeline import ConversionFailed, convert
+from edgefleet.converter.report import ConversionReport
 from tests import wheel_models
 from tests.conftest import Keys
 
@@ -94,10 +94,10 @@ def test_mediapipe_face_detector_int8_loads_with_symmetric_weights(images: Path)
     (zero point != 0), which LiteRT refused to load."""
     from ai_edge_litert import schema_py_generated as schema
 
-    from agent.runtime.select import load_runtime
-    from converter import litert_quantizer
-    from converter.data import load_dataset
-    from converter.sources import load_source
+    from edgefleet.agent.runtime.select import load_runtime
+    from edgefleet.converter import litert_quantizer
+    from edgefleet.converter.data import load_dataset
+    from edgefleet.converter.sources import load_source
 
     path = wheel_models.model("face-detection")
     raw = path.read_bytes()

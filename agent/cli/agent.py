@@ -8,33 +8,36 @@ import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.markup import escape
 
-from agent.cli import http_options as web
-from agent.cli.logs import LogFormat, LogFormatOpt, agent_context, fail_in, setup_logging
-from agent.cli.mqtt_options import (
+from edgefleet.agent.cli import http_options as web
+from edgefleet.agent.cli.extras import needs
+from edgefleet.agent.cli.logs import LogFormat, LogFormatOpt, agent_context, fail_in, setup_logging
+from edgefleet.agent.cli.mqtt_options import (
     CertOpt,
     KeyOpt,
     PasswordFileOpt,
     UsernameOpt,
     mqtt_security,
 )
-from agent.cli.output import console, emit, err_console, fail, table
-from agent.cli.params import device_id_option, fleet_option, host_port, http_address
-from agent.cli.service import ServiceSpec, service_app, subcommand
-from agent.core import Agent
-from agent.errors import NothingToServeError
-from agent.ports import check_free
-from agent.protocol.encryption import DecryptionKeys
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.keyring import trust_at_start
-from agent.protocol.signing import TrustedKeys
-from agent.service import AgentService, ServiceConfig
-from agent.systemd import HOST_NAME, Unit
-from agent.update import download
+from edgefleet.agent.cli.output import console, emit, err_console, fail, table
+from edgefleet.agent.cli.params import device_id_option, fleet_option, host_port, http_address
+from edgefleet.agent.cli.service import ServiceSpec, service_app, subcommand
+from edgefleet.agent.core import Agent
+from edgefleet.agent.errors import NothingToServeError
+from edgefleet.agent.ports import check_free
+from edgefleet.agent.protocol.encryption import DecryptionKeys
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.keyring import trust_at_start
+from edgefleet.agent.protocol.signing import TrustedKeys
+from edgefleet.agent.systemd import HOST_NAME, Unit
+from edgefleet.agent.update import download
+
+if TYPE_CHECKING:  # the service needs the [agent] extra: loaded by the command that runs it
+    from edgefleet.agent.service import AgentService
 
 app = typer.Typer(help="Run models on this device.", no_args_is_help=True)
 
@@ -79,7 +82,7 @@ def install(
     as_json: JsonOpt = False,
 ) -> None:
     """Flash a bundle: verify, stage in the free slot, health-check, switch, commit."""
-    from agent.update import local
+    from edgefleet.agent.update import local
 
     data = data_dir.expanduser()
     try:
@@ -96,7 +99,7 @@ def install(
 @app.command()
 def status(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonOpt = False) -> None:
     """Slots, the active and previous bundle, and the update state."""
-    from agent.update import local
+    from edgefleet.agent.update import local
 
     try:
         data = local.status(data_dir.expanduser())
@@ -114,7 +117,7 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonOpt = False) -> No
 def rollback(data_dir: DataDir = DEFAULT_DATA_DIR, trusted_key: TrustedKey = None,
              decrypt_key: DecryptKey = None, as_json: JsonOpt = False) -> None:
     """Return to the previous committed bundle."""
-    from agent.update import local
+    from edgefleet.agent.update import local
 
     data = data_dir.expanduser()
     try:
@@ -129,7 +132,7 @@ def rollback(data_dir: DataDir = DEFAULT_DATA_DIR, trusted_key: TrustedKey = Non
 
 
 def _show_result(journal: dict[str, object], data: Path, as_json: bool) -> None:
-    from agent.update import local
+    from edgefleet.agent.update import local
 
     result = {"update": journal, **local.status(data)}
     emit(result, as_json, table(escape(f"{journal['state']}: {journal['detail'] or 'done'}"),
@@ -145,6 +148,7 @@ def _failed(detail: str, as_json: bool) -> NoReturn:
 
 
 @app.command()
+@needs("agent run", "agent")
 def run(
     bundle: Annotated[Path | None, typer.Option(
         help="Bundle to install when DATA_DIR has none yet (later updates come from the fleet)")
@@ -214,6 +218,8 @@ def run(
         _load_or_refuse(agent, data, bundle, resume=broker is None)
     except EdgefleetError as exc:
         fail_in(log_format, exc)
+    from edgefleet.agent.service import AgentService, ServiceConfig
+
     host, port = host_port(http, "--http") if http else ("127.0.0.1", None)
     config = ServiceConfig(fleet=fleet, device_id=device_id, data_dir=data, broker_url=broker,
                            http_host=host, http_port=port,
@@ -234,8 +240,8 @@ def run(
 
 def _load_or_refuse(agent: Agent, data: Path, bundle: Path | None, resume: bool) -> None:
     """Serve the active slot; install ``bundle`` first when there is none."""
-    from agent.update import local
-    from agent.update.slots import SlotStore
+    from edgefleet.agent.update import local
+    from edgefleet.agent.update.slots import SlotStore
 
     try:
         if bundle is not None and SlotStore(data).active_bundle() is None:
@@ -274,6 +280,7 @@ def _device_id_default(args: Sequence[str]) -> list[str]:
 
 
 app.add_typer(service_app(ServiceSpec(
-    Unit("agent", "edgefleet-agent.service"), ("agent", "run"), lambda: subcommand(app, "run"),
+    Unit("edgefleet.agent", "edgefleet-agent.service"), ("agent", "run"),
+    lambda: subcommand(app, "run"),
     user="edgefleet", data_dir=Path("/var/lib/edgefleet"), defaults=_device_id_default)),
     name="service")

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from agent.cli.extras import needs
-from agent.cli.logs import LogFormat, LogFormatOpt, fail_in, setup_logging
-from agent.protocol.errors import EdgefleetError
+from edgefleet.agent.cli.extras import needs
+from edgefleet.agent.cli.logs import LogFormat, LogFormatOpt, fail_in, setup_logging
+from edgefleet.agent.protocol.errors import EdgefleetError
 
-log = logging.getLogger("agent.broker")
+log = logging.getLogger("edgefleet.agent.broker")
 
 
 @needs("broker", "broker")
@@ -21,7 +21,7 @@ def broker(
     log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Run an embedded broker (amqtt) until Ctrl-C; use Mosquitto for real fleets."""
-    from agent.broker import run_embedded_broker
+    from edgefleet.agent.broker import run_embedded_broker
 
     setup_logging(log_format, logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     announce = log.info if log_format is LogFormat.json else _print

@@ -1,8 +1,8 @@
 """The options of ``agent run --http``: bounds (body sizes, time, connections) and security.
 
-Defaults and what each bound answers are in :class:`agent.serving.limits.HttpLimits`
+Defaults and what each bound answers are in :class:`edgefleet.agent.serving.limits.HttpLimits`
 and docs/protocol.md (section "HTTP: KServe v2"); TLS, tokens and client certificates
-in :mod:`agent.serving.security` and docs/security.md. A token is never taken on the
+in :mod:`edgefleet.agent.serving.security` and docs/security.md. A token is never taken on the
 command line (``ps`` shows it to every user): it comes from ``--http-token-file`` or
 the ``EDGEFLEET_HTTP_TOKEN`` variable.
 """
@@ -16,9 +16,9 @@ from typing import Annotated
 
 import typer
 
-from agent.serving.errors import HttpSetupError
-from agent.serving.limits import HttpLimits
-from agent.serving.security import HttpSecurity, tls_context
+from edgefleet.agent.serving.errors import HttpSetupError
+from edgefleet.agent.serving.limits import HttpLimits
+from edgefleet.agent.serving.security import HttpSecurity, tls_context
 
 __all__ = ["MAX_BODY", "MAX_CONNECTIONS", "MAX_JSON", "MIN_BODY_RATE", "TIMEOUT_S", "TOKEN_ENV",
            "ClientCaOpt", "MaxBodyOpt", "MaxConnectionsOpt", "MaxJsonOpt", "MinBodyRateOpt",

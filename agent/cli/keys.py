@@ -9,17 +9,17 @@ from typing import Annotated
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.cli.output import emit, fail, table
-from agent.protocol.errors import EdgefleetError, KeyFileError
-from agent.protocol.files import atomic_write
-from agent.protocol.keyring import (
+from edgefleet.agent.cli.output import emit, fail, table
+from edgefleet.agent.protocol.errors import EdgefleetError, KeyFileError
+from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.agent.protocol.keyring import (
     KEYRING_FILE,
     SignedKeyring,
     build_keyring,
     load_keyring,
     parse_keyring,
 )
-from agent.protocol.signing import (
+from edgefleet.agent.protocol.signing import (
     PUBLIC_SUFFIX,
     SECRET_SUFFIX,
     SigningKey,
@@ -58,7 +58,7 @@ def generate_encryption(
 ) -> None:
     """An X25519 key pair for models encrypted at rest: NAME.x25519 (private, mode 0600) goes
     to the device (DATA_DIR/keys, or --decrypt-key); NAME.x25519pub to 'convert --encrypt-for'."""
-    from agent.protocol.encryption import DeviceKey, generate_device_key
+    from edgefleet.agent.protocol.encryption import DeviceKey, generate_device_key
 
     try:
         secret, public = generate_device_key(out, name)

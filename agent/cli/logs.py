@@ -3,7 +3,7 @@
 ``--log-format text`` (the default) keeps the human line; ``--log-format json`` writes
 one JSON object a line on stderr, ready for ``jq`` or a log shipper::
 
-    {"ts": "2026-12-07T01:02:03.456Z", "level": "INFO", "logger": "agent.service",
+    {"ts": "2026-12-07T01:02:03.456Z", "level": "INFO", "logger": "edgefleet.agent.service",
      "message": "update: ...", "device": "cam-17", "model": "digits", "version": "2.0.0",
      "state": "PROBATION", "rollout": "r1"}
 
@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from rich.markup import escape
 
-from agent.cli.output import err_console
-from agent.protocol.errors import EdgefleetError
+from edgefleet.agent.cli.output import err_console
+from edgefleet.agent.protocol.errors import EdgefleetError
 
 if TYPE_CHECKING:
-    from agent.service import AgentService
+    from edgefleet.agent.service import AgentService
 
 __all__ = ["FIELDS", "JsonFormatter", "LogFormat", "LogFormatOpt", "agent_context", "fail_in",
            "setup_logging"]

@@ -14,8 +14,8 @@ from typing import Annotated
 
 import typer
 
-from agent.errors import BrokerError
-from agent.mqtt import MqttSecurity
+from edgefleet.agent.errors import BrokerError
+from edgefleet.agent.mqtt_config import MqttSecurity
 
 __all__ = ["PASSWORD_ENV", "CaOpt", "CertOpt", "KeyOpt", "PasswordFileOpt", "UsernameOpt",
            "mqtt_security"]

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Span, Text
 
-from agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.errors import EdgefleetError
 
 __all__ = ["PIPED_WIDTH", "console", "emit", "err_console", "fail", "literal", "styled",
            "table", "visible"]

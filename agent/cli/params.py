@@ -16,8 +16,8 @@ from typing import IO, Any
 
 import typer
 
-from agent.protocol.topics import check_id
-from agent.systemd import HOST_NAME
+from edgefleet.agent.protocol.topics import check_id
+from edgefleet.agent.systemd import HOST_NAME
 
 __all__ = ["OptionRefused", "api_address", "device_id_option", "fleet_option",
            "host_port", "http_address"]

@@ -15,9 +15,9 @@ from typing import Annotated, Any, Protocol
 
 import typer
 
-from agent.cli.output import emit, fail, table
-from agent.errors import ServiceInstallError
-from agent.systemd import Unit, render, user_exists, write_unit
+from edgefleet.agent.cli.output import emit, fail, table
+from edgefleet.agent.errors import ServiceInstallError
+from edgefleet.agent.systemd import Unit, render, user_exists, write_unit
 
 __all__ = ["Parser", "ServiceSpec", "service_app", "subcommand"]
 

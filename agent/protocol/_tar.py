@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from agent.protocol.errors import BundleFormatError
+from edgefleet.agent.protocol.errors import BundleFormatError
 
 __all__ = ["BLOCK", "MAX_EXTENDED_BYTES", "Entry", "TarReader", "check_first_block"]
 

@@ -28,23 +28,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from agent.protocol._tar import NOT_A_BUNDLE_HINT, Entry, TarReader, shown
-from agent.protocol.encryption import (
+from edgefleet.agent.protocol._tar import NOT_A_BUNDLE_HINT, Entry, TarReader, shown
+from edgefleet.agent.protocol.encryption import (
     DecryptionKeys,
     NoDecryptionKeyError,
     RecipientKey,
     decrypt_model,
     encrypt_model,
 )
-from agent.protocol.errors import (
+from edgefleet.agent.protocol.errors import (
     BundleError,
     BundleFormatError,
     IntegrityError,
     MissingFileError,
     UnsafeMemberError,
 )
-from agent.protocol.files import atomic_write, sha256_bytes
-from agent.protocol.manifest import (
+from edgefleet.agent.protocol.files import atomic_write, sha256_bytes
+from edgefleet.agent.protocol.manifest import (
     ENCRYPTED_SCHEMA_VERSION,
     ENCRYPTED_SUFFIX,
     HEALTH_FILE,
@@ -54,7 +54,7 @@ from agent.protocol.manifest import (
     Manifest,
     parse_manifest,
 )
-from agent.protocol.signing import SigningKey, TrustedKeys
+from edgefleet.agent.protocol.signing import SigningKey, TrustedKeys
 
 __all__ = ["BUNDLE_SUFFIX", "Bundle", "build_bundle", "inspect_bundle", "read_bundle",
            "read_manifest", "write_bundle"]

@@ -39,10 +39,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from agent.protocol.errors import BundleError, KeyFileError
-from agent.protocol.files import atomic_write, sha256_bytes
-from agent.protocol.manifest import Encryption, Manifest, Recipient
-from agent.protocol.pem import load_key
+from edgefleet.agent.protocol.errors import BundleError, KeyFileError
+from edgefleet.agent.protocol.files import atomic_write, sha256_bytes
+from edgefleet.agent.protocol.manifest import Encryption, Manifest, Recipient
+from edgefleet.agent.protocol.pem import load_key
 
 __all__ = [
     "PRIVATE_SUFFIX",

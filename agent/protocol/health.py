@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.protocol.errors import BundleFormatError
+from edgefleet.agent.protocol.errors import BundleFormatError
 
 __all__ = ["HealthData"]
 

@@ -25,8 +25,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from agent.protocol.payloads import STATUS_OFFLINE, STATUS_ONLINE
-from agent.protocol.topics import Leaf, check_id, device_topic
+from edgefleet.agent.protocol.payloads import STATUS_OFFLINE, STATUS_ONLINE
+from edgefleet.agent.protocol.topics import Leaf, check_id, device_topic
 
 __all__ = [
     "DISCOVERY_PREFIX",

@@ -43,10 +43,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.protocol.errors import PayloadError
-from agent.protocol.files import atomic_write
-from agent.protocol.schema import Document, _summarise, decode_json, validate_document
-from agent.protocol.signing import SigningKey, TrustedKeys, key_id_of
+from edgefleet.agent.protocol.errors import PayloadError
+from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.agent.protocol.schema import Document, _summarise, decode_json, validate_document
+from edgefleet.agent.protocol.signing import SigningKey, TrustedKeys, key_id_of
 
 __all__ = [
     "KEYRING_FILE",

@@ -14,9 +14,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agent.protocol.drift import Monitoring
-from agent.protocol.errors import BundleFormatError
-from agent.protocol.schema import (
+from edgefleet.agent.protocol.drift import Monitoring
+from edgefleet.agent.protocol.errors import BundleFormatError
+from edgefleet.agent.protocol.schema import (
     NAME_PATTERN,
     SEMVER_PATTERN,
     SHA256_PATTERN,

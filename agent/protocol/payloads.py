@@ -6,8 +6,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
-from agent.protocol.errors import PayloadError, SchemaVersionError
-from agent.protocol.schema import (
+from edgefleet.agent.protocol.errors import PayloadError, SchemaVersionError
+from edgefleet.agent.protocol.schema import (
     NAME_PATTERN,
     SEMVER_PATTERN,
     SHA256_PATTERN,

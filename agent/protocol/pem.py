@@ -7,7 +7,7 @@ from typing import TypeVar
 
 from cryptography.hazmat.primitives import serialization
 
-from agent.protocol.errors import KeyFileError
+from edgefleet.agent.protocol.errors import KeyFileError
 
 __all__ = ["load_key"]
 

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from agent.protocol.errors import EdgefleetError, PayloadError, SchemaVersionError
+from edgefleet.agent.protocol.errors import EdgefleetError, PayloadError, SchemaVersionError
 
 __all__ = ["Document", "decode_json", "finite", "is_supported", "validate_document"]
 

@@ -4,7 +4,7 @@ A key is identified by ``key_id``: the first 16 hex digits of the sha256 of its
 raw 32-byte public key. ``manifest.sig`` is a small JSON document naming the key
 id and carrying the base64 signature over the exact ``manifest.json`` bytes.
 Rotation is "add the new public key, re-sign, then remove the old one"; a fleet does
-it with a signed keyring (:mod:`agent.protocol.keyring`, docs/keys.md).
+it with a signed keyring (:mod:`edgefleet.agent.protocol.keyring`, docs/keys.md).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from agent.protocol.errors import BadSignatureError, KeyFileError, UnknownKeyError
-from agent.protocol.files import atomic_write
-from agent.protocol.pem import load_key
+from edgefleet.agent.protocol.errors import BadSignatureError, KeyFileError, UnknownKeyError
+from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.agent.protocol.pem import load_key
 
 __all__ = [
     "PUBLIC_SUFFIX",

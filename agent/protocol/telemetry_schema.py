@@ -44,9 +44,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from agent.protocol.errors import PayloadError, SchemaVersionError
-from agent.protocol.payloads import Telemetry
-from agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN, is_supported
+from edgefleet.agent.protocol.errors import PayloadError, SchemaVersionError
+from edgefleet.agent.protocol.payloads import Telemetry
+from edgefleet.agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN, is_supported
 
 __all__ = ["MAX_BATCH", "MAX_COUNT", "MAX_DRIFT_DEPTH", "MAX_VERSIONS", "TelemetrySchemaError",
            "check_points", "check_values", "drift_problem"]

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from agent.protocol.errors import PayloadError
+from edgefleet.agent.protocol.errors import PayloadError
 
 __all__ = [
     "FLEET_LEVEL",

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from agent.runtime.errors import closed_error
+from edgefleet.agent.runtime.errors import closed_error
 
 __all__ = ["Array", "ClosedEngine", "Runtime", "TensorInfo", "check_feeds", "refusal"]
 

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.errors import EdgefleetError
 
 __all__ = ["IncompatibleModelError", "InferenceError", "MissingRuntimeError", "ModelClosedError",
            "RuntimeLoadError", "closed_error"]

@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.runtime.errors import RuntimeLoadError
+from edgefleet.agent.runtime.errors import RuntimeLoadError
 
 __all__ = ["ModelInfo", "inspect_model"]
 

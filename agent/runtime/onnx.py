@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtime.base import Array, ClosedEngine, TensorInfo, refusal
-from agent.runtime.errors import RuntimeLoadError
+from edgefleet.agent.runtime.base import Array, ClosedEngine, TensorInfo, refusal
+from edgefleet.agent.runtime.errors import RuntimeLoadError
 
 __all__ = ["OnnxRuntime"]
 

@@ -14,10 +14,14 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
-from agent.runtime.base import Runtime
-from agent.runtime.errors import IncompatibleModelError, MissingRuntimeError, RuntimeLoadError
-from agent.runtime.onnx import OnnxRuntime
-from agent.runtime.tflite import TFLiteRuntime
+from edgefleet.agent.runtime.base import Runtime
+from edgefleet.agent.runtime.errors import (
+    IncompatibleModelError,
+    MissingRuntimeError,
+    RuntimeLoadError,
+)
+from edgefleet.agent.runtime.onnx import OnnxRuntime
+from edgefleet.agent.runtime.tflite import TFLiteRuntime
 
 __all__ = ["RUNTIMES_BY_FORMAT", "installed_runtimes", "load_runtime", "tflite_op_level",
            "version_tuple"]
@@ -117,7 +121,7 @@ def _check_level(name: str, version: str, required: str | None, min_version: str
 
 
 def _newer_ops(model: bytes) -> str:
-    from agent.runtime.inspect import inspect_model
+    from edgefleet.agent.runtime.inspect import inspect_model
 
     try:
         ops = inspect_model(model, "tflite").ops

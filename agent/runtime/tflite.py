@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtime._stderr import native_banners_to_log
-from agent.runtime.base import Array, ClosedEngine, TensorInfo, refusal
-from agent.runtime.errors import RuntimeLoadError, closed_error
+from edgefleet.agent.runtime._stderr import native_banners_to_log
+from edgefleet.agent.runtime.base import Array, ClosedEngine, TensorInfo, refusal
+from edgefleet.agent.runtime.errors import RuntimeLoadError, closed_error
 
 __all__ = ["TFLiteRuntime"]
 

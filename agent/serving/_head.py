@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 from typing import NamedTuple
 
-from agent.serving.errors import IncompleteRequestError, RequestError
-from agent.serving.limits import HttpLimits
+from edgefleet.agent.serving.errors import IncompleteRequestError, RequestError
+from edgefleet.agent.serving.limits import HttpLimits
 
 __all__ = ["HEADER_LENGTH", "MAX_LINE", "Lengths", "lengths", "read_headers", "request_line"]
 

@@ -46,17 +46,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
-from agent import __version__
-from agent.core import Agent, NotReadyError
-from agent.loader import LoadedModel
-from agent.ports import bind_error
-from agent.runtime.errors import InferenceError, ModelClosedError
-from agent.serving._head import MAX_LINE, Lengths, lengths, read_headers, request_line
-from agent.serving.errors import IncompleteRequestError, RequestError
-from agent.serving.guard import Budget, Every, Watch, Watchdog
-from agent.serving.kserve import ModelView, decode_infer, encode_infer
-from agent.serving.limits import JSON_WEIGHT, HttpLimits
-from agent.serving.security import OPEN_PATHS, HttpSecurity, tls_context
+from edgefleet.agent import __version__
+from edgefleet.agent.core import Agent, NotReadyError
+from edgefleet.agent.loader import LoadedModel
+from edgefleet.agent.ports import bind_error
+from edgefleet.agent.runtime.errors import InferenceError, ModelClosedError
+from edgefleet.agent.serving._head import MAX_LINE, Lengths, lengths, read_headers, request_line
+from edgefleet.agent.serving.errors import IncompleteRequestError, RequestError
+from edgefleet.agent.serving.guard import Budget, Every, Watch, Watchdog
+from edgefleet.agent.serving.kserve import ModelView, decode_infer, encode_infer
+from edgefleet.agent.serving.limits import JSON_WEIGHT, HttpLimits
+from edgefleet.agent.serving.security import OPEN_PATHS, HttpSecurity, tls_context
 
 __all__ = ["InferenceServer"]
 

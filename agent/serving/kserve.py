@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtime.base import Array, TensorInfo, check_feeds
-from agent.serving.errors import RequestError
-from agent.serving.schema import check_depth, check_request
+from edgefleet.agent.runtime.base import Array, TensorInfo, check_feeds
+from edgefleet.agent.serving.errors import RequestError
+from edgefleet.agent.serving.schema import check_depth, check_request
 
 __all__ = ["CACHE_SIZE", "DATATYPES", "InferRequest", "ModelView", "Plan", "RequestError",
            "datatype_of", "decode_infer", "encode_infer"]

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.serving.errors import RequestError
+from edgefleet.agent.serving.errors import RequestError
 
 __all__ = ["KNOWN_DATATYPES", "MAX_DIM", "MAX_RANK", "check_depth", "check_request"]
 

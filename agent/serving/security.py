@@ -16,7 +16,7 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.serving.errors import HttpSetupError
+from edgefleet.agent.serving.errors import HttpSetupError
 
 __all__ = ["MIN_TOKEN", "OPEN_PATHS", "HttpSecurity", "tls_context"]
 

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.errors import BrokerTimeoutError
-from agent.mqtt import MqttClient
-from agent.protocol.files import atomic_write, read_int
-from agent.protocol.schema import finite
-from agent.protocol.topics import Leaf, device_topic
-from agent.telemetry.spool import Spool
-from agent.telemetry.system import SystemProbe
+from edgefleet.agent.errors import BrokerTimeoutError
+from edgefleet.agent.mqtt import MqttClient
+from edgefleet.agent.protocol.files import atomic_write, read_int
+from edgefleet.agent.protocol.schema import finite
+from edgefleet.agent.protocol.topics import Leaf, device_topic
+from edgefleet.agent.telemetry.spool import Spool
+from edgefleet.agent.telemetry.system import SystemProbe
 
 __all__ = ["SCHEMA_VERSION", "TelemetryReporter"]
 

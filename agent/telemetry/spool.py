@@ -17,7 +17,7 @@ import zlib
 from itertools import islice
 from pathlib import Path
 
-from agent.protocol.files import atomic_write, read_int
+from edgefleet.agent.protocol.files import atomic_write, read_int
 
 __all__ = ["Spool"]
 

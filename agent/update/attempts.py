@@ -23,8 +23,8 @@ on its way with S (DOWNLOADING..PROBATION)  ignored: already on the way
 
 from __future__ import annotations
 
-from agent.protocol.payloads import DesiredState
-from agent.update.states import Journal, State
+from edgefleet.agent.protocol.payloads import DesiredState
+from edgefleet.agent.update.states import Journal, State
 
 __all__ = ["attempt_of", "starts_attempt"]
 

@@ -10,15 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.core import Agent
-from agent.loader import LoadedModel, load_bundle
-from agent.protocol.bundle import read_bundle, read_manifest
-from agent.protocol.errors import EdgefleetError, IntegrityError
-from agent.protocol.files import atomic_write
-from agent.update.disk import DISK_MARGIN, check_free, discard, guarded, sweep
-from agent.update.download import DownloadStats, fetch
-from agent.update.slots import SlotStore
-from agent.update.states import Event, Journal
+from edgefleet.agent.core import Agent
+from edgefleet.agent.loader import LoadedModel, load_bundle
+from edgefleet.agent.protocol.bundle import read_bundle, read_manifest
+from edgefleet.agent.protocol.errors import EdgefleetError, IntegrityError
+from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.agent.update.disk import DISK_MARGIN, check_free, discard, guarded, sweep
+from edgefleet.agent.update.download import DownloadStats, fetch
+from edgefleet.agent.update.slots import SlotStore
+from edgefleet.agent.update.states import Event, Journal
 
 __all__ = ["DISK_MARGIN", "DeviceController", "UpdateSettings", "load_journal"]
 
@@ -49,7 +49,8 @@ def load_journal(path: Path) -> Journal:
 
 
 class DeviceController:
-    """Implements :class:`agent.update.flow.Controller` for one data directory and agent."""
+    """Implements :class:`edgefleet.agent.update.flow.Controller` for one data directory
+    and agent."""
 
     def __init__(self, data_dir: Path, agent: Agent, settings: UpdateSettings = UpdateSettings(),
                  publish: Callable[[Journal], None] = lambda journal: None) -> None:

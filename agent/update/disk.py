@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.errors import EdgefleetError
 
 __all__ = ["DISK_FULL", "DISK_MARGIN", "DiskFullError", "StorageError", "check_free",
            "discard", "guarded", "storage_error", "sweep"]

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-from agent.protocol.errors import EdgefleetError
-from agent.update.disk import StorageError, discard, guarded
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.update.disk import StorageError, discard, guarded
 
 __all__ = ["CHUNK", "DownloadError", "DownloadStats", "fetch", "trust_ca"]
 

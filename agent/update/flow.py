@@ -11,8 +11,8 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from agent.protocol.errors import EdgefleetError
-from agent.update.states import TERMINAL, Event, Journal, State, next_state
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.update.states import TERMINAL, Event, Journal, State, next_state
 
 __all__ = ["Controller", "Updater"]
 

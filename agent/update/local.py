@@ -9,16 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from agent.core import Agent
-from agent.loader import load_bundle
-from agent.protocol.bundle import read_bundle, read_manifest
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.files import atomic_write
-from agent.update.device import DeviceController, UpdateSettings, load_journal
-from agent.update.disk import StorageError, check_free, discard, guarded
-from agent.update.flow import Updater
-from agent.update.slots import SLOTS, SlotStore
-from agent.update.states import Event, Journal, State
+from edgefleet.agent.core import Agent
+from edgefleet.agent.loader import load_bundle
+from edgefleet.agent.protocol.bundle import read_bundle, read_manifest
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.agent.update.device import DeviceController, UpdateSettings, load_journal
+from edgefleet.agent.update.disk import StorageError, check_free, discard, guarded
+from edgefleet.agent.update.flow import Updater
+from edgefleet.agent.update.slots import SLOTS, SlotStore
+from edgefleet.agent.update.states import Event, Journal, State
 
 __all__ = ["existing", "install", "rollback", "serve_active", "status"]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agent.protocol.payloads import BundleRef, UpdateReport
-from agent.update.states import Journal
+from edgefleet.agent.protocol.payloads import BundleRef, UpdateReport
+from edgefleet.agent.update.states import Journal
 
 __all__ = ["target_ref", "update_report"]
 

@@ -1,7 +1,7 @@
 """Over-the-air updates: follow the retained desired state on a worker thread.
 
 A new target (another bundle than the active one) or a new attempt (another rollout,
-see :mod:`agent.update.attempts`) starts the flow; ``commit`` and ``rollback``
+see :mod:`edgefleet.agent.update.attempts`) starts the flow; ``commit`` and ``rollback``
 actions settle a probation, and ``rollback`` on a committed update returns to the
 previous committed bundle (a rollback with nothing to return to is refused, and
 changes nothing). A journal left in flight by a crash is resumed when the runner
@@ -17,13 +17,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.core import Agent
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.payloads import DesiredState
-from agent.update.attempts import starts_attempt
-from agent.update.device import DeviceController, UpdateSettings, load_journal
-from agent.update.flow import Updater
-from agent.update.states import TERMINAL, Event, Journal, State
+from edgefleet.agent.core import Agent
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.payloads import DesiredState
+from edgefleet.agent.update.attempts import starts_attempt
+from edgefleet.agent.update.device import DeviceController, UpdateSettings, load_journal
+from edgefleet.agent.update.flow import Updater
+from edgefleet.agent.update.states import TERMINAL, Event, Journal, State
 
 __all__ = ["UpdateRunner"]
 

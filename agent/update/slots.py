@@ -23,8 +23,8 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.files import atomic_write
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.files import atomic_write
 
 __all__ = ["SLOTS", "SlotError", "SlotPointer", "SlotStore"]
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from importlib import resources
 
-from fleet.dashboard._journal import EventJournal, attach
-from fleet.dashboard._stream import json_text, stream
+from edgefleet.fleet.dashboard._journal import EventJournal, attach
+from edgefleet.fleet.dashboard._stream import json_text, stream
 
 __all__ = ["EventJournal", "attach", "json_text", "static_file", "stream"]
 

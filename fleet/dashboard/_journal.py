@@ -13,11 +13,11 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.payloads import Event, decode
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.payloads import Event, decode
 
 if TYPE_CHECKING:
-    from fleet.controller import FleetController
+    from edgefleet.fleet.controller import FleetController
 
 __all__ = ["EventJournal", "attach"]
 

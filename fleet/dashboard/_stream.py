@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from agent.protocol.schema import finite
-from fleet.dashboard._journal import EventJournal, attach, parse_event
+from edgefleet.agent.protocol.schema import finite
+from edgefleet.fleet.dashboard._journal import EventJournal, attach, parse_event
 
 if TYPE_CHECKING:
-    from fleet.controller import FleetController
+    from edgefleet.fleet.controller import FleetController
 
 __all__ = ["json_text", "stream"]
 

@@ -34,10 +34,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from agent.protocol.payloads import BundleRef
-from fleet.errors import ConflictError
-from fleet.rollout.spec import wave_bounds
-from fleet.rollout.state import (
+from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.fleet.errors import ConflictError
+from edgefleet.fleet.rollout.spec import wave_bounds
+from edgefleet.fleet.rollout.state import (
     ACTIVE,
     DeviceState,
     Rollout,

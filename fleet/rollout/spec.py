@@ -9,7 +9,7 @@ Gates fire strictly above (or, for minimums, strictly below) their value; exactl
 value they do not. Percentages are 0-100.
 
 Options from outside (API, CLI, a relayed request) are checked whole by
-:mod:`fleet.rollout.validate` before a spec is built and stored: finite numbers, ranges,
+:mod:`edgefleet.fleet.rollout.validate` before a spec is built and stored: finite numbers, ranges,
 lengths and counts. The checks here are only those a stored spec must pass to be loaded
 (a store written by an earlier edgefleet may hold what ``validate`` now refuses).
 """
@@ -21,9 +21,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from agent.protocol.payloads import BundleRef
-from fleet.domain import Device, ref_from_dict, ref_to_dict
-from fleet.errors import InvalidRolloutError
+from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.fleet.domain import Device, ref_from_dict, ref_to_dict
+from edgefleet.fleet.errors import InvalidRolloutError
 
 __all__ = ["WAVE", "Gates", "RolloutSpec", "Selector", "Wave", "parse_duration", "parse_selector",
            "parse_waves", "wave_bounds"]

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-from agent.protocol.payloads import BundleRef
-from fleet.domain import ref_from_dict, ref_to_dict
-from fleet.rollout.spec import RolloutSpec
+from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.fleet.domain import ref_from_dict, ref_to_dict
+from edgefleet.fleet.rollout.spec import RolloutSpec
 
 __all__ = [
     "ACTIVE",

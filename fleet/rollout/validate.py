@@ -27,10 +27,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.protocol.payloads import BundleRef
-from agent.protocol.topics import check_id
-from fleet.errors import InvalidRolloutError
-from fleet.rollout.spec import WAVE, Gates, RolloutSpec, Selector, Wave
+from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.agent.protocol.topics import check_id
+from edgefleet.fleet.errors import InvalidRolloutError
+from edgefleet.fleet.rollout.spec import WAVE, Gates, RolloutSpec, Selector, Wave
 
 __all__ = ["MAX_DURATION_S", "MAX_EXPONENTIAL", "MAX_LABEL", "MAX_RATE_PER_MIN",
            "MAX_SELECTORS", "MAX_WAVES", "MAX_WAVE_DEVICES", "CheckedOptions",

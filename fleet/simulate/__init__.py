@@ -2,7 +2,7 @@
 
 Each device speaks the device contract exactly as the agent does (status and
 will, reported state, events, telemetry) and applies desired states through the
-agent's own update flow (:class:`agent.update.flow.Updater`) with a simulated
+agent's own update flow (:class:`edgefleet.agent.update.flow.Updater`) with a simulated
 controller. Models are real: verified, health-checked and run once per bundle,
 and every simulated request reuses those outputs and latencies.
 
@@ -14,9 +14,9 @@ device's behaviour), :mod:`~fleet.simulate.controller` (its update I/O),
 :mod:`~fleet.simulate.slots`, :mod:`~fleet.simulate.fleet` (the public wiring).
 """
 
-from fleet.simulate.fleet import SimulatedFleet
-from fleet.simulate.options import DeviceTraits, SimOptions, SimulationError
-from fleet.simulate.view import DeviceView, summarize
+from edgefleet.fleet.simulate.fleet import SimulatedFleet
+from edgefleet.fleet.simulate.options import DeviceTraits, SimOptions, SimulationError
+from edgefleet.fleet.simulate.view import DeviceView, summarize
 
 __all__ = ["DeviceTraits", "DeviceView", "SimOptions", "SimulatedFleet", "SimulationError",
            "summarize"]

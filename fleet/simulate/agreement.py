@@ -1,4 +1,4 @@
-"""Probation agreement from cached outputs, computed as :mod:`agent.shadow` computes it.
+"""Probation agreement from cached outputs, computed as :mod:`edgefleet.agent.shadow` computes it.
 
 For a pair (new model, previous model) and the new bundle's health inputs, one
 :class:`AgreementTable` holds, per input row, whether the top-1 classes agree

@@ -1,4 +1,4 @@
-"""The simulator's :class:`agent.update.flow.Controller`: the real flow, simulated I/O.
+"""The simulator's :class:`edgefleet.agent.update.flow.Controller`: the real flow, simulated I/O.
 
 ``download`` really requests the URL, ``verify`` really checks the signature
 and hashes (once per content, shared), the health check really loads and runs
@@ -13,13 +13,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from agent.health import HealthCheckError
-from agent.protocol.errors import EdgefleetError, IntegrityError
-from agent.protocol.payloads import BundleRef
-from agent.update.states import Event, Journal
+from edgefleet.agent.health import HealthCheckError
+from edgefleet.agent.protocol.errors import EdgefleetError, IntegrityError
+from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.agent.update.states import Event, Journal
 
 if TYPE_CHECKING:
-    from fleet.simulate.device import SimDevice
+    from edgefleet.fleet.simulate.device import SimDevice
 
 __all__ = ["SimController"]
 

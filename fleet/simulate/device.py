@@ -1,10 +1,10 @@
 """One simulated device: the agent's MQTT behaviour and update rules, with no thread of its own.
 
-It reacts to ``state/desired`` as :class:`agent.update.runner.UpdateRunner` does
+It reacts to ``state/desired`` as :class:`edgefleet.agent.update.runner.UpdateRunner` does
 (a commit or rollback for the target in probation settles it; anything else is
 queued and applied in order; ``rollback`` of the active bundle on a committed
 device returns to the previous committed bundle) and publishes what
-:class:`agent.service.AgentService` publishes: ``online`` and the reported
+:class:`edgefleet.agent.service.AgentService` publishes: ``online`` and the reported
 state on connect, an ``update`` event and the reported state on every journal
 transition, a ``model_loaded`` event on every model change, and telemetry.
 
@@ -22,9 +22,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from agent import __version__
-from agent.protocol.errors import EdgefleetError
-from agent.protocol.payloads import (
+from edgefleet.agent import __version__
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.payloads import (
     STATUS_OFFLINE,
     STATUS_ONLINE,
     BundleRef,
@@ -33,20 +33,20 @@ from agent.protocol.payloads import (
     decode,
     encode,
 )
-from agent.protocol.payloads import Event as EventPayload
-from agent.protocol.topics import Leaf, device_topic
-from agent.update.attempts import starts_attempt
-from agent.update.flow import Updater
-from agent.update.report import target_ref, update_report
-from agent.update.states import TERMINAL, Event, Journal, State
-from fleet.simulate.agreement import AgreementTable
-from fleet.simulate.controller import SimController
-from fleet.simulate.env import FleetEnv, Outlet
-from fleet.simulate.models import ModelProfile
-from fleet.simulate.options import DeviceTraits
-from fleet.simulate.payloads import telemetry_point
-from fleet.simulate.serving import Load, Serving
-from fleet.simulate.slots import MemorySlots
+from edgefleet.agent.protocol.payloads import Event as EventPayload
+from edgefleet.agent.protocol.topics import Leaf, device_topic
+from edgefleet.agent.update.attempts import starts_attempt
+from edgefleet.agent.update.flow import Updater
+from edgefleet.agent.update.report import target_ref, update_report
+from edgefleet.agent.update.states import TERMINAL, Event, Journal, State
+from edgefleet.fleet.simulate.agreement import AgreementTable
+from edgefleet.fleet.simulate.controller import SimController
+from edgefleet.fleet.simulate.env import FleetEnv, Outlet
+from edgefleet.fleet.simulate.models import ModelProfile
+from edgefleet.fleet.simulate.options import DeviceTraits
+from edgefleet.fleet.simulate.payloads import telemetry_point
+from edgefleet.fleet.simulate.serving import Load, Serving
+from edgefleet.fleet.simulate.slots import MemorySlots
 
 __all__ = ["SimDevice"]
 

@@ -1,7 +1,7 @@
 """Bundle downloads for simulated devices: real HTTP requests, one copy of each body in memory.
 
 Every device requests the URL itself (resuming with ``Range`` after a cut, like
-:func:`agent.update.download.fetch`, with the same :class:`DownloadError`), but
+:func:`edgefleet.agent.update.download.fetch`, with the same :class:`DownloadError`), but
 the bytes are kept once per content digest, so 10,000 devices do not hold
 10,000 copies. With ``share=True`` only the first request per URL goes out.
 A local path or ``file://`` URL is read from disk.
@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from agent.update.download import CHUNK, DownloadError
+from edgefleet.agent.update.download import CHUNK, DownloadError
 
 __all__ = ["Downloads", "http_get"]
 

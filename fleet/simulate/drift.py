@@ -1,7 +1,7 @@
 """Drift windows of simulated devices, drawn from the bundle's reference statistics.
 
 A simulated device runs no model per request, so it has no inputs to summarise; it
-draws the counts a real device's :class:`agent.protocol.drift.DriftWindow` would report
+draws the counts a real device's :class:`edgefleet.agent.protocol.drift.DriftWindow` would report
 from the reference distributions in the manifest (``monitoring``): multinomial counts
 over the reference's bins, so a device that sees the reference's world reports windows
 whose PSI is the sampling noise a real one shows. A ``drifting`` device (its camera sees
@@ -10,8 +10,8 @@ another world) draws from shifted distributions: input summaries moved up
 class, and its confidence moved down :data:`SHIFT_BINS` bins, the way washed-out
 images move a real classifier.
 
-As on a real device, one request in :data:`agent.drift.SPACING` at most is summarised,
-and :data:`agent.drift.MAX_RATE` a second at most.
+As on a real device, one request in :data:`edgefleet.agent.drift.SPACING` at most is summarised,
+and :data:`edgefleet.agent.drift.MAX_RATE` a second at most.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.drift import MAX_RATE, SPACING
-from agent.protocol.drift import Monitoring
+from edgefleet.agent.drift import MAX_RATE, SPACING
+from edgefleet.agent.protocol.drift import Monitoring
 
 __all__ = ["SHIFT_BINS", "DriftDraw"]
 

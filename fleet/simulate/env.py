@@ -8,15 +8,15 @@ from typing import Protocol
 
 import numpy as np
 
-from fleet.simulate.download import Downloads
-from fleet.simulate.models import ModelCache
-from fleet.simulate.options import SimOptions
+from edgefleet.fleet.simulate.download import Downloads
+from edgefleet.fleet.simulate.models import ModelCache
+from edgefleet.fleet.simulate.options import SimOptions
 
 __all__ = ["FleetEnv", "Outlet", "Scheduler"]
 
 
 class Outlet(Protocol):
-    """A device's way out to the broker (:class:`fleet.simulate.loop.Link`)."""
+    """A device's way out to the broker (:class:`edgefleet.fleet.simulate.loop.Link`)."""
 
     @property
     def connected(self) -> bool: ...
@@ -25,7 +25,8 @@ class Outlet(Protocol):
 
 
 class Scheduler(Protocol):
-    """Runs a call later on the network thread (:class:`fleet.simulate.loop.NetworkLoop`)."""
+    """Runs a call later on the network thread
+    (:class:`edgefleet.fleet.simulate.loop.NetworkLoop`)."""
 
     def call_later(self, delay: float, call: Callable[[], None]) -> None: ...
 

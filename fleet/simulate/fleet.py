@@ -2,7 +2,7 @@
 
 Wiring only: one :class:`~fleet.simulate.loop.NetworkLoop` thread for every
 connection and timer, a small worker pool for update steps, and the shared
-model and download caches; the behaviour is in :mod:`fleet.simulate.device`.
+model and download caches; the behaviour is in :mod:`edgefleet.fleet.simulate.device`.
 """
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ from types import MappingProxyType, TracebackType
 
 import numpy as np
 
-from agent.protocol.payloads import STATUS_OFFLINE
-from agent.protocol.signing import TrustedKeys
-from agent.protocol.topics import Leaf, check_id
-from agent.runtime.select import installed_runtimes
-from fleet.simulate.device import SimDevice
-from fleet.simulate.download import Downloads
-from fleet.simulate.env import FleetEnv
-from fleet.simulate.loop import NetworkLoop
-from fleet.simulate.models import ModelCache
-from fleet.simulate.options import SimOptions, SimulationError, assign_traits
-from fleet.simulate.pool import WorkPool
-from fleet.simulate.tls import device_contexts, server_checker
-from fleet.simulate.view import DeviceView
+from edgefleet.agent.protocol.payloads import STATUS_OFFLINE
+from edgefleet.agent.protocol.signing import TrustedKeys
+from edgefleet.agent.protocol.topics import Leaf, check_id
+from edgefleet.agent.runtime.select import installed_runtimes
+from edgefleet.fleet.simulate.device import SimDevice
+from edgefleet.fleet.simulate.download import Downloads
+from edgefleet.fleet.simulate.env import FleetEnv
+from edgefleet.fleet.simulate.loop import NetworkLoop
+from edgefleet.fleet.simulate.models import ModelCache
+from edgefleet.fleet.simulate.options import SimOptions, SimulationError, assign_traits
+from edgefleet.fleet.simulate.pool import WorkPool
+from edgefleet.fleet.simulate.tls import device_contexts, server_checker
+from edgefleet.fleet.simulate.view import DeviceView
 
 __all__ = ["SimulatedFleet"]
 

@@ -32,8 +32,8 @@ from typing import Any, Protocol
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.mqtt import parse_broker_url
-from fleet.simulate.options import SimulationError
+from edgefleet.agent.mqtt import parse_broker_url
+from edgefleet.fleet.simulate.options import SimulationError
 
 __all__ = ["Handler", "Link", "NetworkLoop"]
 

@@ -23,15 +23,15 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from agent.loader import LoadedModel, load_bundle
-from agent.protocol.bundle import Bundle, read_bundle
-from agent.protocol.health import HealthData
-from agent.protocol.payloads import BundleRef
-from agent.protocol.signing import TrustedKeys
-from agent.shadow import as_inputs_of
-from fleet.simulate.agreement import AgreementTable
-from fleet.simulate.drift import DriftDraw
-from fleet.simulate.options import SimulationError
+from edgefleet.agent.loader import LoadedModel, load_bundle
+from edgefleet.agent.protocol.bundle import Bundle, read_bundle
+from edgefleet.agent.protocol.health import HealthData
+from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.agent.protocol.signing import TrustedKeys
+from edgefleet.agent.shadow import as_inputs_of
+from edgefleet.fleet.simulate.agreement import AgreementTable
+from edgefleet.fleet.simulate.drift import DriftDraw
+from edgefleet.fleet.simulate.options import SimulationError
 
 __all__ = ["ModelCache", "ModelProfile"]
 

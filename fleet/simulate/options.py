@@ -22,7 +22,7 @@ started with):
   then receives the retained desired state it missed.
 - ``drifting``: on every bundle, the device's inputs come from another world than
   the reference statistics in the bundle's manifest (its drift windows are drawn
-  from shifted distributions, :mod:`fleet.simulate.drift`), so the controller
+  from shifted distributions, :mod:`edgefleet.fleet.simulate.drift`), so the controller
   raises drift alerts for it. Bundles without reference statistics report no drift.
 """
 
@@ -33,8 +33,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.update.device import UpdateSettings
-from fleet.errors import FleetError
+from edgefleet.agent.update.device import UpdateSettings
+from edgefleet.fleet.errors import FleetError
 
 __all__ = ["DeviceTraits", "SimOptions", "SimulationError", "assign_traits"]
 

@@ -12,7 +12,7 @@ import json
 import time
 from typing import Any
 
-from agent.telemetry.reporter import SCHEMA_VERSION
+from edgefleet.agent.telemetry.reporter import SCHEMA_VERSION
 
 __all__ = ["SIM_RSS_BYTES", "telemetry_point"]
 

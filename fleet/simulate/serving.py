@@ -1,4 +1,5 @@
-"""A simulated device's synthetic requests, counted the way :class:`agent.core.Agent` counts them.
+"""A simulated device's synthetic requests, counted the way
+:class:`edgefleet.agent.core.Agent` counts them.
 
 Requests are not run one by one: when a telemetry window closes, the device
 draws how many arrived (Poisson at ``rate``), which health input each one was
@@ -18,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.update.device import UpdateSettings
-from fleet.simulate.agreement import AgreementTable, ShadowTally
-from fleet.simulate.models import ModelProfile
+from edgefleet.agent.update.device import UpdateSettings
+from edgefleet.fleet.simulate.agreement import AgreementTable, ShadowTally
+from edgefleet.fleet.simulate.models import ModelProfile
 
 __all__ = ["Load", "Serving"]
 

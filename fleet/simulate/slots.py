@@ -1,6 +1,6 @@
 """A simulated device's two slots and its pointer, in memory, with the agent's rules.
 
-The same decisions as :class:`agent.update.slots.SlotStore` (stage into a slot
+The same decisions as :class:`edgefleet.agent.update.slots.SlotStore` (stage into a slot
 that is neither active nor committed; commit makes the old committed slot the
 fallback; rollback goes to the committed slot in probation, else to the
 fallback), without a disk: a slot holds the :class:`BundleRef` it was staged with.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from agent.protocol.payloads import BundleRef
-from agent.update.slots import SLOTS, SlotError, SlotPointer
+from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.agent.update.slots import SLOTS, SlotError, SlotPointer
 
 __all__ = ["MemorySlots"]
 

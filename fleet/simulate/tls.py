@@ -13,7 +13,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from fleet.simulate.options import SimulationError
+from edgefleet.fleet.simulate.options import SimulationError
 
 __all__ = ["device_contexts", "server_checker"]
 

@@ -6,8 +6,8 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from agent.protocol.payloads import BundleRef
-from fleet.simulate.device import SimDevice
+from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.fleet.simulate.device import SimDevice
 
 __all__ = ["DeviceView", "summarize"]
 

@@ -3,16 +3,16 @@
 >>> store = open_store("sqlite:///var/lib/edgefleet/fleet.db")  # doctest: +SKIP
 >>> store = open_store("postgresql://edgefleet@db.example:5432/fleet")  # doctest: +SKIP
 
-See :class:`fleet.store.base.Store` for what it keeps.
+See :class:`edgefleet.fleet.store.base.Store` for what it keeps.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fleet.errors import StoreError
-from fleet.store.base import Store
-from fleet.store.sqlite import open_sqlite
+from edgefleet.fleet.errors import StoreError
+from edgefleet.fleet.store.base import Store
+from edgefleet.fleet.store.sqlite import open_sqlite
 
 __all__ = ["ACCEPTED_URLS", "Store", "open_store"]
 
@@ -37,7 +37,7 @@ def open_store(url: str | Path) -> Store:
 
 def _open_postgres(url: str) -> Store:
     try:
-        from fleet.store.postgres import open_postgres
+        from edgefleet.fleet.store.postgres import open_postgres
     except ImportError as exc:
         raise StoreError(f"a PostgreSQL store needs psycopg ({exc})", transient=False,
                          hint="pip install 'edgefleet[fleet]'") from exc

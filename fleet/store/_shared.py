@@ -1,16 +1,16 @@
 """What scaled-out controllers share through the store besides devices and rollouts.
 
-- the leadership lease (:mod:`fleet.lease`): one compare-and-swap transaction a tick,
+- the leadership lease (:mod:`edgefleet.fleet.lease`): one compare-and-swap transaction a tick,
   times in the database's clock; :func:`check_fence` makes a rollout save (or a request
   take) conditional on the lease being still the writer's;
-- operator requests a follower relays to the leader (:mod:`fleet.relay`);
+- operator requests a follower relays to the leader (:mod:`edgefleet.fleet.relay`);
 - telemetry shares: one row per controller and tick, a JSON batch of the per-device
-  windows the leader's quality gates asked for (:mod:`fleet.telemetry`), read by the
+  windows the leader's quality gates asked for (:mod:`edgefleet.fleet.telemetry`), read by the
   leader by (stream, seq) and pruned to the quality window;
 - bundle bytes, so a controller serves a bundle another one was pushed;
 - ``labels_seq``: which devices' group or tags changed since a controller last looked.
 
-Each method is one transaction, like the rest of :class:`fleet.store.base.SqlStore`.
+Each method is one transaction, like the rest of :class:`edgefleet.fleet.store.base.SqlStore`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from fleet.lease import Fence, Lease, LeaseLostError
-from fleet.relay import DONE, FAILED, QUEUED, TAKEN, WITHDRAWN, OperatorRequest
-from fleet.store._tables import LEASES, REQUESTS, marks
+from edgefleet.fleet.lease import Fence, Lease, LeaseLostError
+from edgefleet.fleet.relay import DONE, FAILED, QUEUED, TAKEN, WITHDRAWN, OperatorRequest
+from edgefleet.fleet.store._tables import LEASES, REQUESTS, marks
 
 if TYPE_CHECKING:
-    from fleet.store.base import Backend, Tx
+    from edgefleet.fleet.store.base import Backend, Tx
 
 __all__ = ["SharedState", "check_fence", "next_labels_seq"]
 
@@ -53,7 +53,7 @@ def next_labels_seq(tx: Tx) -> int:
 
 
 class SharedState:
-    """Mixed into :class:`fleet.store.base.SqlStore` (which sets ``_db``)."""
+    """Mixed into :class:`edgefleet.fleet.store.base.SqlStore` (which sets ``_db``)."""
 
     _db: Backend
 

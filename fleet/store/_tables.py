@@ -1,7 +1,7 @@
 """The store's schema and the mapping between rows and the domain's plain dicts.
 
 Both backends run the same SQL text. The DDL has three dialect slots, filled from
-:class:`fleet.store.base.Dialect`: ``{id_pk}`` (an auto-numbered primary key),
+:class:`edgefleet.fleet.store.base.Dialect`: ``{id_pk}`` (an auto-numbered primary key),
 ``{key_text}`` (text that sorts by code point on both backends, whatever the server's
 locale) and ``{blob}`` (bytes); the queries have two, a row lock for read-modify-write
 and the database's clock in milliseconds (leases). Structured values the code only needs

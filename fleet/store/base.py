@@ -1,8 +1,9 @@
 """The ``Store`` protocol and its one SQL implementation, shared by SQLite and PostgreSQL.
 
-A backend (:mod:`fleet.store.sqlite`, :mod:`fleet.store.postgres`) only connects, begins,
-commits, rolls back and translates its driver's exceptions; every statement is written
-here once, with ``?`` placeholders (the PostgreSQL backend rewrites them to ``%s``).
+A backend (:mod:`edgefleet.fleet.store.sqlite`, :mod:`edgefleet.fleet.store.postgres`) only
+connects, begins, commits, rolls back and translates its driver's exceptions; every
+statement is written here once, with ``?`` placeholders (the PostgreSQL backend rewrites
+them to ``%s``).
 Each method is one transaction, serialised by the backend's lock, so a store can be
 shared by the controller's threads.
 """
@@ -17,13 +18,13 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
-from fleet.domain import AuditEntry, Device, ModelVersion
-from fleet.errors import ConflictError, NotFoundError, StoreError
-from fleet.lease import Fence, Lease
-from fleet.relay import OperatorRequest
-from fleet.rollout.state import Rollout, RolloutState
-from fleet.store._shared import SharedState, check_fence, next_labels_seq
-from fleet.store._tables import (
+from edgefleet.fleet.domain import AuditEntry, Device, ModelVersion
+from edgefleet.fleet.errors import ConflictError, NotFoundError, StoreError
+from edgefleet.fleet.lease import Fence, Lease
+from edgefleet.fleet.relay import OperatorRequest
+from edgefleet.fleet.rollout.state import Rollout, RolloutState
+from edgefleet.fleet.store._shared import SharedState, check_fence, next_labels_seq
+from edgefleet.fleet.store._tables import (
     AUDIT,
     DEVICES,
     MIGRATIONS,
@@ -340,7 +341,7 @@ class SqlStore(SharedState):
 
         With ``fence``, only while the lease is still that one (same holder process and
         generation), checked and locked in the same transaction; otherwise nothing is
-        written and :class:`fleet.lease.LeaseLostError` is raised.
+        written and :class:`edgefleet.fleet.lease.LeaseLostError` is raised.
         """
         ids = sorted(rollout.devices if changed is None else set(changed))
         unknown = [i for i in ids if i not in rollout.devices]

@@ -15,8 +15,8 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from fleet.errors import StoreError
-from fleet.store.base import Backend, Dialect, SqlStore
+from edgefleet.fleet.errors import StoreError
+from edgefleet.fleet.store.base import Backend, Dialect, SqlStore
 
 __all__ = ["PostgresBackend", "open_postgres"]
 

@@ -6,8 +6,8 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from fleet.errors import StoreError
-from fleet.store.base import Backend, Dialect, SqlStore
+from edgefleet.fleet.errors import StoreError
+from edgefleet.fleet.store.base import Backend, Dialect, SqlStore
 
 __all__ = ["SqliteBackend", "open_sqlite"]
 
