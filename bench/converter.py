@@ -96,13 +96,13 @@ def row(name: str, recipe: str, report: ConversionReport, attempt: Attempt | Non
 
 
 def bench_model(name: str, work: Path, key: Path, crops: int = 16,
-                skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+                skip: tuple[str, ...] = (), auto_only: bool = False) -> list[dict[str, Any]]:
     case = CASES[name]
     data = wheel_models.domain_images(case["domain"], work / f"img-{case.get('aspect', 1.0)}",
                                       count=crops, aspect=case.get("aspect", 1.0))
     base = float32_equivalent(wheel_models.model(name), case["format"])
     recipes = {k: v for k, v in (ONNX_RECIPES if case["format"] == "onnx" else
-                                 TFLITE_RECIPES).items() if k not in skip}
+                                 TFLITE_RECIPES).items() if k not in skip and not auto_only}
     rows = []
     auto: dict[str, Any] = {"quantize": "auto", "max_drop": 1.0}
     for recipe, overrides in [*recipes.items(), ("auto --max-drop 1", auto)]:
@@ -117,7 +117,8 @@ def bench_model(name: str, work: Path, key: Path, crops: int = 16,
             rows[-1]["chosen"] = report.chosen or "nothing (refused)"
             rows[-1]["tried"] = [a.label for a in report.attempts]
             rows[-1]["warnings"] = [*report.warnings, *rows[-1].get("warnings", [])]
-    rows.append(raw_tool(name, case, data, base))
+    if not auto_only:
+        rows.append(raw_tool(name, case, data, base))
     return [{**r, "crops": crops} for r in rows]
 
 
@@ -306,8 +307,12 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=16,
                         help="calibration and evaluation crops per model (each)")
     parser.add_argument("--skip", nargs="*", default=[], help="recipes to leave out")
+    parser.add_argument("--auto-only", action="store_true",
+                        help="only the `auto --max-drop 1` row (to re-run it after a change)")
     parser.add_argument("--merge", nargs="*", default=None,
-                        help="only merge these results files into converter.json and the table")
+                        help="only merge these results files into converter.json and the "
+                             "table; a later file's row replaces an earlier one's of the same "
+                             "model and recipe")
     args = parser.parse_args()
     if args.merge is not None:
         merge(args.merge)
@@ -318,7 +323,7 @@ def main() -> None:
         key, _ = generate_keypair(work / "keys", "bench")
         for name in args.only:
             print(f"== {name}", flush=True)
-            rows += bench_model(name, work, key, args.crops, tuple(args.skip))
+            rows += bench_model(name, work, key, args.crops, tuple(args.skip), args.auto_only)
             write_results(args.results, rows, {"partial": True})
             for line in cells(rows[-8:]):
                 print(line, flush=True)
@@ -333,7 +338,8 @@ def merge(paths: list[str]) -> None:
     import json
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    rows = [r for run in runs for r in run["rows"]]
+    latest = {(r["model"], r["recipe"]): r for run in runs for r in run["rows"]}
+    rows = list(latest.values())
     rows.sort(key=lambda r: list(CASES).index(r["model"]))
     load = max([float(run.get("load_average_5min", 0.0)) for run in runs] +
                [round(os.getloadavg()[1], 2)])
