@@ -50,7 +50,7 @@ class AmqttBroker:
 
     def start(self, timeout: float = 20.0) -> AmqttBroker:
         code = (
-            "from agent.broker import run_embedded_broker; "
+            "from edgefleet.agent.broker import run_embedded_broker; "
             f"run_embedded_broker({self.host!r}, {self.port})"
         )
         self._process = subprocess.Popen(

@@ -72,7 +72,7 @@ def test_protocol_contract_forbids_every_other_agent_module() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     contract = config["tool"]["importlinter"]["contracts"][0]
     forbidden = set(contract["forbidden_modules"])
-    siblings = {f"agent.{p.stem}" for p in (ROOT / "agent").iterdir()
+    siblings = {f"edgefleet.agent.{p.stem}" for p in (ROOT / "agent").iterdir()
                 if p.name != "protocol" and (p.suffix == ".py" or (p / "__init__.py").exists())
                 and p.name != "__init__.py"}
     assert siblings <= forbidden, f"add {sorted(siblings - forbidden)} to the contract"

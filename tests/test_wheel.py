@@ -7,6 +7,7 @@ and so on, and never a generic ``agent`` or ``fleet`` that another distribution 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,11 +19,30 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("agent", "converter", "fleet", "devices")
 
 
+def _copy_of_the_checkout(into: Path) -> Path:
+    """The checkout's files (tracked or new, not ignored; links kept as links): a build in
+    the checkout itself would leave build/ behind, whose stale modules a later wheel takes."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source, target = ROOT / name, into / name
+        if not source.is_symlink() and not source.is_file():
+            continue  # deleted, not yet staged
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(source.readlink())
+        else:
+            shutil.copy2(source, target)
+    return into
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    source = _copy_of_the_checkout(tmp_path_factory.mktemp("source"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out),
-                    str(ROOT)],
+                    str(source)],
                    check=True, timeout=300, capture_output=True, cwd=out)
     (found,) = out.glob("edgefleet-*.whl")
     return found
