@@ -1,4 +1,6 @@
-"""The agent's own errors: the broker, serving, installing, updating.
+"""The agent's errors: :class:`AgentError`, the branch of what the device itself cannot do
+(serve, install, update, check a model), and :class:`BrokerError`, raised by the MQTT client
+that the agent and the controller share.
 
 Broker errors are transient (retry later) except a malformed broker URL, which is not. The
 whole tree, with the module of each error, is drawn in docs/architecture.md ("Error tree").

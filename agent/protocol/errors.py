@@ -10,8 +10,6 @@ retry may succeed), so callers can report or retry without parsing messages.
 
 from __future__ import annotations
 
-from http import HTTPStatus
-
 __all__ = [
     "BadSignatureError",
     "BundleError",
@@ -94,7 +92,6 @@ class RequestError(EdgefleetError):
     """An HTTP request refused with an error ``status`` (400 unless told): by the device's
     inference server or by the controller's API, before it reaches the controller."""
 
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, *,
-                 hint: str = "") -> None:
+    def __init__(self, message: str, status: int = 400, *, hint: str = "") -> None:
         super().__init__(message, hint=hint)
         self.status = status

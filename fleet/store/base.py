@@ -1,6 +1,7 @@
 """The ``Store`` protocol and its one SQL implementation, shared by SQLite and PostgreSQL.
 
-A backend (:mod:`edgefleet.fleet.store.sqlite`, :mod:`edgefleet.fleet.store.postgres`) only
+A backend (:class:`edgefleet.fleet.store.backend.Backend`, one in
+:mod:`edgefleet.fleet.store.sqlite` and one in :mod:`edgefleet.fleet.store.postgres`) only
 connects, begins, commits, rolls back and translates its driver's exceptions; every
 statement is written here once, with ``?`` placeholders (the PostgreSQL backend rewrites
 them to ``%s``).
