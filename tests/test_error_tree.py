@@ -35,7 +35,8 @@ def _lines(cls: type[EdgefleetError], prefix: str = "", last: bool = True,
            top: bool = True) -> list[tuple[str, type[EdgefleetError]]]:
     branch = "" if top else prefix + ("└── " if last else "├── ")
     below = "" if top else prefix + ("    " if last else "│   ")
-    children = sorted(cls.__subclasses__(), key=lambda c: c.__name__)
+    children = sorted((c for c in cls.__subclasses__() if c.__module__.startswith("edgefleet.")),
+                      key=lambda c: c.__name__)
     lines = [(branch + cls.__name__, cls)]
     for index, child in enumerate(children):
         lines += _lines(child, below, index == len(children) - 1, top=False)
@@ -43,7 +44,8 @@ def _lines(cls: type[EdgefleetError], prefix: str = "", last: bool = True,
 
 
 def render() -> str:
-    """The tree, one error a line: its name, its module, and whether it is transient."""
+    """The tree, one error a line: its name, its module, and whether it is transient
+    (errors that tests or scripts derive are not edgefleet's, and are left out)."""
     _modules()
     lines = _lines(EdgefleetError)
     width = max(len(text) for text, _ in lines) + 2
