@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from edgefleet.agent.drift import DriftSampler, DriftWorker
+from edgefleet.agent.errors import AgentError
 from edgefleet.agent.loader import LoadedModel, load_bundle
 from edgefleet.agent.protocol.encryption import DecryptionKeys
-from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.signing import TrustedKeys
 from edgefleet.agent.runtime.base import Array, check_feeds
 from edgefleet.agent.runtime.errors import InferenceError, ModelClosedError
@@ -33,7 +33,7 @@ __all__ = ["Agent", "NotReadyError"]
 _clock = time.perf_counter_ns
 
 
-class NotReadyError(EdgefleetError):
+class NotReadyError(AgentError):
     """The agent has no model to serve yet."""
 
     transient = True

@@ -1,23 +1,17 @@
-"""The agent's branch of the error tree (root: ``agent.protocol.errors.EdgefleetError``)::
+"""The agent's errors: :class:`AgentError`, the branch of what the device itself cannot do
+(serve, install, update, check a model), and :class:`BrokerError`, raised by the MQTT client
+that the agent and the controller share.
 
-    EdgefleetError
-    ├── BrokerError                 the MQTT broker cannot be reached or refused us
-    │   └── BrokerTimeoutError      a QoS 1 publish was not acknowledged in time
-    ├── NothingToServeError         the agent has no loadable model and will not start
-    ├── ServiceInstallError         a systemd unit that cannot be written, or bad options
-    ├── NotReadyError               (agent.core) a request before any model is loaded
-    ├── HealthCheckError            (agent.health) outputs or latency out of tolerance
-    ├── RuntimeLoadError, ...       (agent.runtime.errors) runtime missing, too old, or failing
-    └── InferenceError              (agent.runtime.errors) inputs that do not fit the model
-
-Broker errors are transient (retry later) except a malformed broker URL, which is not.
+Broker errors are transient (retry later) except a malformed broker URL, which is not. The
+whole tree, with the module of each error, is drawn in docs/architecture.md ("Error tree").
 """
 
 from __future__ import annotations
 
 from edgefleet.agent.protocol.errors import EdgefleetError
 
-__all__ = ["BrokerError", "BrokerTimeoutError", "NothingToServeError", "ServiceInstallError"]
+__all__ = ["AgentError", "BrokerError", "BrokerTimeoutError", "NothingToServeError",
+           "ServiceInstallError"]
 
 
 class BrokerError(EdgefleetError):
@@ -30,9 +24,13 @@ class BrokerTimeoutError(BrokerError):
     """A publish that waits for its acknowledgement did not get it in time."""
 
 
-class NothingToServeError(EdgefleetError):
+class AgentError(EdgefleetError):
+    """Something the device itself cannot do: serve, install, update, check a model."""
+
+
+class NothingToServeError(AgentError):
     """No bundle could be loaded, so the agent refuses to start."""
 
 
-class ServiceInstallError(EdgefleetError):
+class ServiceInstallError(AgentError):
     """A systemd unit that cannot be written, or options its command does not take."""

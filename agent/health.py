@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.errors import AgentError
 from edgefleet.agent.protocol.health import HealthData
 from edgefleet.agent.runtime.base import Array, Runtime
 from edgefleet.agent.runtime.errors import InferenceError
@@ -15,7 +15,7 @@ from edgefleet.agent.runtime.errors import InferenceError
 __all__ = ["HealthCheckError", "HealthResult", "run_health_check"]
 
 
-class HealthCheckError(EdgefleetError):
+class HealthCheckError(AgentError):
     """The model loads but its outputs (or latency) on this device are out of tolerance."""
 
 

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -33,7 +34,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgefleet.agent.errors import BrokerError, BrokerTimeoutError
 from edgefleet.agent.mqtt_config import MqttSecurity, parse_broker_url
 
-__all__ = ["Handler", "MqttClient", "MqttSecurity", "Will", "parse_broker_url"]
+__all__ = ["Handler", "MqttClient", "MqttSecurity", "Refusal", "Will", "parse_broker_url",
+           "refusal_of"]
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +225,8 @@ class MqttClient:
     ) -> None:
         self._network_thread = threading.get_ident()
         if getattr(reason, "is_failure", False):
-            self._refused(f"refused the connection: {reason}", _refusal_hint(str(reason)))
+            self._refused(f"refused the connection: {reason}",
+                          _REFUSAL_HINTS[refusal_of(reason)])
             return
         log.info("connected to %s:%s", self.host, self.port)
         self.connect_error = None
@@ -370,16 +373,29 @@ class _ErrorTap(logging.Logger):
             log.debug("paho: %s", self.last)
 
 
-def _refusal_hint(reason: str) -> str:
-    """For a CONNACK that says no."""
-    lowered = reason.lower()
-    if "authori" in lowered or "user name" in lowered or "password" in lowered:
-        return ("check this client's credentials: its certificate (signed by the broker's "
-                "CA) or its user name and password (--password-file), and that the broker's "
-                "password file and ACL list it")
-    if "identifier" in lowered:
-        return "the broker refused the client id: see its log"
-    return "see the broker's log"
+class Refusal(Enum):
+    """Why a broker's CONNACK said no, read from its reason code."""
+
+    CREDENTIALS = "credentials"  # bad user name or password, or not authorised
+    CLIENT_ID = "client_id"
+    OTHER = "other"
+
+
+# MQTT 5 CONNACK reason codes; paho maps the MQTT 3.1.1 return codes 2, 4 and 5 onto them
+_REFUSALS = {0x85: Refusal.CLIENT_ID, 0x86: Refusal.CREDENTIALS, 0x87: Refusal.CREDENTIALS}
+
+_REFUSAL_HINTS = {
+    Refusal.CREDENTIALS: "check this client's credentials: its certificate (signed by the "
+                         "broker's CA) or its user name and password (--password-file), and "
+                         "that the broker's password file and ACL list it",
+    Refusal.CLIENT_ID: "the broker refused the client id: see its log",
+    Refusal.OTHER: "see the broker's log",
+}
+
+
+def refusal_of(reason: object) -> Refusal:
+    """The kind of a CONNACK refusal, from paho's ``ReasonCode`` (its ``value``)."""
+    return _REFUSALS.get(getattr(reason, "value", 0), Refusal.OTHER)
 
 
 _NETWORK_WORDS = ("reset", "timed out", "timeout", "unreachable", "no route", "broken pipe",

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import markdown_table, print_table, update_section, write_results
 from edgefleet.agent.protocol.signing import generate_keypair
 from edgefleet.converter.config import ConvertConfig
-from edgefleet.converter.pipeline import ConversionFailed, convert
+from edgefleet.converter.errors import NoResultError
+from edgefleet.converter.pipeline import convert
 from edgefleet.converter.report import Attempt, ConversionReport
 from tests import wheel_models
 
@@ -72,7 +73,7 @@ def run_recipe(name: str, case: dict[str, Any], data: tuple[Path, Path], key: Pa
                            input_size=case.get("input_size"), **overrides)
     try:
         return convert(config)
-    except ConversionFailed as failed:
+    except NoResultError as failed:
         return failed.report
 
 

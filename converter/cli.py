@@ -63,7 +63,7 @@ def convert(
     """Convert a model for edge devices, measure it, and write a signed bundle."""
     try:
         from edgefleet.converter.config import ConvertConfig
-        from edgefleet.converter.pipeline import ConversionFailed
+        from edgefleet.converter.errors import NoResultError
         from edgefleet.converter.pipeline import convert as run
     except EdgefleetError as exc:
         fail(exc, as_json)
@@ -99,7 +99,7 @@ def convert(
 
         try:
             report = run(config, step)
-        except ConversionFailed as exc:
+        except NoResultError as exc:
             _show(exc.report.as_dict(), as_json)
             fail(exc.cause, as_json, code=1)
         except EdgefleetError as exc:

@@ -1,22 +1,13 @@
-"""The converter's branch of the error tree (root: ``agent.protocol.errors.EdgefleetError``)::
-
-    EdgefleetError
-    └── ConverterError
-        ├── MissingExtraError       the [converter] extra is not installed
-        ├── SourceModelError        the source model cannot be read
-        ├── UnsupportedPathError    no conversion path for source, format and mode
-        ├── DataError               calibration or evaluation data that does not fit the model
-        ├── ConversionFailedError   a backend (TFLite converter, tf2onnx, ORT quantizer) failed
-        ├── BudgetExceededError     the result breaks --max-drop; nothing was written
-        └── TargetViolationError    the result does not fit a --target device profile
-"""
+"""The converter's errors, under :class:`ConverterError` (the whole tree is drawn in
+docs/architecture.md, "Error tree")."""
 
 from __future__ import annotations
 
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.converter.report import ConversionReport
 
 __all__ = ["BudgetExceededError", "ConversionFailedError", "ConverterError", "DataError",
-           "MissingExtraError", "SourceModelError", "TargetViolationError",
+           "MissingExtraError", "NoResultError", "SourceModelError", "TargetViolationError",
            "UnsupportedPathError"]
 
 
@@ -54,3 +45,12 @@ class BudgetExceededError(ConverterError):
 
 class TargetViolationError(ConverterError):
     """The converted model does not fit a target device profile."""
+
+
+class NoResultError(ConverterError):
+    """Every candidate was refused, so nothing was written: ``cause`` says why (over the
+    budget, off the targets, or failed) and ``report`` shows each attempt."""
+
+    def __init__(self, cause: ConverterError, report: ConversionReport) -> None:
+        super().__init__(cause.message, hint=cause.hint)
+        self.cause, self.report = cause, report

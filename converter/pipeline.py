@@ -38,6 +38,7 @@ from edgefleet.converter.data import DYNAMIC_SIDE, Dataset, load_dataset
 from edgefleet.converter.errors import (
     BudgetExceededError,
     ConverterError,
+    NoResultError,
     TargetViolationError,
     UnsupportedPathError,
 )
@@ -55,12 +56,12 @@ from edgefleet.converter.floatio import float_predict as _predict
 from edgefleet.converter.floatio import input_map, quantize_input
 from edgefleet.converter.lineage import lineage_of
 from edgefleet.converter.package import PackageSpec, package_bytes, tensor_spec
-from edgefleet.converter.report import Attempt, ConversionReport
+from edgefleet.converter.report import Attempt, ConversionReport, Verdict
 from edgefleet.converter.search import Candidate, Search, auto_candidates
 from edgefleet.converter.sources import SourceModel, keras_source, load_source
 from edgefleet.devices import DeviceProfile, check_model, load_profile
 
-__all__ = ["SLOWER_MARGIN", "ConversionFailed", "convert", "is_slower"]
+__all__ = ["SLOWER_MARGIN", "convert", "is_slower"]
 
 ONNX_RUNTIME_FOR_OPSET = {13: "1.7.0", 14: "1.8.0", 15: "1.10.0", 16: "1.11.0", 17: "1.13.0",
                           18: "1.14.0", 19: "1.16.0", 20: "1.17.0", 21: "1.18.0", 22: "1.20.0",
@@ -79,14 +80,6 @@ def _no_progress(text: str, done: int | None = None, total: int | None = None) -
     return None
 
 
-class ConversionFailed(ConverterError):
-    """A conversion that produced no acceptable result; ``report`` says why."""
-
-    def __init__(self, cause: ConverterError, report: ConversionReport) -> None:
-        super().__init__(cause.message, hint=cause.hint)
-        self.cause, self.report = cause, report
-
-
 @dataclass
 class _Context:
     config: ConvertConfig
@@ -103,7 +96,7 @@ class _Context:
 
 
 def convert(config: ConvertConfig, step: Step = _no_progress) -> ConversionReport:
-    """Convert, measure and package; raise :class:`ConversionFailed` when nothing passes."""
+    """Convert, measure and package; raise :class:`NoResultError` when nothing passes."""
     started = time.perf_counter()
     step("loading the source model")
     ctx = _context(config, step)
@@ -118,7 +111,7 @@ def convert(config: ConvertConfig, step: Step = _no_progress) -> ConversionRepor
     chosen = _choose(ctx.report)
     ctx.report.conversion_seconds = round(time.perf_counter() - started, 2)
     if chosen is None:
-        raise ConversionFailed(_failure(ctx), ctx.report)
+        raise NoResultError(_failure(ctx), ctx.report)
     ctx.report.chosen = chosen.label
     step("writing the signed bundle")
     _package(ctx, chosen, built[chosen.label])
@@ -280,7 +273,7 @@ def _attempt(ctx: _Context, candidate: Candidate) -> tuple[Attempt, bytes | None
         _measure(ctx, attempt, artifact)
     except (EdgefleetError, ValueError) as exc:  # conversion, or the result does not load
         # or run (LiteRT's set_tensor raises a bare ValueError on a dtype it does not take)
-        attempt.reason = f"failed: {exc}"
+        attempt.verdict, attempt.reason = Verdict.FAILED, f"failed: {exc}"
         return attempt, None
     _judge(ctx, attempt)
     return attempt, artifact
@@ -440,14 +433,18 @@ def _judge(ctx: _Context, attempt: Attempt) -> None:
     source_bytes = ctx.source.size_bytes if ctx.source.kind in ("onnx", "tflite") else None
     if attempt.mode != "none" and source_bytes and (attempt.size_bytes or 0) >= source_bytes \
             and not attempt.kept_source:
+        attempt.verdict = Verdict.NOT_SMALLER
         attempt.reason = (f"{attempt.mode} did not make the model smaller ({attempt.size_bytes} "
                           f"bytes, source {source_bytes}): nothing it quantizes was found")
     elif drop > budget:
+        attempt.verdict = Verdict.OVER_BUDGET
         attempt.reason = _over_budget(ctx, attempt, drop, budget)
     elif attempt.violations:
+        attempt.verdict = Verdict.OFF_TARGET
         attempt.reason = "; ".join(v["message"] for v in attempt.violations[:3])
     else:
-        attempt.accepted, attempt.reason = True, "within budget and targets"
+        attempt.verdict, attempt.accepted = Verdict.ACCEPTED, True
+        attempt.reason = "within budget and targets"
 
 
 def _over_budget(ctx: _Context, attempt: Attempt, drop: float, budget: float) -> str:
@@ -467,7 +464,7 @@ def _failure(ctx: _Context) -> ConverterError:
     reasons = "; ".join(f"{a.label}: {a.reason}" for a in report.attempts)
     report.suggestions = _suggestions(ctx)
     hint = "; or ".join(f"{s['option']} ({s['why']})" for s in report.suggestions)
-    if any("exceeds the budget" in a.reason for a in report.attempts):
+    if any(a.verdict is Verdict.OVER_BUDGET for a in report.attempts):
         return BudgetExceededError(f"no result within the accuracy budget ({reasons})",
                                    hint=hint or "see the report")
     if any(a.violations for a in report.attempts):
@@ -481,7 +478,7 @@ def _suggestions(ctx: _Context) -> list[dict[str, Any]]:
     cfg, attempts = ctx.config, ctx.report.attempts
     tried = {a.mode for a in attempts}
     out: list[dict[str, Any]] = []
-    over = [a for a in attempts if "exceeds the budget" in a.reason and not a.violations]
+    over = [a for a in attempts if a.verdict is Verdict.OVER_BUDGET and not a.violations]
     if over:
         best = min(over, key=lambda a: a.accuracy_drop_points or 0.0)
         points = math.ceil((best.accuracy_drop_points or 0.0) * 10 + 1) / 10

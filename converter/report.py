@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
-__all__ = ["Attempt", "ConversionReport"]
+__all__ = ["Attempt", "ConversionReport", "Verdict"]
+
+
+class Verdict(Enum):
+    """What judging an attempt concluded; code branches on this, people read ``reason``."""
+
+    UNJUDGED = "unjudged"
+    FAILED = "failed"  # the backend failed, or the result does not load or run
+    NOT_SMALLER = "not_smaller"  # quantizing found nothing to quantize
+    OVER_BUDGET = "over_budget"  # the accuracy drop is over --max-drop
+    OFF_TARGET = "off_target"  # it breaks a --target device profile
+    ACCEPTED = "accepted"
 
 
 @dataclass
@@ -31,6 +43,7 @@ class Attempt:
     warnings: list[str] = field(default_factory=list)
     accepted: bool = False
     reason: str = ""
+    verdict: Verdict = Verdict.UNJUDGED
 
 
 @dataclass
@@ -65,7 +78,12 @@ class ConversionReport:
         return next((a for a in self.attempts if a.label == self.chosen), None)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The report as JSON data; an attempt's ``verdict`` stays inside the converter
+        (``accepted`` and ``reason`` tell it)."""
+        data = asdict(self)
+        for attempt in data["attempts"]:
+            del attempt["verdict"]
+        return data
 
     def metrics(self) -> dict[str, Any]:
         """The manifest's ``metrics``: the chosen result and a one-line summary per attempt."""

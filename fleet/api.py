@@ -61,7 +61,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from edgefleet.agent.ports import bind_error
 from edgefleet.agent.protocol._tar import BLOCK, check_first_block
-from edgefleet.agent.protocol.errors import BundleError, EdgefleetError
+from edgefleet.agent.protocol.errors import (
+    BundleError,
+    EdgefleetError,
+    RequestError,
+    SchemaVersionError,
+)
 from edgefleet.agent.protocol.keyring import MAX_KEYRING_BYTES, KeyringError
 from edgefleet.agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
 from edgefleet.agent.protocol.topics import check_id
@@ -72,7 +77,6 @@ from edgefleet.fleet.drift import DriftPolicy
 from edgefleet.fleet.errors import (
     AuthError,
     ConflictError,
-    FleetError,
     InvalidRolloutError,
     NotFoundError,
     StoreError,
@@ -99,15 +103,8 @@ _STATUS: list[tuple[type[EdgefleetError], HTTPStatus]] = [
     (NotFoundError, HTTPStatus.NOT_FOUND), (ConflictError, HTTPStatus.CONFLICT),
     (InvalidRolloutError, HTTPStatus.BAD_REQUEST), (AuthError, HTTPStatus.UNAUTHORIZED),
     (BundleError, HTTPStatus.UNPROCESSABLE_ENTITY),
+    (SchemaVersionError, HTTPStatus.UNPROCESSABLE_ENTITY),
     (KeyringError, HTTPStatus.UNPROCESSABLE_ENTITY)]
-
-
-class RequestError(FleetError):
-    """A request refused before it reaches the controller: its path, size or method."""
-
-    def __init__(self, message: str, status: HTTPStatus, *, hint: str = "") -> None:
-        super().__init__(message, hint=hint)
-        self.status = status
 
 
 def parse_tokens(specs: list[str]) -> dict[str, str]:
@@ -703,7 +700,7 @@ def _copy(path: Path, start: int, length: int, out: Any) -> None:
 def _status(exc: EdgefleetError) -> HTTPStatus:
     """The HTTP status an error is answered with."""
     if isinstance(exc, RequestError):
-        return exc.status
+        return HTTPStatus(exc.status)
     if isinstance(exc, StoreError):
         return (HTTPStatus.SERVICE_UNAVAILABLE if exc.transient
                 else HTTPStatus.INTERNAL_SERVER_ERROR)

@@ -1,20 +1,5 @@
-"""The fleet's branch of the error tree (root: ``agent.protocol.errors.EdgefleetError``)::
-
-    EdgefleetError
-    └── FleetError                  anything the controller or its CLI refuses
-        ├── StoreError              the database cannot be reached or refused a statement
-        ├── NotFoundError           an unknown device, model version or rollout
-        ├── ConflictError           a name:version pushed twice with other bytes, or an
-        │                           action the current state does not allow
-        │   └── LeaseLostError      a controller that no longer leads tried to write
-        │                           (fleet.lease)
-        ├── InvalidRolloutError     a rollout whose selector, waves or gates make no sense
-        ├── AuthError               a missing or wrong API token
-        ├── ApiError                the CLI could not reach the controller, or it said no
-        ├── RequestError            a request the API refuses before it reaches the
-        │                           controller (fleet.api)
-        ├── CertError               a certificate or key that cannot be made (fleet.certs)
-        └── SimulationError         simulator options that cannot work (fleet.simulate)
+"""The fleet's errors, under :class:`FleetError`: anything the controller, its store or its
+CLI refuses (the whole tree is drawn in docs/architecture.md, "Error tree").
 
 Errors raised in the controller travel to the CLI as JSON ``{"error", "hint", "kind"}``
 with an HTTP status that ``kind`` maps to (see ``fleet.api``).

@@ -52,14 +52,20 @@ class IngestError(PayloadError):
 
 
 class NotJsonError(IngestError):
+    """A message that is not UTF-8 JSON."""
+
     reason = "json"
 
 
 class TooLargeError(IngestError):
+    """A message larger than its topic allows."""
+
     reason = "too_large"
 
 
 class IdentityError(IngestError):
+    """A message that names another device or fleet than the topic it came on."""
+
     reason = "identity"
 
 

@@ -27,6 +27,7 @@ from types import TracebackType
 
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.fleet.errors import FleetError
 
 __all__ = ["BrokerSecurity", "MosquittoBroker", "MosquittoMissingError", "add_passwords",
            "find_mosquitto", "free_port", "stop_process", "wait_for_port"]
@@ -34,7 +35,7 @@ __all__ = ["BrokerSecurity", "MosquittoBroker", "MosquittoMissingError", "add_pa
 _SEARCH = ("/usr/sbin", "/usr/local/sbin", "/usr/bin")
 
 
-class MosquittoMissingError(EdgefleetError):
+class MosquittoMissingError(FleetError):
     """The mosquitto binary is not installed."""
 
 

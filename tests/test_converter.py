@@ -11,8 +11,8 @@ import pytest
 from edgefleet.agent.core import Agent
 from edgefleet.agent.protocol.bundle import read_bundle
 from edgefleet.converter.config import ConvertConfig
-from edgefleet.converter.errors import DataError, UnsupportedPathError
-from edgefleet.converter.pipeline import SLOWER_MARGIN, ConversionFailed, convert, is_slower
+from edgefleet.converter.errors import DataError, NoResultError, UnsupportedPathError
+from edgefleet.converter.pipeline import SLOWER_MARGIN, convert, is_slower
 from tests.conftest import Keys
 from tests.models import TrainedModels
 
@@ -93,7 +93,7 @@ def test_result_beyond_the_budget_is_not_written(digits_models: TrainedModels,
                                                  digits_data: Data, signing_keys: Keys,
                                                  tmp_path: Path) -> None:
     out = tmp_path / "never.efb"
-    with pytest.raises(ConversionFailed) as failed:
+    with pytest.raises(NoResultError) as failed:
         convert(_config(digits_models.keras, out, signing_keys, quantize="int8",
                         calibration=digits_data.bad_calibration, eval=digits_data.eval,
                         max_drop=1.0))
@@ -168,7 +168,7 @@ def test_an_image_folder_is_resized_scaled_and_labelled(
 def test_coral_target_reports_every_violation(digits_models: TrainedModels, digits_data: Data,
                                               signing_keys: Keys, tmp_path: Path) -> None:
     out = tmp_path / "coral.efb"
-    with pytest.raises(ConversionFailed) as failed:
+    with pytest.raises(NoResultError) as failed:
         convert(_config(digits_models.keras, out, signing_keys, quantize="int8",
                         calibration=digits_data.calibration, targets=("coral-edgetpu",)))
     kinds = {v["kind"] for v in failed.value.report.attempts[0].violations}
@@ -200,7 +200,7 @@ def test_onnx_dynamic_slower_than_float_is_warned_and_refused_by_a_strict_profil
     slower = is_slower(chosen.latency_p50_ms, chosen.reference_latency_p50_ms)
     assert bool(chosen.warnings) == slower
     if slower:
-        with pytest.raises(ConversionFailed, match="slower than its source"):
+        with pytest.raises(NoResultError, match="slower than its source"):
             convert(_config(digits_models.onnx, tmp_path / "strict.efb", signing_keys,
                             format="onnx", quantize="dynamic", eval=digits_data.eval,
                             targets=("jetson-orin-nano",)))

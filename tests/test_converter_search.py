@@ -10,8 +10,9 @@ import pytest
 
 from edgefleet.agent.protocol.bundle import read_bundle
 from edgefleet.converter.config import ConvertConfig
+from edgefleet.converter.errors import NoResultError
 from edgefleet.converter.evaluate import agreement, output_error
-from edgefleet.converter.pipeline import ConversionFailed, convert
+from edgefleet.converter.pipeline import convert
 from edgefleet.converter.report import Attempt
 from edgefleet.converter.search import Candidate, Search, auto_candidates
 from tests.conftest import Keys
@@ -66,7 +67,7 @@ def test_without_max_drop_a_broken_int8_is_refused_and_every_hint_works(
     out = tmp_path / "never.efb"
     base = _config(digits_models.keras, out, signing_keys, quantize="int8",
                    calibration=data["bad"], eval=data["eval"])
-    with pytest.raises(ConversionFailed) as failed:
+    with pytest.raises(NoResultError) as failed:
         convert(base)
     assert not out.exists()
     assert "exceeds the budget of 1.0 points (the default" in str(failed.value)

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 from typer.testing import CliRunner
 
 from edgefleet.agent.core import Agent
 from edgefleet.agent.ha_discovery import publish_discovery
-from edgefleet.agent.mqtt import MqttClient, MqttSecurity
+from edgefleet.agent.mqtt import MqttClient, MqttSecurity, Refusal, refusal_of
 from edgefleet.agent.protocol.homeassistant import node_id
 from edgefleet.agent.service import AgentService, ServiceConfig
 from edgefleet.agent.update import download, local
@@ -373,6 +375,7 @@ def test_password_mode_refuses_a_wrong_password_and_applies_the_same_acl(
         wait_until(lambda: wrong.connect_error and anonymous.connect_error, 15,
                    what="refusals")
         assert "refused the connection" in wrong.connect_error.message  # type: ignore[union-attr]
+        assert "credentials" in wrong.connect_error.hint  # type: ignore[union-attr]
         assert not wrong.connected and not anonymous.connected
         seen = Inbox()
         _connect(clients, broker.url, MqttSecurity(
@@ -553,3 +556,11 @@ def test_a_simulated_fleet_connects_with_a_certificate_per_device_and_rolls_out_
         api.stop()
         controller.stop()
         store.close()
+
+
+@pytest.mark.parametrize(("name", "refusal"), [
+    ("Bad user name or password", Refusal.CREDENTIALS), ("Not authorized", Refusal.CREDENTIALS),
+    ("Client identifier not valid", Refusal.CLIENT_ID), ("Server unavailable", Refusal.OTHER),
+    ("Bad authentication method", Refusal.OTHER)])
+def test_a_refusal_is_told_by_its_reason_code(name: str, refusal: Refusal) -> None:
+    assert refusal_of(ReasonCode(PacketTypes.CONNACK, name)) is refusal

@@ -13,7 +13,8 @@ import pytest
 
 from edgefleet.agent.core import Agent
 from edgefleet.converter.config import ConvertConfig
-from edgefleet.converter.pipeline import ConversionFailed, convert
+from edgefleet.converter.errors import NoResultError
+from edgefleet.converter.pipeline import convert
 from edgefleet.converter.report import ConversionReport
 from tests import wheel_models
 from tests.conftest import Keys
@@ -29,17 +30,17 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _convert(key: str, tmp_path: Path, keys: Keys, images: Path,
-             **kw: object) -> ConversionReport | ConversionFailed:
+             **kw: object) -> ConversionReport | NoResultError:
     config = ConvertConfig(model=wheel_models.model(key), output=tmp_path / f"{key}.efb",
                            sign_key=keys.secret, calibration=images, **kw)  # type: ignore[arg-type]
     try:
         return convert(config)
-    except ConversionFailed as failed:
+    except NoResultError as failed:
         return failed
 
 
-def _check_contract(result: ConversionReport | ConversionFailed, keys: Keys) -> None:
-    if isinstance(result, ConversionFailed):
+def _check_contract(result: ConversionReport | NoResultError, keys: Keys) -> None:
+    if isinstance(result, NoResultError):
         assert not Path(str(result.report.output or "none")).exists()
         for attempt in result.report.attempts:
             assert any(r in attempt.reason for r in NAMED_REASONS), attempt.reason
@@ -56,7 +57,7 @@ def test_ppocr_classifier_int8_within_two_points_or_named(
     result = _convert("ppocr-cls", tmp_path, signing_keys, images, format="onnx",
                       quantize="int8", scale="-1-1", max_drop=2.0)
     _check_contract(result, signing_keys)
-    report = result.report if isinstance(result, ConversionFailed) else result
+    report = result.report if isinstance(result, NoResultError) else result
     assert all(a.reason for a in report.attempts), "every attempt says why"
     assert report.attempts[0].agreement["worst"], "the worst output is named"
 
@@ -82,7 +83,7 @@ def test_ppocr_detector_int8_within_budget_or_named(tmp_path: Path, signing_keys
     result = _convert("ppocr-det", tmp_path, signing_keys, images, format="onnx",
                       quantize="int8", max_drop=2.0)
     _check_contract(result, signing_keys)
-    report = result.report if isinstance(result, ConversionFailed) else result
+    report = result.report if isinstance(result, NoResultError) else result
     attempt = report.attempts[0]
     assert attempt.agreement["cosine"], "agreement was measured on the pictures"
     assert "QuantizeLinear" in attempt.ops

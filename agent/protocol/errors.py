@@ -1,27 +1,8 @@
-"""The error tree of edgefleet, rooted in :class:`EdgefleetError`.
+"""The root of edgefleet's error tree, :class:`EdgefleetError`, and the errors of the device
+contract: bundles, keys, documents, payloads, and HTTP requests refused with a status.
 
-Every part of the project raises errors from this one tree; the device contract
-defines the root and the errors of the contract itself, and the agent, the
-converter and the fleet hang their own branches under it::
-
-    EdgefleetError
-    ├── BundleError                 a bundle that cannot be trusted or used
-    │   ├── BundleFormatError       not a readable .efb archive
-    │   ├── UnsafeMemberError       member path with "..", absolute, or a link
-    │   ├── MissingFileError        a file the manifest needs is not in the archive
-    │   ├── IntegrityError          a file's sha256 or size differs from the manifest
-    │   ├── SignatureError          manifest.sig does not check out
-    │   │   ├── BadSignatureError   signed by a trusted key id, but the bytes differ
-    │   │   └── UnknownKeyError     signed by a key that is not trusted here
-    │   ├── SchemaVersionError      a schema_version this build does not read
-    │   ├── NoDecryptionKeyError    an encrypted model, and no recipient key here
-    │   └── DecryptionError         a wrapped key or ciphertext that does not open
-    │                               (both in agent.protocol.encryption)
-    ├── KeyFileError                a key file that cannot be read or written
-    ├── PayloadError                an MQTT payload that fails its schema
-    │   └── KeyringError            a fleet keyring that does not verify (agent.protocol.keyring)
-    │       └── StaleKeyringError   one older than the keyring held (a replay)
-    └── (agent.errors, converter.errors, fleet.errors add their own branches)
+The whole tree, with the module of each error, is drawn in docs/architecture.md
+("Error tree"); a test renders it from the classes and compares, so it cannot drift.
 
 Each error carries ``hint`` (what to do about it) and ``transient`` (whether a
 retry may succeed), so callers can report or retry without parsing messages.
@@ -38,6 +19,7 @@ __all__ = [
     "KeyFileError",
     "MissingFileError",
     "PayloadError",
+    "RequestError",
     "SchemaVersionError",
     "SignatureError",
     "UnknownKeyError",
@@ -93,8 +75,9 @@ class UnknownKeyError(SignatureError):
     """The bundle was signed with a key this device does not trust."""
 
 
-class SchemaVersionError(BundleError):
-    """A document carries a schema_version this build cannot read."""
+class SchemaVersionError(EdgefleetError):
+    """A document (manifest, profile, payload, telemetry) carries a schema_version this build
+    cannot read."""
 
 
 class KeyFileError(EdgefleetError):
@@ -103,3 +86,12 @@ class KeyFileError(EdgefleetError):
 
 class PayloadError(EdgefleetError):
     """An MQTT payload that is not valid JSON or fails its schema."""
+
+
+class RequestError(EdgefleetError):
+    """An HTTP request refused with an error ``status`` (400 unless told): by the device's
+    inference server or by the controller's API, before it reaches the controller."""
+
+    def __init__(self, message: str, status: int = 400, *, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.status = status

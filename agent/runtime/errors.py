@@ -1,12 +1,5 @@
-"""Runtime errors of the agent (a branch of the tree in ``agent.protocol.errors``)::
-
-    EdgefleetError
-    └── RuntimeLoadError            the model cannot be loaded by any runtime here
-        ├── MissingRuntimeError     no runtime for this format is installed
-        └── IncompatibleModelError  the installed runtime is older than the model needs
-    └── InferenceError              inputs do not fit the model, or the runtime failed
-        └── ModelClosedError        the runtime was closed: its model is unloaded
-"""
+"""Errors of the runtimes: a model that cannot be loaded here, or a request it cannot run
+(the whole tree is drawn in docs/architecture.md, "Error tree")."""
 
 from __future__ import annotations
 

@@ -1,26 +1,16 @@
 """Errors of the HTTP server: each one is an answer with a status and a JSON body.
 
-::
-
-    EdgefleetError
-    ├── RequestError              a request answered with an HTTP error status (400 unless told)
-    │   └── IncompleteRequestError  the connection ended, or its time ran out, mid-request
-    └── HttpSetupError            TLS files, client CA or tokens the server cannot use
+:class:`RequestError` itself belongs to the device contract (``agent.protocol.errors``): the
+controller's API refuses requests with it too. The whole tree is drawn in
+docs/architecture.md ("Error tree").
 """
 
 from __future__ import annotations
 
-from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.errors import AgentError
+from edgefleet.agent.protocol.errors import RequestError
 
 __all__ = ["HttpSetupError", "IncompleteRequestError", "RequestError"]
-
-
-class RequestError(EdgefleetError):
-    """A request the server answers with an HTTP error status (400 unless told)."""
-
-    def __init__(self, message: str, hint: str = "", status: int = 400) -> None:
-        super().__init__(message, hint=hint)
-        self.status = status
 
 
 class IncompleteRequestError(RequestError):
@@ -28,6 +18,6 @@ class IncompleteRequestError(RequestError):
     the server waits (answered 408 by the server, which knows which)."""
 
 
-class HttpSetupError(EdgefleetError):
+class HttpSetupError(AgentError):
     """The HTTP server's TLS files, client CA or tokens cannot be used (fatal: fix the
     options and start again)."""

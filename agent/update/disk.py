@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.errors import AgentError
 
 __all__ = ["DISK_FULL", "DISK_MARGIN", "DiskFullError", "StorageError", "check_free",
            "discard", "guarded", "storage_error", "sweep"]
@@ -29,7 +29,7 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 _SWEPT = (".", "slots/a", "slots/b", "downloads")
 
 
-class StorageError(EdgefleetError):
+class StorageError(AgentError):
     """A file of the data dir could not be written or read; the model served is unchanged."""
 
 

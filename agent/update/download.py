@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
+from edgefleet.agent.errors import AgentError
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.update.disk import StorageError, discard, guarded
 
@@ -47,7 +48,7 @@ CHUNK = 64 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)")
 
 
-class DownloadError(EdgefleetError):
+class DownloadError(AgentError):
     """The bundle could not be fetched (after retries), or came back the wrong size."""
 
     transient = True

@@ -23,7 +23,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.errors import AgentError
 from edgefleet.agent.protocol.files import atomic_write
 
 __all__ = ["SLOTS", "SlotError", "SlotPointer", "SlotStore"]
@@ -32,7 +32,7 @@ SLOTS = ("a", "b")
 BUNDLE = "bundle.efb"
 
 
-class SlotError(EdgefleetError):
+class SlotError(AgentError):
     """A slot operation that cannot be done (nothing to roll back to, empty slot)."""
 
 

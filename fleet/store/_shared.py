@@ -18,14 +18,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgefleet.fleet.lease import Fence, Lease, LeaseLostError
 from edgefleet.fleet.relay import DONE, FAILED, QUEUED, TAKEN, WITHDRAWN, OperatorRequest
 from edgefleet.fleet.store._tables import LEASES, REQUESTS, marks
-
-if TYPE_CHECKING:
-    from edgefleet.fleet.store.base import Backend, Tx
+from edgefleet.fleet.store.backend import Backend, Tx
 
 __all__ = ["SharedState", "check_fence", "next_labels_seq"]
 

@@ -16,7 +16,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from edgefleet.fleet.errors import StoreError
-from edgefleet.fleet.store.base import Backend, Dialect, SqlStore
+from edgefleet.fleet.store.backend import Backend, Dialect
+from edgefleet.fleet.store.base import SqlStore
 
 __all__ = ["PostgresBackend", "open_postgres"]
 

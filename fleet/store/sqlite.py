@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from edgefleet.fleet.errors import StoreError
-from edgefleet.fleet.store.base import Backend, Dialect, SqlStore
+from edgefleet.fleet.store.backend import Backend, Dialect
+from edgefleet.fleet.store.base import SqlStore
 
 __all__ = ["SqliteBackend", "open_sqlite"]
 
