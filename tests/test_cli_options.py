@@ -29,8 +29,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from edgefleet.agent.cli.logs import JsonFormatter
-from edgefleet.agent.cli.params import (
+from edgefleet.cli import app
+from edgefleet.cli.logs import JsonFormatter
+from edgefleet.cli.params import (
     OptionRefused,
     api_address,
     device_id_option,
@@ -38,7 +39,6 @@ from edgefleet.agent.cli.params import (
     host_port,
     http_address,
 )
-from edgefleet.cli import app
 from tests.conftest import Keys
 from tests.hostile import HOSTILE, MiB, peak_traced_bytes, run_measured
 
