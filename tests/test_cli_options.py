@@ -1,6 +1,6 @@
 """Option values refused while the command line is parsed: HOST:PORT, --fleet, --device-id.
 
-In-process, hypothesis drives the parsers (agent/cli/params.py) over the whole class of
+In-process, hypothesis drives the parsers (edgefleet/cli/params.py) over the whole class of
 strings: each is refused with a ``typer.BadParameter`` naming the option and the form (one
 line), or accepted as a host and a port a socket takes. Then the commands themselves (typer's
 runner, and a few child processes): one line, exit 2, no traceback, nothing started; and
