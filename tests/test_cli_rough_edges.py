@@ -225,7 +225,7 @@ def test_the_banner_goes_to_the_debug_log() -> None:
             f"load_runtime(open({str(DIGITS)!r}, 'rb').read(), 'tflite')")
     result = _run([sys.executable, "-c", code])
     assert result.returncode == 0 and BANNER not in result.stderr
-    assert f"DEBUG:agent.runtime.tflite:Created TensorFlow Lite {BANNER}" in result.stdout
+    assert f"DEBUG:edgefleet.agent.runtime.tflite:Created TensorFlow Lite {BANNER}" in result.stdout
 
 
 # --- 11. JSON log lines -------------------------------------------------------------------
