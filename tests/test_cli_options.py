@@ -1,6 +1,6 @@
 """Option values refused while the command line is parsed: HOST:PORT, --fleet, --device-id.
 
-In-process, hypothesis drives the parsers (agent/cli/params.py) over the whole class of
+In-process, hypothesis drives the parsers (edgefleet/cli/params.py) over the whole class of
 strings: each is refused with a ``typer.BadParameter`` naming the option and the form (one
 line), or accepted as a host and a port a socket takes. Then the commands themselves (typer's
 runner, and a few child processes): one line, exit 2, no traceback, nothing started; and
@@ -29,8 +29,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from edgefleet.agent.cli.logs import JsonFormatter
-from edgefleet.agent.cli.params import (
+from edgefleet.cli import app
+from edgefleet.cli.logs import JsonFormatter
+from edgefleet.cli.params import (
     OptionRefused,
     api_address,
     device_id_option,
@@ -38,7 +39,6 @@ from edgefleet.agent.cli.params import (
     host_port,
     http_address,
 )
-from edgefleet.cli import app
 from tests.conftest import Keys
 from tests.hostile import HOSTILE, MiB, peak_traced_bytes, run_measured
 

@@ -22,10 +22,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgefleet.agent.cli.logs import JsonFormatter
 from edgefleet.agent.core import Agent
 from edgefleet.agent.ports import BindError
 from edgefleet.agent.serving.http import InferenceServer
+from edgefleet.cli.logs import JsonFormatter
 from edgefleet.fleet.api import ApiServer
 from edgefleet.fleet.client import FleetClient
 from edgefleet.fleet.events_log import DETAIL_MAX, FIELD_MAX, log_event

@@ -17,7 +17,7 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
-from edgefleet.fleet.cli_top import top
+from edgefleet.cli.fleet.top import top
 from edgefleet.fleet.mosquitto import MosquittoBroker
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import TOKEN, Fleet, wait_until

@@ -25,7 +25,7 @@ from edgefleet.agent.protocol.payloads import (
 )
 from edgefleet.agent.protocol.topics import Leaf, device_topic, fleet_filter
 from edgefleet.agent.update.device import UpdateSettings
-from edgefleet.fleet.cli_simulate import simulate
+from edgefleet.cli.fleet.simulate import simulate
 from edgefleet.fleet.mosquitto import MosquittoBroker
 from edgefleet.fleet.simulate import SimOptions, SimulatedFleet
 from edgefleet.fleet.simulate.options import assign_traits

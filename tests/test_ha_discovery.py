@@ -20,11 +20,11 @@ import pytest
 from typer.testing import CliRunner
 
 from edgefleet.agent import __version__
-from edgefleet.agent.cli import agent as agent_cli
 from edgefleet.agent.core import Agent
 from edgefleet.agent.protocol.homeassistant import SENSORS, node_id, value_template
 from edgefleet.agent.protocol.topics import Leaf, device_topic
 from edgefleet.agent.service import AgentService, ServiceConfig
+from edgefleet.cli import agent as agent_cli
 from edgefleet.fleet.mosquitto import MosquittoBroker
 from tests.brokers import Message, Subscriber
 from tests.conftest import Keys

@@ -26,15 +26,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from edgefleet.agent.cli import output
-from edgefleet.agent.cli.output import PIPED_WIDTH, emit, fail, styled, table, visible
 from edgefleet.agent.protocol.bundle import build_bundle
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.manifest import Manifest
 from edgefleet.agent.protocol.signing import SigningKey
-from edgefleet.fleet.cli import _rollout_view
-from edgefleet.fleet.cli_models import render_model
-from edgefleet.fleet.cli_top import render
+from edgefleet.cli import output
+from edgefleet.cli.fleet.app import _rollout_view
+from edgefleet.cli.fleet.models import render_model
+from edgefleet.cli.fleet.top import render
+from edgefleet.cli.output import PIPED_WIDTH, emit, fail, styled, table, visible
 from tests import tamper
 from tests.conftest import Keys
 from tests.fleet_harness import TOKEN, Fleet

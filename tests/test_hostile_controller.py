@@ -31,8 +31,8 @@ from typer.testing import CliRunner
 from edgefleet.agent.protocol.payloads import BundleRef
 from edgefleet.agent.protocol.schema import NAME_PATTERN
 from edgefleet.cli import app
+from edgefleet.cli.fleet.top import collect
 from edgefleet.fleet.api import ApiServer
-from edgefleet.fleet.cli_top import collect
 from edgefleet.fleet.client import FleetClient
 from edgefleet.fleet.controller import ControllerConfig, FleetController
 from edgefleet.fleet.ingest import REASONS, SLOTS, UPDATE_STATES

@@ -707,7 +707,7 @@ def _ended(fleet: Any, rollout_id: str) -> dict[str, Any] | None:
 @pytest.mark.parametrize("installs", [1, 2])
 def test_agent_rollback_with_no_earlier_bundle_is_refused_and_changes_nothing(
         installs: int, versions: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
-    from edgefleet.agent.cli.agent import app
+    from edgefleet.cli.agent import app
 
     agent = Agent(signing_keys.trusted)
     for name in ("v1", "v2")[:installs]:

@@ -66,13 +66,20 @@ def test_import_contracts_hold() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_protocol_contract_forbids_every_other_agent_module() -> None:
+def _children(folder: Path, package: str) -> set[str]:
+    return {f"{package}.{p.stem}" for p in folder.iterdir()
+            if (p.suffix == ".py" and not p.name.startswith("__")) or (p / "__init__.py").exists()}
+
+
+def test_every_module_of_the_project_has_a_layer() -> None:
+    """A module left out of the layers contract would be free to import anything."""
     import tomllib
 
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    contract = config["tool"]["importlinter"]["contracts"][0]
-    forbidden = set(contract["forbidden_modules"])
-    siblings = {f"edgefleet.agent.{p.stem}" for p in (ROOT / "agent").iterdir()
-                if p.name != "protocol" and (p.suffix == ".py" or (p / "__init__.py").exists())
-                and p.name != "__init__.py"}
-    assert siblings <= forbidden, f"add {sorted(siblings - forbidden)} to the contract"
+    (contract,) = [c for c in config["tool"]["importlinter"]["contracts"]
+                   if c["type"] == "layers"]
+    layered = {name.strip() for layer in contract["layers"]
+               for name in re.split(r"[:|]", layer)}
+    modules = (_children(ROOT / "edgefleet", "edgefleet") - {"edgefleet.agent"}
+               | _children(ROOT / "agent", "edgefleet.agent"))
+    assert modules <= layered, f"give {sorted(modules - layered)} a layer in pyproject.toml"

@@ -30,9 +30,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner, Result
 
-from edgefleet.agent.cli.output import visible
 from edgefleet.cli import app
-from edgefleet.cli_example_data import example_data
+from edgefleet.cli.example_data import example_data
+from edgefleet.cli.output import visible
 from edgefleet.fleet.mosquitto import MosquittoBroker, free_port
 from tests.hostile import HOSTILE, MiB, peak_traced_bytes
 

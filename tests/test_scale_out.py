@@ -30,8 +30,8 @@ from rich.console import Console
 from edgefleet.agent.protocol.payloads import BundleRef, decode_telemetry
 from edgefleet.agent.protocol.topics import Leaf, fleet_filter, parse_topic
 from edgefleet.agent.runtime import load_runtime
+from edgefleet.cli.fleet.top import collect, render
 from edgefleet.fleet.api import ApiServer
-from edgefleet.fleet.cli_top import collect, render
 from edgefleet.fleet.client import FleetClient
 from edgefleet.fleet.controller import ControllerConfig, FleetController
 from edgefleet.fleet.domain import ModelVersion

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from edgefleet.agent.cli.output import emit, fail, table
 from edgefleet.agent.protocol.bundle import Bundle, inspect_bundle
 from edgefleet.agent.protocol.encryption import DecryptionKeys, NoDecryptionKeyError
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.runtime.inspect import inspect_model
+from edgefleet.cli.output import emit, fail, table
 from edgefleet.devices import check_model, list_profiles, load_profile
 
 app = typer.Typer(help="Device profiles: what each device runs.", no_args_is_help=True)

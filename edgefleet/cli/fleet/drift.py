@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from edgefleet.agent.cli.output import console, emit, table
-from edgefleet.fleet.cli_common import DEFAULT_URL, ControllerOpt, JsonOpt, TokenOpt, client, run
+from edgefleet.cli.fleet.common import DEFAULT_URL, ControllerOpt, JsonOpt, TokenOpt, client, run
+from edgefleet.cli.output import console, emit, table
 
 __all__ = ["alerts", "drift_app"]
 

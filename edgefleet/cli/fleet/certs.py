@@ -19,8 +19,8 @@ from typing import Annotated, Any
 
 import typer
 
-from edgefleet.agent.cli.output import emit, fail, table
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.cli.output import emit, fail, table
 from edgefleet.fleet import certs, crl
 from edgefleet.fleet.acl import CONTROLLER_USER
 

@@ -17,8 +17,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from edgefleet.agent.cli.output import console, emit, fail, literal, styled, table
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.cli.output import console, emit, fail, literal, styled, table
 
 
 def convert(

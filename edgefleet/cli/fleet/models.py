@@ -14,8 +14,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Group
 
-from edgefleet.agent.cli.output import emit, fail, table
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.cli.output import emit, fail, table
 from edgefleet.fleet.client import FleetClient
 
 __all__ = ["render_model", "show_model"]

@@ -13,10 +13,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Group
 
-from edgefleet.agent.cli.output import emit, fail, styled, table
 from edgefleet.agent.protocol.encryption import DecryptionKeys
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
+from edgefleet.cli.output import emit, fail, styled, table
 
 __all__ = ["diff", "fetch_bundle"]
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgefleet.agent.cli.output import emit, fail, table
+from edgefleet.cli.output import emit, fail, table
 
 
 def example_data(

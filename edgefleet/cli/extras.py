@@ -17,8 +17,8 @@ from typing import ParamSpec, TypeVar
 import typer
 from rich.markup import escape
 
-from edgefleet.agent.cli.output import err_console
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.cli.output import err_console
 
 __all__ = ["ExtraMissingError", "extra_of", "missing_extras", "needs", "report_missing",
            "require"]

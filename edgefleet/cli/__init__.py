@@ -1,4 +1,8 @@
-"""The ``edgefleet`` console script: one typer app made of each part's sub-apps."""
+"""The ``edgefleet`` console script: one typer app made of each part's sub-apps.
+
+This package is the command-line layer, the only one that imports typer and rich: the
+library returns data and raises errors, the commands here print them.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,17 @@ import sys
 
 import typer
 
-from edgefleet.agent.cli import agent as agent_cli
-from edgefleet.agent.cli import broker as broker_cli
-from edgefleet.agent.cli import keys as keys_cli
-from edgefleet.agent.cli.extras import ExtraMissingError, extra_of, needs, report_missing
-from edgefleet.cli_demo import demo
-from edgefleet.cli_diff import diff
-from edgefleet.cli_example_data import example_data
-from edgefleet.converter.cli import convert
-from edgefleet.devices import cli as device_cli
-from edgefleet.fleet import cli as fleet_cli
-from edgefleet.fleet import cli_certs as certs_cli
+from edgefleet.cli import agent as agent_cli
+from edgefleet.cli import broker as broker_cli
+from edgefleet.cli import device as device_cli
+from edgefleet.cli import keys as keys_cli
+from edgefleet.cli.convert import convert
+from edgefleet.cli.demo import demo
+from edgefleet.cli.diff import diff
+from edgefleet.cli.example_data import example_data
+from edgefleet.cli.extras import ExtraMissingError, extra_of, needs, report_missing
+from edgefleet.cli.fleet import app as fleet_cli
+from edgefleet.cli.fleet import certs as certs_cli
 
 app = typer.Typer(
     help="edgefleet: convert models, run them on devices, roll them out to fleets.",

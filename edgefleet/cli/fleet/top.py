@@ -26,8 +26,8 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from edgefleet.agent.cli.output import console, fail, literal, styled
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.cli.output import console, fail, literal, styled
 from edgefleet.fleet.client import FleetClient
 from edgefleet.fleet.rollout.state import DONE, FINISHED
 

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from edgefleet.agent.cli.extras import needs
-from edgefleet.agent.cli.logs import LogFormat, LogFormatOpt, fail_in, setup_logging
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.cli.extras import needs
+from edgefleet.cli.logs import LogFormat, LogFormatOpt, fail_in, setup_logging
 
 log = logging.getLogger("edgefleet.agent.broker")
 

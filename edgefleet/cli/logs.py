@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from rich.markup import escape
 
-from edgefleet.agent.cli.output import err_console
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.cli.output import err_console
 
 if TYPE_CHECKING:
     from edgefleet.agent.service import AgentService

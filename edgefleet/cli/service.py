@@ -15,9 +15,9 @@ from typing import Annotated, Any, Protocol
 
 import typer
 
-from edgefleet.agent.cli.output import emit, fail, table
 from edgefleet.agent.errors import ServiceInstallError
 from edgefleet.agent.systemd import Unit, render, user_exists, write_unit
+from edgefleet.cli.output import emit, fail, table
 
 __all__ = ["Parser", "ServiceSpec", "service_app", "subcommand"]
 

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from edgefleet.agent.cli.output import console, fail, table
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.signing import TrustedKeys
+from edgefleet.cli.output import console, fail, table
 
 if TYPE_CHECKING:
     from edgefleet.fleet.simulate import SimulatedFleet

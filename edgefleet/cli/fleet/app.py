@@ -24,9 +24,20 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from edgefleet.agent.cli.extras import needs
-from edgefleet.agent.cli.logs import LogFormat, LogFormatOpt, fail_in, setup_logging
-from edgefleet.agent.cli.mqtt_options import (
+from edgefleet.agent.ports import check_free
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.signing import TrustedKeys
+from edgefleet.agent.systemd import Unit
+from edgefleet.cli.extras import needs
+from edgefleet.cli.fleet.common import DEFAULT_URL, ControllerOpt, JsonOpt, TokenOpt
+from edgefleet.cli.fleet.common import client as _client
+from edgefleet.cli.fleet.common import run as _run
+from edgefleet.cli.fleet.drift import alerts, drift_app
+from edgefleet.cli.fleet.models import show_model
+from edgefleet.cli.fleet.simulate import simulate
+from edgefleet.cli.fleet.top import top
+from edgefleet.cli.logs import LogFormat, LogFormatOpt, fail_in, setup_logging
+from edgefleet.cli.mqtt_options import (
     CaOpt,
     CertOpt,
     KeyOpt,
@@ -34,20 +45,9 @@ from edgefleet.agent.cli.mqtt_options import (
     UsernameOpt,
     mqtt_security,
 )
-from edgefleet.agent.cli.output import console, emit, fail, literal, styled, table
-from edgefleet.agent.cli.params import api_address, fleet_option, host_port
-from edgefleet.agent.cli.service import ServiceSpec, service_app, subcommand
-from edgefleet.agent.ports import check_free
-from edgefleet.agent.protocol.errors import EdgefleetError
-from edgefleet.agent.protocol.signing import TrustedKeys
-from edgefleet.agent.systemd import Unit
-from edgefleet.fleet.cli_common import DEFAULT_URL, ControllerOpt, JsonOpt, TokenOpt
-from edgefleet.fleet.cli_common import client as _client
-from edgefleet.fleet.cli_common import run as _run
-from edgefleet.fleet.cli_drift import alerts, drift_app
-from edgefleet.fleet.cli_models import show_model
-from edgefleet.fleet.cli_simulate import simulate
-from edgefleet.fleet.cli_top import top
+from edgefleet.cli.output import console, emit, fail, literal, styled, table
+from edgefleet.cli.params import api_address, fleet_option, host_port
+from edgefleet.cli.service import ServiceSpec, service_app, subcommand
 
 app = typer.Typer(help="The fleet: controller, models, rollouts, rollback, history.",
                   no_args_is_help=True)

@@ -13,19 +13,6 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 from rich.markup import escape
 
-from edgefleet.agent.cli import http_options as web
-from edgefleet.agent.cli.extras import needs
-from edgefleet.agent.cli.logs import LogFormat, LogFormatOpt, agent_context, fail_in, setup_logging
-from edgefleet.agent.cli.mqtt_options import (
-    CertOpt,
-    KeyOpt,
-    PasswordFileOpt,
-    UsernameOpt,
-    mqtt_security,
-)
-from edgefleet.agent.cli.output import console, emit, err_console, fail, table
-from edgefleet.agent.cli.params import device_id_option, fleet_option, host_port, http_address
-from edgefleet.agent.cli.service import ServiceSpec, service_app, subcommand
 from edgefleet.agent.core import Agent
 from edgefleet.agent.errors import NothingToServeError
 from edgefleet.agent.ports import check_free
@@ -35,6 +22,19 @@ from edgefleet.agent.protocol.keyring import trust_at_start
 from edgefleet.agent.protocol.signing import TrustedKeys
 from edgefleet.agent.systemd import HOST_NAME, Unit
 from edgefleet.agent.update import download
+from edgefleet.cli import http_options as web
+from edgefleet.cli.extras import needs
+from edgefleet.cli.logs import LogFormat, LogFormatOpt, agent_context, fail_in, setup_logging
+from edgefleet.cli.mqtt_options import (
+    CertOpt,
+    KeyOpt,
+    PasswordFileOpt,
+    UsernameOpt,
+    mqtt_security,
+)
+from edgefleet.cli.output import console, emit, err_console, fail, table
+from edgefleet.cli.params import device_id_option, fleet_option, host_port, http_address
+from edgefleet.cli.service import ServiceSpec, service_app, subcommand
 
 if TYPE_CHECKING:  # the service needs the [agent] extra: loaded by the command that runs it
     from edgefleet.agent.service import AgentService

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edgefleet.agent.cli.output import emit, fail, table
 from edgefleet.agent.protocol.errors import EdgefleetError, KeyFileError
 from edgefleet.agent.protocol.files import atomic_write
 from edgefleet.agent.protocol.keyring import (
@@ -27,6 +26,7 @@ from edgefleet.agent.protocol.signing import (
     generate_keypair,
     key_id_of,
 )
+from edgefleet.cli.output import emit, fail, table
 
 app = typer.Typer(help="Bundle-signing keys (Ed25519).", no_args_is_help=True)
 

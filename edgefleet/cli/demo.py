@@ -8,8 +8,8 @@ import typer
 from rich.console import Group
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from edgefleet.agent.cli.extras import ExtraMissingError, report_missing, require
-from edgefleet.agent.cli.output import emit, table
+from edgefleet.cli.extras import ExtraMissingError, report_missing, require
+from edgefleet.cli.output import emit, table
 
 
 def demo(

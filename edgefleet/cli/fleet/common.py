@@ -7,8 +7,8 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from edgefleet.agent.cli.output import fail
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.cli.output import fail
 from edgefleet.fleet.client import FleetClient
 
 __all__ = ["DEFAULT_URL", "ControllerOpt", "JsonOpt", "TokenOpt", "client", "run"]

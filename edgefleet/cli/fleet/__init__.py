@@ -1,0 +1,1 @@
+"""``edgefleet fleet`` and ``edgefleet certs``: the command-line face of the fleet controller."""
