@@ -259,6 +259,7 @@ def _candidates(ctx: _Context) -> Iterator[Candidate]:
     yield from auto_candidates(search)
     if search.stopped:
         ctx.report.warnings.append(search.stopped)
+    ctx.report.warnings.extend(search.notes)
 
 
 def _attempt(ctx: _Context, candidate: Candidate) -> tuple[Attempt, bytes | None]:

@@ -8,12 +8,16 @@ The ladder, for each path (docs/converter.md has the table):
    one of them can be smaller;
 3. **mixed**: the best full-int8 recipe with the operators that lose most SQNR kept in
    float (:mod:`edgefleet.converter.sensitivity`), 1, 2, 4, 8, ... of them, until the budget holds;
-4. fp16 (for a float16-stored TFLite source: the source as it is).
+4. fp16 (for a float16-stored TFLite source: the source as it is);
+5. float: the model unquantized (float32), when not even fp16 held the budget (an ONNX
+   model whose activations overflow float16, say). It agrees with the source exactly, so
+   ``auto`` always returns a model within the accuracy budget, never a broken one; only
+   a device's size or memory limit can still refuse it.
 
 Every candidate is measured and becomes a report row; the pipeline keeps the smallest
-accepted. Mixed and fp16 run only when nothing smaller passed (everything after them is
-larger); no candidate starts once the search budget (seconds) is spent, except fp16,
-which is always tried last when nothing passed.
+accepted. Mixed, fp16 and float run only when nothing smaller passed (everything after
+them is larger); no candidate starts once the search budget (seconds) is spent, except
+fp16 and float, which are always tried last when nothing passed.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Search:
     seconds: float = DEFAULT_SEARCH_SECONDS
     started: float = field(default_factory=time.perf_counter)
     stopped: str = ""  # why the search stopped early, when it did
+    notes: list[str] = field(default_factory=list)  # for the report's warnings
 
     def out_of_time(self, next_label: str) -> bool:
         spent = time.perf_counter() - self.started
@@ -83,6 +88,10 @@ def auto_candidates(search: Search) -> Iterator[Candidate]:
             yield from _mixed(search, _best(search, full))
     if not _accepted(search):
         yield Candidate("fp16", "fp16")
+    if not _accepted(search):
+        search.notes.append("no recipe smaller than float held the budget: the model stays "
+                            "float32 (its attempts above say by how much each one missed)")
+        yield Candidate("float", "none")
 
 
 def _full_int8(search: Search) -> list[Candidate]:

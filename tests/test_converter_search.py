@@ -228,7 +228,8 @@ def test_auto_tries_recipes_smallest_first_and_keeps_fewest_ops_float() -> None:
     tflite = Search("tflite", "tflite", [], lambda base: ranked)
     assert _walk(tflite, set()) == ["int8", "weight-only", "dynamic", "int8-mixed-1",
                                     "int8-mixed-2", "int8-mixed-4", "int8-mixed-8",
-                                    "int8-mixed-16", "fp16"], "at most half the ops kept float"
+                                    "int8-mixed-16", "fp16", "float"], \
+        "at most half the ops kept float; float32 when nothing smaller held"
     assert _walk(Search("keras", "tflite", [], lambda base: ranked), {"int8"}) == \
         ["int8", "dynamic"], "the tier of similar sizes is tried whole: the smallest wins"
     assert _walk(Search("onnx", "onnx", [], lambda base: ranked), {"int8"}) == ["int8"]
@@ -236,8 +237,16 @@ def test_auto_tries_recipes_smallest_first_and_keeps_fewest_ops_float() -> None:
 
 def test_auto_stops_when_the_search_budget_is_spent_and_still_tries_fp16() -> None:
     search = Search("onnx", "onnx", [], lambda base: ["a", "b"], seconds=1e-9)
-    assert _walk(search, set()) == ["fp16"]
+    assert _walk(search, set()) == ["fp16", "float"]
     assert "search budget" in search.stopped and "--search-budget" in search.stopped
+
+
+def test_auto_returns_the_float_model_only_when_fp16_missed_too() -> None:
+    search = Search("onnx", "onnx", [], lambda base: [], seconds=1e-9)
+    assert _walk(search, {"fp16"}) == ["fp16"] and search.notes == []
+    search = Search("onnx", "onnx", [], lambda base: [], seconds=1e-9)
+    assert _walk(search, {"float"}) == ["fp16", "float"]
+    assert search.attempts[-1].mode == "none" and "stays float32" in search.notes[0]
 
 
 def test_a_candidate_names_its_recipe() -> None:
