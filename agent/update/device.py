@@ -1,4 +1,4 @@
-"""The real Controller: downloads, verifies, stages into a slot, health-checks, switches
+"""The device's update effects: downloads, verifies, stages into a slot, health-checks, switches
 the serving model, watches probation, commits or rolls back. All file writes are atomic."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from edgefleet.agent.update.download import DownloadStats, fetch
 from edgefleet.agent.update.slots import SlotStore
 from edgefleet.agent.update.states import Event, Journal
 
-__all__ = ["DISK_MARGIN", "DeviceController", "UpdateSettings", "load_journal"]
+__all__ = ["DISK_MARGIN", "DeviceEffects", "UpdateSettings", "load_journal"]
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ def load_journal(path: Path) -> Journal:
         return Journal()
 
 
-class DeviceController:
-    """Implements :class:`edgefleet.agent.update.flow.Controller` for one data directory
+class DeviceEffects:
+    """Implements :class:`edgefleet.agent.update.flow.UpdateEffects` for one data directory
     and agent."""
 
     def __init__(self, data_dir: Path, agent: Agent, settings: UpdateSettings = UpdateSettings(),
@@ -69,24 +69,24 @@ class DeviceController:
         self._wake.set()
 
     def download_path(self, j: Journal) -> Path:
-        return self.data_dir / "downloads" / f"{j.target['sha256']}.efb"
+        return self.data_dir / "downloads" / f"{j.target.sha256}.efb"
 
     def sweep(self, journal: Journal) -> list[Path]:
         """At start: remove what killed runs left (temp files, downloads of other bundles)."""
         with guarded(self.data_dir):
-            return sweep(self.data_dir, str(journal.target.get("sha256") or "") or None)
+            return sweep(self.data_dir, journal.target.sha256 or None)
 
     def download(self, j: Journal) -> None:
         """Fetch the target; a complete file an earlier attempt left is reused only if it
         verifies against the target now (else it is discarded and fetched again)."""
         self._pause()
-        path, size = self.download_path(j), int(str(j.target.get("size", 0)))
+        path, size = self.download_path(j), j.target.size or 0
         if path.exists():
             if self._verifies(j, path):
                 return
             self._discard(path)  # with its partial file: those bytes came with it
         check_free(self.data_dir, size)
-        fetch(str(j.target["url"]), path, size, stats=self.stats)
+        fetch(j.target.url, path, size, stats=self.stats)
 
     def verify(self, j: Journal) -> None:
         """Check the download against the target; one that fails is discarded (with its
@@ -110,10 +110,10 @@ class DeviceController:
         with guarded(path):
             raw = path.read_bytes()
         bundle = read_bundle(raw, self.agent.trusted, self.agent.keys)  # decrypts in memory
-        if bundle.sha256 != j.target["sha256"]:
+        if bundle.sha256 != j.target.sha256:
             raise IntegrityError(f"downloaded bundle is {bundle.manifest.ref} with manifest "
                                  f"sha256 {bundle.sha256[:12]}, the target names "
-                                 f"{str(j.target['sha256'])[:12]}",
+                                 f"{j.target.sha256[:12]}",
                                  hint="the server sent another bundle; check the URL")
 
     @staticmethod
@@ -160,15 +160,14 @@ class DeviceController:
                 return self._decision
             if self._gate_failed(j):
                 return Event.FAILURE
-            auto = bool(j.target.get("auto_commit", self.settings.auto_commit))
-            if auto and time.monotonic() >= deadline:
+            if j.target.auto_commits(self.settings.auto_commit) and time.monotonic() >= deadline:
                 return Event.COMMIT
             self._wake.wait(self.settings.poll_s)
             self._wake.clear()
 
     def _gate_failed(self, j: Journal) -> bool:
         model = self.agent.model
-        if model is None or model.version != j.target.get("version"):
+        if model is None or model.version != j.target.version:
             return False
         agreement = self.agent.agreement
         if (self.settings.min_agreement is not None and agreement and agreement["top1"] is not None
@@ -213,7 +212,7 @@ class DeviceController:
     def slot_of(self, j: Journal) -> str | None:
         for slot in ("a", "b"):
             path = self.slots.bundle(slot)
-            if path is not None and _manifest_sha(path) == j.target["sha256"]:
+            if path is not None and _manifest_sha(path) == j.target.sha256:
                 return slot
         return None
 
