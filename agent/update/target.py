@@ -41,7 +41,8 @@ class UpdateTarget:
     def from_dict(cls, data: Mapping[str, object]) -> UpdateTarget:
         """A journal's target (a missing key stays unstated)."""
         size, rollout, auto = data.get("size"), data.get("rollout"), data.get("auto_commit")
-        return cls(*(str(data.get(key) or "") for key in _TEXT),
+        name, version, sha256, url = (str(data.get(key) or "") for key in _TEXT)
+        return cls(name, version, sha256, url,
                    size=None if size is None else int(str(size)),
                    rollout=None if rollout is None else str(rollout),
                    auto_commit=None if auto is None else bool(auto))

@@ -57,34 +57,34 @@ class SimEffects:
         self.device = device
         self._digest: str | None = None  # what the last download brought
 
-    def download(self, j: Journal) -> None:
-        self._digest = self.device.env.downloads.fetch(j.target.url, j.target.size or 0)
+    def download(self, journal: Journal) -> None:
+        self._digest = self.device.env.downloads.fetch(journal.target.url, journal.target.size or 0)
 
-    def verify(self, j: Journal) -> None:
+    def verify(self, journal: Journal) -> None:
         env = self.device.env
         if self._digest is None:
             raise EdgefleetError("nothing was downloaded for this update",
                                  hint="the update restarts")
         bundle = env.models.verify(self._digest, env.downloads.body(self._digest))
-        if bundle.sha256 != j.target.sha256:
+        if bundle.sha256 != journal.target.sha256:
             raise IntegrityError(f"downloaded bundle is {bundle.manifest.ref} with manifest "
                                  f"sha256 {bundle.sha256[:12]}, the target names "
-                                 f"{j.target.sha256[:12]}",
+                                 f"{journal.target.sha256[:12]}",
                                  hint="the server sent another bundle; check the URL")
         self.device.staged_ref = BundleRef(name=bundle.manifest.name,
                                            version=bundle.manifest.version, sha256=bundle.sha256)
 
-    def stage(self, j: Journal) -> None:
+    def stage(self, journal: Journal) -> None:
         device = self.device
-        if device.slots.slot_of(j.target.sha256) is None:
+        if device.slots.slot_of(journal.target.sha256) is None:
             if device.staged_ref is None:
                 raise EdgefleetError("no verified bundle to stage", hint="the update restarts")
             device.slots.stage(device.staged_ref)
         self._digest = None
 
-    def health_check(self, j: Journal) -> None:
+    def health_check(self, journal: Journal) -> None:
         device = self.device
-        profile = device.env.models.profile(self._staged(j))
+        profile = device.env.models.profile(self._staged(journal))
         if device.traits.fail_health:
             raise HealthCheckError("health check: output differs from the expected outputs "
                                    "(simulated fault: fail_health)",
@@ -97,12 +97,12 @@ class SimEffects:
                                    f"the budget of {budget:.2f} ms",
                                    hint="use a smaller or quantized model for this device")
 
-    def switch(self, j: Journal) -> None:
+    def switch(self, journal: Journal) -> None:
         device = self.device
-        slot = device.slots.slot_of(j.target.sha256)
+        slot = device.slots.slot_of(journal.target.sha256)
         if slot is None:
             raise EdgefleetError("the staged bundle is gone", hint="the update restarts")
-        candidate = device.env.models.profile(self._staged(j))
+        candidate = device.env.models.profile(self._staged(journal))
         previous = device.serving.active
         device.slots.switch(slot)
         device.activate(candidate)
@@ -110,14 +110,14 @@ class SimEffects:
             device.start_shadow(previous.version,
                                 device.env.models.agreement(candidate.sha256, previous.sha256))
 
-    def probation(self, j: Journal) -> Event:
+    def probation(self, journal: Journal) -> Event:
         return self.device.take_decision()
 
-    def commit(self, j: Journal) -> None:
+    def commit(self, journal: Journal) -> None:
         self.device.stop_shadow()
         self.device.slots.commit()
 
-    def rollback(self, j: Journal) -> None:
+    def rollback(self, journal: Journal) -> None:
         device = self.device
         device.stop_shadow()
         device.slots.rollback()
@@ -126,17 +126,17 @@ class SimEffects:
             raise EdgefleetError("no bundle to roll back to", hint="install one")
         device.activate(device.env.models.profile(active.sha256))
 
-    def save(self, j: Journal) -> None:
-        self.device.journal = j
+    def save(self, journal: Journal) -> None:
+        self.device.journal = journal
 
-    def report(self, j: Journal) -> None:
-        self.device.journal_changed(j)
+    def report(self, journal: Journal) -> None:
+        self.device.journal_changed(journal)
 
     def now_ms(self) -> int:
         return int(time.time() * 1000)
 
-    def _staged(self, j: Journal) -> str:
-        sha = j.target.sha256
+    def _staged(self, journal: Journal) -> str:
+        sha = journal.target.sha256
         if self.device.slots.slot_of(sha) is None:
             raise EdgefleetError("no staged bundle for this update", hint="the update restarts")
         return sha
