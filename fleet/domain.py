@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.agent.protocol.update_state import UpdateState
 
 __all__ = ["AuditEntry", "Device", "ModelVersion", "ref_from_dict", "ref_to_dict"]
 
@@ -44,7 +45,7 @@ class Device:
     agent_version: str | None = None
     active: BundleRef | None = None
     previous: BundleRef | None = None
-    update_state: str = "IDLE"
+    update_state: str = UpdateState.IDLE.value  # as the device reported it
     update_target: str | None = None  # sha256 of the bundle the update is about
     update_detail: str = ""
     update_since_ms: int = 0  # when the device entered update_state (its own clock)
@@ -70,7 +71,7 @@ class Device:
                    agent_version=data.get("agent_version"),
                    active=ref_from_dict(data.get("active")),
                    previous=ref_from_dict(data.get("previous")),
-                   update_state=str(data.get("update_state") or "IDLE"),
+                   update_state=str(data.get("update_state") or UpdateState.IDLE.value),
                    update_target=data.get("update_target"),
                    update_detail=str(data.get("update_detail") or ""),
                    update_since_ms=int(data.get("update_since_ms") or 0),

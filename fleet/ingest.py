@@ -26,6 +26,7 @@ from edgefleet.agent.protocol.payloads import Event, ReportedState, decode_statu
 from edgefleet.agent.protocol.schema import decode_json, validate_document
 from edgefleet.agent.protocol.telemetry_schema import check_points
 from edgefleet.agent.protocol.topics import Leaf
+from edgefleet.agent.protocol.update_state import UpdateState
 
 __all__ = ["MAX_BYTES", "MAX_MS", "REASONS", "SLOTS", "UPDATE_STATES", "IngestError", "event",
            "reason", "reported", "status", "telemetry"]
@@ -37,11 +38,8 @@ REASONS = ("topic", "too_large", "json", "schema_version", "schema", "identity")
 _STORE_INT = 2**63  # the store's integer columns are signed 64-bit
 _MAX_DEPTH = 16  # of a state/reported document (it is 3 deep)
 MAX_MS = 2**53  # ts and update.since: an exact number in every JSON reader
-# the agent's update states (agent.update.states.State; a test holds the two equal) and
-# A/B slots: the controller reads the device contract, not the agent's code
-UPDATE_STATES = frozenset({"IDLE", "DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK",
-                           "SWITCHING", "PROBATION", "COMMITTED", "ROLLING_BACK",
-                           "ROLLED_BACK", "FAILED"})
+# the update states of the device contract, and the A/B slots
+UPDATE_STATES = frozenset(state.value for state in UpdateState)
 SLOTS = frozenset({"a", "b"})
 
 

@@ -17,7 +17,8 @@ from edgefleet.agent.protocol.errors import IntegrityError
 from edgefleet.agent.protocol.files import atomic_write
 from edgefleet.agent.update import local
 from edgefleet.agent.update.slots import SlotError, SlotStore
-from edgefleet.agent.update.states import Journal, State
+from edgefleet.agent.update.states import Journal, UpdateState
+from edgefleet.agent.update.target import UpdateTarget
 from tests import tamper
 from tests.conftest import Keys, make_bundle
 from tests.models import TrainedModels
@@ -38,14 +39,14 @@ def _roles(data: Path) -> dict[str, str | None]:
 def test_install_install_rollback(versions: dict[str, Path], signing_keys: Keys,
                                   tmp_path: Path) -> None:
     agent = Agent(signing_keys.trusted)
-    assert local.install(agent, tmp_path, versions["1.0.0"]).state == State.COMMITTED
+    assert local.install(agent, tmp_path, versions["1.0.0"]).state == UpdateState.COMMITTED
     assert agent.model is not None and agent.model.version == "1.0.0"
     assert _roles(tmp_path) == {"active, committed": "1.0.0"}
-    assert local.install(agent, tmp_path, versions["2.0.0"]).state == State.COMMITTED
+    assert local.install(agent, tmp_path, versions["2.0.0"]).state == UpdateState.COMMITTED
     assert agent.model.version == "2.0.0"
     assert _roles(tmp_path) == {"active, committed": "2.0.0", "fallback": "1.0.0"}
     assert not list((tmp_path / "downloads").glob("*")), "staged downloads are removed"
-    assert local.rollback(agent, tmp_path).state == State.ROLLED_BACK
+    assert local.rollback(agent, tmp_path).state == UpdateState.ROLLED_BACK
     assert agent.model.version == "1.0.0"
     assert _roles(tmp_path) == {"active, committed": "1.0.0"}
 
@@ -89,7 +90,7 @@ def test_a_bundle_failing_its_health_check_fails_before_the_switch(
     liar.write_bytes(_resigned_with(versions["2.0.0"], signing_keys, "health.npz",
                                     buffer.getvalue()))
     journal = local.install(agent, tmp_path, liar)
-    assert journal.state == State.FAILED and "health check" in journal.detail
+    assert journal.state == UpdateState.FAILED and "health check" in journal.detail
     assert agent.model is not None and agent.model.version == "1.0.0"
     assert _roles(tmp_path)["active, committed"] == "1.0.0"
 
@@ -126,8 +127,8 @@ def test_an_update_interrupted_after_staging_finishes_at_start(
 
     SlotStore(tmp_path).stage(versions["2.0.0"].read_bytes())
     sha = read_bundle(versions["2.0.0"], signing_keys.trusted).sha256
-    journal = Journal(state=State.STAGED, target={"version": "2.0.0", "sha256": sha,
-                                                  "url": str(versions["2.0.0"]), "size": 0})
+    journal = Journal(state=UpdateState.STAGED, target=UpdateTarget(version="2.0.0", sha256=sha,
+                                                              url=str(versions["2.0.0"]), size=0))
     atomic_write(tmp_path / "journal.json", json.dumps(journal.to_dict()).encode())
     restarted = Agent(signing_keys.trusted)
     local.serve_active(restarted, tmp_path)

@@ -28,10 +28,11 @@ from edgefleet.agent.protocol.encryption import (
 from edgefleet.agent.protocol.errors import BadSignatureError, IntegrityError, SchemaVersionError
 from edgefleet.agent.protocol.manifest import Manifest, parse_manifest
 from edgefleet.agent.protocol.schema import Document
+from edgefleet.agent.protocol.update_state import UpdateState
 from edgefleet.agent.update import local
-from edgefleet.agent.update.device import DeviceController, UpdateSettings, load_journal
+from edgefleet.agent.update.device import DeviceEffects, UpdateSettings, load_journal
 from edgefleet.agent.update.flow import Updater
-from edgefleet.agent.update.states import State
+from edgefleet.agent.update.target import UpdateTarget
 from edgefleet.cli import app
 from tests import tamper
 from tests.conftest import Keys, make_bundle
@@ -182,8 +183,8 @@ def test_an_agent_with_the_key_serves_it_and_never_writes_the_plain_model(
     data = tmp_path / "device"
     x = load_digits().x_test[:32]
     agent = Agent(signing_keys.trusted, keys=_keys(device_keys["cam"]))
-    assert local.install(agent, data, bundles["v1-plain"]).state == State.COMMITTED
-    assert local.install(agent, data, bundles["v2-sealed"]).state == State.COMMITTED  # update
+    assert local.install(agent, data, bundles["v1-plain"]).state == UpdateState.COMMITTED
+    assert local.install(agent, data, bundles["v2-sealed"]).state == UpdateState.COMMITTED  # update
     assert agent.model is not None and agent.model.version == "2.0.0"
     sealed_answers = agent.predict(x)
     reference = Agent(signing_keys.trusted)
@@ -195,8 +196,8 @@ def test_an_agent_with_the_key_serves_it_and_never_writes_the_plain_model(
     restarted = Agent(signing_keys.trusted, keys=_keys(device_keys["cam"]))
     local.serve_active(restarted, data)  # reads the encrypted slot again
     assert restarted.model is not None and restarted.model.version == "2.0.0"
-    assert local.install(restarted, data, bundles["v3-plain"]).state == State.COMMITTED
-    assert local.rollback(restarted, data).state == State.ROLLED_BACK  # back to the sealed one
+    assert local.install(restarted, data, bundles["v3-plain"]).state == UpdateState.COMMITTED
+    assert local.rollback(restarted, data).state == UpdateState.ROLLED_BACK  # to the sealed one
     assert restarted.model.version == "2.0.0"
     restarted.predict(x)
 
@@ -213,16 +214,14 @@ def test_an_agent_without_the_key_refuses_and_keeps_serving(
     with pytest.raises(NoDecryptionKeyError, match="no key for this bundle"):
         local.install(agent, tmp_path, bundles["v2-sealed"])
     # the over-the-air path: refused in VERIFYING, before anything is staged or switched
-    controller = DeviceController(tmp_path, agent, UpdateSettings(probation_s=0,
-                                                                  auto_commit=True))
+    effects = DeviceEffects(tmp_path, agent, UpdateSettings(probation_s=0, auto_commit=True))
     manifest = _manifest(bundles["v2-sealed"])
     sha = hashlib.sha256(tamper.members(bundles["v2-sealed"].read_bytes())["manifest.json"])
-    target: dict[str, object] = {"name": manifest.name, "version": manifest.version,
-                                 "sha256": sha.hexdigest(), "url": str(bundles["v2-sealed"]),
-                                 "size": bundles["v2-sealed"].stat().st_size}
-    updater = Updater(controller)
-    journal = updater.run(updater.start(load_journal(controller.journal_path), target))
-    assert journal.state == State.FAILED
+    target = UpdateTarget(name=manifest.name, version=manifest.version, sha256=sha.hexdigest(),
+                          url=str(bundles["v2-sealed"]), size=bundles["v2-sealed"].stat().st_size)
+    updater = Updater(effects)
+    journal = updater.run(updater.start(load_journal(effects.journal_path), target))
+    assert journal.state == UpdateState.FAILED
     assert "no key for this bundle" in journal.detail and "--decrypt-key" in journal.detail
     assert agent.model is not None and agent.model.version == "1.0.0"
     assert agent.predict(load_digits().x_test[:4])

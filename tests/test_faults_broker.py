@@ -85,7 +85,7 @@ def test_a_broker_killed_mid_rollout_comes_back_and_the_rollout_succeeds(
     assert {d["device"]: d["state"] for d in done["devices"]} == dict.fromkeys(DEVICES,
                                                                                "SUCCEEDED")
     journals = {d: fleet.agents[d].updates.journal for d in DEVICES}  # type: ignore[union-attr]
-    assert {d: (j.state.value, j.target["version"]) for d, j in journals.items()} == dict.fromkeys(
+    assert {d: (j.state.value, j.target.version) for d, j in journals.items()} == dict.fromkeys(
         DEVICES, ("COMMITTED", "2.0.0"))
     assert {d: fleet.agents[d].agent.model.version for d in DEVICES  # type: ignore[union-attr]
             } == dict.fromkeys(DEVICES, "2.0.0")

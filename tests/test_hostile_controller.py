@@ -551,9 +551,9 @@ def other_messages(draw: st.DrawFn, device: str) -> tuple[str, bytes, bool | Non
 
 
 def test_the_update_states_and_slots_the_controller_takes_are_the_agents() -> None:
+    from edgefleet.agent.protocol.update_state import UpdateState
     from edgefleet.agent.update.slots import SLOTS as AGENT_SLOTS
-    from edgefleet.agent.update.states import State
-    assert {s.value for s in State} == UPDATE_STATES
+    assert {s.value for s in UpdateState} == UPDATE_STATES
     assert set(AGENT_SLOTS) == SLOTS
 
 

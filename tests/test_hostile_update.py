@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -41,11 +41,12 @@ from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.payloads import DesiredState
 from edgefleet.agent.update import local
 from edgefleet.agent.update.attempts import starts_attempt
-from edgefleet.agent.update.device import DeviceController, UpdateSettings
+from edgefleet.agent.update.device import DeviceEffects, UpdateSettings
 from edgefleet.agent.update.disk import DiskFullError, sweep
 from edgefleet.agent.update.download import CHUNK, DownloadError
 from edgefleet.agent.update.runner import UpdateRunner
-from edgefleet.agent.update.states import Journal, State
+from edgefleet.agent.update.states import Journal, UpdateState
+from edgefleet.agent.update.target import UpdateTarget
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import wait_until
 from tests.hostile import HOSTILE, MiB, peak_traced_bytes
@@ -162,11 +163,11 @@ def server(versions: dict[str, Path]) -> Iterator[Hostile]:
 
 # --- helpers ------------------------------------------------------------------------------
 
-def _target(bundle: Path, keys: Keys, url: str, rollout: str | None = None) -> dict[str, object]:
+def _target(bundle: Path, keys: Keys, url: str, rollout: str | None = None) -> UpdateTarget:
     verified = read_bundle(bundle, keys.trusted)
-    return {"name": verified.manifest.name, "version": verified.manifest.version,
-            "sha256": verified.sha256, "url": url, "size": bundle.stat().st_size,
-            "rollout": rollout}
+    return UpdateTarget(name=verified.manifest.name, version=verified.manifest.version,
+                        sha256=verified.sha256, url=url, size=bundle.stat().st_size,
+                        rollout=rollout)
 
 
 def _leftovers(data_dir: Path) -> list[str]:
@@ -194,19 +195,19 @@ def test_a_bit_flipped_anywhere_is_discarded_and_the_next_attempt_downloads_agai
         tmp_path: Path) -> None:
     bundle = versions["v2"]
     bits = bundle.stat().st_size * 8
-    controller = DeviceController(tmp_path, Agent(signing_keys.trusted))
-    good = Journal(State.DOWNLOADING, _target(bundle, signing_keys,
+    effects = DeviceEffects(tmp_path, Agent(signing_keys.trusted))
+    good = Journal(UpdateState.DOWNLOADING, _target(bundle, signing_keys,
                                               server.url("good", 0, bundle.name)))
-    stored = controller.data_dir / "downloads" / f"{good.target['sha256']}.efb"
+    stored = effects.data_dir / "downloads" / f"{good.target.sha256}.efb"
     refused: list[int] = []
 
     @HOSTILE
     @given(bit=st.one_of(st.integers(0, bits - 1), st.integers(0, 4096 * 8 - 1)))
     def check(bit: int) -> None:
-        flipped = Journal(State.DOWNLOADING, {**good.target,
-                                              "url": server.url("flip", bit, bundle.name)})
-        controller.download(flipped)
-        outcome, peak = peak_traced_bytes(lambda: controller.verify(flipped))
+        flipped = Journal(UpdateState.DOWNLOADING,
+                          replace(good.target, url=server.url("flip", bit, bundle.name)))
+        effects.download(flipped)
+        outcome, peak = peak_traced_bytes(lambda: effects.verify(flipped))
         assert peak < 16 * MiB, f"verifying a {bits // 8} B bundle took {peak} B"
         if isinstance(outcome, BaseException):
             assert isinstance(outcome, EdgefleetError), repr(outcome)  # named, no traceback
@@ -216,10 +217,10 @@ def test_a_bit_flipped_anywhere_is_discarded_and_the_next_attempt_downloads_agai
         # after they verify again, else fetched again from the good server
         stored.write_bytes(server_bytes(bundle, bit))
         before = len(server.gets)
-        controller.download(good)
-        controller.verify(good)
+        effects.download(good)
+        effects.verify(good)
         assert read_bundle(stored.read_bytes(), signing_keys.trusted).sha256 == \
-            good.target["sha256"]
+            good.target.sha256
         assert len(server.gets) == before + (1 if outcome is not None else 0)
         stored.unlink()
 
@@ -248,14 +249,14 @@ def test_after_a_corrupt_download_the_device_ends_on_the_new_version(
     local.serve_active(agent, data)
     target = _target(versions["v2"], signing_keys,
                      server.url("flip", 8 * 600, versions["v2"].name), rollout="r1")
-    desired = DesiredState(name=str(target["name"]), version=str(target["version"]),
-                           sha256=str(target["sha256"]), url=str(target["url"]),
-                           size=int(str(target["size"])), rollout="r1", auto_commit=True)
+    desired = DesiredState(name=target.name, version=target.version, sha256=target.sha256,
+                           url=target.url, size=target.size or 0, rollout="r1",
+                           auto_commit=True)
     runner = UpdateRunner(data, agent, UpdateSettings(probation_s=0.0))
     runner.start()
     try:
-        for url, state in [(desired.url, State.FAILED),
-                           (server.url("good", 0, versions["v2"].name), State.COMMITTED)]:
+        for url, state in [(desired.url, UpdateState.FAILED),
+                           (server.url("good", 0, versions["v2"].name), UpdateState.COMMITTED)]:
             runner.desired(desired.model_copy(update={"url": url}))
             _reaches(runner, state, url)
             assert _leftovers(data) == [], "nothing of a failed or finished download stays"
@@ -265,8 +266,8 @@ def test_after_a_corrupt_download_the_device_ends_on_the_new_version(
     agent.close()
 
 
-def _reaches(runner: UpdateRunner, state: State, url: str) -> None:
-    wait_until(lambda: runner.journal.state == state and runner.journal.target.get("url") == url,
+def _reaches(runner: UpdateRunner, state: UpdateState, url: str) -> None:
+    wait_until(lambda: runner.journal.state == state and runner.journal.target.url == url,
                60, what=f"{state.value} from {url} ({runner.journal})")
 
 
@@ -277,7 +278,7 @@ def test_a_server_that_oversends_is_refused_after_one_get_having_read_no_more_th
         tmp_path: Path) -> None:
     bundle = versions["v2"]
     size = bundle.stat().st_size
-    controller = DeviceController(tmp_path, Agent(signing_keys.trusted))
+    effects = DeviceEffects(tmp_path, Agent(signing_keys.trusted))
     downloads = tmp_path / "downloads"
 
     @HOSTILE
@@ -285,20 +286,20 @@ def test_a_server_that_oversends_is_refused_after_one_get_having_read_no_more_th
            extra=st.one_of(st.integers(1, 64), st.integers(1, 8 * MiB)),
            had=st.integers(1, size - 1))
     def check(how: str, extra: int, had: int) -> None:
-        journal = Journal(State.DOWNLOADING, _target(bundle, signing_keys,
+        journal = Journal(UpdateState.DOWNLOADING, _target(bundle, signing_keys,
                                                      server.url("over", f"{extra}:{how}",
                                                                 bundle.name)))
         if how == "range200":  # a partial file that asks for a Range the server ignores
             downloads.mkdir(exist_ok=True)
-            part = downloads / f"{journal.target['sha256']}.efb.part"
+            part = downloads / f"{journal.target.sha256}.efb.part"
             part.write_bytes(bundle.read_bytes()[:had])
-        controller.stats.received = 0
+        effects.stats.received = 0
         before = len(server.gets)
-        outcome, peak = peak_traced_bytes(lambda: controller.download(journal))
+        outcome, peak = peak_traced_bytes(lambda: effects.download(journal))
         assert isinstance(outcome, DownloadError) and not outcome.transient, repr(outcome)
         assert "not the declared bundle" in outcome.message
         assert len(server.gets) == before + 1, "an over-sending server is not retried"
-        assert controller.stats.received <= size + 1, "read past the declared size"
+        assert effects.stats.received <= size + 1, "read past the declared size"
         assert _leftovers(tmp_path) == [], "nothing of it is kept"
         assert peak < 4 * MiB, f"{peak} B held while refusing {extra} extra bytes"
 
@@ -308,33 +309,33 @@ def test_a_server_that_oversends_is_refused_after_one_get_having_read_no_more_th
 def test_an_honest_200_to_a_range_request_restarts_and_completes(
         server: Hostile, versions: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
     bundle = versions["v2"]
-    controller = DeviceController(tmp_path, Agent(signing_keys.trusted))
-    journal = Journal(State.DOWNLOADING, _target(bundle, signing_keys,
+    effects = DeviceEffects(tmp_path, Agent(signing_keys.trusted))
+    journal = Journal(UpdateState.DOWNLOADING, _target(bundle, signing_keys,
                                                  server.url("over", "0:range200", bundle.name)))
-    part = tmp_path / "downloads" / f"{journal.target['sha256']}.efb.part"
+    part = tmp_path / "downloads" / f"{journal.target.sha256}.efb.part"
     part.parent.mkdir()
     part.write_bytes(b"\0" * 1000)  # a partial file the server's answer replaces
-    controller.download(journal)
-    controller.verify(journal)
-    assert (tmp_path / "downloads" / f"{journal.target['sha256']}.efb").read_bytes() == \
+    effects.download(journal)
+    effects.verify(journal)
+    assert (tmp_path / "downloads" / f"{journal.target.sha256}.efb").read_bytes() == \
         bundle.read_bytes()
-    assert controller.stats.received == bundle.stat().st_size
+    assert effects.stats.received == bundle.stat().st_size
 
 
 def test_a_partial_download_is_resumed_not_discarded(
         server: Hostile, versions: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
     bundle = versions["v2"]
     size = bundle.stat().st_size
-    controller = DeviceController(tmp_path, Agent(signing_keys.trusted))
-    journal = Journal(State.DOWNLOADING, _target(bundle, signing_keys,
+    effects = DeviceEffects(tmp_path, Agent(signing_keys.trusted))
+    journal = Journal(UpdateState.DOWNLOADING, _target(bundle, signing_keys,
                                                  server.url("good", 0, bundle.name)))
-    part = tmp_path / "downloads" / f"{journal.target['sha256']}.efb.part"
+    part = tmp_path / "downloads" / f"{journal.target.sha256}.efb.part"
     part.parent.mkdir()
     part.write_bytes(bundle.read_bytes()[:size // 2])  # what a killed run had received
-    controller.download(journal)
-    controller.verify(journal)
-    assert controller.stats.resumed_from == size // 2
-    assert controller.stats.received == size - size // 2
+    effects.download(journal)
+    effects.verify(journal)
+    assert effects.stats.resumed_from == size // 2
+    assert effects.stats.received == size - size // 2
 
 
 # --- 3. a full disk ------------------------------------------------------------------------
@@ -604,7 +605,7 @@ def test_orphans_of_killed_runs_are_swept_at_start_and_a_resumable_download_kept
     resumable = data / "downloads" / f"{'f' * 64}.efb.part"
     for path in [*orphans, resumable]:
         path.write_bytes(b"left by a killed run")
-    journal = Journal(State.DOWNLOADING, {"sha256": "f" * 64})
+    journal = Journal(UpdateState.DOWNLOADING, UpdateTarget(sha256="f" * 64))
     (data / "journal.json").write_text(json.dumps(journal.to_dict()))
     assert sorted(sweep(data, "f" * 64)) == sorted(orphans)
     assert resumable.exists()
@@ -623,12 +624,12 @@ ROLLOUTS = st.sampled_from([None, "r1", "r2"])
 
 
 @HOSTILE
-@given(state=st.sampled_from(list(State)), target_sha=SHAS, target_rollout=ROLLOUTS,
+@given(state=st.sampled_from(list(UpdateState)), target_sha=SHAS, target_rollout=ROLLOUTS,
        sha=SHAS, rollout=ROLLOUTS, active=st.sampled_from([None, "a" * 64, "b" * 64]))
 def test_an_attempt_is_the_rollout_the_same_one_never_restarts_a_new_one_always_can(
-        state: State, target_sha: str, target_rollout: str | None, sha: str,
+        state: UpdateState, target_sha: str, target_rollout: str | None, sha: str,
         rollout: str | None, active: str | None) -> None:
-    journal = Journal(state, {"sha256": target_sha, "rollout": target_rollout})
+    journal = Journal(state, UpdateTarget(sha256=target_sha, rollout=target_rollout))
     desired = DesiredState(name="digits", version="2.0.0", sha256=sha, url="http://x/b.efb",
                            size=1, rollout=rollout, issued_at=12345)
     starts = starts_attempt(journal, desired, active)
@@ -636,9 +637,9 @@ def test_an_attempt_is_the_rollout_the_same_one_never_restarts_a_new_one_always_
         assert not starts, "a device never reinstalls what it serves"
     elif sha != target_sha:
         assert starts, "another bundle starts an update"
-    elif state == State.FAILED:
+    elif state == UpdateState.FAILED:
         assert starts, "a failed attempt is retried when its install is re-delivered"
-    elif state in (State.ROLLED_BACK, State.COMMITTED, State.IDLE):
+    elif state in (UpdateState.ROLLED_BACK, UpdateState.COMMITTED, UpdateState.IDLE):
         assert starts == (rollout != target_rollout), \
             "the same attempt is ignored once settled, another rollout starts afresh"
     else:

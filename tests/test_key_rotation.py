@@ -30,9 +30,9 @@ from edgefleet.agent.protocol.keyring import (
 from edgefleet.agent.protocol.payloads import DesiredState, encode
 from edgefleet.agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
 from edgefleet.agent.protocol.topics import Leaf, device_topic, keyring_topic
+from edgefleet.agent.protocol.update_state import UpdateState
 from edgefleet.agent.service import AgentService, ServiceConfig
 from edgefleet.agent.update import local
-from edgefleet.agent.update.states import State
 from edgefleet.cli import app
 from edgefleet.fleet.errors import ConflictError
 from tests.brokers import Subscriber
@@ -282,7 +282,7 @@ def test_a_fleet_rotates_its_signing_key_without_touching_the_device(
         events.publish(device_topic(fleet.name, "cam-0", Leaf.DESIRED), encode(desired),
                        retain=False)
         journal = wait_until(lambda: service.updates and service.updates.journal.state
-                             == State.FAILED and service.updates.journal, 60,
+                             == UpdateState.FAILED and service.updates.journal, 60,
                              what="the agent refuses the old-key bundle")
         assert "unknown key" in journal.detail
         assert service.agent.model is not None and service.agent.model.version == "2.0.0"

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from edgefleet.agent.core import Agent
-from edgefleet.agent.update.device import DeviceController, UpdateSettings
-from edgefleet.agent.update.states import Event, Journal, State
+from edgefleet.agent.update.device import DeviceEffects, UpdateSettings
+from edgefleet.agent.update.states import Event, Journal, UpdateState
+from edgefleet.agent.update.target import UpdateTarget
 from tests.conftest import Keys, make_bundle
 from tests.models import TrainedModels, train_digits_cnn
 
@@ -76,10 +77,10 @@ def test_a_disagreeing_model_fails_the_agreement_gate(
     agreement = agent.agreement
     assert agreement is not None and agreement["top1"] < 0.5
     settings = UpdateSettings(probation_s=30, min_agreement=0.9, min_agreement_samples=20)
-    controller = DeviceController(tmp_path, agent, settings)
-    journal = Journal(state=State.PROBATION, target={"version": "2.0.0"})
+    effects = DeviceEffects(tmp_path, agent, settings)
+    journal = Journal(state=UpdateState.PROBATION, target=UpdateTarget(version="2.0.0"))
     started = time.monotonic()
-    assert controller.probation(journal) == Event.FAILURE
+    assert effects.probation(journal) == Event.FAILURE
     assert time.monotonic() - started < 5, "the gate fires without waiting out the window"
 
 
@@ -92,19 +93,20 @@ def test_a_model_that_errors_fails_the_error_rate_gate(digits_bundles: dict[str,
         with pytest.raises(Exception):  # noqa: B017 - any refusal counts as an error
             agent.predict(np.zeros((1, 8, 8, 1), np.float64))
     settings = UpdateSettings(probation_s=30, max_error_rate=0.05, min_requests=20)
-    controller = DeviceController(tmp_path, agent, settings)
-    journal = Journal(state=State.PROBATION, target={"version": "1.0.0"})
-    assert controller.probation(journal) == Event.FAILURE
+    effects = DeviceEffects(tmp_path, agent, settings)
+    journal = Journal(state=UpdateState.PROBATION, target=UpdateTarget(version="1.0.0"))
+    assert effects.probation(journal) == Event.FAILURE
 
 
 def test_a_quiet_probation_commits_at_the_end_of_an_auto_commit_window(
         digits_bundles: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
     agent = Agent(signing_keys.trusted)
     agent.load(digits_bundles["onnx"])
-    controller = DeviceController(tmp_path, agent, UpdateSettings(probation_s=0.3))
-    journal = Journal(state=State.PROBATION, target={"version": "1.0.0", "auto_commit": True})
+    effects = DeviceEffects(tmp_path, agent, UpdateSettings(probation_s=0.3))
+    journal = Journal(state=UpdateState.PROBATION, target=UpdateTarget(version="1.0.0",
+                                                                auto_commit=True))
     started = time.monotonic()
-    assert controller.probation(journal) == Event.COMMIT
+    assert effects.probation(journal) == Event.COMMIT
     assert time.monotonic() - started >= 0.3
 
 

@@ -1,4 +1,4 @@
-"""The update state machine: every edge of the table, and the flow over a fake controller."""
+"""The update state machine: every edge of the table, and the flow over fake effects."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from edgefleet.agent.update.states import (
     TRANSITIONS,
     Event,
     Journal,
-    State,
+    UpdateState,
     next_state,
 )
+from edgefleet.agent.update.target import UpdateTarget
 
-S, E = State, Event
+S, E = UpdateState, Event
 
 # Every edge, written out: the table must be exactly this.
 EDGES = [
@@ -52,7 +53,7 @@ EDGES = [
 
 @pytest.mark.parametrize(("state", "event", "expected"), EDGES,
                          ids=[f"{s.value}-{e.value}" for s, e, _ in EDGES])
-def test_each_edge(state: State, event: Event, expected: State) -> None:
+def test_each_edge(state: UpdateState, event: Event, expected: UpdateState) -> None:
     assert next_state(state, event) == expected
 
 
@@ -61,7 +62,7 @@ def test_the_table_has_no_other_edge() -> None:
 
 
 @pytest.mark.parametrize("state", [S.SWITCHING, S.PROBATION, S.ROLLING_BACK])
-def test_no_new_update_starts_after_the_switch(state: State) -> None:
+def test_no_new_update_starts_after_the_switch(state: UpdateState) -> None:
     assert next_state(state, E.DESIRED) is None
 
 
@@ -71,13 +72,13 @@ def test_failure_before_the_switch_never_rolls_back() -> None:
 
 
 @dataclass
-class FakeController:
+class FakeEffects:
     """Records calls; fails the named step; answers probation with ``verdict``."""
 
     fail: set[str] = field(default_factory=set)
     verdict: Event = Event.COMMIT
     calls: list[str] = field(default_factory=list)
-    saved: list[State] = field(default_factory=list)
+    saved: list[UpdateState] = field(default_factory=list)
     details: list[str] = field(default_factory=list)
     clock: int = 0
 
@@ -113,13 +114,13 @@ class FakeController:
         return self.clock
 
 
-def _run(fake: FakeController) -> Journal:
+def _run(fake: FakeEffects) -> Journal:
     updater = Updater(fake)
-    return updater.run(updater.start(Journal(), {"version": "2.0.0"}))
+    return updater.run(updater.start(Journal(), UpdateTarget(version="2.0.0")))
 
 
 def test_a_good_update_commits() -> None:
-    fake = FakeController()
+    fake = FakeEffects()
     assert _run(fake).state == S.COMMITTED
     assert fake.calls == ["download", "verify", "stage", "health_check", "switch", "probation",
                           "commit"]
@@ -128,42 +129,42 @@ def test_a_good_update_commits() -> None:
 
 @pytest.mark.parametrize("step", ["download", "verify", "stage", "health_check"])
 def test_a_failure_before_the_switch_fails_without_touching_the_model(step: str) -> None:
-    fake = FakeController(fail={step})
+    fake = FakeEffects(fail={step})
     journal = _run(fake)
     assert journal.state == S.FAILED and f"{step} broke" in journal.detail
     assert "switch" not in fake.calls and "rollback" not in fake.calls
 
 
 def test_a_failed_switch_rolls_back() -> None:
-    fake = FakeController(fail={"switch"})
+    fake = FakeEffects(fail={"switch"})
     assert _run(fake).state == S.ROLLED_BACK
     assert fake.calls[-1] == "rollback"
 
 
 @pytest.mark.parametrize("verdict", [Event.ROLLBACK, Event.FAILURE])
 def test_probation_that_says_no_rolls_back(verdict: Event) -> None:
-    fake = FakeController(verdict=verdict)
+    fake = FakeEffects(verdict=verdict)
     assert _run(fake).state == S.ROLLED_BACK
     assert "commit" not in fake.calls
 
 
 def test_a_failing_rollback_is_retried_until_done() -> None:
-    fake = FakeController(fail={"switch", "rollback"})
+    fake = FakeEffects(fail={"switch", "rollback"})
     assert _run(fake).state == S.ROLLED_BACK
     assert fake.calls.count("rollback") == 2
 
 
 def test_a_rollback_that_keeps_failing_gives_up_instead_of_looping() -> None:
-    fake = FakeController(fail={"switch", "rollback-always"})
+    fake = FakeEffects(fail={"switch", "rollback-always"})
     journal = _run(fake)
     assert journal.state == S.FAILED
     assert fake.calls.count("rollback") == MAX_ENTRIES
 
 
 def test_a_crash_loop_in_a_state_becomes_a_failure() -> None:
-    fake = FakeController()
+    fake = FakeEffects()
     updater = Updater(fake)
-    journal = Journal(state=S.SWITCHING, target={"version": "2.0.0"})
+    journal = Journal(state=S.SWITCHING, target=UpdateTarget(version="2.0.0"))
     for _ in range(MAX_ENTRIES):  # the process died in SWITCHING again and again
         journal = journal.enter(S.SWITCHING, 0)
     final = updater.resume(journal)
@@ -174,22 +175,22 @@ def test_a_crash_loop_in_a_state_becomes_a_failure() -> None:
 
 
 def test_resume_runs_the_journalled_step_again() -> None:
-    fake = FakeController()
-    final = Updater(fake).resume(Journal(state=S.STAGED, target={"version": "2.0.0"}))
+    fake = FakeEffects()
+    final = Updater(fake).resume(Journal(state=S.STAGED, target=UpdateTarget(version="2.0.0")))
     assert final.state == S.COMMITTED
     assert fake.calls[:2] == ["stage", "health_check"]
 
 
 def test_terminal_states_resume_to_themselves() -> None:
     for state in TERMINAL:
-        assert Updater(FakeController()).resume(Journal(state=state)).state == state
+        assert Updater(FakeEffects()).resume(Journal(state=state)).state == state
 
 
 def test_no_update_starts_during_probation() -> None:
     with pytest.raises(EdgefleetError, match="cannot start an update while PROBATION"):
-        Updater(FakeController()).start(Journal(state=S.PROBATION), {})
+        Updater(FakeEffects()).start(Journal(state=S.PROBATION), UpdateTarget())
 
 
 def test_journal_round_trips_through_json() -> None:
-    journal = Journal(S.HEALTH_CHECK, {"version": "1.2.3"}, {"HEALTH_CHECK": 2}, "x", 9)
+    journal = Journal(S.HEALTH_CHECK, UpdateTarget(version="1.2.3"), {"HEALTH_CHECK": 2}, "x", 9)
     assert Journal.from_dict(journal.to_dict()) == journal

@@ -16,6 +16,7 @@ from edgefleet.agent.protocol.schema import (
     is_supported,
     validate_document,
 )
+from edgefleet.agent.protocol.update_state import UpdateState
 
 __all__ = [
     "STATUS_OFFLINE",
@@ -67,8 +68,11 @@ class DesiredState(Document):
 
 
 class UpdateReport(Document):
+    """The ``update`` of a reported state: where the device's update is, and on what."""
+
     schema_version: int = SCHEMA_VERSION
-    state: str = "IDLE"
+    # an UpdateState's value; read as text, so a reader names an unknown one itself
+    state: str = UpdateState.IDLE.value
     target: BundleRef | None = None
     detail: str = ""
     since: int = 0

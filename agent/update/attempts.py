@@ -24,23 +24,23 @@ on its way with S (DOWNLOADING..PROBATION)  ignored: already on the way
 from __future__ import annotations
 
 from edgefleet.agent.protocol.payloads import DesiredState
-from edgefleet.agent.update.states import Journal, State
+from edgefleet.agent.update.states import Journal, UpdateState
+from edgefleet.agent.update.target import UpdateTarget
 
 __all__ = ["attempt_of", "starts_attempt"]
 
-_SETTLED = frozenset({State.COMMITTED, State.ROLLED_BACK, State.IDLE})
+_SETTLED = frozenset({UpdateState.COMMITTED, UpdateState.ROLLED_BACK, UpdateState.IDLE})
 
 
-def attempt_of(target: dict[str, object]) -> str | None:
+def attempt_of(target: UpdateTarget) -> str | None:
     """The attempt a journal's target belongs to (its rollout id; None by hand)."""
-    rollout = target.get("rollout")
-    return None if rollout is None else str(rollout)
+    return target.rollout
 
 
 def starts_attempt(journal: Journal, desired: DesiredState, active_sha: str | None) -> bool:
     """Whether the install ``desired`` starts an update now (the table above)."""
     if desired.sha256 == active_sha:
         return False
-    if desired.sha256 != journal.target.get("sha256") or journal.state == State.FAILED:
+    if desired.sha256 != journal.target.sha256 or journal.state == UpdateState.FAILED:
         return True
     return journal.state in _SETTLED and desired.rollout != attempt_of(journal.target)

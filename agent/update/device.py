@@ -1,4 +1,4 @@
-"""The real Controller: downloads, verifies, stages into a slot, health-checks, switches
+"""The device's update effects: downloads, verifies, stages into a slot, health-checks, switches
 the serving model, watches probation, commits or rolls back. All file writes are atomic."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from edgefleet.agent.update.download import DownloadStats, fetch
 from edgefleet.agent.update.slots import SlotStore
 from edgefleet.agent.update.states import Event, Journal
 
-__all__ = ["DISK_MARGIN", "DeviceController", "UpdateSettings", "load_journal"]
+__all__ = ["DISK_MARGIN", "DeviceEffects", "UpdateSettings", "load_journal"]
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ def load_journal(path: Path) -> Journal:
         return Journal()
 
 
-class DeviceController:
-    """Implements :class:`edgefleet.agent.update.flow.Controller` for one data directory
+class DeviceEffects:
+    """Implements :class:`edgefleet.agent.update.flow.UpdateEffects` for one data directory
     and agent."""
 
     def __init__(self, data_dir: Path, agent: Agent, settings: UpdateSettings = UpdateSettings(),
@@ -68,52 +68,52 @@ class DeviceController:
         self._decision = event
         self._wake.set()
 
-    def download_path(self, j: Journal) -> Path:
-        return self.data_dir / "downloads" / f"{j.target['sha256']}.efb"
+    def download_path(self, journal: Journal) -> Path:
+        return self.data_dir / "downloads" / f"{journal.target.sha256}.efb"
 
     def sweep(self, journal: Journal) -> list[Path]:
         """At start: remove what killed runs left (temp files, downloads of other bundles)."""
         with guarded(self.data_dir):
-            return sweep(self.data_dir, str(journal.target.get("sha256") or "") or None)
+            return sweep(self.data_dir, journal.target.sha256 or None)
 
-    def download(self, j: Journal) -> None:
+    def download(self, journal: Journal) -> None:
         """Fetch the target; a complete file an earlier attempt left is reused only if it
         verifies against the target now (else it is discarded and fetched again)."""
         self._pause()
-        path, size = self.download_path(j), int(str(j.target.get("size", 0)))
+        path, size = self.download_path(journal), journal.target.size or 0
         if path.exists():
-            if self._verifies(j, path):
+            if self._verifies(journal, path):
                 return
             self._discard(path)  # with its partial file: those bytes came with it
         check_free(self.data_dir, size)
-        fetch(str(j.target["url"]), path, size, stats=self.stats)
+        fetch(journal.target.url, path, size, stats=self.stats)
 
-    def verify(self, j: Journal) -> None:
+    def verify(self, journal: Journal) -> None:
         """Check the download against the target; one that fails is discarded (with its
         partial file), so the next attempt downloads again instead of failing again."""
         self._pause()
-        path = self.download_path(j)
+        path = self.download_path(journal)
         try:
-            self._check(j, path)
+            self._check(journal, path)
         except Exception:  # whatever the parser raised, these bytes must not be used again
             self._discard(path)
             raise
 
-    def _verifies(self, j: Journal, path: Path) -> bool:
+    def _verifies(self, journal: Journal, path: Path) -> bool:
         try:
-            self._check(j, path)
+            self._check(journal, path)
         except Exception:  # any failure to verify means: not reusable, fetch it again
             return False
         return True
 
-    def _check(self, j: Journal, path: Path) -> None:
+    def _check(self, journal: Journal, path: Path) -> None:
         with guarded(path):
             raw = path.read_bytes()
         bundle = read_bundle(raw, self.agent.trusted, self.agent.keys)  # decrypts in memory
-        if bundle.sha256 != j.target["sha256"]:
+        if bundle.sha256 != journal.target.sha256:
             raise IntegrityError(f"downloaded bundle is {bundle.manifest.ref} with manifest "
                                  f"sha256 {bundle.sha256[:12]}, the target names "
-                                 f"{str(j.target['sha256'])[:12]}",
+                                 f"{journal.target.sha256[:12]}",
                                  hint="the server sent another bundle; check the URL")
 
     @staticmethod
@@ -121,26 +121,26 @@ class DeviceController:
         with guarded(path):
             discard(path, path.with_suffix(path.suffix + ".part"))
 
-    def stage(self, j: Journal) -> None:
+    def stage(self, journal: Journal) -> None:
         self._pause()
         with guarded(self.data_dir / "slots"):
-            if self.slot_of(j) is None:
-                self.slots.stage(self.download_path(j).read_bytes())
-            self.download_path(j).unlink(missing_ok=True)  # the slot holds it now
+            if self.slot_of(journal) is None:
+                self.slots.stage(self.download_path(journal).read_bytes())
+            self.download_path(journal).unlink(missing_ok=True)  # the slot holds it now
 
-    def health_check(self, j: Journal) -> None:
+    def health_check(self, journal: Journal) -> None:
         self._pause()
-        path = self._staged(j)
+        path = self._staged(journal)
         self._candidate = load_bundle(path, self.agent.trusted, threads=self.agent.threads,
                                       latency_budget_ms=self.settings.latency_budget_ms,
                                       keys=self.agent.keys)
 
-    def switch(self, j: Journal) -> None:
+    def switch(self, journal: Journal) -> None:
         self._pause()
-        slot = self.slot_of(j)
+        slot = self.slot_of(journal)
         if slot is None:
             raise EdgefleetError("the staged bundle is gone", hint="the update restarts")
-        candidate = self._candidate or load_bundle(self._staged(j), self.agent.trusted,
+        candidate = self._candidate or load_bundle(self._staged(journal), self.agent.trusted,
                                                    threads=self.agent.threads,
                                                    keys=self.agent.keys)
         previous = self.agent.model
@@ -151,24 +151,24 @@ class DeviceController:
             self.agent.start_shadow(previous, self.settings.agreement_sample_every)
         self._candidate = None
 
-    def probation(self, j: Journal) -> Event:
+    def probation(self, journal: Journal) -> Event:
         """Wait for the fleet's word, an own gate failing, or the end of an auto-commit window."""
         self._decision = None
         deadline = time.monotonic() + self.settings.probation_s
         while True:
             if self._decision is not None:
                 return self._decision
-            if self._gate_failed(j):
+            if self._gate_failed(journal):
                 return Event.FAILURE
-            auto = bool(j.target.get("auto_commit", self.settings.auto_commit))
+            auto = journal.target.auto_commits(self.settings.auto_commit)
             if auto and time.monotonic() >= deadline:
                 return Event.COMMIT
             self._wake.wait(self.settings.poll_s)
             self._wake.clear()
 
-    def _gate_failed(self, j: Journal) -> bool:
+    def _gate_failed(self, journal: Journal) -> bool:
         model = self.agent.model
-        if model is None or model.version != j.target.get("version"):
+        if model is None or model.version != journal.target.version:
             return False
         agreement = self.agent.agreement
         if (self.settings.min_agreement is not None and agreement and agreement["top1"] is not None
@@ -180,12 +180,12 @@ class DeviceController:
         total = stats.total_inferences + len(stats.samples) + errors
         return total >= self.settings.min_requests and errors / total > self.settings.max_error_rate
 
-    def commit(self, j: Journal) -> None:
+    def commit(self, journal: Journal) -> None:
         self.agent.stop_shadow()
         with guarded(self.data_dir):
             self.slots.commit()
 
-    def rollback(self, j: Journal) -> None:
+    def rollback(self, journal: Journal) -> None:
         self._pause()
         self.agent.stop_shadow()
         with guarded(self.data_dir):
@@ -200,25 +200,25 @@ class DeviceController:
         if self.settings.step_delay_s:
             time.sleep(self.settings.step_delay_s)
 
-    def save(self, j: Journal) -> None:
+    def save(self, journal: Journal) -> None:
         with guarded(self.journal_path):
-            atomic_write(self.journal_path, json.dumps(j.to_dict()).encode())
+            atomic_write(self.journal_path, json.dumps(journal.to_dict()).encode())
 
-    def report(self, j: Journal) -> None:
-        self._publish(j)
+    def report(self, journal: Journal) -> None:
+        self._publish(journal)
 
     def now_ms(self) -> int:
         return int(time.time() * 1000)
 
-    def slot_of(self, j: Journal) -> str | None:
+    def slot_of(self, journal: Journal) -> str | None:
         for slot in ("a", "b"):
             path = self.slots.bundle(slot)
-            if path is not None and _manifest_sha(path) == j.target["sha256"]:
+            if path is not None and _manifest_sha(path) == journal.target.sha256:
                 return slot
         return None
 
-    def _staged(self, j: Journal) -> Path:
-        slot = self.slot_of(j)
+    def _staged(self, journal: Journal) -> Path:
+        slot = self.slot_of(journal)
         path = self.slots.bundle(slot) if slot else None
         if path is None:
             raise EdgefleetError("no staged bundle for this update", hint="the update restarts")

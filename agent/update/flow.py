@@ -1,4 +1,4 @@
-"""Drive the update state machine: one action per state, all I/O behind a Controller.
+"""Drive the update state machine: one action per state, all I/O behind :class:`UpdateEffects`.
 
 The journal is saved before every step, so a process killed at any point
 resumes from the step it was in (every action is idempotent). A state entered
@@ -12,15 +12,18 @@ from collections.abc import Callable
 from typing import Protocol
 
 from edgefleet.agent.protocol.errors import EdgefleetError
-from edgefleet.agent.update.states import TERMINAL, Event, Journal, State, next_state
+from edgefleet.agent.update.states import TERMINAL, Event, Journal, UpdateState, next_state
+from edgefleet.agent.update.target import UpdateTarget
 
-__all__ = ["Controller", "Updater"]
+__all__ = ["UpdateEffects", "Updater"]
 
 log = logging.getLogger(__name__)
 
 
-class Controller(Protocol):
-    """Everything the flow needs from the world; tests pass a fake."""
+class UpdateEffects(Protocol):
+    """What the flow does to the world, one method a step (download, verify, stage, ...),
+    plus saving and reporting the journal and the clock. The device, the fleet simulator
+    and tests each pass their own."""
 
     def download(self, journal: Journal) -> None: ...
     def verify(self, journal: Journal) -> None: ...
@@ -38,16 +41,16 @@ class Controller(Protocol):
 class Updater:
     """Runs the flow from a journal to a terminal state."""
 
-    def __init__(self, controller: Controller) -> None:
-        self.c = controller
-        self._actions: dict[State, Callable[[Journal], Event]] = {
-            State.DOWNLOADING: self._do(controller.download),
-            State.VERIFYING: self._do(controller.verify),
-            State.STAGED: self._do(controller.stage),
-            State.HEALTH_CHECK: self._do(controller.health_check),
-            State.SWITCHING: self._do(controller.switch),
-            State.PROBATION: controller.probation,
-            State.ROLLING_BACK: self._do(controller.rollback),
+    def __init__(self, effects: UpdateEffects) -> None:
+        self.effects = effects
+        self._actions: dict[UpdateState, Callable[[Journal], Event]] = {
+            UpdateState.DOWNLOADING: self._do(effects.download),
+            UpdateState.VERIFYING: self._do(effects.verify),
+            UpdateState.STAGED: self._do(effects.stage),
+            UpdateState.HEALTH_CHECK: self._do(effects.health_check),
+            UpdateState.SWITCHING: self._do(effects.switch),
+            UpdateState.PROBATION: effects.probation,
+            UpdateState.ROLLING_BACK: self._do(effects.rollback),
         }
 
     @staticmethod
@@ -58,14 +61,14 @@ class Updater:
 
         return run
 
-    def start(self, journal: Journal, target: dict[str, object]) -> Journal:
+    def start(self, journal: Journal, target: UpdateTarget) -> Journal:
         """A new target: from a terminal state (or before the switch) into DOWNLOADING."""
         state = next_state(journal.state, Event.DESIRED)
         if state is None:
             raise EdgefleetError(f"cannot start an update while {journal.state.value}",
                                  hint="wait for the current update to commit or roll back",
                                  transient=True)
-        fresh = Journal(target=target).enter(state, self.c.now_ms())
+        fresh = Journal(target=target).enter(state, self.effects.now_ms())
         return self._enter(fresh)
 
     def run(self, journal: Journal) -> Journal:
@@ -77,7 +80,7 @@ class Updater:
     def step(self, journal: Journal) -> Journal:
         """Do the current state's action and move along the table."""
         if journal.looping():
-            event = Event.GIVE_UP if journal.state == State.ROLLING_BACK else Event.FAILURE
+            event = Event.GIVE_UP if journal.state == UpdateState.ROLLING_BACK else Event.FAILURE
             return self._move(journal, event, f"{journal.state.value} re-entered "
                               f"{journal.entries.get(journal.state.value)} times")
         try:
@@ -101,19 +104,19 @@ class Updater:
         state = next_state(journal.state, event)
         if state is None:
             raise RuntimeError(f"no transition from {journal.state} on {event}")  # table bug
-        moved = journal.enter(state, self.c.now_ms(), detail)
-        if state == State.COMMITTED:
-            self.c.commit(moved)
+        moved = journal.enter(state, self.effects.now_ms(), detail)
+        if state == UpdateState.COMMITTED:
+            self.effects.commit(moved)
         return self._enter(moved)
 
     def _enter(self, journal: Journal) -> Journal:
-        self.c.save(journal)
-        self.c.report(journal)
+        self.effects.save(journal)
+        self.effects.report(journal)
         return journal
 
     def resume(self, journal: Journal) -> Journal:
         """After a restart: count the re-entry of the journalled state, then carry on."""
         if journal.state in TERMINAL:
             return journal
-        return self.run(self._enter(journal.enter(journal.state, self.c.now_ms(),
+        return self.run(self._enter(journal.enter(journal.state, self.effects.now_ms(),
                                                   "resumed after restart")))

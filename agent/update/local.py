@@ -14,11 +14,12 @@ from edgefleet.agent.loader import load_bundle
 from edgefleet.agent.protocol.bundle import read_bundle, read_manifest
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.files import atomic_write
-from edgefleet.agent.update.device import DeviceController, UpdateSettings, load_journal
+from edgefleet.agent.update.device import DeviceEffects, UpdateSettings, load_journal
 from edgefleet.agent.update.disk import StorageError, check_free, discard, guarded
 from edgefleet.agent.update.flow import Updater
 from edgefleet.agent.update.slots import SLOTS, SlotStore
-from edgefleet.agent.update.states import Event, Journal, State
+from edgefleet.agent.update.states import TERMINAL, Event, Journal, UpdateState
+from edgefleet.agent.update.target import UpdateTarget
 
 __all__ = ["existing", "install", "rollback", "serve_active", "status"]
 
@@ -28,14 +29,13 @@ FLASH = UpdateSettings(probation_s=0.0, auto_commit=True)
 def serve_active(agent: Agent, data_dir: Path, resume: bool = True) -> None:
     """Load the active slot; with ``resume``, finish an update a crash interrupted (without a
     fleet to decide, a probation commits). Raise if there is nothing to serve."""
-    controller, journal = _open(agent, data_dir)
-    active = controller.slots.active_bundle()
+    effects, journal = _open(agent, data_dir)
+    active = effects.slots.active_bundle()
     if active is not None:
         agent.activate(load_bundle(active, agent.trusted, threads=agent.threads,
                                    keys=agent.keys))
-    if resume and journal.state not in (State.IDLE, State.COMMITTED, State.ROLLED_BACK,
-                                        State.FAILED):
-        Updater(controller).resume(journal)
+    if resume and journal.state not in TERMINAL:
+        Updater(effects).resume(journal)
     if agent.model is None:
         raise EdgefleetError(f"no bundle is installed in {data_dir}",
                              hint="run 'edgefleet agent install BUNDLE' first")
@@ -44,68 +44,67 @@ def serve_active(agent: Agent, data_dir: Path, resume: bool = True) -> None:
 def install(agent: Agent, data_dir: Path, bundle: Path) -> Journal:
     """Verify, stage, health-check, switch and commit ``bundle``; the old one stays on error."""
     verified = read_bundle(bundle, agent.trusted, agent.keys)  # refuses without a key
-    controller, journal = _open(agent, data_dir)
-    active = controller.slots.active_bundle()
+    effects, journal = _open(agent, data_dir)
+    active = effects.slots.active_bundle()
     if agent.model is None and active is not None:
         agent.activate(load_bundle(active, agent.trusted, threads=agent.threads,
                                    keys=agent.keys))
-    target: dict[str, object] = {"name": verified.manifest.name,
-                                 "version": verified.manifest.version,
-                                 "sha256": verified.sha256, "url": str(bundle.resolve()),
-                                 "size": bundle.stat().st_size}
+    target = UpdateTarget(name=verified.manifest.name, version=verified.manifest.version,
+                          sha256=verified.sha256, url=str(bundle.resolve()),
+                          size=bundle.stat().st_size)
     with guarded(data_dir):  # refused before the journal moves: nothing is written
-        check_free(data_dir, int(str(target["size"])))
-    before = _journal_bytes(controller)
-    updater = Updater(controller)
+        check_free(data_dir, target.size or 0)
+    before = _journal_bytes(effects)
+    updater = Updater(effects)
     try:
         return updater.run(updater.start(journal, target))
     except StorageError as exc:  # the disk refused a journal write: the attempt is given up
-        failed = Journal(target=target).enter(State.FAILED, controller.now_ms(), exc.message)
-        _give_up(controller, failed, before)
+        failed = Journal(target=target).enter(UpdateState.FAILED, effects.now_ms(), exc.message)
+        _give_up(effects, failed, before)
         raise
 
 
-def _journal_bytes(controller: DeviceController) -> bytes | None:
+def _journal_bytes(effects: DeviceEffects) -> bytes | None:
     """The journal as it is before an attempt (None: there is none yet)."""
     try:
-        return controller.journal_path.read_bytes()
+        return effects.journal_path.read_bytes()
     except FileNotFoundError:
         return None
 
 
-def _give_up(controller: DeviceController, failed: Journal, before: bytes | None) -> None:
+def _give_up(effects: DeviceEffects, failed: Journal, before: bytes | None) -> None:
     """A disk-full attempt that never switched ends: first its files go (which frees room),
     then the failure is recorded, else the journal of before is put back."""
-    slot = controller.slot_of(failed)  # the staged copy, if the attempt got that far
-    if slot is not None and slot == controller.slots.pointer().active:
+    slot = effects.slot_of(failed)  # the staged copy, if the attempt got that far
+    if slot is not None and slot == effects.slots.pointer().active:
         return  # switched: the journal left in flight resumes at the next start
     try:
-        _remove_attempt(controller, failed, slot)
-        controller.save(failed)
+        _remove_attempt(effects, failed, slot)
+        effects.save(failed)
     except StorageError:
-        _restore(controller, before)
+        _restore(effects, before)
 
 
-def _remove_attempt(controller: DeviceController, failed: Journal, slot: str | None) -> None:
+def _remove_attempt(effects: DeviceEffects, failed: Journal, slot: str | None) -> None:
     """The download, its partial file and a staged copy in a slot nothing points at."""
-    download = controller.download_path(failed)
+    download = effects.download_path(failed)
     with guarded(download):
         discard(download, download.with_suffix(".efb.part"))
-    pointer = controller.slots.pointer()
+    pointer = effects.slots.pointer()
     if slot is not None and slot not in (pointer.committed, pointer.fallback):
-        staged = controller.slots.bundle(slot)
-        with guarded(controller.data_dir / "slots"):
+        staged = effects.slots.bundle(slot)
+        with guarded(effects.data_dir / "slots"):
             discard(*([staged] if staged else []))
 
 
-def _restore(controller: DeviceController, before: bytes | None) -> None:
+def _restore(effects: DeviceEffects, before: bytes | None) -> None:
     """Put the journal of before back; when even that cannot be written, the start-up sweep
     finds a local install in flight and records it failed."""
     try:
         if before is None:
-            controller.journal_path.unlink(missing_ok=True)
+            effects.journal_path.unlink(missing_ok=True)
         else:
-            atomic_write(controller.journal_path, before)
+            atomic_write(effects.journal_path, before)
     except OSError:  # the disk refuses even this: the start-up sweep ends the attempt
         return
 
@@ -113,21 +112,21 @@ def _restore(controller: DeviceController, before: bytes | None) -> None:
 def rollback(agent: Agent, data_dir: Path) -> Journal:
     """Return to the previous committed bundle; SlotError, with nothing changed, when
     there is none (one bundle installed, or a rollback already done)."""
-    controller, journal = _open(agent, existing(data_dir))
-    controller.slots.rollback_target()  # refuses before the journal moves
-    if journal.state != State.COMMITTED:
-        journal = Journal(state=State.COMMITTED, target=journal.target)
-    updater = Updater(controller)
+    effects, journal = _open(agent, existing(data_dir))
+    effects.slots.rollback_target()  # refuses before the journal moves
+    if journal.state != UpdateState.COMMITTED:
+        journal = Journal(state=UpdateState.COMMITTED, target=journal.target)
+    updater = Updater(effects)
     return updater.run(updater.move(journal, Event.ROLLBACK, "rollback asked for"))
 
 
-def _open(agent: Agent, data_dir: Path) -> tuple[DeviceController, Journal]:
-    """The data dir's controller and journal, after sweeping what killed runs left."""
+def _open(agent: Agent, data_dir: Path) -> tuple[DeviceEffects, Journal]:
+    """The data dir's effects and journal, after sweeping what killed runs left."""
     with guarded(Path(data_dir)):
-        controller = DeviceController(data_dir, agent, FLASH)
-    journal = load_journal(controller.journal_path)
-    controller.sweep(journal)
-    return controller, journal
+        effects = DeviceEffects(data_dir, agent, FLASH)
+    journal = load_journal(effects.journal_path)
+    effects.sweep(journal)
+    return effects, journal
 
 
 def existing(data_dir: Path) -> Path:

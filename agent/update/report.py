@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from edgefleet.agent.protocol.payloads import BundleRef, UpdateReport
 from edgefleet.agent.update.states import Journal
+from edgefleet.agent.update.target import UpdateTarget
 
 __all__ = ["target_ref", "update_report"]
 
 
 def target_ref(journal: Journal | None) -> BundleRef | None:
     """The bundle the update is about, or None when the journal names none (or a bad one)."""
-    target = journal.target if journal else {}
+    target = journal.target if journal else UpdateTarget()
     try:
-        return BundleRef(name=str(target["name"]), version=str(target["version"]),
-                         sha256=str(target["sha256"]))
-    except (KeyError, ValueError):
+        return BundleRef(name=target.name, version=target.version, sha256=target.sha256)
+    except ValueError:
         return None
 
 

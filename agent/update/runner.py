@@ -21,9 +21,10 @@ from edgefleet.agent.core import Agent
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.payloads import DesiredState
 from edgefleet.agent.update.attempts import starts_attempt
-from edgefleet.agent.update.device import DeviceController, UpdateSettings, load_journal
+from edgefleet.agent.update.device import DeviceEffects, UpdateSettings, load_journal
 from edgefleet.agent.update.flow import Updater
-from edgefleet.agent.update.states import TERMINAL, Event, Journal, State
+from edgefleet.agent.update.states import TERMINAL, Event, Journal, UpdateState
+from edgefleet.agent.update.target import UpdateTarget
 
 __all__ = ["UpdateRunner"]
 
@@ -36,10 +37,10 @@ class UpdateRunner:
 
     def __init__(self, data_dir: Path, agent: Agent, settings: UpdateSettings,
                  on_journal: Callable[[Journal], None] = lambda journal: None) -> None:
-        self.controller = DeviceController(data_dir, agent, settings, self._journalled)
-        self.updater = Updater(self.controller)
-        self.journal = load_journal(self.controller.journal_path)
-        self.controller.sweep(self.journal)
+        self.effects = DeviceEffects(data_dir, agent, settings, self._journalled)
+        self.updater = Updater(self.effects)
+        self.journal = load_journal(self.effects.journal_path)
+        self.effects.sweep(self.journal)
         self._on_journal = on_journal
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="edgefleet-update", daemon=True)
@@ -55,12 +56,12 @@ class UpdateRunner:
 
     def desired(self, desired: DesiredState) -> None:
         """Called on the MQTT thread: settle probation now, queue everything else."""
-        in_probation = self.journal.state == State.PROBATION
-        same = self.journal.target.get("sha256") == desired.sha256
+        in_probation = self.journal.state == UpdateState.PROBATION
+        same = self.journal.target.sha256 == desired.sha256
         if desired.action == "commit" and in_probation and same:
-            self.controller.decide(Event.COMMIT)
+            self.effects.decide(Event.COMMIT)
         elif desired.action == "rollback" and in_probation and same:
-            self.controller.decide(Event.ROLLBACK)
+            self.effects.decide(Event.ROLLBACK)
         else:
             self._queue.put(lambda: self._apply(desired))
 
@@ -78,25 +79,21 @@ class UpdateRunner:
                 log.exception("update step failed")
 
     def _apply(self, desired: DesiredState) -> None:
-        model = self.controller.agent.model
+        model = self.effects.agent.model
         active_sha = model.bundle.sha256 if model is not None else None
         if desired.action == "rollback":
-            if self.journal.state == State.COMMITTED and active_sha == desired.sha256:
+            if self.journal.state == UpdateState.COMMITTED and active_sha == desired.sha256:
                 self._roll_back()
             return
         if not starts_attempt(self.journal, desired, active_sha):
             return  # already there, already on the way, or this attempt was made
-        target: dict[str, object] = {
-            "name": desired.name, "version": desired.version, "sha256": desired.sha256,
-            "url": desired.url, "size": desired.size, "rollout": desired.rollout,
-            "auto_commit": desired.auto_commit}
-        self.updater.run(self.updater.start(self.journal, target))
+        self.updater.run(self.updater.start(self.journal, UpdateTarget.from_desired(desired)))
 
     def _roll_back(self) -> None:
         """The fleet's rollback of a committed update; with nothing to go back to, it is
         logged and the update state stays as it is."""
         try:
-            self.controller.slots.rollback_target()
+            self.effects.slots.rollback_target()
         except EdgefleetError as exc:
             log.warning("rollback asked for by the fleet refused: %s", exc)
             return

@@ -19,23 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-__all__ = ["MAX_ENTRIES", "TERMINAL", "TRANSITIONS", "Event", "Journal", "State", "next_state"]
+from edgefleet.agent.protocol.update_state import UpdateState
+from edgefleet.agent.update.target import UpdateTarget
+
+__all__ = ["MAX_ENTRIES", "TERMINAL", "TRANSITIONS", "Event", "Journal", "UpdateState",
+           "next_state"]
 
 MAX_ENTRIES = 5
-
-
-class State(str, Enum):
-    IDLE = "IDLE"
-    DOWNLOADING = "DOWNLOADING"
-    VERIFYING = "VERIFYING"
-    STAGED = "STAGED"
-    HEALTH_CHECK = "HEALTH_CHECK"
-    SWITCHING = "SWITCHING"
-    PROBATION = "PROBATION"
-    COMMITTED = "COMMITTED"
-    ROLLING_BACK = "ROLLING_BACK"
-    ROLLED_BACK = "ROLLED_BACK"
-    FAILED = "FAILED"
 
 
 class Event(str, Enum):
@@ -47,31 +37,34 @@ class Event(str, Enum):
     GIVE_UP = "GIVE_UP"  # a rollback that keeps failing: stop, report, keep serving
 
 
-TERMINAL = frozenset({State.IDLE, State.COMMITTED, State.ROLLED_BACK, State.FAILED})
-_BEFORE_SWITCH = (State.DOWNLOADING, State.VERIFYING, State.STAGED, State.HEALTH_CHECK)
+TERMINAL = frozenset({UpdateState.IDLE, UpdateState.COMMITTED, UpdateState.ROLLED_BACK,
+                      UpdateState.FAILED})
+_BEFORE_SWITCH = (UpdateState.DOWNLOADING, UpdateState.VERIFYING, UpdateState.STAGED,
+                  UpdateState.HEALTH_CHECK)
 
-TRANSITIONS: dict[tuple[State, Event], State] = {
-    **{(s, Event.DESIRED): State.DOWNLOADING for s in TERMINAL},
-    (State.DOWNLOADING, Event.OK): State.VERIFYING,
-    (State.VERIFYING, Event.OK): State.STAGED,
-    (State.STAGED, Event.OK): State.HEALTH_CHECK,
-    (State.HEALTH_CHECK, Event.OK): State.SWITCHING,
-    (State.SWITCHING, Event.OK): State.PROBATION,
-    **{(s, Event.FAILURE): State.FAILED for s in _BEFORE_SWITCH},
+TRANSITIONS: dict[tuple[UpdateState, Event], UpdateState] = {
+    **{(s, Event.DESIRED): UpdateState.DOWNLOADING for s in TERMINAL},
+    (UpdateState.DOWNLOADING, Event.OK): UpdateState.VERIFYING,
+    (UpdateState.VERIFYING, Event.OK): UpdateState.STAGED,
+    (UpdateState.STAGED, Event.OK): UpdateState.HEALTH_CHECK,
+    (UpdateState.HEALTH_CHECK, Event.OK): UpdateState.SWITCHING,
+    (UpdateState.SWITCHING, Event.OK): UpdateState.PROBATION,
+    **{(s, Event.FAILURE): UpdateState.FAILED for s in _BEFORE_SWITCH},
     # a new target while still before the switch replaces the old one
-    **{(s, Event.DESIRED): State.DOWNLOADING for s in _BEFORE_SWITCH},
-    (State.SWITCHING, Event.FAILURE): State.ROLLING_BACK,
-    (State.PROBATION, Event.COMMIT): State.COMMITTED,
-    (State.PROBATION, Event.ROLLBACK): State.ROLLING_BACK,
-    (State.PROBATION, Event.FAILURE): State.ROLLING_BACK,
-    (State.ROLLING_BACK, Event.OK): State.ROLLED_BACK,
-    (State.ROLLING_BACK, Event.FAILURE): State.ROLLING_BACK,  # retried: never left half-way
-    (State.ROLLING_BACK, Event.GIVE_UP): State.FAILED,  # after MAX_ENTRIES tries
-    (State.COMMITTED, Event.ROLLBACK): State.ROLLING_BACK,  # one-command rollback
+    **{(s, Event.DESIRED): UpdateState.DOWNLOADING for s in _BEFORE_SWITCH},
+    (UpdateState.SWITCHING, Event.FAILURE): UpdateState.ROLLING_BACK,
+    (UpdateState.PROBATION, Event.COMMIT): UpdateState.COMMITTED,
+    (UpdateState.PROBATION, Event.ROLLBACK): UpdateState.ROLLING_BACK,
+    (UpdateState.PROBATION, Event.FAILURE): UpdateState.ROLLING_BACK,
+    (UpdateState.ROLLING_BACK, Event.OK): UpdateState.ROLLED_BACK,
+    # a failed rollback is retried: never left half-way
+    (UpdateState.ROLLING_BACK, Event.FAILURE): UpdateState.ROLLING_BACK,
+    (UpdateState.ROLLING_BACK, Event.GIVE_UP): UpdateState.FAILED,  # after MAX_ENTRIES tries
+    (UpdateState.COMMITTED, Event.ROLLBACK): UpdateState.ROLLING_BACK,  # one-command rollback
 }
 
 
-def next_state(state: State, event: Event) -> State | None:
+def next_state(state: UpdateState, event: Event) -> UpdateState | None:
     """The state ``event`` leads to from ``state``, or None when the table has no edge."""
     return TRANSITIONS.get((state, event))
 
@@ -80,16 +73,16 @@ def next_state(state: State, event: Event) -> State | None:
 class Journal:
     """What survives a crash: the state, its target, and how often each state was entered."""
 
-    state: State = State.IDLE
-    target: dict[str, object] = field(default_factory=dict)
+    state: UpdateState = UpdateState.IDLE
+    target: UpdateTarget = field(default_factory=UpdateTarget)
     entries: dict[str, int] = field(default_factory=dict)
     detail: str = ""
     since: int = 0
 
-    def enter(self, state: State, now_ms: int, detail: str = "") -> Journal:
+    def enter(self, state: UpdateState, now_ms: int, detail: str = "") -> Journal:
         counts = dict(self.entries)
         counts[state.value] = counts.get(state.value, 0) + 1
-        if state in TERMINAL or (state == State.DOWNLOADING and self.state in TERMINAL):
+        if state in TERMINAL or (state == UpdateState.DOWNLOADING and self.state in TERMINAL):
             counts = {state.value: 1}
         return replace(self, state=state, entries=counts, detail=detail, since=now_ms)
 
@@ -98,15 +91,16 @@ class Journal:
         return self.entries.get(self.state.value, 0) > MAX_ENTRIES
 
     def to_dict(self) -> dict[str, object]:
-        return {"state": self.state.value, "target": self.target, "entries": self.entries,
-                "detail": self.detail, "since": self.since}
+        return {"state": self.state.value, "target": self.target.to_dict(),
+                "entries": self.entries, "detail": self.detail, "since": self.since}
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Journal:
         entries = data.get("entries") or {}
         target = data.get("target") or {}
-        return cls(State(str(data.get("state", "IDLE"))),
-                   dict(target) if isinstance(target, dict) else {},
+        return cls(UpdateState(str(data.get("state", UpdateState.IDLE.value))),
+                   UpdateTarget.from_dict(target) if isinstance(target, dict)
+                   else UpdateTarget(),
                    {str(k): int(v) for k, v in entries.items()}
                    if isinstance(entries, dict) else {},
                    str(data.get("detail", "")), int(str(data.get("since", 0))))

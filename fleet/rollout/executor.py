@@ -35,10 +35,13 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.agent.protocol.update_state import UpdateState
 from edgefleet.fleet.errors import ConflictError
 from edgefleet.fleet.rollout.spec import wave_bounds
 from edgefleet.fleet.rollout.state import (
     ACTIVE,
+    DEVICE_EDGES,
+    ROLLOUT_EDGES,
     DeviceState,
     Rollout,
     RolloutDevice,
@@ -49,8 +52,11 @@ __all__ = ["FOLLOWED", "Action", "Decisions", "DeviceView", "Observations", "Qua
            "abort", "gate_failure", "pause", "resume", "rollback", "tick"]
 
 RESEND_MS = 5_000  # a device still in probation after a commit/rollback this old is told again
-_IN_FLIGHT = ("DOWNLOADING", "VERIFYING", "STAGED", "HEALTH_CHECK", "SWITCHING")
-_SETTLED = ("COMMITTED", "IDLE")
+# the device's update states (as it reports them) on the way to probation, and settled
+_IN_FLIGHT = (UpdateState.DOWNLOADING, UpdateState.VERIFYING, UpdateState.STAGED,
+              UpdateState.HEALTH_CHECK, UpdateState.SWITCHING)
+_SETTLED = (UpdateState.COMMITTED, UpdateState.IDLE)
+_ENDED_BADLY = (UpdateState.FAILED, UpdateState.ROLLING_BACK, UpdateState.ROLLED_BACK)
 
 # The devices a tick follows (their reports, timeouts, commits, rollbacks): on their way,
 # rolling back, timed out (they may answer late) or failed (they may retry). The others
@@ -70,7 +76,7 @@ class DeviceView:
 
     online: bool
     active: BundleRef | None
-    update_state: str = "IDLE"
+    update_state: str = UpdateState.IDLE.value  # an UpdateState, as the device reported it
     update_target: str | None = None  # sha256 the device's update is about
     update_since_ms: int = 0
     update_detail: str = ""
@@ -126,13 +132,14 @@ class Decisions:
     cleared: list[str] = field(default_factory=list)  # devices whose desired state to clear
 
 
-class _Tick:
-    """Mutable scratch space for one tick; the result is immutable again."""
+class _Step:
+    """One step of a rollout in the making: mutable scratch space, whose result
+    (:meth:`done`) is immutable again. Every move goes along a declared edge."""
 
-    def __init__(self, rollout: Rollout, obs: Observations, now: int) -> None:
-        self.r, self.obs, self.now = rollout, obs, now
+    def __init__(self, rollout: Rollout, observed: Observations, now: int) -> None:
+        self.rollout, self.observed, self.now = rollout, observed, now
         self.devices: dict[str, RolloutDevice] = dict(rollout.devices)
-        self.out = Decisions(rollout)
+        self.decisions = Decisions(rollout)
         # those it follows, in the rollout's order: after one pass, a tick of a finished
         # rollout of 10,000 devices costs in proportion to its few unsettled ones
         self.followed = [d.device for d in rollout.devices.values() if d.state in FOLLOWED]
@@ -144,13 +151,14 @@ class _Tick:
 
     @property
     def target(self) -> str:
-        return self.r.spec.model.sha256
+        return self.rollout.spec.model.sha256
 
     def set(self, item: RolloutDevice) -> None:
         self.devices[item.device] = item
-        self.out.changed.add(item.device)
+        self.decisions.changed.add(item.device)
 
     def move(self, item: RolloutDevice, state: DeviceState, reason: str = "") -> RolloutDevice:
+        DEVICE_EDGES.check(item.state, state)
         moved = item.moved(state, self.now, reason)
         self.set(moved)
         return moved
@@ -159,78 +167,80 @@ class _Tick:
              bundle: BundleRef | None = None) -> RolloutDevice:
         sent = replace(item, sent_ms=self.now)
         self.set(sent)
-        self.out.sends.append(Send(item.device, action, bundle))
+        self.decisions.sends.append(Send(item.device, action, bundle))
         return sent
 
     def state(self, state: RolloutState, reason: str = "") -> None:
-        self.r = replace(self.r, state=state, reason=reason or self.r.reason)
-        self.out.notes.append(f"rollout {state.value.lower()}" + (f": {reason}" if reason else ""))
+        ROLLOUT_EDGES.check(self.rollout.state, state)
+        self.rollout = replace(self.rollout, state=state, reason=reason or self.rollout.reason)
+        note = f"rollout {state.value.lower()}" + (f": {reason}" if reason else "")
+        self.decisions.notes.append(note)
 
     def done(self) -> Decisions:
-        changed = self.out.changed or self.out.sends or self.out.notes
-        rollout = replace(self.r, devices=self.devices,
-                          updated_ms=self.now if changed else self.r.updated_ms)
-        return replace(self.out, rollout=rollout)
+        changed = self.decisions.changed or self.decisions.sends or self.decisions.notes
+        rollout = replace(self.rollout, devices=self.devices,
+                          updated_ms=self.now if changed else self.rollout.updated_ms)
+        return replace(self.decisions, rollout=rollout)
 
 
 def tick(rollout: Rollout, observations: Observations, now_ms: int) -> Decisions:
     """One step of ``rollout`` given what the fleet looks like at ``now_ms``."""
-    t = _Tick(rollout, observations, now_ms)
-    if t.r.state == RolloutState.PENDING:
-        _start(t)
-    if t.r.state in (RolloutState.RUNNING, RolloutState.PAUSED):
-        _join_newcomers(t)
-    _follow_devices(t)
-    if t.r.state in (RolloutState.RUNNING, RolloutState.PAUSED):
-        reason = _failure(t) or gate_failure(t.r, observations)
+    step = _Step(rollout, observations, now_ms)
+    if step.rollout.state == RolloutState.PENDING:
+        _start(step)
+    if step.rollout.state in (RolloutState.RUNNING, RolloutState.PAUSED):
+        _join_newcomers(step)
+    _follow_devices(step)
+    if step.rollout.state in (RolloutState.RUNNING, RolloutState.PAUSED):
+        reason = _failure(step) or gate_failure(step.rollout, observations)
         if reason:
-            _abort(t, reason)
-    if t.r.state in (RolloutState.RUNNING, RolloutState.SUCCEEDED):
-        _commit_soaked(t)
-    if t.r.state == RolloutState.RUNNING:
-        _advance(t)
-    if t.r.state == RolloutState.RUNNING:
-        _send_installs(t)
-    _resend(t)
-    return t.done()
+            _abort(step, reason)
+    if step.rollout.state in (RolloutState.RUNNING, RolloutState.SUCCEEDED):
+        _commit_soaked(step)
+    if step.rollout.state == RolloutState.RUNNING:
+        _advance(step)
+    if step.rollout.state == RolloutState.RUNNING:
+        _send_installs(step)
+    _resend(step)
+    return step.done()
 
 
-def _start(t: _Tick) -> None:
-    selected = sorted(t.obs.devices)
+def _start(step: _Step) -> None:
+    selected = sorted(step.observed.devices)
     if not selected:
-        t.state(RolloutState.SUCCEEDED, "no device matches the selector: nothing to do")
+        step.state(RolloutState.SUCCEEDED, "no device matches the selector: nothing to do")
         return
-    bounds = wave_bounds(t.r.spec.waves, len(selected))
+    bounds = wave_bounds(step.rollout.spec.waves, len(selected))
     wave = 0
     for index, device in enumerate(selected):
         while index >= bounds[wave]:
             wave += 1
-        t.set(RolloutDevice(device, wave, since_ms=t.now))
-    t.r = replace(t.r, wave=0, wave_started_ms=t.now, started_in_wave=0)
-    t.state(RolloutState.RUNNING, f"{len(selected)} devices in {len(bounds)} waves")
-    t.out.notes.append(f"wave 1 of {len(bounds)} started")
+        step.set(RolloutDevice(device, wave, since_ms=step.now))
+    step.rollout = replace(step.rollout, wave=0, wave_started_ms=step.now, started_in_wave=0)
+    step.state(RolloutState.RUNNING, f"{len(selected)} devices in {len(bounds)} waves")
+    step.decisions.notes.append(f"wave 1 of {len(bounds)} started")
 
 
-def _join_newcomers(t: _Tick) -> None:
-    last = len(t.r.spec.waves) - 1
-    for device in sorted(set(t.obs.devices) - set(t.devices)):
-        t.set(RolloutDevice(device, last, since_ms=t.now, reason="joined while running"))
-        t.out.notes.append(f"{device} joined; it goes in the last wave")
+def _join_newcomers(step: _Step) -> None:
+    last = len(step.rollout.spec.waves) - 1
+    for device in sorted(set(step.observed.devices) - set(step.devices)):
+        step.set(RolloutDevice(device, last, since_ms=step.now, reason="joined while running"))
+        step.decisions.notes.append(f"{device} joined; it goes in the last wave")
 
 
-def _follow_devices(t: _Tick) -> None:
-    for item in t.following():
-        view = t.obs.devices.get(item.device)
+def _follow_devices(step: _Step) -> None:
+    for item in step.following():
+        view = step.observed.devices.get(item.device)
         if item.state == DeviceState.ROLLING_BACK:
-            _follow_rollback(t, item, view)
+            _follow_rollback(step, item, view)
         elif item.state in ACTIVE or item.state == DeviceState.TIMED_OUT:
-            _follow_update(t, item, view)
+            _follow_update(step, item, view)
         elif item.state == DeviceState.FAILED:
-            _follow_retry(t, item, view)
+            _follow_retry(step, item, view)
 
 
-def _follow_update(t: _Tick, item: RolloutDevice, view: DeviceView | None) -> None:
-    reported = _reported(t, view)
+def _follow_update(step: _Step, item: RolloutDevice, view: DeviceView | None) -> None:
+    reported = _reported(step, view)
     if item.state == DeviceState.TARGETED and _earlier_attempt(item, view):
         reported = None
     if item.state == DeviceState.TIMED_OUT and not _late_answer(item, view, reported):
@@ -238,31 +248,31 @@ def _follow_update(t: _Tick, item: RolloutDevice, view: DeviceView | None) -> No
     if reported is not None and view is not None and _RANK[reported] > _RANK[item.state]:
         late = " (late)" if item.state == DeviceState.TIMED_OUT else ""
         detail = view.update_detail if reported == DeviceState.FAILED else ""
-        moved = t.move(item, reported, detail or f"device reported {view.update_state}{late}")
+        moved = step.move(item, reported, detail or f"device reported {view.update_state}{late}")
         if late and reported == DeviceState.UPDATING:
             # its clock restarts: a fresh --device-timeout to reach probation, instead of
             # timing out again at the next tick (and again after every report)
-            t.set(replace(moved, targeted_ms=t.now))
+            step.set(replace(moved, targeted_ms=step.now))
         if reported == DeviceState.FAILED:
-            t.out.cleared.append(item.device)
+            step.decisions.cleared.append(item.device)
         return
-    limit_ms = t.r.spec.device_timeout_s * 1000
+    limit_ms = step.rollout.spec.device_timeout_s * 1000
     if item.state in (DeviceState.TARGETED, DeviceState.UPDATING):
-        if t.now - item.targeted_ms > limit_ms:
+        if step.now - item.targeted_ms > limit_ms:
             where = "offline" if view is None or not view.online else (
                 f"still {view.update_state}")
-            t.move(item, DeviceState.TIMED_OUT,
-                   f"no answer within {t.r.spec.device_timeout_s:g}s ({where})")
-    elif item.state == DeviceState.COMMITTING and t.now - item.since_ms > limit_ms:
-        t.move(item, DeviceState.TIMED_OUT,
-               f"commit not confirmed within {t.r.spec.device_timeout_s:g}s")
+            step.move(item, DeviceState.TIMED_OUT,
+                      f"no answer within {step.rollout.spec.device_timeout_s:g}s ({where})")
+    elif item.state == DeviceState.COMMITTING and step.now - item.since_ms > limit_ms:
+        step.move(item, DeviceState.TIMED_OUT,
+                  f"commit not confirmed within {step.rollout.spec.device_timeout_s:g}s")
 
 
 def _earlier_attempt(item: RolloutDevice, view: DeviceView | None) -> bool:
     """A failure or rollback the device reported before this rollout sent it the bundle is
     about an earlier attempt (an earlier rollout of the same version): the device starts a
     new one for this rollout (docs/protocol.md, "Desired state"), so it is no answer."""
-    return (view is not None and view.update_state in ("FAILED", "ROLLED_BACK")
+    return (view is not None and view.update_state in (UpdateState.FAILED, UpdateState.ROLLED_BACK)
             and view.update_since_ms < item.targeted_ms)
 
 
@@ -280,7 +290,7 @@ def _late_answer(item: RolloutDevice, view: DeviceView | None,
     return reported != DeviceState.UPDATING or view.update_since_ms > item.since_ms
 
 
-def _follow_retry(t: _Tick, item: RolloutDevice, view: DeviceView | None) -> None:
+def _follow_retry(step: _Step, item: RolloutDevice, view: DeviceView | None) -> None:
     """A failed device that works on this rollout's bundle again is followed again.
 
     Its agent retries when it gets the install again (a device that gave up a download
@@ -291,17 +301,17 @@ def _follow_retry(t: _Tick, item: RolloutDevice, view: DeviceView | None) -> Non
     committed; after an abort or a rollback it is rolled back. A device that settled
     (committed, failed, rolled back) is left alone.
     """
-    reported = _reported(t, view)
+    reported = _reported(step, view)
     if view is None or not view.online or reported not in (DeviceState.UPDATING,
                                                             DeviceState.PROBATION):
         return
     retried = f"device retried after failing: reported {view.update_state}"
-    if t.r.state in (RolloutState.ABORTED, RolloutState.ROLLED_BACK):
-        ended = t.r.state.value.lower().replace("_", " ")
-        t.send(t.move(item, DeviceState.ROLLING_BACK, f"{retried}; the rollout was {ended}"),
-               Action.ROLLBACK)
+    if step.rollout.state in (RolloutState.ABORTED, RolloutState.ROLLED_BACK):
+        ended = step.rollout.state.value.lower().replace("_", " ")
+        moved = step.move(item, DeviceState.ROLLING_BACK, f"{retried}; the rollout was {ended}")
+        step.send(moved, Action.ROLLBACK)
         return
-    t.set(replace(t.move(item, reported, retried), targeted_ms=t.now))
+    step.set(replace(step.move(item, reported, retried), targeted_ms=step.now))
 
 
 # A device only moves forward; a failure is always taken; a timed-out device that answers
@@ -311,44 +321,44 @@ _RANK = {DeviceState.TIMED_OUT: -1, DeviceState.TARGETED: 0, DeviceState.UPDATIN
          DeviceState.FAILED: 5}
 
 
-def _reported(t: _Tick, view: DeviceView | None) -> DeviceState | None:
+def _reported(step: _Step, view: DeviceView | None) -> DeviceState | None:
     """What the device's own report says about this rollout's bundle (None: nothing yet)."""
     if view is None:
         return None
-    if view.active_sha == t.target and view.update_state in _SETTLED:
+    if view.active_sha == step.target and view.update_state in _SETTLED:
         return DeviceState.SUCCEEDED
-    if view.update_target != t.target:
+    if view.update_target != step.target:
         return None
-    if view.update_state == "PROBATION":
+    if view.update_state == UpdateState.PROBATION:
         return DeviceState.PROBATION
     if view.update_state in _IN_FLIGHT:
         return DeviceState.UPDATING
-    if view.update_state in ("FAILED", "ROLLING_BACK", "ROLLED_BACK"):
+    if view.update_state in _ENDED_BADLY:
         return DeviceState.FAILED
     return None
 
 
-def _follow_rollback(t: _Tick, item: RolloutDevice, view: DeviceView | None) -> None:
+def _follow_rollback(step: _Step, item: RolloutDevice, view: DeviceView | None) -> None:
     if view is None or not view.online:
         # what it said before it went away is no answer: it may have started the update
         # since (its report did not get out), so it is only marked rolled back once it is
         # back and says so; the retained rollback waits for it on the broker
         return
     previous = item.previous.sha256 if item.previous else None
-    if previous and view.update_target == previous and view.update_state == "PROBATION":
-        if view.update_since_ms > item.sent_ms or t.now - item.sent_ms > RESEND_MS:
-            t.send(item, Action.COMMIT, item.previous)  # the re-installed previous bundle
+    if previous and view.update_target == previous and view.update_state == UpdateState.PROBATION:
+        if view.update_since_ms > item.sent_ms or step.now - item.sent_ms > RESEND_MS:
+            step.send(item, Action.COMMIT, item.previous)  # the re-installed previous bundle
         return
-    if previous and view.update_target == previous and view.update_state == "FAILED":
-        t.move(item, DeviceState.FAILED, f"rollback failed: {view.update_detail}")
+    if previous and view.update_target == previous and view.update_state == UpdateState.FAILED:
+        step.move(item, DeviceState.FAILED, f"rollback failed: {view.update_detail}")
         return
-    settled = view.update_state in (*_SETTLED, "ROLLED_BACK", "FAILED")
-    if view.active_sha != t.target and settled:
-        t.move(item, DeviceState.ROLLED_BACK, f"running {_version(view.active)}")
-        t.out.cleared.append(item.device)
+    settled = view.update_state in (*_SETTLED, UpdateState.ROLLED_BACK, UpdateState.FAILED)
+    if view.active_sha != step.target and settled:
+        step.move(item, DeviceState.ROLLED_BACK, f"running {_version(view.active)}")
+        step.decisions.cleared.append(item.device)
 
 
-def _failure(t: _Tick) -> str:
+def _failure(step: _Step) -> str:
     """Failures above ``max_failures_pct`` of the devices the waves so far hold.
 
     The share is judged against the whole of the current and earlier waves (not against
@@ -356,15 +366,15 @@ def _failure(t: _Tick) -> str:
     one failure into 50%; it still fires as soon as the failures alone are too many for
     those waves, before every device was sent the bundle.
     """
-    waves = [d for d in t.devices.values() if d.wave <= t.r.wave and d.state not in (
-        DeviceState.INCOMPATIBLE, DeviceState.CANCELLED)]
+    waves = [d for d in step.devices.values() if d.wave <= step.rollout.wave
+             and d.state not in (DeviceState.INCOMPATIBLE, DeviceState.CANCELLED)]
     failed, total = sum(1 for d in waves if d.state == DeviceState.FAILED), len(waves)
     if not failed:
         return ""
     pct = 100.0 * failed / total
-    if pct > t.r.spec.gates.max_failures_pct:
+    if pct > step.rollout.spec.gates.max_failures_pct:
         return (f"{failed} of {total} devices failed ({pct:.1f}%), above --max-failures "
-                f"{t.r.spec.gates.max_failures_pct:g}%")
+                f"{step.rollout.spec.gates.max_failures_pct:g}%")
     return ""
 
 
@@ -400,97 +410,99 @@ def gate_failure(rollout: Rollout, obs: Observations) -> str:
     return ""
 
 
-def _abort(t: _Tick, reason: str) -> None:
-    t.state(RolloutState.ABORTED, reason)
-    for item in list(t.devices.values()):
+def _abort(step: _Step, reason: str) -> None:
+    step.state(RolloutState.ABORTED, reason)
+    for item in list(step.devices.values()):
         # a timed-out device never confirmed the version either: it is told to roll back
         # too, and does so when it comes back (instead of carrying out an older word)
         if item.state in ACTIVE or item.state == DeviceState.TIMED_OUT:
-            t.send(t.move(item, DeviceState.ROLLING_BACK, "rollout aborted"), Action.ROLLBACK)
+            step.send(step.move(item, DeviceState.ROLLING_BACK, "rollout aborted"), Action.ROLLBACK)
         elif item.state == DeviceState.PENDING:
-            t.move(item, DeviceState.CANCELLED, "rollout aborted before its turn")
+            step.move(item, DeviceState.CANCELLED, "rollout aborted before its turn")
 
 
-def _commit_soaked(t: _Tick) -> None:
-    soak_ms = t.r.spec.soak_s * 1000
-    for item in t.following():
-        if item.state == DeviceState.PROBATION and t.now - item.since_ms >= soak_ms:
-            t.send(t.move(item, DeviceState.COMMITTING, "soak passed"), Action.COMMIT)
+def _commit_soaked(step: _Step) -> None:
+    soak_ms = step.rollout.spec.soak_s * 1000
+    for item in step.following():
+        if item.state == DeviceState.PROBATION and step.now - item.since_ms >= soak_ms:
+            step.send(step.move(item, DeviceState.COMMITTING, "soak passed"), Action.COMMIT)
 
 
-def _advance(t: _Tick) -> None:
-    while t.r.state == RolloutState.RUNNING:
-        wave = [d for d in t.devices.values() if d.wave <= t.r.wave]
+def _advance(step: _Step) -> None:
+    while step.rollout.state == RolloutState.RUNNING:
+        wave = [d for d in step.devices.values() if d.wave <= step.rollout.wave]
         if any(d.state in ACTIVE or d.state == DeviceState.PENDING for d in wave):
             return
-        current = [d for d in wave if d.wave == t.r.wave]
+        current = [d for d in wave if d.wave == step.rollout.wave]
         eligible = [d for d in current if d.state not in (DeviceState.INCOMPATIBLE,
                                                           DeviceState.CANCELLED)]
         succeeded = sum(1 for d in eligible if d.state == DeviceState.SUCCEEDED)
         pct = 100.0 * succeeded / len(eligible) if eligible else 100.0
-        label = f"wave {t.r.wave + 1} of {len(t.r.spec.waves)}"
-        if pct < t.r.spec.gates.min_success_pct:
-            _abort(t, f"{label}: {succeeded} of {len(eligible)} devices succeeded ({pct:.1f}%), "
-                      f"below --min-success {t.r.spec.gates.min_success_pct:g}%")
+        label = f"wave {step.rollout.wave + 1} of {len(step.rollout.spec.waves)}"
+        minimum = step.rollout.spec.gates.min_success_pct
+        if pct < minimum:
+            _abort(step, f"{label}: {succeeded} of {len(eligible)} devices succeeded "
+                         f"({pct:.1f}%), below --min-success {minimum:g}%")
             return
-        if t.r.wave + 1 >= len(t.r.spec.waves):
-            total = sum(1 for d in t.devices.values() if d.state == DeviceState.SUCCEEDED)
-            t.state(RolloutState.SUCCEEDED, f"{total} of {len(t.devices)} devices run "
-                                            f"{t.r.spec.model.version}")
+        if step.rollout.wave + 1 >= len(step.rollout.spec.waves):
+            total = sum(1 for d in step.devices.values() if d.state == DeviceState.SUCCEEDED)
+            step.state(RolloutState.SUCCEEDED, f"{total} of {len(step.devices)} devices run "
+                                               f"{step.rollout.spec.model.version}")
             return
-        t.r = replace(t.r, wave=t.r.wave + 1, wave_started_ms=t.now, started_in_wave=0)
-        t.out.notes.append(f"{label} done ({succeeded}/{len(eligible)} succeeded); "
-                           f"wave {t.r.wave + 1} started")
+        step.rollout = replace(step.rollout, wave=step.rollout.wave + 1,
+                               wave_started_ms=step.now, started_in_wave=0)
+        step.decisions.notes.append(f"{label} done ({succeeded}/{len(eligible)} succeeded); "
+                                    f"wave {step.rollout.wave + 1} started")
 
 
-def _send_installs(t: _Tick) -> None:
-    budget = _rate_budget(t)
-    pending = sorted((d for d in t.devices.values()
-                      if d.state == DeviceState.PENDING and d.wave <= t.r.wave),
+def _send_installs(step: _Step) -> None:
+    budget = _rate_budget(step)
+    pending = sorted((d for d in step.devices.values()
+                      if d.state == DeviceState.PENDING and d.wave <= step.rollout.wave),
                      key=lambda d: (d.wave, d.device))
     started = 0
     for item in pending:
-        view = t.obs.devices.get(item.device)
+        view = step.observed.devices.get(item.device)
         if view is not None and view.incompatible:
-            t.move(item, DeviceState.INCOMPATIBLE, view.incompatible)
-        elif view is not None and view.active_sha == t.target and (
+            step.move(item, DeviceState.INCOMPATIBLE, view.incompatible)
+        elif view is not None and view.active_sha == step.target and (
                 view.update_state in _SETTLED):
-            t.move(item, DeviceState.SUCCEEDED, "already running it")
+            step.move(item, DeviceState.SUCCEEDED, "already running it")
         elif budget is None or started < budget:
-            sent = replace(t.move(item, DeviceState.TARGETED, "bundle sent"),
-                           targeted_ms=t.now, previous=view.active if view else None)
-            t.send(sent, Action.INSTALL)
+            sent = replace(step.move(item, DeviceState.TARGETED, "bundle sent"),
+                           targeted_ms=step.now, previous=view.active if view else None)
+            step.send(sent, Action.INSTALL)
             started += 1
-    t.r = replace(t.r, started_in_wave=t.r.started_in_wave + started)
-    _advance(t)  # a wave of only incompatible or up-to-date devices is done at once
+    step.rollout = replace(step.rollout, started_in_wave=step.rollout.started_in_wave + started)
+    _advance(step)  # a wave of only incompatible or up-to-date devices is done at once
 
 
-def _rate_budget(t: _Tick) -> int | None:
+def _rate_budget(step: _Step) -> int | None:
     """How many more devices may be sent the bundle now (None: no limit).
 
     A rate of R devices per minute allows 1 at once and R per minute after that.
     """
-    rate = t.r.spec.rate(t.r.wave)
+    rate = step.rollout.spec.rate(step.rollout.wave)
     if rate is None:
         return None
-    allowed = 1 + math.floor(rate * (t.now - t.r.wave_started_ms) / 60_000)
-    return max(0, allowed - t.r.started_in_wave)
+    allowed = 1 + math.floor(rate * (step.now - step.rollout.wave_started_ms) / 60_000)
+    return max(0, allowed - step.rollout.started_in_wave)
 
 
-def _resend(t: _Tick) -> None:
+def _resend(step: _Step) -> None:
     """A device that entered probation after a commit/rollback was sent did not act on it
     (it was still on the way there): tell it again. An offline one is not: it gets the
     retained word when it returns (what the registry shows is what it said before)."""
-    for item in t.following():
-        view = t.obs.devices.get(item.device)
-        if view is None or not view.online or view.update_state != "PROBATION" or (
-                view.update_target != t.target):
+    for item in step.following():
+        view = step.observed.devices.get(item.device)
+        if view is None or not view.online or view.update_state != UpdateState.PROBATION or (
+                view.update_target != step.target):
             continue
         if item.state not in (DeviceState.COMMITTING, DeviceState.ROLLING_BACK):
             continue
-        if view.update_since_ms > item.sent_ms or t.now - item.sent_ms > RESEND_MS:
+        if view.update_since_ms > item.sent_ms or step.now - item.sent_ms > RESEND_MS:
             action = Action.COMMIT if item.state == DeviceState.COMMITTING else Action.ROLLBACK
-            t.send(item, action)
+            step.send(item, action)
 
 
 def _version(ref: BundleRef | None) -> str:
@@ -510,11 +522,11 @@ def resume(rollout: Rollout, now_ms: int) -> Decisions:
 
 
 def abort(rollout: Rollout, now_ms: int, reason: str = "aborted by an operator") -> Decisions:
-    t = _Tick(rollout, Observations({}), now_ms)
+    step = _Step(rollout, Observations({}), now_ms)
     _check_state(rollout, (RolloutState.PENDING, RolloutState.RUNNING, RolloutState.PAUSED),
                  "abort")
-    _abort(t, reason)
-    return t.done()
+    _abort(step, reason)
+    return step.done()
 
 
 def rollback(rollout: Rollout, now_ms: int, only: frozenset[str] | None = None) -> Decisions:
@@ -523,27 +535,27 @@ def rollback(rollout: Rollout, now_ms: int, only: frozenset[str] | None = None) 
     Devices that committed roll back to their previous committed bundle; devices still
     on the way are rolled back when they reach probation; pending ones are cancelled.
     """
-    t = _Tick(rollout, Observations({}), now_ms)
-    for item in list(t.devices.values()):
+    step = _Step(rollout, Observations({}), now_ms)
+    for item in list(step.devices.values()):
         if only is not None and item.device not in only:
             continue
         if item.state in (*ACTIVE, DeviceState.SUCCEEDED, DeviceState.TIMED_OUT):
-            t.send(t.move(item, DeviceState.ROLLING_BACK, "rollback asked for"),
-                   Action.ROLLBACK)
+            step.send(step.move(item, DeviceState.ROLLING_BACK, "rollback asked for"),
+                      Action.ROLLBACK)
         elif item.state == DeviceState.PENDING:
-            t.move(item, DeviceState.CANCELLED, "rolled back before its turn")
+            step.move(item, DeviceState.CANCELLED, "rolled back before its turn")
     if only is None or not any(d.state in (*ACTIVE, DeviceState.SUCCEEDED, DeviceState.PENDING)
-                               for d in t.devices.values()):
-        t.state(RolloutState.ROLLED_BACK, "rolled back by an operator")
-    return t.done()
+                               for d in step.devices.values()):
+        step.state(RolloutState.ROLLED_BACK, "rolled back by an operator")
+    return step.done()
 
 
 def _operator(rollout: Rollout, now_ms: int, state: RolloutState,
               allowed: tuple[RolloutState, ...], reason: str) -> Decisions:
     _check_state(rollout, allowed, state.value.lower())
-    t = _Tick(rollout, Observations({}), now_ms)
-    t.state(state, reason)
-    return t.done()
+    step = _Step(rollout, Observations({}), now_ms)
+    step.state(state, reason)
+    return step.done()
 
 
 def _check_state(rollout: Rollout, allowed: tuple[RolloutState, ...], verb: str) -> None:

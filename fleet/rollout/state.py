@@ -1,22 +1,43 @@
 """A rollout's state: where it is (``RolloutState``, current wave) and every device's progress.
 
-::
+Both machines are declared as edge tables (:data:`ROLLOUT_EDGES`, :data:`DEVICE_EDGES`)
+that the executor enforces; the drawings below are the tables' own
+(:meth:`~edgefleet.fleet.rollout.edges.Edges.drawing`), and a test holds them equal.
 
-    PENDING -> RUNNING <-> PAUSED
-                  |  \\-> SUCCEEDED  (every wave reached, enough devices succeeded)
-                  |   \\-> ABORTED   (a gate fired, or an operator aborted)
-                  +-------> ROLLED_BACK (an operator rolled it back; also from SUCCEEDED/ABORTED)
+A rollout::
+
+    PENDING     -> RUNNING | SUCCEEDED | ABORTED | ROLLED_BACK
+    RUNNING     -> PAUSED | SUCCEEDED | ABORTED | ROLLED_BACK
+    PAUSED      -> RUNNING | ABORTED | ROLLED_BACK
+    SUCCEEDED   -> ROLLED_BACK
+    ABORTED     -> ROLLED_BACK
+    ROLLED_BACK -> ROLLED_BACK
+
+It starts RUNNING, or SUCCEEDED at once when no device matches; an operator pauses and
+resumes it; it SUCCEEDED when every wave was reached with enough devices succeeding, and
+is ABORTED when a gate fires or an operator aborts it (also before it started). An
+operator rolls it back from any state, again after a rollback too (devices it missed).
 
 A device in a rollout::
 
-    PENDING -> TARGETED -> UPDATING -> PROBATION -> COMMITTING -> SUCCEEDED
-       |           \\________\\___________\\_____________\\-> FAILED | TIMED_OUT
-       +-> INCOMPATIBLE (its runtime or profile cannot load the bundle; never targeted)
-       +-> CANCELLED    (the rollout ended before the device's turn)
-    any touched device -> ROLLING_BACK -> ROLLED_BACK (rollback)
-    TIMED_OUT -> what it reports when it answers late (online, a new answer)
-    FAILED -> UPDATING | PROBATION when it works on the bundle again (online), or
-              ROLLING_BACK if the rollout was aborted or rolled back by then
+    PENDING      -> INCOMPATIBLE | TARGETED | SUCCEEDED | CANCELLED
+    TARGETED     -> UPDATING | PROBATION | SUCCEEDED | FAILED | TIMED_OUT | ROLLING_BACK
+    UPDATING     -> PROBATION | SUCCEEDED | FAILED | TIMED_OUT | ROLLING_BACK
+    PROBATION    -> COMMITTING | SUCCEEDED | FAILED | ROLLING_BACK
+    COMMITTING   -> SUCCEEDED | FAILED | TIMED_OUT | ROLLING_BACK
+    SUCCEEDED    -> ROLLING_BACK
+    FAILED       -> UPDATING | PROBATION | ROLLING_BACK
+    TIMED_OUT    -> UPDATING | PROBATION | SUCCEEDED | FAILED | ROLLING_BACK
+    ROLLING_BACK -> FAILED | ROLLED_BACK
+
+A pending device is sent the bundle (TARGETED), or is INCOMPATIBLE (its runtime or profile
+cannot load the bundle; never targeted), already SUCCEEDED (it runs the bundle), or
+CANCELLED (the rollout ended before its turn). From then on it moves forward with what it
+reports (UPDATING, PROBATION, SUCCEEDED, FAILED), is COMMITTING once its soak is over, and
+TIMED_OUT when it does not answer (it answers late: online, a new report). A FAILED device
+that works on the bundle again (online) goes back to UPDATING or PROBATION. Any touched
+device rolls back (ROLLING_BACK -> ROLLED_BACK, or FAILED when its rollback fails) when the
+rollout is aborted or rolled back.
 """
 
 from __future__ import annotations
@@ -28,12 +49,15 @@ from typing import Any
 
 from edgefleet.agent.protocol.payloads import BundleRef
 from edgefleet.fleet.domain import ref_from_dict, ref_to_dict
+from edgefleet.fleet.rollout.edges import Edges
 from edgefleet.fleet.rollout.spec import RolloutSpec
 
 __all__ = [
     "ACTIVE",
+    "DEVICE_EDGES",
     "DONE",
     "FINISHED",
+    "ROLLOUT_EDGES",
     "TOUCHED",
     "DeviceState",
     "Rollout",
@@ -68,6 +92,39 @@ class DeviceState(str, Enum):
     ROLLING_BACK = "ROLLING_BACK"
     ROLLED_BACK = "ROLLED_BACK"
 
+
+# A rollout's edges: the drawing in this module's docstring is ROLLOUT_EDGES.drawing().
+ROLLOUT_EDGES = Edges.declare("rollout", {
+    RolloutState.PENDING: (RolloutState.RUNNING, RolloutState.SUCCEEDED, RolloutState.ABORTED,
+                           RolloutState.ROLLED_BACK),
+    RolloutState.RUNNING: (RolloutState.PAUSED, RolloutState.SUCCEEDED, RolloutState.ABORTED,
+                           RolloutState.ROLLED_BACK),
+    RolloutState.PAUSED: (RolloutState.RUNNING, RolloutState.ABORTED, RolloutState.ROLLED_BACK),
+    RolloutState.SUCCEEDED: (RolloutState.ROLLED_BACK,),
+    RolloutState.ABORTED: (RolloutState.ROLLED_BACK,),
+    RolloutState.ROLLED_BACK: (RolloutState.ROLLED_BACK,),
+})
+
+# What a device's own report moves it to (``executor._reported``).
+_ANSWERS = (DeviceState.UPDATING, DeviceState.PROBATION, DeviceState.SUCCEEDED,
+            DeviceState.FAILED)
+# A device's edges in a rollout: the drawing in this module's docstring is
+# DEVICE_EDGES.drawing().
+DEVICE_EDGES = Edges.declare("device", {
+    DeviceState.PENDING: (DeviceState.TARGETED, DeviceState.SUCCEEDED, DeviceState.INCOMPATIBLE,
+                          DeviceState.CANCELLED),
+    DeviceState.TARGETED: (*_ANSWERS, DeviceState.TIMED_OUT, DeviceState.ROLLING_BACK),
+    DeviceState.UPDATING: (DeviceState.PROBATION, DeviceState.SUCCEEDED, DeviceState.FAILED,
+                           DeviceState.TIMED_OUT, DeviceState.ROLLING_BACK),
+    DeviceState.PROBATION: (DeviceState.COMMITTING, DeviceState.SUCCEEDED, DeviceState.FAILED,
+                            DeviceState.ROLLING_BACK),
+    DeviceState.COMMITTING: (DeviceState.SUCCEEDED, DeviceState.FAILED, DeviceState.TIMED_OUT,
+                             DeviceState.ROLLING_BACK),
+    DeviceState.SUCCEEDED: (DeviceState.ROLLING_BACK,),
+    DeviceState.FAILED: (DeviceState.UPDATING, DeviceState.PROBATION, DeviceState.ROLLING_BACK),
+    DeviceState.TIMED_OUT: (*_ANSWERS, DeviceState.ROLLING_BACK),
+    DeviceState.ROLLING_BACK: (DeviceState.ROLLED_BACK, DeviceState.FAILED),
+})
 
 # Devices the rollout sent something to and is still waiting on.
 ACTIVE = frozenset({DeviceState.TARGETED, DeviceState.UPDATING, DeviceState.PROBATION,

@@ -2,13 +2,13 @@
 
 Each device speaks the device contract exactly as the agent does (status and
 will, reported state, events, telemetry) and applies desired states through the
-agent's own update flow (:class:`edgefleet.agent.update.flow.Updater`) with a simulated
-controller. Models are real: verified, health-checked and run once per bundle,
+agent's own update flow (:class:`edgefleet.agent.update.flow.Updater`) with simulated
+effects. Models are real: verified, health-checked and run once per bundle,
 and every simulated request reuses those outputs and latencies.
 
 Layout: :mod:`~fleet.simulate.options` (knobs and faults), :mod:`~fleet.simulate.loop`
 (one network thread for every connection), :mod:`~fleet.simulate.device` (one
-device's behaviour), :mod:`~fleet.simulate.controller` (its update I/O),
+device's behaviour), :mod:`~fleet.simulate.effects` (its update I/O),
 :mod:`~fleet.simulate.models`, :mod:`~fleet.simulate.download`,
 :mod:`~fleet.simulate.serving`, :mod:`~fleet.simulate.drift`, :mod:`~fleet.simulate.agreement`,
 :mod:`~fleet.simulate.slots`, :mod:`~fleet.simulate.fleet` (the public wiring).

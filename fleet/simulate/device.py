@@ -38,9 +38,10 @@ from edgefleet.agent.protocol.topics import Leaf, device_topic
 from edgefleet.agent.update.attempts import starts_attempt
 from edgefleet.agent.update.flow import Updater
 from edgefleet.agent.update.report import target_ref, update_report
-from edgefleet.agent.update.states import TERMINAL, Event, Journal, State
+from edgefleet.agent.update.states import TERMINAL, Event, Journal, UpdateState
+from edgefleet.agent.update.target import UpdateTarget
 from edgefleet.fleet.simulate.agreement import AgreementTable
-from edgefleet.fleet.simulate.controller import SimController
+from edgefleet.fleet.simulate.effects import SimEffects
 from edgefleet.fleet.simulate.env import FleetEnv, Outlet
 from edgefleet.fleet.simulate.models import ModelProfile
 from edgefleet.fleet.simulate.options import DeviceTraits
@@ -69,10 +70,11 @@ class SimDevice:
         self.initial_sha = initial.sha256 if initial else None
         if initial is not None:
             self.serving.activate(initial)
-            self.journal = Journal(State.COMMITTED, {**initial.ref.model_dump(
-                include={"name", "version", "sha256"}), "url": initial_url}, {"COMMITTED": 1})
+            first = UpdateTarget(name=initial.ref.name, version=initial.ref.version,
+                                 sha256=initial.sha256, url=initial_url)
+            self.journal = Journal(UpdateState.COMMITTED, first, {UpdateState.COMMITTED.value: 1})
         self.staged_ref: BundleRef | None = None
-        self.updater = Updater(SimController(self))
+        self.updater = Updater(SimEffects(self))
         self._pending: deque[DesiredState] = deque()
         self._decision: Event | None = None
         self._running = False
@@ -98,8 +100,8 @@ class SimDevice:
             self.publish_event("payload_rejected", f"{topic}: {exc.message}")
             return
         with self.lock:
-            in_probation = self.journal.state == State.PROBATION
-            same = self.journal.target.get("sha256") == desired.sha256
+            in_probation = self.journal.state == UpdateState.PROBATION
+            same = self.journal.target.sha256 == desired.sha256
             if desired.action in ("commit", "rollback") and in_probation and same:
                 self._decision = Event.COMMIT if desired.action == "commit" else Event.ROLLBACK
             else:
@@ -113,8 +115,8 @@ class SimDevice:
             self._telemetry_seq += 1
             point = telemetry_point(values, self._telemetry_seq, self.serving.cpu_percent,
                                     self._spool_dropped, len(self._spool))
-            gate = (self.journal.state == State.PROBATION and self._decision is None
-                    and self.serving.gate_failed(self.journal.target.get("version"),
+            gate = (self.journal.state == UpdateState.PROBATION and self._decision is None
+                    and self.serving.gate_failed(self.journal.target.version,
                                                  self.env.options.settings))
             if gate:
                 self._decision = Event.FAILURE
@@ -143,7 +145,8 @@ class SimDevice:
     def _next_job(self) -> Job | None:
         with self.lock:
             state = self.journal.state
-            if state not in TERMINAL and (state != State.PROBATION or self._decision is not None):
+            parked = state == UpdateState.PROBATION and self._decision is None
+            if state not in TERMINAL and not parked:
                 return lambda: self.updater.step(self.journal)
             if state in TERMINAL and self._pending:
                 desired = self._pending.popleft()
@@ -157,18 +160,14 @@ class SimDevice:
         active_sha = active.sha256 if active else None
         journal = self.journal
         if desired.action == "rollback":
-            if journal.state == State.COMMITTED and active_sha == desired.sha256:
+            if journal.state == UpdateState.COMMITTED and active_sha == desired.sha256:
                 self.updater.move(journal, Event.ROLLBACK, "rollback asked for by the fleet")
             return
         if not starts_attempt(journal, desired, active_sha):
             return  # already there, already on the way, or this attempt was made
-        target: dict[str, object] = {
-            "name": desired.name, "version": desired.version, "sha256": desired.sha256,
-            "url": desired.url, "size": desired.size, "rollout": desired.rollout,
-            "auto_commit": desired.auto_commit}
-        self.updater.start(journal, target)
+        self.updater.start(journal, UpdateTarget.from_desired(desired))
 
-    # --- called by the controller (worker pool) --------------------------------------------
+    # --- called by the update effects (worker pool) --------------------------------------------
     def take_decision(self) -> Event:
         with self.lock:
             decision, self._decision = self._decision, None
@@ -198,8 +197,8 @@ class SimDevice:
                            bundle=target_ref(journal))
         self.publish_reported()
         settings = self.env.options.settings
-        if journal.state == State.PROBATION and bool(journal.target.get("auto_commit",
-                                                                        settings.auto_commit)):
+        if journal.state == UpdateState.PROBATION and journal.target.auto_commits(
+                settings.auto_commit):
             self.env.scheduler.call_later(settings.probation_s,
                                           lambda: self._auto_commit(journal.since))
 
@@ -262,7 +261,7 @@ class SimDevice:
 
     def _auto_commit(self, since: int) -> None:
         with self.lock:
-            if (self.journal.state != State.PROBATION or self.journal.since != since
+            if (self.journal.state != UpdateState.PROBATION or self.journal.since != since
                     or self._decision is not None):
                 return
             self._decision = Event.COMMIT

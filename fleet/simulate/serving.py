@@ -88,8 +88,8 @@ class Serving:
             values["agreement"] = current["agreement"] = agreement
         return values
 
-    def gate_failed(self, target_version: object, settings: UpdateSettings) -> bool:
-        """``DeviceController._gate_failed``: the agreement or the error-rate gate fires."""
+    def gate_failed(self, target_version: str, settings: UpdateSettings) -> bool:
+        """``DeviceEffects._gate_failed``: the agreement or the error-rate gate fires."""
         if self.active is None or self.active.version != target_version:
             return False
         if self.shadow is not None and settings.min_agreement is not None:
