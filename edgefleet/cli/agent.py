@@ -20,6 +20,7 @@ from edgefleet.agent.protocol.encryption import DecryptionKeys
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.keyring import trust_at_start
 from edgefleet.agent.protocol.signing import TrustedKeys
+from edgefleet.agent.protocol.update_state import UpdateState
 from edgefleet.agent.systemd import HOST_NAME, Unit
 from edgefleet.agent.update import download
 from edgefleet.cli import http_options as web
@@ -92,7 +93,7 @@ def install(
     except EdgefleetError as exc:
         fail(exc, as_json)
     _show_result(journal.to_dict(), data, as_json)
-    if journal.state.value != "COMMITTED":
+    if journal.state is not UpdateState.COMMITTED:
         _failed(journal.detail, as_json)
 
 
@@ -127,7 +128,7 @@ def rollback(data_dir: DataDir = DEFAULT_DATA_DIR, trusted_key: TrustedKey = Non
     except EdgefleetError as exc:
         fail(exc, as_json)
     _show_result(journal.to_dict(), data, as_json)
-    if journal.state.value != "ROLLED_BACK":
+    if journal.state is not UpdateState.ROLLED_BACK:
         _failed(journal.detail, as_json)
 
 

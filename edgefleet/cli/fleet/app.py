@@ -48,6 +48,12 @@ from edgefleet.cli.mqtt_options import (
 from edgefleet.cli.output import console, emit, fail, literal, styled, table
 from edgefleet.cli.params import api_address, fleet_option, host_port
 from edgefleet.cli.service import ServiceSpec, service_app, subcommand
+from edgefleet.fleet.rollout.state import FINISHED, DeviceState, RolloutState
+
+_FINISHED = frozenset(state.value for state in FINISHED)
+_UNDECIDED = frozenset(state.value for state in (  # devices whose wave has not settled yet
+    DeviceState.PENDING, DeviceState.TARGETED, DeviceState.UPDATING, DeviceState.PROBATION,
+    DeviceState.COMMITTING))
 
 app = typer.Typer(help="The fleet: controller, models, rollouts, rollback, history.",
                   no_args_is_help=True)
@@ -462,7 +468,7 @@ def rollout_status(rollout: Annotated[str, typer.Argument(help="Rollout id")],
         emit(data, as_json, _rollout_view(data))
         return
     with Live(_rollout_view(data), console=console, refresh_per_second=4) as live:
-        while data["state"] in ("PENDING", "RUNNING", "PAUSED"):
+        while data["state"] not in FINISHED:
             time.sleep(interval)
             data = _run(as_json, lambda: client.get(f"/api/v1/rollouts/{rollout}"))
             live.update(_rollout_view(data))
@@ -493,7 +499,7 @@ def _rollout_row(r: dict[str, Any]) -> dict[str, Any]:
             "to": " ".join(r["spec"]["selectors"]), "state": r["state"],
             "wave": f"{min(r['wave'] + 1, r['waves'])}/{r['waves']}",
             "succeeded": f"{counts.get('SUCCEEDED', 0)}/{r['total']}",
-            "failed": counts.get("FAILED", 0), "reason": r["reason"]}
+            "failed": counts.get(DeviceState.FAILED, 0), "reason": r["reason"]}
 
 
 def _rollout_view(r: dict[str, Any]) -> Group:
@@ -507,17 +513,17 @@ def _rollout_view(r: dict[str, Any]) -> Group:
         waves.add_column(column)
     for index, bound in enumerate(spec["waves"]):
         members = [d for d in devices if d["wave"] == index]
-        done = sum(1 for d in members if d["state"] not in ("PENDING", "TARGETED", "UPDATING",
-                                                            "PROBATION", "COMMITTING"))
-        ok = sum(1 for d in members if d["state"] == "SUCCEEDED")
-        bad = sum(1 for d in members if d["state"] in ("FAILED", "TIMED_OUT"))
-        marker = "▶ " if index == r["wave"] and r["state"] == "RUNNING" else ""
+        done = sum(1 for d in members if d["state"] not in _UNDECIDED)
+        ok = sum(1 for d in members if d["state"] == DeviceState.SUCCEEDED)
+        bad = sum(1 for d in members if d["state"] in (DeviceState.FAILED, DeviceState.TIMED_OUT))
+        marker = "▶ " if index == r["wave"] and r["state"] == RolloutState.RUNNING else ""
         waves.add_row(f"{marker}{index + 1}", literal(bound), str(len(members)),
                       ProgressBar(total=max(len(members), 1), completed=done, width=24),
                       str(ok), str(bad), str(len(members) - done))
     gates = spec["gates"]
     gate_text = ", ".join(f"{k}={v}" for k, v in gates.items() if v is not None)
-    notable = [d for d in devices if d["state"] not in ("SUCCEEDED", "PENDING")][:30]
+    notable = [d for d in devices
+               if d["state"] not in (DeviceState.SUCCEEDED, DeviceState.PENDING)][:30]
     rows = [{"device": d["device"], "wave": d["wave"] + 1, "state": d["state"],
              "reason": d["reason"]} for d in notable]
     parts: list[Any] = [waves, literal(f"gates: {gate_text}; soak {spec['soak_s']:g}s, "

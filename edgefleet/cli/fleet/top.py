@@ -27,15 +27,17 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.update_state import UpdateState
 from edgefleet.cli.output import console, fail, literal, styled
 from edgefleet.fleet.client import FleetClient
-from edgefleet.fleet.rollout.state import DONE, FINISHED
+from edgefleet.fleet.rollout.state import DONE, FINISHED, DeviceState, RolloutState
 
 __all__ = ["collect", "render", "top"]
 
 _DONE = frozenset(s.value for s in DONE)
 _FINISHED = frozenset(s.value for s in FINISHED)
-_SETTLED = frozenset({"IDLE", "COMMITTED", "ROLLED_BACK"})  # update states needing no look
+_SETTLED = frozenset(state.value for state in (  # update states needing no look
+    UpdateState.IDLE, UpdateState.COMMITTED, UpdateState.ROLLED_BACK))
 _ATTENTION_ROWS = 20
 
 
@@ -83,8 +85,8 @@ def _wave(r: dict[str, Any], index: int, bound: str) -> dict[str, Any]:
     states = [d["state"] for d in r["devices"] if d["wave"] == index]
     done = sum(s in _DONE for s in states)
     return {"wave": index + 1, "up_to": bound, "devices": len(states), "done": done,
-            "succeeded": states.count("SUCCEEDED"),
-            "failed": states.count("FAILED") + states.count("TIMED_OUT"),
+            "succeeded": states.count(DeviceState.SUCCEEDED),
+            "failed": states.count(DeviceState.FAILED) + states.count(DeviceState.TIMED_OUT),
             "waiting": len(states) - done}
 
 
@@ -137,7 +139,7 @@ def _rollout_table(r: dict[str, Any]) -> Table:
     for column in ("wave", "up to", "devices", "progress", "succeeded", "failed", "waiting"):
         table.add_column(column)
     for w in r["waves"]:
-        marker = "▶ " if w["wave"] == r["wave"] and r["state"] == "RUNNING" else ""
+        marker = "▶ " if w["wave"] == r["wave"] and r["state"] == RolloutState.RUNNING else ""
         table.add_row(f"{marker}{w['wave']}", literal(w["up_to"]), str(w["devices"]),
                       ProgressBar(total=max(w["devices"], 1), completed=w["done"], width=20),
                       str(w["succeeded"]), str(w["failed"]), str(w["waiting"]))
