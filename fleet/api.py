@@ -203,7 +203,8 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     @property
-    def c(self) -> FleetController:
+    def controller(self) -> FleetController:
+        """The controller this server answers for."""
         return self.server.controller
 
     def do_GET(self) -> None:
@@ -250,7 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _get(self, path: str) -> None:
         if path == "/healthz":
-            return self._json({"ok": True, **self.c.overview(quality=False)})
+            return self._json({"ok": True, **self.controller.overview(quality=False)})
         if path.startswith("/bundles/"):  # no token, whatever the name
             return self._bundle(_bundle_sha(path))
         if path == "/metrics":
@@ -260,31 +261,32 @@ class _Handler(BaseHTTPRequestHandler):
         self._actor()
         query = parse_qs(urlsplit(self.path).query)
         if path == "/api/v1/overview":
-            return self._json(self.c.overview())
+            return self._json(self.controller.overview())
         if path == "/api/v1/stream":
             return self._stream()
         if path == "/api/v1/devices":
-            return self._json([d.as_dict() for d in self.c.devices()])
+            return self._json([d.as_dict() for d in self.controller.devices()])
         if path == "/api/v1/models":
-            return self._json([m.as_dict() for m in self.c.store.models()])
+            return self._json([m.as_dict() for m in self.controller.store.models()])
         if path == "/api/v1/rollouts":
-            return self._json([r.summary() for r in self.c.rollouts()])
+            return self._json([r.summary() for r in self.controller.rollouts()])
         if path == "/api/v1/history":
             limit = _limit(query.get("limit", ["100"])[0])
             target = query.get("target", [None])[0]
-            return self._json([e.as_dict() for e in self.c.history(limit, target)])
+            return self._json([e.as_dict() for e in self.controller.history(limit, target)])
         if path == "/api/v1/keyring":
             return self._keyring()
         if path == "/api/v1/alerts":
-            view = self.c.drift_view()
+            view = self.controller.drift_view()
             return self._json({"alerts": [a.as_dict() for a in view.alerts],
                                "summary": view.summary})
         if path == "/api/v1/drift":
             return self._json({"default": DriftPolicy().as_dict(),
                                "models": {k: v.as_dict()
-                                          for k, v in self.c.drift_policies().items()}})
+                                          for k, v in self.controller.drift_policies().items()}})
         if (match := _ROLLOUT.match(path)) and not match.group(2):
-            return self._json(self.c.rollout(_rollout_id(unquote(match.group(1)))).as_dict())
+            rollout_id = _rollout_id(unquote(match.group(1)))
+            return self._json(self.controller.rollout(rollout_id).as_dict())
         raise NotFoundError(f"no such endpoint: GET {path}", hint="see docs/fleet.md")
 
     def _dashboard(self, path: str) -> None:
@@ -311,7 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(chunk)
             self.wfile.flush()
 
-        dashboard.stream(self.c, write, self.server.stopping)
+        dashboard.stream(self.controller, write, self.server.stopping)
 
     def _raw(self, content_type: str, body: bytes) -> None:
         self.send_response(HTTPStatus.OK)
@@ -322,7 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _bundle(self, sha256: str) -> None:
-        path = self.c.bundle_path(sha256)
+        path = self.controller.bundle_path(sha256)
         if path is None or not path.exists():
             raise NotFoundError(f"no bundle {sha256[:12]}", hint="push it first")
         size = path.stat().st_size
@@ -359,7 +361,7 @@ class _Handler(BaseHTTPRequestHandler):
     # --- POST ---------------------------------------------------------------------------
 
     def _keyring(self) -> None:
-        keyring = self.c.keyring()
+        keyring = self.controller.keyring()
         if keyring is None:
             raise NotFoundError("this controller holds no keyring yet",
                                 hint="write one with 'edgefleet keys rotate', then "
@@ -374,32 +376,32 @@ class _Handler(BaseHTTPRequestHandler):
                               HTTPStatus.CREATED if added else HTTPStatus.OK)
         if path == "/api/v1/keyring":
             force = parse_qs(urlsplit(self.path).query).get("force", ["0"])[0] in ("1", "true")
-            return self._json(self.c.publish_keyring(self._body(MAX_KEYRING_BYTES), actor,
-                                                     force))
+            raw = self._body(MAX_KEYRING_BYTES)
+            return self._json(self.controller.publish_keyring(raw, actor, force))
         body = self._json_body()
         if path == "/api/v1/rollouts":
             options = {k: v for k, v in body.items() if k != "model"}
-            rollout = self.c.create_rollout(_model_key(body.get("model")), options, actor)
+            rollout = self.controller.create_rollout(_model_key(body.get("model")), options, actor)
             return self._json(rollout.as_dict(), HTTPStatus.CREATED)
         if (match := _ROLLOUT.match(path)) and match.group(2) in _VERBS:
-            return self._json(self.c.operate(_rollout_id(unquote(match.group(1))), match.group(2),
-                                             actor).as_dict())
+            rollout_id = _rollout_id(unquote(match.group(1)))
+            return self._json(self.controller.operate(rollout_id, match.group(2), actor).as_dict())
         if path == "/api/v1/rollback":
-            done = self.c.rollback_group(_label(body.get("group"), "group"), actor)
+            done = self.controller.rollback_group(_label(body.get("group"), "group"), actor)
             return self._json([r.summary() for r in done])
         if path == "/api/v1/devices/group":
             devices = _ids(body.get("devices"), "devices", "device id")
             group = body.get("group")
-            changed = self.c.set_group(devices, None if group is None else _label(group, "group"),
-                                       actor)
+            changed = self.controller.set_group(
+                devices, None if group is None else _label(group, "group"), actor)
             return self._json([d.as_dict() for d in changed])
         if match := _DRIFT.match(path):
             return self._json(self._drift_policy(_id(unquote(match.group(1)), "model name"), body,
                                                  actor).as_dict())
         if match := _TAGS.match(path):
-            device = self.c.tag(_id(unquote(match.group(1)), "device id"),
-                                _labels(body.get("add", []), "add", "tag"),
-                                _labels(body.get("remove", []), "remove", "tag"), actor)
+            device = self.controller.tag(_id(unquote(match.group(1)), "device id"),
+                                         _labels(body.get("add", []), "add", "tag"),
+                                         _labels(body.get("remove", []), "remove", "tag"), actor)
             return self._json(device.as_dict())
         raise NotFoundError(f"no such endpoint: POST {path}", hint="see docs/fleet.md")
 
@@ -409,10 +411,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(f"{_MAX_PUSHES} pushes are already uploading",
                                HTTPStatus.SERVICE_UNAVAILABLE,
                                hint=f"retry in {_RETRY_AFTER_S} s")
-        upload = self.c.artifacts / f".upload-{secrets.token_hex(8)}.part"
+        upload = self.controller.artifacts / f".upload-{secrets.token_hex(8)}.part"
         try:
             self._stream_to(upload, self._length(_MAX_BODY), actor)
-            return self.c.push(upload, actor)
+            return self.controller.push(upload, actor)
         finally:
             upload.unlink(missing_ok=True)
             self.server.pushes.release()
@@ -438,13 +440,13 @@ class _Handler(BaseHTTPRequestHandler):
             check_first_block(block)
         except BundleError as exc:
             self.close_connection = True  # the rest of the body is never read
-            self.c.push_refused(actor, exc)
+            self.controller.push_refused(actor, exc)
             raise
 
     def _drift_policy(self, model: str, body: dict[str, Any], actor: str) -> DriftPolicy:
         """A model's drift alert policy: the fields given change, the others stay."""
         if body.get("reset") is True:
-            return self.c.set_drift_policy(model, None, actor)
+            return self.controller.set_drift_policy(model, None, actor)
         fields = {"psi": float, "min_samples": int, "clear_after": int}
         unknown = sorted(set(body) - set(fields))
         if unknown or not body:
@@ -457,10 +459,10 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _invalid(f"drift policy {key} must be a number, got {value!r}")
             changes[key] = value
         try:
-            policy = DriftPolicy(**{**self.c.drift_policy(model).as_dict(), **changes})
+            policy = DriftPolicy(**{**self.controller.drift_policy(model).as_dict(), **changes})
         except ValueError as exc:
             raise _invalid(f"drift policy refused: {exc}") from exc
-        return self.c.set_drift_policy(model, policy, actor)
+        return self.controller.set_drift_policy(model, policy, actor)
 
     def _not_allowed(self, path: str) -> None:
         self._actor()
