@@ -35,6 +35,7 @@ from edgefleet.agent.mqtt import MqttClient
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.keyring import SignedKeyring
 from edgefleet.agent.protocol.topics import Leaf, check_id, fleet_filter
+from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.control.actions import Actions
 from edgefleet.fleet.control.audit import SYSTEM, AuditTrail, Listeners
 from edgefleet.fleet.control.catalog import ModelCatalog
@@ -59,7 +60,7 @@ from edgefleet.fleet.telemetry import TelemetryBook
 
 __all__ = ["ControllerConfig", "FleetController", "now_ms"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(CONTROLLER_LOG)
 
 
 class FleetController:

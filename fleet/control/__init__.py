@@ -11,5 +11,10 @@ ticked and applied), :mod:`.actions` (an operator's rollout actions), :mod:`.dev
 audit trail).
 
 Nothing is imported here, so that :mod:`edgefleet.fleet.relay` can read the command table
-without loading the controller.
+without loading the controller. Every part logs to the controller's one log,
+:data:`CONTROLLER_LOG`.
 """
+
+__all__ = ["CONTROLLER_LOG"]
+
+CONTROLLER_LOG = "edgefleet.fleet.controller"  # the logger every part of the controller writes to

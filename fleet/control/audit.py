@@ -6,12 +6,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.domain import AuditEntry
 from edgefleet.fleet.store import Store
 
 __all__ = ["SYSTEM", "AuditTrail", "Listeners", "Notify"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(CONTROLLER_LOG)
 SYSTEM = "controller"  # the actor of what the controller does by itself
 
 Notify = Callable[[str, dict[str, Any]], None]

@@ -11,6 +11,7 @@ from edgefleet.agent.protocol.bundle import read_bundle
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.files import atomic_write
 from edgefleet.agent.runtime.inspect import ModelInfo, inspect_model
+from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.control.audit import AuditTrail
 from edgefleet.fleet.control.keyring import KeyringService
 from edgefleet.fleet.control.role import Role
@@ -20,7 +21,7 @@ from edgefleet.fleet.store import Store
 
 __all__ = ["ModelCatalog"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(CONTROLLER_LOG)
 
 
 class ModelCatalog:

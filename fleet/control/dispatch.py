@@ -9,6 +9,7 @@ import logging
 from typing import Any, TypeVar
 
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.control.commands import COMMANDS, Command, RolloutActions
 from edgefleet.fleet.control.role import Role
 from edgefleet.fleet.errors import InvalidRolloutError
@@ -16,7 +17,7 @@ from edgefleet.fleet.relay import OperatorRequest, error_result
 
 __all__ = ["CommandDesk"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(CONTROLLER_LOG)
 Answer = TypeVar("Answer")
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgefleet.agent.protocol.drift import Monitoring
+from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.control.audit import SYSTEM, AuditTrail, Notify
 from edgefleet.fleet.drift import AlertChange, DriftMonitor, DriftPolicy, DriftView
 from edgefleet.fleet.store import Store
@@ -20,7 +21,7 @@ from edgefleet.fleet.telemetry import VersionKey
 
 __all__ = ["MIN_REFERENCE_SAMPLES", "POLICIES_EVERY_MS", "DriftDesk"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(CONTROLLER_LOG)
 _DRIFT_PREFIX = "drift:"  # settings key of a model's DriftPolicy
 MIN_REFERENCE_SAMPLES = 100  # drift is judged only against references at least this big
 POLICIES_EVERY_MS = 30_000  # how often the drift policies are read again from the store

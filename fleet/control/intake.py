@@ -12,6 +12,7 @@ from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.telemetry_schema import drift_problem
 from edgefleet.agent.protocol.topics import Leaf, parse_topic
 from edgefleet.fleet import ingest
+from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.control.audit import Notify
 from edgefleet.fleet.control.drift_desk import DriftDesk
 from edgefleet.fleet.registry import DeviceRegistry
@@ -19,7 +20,7 @@ from edgefleet.fleet.telemetry import TelemetryBook
 
 __all__ = ["MessageIntake"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(CONTROLLER_LOG)
 
 
 class MessageIntake:

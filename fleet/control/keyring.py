@@ -27,6 +27,7 @@ from edgefleet.agent.protocol.keyring import (
 )
 from edgefleet.agent.protocol.signing import TrustedKeys
 from edgefleet.agent.protocol.topics import keyring_topic
+from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.control.audit import AuditTrail
 from edgefleet.fleet.errors import ConflictError
 from edgefleet.fleet.registry import DeviceRegistry
@@ -34,7 +35,7 @@ from edgefleet.fleet.store import Store
 
 __all__ = ["Accepted", "KeyringService"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(CONTROLLER_LOG)
 _KEYRING_KEY = "keyring"  # settings key of the fleet keyring's signed bytes
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from edgefleet.agent.mqtt import MqttClient
 from edgefleet.agent.protocol.payloads import BundleRef, DesiredState, encode
 from edgefleet.agent.protocol.topics import Leaf, device_topic
+from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.control.catalog import ModelCatalog
 from edgefleet.fleet.control.role import Role
 from edgefleet.fleet.registry import DeviceRegistry
@@ -22,7 +23,7 @@ from edgefleet.fleet.rollout.state import DeviceState, Rollout
 
 __all__ = ["Outbox"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(CONTROLLER_LOG)
 _AGAIN = {DeviceState.TARGETED: Action.INSTALL, DeviceState.UPDATING: Action.INSTALL,
           DeviceState.PROBATION: Action.INSTALL, DeviceState.COMMITTING: Action.COMMIT,
           DeviceState.ROLLING_BACK: Action.ROLLBACK}  # what a device waited on is told again

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.control.audit import SYSTEM, AuditTrail, Notify
 from edgefleet.fleet.control.drift_desk import DriftDesk
 from edgefleet.fleet.control.keyring import KeyringService
@@ -28,7 +29,7 @@ from edgefleet.fleet.telemetry import VersionKey
 
 __all__ = ["LeasedRole", "LocalBundles", "Role", "SingleRole"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(CONTROLLER_LOG)
 
 LocalBundles = Callable[[], dict[str, Callable[[], bytes]]]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.control.audit import AuditTrail, Notify
 from edgefleet.fleet.control.observer import UNSETTLED, RolloutObserver
 from edgefleet.fleet.control.outbox import Outbox
@@ -19,7 +20,7 @@ from edgefleet.fleet.store import Store
 
 __all__ = ["RolloutRunner"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(CONTROLLER_LOG)
 _FOLLOW_AFTER_END_MS = 24 * 3600 * 1000
 
 
