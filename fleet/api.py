@@ -56,7 +56,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from edgefleet.agent.ports import bind_error
@@ -66,6 +66,8 @@ from edgefleet.agent.protocol.keyring import MAX_KEYRING_BYTES, KeyringError
 from edgefleet.agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
 from edgefleet.agent.protocol.topics import check_id
 from edgefleet.fleet import dashboard
+from edgefleet.fleet.byte_ranges import UNSATISFIABLE, byte_range, copy_span
+from edgefleet.fleet.control.actions import OPERATIONS
 from edgefleet.fleet.controller import FleetController
 from edgefleet.fleet.domain import ModelVersion
 from edgefleet.fleet.drift import DriftPolicy
@@ -85,14 +87,14 @@ __all__ = ["ApiServer", "parse_tokens"]
 log = logging.getLogger(__name__)
 _BUNDLE = re.compile(r"^/bundles/([0-9a-f]{64})\.efb$")
 _ROLLOUT = re.compile(r"^/api/v1/rollouts/([^/]+)(?:/([^/]+))?$")
-_VERBS = ("pause", "resume", "abort", "rollback")
+_VERBS = tuple(OPERATIONS)
 _TAGS = re.compile(r"^/api/v1/devices/([^/]+)/tags$")
 _DRIFT = re.compile(r"^/api/v1/drift/([^/]+)$")
 _NAME, _SEMVER = re.compile(NAME_PATTERN), re.compile(SEMVER_PATTERN)
 _MAX_BODY = 512 * 1024 * 1024  # a bundle
 _MAX_JSON = 1024 * 1024
-_DRAIN = 8 * 1024 * 1024  # an oversized body up to this is read away, so the client sees the 413
 _CHUNK = 256 * 1024
+_DRAIN = 8 * 1024 * 1024  # an oversized body up to this is read away, so the client sees the 413
 _MAX_PUSHES = 2  # bundle uploads streaming at once; one more is answered 503 + Retry-After
 _RETRY_AFTER_S = 5
 _STATUS: list[tuple[type[EdgefleetError], HTTPStatus]] = [
@@ -329,7 +331,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise NotFoundError(f"no bundle {sha256[:12]}", hint="push it first")
         size = path.stat().st_size
         ranges = self.headers.get_all("Range") or []
-        span = _range(ranges[0], size) if len(ranges) == 1 else None  # two: both ignored
+        span = byte_range(ranges[0], size) if len(ranges) == 1 else None  # two: both ignored
         if span == UNSATISFIABLE:
             return self._unsatisfiable(size)
         partial = isinstance(span, tuple)
@@ -343,7 +345,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        _copy(path, start, end - start + 1, self.wfile)
+        copy_span(path, start, end - start + 1, self.wfile)
 
     def _unsatisfiable(self, size: int) -> None:
         """416 with ``Content-Range: bytes */size`` (RFC 9110 section 15.5.17)."""
@@ -638,45 +640,6 @@ def _limit(text: str | None) -> int:
     return int(text)
 
 
-_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")  # ASCII digits only (not "²", not "٣")
-_RANGE_DIGITS = 18  # a position of more digits is beyond any file served here
-_BEYOND = 10**_RANGE_DIGITS
-
-
-UNSATISFIABLE: Final = "unsatisfiable"
-
-
-def _range(header: str | None, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
-    """RFC 9110 section 14: the inclusive (start, end) a ``Range`` header asks of ``size``
-    bytes (answered 206, even when that is the whole file), :data:`UNSATISFIABLE`
-    (answered 416, ``bytes */size``), or None when the header is ignored (200, the whole
-    file).
-
-    Ignored: no header, or one that is not a single valid ``bytes`` range: another unit,
-    a syntax error, ``N-M`` with M < N, or several ranges (a server may ignore a Range
-    header; devices ask for one range to resume). Positions are ASCII digits, read up to
-    18 of them (more is beyond any file); a start at or past the end, or a suffix of 0
-    bytes, is unsatisfiable; an end past it is the end, and a suffix longer than the file
-    is all of it (section 14.1.2).
-    """
-    unit, sep, ranges = (header or "").strip().partition("=")
-    specs = [r.strip(" \t") for r in ranges.split(",")] if sep else []
-    specs = [r for r in specs if r]  # empty list elements are allowed, and ignored
-    if unit.lower() != "bytes" or len(specs) != 1 or size == 0:
-        return None
-    match = _RANGE_SPEC.fullmatch(specs[0])
-    if match is None or not (match.group(1) or match.group(2)):
-        return None
-    first, last = (_position(g) if g else None for g in match.groups())
-    if first is None:  # a suffix: the last N bytes
-        return UNSATISFIABLE if not last else (max(size - last, 0), size - 1)
-    if last is not None and last < first:
-        return None  # invalid: ignored
-    if first >= size:
-        return UNSATISFIABLE
-    return first, size - 1 if last is None else min(last, size - 1)
-
-
 def _bundle_sha(path: str) -> str:
     """The sha256 a ``/bundles/`` path names; any other name there is no stored bundle."""
     match = _BUNDLE.match(path)
@@ -685,21 +648,6 @@ def _bundle_sha(path: str) -> str:
                             "/bundles/{sha256}.efb (64 lowercase hex digits)",
                             hint="take the URL from the rollout's desired state")
     return match.group(1)
-
-
-def _position(digits: str) -> int:
-    return _BEYOND if len(digits) > _RANGE_DIGITS else int(digits)
-
-
-def _copy(path: Path, start: int, length: int, out: Any) -> None:
-    with path.open("rb") as source:
-        source.seek(start)
-        while length > 0:
-            chunk = source.read(min(_CHUNK, length))
-            if not chunk:
-                return
-            out.write(chunk)
-            length -= len(chunk)
 
 
 def _status(exc: EdgefleetError) -> HTTPStatus:
