@@ -54,7 +54,7 @@ from edgefleet.fleet.domain import AuditEntry, Device, ModelVersion
 from edgefleet.fleet.drift import Alert, DriftPolicy, DriftView
 from edgefleet.fleet.registry import DeviceRegistry
 from edgefleet.fleet.rollout.state import Rollout
-from edgefleet.fleet.scale import ScaleOut, shared_filter
+from edgefleet.fleet.scale import ScaleOut
 from edgefleet.fleet.store import Store
 from edgefleet.fleet.telemetry import TelemetryBook
 
@@ -107,7 +107,7 @@ class FleetController:
         scale = ScaleOut(self.store, self.telemetry, self.drift, config.controller_id,
                          config.lease_s, config.tick_s, config.public_url,
                          config.shared_telemetry, self.clock)
-        return LeasedRole(scale, config.shared_telemetry is not None, self.audit,
+        return LeasedRole(scale, config.shared_telemetry, self.audit,
                           self.listeners.notify, lambda: self.observer.wanted_keys(),
                           self._take_office, lambda: self.runner.forget())
 
@@ -128,8 +128,8 @@ class FleetController:
         # every leaf but state/desired: the controller writes that one itself
         for leaf in (Leaf.STATUS, Leaf.REPORTED, Leaf.EVENTS, Leaf.TELEMETRY):
             topic_filter = fleet_filter(self.config.fleet, leaf)
-            if leaf == Leaf.TELEMETRY and self.config.shared_telemetry is not None:
-                topic_filter = shared_filter(self.config.shared_telemetry, topic_filter)
+            if leaf == Leaf.TELEMETRY:
+                topic_filter = self.role.telemetry_filter(topic_filter)
             self.mqtt.subscribe(topic_filter, self.intake.message)
         self.outbox.mqtt = self.mqtt
         self.keys.start(self.mqtt)  # trust the stored keyring; publish it on every connection

@@ -24,7 +24,7 @@ from edgefleet.fleet.errors import FleetError
 from edgefleet.fleet.lease import Fence, Turn
 from edgefleet.fleet.registry import DeviceRegistry
 from edgefleet.fleet.relay import OperatorRequest
-from edgefleet.fleet.scale import ScaleOut
+from edgefleet.fleet.scale import ScaleOut, shared_filter
 from edgefleet.fleet.telemetry import VersionKey
 
 __all__ = ["LeasedRole", "LocalBundles", "Role", "SingleRole"]
@@ -53,6 +53,9 @@ class Role(Protocol):
         ...
 
     def client_id(self, fleet: str) -> str: ...
+    def telemetry_filter(self, topic_filter: str) -> str:
+        """The subscription for devices' telemetry: all of it, or this one's share."""
+        ...
     def start(self, local_bundles: LocalBundles) -> None: ...
     def turn(self, registry: DeviceRegistry) -> bool:
         """This tick's share of the work before rollouts; True: go on and tick them."""
@@ -84,6 +87,9 @@ class SingleRole:
 
     def client_id(self, fleet: str) -> str:
         return f"edgefleet-controller-{fleet}"
+
+    def telemetry_filter(self, topic_filter: str) -> str:
+        return topic_filter
 
     def start(self, local_bundles: LocalBundles) -> None:
         self._take_office()
@@ -130,10 +136,12 @@ class LeasedRole:
     """One of several controllers on one store and one broker: it leads while it holds
     the lease; as a follower it keeps its registry from MQTT and relays commands."""
 
-    def __init__(self, scale: ScaleOut, shared_telemetry: bool, audit: AuditTrail,
+    def __init__(self, scale: ScaleOut, share_group: str | None, audit: AuditTrail,
                  notify: Notify, wanted: Callable[[], list[VersionKey]],
                  take_office: Callable[[], None], leave_office: Callable[[], None]) -> None:
-        self.scale, self.shared_telemetry = scale, shared_telemetry
+        """``share_group``: telemetry is split between the controllers of this group (MQTT
+        shared subscription); None: every controller takes all of it."""
+        self.scale, self.share_group = scale, share_group
         self.audit, self.notify, self._wanted = audit, notify, wanted
         self._take_office, self._leave_office = take_office, leave_office
 
@@ -153,6 +161,11 @@ class LeasedRole:
         """Unique per controller: a broker disconnects the older of two equal client ids."""
         return f"edgefleet-controller-{fleet}-{self.scale.controller_id}"
 
+    def telemetry_filter(self, topic_filter: str) -> str:
+        if self.share_group is None:
+            return topic_filter
+        return shared_filter(self.share_group, topic_filter)
+
     def start(self, local_bundles: LocalBundles) -> None:
         self.scale.share_bundles(local_bundles())
         self._take_turn()
@@ -162,7 +175,7 @@ class LeasedRole:
         telemetry; a follower stops there (the leader handles newcomers)."""
         self._take_turn()
         self.scale.sync_labels(registry)
-        if self.shared_telemetry:
+        if self.share_group is not None:
             self.scale.exchange_telemetry(self.wanted_keys())
         if not self.leading:
             registry.take_joined()
@@ -171,7 +184,7 @@ class LeasedRole:
 
     def wanted_keys(self) -> list[VersionKey]:
         """The versions whose telemetry the leader's quality gates need from everyone."""
-        if not self.leading or not self.shared_telemetry:
+        if not self.leading or self.share_group is None:
             return []
         return self._wanted()
 
