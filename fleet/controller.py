@@ -101,6 +101,7 @@ class FleetController:
         self.mqtt: MqttClient | None = None
 
     def _role(self) -> Role:
+        """Alone (no ``lease_s``), or one of several controllers sharing a lease."""
         config = self.config
         if config.lease_s is None:
             return SingleRole(config.controller_id, self._take_office)
