@@ -56,7 +56,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from edgefleet.agent.ports import bind_error
@@ -71,6 +71,8 @@ from edgefleet.agent.protocol.keyring import MAX_KEYRING_BYTES, KeyringError
 from edgefleet.agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
 from edgefleet.agent.protocol.topics import check_id
 from edgefleet.fleet import dashboard
+from edgefleet.fleet.byte_ranges import UNSATISFIABLE, byte_range, copy_span
+from edgefleet.fleet.control.actions import OPERATIONS
 from edgefleet.fleet.controller import FleetController
 from edgefleet.fleet.domain import ModelVersion
 from edgefleet.fleet.drift import DriftPolicy
@@ -89,14 +91,14 @@ __all__ = ["ApiServer", "parse_tokens"]
 log = logging.getLogger(__name__)
 _BUNDLE = re.compile(r"^/bundles/([0-9a-f]{64})\.efb$")
 _ROLLOUT = re.compile(r"^/api/v1/rollouts/([^/]+)(?:/([^/]+))?$")
-_VERBS = ("pause", "resume", "abort", "rollback")
+_VERBS = tuple(OPERATIONS)
 _TAGS = re.compile(r"^/api/v1/devices/([^/]+)/tags$")
 _DRIFT = re.compile(r"^/api/v1/drift/([^/]+)$")
 _NAME, _SEMVER = re.compile(NAME_PATTERN), re.compile(SEMVER_PATTERN)
 _MAX_BODY = 512 * 1024 * 1024  # a bundle
 _MAX_JSON = 1024 * 1024
-_DRAIN = 8 * 1024 * 1024  # an oversized body up to this is read away, so the client sees the 413
 _CHUNK = 256 * 1024
+_DRAIN = 8 * 1024 * 1024  # an oversized body up to this is read away, so the client sees the 413
 _MAX_PUSHES = 2  # bundle uploads streaming at once; one more is answered 503 + Retry-After
 _RETRY_AFTER_S = 5
 _STATUS: list[tuple[type[EdgefleetError], HTTPStatus]] = [
@@ -200,7 +202,8 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     @property
-    def c(self) -> FleetController:
+    def controller(self) -> FleetController:
+        """The controller this server answers for."""
         return self.server.controller
 
     def do_GET(self) -> None:
@@ -247,7 +250,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _get(self, path: str) -> None:
         if path == "/healthz":
-            return self._json({"ok": True, **self.c.overview(quality=False)})
+            return self._json({"ok": True, **self.controller.overview(quality=False)})
         if path.startswith("/bundles/"):  # no token, whatever the name
             return self._bundle(_bundle_sha(path))
         if path == "/metrics":
@@ -257,31 +260,32 @@ class _Handler(BaseHTTPRequestHandler):
         self._actor()
         query = parse_qs(urlsplit(self.path).query)
         if path == "/api/v1/overview":
-            return self._json(self.c.overview())
+            return self._json(self.controller.overview())
         if path == "/api/v1/stream":
             return self._stream()
         if path == "/api/v1/devices":
-            return self._json([d.as_dict() for d in self.c.devices()])
+            return self._json([d.as_dict() for d in self.controller.devices()])
         if path == "/api/v1/models":
-            return self._json([m.as_dict() for m in self.c.store.models()])
+            return self._json([m.as_dict() for m in self.controller.store.models()])
         if path == "/api/v1/rollouts":
-            return self._json([r.summary() for r in self.c.rollouts()])
+            return self._json([r.summary() for r in self.controller.rollouts()])
         if path == "/api/v1/history":
             limit = _limit(query.get("limit", ["100"])[0])
             target = query.get("target", [None])[0]
-            return self._json([e.as_dict() for e in self.c.history(limit, target)])
+            return self._json([e.as_dict() for e in self.controller.history(limit, target)])
         if path == "/api/v1/keyring":
             return self._keyring()
         if path == "/api/v1/alerts":
-            view = self.c.drift_view()
+            view = self.controller.drift_view()
             return self._json({"alerts": [a.as_dict() for a in view.alerts],
                                "summary": view.summary})
         if path == "/api/v1/drift":
             return self._json({"default": DriftPolicy().as_dict(),
                                "models": {k: v.as_dict()
-                                          for k, v in self.c.drift_policies().items()}})
+                                          for k, v in self.controller.drift_policies().items()}})
         if (match := _ROLLOUT.match(path)) and not match.group(2):
-            return self._json(self.c.rollout(_rollout_id(unquote(match.group(1)))).as_dict())
+            rollout_id = _rollout_id(unquote(match.group(1)))
+            return self._json(self.controller.rollout(rollout_id).as_dict())
         raise NotFoundError(f"no such endpoint: GET {path}", hint="see docs/fleet.md")
 
     def _dashboard(self, path: str) -> None:
@@ -308,7 +312,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(chunk)
             self.wfile.flush()
 
-        dashboard.stream(self.c, write, self.server.stopping)
+        dashboard.stream(self.controller, write, self.server.stopping)
 
     def _raw(self, content_type: str, body: bytes) -> None:
         self.send_response(HTTPStatus.OK)
@@ -319,12 +323,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _bundle(self, sha256: str) -> None:
-        path = self.c.bundle_path(sha256)
+        path = self.controller.bundle_path(sha256)
         if path is None or not path.exists():
             raise NotFoundError(f"no bundle {sha256[:12]}", hint="push it first")
         size = path.stat().st_size
         ranges = self.headers.get_all("Range") or []
-        span = _range(ranges[0], size) if len(ranges) == 1 else None  # two: both ignored
+        span = byte_range(ranges[0], size) if len(ranges) == 1 else None  # two: both ignored
         if span == UNSATISFIABLE:
             return self._unsatisfiable(size)
         partial = isinstance(span, tuple)
@@ -338,7 +342,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        _copy(path, start, end - start + 1, self.wfile)
+        copy_span(path, start, end - start + 1, self.wfile)
 
     def _unsatisfiable(self, size: int) -> None:
         """416 with ``Content-Range: bytes */size`` (RFC 9110 section 15.5.17)."""
@@ -356,7 +360,7 @@ class _Handler(BaseHTTPRequestHandler):
     # --- POST ---------------------------------------------------------------------------
 
     def _keyring(self) -> None:
-        keyring = self.c.keyring()
+        keyring = self.controller.keyring()
         if keyring is None:
             raise NotFoundError("this controller holds no keyring yet",
                                 hint="write one with 'edgefleet keys rotate', then "
@@ -371,32 +375,32 @@ class _Handler(BaseHTTPRequestHandler):
                               HTTPStatus.CREATED if added else HTTPStatus.OK)
         if path == "/api/v1/keyring":
             force = parse_qs(urlsplit(self.path).query).get("force", ["0"])[0] in ("1", "true")
-            return self._json(self.c.publish_keyring(self._body(MAX_KEYRING_BYTES), actor,
-                                                     force))
+            raw = self._body(MAX_KEYRING_BYTES)
+            return self._json(self.controller.publish_keyring(raw, actor, force))
         body = self._json_body()
         if path == "/api/v1/rollouts":
             options = {k: v for k, v in body.items() if k != "model"}
-            rollout = self.c.create_rollout(_model_key(body.get("model")), options, actor)
+            rollout = self.controller.create_rollout(_model_key(body.get("model")), options, actor)
             return self._json(rollout.as_dict(), HTTPStatus.CREATED)
         if (match := _ROLLOUT.match(path)) and match.group(2) in _VERBS:
-            return self._json(self.c.operate(_rollout_id(unquote(match.group(1))), match.group(2),
-                                             actor).as_dict())
+            rollout_id = _rollout_id(unquote(match.group(1)))
+            return self._json(self.controller.operate(rollout_id, match.group(2), actor).as_dict())
         if path == "/api/v1/rollback":
-            done = self.c.rollback_group(_label(body.get("group"), "group"), actor)
+            done = self.controller.rollback_group(_label(body.get("group"), "group"), actor)
             return self._json([r.summary() for r in done])
         if path == "/api/v1/devices/group":
             devices = _ids(body.get("devices"), "devices", "device id")
             group = body.get("group")
-            changed = self.c.set_group(devices, None if group is None else _label(group, "group"),
-                                       actor)
+            changed = self.controller.set_group(
+                devices, None if group is None else _label(group, "group"), actor)
             return self._json([d.as_dict() for d in changed])
         if match := _DRIFT.match(path):
             return self._json(self._drift_policy(_id(unquote(match.group(1)), "model name"), body,
                                                  actor).as_dict())
         if match := _TAGS.match(path):
-            device = self.c.tag(_id(unquote(match.group(1)), "device id"),
-                                _labels(body.get("add", []), "add", "tag"),
-                                _labels(body.get("remove", []), "remove", "tag"), actor)
+            device = self.controller.tag(_id(unquote(match.group(1)), "device id"),
+                                         _labels(body.get("add", []), "add", "tag"),
+                                         _labels(body.get("remove", []), "remove", "tag"), actor)
             return self._json(device.as_dict())
         raise NotFoundError(f"no such endpoint: POST {path}", hint="see docs/fleet.md")
 
@@ -406,10 +410,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(f"{_MAX_PUSHES} pushes are already uploading",
                                HTTPStatus.SERVICE_UNAVAILABLE,
                                hint=f"retry in {_RETRY_AFTER_S} s")
-        upload = self.c.artifacts / f".upload-{secrets.token_hex(8)}.part"
+        upload = self.controller.artifacts / f".upload-{secrets.token_hex(8)}.part"
         try:
             self._stream_to(upload, self._length(_MAX_BODY), actor)
-            return self.c.push(upload, actor)
+            return self.controller.push(upload, actor)
         finally:
             upload.unlink(missing_ok=True)
             self.server.pushes.release()
@@ -435,13 +439,13 @@ class _Handler(BaseHTTPRequestHandler):
             check_first_block(block)
         except BundleError as exc:
             self.close_connection = True  # the rest of the body is never read
-            self.c.push_refused(actor, exc)
+            self.controller.push_refused(actor, exc)
             raise
 
     def _drift_policy(self, model: str, body: dict[str, Any], actor: str) -> DriftPolicy:
         """A model's drift alert policy: the fields given change, the others stay."""
         if body.get("reset") is True:
-            return self.c.set_drift_policy(model, None, actor)
+            return self.controller.set_drift_policy(model, None, actor)
         fields = {"psi": float, "min_samples": int, "clear_after": int}
         unknown = sorted(set(body) - set(fields))
         if unknown or not body:
@@ -454,10 +458,10 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _invalid(f"drift policy {key} must be a number, got {value!r}")
             changes[key] = value
         try:
-            policy = DriftPolicy(**{**self.c.drift_policy(model).as_dict(), **changes})
+            policy = DriftPolicy(**{**self.controller.drift_policy(model).as_dict(), **changes})
         except ValueError as exc:
             raise _invalid(f"drift policy refused: {exc}") from exc
-        return self.c.set_drift_policy(model, policy, actor)
+        return self.controller.set_drift_policy(model, policy, actor)
 
     def _not_allowed(self, path: str) -> None:
         self._actor()
@@ -633,45 +637,6 @@ def _limit(text: str | None) -> int:
     return int(text)
 
 
-_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")  # ASCII digits only (not "²", not "٣")
-_RANGE_DIGITS = 18  # a position of more digits is beyond any file served here
-_BEYOND = 10**_RANGE_DIGITS
-
-
-UNSATISFIABLE: Final = "unsatisfiable"
-
-
-def _range(header: str | None, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
-    """RFC 9110 section 14: the inclusive (start, end) a ``Range`` header asks of ``size``
-    bytes (answered 206, even when that is the whole file), :data:`UNSATISFIABLE`
-    (answered 416, ``bytes */size``), or None when the header is ignored (200, the whole
-    file).
-
-    Ignored: no header, or one that is not a single valid ``bytes`` range: another unit,
-    a syntax error, ``N-M`` with M < N, or several ranges (a server may ignore a Range
-    header; devices ask for one range to resume). Positions are ASCII digits, read up to
-    18 of them (more is beyond any file); a start at or past the end, or a suffix of 0
-    bytes, is unsatisfiable; an end past it is the end, and a suffix longer than the file
-    is all of it (section 14.1.2).
-    """
-    unit, sep, ranges = (header or "").strip().partition("=")
-    specs = [r.strip(" \t") for r in ranges.split(",")] if sep else []
-    specs = [r for r in specs if r]  # empty list elements are allowed, and ignored
-    if unit.lower() != "bytes" or len(specs) != 1 or size == 0:
-        return None
-    match = _RANGE_SPEC.fullmatch(specs[0])
-    if match is None or not (match.group(1) or match.group(2)):
-        return None
-    first, last = (_position(g) if g else None for g in match.groups())
-    if first is None:  # a suffix: the last N bytes
-        return UNSATISFIABLE if not last else (max(size - last, 0), size - 1)
-    if last is not None and last < first:
-        return None  # invalid: ignored
-    if first >= size:
-        return UNSATISFIABLE
-    return first, size - 1 if last is None else min(last, size - 1)
-
-
 def _bundle_sha(path: str) -> str:
     """The sha256 a ``/bundles/`` path names; any other name there is no stored bundle."""
     match = _BUNDLE.match(path)
@@ -680,21 +645,6 @@ def _bundle_sha(path: str) -> str:
                             "/bundles/{sha256}.efb (64 lowercase hex digits)",
                             hint="take the URL from the rollout's desired state")
     return match.group(1)
-
-
-def _position(digits: str) -> int:
-    return _BEYOND if len(digits) > _RANGE_DIGITS else int(digits)
-
-
-def _copy(path: Path, start: int, length: int, out: Any) -> None:
-    with path.open("rb") as source:
-        source.seek(start)
-        while length > 0:
-            chunk = source.read(min(_CHUNK, length))
-            if not chunk:
-                return
-            out.write(chunk)
-            length -= len(chunk)
 
 
 def _status(exc: EdgefleetError) -> HTTPStatus:

@@ -17,6 +17,10 @@ rollout save).
 When no leader answers within the wait, the follower withdraws the request if it is
 still queued (then nothing happened, and it says so); if a leader already took it, the
 outcome is unknown and the error says where to look.
+
+The kinds of request (:data:`KINDS`) are the command table's,
+:data:`edgefleet.fleet.control.commands.COMMANDS`: the leader serves each one through
+that table exactly as it runs the command asked of it directly.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.fleet.control.commands import KINDS
 from edgefleet.fleet.errors import (
     AuthError,
     ConflictError,
@@ -40,7 +45,6 @@ from edgefleet.fleet.lease import Fence, LeaseLostError
 
 __all__ = ["KINDS", "OperatorRequest", "RelayStore", "error_result", "relay"]
 
-KINDS = ("rollout.create", "rollout.operate", "fleet.rollback")
 QUEUED, TAKEN, DONE, FAILED, WITHDRAWN = "queued", "taken", "done", "failed", "withdrawn"
 _POLL_S = 0.05
 _ERRORS: dict[str, type[FleetError]] = {

@@ -1,8 +1,9 @@
 """What a controller does besides its own work when several share one store and one broker.
 
-:class:`ScaleOut` is owned by :class:`edgefleet.fleet.controller.FleetController` when scale-out is
-configured (``--lease-s``, docs/scale-out.md); one controller alone on SQLite never
-makes one and pays nothing. Every tick, under the controller's lock, it:
+:class:`ScaleOut` is owned by the controller's leased role
+(:class:`edgefleet.fleet.control.role.LeasedRole`) when scale-out is configured
+(``--lease-s``, docs/scale-out.md); one controller alone on SQLite never makes one and
+pays nothing. Every tick, under the controller's lock, it:
 
 1. renews or contests the lease (:class:`edgefleet.fleet.lease.Leadership`), telling the controller
    whether it was just elected or deposed; the leader writes into the lease row the
@@ -14,9 +15,11 @@ makes one and pays nothing. Every tick, under the controller's lock, it:
    leader, merges the other controllers' batches into its telemetry book and its drift
    monitor (one query); the leader prunes the batches to the quality window.
 
-Followers relay rollout actions to the leader through the store (:mod:`edgefleet.fleet.relay`);
-the leader takes them at step 4 of its tick. Bundle bytes go into the store at push, so
-any controller can serve (and inspect) any bundle.
+Followers relay rollout commands to the leader through the store
+(:mod:`edgefleet.fleet.relay`); the leader takes them at step 4 of its tick and runs each
+from the command table (:mod:`edgefleet.fleet.control.commands`), as it runs its own
+operators' commands. Bundle bytes go into the store at push, so any controller can serve
+(and inspect) any bundle.
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ def test_after_a_restart_a_device_two_rollouts_wait_on_hears_the_later_word(
                                    created_ms=now - 9_000, updated_ms=now,
                                    devices={"d1": item}))
     controller = FleetController(config, store)
-    controller._load_rollouts()
-    desired = decode(DesiredState, controller._outbox["d1"])
+    controller.runner.load()
+    desired = decode(DesiredState, controller.outbox["d1"])
     assert desired.rollout == later and desired.action == "install"
     store.close()

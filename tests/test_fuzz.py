@@ -5,7 +5,7 @@ Targets, each fed to the real handler in this process:
 * agent: the desired state (``AgentService._desired_message``), the fleet keyring
   (``AgentService._keyring_message``), bundle bytes on the install path (``local.install``);
 * controller: status, state/reported, telemetry (one point and batches) and events through
-  ``FleetController._message``, and bundle bytes through ``FleetController.push``;
+  ``MessageIntake.message``, and bundle bytes through ``FleetController.push``;
 * the contract itself: ``read_bundle`` on mutated bundles.
 
 Payloads start as valid documents drawn from each schema, then are mutated: a field dropped
@@ -659,7 +659,7 @@ def test_the_controller_ingest_takes_any_message(controller: FleetController) ->
         before, rejected = _ingest_state(ctl), ctl.rejected
         events_before = len(journal.recent(10**6))
         with logged("edgefleet.fleet.controller", "edgefleet.fleet.dashboard._journal") as records:
-            ctl._message(topic, payload)
+            ctl.intake.message(topic, payload)
         assert not _tracebacks(records), _tracebacks(records)
         if ctl.rejected > rejected:
             assert ctl.rejected == rejected + 1

@@ -303,7 +303,7 @@ def _report(served: Served, device: str, state: str, active: BundleRef | None,
         "runtimes": {"onnxruntime": "1.32.0"}, "active": _ref(active),
         "update": {"schema_version": 1, "state": state, "target": _ref(target),
                    "since": served.ctl.clock()}}
-    served.ctl._message(f"edgefleet/v1/{FLEET}/{device}/state/reported",
+    served.ctl.intake.message(f"edgefleet/v1/{FLEET}/{device}/state/reported",
                         json.dumps(body).encode())
 
 
@@ -341,14 +341,14 @@ def test_a_stored_rollout_whose_tick_raises_is_stopped_and_a_healthy_one_complet
         bad_device, good_device = served.device("bad"), served.device("good")
         for device in (bad_device, good_device):
             _report(served, device, "IDLE", None, None)
-            ctl._message(f"edgefleet/v1/{FLEET}/{device}/status", b"online")
+            ctl.intake.message(f"edgefleet/v1/{FLEET}/{device}/status", b"online")
         base = rollout_spec({"selectors": [f"device:{bad_device}"]}, served.ref,
                             ctl.bundle_url(served.ref.sha256), len(served.bundle))
         broken_ticks = ctl.broken_ticks
         bad = Rollout(ctl.store.new_rollout_id(), _broken_spec(base, how, value),
                       created_ms=ctl.clock(), updated_ms=ctl.clock(), created_by="old")
         ctl.store.save_rollout(bad)
-        ctl._load_rollouts()  # as after a restart: the store's live rollouts are followed
+        ctl.runner.load()  # as after a restart: the store's live rollouts are followed
         caplog.clear()
         healthy = ctl.create_rollout(MODEL, {"selectors": [f"device:{good_device}"]}, "alice")
         for state, active, target in (("DOWNLOADING", None, served.ref),
@@ -569,7 +569,7 @@ def test_the_issues_reported_cases_are_refused_by_reason_and_nothing_is_kept(
                            "update": {"schema_version": 1, "state": "IDLE", "since": 1}}
     (doc["update"] if field == "update.state" else doc)[field.removeprefix("update.")] = value
     before = dict(ctl.rejected_by)
-    ctl._message(f"edgefleet/v1/{FLEET}/{device}/state/reported", json.dumps(doc).encode())
+    ctl.intake.message(f"edgefleet/v1/{FLEET}/{device}/state/reported", json.dumps(doc).encode())
     ctl.step()
     kept = ctl.store.device(device)
     if why is None:
@@ -593,7 +593,7 @@ def test_an_unusable_drift_window_is_dropped_alone_and_the_point_is_kept(
     if drift is None:  # a window without model and model_version beside it
         values = {"schema_version": 1, "drift": {"samples": 3}}
     rejected, dropped = ctl.rejected, ctl.drift.rejected
-    ctl._message(f"edgefleet/v1/{FLEET}/{device}/telemetry",
+    ctl.intake.message(f"edgefleet/v1/{FLEET}/{device}/telemetry",
                  json.dumps({"ts": 5, "values": values}).encode())
     kept = ctl.telemetry.snapshot()[device]
     assert ctl.rejected == rejected and ctl.drift.rejected == dropped + 1
@@ -649,7 +649,7 @@ def test_device_messages_outside_their_schema_are_counted_by_reason_and_never_re
         served: Served, caplog: pytest.LogCaptureFixture) -> None:
     ctl = served.ctl
     device = served.device("cam")
-    ctl._message(f"edgefleet/v1/{FLEET}/{device}/status", b"online")
+    ctl.intake.message(f"edgefleet/v1/{FLEET}/{device}/status", b"online")
 
     @HOSTILE
     @given(data=st.data())
@@ -662,7 +662,7 @@ def test_device_messages_outside_their_schema_are_counted_by_reason_and_never_re
         latest = copy.deepcopy(ctl.telemetry.snapshot().get(device))
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="edgefleet.fleet.controller"):
-            result, peak = peak_traced_bytes(lambda: ctl._message(
+            result, peak = peak_traced_bytes(lambda: ctl.intake.message(
                 f"edgefleet/v1/{FLEET}/{device}/{leaf}", payload))
         assert not isinstance(result, BaseException), result
         assert peak < 64 * MiB, f"{peak} bytes for a message of {len(payload)}"
@@ -679,7 +679,7 @@ def test_device_messages_outside_their_schema_are_counted_by_reason_and_never_re
             assert ctl.rejected_by[reason.group(1)] == by_reason.get(reason.group(1), 0) + 1
             assert ctl.telemetry.snapshot().get(device) == latest, "a refused point was kept"
         if data.draw(st.integers(0, 9)) == 0:  # now and then, the device goes away
-            ctl._message(f"edgefleet/v1/{FLEET}/{device}/status", b"offline")
+            ctl.intake.message(f"edgefleet/v1/{FLEET}/{device}/status", b"offline")
         ctl.step()  # the loop writes the device as it now is
         views = _views(served, every=data.draw(st.integers(0, 3)) == 0)
         assert views["/api/v1/overview"]["rejected"] == ctl.rejected
@@ -693,7 +693,7 @@ def test_an_oversized_message_is_refused_before_it_is_parsed(served: Served, lea
     ctl = served.ctl
     payload = b"[" + b"1," * (1024 * 1024) + b"1]"
     before = ctl.rejected_by["too_large"]
-    result, peak = peak_traced_bytes(lambda: ctl._message(
+    result, peak = peak_traced_bytes(lambda: ctl.intake.message(
         f"edgefleet/v1/{FLEET}/{served.device('big')}/{leaf}", payload))
     assert result is None and ctl.rejected_by["too_large"] == before + 1
     assert peak < 1 * MiB, f"{peak} bytes to refuse {len(payload)}"
@@ -717,7 +717,7 @@ def test_the_telemetry_bounds_hold_exactly_at_their_value(
     point = {"ts": 1, "values": {"schema_version": 1, **values}}
     payload = json.dumps(point if points == 1 else [point] * points).encode()
     rejected = ctl.rejected
-    ctl._message(f"edgefleet/v1/{FLEET}/{served.device('bound')}/telemetry", payload)
+    ctl.intake.message(f"edgefleet/v1/{FLEET}/{served.device('bound')}/telemetry", payload)
     assert (ctl.rejected == rejected) is passes
 
 
@@ -725,16 +725,16 @@ def test_the_issues_telemetry_cases_are_each_refused_and_the_views_answer(
         served: Served) -> None:
     ctl = served.ctl
     device = served.device("issue")
-    ctl._message(f"edgefleet/v1/{FLEET}/{device}/status", b"online")
+    ctl.intake.message(f"edgefleet/v1/{FLEET}/{device}/status", b"online")
     base = {"schema_version": 1, "model": "digits", "model_version": "1.0.0"}
     for versions in ({"1.0.0": {"inferences": 5, "agreement": [1]}},
                      {"1.0.0": {"inferences": math.inf}}, {"1.0.0": {"agreement": "x"}},
                      [{"inferences": 5}]):
         before = ctl.rejected_by["schema"]
         payload = json.dumps({"ts": 1, "values": {**base, "versions": versions}})
-        ctl._message(f"edgefleet/v1/{FLEET}/{device}/telemetry", payload.encode())
+        ctl.intake.message(f"edgefleet/v1/{FLEET}/{device}/telemetry", payload.encode())
         assert ctl.rejected_by["schema"] == before + 1, payload
-    ctl._message(f"edgefleet/v1/{FLEET}/{device}/status", b"offline")
+    ctl.intake.message(f"edgefleet/v1/{FLEET}/{device}/status", b"offline")
     assert _rejected_in_metrics(_views(served))["schema"] >= 4
 
 

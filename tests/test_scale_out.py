@@ -33,6 +33,7 @@ from edgefleet.agent.runtime import load_runtime
 from edgefleet.cli.fleet.top import collect, render
 from edgefleet.fleet.api import ApiServer
 from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.control.role import LeasedRole
 from edgefleet.fleet.controller import ControllerConfig, FleetController
 from edgefleet.fleet.domain import ModelVersion
 from edgefleet.fleet.errors import FleetError
@@ -338,20 +339,21 @@ def test_a_paused_leader_stops_acting_and_its_late_writes_are_refused(
     assert created.devices["cam-0"].state == DeviceState.TARGETED
 
     frozen = time.monotonic()  # a pauses: its own clock stops, its lease lapses
-    a.scale.leadership._monotonic = lambda: frozen  # type: ignore[union-attr]
+    assert isinstance(a.role, LeasedRole)
+    a.role.scale.leadership._monotonic = lambda: frozen
     time.sleep(0.7)
     b.step()
     assert b.controller_status()["role"] == "leader"
     assert b.rollout(created.id).devices["cam-0"].state == DeviceState.TARGETED
-    assert list(b._outbox) == ["cam-0"]  # told again, as after a restart
+    assert list(b.outbox) == ["cam-0"]  # told again, as after a restart
 
     with pytest.raises(LeaseLostError, match="stale leader"):  # a still thinks it leads
         a.operate(created.id, "pause", "alice")
     assert b.store.rollout(created.id).state == RolloutState.RUNNING  # type: ignore[union-attr]
-    a.scale.leadership._monotonic = time.monotonic  # type: ignore[union-attr]
+    a.role.scale.leadership._monotonic = time.monotonic
     a.step()
     assert a.controller_status()["role"] == "follower"
-    assert (a._rollouts, a._outbox) == ({}, {})
+    assert (a.runner.live, a.outbox.waiting) == ({}, {})
 
 
 def test_a_followers_rollout_action_is_done_by_the_leader_under_the_operators_name(

@@ -1,0 +1,43 @@
+"""The audit trail every part of the controller writes to, and its listeners."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from edgefleet.fleet.control import CONTROLLER_LOG
+from edgefleet.fleet.domain import AuditEntry
+from edgefleet.fleet.store import Store
+
+__all__ = ["SYSTEM", "AuditTrail", "Listeners", "Notify"]
+
+log = logging.getLogger(CONTROLLER_LOG)
+SYSTEM = "controller"  # the actor of what the controller does by itself
+
+Notify = Callable[[str, dict[str, Any]], None]
+
+
+class AuditTrail:
+    """Writes who did what to which target, and how it went, into the store."""
+
+    def __init__(self, store: Store, clock: Callable[[], int]) -> None:
+        self.store, self.clock = store, clock
+
+    def record(self, actor: str, action: str, target: str, summary: str = "",
+               outcome: str = "ok", **detail: Any) -> AuditEntry:
+        entry = AuditEntry(ts_ms=self.clock(), actor=actor, action=action, target=target,
+                           outcome=outcome, detail={"summary": summary, **detail})
+        return self.store.add_audit(entry)
+
+
+class Listeners(list[Notify]):
+    """Callbacks told of every event, alert, rollout change and change of leader; one
+    that raises is logged and the others are still told."""
+
+    def notify(self, kind: str, data: dict[str, Any]) -> None:
+        for listener in list(self):
+            try:
+                listener(kind, data)
+            except Exception:  # a listener's failure must not stop the controller
+                log.exception("listener failed")

@@ -1,0 +1,118 @@
+"""The outbox: desired states on their way to devices (retained, one per device).
+
+A tick asks for desired states; they are composed here and published after the tick's
+saves. One that cannot be published (broker away) waits and goes out when the broker is
+back; a newer word for the same device replaces it. Only the leader publishes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Iterable, Iterator
+
+from edgefleet.agent.mqtt import MqttClient
+from edgefleet.agent.protocol.payloads import BundleRef, DesiredState, encode
+from edgefleet.agent.protocol.topics import Leaf, device_topic
+from edgefleet.fleet.control import CONTROLLER_LOG
+from edgefleet.fleet.control.catalog import ModelCatalog
+from edgefleet.fleet.control.role import Role
+from edgefleet.fleet.registry import DeviceRegistry
+from edgefleet.fleet.rollout.executor import Action
+from edgefleet.fleet.rollout.state import DeviceState, Rollout
+
+__all__ = ["Outbox"]
+
+log = logging.getLogger(CONTROLLER_LOG)
+_AGAIN = {DeviceState.TARGETED: Action.INSTALL, DeviceState.UPDATING: Action.INSTALL,
+          DeviceState.PROBATION: Action.INSTALL, DeviceState.COMMITTING: Action.COMMIT,
+          DeviceState.ROLLING_BACK: Action.ROLLBACK}  # what a device waited on is told again
+
+
+class Outbox:
+    """Encoded desired states by device, oldest first; an empty payload clears one."""
+
+    def __init__(self, fleet: str, registry: DeviceRegistry, catalog: ModelCatalog,
+                 role: Role, clock: Callable[[], int]) -> None:
+        self.fleet, self.registry, self.catalog = fleet, registry, catalog
+        self.role, self.clock = role, clock
+        self.waiting: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self.mqtt: MqttClient | None = None  # set when the controller connects
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.waiting)
+
+    def __getitem__(self, device: str) -> bytes:
+        return self.waiting[device]
+
+    def clear(self) -> None:
+        self.waiting.clear()
+
+    def clear_device(self, device: str) -> None:
+        """Remove the device's retained desired state."""
+        self.waiting[device] = b""
+
+    def queue(self, rollout: Rollout, device: str, action: Action,
+              bundle: BundleRef | None = None) -> None:
+        """The desired state ``rollout`` sends ``device``: its own bundle, or ``bundle``."""
+        if bundle is None and action == Action.ROLLBACK:
+            bundle = self._reinstall(rollout, device)
+            action = Action.INSTALL if bundle is not None else action
+        ref, url, size = rollout.spec.model, rollout.spec.url, rollout.spec.size
+        url = self.role.desired_url(url, self.catalog.bundle_url(ref.sha256))
+        if bundle is not None:
+            model = self.catalog.by_sha(bundle.sha256)
+            if model is None:
+                log.warning("cannot send %s to %s: the controller does not hold it",
+                            bundle.version, device)
+                return
+            ref, url, size = model.ref, self.catalog.bundle_url(model.sha256), model.size
+        desired = DesiredState(name=ref.name, version=ref.version, sha256=ref.sha256,
+                               url=url, size=size, rollout=rollout.id, action=action.value,
+                               issued_at=self.clock())
+        self.waiting[device] = encode(desired)
+
+    def requeue(self, rollouts: Iterable[Rollout]) -> None:
+        """After a restart: tell every device a rollout waits on what it must do, again."""
+        waiting = sorted(((item.sent_ms, rollout.id, item.device, action, rollout)
+                          for rollout in rollouts
+                          for item in rollout.devices.values()
+                          if (action := _AGAIN.get(item.state)) is not None),
+                         key=lambda w: w[:3])
+        for _, _, device, action, rollout in waiting:  # the word sent last wins, as it did
+            self.queue(rollout, device, action)
+
+    def flush(self) -> None:
+        """Publish what waits, oldest first, until the broker refuses one."""
+        mqtt = self.mqtt
+        if mqtt is None or not self.waiting:
+            return
+        while self.waiting:
+            if not self.role.leading:  # the lease lapsed (a pause, the store away): not ours
+                log.warning("not the leader any more: %d desired states dropped (the "
+                            "leader publishes them)", len(self.waiting))
+                self.waiting.clear()
+                return
+            device, payload = next(iter(self.waiting.items()))
+            topic = device_topic(self.fleet, device, Leaf.DESIRED)
+            if not mqtt.publish(topic, payload, qos=1, retain=True):
+                log.info("broker away: %d desired states wait", len(self.waiting))
+                return
+            del self.waiting[device]
+
+    def _reinstall(self, rollout: Rollout, device_id: str) -> BundleRef | None:
+        """The previous bundle to install again when a committed device's fallback slot no
+        longer holds it (overwritten by a later update); None: its own rollback will do."""
+        item, device = rollout.devices.get(device_id), self.registry.get(device_id)
+        if item is None or item.previous is None or device is None or device.active is None:
+            return None
+        if device.active.sha256 != rollout.spec.model.sha256:
+            return None  # in probation, or already back: the device rolls back by itself
+        if device.previous is not None and device.previous.sha256 == item.previous.sha256:
+            return None  # its fallback slot holds it
+        if self.catalog.by_sha(item.previous.sha256) is None:
+            return None  # not pushed here: the device's own rollback is all there is
+        return item.previous
