@@ -16,6 +16,7 @@ behind are dropped from the result: the runtime infers them again.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -117,7 +118,7 @@ def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
         src.write_bytes(model)
         try:
             if mode == "fp16":
-                return _fp16(model)
+                return _fp16(model, data)
             _pre_process(quant_pre_process, src, pre)
             if mode == "dynamic":
                 quantize_dynamic(pre, out, weight_type=QuantType.QInt8)
@@ -201,13 +202,130 @@ def _upgrade_opset(path: Path, opset: int) -> None:
             f"{exc}", hint="re-export the model with opset 13 or newer") from exc
 
 
-def _fp16(model: bytes) -> bytes:
+FP16_MAX = 65504.0  # the largest finite float16
+FP16_SAFE = FP16_MAX / 4  # an activation seen above this may overflow on other inputs
+FP16_PROBE_SAMPLES = 8
+
+
+def _fp16(model: bytes, data: Dataset | None = None) -> bytes:
+    """Float16 weights and compute, except where float16 cannot hold the numbers.
+
+    A published text detector keeps a batch norm variance of 1e8 and activations of the
+    same scale: converted whole, float16 clips them and its output falls to cosine 0.42.
+    The nodes that make or read a constant beyond float16's range, and (with calibration
+    data) an activation seen above a quarter of it, stay float32.
+    """
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     proto = onnx.load_model_from_string(model)
-    converted = convert_float_to_float16(proto, keep_io_types=True)
+    big = _big_constants(proto) | (_big_activations(model, data) if data is not None else set())
+    kept = _name_readers_and_makers(proto, big)
+    converted = convert_float_to_float16(proto, keep_io_types=True, node_block_list=kept)
+    _drop_round_trips(converted)
     return bytes(converted.SerializeToString())
+
+
+def _drop_round_trips(proto: Any) -> None:
+    """Remove float32 -> float16 -> float32 Cast pairs: the float16 converter puts one
+    between any two float32 nodes, which would clip the very tensor they keep."""
+    from onnx import TensorProto
+
+    def cast_to(node: Any) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((int(a.i) for a in node.attribute if a.name == "to"), None)
+
+    graph = proto.graph
+    outputs = {o.name for o in graph.output}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    made_by = {out: node for node in graph.node for out in node.output}
+    dropped: list[Any] = []
+    for node in graph.node:
+        if cast_to(node) != TensorProto.FLOAT16 or node.output[0] in outputs:
+            continue
+        source = made_by.get(node.input[0])
+        if source is None or cast_to(source) == TensorProto.FLOAT16:
+            continue  # a graph input or initializer: its type is not known here
+        back = readers.get(node.output[0], [])
+        if not back or any(cast_to(b) != TensorProto.FLOAT for b in back):
+            continue
+        for cast in back:
+            for reader in readers.get(cast.output[0], []):
+                reader.input[:] = [node.input[0] if i == cast.output[0] else i
+                                   for i in reader.input]
+            dropped.append(cast)
+        dropped.append(node)
+    for node in dropped:
+        graph.node.remove(node)
+
+
+def _big_constants(proto: Any) -> set[str]:
+    """Float initializers and Constant outputs holding a value beyond float16's range (such
+    Constant nodes become initializers)."""
+    from onnx import numpy_helper
+
+    def too_big(tensor: Any) -> bool:
+        if tensor.data_type != onnx_float():
+            return False
+        values = numpy_helper.to_array(tensor)
+        return bool(values.size) and float(np.nanmax(np.abs(values))) > FP16_MAX
+
+    big = {init.name for init in proto.graph.initializer if too_big(init)}
+    for node in list(proto.graph.node):
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None and too_big(value):
+            # as an initializer, so that it stays float32 for the nodes kept float32 (the
+            # float16 converter sends a Constant's output through float16 on its way)
+            value.name = node.output[0]
+            proto.graph.initializer.append(value)
+            proto.graph.node.remove(node)
+            big.add(value.name)
+    return big
+
+
+def onnx_float() -> int:
+    from onnx import TensorProto
+
+    return int(TensorProto.FLOAT)
+
+
+def _big_activations(model: bytes, data: Dataset) -> set[str]:
+    """Float tensors whose magnitude passes :data:`FP16_SAFE` on calibration samples."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load_model_from_string(model)
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    have = {o.name for o in proto.graph.output}
+    for info in inferred.graph.value_info:
+        if info.type.tensor_type.elem_type == onnx_float() and info.name not in have:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(
+                info.name, onnx_float(), None))
+    session = ort.InferenceSession(proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    peak = dict.fromkeys(names, 0.0)
+    for sample in itertools.islice(_Reader(data), FP16_PROBE_SAMPLES):
+        for name, value in zip(names, session.run(None, sample), strict=True):
+            if isinstance(value, np.ndarray) and value.dtype == np.float32 and value.size:
+                peak[name] = max(peak[name], float(np.nanmax(np.abs(value))))
+    return {name for name, value in peak.items() if value > FP16_SAFE}
+
+
+def _name_readers_and_makers(proto: Any, tensors: set[str]) -> list[str]:
+    """Names of the nodes that make or read one of ``tensors`` (unnamed ones are named
+    here, so that the float16 converter can keep them)."""
+    kept: list[str] = []
+    for index, node in enumerate(proto.graph.node):
+        if tensors.intersection(node.output) or tensors.intersection(node.input):
+            if not node.name:
+                node.name = f"edgefleet_fp32_{index}"
+            kept.append(node.name)
+    return kept
 
 
 def sensitive_onnx_nodes(model: bytes, data: Dataset, quantized: bytes) -> list[str]:

@@ -1,0 +1,87 @@
+"""ONNX float16 keeps in float32 what float16 cannot hold.
+
+The model is built here the way a published text detector is: a convolution whose
+activations reach ~1e5 (beyond float16's 65,504) and a batch norm whose variance, 1e10,
+is a Constant node. Converted whole, float16 clips both and the output is garbage.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgefleet.converter.data import Dataset
+from edgefleet.converter.onnx_backend import FP16_MAX, quantize_onnx
+
+
+def _overflowing_model() -> bytes:
+    rng = np.random.default_rng(7)
+    weight = (rng.standard_normal((4, 3, 3, 3)) * 2e4).astype(np.float32)
+    variance = np.full(4, 1e10, np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Constant", [], ["var"], value=numpy_helper.from_array(variance)),
+        helper.make_node("BatchNormalization", ["conv", "scale", "bias", "mean", "var"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(weight, "w"),
+             numpy_helper.from_array(np.ones(4, np.float32), "scale"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "bias"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "mean")]
+    graph = helper.make_graph(nodes, "overflow",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _run(model: bytes, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0], np.float64).ravel()
+
+
+def _rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    """Relative RMS error of ``b`` against ``a`` (a cosine would miss a scale error)."""
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+@pytest.fixture(scope="module")
+def data() -> Dataset:
+    return Dataset({"x": np.random.default_rng(1).uniform(-1, 1, (6, 3, 8, 8))
+                    .astype(np.float32)})
+
+
+def test_the_model_breaks_float16_converted_whole(data: Dataset) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = _overflowing_model()
+    probe = onnx.load_from_string(model)
+    probe.graph.output.append(helper.make_tensor_value_info("conv", TensorProto.FLOAT, None))
+    conv = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.abs(conv.run(["conv"], {"x": data.inputs["x"][:1]})[0]).max() > FP16_MAX
+    whole = convert_float_to_float16(onnx.load_from_string(model), keep_io_types=True)
+    x = data.inputs["x"][:1]
+    broken = _run(whole.SerializeToString(), x)
+    assert not np.isfinite(broken).all() or _rel_error(_run(model, x), broken) > 10
+
+
+def test_fp16_keeps_overflowing_nodes_float32_and_agrees(data: Dataset) -> None:
+    model = _overflowing_model()
+    converted = quantize_onnx(model, "fp16", data)
+    graph = onnx.load_from_string(converted).graph
+    casts = [n for n in graph.node if n.op_type == "Cast"]
+    assert len(casts) <= 4, "no float32 -> float16 -> float32 round trip between kept nodes"
+    for x in data.inputs["x"]:
+        assert _rel_error(_run(model, x[None]), _run(converted, x[None])) < 1e-2
+
+
+def test_fp16_without_data_still_keeps_a_constant_beyond_float16(data: Dataset) -> None:
+    model = _overflowing_model()
+    converted = quantize_onnx(model, "fp16")
+    outputs = [_run(converted, x[None]) for x in data.inputs["x"]]
+    assert all(np.isfinite(o).all() for o in outputs), "the variance was not clipped to inf/0"
