@@ -85,3 +85,24 @@ def test_fp16_without_data_still_keeps_a_constant_beyond_float16(data: Dataset) 
     converted = quantize_onnx(model, "fp16")
     outputs = [_run(converted, x[None]) for x in data.inputs["x"]]
     assert all(np.isfinite(o).all() for o in outputs), "the variance was not clipped to inf/0"
+
+
+def test_fp16_weights_held_in_constant_nodes_are_stored_as_two_bytes_each() -> None:
+    weight = np.random.default_rng(3).standard_normal((128, 128)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weight)),
+         helper.make_node("MatMul", ["x", "w"], ["y"])], "constants",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    source = model.SerializeToString()
+    converted = quantize_onnx(source, "fp16")
+    values = [a.t for n in onnx.load_from_string(converted).graph.node for a in n.attribute
+              if a.name == "value"]
+    assert [v.data_type for v in values] == [TensorProto.FLOAT16]
+    assert len(values[0].raw_data) == weight.size * 2
+    assert len(converted) < 0.55 * len(source)
+    x = np.random.default_rng(4).standard_normal((1, 128)).astype(np.float32)
+    assert _rel_error(np.asarray(x @ weight, np.float64).ravel(), _run(converted, x)) < 1e-2
+
