@@ -83,3 +83,15 @@ def test_every_module_of_the_project_has_a_layer() -> None:
     modules = (_children(ROOT / "edgefleet", "edgefleet") - {"edgefleet.agent"}
                | _children(ROOT / "agent", "edgefleet.agent"))
     assert modules <= layered, f"give {sorted(modules - layered)} a layer in pyproject.toml"
+
+
+def test_the_root_package_imports_nothing() -> None:
+    """``edgefleet/__init__.py`` runs before every module of every layer and sits in none:
+    an import there would hand the bottom layer whatever it names (typer, the CLI)."""
+    import ast
+
+    tree = ast.parse((ROOT / "edgefleet" / "__init__.py").read_text())
+    imports = [ast.unparse(node) for node in ast.walk(tree)
+               if isinstance(node, (ast.Import, ast.ImportFrom))
+               and not (isinstance(node, ast.ImportFrom) and node.module == "__future__")]
+    assert imports == [], "keep edgefleet/__init__.py free of imports"

@@ -7,6 +7,7 @@ and so on, and never a generic ``agent`` or ``fleet`` that another distribution 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("agent", "converter", "fleet", "devices")
+# The fresh venv sees only what the wheel installed: no PYTHONPATH into a checkout.
+CLEAN = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def _copy_of_the_checkout(into: Path) -> Path:
@@ -43,7 +46,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = _copy_of_the_checkout(tmp_path_factory.mktemp("source"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out),
                     str(source)],
-                   check=True, timeout=300, capture_output=True, cwd=out)
+                   check=True, timeout=300, capture_output=True, cwd=out, env=CLEAN)
     (found,) = out.glob("edgefleet-*.whl")
     return found
 
@@ -66,13 +69,13 @@ def test_the_wheel_has_edgefleet_as_its_only_top_level_name(wheel: Path) -> None
 def test_the_wheel_installed_in_a_fresh_venv_runs_edgefleet_help(
         wheel: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=CLEAN)
     python = venv / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "-q", "-c",
                     str(ROOT / "constraints.txt"), str(wheel)],
-                   check=True, timeout=600, capture_output=True)
+                   check=True, timeout=600, capture_output=True, env=CLEAN)
     result = subprocess.run([str(venv / "bin" / "edgefleet"), "--help"], capture_output=True,
-                            text=True, timeout=120, cwd=tmp_path)
+                            text=True, timeout=120, cwd=tmp_path, env=CLEAN)
     assert result.returncode == 0, result.stderr
     for command in ("agent", "convert", "fleet", "demo"):
         assert command in result.stdout
@@ -80,9 +83,23 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_edgefleet_help(
              f"print([m for m in {PARTS!r} if u.find_spec(m)], "
              "u.find_spec('edgefleet.agent.protocol') is not None)")
     found = subprocess.run([str(python), "-c", probe], capture_output=True, text=True,
-                           timeout=60, cwd=tmp_path, check=True).stdout.split()
+                           timeout=60, cwd=tmp_path, check=True, env=CLEAN).stdout.split()
     assert found == ["[]", "True"]
     run = subprocess.run([str(venv / "bin" / "edgefleet"), "agent", "run", "--fleet", "f",
                           "--device-id", "d"], capture_output=True, text=True, timeout=120,
-                         cwd=tmp_path)
+                         cwd=tmp_path, env=CLEAN)
     assert run.returncode == 2 and "pip install 'edgefleet[agent]'" in run.stderr, run.stderr
+
+
+def test_a_checkout_without_links_refuses_to_build_a_wheel_without_the_parts(
+        tmp_path: Path) -> None:
+    source = _copy_of_the_checkout(tmp_path / "source")
+    (source / "edgefleet" / "agent").unlink()
+    (source / "edgefleet" / "agent").write_text("../agent")  # what core.symlinks=false leaves
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                             str(tmp_path / "out"), str(source)], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path, env=CLEAN)
+    assert result.returncode != 0
+    assert "edgefleet/agent is not the folder agent/" in result.stdout + result.stderr
+    assert "core.symlinks=true" in result.stdout + result.stderr
+    assert not list(tmp_path.glob("out/*.whl"))

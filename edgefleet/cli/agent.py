@@ -75,6 +75,7 @@ DecryptKey = Annotated[list[Path] | None, typer.Option(
 
 
 @app.command()
+@needs("agent install", "agent")
 def install(
     bundle: Annotated[Path, typer.Argument(help="Bundle (.efb) to install")],
     data_dir: DataDir = DEFAULT_DATA_DIR,
@@ -115,6 +116,7 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonOpt = False) -> No
 
 
 @app.command()
+@needs("agent rollback", "agent")
 def rollback(data_dir: DataDir = DEFAULT_DATA_DIR, trusted_key: TrustedKey = None,
              decrypt_key: DecryptKey = None, as_json: JsonOpt = False) -> None:
     """Return to the previous committed bundle."""
@@ -136,7 +138,7 @@ def _show_result(journal: dict[str, object], data: Path, as_json: bool) -> None:
     from edgefleet.agent.update import local
 
     result = {"update": journal, **local.status(data)}
-    emit(result, as_json, table(escape(f"{journal['state']}: {journal['detail'] or 'done'}"),
+    emit(result, as_json, table(f"{journal['state']}: {journal['detail'] or 'done'}",
                                 result["slots"], ["slot", "role", "name", "version", "sha256"]))
 
 

@@ -11,6 +11,7 @@ from edgefleet.agent.protocol.bundle import Bundle, inspect_bundle
 from edgefleet.agent.protocol.encryption import DecryptionKeys, NoDecryptionKeyError
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.runtime.inspect import inspect_model
+from edgefleet.cli.extras import needs
 from edgefleet.cli.output import emit, fail, table
 from edgefleet.devices import check_model, list_profiles, load_profile
 
@@ -42,6 +43,7 @@ def show(name: Annotated[str, typer.Argument(help="Profile name or .json path")]
 
 
 @app.command()
+@needs("device check", "agent")
 def check(bundle: Annotated[Path, typer.Argument(help="Bundle (.efb) to check")],
           target: Annotated[list[str], typer.Option(help="Profile name(s) or path(s)")],
           decrypt_key: Annotated[list[Path] | None, typer.Option(

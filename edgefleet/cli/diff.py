@@ -16,6 +16,7 @@ from rich.console import Group
 from edgefleet.agent.protocol.encryption import DecryptionKeys
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
+from edgefleet.cli.extras import needs
 from edgefleet.cli.output import emit, fail, styled, table
 
 __all__ = ["diff", "fetch_bundle"]
@@ -43,6 +44,7 @@ def fetch_bundle(ref: str, controller: str, token: str | None) -> bytes:
     return client.download(f"/bundles/{model['sha256']}.efb")
 
 
+@needs("diff", "agent")
 def diff(
     a: Annotated[str, typer.Argument(help="Bundle A: an .efb path or a registry NAME:VERSION")],
     b: Annotated[str, typer.Argument(help="Bundle B: an .efb path or a registry NAME:VERSION")],

@@ -13,6 +13,7 @@ import typer
 
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.signing import TrustedKeys
+from edgefleet.cli.extras import needs
 from edgefleet.cli.output import console, fail, table
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["simulate"]
 
 
+@needs("fleet simulate", "agent")
 def simulate(
     broker: Annotated[str, typer.Option(help="mqtt://HOST:PORT")] = "mqtt://127.0.0.1:1883",
     fleet: Annotated[str, typer.Option(help="Fleet name (MQTT topic level)")] = "default",
