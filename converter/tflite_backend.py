@@ -27,11 +27,34 @@ __all__ = ["sensitive_nodes", "to_tflite"]
 def _converter(source: SourceModel) -> Any:
     tf = tensorflow()
     if source.kind == "keras":
+        fixed = _fixed_signature(source)
+        if fixed is not None:
+            return tf.lite.TFLiteConverter.from_concrete_functions([fixed], source.handle)
         return tf.lite.TFLiteConverter.from_keras_model(source.handle)
     if source.kind == "savedmodel":
         return tf.lite.TFLiteConverter.from_saved_model(str(source.path))
     raise UnsupportedPathError(f"the TFLite converter does not read {source.kind} models",
                                hint="float .tflite sources go through ai-edge-quantizer")
+
+
+def _fixed_signature(source: SourceModel) -> Any:
+    """A Keras model whose inputs have dynamic dims that ``--input-shape`` / ``--input-size``
+    fixed: traced at those dims (batch left free), so that the TFLite inputs carry them.
+    None when nothing beyond the batch dim was dynamic or left so."""
+    tf = tensorflow()
+    model = source.handle
+    declared = [tuple(tensor.shape) for tensor in model.inputs]
+    wanted = [info.shape for info in source.inputs]
+    if not any(None in shape[1:] for shape in declared) or \
+            any(dim <= 0 for shape in wanted for dim in shape[1:]):
+        return None
+    specs = [tf.TensorSpec((None, *shape[1:]), tensor.dtype, name=info.name)
+             for shape, tensor, info in zip(wanted, model.inputs, source.inputs, strict=True)]
+
+    def call(*inputs: Any) -> Any:
+        return model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+
+    return tf.function(call, input_signature=specs).get_concrete_function()
 
 
 Progress = Callable[[int, int], None]

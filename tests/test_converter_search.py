@@ -187,6 +187,32 @@ def test_input_size_fixes_dynamic_dims_and_calibrates_at_that_size(
     assert manifest.metrics["input_shapes"] == {"x": [-1, 3, 32, 48]}
 
 
+@pytest.fixture(scope="module")
+def dynamic_keras(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Keras image model with a dynamic height and width (untrained: shapes are tested)."""
+    import keras
+
+    inputs = keras.Input(shape=(None, None, 3), name="image")
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))
+    path = tmp_path_factory.mktemp("dynamic-keras") / "dynamic.keras"
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+@pytest.mark.parametrize("quantize", ["none", "dynamic"])
+def test_input_size_fixes_a_keras_models_dynamic_dims_in_the_tflite_artifact(
+        dynamic_keras: Path, photos: Path, signing_keys: Keys, tmp_path: Path,
+        quantize: str) -> None:
+    out = tmp_path / "fixed.efb"
+    report = convert(_config(dynamic_keras, out, signing_keys, format="tflite",
+                             quantize=quantize, calibration=photos, input_size=(32, 48),
+                             max_drop=100.0))
+    assert report.input_shapes == {"image": [-1, 32, 48, 3]}
+    manifest = read_bundle(out, signing_keys.trusted).manifest
+    assert list(manifest.inputs[0].shape)[1:] == [32, 48, 3], "the TFLite input carries them"
+
+
 def test_a_dynamic_model_fed_images_without_a_size_is_warned_with_the_size_used(
         tiny_dynamic_onnx: Path, photos: Path, signing_keys: Keys, tmp_path: Path) -> None:
     report = convert(_config(tiny_dynamic_onnx, tmp_path / "d.efb", signing_keys, format="onnx",
