@@ -37,7 +37,7 @@ def _overflowing_model() -> bytes:
                               inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 def _run(model: bytes, x: np.ndarray) -> np.ndarray:
