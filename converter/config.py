@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -59,13 +60,13 @@ class ConvertConfig:
             raise ValueError(f"format must be tflite or onnx, got {self.format!r}")
         if self.prune is not None and not 0.0 < self.prune < 1.0:
             raise ValueError(f"prune sparsity must be between 0 and 1, got {self.prune}")
-        if self.max_drop is not None and self.max_drop < 0:
-            raise ValueError("max_drop is in accuracy points and cannot be negative")
+        if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
+            raise ValueError("max_drop is in accuracy points: a number, 0 or more")
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}")
         if self.activations not in ("uint8", "int8"):
             raise ValueError("activations must be uint8 or int8")
-        if self.search_budget <= 0:
+        if not (math.isfinite(self.search_budget) and self.search_budget > 0):
             raise ValueError("search budget must be a positive number of seconds")
         if any(d < 1 for _, shape in self.input_shapes for d in shape) or \
                 any(d < 1 for d in self.input_size or ()):

@@ -241,7 +241,8 @@ def _pack_float16(proto: Any) -> None:
 
 def _drop_round_trips(proto: Any) -> None:
     """Remove float32 -> float16 -> float32 Cast pairs: the float16 converter puts one
-    between any two float32 nodes, which would clip the very tensor they keep."""
+    between any two float32 nodes, which would clip the very tensor they keep. The cast
+    back becomes an Identity of the float32 tensor (it may name a graph output)."""
     from onnx import TensorProto
 
     def cast_to(node: Any) -> int | None:
@@ -256,8 +257,8 @@ def _drop_round_trips(proto: Any) -> None:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     made_by = {out: node for node in graph.node for out in node.output}
-    dropped: list[Any] = []
-    for node in graph.node:
+    dropped: set[int] = set()
+    for index, node in enumerate(graph.node):
         if cast_to(node) != TensorProto.FLOAT16 or node.output[0] in outputs:
             continue
         source = made_by.get(node.input[0])
@@ -267,13 +268,19 @@ def _drop_round_trips(proto: Any) -> None:
         if not back or any(cast_to(b) != TensorProto.FLOAT for b in back):
             continue
         for cast in back:
-            for reader in readers.get(cast.output[0], []):
-                reader.input[:] = [node.input[0] if i == cast.output[0] else i
-                                   for i in reader.input]
-            dropped.append(cast)
-        dropped.append(node)
-    for node in dropped:
-        graph.node.remove(node)
+            cast.op_type = "Identity"
+            del cast.attribute[:]
+            cast.input[:] = [node.input[0]]
+        dropped.add(index)
+    # by position: a repeated field's remove() matches by value, not by the node meant
+    survivors = []
+    for index, node in enumerate(graph.node):
+        if index not in dropped:
+            survivor = type(node)()
+            survivor.CopyFrom(node)
+            survivors.append(survivor)
+    del graph.node[:]
+    graph.node.extend(survivors)
 
 
 def _big_constants(proto: Any) -> set[str]:

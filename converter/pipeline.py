@@ -29,7 +29,7 @@ from edgefleet.agent.protocol.encryption import RecipientKey
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.manifest import Manifest, Optimization, RuntimeRequirement
 from edgefleet.agent.protocol.signing import SigningKey
-from edgefleet.agent.runtime.base import Array, Runtime
+from edgefleet.agent.runtime.base import Array, Runtime, TensorInfo
 from edgefleet.agent.runtime.inspect import ModelInfo, inspect_model
 from edgefleet.agent.runtime.select import load_runtime
 from edgefleet.converter import onnx_backend, prune, shapes, tflite_backend
@@ -38,6 +38,7 @@ from edgefleet.converter.data import DYNAMIC_SIDE, Dataset, load_dataset
 from edgefleet.converter.errors import (
     BudgetExceededError,
     ConverterError,
+    DataError,
     NoResultError,
     TargetViolationError,
     UnsupportedPathError,
@@ -168,7 +169,29 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
 
 def _with_shapes(source: SourceModel, config: ConvertConfig) -> SourceModel:
     fixed = shapes.fix_inputs(source.inputs, config.input_shapes, config.input_size)
+    _tflite_needs_static(source, fixed, config)
     return source if fixed == source.inputs else replace(source, inputs=fixed)
+
+
+def _tflite_needs_static(source: SourceModel, fixed: list[TensorInfo],
+                         config: ConvertConfig) -> None:
+    """TensorFlow -> TFLite needs every dim but the batch fixed: a model left dynamic comes
+    out as a file LiteRT cannot run at any real size. One Keras input is fixed by
+    ``--input-size`` / ``--input-shape``; other models go through ONNX, which keeps them."""
+    if source.kind not in ("keras", "savedmodel") or config.format != "tflite":
+        return
+    dynamic = [i for i in source.inputs if any(d <= 0 for d in i.shape[1:])]
+    if not dynamic:
+        return
+    one_keras = source.kind == "keras" and len(fixed) == 1
+    if one_keras and all(d > 0 for d in fixed[0].shape[1:]):
+        return  # traced at the given dims (tflite_backend)
+    raise DataError(
+        f"input {dynamic[0].name!r} has dynamic dims {list(dynamic[0].shape)}: a TFLite model "
+        "needs them fixed",
+        hint=("pass --input-size HEIGHTxWIDTH or --input-shape NAME=DIMS (the deployment size), "
+              "or --format onnx, which keeps them dynamic") if one_keras else
+             "use --format onnx, which keeps them dynamic")
 
 
 def _size_warnings(source: SourceModel, config: ConvertConfig) -> list[str]:
@@ -431,6 +454,11 @@ def _alternating(predict: Predict, reference: Predict, sample: dict[str, Array],
 def _judge(ctx: _Context, attempt: Attempt) -> None:
     budget = ctx.config.budget_points
     drop = attempt.accuracy_drop_points or 0.0
+    if not math.isfinite(drop) or not _finite(attempt.agreement.get("worst_score", 1.0)):
+        attempt.verdict = Verdict.NOT_FINITE
+        attempt.reason = ("its outputs are not finite numbers (NaN or infinity) where they "
+                          "should agree with the source's: values overflow this recipe")
+        return
     source_bytes = ctx.source.size_bytes if ctx.source.kind in ("onnx", "tflite") else None
     if attempt.mode != "none" and source_bytes and (attempt.size_bytes or 0) >= source_bytes \
             and not attempt.kept_source:
@@ -446,6 +474,10 @@ def _judge(ctx: _Context, attempt: Attempt) -> None:
     else:
         attempt.verdict, attempt.accepted = Verdict.ACCEPTED, True
         attempt.reason = "within budget and targets"
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _over_budget(ctx: _Context, attempt: Attempt, drop: float, budget: float) -> str:

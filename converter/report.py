@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from edgefleet.agent.protocol.schema import finite
+
 __all__ = ["Attempt", "ConversionReport", "Verdict"]
 
 
@@ -16,6 +18,7 @@ class Verdict(Enum):
     FAILED = "failed"  # the backend failed, or the result does not load or run
     NOT_SMALLER = "not_smaller"  # quantizing found nothing to quantize
     OVER_BUDGET = "over_budget"  # the accuracy drop is over --max-drop
+    NOT_FINITE = "not_finite"  # outputs NaN or infinite where the source's are finite
     OFF_TARGET = "off_target"  # it breaks a --target device profile
     ACCEPTED = "accepted"
 
@@ -83,7 +86,7 @@ class ConversionReport:
         data = asdict(self)
         for attempt in data["attempts"]:
             del attempt["verdict"]
-        return data
+        return dict(finite(data))  # strict JSON: a NaN measured becomes null
 
     def metrics(self) -> dict[str, Any]:
         """The manifest's ``metrics``: the chosen result and a one-line summary per attempt."""
@@ -107,4 +110,4 @@ class ConversionReport:
                           accuracy_drop_points=chosen.accuracy_drop_points,
                           agreement=chosen.agreement, latency_p50_ms=chosen.latency_p50_ms,
                           keep_float=chosen.keep_float, warnings=chosen.warnings)
-        return result
+        return dict(finite(result))

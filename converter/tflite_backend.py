@@ -8,10 +8,14 @@ dataset; float I/O unless ``int8_io``). ``int8`` may keep named nodes in float
 
 from __future__ import annotations
 
+import atexit
 import csv
 import io
 import math
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,9 +31,9 @@ __all__ = ["sensitive_nodes", "to_tflite"]
 def _converter(source: SourceModel) -> Any:
     tf = tensorflow()
     if source.kind == "keras":
-        fixed = _fixed_signature(source)
+        fixed = _fixed_export(source)
         if fixed is not None:
-            return tf.lite.TFLiteConverter.from_concrete_functions([fixed], source.handle)
+            return tf.lite.TFLiteConverter.from_saved_model(str(fixed))
         return tf.lite.TFLiteConverter.from_keras_model(source.handle)
     if source.kind == "savedmodel":
         return tf.lite.TFLiteConverter.from_saved_model(str(source.path))
@@ -37,24 +41,27 @@ def _converter(source: SourceModel) -> Any:
                                hint="float .tflite sources go through ai-edge-quantizer")
 
 
-def _fixed_signature(source: SourceModel) -> Any:
-    """A Keras model whose inputs have dynamic dims that ``--input-shape`` / ``--input-size``
-    fixed: traced at those dims (batch left free), so that the TFLite inputs carry them.
-    None when nothing beyond the batch dim was dynamic or left so."""
+def _fixed_export(source: SourceModel) -> Path | None:
+    """A one-input Keras model whose dynamic dims ``--input-size`` / ``--input-shape`` fixed:
+    exported as a SavedModel at those dims (batch left free), so that the TFLite inputs
+    carry them.
+    None when nothing beyond the batch dim was dynamic, or it was left so. (A traced
+    concrete function of a Keras 3 model converted to outputs of NaN; the export is the
+    documented path.) The folder goes with the process's temporary files."""
     tf = tensorflow()
     model = source.handle
     declared = [tuple(tensor.shape) for tensor in model.inputs]
     wanted = [info.shape for info in source.inputs]
-    if not any(None in shape[1:] for shape in declared) or \
-            any(dim <= 0 for shape in wanted for dim in shape[1:]):
+    if len(declared) != 1 or None not in declared[0][1:] or \
+            any(dim <= 0 for dim in wanted[0][1:]):
         return None
     specs = [tf.TensorSpec((None, *shape[1:]), tensor.dtype, name=info.name)
              for shape, tensor, info in zip(wanted, model.inputs, source.inputs, strict=True)]
-
-    def call(*inputs: Any) -> Any:
-        return model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
-
-    return tf.function(call, input_signature=specs).get_concrete_function()
+    folder = Path(tempfile.mkdtemp(prefix="edgefleet-export-"))
+    atexit.register(shutil.rmtree, folder, True)
+    model.export(str(folder / "saved_model"), format="tf_saved_model", input_signature=specs,
+                 verbose=False)
+    return folder / "saved_model"
 
 
 Progress = Callable[[int, int], None]

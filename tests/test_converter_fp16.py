@@ -7,14 +7,19 @@ is a Constant node. Converted whole, float16 clips both and the output is garbag
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgefleet.converter.config import ConvertConfig
 from edgefleet.converter.data import Dataset
 from edgefleet.converter.onnx_backend import FP16_MAX, quantize_onnx
+from edgefleet.converter.report import ConversionReport
 
 
 def _overflowing_model() -> bytes:
@@ -106,3 +111,47 @@ def test_fp16_weights_held_in_constant_nodes_are_stored_as_two_bytes_each() -> N
     x = np.random.default_rng(4).standard_normal((1, 128)).astype(np.float32)
     assert _rel_error(np.asarray(x @ weight, np.float64).ravel(), _run(converted, x)) < 1e-2
 
+
+
+def test_fp16_keeps_a_graph_output_beyond_float16_whole(data: Dataset) -> None:
+    """The kept node makes the graph output itself: no float16 on its way out either."""
+    weight = (np.random.default_rng(5).standard_normal((4, 3, 3, 3)) * 2e4).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "big-output",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    source = bytes(model.SerializeToString())
+    converted = quantize_onnx(source, "fp16", data)
+    for x in data.inputs["x"]:
+        expected = _run(source, x[None])
+        assert np.abs(expected).max() > FP16_MAX
+        assert _rel_error(expected, _run(converted, x[None])) < 1e-3
+
+
+@pytest.mark.parametrize("drop", [float("nan"), float("inf"), 0.0])
+def test_outputs_that_come_out_not_finite_are_refused_never_accepted(drop: float) -> None:
+    """A NaN drop compared as within any budget (NaN > 1 is false): a result whose outputs
+    are NaN was written with exit 0. Not finite, in the drop or the worst score, is refused."""
+    from types import SimpleNamespace
+
+    from edgefleet.converter.pipeline import _judge
+    from edgefleet.converter.report import Attempt, Verdict
+
+    attempt = Attempt("fp16", "fp16", size_bytes=10, accuracy_drop_points=drop)
+    attempt.agreement = {"worst_score": float("nan") if drop == 0.0 else 0.5}
+    config = ConvertConfig(model=Path("m.onnx"), output=Path("o.efb"), sign_key=Path("k.key"),
+                           max_drop=100.0)
+    source = SimpleNamespace(kind="onnx", size_bytes=100)
+    _judge(SimpleNamespace(config=config, source=source), attempt)  # type: ignore[arg-type]
+    assert attempt.verdict is Verdict.NOT_FINITE and not attempt.accepted
+    assert "not finite" in attempt.reason
+    report = ConversionReport("m.onnx", "onnx", "onnx", "fp16", 100, attempts=[attempt])
+    for data in (report.as_dict(), report.metrics()):  # strict JSON: no NaN, no Infinity
+        json.loads(json.dumps(data), parse_constant=_refuse)
+
+
+def _refuse(constant: str) -> None:
+    raise AssertionError(f"{constant} in JSON")

@@ -10,7 +10,7 @@ import pytest
 
 from edgefleet.agent.protocol.bundle import read_bundle
 from edgefleet.converter.config import ConvertConfig
-from edgefleet.converter.errors import NoResultError
+from edgefleet.converter.errors import DataError, NoResultError
 from edgefleet.converter.evaluate import agreement, output_error
 from edgefleet.converter.pipeline import convert
 from edgefleet.converter.report import Attempt
@@ -194,6 +194,7 @@ def dynamic_keras(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     inputs = keras.Input(shape=(None, None, 3), name="image")
     x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = keras.layers.BatchNormalization()(x)
     outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))
     path = tmp_path_factory.mktemp("dynamic-keras") / "dynamic.keras"
     keras.Model(inputs, outputs).save(path)
@@ -211,6 +212,17 @@ def test_input_size_fixes_a_keras_models_dynamic_dims_in_the_tflite_artifact(
     assert report.input_shapes == {"image": [-1, 32, 48, 3]}
     manifest = read_bundle(out, signing_keys.trusted).manifest
     assert list(manifest.inputs[0].shape)[1:] == [32, 48, 3], "the TFLite input carries them"
+    chosen = report.chosen_attempt
+    assert chosen is not None
+    assert chosen.agreement["worst_score"] > 0.99, chosen.agreement
+
+
+def test_a_keras_models_dynamic_dims_left_dynamic_for_tflite_are_refused_with_the_options(
+        dynamic_keras: Path, photos: Path, signing_keys: Keys, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"dynamic dims \[-1, -1, -1, 3\]") as refused:
+        convert(_config(dynamic_keras, tmp_path / "d.efb", signing_keys, format="tflite",
+                        quantize="dynamic", calibration=photos))
+    assert "--input-size" in refused.value.hint and "--format onnx" in refused.value.hint
 
 
 def test_a_dynamic_model_fed_images_without_a_size_is_warned_with_the_size_used(
