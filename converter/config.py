@@ -9,12 +9,13 @@ from typing import Literal
 
 from edgefleet.converter.search import DEFAULT_SEARCH_SECONDS
 
-__all__ = ["CALIBRATION_METHODS", "DEFAULT_MAX_DROP", "QUANTIZE_MODES", "TFLITE_SOURCE_ONLY",
-           "ConvertConfig", "Format", "Quantize", "Scale"]
+__all__ = ["CALIBRATION_METHODS", "DEFAULT_MAX_DROP", "QUANTIZE_MODES", "SCALES",
+           "TFLITE_SOURCE_ONLY", "ConvertConfig", "Format", "Quantize", "Scale"]
 
 Format = Literal["tflite", "onnx"]
 Quantize = Literal["none", "fp16", "dynamic", "weight-only", "int8", "int8-a16", "auto"]
 Scale = Literal["0-1", "-1-1", "0-255"]
+SCALES: tuple[Scale, ...] = ("0-1", "-1-1", "0-255")
 DEFAULT_MAX_DROP = 1.0  # points: accuracy with labels, else 100 x (1 - worst output score)
 QUANTIZE_MODES: tuple[Quantize, ...] = ("none", "fp16", "dynamic", "weight-only", "int8",
                                         "int8-a16", "auto")
@@ -62,6 +63,8 @@ class ConvertConfig:
             raise ValueError(f"prune sparsity must be between 0 and 1, got {self.prune}")
         if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
             raise ValueError("max_drop is in accuracy points: a number, 0 or more")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}")
         if self.activations not in ("uint8", "int8"):

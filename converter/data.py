@@ -59,7 +59,25 @@ def load_dataset(path: Path, inputs: list[TensorInfo], scale: Scale = "0-1") -> 
     else:
         raise DataError(f"cannot read {path.name}",
                         hint="use .npy, .npz (arrays by input name, 'labels') or an image folder")
-    return Dataset({i.name: _fit(i, data.inputs[i.name], path) for i in inputs}, data.labels)
+    fitted = {i.name: _fit(i, data.inputs[i.name], path) for i in inputs}
+    return Dataset(fitted, _checked_labels(data.labels, len(next(iter(fitted.values()))), path))
+
+
+def _checked_labels(labels: Array | None, samples: int, path: Path) -> Array | None:
+    """Labels are one class index a sample: integers, as many as the samples."""
+    if labels is None:
+        return None
+    if labels.ndim != 1 or len(labels) != samples:
+        raise DataError(f"{path.name}: 'labels' has shape {list(labels.shape)} for {samples} "
+                        "samples", hint="give one class index a sample, as a 1-D array")
+    if labels.dtype.kind not in "iu":
+        whole = labels.dtype.kind == "f" and bool(np.all(np.isfinite(labels))) and \
+            bool(np.all(labels == np.round(labels)))
+        if not whole:
+            raise DataError(f"{path.name}: 'labels' are {labels.dtype}, not class indices",
+                            hint="give integer class indices (0, 1, 2, ...)")
+        return labels.astype(np.int64)
+    return labels
 
 
 def _single(inputs: list[TensorInfo], path: Path) -> TensorInfo:

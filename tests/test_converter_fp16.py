@@ -155,3 +155,37 @@ def test_outputs_that_come_out_not_finite_are_refused_never_accepted(drop: float
 
 def _refuse(constant: str) -> None:
     raise AssertionError(f"{constant} in JSON")
+
+
+# --- data the converter is given (from the outside view: tracebacks before) -------------------
+
+def test_a_scale_that_does_not_exist_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"scale must be one of .*'0-2'"):
+        ConvertConfig(model=Path("m.onnx"), output=Path("o.efb"), sign_key=Path("k.key"),
+                      scale="0-2")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("labels", "says"), [
+    (np.arange(4), r"'labels' has shape \[4\] for 6 samples"),
+    (np.full(6, 0.5), r"'labels' are float64, not class indices"),
+])
+def test_labels_that_do_not_fit_the_samples_are_refused_by_name(
+        tmp_path: Path, labels: np.ndarray, says: str) -> None:
+    from edgefleet.agent.runtime.base import TensorInfo
+    from edgefleet.converter.data import load_dataset
+    from edgefleet.converter.errors import DataError
+
+    np.savez(tmp_path / "eval.npz", x=np.zeros((6, 3, 8, 8), np.float32), labels=labels)
+    with pytest.raises(DataError, match=says):
+        load_dataset(tmp_path / "eval.npz", [TensorInfo("x", (1, 3, 8, 8), "float32")])
+
+
+def test_whole_float_labels_are_read_as_class_indices(tmp_path: Path) -> None:
+    from edgefleet.agent.runtime.base import TensorInfo
+    from edgefleet.converter.data import load_dataset
+
+    np.savez(tmp_path / "eval.npz", x=np.zeros((3, 3, 8, 8), np.float32),
+             labels=np.array([0.0, 2.0, 1.0]))
+    found = load_dataset(tmp_path / "eval.npz", [TensorInfo("x", (1, 3, 8, 8), "float32")])
+    assert found.labels is not None and found.labels.tolist() == [0, 2, 1]
+    assert found.labels.dtype.kind == "i"
