@@ -173,19 +173,15 @@ def _raw_onnx(path: Path, inputs: Any, calib: Any, pre_processed: bool) -> bytes
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from edgefleet.converter import shapes
-    from edgefleet.converter.onnx_backend import _Reader
+    from edgefleet.converter.onnx_backend import _Reader, _working_directory
 
     with tempfile.TemporaryDirectory() as tmp:
         src, pre, out = (Path(tmp) / n for n in ("src.onnx", "pre.onnx", "out.onnx"))
         src.write_bytes(shapes.static_onnx(path.read_bytes(), inputs))
         if pre_processed:  # in the temporary folder: it writes files to the current one
-            here = Path.cwd()
-            os.chdir(tmp)
-            try:
+            with _working_directory(Path(tmp)):
                 # its defaults stop on PP-OCR ("Incomplete symbolic shape inference")
                 quant_pre_process(src, pre, skip_symbolic_shape=True)
-            finally:
-                os.chdir(here)
             src = pre
         quantize_static(src, out, _Reader(calib), per_channel=True)
         return out.read_bytes()

@@ -286,10 +286,10 @@ def _drop_round_trips(proto: Any) -> None:
 def _big_constants(proto: Any) -> set[str]:
     """Float initializers and Constant outputs holding a value beyond float16's range (such
     Constant nodes become initializers)."""
-    from onnx import numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     def too_big(tensor: Any) -> bool:
-        if tensor.data_type != onnx_float():
+        if tensor.data_type != TensorProto.FLOAT:
             return False
         values = numpy_helper.to_array(tensor)
         return bool(values.size) and float(np.nanmax(np.abs(values))) > FP16_MAX
@@ -307,24 +307,19 @@ def _big_constants(proto: Any) -> set[str]:
     return big
 
 
-def onnx_float() -> int:
-    from onnx import TensorProto
-
-    return int(TensorProto.FLOAT)
-
-
 def _big_activations(model: bytes, data: Dataset) -> set[str]:
     """Float tensors whose magnitude passes :data:`FP16_SAFE` on calibration samples."""
     import onnx
     import onnxruntime as ort
+    from onnx import TensorProto
 
     proto = onnx.load_model_from_string(model)
     inferred = onnx.shape_inference.infer_shapes(proto)
     have = {o.name for o in proto.graph.output}
     for info in inferred.graph.value_info:
-        if info.type.tensor_type.elem_type == onnx_float() and info.name not in have:
+        if info.type.tensor_type.elem_type == TensorProto.FLOAT and info.name not in have:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(
-                info.name, onnx_float(), None))
+                info.name, TensorProto.FLOAT, None))
     session = ort.InferenceSession(proto.SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
