@@ -5,6 +5,8 @@ Standard library only (``ThreadingHTTPServer``). Endpoints::
     GET  /healthz                                   no token
     GET  /bundles/{sha256}.efb                      no token; one Range (bytes=N-M, N-, -K)
                                                     honoured (RFC 9110; 416 when unsatisfiable)
+    GET  /deltas/{from}-{to}                        no token; a delta (docs/deltas.md), Range
+                                                    as for bundles
     GET  /metrics                                   no token; Prometheus text format
     GET  /  and  /dashboard/...                     no token; the live fleet page (static)
     GET  /api/v1/stream                             server-sent events for the dashboard
@@ -74,6 +76,7 @@ from edgefleet.fleet import dashboard
 from edgefleet.fleet.byte_ranges import UNSATISFIABLE, byte_range, copy_span
 from edgefleet.fleet.control.actions import OPERATIONS
 from edgefleet.fleet.controller import FleetController
+from edgefleet.fleet.deltas import DELTA_PATH
 from edgefleet.fleet.domain import ModelVersion
 from edgefleet.fleet.drift import DriftPolicy
 from edgefleet.fleet.errors import (
@@ -253,6 +256,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json({"ok": True, **self.controller.overview(quality=False)})
         if path.startswith("/bundles/"):  # no token, whatever the name
             return self._bundle(_bundle_sha(path))
+        if path.startswith("/deltas/"):  # no token: served like a bundle (docs/deltas.md)
+            return self._delta(path)
         if path == "/metrics":
             return self._raw(*self.server.metrics.render())
         if path == "/" or path.startswith("/dashboard"):
@@ -326,6 +331,17 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.controller.bundle_path(sha256)
         if path is None or not path.exists():
             raise NotFoundError(f"no bundle {sha256[:12]}", hint="push it first")
+        self._file(path)
+
+    def _delta(self, path: str) -> None:
+        match = DELTA_PATH.match(path)
+        found = self.controller.deltas.path(*match.groups()) if match else None
+        if found is None:
+            raise NotFoundError(f"no delta {path[len('/deltas/'):][:80]!r}",
+                                hint="download the full bundle (the device does so by itself)")
+        self._file(found)
+
+    def _file(self, path: Path) -> None:
         size = path.stat().st_size
         ranges = self.headers.get_all("Range") or []
         span = byte_range(ranges[0], size) if len(ranges) == 1 else None  # two: both ignored

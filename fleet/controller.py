@@ -50,6 +50,7 @@ from edgefleet.fleet.control.observer import RolloutObserver
 from edgefleet.fleet.control.outbox import Outbox
 from edgefleet.fleet.control.role import LeasedRole, Role, SingleRole
 from edgefleet.fleet.control.runner import RolloutRunner
+from edgefleet.fleet.deltas import DeltaShelf
 from edgefleet.fleet.domain import AuditEntry, Device, ModelVersion
 from edgefleet.fleet.drift import Alert, DriftPolicy, DriftView
 from edgefleet.fleet.registry import DeviceRegistry
@@ -86,7 +87,10 @@ class FleetController:
         live: dict[str, Rollout] = {}
         self.observer = RolloutObserver(self.registry, self.catalog, self.telemetry, live,
                                         clock, config.quality_window_ms)
-        self.outbox = Outbox(config.fleet, self.registry, self.catalog, self.role, clock)
+        self.deltas = DeltaShelf(self.artifacts / "deltas", self.catalog.bundle_path,
+                                 config.public_url)
+        self.outbox = Outbox(config.fleet, self.registry, self.catalog, self.role, clock,
+                             self.deltas)
         self.runner = RolloutRunner(store, live, self.observer, self.outbox, self.role,
                                     self.audit, self.listeners.notify, clock)
         self.device_book = DeviceBook(store, self.registry, self.role, self.audit)

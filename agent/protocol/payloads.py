@@ -22,6 +22,7 @@ __all__ = [
     "STATUS_OFFLINE",
     "STATUS_ONLINE",
     "BundleRef",
+    "DeltaRef",
     "DesiredState",
     "Event",
     "ReportedState",
@@ -49,6 +50,17 @@ class BundleRef(Document):
     sha256: str = Field(pattern=SHA256_PATTERN)
 
 
+class DeltaRef(Document):
+    """A delta the device may rebuild the bundle from (optional, additive: an agent that
+    predates deltas ignores it and downloads ``url``; docs/protocol.md, "Deltas")."""
+
+    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://[^\s]+$")
+    sha256: str = Field(pattern=SHA256_PATTERN)  # of the delta file
+    size: int = Field(gt=0)  # bytes of the delta file: the download never reads more
+    base: str = Field(pattern=SHA256_PATTERN)  # sha256 of the bundle file it applies to
+    result: str = Field(pattern=SHA256_PATTERN)  # sha256 of the bundle file it rebuilds
+
+
 class DesiredState(Document):
     """Retained on ``state/desired``, written by the controller only."""
 
@@ -65,6 +77,7 @@ class DesiredState(Document):
     action: Literal["install", "commit", "rollback"] = "install"
     auto_commit: bool = False
     issued_at: int = 0  # when the controller wrote it (changes on a re-send: no identity)
+    delta: DeltaRef | None = None  # from the bundle the device reported, when worth it
 
 
 class UpdateReport(Document):

@@ -15,8 +15,9 @@ from edgefleet.agent.loader import LoadedModel, load_bundle
 from edgefleet.agent.protocol.bundle import read_bundle, read_manifest
 from edgefleet.agent.protocol.errors import EdgefleetError, IntegrityError
 from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.agent.update.delta import DeltaStats, fetch_bundle
 from edgefleet.agent.update.disk import DISK_MARGIN, check_free, discard, guarded, sweep
-from edgefleet.agent.update.download import DownloadStats, fetch
+from edgefleet.agent.update.download import DownloadStats
 from edgefleet.agent.update.slots import SlotStore
 from edgefleet.agent.update.states import Event, Journal
 
@@ -58,6 +59,7 @@ class DeviceEffects:
         self.slots = SlotStore(self.data_dir)
         self.journal_path = self.data_dir / "journal.json"
         self.stats = DownloadStats()
+        self.deltas = DeltaStats()
         self._publish = publish
         self._candidate: LoadedModel | None = None
         self._decision: Event | None = None
@@ -86,7 +88,8 @@ class DeviceEffects:
                 return
             self._discard(path)  # with its partial file: those bytes came with it
         check_free(self.data_dir, size)
-        fetch(journal.target.url, path, size, stats=self.stats)
+        fetch_bundle(journal.target, path, self.slots.active_bundle(), stats=self.stats,
+                     deltas=self.deltas)
 
     def verify(self, journal: Journal) -> None:
         """Check the download against the target; one that fails is discarded (with its

@@ -12,11 +12,12 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 
 from edgefleet.agent.mqtt import MqttClient
-from edgefleet.agent.protocol.payloads import BundleRef, DesiredState, encode
+from edgefleet.agent.protocol.payloads import BundleRef, DeltaRef, DesiredState, encode
 from edgefleet.agent.protocol.topics import Leaf, device_topic
 from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.control.catalog import ModelCatalog
 from edgefleet.fleet.control.role import Role
+from edgefleet.fleet.deltas import DeltaShelf
 from edgefleet.fleet.registry import DeviceRegistry
 from edgefleet.fleet.rollout.executor import Action
 from edgefleet.fleet.rollout.state import DeviceState, Rollout
@@ -33,9 +34,9 @@ class Outbox:
     """Encoded desired states by device, oldest first; an empty payload clears one."""
 
     def __init__(self, fleet: str, registry: DeviceRegistry, catalog: ModelCatalog,
-                 role: Role, clock: Callable[[], int]) -> None:
+                 role: Role, clock: Callable[[], int], deltas: DeltaShelf | None = None) -> None:
         self.fleet, self.registry, self.catalog = fleet, registry, catalog
-        self.role, self.clock = role, clock
+        self.role, self.clock, self.deltas = role, clock, deltas
         self.waiting: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self.mqtt: MqttClient | None = None  # set when the controller connects
 
@@ -72,8 +73,18 @@ class Outbox:
             ref, url, size = model.ref, self.catalog.bundle_url(model.sha256), model.size
         desired = DesiredState(name=ref.name, version=ref.version, sha256=ref.sha256,
                                url=url, size=size, rollout=rollout.id, action=action.value,
-                               issued_at=self.clock())
+                               issued_at=self.clock(), delta=self._delta(device, ref, action))
         self.waiting[device] = encode(desired)
+
+    def _delta(self, device_id: str, ref: BundleRef, action: Action) -> DeltaRef | None:
+        """A delta from the bundle the device reports it runs to ``ref``, for an install
+        of another bundle of the same model (docs/deltas.md)."""
+        device = self.registry.get(device_id)
+        active = device.active if device is not None else None
+        if (self.deltas is None or action != Action.INSTALL or active is None
+                or active.name != ref.name or active.sha256 == ref.sha256):
+            return None
+        return self.deltas.offer(active.sha256, ref.sha256)
 
     def requeue(self, rollouts: Iterable[Rollout]) -> None:
         """After a restart: tell every device a rollout waits on what it must do, again."""

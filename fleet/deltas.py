@@ -1,0 +1,141 @@
+"""Deltas between pushed bundles: built once per pair, kept by content address, offered
+in a desired state when worth it (docs/deltas.md).
+
+A delta is named by the pair of bundles it joins, ``{from}-{to}`` (the sha256 of each
+manifest), and kept in ``<data>/bundles/deltas/`` beside a small record: the delta
+file's sha256 and size, and the sha256 of the two bundle files (the device checks its
+base and the rebuilt file against those). A pair whose delta is not at most
+:data:`~edgefleet.agent.protocol.delta.MAX_SHARE` of the full bundle is recorded as
+such and never built again; neither is a pair that failed to build.
+
+A pair is built when a desired state first needs it: in practice when the rollout is
+created, whose first tick sends the first wave (measured in BENCHMARKS.md, "Delta
+updates"), or on the first request of ``/deltas/{from}-{to}`` on a controller that does
+not hold it yet (scaled out: another controller made the offer; the build is
+deterministic, and the device checks the sha256 either way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgefleet.agent.protocol.delta import build_delta, worth_it
+from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.agent.protocol.payloads import DeltaRef
+from edgefleet.fleet.control import CONTROLLER_LOG
+
+__all__ = ["DELTA_PATH", "DeltaRecord", "DeltaShelf"]
+
+log = logging.getLogger(CONTROLLER_LOG)
+DELTA_PATH = re.compile(r"^/deltas/([0-9a-f]{64})-([0-9a-f]{64})$")
+
+
+@dataclass(frozen=True)
+class DeltaRecord:
+    """What one pair's build gave: the delta (sha256, size), or why there is none."""
+
+    base_file: str  # sha256 of the base bundle's file
+    result_file: str  # sha256 of the target bundle's file
+    full_size: int
+    sha256: str = ""  # of the delta file; empty: no delta for this pair
+    size: int = 0
+    build_ms: float = 0.0
+    none: str = ""  # why there is no delta (too large, failed)
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.sha256) and worth_it(self.size, self.full_size)
+
+
+class DeltaShelf:
+    """The deltas of one controller's artifacts folder."""
+
+    def __init__(self, folder: Path, bundle_path: Callable[[str], Path | None],
+                 public_url: str) -> None:
+        self.folder, self.bundle_path, self.public_url = folder, bundle_path, public_url
+        self._records: dict[tuple[str, str], DeltaRecord | None] = {}
+        self._lock = threading.Lock()
+
+    def url(self, base: str, target: str) -> str:
+        return f"{self.public_url.rstrip('/')}/deltas/{base}-{target}"
+
+    def offer(self, base: str, target: str) -> DeltaRef | None:
+        """The delta a device serving bundle ``base`` may rebuild ``target`` from, or None
+        (not both bundles held here, or no delta worth it)."""
+        record = self.record(base, target)
+        if record is None or not record.usable:
+            return None
+        return DeltaRef(url=self.url(base, target), sha256=record.sha256, size=record.size,
+                        base=record.base_file, result=record.result_file)
+
+    def path(self, base: str, target: str) -> Path | None:
+        """The delta file to serve (built now if this controller has not yet)."""
+        record = self.record(base, target)
+        file = self._file(base, target)
+        return file if record is not None and record.sha256 and file.exists() else None
+
+    def record(self, base: str, target: str) -> DeltaRecord | None:
+        """The pair's record: remembered, read from disk, or built now (None: one of the
+        bundles is not held here)."""
+        key = (base, target)
+        with self._lock:
+            if key not in self._records:
+                self._records[key] = self._load(base, target) or self._build(base, target)
+            return self._records[key]
+
+    def _file(self, base: str, target: str) -> Path:
+        return self.folder / f"{base}-{target}.zst"
+
+    def _record_file(self, base: str, target: str) -> Path:
+        return self.folder / f"{base}-{target}.json"
+
+    def _load(self, base: str, target: str) -> DeltaRecord | None:
+        try:
+            record = DeltaRecord(**json.loads(self._record_file(base, target).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        if record.sha256 and not self._file(base, target).exists():
+            return None  # the delta file went away: build it again
+        return record
+
+    def _build(self, base: str, target: str) -> DeltaRecord | None:
+        paths = self.bundle_path(base), self.bundle_path(target)
+        if paths[0] is None or paths[1] is None or base == target:
+            return None
+        old, new = paths[0].read_bytes(), paths[1].read_bytes()
+        record = DeltaRecord(_sha256(old), _sha256(new), len(new))
+        started = time.perf_counter()
+        try:
+            delta = build_delta(old, new)
+        except Exception as exc:  # a pair that cannot be built is served whole, and logged
+            log.exception("delta %s -> %s not built", base[:12], target[:12])
+            return self._keep(base, target, record, none=f"build failed: {exc}")
+        spent = round((time.perf_counter() - started) * 1000, 1)
+        if not worth_it(len(delta), len(new)):
+            return self._keep(base, target, record, none="not smaller than the share",
+                              size=len(delta), build_ms=spent)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(self._file(base, target), delta)
+        log.info("delta %s -> %s: %d of %d bytes (%.3f) in %.0f ms", base[:12], target[:12],
+                 len(delta), len(new), len(delta) / len(new), spent)
+        return self._keep(base, target, record, sha256=_sha256(delta), size=len(delta),
+                          build_ms=spent)
+
+    def _keep(self, base: str, target: str, record: DeltaRecord,
+              **found: str | int | float) -> DeltaRecord:
+        kept = DeltaRecord(**{**asdict(record), **found})
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(self._record_file(base, target), json.dumps(asdict(kept)).encode())
+        return kept
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
