@@ -1,0 +1,210 @@
+"""Bundle deltas on the device: rebuilt exactly, resumed with Range, and every way a delta
+can be wrong ends in the full download (never a wrong file); hostile deltas only ever
+give a clean DeltaError, within the output and memory bounds."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.agent.protocol.delta import DeltaError, apply_delta, build_delta, max_window
+from edgefleet.agent.protocol.payloads import DeltaRef, DesiredState, decode, encode
+from edgefleet.agent.update.delta import DeltaStats, fetch_bundle
+from edgefleet.agent.update.download import DownloadStats
+from edgefleet.agent.update.target import UpdateTarget
+from tests.conftest import Keys, make_bundle
+from tests.hostile import HOSTILE, MiB, peak_traced_bytes
+from tests.http_files import FileServer
+from tests.models import TrainedModels
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pair(digits_models: TrainedModels, signing_keys: Keys,
+         tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same model as 1.0.0 and 1.0.1: what most updates of a model look like."""
+    root = tmp_path_factory.mktemp("delta-bundles")
+    return (make_bundle(digits_models.tflite, root / "v1.efb", signing_keys, "1.0.0"),
+            make_bundle(digits_models.tflite, root / "v2.efb", signing_keys, "1.0.1"))
+
+
+@pytest.fixture(scope="module")
+def server(pair: tuple[Path, Path]) -> Iterator[FileServer]:
+    base, new = pair
+    root = base.parent
+    (root / "good.delta").write_bytes(build_delta(base.read_bytes(), new.read_bytes()))
+    served = FileServer(root)
+    yield served
+    served.stop()
+
+
+def _target(new: Path, server: FileServer, delta: str, keys: Keys, base: bytes,
+            **changes: object) -> UpdateTarget:
+    data = (new.parent / delta).read_bytes() if (new.parent / delta).exists() else b"x"
+    ref = DeltaRef(url=server.url(delta), sha256=_sha(data), size=len(data), base=_sha(base),
+                   result=_sha(new.read_bytes()))
+    ref = ref.model_copy(update=changes)
+    bundle = read_bundle(new, keys.trusted)
+    return UpdateTarget(name="digits", version="1.0.1", sha256=bundle.sha256,
+                        url=server.url(new.name), size=new.stat().st_size, delta=ref)
+
+
+def _run(target: UpdateTarget, base: Path, tmp_path: Path) -> tuple[bytes, DeltaStats,
+                                                                      DownloadStats]:
+    deltas, stats = DeltaStats(), DownloadStats()
+    out = fetch_bundle(target, tmp_path / "downloads" / "new.efb", base, stats=stats,
+                       deltas=deltas)
+    assert not list(out.parent.glob("*.delta*")) and not list(out.parent.glob("*.rebuild"))
+    return out.read_bytes(), deltas, stats
+
+
+def test_a_delta_rebuilds_the_new_bundle_exactly_from_far_fewer_bytes(
+        pair: tuple[Path, Path], server: FileServer, signing_keys: Keys,
+        tmp_path: Path) -> None:
+    base, new = pair
+    target = _target(new, server, "good.delta", signing_keys, base.read_bytes())
+    assert target.delta is not None
+    data, deltas, stats = _run(target, base, tmp_path)
+    assert data == new.read_bytes()
+    assert (deltas.used, deltas.fallbacks) == (1, 0)
+    assert stats.received == target.delta.size < new.stat().st_size // 10
+
+
+def test_a_delta_download_resumes_with_range(pair: tuple[Path, Path], server: FileServer,
+                                             signing_keys: Keys, tmp_path: Path) -> None:
+    base, new = pair
+    target = _target(new, server, "good.delta", signing_keys, base.read_bytes())
+    assert target.delta is not None
+    half = target.delta.size // 2
+    server.faults.cut_after, server.faults.cuts = half, 1
+    server.faults.requests.clear()
+    data, deltas, _ = _run(target, base, tmp_path)
+    server.faults.cuts = 0
+    assert data == new.read_bytes() and deltas.used == 1
+    assert server.faults.requests == [None, f"bytes={half}-"]
+
+
+@pytest.mark.parametrize("case", ["corrupted", "wrong base", "altered base", "missing",
+                                  "too large", "wrong result"])
+def test_every_wrong_delta_ends_in_the_full_download(
+        case: str, pair: tuple[Path, Path], server: FileServer, signing_keys: Keys,
+        tmp_path: Path) -> None:
+    base, new = pair
+    base_bytes, root = base.read_bytes(), base.parent
+    good = (root / "good.delta").read_bytes()
+    name, changes = "good.delta", dict[str, object]()
+    if case == "corrupted":  # the bytes served are not the delta offered
+        name = "corrupted.delta"
+        (root / name).write_bytes(good[:40] + bytes(b ^ 0xFF for b in good[40:80]) + good[80:])
+        changes = {"sha256": _sha(good), "size": len(good)}
+    elif case == "wrong base":  # offered as if for this base, built from another bundle
+        name = "wrong-base.delta"
+        (root / name).write_bytes(build_delta(new.read_bytes()[::-1], new.read_bytes()))
+    elif case == "altered base":  # the device's copy changed since it was installed
+        altered = tmp_path / "altered.efb"
+        altered.write_bytes(base_bytes + b"\0" * 512)
+        base = altered
+    elif case == "missing":
+        name = "no-such.delta"
+    elif case == "too large":
+        changes = {"size": new.stat().st_size}
+    elif case == "wrong result":
+        changes = {"result": _sha(b"another bundle")}
+    target = _target(new, server, name, signing_keys, base_bytes, **changes)
+    data, deltas, _ = _run(target, base, tmp_path)
+    assert data == new.read_bytes(), "the full bundle, never a wrong file"
+    assert (deltas.used, deltas.fallbacks) == (0, 1), deltas.last_fallback
+
+
+def test_an_older_agent_reads_a_desired_state_with_a_delta_and_ignores_it() -> None:
+    sha = "a" * 64
+    desired = DesiredState(name="digits", version="1.0.1", sha256=sha, url="http://c/b.efb",
+                           size=10, delta=DeltaRef(url="http://c/deltas/x", sha256=sha,
+                                                   size=3, base=sha, result=sha))
+    raw = encode(desired)
+    assert decode(DesiredState, raw).delta == desired.delta
+    assert UpdateTarget.from_dict(UpdateTarget.from_desired(desired).to_dict()).delta == \
+        desired.delta
+
+    class OlderDesiredState(DesiredState):  # the schema before deltas: no such field
+        pass
+
+    OlderDesiredState.model_fields.pop("delta")
+    OlderDesiredState.model_rebuild(force=True)
+    older = decode(OlderDesiredState, raw)
+    assert older.sha256 == sha and "delta" not in older.model_dump()
+
+
+# --- hostile deltas ------------------------------------------------------------------------
+
+_BASE = bytes(range(256)) * 256  # 64 KiB that compress well, like a model's tensors
+_NEW = _BASE[:30_000] + b"new tensor" * 500 + _BASE[30_000:]
+_GOOD = build_delta(_BASE, _NEW)
+
+
+def _apply(delta: bytes, expected: int = len(_NEW)) -> bytes:
+    out = io.BytesIO()
+
+    def write(chunk: bytes) -> None:
+        assert out.tell() + len(chunk) <= expected, "never more than the expected size"
+        out.write(chunk)
+
+    apply_delta(_BASE, delta, expected, write)
+    return out.getvalue()
+
+
+@st.composite
+def _hostile(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["random", "flip", "truncate", "splice", "prefix"]))
+    if kind == "random":
+        return draw(st.binary(max_size=4096))
+    if kind == "truncate":
+        return _GOOD[:draw(st.integers(0, len(_GOOD) - 1))]
+    if kind == "prefix":  # a valid header, then garbage
+        return _GOOD[:draw(st.integers(4, 18))] + draw(st.binary(max_size=4096))
+    at = draw(st.integers(0, len(_GOOD) - 1))
+    if kind == "flip":
+        return _GOOD[:at] + bytes([_GOOD[at] ^ draw(st.integers(1, 255))]) + _GOOD[at + 1:]
+    return _GOOD[:at] + draw(st.binary(min_size=1, max_size=64)) + _GOOD[at:]
+
+
+@HOSTILE
+@given(delta=_hostile())
+def test_a_hostile_delta_never_gives_anything_but_the_bundle_or_a_delta_error(
+        delta: bytes) -> None:
+    result, peak = peak_traced_bytes(lambda: _apply(delta))
+    assert result == _NEW or isinstance(result, DeltaError), repr(result)
+    assert peak < 2 * MiB
+
+
+def test_a_good_delta_applies() -> None:
+    assert _apply(_GOOD) == _NEW
+
+
+def test_a_frame_declaring_a_larger_window_or_size_is_refused_before_decoding() -> None:
+    # a frame header (RFC 8878 3.1.1.1): magic, descriptor (4-byte size, checksum, not one
+    # segment), window log 27 (128 MiB), the right content size; then a raw last block
+    wide = (b"\x28\xb5\x2f\xfd\x84" + bytes([(27 - 10) << 3]) + len(_NEW).to_bytes(4, "little")
+            + ((len(_NEW) << 3) | 1).to_bytes(3, "little") + _NEW)
+    assert zstandard.get_frame_parameters(wide).window_size > max_window(len(_BASE), len(_NEW))
+    with pytest.raises(DeltaError, match="window"):
+        _apply(wide)
+    with pytest.raises(DeltaError, match="declares"):
+        _apply(_GOOD, expected=len(_NEW) - 1)
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(_NEW)
+    with pytest.raises(DeltaError, match="declares"):
+        _apply(unsized)
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 * MiB))  # declares 64 MiB
+    with pytest.raises(DeltaError, match="declares"):
+        _apply(bomb)
