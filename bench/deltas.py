@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import edge_cnn, markdown_table, print_table, update_section, write_results
 from edgefleet.agent.protocol.delta import MAX_SHARE, apply_delta, build_delta, worth_it
 from edgefleet.agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
+from edgefleet.agent.runtime import load_runtime
 from edgefleet.converter.data import Dataset
 from edgefleet.converter.package import PackageSpec, package_bytes
 from edgefleet.converter.prune import prune_keras
@@ -104,8 +105,9 @@ def pairs(family: Family) -> dict[str, tuple[bytes, bytes, str, str]]:
 
 def bundle(model: bytes, family: Family, version: str, key: SigningKey, out: Path,
            note: str) -> bytes:
-    spec = PackageSpec(family.bundle_name, version,
-                       {family.input: family.x[:8]}, metrics={"note": note})
+    name = load_runtime(model, "tflite").inputs[0].name  # the converted model's own name
+    spec = PackageSpec(family.bundle_name, version, {name: family.x[:8]},
+                       metrics={"note": note})
     return package_bytes(model, "tflite", out, spec, key).read_bytes()
 
 

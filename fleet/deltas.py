@@ -32,9 +32,12 @@ from edgefleet.agent.protocol.files import atomic_write
 from edgefleet.agent.protocol.payloads import DeltaRef
 from edgefleet.fleet.control import CONTROLLER_LOG
 
-__all__ = ["DELTA_PATH", "DeltaRecord", "DeltaShelf"]
+__all__ = ["DELTA_PATH", "MAX_BUILD_BYTES", "DeltaRecord", "DeltaShelf"]
 
 log = logging.getLogger(CONTROLLER_LOG)
+# the largest bundle a delta is built for: the build holds both bundles and zstd's level-19
+# tables over a window as large as the old bundle in memory; larger ones go whole
+MAX_BUILD_BYTES = 256 * 1024 * 1024
 DELTA_PATH = re.compile(r"^/deltas/([0-9a-f]{64})-([0-9a-f]{64})$")
 
 
@@ -110,6 +113,9 @@ class DeltaShelf:
         paths = self.bundle_path(base), self.bundle_path(target)
         if paths[0] is None or paths[1] is None or base == target:
             return None
+        if max(paths[0].stat().st_size, paths[1].stat().st_size) > MAX_BUILD_BYTES:
+            record = DeltaRecord("", "", paths[1].stat().st_size)
+            return self._keep(base, target, record, none="a bundle is over MAX_BUILD_BYTES")
         old, new = paths[0].read_bytes(), paths[1].read_bytes()
         record = DeltaRecord(_sha256(old), _sha256(new), len(new))
         started = time.perf_counter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -208,3 +209,28 @@ def test_a_frame_declaring_a_larger_window_or_size_is_refused_before_decoding() 
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 * MiB))  # declares 64 MiB
     with pytest.raises(DeltaError, match="declares"):
         _apply(bomb)
+
+
+# --- the controller's shelf -----------------------------------------------------------------
+
+def test_the_controller_builds_a_pair_once_and_offers_only_deltas_worth_it(
+        pair: tuple[Path, Path], signing_keys: Keys, tmp_path: Path) -> None:
+    from edgefleet.fleet.deltas import DeltaShelf
+
+    base, new = pair
+    noise = tmp_path / "noise.efb"
+    noise.write_bytes(os.urandom(new.stat().st_size))  # shares nothing with the base
+    files = {"b" * 64: base, "n" * 64: new, "z" * 64: noise}
+    shelf = DeltaShelf(tmp_path / "deltas", files.get, "http://ctl:8080/")
+    offer = shelf.offer("b" * 64, "n" * 64)
+    assert offer is not None and offer.url == f"http://ctl:8080/deltas/{'b' * 64}-{'n' * 64}"
+    built = shelf.path("b" * 64, "n" * 64)
+    assert built is not None and _sha(built.read_bytes()) == offer.sha256
+    assert (offer.base, offer.result) == (_sha(base.read_bytes()), _sha(new.read_bytes()))
+    stamp = built.stat().st_mtime_ns
+    again = DeltaShelf(tmp_path / "deltas", files.get, "http://ctl:8080")  # a restart
+    assert again.offer("b" * 64, "n" * 64) == offer and built.stat().st_mtime_ns == stamp
+    assert shelf.offer("b" * 64, "z" * 64) is None, "not smaller than the share: whole"
+    record = shelf.record("b" * 64, "z" * 64)
+    assert record is not None and record.none and shelf.path("b" * 64, "z" * 64) is None
+    assert shelf.offer("b" * 64, "x" * 64) is None, "a bundle the controller does not hold"
