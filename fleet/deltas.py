@@ -10,9 +10,9 @@ such and never built again; neither is a pair that failed to build.
 
 A pair is built when a desired state first needs it: in practice when the rollout is
 created, whose first tick sends the first wave (measured in BENCHMARKS.md, "Delta
-updates"), or on the first request of ``/deltas/{from}-{to}`` on a controller that does
-not hold it yet (scaled out: another controller made the offer; the build is
-deterministic, and the device checks the sha256 either way).
+updates"). ``/deltas/{from}-{to}`` (no token) serves only what was built; a request never
+starts a build, so nobody can make the controller diff bundles by asking (scaled out, a
+controller that did not make the offer answers 404 and the device downloads the bundle).
 """
 
 from __future__ import annotations
@@ -80,8 +80,10 @@ class DeltaShelf:
                         base=record.base_file, result=record.result_file)
 
     def path(self, base: str, target: str) -> Path | None:
-        """The delta file to serve (built now if this controller has not yet)."""
-        record = self.record(base, target)
+        """The delta file to serve: only one this controller built or holds (a request,
+        which needs no token, never starts a build)."""
+        with self._lock:
+            record = self._records.get((base, target)) or self._load(base, target)
         file = self._file(base, target)
         return file if record is not None and record.sha256 and file.exists() else None
 
@@ -90,7 +92,7 @@ class DeltaShelf:
         bundles is not held here)."""
         key = (base, target)
         with self._lock:
-            if key not in self._records:
+            if self._records.get(key) is None:  # a pair not held is asked again next time
                 self._records[key] = self._load(base, target) or self._build(base, target)
             return self._records[key]
 

@@ -222,6 +222,8 @@ def test_the_controller_builds_a_pair_once_and_offers_only_deltas_worth_it(
     noise.write_bytes(os.urandom(new.stat().st_size))  # shares nothing with the base
     files = {"b" * 64: base, "n" * 64: new, "z" * 64: noise}
     shelf = DeltaShelf(tmp_path / "deltas", files.get, "http://ctl:8080/")
+    assert shelf.path("b" * 64, "n" * 64) is None, "a request never starts a build"
+    assert not (tmp_path / "deltas").exists()
     offer = shelf.offer("b" * 64, "n" * 64)
     assert offer is not None and offer.url == f"http://ctl:8080/deltas/{'b' * 64}-{'n' * 64}"
     built = shelf.path("b" * 64, "n" * 64)
