@@ -38,6 +38,9 @@ log = logging.getLogger(CONTROLLER_LOG)
 # the largest bundle a delta is built for: the build holds both bundles and zstd's level-19
 # tables over a window as large as the old bundle in memory; larger ones go whole
 MAX_BUILD_BYTES = 256 * 1024 * 1024
+# a pair whose bundles are not both held is looked up again only after this long (a fleet
+# of devices flashed with a bundle never pushed must not cost a store query each)
+_RETRY_S = 60.0
 DELTA_PATH = re.compile(r"^/deltas/([0-9a-f]{64})-([0-9a-f]{64})$")
 
 
@@ -65,6 +68,7 @@ class DeltaShelf:
                  public_url: str) -> None:
         self.folder, self.bundle_path, self.public_url = folder, bundle_path, public_url
         self._records: dict[tuple[str, str], DeltaRecord | None] = {}
+        self._missing: dict[tuple[str, str], float] = {}  # pairs not held, and since when
         self._lock = threading.Lock()
 
     def url(self, base: str, target: str) -> str:
@@ -90,11 +94,14 @@ class DeltaShelf:
     def record(self, base: str, target: str) -> DeltaRecord | None:
         """The pair's record: remembered, read from disk, or built now (None: one of the
         bundles is not held here)."""
-        key = (base, target)
+        key, now = (base, target), time.monotonic()
         with self._lock:
-            if self._records.get(key) is None:  # a pair not held is asked again next time
+            missed = self._missing.get(key)
+            if self._records.get(key) is None and (missed is None or now - missed >= _RETRY_S):
                 self._records[key] = self._load(base, target) or self._build(base, target)
-            return self._records[key]
+                if self._records[key] is None:  # not held: looked up again a while later
+                    self._missing[key] = now
+            return self._records.get(key)
 
     def _file(self, base: str, target: str) -> Path:
         return self.folder / f"{base}-{target}.zst"
