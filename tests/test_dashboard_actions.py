@@ -203,7 +203,8 @@ def test_an_operator_creates_pauses_resumes_aborts_and_rolls_back_from_the_page(
 
     said = _act(browser, fleet, rollout, "pause", "PAUSED")
     assert f"Pause rollout {rollout}?" in said and "none is committed" in said
-    assert "resumed" in _act(browser, fleet, rollout, "resume", "RUNNING")
+    assert "goes on sending" in _act(browser, fleet, rollout, "resume", "RUNNING")
+    assert _text(browser, "#notice").startswith(f"Rollout {rollout} resumed")
 
     # a page of another origin tries to act: refused by the controller, nothing changes
     before = fleet.client().get("/api/v1/history")
@@ -241,9 +242,11 @@ def test_an_operator_creates_pauses_resumes_aborts_and_rolls_back_from_the_page(
     assert "EDGEFLEET_TOKEN" in _text(browser, "#confirm-hint")
     assert len(fleet.client().get("/api/v1/rollouts")) == 1
 
-    problems = [e["message"] for e in _severe(browser) if "Failed to load resource" not in
-                e["message"]]  # the 400 and 401 answers above are logged by the browser
-    assert problems == []  # no script error, nothing the page's CSP blocked
+    # the page's own: no script error, nothing its CSP blocked (the 400 and 401 answers
+    # above are logged by the browser; so is the other page's fetch that it blocked)
+    problems = [e["message"] for e in _severe(browser) if not (
+        "Failed to load resource" in e["message"] or e["message"].startswith(attacker.url))]
+    assert problems == []
 
 
 def _severe(driver: Chrome) -> list[dict[str, Any]]:
@@ -391,7 +394,7 @@ def test_the_origin_check_knows_the_controller_by_its_host_or_its_public_url() -
     assert _check({"Origin": "http://evil.example"}, method="GET")  # reads: not this check
 
 
-@settings(max_examples=300, deadline=200)
+@settings(max_examples=150, deadline=200)
 @given(origin=st.text(max_size=200), host=st.text(max_size=100),
        site=st.sampled_from(["", "same-origin", "none", "same-site", "cross-site", "x"]))
 def test_any_origin_host_or_fetch_site_text_is_let_through_or_refused_with_403(
