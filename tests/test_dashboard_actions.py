@@ -159,7 +159,8 @@ def _open_as_the_operator(driver: Chrome, url: str) -> None:
 
 
 def test_an_operator_creates_pauses_resumes_aborts_and_rolls_back_from_the_page(
-        fleet: Fleet, browser: Chrome, caplog: pytest.LogCaptureFixture) -> None:
+        fleet: Fleet, browser: Chrome, caplog: pytest.LogCaptureFixture,
+        tmp_path: Path) -> None:
     assert fleet.api is not None
     url = fleet.api.url
     _open_as_the_operator(browser, url)
@@ -172,6 +173,7 @@ def test_an_operator_creates_pauses_resumes_aborts_and_rolls_back_from_the_page(
     _create(browser, selectors="group:cams", waves="1,100%", soak="600",
             **{"max-failures": "0", "min-success": "150"})
     asked = _text(browser, "#confirm")
+    browser.save_screenshot(str(tmp_path / "create-dialog.png"))
     assert "digits 2.0.0" in asked and "group:cams" in asked and "3 of the devices" in asked
     browser.find_element(By.ID, "confirm-ok").click()
     wait_until(lambda: _dialog(browser) == "refused", 10, what="the refusal")
@@ -179,6 +181,7 @@ def test_an_operator_creates_pauses_resumes_aborts_and_rolls_back_from_the_page(
     assert "(400)" in error and "gates.min_success_pct (--min-success)" in error, error
     assert "got 150" in error and "docs/fleet.md" in _text(browser, "#confirm-hint")
     assert _attr(browser, "#create-min-success", "aria-invalid") == "true"
+    browser.save_screenshot(str(tmp_path / "create-refused.png"))
     browser.find_element(By.ID, "confirm-cancel").click()
     assert fleet.client().get("/api/v1/rollouts") == []
 
@@ -203,6 +206,7 @@ def test_an_operator_creates_pauses_resumes_aborts_and_rolls_back_from_the_page(
 
     said = _act(browser, fleet, rollout, "pause", "PAUSED")
     assert f"Pause rollout {rollout}?" in said and "none is committed" in said
+    browser.save_screenshot(str(tmp_path / "paused.png"))
     assert "goes on sending" in _act(browser, fleet, rollout, "resume", "RUNNING")
     assert _text(browser, "#notice").startswith(f"Rollout {rollout} resumed")
 
