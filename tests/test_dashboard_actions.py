@@ -69,7 +69,7 @@ def fleet(controller: Fleet, mosquitto: MosquittoBroker, fleet_name: str, signin
                          digits_bundles["tflite"]).start()
     try:
         client = controller.client()
-        wait_until(lambda: len(_on(controller, "1.0.0")) == 3, 30, what="devices on 1.0.0")
+        wait_until(lambda: len(_on(controller, "1.0.0")) == 3, 60, what="devices on 1.0.0")
         client.post("/api/v1/devices/group", {"devices": sorted(sim.devices), "group": "cams"})
         client.upload("/api/v1/models", v2.read_bytes())
         yield controller

@@ -743,10 +743,12 @@
       dialog.close();
       done(result);
     } catch (error) {
-      dialog.dataset.state = "refused";
-      $("confirm-error").textContent = error instanceof ApiError ?
+      const text = error instanceof ApiError ?
         `The controller refused (${error.status}): ${error.message}` :
         `The controller did not answer: ${error.message}`;
+      if (!dialog.open) { notice(`${text} ${error.hint || ""}`); return; } // closed meanwhile
+      dialog.dataset.state = "refused";
+      $("confirm-error").textContent = text;
       $("confirm-hint").textContent = error.hint || "";
       $("confirm-ok").disabled = false;
       if (error.field) markField(error.field);
