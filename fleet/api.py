@@ -32,7 +32,7 @@ CORS header), and the page is served with a Content-Security-Policy
 (``dashboard.PAGE_HEADERS``).
 Errors are JSON ``{"error", "hint", "kind"}`` (and ``"field"``, the option's name, when a
 rollout option is refused); the status follows the error's class
-(404 unknown, 409 conflict, 400 invalid, 401 token, 422 bundle or keyring refused,
+(404 unknown, 409 conflict, 400 invalid, 401 token, 403 cross-site, 422 bundle or keyring refused,
 413 body too large, 405 method, 503 the store failed for now and a retry may pass, 500 it
 failed for good).
 
