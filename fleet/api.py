@@ -27,10 +27,14 @@ Standard library only (``ThreadingHTTPServer``). Endpoints::
 
 ``/api`` needs ``Authorization: Bearer TOKEN`` (GET requests may pass ``?token=`` instead,
 for a browser's EventSource); the token's name is the actor written in the audit history.
-Every other method (PUT, DELETE, PATCH) needs the token too, then gets 405.
+Every other method (PUT, DELETE, PATCH, OPTIONS) needs the token too, then gets 405.
+A write that a browser sent from a page of another origin is refused with 403 before the
+token is looked at (``fleet.same_origin``); no response allows a cross-origin read (no
+CORS header), and the page is served with a Content-Security-Policy
+(``dashboard.PAGE_HEADERS``).
 Errors are JSON ``{"error", "hint", "kind"}`` (and ``"field"``, the option's name, when a
 rollout option is refused); the status follows the error's class
-(404 unknown, 409 conflict, 400 invalid, 401 token, 422 bundle or keyring refused,
+(404 unknown, 409 conflict, 400 invalid, 401 token, 403 cross-site, 422 bundle or keyring refused,
 413 body too large, 405 method, 503 the store failed for now and a retry may pass, 500 it
 failed for good).
 
@@ -88,6 +92,7 @@ from edgefleet.fleet.errors import (
 )
 from edgefleet.fleet.metrics import FleetMetrics
 from edgefleet.fleet.rollout.validate import RolloutOptionError
+from edgefleet.fleet.same_origin import check_same_origin
 
 __all__ = ["ApiServer", "parse_tokens"]
 
@@ -227,10 +232,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:
         self._guard(self._not_allowed)
 
+    def do_OPTIONS(self) -> None:  # a CORS preflight: refused, never allowed
+        self._guard(self._not_allowed)
+
     def _guard(self, handler: Callable[[str], None]) -> None:
         path = urlsplit(self.path).path
         self._consumed = False
         try:
+            check_same_origin(self.command, self.headers.get, self._scheme(),
+                              self.controller.config.public_url)
             handler(_checked_path(path))
         except EdgefleetError as exc:
             self._drop_unread_body()
@@ -303,7 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
         found = dashboard.static_file(path.removeprefix("/dashboard"))
         if found is None:
             raise NotFoundError(f"no such page: {path}", hint="open /dashboard/")
-        self._raw(*found)
+        self._raw(*found, headers=dashboard.PAGE_HEADERS)
 
     def _stream(self) -> None:
         """Server-sent events until the client goes away or the server stops."""
@@ -319,10 +329,13 @@ class _Handler(BaseHTTPRequestHandler):
 
         dashboard.stream(self.controller, write, self.server.stopping)
 
-    def _raw(self, content_type: str, body: bytes) -> None:
+    def _raw(self, content_type: str, body: bytes,
+             headers: dict[str, str] | None = None) -> None:
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -485,6 +498,9 @@ class _Handler(BaseHTTPRequestHandler):
                            hint="the API takes GET and POST: see docs/fleet.md")
 
     # --- plumbing -----------------------------------------------------------------------
+
+    def _scheme(self) -> str:
+        return "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
 
     def _actor(self) -> str:
         header = self.headers.get("Authorization", "")

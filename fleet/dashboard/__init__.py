@@ -4,7 +4,13 @@
 ``static/``, no build step, nothing fetched from elsewhere) that reads the REST API with
 the token and follows ``GET /api/v1/stream`` (:func:`stream`) to stay live: fleet
 overview, rollouts with their waves and gates, per-version latency, error rate and
-agreement charts, and a page per device with its recent events.
+agreement charts, the history, and a page per device with its recent events.
+
+An operator acts from it: pause, resume, abort and roll back a rollout, or create one
+from a form. Every action is confirmed in a dialog that says what will happen, then
+sent to the same ``POST /api/v1/...`` endpoint the CLI uses, with the token (kept in
+``sessionStorage``) in an ``Authorization`` header; the controller checks and audits
+it as it does the CLI's, and the page shows its error and hint when it refuses.
 
 Device events are not stored by the controller; :func:`attach` registers a journal that
 keeps the latest ones per device. The stream attaches on first use; a server that wants
@@ -19,7 +25,21 @@ from importlib import resources
 from edgefleet.fleet.dashboard._journal import EventJournal, attach
 from edgefleet.fleet.dashboard._stream import json_text, stream
 
-__all__ = ["EventJournal", "attach", "json_text", "static_file", "stream"]
+__all__ = ["PAGE_HEADERS", "EventJournal", "attach", "json_text", "static_file", "stream"]
+
+#: Sent with every page file: scripts, styles and requests from this origin only (no
+#: inline script or style attribute, nothing from elsewhere), never framed by another
+#: page (a click on a framed confirm button is not the operator's), no referrer (an
+#: address may hold ``?token=``).
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self'; connect-src 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 _NAME = re.compile(r"[a-z0-9_-]+\.(html|js|css|svg)")
 _TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8",

@@ -85,8 +85,9 @@ def serve(
     http: Annotated[str, typer.Option(help="HOST:PORT (IPv4 or a host name) of the API and "
                                            "bundle server", callback=api_address)] = (
         "127.0.0.1:8600"),
-    public_url: Annotated[str | None, typer.Option(help="URL devices use to reach --http "
-                                                        "(default: http(s)://HTTP)")] = None,
+    public_url: Annotated[str | None, typer.Option(
+        help="URL devices use to reach --http (default: http(s)://HTTP); the web page opened "
+             "there may act too")] = None,
     tls_cert: Annotated[Path | None, typer.Option(
         help="Serve HTTPS with this certificate ('edgefleet certs server'); with --tls-key",
         exists=True, dir_okay=False)] = None,

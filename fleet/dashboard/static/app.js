@@ -1,6 +1,8 @@
 // edgefleet dashboard: plain JavaScript, no framework, no build step, nothing fetched from
-// elsewhere. Reads the REST API with the token from the URL and stays live on the
-// controller's server-sent events (/api/v1/stream).
+// elsewhere. Reads the REST API with the token this tab keeps (sessionStorage) and stays
+// live on the controller's server-sent events (/api/v1/stream). An operator acts from it
+// through the same POST endpoints the CLI uses, each action confirmed in a dialog first;
+// text from outside (names, reasons, errors) is only ever set as text, never as HTML.
 "use strict";
 
 (() => {
@@ -34,11 +36,12 @@
     { key: "agreement_pct", title: "Agreement", unit: "%", max: 100 },
   ];
 
+  const HISTORY = 15; // lines of the history shown
   const S = {
-    token: "", fleet: "", bucketMs: 5000, overview: null, devices: [], devicesRev: null,
+    fleet: "", bucketMs: 5000, overview: null, devices: [], devicesRev: null,
     rollouts: new Map(), details: new Map(), series: new Map(), events: new Map(), feed: [],
     colors: new Map(), messages: 0, lastMessage: 0, connected: false, ingest: null,
-    ingestRate: null, drift: { firing: 0, alerts: [] },
+    ingestRate: null, drift: { firing: 0, alerts: [] }, history: [],
   };
 
   // --- small helpers ------------------------------------------------------------------
@@ -57,6 +60,7 @@
     for (const [k, v] of Object.entries(props || {})) {
       if (v === null || v === undefined || v === false) continue;
       if (k === "class") el.setAttribute("class", v);
+      else if (k === "style") el.style.cssText = v; // CSSOM: allowed by the page's CSP
       else if (k === "dataset") Object.assign(el.dataset, v);
       else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
       else el.setAttribute(k, v === true ? "" : String(v));
@@ -108,19 +112,38 @@
   // --- data ---------------------------------------------------------------------------
 
   class ApiError extends Error {
-    constructor(status, message) { super(message); this.status = status; }
+    constructor(status, message, hint, field) {
+      super(message);
+      this.status = status;
+      this.hint = hint || "";
+      this.field = field || "";
+    }
   }
 
+  const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
+
   async function api(path) {
-    const response = await fetch(path, {
-      headers: { Authorization: `Bearer ${S.token}` }, cache: "no-store",
-    });
-    if (!response.ok) {
-      let message = response.statusText;
-      try { message = (await response.json()).error || message; } catch (_) { /* not JSON */ }
-      throw new ApiError(response.status, message);
-    }
-    return response.json();
+    return answer(await fetch(path, {
+      headers: { Authorization: `Bearer ${token()}` }, cache: "no-store", credentials: "omit",
+    }));
+  }
+
+  // A write: the token in the Authorization header only (never in the address, never a
+  // cookie), JSON in and out, the same endpoint the CLI calls.
+  async function send(path, body) {
+    return answer(await fetch(path, {
+      method: "POST", cache: "no-store", credentials: "omit",
+      headers: { Authorization: `Bearer ${token()}`, "Content-Type": "application/json" },
+      body: JSON.stringify(body || {}),
+    }));
+  }
+
+  async function answer(response) {
+    if (response.ok) return response.json();
+    let error = {};
+    try { error = await response.json(); } catch (_) { /* not JSON */ }
+    throw new ApiError(response.status, error.error || `${response.status} ${response.statusText}`,
+      error.hint, error.field);
   }
 
   async function loadAll() {
@@ -132,7 +155,20 @@
     S.devices = devices;
     S.rollouts = new Map(rollouts.map((r) => [r.id, r]));
     render();
-    await Promise.all(shownRollouts().map((r) => loadDetail(r.id)));
+    await Promise.all([...shownRollouts().map((r) => loadDetail(r.id)), loadHistory()]);
+  }
+
+  let historyTimer = 0;
+  function scheduleHistory() {
+    if (!historyTimer) historyTimer = setTimeout(() => {
+      historyTimer = 0;
+      loadHistory().catch(report);
+    }, 400);
+  }
+
+  async function loadHistory() {
+    S.history = await api(`/api/v1/history?limit=${HISTORY}`);
+    renderHistory();
   }
 
   let devicesLoading = false;
@@ -199,7 +235,8 @@
   // --- the live stream ----------------------------------------------------------------
 
   function connect() {
-    const source = new EventSource(`/api/v1/stream?token=${encodeURIComponent(S.token)}`);
+    // EventSource sends no header: this GET alone takes the token in its address
+    const source = new EventSource(`/api/v1/stream?token=${encodeURIComponent(token())}`);
     const on = (kind, handle) => source.addEventListener(kind, (message) => {
       S.messages += 1;
       S.lastMessage = Date.now();
@@ -233,6 +270,7 @@
       const known = S.rollouts.get(summary.id);
       if (!known || (known.updated_ms || 0) <= summary.updated_ms) S.rollouts.set(summary.id, summary);
       if (shownRollouts().some((r) => r.id === summary.id)) scheduleDetail(summary.id);
+      scheduleHistory();
       schedule();
     });
     on("event", (event) => { addEvent(event, true); schedule(); });
@@ -271,6 +309,7 @@
     renderDrift();
     renderDevices();
     renderFeed();
+    renderHistory();
   }
 
   function renderLive() {
@@ -404,7 +443,8 @@
       h("span", { class: "badge" }, rollout.state.replace("_", " ")),
       h("span", { class: "model" }, `${model.name} → ${model.version}`),
       h("span", { class: "rid" }, rollout.id),
-      h("span", { class: "meta" }, `${rollout.spec.selectors.join(", ")} · by ${rollout.created_by || "?"} · ${ago(rollout.created_ms)}`)),
+      h("span", { class: "meta" }, `${rollout.spec.selectors.join(", ")} · by ${rollout.created_by || "?"} · ${ago(rollout.created_ms)}`),
+      actionButtons(rollout)),
     progressBar(counts, rollout.total),
     h("div", { class: "progress-text" },
       h("span", {}, h("b", { class: "done-count" }, `${succeeded} / ${rollout.total}`), " succeeded · ",
@@ -425,7 +465,8 @@
       older.map((r) => h("tr", { class: cls(r.state) },
         h("td", {}, h("span", { class: "badge" }, r.state.replace("_", " "))),
         h("td", {}, `${r.spec.model.name} → ${r.spec.model.version}`),
-        h("td", { class: "muted" }, r.id), h("td", { class: "muted" }, ago(r.created_ms))))) : null);
+        h("td", { class: "muted" }, r.id), h("td", { class: "muted" }, ago(r.created_ms)),
+        h("td", {}, actionButtons(r))))) : null);
   }
 
   // charts
@@ -616,6 +657,239 @@
           h("div", { class: "empty" }, "No events from this device since the controller started")));
   }
 
+  function renderHistory() {
+    if (!S.history.length) { put("history", h("div", { class: "empty" }, "Nothing done yet")); return; }
+    const who = (e) => {
+      const role = e.role || (e.detail && e.detail.role);
+      return role ? `${e.actor} (${role})` : e.actor;
+    };
+    put("history", h("table", { class: "list" },
+      h("thead", {}, h("tr", {}, ["Time", "Who", "Action", "Target", "Outcome", "What"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, S.history.map((e) => h("tr", {
+        class: `history-entry ${e.outcome === "ok" ? "" : "s-bad"}`,
+        dataset: { action: e.action, target: e.target, actor: e.actor, outcome: e.outcome } },
+      h("td", { class: "mono" }, hms(e.ts_ms)), h("td", {}, who(e)), h("td", {}, e.action),
+      h("td", { class: "mono" }, e.target),
+      h("td", {}, e.outcome === "ok" ? "ok" : h("span", { class: "badge" }, e.outcome)),
+      h("td", {}, (e.detail && e.detail.summary) || ""))))));
+  }
+
+  // --- acting on the fleet ------------------------------------------------------------
+  // Every action is asked for in the dialog first, with what it will do, then sent to the
+  // endpoint the CLI uses; the controller checks it, writes it to the history under the
+  // token's name, and its refusal (error and hint) is shown in the dialog.
+
+  const modelText = (r) => `${r.spec.model.name} ${r.spec.model.version}`;
+  const VERBS = {
+    pause: {
+      label: "Pause", from: ["RUNNING"], done: "paused",
+      what: (r) => [`No device is sent ${modelText(r)} and none is committed until the rollout is resumed.`,
+        "Devices in probation wait there, serving the new version with the previous one ready; the gates still fire."],
+    },
+    resume: {
+      label: "Resume", from: ["PAUSED"], done: "resumed",
+      what: (r) => [`The controller goes on sending ${modelText(r)} wave by wave and committing devices after their soak, as the gates allow.`],
+    },
+    abort: {
+      label: "Abort", from: ["PENDING", "RUNNING", "PAUSED"], done: "aborted",
+      what: (r) => ["Devices of the rollout that have not committed are rolled back; devices not sent the bundle yet are cancelled.",
+        `Devices of earlier waves keep ${modelText(r)}: roll the rollout back for them. An aborted rollout cannot be resumed.`],
+    },
+    rollback: {
+      label: "Roll back", from: ["PENDING", "RUNNING", "PAUSED", "SUCCEEDED", "ABORTED"], done: "rolled back",
+      what: (r) => [`Every device this rollout touched (of its ${r.total}) returns to the bundle it ran before ${modelText(r)}; devices still on their way are rolled back when they reach probation, pending ones are cancelled.`,
+        "This cannot be undone: create a new rollout to go forward again."],
+    },
+  };
+
+  function actionButtons(rollout) {
+    const verbs = Object.entries(VERBS).filter(([, v]) => v.from.includes(rollout.state));
+    if (!verbs.length) return null;
+    return h("div", { class: "actions" }, verbs.map(([verb, v]) => h("button", {
+      type: "button", class: `small act-${verb}`, dataset: { verb, rollout: rollout.id } }, v.label)));
+  }
+
+  function notice(text) {
+    const el = $("notice");
+    el.textContent = text;
+    el.hidden = false;
+  }
+
+  let pending = null; // the action the open dialog asks for
+  function ask({ title, lines, button, run, done }) {
+    const dialog = $("confirm");
+    $("confirm-title").textContent = title;
+    put("confirm-text", lines.map((line) => (line instanceof Node ? line : h("p", {}, line))));
+    $("confirm-error").textContent = "";
+    $("confirm-hint").textContent = "";
+    const ok = $("confirm-ok");
+    ok.textContent = button;
+    ok.disabled = false;
+    pending = { run, done };
+    dialog.dataset.state = "asking";
+    if (!dialog.open) dialog.showModal();
+    $("confirm-cancel").focus(); // Enter alone does not act
+  }
+
+  async function confirmed() {
+    if (!pending) return;
+    const { run, done } = pending;
+    const dialog = $("confirm");
+    $("confirm-ok").disabled = true;
+    dialog.dataset.state = "sending";
+    try {
+      const result = await run();
+      pending = null;
+      dialog.close();
+      done(result);
+    } catch (error) {
+      const text = error instanceof ApiError ?
+        `The controller refused (${error.status}): ${error.message}` :
+        `The controller did not answer: ${error.message}`;
+      if (!dialog.open) { notice(`${text} ${error.hint || ""}`); return; } // closed meanwhile
+      dialog.dataset.state = "refused";
+      $("confirm-error").textContent = text;
+      $("confirm-hint").textContent = error.hint || "";
+      $("confirm-ok").disabled = false;
+      if (error.field) markField(error.field);
+    }
+  }
+
+  function took(result, text) {
+    const { devices, ...summary } = result;
+    S.rollouts.set(result.id, summary);
+    S.details.set(result.id, result);
+    notice(text);
+    schedule();
+    loadHistory().catch(report);
+  }
+
+  function askVerb(verb, id) {
+    const rollout = S.rollouts.get(id);
+    const v = VERBS[verb];
+    if (!rollout || !v) return;
+    ask({
+      title: `${v.label} rollout ${id}?`,
+      lines: [h("p", { class: "subject" }, `${modelText(rollout)} → ${rollout.spec.selectors.join(", ")} · ${rollout.state.replace("_", " ")} · wave ${Math.min(rollout.wave + 1, rollout.waves)} of ${rollout.waves}`),
+        ...v.what(rollout)],
+      button: `${v.label} ${id}`,
+      run: () => send(`/api/v1/rollouts/${encodeURIComponent(id)}/${verb}`),
+      done: (result) => took(result, `Rollout ${id} ${v.done}: ${result.reason || result.state}`),
+    });
+  }
+
+  // the new-rollout form: the controller checks every value (the page sends what was typed)
+
+  const FIELDS = { // API field -> input
+    model: "create-model", selectors: "create-selectors", waves: "create-waves",
+    soak_s: "create-soak", device_timeout_s: "create-timeout", rate_per_min: "create-rate",
+    "gates.max_failures_pct": "create-max-failures", "gates.min_success_pct": "create-min-success",
+    "gates.max_error_rate_pct": "create-max-error-rate", "gates.min_agreement_pct": "create-min-agreement",
+    "gates.max_p95_ratio": "create-max-p95-ratio",
+  };
+
+  function markField(field) {
+    const input = $(FIELDS[field] || FIELDS[field.split(".")[0]] || "");
+    if (input) input.setAttribute("aria-invalid", "true");
+  }
+
+  // a number when the text is one, else the text: the controller names what is wrong with it
+  const numberOr = (text) => (Number.isFinite(Number(text)) ? Number(text) : text);
+  const listOf = (text, separator) => text.split(separator).map((x) => x.trim()).filter(Boolean);
+
+  function createBody() {
+    const body = { model: $("create-model").value, selectors: listOf($("create-selectors").value, "\n") };
+    const waves = listOf($("create-waves").value, ",");
+    if (waves.length) body.waves = waves;
+    const gates = {};
+    for (const [field, id] of Object.entries(FIELDS)) {
+      const text = $(id).value.trim();
+      if (!text || ["model", "selectors", "waves"].includes(field)) continue;
+      if (field.startsWith("gates.")) gates[field.slice(6)] = numberOr(text);
+      else body[field] = numberOr(text);
+    }
+    if (Object.keys(gates).length) body.gates = gates;
+    return body;
+  }
+
+  function matching(selectors) {
+    const parsed = selectors.map((s) => [s.slice(0, s.indexOf(":")), s.slice(s.indexOf(":") + 1)]);
+    if (!parsed.length || parsed.some(([kind]) => !["group", "tag", "device"].includes(kind))) return null;
+    return S.devices.filter((d) => parsed.some(([kind, name]) => (kind === "group" ? d.group === name :
+      kind === "tag" ? d.tags.includes(name) : d.id === name))).length;
+  }
+
+  function createLines(body) {
+    const g = body.gates || {};
+    const failures = g.max_failures_pct ?? 0;
+    const count = matching(body.selectors);
+    return [
+      h("p", { class: "subject" }, `${versionLabel(body.model || "no model chosen")}`),
+      h("p", {}, "To the devices of ", body.selectors.length ?
+        body.selectors.map((sel, i) => [i ? ", " : "", h("code", {}, sel)]) : "no selector",
+      count === null ? "" : ` (${count} of the devices listed here match now)`),
+      `In waves ${(body.waves || ["100%"]).join(", ")} (a last 100% is added if missing).`,
+      `Aborts when more than ${failures}% of the devices of the waves so far fail; the next wave starts when at least ${g.min_success_pct ?? `100 − ${failures}`}% of a wave succeeded.`,
+      ...[["max_error_rate_pct", "error rate at most", "%"], ["min_agreement_pct", "agreement at least", "%"],
+        ["max_p95_ratio", "p95 latency at most", "× the previous version's"]]
+        .filter(([k]) => g[k] !== undefined).map(([k, what, unit]) => `Quality gate: ${what} ${g[k]}${unit}.`),
+      ...[["soak_s", "Soak", "s in probation before the commit"], ["device_timeout_s", "Device timeout", "s"],
+        ["rate_per_min", "Rate", " devices a minute"]]
+        .filter(([k]) => body[k] !== undefined).map(([k, what, unit]) => `${what}: ${body[k]}${unit}.`),
+      "The controller starts it at once.",
+    ];
+  }
+
+  function askCreate(event) {
+    event.preventDefault();
+    for (const el of $("create-form").querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+    const body = createBody();
+    ask({
+      title: "Create this rollout?", lines: createLines(body), button: "Create rollout",
+      run: () => send("/api/v1/rollouts", body),
+      done: (result) => {
+        $("create-panel").hidden = true;
+        took(result, `Rollout ${result.id} created: ${modelText(result)} to ${result.spec.selectors.join(", ")}`);
+      },
+    });
+  }
+
+  async function openCreate() {
+    $("create-panel").hidden = false;
+    const select = $("create-model");
+    const chosen = select.value;
+    try {
+      const models = await api("/api/v1/models");
+      models.sort((a, b) => b.pushed_ms - a.pushed_ms);
+      select.replaceChildren(...models.map((m) => h("option", { value: `${m.name}:${m.version}` },
+        `${m.name} ${m.version} (${m.format})`)));
+      if (chosen) select.value = chosen;
+    } catch (error) {
+      notice(`The model list could not be read: ${error.message}`);
+    }
+    $("create-selectors").focus();
+  }
+
+  function bindActions() {
+    $("rollouts").addEventListener("click", (event) => {
+      const button = event.target.closest("button[data-verb]");
+      if (button) askVerb(button.dataset.verb, button.dataset.rollout);
+    });
+    $("new-rollout").addEventListener("click", () => { openCreate().catch(report); });
+    $("create-cancel").addEventListener("click", () => { $("create-panel").hidden = true; });
+    $("create-form").addEventListener("submit", askCreate);
+    $("confirm-ok").addEventListener("click", () => { confirmed().catch(report); });
+    $("confirm-cancel").addEventListener("click", () => $("confirm").close());
+    $("confirm").addEventListener("close", () => {
+      pending = null;
+      $("confirm").dataset.state = "closed";
+    });
+    $("sign-out").addEventListener("click", () => {
+      sessionStorage.removeItem(TOKEN_KEY);
+      location.reload();
+    });
+  }
+
   // --- routing, login, start ----------------------------------------------------------
 
   function route() {
@@ -646,7 +920,11 @@
 
   async function start() {
     const params = new URLSearchParams(location.search);
-    S.token = params.get("token") || sessionStorage.getItem(TOKEN_KEY) || "";
+    if (params.has("token")) {
+      // kept by this tab only, and out of the address bar and the browser's history
+      sessionStorage.setItem(TOKEN_KEY, params.get("token"));
+      history.replaceState(null, "", location.pathname + location.hash);
+    }
     $("login-form").addEventListener("submit", (event) => {
       event.preventDefault();
       sessionStorage.setItem(TOKEN_KEY, $("login-token").value.trim());
@@ -654,14 +932,15 @@
     });
     tick();
     setInterval(tick, 1000);
-    if (!S.token) { showLogin(""); return; }
+    if (!token()) { showLogin(""); return; }
     try {
       await api("/api/v1/overview");
     } catch (error) {
       showLogin(error instanceof ApiError ? `The controller said: ${error.message}` : String(error));
       return;
     }
-    sessionStorage.setItem(TOKEN_KEY, S.token);
+    $("sign-out").hidden = false;
+    bindActions();
     window.addEventListener("hashchange", showView);
     let resizing = 0;
     window.addEventListener("resize", () => {

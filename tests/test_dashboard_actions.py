@@ -1,0 +1,411 @@
+"""Acting on the fleet from the web page: a real controller and Mosquitto, simulated
+devices, and the page in headless Chromium.
+
+One browser session walks an operator through it: the token entered in the page's form,
+a rollout created from the form (a value the controller refuses first: its error, hint
+and field shown), then paused, resumed, aborted and rolled back, each asked for in the
+dialog (one cancelled: nothing happens) and each in the page's history under the token's
+name. A page of another origin that tries to act is refused by the controller (its
+preflight and its form post, both 403), and a token the controller does not know shows
+the controller's error in the dialog. The HTTP tests below pin the same rules without a
+browser: forged ``Origin`` and ``Sec-Fetch-Site``, no CORS allowance, the page's CSP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from selenium.webdriver import Chrome
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.select import Select
+
+from edgefleet.agent.protocol.errors import RequestError
+from edgefleet.fleet import dashboard
+from edgefleet.fleet.mosquitto import MosquittoBroker
+from edgefleet.fleet.same_origin import check_same_origin
+from edgefleet.fleet.simulate import SimOptions, SimulatedFleet
+from tests.conftest import Keys, make_bundle
+from tests.fleet_harness import TOKEN, Fleet, wait_until
+from tests.models import TrainedModels
+
+STATIC = Path(__file__).resolve().parents[1] / "fleet" / "dashboard" / "static"
+
+
+@pytest.fixture(scope="module")
+def v2(digits_models: TrainedModels, signing_keys: Keys,
+       tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(digits_models.tflite, tmp_path_factory.mktemp("v2") / "v2.efb",
+                       signing_keys, "2.0.0")
+
+
+@pytest.fixture()
+def controller(mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
+               signing_keys: Keys) -> Iterator[Fleet]:
+    harness = Fleet(fleet_name, mosquitto.url, tmp_path, signing_keys)
+    try:
+        harness.start_controller()
+        yield harness
+    finally:
+        harness.stop()
+
+
+@pytest.fixture()
+def fleet(controller: Fleet, mosquitto: MosquittoBroker, fleet_name: str, signing_keys: Keys,
+          digits_bundles: dict[str, Path], v2: Path) -> Iterator[Fleet]:
+    """Three simulated cameras on 1.0.0 in group "cams", and 2.0.0 pushed."""
+    sim = SimulatedFleet(mosquitto.url, fleet_name, 3, signing_keys.trusted,
+                         SimOptions(telemetry_interval_s=0.5, request_rate=20.0),
+                         digits_bundles["tflite"]).start()
+    try:
+        client = controller.client()
+        wait_until(lambda: len(_on(controller, "1.0.0")) == 3, 60, what="devices on 1.0.0")
+        client.post("/api/v1/devices/group", {"devices": sorted(sim.devices), "group": "cams"})
+        client.upload("/api/v1/models", v2.read_bytes())
+        yield controller
+    finally:
+        sim.stop()
+
+
+def _on(fleet: Fleet, version: str) -> set[str]:
+    return {d["id"] for d in fleet.client().get("/api/v1/devices") if d["online"]
+            and d["active"] and d["active"]["version"] == version
+            and d["update_state"] in ("IDLE", "COMMITTED", "ROLLED_BACK")}
+
+
+# --- in the page, read and clicked in one go: it re-renders as the stream speaks ----------
+
+def _attr(driver: Chrome, selector: str, name: str) -> str | None:
+    value = driver.execute_script(
+        "const e = document.querySelector(arguments[0]);"
+        "return e ? e.getAttribute(arguments[1]) : null;", selector, name)
+    return None if value is None else str(value)
+
+
+def _text(driver: Chrome, selector: str) -> str:
+    return str(driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';",
+        selector))
+
+
+def _click(driver: Chrome, selector: str) -> None:
+    found = driver.execute_script(
+        "const e = document.querySelector(arguments[0]); if (e) e.click(); return !!e;",
+        selector)
+    assert found, f"nothing to click at {selector}"
+
+
+def _dialog(driver: Chrome) -> str:
+    """The dialog's state: closed, asking, sending, refused."""
+    return _attr(driver, "#confirm", "data-state") or "closed"
+
+
+def _history(driver: Chrome) -> list[tuple[str, str, str, str]]:
+    rows = driver.execute_script(
+        "return [...document.querySelectorAll('#history tr.history-entry')].map(r =>"
+        " [r.dataset.actor, r.dataset.action, r.dataset.target, r.dataset.outcome]);")
+    return [tuple(row) for row in rows]
+
+
+def _state(fleet: Fleet, rollout: str) -> str:
+    return str(fleet.client().get(f"/api/v1/rollouts/{rollout}")["state"])
+
+
+def _act(driver: Chrome, fleet: Fleet, rollout: str, verb: str, state: str) -> str:
+    """Click the rollout's ``verb`` button, confirm in the dialog; the page shows ``state``
+    and the history the action. Returns what the dialog said."""
+    _click(driver, f'[data-rollout="{rollout}"] button[data-verb="{verb}"]')
+    wait_until(lambda: _dialog(driver) == "asking", 10, what=f"the {verb} dialog")
+    said = _text(driver, "#confirm")
+    driver.find_element(By.ID, "confirm-ok").click()
+    wait_until(lambda: _dialog(driver) == "closed", 10, what=f"{verb} done")
+    assert _state(fleet, rollout) == state
+    wait_until(lambda: _attr(driver, f'article[data-rollout="{rollout}"]', "data-state")
+               == state, 10, what=f"the card showing {state}")
+    wait_until(lambda: ("alice", f"rollout.{verb}", rollout, "ok") in _history(driver), 10,
+               what=f"{verb} in the page's history")
+    return said
+
+
+def _create(driver: Chrome, **fields: str) -> None:
+    """Fill the new-rollout form and ask for it (the dialog opens)."""
+    for name, value in fields.items():
+        box = driver.find_element(By.ID, f"create-{name}")
+        box.clear()
+        box.send_keys(value)
+    driver.find_element(By.ID, "create-submit").click()
+    wait_until(lambda: _dialog(driver) == "asking", 10, what="the create dialog")
+
+
+def _open_as_the_operator(driver: Chrome, url: str) -> None:
+    driver.get(f"{url}/dashboard/")
+    wait_until(lambda: driver.find_element(By.ID, "login").is_displayed(), 10,
+               what="the token form")
+    driver.find_element(By.ID, "login-token").send_keys(TOKEN)
+    driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    wait_until(lambda: len(driver.find_elements(By.CSS_SELECTOR, "[data-device]")) == 3, 20,
+               what="the fleet view with three devices")
+    assert TOKEN not in driver.current_url
+
+
+def test_an_operator_creates_pauses_resumes_aborts_and_rolls_back_from_the_page(
+        fleet: Fleet, browser: Chrome, caplog: pytest.LogCaptureFixture,
+        tmp_path: Path) -> None:
+    assert fleet.api is not None
+    url = fleet.api.url
+    _open_as_the_operator(browser, url)
+
+    # the form: a value the controller refuses first, shown with its hint and field
+    browser.find_element(By.ID, "new-rollout").click()
+    wait_until(lambda: "digits:2.0.0" in [o.get_attribute("value") for o in Select(
+        browser.find_element(By.ID, "create-model")).options], 10, what="the model list")
+    Select(browser.find_element(By.ID, "create-model")).select_by_value("digits:2.0.0")
+    _create(browser, selectors="group:cams", waves="1,100%", soak="600",
+            **{"max-failures": "0", "min-success": "150"})
+    asked = _text(browser, "#confirm")
+    browser.save_screenshot(str(tmp_path / "create-dialog.png"))
+    assert "digits 2.0.0" in asked and "group:cams" in asked and "3 of the devices" in asked
+    browser.find_element(By.ID, "confirm-ok").click()
+    wait_until(lambda: _dialog(browser) == "refused", 10, what="the refusal")
+    error = _text(browser, "#confirm-error")
+    assert "(400)" in error and "gates.min_success_pct (--min-success)" in error, error
+    assert "got 150" in error and "docs/fleet.md" in _text(browser, "#confirm-hint")
+    assert _attr(browser, "#create-min-success", "aria-invalid") == "true"
+    browser.save_screenshot(str(tmp_path / "create-refused.png"))
+    browser.find_element(By.ID, "confirm-cancel").click()
+    assert fleet.client().get("/api/v1/rollouts") == []
+
+    _create(browser, **{"min-success": "100"})
+    browser.find_element(By.ID, "confirm-ok").click()
+    wait_until(lambda: _dialog(browser) == "closed", 10, what="the rollout created")
+    (created,) = fleet.client().get("/api/v1/rollouts")
+    rollout = created["id"]
+    assert created["spec"]["waves"] == ["1", "100%"] and created["spec"]["soak_s"] == 600
+    assert created["spec"]["gates"]["min_success_pct"] == 100
+    assert created["created_by"] == "alice"
+    assert f"Rollout {rollout} created" in _text(browser, "#notice")
+    wait_until(lambda: ("alice", "rollout.create", rollout, "ok") in _history(browser), 10,
+               what="the creation in the history")
+    assert browser.find_element(By.ID, "create-panel").is_displayed() is False
+
+    # a dialog cancelled does nothing
+    _click(browser, f'[data-rollout="{rollout}"] button[data-verb="pause"]')
+    wait_until(lambda: _dialog(browser) == "asking", 10, what="the pause dialog")
+    browser.find_element(By.ID, "confirm-cancel").click()
+    assert _dialog(browser) == "closed" and _state(fleet, rollout) == "RUNNING"
+
+    said = _act(browser, fleet, rollout, "pause", "PAUSED")
+    assert f"Pause rollout {rollout}?" in said and "none is committed" in said
+    browser.save_screenshot(str(tmp_path / "paused.png"))
+    assert "goes on sending" in _act(browser, fleet, rollout, "resume", "RUNNING")
+    assert _text(browser, "#notice").startswith(f"Rollout {rollout} resumed")
+
+    # a page of another origin tries to act: refused by the controller, nothing changes
+    before = fleet.client().get("/api/v1/history")
+    with _AttackerPage(url, rollout) as attacker, caplog.at_level(logging.INFO):
+        browser.get(attacker.url)
+        wait_until(lambda: browser.title.startswith("fetch"), 10, what="the forged fetch")
+        assert browser.title.startswith("fetch blocked"), browser.title  # the preflight
+        browser.execute_script("document.getElementById('forged').submit()")
+        wait_until(lambda: "cross-site" in browser.find_element(By.TAG_NAME, "body").text, 10,
+                   what="the controller's answer to the forged form")
+        answer = json.loads(browser.find_element(By.TAG_NAME, "body").text)
+    assert answer["error"].startswith("cross-site request refused"), answer
+    refused = [r.getMessage() for r in caplog.records if "cross-site" in r.getMessage()]
+    assert any(m.startswith(f"refused OPTIONS /api/v1/rollouts/{rollout}/pause") for m in refused)
+    assert any(m.startswith(f"refused POST /api/v1/rollouts/{rollout}/abort") for m in refused)
+    assert _state(fleet, rollout) == "RUNNING"
+    assert fleet.client().get("/api/v1/history") == before
+
+    browser.get(f"{url}/dashboard/")  # the tab still holds the token
+    wait_until(lambda: _attr(browser, f'article[data-rollout="{rollout}"]', "data-state")
+               == "RUNNING", 20, what="the page back, no token asked")
+    assert "rolled back" in _act(browser, fleet, rollout, "abort", "ABORTED")
+    assert "cannot be undone" in _act(browser, fleet, rollout, "rollback", "ROLLED_BACK")
+    wait_until(lambda: len(_on(fleet, "1.0.0")) == 3, 30, what="every device on 1.0.0 again")
+    assert browser.find_elements(By.CSS_SELECTOR, f'[data-rollout="{rollout}"] button') == []
+
+    # a token the controller does not know (replaced while the page was open): the
+    # controller's error shown in the dialog, nothing created
+    browser.find_element(By.ID, "new-rollout").click()
+    _create(browser, selectors="group:cams")
+    browser.execute_script("sessionStorage.setItem('edgefleet-token', 'not-a-known-token')")
+    browser.find_element(By.ID, "confirm-ok").click()
+    wait_until(lambda: _dialog(browser) == "refused", 10, what="the refusal")
+    assert "(401): the token is not known to this controller" in _text(browser, "#confirm-error")
+    assert "EDGEFLEET_TOKEN" in _text(browser, "#confirm-hint")
+    assert len(fleet.client().get("/api/v1/rollouts")) == 1
+
+    # the page's own: no script error, nothing its CSP blocked (the 400 and 401 answers
+    # above are logged by the browser; so is the other page's fetch that it blocked)
+    problems = [e["message"] for e in _severe(browser) if not (
+        "Failed to load resource" in e["message"] or e["message"].startswith(attacker.url))]
+    assert problems == []
+
+
+def _severe(driver: Chrome) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    return [e for e in entries if e["level"] == "SEVERE"]
+
+
+class _AttackerPage:
+    """A page on another origin (``localhost`` and another port, so another site) that
+    fetches a pause with the operator's token, and holds a form that posts an abort."""
+
+    def __init__(self, controller: str, rollout: str) -> None:
+        base = f"{controller}/api/v1/rollouts/{rollout}"
+        page = f"""<!doctype html><title>loading</title>
+<form id="forged" method="POST" action="{base}/abort" enctype="text/plain">
+<input type="hidden" name='{{"a":"' value='"}}'></form>
+<script>
+fetch("{base}/pause", {{method: "POST", headers: {{Authorization: "Bearer {TOKEN}"}}}})
+  .then(r => {{ document.title = "fetch answered " + r.status; }},
+        e => {{ document.title = "fetch blocked: " + e; }});
+</script>""".encode()
+
+        class Page(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        self.url = f"http://localhost:{self._httpd.server_address[1]}/"
+
+    def __enter__(self) -> _AttackerPage:
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+# --- the same rules over plain HTTP -------------------------------------------------------
+
+def _call(url: str, method: str = "POST", headers: dict[str, str] | None = None,
+          body: bytes = b"{}") -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, data=None if method in ("GET", "HEAD") else body,
+                                     method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_writes_from_another_origin_are_refused_before_the_token_is_looked_at(
+        controller: Fleet) -> None:
+    assert controller.api is not None
+    url = controller.api.url
+    pause = f"{url}/api/v1/rollouts/r1/pause"
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    for forged in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                   {"Origin": f"http://localhost:{controller.api.port}"},
+                   {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                   {"Origin": url, "Sec-Fetch-Site": "cross-site"}):
+        for token in (bearer, {}):
+            status, headers, raw = _call(pause, headers={**forged, **token})
+            assert status == 403, (forged, token, raw)
+            error = json.loads(raw)
+            assert error["error"].startswith("cross-site request refused"), error
+            assert "/dashboard/" in error["hint"]
+    for method in ("PUT", "DELETE", "OPTIONS"):
+        status, headers, _ = _call(pause, method, {"Origin": "http://evil.example", **bearer,
+                                                   "Access-Control-Request-Method": "POST"})
+        assert status == 403 and not any(h.lower().startswith("access-control-") for h in headers)
+    # the page's own origin, the CLI (no Origin) and a typed address pass on to the API
+    for own in ({"Origin": url}, {"Origin": url, "Sec-Fetch-Site": "same-origin"}, {},
+                {"Sec-Fetch-Site": "none"}):
+        status, _, raw = _call(pause, headers={**own, **bearer})
+        assert status == 404 and b"no rollout 'r1'" in raw, (own, raw)
+    # ?token= is for GET alone (the event stream): a write needs the header
+    status, _, raw = _call(f"{pause}?token={TOKEN}", headers={"Origin": url})
+    assert status == 401 and b"needs a token" in raw
+    # reads allow no other origin either: no CORS header, whoever asks
+    status, headers, _ = _call(f"{url}/api/v1/overview", "GET",
+                               {"Origin": "http://evil.example", **bearer})
+    assert status == 200 and not any(h.lower().startswith("access-control-") for h in headers)
+
+
+def test_the_page_is_served_with_a_policy_that_allows_only_its_own_files(
+        controller: Fleet) -> None:
+    assert controller.api is not None
+    for name in ("", "app.js", "style.css"):
+        status, headers, _ = _call(f"{controller.api.url}/dashboard/{name}", "GET")
+        assert status == 200
+        csp = headers["Content-Security-Policy"]
+        assert "script-src 'self';" in csp and "frame-ancestors 'none'" in csp
+        assert "unsafe" not in csp and "default-src 'none'" in csp
+        assert headers["X-Frame-Options"] == "DENY"
+        assert headers["Referrer-Policy"] == "no-referrer"
+    assert headers == {**headers, **dashboard.PAGE_HEADERS}
+
+
+def test_the_page_has_no_inline_script_and_sets_outside_text_as_text() -> None:
+    html = (STATIC / "index.html").read_text()
+    assert html.count("<script") == 1 and '<script src="app.js"></script>' in html
+    assert " style=" not in html and not any(f" on{e}=" in html for e in ("click", "load",
+                                                                          "submit", "error"))
+    script = (STATIC / "app.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                 "new Function", 'setAttribute("style"'):
+        assert sink not in script, sink
+
+
+# --- the origin check alone ---------------------------------------------------------------
+
+def _check(headers: dict[str, str], scheme: str = "http",
+           public_url: str = "http://10.0.0.2:8600", method: str = "POST") -> bool:
+    """True when the write passes, False when refused as cross-site."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    try:
+        check_same_origin(method, lambda name: lowered.get(name.lower()), scheme, public_url)
+    except RequestError as exc:
+        assert exc.status == 403
+        return False
+    return True
+
+
+def test_the_origin_check_knows_the_controller_by_its_host_or_its_public_url() -> None:
+    assert _check({"Origin": "http://ctrl.lan:8600", "Host": "ctrl.lan:8600"})
+    assert _check({"Origin": "http://CTRL.lan:8600", "Host": "ctrl.LAN:8600"})
+    assert _check({"Origin": "https://ctrl.lan", "Host": "ctrl.lan:443"}, "https")
+    assert _check({"Origin": "http://10.0.0.2:8600", "Host": "127.0.0.1:8600"})  # public URL
+    # a TLS proxy in front: the page's origin is the public URL's
+    assert _check({"Origin": "https://fleet.example", "Host": "127.0.0.1:8600"},
+                  public_url="https://fleet.example/")
+    assert not _check({"Origin": "https://ctrl.lan", "Host": "ctrl.lan"})  # 443 is not 80
+    assert not _check({"Origin": "http://ctrl.lan:8601", "Host": "ctrl.lan:8600"})
+    assert not _check({"Origin": "http://user@ctrl.lan:8600", "Host": "ctrl.lan:8600"})
+    assert not _check({"Origin": "file://", "Host": "ctrl.lan:8600"})
+    assert not _check({"Origin": "http://ctrl.lan:8600"})  # no Host: only the public URL
+    assert _check({"Origin": "http://evil.example"}, method="GET")  # reads: not this check
+
+
+@settings(max_examples=150, deadline=200)
+@given(origin=st.text(max_size=200), host=st.text(max_size=100),
+       site=st.sampled_from(["", "same-origin", "none", "same-site", "cross-site", "x"]))
+def test_any_origin_host_or_fetch_site_text_is_let_through_or_refused_with_403(
+        origin: str, host: str, site: str) -> None:
+    headers = {"Origin": origin, "Host": host, "Sec-Fetch-Site": site}
+    passed = _check(headers)
+    if site in ("same-site", "cross-site", "x"):
+        assert not passed
+    if not origin.strip() and site in ("", "same-origin", "none"):
+        assert passed
