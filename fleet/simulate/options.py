@@ -51,6 +51,7 @@ class SimOptions:
 
     device_prefix: str = "sim-"
     profile: str = "generic-x86_64"
+    labels: dict[str, str] = field(default_factory=dict)  # every device reports these
     seed: int = 0
     telemetry_interval_s: float = 5.0
     request_rate: float = 5.0  # synthetic requests per second per device
