@@ -4,8 +4,8 @@
 device ids, labels and what devices report: :mod:`edgefleet.fleet.rollout.selector`),
 when bundles may be sent (a start time, maintenance windows:
 :mod:`edgefleet.fleet.rollout.schedule`), the waves (cumulative percentages or counts
-of the selected devices, or a canary count then everyone), a start rate in devices per minute that may grow
-exponentially from wave to wave, a per-device timeout, and the gates.
+of the selected devices, or a canary count then everyone), a start rate in devices per
+minute that may grow exponentially from wave to wave, a per-device timeout, and the gates.
 
 Gates fire strictly above (or, for minimums, strictly below) their value; exactly at the
 value they do not. Percentages are 0-100.
