@@ -195,8 +195,8 @@ def test_any_tree_prints_to_text_that_parses_back_to_it(tree: Target) -> None:
 
 
 GRAMMAR_SOUP = st.lists(st.sampled_from(
-    list("()&|:=!<> \"\\.-_") + ["group", "tag", "device", "label", "profile", "runtime.x",
-                                 "model.version", "1.2", "a", "é", "\n", "\x00"]),
+    [*"()&|:=!<> \"\\.-_", "group", "tag", "device", "label", "profile", "runtime.x",
+     "model.version", "1.2", "a", "é", "\n", "\x00"]),
     max_size=80).map("".join)
 
 
@@ -230,9 +230,8 @@ def _reference(tree: Target, facts: dict[str, Any]) -> bool:
     if isinstance(tree, AnyOf):
         return any(_reference(p, facts) for p in tree.parts)
     if isinstance(tree, Selector):
-        return {"group": lambda: facts["group"] == tree.value,
-                "tag": lambda: tree.value in facts["tags"],
-                "device": lambda: facts["id"] == tree.value}[tree.kind]()
+        key = {"group": "group", "device": "id"}.get(tree.kind)
+        return tree.value in facts["tags"] if key is None else bool(facts[key] == tree.value)
     if isinstance(tree, Label):
         have = facts["labels"].get(tree.key)
         return have is not None if tree.op is None else (

@@ -11,7 +11,9 @@ It opens on each of its days at the first time and closes at the second, the nex
 when the second is not later (``22:00-04:00`` opened on Friday closes on Saturday at
 04:00); ``00:00-24:00`` is the whole day. Times are wall-clock times of ``ZONE`` (an IANA
 name, UTC when left out), so a window keeps its local hours across daylight-saving
-changes and is an hour shorter or longer on the night the clocks move.
+changes and is an hour shorter or longer on the night the clocks move; a time the clocks
+skip is read as if they had not jumped yet (02:15 on the night 02:00 becomes 03:00 is
+03:15 summer time), so no window is lost.
 
 Everything is a pure function of the time it is given (:meth:`Schedule.next_open`);
 the rollout executor asks it on each tick with the controller's clock.
