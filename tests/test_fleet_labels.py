@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from edgefleet.agent.protocol.payloads import BundleRef, ReportedState, decode
+from edgefleet.fleet.controller import FleetController
 from edgefleet.fleet.domain import Device
 from edgefleet.fleet.errors import ConflictError, NotFoundError
 from edgefleet.fleet.registry import DeviceRegistry
@@ -19,6 +21,8 @@ from edgefleet.fleet.rollout.selector import parse_selector
 from edgefleet.fleet.rollout.spec import RolloutSpec
 from edgefleet.fleet.rollout.state import Rollout, RolloutState
 from edgefleet.fleet.store import Store
+from tests.conftest import Keys
+from tests.test_scale_out import _config
 
 NEW = BundleRef(name="digits", version="1.0.0", sha256="a" * 64)
 Opener = Callable[[], Store]
@@ -127,3 +131,18 @@ def test_a_scheduled_rollout_by_attributes_round_trips_through_the_store(
     store.save_rollout(rollout)
     loaded = reopen().rollout("r1")
     assert loaded is not None and loaded.spec == spec and loaded.state == RolloutState.WAITING
+
+
+def test_a_label_set_through_a_follower_reaches_the_leaders_registry(
+        reopen: Opener, tmp_path: Path, signing_keys: Keys) -> None:
+    reopen().upsert_devices([Device(id="cam-0", fleet="plant", profile="rpi4")])
+    leader = FleetController(_config(tmp_path, signing_keys, "a", lease_s=5), reopen())
+    follower = FleetController(_config(tmp_path, signing_keys, "b", lease_s=5), reopen())
+    leader.step()
+    follower.step()
+    assert follower.controller_status()["role"] == "follower"
+    follower.label("cam-0", {"site": "plant-a"}, [], "bob")
+    leader.step()  # the leader reads the label sequence at each step
+    device = leader.registry.get("cam-0")
+    assert device is not None and device.labels == {"site": "plant-a"}
+    assert device.profile == "rpi4"  # its reported state stays as the leader knows it
