@@ -466,7 +466,7 @@ def rollback(rollout: Annotated[str | None, typer.Option("--rollout", help="Roll
         data = _run(as_json, lambda: client.post("/api/v1/rollback", {"group": group}))
         summaries = data
     rows = [_rollout_row(s) for s in summaries]
-    emit(data, as_json, table("rolled back", rows, list(rows[0]) if rows else ["rollout"]))
+    emit(data, as_json, table("rolled back", rows, _columns(rows)))
 
 
 # --- rollouts ---------------------------------------------------------------------------
@@ -543,7 +543,7 @@ def rollout_list(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None
     """Every rollout, newest first."""
     data = _run(as_json, lambda: _client(controller, token).get("/api/v1/rollouts"))
     rows = [_rollout_row(r) for r in data]
-    emit(data, as_json, table("rollouts", rows, list(rows[0]) if rows else ["rollout"]))
+    emit(data, as_json, table("rollouts", rows, _columns(rows)))
 
 
 @rollout_app.command("status")
@@ -593,7 +593,12 @@ def _rollout_row(r: dict[str, Any]) -> dict[str, Any]:
             "wave": f"{min(r['wave'] + 1, r['waves'])}/{r['waves']}",
             "succeeded": f"{counts.get('SUCCEEDED', 0)}/{r['total']}",
             "failed": counts.get(DeviceState.FAILED, 0), "reason": r["reason"],
-            "next window": _next_window(r)}
+            **({"next window": _next_window(r)} if _next_window(r) else {})}
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key of the rows, in order ("next window" only when a rollout waits)."""
+    return list(dict.fromkeys(k for row in rows for k in row)) or ["rollout"]
 
 
 def _next_window(r: dict[str, Any]) -> str:
