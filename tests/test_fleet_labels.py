@@ -20,6 +20,7 @@ from edgefleet.fleet.rollout.schedule import Schedule, parse_window
 from edgefleet.fleet.rollout.selector import parse_selector
 from edgefleet.fleet.rollout.spec import RolloutSpec
 from edgefleet.fleet.rollout.state import Rollout, RolloutState
+from edgefleet.fleet.simulate.options import SimOptions, SimulationError
 from edgefleet.fleet.store import Store
 from tests.conftest import Keys
 from tests.test_scale_out import _config
@@ -146,3 +147,9 @@ def test_a_label_set_through_a_follower_reaches_the_leaders_registry(
     device = leader.registry.get("cam-0")
     assert device is not None and device.labels == {"site": "plant-a"}
     assert device.profile == "rpi4"  # its reported state stays as the leader knows it
+
+
+def test_a_simulated_fleet_refuses_labels_its_devices_could_not_report() -> None:
+    assert SimOptions(labels={"site": "plant-a"}).labels == {"site": "plant-a"}
+    with pytest.raises(SimulationError, match="cannot be reported"):
+        SimOptions(labels={"bad key": "x"})
