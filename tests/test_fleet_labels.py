@@ -9,9 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import typer
 from pydantic import ValidationError
 
 from edgefleet.agent.protocol.payloads import BundleRef, ReportedState, decode
+from edgefleet.cli.agent import _labels as _agent_labels
+from edgefleet.cli.logs import LogFormat
 from edgefleet.fleet.controller import FleetController
 from edgefleet.fleet.domain import Device
 from edgefleet.fleet.errors import ConflictError, NotFoundError
@@ -153,3 +156,13 @@ def test_a_simulated_fleet_refuses_labels_its_devices_could_not_report() -> None
     assert SimOptions(labels={"site": "plant-a"}).labels == {"site": "plant-a"}
     with pytest.raises(SimulationError, match="cannot be reported"):
         SimOptions(labels={"bad key": "x"})
+
+
+def test_agent_run_labels_are_checked_as_the_reported_state_will_be(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert _agent_labels(["site=plant-a", "line=3"], LogFormat.text) == {"site": "plant-a",
+                                                                          "line": "3"}
+    for bad in (["site"], ["bad key=x"], ["k="]):
+        with pytest.raises(typer.Exit):
+            _agent_labels(bad, LogFormat.text)
+    assert "--label" in capsys.readouterr().err
