@@ -33,6 +33,7 @@ parser reads at most :data:`MAX_TEXT` characters, :data:`MAX_DEPTH` parentheses 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -93,7 +94,9 @@ class Facts(Protocol):
     @property
     def model_ref(self) -> tuple[str, str] | None: ...
     @property
-    def all_labels(self) -> Mapping[str, str]: ...
+    def labels(self) -> Mapping[str, str]: ...  # set by operators: they win
+    @property
+    def reported_labels(self) -> Mapping[str, str]: ...
 
 
 def quoted(value: str) -> str:
@@ -130,7 +133,9 @@ class Label:
     value: str | None = None
 
     def matches(self, device: Facts) -> bool:
-        found = device.all_labels.get(self.key)
+        found = device.labels.get(self.key)
+        if found is None:
+            found = device.reported_labels.get(self.key)
         if self.op is None:
             return found is not None
         return (found == self.value) == (self.op == "=")
@@ -156,11 +161,11 @@ class Attribute:
             return self.op == "!="
         if not _versioned(self.name):
             return (found == self.value) == (self.op == "=")
-        try:
-            have = Version(found)
-        except InvalidVersion:
+        have = _version(found)
+        if have is None:
             return False  # a device's version that is no version compares with nothing
-        return _COMPARE[self.op](have, Version(self.value))
+        wanted = _version(self.value)
+        return wanted is not None and _COMPARE[self.op](have, wanted)
 
     def __str__(self) -> str:
         return f"{self.name}{self.op}{quoted(self.value)}"
@@ -203,16 +208,27 @@ def _versioned(name: str) -> bool:
     return name in VERSIONED or name.startswith("runtime.")
 
 
+@functools.lru_cache(maxsize=4096)
+def _version(text: str) -> Version | None:
+    """``text`` as a version (a fleet reports few distinct ones: parsed once each)."""
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
+
+
 def _reported(device: Facts, name: str) -> str | None:
     """The device's value of attribute ``name`` (None: it does not report one)."""
     if name.startswith("runtime."):
-        return device.runtimes.get(name.partition(".")[2])
+        return device.runtimes.get(name[len("runtime."):])
+    if name == "profile":
+        return device.profile
+    if name == "arch":
+        return device.arch
+    if name == "agent":
+        return device.agent_version
     model = device.model_ref
-    simple: dict[str, Callable[[], str | None]] = {
-        "profile": lambda: device.profile, "arch": lambda: device.arch,
-        "agent": lambda: device.agent_version, "model": lambda: model and model[0],
-        "model.version": lambda: model and model[1]}
-    return simple[name]()
+    return None if model is None else model[0] if name == "model" else model[1]
 
 
 def matches(target: Target, device: Facts) -> bool:
