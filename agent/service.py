@@ -9,6 +9,7 @@ speaks KServe v2, :class:`edgefleet.agent.mqtt.MqttClient` talks to the broker,
 from __future__ import annotations
 
 import logging
+import platform
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class ServiceConfig:
     step_delay_s: float = 0.0
     latency_budget_ms: float | None = 1000.0
     ha_discovery: bool = False
+    labels: dict[str, str] = field(default_factory=dict)  # reported, for fleet selectors
 
 
 class AgentService:
@@ -150,6 +152,7 @@ class AgentService:
                              slot=pointer.active, update=update_report(journal),
                              runtimes=installed_runtimes(), profile=self.config.profile,
                              decryption_keys=self.agent.keys.key_ids,
+                             arch=platform.machine() or None, labels=self.config.labels,
                              serving=model is not None, ts=int(time.time() * 1000))
 
     def publish_event(self, kind: str, detail: str = "", state: str | None = None,

@@ -15,6 +15,10 @@ Standard library only (``ThreadingHTTPServer``). Endpoints::
     POST /api/v1/models                             body: the .efb bytes
     POST /api/v1/devices/group                      {"devices": [...], "group": G|null}
     POST /api/v1/devices/{id}/tags                  {"add": [...], "remove": [...]}
+    POST /api/v1/devices/{id}/labels                {"set": {KEY: VALUE}, "remove": [KEY]}
+    GET  /api/v1/groups                             dynamic groups (saved selectors)
+    POST /api/v1/groups                             {"name": G, "where": SELECTOR}
+    POST /api/v1/groups/{name}/delete
     POST /api/v1/rollouts                           {"model": "NAME:VERSION", ...options}
     POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}
     POST /api/v1/rollback                           {"group": G}
@@ -102,6 +106,8 @@ _ROLLOUT = re.compile(r"^/api/v1/rollouts/([^/]+)(?:/([^/]+))?$")
 _VERBS = tuple(OPERATIONS)
 _TAGS = re.compile(r"^/api/v1/devices/([^/]+)/tags$")
 _DRIFT = re.compile(r"^/api/v1/drift/([^/]+)$")
+_LABELS = re.compile(r"^/api/v1/devices/([^/]+)/labels$")
+_GROUP_DELETE = re.compile(r"^/api/v1/groups/([^/]+)/delete$")
 _NAME, _SEMVER = re.compile(NAME_PATTERN), re.compile(SEMVER_PATTERN)
 _MAX_BODY = 512 * 1024 * 1024  # a bundle
 _MAX_JSON = 1024 * 1024
@@ -298,6 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json({"default": DriftPolicy().as_dict(),
                                "models": {k: v.as_dict()
                                           for k, v in self.controller.drift_policies().items()}})
+        if path == "/api/v1/groups":
+            return self._json(self.controller.saved_groups())
         if (match := _ROLLOUT.match(path)) and not match.group(2):
             rollout_id = _rollout_id(unquote(match.group(1)))
             return self._json(self.controller.rollout(rollout_id).as_dict())
@@ -431,6 +439,21 @@ class _Handler(BaseHTTPRequestHandler):
                                          _labels(body.get("add", []), "add", "tag"),
                                          _labels(body.get("remove", []), "remove", "tag"), actor)
             return self._json(device.as_dict())
+        if match := _LABELS.match(path):
+            device = self.controller.label(
+                _id(unquote(match.group(1)), "device id"), _label_map(body.get("set", {})),
+                [_id(k, "label key") for k in _list(body.get("remove", []), "remove")], actor)
+            return self._json(device.as_dict())
+        if path == "/api/v1/groups":
+            where = body.get("where")
+            if not isinstance(where, str):
+                raise _invalid("where must be a selector string, e.g. profile=raspberry-pi-4")
+            group = self.controller.create_group(_label(body.get("name"), "group"), where,
+                                                 actor)
+            return self._json(group, HTTPStatus.CREATED)
+        if match := _GROUP_DELETE.match(path):
+            self.controller.delete_group(_label(unquote(match.group(1)), "group"), actor)
+            return self._json({"deleted": unquote(match.group(1))})
         raise NotFoundError(f"no such endpoint: POST {path}", hint="see docs/fleet.md")
 
     def _push(self, actor: str) -> tuple[ModelVersion, bool]:
@@ -635,6 +658,19 @@ def _labels(value: object, field: str, what: str) -> list[str]:
     if not isinstance(value, list):
         raise _invalid(f"{field} must be a list of {what}s, got {type(value).__name__}")
     return [_label(item, what) for item in value]
+
+
+def _list(value: object, field: str) -> list[object]:
+    if not isinstance(value, list):
+        raise _invalid(f"{field} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _label_map(value: object) -> dict[str, str]:
+    """Labels to set: ``{KEY: VALUE}``, keys as ids, values 1-64 printable characters."""
+    if not isinstance(value, dict) or len(value) > 32:
+        raise _invalid("set must be an object of at most 32 labels, KEY: VALUE")
+    return {_id(k, "label key"): _label(v, "label value") for k, v in value.items()}
 
 
 def _rollout_id(value: str) -> str:

@@ -44,6 +44,7 @@ from edgefleet.fleet.control.config import ControllerConfig, now_ms
 from edgefleet.fleet.control.devices import DeviceBook
 from edgefleet.fleet.control.dispatch import CommandDesk
 from edgefleet.fleet.control.drift_desk import DriftDesk
+from edgefleet.fleet.control.groups import GroupBook
 from edgefleet.fleet.control.intake import MessageIntake
 from edgefleet.fleet.control.keyring import KeyringService
 from edgefleet.fleet.control.observer import RolloutObserver
@@ -97,8 +98,9 @@ class FleetController:
         self.intake = MessageIntake(config.fleet, self.registry, self.telemetry,
                                     self.drift_desk, self.listeners.notify, clock)
         self._lock = threading.RLock()
+        self.groups = GroupBook(store, self.registry, self.audit, clock)
         self.actions = Actions(store, self.registry, self.catalog, self.device_book,
-                               self.runner, self.audit, self._lock, clock)
+                               self.runner, self.audit, self._lock, clock, self.groups)
         self.commands = CommandDesk(self.actions, self.role)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -261,8 +263,25 @@ class FleetController:
         with self._lock:
             return self.device_book.tag(device, add, remove, actor)
 
+    def label(self, device: str, put: dict[str, str], remove: list[str], actor: str) -> Device:
+        with self._lock:
+            return self.device_book.label(device, put, remove, actor)
+
     def devices(self) -> list[Device]:
         return self.registry.all()
+
+    # --- dynamic groups (saved selectors) ---------------------------------------------
+
+    def saved_groups(self) -> list[dict[str, Any]]:
+        return self.groups.groups()
+
+    def create_group(self, name: str, where: str, actor: str) -> dict[str, Any]:
+        with self._lock:
+            return self.groups.create(name, where, actor)
+
+    def delete_group(self, name: str, actor: str) -> None:
+        with self._lock:
+            self.groups.delete(name, actor)
 
     # --- rollouts (commands run by the leader) ------------------------------------------------
 

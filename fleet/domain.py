@@ -39,6 +39,11 @@ class Device:
     tags: frozenset[str] = frozenset()
     profile: str | None = None
     runtimes: dict[str, str] = field(default_factory=dict)
+    # what the device reports of itself beyond that (kept in memory only, like
+    # decryption_keys: its retained report restores them after a restart)
+    arch: str | None = None  # CPU architecture (platform.machine())
+    reported_labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # set by operators (stored)
     # key ids the device decrypts models with, as it reported them (None: not reported);
     # kept in memory only: a device's retained report restores it after a restart
     decryption_keys: tuple[str, ...] | None = None
@@ -55,11 +60,22 @@ class Device:
     def with_changes(self, **changes: Any) -> Device:
         return replace(self, **changes)
 
+    @property
+    def model_ref(self) -> tuple[str, str] | None:
+        """(name, version) of the bundle it runs, for selectors."""
+        return (self.active.name, self.active.version) if self.active else None
+
+    @property
+    def all_labels(self) -> dict[str, str]:
+        """Its labels: those it reports, and those operators set (which win)."""
+        return {**self.reported_labels, **self.labels} if self.reported_labels else self.labels
+
     def as_dict(self) -> dict[str, Any]:
         # Shallow on purpose: ``dataclasses.asdict`` deep-copies every BundleRef only for it
         # to be replaced here (20x slower over 10,000 devices).
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         data.update(tags=sorted(self.tags), runtimes=dict(self.runtimes),
+                    reported_labels=dict(self.reported_labels), labels=dict(self.labels),
                     active=ref_to_dict(self.active), previous=ref_to_dict(self.previous))
         return data
 
@@ -68,6 +84,9 @@ class Device:
         return cls(id=str(data["id"]), fleet=str(data["fleet"]), online=bool(data["online"]),
                    group=data.get("group"), tags=frozenset(data.get("tags") or ()),
                    profile=data.get("profile"), runtimes=dict(data.get("runtimes") or {}),
+                   arch=data.get("arch"),
+                   reported_labels=dict(data.get("reported_labels") or {}),
+                   labels=dict(data.get("labels") or {}),
                    agent_version=data.get("agent_version"),
                    active=ref_from_dict(data.get("active")),
                    previous=ref_from_dict(data.get("previous")),

@@ -26,7 +26,8 @@ def apply_reported(device: Device, reported: ReportedState, now_ms: int) -> Devi
         profile=reported.profile, runtimes=dict(reported.runtimes),
         decryption_keys=(None if reported.decryption_keys is None
                          else tuple(reported.decryption_keys)),
-        agent_version=reported.agent_version, active=reported.active,
+        agent_version=reported.agent_version, arch=reported.arch,
+        reported_labels=dict(reported.labels or {}), active=reported.active,
         previous=reported.previous, update_state=update.state,
         update_target=update.target.sha256 if update.target else None,
         update_detail=update.detail, update_since_ms=update.since, last_seen_ms=now_ms)
@@ -91,15 +92,18 @@ class DeviceRegistry:
         with self._lock:
             self._devices[device.id] = device
 
-    def relabel(self, device_id: str, group: str | None, tags: frozenset[str]) -> Device | None:
-        """An operator's group and tags, as stored (this or another controller wrote them):
-        the device's reported state here stays as it is. None: not known here."""
+    def relabel(self, device_id: str, group: str | None, tags: frozenset[str],
+                labels: dict[str, str] | None = None) -> Device | None:
+        """An operator's group, tags and labels (None: as they are), as stored (this or
+        another controller wrote them): the device's reported state here stays as it is.
+        None: not known here."""
         with self._lock:
             device = self._devices.get(device_id)
             if device is None:
                 return None
-            if (device.group, device.tags) != (group, tags):
-                device = device.with_changes(group=group, tags=tags)
+            labels = device.labels if labels is None else labels
+            if (device.group, device.tags, device.labels) != (group, tags, labels):
+                device = device.with_changes(group=group, tags=tags, labels=labels)
                 self._devices[device_id] = device
             return device
 

@@ -109,11 +109,13 @@ class ScaleOut:
         return turn
 
     def sync_labels(self, registry: DeviceRegistry) -> None:
-        """Group and tag changes operators made (through any controller) since last time."""
+        """Group, tag and label changes operators made (through any controller) since
+        last time."""
         seq, changes = self.store.labels_since(self._labels_seq)
         self._labels_seq = seq
+        labels = self.store.labels_of([device for device, _, _ in changes]) if changes else {}
         for device, group, tags in changes:
-            registry.relabel(device, group, tags)
+            registry.relabel(device, group, tags, labels.get(device, {}))
 
     def exchange_telemetry(self, wanted: Iterable[VersionKey]) -> None:
         """Share what the leader wants; the leader merges what the others shared."""

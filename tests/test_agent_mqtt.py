@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import threading
 import time
 from pathlib import Path
@@ -80,6 +81,7 @@ def test_status_reported_state_and_telemetry_on_both_brokers(
         reported = decode(ReportedState, sub.on("/state/reported")[-1].payload)
         assert reported.active is not None and reported.active.version == "1.0.0"
         assert reported.serving and "litert" in reported.runtimes
+        assert reported.arch == platform.machine()  # what fleet selectors read (arch=...)
         point = next(p for m in sub.on("/telemetry") for p in decode_telemetry(m.payload)
                      if p.values["inferences"] > 0)
         assert point.values["model"] == "digits" and point.values["latency_p50_ms"] > 0

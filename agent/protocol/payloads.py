@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from edgefleet.agent.protocol.errors import PayloadError, SchemaVersionError
 from edgefleet.agent.protocol.schema import (
@@ -33,6 +33,13 @@ __all__ = [
     "decode_telemetry",
     "encode",
 ]
+
+# a device's own labels (``edgefleet agent run --label KEY=VALUE``), which fleet selectors
+# read (``label:site=plant-a``): keys are names, values 1-64 printable characters
+LabelKey = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+LabelValue = Annotated[str, StringConstraints(min_length=1, max_length=64,
+                                              pattern=r"^[^\x00-\x1f\x7f]+$")]
+MAX_LABELS = 32
 
 STATUS_ONLINE = "online"
 STATUS_OFFLINE = "offline"
@@ -108,6 +115,10 @@ class ReportedState(Document):
     # key ids of the X25519 keys this device opens encrypted models with (agent.protocol.
     # encryption); None: an agent that predates encrypted bundles (optional, additive)
     decryption_keys: list[str] | None = None
+    # optional and additive (an older agent sends neither): the CPU architecture
+    # (platform.machine()) and the labels the device was given, for fleet selectors
+    arch: str | None = Field(default=None, max_length=64)
+    labels: dict[LabelKey, LabelValue] | None = Field(default=None, max_length=MAX_LABELS)
     ts: int = 0
 
 

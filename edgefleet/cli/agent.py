@@ -192,6 +192,9 @@ def run(
     spool_max_bytes: Annotated[int, typer.Option(min=4096, help="Disk bound while offline")] =
     8 * 1024 * 1024,
     profile: Annotated[str | None, typer.Option(help="Device profile name")] = None,
+    label: Annotated[list[str] | None, typer.Option(
+        "--label", help="KEY=VALUE (repeatable): reported to the fleet, which selects "
+                        "devices by it (--to label:KEY=VALUE)")] = None,
     probation: Annotated[float, typer.Option(help="Probation window after a switch, seconds")
                          ] = 60.0,
     max_error_rate: Annotated[float, typer.Option(
@@ -231,6 +234,7 @@ def run(
                            http_security=http_security,
                            telemetry_interval_s=telemetry_interval,
                            spool_max_bytes=spool_max_bytes, profile=profile,
+                           labels=_labels(label or [], log_format),
                            probation_s=probation, max_error_rate=max_error_rate,
                            latency_budget_ms=latency_budget_ms,
                            ha_discovery=ha_discovery, mqtt_security=security,
@@ -287,3 +291,20 @@ app.add_typer(service_app(ServiceSpec(
     lambda: subcommand(app, "run"),
     user="edgefleet", data_dir=Path("/var/lib/edgefleet"), defaults=_device_id_default)),
     name="service")
+
+
+def _labels(items: list[str], log_format: LogFormat) -> dict[str, str]:
+    """``--label KEY=VALUE`` options, checked as the reported state will be."""
+    from edgefleet.agent.protocol.payloads import MAX_LABELS, ReportedState
+
+    labels = dict(item.partition("=")[::2] for item in items)
+    try:
+        if any("=" not in item for item in items) or len(labels) > MAX_LABELS:
+            raise ValueError(f"at most {MAX_LABELS} of them, each KEY=VALUE")
+        ReportedState(fleet="f", device="d", agent_version="0", labels=labels)
+    except ValueError as exc:
+        fail_in(log_format, EdgefleetError(
+            f"--label {' '.join(items)[:80]!r} is not allowed: {str(exc).splitlines()[0]}",
+            hint="write --label site=plant-a: a key of letters, digits, '.', '_' or '-', "
+                 "a value of 1-64 printable characters"))
+    return labels

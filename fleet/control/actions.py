@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from edgefleet.fleet.control.audit import AuditTrail
 from edgefleet.fleet.control.catalog import ModelCatalog
 from edgefleet.fleet.control.devices import DeviceBook
+from edgefleet.fleet.control.groups import GroupBook
 from edgefleet.fleet.control.runner import RolloutRunner
 from edgefleet.fleet.errors import ConflictError, InvalidRolloutError, NotFoundError
 from edgefleet.fleet.registry import DeviceRegistry
@@ -33,9 +35,10 @@ class Actions:
 
     def __init__(self, store: Store, registry: DeviceRegistry, catalog: ModelCatalog,
                  devices: DeviceBook, runner: RolloutRunner, audit: AuditTrail,
-                 lock: threading.RLock, clock: Callable[[], int]) -> None:
+                 lock: threading.RLock, clock: Callable[[], int], groups: GroupBook) -> None:
         self.store, self.registry, self.catalog, self.devices = store, registry, catalog, devices
         self.runner, self.audit, self.lock, self.clock = runner, audit, lock, clock
+        self.groups = groups
 
     def rollout(self, rollout_id: str) -> Rollout:
         with self.lock:
@@ -56,6 +59,8 @@ class Actions:
         # every option checked (finite, ranges, lengths, counts) before anything is stored
         spec = rollout_spec(options, model.ref, self.catalog.bundle_url(model.sha256),
                             model.size)
+        # saved selectors (dynamic groups) are taken now: the rollout keeps what they meant
+        spec = replace(spec, selectors=self.groups.expand(spec.selectors))
         with self.lock:
             self.devices.flush()
             busy = sorted(d.id for d in self.registry.all()

@@ -1,5 +1,5 @@
 """Devices in the store: the registry's changes written in batches (by the leader), and
-the groups and tags operators give devices (through any controller)."""
+the groups, tags and labels operators give devices (through any controller)."""
 
 from __future__ import annotations
 
@@ -61,4 +61,16 @@ class DeviceBook:
         device = self.store.device(device_id)
         if device is None:
             raise NotFoundError(f"no device {device_id!r}")
-        return self.registry.relabel(device.id, device.group, device.tags) or device
+        return self.registry.relabel(device.id, device.group, device.tags,
+                                     device.labels) or device
+
+    def label(self, device: str, put: dict[str, str], remove: list[str], actor: str) -> Device:
+        """Set and remove labels an operator gives ``device`` (selectors: label:KEY=VALUE)."""
+        self.flush()
+        self._store_new([device])
+        self.store.set_labels(device, put, remove)
+        changed = self._reload(device)
+        shown = " ".join([*(f"{k}={v}" for k, v in sorted(put.items())),
+                          *(f"-{k}" for k in remove)])
+        self.audit.record(actor, "device.labels", device, shown)
+        return changed

@@ -6,6 +6,10 @@ A tick does, in this order:
 
 1. start a PENDING rollout: freeze the selected devices into waves (an empty selection
    succeeds at once: there is nothing to do);
+   then follow the schedule: a RUNNING rollout whose schedule is closed (before its
+   start time, outside its windows) is WAITING, a WAITING one whose schedule opened is
+   RUNNING again (its rate counts from then); ``Decisions.wait_until_ms`` says when a
+   waiting one opens next;
 2. take devices that joined and match the selector into the last wave (while it runs);
 3. follow every device from what it reports (UPDATING, PROBATION, SUCCEEDED, FAILED,
    late answers after a timeout, a retry after a failure) and time out those that do
@@ -16,7 +20,8 @@ A tick does, in this order:
    rolled back;
 5. commit devices whose soak is over; advance to the next wave when the current one is
    done and at least ``min_success_pct`` of its devices succeeded; succeed after the last;
-6. send the bundle to the current wave's pending devices, at most as fast as the rate.
+6. send the bundle to the current wave's pending devices, at most as fast as the rate
+   (RUNNING only: a WAITING rollout follows, commits and rolls back, and sends no bundle).
 
 Thresholds fire strictly above their value (minimums strictly below). A device that
 never answers times out (``device_timeout_s`` after it was sent the bundle), so no
@@ -37,6 +42,7 @@ from enum import Enum
 from edgefleet.agent.protocol.payloads import BundleRef
 from edgefleet.agent.protocol.update_state import UpdateState
 from edgefleet.fleet.errors import ConflictError
+from edgefleet.fleet.rollout.schedule import format_ms
 from edgefleet.fleet.rollout.spec import wave_bounds
 from edgefleet.fleet.rollout.state import (
     ACTIVE,
@@ -62,6 +68,8 @@ _ENDED_BADLY = (UpdateState.FAILED, UpdateState.ROLLING_BACK, UpdateState.ROLLED
 # rolling back, timed out (they may answer late) or failed (they may retry). The others
 # are settled, or not sent anything yet.
 FOLLOWED = ACTIVE | {DeviceState.ROLLING_BACK, DeviceState.TIMED_OUT, DeviceState.FAILED}
+# a rollout that is under way: it follows its devices, takes newcomers, checks its gates
+_UNDER_WAY = (RolloutState.RUNNING, RolloutState.WAITING, RolloutState.PAUSED)
 
 
 class Action(str, Enum):
@@ -130,6 +138,7 @@ class Decisions:
     notes: list[str] = field(default_factory=list)
     changed: set[str] = field(default_factory=set)  # device rows to persist
     cleared: list[str] = field(default_factory=list)  # devices whose desired state to clear
+    wait_until_ms: int | None = None  # WAITING: tick again then (its schedule opens)
 
 
 class _Step:
@@ -178,9 +187,11 @@ class _Step:
 
     def done(self) -> Decisions:
         changed = self.decisions.changed or self.decisions.sends or self.decisions.notes
-        rollout = replace(self.rollout, devices=self.devices,
+        waiting = self.rollout.state == RolloutState.WAITING
+        until = self.rollout.spec.schedule.next_open(self.now) if waiting else None
+        rollout = replace(self.rollout, devices=self.devices, waiting_until_ms=until or 0,
                           updated_ms=self.now if changed else self.rollout.updated_ms)
-        return replace(self.decisions, rollout=rollout)
+        return replace(self.decisions, rollout=rollout, wait_until_ms=until)
 
 
 def tick(rollout: Rollout, observations: Observations, now_ms: int) -> Decisions:
@@ -188,16 +199,18 @@ def tick(rollout: Rollout, observations: Observations, now_ms: int) -> Decisions
     step = _Step(rollout, observations, now_ms)
     if step.rollout.state == RolloutState.PENDING:
         _start(step)
-    if step.rollout.state in (RolloutState.RUNNING, RolloutState.PAUSED):
+    _follow_schedule(step)
+    if step.rollout.state in _UNDER_WAY:
         _join_newcomers(step)
     _follow_devices(step)
-    if step.rollout.state in (RolloutState.RUNNING, RolloutState.PAUSED):
+    if step.rollout.state in _UNDER_WAY:
         reason = _failure(step) or gate_failure(step.rollout, observations)
         if reason:
             _abort(step, reason)
-    if step.rollout.state in (RolloutState.RUNNING, RolloutState.SUCCEEDED):
+    if step.rollout.state in (RolloutState.RUNNING, RolloutState.WAITING,
+                              RolloutState.SUCCEEDED):
         _commit_soaked(step)
-    if step.rollout.state == RolloutState.RUNNING:
+    if step.rollout.state in (RolloutState.RUNNING, RolloutState.WAITING):
         _advance(step)
     if step.rollout.state == RolloutState.RUNNING:
         _send_installs(step)
@@ -217,9 +230,37 @@ def _start(step: _Step) -> None:
             wave += 1
         step.set(RolloutDevice(device, wave, since_ms=step.now))
     step.rollout = replace(step.rollout, wave=0, wave_started_ms=step.now, started_in_wave=0)
-    step.state(RolloutState.RUNNING, f"{len(selected)} devices in {len(bounds)} waves")
+    frozen = f"{len(selected)} devices in {len(bounds)} waves"
+    closed = _closed(step)
+    if closed:
+        step.state(RolloutState.WAITING, f"{frozen}; {closed}")
+    else:
+        step.state(RolloutState.RUNNING, frozen)
     step.decisions.notes.append(f"wave 1 of {len(bounds)} started")
 
+
+def _closed(step: _Step) -> str:
+    """Why the rollout's schedule is closed now, with its next opening ("" when open)."""
+    schedule = step.rollout.spec.schedule
+    opens = step.now if schedule.always else schedule.next_open(step.now)
+    if opens == step.now:
+        return ""
+    return "outside its schedule: " + ("no window opens again" if opens is None else
+                                       f"next window opens {format_ms(opens, schedule.zone())}")
+
+
+def _follow_schedule(step: _Step) -> None:
+    """RUNNING while the schedule is open, WAITING while it is closed."""
+    if step.rollout.spec.schedule.always or step.rollout.state not in (
+            RolloutState.RUNNING, RolloutState.WAITING):
+        return
+    closed = _closed(step)
+    if step.rollout.state == RolloutState.RUNNING and closed:
+        step.state(RolloutState.WAITING, closed)
+    elif step.rollout.state == RolloutState.WAITING and not closed:
+        # the rate counts from the opening, not from a wave that began while closed
+        step.rollout = replace(step.rollout, wave_started_ms=step.now, started_in_wave=0)
+        step.state(RolloutState.RUNNING, "its schedule is open")
 
 def _join_newcomers(step: _Step) -> None:
     last = len(step.rollout.spec.waves) - 1
@@ -429,7 +470,7 @@ def _commit_soaked(step: _Step) -> None:
 
 
 def _advance(step: _Step) -> None:
-    while step.rollout.state == RolloutState.RUNNING:
+    while step.rollout.state in (RolloutState.RUNNING, RolloutState.WAITING):
         wave = [d for d in step.devices.values() if d.wave <= step.rollout.wave]
         if any(d.state in ACTIVE or d.state == DeviceState.PENDING for d in wave):
             return
@@ -512,8 +553,8 @@ def _version(ref: BundleRef | None) -> str:
 # Operator actions: pure too.
 
 def pause(rollout: Rollout, now_ms: int) -> Decisions:
-    return _operator(rollout, now_ms, RolloutState.PAUSED, (RolloutState.RUNNING,),
-                     "paused by an operator")
+    return _operator(rollout, now_ms, RolloutState.PAUSED,
+                     (RolloutState.RUNNING, RolloutState.WAITING), "paused by an operator")
 
 
 def resume(rollout: Rollout, now_ms: int) -> Decisions:
@@ -523,8 +564,7 @@ def resume(rollout: Rollout, now_ms: int) -> Decisions:
 
 def abort(rollout: Rollout, now_ms: int, reason: str = "aborted by an operator") -> Decisions:
     step = _Step(rollout, Observations({}), now_ms)
-    _check_state(rollout, (RolloutState.PENDING, RolloutState.RUNNING, RolloutState.PAUSED),
-                 "abort")
+    _check_state(rollout, (RolloutState.PENDING, *_UNDER_WAY), "abort")
     _abort(step, reason)
     return step.done()
 

@@ -1,9 +1,11 @@
 """A rollout's plan, validated once when it is created and never parsed during a tick.
 
-``RolloutSpec`` says what goes where and how: the bundle, the selector (groups, tags,
-device ids), the waves (cumulative percentages or counts of the selected devices, or a
-canary count then everyone), a start rate in devices per minute that may grow
-exponentially from wave to wave, a per-device timeout, and the gates.
+``RolloutSpec`` says what goes where and how: the bundle, the selectors (groups, tags,
+device ids, labels and what devices report: :mod:`edgefleet.fleet.rollout.selector`),
+when bundles may be sent (a start time, maintenance windows:
+:mod:`edgefleet.fleet.rollout.schedule`), the waves (cumulative percentages or counts
+of the selected devices, or a canary count then everyone), a start rate in devices per
+minute that may grow exponentially from wave to wave, a per-device timeout, and the gates.
 
 Gates fire strictly above (or, for minimums, strictly below) their value; exactly at the
 value they do not. Percentages are 0-100.
@@ -24,16 +26,22 @@ from typing import Any
 from edgefleet.agent.protocol.payloads import BundleRef
 from edgefleet.fleet.domain import Device, ref_from_dict, ref_to_dict
 from edgefleet.fleet.errors import InvalidRolloutError
+from edgefleet.fleet.rollout.schedule import Schedule, parse_window
+from edgefleet.fleet.rollout.selector import (
+    Selector,
+    Target,
+    parse_selector,
+    parse_stored_selector,
+)
 
-__all__ = ["WAVE", "Gates", "RolloutSpec", "Selector", "Wave", "parse_duration", "parse_selector",
-           "parse_waves", "wave_bounds"]
+__all__ = ["WAVE", "Gates", "RolloutSpec", "Schedule", "Selector", "Target", "Wave",
+           "parse_duration", "parse_selector", "parse_waves", "wave_bounds"]
 
 # ASCII digits only ("\d" would take "٣" and "²"), bounded: never inf; matched whole
 # (no "$", which lets a trailing newline through)
 _DURATION = re.compile(r"([0-9]{1,12}(?:\.[0-9]{1,6})?)(ms|s|m|h)?", re.ASCII)
 WAVE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)(%?)", re.ASCII)  # a count or a percentage
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-SELECTOR_KINDS = ("group", "tag", "device")
 
 
 def parse_duration(text: str) -> float:
@@ -43,32 +51,6 @@ def parse_duration(text: str) -> float:
         raise InvalidRolloutError(f"duration {text[:40]!r} is not understood",
                                   hint="write it like 90s, 5m, 1h or 500ms")
     return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-@dataclass(frozen=True)
-class Selector:
-    """``group:G``, ``tag:T`` or ``device:ID``; a device matches a spec if any selector does."""
-
-    kind: str
-    value: str
-
-    def matches(self, device: Device) -> bool:
-        if self.kind == "group":
-            return device.group == self.value
-        if self.kind == "tag":
-            return self.value in device.tags
-        return device.id == self.value
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.value}"
-
-
-def parse_selector(text: str) -> Selector:
-    kind, _, value = text.partition(":")
-    if kind not in SELECTOR_KINDS or not value:
-        raise InvalidRolloutError(f"target {text!r} is not group:NAME, tag:NAME or device:ID",
-                                  hint="for example --to group:cameras --to tag:plant-a")
-    return Selector(kind, value)
 
 
 @dataclass(frozen=True)
@@ -155,13 +137,14 @@ class RolloutSpec:
     model: BundleRef
     url: str
     size: int
-    selectors: tuple[Selector, ...]
+    selectors: tuple[Target, ...]  # a device matches if any does
     waves: tuple[Wave, ...] = (Wave(100.0, True),)
     rate_per_min: float | None = None  # devices started per minute in wave 0
     exponential: float = 1.0  # the rate of wave k is rate * exponential**k
     device_timeout_s: float = 600.0
     soak_s: float = 0.0  # how long a device stays in probation before it is committed
     gates: Gates = field(default_factory=Gates)
+    schedule: Schedule = field(default_factory=Schedule)  # when bundles may be sent
 
     def __post_init__(self) -> None:
         if not self.selectors:
@@ -190,7 +173,9 @@ class RolloutSpec:
                 "selectors": [str(s) for s in self.selectors],
                 "waves": [str(w) for w in self.waves], "rate_per_min": self.rate_per_min,
                 "exponential": self.exponential, "device_timeout_s": self.device_timeout_s,
-                "soak_s": self.soak_s, "gates": asdict(self.gates)}
+                "soak_s": self.soak_s, "gates": asdict(self.gates),
+                "start_at_ms": self.schedule.start_at_ms,
+                "windows": [str(w) for w in self.schedule.windows]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RolloutSpec:
@@ -198,10 +183,12 @@ class RolloutSpec:
         if model is None:
             raise InvalidRolloutError("a rollout needs a model")
         return cls(model=model, url=str(data["url"]), size=int(data["size"]),
-                   selectors=tuple(parse_selector(s) for s in data["selectors"]),
+                   selectors=tuple(parse_stored_selector(s) for s in data["selectors"]),
                    waves=parse_waves(",".join(data.get("waves") or ["100%"])),
                    rate_per_min=data.get("rate_per_min"),
                    exponential=float(data.get("exponential", 1.0)),
                    device_timeout_s=float(data.get("device_timeout_s", 600.0)),
                    soak_s=float(data.get("soak_s", 0.0)),
-                   gates=Gates(**(data.get("gates") or {})))
+                   gates=Gates(**(data.get("gates") or {})),
+                   schedule=Schedule(data.get("start_at_ms"),
+                                     tuple(parse_window(w) for w in data.get("windows") or ())))

@@ -6,15 +6,20 @@ that the executor enforces; the drawings below are the tables' own
 
 A rollout::
 
-    PENDING     -> RUNNING | SUCCEEDED | ABORTED | ROLLED_BACK
-    RUNNING     -> PAUSED | SUCCEEDED | ABORTED | ROLLED_BACK
+    PENDING     -> RUNNING | WAITING | SUCCEEDED | ABORTED | ROLLED_BACK
+    RUNNING     -> WAITING | PAUSED | SUCCEEDED | ABORTED | ROLLED_BACK
+    WAITING     -> RUNNING | PAUSED | SUCCEEDED | ABORTED | ROLLED_BACK
     PAUSED      -> RUNNING | ABORTED | ROLLED_BACK
     SUCCEEDED   -> ROLLED_BACK
     ABORTED     -> ROLLED_BACK
     ROLLED_BACK -> ROLLED_BACK
 
-It starts RUNNING, or SUCCEEDED at once when no device matches; an operator pauses and
-resumes it; it SUCCEEDED when every wave was reached with enough devices succeeding, and
+It starts RUNNING, or SUCCEEDED at once when no device matches; it is WAITING instead
+of RUNNING while its schedule is closed (before ``--start-at``, outside its windows: it
+sends no bundle then, and goes on following the devices it sent one), and RUNNING again
+when the schedule opens; an operator pauses and resumes it (a resumed rollout outside
+its windows is WAITING at the next tick); it SUCCEEDED when every wave was reached with
+enough devices succeeding, and
 is ABORTED when a gate fires or an operator aborts it (also before it started). An
 operator rolls it back from any state, again after a rollback too (devices it missed).
 
@@ -69,6 +74,7 @@ __all__ = [
 class RolloutState(str, Enum):
     PENDING = "PENDING"
     RUNNING = "RUNNING"
+    WAITING = "WAITING"  # outside its start time or windows: no bundle is sent
     PAUSED = "PAUSED"
     SUCCEEDED = "SUCCEEDED"
     ABORTED = "ABORTED"
@@ -95,10 +101,12 @@ class DeviceState(str, Enum):
 
 # A rollout's edges: the drawing in this module's docstring is ROLLOUT_EDGES.drawing().
 ROLLOUT_EDGES = Edges.declare("rollout", {
-    RolloutState.PENDING: (RolloutState.RUNNING, RolloutState.SUCCEEDED, RolloutState.ABORTED,
-                           RolloutState.ROLLED_BACK),
-    RolloutState.RUNNING: (RolloutState.PAUSED, RolloutState.SUCCEEDED, RolloutState.ABORTED,
-                           RolloutState.ROLLED_BACK),
+    RolloutState.PENDING: (RolloutState.RUNNING, RolloutState.WAITING, RolloutState.SUCCEEDED,
+                           RolloutState.ABORTED, RolloutState.ROLLED_BACK),
+    RolloutState.RUNNING: (RolloutState.WAITING, RolloutState.PAUSED, RolloutState.SUCCEEDED,
+                           RolloutState.ABORTED, RolloutState.ROLLED_BACK),
+    RolloutState.WAITING: (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.SUCCEEDED,
+                           RolloutState.ABORTED, RolloutState.ROLLED_BACK),
     RolloutState.PAUSED: (RolloutState.RUNNING, RolloutState.ABORTED, RolloutState.ROLLED_BACK),
     RolloutState.SUCCEEDED: (RolloutState.ROLLED_BACK,),
     RolloutState.ABORTED: (RolloutState.ROLLED_BACK,),
@@ -183,6 +191,8 @@ class Rollout:
     updated_ms: int = 0
     created_by: str = ""
     devices: Mapping[str, RolloutDevice] = field(default_factory=dict)
+    # WAITING: when its schedule opens next (0: not waiting, or never); set by every tick
+    waiting_until_ms: int = 0
 
     @property
     def finished(self) -> bool:
@@ -201,7 +211,8 @@ class Rollout:
                 "wave_started_ms": self.wave_started_ms, "started_in_wave": self.started_in_wave,
                 "reason": self.reason, "created_ms": self.created_ms,
                 "updated_ms": self.updated_ms, "created_by": self.created_by,
-                "counts": self.counts(), "total": len(self.devices)}
+                "counts": self.counts(), "total": len(self.devices),
+                "waiting_until_ms": self.waiting_until_ms}
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.summary(),
@@ -218,4 +229,5 @@ class Rollout:
                    reason=str(data.get("reason", "")), created_ms=int(data.get("created_ms", 0)),
                    updated_ms=int(data.get("updated_ms", 0)),
                    created_by=str(data.get("created_by", "")),
+                   waiting_until_ms=int(data.get("waiting_until_ms") or 0),
                    devices={d.device: d for d in devices})

@@ -4,10 +4,12 @@ Options come as JSON from the API (``POST /api/v1/rollouts``), from the CLI's fl
 from a follower's relayed request. :func:`check_options` takes them as a mapping and
 either returns the checked values or raises :class:`RolloutOptionError` naming the field
 (and its CLI flag): every number must be a finite JSON number (never NaN, Infinity, a
-string or a bool) within its range, every selector a ``group:``/``tag:`` label of 1-64
-printable characters or a ``device:`` contract id, and there are at most
-:data:`MAX_SELECTORS` selectors and :data:`MAX_WAVES` waves. Unknown fields are refused
-(a typo would otherwise be ignored in silence).
+string or a bool) within its range, every selector one the grammar reads
+(:mod:`edgefleet.fleet.rollout.selector`: names of 1-64 printable characters, ``device:``
+contract ids), ``start_at`` ISO 8601 with a zone and every window one
+:func:`edgefleet.fleet.rollout.schedule.parse_window` reads, and there are at most
+:data:`MAX_SELECTORS` selectors, :data:`MAX_WINDOWS` windows and :data:`MAX_WAVES`
+waves. Unknown fields are refused (a typo would otherwise be ignored in silence).
 
 The failure gates agree by default: ``min_success_pct`` left out is ``100 -
 max_failures_pct`` (``--max-failures 20`` alone lets a wave with 20% failed devices
@@ -23,14 +25,21 @@ rollout when its tick fails instead of refusing to start.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from edgefleet.agent.protocol.payloads import BundleRef
-from edgefleet.agent.protocol.topics import check_id
 from edgefleet.fleet.errors import InvalidRolloutError
-from edgefleet.fleet.rollout.spec import WAVE, Gates, RolloutSpec, Selector, Wave
+from edgefleet.fleet.rollout.schedule import (
+    MAX_WINDOWS,
+    Schedule,
+    ScheduleError,
+    parse_start_at,
+    parse_window,
+)
+from edgefleet.fleet.rollout.selector import SelectorError, Target, parse_selector
+from edgefleet.fleet.rollout.spec import WAVE, Gates, RolloutSpec, Wave
 
 __all__ = ["MAX_DURATION_S", "MAX_EXPONENTIAL", "MAX_LABEL", "MAX_RATE_PER_MIN",
            "MAX_SELECTORS", "MAX_WAVES", "MAX_WAVE_DEVICES", "CheckedOptions",
@@ -45,13 +54,15 @@ MAX_EXPONENTIAL = 10.0  # the rate of the last of 100 waves stays a finite numbe
 MAX_DURATION_S = 30 * 24 * 3600.0  # device timeout and soak: 30 days
 MAX_P95_RATIO = 1000.0
 MAX_MIN_SAMPLES = 1_000_000_000
+_T = TypeVar("_T")
 
 FLAGS = {"selectors": "--to", "waves": "--waves", "rate_per_min": "--rate",
          "exponential": "--exponential", "device_timeout_s": "--device-timeout",
          "soak_s": "--soak", "gates": "--max-failures ...",
          "gates.max_failures_pct": "--max-failures", "gates.min_success_pct": "--min-success",
          "gates.max_p95_ratio": "--max-p95-ratio", "gates.max_error_rate_pct": "--max-error-rate",
-         "gates.min_agreement_pct": "--min-agreement", "gates.min_samples": "--min-samples"}
+         "gates.min_agreement_pct": "--min-agreement", "gates.min_samples": "--min-samples",
+         "start_at": "--start-at", "windows": "--window"}
 _OPTIONS = frozenset(f for f in FLAGS if "." not in f)
 _GATES = frozenset(f.partition(".")[2] for f in FLAGS if f.startswith("gates."))
 
@@ -68,13 +79,14 @@ class RolloutOptionError(InvalidRolloutError):
 
 @dataclass(frozen=True)
 class CheckedOptions:
-    selectors: tuple[Selector, ...]
+    selectors: tuple[Target, ...]
     waves: tuple[Wave, ...]
     rate_per_min: float | None
     exponential: float
     device_timeout_s: float
     soak_s: float
     gates: Gates
+    schedule: Schedule
 
 
 def rollout_spec(options: Mapping[str, Any], model: BundleRef, url: str,
@@ -83,7 +95,8 @@ def rollout_spec(options: Mapping[str, Any], model: BundleRef, url: str,
     o = check_options(options)
     return RolloutSpec(model=model, url=url, size=size, selectors=o.selectors, waves=o.waves,
                        rate_per_min=o.rate_per_min, exponential=o.exponential,
-                       device_timeout_s=o.device_timeout_s, soak_s=o.soak_s, gates=o.gates)
+                       device_timeout_s=o.device_timeout_s, soak_s=o.soak_s, gates=o.gates,
+                       schedule=o.schedule)
 
 
 def check_options(options: Mapping[str, Any]) -> CheckedOptions:
@@ -100,7 +113,8 @@ def check_options(options: Mapping[str, Any]) -> CheckedOptions:
         device_timeout_s=_number("device_timeout_s", options.get("device_timeout_s", 600.0),
                                  0.0, MAX_DURATION_S, low_open=True),
         soak_s=_number("soak_s", options.get("soak_s", 0.0), 0.0, MAX_DURATION_S),
-        gates=_gates(options.get("gates")))
+        gates=_gates(options.get("gates")),
+        schedule=_schedule(options.get("start_at"), options.get("windows")))
 
 
 def _known(given: Mapping[str, Any], known: frozenset[str], prefix: str) -> None:
@@ -145,28 +159,39 @@ def _list(field: str, value: Any, most: int) -> list[Any]:
     return value
 
 
-def _selectors(value: Any) -> tuple[Selector, ...]:
+def _selectors(value: Any) -> tuple[Target, ...]:
     items = _list("selectors", value, MAX_SELECTORS)
     return tuple(_selector(item) for item in items)
 
 
-def _selector(item: Any) -> Selector:
+def _selector(item: Any) -> Target:
     if not isinstance(item, str):
         raise RolloutOptionError("selectors", f"entries must be strings, got {_shown(item)}")
-    kind, _, name = item.partition(":")
-    if kind == "device":
-        try:
-            return Selector(kind, check_id(name, "device id"))
-        except ValueError:
-            raise RolloutOptionError(
-                "selectors", f"entry {item[:80]!r}{'...' if len(item) > 80 else ''} names no "
-                             "device id: 1-64 letters, digits, '.', '_' or '-', starting with "
-                             "a letter or digit") from None
-    if kind in ("group", "tag") and 1 <= len(name) <= MAX_LABEL and name.isprintable():
-        return Selector(kind, name)
-    raise RolloutOptionError("selectors", f"entry {item[:80]!r} is not group:NAME, tag:NAME "
-                                          f"(1-{MAX_LABEL} printable characters) or device:ID",
-                             hint="for example --to group:cameras --to tag:plant-a")
+    try:
+        return parse_selector(item)
+    except SelectorError as exc:
+        raise RolloutOptionError("selectors", exc.message, hint=exc.hint) from None
+
+
+def _schedule(start_at: Any, windows: Any) -> Schedule:
+    start = None if start_at is None else _scheduled("start_at", parse_start_at, start_at)
+    if windows is None:
+        return Schedule(start)
+    items = _list("windows", windows, MAX_WINDOWS)
+    return Schedule(start, tuple(_scheduled("windows", parse_window, w) for w in items))
+
+
+def _scheduled(field: str, parse: Callable[[str], _T], value: Any) -> _T:
+    try:
+        return parse(_text(field, value))
+    except ScheduleError as exc:
+        raise RolloutOptionError(field, exc.message, hint=exc.hint) from None
+
+
+def _text(field: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise RolloutOptionError(field, f"entries must be strings, got {_shown(value)}")
+    return value
 
 
 def _waves(value: Any) -> tuple[Wave, ...]:

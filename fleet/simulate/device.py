@@ -17,6 +17,7 @@ until the fleet, a gate or the auto-commit window decides.
 from __future__ import annotations
 
 import logging
+import platform
 import threading
 import time
 from collections import deque
@@ -215,6 +216,8 @@ class SimDevice:
                              previous=self.slots.previous, slot=self.slots.pointer.active,
                              update=update_report(self.journal), runtimes=self.env.runtimes,
                              profile=self.env.options.profile, serving=active is not None,
+                             arch=platform.machine() or None,
+                             labels=dict(self.env.options.labels) or None,
                              ts=int(time.time() * 1000))
 
     def publish_reported(self) -> None:

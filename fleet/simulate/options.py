@@ -33,6 +33,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgefleet.agent.protocol.payloads import ReportedState
 from edgefleet.agent.update.device import UpdateSettings
 from edgefleet.fleet.errors import FleetError
 
@@ -51,6 +52,7 @@ class SimOptions:
 
     device_prefix: str = "sim-"
     profile: str = "generic-x86_64"
+    labels: dict[str, str] = field(default_factory=dict)  # every device reports these
     seed: int = 0
     telemetry_interval_s: float = 5.0
     request_rate: float = 5.0  # synthetic requests per second per device
@@ -95,6 +97,16 @@ class SimOptions:
         for name in ("request_rate", "speed_spread", "offline_after_s", "offline_for_s"):
             if getattr(self, name) < 0:
                 raise SimulationError(f"{name} must not be negative, got {getattr(self, name)}")
+        self._check_labels()
+
+    def _check_labels(self) -> None:
+        """The labels every device reports, checked as its reported state will be."""
+        try:
+            ReportedState(fleet="f", device="d", agent_version="0", labels=self.labels or None)
+        except ValueError:
+            raise SimulationError(f"labels {self.labels!r:.80} cannot be reported",
+                                  hint="KEY=VALUE: a key of letters, digits, '.', '_' or '-', "
+                                       "a value of 1-64 printable characters") from None
 
 
 @dataclass(frozen=True)

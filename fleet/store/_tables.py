@@ -78,6 +78,15 @@ TABLES_DDL = (
     # small fleet-wide settings shared by every controller (e.g. drift:MODEL), JSON values
     """CREATE TABLE IF NOT EXISTS settings (
         key {key_text} PRIMARY KEY, value TEXT NOT NULL, updated_ms BIGINT NOT NULL)""",
+    # labels operators give devices (fleet devices label), read by selectors (label:K=V);
+    # new tables need no schema version: a store of this version gains them at start
+    """CREATE TABLE IF NOT EXISTS device_labels (
+        device {key_text} NOT NULL, key {key_text} NOT NULL, value TEXT NOT NULL,
+        PRIMARY KEY (device, key))""",
+    # saved selectors: dynamic groups (fleet groups create NAME --where SELECTOR)
+    """CREATE TABLE IF NOT EXISTS saved_selectors (
+        name {key_text} PRIMARY KEY, selector TEXT NOT NULL, created_ms BIGINT NOT NULL,
+        created_by TEXT NOT NULL)""",
 )
 
 # schema version -> the statements that bring a store of that version to the next one

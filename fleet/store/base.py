@@ -35,6 +35,7 @@ from edgefleet.fleet.store._tables import (
     marks,
 )
 from edgefleet.fleet.store.backend import Backend, Tx
+from edgefleet.fleet.store.labels import LabelState, SavedSelector, with_labels
 
 __all__ = ["SqlStore", "Store"]
 
@@ -86,6 +87,13 @@ class Store(Protocol):
     def bundle_shas(self) -> set[str]: ...
     def labels_since(self, seq: int) -> tuple[int, list[tuple[str, str | None,
                                                               frozenset[str]]]]: ...
+    # operator labels and saved selectors (fleet.store.labels)
+    def set_labels(self, device_id: str, put: Mapping[str, str],
+                   remove: Iterable[str] = ()) -> Device: ...
+    def labels_of(self, device_ids: Sequence[str]) -> dict[str, dict[str, str]]: ...
+    def save_selector(self, name: str, selector: str, actor: str, now_ms: int) -> None: ...
+    def saved_selectors(self) -> list[SavedSelector]: ...
+    def delete_selector(self, name: str) -> bool: ...
 
 
 def create_schema(tx: Tx) -> None:
@@ -121,7 +129,7 @@ def create_schema(tx: Tx) -> None:
         run(statement)
 
 
-class SqlStore(SharedState):
+class SqlStore(SharedState, LabelState):
     """:class:`Store` over any :class:`Backend`."""
 
     def __init__(self, backend: Backend) -> None:
@@ -157,12 +165,13 @@ class SqlStore(SharedState):
     def device(self, device_id: str) -> Device | None:
         with self._db.transaction(write=False) as tx:
             row = tx.one(f"SELECT {DEVICES.select()} FROM devices WHERE id = ?", (device_id,))
-        return None if row is None else Device.from_dict(DEVICES.record(row))
+            found = None if row is None else Device.from_dict(DEVICES.record(row))
+            return None if found is None else with_labels(tx, [found])[0]
 
     def devices(self) -> list[Device]:
         with self._db.transaction(write=False) as tx:
             rows = tx.rows(f"SELECT {DEVICES.select()} FROM devices ORDER BY id")
-        return [Device.from_dict(DEVICES.record(row)) for row in rows]
+            return with_labels(tx, [Device.from_dict(DEVICES.record(row)) for row in rows])
 
     def set_group(self, device_ids: Sequence[str], group: str | None) -> None:
         ids = sorted(set(device_ids))

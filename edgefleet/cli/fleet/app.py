@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import typer
 from rich.console import Group
@@ -311,18 +311,100 @@ def _model_row(model: dict[str, Any]) -> dict[str, Any]:
             "p50 ms": metrics.get("latency_p50_ms"), "pushed by": model["pushed_by"]}
 
 
-@app.command()
-def devices(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
+devices_app = typer.Typer(help="Devices: list them, label them.")
+app.add_typer(devices_app, name="devices")
+
+
+@devices_app.callback(invoke_without_command=True)
+def devices(ctx: typer.Context, controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
             as_json: JsonOpt = False) -> None:
-    """Every device: online, group, tags, what it runs, its update state."""
+    """Every device: online, group, tags, labels, what it runs, its update state."""
+    if ctx.invoked_subcommand is not None:
+        return
     data = _run(as_json, lambda: _client(controller, token).get("/api/v1/devices"))
     rows = [{"device": d["id"], "online": "yes" if d["online"] else "no",
-             "group": d["group"], "tags": ",".join(d["tags"]),
+             "group": d["group"], "tags": ",".join(d["tags"]), "labels": _labels_text(d),
              "model": f"{d['active']['name']}:{d['active']['version']}" if d["active"] else "",
              "update": d["update_state"], "profile": d["profile"]} for d in data]
     emit(data, as_json, table(f"{len(rows)} devices", rows,
-                              ["device", "online", "group", "tags", "model", "update",
-                               "profile"]))
+                              ["device", "online", "group", "tags", "labels", "model",
+                               "update", "profile"]))
+
+
+def _labels_text(device: dict[str, Any]) -> str:
+    labels = {**(device.get("reported_labels") or {}), **(device.get("labels") or {})}
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+@devices_app.command("label")
+def devices_label(
+    device: Annotated[str, typer.Argument(help="Device id")],
+    labels: Annotated[list[str] | None, typer.Argument(help="KEY=VALUE to set")] = None,
+    remove: Annotated[list[str] | None, typer.Option("--remove", help="KEY to remove "
+                                                                      "(repeatable)")] = None,
+    controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Set or remove labels of a device (selectors read them: --to label:KEY=VALUE); they
+    win over the labels the device reports itself."""
+    pairs = [item.partition("=") for item in labels or []]
+    bad = next((k for k, eq, v in pairs if not (k and eq and v)), None)
+    if bad is not None or not (pairs or remove):
+        fail(EdgefleetError(f"labels {' '.join(labels or [])[:80]!r} are not KEY=VALUE",
+                            hint="e.g. fleet devices label cam-1 site=plant-a, or "
+                                 "--remove site"), as_json)
+    body = {"set": {k: v for k, _, v in pairs}, "remove": remove or []}
+    data = _run(as_json, lambda: _client(controller, token).post(
+        f"/api/v1/devices/{device}/labels", body))
+    emit(data, as_json, table("labels", [{"device": data["id"], "labels": _labels_text(data)}],
+                              ["device", "labels"]))
+
+
+groups_app = typer.Typer(help="Dynamic groups: selectors saved under a name (group:NAME).")
+app.add_typer(groups_app, name="groups")
+
+
+@groups_app.callback(invoke_without_command=True)
+def groups(ctx: typer.Context, controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
+           as_json: JsonOpt = False) -> None:
+    """Every dynamic group: its selector and how many devices it matches now."""
+    if ctx.invoked_subcommand is not None:
+        return
+    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/groups"))
+    emit(data, as_json, _groups_table("dynamic groups", data))
+
+
+def _groups_table(title: str, data: list[dict[str, Any]]) -> Any:
+    rows = [{"group": g["name"], "where": g["where"], "devices": g["devices"],
+             "by": g["created_by"]} for g in data]
+    return table(title, rows, ["group", "where", "devices", "by"])
+
+
+@groups_app.command("create")
+def groups_create(
+    name: Annotated[str, typer.Argument(help="Group name: rollouts use it as group:NAME")],
+    where: Annotated[str, typer.Option("--where", help="The selector, e.g. "
+                                                       "'profile=raspberry-pi-4 & "
+                                                       "label:site=plant-a'")],
+    controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Save a selector as a dynamic group; a rollout to group:NAME takes the selector when
+    it is created (docs/fleet.md, "Selectors")."""
+    from edgefleet.fleet.rollout.selector import parse_selector
+
+    _run(as_json, lambda: parse_selector(where))  # refused here, before anything is sent
+    data = _run(as_json, lambda: _client(controller, token).post(
+        "/api/v1/groups", {"name": name, "where": where}))
+    emit(data, as_json, _groups_table("group saved", [data]))
+
+
+@groups_app.command("delete")
+def groups_delete(name: Annotated[str, typer.Argument(help="Group name")],
+                  controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
+                  as_json: JsonOpt = False) -> None:
+    """Delete a dynamic group (rollouts created with it keep what it meant)."""
+    data = _run(as_json, lambda: _client(controller, token).post(
+        f"/api/v1/groups/{quote(name, safe='')}/delete"))
+    emit(data, as_json, literal(f"group {name} deleted"))
 
 
 @app.command()
@@ -385,7 +467,7 @@ def rollback(rollout: Annotated[str | None, typer.Option("--rollout", help="Roll
         data = _run(as_json, lambda: client.post("/api/v1/rollback", {"group": group}))
         summaries = data
     rows = [_rollout_row(s) for s in summaries]
-    emit(data, as_json, table("rolled back", rows, list(rows[0]) if rows else ["rollout"]))
+    emit(data, as_json, table("rolled back", rows, _columns(rows)))
 
 
 # --- rollouts ---------------------------------------------------------------------------
@@ -393,8 +475,11 @@ def rollback(rollout: Annotated[str | None, typer.Option("--rollout", help="Roll
 @rollout_app.command("create")
 def rollout_create(
     model: Annotated[str, typer.Option("--model", help="NAME:VERSION of a pushed bundle")],
-    to: Annotated[list[str], typer.Option("--to", help="group:G, tag:T or device:ID "
-                                                       "(repeatable)")],
+    to: Annotated[list[str], typer.Option("--to", help="A selector (repeatable: any of them): "
+                                                       "group:G, tag:T, device:ID, "
+                                                       "label:K=V, profile=P, "
+                                                       "'runtime.litert>=1.2', ... "
+                                                       "(docs/fleet.md)")],
     waves: Annotated[str | None, typer.Option(help="Cumulative waves: 1%,10%,50%,100% or "
                                                    "counts")] = None,
     canary: Annotated[int | None, typer.Option(help="N devices first, then everyone")] = None,
@@ -418,6 +503,12 @@ def rollout_create(
                                                   "fire")] = 20,
     soak: Annotated[str, typer.Option(help="Time in probation before a device commits")
                     ] = "0s",
+    start_at: Annotated[str | None, typer.Option(
+        "--start-at", help="Send no bundle before this ISO 8601 time with its zone "
+                           "(2026-12-08T22:00:00+01:00)")] = None,
+    window: Annotated[list[str] | None, typer.Option(
+        "--window", help="Send bundles only inside it (repeatable): 'Mon-Fri 22:00-04:00 "
+                         "Europe/Berlin'")] = None,
     controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Start a staged rollout of a pushed model version to a set of devices.
@@ -438,7 +529,9 @@ def rollout_create(
         "selectors": to, "waves": wave_text.split(","), "rate_per_min": rate,
         "exponential": exponential, "device_timeout_s": parse_duration(device_timeout),
         "soak_s": parse_duration(soak),
-        "gates": {k: v for k, v in gates.items() if v is not None}})
+        "gates": {k: v for k, v in gates.items() if v is not None},
+        **({"start_at": start_at} if start_at is not None else {}),
+        **({"windows": window} if window else {})})
     _run(as_json, lambda: check_options(options))
     body = {"model": model, **options}
     data = _run(as_json, lambda: _client(controller, token).post("/api/v1/rollouts", body))
@@ -451,7 +544,7 @@ def rollout_list(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None
     """Every rollout, newest first."""
     data = _run(as_json, lambda: _client(controller, token).get("/api/v1/rollouts"))
     rows = [_rollout_row(r) for r in data]
-    emit(data, as_json, table("rollouts", rows, list(rows[0]) if rows else ["rollout"]))
+    emit(data, as_json, table("rollouts", rows, _columns(rows)))
 
 
 @rollout_app.command("status")
@@ -500,7 +593,24 @@ def _rollout_row(r: dict[str, Any]) -> dict[str, Any]:
             "to": " ".join(r["spec"]["selectors"]), "state": r["state"],
             "wave": f"{min(r['wave'] + 1, r['waves'])}/{r['waves']}",
             "succeeded": f"{counts.get('SUCCEEDED', 0)}/{r['total']}",
-            "failed": counts.get(DeviceState.FAILED, 0), "reason": r["reason"]}
+            "failed": counts.get(DeviceState.FAILED, 0), "reason": r["reason"],
+            **({"next window": _next_window(r)} if _next_window(r) else {})}
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key of the rows, in order ("next window" only when a rollout waits)."""
+    return list(dict.fromkeys(k for row in rows for k in row)) or ["rollout"]
+
+
+def _next_window(r: dict[str, Any]) -> str:
+    """When a WAITING rollout's schedule opens next, in its first window's zone."""
+    if r["state"] != RolloutState.WAITING or not r.get("waiting_until_ms"):
+        return ""
+    from edgefleet.fleet.rollout.schedule import format_ms, parse_window
+
+    windows = r["spec"].get("windows") or []
+    zone = parse_window(windows[0]).zone if windows else "UTC"
+    return format_ms(int(r["waiting_until_ms"]), zone)
 
 
 def _rollout_view(r: dict[str, Any]) -> Group:
@@ -529,9 +639,23 @@ def _rollout_view(r: dict[str, Any]) -> Group:
              "reason": d["reason"]} for d in notable]
     parts: list[Any] = [waves, literal(f"gates: {gate_text}; soak {spec['soak_s']:g}s, "
                                        f"timeout {spec['device_timeout_s']:g}s")]
+    if spec.get("windows") or spec.get("start_at_ms"):
+        parts.append(literal(_schedule_text(r)))
     if rows:
         parts.append(table("devices not done or not succeeded", rows, list(rows[0])))
     return Group(*parts)
+
+
+def _schedule_text(r: dict[str, Any]) -> str:
+    from edgefleet.fleet.rollout.schedule import format_ms
+
+    spec = r["spec"]
+    parts = [f"windows: {'; '.join(spec.get('windows') or []) or 'any time'}"]
+    if spec.get("start_at_ms"):
+        parts.append(f"start at {format_ms(int(spec['start_at_ms']))}")
+    if _next_window(r):
+        parts.append(f"WAITING: next window opens {_next_window(r)}")
+    return ", ".join(parts)
 
 
 app.command("simulate")(simulate)

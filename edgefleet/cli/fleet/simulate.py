@@ -56,6 +56,9 @@ def simulate(
         min=1.0, help="Connections per second, for the whole fleet")] = 500.0,
     seed: Annotated[int, typer.Option(help="Picks the faulty devices and device speeds")] = 0,
     prefix: Annotated[str, typer.Option(help="Device ids: PREFIX00001, ...")] = "sim-",
+    label: Annotated[list[str] | None, typer.Option(
+        "--label", help="KEY=VALUE every device reports (repeatable; selectors read it: "
+                        "--to label:KEY=VALUE)")] = None,
     ca: Annotated[Path | None, typer.Option(
         help="Fleet CA certificate: TLS to the broker, and https bundle URLs checked with it"
     )] = None,
@@ -78,7 +81,8 @@ def simulate(
                              connect_rate=connect_rate, fail_health=fail_health, slow=slow,
                              slow_factor=slow_factor, disagree=disagree, offline=offline,
                              offline_after_s=offline_after, offline_for_s=offline_for,
-                             drifting=drifting, ca_file=ca, certs_dir=certs)
+                             drifting=drifting, ca_file=ca, certs_dir=certs,
+                             labels=dict(item.partition("=")[::2] for item in label or []))
         simulated = SimulatedFleet(broker, fleet, devices, _trusted(trusted_key or []), options,
                                    bundle)
     except EdgefleetError as exc:

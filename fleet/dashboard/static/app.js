@@ -17,7 +17,7 @@
   const STATE_CLASS = {
     // rollouts
     PENDING: "s-idle", RUNNING: "s-busy", PAUSED: "s-warn", SUCCEEDED: "s-ok",
-    ABORTED: "s-bad", ROLLED_BACK: "s-back",
+    ABORTED: "s-bad", ROLLED_BACK: "s-back", WAITING: "s-idle",
     // a device in a rollout
     INCOMPATIBLE: "s-idle", TARGETED: "s-info", UPDATING: "s-busy", PROBATION: "s-warn",
     COMMITTING: "s-busy", FAILED: "s-bad", TIMED_OUT: "s-bad", CANCELLED: "s-idle",

@@ -1,0 +1,433 @@
+"""Which devices a rollout (or a saved group) means: a small grammar, parsed once.
+
+A selector is text an operator writes (``--to``, ``fleet groups create --where``) and
+the controller parses once, when the rollout or the group is created, into a typed tree
+(:data:`Target`); a tick only calls :func:`matches` on it. ``str(tree)`` is the canonical
+text, and ``parse_selector(str(tree)) == tree`` (property-tested)::
+
+    selector := all ( '|' all )*            any of them
+    all      := term ( '&' term )*          every one of them
+    term     := '(' selector ')' | clause
+    clause   := group:NAME | tag:NAME | device:ID
+              | label:KEY                    the label is set (by the device or an operator)
+              | label:KEY ( = | != ) VALUE
+              | profile | arch | model | runtime    ( = | != ) VALUE
+              | model.version | agent | runtime.NAME  ( = | != | >= | <= | > | < ) VERSION
+
+A NAME, KEY or VALUE is a bare word (letters, digits and ``. _ - / + ~ @``) or a
+double-quoted string (``\\"`` and ``\\\\`` inside); VERSIONs compare as versions
+(``packaging.version``: ``1.10 > 1.9``, ``1.2 == 1.2.0``). Spaces between tokens are free.
+
+What a clause reads of a device: ``profile`` and ``arch`` (its device profile and CPU
+architecture, as it reports them), ``model``/``model.version`` (the bundle it runs),
+``agent`` (its agent's version), ``runtime`` (a runtime it has) and ``runtime.NAME``
+(that runtime's version), ``label:`` (its labels: those it reports, and those operators
+set, which win), ``group:``/``tag:``/``device:`` (as before). A device that does not
+report what a clause asks about does not match it, except ``!=``: a device without a
+profile is not a ``raspberry-pi-4``. ``group:NAME`` naming a saved selector (a dynamic
+group) is replaced by that selector when the rollout is created (:func:`expand`).
+
+Errors name the character where the text stops making sense and how to write it; the
+parser reads at most :data:`MAX_TEXT` characters, :data:`MAX_DEPTH` parentheses deep.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from packaging.version import InvalidVersion, Version
+
+from edgefleet.fleet.errors import InvalidRolloutError
+
+__all__ = ["ATTRIBUTES", "KINDS", "MAX_DEPTH", "MAX_NAME", "MAX_TEXT", "VERSIONED", "AllOf",
+           "AnyOf", "Attribute", "Facts", "Label", "Selector", "SelectorError", "Target",
+           "expand", "matches", "parse_selector", "parse_stored_selector", "quoted"]
+
+MAX_TEXT = 1000  # characters of one selector
+MAX_DEPTH = 16  # parentheses inside each other
+MAX_NAME = 64  # characters of a name, key or value
+KINDS = ("group", "tag", "device")
+VERSIONED = ("model.version", "agent")  # and runtime.NAME
+ATTRIBUTES = ("profile", "arch", "model", "runtime", *VERSIONED)
+EQUALITY = ("=", "!=")
+ORDER = (">=", "<=", ">", "<")
+_BARE = re.compile(r"[A-Za-z0-9._\-/+~@]+", re.ASCII)
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+_SPACE = " \t\n\r\f\v"  # what the grammar skips between tokens (ASCII, as the regex)
+_TOKEN = re.compile(r"""[\ \t\n\r\f\v]*(?:(?P<word>[A-Za-z0-9._\-/+~@]+)
+                        |(?P<quoted>"(?:[^"\\]|\\.)*")
+                        |(?P<op>>=|<=|!=|==|=|>|<)|(?P<punct>[&|():]))""", re.ASCII | re.X)
+_EXAMPLES = "e.g. profile=raspberry-pi-4, label:site=plant-a, runtime.litert>=1.2"
+
+
+class SelectorError(InvalidRolloutError):
+    """A selector that does not parse: ``position`` is the 0-based character it stops at."""
+
+    def __init__(self, text: str, position: int, problem: str, hint: str = "") -> None:
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        super().__init__(f"selector {shown!r} at character {position + 1}: {problem}",
+                         hint=hint or f"see docs/fleet.md, selectors ({_EXAMPLES})")
+        self.position = position
+
+
+class Facts(Protocol):
+    """What a selector reads of a device (:class:`edgefleet.fleet.domain.Device`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def group(self) -> str | None: ...
+    @property
+    def tags(self) -> frozenset[str]: ...
+    @property
+    def profile(self) -> str | None: ...
+    @property
+    def arch(self) -> str | None: ...
+    @property
+    def runtimes(self) -> Mapping[str, str]: ...
+    @property
+    def agent_version(self) -> str | None: ...
+    @property
+    def model_ref(self) -> tuple[str, str] | None: ...
+    @property
+    def labels(self) -> Mapping[str, str]: ...  # set by operators: they win
+    @property
+    def reported_labels(self) -> Mapping[str, str]: ...
+
+
+def quoted(value: str) -> str:
+    """``value`` as a selector writes it: bare when it can be, else in double quotes."""
+    if _BARE.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass(frozen=True)
+class Selector:
+    """``group:NAME``, ``tag:NAME`` or ``device:ID``."""
+
+    kind: str
+    value: str
+
+    def matches(self, device: Facts) -> bool:
+        if self.kind == "group":
+            return device.group == self.value
+        if self.kind == "tag":
+            return self.value in device.tags
+        return device.id == self.value
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{quoted(self.value)}"
+
+
+@dataclass(frozen=True)
+class Label:
+    """``label:KEY`` (set), ``label:KEY=VALUE`` or ``label:KEY!=VALUE``."""
+
+    key: str
+    op: str | None = None
+    value: str | None = None
+
+    def matches(self, device: Facts) -> bool:
+        found = device.labels.get(self.key)
+        if found is None:
+            found = device.reported_labels.get(self.key)
+        if self.op is None:
+            return found is not None
+        return (found == self.value) == (self.op == "=")
+
+    def __str__(self) -> str:
+        tail = "" if self.op is None else f"{self.op}{quoted(self.value or '')}"
+        return f"label:{quoted(self.key)}{tail}"
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """``NAME OP VALUE`` over what a device reports (versions compare as versions)."""
+
+    name: str
+    op: str
+    value: str
+
+    def matches(self, device: Facts) -> bool:
+        if self.name == "runtime":
+            return (self.value in device.runtimes) == (self.op == "=")
+        found = _reported(device, self.name)
+        if found is None:
+            return self.op == "!="
+        if not _versioned(self.name):
+            return (found == self.value) == (self.op == "=")
+        have = _version(found)
+        if have is None:
+            return False  # a device's version that is no version compares with nothing
+        wanted = _version(self.value)
+        return wanted is not None and _COMPARE[self.op](have, wanted)
+
+    def __str__(self) -> str:
+        return f"{self.name}{self.op}{quoted(self.value)}"
+
+
+@dataclass(frozen=True)
+class AllOf:
+    parts: tuple[Target, ...]
+
+    def matches(self, device: Facts) -> bool:
+        return all(part.matches(device) for part in self.parts)
+
+    def __str__(self) -> str:
+        return " & ".join(_inner(part) for part in self.parts)
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    parts: tuple[Target, ...]
+
+    def matches(self, device: Facts) -> bool:
+        return any(part.matches(device) for part in self.parts)
+
+    def __str__(self) -> str:
+        return " | ".join(_inner(part) for part in self.parts)
+
+
+Target = Selector | Label | Attribute | AllOf | AnyOf
+
+_COMPARE: dict[str, Callable[[Version, Version], bool]] = {
+    "=": lambda a, b: a == b, "!=": lambda a, b: a != b, ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+
+
+def _inner(part: Target) -> str:
+    return f"({part})" if isinstance(part, AllOf | AnyOf) else str(part)
+
+
+def _versioned(name: str) -> bool:
+    return name in VERSIONED or name.startswith("runtime.")
+
+
+@functools.lru_cache(maxsize=4096)
+def _version(text: str) -> Version | None:
+    """``text`` as a version (a fleet reports few distinct ones: parsed once each)."""
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
+
+
+def _reported(device: Facts, name: str) -> str | None:
+    """The device's value of attribute ``name`` (None: it does not report one)."""
+    if name.startswith("runtime."):
+        return device.runtimes.get(name[len("runtime."):])
+    if name == "profile":
+        return device.profile
+    if name == "arch":
+        return device.arch
+    if name == "agent":
+        return device.agent_version
+    model = device.model_ref
+    return None if model is None else model[0] if name == "model" else model[1]
+
+
+def matches(target: Target, device: Facts) -> bool:
+    """Whether ``device`` is one ``target`` means."""
+    return target.matches(device)
+
+
+# --- the parser -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str  # word, quoted, op, punct, end
+    text: str  # a word's or quoted string's value (unescaped), an operator, a mark
+    at: int
+
+
+def _tokens(text: str) -> list[_Token]:
+    tokens, at, end = [], 0, len(text.rstrip(_SPACE))
+    while at < end:
+        match = _TOKEN.match(text, at)
+        if match is None or match.lastgroup is None:
+            start = len(text) - len(text[at:].lstrip(_SPACE))
+            if text[start] == '"':
+                raise SelectorError(text, start, "this double quote is never closed",
+                                    hint='close it: group:"north cams"')
+            raise SelectorError(text, start, f"{text[start]!r} is not part of a selector",
+                                hint='names with spaces or other characters go in double '
+                                     'quotes: group:"north cams"')
+        kind = match.lastgroup
+        value = match.group(kind)
+        start = match.start(kind)
+        if kind == "quoted":
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        tokens.append(_Token(kind, value, start))
+        at = match.end()
+    tokens.append(_Token("end", "", len(text)))
+    return tokens
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.tokens = _tokens(text)
+        self.index = 0
+
+    def peek(self) -> _Token:
+        return self.tokens[self.index]
+
+    def take(self) -> _Token:
+        token = self.tokens[self.index]
+        self.index += 1
+        return token
+
+    def fail(self, token: _Token, problem: str, hint: str = "") -> SelectorError:
+        return SelectorError(self.text, token.at, problem, hint)
+
+    def expect(self, mark: str, what: str) -> None:
+        token = self.take()
+        if token.kind != "punct" or token.text != mark:
+            raise self.fail(token, f"expected {mark!r} {what}, found {_shown(token)}")
+
+    def selector(self, depth: int) -> Target:
+        parts = [self.all_of(depth)]
+        while self.peek().kind == "punct" and self.peek().text == "|":
+            self.take()
+            parts.append(self.all_of(depth))
+        return parts[0] if len(parts) == 1 else AnyOf(tuple(parts))
+
+    def all_of(self, depth: int) -> Target:
+        parts = [self.term(depth)]
+        while self.peek().kind == "punct" and self.peek().text == "&":
+            self.take()
+            parts.append(self.term(depth))
+        return parts[0] if len(parts) == 1 else AllOf(tuple(parts))
+
+    def term(self, depth: int) -> Target:
+        token = self.peek()
+        if token.kind == "punct" and token.text == "(":
+            if depth >= MAX_DEPTH:
+                raise self.fail(token, f"more than {MAX_DEPTH} parentheses inside each other",
+                                hint="write the selector flatter")
+            self.take()
+            inner = self.selector(depth + 1)
+            self.expect(")", "to close the parenthesis")
+            return inner
+        return self.clause()
+
+    def clause(self) -> Target:
+        token = self.take()
+        if token.kind != "word":
+            raise self.fail(token, f"expected a clause (group:, tag:, device:, label: or an "
+                                   f"attribute), found {_shown(token)}")
+        if self.peek().kind == "punct" and self.peek().text == ":":
+            return self.kind_clause(token)
+        return self.attribute(token)
+
+    def kind_clause(self, word: _Token) -> Target:
+        self.take()  # the ':'
+        if word.text not in (*KINDS, "label"):
+            raise self.fail(word, f"{word.text!r} is not a selector kind",
+                            hint="kinds are group:, tag:, device: and label:; attributes "
+                                 f"are written NAME=VALUE ({', '.join(ATTRIBUTES)}, "
+                                 "runtime.NAME)")
+        name_at = self.peek()
+        name = self.value(f"a name after {word.text}:")
+        if word.text == "device" and not _DEVICE_ID.fullmatch(name):
+            raise self.fail(name_at, f"{name[:40]!r} is no device id",
+                            hint="ids are 1-64 letters, digits, '.', '_' or '-', starting "
+                                 "with a letter or digit")
+        if word.text != "label":
+            return Selector(word.text, name)
+        op = self.peek()
+        if op.kind != "op":
+            return Label(name)
+        self.take()
+        if op.text not in EQUALITY:
+            raise self.fail(op, f"a label compares with = or !=, not {op.text}",
+                            hint="labels are text: label:site=plant-a")
+        return Label(name, op.text, self.value(f"a value after label:{name}{op.text}"))
+
+    def attribute(self, word: _Token) -> Target:
+        name = word.text
+        runtime = name.startswith("runtime.") and len(name) > len("runtime.")
+        if name not in ATTRIBUTES and not runtime:
+            raise self.fail(word, f"{name!r} is not an attribute a device reports",
+                            hint=f"attributes: {', '.join(ATTRIBUTES)}, runtime.NAME; "
+                                 "or a kind: group:NAME, tag:NAME, device:ID, label:KEY=VALUE")
+        op = self.take()
+        if op.kind != "op":
+            raise self.fail(op, f"expected an operator after {name!r}, found {_shown(op)}",
+                            hint=f"e.g. {name}=VALUE" + (f" or {name}>=1.2"
+                                                         if _versioned(name) else ""))
+        if op.text == "==":
+            raise self.fail(op, "'==' is written '='", hint=f"{name}=VALUE")
+        if op.text in ORDER and not _versioned(name):
+            raise self.fail(op, f"{name} is text: it compares with = or != only, not {op.text}",
+                            hint="versions order: model.version, agent, runtime.NAME")
+        value_at = self.peek()
+        value = self.value(f"a value after {name}{op.text}")
+        if _versioned(name):
+            try:
+                Version(value)
+            except InvalidVersion:
+                raise self.fail(value_at, f"{value!r} is not a version",
+                                hint=f"write a version: {name}{op.text}1.2") from None
+        return Attribute(name, op.text, value)
+
+    def value(self, what: str) -> str:
+        token = self.take()
+        if token.kind not in ("word", "quoted"):
+            raise self.fail(token, f"expected {what}, found {_shown(token)}",
+                            hint='a bare word, or "text in double quotes"')
+        if not 1 <= len(token.text) <= MAX_NAME or not token.text.isprintable():
+            raise self.fail(token, f"a name or value is 1-{MAX_NAME} printable characters",
+                            hint="shorten it")
+        return token.text
+
+
+def _shown(token: _Token) -> str:
+    return "the end" if token.kind == "end" else repr(token.text[:40])
+
+
+def parse_selector(text: str) -> Target:
+    """The typed tree of ``text``, or :class:`SelectorError` naming where and how to fix."""
+    if not isinstance(text, str):
+        raise SelectorError(repr(text)[:40], 0, "a selector is text")
+    if len(text) > MAX_TEXT:
+        raise SelectorError(text, MAX_TEXT, f"a selector is at most {MAX_TEXT} characters",
+                            hint="save a long one as a group: fleet groups create NAME --where")
+    parser = _Parser(text)
+    if parser.peek().kind == "end":
+        raise SelectorError(text, 0, "the selector is empty", hint=_EXAMPLES)
+    target = parser.selector(0)
+    rest = parser.peek()
+    if rest.kind != "end":
+        raise parser.fail(rest, f"expected '&', '|' or the end, found {_shown(rest)}",
+                          hint='names with spaces go in double quotes: group:"north cams"')
+    return target
+
+
+def parse_stored_selector(text: str) -> Target:
+    """A selector as a store holds it: an earlier edgefleet wrote ``group:``/``tag:`` names
+    unquoted (``group:north cams``), which the grammar now reads as such only here."""
+    try:
+        return parse_selector(text)
+    except SelectorError:
+        kind, _, name = text.partition(":")
+        if kind in ("group", "tag") and name:
+            return Selector(kind, name)
+        raise
+
+
+def expand(target: Target, saved: Mapping[str, Target],
+           within: frozenset[str] = frozenset()) -> Target:
+    """``target`` with each ``group:NAME`` that names a saved selector replaced by it (and
+    so on inside it; a group met again inside itself stays a plain group)."""
+    if isinstance(target, Selector) and target.kind == "group" and (
+            target.value in saved and target.value not in within):
+        return expand(saved[target.value], saved, within | {target.value})
+    if isinstance(target, AllOf | AnyOf):
+        return type(target)(tuple(expand(part, saved, within) for part in target.parts))
+    return target

@@ -1,0 +1,312 @@
+"""The selector grammar: parsed once into a typed tree, printed back canonically, matched.
+
+Property-tested: every tree the grammar can express prints to text that parses back to
+the same tree; any text either parses or is refused with the project's error naming a
+position inside it, within a memory bound; matching agrees with a reference evaluator
+written independently of the tree's own ``matches``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from packaging.version import Version
+
+from edgefleet.agent.protocol.payloads import BundleRef
+from edgefleet.fleet.domain import Device
+from edgefleet.fleet.rollout.selector import (
+    MAX_DEPTH,
+    MAX_TEXT,
+    AllOf,
+    AnyOf,
+    Attribute,
+    Label,
+    Selector,
+    SelectorError,
+    Target,
+    expand,
+    parse_selector,
+    parse_stored_selector,
+)
+from edgefleet.fleet.rollout.spec import RolloutSpec
+from tests.hostile import HOSTILE, MiB, peak_traced_bytes
+
+PI = Device(id="cam-1", fleet="f", group="cams", tags=frozenset({"outdoor"}),
+            profile="raspberry-pi-4", arch="aarch64",
+            runtimes={"litert": "1.4.0", "onnxruntime": "1.20.1"}, agent_version="0.9.0",
+            active=BundleRef(name="digits", version="2.1.0", sha256="2" * 64),
+            reported_labels={"site": "plant-a", "line": "3"}, labels={"line": "4"})
+BARE = Device(id="old-1", fleet="f")  # reports nothing
+
+
+@pytest.mark.parametrize(("text", "tree"), [
+    ("group:cams", Selector("group", "cams")),
+    ("device:cam-1", Selector("device", "cam-1")),
+    ('tag:"north cams & co"', Selector("tag", "north cams & co")),
+    ("profile=raspberry-pi-4", Attribute("profile", "=", "raspberry-pi-4")),
+    ("label:site=plant-a", Label("site", "=", "plant-a")),
+    ("label:site", Label("site")),
+    ("runtime.litert>=1.2", Attribute("runtime.litert", ">=", "1.2")),
+    (" profile = raspberry-pi-4 &label:site!=plant-b ",
+     AllOf((Attribute("profile", "=", "raspberry-pi-4"), Label("site", "!=", "plant-b")))),
+    ("arch=aarch64 | (model=digits & model.version<3)",
+     AnyOf((Attribute("arch", "=", "aarch64"),
+            AllOf((Attribute("model", "=", "digits"),
+                   Attribute("model.version", "<", "3")))))),
+])
+def test_the_issue_s_examples_and_their_combinations_parse_into_their_tree(
+        text: str, tree: Target) -> None:
+    assert parse_selector(text) == tree
+
+
+@pytest.mark.parametrize(("text", "matched"), [
+    ("profile=raspberry-pi-4", True), ("profile!=raspberry-pi-4", False),
+    ("arch=aarch64", True), ("arch=x86_64", False),
+    ("runtime.litert>=1.2", True), ("runtime.litert>=1.10", False),  # 1.4 < 1.10
+    ("runtime.litert=1.4", True), ("runtime.tflite-runtime>=0", False),
+    ("runtime=onnxruntime", True), ("runtime!=onnxruntime", False),
+    ("model=digits & model.version>=2.1.0 & model.version<2.2", True),
+    ("agent>0.8.9", True), ("agent<0.9", False),
+    ("label:site=plant-a", True), ("label:line=4", True), ("label:line=3", False),
+    ("label:site", True), ("label:room", False), ("label:room!=x", True),
+    ("group:cams & tag:outdoor & device:cam-1", True), ("group:other | tag:indoor", False),
+])
+def test_a_device_matches_by_what_it_reports_and_what_operators_set(
+        text: str, matched: bool) -> None:
+    assert parse_selector(text).matches(PI) is matched
+
+
+@pytest.mark.parametrize(("text", "matched"), [
+    ("profile=raspberry-pi-4", False), ("profile!=raspberry-pi-4", True),
+    ("runtime.litert>=0", False), ("runtime.litert!=1", True), ("model.version<99", False),
+    ("label:site!=plant-a", True), ("agent>=0", False)])
+def test_a_device_that_reports_nothing_matches_only_what_it_is_not(
+        text: str, matched: bool) -> None:
+    assert parse_selector(text).matches(BARE) is matched
+
+
+def test_a_version_a_device_reports_that_is_no_version_compares_with_nothing() -> None:
+    odd = Device(id="d", fleet="f", runtimes={"litert": "nightly"})
+    assert not parse_selector("runtime.litert>=1").matches(odd)
+    assert not parse_selector("runtime.litert<1").matches(odd)
+
+
+@pytest.mark.parametrize(("text", "position", "words"), [
+    ("profile>3", 8, "compares with = or != only"),
+    ("profile", 8, "expected an operator"),
+    ("group:north cams", 13, 'group:"north cams"'),
+    ("runtime.litert>=one", 17, "not a version"),
+    ("colour=red", 1, "not an attribute"),
+    ("site:plant-a", 1, "not a selector kind"),
+    ("label:site>=2", 11, "label compares with = or !="),
+    ('tag:"open', 5, "never closed"),
+    ("profile==x", 8, "'==' is written '='"),
+    ("(group:a", 9, "to close the parenthesis"),
+    ("group:a &", 10, "expected a clause"),
+    ("device:-x", 8, "no device id"),
+    ("", 1, "empty"),
+    ("group:" + "g" * 65, 7, "1-64 printable"),
+])
+def test_a_bad_selector_is_refused_naming_the_position_and_the_fix(
+        text: str, position: int, words: str) -> None:
+    with pytest.raises(SelectorError) as refused:
+        parse_selector(text)
+    assert refused.value.position + 1 == position, refused.value
+    assert f"at character {position}" in str(refused.value)
+    assert words in str(refused.value)
+    assert refused.value.hint
+
+
+def test_parentheses_are_bounded_in_depth() -> None:
+    assert parse_selector("(" * MAX_DEPTH + "group:a" + ")" * MAX_DEPTH) == Selector("group", "a")
+    with pytest.raises(SelectorError, match="parentheses inside each other"):
+        parse_selector("(" * (MAX_DEPTH + 1) + "group:a" + ")" * (MAX_DEPTH + 1))
+
+
+def test_a_stored_selector_of_an_earlier_edgefleet_still_loads() -> None:
+    """Names were unquoted before the grammar: ``group:north cams`` is that group."""
+    assert parse_stored_selector("group:north cams") == Selector("group", "north cams")
+    assert parse_stored_selector("tag:a&b") == Selector("tag", "a&b")
+    with pytest.raises(SelectorError):
+        parse_stored_selector("device:a b")
+
+
+def test_a_saved_group_is_replaced_by_its_selector_also_inside_others() -> None:
+    saved = {"pis": parse_selector("profile=raspberry-pi-4"),
+             "plant-a-pis": parse_selector("group:pis & label:site=plant-a"),
+             "loop": parse_selector("group:loop | tag:x")}
+    assert expand(parse_selector("group:plant-a-pis | device:d9"), saved) == AnyOf((
+        AllOf((Attribute("profile", "=", "raspberry-pi-4"), Label("site", "=", "plant-a"))),
+        Selector("device", "d9")))
+    assert expand(Selector("group", "cams"), saved) == Selector("group", "cams")  # static
+    assert expand(Selector("group", "loop"), saved) == AnyOf((Selector("group", "loop"),
+                                                              Selector("tag", "x")))
+
+
+def test_a_rollout_spec_stores_its_selectors_canonically_and_loads_them_back() -> None:
+    spec = RolloutSpec(model=PI.active or BundleRef(name="x", version="1.0.0", sha256="1" * 64),
+                       url="http://c/b.efb", size=1,
+                       selectors=(parse_selector("profile = raspberry-pi-4&label:site=plant-a"),
+                                  Selector("group", "north cams")))
+    stored = spec.as_dict()
+    assert stored["selectors"] == ["profile=raspberry-pi-4 & label:site=plant-a",
+                                   'group:"north cams"']
+    assert RolloutSpec.from_dict(stored) == spec
+
+
+# --- properties -------------------------------------------------------------------------
+
+# printable text (str.isprintable): no control, format, private, unassigned or separator
+# characters but the ASCII space
+NAMES = st.text(st.one_of(st.just(" "), st.characters(
+    exclude_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"))),
+    min_size=1, max_size=64)
+WORDS = st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True)
+IDS = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)
+VERSIONS = st.from_regex(r"[0-9]{1,3}(\.[0-9]{1,3}){0,2}", fullmatch=True)
+OPS = st.sampled_from(["=", "!=", ">=", "<=", ">", "<"])
+LEAVES: st.SearchStrategy[Target] = st.one_of(
+    st.builds(Selector, st.sampled_from(["group", "tag"]), NAMES),
+    st.builds(Selector, st.just("device"), IDS),
+    st.builds(Label, NAMES),
+    st.builds(Label, NAMES, st.sampled_from(["=", "!="]), NAMES),
+    st.builds(Attribute, st.sampled_from(["profile", "arch", "model", "runtime"]),
+              st.sampled_from(["=", "!="]), NAMES),
+    st.builds(Attribute, st.one_of(st.sampled_from(["model.version", "agent"]),
+                                   WORDS.map(lambda w: f"runtime.{w}")), OPS, VERSIONS))
+TREES: st.SearchStrategy[Target] = st.recursive(
+    LEAVES, lambda inner: st.one_of(
+        st.lists(inner, min_size=2, max_size=4).map(lambda p: AllOf(tuple(p))),
+        st.lists(inner, min_size=2, max_size=4).map(lambda p: AnyOf(tuple(p)))),
+    max_leaves=10)
+
+
+@HOSTILE
+@given(tree=TREES)
+def test_any_tree_prints_to_text_that_parses_back_to_it(tree: Target) -> None:
+    text = str(tree)
+    if len(text) <= MAX_TEXT:
+        assert parse_selector(text) == tree
+        assert str(parse_selector(text)) == text
+
+
+GRAMMAR_SOUP = st.lists(st.sampled_from(
+    [*"()&|:=!<> \"\\.-_", "group", "tag", "device", "label", "profile", "runtime.x",
+     "model.version", "1.2", "a", "é", "\n", "\x00"]),
+    max_size=80).map("".join)
+
+
+@settings(HOSTILE, deadline=timedelta(seconds=2))
+@given(text=st.one_of(st.text(max_size=3000), GRAMMAR_SOUP))
+def test_any_text_parses_or_is_refused_naming_a_position_within_bounds(text: str) -> None:
+    result, peak = peak_traced_bytes(lambda: parse_selector(text))
+    assert peak < 2 * MiB, peak
+    if isinstance(result, BaseException):
+        assert isinstance(result, SelectorError), repr(result)
+        assert 0 <= result.position <= len(text)
+        assert result.hint
+        return
+    assert parse_selector(str(result)) == result  # what parses is canonical text too
+
+
+# a reference for matching: the device as plain facts, the tree walked by hand
+def _facts(device: Device) -> dict[str, Any]:
+    active = device.active
+    return {"id": device.id, "group": device.group, "tags": set(device.tags),
+            "labels": {**device.reported_labels, **device.labels},
+            "profile": device.profile, "arch": device.arch,
+            "model": active.name if active else None,
+            "model.version": active.version if active else None,
+            "agent": device.agent_version, "runtimes": dict(device.runtimes)}
+
+
+def _reference(tree: Target, facts: dict[str, Any]) -> bool:
+    if isinstance(tree, AllOf):
+        return all(_reference(p, facts) for p in tree.parts)
+    if isinstance(tree, AnyOf):
+        return any(_reference(p, facts) for p in tree.parts)
+    if isinstance(tree, Selector):
+        key = {"group": "group", "device": "id"}.get(tree.kind)
+        return tree.value in facts["tags"] if key is None else bool(facts[key] == tree.value)
+    if isinstance(tree, Label):
+        have = facts["labels"].get(tree.key)
+        return have is not None if tree.op is None else (
+            have == tree.value if tree.op == "=" else have != tree.value)
+    return _reference_attribute(tree, facts)
+
+
+def _reference_attribute(tree: Attribute, facts: dict[str, Any]) -> bool:
+    if tree.name == "runtime":
+        return (tree.value in facts["runtimes"]) is (tree.op == "=")
+    have = (facts["runtimes"].get(tree.name[8:]) if tree.name.startswith("runtime.")
+            else facts[tree.name])
+    if have is None:
+        return tree.op == "!="
+    if tree.name in ("profile", "arch", "model"):
+        return (have == tree.value) is (tree.op == "=")
+    a, b = Version(have), Version(tree.value)
+    return {"=": a == b, "!=": a != b, ">=": a >= b, "<=": a <= b, ">": a > b,
+            "<": a < b}[tree.op]
+
+
+SMALL = st.sampled_from(["a", "b", "plant-a", "raspberry-pi-4", "aarch64", "1.2", "x y"])
+DEVICES = st.builds(
+    Device, id=st.sampled_from(["d1", "d2", "cam-1"]), fleet=st.just("f"),
+    group=st.one_of(st.none(), SMALL), tags=st.frozensets(SMALL, max_size=3),
+    profile=st.one_of(st.none(), SMALL), arch=st.one_of(st.none(), SMALL),
+    runtimes=st.dictionaries(st.sampled_from(["litert", "onnxruntime", "a"]),
+                             st.sampled_from(["1", "1.2", "1.10.0", "2.0", "nightly"]),
+                             max_size=3),
+    agent_version=st.one_of(st.none(), st.sampled_from(["0.9.0", "1.2", "bad"])),
+    reported_labels=st.dictionaries(SMALL, SMALL, max_size=3),
+    labels=st.dictionaries(SMALL, SMALL, max_size=2),
+    active=st.one_of(st.none(), st.builds(BundleRef, name=st.sampled_from(["a", "digits"]),
+                                          version=st.sampled_from(["1.0.0", "1.2.0"]),
+                                          sha256=st.just("1" * 64))))
+SMALL_LEAVES: st.SearchStrategy[Target] = st.one_of(
+    st.builds(Selector, st.sampled_from(["group", "tag"]), SMALL),
+    st.builds(Selector, st.just("device"), st.sampled_from(["d1", "cam-1"])),
+    st.builds(Label, SMALL), st.builds(Label, SMALL, st.sampled_from(["=", "!="]), SMALL),
+    st.builds(Attribute, st.sampled_from(["profile", "arch", "model", "runtime"]),
+              st.sampled_from(["=", "!="]), st.sampled_from(["a", "litert", "digits"])),
+    st.builds(Attribute, st.sampled_from(["model.version", "agent", "runtime.litert",
+                                          "runtime.a"]), OPS,
+              st.sampled_from(["0", "1", "1.2", "1.10", "2"])))
+SMALL_TREES = st.recursive(SMALL_LEAVES, lambda inner: st.one_of(
+    st.lists(inner, min_size=2, max_size=3).map(lambda p: AllOf(tuple(p))),
+    st.lists(inner, min_size=2, max_size=3).map(lambda p: AnyOf(tuple(p)))), max_leaves=8)
+
+
+def _safe_reference(tree: Target, facts: dict[str, Any]) -> bool:
+    try:
+        return _reference(tree, facts)
+    except Exception:  # the reference's Version() of a reported "bad": a non-match
+        return _reference(_without_bad_versions(tree, facts), facts)
+
+
+def _without_bad_versions(tree: Target, facts: dict[str, Any]) -> Target:
+    """A version clause about a reported text that is no version matches nothing."""
+    never = Selector("device", "no-such-device")
+    if isinstance(tree, AllOf | AnyOf):
+        return type(tree)(tuple(_without_bad_versions(p, facts) for p in tree.parts))
+    if isinstance(tree, Attribute) and tree.name not in ("profile", "arch", "model",
+                                                         "runtime"):
+        have = (facts["runtimes"].get(tree.name[8:]) if tree.name.startswith("runtime.")
+                else facts[tree.name])
+        if have is not None:
+            try:
+                Version(have)
+            except ValueError:
+                return never
+    return tree
+
+
+@HOSTILE
+@given(tree=SMALL_TREES, device=DEVICES)
+def test_matching_agrees_with_a_reference_evaluator(tree: Target, device: Device) -> None:
+    assert tree.matches(device) is _safe_reference(tree, _facts(device))
+    assert parse_selector(str(tree)).matches(device) is tree.matches(device)
