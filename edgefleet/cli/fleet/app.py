@@ -29,7 +29,14 @@ from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.signing import TrustedKeys
 from edgefleet.agent.systemd import Unit
 from edgefleet.cli.extras import needs
-from edgefleet.cli.fleet.common import DEFAULT_URL, ControllerOpt, JsonOpt, TokenOpt
+from edgefleet.cli.fleet.common import (
+    DEFAULT_URL,
+    ControllerOpt,
+    JsonOpt,
+    TokenOpt,
+    models_of,
+    updates_of,
+)
 from edgefleet.cli.fleet.common import client as _client
 from edgefleet.cli.fleet.common import run as _run
 from edgefleet.cli.fleet.drift import alerts, drift_app
@@ -313,14 +320,13 @@ def _model_row(model: dict[str, Any]) -> dict[str, Any]:
 @app.command()
 def devices(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
             as_json: JsonOpt = False) -> None:
-    """Every device: online, group, tags, what it runs, its update state."""
+    """Every device: online, group, tags, the models it runs, their update states."""
     data = _run(as_json, lambda: _client(controller, token).get("/api/v1/devices"))
     rows = [{"device": d["id"], "online": "yes" if d["online"] else "no",
-             "group": d["group"], "tags": ",".join(d["tags"]),
-             "model": f"{d['active']['name']}:{d['active']['version']}" if d["active"] else "",
-             "update": d["update_state"], "profile": d["profile"]} for d in data]
+             "group": d["group"], "tags": ",".join(d["tags"]), "models": models_of(d),
+             "update": updates_of(d), "profile": d["profile"]} for d in data]
     emit(data, as_json, table(f"{len(rows)} devices", rows,
-                              ["device", "online", "group", "tags", "model", "update",
+                              ["device", "online", "group", "tags", "models", "update",
                                "profile"]))
 
 
