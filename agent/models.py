@@ -41,11 +41,11 @@ class ModelSet:
 
     @classmethod
     def of(cls, agent: Agent, name: str | None = None) -> ModelSet:
-        """A set holding ``agent`` (under its model's name, else ``name``); later models
-        share its keys."""
+        """A set holding ``agent`` under ``name``, else under its model's name (an agent
+        with no model yet and no name is not held); later models share its keys."""
         models = cls(agent.trusted, threads=agent.threads, keys=agent.keys)
         model = agent.model
-        key = name or (model.name if model is not None else None)
+        key = name if name is not None else (model.name if model is not None else None)
         if key is not None:
             models._agents[key] = agent
         return models

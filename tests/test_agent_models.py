@@ -213,3 +213,19 @@ def test_cli_installs_lists_rolls_back_and_removes_models_by_name(
     shown = json.loads(_cli("status", *common, "--json").stdout)
     assert [(s["model"], s["version"]) for s in shown["slots"] if "active" in s["role"]] == [
         ("keyword", "1.0.0")]
+
+
+def test_a_lone_agent_is_served_by_the_name_of_whatever_it_loads(
+        signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    agent = Agent(signing_keys.trusted)
+    server = InferenceServer(agent).start()
+    try:
+        assert _request(server.port, "GET", "/v2/health/ready")[0] == 503
+        agent.load(bundles["keyword-1.0.0"])
+        assert _request(server.port, "GET", "/v2/models/keyword/ready")[0] == 200
+        agent.load(bundles["digits-2.0.0"])
+        assert _request(server.port, "GET", "/v2/models/digits/ready")[0] == 200
+        assert _request(server.port, "GET", "/v2/models/keyword/ready")[0] == 404
+    finally:
+        server.stop()
+        agent.close()
