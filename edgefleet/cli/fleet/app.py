@@ -29,7 +29,14 @@ from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.signing import TrustedKeys
 from edgefleet.agent.systemd import Unit
 from edgefleet.cli.extras import needs
-from edgefleet.cli.fleet.common import DEFAULT_URL, ControllerOpt, JsonOpt, TokenOpt
+from edgefleet.cli.fleet.common import (
+    DEFAULT_URL,
+    ControllerOpt,
+    JsonOpt,
+    TokenOpt,
+    models_of,
+    updates_of,
+)
 from edgefleet.cli.fleet.common import client as _client
 from edgefleet.cli.fleet.common import run as _run
 from edgefleet.cli.fleet.drift import alerts, drift_app
@@ -318,16 +325,16 @@ app.add_typer(devices_app, name="devices")
 @devices_app.callback(invoke_without_command=True)
 def devices(ctx: typer.Context, controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
             as_json: JsonOpt = False) -> None:
-    """Every device: online, group, tags, labels, what it runs, its update state."""
+    """Every device: online, group, tags, labels, the models it runs, their update states."""
     if ctx.invoked_subcommand is not None:
         return
     data = _run(as_json, lambda: _client(controller, token).get("/api/v1/devices"))
     rows = [{"device": d["id"], "online": "yes" if d["online"] else "no",
              "group": d["group"], "tags": ",".join(d["tags"]), "labels": _labels_text(d),
-             "model": f"{d['active']['name']}:{d['active']['version']}" if d["active"] else "",
-             "update": d["update_state"], "profile": d["profile"]} for d in data]
+             "models": models_of(d), "update": updates_of(d), "profile": d["profile"]}
+            for d in data]
     emit(data, as_json, table(f"{len(rows)} devices", rows,
-                              ["device", "online", "group", "tags", "labels", "model",
+                              ["device", "online", "group", "tags", "labels", "models",
                                "update", "profile"]))
 
 

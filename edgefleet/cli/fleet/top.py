@@ -28,6 +28,7 @@ from rich.table import Table
 
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.update_state import UpdateState
+from edgefleet.cli.fleet.common import models_of, updates_of
 from edgefleet.cli.output import console, fail, literal, styled
 from edgefleet.fleet.client import FleetClient
 from edgefleet.fleet.rollout.state import DONE, FINISHED, DeviceState, RolloutState
@@ -67,10 +68,9 @@ def _quality(q: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _device_row(d: dict[str, Any]) -> dict[str, Any]:
-    active = d["active"]
     return {"device": d["id"], "online": d["online"], "group": d["group"],
-            "model": f"{active['name']}:{active['version']}" if active else None,
-            "update": d["update_state"], "detail": d["update_detail"]}
+            "model": models_of(d) or None, "update": updates_of(d),
+            "detail": d["update_detail"]}
 
 
 def _rollout(r: dict[str, Any]) -> dict[str, Any]:
