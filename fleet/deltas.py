@@ -65,11 +65,13 @@ class DeltaShelf:
     """The deltas of one controller's artifacts folder."""
 
     def __init__(self, folder: Path, bundle_path: Callable[[str], Path | None],
-                 public_url: str) -> None:
+                 public_url: str, build: Callable[[bytes, bytes], bytes] = build_delta) -> None:
         self.folder, self.bundle_path, self.public_url = folder, bundle_path, public_url
-        self._records: dict[tuple[str, str], DeltaRecord | None] = {}
+        self._build_delta = build
+        self._records: dict[tuple[str, str], DeltaRecord] = {}
         self._missing: dict[tuple[str, str], float] = {}  # pairs not held, and since when
-        self._lock = threading.Lock()
+        self._building: set[tuple[str, str]] = set()  # pairs being built (outside the lock)
+        self._lock = threading.Condition()
 
     def url(self, base: str, target: str) -> str:
         return f"{self.public_url.rstrip('/')}/deltas/{base}-{target}"
@@ -86,22 +88,45 @@ class DeltaShelf:
     def path(self, base: str, target: str) -> Path | None:
         """The delta file to serve: only one this controller built or holds (a request,
         which needs no token, never starts a build)."""
+        key = (base, target)
         with self._lock:
-            record = self._records.get((base, target)) or self._load(base, target)
+            record, busy = self._records.get(key), key in self._building
+        if record is None and not busy:
+            record = self._load(base, target)
+            if record is not None:
+                with self._lock:
+                    record = self._records.setdefault(key, record)
         file = self._file(base, target)
         return file if record is not None and record.sha256 and file.exists() else None
 
     def record(self, base: str, target: str) -> DeltaRecord | None:
         """The pair's record: remembered, read from disk, or built now (None: one of the
-        bundles is not held here)."""
-        key, now = (base, target), time.monotonic()
+        bundles is not held here). A build runs outside the lock, once per pair: other
+        pairs are answered meanwhile, the same pair waits for it."""
+        key = (base, target)
         with self._lock:
-            missed = self._missing.get(key)
-            if self._records.get(key) is None and (missed is None or now - missed >= _RETRY_S):
-                self._records[key] = self._load(base, target) or self._build(base, target)
-                if self._records[key] is None:  # not held: looked up again a while later
-                    self._missing[key] = now
-            return self._records.get(key)
+            while True:
+                if key in self._records:
+                    return self._records[key]
+                missed = self._missing.get(key)
+                if missed is not None and time.monotonic() - missed < _RETRY_S:
+                    return None
+                if key not in self._building:
+                    self._building.add(key)
+                    break
+                self._lock.wait()
+        record: DeltaRecord | None = None
+        try:
+            record = self._load(base, target) or self._build(base, target)
+        finally:
+            with self._lock:
+                self._building.discard(key)
+                if record is not None:
+                    self._records[key] = record
+                else:  # not held: looked up again a while later
+                    self._missing[key] = time.monotonic()
+                self._lock.notify_all()
+        return record
 
     def _file(self, base: str, target: str) -> Path:
         return self.folder / f"{base}-{target}.zst"
@@ -110,13 +135,32 @@ class DeltaShelf:
         return self.folder / f"{base}-{target}.json"
 
     def _load(self, base: str, target: str) -> DeltaRecord | None:
+        """The pair's record on disk, only if it matches the bundles held here and the
+        delta file beside it (a stale or altered record is built again, never trusted)."""
         try:
             record = DeltaRecord(**json.loads(self._record_file(base, target).read_text()))
         except (OSError, ValueError, TypeError):
             return None
-        if record.sha256 and not self._file(base, target).exists():
-            return None  # the delta file went away: build it again
+        if not self._matches(base, target, record):
+            log.warning("delta record %s -> %s does not match the bundles or the delta "
+                        "held; building it again", base[:12], target[:12])
+            return None
         return record
+
+    def _matches(self, base: str, target: str, record: DeltaRecord) -> bool:
+        paths = self.bundle_path(base), self.bundle_path(target)
+        if paths[0] is None or paths[1] is None:
+            return False
+        if not record.base_file and not record.sha256:  # over MAX_BUILD_BYTES: nothing built
+            return record.full_size == paths[1].stat().st_size
+        if (_file_sha256(paths[0]), _file_sha256(paths[1])) != (record.base_file,
+                                                                 record.result_file):
+            return False
+        if record.full_size != paths[1].stat().st_size:
+            return False
+        file = self._file(base, target)
+        return not record.sha256 or (file.exists() and file.stat().st_size == record.size
+                                     and _file_sha256(file) == record.sha256)
 
     def _build(self, base: str, target: str) -> DeltaRecord | None:
         paths = self.bundle_path(base), self.bundle_path(target)
@@ -129,7 +173,7 @@ class DeltaShelf:
         record = DeltaRecord(_sha256(old), _sha256(new), len(new))
         started = time.perf_counter()
         try:
-            delta = build_delta(old, new)
+            delta = self._build_delta(old, new)
         except Exception as exc:  # a pair that cannot be built is served whole, and logged
             log.exception("delta %s -> %s not built", base[:12], target[:12])
             return self._keep(base, target, record, none=f"build failed: {exc}")
@@ -154,3 +198,11 @@ class DeltaShelf:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    try:
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, "sha256").hexdigest()
+    except OSError:
+        return ""

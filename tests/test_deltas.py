@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,9 +197,10 @@ def test_a_good_delta_applies() -> None:
 
 def test_a_frame_declaring_a_larger_window_or_size_is_refused_before_decoding() -> None:
     # a frame header (RFC 8878 3.1.1.1): magic, descriptor (4-byte size, checksum, not one
-    # segment), window log 27 (128 MiB), the right content size; then a raw last block
+    # segment), window log 27 (128 MiB), the right content size; then a raw last block and
+    # its checksum (never checked: the window is refused first)
     wide = (b"\x28\xb5\x2f\xfd\x84" + bytes([(27 - 10) << 3]) + len(_NEW).to_bytes(4, "little")
-            + ((len(_NEW) << 3) | 1).to_bytes(3, "little") + _NEW)
+            + ((len(_NEW) << 3) | 1).to_bytes(3, "little") + _NEW + b"\0" * 4)
     assert zstandard.get_frame_parameters(wide).window_size > max_window(len(_BASE), len(_NEW))
     with pytest.raises(DeltaError, match="window"):
         _apply(wide)
@@ -236,3 +239,182 @@ def test_the_controller_builds_a_pair_once_and_offers_only_deltas_worth_it(
     record = shelf.record("b" * 64, "z" * 64)
     assert record is not None and record.none and shelf.path("b" * 64, "z" * 64) is None
     assert shelf.offer("b" * 64, "x" * 64) is None, "a bundle the controller does not hold"
+
+
+# --- a rebuilt bundle that fails verification -------------------------------------------
+
+def _poisoned(new: Path) -> bytes:
+    """``new`` with one byte of its middle changed: the same size, no longer its signature."""
+    data = bytearray(new.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    return bytes(data)
+
+
+def test_a_rebuilt_bundle_that_fails_verification_is_dropped_for_the_full_download(
+        pair: tuple[Path, Path], server: FileServer, signing_keys: Keys,
+        tmp_path: Path) -> None:
+    base, new = pair
+    root, poisoned = base.parent, _poisoned(new)
+    (root / "poisoned.delta").write_bytes(build_delta(base.read_bytes(), poisoned))
+    # the delta's own checks all pass: its record names the poisoned file as the result
+    target = _target(new, server, "poisoned.delta", signing_keys, base.read_bytes(),
+                     result=_sha(poisoned))
+    checked: list[bytes] = []
+
+    def verify(path: Path) -> None:
+        checked.append(path.read_bytes())
+        assert read_bundle(path, signing_keys.trusted).sha256 == target.sha256
+
+    deltas, stats = DeltaStats(), DownloadStats()
+    out = fetch_bundle(target, tmp_path / "downloads" / "new.efb", base, stats=stats,
+                       deltas=deltas, verify=verify)
+    assert checked == [poisoned], "the rebuilt file was verified, once"
+    assert out.read_bytes() == new.read_bytes(), "then the full bundle came, unchecked here"
+    assert (deltas.used, deltas.fallbacks, dict(deltas.reasons)) == (0, 1, {"verify": 1})
+    assert not list(out.parent.glob("*.delta*")) and not list(out.parent.glob("*.rebuild"))
+
+
+def test_a_used_delta_counts_its_bytes_against_the_full_bundle(
+        pair: tuple[Path, Path], server: FileServer, signing_keys: Keys,
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    base, new = pair
+    target = _target(new, server, "good.delta", signing_keys, base.read_bytes())
+    assert target.delta is not None
+    with caplog.at_level("INFO", logger="edgefleet.agent.update.delta"):
+        _, deltas, _ = _run(target, base, tmp_path)
+    assert (deltas.delta_bytes, deltas.full_bytes) == (target.delta.size, target.size)
+    assert "rebuilt from a delta" in caplog.text
+
+
+# --- only one real zstd frame -----------------------------------------------------------
+
+def _skippable(payload: bytes, magic: int = 0x184D2A50) -> bytes:
+    return magic.to_bytes(4, "little") + len(payload).to_bytes(4, "little") + payload
+
+
+@pytest.mark.parametrize("case", ["skippable first", "skippable sized as the bundle",
+                                  "skippable after", "two frames", "trailing bytes",
+                                  "cut short"])
+def test_anything_but_exactly_one_zstd_frame_is_refused(case: str) -> None:
+    second = zstandard.ZstdCompressor().compress(b"x" * 100)
+    delta = {
+        "skippable first": _skippable(b"\0" * 8) + _GOOD,
+        # a skippable frame whose length is the bundle's size read as a frame header
+        "skippable sized as the bundle": _skippable(b"\0" * len(_NEW), 0x184D2A5F) + _GOOD,
+        "skippable after": _GOOD + _skippable(b"junk"),
+        "two frames": _GOOD + second,
+        "trailing bytes": _GOOD + b"\0",
+        "cut short": _GOOD[:-1],
+    }[case]
+    with pytest.raises(DeltaError):
+        _apply(delta)
+
+
+def test_the_frame_walk_measures_real_frames() -> None:
+    from edgefleet.agent.protocol.delta import _frame_length
+
+    for data in (_GOOD, zstandard.ZstdCompressor().compress(b""),
+                 zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(300_000)),
+                 zstandard.ZstdCompressor(level=1).compress(b"\0" * 1_000_000)):
+        assert _frame_length(data) == len(data)
+
+
+# --- the controller's shelf: records checked, builds outside the lock -------------------
+
+def test_a_cached_record_that_does_not_match_the_bundles_is_built_again(
+        pair: tuple[Path, Path], tmp_path: Path) -> None:
+    from edgefleet.fleet.deltas import DeltaShelf
+
+    base, new = pair
+    files, folder = {"b" * 64: base, "n" * 64: new}, tmp_path / "deltas"
+    folder.mkdir()
+    poisoned = _poisoned(new)
+    bad = build_delta(base.read_bytes(), poisoned)  # a stale record: another result file
+    (folder / f"{'b' * 64}-{'n' * 64}.zst").write_bytes(bad)
+    (folder / f"{'b' * 64}-{'n' * 64}.json").write_text(json.dumps({
+        "base_file": _sha(base.read_bytes()), "result_file": _sha(poisoned),
+        "full_size": len(poisoned), "sha256": _sha(bad), "size": len(bad)}))
+    shelf = DeltaShelf(folder, files.get, "http://ctl")
+    offer = shelf.offer("b" * 64, "n" * 64)
+    assert offer is not None and offer.result == _sha(new.read_bytes()), "rebuilt, not trusted"
+    built = shelf.path("b" * 64, "n" * 64)
+    assert built is not None and _sha(built.read_bytes()) == offer.sha256 != _sha(bad)
+    built.write_bytes(bad)  # the delta file altered beside a good record: built again
+    assert DeltaShelf(folder, files.get, "http://ctl").offer("b" * 64, "n" * 64) == offer
+
+
+def test_a_lookup_of_another_pair_is_answered_while_a_build_runs(
+        pair: tuple[Path, Path], tmp_path: Path) -> None:
+    from edgefleet.fleet.deltas import DeltaShelf
+
+    base, new = pair
+    files = {"b" * 64: base, "n" * 64: new, "m" * 64: new}
+    entered, release = threading.Event(), threading.Event()
+    builds: list[int] = []
+
+    def slow_build(old: bytes, target: bytes) -> bytes:
+        builds.append(1)
+        entered.set()
+        release.wait(120)
+        return build_delta(old, target)
+
+    DeltaShelf(tmp_path, files.get, "http://ctl").offer("b" * 64, "m" * 64)  # built before
+    shelf = DeltaShelf(tmp_path, files.get, "http://ctl", build=slow_build)
+    building = [threading.Thread(target=shelf.offer, args=("b" * 64, "n" * 64))
+                for _ in range(2)]
+    for thread in building:
+        thread.start()
+    assert entered.wait(120)
+    answers: list[object] = []
+    lookup = threading.Thread(target=lambda: answers.extend(
+        [shelf.path("b" * 64, "m" * 64), shelf.offer("b" * 64, "m" * 64),
+         shelf.path("b" * 64, "n" * 64)]))
+    lookup.start()
+    lookup.join(60)  # a liveness guard, not a timing: the lookup blocks forever otherwise
+    stalled = lookup.is_alive()
+    release.set()
+    for thread in [*building, lookup]:
+        thread.join()
+    assert not stalled, "a lookup waited for another pair's build"
+    assert answers[0] is not None and answers[1] is not None and answers[2] is None
+    assert builds == [1], "a pair is built once, the second asker waits for it"
+    assert shelf.path("b" * 64, "n" * 64) is not None
+
+
+# --- the device's sweep ------------------------------------------------------------------
+
+def test_delta_leftovers_are_swept_when_no_update_is_in_flight(tmp_path: Path) -> None:
+    from edgefleet.agent.update.disk import sweep
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    sha = "f" * 64
+    leftovers = [downloads / f"{sha}{suffix}"
+                 for suffix in (".efb", ".efb.part", ".efb.rebuild", ".delta", ".delta.part")]
+    for path in leftovers:
+        path.write_bytes(b"left")
+    kept = sorted(sweep(tmp_path, sha))  # in flight: only the half-rebuilt file goes
+    assert kept == [downloads / f"{sha}.efb.rebuild"]
+    for path in leftovers:
+        path.write_bytes(b"left")
+    assert sorted(sweep(tmp_path, None)) == sorted(leftovers)  # nothing in flight
+
+
+def test_the_device_sweeps_everything_once_its_journal_is_committed(
+        tmp_path: Path, signing_keys: Keys) -> None:
+    from edgefleet.agent.core import Agent
+    from edgefleet.agent.update.device import DeviceEffects
+    from edgefleet.agent.update.states import Journal, UpdateState
+
+    sha = "f" * 64
+    (tmp_path / "downloads").mkdir()
+    leftover = tmp_path / "downloads" / f"{sha}.delta"
+    leftover.write_bytes(b"left")
+    agent = Agent(signing_keys.trusted)
+    try:
+        effects = DeviceEffects(tmp_path, agent)
+        target = UpdateTarget(sha256=sha)
+        assert effects.sweep(Journal(UpdateState.DOWNLOADING, target)) == []
+        assert effects.sweep(Journal(UpdateState.COMMITTED, target)) == [leftover]
+    finally:
+        agent.close()

@@ -29,6 +29,7 @@ LEVEL = 19  # the level the measurements in BENCHMARKS.md ("Delta updates") were
 MAX_SHARE = 0.8  # a delta is offered and used only at most this share of the full bundle
 _MIN_WINDOW_LOG, _MAX_WINDOW_LOG = 10, 31  # zstd's bounds (31: 64-bit builds)
 _CHUNK = 256 * 1024
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # 0xFD2FB528, little-endian: a zstd frame (not skippable)
 
 
 class DeltaError(BundleError):
@@ -99,8 +100,12 @@ def apply_delta(base: bytes, delta: bytes, expected_size: int,
 
 
 def _check_frame(zstandard: Any, delta: bytes, expected_size: int, bound: int) -> None:
-    """Refuse, from the frame header alone, a delta that declares another size, no size,
+    """Refuse, from the frame headers alone, anything but exactly one zstd frame (no
+    skippable frame, nothing after it), and a frame that declares another size, no size,
     a dictionary id, or a window beyond ``bound``."""
+    if _frame_length(delta) != len(delta):
+        raise DeltaError("the delta is not exactly one zstd frame",
+                         hint="the full bundle is downloaded instead")
     try:
         frame = zstandard.get_frame_parameters(delta)
     except zstandard.ZstdError as exc:
@@ -111,6 +116,28 @@ def _check_frame(zstandard: Any, delta: bytes, expected_size: int, bound: int) -
                          f"{frame.window_size} (dictionary {frame.dict_id}); this bundle is "
                          f"{expected_size} bytes, windows up to {bound}",
                          hint="the full bundle is downloaded instead")
+
+
+def _frame_length(delta: bytes) -> int:
+    """The length of the zstd frame ``delta`` starts with, walked block by block (RFC 8878
+    3.1.1); -1 when it does not start with a zstd frame's magic number (a skippable frame
+    has another) or is cut short."""
+    if len(delta) < 6 or delta[:4] != ZSTD_MAGIC:
+        return -1
+    descriptor = delta[4]
+    single, checksum = descriptor & 0x20, descriptor & 0x04
+    fcs = (1 if single else 0, 2, 4, 8)[descriptor >> 6]
+    at = 5 + (0 if single else 1) + (0, 1, 2, 4)[descriptor & 0x03] + fcs
+    while at + 3 <= len(delta):
+        header = int.from_bytes(delta[at:at + 3], "little")
+        kind, size = (header >> 1) & 0x03, header >> 3
+        if kind == 3:  # reserved
+            return -1
+        at += 3 + (1 if kind == 1 else size)
+        if header & 1:  # the last block
+            end = at + (4 if checksum else 0)
+            return end if end <= len(delta) else -1
+    return -1
 
 
 def _drain(reader: Any, expected_size: int, write: Callable[[bytes], object]) -> int:

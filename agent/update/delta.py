@@ -16,7 +16,10 @@ the delta path wrote is kept:
 6. the rebuilt file's sha256 is that of the bundle file the fleet serves.
 
 The rebuilt bundle then goes through the same verification as a downloaded one
-(signature, sha256 of every file, health check): a delta never skips a check.
+(signature, sha256 of every file, health check): a delta never skips a check. That
+verification runs here first (``verify``): a rebuilt bundle that fails it (a delta the
+fleet built from a stale or poisoned record) is discarded and the full bundle is
+downloaded once, then verified again by the update flow like any download.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefleet.agent.protocol.delta import MAX_SHARE, DeltaError, apply_delta, worth_it
@@ -41,30 +46,58 @@ DELTA_RETRIES = 2  # fruitless attempts in a row before the full bundle is fetch
 
 @dataclass
 class DeltaStats:
-    """What the delta path did over this agent's life: rebuilt bundles, fallbacks, and the
-    last fallback's reason."""
+    """What the delta path did over this agent's life: rebuilt bundles (and the bytes they
+    downloaded against the full bundles' sizes), fallbacks by reason, and the last
+    fallback's reason."""
 
     used: int = 0
     fallbacks: int = 0
     last_fallback: str = ""
+    delta_bytes: int = 0  # downloaded for the bundles rebuilt from deltas
+    full_bytes: int = 0  # what those bundles would have cost whole
+    reasons: Counter[str] = field(default_factory=Counter)  # fallbacks by reason
 
 
 def fetch_bundle(target: UpdateTarget, dest: Path, base: Path | None, *,
-                 stats: DownloadStats, deltas: DeltaStats | None = None) -> Path:
+                 stats: DownloadStats, deltas: DeltaStats | None = None,
+                 verify: Callable[[Path], object] = lambda path: None) -> Path:
     """Write the target's bundle file to ``dest``: rebuilt from ``base`` and the offered
-    delta when that works, else downloaded whole."""
+    delta when that works and the rebuilt file passes ``verify`` (the update's own
+    verification), else downloaded whole (once; the caller verifies that one)."""
     deltas = deltas if deltas is not None else DeltaStats()
     if target.delta is not None and base is not None:
+        reason = ""
         try:
             rebuilt = _rebuild(target, target.delta, dest, base, stats)
-            deltas.used += 1
-            return rebuilt
+            reason = "verify"
+            verify(rebuilt)
         except Exception as exc:  # whatever failed, the full bundle is the safe way on
-            deltas.fallbacks += 1
-            deltas.last_fallback = str(exc)
-            log.warning("delta for %s %s not used, downloading the full bundle: %s",
-                        target.name, target.version, exc)
+            with guarded(dest):
+                discard(dest)  # a rebuilt file that failed verification is never kept
+            _fell_back(deltas, target, reason if reason == "verify" else type(exc).__name__, exc)
+        else:
+            _used(deltas, target, target.delta)
+            return rebuilt
     return fetch(target.url, dest, target.size or 0, stats=stats)
+
+
+def _fell_back(deltas: DeltaStats, target: UpdateTarget, reason: str,
+               exc: BaseException) -> None:
+    deltas.fallbacks += 1
+    deltas.reasons[reason] += 1
+    deltas.last_fallback = str(exc)
+    log.warning("delta for %s %s not used (%s), downloading the full bundle: %s",
+                target.name, target.version, reason, exc)
+
+
+def _used(deltas: DeltaStats, target: UpdateTarget, delta: DeltaRef) -> None:
+    full = target.size or 0
+    deltas.used += 1
+    deltas.delta_bytes += delta.size
+    deltas.full_bytes += full
+    log.info("bundle %s %s rebuilt from a delta: %d bytes downloaded of the bundle's %d "
+             "(%.3f)", target.name, target.version, delta.size, full,
+             delta.size / full if full else 0.0)
 
 
 def _rebuild(target: UpdateTarget, delta: DeltaRef, dest: Path, base: Path,

@@ -19,7 +19,7 @@ from edgefleet.agent.update.delta import DeltaStats, fetch_bundle
 from edgefleet.agent.update.disk import DISK_MARGIN, check_free, discard, guarded, sweep
 from edgefleet.agent.update.download import DownloadStats
 from edgefleet.agent.update.slots import SlotStore
-from edgefleet.agent.update.states import Event, Journal
+from edgefleet.agent.update.states import TERMINAL, Event, Journal
 
 __all__ = ["DISK_MARGIN", "DeviceEffects", "UpdateSettings", "load_journal"]
 
@@ -74,9 +74,11 @@ class DeviceEffects:
         return self.data_dir / "downloads" / f"{journal.target.sha256}.efb"
 
     def sweep(self, journal: Journal) -> list[Path]:
-        """At start: remove what killed runs left (temp files, downloads of other bundles)."""
+        """At start: remove what killed runs left (temp files, downloads of other bundles,
+        and every download and delta leftover when no update is in flight)."""
+        in_flight = journal.state not in TERMINAL
         with guarded(self.data_dir):
-            return sweep(self.data_dir, journal.target.sha256 or None)
+            return sweep(self.data_dir, (journal.target.sha256 or None) if in_flight else None)
 
     def download(self, journal: Journal) -> None:
         """Fetch the target; a complete file an earlier attempt left is reused only if it
@@ -89,7 +91,7 @@ class DeviceEffects:
             self._discard(path)  # with its partial file: those bytes came with it
         check_free(self.data_dir, size)
         fetch_bundle(journal.target, path, self.slots.active_bundle(), stats=self.stats,
-                     deltas=self.deltas)
+                     deltas=self.deltas, verify=lambda rebuilt: self._check(journal, rebuilt))
 
     def verify(self, journal: Journal) -> None:
         """Check the download against the target; one that fails is discarded (with its

@@ -74,13 +74,16 @@ def discard(*paths: Path) -> None:
 
 
 def sweep(data_dir: Path, keep: str | None = None) -> list[Path]:
-    """Remove what killed runs left: temp files, and downloads of another bundle than
-    ``keep`` (the sha256 the journal works on, whose partial file a restart resumes)."""
+    """Remove what killed runs left: temp files, a bundle half rebuilt from a delta
+    (``.rebuild``, never resumed), and downloads of another bundle than ``keep`` (the
+    sha256 of the update in flight, whose partial file or delta a restart resumes; None
+    when no update is in flight: every download goes)."""
     orphans = [p for sub in _SWEPT for p in _temps(Path(data_dir) / sub)]
     downloads = Path(data_dir) / "downloads"
     if downloads.is_dir():
         orphans += [p for p in downloads.iterdir()
-                    if p.is_file() and (keep is None or not p.name.startswith(keep))]
+                    if p.is_file() and (keep is None or not p.name.startswith(keep)
+                                        or p.name.endswith(".rebuild"))]
     for path in orphans:
         path.unlink(missing_ok=True)
     return orphans
