@@ -7,6 +7,7 @@ download and the right model, never in a wrong one."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import urllib.request
@@ -18,6 +19,7 @@ import pytest
 from edgefleet.agent.protocol.bundle import read_bundle
 from edgefleet.agent.protocol.delta import build_delta
 from edgefleet.agent.service import AgentService
+from edgefleet.agent.update.layout import model_dir
 from edgefleet.agent.update.slots import SlotStore
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import Fleet, wait_until
@@ -33,13 +35,18 @@ def versions(digits_models: TrainedModels, signing_keys: Keys,
             "other": make_bundle(digits_models.onnx, root / "o.efb", signing_keys, "0.9.0")}
 
 
+def _model_dir(fleet: Fleet) -> Path:
+    """The device's folder of the digits model (one folder a model: agent/update/layout.py)."""
+    return model_dir(fleet.root / "devices" / "cam-0", "digits")
+
+
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 def _state(fleet: Fleet, device: str) -> dict[str, Any]:
-    found: dict[str, Any] = next(d for d in fleet.client().get("/api/v1/devices")
-                                 if d["id"] == device)
+    found: dict[str, Any] = next((d for d in fleet.client().get("/api/v1/devices")
+                                  if d["id"] == device), {})  # {} until it registers
     return found
 
 
@@ -111,13 +118,46 @@ def _wrong_base(fleet: Fleet, versions: dict[str, Path], v1: str, v2: str) -> No
 
 def _altered_base(fleet: Fleet, versions: dict[str, Path], v1: str, v2: str) -> None:
     """The device's own copy of v1 changed on its disk after it was installed."""
-    base = SlotStore(fleet.root / "devices" / "cam-0").active_bundle()
+    base = SlotStore(_model_dir(fleet)).active_bundle()
     assert base is not None
     base.write_bytes(base.read_bytes() + b"\0" * 1024)
 
 
-@pytest.mark.parametrize("spoil", [_corrupt, _wrong_base, _altered_base],
-                         ids=["corrupted delta", "delta for the wrong base", "altered base"])
+def _poisoned_record(fleet: Fleet, versions: dict[str, Path], v1: str, v2: str) -> None:
+    """The controller trusts a record whose delta rebuilds another file of v2's size (a
+    byte changed): every check of the delta passes, the bundle's verification does not."""
+    from edgefleet.fleet.deltas import DeltaRecord
+
+    assert fleet.controller is not None
+    shelf = fleet.controller.deltas
+    shelf.folder.mkdir(parents=True, exist_ok=True)
+    poisoned = bytearray(versions["v2"].read_bytes())
+    poisoned[len(poisoned) // 2] ^= 0xFF
+    delta = build_delta(versions["v1"].read_bytes(), bytes(poisoned))
+    (shelf.folder / f"{v1}-{v2}.zst").write_bytes(delta)
+    shelf._records[(v1, v2)] = DeltaRecord(  # past the controller's own check of the record
+        base_file=_sha(versions["v1"].read_bytes()), result_file=_sha(bytes(poisoned)),
+        full_size=len(poisoned), sha256=_sha(delta), size=len(delta))
+
+
+def test_a_poisoned_delta_record_on_disk_is_built_again_by_the_controller(
+        fleet: Fleet, versions: dict[str, Path]) -> None:
+    service, v1, v2 = _setup(fleet, versions)
+    _poisoned_record(fleet, versions, v1, v2)
+    assert fleet.controller is not None
+    shelf = fleet.controller.deltas
+    record = shelf._records.pop((v1, v2))  # as a restarted controller finds it on disk
+    (shelf.folder / f"{v1}-{v2}.json").write_text(json.dumps(dataclasses.asdict(record)))
+    _roll_out(fleet)
+    assert service.updates is not None
+    effects = service.updates.effects
+    assert (effects.deltas.used, effects.deltas.fallbacks) == (1, 0), \
+        effects.deltas.last_fallback
+
+
+@pytest.mark.parametrize("spoil", [_corrupt, _wrong_base, _altered_base, _poisoned_record],
+                         ids=["corrupted delta", "delta for the wrong base", "altered base",
+                              "poisoned record"])
 def test_a_delta_that_cannot_be_used_ends_in_the_full_download_and_the_right_model(
         spoil: Any, fleet: Fleet, versions: dict[str, Path]) -> None:
     service, v1, v2 = _setup(fleet, versions)
@@ -129,5 +169,5 @@ def test_a_delta_that_cannot_be_used_ends_in_the_full_download_and_the_right_mod
     assert effects.stats.received >= versions["v2"].stat().st_size, "the full bundle came"
     model = service.agent.model
     assert model is not None and model.version == "1.0.1"
-    assert read_bundle(SlotStore(fleet.root / "devices" / "cam-0").active_bundle() or Path(),
+    assert read_bundle(SlotStore(_model_dir(fleet)).active_bundle() or Path(),
                        fleet.keys.trusted).sha256 == v2
