@@ -352,7 +352,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.controller.bundle_path(sha256)
         if path is None or not path.exists():
             raise NotFoundError(f"no bundle {sha256[:12]}", hint="push it first")
-        self._file(path)
+        self._file(path, "bundle")
 
     def _delta(self, path: str) -> None:
         match = DELTA_PATH.match(path)
@@ -360,9 +360,9 @@ class _Handler(BaseHTTPRequestHandler):
         if found is None:
             raise NotFoundError(f"no delta {path[len('/deltas/'):][:80]!r}",
                                 hint="download the full bundle (the device does so by itself)")
-        self._file(found)
+        self._file(found, "delta")
 
-    def _file(self, path: Path) -> None:
+    def _file(self, path: Path, kind: str) -> None:
         size = path.stat().st_size
         ranges = self.headers.get_all("Range") or []
         span = byte_range(ranges[0], size) if len(ranges) == 1 else None  # two: both ignored
@@ -380,6 +380,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         copy_span(path, start, end - start + 1, self.wfile)
+        self.controller.count_served(kind, end - start + 1)
 
     def _unsatisfiable(self, size: int) -> None:
         """416 with ``Content-Range: bytes */size`` (RFC 9110 section 15.5.17)."""

@@ -98,6 +98,8 @@ class FleetController:
         self.intake = MessageIntake(config.fleet, self.registry, self.telemetry,
                                     self.drift_desk, self.listeners.notify, clock)
         self._lock = threading.RLock()
+        self._served: collections.Counter[str] = collections.Counter()
+        self._served_lock = threading.Lock()
         self.groups = GroupBook(store, self.registry, self.audit, clock)
         self.actions = Actions(store, self.registry, self.catalog, self.device_book,
                                self.runner, self.audit, self._lock, clock, self.groups)
@@ -200,6 +202,17 @@ class FleetController:
     def rejected(self) -> int:
         """Malformed messages dropped."""
         return self.intake.rejected
+
+    def count_served(self, kind: str, size: int) -> None:
+        """Bytes of a bundle or a delta response sent whole (``kind``: bundle, delta)."""
+        with self._served_lock:
+            self._served[kind] += size
+
+    @property
+    def bytes_served(self) -> dict[str, int]:
+        """Bytes of bundles and deltas served by this controller, by kind."""
+        with self._served_lock:
+            return {kind: self._served.get(kind, 0) for kind in ("bundle", "delta")}
 
     @property
     def rejected_by(self) -> collections.Counter[str]:

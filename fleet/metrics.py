@@ -32,6 +32,8 @@ is counted on the ingest path. Families (all prefixed ``edgefleet_``)::
     messages_rejected_total{reason}      counter  MQTT messages refused on arrival (fleet.ingest:
                                                   topic, too_large, json, schema_version,
                                                   schema, identity); every reason shown
+    bytes_served_total{kind}             counter  bytes of bundle and delta files served in
+                                                  whole responses (kind: bundle, delta)
 
 Which windows: the *latest window* of a (model, version) is the entry for that version in
 the latest telemetry point of each **online** device (agents send one point per
@@ -140,6 +142,12 @@ class FleetCollector:
         for reason in (*REASONS, *sorted(set(by_reason) - set(REASONS))):
             rejected.add_metric([reason], by_reason.get(reason, 0))
         yield rejected
+        served = CounterMetricFamily("edgefleet_bytes_served",
+                                     "Bytes of bundle and delta files served in whole "
+                                     "responses (docs/deltas.md).", labels=["kind"])
+        for kind, size in c.bytes_served.items():
+            served.add_metric([kind], size)
+        yield served
 
     def _counter_families(self, latest: dict[str, dict[str, Any]]) -> Iterator[Metric]:
         for device, point in latest.items():

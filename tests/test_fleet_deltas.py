@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgefleet.agent.protocol.bundle import read_bundle
 from edgefleet.agent.protocol.delta import build_delta
@@ -24,6 +25,7 @@ from edgefleet.agent.update.slots import SlotStore
 from tests.conftest import Keys, make_bundle
 from tests.fleet_harness import Fleet, wait_until
 from tests.models import TrainedModels
+from tests.test_fleet_metrics import metrics_text
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +92,15 @@ def test_a_rollout_sends_a_delta_and_the_device_rebuilds_the_bundle(
     with urllib.request.urlopen(request, timeout=10) as response:  # the bundles' Range code
         assert response.status == 206
         assert response.read() == delta.read_bytes()[10:]
+    assert effects.deltas.delta_bytes == delta.stat().st_size
+    expected = {"bundle": 0, "delta": 2 * delta.stat().st_size - 10}  # the device's, ours
+    wait_until(lambda: _served(fleet) == expected, 30,  # counted once the response is sent
+               what=f"bytes served {expected}, seen {_served(fleet)}")
+
+
+def _served(fleet: Fleet) -> dict[str, float]:
+    return {s.labels["kind"]: s.value for family in text_string_to_metric_families(
+        metrics_text(fleet)) for s in family.samples if s.name == "edgefleet_bytes_served_total"}
 
 
 def _corrupt(fleet: Fleet, versions: dict[str, Path], v1: str, v2: str) -> None:
