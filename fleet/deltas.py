@@ -71,6 +71,7 @@ class DeltaShelf:
         self._records: dict[tuple[str, str], DeltaRecord] = {}
         self._missing: dict[tuple[str, str], float] = {}  # pairs not held, and since when
         self._building: set[tuple[str, str]] = set()  # pairs being built (outside the lock)
+        self._unread: dict[tuple[str, str], float] = {}  # requests found no good record
         self._lock = threading.Condition()
 
     def url(self, base: str, target: str) -> str:
@@ -88,13 +89,16 @@ class DeltaShelf:
     def path(self, base: str, target: str) -> Path | None:
         """The delta file to serve: only one this controller built or holds (a request,
         which needs no token, never starts a build)."""
-        key = (base, target)
+        key, now = (base, target), time.monotonic()
         with self._lock:
             record, busy = self._records.get(key), key in self._building
-        if record is None and not busy:
-            record = self._load(base, target)
-            if record is not None:
-                with self._lock:
+            tried = self._unread.get(key)
+        if record is None and not busy and (tried is None or now - tried >= _RETRY_S):
+            record = self._load(base, target)  # hashes the bundles: at most once a while
+            with self._lock:
+                if record is None:
+                    self._unread[key] = now
+                else:
                     record = self._records.setdefault(key, record)
         file = self._file(base, target)
         return file if record is not None and record.sha256 and file.exists() else None
