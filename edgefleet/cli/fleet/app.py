@@ -13,10 +13,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
-from urllib.parse import urlencode
+from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Group
@@ -48,6 +47,7 @@ from edgefleet.cli.mqtt_options import (
 from edgefleet.cli.output import console, emit, fail, literal, styled, table
 from edgefleet.cli.params import api_address, fleet_option, host_port
 from edgefleet.cli.service import ServiceSpec, service_app, subcommand
+from edgefleet.fleet.api_types import GateOptions, RolloutOptions
 from edgefleet.fleet.rollout.state import FINISHED, DeviceState, RolloutState
 
 _FINISHED = frozenset(state.value for state in FINISHED)
@@ -275,8 +275,7 @@ def push(bundle: Annotated[Path, typer.Argument(help="A signed .efb bundle")],
     if not bundle.is_file():
         fail(EdgefleetError(f"cannot read {bundle}: not a file",
                             hint="pass the path of an .efb file"), as_json)
-    result = _run(as_json, lambda: _client(controller, token).upload_file("/api/v1/models",
-                                                                          bundle))
+    result = _run(as_json, lambda: _client(controller, token).push(bundle))
     model = result["model"]
     row = {"model": f"{model['name']}:{model['version']}", "sha256": model["sha256"][:12],
            "size": model["size"], "stored": "new" if result["added"] else "already there"}
@@ -295,12 +294,12 @@ def models(ctx: typer.Context, controller: ControllerOpt = DEFAULT_URL, token: T
     in full, with its lineage)."""
     if ctx.invoked_subcommand is not None:
         return
-    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/models"))
+    data = _run(as_json, lambda: _client(controller, token).models())
     rows = [_model_row(m) for m in data]
     emit(data, as_json, table("model versions", rows, list(rows[0]) if rows else ["model"]))
 
 
-def _model_row(model: dict[str, Any]) -> dict[str, Any]:
+def _model_row(model: Mapping[str, Any]) -> dict[str, Any]:
     metrics = model["manifest"].get("metrics") or {}
     quant = (model["manifest"].get("optimization") or {}).get("quantization")
     return {"model": f"{model['name']}:{model['version']}", "sha256": model["sha256"][:12],
@@ -314,7 +313,7 @@ def _model_row(model: dict[str, Any]) -> dict[str, Any]:
 def devices(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
             as_json: JsonOpt = False) -> None:
     """Every device: online, group, tags, what it runs, its update state."""
-    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/devices"))
+    data = _run(as_json, lambda: _client(controller, token).devices())
     rows = [{"device": d["id"], "online": "yes" if d["online"] else "no",
              "group": d["group"], "tags": ",".join(d["tags"]),
              "model": f"{d['active']['name']}:{d['active']['version']}" if d["active"] else "",
@@ -330,8 +329,8 @@ def group(name: Annotated[str, typer.Argument(help="Group name ('-' removes the 
           controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
           as_json: JsonOpt = False) -> None:
     """Put devices in a group (one group per device)."""
-    body = {"devices": device, "group": None if name == "-" else name}
-    data = _run(as_json, lambda: _client(controller, token).post("/api/v1/devices/group", body))
+    group_name = None if name == "-" else name
+    data = _run(as_json, lambda: _client(controller, token).set_group(device, group_name))
     rows = [{"device": d["id"], "group": d["group"]} for d in data]
     emit(data, as_json, table("groups", rows, ["device", "group"]))
 
@@ -344,9 +343,7 @@ def tag(device: Annotated[str, typer.Argument(help="Device id")],
         controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
         as_json: JsonOpt = False) -> None:
     """Add or remove tags of a device."""
-    body = {"add": add or [], "remove": remove or []}
-    data = _run(as_json, lambda: _client(controller, token).post(
-        f"/api/v1/devices/{device}/tags", body))
+    data = _run(as_json, lambda: _client(controller, token).tag(device, add, remove))
     emit(data, as_json, table("tags", [{"device": data["id"], "tags": ",".join(data["tags"])}],
                               ["device", "tags"]))
 
@@ -357,8 +354,7 @@ def history(limit: Annotated[int, typer.Option(help="Newest N entries")] = 50,
             controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
             as_json: JsonOpt = False) -> None:
     """The audit history: what was done, when, by which token, and how it ended."""
-    query = urlencode({"limit": limit, **({"target": target} if target else {})})
-    data = _run(as_json, lambda: _client(controller, token).get(f"/api/v1/history?{query}"))
+    data = _run(as_json, lambda: _client(controller, token).history(limit, target))
     rows = [{"when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts_ms"] / 1000)),
              "by": e["actor"], "action": e["action"], "target": e["target"],
              "outcome": e["outcome"], "what": (e.get("detail") or {}).get("summary", "")}
@@ -378,10 +374,10 @@ def rollback(rollout: Annotated[str | None, typer.Option("--rollout", help="Roll
              as_json)
     client = _client(controller, token)
     if rollout is not None:
-        data: Any = _run(as_json, lambda: client.post(f"/api/v1/rollouts/{rollout}/rollback"))
+        data: Any = _run(as_json, lambda: client.rollback_rollout(rollout))
         summaries = [data]
-    else:
-        data = _run(as_json, lambda: client.post("/api/v1/rollback", {"group": group}))
+    elif group is not None:
+        data = _run(as_json, lambda: client.rollback_group(group))
         summaries = data
     rows = [_rollout_row(s) for s in summaries]
     emit(data, as_json, table("rolled back", rows, list(rows[0]) if rows else ["rollout"]))
@@ -433,14 +429,12 @@ def rollout_create(
     gates = {"max_failures_pct": max_failures, "min_success_pct": min_success,
              "max_p95_ratio": max_p95_ratio, "max_error_rate_pct": max_error_rate,
              "min_agreement_pct": min_agreement, "min_samples": min_samples}
-    options = _run(as_json, lambda: {
-        "selectors": to, "waves": wave_text.split(","), "rate_per_min": rate,
-        "exponential": exponential, "device_timeout_s": parse_duration(device_timeout),
-        "soak_s": parse_duration(soak),
-        "gates": {k: v for k, v in gates.items() if v is not None}})
+    options = _run(as_json, lambda: RolloutOptions(
+        selectors=to, waves=wave_text.split(","), rate_per_min=rate, exponential=exponential,
+        device_timeout_s=parse_duration(device_timeout), soak_s=parse_duration(soak),
+        gates=cast(GateOptions, {k: v for k, v in gates.items() if v is not None})))
     _run(as_json, lambda: check_options(options))
-    body = {"model": model, **options}
-    data = _run(as_json, lambda: _client(controller, token).post("/api/v1/rollouts", body))
+    data = _run(as_json, lambda: _client(controller, token).create_rollout(model, options))
     emit(data, as_json, _rollout_view(data))
 
 
@@ -448,7 +442,7 @@ def rollout_create(
 def rollout_list(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
                  as_json: JsonOpt = False) -> None:
     """Every rollout, newest first."""
-    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/rollouts"))
+    data = _run(as_json, lambda: _client(controller, token).rollouts())
     rows = [_rollout_row(r) for r in data]
     emit(data, as_json, table("rollouts", rows, list(rows[0]) if rows else ["rollout"]))
 
@@ -463,14 +457,14 @@ def rollout_status(rollout: Annotated[str, typer.Argument(help="Rollout id")],
                    as_json: JsonOpt = False) -> None:
     """One rollout: waves with progress, gates, every device's state and reason."""
     client = _client(controller, token)
-    data = _run(as_json, lambda: client.get(f"/api/v1/rollouts/{rollout}"))
+    data = _run(as_json, lambda: client.rollout(rollout))
     if not watch or as_json:
         emit(data, as_json, _rollout_view(data))
         return
     with Live(_rollout_view(data), console=console, refresh_per_second=4) as live:
         while data["state"] not in FINISHED:
             time.sleep(interval)
-            data = _run(as_json, lambda: client.get(f"/api/v1/rollouts/{rollout}"))
+            data = _run(as_json, lambda: client.rollout(rollout))
             live.update(_rollout_view(data))
 
 
@@ -478,8 +472,10 @@ def _operate(verb: str) -> Callable[..., None]:
     def command(rollout: Annotated[str, typer.Argument(help="Rollout id")],
                 controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
                 as_json: JsonOpt = False) -> None:
-        data = _run(as_json, lambda: _client(controller, token).post(
-            f"/api/v1/rollouts/{rollout}/{verb}"))
+        client = _client(controller, token)
+        operate = {"pause": client.pause_rollout, "resume": client.resume_rollout,
+                   "abort": client.abort_rollout}[verb]
+        data = _run(as_json, lambda: operate(rollout))
         emit(data, as_json, _rollout_view(data))
 
     command.__doc__ = {"pause": "Stop sending the bundle to more devices (and committing).",
@@ -492,7 +488,7 @@ for _verb in ("pause", "resume", "abort"):
     rollout_app.command(_verb)(_operate(_verb))
 
 
-def _rollout_row(r: dict[str, Any]) -> dict[str, Any]:
+def _rollout_row(r: Mapping[str, Any]) -> dict[str, Any]:
     model = r["spec"]["model"]
     counts = r.get("counts", {})
     return {"rollout": r["id"], "model": f"{model['name']}:{model['version']}",
@@ -502,7 +498,7 @@ def _rollout_row(r: dict[str, Any]) -> dict[str, Any]:
             "failed": counts.get(DeviceState.FAILED, 0), "reason": r["reason"]}
 
 
-def _rollout_view(r: dict[str, Any]) -> Group:
+def _rollout_view(r: Mapping[str, Any]) -> Group:
     """Header, one progress bar per wave, gates, and the devices that are not done."""
     spec, devices = r["spec"], r.get("devices", [])
     waves = Table(title=styled("rollout {}: {}:{} -> {}  [bold]{}[/]  {}", r["id"],
@@ -561,8 +557,7 @@ def keyring_publish(
     except OSError as exc:
         fail(EdgefleetError(f"cannot read {keyring}: {exc.strerror}",
                             hint="pass the keyring.json in your keys folder"), as_json)
-    path = "/api/v1/keyring?force=1" if force else "/api/v1/keyring"
-    result = _run(as_json, lambda: _client(controller, token).upload(path, data))
+    result = _run(as_json, lambda: _client(controller, token).publish_keyring(data, force))
     if not result["changed"]:
         what = "already held: sent again"
     else:
@@ -574,11 +569,11 @@ def keyring_publish(
 def keyring_show(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
                  as_json: JsonOpt = False) -> None:
     """The keyring the controller holds and publishes."""
-    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/keyring"))
+    data = _run(as_json, lambda: _client(controller, token).keyring())
     emit(data, as_json, _keyring_view(data, f"issued {data['issued']}"))
 
 
-def _keyring_view(data: dict[str, Any], what: str) -> Group:
+def _keyring_view(data: Mapping[str, Any], what: str) -> Group:
     rows = [{"key_id": k["key_id"], "name": k["name"],
              "signed it": "yes" if k["key_id"] in data["signed_by"] else ""}
             for k in data["keys"]]

@@ -1,0 +1,120 @@
+"""The REST API keeps its contract, ``fleet/openapi.json``.
+
+The route table (``fleet.api.ROUTES``) and the document list the same operations, and
+schemathesis fuzzes every operation against a live controller (a real Mosquitto, a SQLite
+store, a real agent, a pushed bundle, a rollout and a keyring, so that the answers carry
+data) with a valid token: no answer is a 5xx, and every status, content type, header and
+body is one the document describes. The event stream, which never ends by itself, is
+read here by hand instead.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from schemathesis import Case
+
+from edgefleet.agent.protocol.keyring import build_keyring
+from edgefleet.fleet import contract
+from edgefleet.fleet.api import ROUTES
+from tests.brokers import MosquittoBroker
+from tests.conftest import Keys
+from tests.fleet_harness import TOKEN, Fleet, wait_until
+
+EXAMPLES = 12  # per operation and phase: the whole fuzz stays near a minute on 2 cores
+CHECKS = {name: {"enabled": True} for name in (
+    "not_a_server_error", "status_code_conformance", "content_type_conformance",
+    "response_schema_conformance", "response_headers_conformance")}
+
+
+def test_the_route_table_and_the_document_list_the_same_operations() -> None:
+    routes = {(r.method, r.path) for r in ROUTES}
+    documented = set(contract.operations())
+    assert not routes - documented, (
+        f"routes in fleet/api.py that fleet/openapi.json does not describe: "
+        f"{sorted(routes - documented)}: add them under 'paths'")
+    assert not documented - routes, (
+        f"operations in fleet/openapi.json that fleet/api.py does not route: "
+        f"{sorted(documented - routes)}")
+
+
+def test_every_operation_has_an_id_a_summary_and_its_token_rule() -> None:
+    public = {(r.method, r.path) for r in ROUTES if r.public}
+    for key, operation in contract.operations().items():
+        assert operation.get("operationId") and operation.get("summary"), key
+        assert (operation.get("security") == []) == (key in public), (
+            f"{key}: 'security': [] marks exactly the routes that need no token")
+        if key not in public:
+            assert "401" in operation["responses"], key
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, signing_keys: Keys,
+         digits_bundles: dict[str, Path]) -> Iterator[Fleet]:
+    """A controller with a device, a pushed version, a finished rollout and a keyring."""
+    root = tmp_path_factory.mktemp("contract")
+    broker = MosquittoBroker(workdir=root / "mosquitto").start()
+    fleet = Fleet("tcontract", broker.url, root, signing_keys)
+    try:
+        client = fleet.start_controller()
+        fleet.add_agent("cam-0", digits_bundles["tflite"], traffic=False)
+        wait_until(lambda: client.get("/api/v1/devices"), 30, what="cam-0 registered")
+        client.upload_file("/api/v1/models", digits_bundles["tflite"])
+        client.post("/api/v1/devices/group", {"devices": ["cam-0"], "group": "cams"})
+        client.post("/api/v1/rollouts", {"model": "digits:1.0.0", "selectors": ["group:cams"]})
+        signer = signing_keys.signer
+        client.upload("/api/v1/keyring", build_keyring(
+            [("dev", signer.private_key.public_key())], 1, [signer]))
+        yield fleet
+    finally:
+        fleet.stop()
+        broker.stop()
+
+
+# The package's document: the one the controller serves (the test below checks they are one).
+schema = schemathesis.openapi.from_dict(contract.document(), config=schemathesis.Config.from_dict({
+    "cache": {"enabled": False}, "suppress-health-check": ["all"],
+    "generation": {"max-examples": EXAMPLES, "mode": "all", "database": "none",
+                   "deterministic": True},
+    "phases": {"stateful": {"enabled": False}}, "checks": {"enabled": False, **CHECKS}}))
+
+
+@schema.exclude(path="/api/v1/stream").parametrize()  # type: ignore[misc]
+def test_every_operation_answers_as_the_contract_says(case: Case, live: Fleet) -> None:
+    assert live.api is not None
+    case.call_and_validate(base_url=live.api.url, headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def _get(fleet: Fleet, path: str, token: str | None) -> tuple[int, str, bytes]:
+    assert fleet.api is not None
+    conn = http.client.HTTPConnection("127.0.0.1", fleet.api.port, timeout=20)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        response = conn.getresponse()
+        body = response.read(200) if "event-stream" in (response.getheader(
+            "Content-Type") or "") else response.read()
+        return response.status, response.getheader("Content-Type") or "", body
+    finally:
+        conn.close()
+
+
+def test_the_document_is_served_without_a_token_as_it_is_kept(live: Fleet) -> None:
+    status, content_type, body = _get(live, "/openapi.json", None)
+    assert (status, content_type) == (200, "application/json")
+    assert body == (Path(contract.__file__).parent / "openapi.json").read_bytes()
+    assert json.loads(body)["openapi"] == "3.1.0"
+
+
+def test_the_event_stream_needs_the_token_and_streams_events(live: Fleet) -> None:
+    status, _, body = _get(live, "/api/v1/stream", None)
+    assert status == 401 and json.loads(body)["kind"] == "AuthError"
+    status, content_type, body = _get(live, "/api/v1/stream", TOKEN)
+    documented: dict[str, Any] = contract.operations()[("GET", "/api/v1/stream")]
+    assert status == 200 and content_type in documented["responses"]["200"]["content"]
+    assert body.startswith((b"retry:", b"event:", b"data:", b":")), body
