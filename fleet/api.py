@@ -13,7 +13,8 @@ honoured (RFC 9110; 416 when unsatisfiable).
 
 ``/api`` needs ``Authorization: Bearer TOKEN`` (GET requests may pass ``?token=`` instead,
 for a browser's EventSource); the token's name is the actor written in the audit history.
-A method no route takes on a path needs the token too, then gets 405 (404 for GET or POST).
+A method no route takes on a path needs the token too, then gets 405 naming the path's methods
+in ``Allow`` (on a path no route knows: 404 for GET and POST, 405 for any other method).
 Errors are JSON ``{"error", "hint", "kind"}`` (and ``"field"``, the option's name, when a
 rollout option is refused); the status follows the error's class
 (404 unknown, 409 conflict, 400 invalid, 401 token, 422 bundle or keyring refused,
@@ -75,7 +76,7 @@ from edgefleet.fleet.errors import (
 )
 from edgefleet.fleet.metrics import FleetMetrics
 from edgefleet.fleet.rollout.validate import RolloutOptionError
-from edgefleet.fleet.routing import Route, find, methods
+from edgefleet.fleet.routing import Route, allowed, find, methods
 
 __all__ = ["ROUTES", "ApiServer", "parse_tokens"]
 
@@ -184,6 +185,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
     _consumed = True  # whether this request's body was read (or needs no reading)
+    _allow = ""  # the methods a 405 names
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -243,12 +245,15 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command in ("GET", "HEAD") and path.startswith("/dashboard"):
                 raise _no_page(path)
             self._actor()
-            if self.command in ("GET", "HEAD", "POST"):
+            known = allowed(ROUTES, path)
+            if not known and self.command in ("GET", "HEAD", "POST"):
                 raise NotFoundError(f"no such endpoint: {self.command} {path}",
                                     hint="see docs/fleet.md, and /openapi.json")
-            raise RequestError(f"{self.command} is not an API method",
+            self._allow = known or _ALLOW
+            raise RequestError(f"{self.command} is not an API method here",
                                HTTPStatus.METHOD_NOT_ALLOWED,
-                               hint="see /openapi.json for the methods the API takes")
+                               hint=f"{path[:200] if known else 'the API'} takes {self._allow}: "
+                                    "see /openapi.json")
         actor = "" if found.route.public else self._actor()
         found.route.handler(self, _Call(found.params, parse_qs(urlsplit(self.path).query),
                                         actor))
@@ -343,17 +348,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(rollout.as_dict(), HTTPStatus.CREATED)
 
     def _operate(self, call: _Call, verb: str) -> None:
-        """pause, resume, abort or rollback (a body, if any, is a JSON object: ignored)."""
-        self._json_body()
+        """pause, resume, abort or rollback; they take no options (no body, or ``{}``)."""
+        if given := self._json_body():
+            raise _invalid(f"{verb} takes no options, got {', '.join(sorted(given))[:80]}")
         self._json(self.controller.operate(call.rollout_id(), verb, call.actor).as_dict())
 
     def _rollback_group(self, call: _Call) -> None:
-        body = self._json_body()
+        body = _only(self._json_body(), ("group",), "a group rollback")
         done = self.controller.rollback_group(_label(body.get("group"), "group"), call.actor)
         self._json([r.summary() for r in done])
 
     def _set_group(self, call: _Call) -> None:
-        body = self._json_body()
+        body = _only(self._json_body(), ("devices", "group"), "setting a group")
         devices = _ids(body.get("devices"), "devices", "device id")
         group = body.get("group")
         changed = self.controller.set_group(
@@ -361,7 +367,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json([d.as_dict() for d in changed])
 
     def _tag(self, call: _Call) -> None:
-        body = self._json_body()
+        body = _only(self._json_body(), ("add", "remove"), "tagging")
         device = self.controller.tag(_id(unquote(call.params["device_id"]), "device id"),
                                      _labels(body.get("add", []), "add", "tag"),
                                      _labels(body.get("remove", []), "remove", "tag"),
@@ -469,6 +475,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _drift_policy(self, model: str, body: dict[str, Any], actor: str) -> DriftPolicy:
         """A model's drift alert policy: the fields given change, the others stay."""
         if body.get("reset") is True:
+            _only(body, ("reset",), "a drift policy reset")
             return self.controller.set_drift_policy(model, None, actor)
         fields = {"psi": float, "min_samples": int, "clear_after": int}
         unknown = sorted(set(body) - set(fields))
@@ -569,7 +576,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         if status == HTTPStatus.METHOD_NOT_ALLOWED:
-            self.send_header("Allow", _ALLOW)
+            self.send_header("Allow", self._allow)
         if status == HTTPStatus.SERVICE_UNAVAILABLE:
             self.send_header("Retry-After", str(_RETRY_AFTER_S))
         if self.close_connection:
@@ -640,6 +647,15 @@ def _checked_path(path: str) -> str:
 
 def _invalid(message: str) -> RequestError:
     return RequestError(message, HTTPStatus.BAD_REQUEST, hint="see docs/fleet.md")
+
+
+def _only(body: dict[str, Any], fields: tuple[str, ...], what: str) -> dict[str, Any]:
+    """``body``, refused if it holds a field besides ``fields`` (a typo is never ignored)."""
+    unknown = sorted(str(k) for k in body if k not in fields)
+    if unknown:
+        raise _invalid(f"{what} takes {', '.join(fields)}; {unknown[0][:40]!r} is not one "
+                       "of them")
+    return body
 
 
 def _id(value: object, what: str) -> str:

@@ -202,10 +202,13 @@ class GateOptions(TypedDict, total=False):
     min_samples: int
 
 
-class RolloutOptions(TypedDict, total=False):
-    """A rollout's options (docs/fleet.md); ``selectors`` is the one that must be given."""
-
+class _Selectors(TypedDict):
     selectors: list[str]
+
+
+class RolloutOptions(_Selectors, total=False):
+    """A rollout's options (docs/fleet.md): to which devices, and how."""
+
     waves: list[str]
     rate_per_min: float | None
     exponential: float
@@ -214,16 +217,19 @@ class RolloutOptions(TypedDict, total=False):
     gates: GateOptions
 
 
-class RolloutRequest(RolloutOptions, total=False):
+class RolloutRequest(RolloutOptions):
     model: str
 
 
-class GroupRequest(TypedDict):
+class _GroupRequest(TypedDict):
     devices: list[str]
-    group: str | None
 
 
-class TagsRequest(TypedDict):
+class GroupRequest(_GroupRequest, total=False):
+    group: str | None  # None or left out: out of their group
+
+
+class TagsRequest(TypedDict, total=False):
     add: list[str]
     remove: list[str]
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-__all__ = ["Match", "Route", "find", "methods"]
+__all__ = ["Match", "Route", "allowed", "find", "methods"]
 
 H = TypeVar("H")
 _PARAM = re.compile(r"\{([a-z_]+)\}")
@@ -60,6 +60,11 @@ def find(routes: Iterable[Route[H]], method: str, path: str) -> Match[H] | None:
         if route.method == wanted and (found := route.pattern.match(path)):
             return Match(route, found.groupdict())
     return None
+
+
+def allowed(routes: Iterable[Route[H]], path: str) -> str:
+    """The methods the routes take on ``path`` (an ``Allow`` header; empty: no route)."""
+    return ", ".join(methods(r for r in routes if r.pattern.match(path)))
 
 
 def methods(routes: Iterable[Route[H]]) -> list[str]:

@@ -14,15 +14,16 @@ import http.client
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import pytest
 import schemathesis
 from schemathesis import Case
 
 from edgefleet.agent.protocol.keyring import build_keyring
-from edgefleet.fleet import contract
+from edgefleet.fleet import api_types, contract
 from edgefleet.fleet.api import ROUTES
+from edgefleet.fleet.client import FleetClient
 from tests.brokers import MosquittoBroker
 from tests.conftest import Keys
 from tests.fleet_harness import TOKEN, Fleet, wait_until
@@ -30,7 +31,8 @@ from tests.fleet_harness import TOKEN, Fleet, wait_until
 EXAMPLES = 12  # per operation and phase: the whole fuzz stays near a minute on 2 cores
 CHECKS = {name: {"enabled": True} for name in (
     "not_a_server_error", "status_code_conformance", "content_type_conformance",
-    "response_schema_conformance", "response_headers_conformance")}
+    "response_schema_conformance", "response_headers_conformance", "negative_data_rejection",
+    "ignored_auth", "missing_required_header", "unsupported_method")}
 
 
 def test_the_route_table_and_the_document_list_the_same_operations() -> None:
@@ -52,6 +54,28 @@ def test_every_operation_has_an_id_a_summary_and_its_token_rule() -> None:
             f"{key}: 'security': [] marks exactly the routes that need no token")
         if key not in public:
             assert "401" in operation["responses"], key
+
+
+BROWSER_ONLY = {"home", "dashboard_redirect", "dashboard", "dashboard_file", "stream"}
+
+
+def test_the_client_has_a_method_for_every_operation() -> None:
+    """``FleetClient.<operationId>``, the browser's page and event stream aside."""
+    ids = {op["operationId"] for op in contract.operations().values()}
+    missing = sorted(i for i in ids - BROWSER_ONLY if not callable(getattr(FleetClient, i, None)))
+    assert not missing, f"FleetClient has no method for the operations {missing}"
+
+
+def test_the_client_types_name_the_fields_of_the_document_schemas() -> None:
+    schemas = contract.document()["components"]["schemas"]
+    typed = {name: getattr(api_types, name) for name in api_types.__all__}
+    shared = sorted(set(typed) & set(schemas))
+    assert len(shared) >= 20, shared
+    for name in shared:
+        fields = set(get_type_hints(typed[name]))
+        assert fields == set(schemas[name].get("properties", {})), name
+        if schemas[name].get("additionalProperties") is False:
+            assert set(schemas[name]["required"]) == set(typed[name].__required_keys__), name
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +105,12 @@ def live(tmp_path_factory: pytest.TempPathFactory, signing_keys: Keys,
 schema = schemathesis.openapi.from_dict(contract.document(), config=schemathesis.Config.from_dict({
     "cache": {"enabled": False}, "suppress-health-check": ["all"],
     "generation": {"max-examples": EXAMPLES, "mode": "all", "database": "none",
-                   "deterministic": True},
+                   "deterministic": True, "allow-extra-parameters": False},
     "phases": {"stateful": {"enabled": False}}, "checks": {"enabled": False, **CHECKS}}))
 
 
-@schema.exclude(path="/api/v1/stream").parametrize()  # type: ignore[misc]
-def test_every_operation_answers_as_the_contract_says(case: Case, live: Fleet) -> None:
+@schema.exclude(path="/api/v1/stream").parametrize()
+def test_every_operation_answers_as_the_contract_says(case: Case[Any], live: Fleet) -> None:
     assert live.api is not None
     case.call_and_validate(base_url=live.api.url, headers={"Authorization": f"Bearer {TOKEN}"})
 
