@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -23,10 +27,25 @@ from schemathesis import Case
 from edgefleet.agent.protocol.keyring import build_keyring
 from edgefleet.fleet import api_types, contract
 from edgefleet.fleet.api import ROUTES
-from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.client import FleetClient, error_for_status
+from edgefleet.fleet.errors import (
+    ApiError,
+    AuthError,
+    ConflictError,
+    FleetError,
+    ForbiddenError,
+    InvalidRolloutError,
+    NotFoundError,
+    RefusedError,
+    UnavailableError,
+)
+from edgefleet.fleet.rollout.state import FINISHED
 from tests.brokers import MosquittoBroker
 from tests.conftest import Keys
 from tests.fleet_harness import TOKEN, Fleet, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+_FINISHED = frozenset(state.value for state in FINISHED)
 
 EXAMPLES = 12  # per operation and phase: the whole fuzz stays near a minute on 2 cores
 CHECKS = {name: {"enabled": True} for name in (
@@ -78,6 +97,26 @@ def test_the_client_types_name_the_fields_of_the_document_schemas() -> None:
             assert set(schemas[name]["required"]) == set(typed[name].__required_keys__), name
 
 
+@pytest.mark.parametrize("status, family", [
+    (400, InvalidRolloutError), (401, AuthError), (403, ForbiddenError), (404, NotFoundError),
+    (405, RefusedError), (409, ConflictError), (411, RefusedError), (413, RefusedError),
+    (416, RefusedError), (422, RefusedError), (503, UnavailableError), (500, ApiError)])
+def test_an_error_answer_raises_its_family_with_the_servers_message_and_hint(
+        status: int, family: type[FleetError]) -> None:
+    raw = json.dumps({"error": "what went wrong", "hint": "the fix", "kind": "X"}).encode()
+    error = error_for_status(status, raw)
+    assert type(error) is family
+    assert (error.message, error.hint, error.transient) == (
+        "what went wrong", "the fix", status >= 500)
+
+
+def test_every_error_status_the_document_names_has_its_own_family() -> None:
+    statuses = {int(code) for op in contract.operations().values()
+                for code in op["responses"] if int(code) >= 400}
+    plain = sorted(s for s in statuses if type(error_for_status(s, b"")) is ApiError)
+    assert plain == [500], f"statuses the client raises as a bare ApiError: {plain}"
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, signing_keys: Keys,
          digits_bundles: dict[str, Path]) -> Iterator[Fleet]:
@@ -91,7 +130,9 @@ def live(tmp_path_factory: pytest.TempPathFactory, signing_keys: Keys,
         wait_until(lambda: client.get("/api/v1/devices"), 30, what="cam-0 registered")
         client.upload_file("/api/v1/models", digits_bundles["tflite"])
         client.post("/api/v1/devices/group", {"devices": ["cam-0"], "group": "cams"})
-        client.post("/api/v1/rollouts", {"model": "digits:1.0.0", "selectors": ["group:cams"]})
+        first = client.create_rollout("digits:1.0.0", {"selectors": ["group:cams"]})
+        wait_until(lambda: client.rollout(first["id"])["state"] in _FINISHED, 30,
+                   what="the first rollout to end")
         signer = signing_keys.signer
         client.upload("/api/v1/keyring", build_keyring(
             [("dev", signer.private_key.public_key())], 1, [signer]))
@@ -99,6 +140,26 @@ def live(tmp_path_factory: pytest.TempPathFactory, signing_keys: Keys,
     finally:
         fleet.stop()
         broker.stop()
+
+
+def test_the_client_example_in_the_docs_runs(live: Fleet, digits_bundles: dict[str, Path],
+                                              tmp_path: Path) -> None:
+    """The block under "The Python client" in docs/fleet.md, as a user runs it."""
+    assert live.api is not None
+    text = (ROOT / "docs" / "fleet.md").read_text()
+    section = text[text.index("### The Python client"):]
+    code = section[section.index("```python\n") + 10:section.index("\n```\n")]
+    shutil.copy(digits_bundles["tflite"], tmp_path / "digits-1.0.0.efb")
+    env = {**os.environ, "EDGEFLEET_CONTROLLER": live.api.url, "EDGEFLEET_TOKEN": TOKEN,
+           "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "pushed digits:1.0.0 (already there)", lines
+    assert lines[1].endswith(" 1 devices") and lines[1].split()[1] in ("PENDING", "RUNNING",
+                                                                       "SUCCEEDED"), lines
+    assert lines[2] == "NotFoundError no rollout 'r999'", lines
 
 
 # The package's document: the one the controller serves (the test below checks they are one).
