@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 __all__ = ["Match", "Route", "allowed", "find", "methods"]
 
 H = TypeVar("H")
-_PARAM = re.compile(r"\{([a-z_]+)\}")
+_PARAM = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 
 @dataclass(frozen=True)

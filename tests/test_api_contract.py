@@ -40,6 +40,7 @@ from edgefleet.fleet.errors import (
     UnavailableError,
 )
 from edgefleet.fleet.rollout.state import FINISHED
+from edgefleet.fleet.routing import find
 from tests.brokers import MosquittoBroker
 from tests.conftest import Keys
 from tests.fleet_harness import TOKEN, Fleet, wait_until
@@ -63,6 +64,16 @@ def test_the_route_table_and_the_document_list_the_same_operations() -> None:
     assert not documented - routes, (
         f"operations in fleet/openapi.json that fleet/api.py does not route: "
         f"{sorted(documented - routes)}")
+
+
+def test_every_route_answers_its_own_template_with_its_parameters() -> None:
+    for route in ROUTES:
+        path = route.path
+        for number, name in enumerate(route.params):
+            path = path.replace(f"{{{name}}}", f"v{number}")
+        found = find(ROUTES, route.method, path)
+        assert found is not None and found.route is route, route.path
+        assert found.params == {n: f"v{i}" for i, n in enumerate(route.params)}, route.path
 
 
 def test_every_operation_has_an_id_a_summary_and_its_token_rule() -> None:
@@ -176,17 +187,28 @@ def test_every_operation_answers_as_the_contract_says(case: Case[Any], live: Fle
     case.call_and_validate(base_url=live.api.url, headers={"Authorization": f"Bearer {TOKEN}"})
 
 
-def _get(fleet: Fleet, path: str, token: str | None) -> tuple[int, str, bytes]:
+def _get(fleet: Fleet, path: str, token: str | None,
+         headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
     assert fleet.api is not None
     conn = http.client.HTTPConnection("127.0.0.1", fleet.api.port, timeout=20)
     try:
-        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        conn.request("GET", path, headers={**auth, **(headers or {})})
         response = conn.getresponse()
         body = response.read(200) if "event-stream" in (response.getheader(
             "Content-Type") or "") else response.read()
         return response.status, response.getheader("Content-Type") or "", body
     finally:
         conn.close()
+
+
+def test_a_pushed_bundle_downloads_whole_and_in_part(live: Fleet,
+                                                    digits_bundles: dict[str, Path]) -> None:
+    client = live.client()
+    sha256 = client.model("digits", "1.0.0")["sha256"]
+    assert client.bundle(sha256) == digits_bundles["tflite"].read_bytes()
+    status, _, body = _get(live, f"/bundles/{sha256}.efb", None, {"Range": "bytes=0-9"})
+    assert (status, body) == (206, digits_bundles["tflite"].read_bytes()[:10])
 
 
 def test_the_document_is_served_without_a_token_as_it_is_kept(live: Fleet) -> None:
