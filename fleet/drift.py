@@ -49,7 +49,7 @@ class DriftPolicy:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.psi) and self.psi > 0):  # inf: an alert that never fires
-            raise ValueError(f"psi threshold must be a finite number above 0, got {self.psi}")
+            raise ValueError(f"psi threshold must be above 0 and finite, got {self.psi}")
         if self.min_samples < 1 or self.clear_after < 1:
             raise ValueError("min_samples and clear_after must be at least 1")
 
