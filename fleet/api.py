@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from edgefleet.agent.errors import BrokerError
 from edgefleet.agent.ports import bind_error
 from edgefleet.agent.protocol._tar import BLOCK, check_first_block
 from edgefleet.agent.protocol.errors import (
@@ -70,15 +71,18 @@ from edgefleet.agent.protocol.errors import (
 from edgefleet.agent.protocol.keyring import MAX_KEYRING_BYTES, KeyringError
 from edgefleet.agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
 from edgefleet.agent.protocol.topics import check_id
-from edgefleet.fleet import dashboard
+from edgefleet.fleet import access, dashboard
+from edgefleet.fleet.access import Actor, Token, parse_tokens, tokens_by_secret
 from edgefleet.fleet.byte_ranges import UNSATISFIABLE, byte_range, copy_span
 from edgefleet.fleet.control.actions import OPERATIONS
 from edgefleet.fleet.controller import FleetController
 from edgefleet.fleet.domain import ModelVersion
 from edgefleet.fleet.drift import DriftPolicy
+from edgefleet.fleet.durations import MAX_AGE_S
 from edgefleet.fleet.errors import (
     AuthError,
     ConflictError,
+    ForbiddenError,
     InvalidRolloutError,
     NotFoundError,
     StoreError,
@@ -86,14 +90,13 @@ from edgefleet.fleet.errors import (
 from edgefleet.fleet.metrics import FleetMetrics
 from edgefleet.fleet.rollout.validate import RolloutOptionError
 
-__all__ = ["ApiServer", "parse_tokens"]
+__all__ = ["ApiServer", "parse_tokens"]  # parse_tokens: fleet.access, kept here for callers
 
 log = logging.getLogger(__name__)
+Params = dict[str, str]  # a route's path parameters, as sent (still %-encoded)
+Caller = Actor | None  # the token's name and role; None on a route that needs no token
 _BUNDLE = re.compile(r"^/bundles/([0-9a-f]{64})\.efb$")
-_ROLLOUT = re.compile(r"^/api/v1/rollouts/([^/]+)(?:/([^/]+))?$")
 _VERBS = tuple(OPERATIONS)
-_TAGS = re.compile(r"^/api/v1/devices/([^/]+)/tags$")
-_DRIFT = re.compile(r"^/api/v1/drift/([^/]+)$")
 _NAME, _SEMVER = re.compile(NAME_PATTERN), re.compile(SEMVER_PATTERN)
 _MAX_BODY = 512 * 1024 * 1024  # a bundle
 _MAX_JSON = 1024 * 1024
@@ -104,38 +107,26 @@ _RETRY_AFTER_S = 5
 _STATUS: list[tuple[type[EdgefleetError], HTTPStatus]] = [
     (NotFoundError, HTTPStatus.NOT_FOUND), (ConflictError, HTTPStatus.CONFLICT),
     (InvalidRolloutError, HTTPStatus.BAD_REQUEST), (AuthError, HTTPStatus.UNAUTHORIZED),
+    (ForbiddenError, HTTPStatus.FORBIDDEN), (BrokerError, HTTPStatus.SERVICE_UNAVAILABLE),
     (BundleError, HTTPStatus.UNPROCESSABLE_ENTITY),
     (SchemaVersionError, HTTPStatus.UNPROCESSABLE_ENTITY),
     (KeyringError, HTTPStatus.UNPROCESSABLE_ENTITY)]
 
 
-def parse_tokens(specs: list[str]) -> dict[str, str]:
-    """``NAME=SECRET`` (or a bare ``SECRET``, named "default") -> {secret: name}."""
-    tokens = {}
-    for spec in specs:
-        name, sep, secret = spec.partition("=")
-        if not sep:
-            name, secret = "default", spec
-        if len(secret) < 8:
-            raise AuthError(f"token {name!r} is shorter than 8 characters",
-                            hint="use a long random secret: python -c 'import secrets; "
-                                 "print(secrets.token_urlsafe())'")
-        tokens[secret] = name
-    return tokens
-
-
 class ApiServer:
     """Serves one controller on ``host:port`` (0 picks a free port) from a thread."""
 
-    def __init__(self, controller: FleetController, tokens: dict[str, str],
+    def __init__(self, controller: FleetController, tokens: dict[str, str] | dict[str, Token],
                  host: str = "127.0.0.1", port: int = 0,
                  tls: ssl.SSLContext | None = None) -> None:
-        """``tls`` (``fleet.certs.server_context``) serves HTTPS: tokens and bundles are
-        never sent in clear. Each connection's handshake runs in its own thread."""
+        """``tokens``: {secret: Token} (``fleet.access.parse_tokens``), or {secret: name}
+        for admin tokens. ``tls`` (``fleet.certs.server_context``) serves HTTPS: tokens
+        and bundles are never sent in clear. Each connection's handshake runs in its own
+        thread."""
         if not tokens:
             raise AuthError("the API needs at least one token",
-                            hint="pass --token NAME=SECRET or set EDGEFLEET_TOKEN")
-        self._httpd = _Server((host, port), controller, tokens)
+                            hint="pass --token NAME:ROLE=SECRET or set EDGEFLEET_TOKEN")
+        self._httpd = _Server((host, port), controller, tokens_by_secret(tokens))
         self.scheme = "https" if tls else "http"
         if tls is not None:
             self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True,
@@ -168,7 +159,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], controller: FleetController,
-                 tokens: dict[str, str]) -> None:
+                 tokens: dict[str, Token]) -> None:
         super().__init__(address, _Handler)
         self.controller, self.tokens = controller, tokens
         self.metrics = FleetMetrics(controller)
@@ -197,6 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
     _consumed = True  # whether this request's body was read (or needs no reading)
+    _allow: tuple[str, ...] = ()  # the methods a 405 names
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -207,36 +199,34 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server.controller
 
     def do_GET(self) -> None:
-        self._guard(self._get)
+        self._guard()
 
     def do_HEAD(self) -> None:
-        self._guard(self._get)
+        self._guard()
 
     def do_POST(self) -> None:
-        self._guard(self._post)
+        self._guard()
 
     def do_PUT(self) -> None:
-        self._guard(self._not_allowed)
+        self._guard()
 
     def do_DELETE(self) -> None:
-        self._guard(self._not_allowed)
+        self._guard()
 
     def do_PATCH(self) -> None:
-        self._guard(self._not_allowed)
+        self._guard()
 
-    def _guard(self, handler: Callable[[str], None]) -> None:
+    def _guard(self) -> None:
         path = urlsplit(self.path).path
-        self._consumed = False
+        self._consumed, self._allow = False, ()
         try:
-            handler(_checked_path(path))
+            self._route(_checked_path(path))
         except EdgefleetError as exc:
             self._drop_unread_body()
             status = _status(exc)
             if status >= HTTPStatus.BAD_REQUEST and self.command != "GET":
                 log.info("refused %s %s: %s", self.command, path[:200], exc.message)
-            field = {"field": exc.field} if isinstance(exc, RolloutOptionError) else {}
-            self._json({"error": exc.message, "hint": exc.hint, "kind": type(exc).__name__,
-                        **field}, status)
+            self._json(_error_body(exc), status)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:
@@ -246,47 +236,95 @@ class _Handler(BaseHTTPRequestHandler):
                         "hint": "see the controller's log", "kind": "InternalError"},
                        HTTPStatus.INTERNAL_SERVER_ERROR)
 
-    # --- GET ----------------------------------------------------------------------------
+    def _route(self, path: str) -> None:
+        """Look the call up in the one route table, check its token's role, dispatch."""
+        found = access.match(self.command, path)
+        if found is None:
+            self._caller()  # an unknown call needs a token before it learns anything
+            self._allow = tuple(access.allowed_methods(path))
+            if self._allow:
+                raise RequestError(f"{self.command} is not a method of {path[:200]}",
+                                   HTTPStatus.METHOD_NOT_ALLOWED,
+                                   hint=f"it takes {', '.join(self._allow)}: see docs/fleet.md")
+            raise NotFoundError(f"no such endpoint: {self.command} {path[:200]}",
+                                hint="see docs/fleet.md")
+        caller = None if found.route.role is None else self._caller()
+        if caller is not None:
+            self._check(caller, found.route, path)
+        _HANDLERS[found.route.handler](self, found.params, caller)
 
-    def _get(self, path: str) -> None:
-        if path == "/healthz":
-            return self._json({"ok": True, **self.controller.overview(quality=False)})
-        if path.startswith("/bundles/"):  # no token, whatever the name
-            return self._bundle(_bundle_sha(path))
-        if path == "/metrics":
-            return self._raw(*self.server.metrics.render())
-        if path == "/" or path.startswith("/dashboard"):
-            return self._dashboard(path)
-        self._actor()
-        query = parse_qs(urlsplit(self.path).query)
-        if path == "/api/v1/overview":
-            return self._json(self.controller.overview())
-        if path == "/api/v1/stream":
-            return self._stream()
-        if path == "/api/v1/devices":
-            return self._json([d.as_dict() for d in self.controller.devices()])
-        if path == "/api/v1/models":
-            return self._json([m.as_dict() for m in self.controller.store.models()])
-        if path == "/api/v1/rollouts":
-            return self._json([r.summary() for r in self.controller.rollouts()])
-        if path == "/api/v1/history":
-            limit = _limit(query.get("limit", ["100"])[0])
-            target = query.get("target", [None])[0]
-            return self._json([e.as_dict() for e in self.controller.history(limit, target)])
-        if path == "/api/v1/keyring":
-            return self._keyring()
-        if path == "/api/v1/alerts":
-            view = self.controller.drift_view()
-            return self._json({"alerts": [a.as_dict() for a in view.alerts],
-                               "summary": view.summary})
-        if path == "/api/v1/drift":
-            return self._json({"default": DriftPolicy().as_dict(),
-                               "models": {k: v.as_dict()
-                                          for k, v in self.controller.drift_policies().items()}})
-        if (match := _ROLLOUT.match(path)) and not match.group(2):
-            rollout_id = _rollout_id(unquote(match.group(1)))
-            return self._json(self.controller.rollout(rollout_id).as_dict())
-        raise NotFoundError(f"no such endpoint: GET {path}", hint="see docs/fleet.md")
+    def _check(self, caller: Actor, route: access.Route, path: str) -> None:
+        """403 naming the role ``route`` needs; the refusal is written to the history."""
+        try:
+            access.check(access.Token(caller, caller.role), route,
+                         f"{self.command} {route.template}")
+        except ForbiddenError as exc:
+            self.controller.audit.record(caller, "api.refused", f"{self.command} {path[:200]}",
+                                         exc.message, outcome="refused", needs=exc.role)
+            raise
+
+    # --- handlers, one per route handler name in fleet.access.ROUTES -----------------
+
+    def _on_healthz(self, params: Params, caller: Caller) -> None:
+        self._json({"ok": True, **self.controller.overview(quality=False)})
+
+    def _on_bundle(self, params: Params, caller: Caller) -> None:  # no token, whatever name
+        self._bundle(_bundle_sha(f"/bundles/{params['name']}"))
+
+    def _on_metrics(self, params: Params, caller: Caller) -> None:
+        self._raw(*self.server.metrics.render())
+
+    def _on_dashboard(self, params: Params, caller: Caller) -> None:
+        self._dashboard(urlsplit(self.path).path)
+
+    def _on_whoami(self, params: Params, caller: Caller) -> None:
+        assert caller is not None  # every /api route needs a token
+        self._json({"name": str(caller), "role": caller.role.value})
+
+    def _on_tokens(self, params: Params, caller: Caller) -> None:
+        self._json(access.describe_tokens(self.server.tokens))
+
+    def _on_overview(self, params: Params, caller: Caller) -> None:
+        self._json(self.controller.overview())
+
+    def _on_stream(self, params: Params, caller: Caller) -> None:
+        self._stream()
+
+    def _on_devices(self, params: Params, caller: Caller) -> None:
+        stale = self._query("stale_s")
+        devices = (self.controller.devices() if stale is None
+                   else self.controller.stale_devices(_seconds(stale, "stale_s")))
+        self._json([d.as_dict() for d in devices])
+
+    def _on_models(self, params: Params, caller: Caller) -> None:
+        self._json([m.as_dict() for m in self.controller.store.models()])
+
+    def _on_rollouts(self, params: Params, caller: Caller) -> None:
+        self._json([r.summary() for r in self.controller.rollouts()])
+
+    def _on_rollout(self, params: Params, caller: Caller) -> None:
+        rollout_id = _rollout_id(unquote(params["rollout"]))
+        self._json(self.controller.rollout(rollout_id).as_dict())
+
+    def _on_history(self, params: Params, caller: Caller) -> None:
+        limit = _limit(self._query("limit") or "100")
+        entries = self.controller.history(limit, self._query("target"))
+        self._json([e.as_dict() for e in entries])
+
+    def _on_keyring(self, params: Params, caller: Caller) -> None:
+        self._keyring()
+
+    def _on_alerts(self, params: Params, caller: Caller) -> None:
+        view = self.controller.drift_view()
+        self._json({"alerts": [a.as_dict() for a in view.alerts], "summary": view.summary})
+
+    def _on_drift(self, params: Params, caller: Caller) -> None:
+        self._json({"default": DriftPolicy().as_dict(),
+                    "models": {k: v.as_dict()
+                               for k, v in self.controller.drift_policies().items()}})
+
+    def _query(self, name: str) -> str | None:
+        return parse_qs(urlsplit(self.path).query).get(name, [None])[0]
 
     def _dashboard(self, path: str) -> None:
         if path in ("/", "/dashboard"):
@@ -367,42 +405,72 @@ class _Handler(BaseHTTPRequestHandler):
                                      "'edgefleet fleet keyring publish'")
         self._json({**keyring.summary(), "document": json.loads(keyring.raw)})
 
-    def _post(self, path: str) -> None:
-        actor = self._actor()
-        if path == "/api/v1/models":
-            model, added = self._push(actor)
-            return self._json({"model": model.as_dict(), "added": added},
-                              HTTPStatus.CREATED if added else HTTPStatus.OK)
-        if path == "/api/v1/keyring":
-            force = parse_qs(urlsplit(self.path).query).get("force", ["0"])[0] in ("1", "true")
-            raw = self._body(MAX_KEYRING_BYTES)
-            return self._json(self.controller.publish_keyring(raw, actor, force))
+    def _on_push(self, params: Params, caller: Caller) -> None:
+        model, added = self._push(_known(caller))
+        self._json({"model": model.as_dict(), "added": added},
+                   HTTPStatus.CREATED if added else HTTPStatus.OK)
+
+    def _on_publish_keyring(self, params: Params, caller: Caller) -> None:
+        force = self._query("force") in ("1", "true")
+        raw = self._body(MAX_KEYRING_BYTES)
+        self._json(self.controller.publish_keyring(raw, _known(caller), force))
+
+    def _on_create_rollout(self, params: Params, caller: Caller) -> None:
         body = self._json_body()
-        if path == "/api/v1/rollouts":
-            options = {k: v for k, v in body.items() if k != "model"}
-            rollout = self.controller.create_rollout(_model_key(body.get("model")), options, actor)
-            return self._json(rollout.as_dict(), HTTPStatus.CREATED)
-        if (match := _ROLLOUT.match(path)) and match.group(2) in _VERBS:
-            rollout_id = _rollout_id(unquote(match.group(1)))
-            return self._json(self.controller.operate(rollout_id, match.group(2), actor).as_dict())
-        if path == "/api/v1/rollback":
-            done = self.controller.rollback_group(_label(body.get("group"), "group"), actor)
-            return self._json([r.summary() for r in done])
-        if path == "/api/v1/devices/group":
-            devices = _ids(body.get("devices"), "devices", "device id")
-            group = body.get("group")
-            changed = self.controller.set_group(
-                devices, None if group is None else _label(group, "group"), actor)
-            return self._json([d.as_dict() for d in changed])
-        if match := _DRIFT.match(path):
-            return self._json(self._drift_policy(_id(unquote(match.group(1)), "model name"), body,
-                                                 actor).as_dict())
-        if match := _TAGS.match(path):
-            device = self.controller.tag(_id(unquote(match.group(1)), "device id"),
-                                         _labels(body.get("add", []), "add", "tag"),
-                                         _labels(body.get("remove", []), "remove", "tag"), actor)
-            return self._json(device.as_dict())
-        raise NotFoundError(f"no such endpoint: POST {path}", hint="see docs/fleet.md")
+        options = {k: v for k, v in body.items() if k != "model"}
+        rollout = self.controller.create_rollout(_model_key(body.get("model")), options,
+                                                 _known(caller))
+        self._json(rollout.as_dict(), HTTPStatus.CREATED)
+
+    def _on_operate(self, params: Params, caller: Caller) -> None:
+        verb = params["verb"]
+        if verb not in _VERBS:
+            raise NotFoundError(f"no such endpoint: POST /api/v1/rollouts/ID/{verb[:40]}",
+                                hint=f"the actions are {', '.join(_VERBS)}")
+        self._json_body()
+        rollout_id = _rollout_id(unquote(params["rollout"]))
+        self._json(self.controller.operate(rollout_id, verb, _known(caller)).as_dict())
+
+    def _on_rollback_group(self, params: Params, caller: Caller) -> None:
+        group = _label(self._json_body().get("group"), "group")
+        done = self.controller.rollback_group(group, _known(caller))
+        self._json([r.summary() for r in done])
+
+    def _on_set_group(self, params: Params, caller: Caller) -> None:
+        body = self._json_body()
+        devices = _ids(body.get("devices"), "devices", "device id")
+        group = body.get("group")
+        changed = self.controller.set_group(
+            devices, None if group is None else _label(group, "group"), _known(caller))
+        self._json([d.as_dict() for d in changed])
+
+    def _on_tag(self, params: Params, caller: Caller) -> None:
+        body = self._json_body()
+        device = self.controller.tag(_id(unquote(params["device"]), "device id"),
+                                     _labels(body.get("add", []), "add", "tag"),
+                                     _labels(body.get("remove", []), "remove", "tag"),
+                                     _known(caller))
+        self._json(device.as_dict())
+
+    def _on_set_drift_policy(self, params: Params, caller: Caller) -> None:
+        body = self._json_body()
+        model = _id(unquote(params["model"]), "model name")
+        self._json(self._drift_policy(model, body, _known(caller)).as_dict())
+
+    def _on_remove_device(self, params: Params, caller: Caller) -> None:
+        self._drop_unread_body()  # a DELETE's body, if any, means nothing
+        device = _id(unquote(params["device"]), "device id")
+        self._json(self.controller.remove_devices([device], _known(caller)).as_dict())
+
+    def _on_remove_devices(self, params: Params, caller: Caller) -> None:
+        body = self._json_body()
+        unknown = sorted(set(body) - {"devices", "stale_s"})
+        if unknown:
+            raise _invalid(f"a removal takes devices and stale_s; got {', '.join(unknown)}")
+        devices = _ids(body.get("devices"), "devices", "device id")
+        stale = body.get("stale_s")
+        stale_s = None if stale is None else _seconds(stale, "stale_s")
+        self._json(self.controller.remove_devices(devices, _known(caller), stale_s).as_dict())
 
     def _push(self, actor: str) -> tuple[ModelVersion, bool]:
         """At most ``_MAX_PUSHES`` uploads at once, each streamed to a file, then verified."""
@@ -463,24 +531,21 @@ class _Handler(BaseHTTPRequestHandler):
             raise _invalid(f"drift policy refused: {exc}") from exc
         return self.controller.set_drift_policy(model, policy, actor)
 
-    def _not_allowed(self, path: str) -> None:
-        self._actor()
-        raise RequestError(f"{self.command} is not an API method", HTTPStatus.METHOD_NOT_ALLOWED,
-                           hint="the API takes GET and POST: see docs/fleet.md")
-
     # --- plumbing -----------------------------------------------------------------------
 
-    def _actor(self) -> str:
+    def _caller(self) -> Actor:
+        """The token's name and role, from ``Authorization: Bearer`` (or a GET's
+        ``?token=``, for a browser's EventSource)."""
         header = self.headers.get("Authorization", "")
         scheme, _, secret = header.partition(" ")
         if not header and self.command in ("GET", "HEAD"):
-            scheme, secret = "bearer", parse_qs(urlsplit(self.path).query).get("token", [""])[0]
+            scheme, secret = "bearer", self._query("token") or ""
         if scheme.lower() != "bearer" or not secret:
             raise AuthError("this endpoint needs a token",
                             hint="pass --token or set EDGEFLEET_TOKEN")
-        for known, name in self.server.tokens.items():
+        for known, token in self.server.tokens.items():
             if hmac.compare_digest(known.encode(), secret.strip().encode()):
-                return name
+                return Actor(token.name, token.role)
         raise AuthError("the token is not known to this controller",
                         hint="check --token / EDGEFLEET_TOKEN against the controller's")
 
@@ -550,7 +615,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         if status == HTTPStatus.METHOD_NOT_ALLOWED:
-            self.send_header("Allow", "GET, HEAD, POST")
+            self.send_header("Allow", ", ".join(self._allow))
         if status == HTTPStatus.SERVICE_UNAVAILABLE:
             self.send_header("Retry-After", str(_RETRY_AFTER_S))
         if self.close_connection:
@@ -655,3 +720,41 @@ def _status(exc: EdgefleetError) -> HTTPStatus:
         return (HTTPStatus.SERVICE_UNAVAILABLE if exc.transient
                 else HTTPStatus.INTERNAL_SERVER_ERROR)
     return next((s for cls, s in _STATUS if isinstance(exc, cls)), HTTPStatus.BAD_REQUEST)
+
+
+def _error_body(exc: EdgefleetError) -> dict[str, Any]:
+    """``{"error", "hint", "kind"}``, and ``field`` (a refused rollout option) or ``role``
+    (the role a refused call needs)."""
+    extra: dict[str, Any] = {}
+    if isinstance(exc, RolloutOptionError):
+        extra["field"] = exc.field
+    if isinstance(exc, ForbiddenError):
+        extra["role"] = exc.role
+    return {"error": exc.message, "hint": exc.hint, "kind": type(exc).__name__, **extra}
+
+
+def _known(caller: Caller) -> Actor:
+    """The caller of a route that needs a token (the table says so; never None here)."""
+    if caller is None:
+        raise AuthError("this endpoint needs a token", hint="pass --token")
+    return caller
+
+
+def _seconds(value: object, what: str) -> int:
+    """A whole number of seconds, 1 to ten years, from a query text or a JSON number."""
+    text = value if isinstance(value, str) else None
+    number = (int(text) if text is not None and text.isascii() and text.isdigit()
+              and len(text) <= 10 else value)
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_AGE_S:
+        raise _invalid(f"{what} must be a whole number of seconds from 1 to {MAX_AGE_S}, got "
+                       f"{value!r:.40}")
+    return number
+
+
+Handler = Callable[[_Handler, Params, Caller], None]
+_HANDLERS: dict[str, Handler] = {
+    name: getattr(_Handler, f"_on_{name}") for name in {r.handler for r in access.ROUTES}}
+_UNROUTED = sorted(n for n in vars(_Handler) if n.startswith("_on_")
+                   and n.removeprefix("_on_") not in _HANDLERS)
+if _UNROUTED:  # a handler without its entry in fleet.access.ROUTES could never be reached
+    raise ImportError(f"fleet.api handlers without a route: {', '.join(_UNROUTED)}")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from edgefleet.agent.protocol.errors import EdgefleetError
 
-__all__ = ["ApiError", "AuthError", "ConflictError", "FleetError", "InvalidRolloutError",
-           "NotFoundError", "StoreError"]
+__all__ = ["ApiError", "AuthError", "ConflictError", "FleetError", "ForbiddenError",
+           "InvalidRolloutError", "NotFoundError", "StoreError"]
 
 
 class FleetError(EdgefleetError):
@@ -37,6 +37,14 @@ class InvalidRolloutError(FleetError):
 
 class AuthError(FleetError):
     """No token, or a token the controller does not know."""
+
+
+class ForbiddenError(FleetError):
+    """A known token whose role does not allow the call; ``role`` is the role it needs."""
+
+    def __init__(self, message: str, *, role: str = "", hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.role = role
 
 
 class ApiError(FleetError):
