@@ -17,6 +17,7 @@ from edgefleet.fleet.errors import (
     AuthError,
     ConflictError,
     FleetError,
+    ForbiddenError,
     InvalidRolloutError,
     NotFoundError,
 )
@@ -43,6 +44,9 @@ class FleetClient:
 
     def post(self, path: str, body: Any = None) -> Any:
         return self._call("POST", path, json.dumps(body or {}).encode(), "application/json")
+
+    def delete(self, path: str) -> Any:
+        return self._call("DELETE", path, None, "application/json")
 
     def upload(self, path: str, data: bytes) -> Any:
         return self._call("POST", path, data, "application/octet-stream")
@@ -161,5 +165,7 @@ def _error_from(code: int, raw: bytes, prefix: str = "") -> FleetError:
         body = {}
     message = prefix + str(body.get("error") or f"HTTP {code}")
     hint = str(body.get("hint") or "")
+    if code == 403:
+        return ForbiddenError(message, role=str(body.get("role") or ""), hint=hint)
     cls = _BY_STATUS.get(code, ApiError)
     return cls(message, hint=hint, transient=code >= 500)

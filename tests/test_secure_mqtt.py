@@ -231,6 +231,8 @@ def test_the_acl_gives_devices_their_own_topics_and_the_controller_desired_state
         "topic read edgefleet/v1/plant-1/#",
         "topic write edgefleet/v1/plant-1/+/state/desired",
         "topic write edgefleet/v1/plant-1/_fleet/#",
+        "topic write edgefleet/v1/plant-1/+/status",
+        "topic write edgefleet/v1/plant-1/+/state/reported",
     ]
     writers = {r.topic for r in acl_rules("plant-1", "ctl") if r.access == "write"
                and "desired" in r.topic}

@@ -32,6 +32,7 @@ from edgefleet.cli.extras import needs
 from edgefleet.cli.fleet.common import DEFAULT_URL, ControllerOpt, JsonOpt, TokenOpt
 from edgefleet.cli.fleet.common import client as _client
 from edgefleet.cli.fleet.common import run as _run
+from edgefleet.cli.fleet.devices import devices_app
 from edgefleet.cli.fleet.drift import alerts, drift_app
 from edgefleet.cli.fleet.models import show_model
 from edgefleet.cli.fleet.simulate import simulate
@@ -94,7 +95,8 @@ def serve(
         help="The HTTPS certificate's key", exists=True, dir_okay=False)] = None,
     token: Annotated[list[str] | None, typer.Option(
         "--token", envvar="EDGEFLEET_TOKEN",
-        help="NAME=SECRET (repeatable); the name is written in the history")] = None,
+        help="NAME:ROLE=SECRET (repeatable): ROLE is viewer, operator or admin (NAME=SECRET "
+             "is admin); the name and role are written in the history")] = None,
     tick: Annotated[float, typer.Option(help="Seconds between rollout steps")] = 1.0,
     controller_id: Annotated[str | None, typer.Option(
         "--controller-id", envvar="EDGEFLEET_CONTROLLER_ID",
@@ -286,6 +288,7 @@ def push(bundle: Annotated[Path, typer.Argument(help="A signed .efb bundle")],
 models_app = typer.Typer(help="Pushed model versions: list them, or show one in full.")
 app.add_typer(models_app, name="models")
 models_app.command("show")(show_model)
+app.add_typer(devices_app, name="devices")
 
 
 @models_app.callback(invoke_without_command=True)
@@ -308,20 +311,6 @@ def _model_row(model: dict[str, Any]) -> dict[str, Any]:
             "accuracy": metrics.get("accuracy"),
             "agreement": (metrics.get("agreement") or {}).get("top1"),
             "p50 ms": metrics.get("latency_p50_ms"), "pushed by": model["pushed_by"]}
-
-
-@app.command()
-def devices(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
-            as_json: JsonOpt = False) -> None:
-    """Every device: online, group, tags, what it runs, its update state."""
-    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/devices"))
-    rows = [{"device": d["id"], "online": "yes" if d["online"] else "no",
-             "group": d["group"], "tags": ",".join(d["tags"]),
-             "model": f"{d['active']['name']}:{d['active']['version']}" if d["active"] else "",
-             "update": d["update_state"], "profile": d["profile"]} for d in data]
-    emit(data, as_json, table(f"{len(rows)} devices", rows,
-                              ["device", "online", "group", "tags", "model", "update",
-                               "profile"]))
 
 
 @app.command()
@@ -360,11 +349,17 @@ def history(limit: Annotated[int, typer.Option(help="Newest N entries")] = 50,
     query = urlencode({"limit": limit, **({"target": target} if target else {})})
     data = _run(as_json, lambda: _client(controller, token).get(f"/api/v1/history?{query}"))
     rows = [{"when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts_ms"] / 1000)),
-             "by": e["actor"], "action": e["action"], "target": e["target"],
+             "by": _by(e), "action": e["action"], "target": e["target"],
              "outcome": e["outcome"], "what": (e.get("detail") or {}).get("summary", "")}
             for e in data]
     emit(data, as_json, table("history", rows, ["when", "by", "action", "target", "outcome",
                                                 "what"]))
+
+
+def _by(entry: dict[str, Any]) -> str:
+    """The token's name, and its role when it had one (the controller's own: none)."""
+    role = (entry.get("detail") or {}).get("role")
+    return f"{entry['actor']} ({role})" if role else str(entry["actor"])
 
 
 @app.command()
