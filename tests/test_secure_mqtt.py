@@ -515,6 +515,45 @@ def test_a_revoked_device_certificate_is_refused_and_the_others_still_connect(
     assert renewed["revoked"] == 2 and renewed["next_update"] < again["next_update"]
 
 
+def _retained(broker: MosquittoBroker, pki: Pki, clients: list[MqttClient],
+              device: str) -> set[str]:
+    """The topics of ``device`` the broker keeps: retained messages reach a new subscriber
+    before a probe it publishes after subscribing."""
+    inbox, probe = Inbox(), f"{BASE}/_fleet/probe-{device}"
+    reader = _connect(clients, broker.url, pki.client(CONTROLLER), f"reader-{len(clients)}",
+                      [f"{BASE}/{device}/#", probe], inbox)
+    reader.publish_wait(probe, b"probe", qos=1)
+    assert inbox.wait_for(probe)
+    return {topic for topic in inbox.topics if topic != probe}
+
+
+def test_decommissioning_in_secure_mode_clears_the_topics_and_prints_the_revocation(
+        broker: MosquittoBroker, pki: Pki, signing_keys: Keys, tmp_path: Path,
+        clients: list[MqttClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    controller, api, store = _https_controller(broker, pki, signing_keys, tmp_path)
+    try:
+        controller.start()
+        api.start()
+        device = _connect(clients, broker.url, pki.client("d2"), "d2")
+        device.publish_wait(f"{BASE}/d2/status", b"offline", qos=1, retain=True)
+        wait_until(lambda: controller.registry.get("d2"), 15, what="d2 registered")
+        assert _retained(broker, pki, clients, "d2") == {f"{BASE}/d2/status"}
+        monkeypatch.setenv("EDGEFLEET_CA", str(pki.ca))
+        result = CliRunner().invoke(app, ["fleet", "devices", "remove", "d2", "--controller",
+                                          api.url, "--token", TOKEN])
+        assert result.exit_code == 0, result.output
+        assert f"edgefleet certs revoke --dir {pki.root} {pki.root}/devices/d2.crt" in (
+            result.stdout)
+        assert "systemctl reload mosquitto" in result.stdout
+        # the ACL lets the controller clear what only the device writes otherwise
+        assert _retained(broker, pki, clients, "d2") == set()
+        assert controller.registry.get("d2") is None and store.device("d2") is None
+    finally:
+        api.stop()
+        controller.stop()
+        store.close()
+
+
 # --- a simulated fleet on the secure broker -----------------------------------------------
 
 def test_a_simulated_fleet_connects_with_a_certificate_per_device_and_rolls_out_over_https(
