@@ -1,36 +1,43 @@
 """The controller's HTTP server: the REST API the CLI uses, and the bundles devices download.
 
-Standard library only (``ThreadingHTTPServer``). Endpoints::
+Standard library only (``ThreadingHTTPServer``). Every endpoint is an entry of the one
+route table, :data:`edgefleet.fleet.access.ROUTES`, with the least token role it needs;
+a request is looked up there, its token checked and its role compared before any
+handler runs (one ``_on_<handler>`` method per entry; the module refuses to load when
+the two differ)::
 
     GET  /healthz                                   no token
     GET  /bundles/{sha256}.efb                      no token; one Range (bytes=N-M, N-, -K)
                                                     honoured (RFC 9110; 416 when unsatisfiable)
     GET  /metrics                                   no token; Prometheus text format
     GET  /  and  /dashboard/...                     no token; the live fleet page (static)
-    GET  /api/v1/stream                             server-sent events for the dashboard
-    GET  /api/v1/overview | devices | models | rollouts | history?limit=&target=
-    GET  /api/v1/rollouts/{id}
-    POST /api/v1/models                             body: the .efb bytes
-    POST /api/v1/devices/group                      {"devices": [...], "group": G|null}
-    POST /api/v1/devices/{id}/tags                  {"add": [...], "remove": [...]}
-    POST /api/v1/rollouts                           {"model": "NAME:VERSION", ...options}
-    POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}
-    POST /api/v1/rollback                           {"group": G}
-    GET  /api/v1/keyring                            the fleet keyring held (404: none yet)
-    POST /api/v1/keyring[?force=1]                  body: a keyring.json (docs/keys.md)
-    GET  /api/v1/alerts                             drift alerts firing, and PSI per version
-    GET  /api/v1/drift                              drift alert policies (docs/monitoring.md)
-    POST /api/v1/drift/{model}                      {"psi", "min_samples", "clear_after"} |
-                                                    {"reset": true}
+    GET  /api/v1/stream                             viewer; server-sent events for the page
+    GET  /api/v1/overview | devices[?stale_s=] | models | rollouts | history?limit=&target=
+    GET  /api/v1/rollouts/{id} | keyring | alerts | drift | whoami       viewer
+    POST /api/v1/rollouts                           operator; {"model": "NAME:VERSION", ...}
+    POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}             operator
+    POST /api/v1/rollback                           operator; {"group": G}
+    POST /api/v1/devices/group                      operator; {"devices": [...], "group": G|null}
+    POST /api/v1/devices/{id}/tags                  operator; {"add": [...], "remove": [...]}
+    POST /api/v1/models                             admin; body: the .efb bytes
+    POST /api/v1/keyring[?force=1]                  admin; body: a keyring.json (docs/keys.md)
+    POST /api/v1/drift/{model}                      admin; {"psi", "min_samples",
+                                                    "clear_after"} | {"reset": true}
+    GET  /api/v1/tokens                             admin; names and roles, never secrets
+    DELETE /api/v1/devices/{id}                     admin; decommission one device
+    POST /api/v1/devices/remove                     admin; {"devices": [...], "stale_s": N?}
 
 ``/api`` needs ``Authorization: Bearer TOKEN`` (GET requests may pass ``?token=`` instead,
-for a browser's EventSource); the token's name is the actor written in the audit history.
-Every other method (PUT, DELETE, PATCH) needs the token too, then gets 405.
+for a browser's EventSource); the token's name is the actor written in the audit history,
+its role goes with it. A call the token's role does not allow is answered 403 with the
+role it needs (``"role"``) and written to the history (``api.refused``). A call no entry
+takes needs a token too, then gets 404, or 405 (with ``Allow``) when the path takes other
+methods.
 Errors are JSON ``{"error", "hint", "kind"}`` (and ``"field"``, the option's name, when a
 rollout option is refused); the status follows the error's class
-(404 unknown, 409 conflict, 400 invalid, 401 token, 422 bundle or keyring refused,
-413 body too large, 405 method, 503 the store failed for now and a retry may pass, 500 it
-failed for good).
+(404 unknown, 409 conflict, 400 invalid, 401 token, 403 role, 422 bundle or keyring
+refused, 413 body too large, 405 method, 503 the store or the broker failed for now and a
+retry may pass, 500 it failed for good).
 
 Input is checked before it reaches the controller: a path with ``..``, a backslash or an
 encoded ``/`` is refused (400) whatever the token; device ids in paths and bodies must be
