@@ -168,7 +168,7 @@ _V, _O, _A = TokenRole.VIEWER, TokenRole.OPERATOR, TokenRole.ADMIN
 ROUTES: tuple[Route, ...] = (
     # no token: liveness, downloads, Prometheus, the page itself (its data needs a token)
     Route("GET", "/healthz", None, "healthz"),
-    Route("GET", "/bundles/{name}", None, "bundle"),
+    Route("GET", "/bundles/{name...}", None, "bundle"),  # any name: 404 unless stored
     Route("GET", "/metrics", None, "metrics"),
     Route("GET", "/", None, "dashboard"),
     Route("GET", "/dashboard", None, "dashboard"),
