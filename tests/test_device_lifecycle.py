@@ -178,6 +178,9 @@ def test_stale_devices_are_listed_and_removed_in_bulk_after_a_confirmation(desk:
     assert declined.exit_code == 1 and "nothing removed" in declined.stdout
     machine = desk.cli("remove", "--stale", "7d", "--json")
     assert machine.exit_code == 2 and "--yes" in json.loads(machine.stdout)["hint"]
+    who = CliRunner().invoke(app, ["fleet", "whoami", "--controller", desk.api.url,
+                                   "--token", VIEWER, "--json"])
+    assert json.loads(who.stdout) == {"name": "vic", "role": "viewer"}
     viewer = desk.cli("remove", "old-1", token=VIEWER)
     assert viewer.exit_code == 2 and "needs the admin role" in viewer.output
     assert desk.controller.registry.get("old-1") is not None, "a refusal removed something"

@@ -356,6 +356,14 @@ def history(limit: Annotated[int, typer.Option(help="Newest N entries")] = 50,
                                                 "what"]))
 
 
+@app.command()
+def whoami(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
+           as_json: JsonOpt = False) -> None:
+    """The token's name and role on this controller (viewer, operator or admin)."""
+    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/whoami"))
+    emit(data, as_json, table("token", [data], ["name", "role"]))
+
+
 def _by(entry: dict[str, Any]) -> str:
     """The token's name, and its role when it had one (the controller's own: none)."""
     role = (entry.get("detail") or {}).get("role")
