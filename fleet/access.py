@@ -216,13 +216,13 @@ def allowed_methods(path: str) -> list[str]:
     return sorted(methods | ({"HEAD"} if "GET" in methods else set()))
 
 
-def check(token: Token, route: Route, what: str) -> None:
-    """ForbiddenError (403) naming the role ``route`` needs, when ``token`` lacks it."""
+def check(caller: Actor, route: Route, what: str) -> None:
+    """ForbiddenError (403) naming the role ``route`` needs, when ``caller``'s token lacks it."""
     needed = route.role
-    if needed is None or token.role.allows(needed):
+    if needed is None or caller.role.allows(needed):
         return
     raise ForbiddenError(
-        f"{what} needs the {needed.value} role; token {token.name!r} is a {token.role.value}",
+        f"{what} needs the {needed.value} role; token {str(caller)!r} is a {caller.role.value}",
         role=needed.value,
         hint=f"use a token with role {needed.value} or above (the controller's --token "
              f"NAME:{needed.value}=SECRET)")

@@ -263,8 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _check(self, caller: Actor, route: access.Route, path: str) -> None:
         """403 naming the role ``route`` needs; the refusal is written to the history."""
         try:
-            access.check(access.Token(caller, caller.role), route,
-                         f"{self.command} {route.template}")
+            access.check(caller, route, f"{self.command} {route.template}")
         except ForbiddenError as exc:
             self.controller.audit.record(caller, "api.refused", f"{self.command} {path[:200]}",
                                          exc.message, outcome="refused", needs=exc.role)

@@ -22,7 +22,6 @@ carries the command that revokes its certificate, which is what keeps it out.
 
 from __future__ import annotations
 
-import logging
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from edgefleet.agent.errors import BrokerError
 from edgefleet.agent.mqtt import MqttClient
 from edgefleet.agent.mqtt_config import MqttSecurity
 from edgefleet.agent.protocol.topics import Leaf, device_topic
-from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.control.audit import AuditTrail
 from edgefleet.fleet.control.outbox import Outbox
 from edgefleet.fleet.domain import Device
@@ -43,7 +41,6 @@ from edgefleet.fleet.store import Store
 
 __all__ = ["CLEARED", "DeviceLifecycle", "Removal", "revoke_command"]
 
-log = logging.getLogger(CONTROLLER_LOG)
 CLEARED = (Leaf.DESIRED, Leaf.REPORTED, Leaf.STATUS)  # the retained ones; status last
 _UNFINISHED = [state for state in RolloutState if state not in FINISHED]
 _ACK_TIMEOUT_S = 5.0
