@@ -517,14 +517,20 @@ def test_a_revoked_device_certificate_is_refused_and_the_others_still_connect(
 
 def _retained(broker: MosquittoBroker, pki: Pki, clients: list[MqttClient],
               device: str) -> set[str]:
-    """The topics of ``device`` the broker keeps: retained messages reach a new subscriber
-    before a probe it publishes after subscribing."""
-    inbox, probe = Inbox(), f"{BASE}/_fleet/probe-{device}"
-    reader = _connect(clients, broker.url, pki.client(CONTROLLER), f"reader-{len(clients)}",
+    """The topics of ``device`` the broker keeps that Home Assistant may read (status,
+    telemetry): retained messages reach a new subscriber before a probe it publishes after
+    subscribing. (Not with the controller's certificate: the broker takes the user name
+    as the client id, so a second controller client would take the controller's session.)"""
+    inbox, probe = Inbox(), "homeassistant/status"
+    reader = _connect(clients, broker.url, pki.client("homeassistant"), "homeassistant",
                       [f"{BASE}/{device}/#", probe], inbox)
-    reader.publish_wait(probe, b"probe", qos=1)
-    assert inbox.wait_for(probe)
-    return {topic for topic in inbox.topics if topic != probe}
+    try:
+        reader.publish_wait(probe, b"online", qos=1)
+        assert inbox.wait_for(probe)
+        return {topic for topic in inbox.topics if topic != probe}
+    finally:
+        reader.stop()
+        clients.remove(reader)
 
 
 def test_decommissioning_in_secure_mode_clears_the_topics_and_prints_the_revocation(
