@@ -12,7 +12,12 @@ document, and a method of :class:`edgefleet.fleet.client.FleetClient`.
 Range of a bundle or delta (bytes=N-M, N-, -K) is honoured (RFC 9110; 416 when unsatisfiable).
 
 ``/api`` needs ``Authorization: Bearer TOKEN`` (GET requests may pass ``?token=`` instead,
-for a browser's EventSource); the token's name is the actor written in the audit history.
+for a browser's EventSource); the token's name is the actor written in the audit history,
+its role goes with it. Each route names the least role it needs (``fleet.access``: viewer
+reads, operator runs rollouts, groups, tags and labels, admin pushes, changes the keyring
+and drift policies, lists tokens and removes devices); a call the token's role does not
+allow is answered 403 with the role it needs (``"role"``) and written to the history
+(``api.refused``).
 A method no route takes on a path needs the token too, then gets 405 naming the path's methods
 in ``Allow`` (on a path no route knows: 404 for GET and POST, 405 for any other method).
 A write that a browser sent from a page of another origin is refused with 403 before the
@@ -21,9 +26,9 @@ CORS header), and the page is served with a Content-Security-Policy
 (``dashboard.PAGE_HEADERS``).
 Errors are JSON ``{"error", "hint", "kind"}`` (and ``"field"``, the option's name, when a
 rollout option is refused); the status follows the error's class
-(404 unknown, 409 conflict, 400 invalid, 401 token, 403 cross-site, 422 bundle or keyring refused,
-413 body too large, 405 method, 503 the store failed for now and a retry may pass, 500 it
-failed for good).
+(404 unknown, 409 conflict, 400 invalid, 401 token, 403 role or cross-site, 422 bundle or
+keyring refused, 413 body too large, 405 method, 503 the store or the broker failed for now
+and a retry may pass, 500 it failed for good).
 
 Input is checked before it reaches the controller: a path with ``..``, a backslash or an
 encoded ``/`` is refused (400) whatever the token; device ids in paths and bodies must be
@@ -54,6 +59,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from edgefleet.agent.errors import BrokerError
 from edgefleet.agent.ports import bind_error
 from edgefleet.agent.protocol._tar import BLOCK, check_first_block
 from edgefleet.agent.protocol.errors import (
@@ -65,16 +71,19 @@ from edgefleet.agent.protocol.errors import (
 from edgefleet.agent.protocol.keyring import MAX_KEYRING_BYTES, KeyringError
 from edgefleet.agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
 from edgefleet.agent.protocol.topics import check_id
-from edgefleet.fleet import contract, dashboard
+from edgefleet.fleet import access, contract, dashboard
+from edgefleet.fleet.access import Actor, Token, TokenRole, parse_tokens, tokens_by_secret
 from edgefleet.fleet.byte_ranges import UNSATISFIABLE, byte_range, copy_span
 from edgefleet.fleet.control.actions import OPERATIONS
 from edgefleet.fleet.controller import FleetController
 from edgefleet.fleet.deltas import DELTA_PATH
 from edgefleet.fleet.domain import ModelVersion
 from edgefleet.fleet.drift import DriftPolicy
+from edgefleet.fleet.durations import MAX_AGE_S
 from edgefleet.fleet.errors import (
     AuthError,
     ConflictError,
+    ForbiddenError,
     InvalidRolloutError,
     NotFoundError,
     StoreError,
@@ -97,39 +106,26 @@ _MAX_PUSHES = 2  # bundle uploads streaming at once; one more is answered 503 + 
 _RETRY_AFTER_S = 5
 _STATUS: list[tuple[type[EdgefleetError], HTTPStatus]] = [
     (NotFoundError, HTTPStatus.NOT_FOUND), (ConflictError, HTTPStatus.CONFLICT),
-    (InvalidRolloutError, HTTPStatus.BAD_REQUEST), (AuthError, HTTPStatus.UNAUTHORIZED),
+    (InvalidRolloutError, HTTPStatus.BAD_REQUEST), (ForbiddenError, HTTPStatus.FORBIDDEN),
+    (AuthError, HTTPStatus.UNAUTHORIZED), (BrokerError, HTTPStatus.SERVICE_UNAVAILABLE),
     (BundleError, HTTPStatus.UNPROCESSABLE_ENTITY),
     (SchemaVersionError, HTTPStatus.UNPROCESSABLE_ENTITY),
     (KeyringError, HTTPStatus.UNPROCESSABLE_ENTITY)]
 
 
-def parse_tokens(specs: list[str]) -> dict[str, str]:
-    """``NAME=SECRET`` (or a bare ``SECRET``, named "default") -> {secret: name}."""
-    tokens = {}
-    for spec in specs:
-        name, sep, secret = spec.partition("=")
-        if not sep:
-            name, secret = "default", spec
-        if len(secret) < 8:
-            raise AuthError(f"token {name!r} is shorter than 8 characters",
-                            hint="use a long random secret: python -c 'import secrets; "
-                                 "print(secrets.token_urlsafe())'")
-        tokens[secret] = name
-    return tokens
-
-
 class ApiServer:
     """Serves one controller on ``host:port`` (0 picks a free port) from a thread."""
 
-    def __init__(self, controller: FleetController, tokens: dict[str, str],
+    def __init__(self, controller: FleetController, tokens: dict[str, str] | dict[str, Token],
                  host: str = "127.0.0.1", port: int = 0,
                  tls: ssl.SSLContext | None = None) -> None:
-        """``tls`` (``fleet.certs.server_context``) serves HTTPS: tokens and bundles are
+        """``tokens``: {secret: Token} (``fleet.access.parse_tokens``), or {secret: name} for
+        admin tokens. ``tls`` (``fleet.certs.server_context``) serves HTTPS: tokens and bundles are
         never sent in clear. Each connection's handshake runs in its own thread."""
         if not tokens:
             raise AuthError("the API needs at least one token",
-                            hint="pass --token NAME=SECRET or set EDGEFLEET_TOKEN")
-        self._httpd = _Server((host, port), controller, tokens)
+                            hint="pass --token NAME:ROLE=SECRET or set EDGEFLEET_TOKEN")
+        self._httpd = _Server((host, port), controller, tokens_by_secret(tokens))
         self.scheme = "https" if tls else "http"
         if tls is not None:
             self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True,
@@ -162,7 +158,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], controller: FleetController,
-                 tokens: dict[str, str]) -> None:
+                 tokens: dict[str, Token]) -> None:
         super().__init__(address, _Handler)
         self.controller, self.tokens = controller, tokens
         self.metrics = FleetMetrics(controller)
@@ -230,9 +226,7 @@ class _Handler(BaseHTTPRequestHandler):
             status = _status(exc)
             if status >= HTTPStatus.BAD_REQUEST and self.command != "GET":
                 log.info("refused %s %s: %s", self.command, path[:200], exc.message)
-            field = {"field": exc.field} if isinstance(exc, RolloutOptionError) else {}
-            self._json({"error": exc.message, "hint": exc.hint, "kind": type(exc).__name__,
-                        **field}, status)
+            self._json(_error_body(exc), status)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:
@@ -265,8 +259,19 @@ class _Handler(BaseHTTPRequestHandler):
                                hint=f"{path[:200] if known else 'the API'} takes {self._allow}: "
                                     "see /openapi.json")
         actor = "" if found.route.public else self._actor()
+        if isinstance(actor, Actor):
+            self._check(actor, found.route, path)
         found.route.handler(self, _Call(found.params, parse_qs(urlsplit(self.path).query),
                                         actor))
+
+    def _check(self, caller: Actor, route: Route[_Handle], path: str) -> None:
+        """403 naming the role ``route`` needs; the refusal is written to the history."""
+        try:
+            access.check(caller, route.role, f"{self.command} {route.path}")
+        except ForbiddenError as exc:
+            self.controller.audit.record(caller, "api.refused", f"{self.command} {path[:200]}",
+                                         exc.message, outcome="refused", needs=exc.role)
+            raise
 
     # --- public: health, the contract, metrics, bundles, the page -----------------------
 
@@ -299,7 +304,30 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(self.controller.overview())
 
     def _devices(self, call: _Call) -> None:
-        self._json([d.as_dict() for d in self.controller.devices()])
+        stale = call.query.get("stale_s", [None])[0]
+        devices = (self.controller.devices() if stale is None
+                   else self.controller.stale_devices(_seconds(stale, "stale_s")))
+        self._json([d.as_dict() for d in devices])
+
+    def _whoami(self, call: _Call) -> None:
+        actor = call.actor
+        role = actor.role.value if isinstance(actor, Actor) else TokenRole.ADMIN.value
+        self._json({"name": str(actor), "role": role})
+
+    def _tokens(self, call: _Call) -> None:
+        self._json(access.describe_tokens(self.server.tokens))
+
+    def _remove_device(self, call: _Call) -> None:
+        self._drop_unread_body()  # a DELETE's body, if any, means nothing
+        device = _id(unquote(call.params["device_id"]), "device id")
+        self._json(self.controller.remove_devices([device], call.actor).as_dict())
+
+    def _remove_devices(self, call: _Call) -> None:
+        body = _only(self._json_body(), ("devices", "stale_s"), "a removal")
+        devices = _ids(body.get("devices"), "devices", "device id")
+        stale = body.get("stale_s")
+        stale_s = None if stale is None else _seconds(stale, "stale_s")
+        self._json(self.controller.remove_devices(devices, call.actor, stale_s).as_dict())
 
     def _models(self, call: _Call) -> None:
         self._json([m.as_dict() for m in self.controller.store.models()])
@@ -551,7 +579,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _scheme(self) -> str:
         return "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
 
-    def _actor(self) -> str:
+    def _actor(self) -> Actor:
         header = self.headers.get("Authorization", "")
         scheme, _, secret = header.partition(" ")
         if not header and self.command in ("GET", "HEAD"):
@@ -559,9 +587,9 @@ class _Handler(BaseHTTPRequestHandler):
         if scheme.lower() != "bearer" or not secret:
             raise AuthError("this endpoint needs a token",
                             hint="pass --token or set EDGEFLEET_TOKEN")
-        for known, name in self.server.tokens.items():
+        for known, token in self.server.tokens.items():
             if hmac.compare_digest(known.encode(), secret.strip().encode()):
-                return name
+                return Actor(token.name, token.role)
         raise AuthError("the token is not known to this controller",
                         hint="check --token / EDGEFLEET_TOKEN against the controller's")
 
@@ -658,41 +686,72 @@ _Handle = Callable[[_Handler, _Call], None]
 
 # Every operation the API answers, first match wins; fleet/openapi.json describes each one
 # (tests/test_api_contract.py checks both list the same). HEAD is answered as GET.
+_V, _O, _A = TokenRole.VIEWER, TokenRole.OPERATOR, TokenRole.ADMIN
 ROUTES: tuple[Route[_Handle], ...] = (
-    Route("GET", "/healthz", _Handler._healthz, public=True),
-    Route("GET", "/openapi.json", _Handler._openapi, public=True),
-    Route("GET", "/metrics", _Handler._metrics, public=True),
-    Route("GET", "/bundles/{sha256}.efb", _Handler._bundle_file, public=True),
-    Route("GET", "/deltas/{pair}", _Handler._delta_file, public=True),
-    Route("GET", "/", _Handler._page, public=True),
-    Route("GET", "/dashboard", _Handler._page, public=True),
-    Route("GET", "/dashboard/", _Handler._page, public=True),
-    Route("GET", "/dashboard/{file}", _Handler._page, public=True),
-    Route("GET", "/api/v1/overview", _Handler._overview),
-    Route("GET", "/api/v1/stream", _Handler._stream),
-    Route("GET", "/api/v1/devices", _Handler._devices),
-    Route("POST", "/api/v1/devices/group", _Handler._set_group),
-    Route("POST", "/api/v1/devices/{device_id}/tags", _Handler._tag),
-    Route("POST", "/api/v1/devices/{device_id}/labels", _Handler._label_device),
-    Route("GET", "/api/v1/groups", _Handler._groups),
-    Route("POST", "/api/v1/groups", _Handler._create_group),
-    Route("POST", "/api/v1/groups/{name}/delete", _Handler._delete_group),
-    Route("GET", "/api/v1/models", _Handler._models),
-    Route("POST", "/api/v1/models", _Handler._push_model),
-    Route("GET", "/api/v1/rollouts", _Handler._rollouts),
-    Route("POST", "/api/v1/rollouts", _Handler._create_rollout),
-    Route("GET", "/api/v1/rollouts/{rollout_id}", _Handler._rollout),
+    # no token: liveness, the contract, Prometheus, downloads, the page (its data needs one)
+    Route("GET", "/healthz", _Handler._healthz, None),
+    Route("GET", "/openapi.json", _Handler._openapi, None),
+    Route("GET", "/metrics", _Handler._metrics, None),
+    Route("GET", "/bundles/{sha256}.efb", _Handler._bundle_file, None),
+    Route("GET", "/deltas/{pair}", _Handler._delta_file, None),
+    Route("GET", "/", _Handler._page, None),
+    Route("GET", "/dashboard", _Handler._page, None),
+    Route("GET", "/dashboard/", _Handler._page, None),
+    Route("GET", "/dashboard/{file}", _Handler._page, None),
+    # viewer: reading
+    Route("GET", "/api/v1/whoami", _Handler._whoami, _V),
+    Route("GET", "/api/v1/overview", _Handler._overview, _V),
+    Route("GET", "/api/v1/stream", _Handler._stream, _V),
+    Route("GET", "/api/v1/devices", _Handler._devices, _V),
+    Route("GET", "/api/v1/groups", _Handler._groups, _V),
+    Route("GET", "/api/v1/models", _Handler._models, _V),
+    Route("GET", "/api/v1/rollouts", _Handler._rollouts, _V),
+    Route("GET", "/api/v1/rollouts/{rollout_id}", _Handler._rollout, _V),
+    Route("GET", "/api/v1/history", _Handler._history, _V),
+    Route("GET", "/api/v1/keyring", _Handler._keyring, _V),
+    Route("GET", "/api/v1/alerts", _Handler._alerts, _V),
+    Route("GET", "/api/v1/drift", _Handler._drift, _V),
+    # operator: rollouts, groups, tags, labels
+    Route("POST", "/api/v1/devices/group", _Handler._set_group, _O),
+    Route("POST", "/api/v1/devices/{device_id}/tags", _Handler._tag, _O),
+    Route("POST", "/api/v1/devices/{device_id}/labels", _Handler._label_device, _O),
+    Route("POST", "/api/v1/groups", _Handler._create_group, _O),
+    Route("POST", "/api/v1/groups/{name}/delete", _Handler._delete_group, _O),
+    Route("POST", "/api/v1/rollouts", _Handler._create_rollout, _O),
     *(Route[_Handle]("POST", f"/api/v1/rollouts/{{rollout_id}}/{verb}",
-            partial(_Handler._operate, verb=verb)) for verb in OPERATIONS),
-    Route("POST", "/api/v1/rollback", _Handler._rollback_group),
-    Route("GET", "/api/v1/history", _Handler._history),
-    Route("GET", "/api/v1/keyring", _Handler._keyring),
-    Route("POST", "/api/v1/keyring", _Handler._publish_keyring),
-    Route("GET", "/api/v1/alerts", _Handler._alerts),
-    Route("GET", "/api/v1/drift", _Handler._drift),
-    Route("POST", "/api/v1/drift/{model}", _Handler._set_drift_policy),
+                     partial(_Handler._operate, verb=verb), _O) for verb in OPERATIONS),
+    Route("POST", "/api/v1/rollback", _Handler._rollback_group, _O),
+    # admin: what reaches every device or changes what the fleet trusts, and who is in it
+    Route("POST", "/api/v1/models", _Handler._push_model, _A),
+    Route("POST", "/api/v1/keyring", _Handler._publish_keyring, _A),
+    Route("POST", "/api/v1/drift/{model}", _Handler._set_drift_policy, _A),
+    Route("GET", "/api/v1/tokens", _Handler._tokens, _A),
+    Route("POST", "/api/v1/devices/remove", _Handler._remove_devices, _A),
+    Route("DELETE", "/api/v1/devices/{device_id}", _Handler._remove_device, _A),
 )
 _ALLOW = ", ".join(methods(ROUTES))
+
+
+def _error_body(exc: EdgefleetError) -> dict[str, Any]:
+    """``{"error", "hint", "kind"}``, and ``field`` (a refused rollout option) or ``role``
+    (the role a refused call needs)."""
+    extra: dict[str, Any] = {}
+    if isinstance(exc, RolloutOptionError):
+        extra["field"] = exc.field
+    if isinstance(exc, ForbiddenError):
+        extra["role"] = exc.role
+    return {"error": exc.message, "hint": exc.hint, "kind": type(exc).__name__, **extra}
+
+
+def _seconds(value: object, what: str) -> int:
+    """A whole number of seconds, 1 to ten years, from a query text or a JSON number."""
+    text = value if isinstance(value, str) else None
+    number = (int(text) if text is not None and text.isascii() and text.isdigit()
+              and len(text) <= 10 else value)
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_AGE_S:
+        raise _invalid(f"{what} must be a whole number of seconds from 1 to {MAX_AGE_S}, got "
+                       f"{value!r:.40}")
+    return number
 
 
 def _checked_path(path: str) -> str:

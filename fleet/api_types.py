@@ -15,6 +15,7 @@ __all__ = [
     "BundleRef",
     "ControllerStatus",
     "Device",
+    "DeviceModel",
     "DriftPolicies",
     "DriftPolicy",
     "DriftRow",
@@ -28,13 +29,16 @@ __all__ = [
     "ModelVersion",
     "Overview",
     "PushResult",
+    "Removal",
     "Rollout",
     "RolloutDevice",
     "RolloutOptions",
     "RolloutRequest",
     "RolloutSpec",
     "RolloutSummary",
+    "SavedGroup",
     "TagsRequest",
+    "TokenInfo",
     "VersionQuality",
 ]
 
@@ -109,6 +113,45 @@ class Device(TypedDict):
     update_since_ms: int
     first_seen_ms: int
     last_seen_ms: int
+    arch: str | None
+    reported_labels: dict[str, str]
+    labels: dict[str, str]
+    models: dict[str, DeviceModel] | None  # several models (protocol version 2), by name
+
+
+class DeviceModel(TypedDict):
+    """One model of a device of several."""
+
+    active: BundleRef | None
+    previous: BundleRef | None
+    update_state: str
+    update_target: str | None
+    update_detail: str
+    update_since_ms: int
+
+
+class Removal(TypedDict):
+    """What a decommission did: removed ids, kept ids with why, the revocation command."""
+
+    removed: list[str]
+    skipped: dict[str, str]
+    revoke: dict[str, str] | None
+
+
+class SavedGroup(TypedDict):
+    """A dynamic group: a selector saved under a name."""
+
+    name: str
+    where: str
+    devices: int
+    created_by: str
+    created_ms: int
+    members: list[str]  # the first 100
+
+
+class TokenInfo(TypedDict):
+    name: str
+    role: str
 
 
 class ModelVersion(TypedDict):

@@ -40,9 +40,12 @@ from edgefleet.fleet.api_types import (
     ModelVersion,
     Overview,
     PushResult,
+    Removal,
     Rollout,
     RolloutOptions,
     RolloutSummary,
+    SavedGroup,
+    TokenInfo,
 )
 from edgefleet.fleet.errors import (
     ApiError,
@@ -95,6 +98,10 @@ class FleetClient:
         """``GET /bundles/{sha256}.efb``: a pushed bundle's bytes."""
         return self.download(f"/bundles/{_segment(sha256)}.efb")
 
+    def delta(self, base: str, target: str) -> bytes:
+        """``GET /deltas/{from}-{to}``: a delta the controller built (docs/deltas.md)."""
+        return self.download(f"/deltas/{_segment(base)}-{_segment(target)}")
+
     # --- the fleet, its devices -------------------------------------------------------
 
     def overview(self) -> Overview:
@@ -113,6 +120,54 @@ class FleetClient:
         body = {"add": add or [], "remove": remove or []}
         return cast(Device, self._expect(
             self.post(f"/api/v1/devices/{_segment(device)}/tags", body), dict))
+
+    def label_device(self, device: str, set_labels: dict[str, str] | None = None,
+                     remove: list[str] | None = None) -> Device:
+        """Set and remove operator labels of a device (selectors read them)."""
+        body = {"set": set_labels or {}, "remove": remove or []}
+        return cast(Device, self._expect(
+            self.post(f"/api/v1/devices/{_segment(device)}/labels", body), dict))
+
+    def remove_device(self, device: str) -> Removal:
+        """Decommission one device (docs/fleet.md, "Device lifecycle")."""
+        return cast(Removal, self._expect(
+            self.delete(f"/api/v1/devices/{_segment(device)}"), dict))
+
+    def remove_devices(self, devices: list[str], stale_s: int | None = None) -> Removal:
+        """Decommission several devices; with ``stale_s``, only those still stale."""
+        body: dict[str, Any] = {"devices": devices}
+        if stale_s is not None:
+            body["stale_s"] = stale_s
+        return cast(Removal, self._expect(self.post("/api/v1/devices/remove", body), dict))
+
+    def stale_devices(self, stale_s: int) -> list[Device]:
+        """Offline devices not heard from for ``stale_s`` seconds."""
+        return cast(list[Device], self._expect(
+            self.get(f"/api/v1/devices?stale_s={int(stale_s)}"), list))
+
+    # --- dynamic groups ---------------------------------------------------------------
+
+    def groups(self) -> list[SavedGroup]:
+        return cast(list[SavedGroup], self._expect(self.get("/api/v1/groups"), list))
+
+    def create_group(self, name: str, where: str) -> SavedGroup:
+        """Save a selector as a dynamic group (rollouts use it as ``group:NAME``)."""
+        return cast(SavedGroup, self._expect(
+            self.post("/api/v1/groups", {"name": name, "where": where}), dict))
+
+    def delete_group(self, name: str) -> dict[str, str]:
+        return cast(dict[str, str], self._expect(
+            self.post(f"/api/v1/groups/{_segment(name)}/delete"), dict))
+
+    # --- who calls ----------------------------------------------------------------------
+
+    def whoami(self) -> TokenInfo:
+        """The calling token's name and role."""
+        return cast(TokenInfo, self._expect(self.get("/api/v1/whoami"), dict))
+
+    def tokens(self) -> list[TokenInfo]:
+        """Every token's name and role (admin), never a secret."""
+        return cast(list[TokenInfo], self._expect(self.get("/api/v1/tokens"), list))
 
     # --- model versions ---------------------------------------------------------------
 
@@ -207,6 +262,9 @@ class FleetClient:
 
     def post(self, path: str, body: Any = None) -> Any:
         return self._call("POST", path, json.dumps(body or {}).encode(), _JSON)
+
+    def delete(self, path: str) -> Any:
+        return self._call("DELETE", path, None, "application/json")
 
     def upload(self, path: str, data: bytes) -> Any:
         return self._call("POST", path, data, _BYTES)
@@ -311,6 +369,8 @@ def error_for_status(status: int, raw: bytes, prefix: str = "") -> FleetError:
         body = {}
     message = prefix + str(body.get("error") or f"HTTP {status}")
     hint = str(body.get("hint") or "")
+    if status == 403:
+        return ForbiddenError(message, role=str(body.get("role") or ""), hint=hint)
     return _BY_STATUS.get(status, ApiError)(message, hint=hint, transient=status >= 500)
 
 

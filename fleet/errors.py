@@ -42,7 +42,11 @@ class AuthError(FleetError):
 
 
 class ForbiddenError(AuthError):
-    """A token the controller knows, without the rights the call needs (403)."""
+    """A known token whose role does not allow the call (403); ``role`` is the role it needs."""
+
+    def __init__(self, message: str, *, role: str = "", hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.role = role
 
 
 class ApiError(FleetError):

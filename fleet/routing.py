@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from edgefleet.fleet.access import TokenRole
+
 __all__ = ["Match", "Route", "allowed", "find", "methods"]
 
 H = TypeVar("H")
@@ -21,16 +23,21 @@ _PARAM = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 @dataclass(frozen=True)
 class Route(Generic[H]):
-    """``method path`` answered by ``handler``; ``public`` ones need no token."""
+    """``method path`` answered by ``handler``, with the least token role it needs (None:
+    public, no token)."""
 
     method: str
     path: str
     handler: H
-    public: bool = False
+    role: TokenRole | None
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", _compile(self.path))
+
+    @property
+    def public(self) -> bool:
+        return self.role is None
 
     @property
     def params(self) -> list[str]:

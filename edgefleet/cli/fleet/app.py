@@ -13,10 +13,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, cast
-from urllib.parse import quote
 
 import typer
 from rich.console import Group
@@ -34,11 +33,10 @@ from edgefleet.cli.fleet.common import (
     ControllerOpt,
     JsonOpt,
     TokenOpt,
-    models_of,
-    updates_of,
 )
 from edgefleet.cli.fleet.common import client as _client
 from edgefleet.cli.fleet.common import run as _run
+from edgefleet.cli.fleet.devices import devices_app
 from edgefleet.cli.fleet.drift import alerts, drift_app
 from edgefleet.cli.fleet.models import show_model
 from edgefleet.cli.fleet.simulate import simulate
@@ -103,7 +101,8 @@ def serve(
         help="The HTTPS certificate's key", exists=True, dir_okay=False)] = None,
     token: Annotated[list[str] | None, typer.Option(
         "--token", envvar="EDGEFLEET_TOKEN",
-        help="NAME=SECRET (repeatable); the name is written in the history")] = None,
+        help="NAME:ROLE=SECRET (repeatable): ROLE is viewer, operator or admin (NAME=SECRET "
+             "is admin); the name and role are written in the history")] = None,
     tick: Annotated[float, typer.Option(help="Seconds between rollout steps")] = 1.0,
     controller_id: Annotated[str | None, typer.Option(
         "--controller-id", envvar="EDGEFLEET_CONTROLLER_ID",
@@ -294,6 +293,7 @@ def push(bundle: Annotated[Path, typer.Argument(help="A signed .efb bundle")],
 models_app = typer.Typer(help="Pushed model versions: list them, or show one in full.")
 app.add_typer(models_app, name="models")
 models_app.command("show")(show_model)
+app.add_typer(devices_app, name="devices")
 
 
 @models_app.callback(invoke_without_command=True)
@@ -318,54 +318,6 @@ def _model_row(model: Mapping[str, Any]) -> dict[str, Any]:
             "p50 ms": metrics.get("latency_p50_ms"), "pushed by": model["pushed_by"]}
 
 
-devices_app = typer.Typer(help="Devices: list them, label them.")
-app.add_typer(devices_app, name="devices")
-
-
-@devices_app.callback(invoke_without_command=True)
-def devices(ctx: typer.Context, controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
-            as_json: JsonOpt = False) -> None:
-    """Every device: online, group, tags, labels, the models it runs, their update states."""
-    if ctx.invoked_subcommand is not None:
-        return
-    data = _run(as_json, lambda: _client(controller, token).devices())
-    rows = [{"device": d["id"], "online": "yes" if d["online"] else "no",
-             "group": d["group"], "tags": ",".join(d["tags"]), "labels": _labels_text(d),
-             "models": models_of(d), "update": updates_of(d), "profile": d["profile"]}
-            for d in data]
-    emit(data, as_json, table(f"{len(rows)} devices", rows,
-                              ["device", "online", "group", "tags", "labels", "models",
-                               "update", "profile"]))
-
-
-def _labels_text(device: Mapping[str, Any]) -> str:
-    labels = {**(device.get("reported_labels") or {}), **(device.get("labels") or {})}
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-
-
-@devices_app.command("label")
-def devices_label(
-    device: Annotated[str, typer.Argument(help="Device id")],
-    labels: Annotated[list[str] | None, typer.Argument(help="KEY=VALUE to set")] = None,
-    remove: Annotated[list[str] | None, typer.Option("--remove", help="KEY to remove "
-                                                                      "(repeatable)")] = None,
-    controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False,
-) -> None:
-    """Set or remove labels of a device (selectors read them: --to label:KEY=VALUE); they
-    win over the labels the device reports itself."""
-    pairs = [item.partition("=") for item in labels or []]
-    bad = next((k for k, eq, v in pairs if not (k and eq and v)), None)
-    if bad is not None or not (pairs or remove):
-        fail(EdgefleetError(f"labels {' '.join(labels or [])[:80]!r} are not KEY=VALUE",
-                            hint="e.g. fleet devices label cam-1 site=plant-a, or "
-                                 "--remove site"), as_json)
-    body = {"set": {k: v for k, _, v in pairs}, "remove": remove or []}
-    data = _run(as_json, lambda: _client(controller, token).post(
-        f"/api/v1/devices/{device}/labels", body))
-    emit(data, as_json, table("labels", [{"device": data["id"], "labels": _labels_text(data)}],
-                              ["device", "labels"]))
-
-
 groups_app = typer.Typer(help="Dynamic groups: selectors saved under a name (group:NAME).")
 app.add_typer(groups_app, name="groups")
 
@@ -376,11 +328,11 @@ def groups(ctx: typer.Context, controller: ControllerOpt = DEFAULT_URL, token: T
     """Every dynamic group: its selector and how many devices it matches now."""
     if ctx.invoked_subcommand is not None:
         return
-    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/groups"))
+    data = _run(as_json, lambda: _client(controller, token).groups())
     emit(data, as_json, _groups_table("dynamic groups", data))
 
 
-def _groups_table(title: str, data: list[dict[str, Any]]) -> Any:
+def _groups_table(title: str, data: Sequence[Mapping[str, Any]]) -> Any:
     rows = [{"group": g["name"], "where": g["where"], "devices": g["devices"],
              "by": g["created_by"]} for g in data]
     return table(title, rows, ["group", "where", "devices", "by"])
@@ -399,8 +351,7 @@ def groups_create(
     from edgefleet.fleet.rollout.selector import parse_selector
 
     _run(as_json, lambda: parse_selector(where))  # refused here, before anything is sent
-    data = _run(as_json, lambda: _client(controller, token).post(
-        "/api/v1/groups", {"name": name, "where": where}))
+    data = _run(as_json, lambda: _client(controller, token).create_group(name, where))
     emit(data, as_json, _groups_table("group saved", [data]))
 
 
@@ -409,8 +360,7 @@ def groups_delete(name: Annotated[str, typer.Argument(help="Group name")],
                   controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
                   as_json: JsonOpt = False) -> None:
     """Delete a dynamic group (rollouts created with it keep what it meant)."""
-    data = _run(as_json, lambda: _client(controller, token).post(
-        f"/api/v1/groups/{quote(name, safe='')}/delete"))
+    data = _run(as_json, lambda: _client(controller, token).delete_group(name))
     emit(data, as_json, literal(f"group {name} deleted"))
 
 
@@ -447,11 +397,25 @@ def history(limit: Annotated[int, typer.Option(help="Newest N entries")] = 50,
     """The audit history: what was done, when, by which token, and how it ended."""
     data = _run(as_json, lambda: _client(controller, token).history(limit, target))
     rows = [{"when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts_ms"] / 1000)),
-             "by": e["actor"], "action": e["action"], "target": e["target"],
+             "by": _by(e), "action": e["action"], "target": e["target"],
              "outcome": e["outcome"], "what": (e.get("detail") or {}).get("summary", "")}
             for e in data]
     emit(data, as_json, table("history", rows, ["when", "by", "action", "target", "outcome",
                                                 "what"]))
+
+
+@app.command()
+def whoami(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
+           as_json: JsonOpt = False) -> None:
+    """The token's name and role on this controller (viewer, operator or admin)."""
+    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/whoami"))
+    emit(data, as_json, table("token", [data], ["name", "role"]))
+
+
+def _by(entry: Mapping[str, Any]) -> str:
+    """The token's name, and its role when it had one (the controller's own: none)."""
+    role = (entry.get("detail") or {}).get("role")
+    return f"{entry['actor']} ({role})" if role else str(entry["actor"])
 
 
 @app.command()
