@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,15 +14,20 @@ from edgefleet.agent.runtime.base import Array, TensorInfo
 from edgefleet.converter.data import Dataset
 
 __all__ = [
+    "CLASS",
+    "OUTPUT_KINDS",
+    "REGRESSION",
     "SMALL_OUTPUT",
     "Agreement",
     "OutputError",
+    "OutputKind",
     "accuracy",
     "agreement",
     "batch_size",
     "is_classifier",
     "latency_p50_ms",
     "output_error",
+    "output_kinds",
     "run_batched",
 ]
 
@@ -66,12 +71,67 @@ class OutputError:
                 f"SQNR {'exact' if self.sqnr_db is None else f'{self.sqnr_db:.1f} dB'}")
 
 
+CLASS, REGRESSION = "class", "regression"
+OUTPUT_KINDS = (CLASS, REGRESSION)
+PROBABILITY_TOLERANCE = 0.01  # a row of probabilities sums to 1 within this
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """Whether an output is a classifier's (judged by top-1 agreement too) or a regression's
+    (landmarks, boxes, masks, logits without labels: judged by its error alone), and the
+    rule that said so."""
+
+    name: str
+    kind: str  # CLASS or REGRESSION
+    rule: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def output_kinds(outputs: Sequence[Array], names: Sequence[str] = (), labels: bool = False,
+                 overrides: Mapping[str, str] | None = None) -> list[OutputKind]:
+    """Each output's kind, from what is known: ``overrides`` (``--output-kind``) first; an
+    output that is not one vector of scores a sample is a regression; with ``labels`` the
+    first output is a classifier's (the labels index it); else an output whose every row
+    is a probability vector (in [0, 1], summing to 1: a softmax) is a classifier's, and
+    real values are a regression's."""
+    labelled = list(names) if len(names) == len(outputs) else [str(i) for i in
+                                                                range(len(outputs))]
+    given = dict(overrides or {})
+    return [OutputKind(name, *_kind(i, value, labels, given.get(name)))
+            for i, (name, value) in enumerate(zip(labelled, outputs, strict=True))]
+
+
+def _kind(index: int, value: Array, labels: bool, override: str | None) -> tuple[str, str]:
+    if override is not None:
+        return override, "set by --output-kind"
+    if value.ndim != 2 or value.shape[1] < 2:
+        return REGRESSION, f"not one vector of scores a sample (shape {list(value.shape[1:])})"
+    if labels and index == 0:
+        return CLASS, "labels were given: they index this output"
+    if _probabilities(value):
+        return CLASS, "every row is a probability vector (in [0, 1], summing to 1)"
+    return REGRESSION, "real values, not probability vectors, and no labels given"
+
+
+def _probabilities(value: Array) -> bool:
+    rows = value.astype(np.float64)
+    if not rows.size or not np.all(np.isfinite(rows)):
+        return False
+    inside = bool(rows.min() >= -PROBABILITY_TOLERANCE and rows.max() <= 1 + PROBABILITY_TOLERANCE)
+    return inside and bool(np.all(np.abs(rows.sum(axis=1) - 1) <= PROBABILITY_TOLERANCE))
+
+
 @dataclass(frozen=True)
 class Agreement:
-    """Per output errors (:class:`OutputError`), the worst of them; top-1 for classifiers."""
+    """Per output errors (:class:`OutputError`), the worst of them; top-1 agreement on the
+    first classifier output (:class:`OutputKind`), when there is one."""
 
     outputs: list[OutputError]
     top1: float | None
+    kinds: list[OutputKind] = field(default_factory=list)
 
     @property
     def cosine(self) -> list[float]:
@@ -85,6 +145,7 @@ class Agreement:
         worst = self.worst
         return {"cosine": self.cosine, "max_abs_error": [o.max_abs_error for o in self.outputs],
                 "top1": self.top1, "outputs": [o.as_dict() for o in self.outputs],
+                "output_kinds": [k.as_dict() for k in self.kinds],
                 "worst_output": worst.name, "worst_score": worst.score,
                 "worst": worst.describe()}
 
@@ -127,9 +188,9 @@ def _padded(feeds: Mapping[str, Array], batch: int) -> dict[str, Array]:
             for name, value in feeds.items()}
 
 
-def is_classifier(outputs: Sequence[Array]) -> bool:
-    first = outputs[0]
-    return first.ndim == 2 and first.shape[1] > 1
+def is_classifier(outputs: Sequence[Array], labels: bool = False) -> bool:
+    """Whether the first output is a classifier's (:func:`output_kinds`)."""
+    return output_kinds(outputs[:1], labels=labels)[0].kind == CLASS
 
 
 def accuracy(outputs: Sequence[Array], labels: Array) -> float:
@@ -137,16 +198,20 @@ def accuracy(outputs: Sequence[Array], labels: Array) -> float:
 
 
 def agreement(source: Sequence[Array], converted: Sequence[Array],
-              names: Sequence[str] = ()) -> Agreement:
-    """Compare outputs pairwise (by position, or by shape when reordered)."""
+              names: Sequence[str] = (), kinds: Sequence[OutputKind] | None = None
+              ) -> Agreement:
+    """Compare outputs pairwise (by position, or by shape when reordered); ``kinds`` (by
+    default :func:`output_kinds` without labels) says which outputs get top-1 agreement."""
     pairs = _match(source, converted)
     labels = list(names) if len(names) == len(pairs) else [str(i) for i in range(len(pairs))]
     errors = [output_error(i, labels[i], a, b) for i, (a, b) in enumerate(pairs)]
+    found = list(kinds) if kinds is not None else output_kinds(source, labels)
     top1 = None
-    if is_classifier(source):
-        a, b = pairs[0]
+    classes = [i for i, k in enumerate(found) if k.kind == CLASS and i < len(pairs)]
+    if classes:
+        a, b = pairs[classes[0]]
         top1 = round(float((a.argmax(axis=1) == b.argmax(axis=1)).mean()), 6)
-    return Agreement(errors, top1)
+    return Agreement(errors, top1, found)
 
 
 def output_error(index: int, name: str, source: Array, converted: Array) -> OutputError:

@@ -44,13 +44,15 @@ from edgefleet.converter.errors import (
     UnsupportedPathError,
 )
 from edgefleet.converter.evaluate import (
+    CLASS,
     Agreement,
+    OutputKind,
     Predict,
     accuracy,
     agreement,
     batch_size,
-    is_classifier,
     latency_p50_ms,
+    output_kinds,
     run_batched,
 )
 from edgefleet.converter.floatio import float_predict as _predict
@@ -93,6 +95,7 @@ class _Context:
     step: Step
     recipients: tuple[RecipientKey, ...] = ()
     reference: Predict | None = None  # what a result must not be slower than
+    kinds: list[OutputKind] = field(default_factory=list)  # classifier or regression, why
     built: dict[str, bytes] = field(default_factory=dict)  # artifacts by attempt label
 
 
@@ -150,12 +153,14 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
     report.eval_samples = len(evaluation)
     outputs = run_batched(source.predict, evaluation, batch_size(source.inputs),
                           on_batch=lambda d, t: step("evaluating the source model", d, t))
+    kinds = _output_kinds(config, source, outputs, evaluation.labels is not None)
+    report.output_kinds = [k.as_dict() for k in kinds]
     if evaluation.labels is not None:
         report.source_accuracy = round(accuracy(outputs, evaluation.labels), 6)
     report.source_latency_p50_ms = latency_p50_ms(source.predict, evaluation.take(1).inputs)
     profiles = [load_profile(t) for t in config.targets]
     ctx = _Context(config, source, calibration, evaluation, outputs, profiles, report, step,
-                   recipients)
+                   recipients, kinds=kinds)
     if config.prune:
         ctx.source = _pruned(ctx, config.prune)
     # a Keras or SavedModel source runs on TensorFlow, not an edge runtime: no rival
@@ -165,6 +170,19 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
         report.float_latency_p50_ms = latency_p50_ms(ctx.reference,
                                                      evaluation.take(1).inputs)
     return ctx
+
+
+def _output_kinds(config: ConvertConfig, source: SourceModel, outputs: list[Array],
+                  labels: bool) -> list[OutputKind]:
+    """Classifier or regression, per output (:func:`output_kinds`); ``--output-kind`` names
+    an output the model has."""
+    names = list(source.output_names) if len(source.output_names) == len(outputs) else \
+        [str(i) for i in range(len(outputs))]
+    unknown = sorted({name for name, _ in config.output_kinds} - set(names))
+    if unknown:
+        raise DataError(f"--output-kind names {unknown}, the model's outputs are {names}",
+                        hint="use NAME=class or NAME=regression with an output's name")
+    return output_kinds(outputs, names, labels, dict(config.output_kinds))
 
 
 def _with_shapes(source: SourceModel, config: ConvertConfig) -> SourceModel:
@@ -240,7 +258,8 @@ def _pruned_drop(ctx: _Context, pruned: SourceModel) -> float:
     labels, base = ctx.evaluation.labels, ctx.report.source_accuracy
     if labels is not None and base is not None:
         return round((base - accuracy(outputs, labels)) * 100, 4)
-    return agreement_drop(agreement(ctx.source_outputs, outputs, pruned.output_names))
+    return agreement_drop(agreement(ctx.source_outputs, outputs, pruned.output_names,
+                                    ctx.kinds))
 
 
 def _load(path: Path | None, source: SourceModel, config: ConvertConfig) -> Dataset | None:
@@ -377,7 +396,7 @@ def _measure(ctx: _Context, attempt: Attempt, artifact: bytes) -> None:
                           on_batch=lambda d, t: ctx.step(f"evaluating {attempt.label}", d, t))
     attempt.size_bytes = len(artifact)
     attempt.gzip_bytes = len(gzip.compress(artifact, compresslevel=9))
-    found = agreement(ctx.source_outputs, outputs, ctx.source.output_names)
+    found = agreement(ctx.source_outputs, outputs, ctx.source.output_names, ctx.kinds)
     attempt.agreement = found.as_dict()
     labels = ctx.evaluation.labels
     if labels is not None:
@@ -484,7 +503,18 @@ def _over_budget(ctx: _Context, attempt: Attempt, drop: float, budget: float) ->
     default = " (the default: --max-drop sets it)" if ctx.config.max_drop is None else ""
     worst = "" if attempt.accuracy is not None else f"; worst {attempt.agreement['worst']}"
     return (f"accuracy drop {drop:.2f} points exceeds the budget of {budget} points"
-            f"{default}{worst}")
+            f"{default}{worst}{_top1_cause(ctx, attempt)}")
+
+
+def _top1_cause(ctx: _Context, attempt: Attempt) -> str:
+    """When top-1 agreement set the drop: on which output, and the rule that made it a
+    classifier's (``--output-kind NAME=regression`` overrides it)."""
+    top1, score = attempt.agreement.get("top1"), attempt.agreement.get("worst_score", 1.0)
+    if attempt.accuracy is not None or top1 is None or top1 >= score:
+        return ""
+    kind = next(k for k in ctx.kinds if k.kind == CLASS)
+    return (f"; top-1 agreement {top1:.4f} on {kind.name!r}, judged a classifier's "
+            f"({kind.rule}; --output-kind {kind.name}=regression if it is not)")
 
 
 def _choose(report: ConversionReport) -> Attempt | None:
@@ -562,7 +592,7 @@ def _package(ctx: _Context, chosen: Attempt, artifact: bytes) -> None:
               for name, t in input_map(ctx.source.inputs, runtime.inputs).items()}
     spec = PackageSpec(
         cfg.model_name, cfg.version, health,
-        task="classification" if is_classifier(ctx.source_outputs) else "other",
+        task="classification" if ctx.kinds and ctx.kinds[0].kind == CLASS else "other",
         optimization=Optimization(quantization=chosen.label,
                                   sparsity=float(ctx.report.pruning.get("sparsity", 0.0))),
         metrics=ctx.report.metrics(), targets=tuple(p.name for p in ctx.profiles),

@@ -46,6 +46,9 @@ def convert(
         help="Fix an input's dynamic dims: NAME=1x3x320x320 (repeatable)")] = None,
     input_size: Annotated[str | None, typer.Option(
         help="Height x width of a single image input, e.g. 320x320")] = None,
+    output_kind: Annotated[list[str] | None, typer.Option(
+        help="An output's kind: NAME=class (top-1 agreement counts) or NAME=regression "
+             "(its error alone); overrides the rule (repeatable)")] = None,
     name: Annotated[str | None, typer.Option(help="Bundle name (default: file stem)")] = None,
     version: Annotated[str, typer.Option(help="Bundle version (semver)")] = "1.0.0",
     sign_key: Annotated[Path, typer.Option(help="Ed25519 private key (.key)")] =
@@ -80,7 +83,8 @@ def convert(
                                search_budget=search_budget,
                                calibration_method=calibration_method, activations=activations,
                                input_shapes=tuple(_shape(s) for s in input_shape or ()),
-                               input_size=_size(input_size) if input_size else None)
+                               input_size=_size(input_size) if input_size else None,
+                               output_kinds=tuple(_kind(k) for k in output_kind or ()))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     # Progress goes to a duplicate of stderr: conversions silence fds 1 and 2 meanwhile.
@@ -129,6 +133,14 @@ def _shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, _dims(dims, "--input-shape")
 
 
+def _kind(text: str) -> tuple[str, str]:
+    name, _, kind = text.rpartition("=")
+    if not name or kind not in ("class", "regression"):
+        raise typer.BadParameter(f"--output-kind {text!r}: expected NAME=class or "
+                                 "NAME=regression")
+    return name, kind
+
+
 def _size(text: str) -> tuple[int, int]:
     dims = _dims(text, "--input-size")
     if len(dims) != 2:
@@ -159,6 +171,8 @@ def _show(report: dict[str, Any], as_json: bool) -> None:
              f"accuracy {report['source_accuracy']}, p50 {report['source_latency_p50_ms']} ms) "
              f"-> {report['format']}, {report['conversion_seconds']} s")
     console.print(table(title, rows, list(rows[0]) if rows else []))
+    for kind in report.get("output_kinds") or []:
+        console.print(literal(f"output {kind['name']!r}: {kind['kind']} ({kind['rule']})"))
     for suggestion in report.get("suggestions") or []:
         console.print(literal(f"try: {suggestion['option']} ({suggestion['why']})"))
     for warning in report["warnings"] + [w for a in report["attempts"] for w in a["warnings"]]:
