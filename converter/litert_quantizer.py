@@ -238,9 +238,10 @@ def stores_float16(model: bytes) -> bool:
 
 
 def quantize_tflite(model: bytes, mode: str, data: Dataset | None,
-                    keep_float: tuple[str, ...] = ()) -> bytes:
+                    keep_float: tuple[str, ...] = (), int8_io: bool = False) -> bytes:
     """Quantize a float TFLite with recipe ``mode`` (:data:`RECIPES`); ``keep_float`` names
-    the output tensors of operators left in float."""
+    the output tensors of operators left in float. The graph's inputs and outputs stay
+    float unless ``int8_io`` (the quantizer's static recipes make them int8)."""
     if mode == "none":
         return model
     if mode == "fp16" and stores_float16(model):
@@ -252,7 +253,7 @@ def quantize_tflite(model: bytes, mode: str, data: Dataset | None,
     signed = prepare(model)
     try:
         with quiet_stdout():
-            return _quantize(quantizer, _recipe(mode, keep_float), signed, data)
+            return _quantize(quantizer, _recipe(mode, keep_float, int8_io), signed, data)
     except (DataError, UnsupportedPathError):
         raise
     except Exception as exc:  # the quantizer raises ValueError, KeyError, RuntimeError
@@ -266,7 +267,7 @@ RECIPES = {"dynamic": ("dynamic", 8, 0), "weight-only": ("weight_only", 8, 0),
 STATIC = ("int8", "int8-a16")
 
 
-def _recipe(mode: str, keep_float: tuple[str, ...]) -> Any:
+def _recipe(mode: str, keep_float: tuple[str, ...], int8_io: bool = False) -> Any:
     import re
 
     from ai_edge_quantizer import algorithm_manager, qtyping, recipe_manager
@@ -287,11 +288,13 @@ def _recipe(mode: str, keep_float: tuple[str, ...]) -> Any:
         manager.add_quantization_config(
             regex=f"^{re.escape(name)};", operation_name=every,  # scope: "out1;out2;"
             algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE)
-    # graph outputs of float operators stay float, not requantized at the end; int16
-    # activations keep float I/O (LiteRT takes int16 inputs, which nothing upstream gives)
-    ends = [qtyping.TFLOperationName.OUTPUT] if keep_float else []
-    if activations == 16:
-        ends = [qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT]
+    # float I/O unless int8_io: the graph's inputs and outputs are not quantized (and the
+    # outputs of float operators are not requantized at the end); int16 activations keep
+    # float I/O always (LiteRT takes int16 inputs, which nothing upstream gives)
+    ends = [] if int8_io and activations == 8 else \
+        [qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT]
+    if int8_io and activations == 8 and keep_float:
+        ends = [qtyping.TFLOperationName.OUTPUT]
     for end in ends:
         manager.add_quantization_config(
             regex=".*", operation_name=end,

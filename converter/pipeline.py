@@ -382,7 +382,8 @@ def _build(ctx: _Context, candidate: Candidate) -> bytes:
         from edgefleet.converter import litert_quantizer
 
         quantized: bytes = litert_quantizer.quantize_tflite(
-            source.path.read_bytes(), candidate.mode, ctx.calibration, candidate.keep_float)
+            source.path.read_bytes(), candidate.mode, ctx.calibration, candidate.keep_float,
+            int8_io=cfg.int8_io)
         return quantized
     return onnx_backend.quantize_onnx(_float_onnx(ctx), candidate.mode, ctx.calibration,
                                       candidate.keep_float, on_sample=calibrate,
