@@ -36,27 +36,34 @@ Predict = Callable[[Mapping[str, Array]], list[Array]]
 
 SMALL_OUTPUT = 8  # outputs of fewer numbers a sample are judged by error against their range
 RANGE_WEIGHT = 0.2  # a small output's score: 1 - 0.2 x (max abs error / range)
+RANGE_FLOOR = 0.1  # the range a small output is judged against is at least 0.1 x max |value|
 
 
 @dataclass(frozen=True)
 class OutputError:
     """How far one converted output is from the source's, measured several ways.
 
-    ``score`` is what the budget reads, on a cosine's scale: the cosine for outputs of
-    at least :data:`SMALL_OUTPUT` numbers a sample; for smaller ones (a score, a flag),
-    where a cosine says nothing, ``1 - RANGE_WEIGHT * max_abs_error / range`` (an error
-    of 5 % of the output's range on the evaluation data scores 0.99).
+    ``score`` is what the budget reads, on a cosine's scale: for outputs of at least
+    :data:`SMALL_OUTPUT` numbers a sample, the **centered** cosine (both outputs less the
+    source's mean: a constant offset, which the plain cosine hides under a large mean,
+    counts); for smaller ones (a score, a flag), where a cosine says nothing,
+    ``1 - RANGE_WEIGHT * max_abs_error / range``, the range being at least
+    :data:`RANGE_FLOOR` of the output's largest magnitude (an output nearly constant on
+    the evaluation data, a confident probability, is not judged against a range of
+    nothing). An error of 5 % of the range scores 0.99.
     """
 
     index: int
     name: str
     numbers: int  # per sample
-    cosine: float
+    cosine: float  # plain (uncentered), for reference
+    centered_cosine: float  # what the budget reads for outputs of SMALL_OUTPUT numbers or more
     rel_rms: float  # RMS of the error over the RMS of the source output
     sqnr_db: float | None  # 10 log10(signal power / error power); None when exact
     max_abs_error: float
     range: float  # max - min of the source output over the evaluation data
-    judged_by: str  # "cosine" or "range"
+    judged_range: float  # the range a small output is judged against (RANGE_FLOOR applied)
+    judged_by: str  # "centered cosine" or "range"
     score: float
 
     def as_dict(self) -> dict[str, Any]:
@@ -65,9 +72,11 @@ class OutputError:
     def describe(self) -> str:
         if self.judged_by == "range":
             return (f"output {self.name!r} ({self.numbers} numbers): max error "
-                    f"{self.max_abs_error:.4g} = {self.max_abs_error / (self.range or 1):.1%} "
-                    f"of its range {self.range:.4g}")
-        return (f"output {self.name!r}: cosine {self.cosine:.4f}, rel RMS {self.rel_rms:.4f}, "
+                    f"{self.max_abs_error:.4g} = "
+                    f"{self.max_abs_error / (self.judged_range or 1):.1%} of its range "
+                    f"{self.judged_range:.4g}")
+        return (f"output {self.name!r}: centered cosine {self.centered_cosine:.4f}, "
+                f"rel RMS {self.rel_rms:.4f}, "
                 f"SQNR {'exact' if self.sqnr_db is None else f'{self.sqnr_db:.1f} dB'}")
 
 
@@ -221,15 +230,18 @@ def output_error(index: int, name: str, source: Array, converted: Array) -> Outp
     numbers = int(a.size // max(a.shape[0], 1)) if a.ndim else 1
     span = float(a.max() - a.min()) if a.size else 0.0
     max_abs = float(np.abs(error).max()) if a.size else 0.0
-    cosine = _cosine(a, b)
+    mean = float(a.mean()) if a.size else 0.0
+    centered = _cosine(a - mean, b - mean) if span > 0 else (1.0 if max_abs == 0 else 0.0)
     small = numbers < SMALL_OUTPUT
-    score = (1.0 - RANGE_WEIGHT * min(max_abs / span, 5.0) if span > 0 else
-             (1.0 if max_abs == 0 else 0.0)) if small else cosine
-    return OutputError(index, name, numbers, round(cosine, 6),
+    judged = max(span, RANGE_FLOOR * float(np.abs(a).max())) if a.size else 0.0
+    score = (1.0 - RANGE_WEIGHT * min(max_abs / judged, 5.0) if judged > 0 else
+             (1.0 if max_abs == 0 else 0.0)) if small else centered
+    return OutputError(index, name, numbers, round(_cosine(a, b), 6), round(centered, 6),
                        round(math.sqrt(noise / signal), 6) if signal > 0 else
                        (0.0 if noise == 0 else 1.0),
                        _sqnr(signal, noise), round(max_abs, 6), round(span, 6),
-                       "range" if small else "cosine", round(score, 6))
+                       round(judged, 6), "range" if small else "centered cosine",
+                       round(score, 6))
 
 
 def _sqnr(signal: float, noise: float) -> float | None:

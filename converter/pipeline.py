@@ -51,6 +51,7 @@ from edgefleet.converter.evaluate import (
     accuracy,
     agreement,
     batch_size,
+    fixed_batch,
     latency_p50_ms,
     output_kinds,
     run_batched,
@@ -64,12 +65,14 @@ from edgefleet.converter.search import Candidate, Search, auto_candidates
 from edgefleet.converter.sources import SourceModel, keras_source, load_source
 from edgefleet.devices import DeviceProfile, check_model, load_profile
 
-__all__ = ["SLOWER_MARGIN", "convert", "is_slower"]
+__all__ = ["HEALTH_ROWS", "SLOWER_MARGIN", "convert", "health_budget", "is_slower"]
 
 ONNX_RUNTIME_FOR_OPSET = {13: "1.7.0", 14: "1.8.0", 15: "1.10.0", 16: "1.11.0", 17: "1.13.0",
                           18: "1.14.0", 19: "1.16.0", 20: "1.17.0", 21: "1.18.0", 22: "1.20.0",
                           23: "1.22.0"}
 HEALTH_ATOL = {"none": 1e-4, "fp16": 5e-3, "dynamic": 2e-2, "int8": 2e-2}
+HEALTH_ROWS = 8  # health-check inputs in a bundle, at most
+HEALTH_MIN_BYTES = 64 * 1024  # what health data may take at least (see health_budget)
 SLOWER_MARGIN = 0.03  # slower than the reference by more than 3 %, measured alternately
 
 
@@ -585,12 +588,28 @@ def _reference_data(ctx: _Context, runtime: Runtime) -> dict[str, Any]:
             "reference_source": "eval" if cfg.eval is not None else "calibration"}
 
 
+def _health_inputs(ctx: _Context, runtime: Runtime, model_bytes: int) -> dict[str, Array]:
+    """The health check's inputs: up to :data:`HEALTH_ROWS` rows, as many as fit in
+    :func:`health_budget` with their outputs (one at least, or the model's fixed batch)."""
+    feeds = {t.name: quantize_input(ctx.evaluation.inputs[name][:HEALTH_ROWS], t)
+             for name, t in input_map(ctx.source.inputs, runtime.inputs).items()}
+    per_row = sum(v[:1].nbytes for v in feeds.values()) + \
+        sum(o[:1].astype(np.float32).nbytes for o in ctx.source_outputs)
+    rows = max(1, fixed_batch(runtime.inputs) or 1,
+               min(HEALTH_ROWS, health_budget(model_bytes) // max(per_row, 1)))
+    return {name: value[:rows] for name, value in feeds.items()}
+
+
+def health_budget(model_bytes: int) -> int:
+    """Bytes the health data may take in a bundle: a tenth of the model, at least 64 KiB."""
+    return max(HEALTH_MIN_BYTES, model_bytes // 10)
+
+
 def _package(ctx: _Context, chosen: Attempt, artifact: bytes) -> None:
     cfg = ctx.config
     info = inspect_model(artifact, cfg.format)
     runtime = load_runtime(artifact, cfg.format)
-    health = {t.name: quantize_input(ctx.evaluation.inputs[name][:8], t)
-              for name, t in input_map(ctx.source.inputs, runtime.inputs).items()}
+    health = _health_inputs(ctx, runtime, len(artifact))
     spec = PackageSpec(
         cfg.model_name, cfg.version, health,
         task="classification" if ctx.kinds and ctx.kinds[0].kind == CLASS else "other",

@@ -116,9 +116,9 @@ def _worst(agreement: dict[str, Any]) -> str:
     if not outputs:
         return ""
     worst = min(outputs, key=lambda o: o["score"])
-    metric = (f"cos {worst['cosine']:.4f}, rel RMS {worst['rel_rms']:.3f}"
-              if worst["judged_by"] == "cosine" else
-              f"err {worst['max_abs_error'] / (worst['range'] or 1):.1%} of range")
+    metric = (f"err {worst['max_abs_error'] / (worst['judged_range'] or 1):.1%} of range"
+              if worst["judged_by"] == "range" else
+              f"cos {worst['centered_cosine']:.4f}, rel RMS {worst['rel_rms']:.3f}")
     return f"{worst['name'][:24]}: {metric}"
 
 
