@@ -110,11 +110,15 @@ def _dense_values(model: bytes, tensors: list[int]) -> dict[int, Any]:
     import warnings
 
     import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+    # LiteRT's own kernels: the XNNPack delegate densifies weights inside itself and leaves
+    # the DENSIFY outputs unwritten
     with warnings.catch_warnings():  # "intended for debugging purposes only": it is used so
         warnings.simplefilter("ignore")
-        interpreter = Interpreter(model_content=model, experimental_preserve_all_tensors=True)
+        interpreter = Interpreter(
+            model_content=model, experimental_preserve_all_tensors=True,
+            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interpreter.allocate_tensors()
     for spec in interpreter.get_input_details():
         interpreter.set_tensor(spec["index"], np.zeros(spec["shape"], spec["dtype"]))

@@ -74,10 +74,13 @@ def _representative(source: SourceModel, data: Dataset | None,
                         hint="pass --calibration PATH (.npy, .npz or an image folder)")
     names = [i.name for i in source.inputs]
 
-    def gen() -> Iterator[list[np.ndarray[Any, Any]]]:
+    def gen() -> Iterator[list[np.ndarray[Any, Any]] | dict[str, np.ndarray[Any, Any]]]:
         for i in range(len(data)):
             on_sample(i + 1, len(data))
-            yield [data.inputs[n][i:i + 1] for n in names]
+            if len(names) == 1:
+                yield [data.inputs[names[0]][i:i + 1]]
+            else:  # by signature input name: the converter orders its inputs its own way
+                yield {n: data.inputs[n][i:i + 1] for n in names}
 
     return gen
 
