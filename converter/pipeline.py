@@ -33,14 +33,12 @@ from edgefleet.agent.runtime.base import Array, Runtime, TensorInfo
 from edgefleet.agent.runtime.inspect import ModelInfo, inspect_model
 from edgefleet.agent.runtime.select import load_runtime
 from edgefleet.converter import onnx_backend, prune, shapes, tflite_backend
+from edgefleet.converter.advice import failure
 from edgefleet.converter.config import TFLITE_SOURCE_ONLY, ConvertConfig
 from edgefleet.converter.data import DYNAMIC_SIDE, Dataset, load_dataset
 from edgefleet.converter.errors import (
-    BudgetExceededError,
-    ConverterError,
     DataError,
     NoResultError,
-    TargetViolationError,
     UnsupportedPathError,
 )
 from edgefleet.converter.evaluate import (
@@ -56,12 +54,13 @@ from edgefleet.converter.evaluate import (
     output_kinds,
     run_batched,
 )
+from edgefleet.converter.failures import result_refused
 from edgefleet.converter.floatio import float_predict as _predict
 from edgefleet.converter.floatio import input_map, quantize_input
 from edgefleet.converter.lineage import lineage_of
 from edgefleet.converter.package import PackageSpec, package_bytes, tensor_spec
 from edgefleet.converter.report import Attempt, ConversionReport, Verdict
-from edgefleet.converter.search import Candidate, Search, auto_candidates
+from edgefleet.converter.search import Candidate, Search, auto_candidates, choose
 from edgefleet.converter.sources import SourceModel, keras_source, load_source
 from edgefleet.devices import DeviceProfile, check_model, load_profile
 
@@ -115,10 +114,10 @@ def convert(config: ConvertConfig, step: Step = _no_progress) -> ConversionRepor
         if artifact is not None:
             built[attempt.label] = artifact
     ctx.step = step
-    chosen = _choose(ctx.report)
+    chosen = choose(ctx.report.attempts)
     ctx.report.conversion_seconds = round(time.perf_counter() - started, 2)
     if chosen is None:
-        raise NoResultError(_failure(ctx), ctx.report)
+        raise NoResultError(failure(ctx.report, ctx.config), ctx.report)
     ctx.report.chosen = chosen.label
     step("writing the signed bundle")
     _package(ctx, chosen, built[chosen.label])
@@ -319,10 +318,15 @@ def _attempt(ctx: _Context, candidate: Candidate) -> tuple[Attempt, bytes | None
         _measure(ctx, attempt, artifact)
     except (EdgefleetError, ValueError) as exc:  # conversion, or the result does not load
         # or run (LiteRT's set_tensor raises a bare ValueError on a dtype it does not take)
-        attempt.verdict, attempt.reason = Verdict.FAILED, f"failed: {exc}"
+        attempt.verdict, attempt.reason = Verdict.FAILED, f"failed: {_message(exc)}"
+        attempt.hint = getattr(exc, "hint", None) or ""
         return attempt, None
     _judge(ctx, attempt)
     return attempt, artifact
+
+
+def _message(exc: Exception) -> str:
+    return str(getattr(exc, "message", exc))
 
 
 def _ranking(ctx: _Context, base: Candidate) -> list[str]:
@@ -394,10 +398,17 @@ def _build(ctx: _Context, candidate: Candidate) -> bytes:
 
 
 def _measure(ctx: _Context, attempt: Attempt, artifact: bytes) -> None:
-    runtime = load_runtime(artifact, ctx.config.format)
-    predict = _predict(runtime, ctx.source.inputs)
-    outputs = run_batched(predict, ctx.evaluation, batch_size(runtime.inputs),
-                          on_batch=lambda d, t: ctx.step(f"evaluating {attempt.label}", d, t))
+    """Load and run the result on the device runtime (what cannot, is a failed row), and
+    measure it."""
+    try:
+        runtime = load_runtime(artifact, ctx.config.format)
+        predict = _predict(runtime, ctx.source.inputs)
+        outputs = run_batched(predict, ctx.evaluation, batch_size(runtime.inputs),
+                              on_batch=lambda d, t: ctx.step(f"evaluating {attempt.label}",
+                                                             d, t))
+    except (EdgefleetError, ValueError, RuntimeError) as exc:  # LiteRT raises bare ones
+        name = "LiteRT" if ctx.config.format == "tflite" else "ONNX Runtime"
+        raise result_refused(attempt.label, attempt.recipe, name, exc) from exc
     attempt.size_bytes = len(artifact)
     attempt.gzip_bytes = len(gzip.compress(artifact, compresslevel=9))
     found = agreement(ctx.source_outputs, outputs, ctx.source.output_names, ctx.kinds)
@@ -519,45 +530,6 @@ def _top1_cause(ctx: _Context, attempt: Attempt) -> str:
     kind = next(k for k in ctx.kinds if k.kind == CLASS)
     return (f"; top-1 agreement {top1:.4f} on {kind.name!r}, judged a classifier's "
             f"({kind.rule}; --output-kind {kind.name}=regression if it is not)")
-
-
-def _choose(report: ConversionReport) -> Attempt | None:
-    accepted = [a for a in report.attempts if a.accepted and a.size_bytes is not None]
-    return min(accepted, key=lambda a: a.size_bytes or 0) if accepted else None
-
-
-def _failure(ctx: _Context) -> ConverterError:
-    report = ctx.report
-    reasons = "; ".join(f"{a.label}: {a.reason}" for a in report.attempts)
-    report.suggestions = _suggestions(ctx)
-    hint = "; or ".join(f"{s['option']} ({s['why']})" for s in report.suggestions)
-    if any(a.verdict is Verdict.OVER_BUDGET for a in report.attempts):
-        return BudgetExceededError(f"no result within the accuracy budget ({reasons})",
-                                   hint=hint or "see the report")
-    if any(a.violations for a in report.attempts):
-        return TargetViolationError(f"no result fits the targets ({reasons})",
-                                    hint="see the violations; pick another --quantize or target")
-    return ConverterError(f"conversion failed ({reasons})", hint=hint or "see the report")
-
-
-def _suggestions(ctx: _Context) -> list[dict[str, Any]]:
-    """Options that change the outcome, each offered on this source and format."""
-    cfg, attempts = ctx.config, ctx.report.attempts
-    tried = {a.mode for a in attempts}
-    out: list[dict[str, Any]] = []
-    over = [a for a in attempts if a.verdict is Verdict.OVER_BUDGET and not a.violations]
-    if over:
-        best = min(over, key=lambda a: a.accuracy_drop_points or 0.0)
-        points = math.ceil((best.accuracy_drop_points or 0.0) * 10 + 1) / 10
-        out.append({"option": f"--max-drop {points:g}", "config": {"max_drop": points},
-                    "why": f"accepts {best.label}, {best.accuracy_drop_points:.2f} points lost"})
-    if cfg.quantize not in ("auto", "none"):
-        out.append({"option": "--quantize auto", "config": {"quantize": "auto"},
-                    "why": "searches recipes, keeping the most sensitive operators in float"})
-    if "fp16" not in tried and cfg.quantize != "none":
-        out.append({"option": "--quantize fp16", "config": {"quantize": "fp16"},
-                    "why": "float16 weights, half the float32 size"})
-    return out
 
 
 def _min_runtime(fmt: str, info: ModelInfo) -> str:

@@ -46,6 +46,7 @@ class Attempt:
     warnings: list[str] = field(default_factory=list)
     accepted: bool = False
     reason: str = ""
+    hint: str = ""  # what to do about a failure, when the backend said
     verdict: Verdict = Verdict.UNJUDGED
 
 

@@ -17,6 +17,7 @@ from edgefleet.agent.runtime.base import Array, TensorInfo
 from edgefleet.agent.runtime.select import load_runtime
 from edgefleet.converter._tf import keras, tensorflow
 from edgefleet.converter.errors import SourceModelError
+from edgefleet.converter.failures import source_refused
 from edgefleet.converter.floatio import dequantize_output, quantize_input
 
 __all__ = ["SourceKind", "SourceModel", "keras_source", "load_source"]
@@ -68,6 +69,9 @@ def load_source(path: Path) -> SourceModel:
     except SourceModelError:
         raise
     except Exception as exc:  # Keras/TF/ORT raise many unrelated types on bad files
+        refused = source_refused(path.name, exc)
+        if refused is not None:
+            raise refused from exc
         raise SourceModelError(f"cannot load {kind} model {path}: {exc}",
                                hint="check that the file is complete and of that type") from exc
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from edgefleet.converter._tf import quiet_stdout, tensorflow
 from edgefleet.converter.data import Dataset
-from edgefleet.converter.errors import ConversionFailedError, DataError, UnsupportedPathError
+from edgefleet.converter.errors import DataError, UnsupportedPathError
+from edgefleet.converter.failures import tflite_conversion
 from edgefleet.converter.sources import SourceModel
 
 __all__ = ["sensitive_nodes", "to_tflite"]
@@ -115,8 +116,7 @@ def to_tflite(source: SourceModel, mode: str, data: Dataset | None = None,
     except (DataError, UnsupportedPathError):
         raise
     except Exception as exc:  # the TFLite converter raises ConverterError, ValueError, ...
-        raise ConversionFailedError(f"TFLite conversion ({mode}) failed: {exc}",
-                                    hint="check the model's ops are TFLite builtins") from exc
+        raise tflite_conversion(mode, exc) from exc
 
 
 def _debugger(converter: Any, source: SourceModel, data: Dataset | None,

@@ -229,3 +229,127 @@ def test_a_near_constant_probability_is_judged_against_a_floor_of_its_magnitude(
     assert found.score > 0.99, "0.2 % off a confident probability is no failure"
     wrong = output_error(0, "presence", source, source - 0.2)
     assert wrong.score < 0.99
+
+
+def test_a_result_the_runtime_refuses_is_a_failed_row_whose_hint_is_true() -> None:
+    from edgefleet.agent.runtime.errors import RuntimeLoadError
+    from edgefleet.converter.failures import result_refused
+
+    refused = RuntimeLoadError(
+        "litert 2.3.0 cannot load the model: conv.cc:390 zero_point != 0 (-128 != 0) Node "
+        "number 6 (CONV_2D) failed to prepare. (convert the model for this runtime version)",
+        hint="convert the model for this device's runtime, or upgrade the runtime")
+    error = result_refused("int8", "static_wi8_ai8", "LiteRT", refused)
+    assert "LiteRT cannot load or run the int8 result (static_wi8_ai8)" in error.message
+    assert "CONV_2D" in error.message and "upgrade" not in str(error)
+
+
+# --- (e) (f) (g) Keras and TFLite failures that name the problem and the fix --------------
+
+def _sequence_model(tmp_path: Path) -> tuple[Path, Path]:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(64, 12, 4)).astype(np.float32)
+    model = keras.Sequential([keras.Input((12, 4), name="seq"), keras.layers.LSTM(8),
+                              keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(x, (x[:, :, 0].sum(1) > 0).astype(int), epochs=2, verbose=0)
+    model.save(tmp_path / "lstm.keras")
+    np.savez(tmp_path / "seq.npz", seq=x)
+    return tmp_path / "lstm.keras", tmp_path / "seq.npz"
+
+
+@pytest.mark.timeout(600)
+def test_a_keras_lstm_to_tflite_names_the_ops_and_onnx_converts_it(
+        signing_keys: Keys, tmp_path: Path) -> None:
+    from edgefleet.converter.errors import ConverterError
+
+    model, data = _sequence_model(tmp_path)
+    with pytest.raises(ConverterError) as failed:
+        convert(_config(model, tmp_path / "x.efb", signing_keys, eval=data))
+    assert "TensorListReserve" in failed.value.message and "LSTM" in failed.value.message
+    assert "Flex" in failed.value.message and "loc(callsite" not in failed.value.message
+    assert (failed.value.hint or "").startswith("use --format onnx")
+    report = convert(_config(model, tmp_path / "onnx.efb", signing_keys, eval=data,
+                             format="onnx"))
+    assert report.chosen == "none" and report.output is not None
+
+
+def test_a_two_input_keras_model_calibrates_int8_with_each_input(
+        signing_keys: Keys, tmp_path: Path) -> None:
+    """The TFLite converter orders the inputs its own way (b before a): calibration fed in
+    the model's order failed at a concatenation, with a hint about builtin ops."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    xa, xb = (rng.normal(size=(256, n)).astype(np.float32) for n in (6, 4))
+    a, b = keras.Input((6,), name="a"), keras.Input((4,), name="b")
+    joined = keras.layers.Concatenate()([keras.layers.Dense(5, activation="relu")(a), b])
+    model = keras.Model([a, b], keras.layers.Dense(2, activation="softmax")(joined))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    labels = ((xa[:, 0] + xb[:, 0]) > 0).astype(np.int64)
+    model.fit([xa, xb], labels, epochs=10, verbose=0)
+    model.save(tmp_path / "two.keras")
+    np.savez(tmp_path / "two.npz", a=xa, b=xb, labels=labels)
+    report = convert(_config(tmp_path / "two.keras", tmp_path / "two.efb", signing_keys,
+                             quantize="int8", calibration=tmp_path / "two.npz",
+                             eval=tmp_path / "two.npz", max_drop=2.0))
+    chosen = report.chosen_attempt
+    assert chosen is not None and chosen.label == "int8" and "int8" in chosen.dtypes
+    assert report.source_accuracy is not None and report.source_accuracy > 0.8
+
+
+def test_a_custom_operator_is_named_and_the_hint_does_not_say_upgrade(
+        signing_keys: Keys, tmp_path: Path) -> None:
+    from edgefleet.converter.errors import SourceModelError
+
+    model = mediapipe_model("face_landmark/face_landmark_with_attention.tflite")
+    with pytest.raises(SourceModelError) as failed:
+        convert(_config(model, tmp_path / "x.efb", signing_keys, quantize="dynamic"))
+    assert "custom operator Landmarks2TransformMatrix" in failed.value.message
+    assert "builtin operators only" in (failed.value.hint or "")
+    assert "or upgrade the runtime" not in str(failed.value)
+
+
+# --- (h) a target no candidate fits: why, and what would change it ---------------------------
+
+def test_a_target_nothing_fits_says_why_per_candidate_and_the_option_that_lifts_it(
+        digits_models: TrainedModels, digits_npz: dict[str, Path], signing_keys: Keys,
+        tmp_path: Path) -> None:
+    import dataclasses
+
+    from edgefleet.converter.errors import NoResultError
+
+    base = _config(digits_models.keras, tmp_path / "coral.efb", signing_keys,
+                   quantize="int8", calibration=digits_npz["calibration"],
+                   targets=("coral-edgetpu",))
+    with pytest.raises(NoResultError) as failed:
+        convert(base)
+    assert "int8: device limit (operators, tensor types)" in failed.value.message
+    [lift] = [s for s in failed.value.report.suggestions if "--int8-io" in s["option"]]
+    assert "the other limits stay" in lift["why"] and lift["option"] in (failed.value.hint or "")
+    with pytest.raises(NoResultError) as still:  # the option does what it says
+        convert(dataclasses.replace(base, **lift["config"]))
+    kinds = {v["kind"] for v in still.value.report.attempts[0].violations}
+    assert "dtype" not in kinds and "op" in kinds
+
+
+# --- (k) the tie band ------------------------------------------------------------------------
+
+def test_sizes_within_the_tie_band_go_to_the_fastest() -> None:
+    from edgefleet.converter.report import Attempt
+    from edgefleet.converter.search import TIE_BAND, choose
+
+    def row(label: str, size: int, ms: float | None, accepted: bool = True) -> Attempt:
+        return Attempt(label, "int8", size_bytes=size, latency_p50_ms=ms, accepted=accepted)
+
+    assert TIE_BAND == 0.05
+    slow_small, fast = row("dynamic", 1000, 27.0), row("weight-only", 1003, 10.0)
+    assert choose([slow_small, fast]) is fast, "0.3 % smaller but 2.7x slower"
+    far = row("fp16", 1100, 1.0)
+    assert choose([slow_small, far]) is slow_small, "10 % larger is no tie"
+    assert choose([slow_small, row("int8", 900, 1.0, accepted=False)]) is slow_small
+    assert choose([row("a", 1000, None), row("b", 1040, None)]).label == "a"  # type: ignore[union-attr]
+    assert choose([row("int8", 900, 1.0, accepted=False)]) is None

@@ -175,7 +175,9 @@ def _show(report: dict[str, Any], as_json: bool) -> None:
         console.print(literal(f"output {kind['name']!r}: {kind['kind']} ({kind['rule']})"))
     for suggestion in report.get("suggestions") or []:
         console.print(literal(f"try: {suggestion['option']} ({suggestion['why']})"))
-    for warning in report["warnings"] + [w for a in report["attempts"] for w in a["warnings"]]:
+    # a rejected attempt's warnings (slower, ...) stay in its row of the report
+    chosen = [a for a in report["attempts"] if a["label"] == report["chosen"]]
+    for warning in report["warnings"] + [w for a in chosen for w in a["warnings"]]:
         console.print(styled("[yellow]warning:[/] {}", warning))
     if report["output"]:
         console.print(literal(f"wrote {report['output']} ({report['bundle_bytes']} bytes)"))
