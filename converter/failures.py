@@ -65,11 +65,11 @@ def result_refused(label: str, recipe: str, runtime: str, exc: Exception
     ops = custom_ops(str(exc))
     if ops:
         return ConversionFailedError(
-            f"{runtime} cannot load the {label} result: it has no kernel for the custom "
+            f"{runtime} cannot load the model of {label}: it has no kernel for the custom "
             f"operator {', '.join(ops)}", hint="use another --quantize recipe")
     text = _AGENT_HINT.sub("", getattr(exc, "message", str(exc))).strip()
     first = text.splitlines()[0][:300] if text else repr(exc)
     return ConversionFailedError(
-        f"{runtime} cannot load or run the {label} result ({recipe}): {first}",
+        f"{runtime} cannot load the model of {label} ({recipe}), or run it: {first}",
         hint="the recipe wrote a model the runtime refuses; use another --quantize recipe "
              "or --quantize auto, which measures each")

@@ -240,7 +240,7 @@ def test_a_result_the_runtime_refuses_is_a_failed_row_whose_hint_is_true() -> No
         "number 6 (CONV_2D) failed to prepare. (convert the model for this runtime version)",
         hint="convert the model for this device's runtime, or upgrade the runtime")
     error = result_refused("int8", "static_wi8_ai8", "LiteRT", refused)
-    assert "LiteRT cannot load or run the int8 result (static_wi8_ai8)" in error.message
+    assert "LiteRT cannot load the model of int8 (static_wi8_ai8)" in error.message
     assert "CONV_2D" in error.message and "upgrade" not in str(error)
 
 
