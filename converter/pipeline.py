@@ -498,7 +498,8 @@ def _judge(ctx: _Context, attempt: Attempt) -> None:
             and not attempt.kept_source:
         attempt.verdict = Verdict.NOT_SMALLER
         attempt.reason = (f"{attempt.mode} did not make the model smaller ({attempt.size_bytes} "
-                          f"bytes, source {source_bytes}): nothing it quantizes was found")
+                          f"bytes, source {source_bytes}): nothing it quantizes was found, or the "
+                          "source keeps its weights as small already (float16, sparse)")
     elif drop > budget:
         attempt.verdict = Verdict.OVER_BUDGET
         attempt.reason = _over_budget(ctx, attempt, drop, budget)
