@@ -738,6 +738,7 @@ def main() -> None:
     burst = args.burst or (QUICK_BURST if args.quick else BURST)
     interval = args.telemetry_interval or (30.0 if args.tree else SIM["telemetry_interval_s"])
     setup = Setup(interval, args.tree, args.shard_size)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop every child on the way out
     from rich.progress import Progress
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-scale-") as tmp, Progress() as progress:
