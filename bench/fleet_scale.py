@@ -73,6 +73,7 @@ from edgefleet.local_fleet import wait_until
 SIZES, QUICK_SIZES = (100, 1000, 10_000), (50,)
 BURST, QUICK_BURST = 50_000, 5_000
 TICK_S, SAMPLE_S = 0.5, 0.2
+STALL_S = 180.0  # a phase whose count does not grow for this long ends the size
 TARGET_RSS_MB, TARGET_INGEST = 1024.0, 0.5
 WAVES = ["1%", "10%", "50%", "100%"]
 SIM = {"telemetry_interval_s": 5.0, "request_rate": 0.2, "share_downloads": True,
@@ -107,6 +108,22 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
         wait_until(predicate, timeout, poll_s, what)
     except TimeoutError as exc:
         raise BenchError(str(exc)) from None
+
+
+class Stall:
+    """Raises once a count has not grown for ``limit_s``: how far a size went, said early."""
+
+    def __init__(self, what: str, total: int, limit_s: float = STALL_S) -> None:
+        self.what, self.total, self.limit_s = what, total, limit_s
+        self.best, self.since = -1, time.monotonic()
+
+    def check(self, count: int) -> None:
+        now = time.monotonic()
+        if count > self.best:
+            self.best, self.since = count, now
+        elif now - self.since > self.limit_s:
+            raise BenchError(f"{self.what} stalled at {count} of {self.total} "
+                             f"(no progress in {self.limit_s:g} s)")
 
 
 # --- the controller in its own process ------------------------------------------------
@@ -211,9 +228,12 @@ def register(shards: list[Shard], ctl: Controller, n: int, show: Callable[[int],
     for shard in shards:
         shard.send("start")
 
+    stall = Stall("registration", n)
+
     def done() -> bool:
         health = ctl.health()
         show(int(health["online"]))
+        stall.check(int(health["online"]))
         return bool(health["devices"] == n and health["online"] == n
                     and health["versions"].get("digits:1.0.0") == n)
 
@@ -265,9 +285,12 @@ def roll_out(shards: list[Shard], ctl: Controller, n: int, pids: dict[str, list[
     started = time.monotonic()
     rollout_id = str(ctl.client.post("/api/v1/rollouts", body)["id"])
 
+    stall = Stall("the rollout (devices on v2)", n)
+
     def devices_done() -> bool:  # read on the devices' side: costs the controller nothing
         done = sum(shard.count("done") for shard in shards)
         show(done)
+        stall.check(done)
         return done == n
 
     wait_for(devices_done, 120 + n / 10, f"{n} devices on v2", poll_s=0.1)
@@ -562,20 +585,15 @@ def measure(kit: Kit, n: int, burst: int, setup: Setup, progress: Any) -> dict[s
             stack.callback(sampler.stop)
         pids = {"controller": [ctl.sampler.process.pid],
                 "simulator": [s.process.pid for s in shards], "broker": brokers.pids}
-        meter = CpuMeter(pids)
-        registration = register(shards, ctl, n, show("registering", n))
-        row = {"devices": n, "topology": brokers.shape, "simulator_processes": len(shards),
-               "telemetry_interval_s": setup.telemetry_interval_s,
-               "load_1m_at_start": round(load, 2), "registration_s": round(registration, 2),
-               **meter.stop("register"), **roll_out(shards, ctl, n, pids,
-                                                    show("rolling out v2", n))}
-        devices = [d for shard in shards for d in shard.devices]
-        show("stopping the devices", n)
-        stop_shards(shards)
-        wait_for(lambda: ctl.health()["online"] == 0, 60 + n / 500, "devices offline",
-                 poll_s=0.5)
-        messages = burst_payloads(capture.payloads, devices, fleet, burst)
-        row.update(ingest(ctl, brokers.root, fleet, messages, show("telemetry burst", burst)))
+        row: dict[str, Any] = {
+            "devices": n, "topology": brokers.shape, "simulator_processes": len(shards),
+            "telemetry_interval_s": setup.telemetry_interval_s, "load_1m_at_start": round(load, 2)}
+        try:
+            phases(row, shards, ctl, brokers, pids, fleet, burst, capture, show)
+        except BenchError as exc:  # how far it went is the result
+            row["failed"] = str(exc)
+            row["reached"] = {"online": sum(s.count("online") for s in shards),
+                              "on_v2": sum(s.count("done") for s in shards)}
         row["controller_peak_rss_mb"] = round(ctl.sampler.peak_rss / 2**20, 1)
         row["controller_peak_fds"] = ctl.sampler.peak_fds
         row["controller_cpu_total_s"] = round(ctl.sampler.cpu(), 2)
@@ -584,6 +602,23 @@ def measure(kit: Kit, n: int, burst: int, setup: Setup, progress: Any) -> dict[s
             row[f"{name}_peak_fds"] = sampler.peak_fds
     progress.remove_task(task)
     return row
+
+
+def phases(row: dict[str, Any], shards: list[Shard], ctl: Controller, brokers: Brokers,
+           pids: dict[str, list[int]], fleet: str, burst: int, capture: Capture,
+           show: Callable[[str, int], Callable[[int], None]]) -> None:
+    """Registration, rollout, then the burst with the devices stopped; into ``row``."""
+    n = row["devices"]
+    meter = CpuMeter(pids)
+    row["registration_s"] = round(register(shards, ctl, n, show("registering", n)), 2)
+    row.update(meter.stop("register"))
+    row.update(roll_out(shards, ctl, n, pids, show("rolling out v2", n)))
+    devices = [d for shard in shards for d in shard.devices]
+    show("stopping the devices", n)
+    stop_shards(shards)
+    wait_for(lambda: ctl.health()["online"] == 0, 60 + n / 500, "devices offline", poll_s=0.5)
+    messages = burst_payloads(capture.payloads, devices, fleet, burst)
+    row.update(ingest(ctl, brokers.root, fleet, messages, show("telemetry burst", burst)))
 
 
 # --- report -----------------------------------------------------------------------------
@@ -599,7 +634,9 @@ RATIOS = ("registration_s", "rollout_s", "controller_peak_rss_mb", "controller_c
 
 def add_linearity(rows: list[dict[str, Any]]) -> None:
     """Rollout s against the smallest N's and the next smaller N's, scaled linearly."""
-    ordered = sorted(rows, key=lambda r: r["devices"])
+    ordered = sorted((r for r in rows if "rollout_s" in r), key=lambda r: r["devices"])
+    if not ordered:
+        return
     for previous, row in zip([ordered[0], *ordered[:-1]], ordered, strict=True):
         for key, base in (("rollout_vs_linear", ordered[0]),
                           ("rollout_vs_linear_previous", previous)):
@@ -609,30 +646,37 @@ def add_linearity(rows: list[dict[str, Any]]) -> None:
 
 def add_ratios(rows: list[dict[str, Any]], base_n: int = 10_000) -> None:
     """Each row's registration, rollout, controller RSS and rollout CPU over the 10,000 row's."""
-    base = next((r for r in rows if r["devices"] == base_n), None)
+    base = next((r for r in rows if r["devices"] == base_n and "rollout_s" in r), None)
     for row in rows:
         if base is not None:
-            row["vs_10000"] = {k: round(row[k] / base[k], 2) for k in RATIOS if base[k]}
+            row["vs_10000"] = {k: round(row[k] / base[k], 2) for k in RATIOS
+                               if base[k] and k in row}
 
 
 def cells(r: dict[str, Any]) -> list[Any]:
-    def met(ok: bool) -> str:
-        return "yes" if ok else "no"
+    """One table row; "-" for what a size that stalled did not reach."""
+    def get(key: str) -> Any:
+        return r.get(key, "-")
+
+    def met(key: str, ok: Callable[[float], bool]) -> str:
+        return "-" if key not in r else "yes" if ok(r[key]) else "no"
 
     ratio = r.get("vs_10000", {})
-    return [r["devices"], f"{r.get('topology', '1 broker')} / "
-            f"{r.get('simulator_processes', 'the bench')}",
-            r.get("telemetry_interval_s", 5.0), r["registration_s"], r["rollout_s"],
-            r["rollout_ms_per_device"],
-            f"{r['rollout_vs_linear']} / {r['rollout_vs_linear_previous']}",
+    first = r["devices"] if "failed" not in r else \
+        f"{r['devices']}: {r['failed']} ({r['reached']['online']} online, " \
+        f"{r['reached']['on_v2']} on v2)"
+    return [first, f"{r.get('topology', '1 broker')} / {r.get('simulator_processes', 'the bench')}",
+            r.get("telemetry_interval_s", 5.0), get("registration_s"), get("rollout_s"),
+            get("rollout_ms_per_device"),
+            f"{get('rollout_vs_linear')} / {get('rollout_vs_linear_previous')}",
             " / ".join(str(ratio.get(k, "-")) for k in RATIOS),
             r["controller_peak_rss_mb"],
-            f"{r['controller_cpu_register_s']} / {r['controller_cpu_rollout_s']} / "
-            f"{r['controller_cpu_ingest_s']}", r["simulator_cpu_rollout_s"],
-            r["ingest_msg_s"], r["raw_msg_s"], f"{r['ingest_ratio']}×",
-            f"{met(r['controller_peak_rss_mb'] <= TARGET_RSS_MB)} / "
-            f"{met(r['ingest_ratio'] >= TARGET_INGEST)}",
-            f"{r['other_processes_cores_rollout']} / {r['other_processes_cores_ingest']}"]
+            f"{get('controller_cpu_register_s')} / {get('controller_cpu_rollout_s')} / "
+            f"{get('controller_cpu_ingest_s')}", get("simulator_cpu_rollout_s"),
+            get("ingest_msg_s"), get("raw_msg_s"), f"{get('ingest_ratio')}×",
+            f"{met('controller_peak_rss_mb', lambda v: v <= TARGET_RSS_MB)} / "
+            f"{met('ingest_ratio', lambda v: v >= TARGET_INGEST)}",
+            f"{get('other_processes_cores_rollout')} / {get('other_processes_cores_ingest')}"]
 
 
 NOTE = ("One run per N on this machine: Mosquitto, the controller in its own process "
@@ -694,9 +738,18 @@ def report(rows: list[dict[str, Any]], burst: int, setup: Setup, write: bool) ->
     path = write_results(name, rows, {
         "targets": {"controller_rss_mb": TARGET_RSS_MB, "ingest_ratio": TARGET_INGEST},
         "tick_s": TICK_S, "waves": WAVES, "shard_size": setup.shard_size, "tree": setup.tree,
-        "simulation": setup.options(1)})
+        "simulation": setup.options(1), "scheduling": scheduling()})
     update_section("fleet_scale", section())
     print(f"results: {path}")
+
+
+def scheduling() -> str:
+    """This run's CPU share against other sessions (Linux autogroups: a process's nice only
+    counts within its session; the session's own nice counts between sessions)."""
+    try:
+        return Path("/proc/self/autogroup").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def section() -> str:
@@ -743,8 +796,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-scale-") as tmp, Progress() as progress:
         kit = make_kit(Path(tmp))
-        rows = [measure(kit, n, burst, setup, progress) for n in sizes]
-    report(rows, burst, setup, write=not args.quick)
+        rows: list[dict[str, Any]] = []
+        for n in sizes:  # written after each size: a later one that fails keeps the others
+            rows.append(measure(kit, n, burst, setup, progress))
+            report(rows, burst, setup, write=not args.quick)
 
 
 if __name__ == "__main__":
