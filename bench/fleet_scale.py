@@ -542,13 +542,16 @@ def spawn_shards(kit: Kit, brokers: Brokers, fleet: str, n: int, setup: Setup,
     """``n`` devices over the shards, round robin on the device brokers; once all are built."""
     count, urls = setup.shards(n), brokers.device_urls
     sizes = [n // count + (i < n % count) for i in range(count)]
-    options = json.dumps(setup.options(count))
+    options = setup.options(count)
     prefixes = ["sim-"] if count == 1 else [f"sim{i + 1}-" for i in range(count)]
     shards = []
     for i, (size, prefix) in enumerate(zip(sizes, prefixes, strict=True)):
         log = stack.enter_context((kit.work / f"shard-{n}-{i + 1}.log").open("wb"))
+        # its own source address: paho binds each socket first, so one address holds at
+        # most one connection per ephemeral port (28,232 here) for all shards together
+        own = json.dumps({**options, "source_address": f"127.0.0.{i + 2}"})
         shard = Shard.spawn([urls[i % len(urls)], fleet, str(size), prefix, str(kit.v1),
-                             str(kit.public), "2.0.0", options], log)
+                             str(kit.public), "2.0.0", own], log)
         stack.callback(shard.close)
         shards.append(shard)
     return [shard.ready() for shard in shards]
@@ -706,10 +709,14 @@ TREE_NOTE = ("Beyond one broker (`--tree`, docs/scale-out.md): the devices conne
              "the controller connects to (`fleet.mosquitto.bridge_lines`); one simulator "
              "process per leaf. A process here may hold at most 20,000 open files (soft and "
              "hard limit), so neither one broker nor one simulator process can hold 50,000 "
-             "connections. Telemetry every 30 s for every size of this table (at 50,000 "
+             "connections. Telemetry every {interval:g} s for every size of this table, the "
+             "10,000 row being the same setup in the same run, for the ratio: at 50,000 "
              "devices every 5 s would be 10,000 msg/s, above what the controller ingests on "
-             "these 2 cores while they are shared): the 10,000 row is the same setup, in the "
-             "same run, for the ratio.")
+             "these 2 cores, and the simulated devices themselves cost CPU in proportion "
+             "(docs/scale-out.md, Limits). A size that stopped progressing for 180 s shows "
+             "how far it went. This machine was shared with other sessions' test runs: "
+             "\"other load\" says how many cores they kept busy; the run's scheduling group "
+             "(`{scheduling}`) is in the JSON.")
 
 
 def print_wide(title: str, table: list[list[Any]]) -> None:
@@ -758,8 +765,11 @@ def section() -> str:
     for name, (heading, note) in SERIES.items():
         path = RESULTS / f"{name}.json"
         if path.exists():
-            rows = json.loads(path.read_text())["rows"]
-            parts += [heading, f"{note} Raw numbers: `{path.relative_to(ROOT)}`.",
+            data = json.loads(path.read_text())
+            rows, simulation = data["rows"], data.get("simulation", {})
+            text = note.format(interval=simulation.get("telemetry_interval_s", 5.0),
+                               scheduling=data.get("scheduling", "unknown"))
+            parts += [heading, f"{text} Raw numbers: `{path.relative_to(ROOT)}`.",
                       markdown_table(COLUMNS, [cells(r) for r in rows])]
     return "\n\n".join(p for p in parts if p)
 
