@@ -293,7 +293,7 @@ def roll_out(shards: list[Shard], ctl: Controller, n: int, pids: dict[str, list[
         stall.check(done)
         return done == n
 
-    wait_for(devices_done, 120 + n / 100, f"{n} devices on v2", poll_s=0.1)
+    wait_for(devices_done, 120 + n / 25, f"{n} devices on v2", poll_s=0.1)
     devices_done_s = time.monotonic() - started
     state: dict[str, Any] = {}
 
