@@ -285,12 +285,12 @@ def roll_out(shards: list[Shard], ctl: Controller, n: int, pids: dict[str, list[
     started = time.monotonic()
     rollout_id = str(ctl.client.post("/api/v1/rollouts", body)["id"])
 
-    stall = Stall("the rollout (devices on v2)", n)
+    stall = Stall("the rollout (devices on v2, committed or in probation)", 2 * n)
 
     def devices_done() -> bool:  # read on the devices' side: costs the controller nothing
         done = sum(shard.count("done") for shard in shards)
-        show(done)
-        stall.check(done)
+        show(done)  # a wave commits once its devices all run v2: progress is either
+        stall.check(done + sum(shard.count("serving") for shard in shards))
         return done == n
 
     wait_for(devices_done, 120 + n / 25, f"{n} devices on v2", poll_s=0.1)
@@ -710,7 +710,8 @@ TREE_NOTE = ("Beyond one broker (`--tree`, docs/scale-out.md): the devices conne
              "process per leaf. A process here may hold at most 20,000 open files (soft and "
              "hard limit), so neither one broker nor one simulator process can hold 50,000 "
              "connections. Telemetry every {interval:g} s for every size of this table, the "
-             "10,000 row being the same setup in the same run, for the ratio: at 50,000 "
+             "10,000 row being the same setup, for the ratio (run minutes apart on this "
+             "machine, each row's `load_1m_at_start` in the JSON): at 50,000 "
              "devices every 5 s would be 10,000 msg/s, above what the controller ingests on "
              "these 2 cores, and the simulated devices themselves cost CPU in proportion "
              "(docs/scale-out.md, Limits). A size that stopped progressing for 180 s shows "

@@ -4,8 +4,9 @@ One process holds at most as many connections as its open-file limit (20,000 her
 and hard): a fleet beyond that runs as several shards, each a :class:`SimulatedFleet`
 with its own device-id prefix on its own broker. The parent (:class:`Shard`) writes
 commands on the child's stdin, one a line (``start``, ``stop``); the child answers in
-JSON lines on stdout: ``{"devices": [...]}`` once built, then ``{"online": n, "done": n}``
-every ``POLL_S`` (``done``: devices that committed the target version), then
+JSON lines on stdout: ``{"devices": [...]}`` once built, then ``{"online": n, "serving": n,
+"done": n}`` every ``POLL_S`` (``serving``: devices that run the target version, committed
+or in probation; ``done``: committed), then
 ``{"stopped": true}``. Device-side progress costs the controller nothing.
 
     python -m bench.scale_sim URL FLEET COUNT PREFIX V1_BUNDLE PUBLIC_KEY TARGET OPTIONS_JSON
@@ -101,6 +102,7 @@ class Shard:
 def progress(devices: Any, target: str) -> dict[str, int]:
     views = list(devices.values())
     return {"online": sum(v.online for v in views),
+            "serving": sum(1 for v in views if v.active_version == target),
             "done": sum(1 for v in views
                         if v.update_state == "COMMITTED" and v.active_version == target)}
 
