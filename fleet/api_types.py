@@ -203,6 +203,8 @@ class RolloutSpec(TypedDict):
     device_timeout_s: float
     soak_s: float
     gates: Gates
+    start_at_ms: int | None
+    windows: list[str]
 
 
 class RolloutSummary(TypedDict):
@@ -219,6 +221,7 @@ class RolloutSummary(TypedDict):
     created_by: str
     counts: dict[str, int]
     total: int
+    waiting_until_ms: int | None
 
 
 class RolloutDevice(TypedDict):
