@@ -471,7 +471,8 @@ def test_allow_origin_names_the_pages_that_may_act_apart_from_the_public_url() -
                   public_url=["https://fleet.example"])
 
 
-def test_fleet_serve_refuses_an_allow_origin_that_is_no_origin(tmp_path: Path) -> None:
+def test_fleet_serve_refuses_an_allow_origin_that_is_no_origin(tmp_path: Path,
+                                                              signing_keys: Keys) -> None:
     import socket
 
     from typer.testing import CliRunner
@@ -481,7 +482,9 @@ def test_fleet_serve_refuses_an_allow_origin_that_is_no_origin(tmp_path: Path) -
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    result = CliRunner().invoke(app, ["fleet", "serve", "--token", f"alice={TOKEN}",
+    result = CliRunner().invoke(app, ["fleet", "serve", "--fleet", "f1",
+                                      "--trusted-key", str(signing_keys.public),
+                                      "--token", f"alice={TOKEN}",
                                       "--allow-origin", "fleet.example",
                                       "--data-dir", str(tmp_path / "d"),
                                       "--http", f"127.0.0.1:{port}"])
