@@ -1,7 +1,9 @@
 """The running agent: serving, HTTP, MQTT status, reported state, events and telemetry.
 
 Wires the pieces together and owns their start and stop; each piece does one job:
-:class:`edgefleet.agent.core.Agent` serves, :class:`edgefleet.agent.serving.http.InferenceServer`
+:class:`edgefleet.agent.models.ModelSet` serves the models by name (one
+:class:`edgefleet.agent.core.Agent` and one :class:`UpdateRunner` a model, each on its own
+folder of the data dir), :class:`edgefleet.agent.serving.http.InferenceServer`
 speaks KServe v2, :class:`edgefleet.agent.mqtt.MqttClient` talks to the broker,
 :class:`edgefleet.agent.telemetry.reporter.TelemetryReporter` publishes (or spools) telemetry.
 """
@@ -20,6 +22,7 @@ from edgefleet.agent.core import Agent
 from edgefleet.agent.events import EventLog
 from edgefleet.agent.ha_discovery import publish_discovery
 from edgefleet.agent.loader import LoadedModel
+from edgefleet.agent.models import ModelSet
 from edgefleet.agent.mqtt import MqttClient, MqttSecurity
 from edgefleet.agent.protocol.bundle import read_manifest
 from edgefleet.agent.protocol.errors import EdgefleetError
@@ -31,12 +34,17 @@ from edgefleet.agent.protocol.keyring import (
     save_keyring,
 )
 from edgefleet.agent.protocol.payloads import (
+    MAX_MODELS,
+    MODELS_SCHEMA_VERSION,
     STATUS_OFFLINE,
     STATUS_ONLINE,
     BundleRef,
+    DesiredModels,
     DesiredState,
+    ModelReport,
     ReportedState,
-    decode,
+    decode_desired,
+    desired_entries,
     encode,
 )
 from edgefleet.agent.protocol.topics import Leaf, device_topic, keyring_topic
@@ -47,6 +55,7 @@ from edgefleet.agent.serving.security import HttpSecurity
 from edgefleet.agent.telemetry.reporter import TelemetryReporter
 from edgefleet.agent.telemetry.spool import Spool
 from edgefleet.agent.update.device import UpdateSettings
+from edgefleet.agent.update.layout import migrate, model_dir
 from edgefleet.agent.update.report import target_ref, update_report
 from edgefleet.agent.update.runner import UpdateRunner
 from edgefleet.agent.update.slots import SlotStore
@@ -80,35 +89,50 @@ class ServiceConfig:
 
 
 class AgentService:
-    """Starts and stops everything around one :class:`Agent`."""
+    """Starts and stops everything around a :class:`ModelSet` (an :class:`Agent` given
+    alone is the set of its one model)."""
 
-    def __init__(self, config: ServiceConfig, agent: Agent) -> None:
-        self.config, self.agent = config, agent
+    def __init__(self, config: ServiceConfig, models: ModelSet | Agent) -> None:
+        self.config = config
+        self.models = models if isinstance(models, ModelSet) else ModelSet.of(models)
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        migrate(config.data_dir)  # a data dir of one model: its model's folder
         self.events = EventLog(config.data_dir / "events.seq")
-        self.desired: DesiredState | None = None
+        self.desired: DesiredState | DesiredModels | None = None
         self.http: InferenceServer | None = None
         self.mqtt: MqttClient | None = None
         self.reporter: TelemetryReporter | None = None
-        self.updates: UpdateRunner | None = None
+        self.runners: dict[str, UpdateRunner] = {}
         self._lock = threading.Lock()
+        self._runners_lock = threading.Lock()
         self.keyring = _held_keyring(config.data_dir / KEYRING_FILE)
-        agent.on_change(self._model_changed)
+        self.models.on_change(self._model_changed)
+
+    @property
+    def agent(self) -> Agent:
+        """The agent of the one model (a device serving one model)."""
+        return self.models.only()
+
+    @property
+    def updates(self) -> UpdateRunner | None:
+        """The update runner of the one model (a device serving one model), or None."""
+        runners = list(self.runners.values())
+        return runners[0] if len(runners) == 1 else None
 
     def topic(self, leaf: Leaf) -> str:
         return device_topic(self.config.fleet, self.config.device_id, leaf)
 
     def start(self) -> None:
         if self.config.http_port is not None:
-            self.http = InferenceServer(self.agent, self.config.http_host, self.config.http_port,
+            self.http = InferenceServer(self.models, self.config.http_host, self.config.http_port,
                                         self.config.http_limits, self.config.http_security)
             self.http.start()
         if self.config.broker_url:
             self._start_mqtt(self.config.broker_url)
 
     def stop(self) -> None:
-        if self.updates:
-            self.updates.stop()
+        for runner in list(self.runners.values()):
+            runner.stop()
         if self.reporter:
             self.reporter.stop(flush=True)
         if self.mqtt:
@@ -129,35 +153,63 @@ class AgentService:
         self.mqtt.subscribe(self.topic(Leaf.DESIRED), self._desired_message)
         spool = Spool(cfg.data_dir / "spool", cfg.spool_max_bytes)
         self.reporter = TelemetryReporter(self.mqtt, cfg.fleet, cfg.device_id,
-                                          self.agent.telemetry_values, spool,
+                                          self.models.telemetry_values, spool,
                                           cfg.telemetry_interval_s)
-        settings = UpdateSettings(probation_s=cfg.probation_s, max_error_rate=cfg.max_error_rate,
-                                  step_delay_s=cfg.step_delay_s,
-                                  latency_budget_ms=cfg.latency_budget_ms)
-        self.updates = UpdateRunner(cfg.data_dir, self.agent, settings, self._journal_changed)
+        for name in self.models.names():
+            self._runner(name)
         self.mqtt.start()
         self.reporter.start()
-        self.updates.start()
+
+    def _settings(self) -> UpdateSettings:
+        cfg = self.config
+        return UpdateSettings(probation_s=cfg.probation_s, max_error_rate=cfg.max_error_rate,
+                              step_delay_s=cfg.step_delay_s,
+                              latency_budget_ms=cfg.latency_budget_ms)
+
+    def _runner(self, name: str) -> UpdateRunner:
+        """Model ``name``'s update runner, started on its folder (and its agent made, empty,
+        for a model the fleet adds)."""
+        with self._runners_lock:
+            runner = self.runners.get(name)
+            if runner is None:
+                runner = UpdateRunner(model_dir(self.config.data_dir, name),
+                                      self.models.agent(name), self._settings(),
+                                      self._journal_changed)
+                self.runners[name] = runner
+                runner.start()
+            return runner
 
     def reported_state(self) -> ReportedState:
-        model = self.agent.model
-        slots = SlotStore(self.config.data_dir)
-        pointer = slots.pointer()
-        journal = self.updates.journal if self.updates else None
-        return ReportedState(fleet=self.config.fleet, device=self.config.device_id,
-                             agent_version=__version__, active=model.ref if model else None,
-                             previous=_ref(slots.bundle(pointer.committed
-                                                        if pointer.committed != pointer.active
-                                                        else pointer.fallback)),
-                             slot=pointer.active, update=update_report(journal),
-                             runtimes=installed_runtimes(), profile=self.config.profile,
-                             decryption_keys=self.agent.keys.key_ids,
+        """Version 2: one entry per model, named by the folders the runners work on too."""
+        names = sorted(set(self.models.names()) | set(self.runners))
+        models = {name: self._model_report(name) for name in names}
+        one = dict(models[names[0]]) if len(names) == 1 else {}  # see ReportedState
+        one.pop("serving", None)
+        return ReportedState(schema_version=MODELS_SCHEMA_VERSION, models=models, **one,
+                             fleet=self.config.fleet, device=self.config.device_id,
+                             agent_version=__version__, runtimes=installed_runtimes(),
+                             profile=self.config.profile,
+                             decryption_keys=self.models.keys.key_ids,
                              arch=platform.machine() or None, labels=self.config.labels,
-                             serving=model is not None, ts=int(time.time() * 1000))
+                             serving=self.models.ready, ts=int(time.time() * 1000))
+
+    def _model_report(self, name: str) -> ModelReport:
+        agent, runner = self.models.get(name), self.runners.get(name)
+        model = agent.model if agent is not None else None
+        slots = SlotStore(model_dir(self.config.data_dir, name))
+        pointer = slots.pointer()
+        return ModelReport(active=model.ref if model else None,
+                           previous=_ref(slots.bundle(pointer.committed
+                                                      if pointer.committed != pointer.active
+                                                      else pointer.fallback)),
+                           slot=pointer.active,
+                           update=update_report(runner.journal if runner else None),
+                           serving=model is not None)
 
     def publish_event(self, kind: str, detail: str = "", state: str | None = None,
                       bundle: BundleRef | None = None) -> None:
-        model = self.agent.model
+        only = self.models.items()
+        model = only[0][1].model if len(only) == 1 else None
         event = self.events.next(kind, detail, state=state,
                                  bundle=bundle or (model.ref if model else None))
         ref = event.bundle  # the log line names what the event is about, as --log-format json
@@ -202,16 +254,27 @@ class AgentService:
         if not payload:
             return  # a cleared retained message
         try:
-            desired = decode(DesiredState, payload)
+            desired = decode_desired(payload)
         except EdgefleetError as exc:
             log.warning("dropped malformed desired state on %s: %s", topic, exc)
             self.publish_event("payload_rejected", f"{topic}: {exc.message}")
             return
         with self._lock:
             self.desired = desired
-        log.info("desired state: %s %s (%s)", desired.name, desired.version, desired.action)
-        if self.updates:
-            self.updates.desired(desired)
+        self._follow(desired)
+
+    def _follow(self, desired: DesiredState | DesiredModels) -> None:
+        """Hand each model's entry to that model's runner (a model named for the first time
+        gets one); a model without an entry is not touched."""
+        if self.mqtt is None:
+            return  # no fleet: nothing follows the desired state
+        for name, entry in desired_entries(desired).items():
+            log.info("desired state: %s %s (%s)", name, entry.version, entry.action)
+            if name not in self.runners and len(self.runners) >= MAX_MODELS:
+                log.warning("refused model %s: this device serves %d models already", name,
+                            MAX_MODELS)
+                continue
+            self._runner(name).desired(entry)
 
     def _keyring_message(self, topic: str, payload: bytes) -> None:
         """A new fleet keyring: checked against the keys trusted now, kept, then trusted."""
@@ -219,7 +282,7 @@ class AgentService:
             return  # a cleared retained message changes nothing
         with self._lock:
             try:
-                keyring = accept_keyring(payload, self.agent.trusted, self.keyring)
+                keyring = accept_keyring(payload, self.models.trusted, self.keyring)
                 if keyring is not None:
                     save_keyring(self.config.data_dir / KEYRING_FILE, keyring)
             except (EdgefleetError, OSError) as exc:  # OSError: it could not be kept
@@ -230,18 +293,19 @@ class AgentService:
             if keyring is None:
                 return  # the one held already (retained, sent again on every connection)
             self.keyring, desired = keyring, self.desired
-            self.agent.trust(keyring.trusted())
+            self.models.trust(keyring.trusted())
         log.info("keyring serial %d applied: trusting %s", keyring.serial,
                  ", ".join(keyring.key_ids))
         self.publish_event("keyring_applied", f"serial {keyring.serial}: trusting "
                                               f"{', '.join(keyring.key_ids)}")
-        model = self.agent.model
-        if model is not None and model.bundle.key_id not in keyring.key_ids:
-            log.warning("the active bundle %s is signed by %s, which keyring serial %d no "
-                        "longer trusts: it will not load again after a restart", model.name,
-                        model.bundle.key_id, keyring.serial)
-        if desired is not None and self.updates:
-            self.updates.desired(desired)  # a target refused for its key may verify now
+        for _, agent in self.models.items():
+            model = agent.model
+            if model is not None and model.bundle.key_id not in keyring.key_ids:
+                log.warning("the active bundle %s is signed by %s, which keyring serial %d no "
+                            "longer trusts: it will not load again after a restart",
+                            model.name, model.bundle.key_id, keyring.serial)
+        if desired is not None:
+            self._follow(desired)  # a target refused for its key may verify now
 
 
 def _held_keyring(path: Path) -> SignedKeyring | None:

@@ -115,7 +115,7 @@ class LocalFleet:
             thread.join(timeout=5)
         for service in self.agents.values():
             service.stop()
-            service.agent.close()  # the agents are this fleet's: end their threads
+            service.models.close()  # the agents are this fleet's: end their threads
         self.stop_controller()
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from edgefleet.agent.protocol.payloads import BundleRef
 from edgefleet.agent.protocol.update_state import UpdateState
 
-__all__ = ["AuditEntry", "Device", "ModelVersion", "ref_from_dict", "ref_to_dict"]
+__all__ = ["AuditEntry", "Device", "ModelState", "ModelVersion", "ref_from_dict", "ref_to_dict"]
 
 
 def ref_to_dict(ref: BundleRef | None) -> dict[str, str] | None:
@@ -26,6 +26,32 @@ def ref_from_dict(data: Any) -> BundleRef | None:
     # Stored and API data were validated when they came in: no second validation.
     return BundleRef.model_construct(name=str(data["name"]), version=str(data["version"]),
                                      sha256=str(data["sha256"]))
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """One model of a device, as the device reported it."""
+
+    active: BundleRef | None = None
+    previous: BundleRef | None = None
+    update_state: str = UpdateState.IDLE.value
+    update_target: str | None = None  # sha256 of the bundle the update is about
+    update_detail: str = ""
+    update_since_ms: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"active": ref_to_dict(self.active), "previous": ref_to_dict(self.previous),
+                "update_state": self.update_state, "update_target": self.update_target,
+                "update_detail": self.update_detail, "update_since_ms": self.update_since_ms}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelState:
+        return cls(active=ref_from_dict(data.get("active")),
+                   previous=ref_from_dict(data.get("previous")),
+                   update_state=str(data.get("update_state") or UpdateState.IDLE.value),
+                   update_target=data.get("update_target"),
+                   update_detail=str(data.get("update_detail") or ""),
+                   update_since_ms=int(data.get("update_since_ms") or 0))
 
 
 @dataclass(frozen=True)
@@ -56,19 +82,42 @@ class Device:
     update_since_ms: int = 0  # when the device entered update_state (its own clock)
     first_seen_ms: int = 0
     last_seen_ms: int = 0
+    # each model by name, from a report of version 2 (docs/protocol.md, "Several models");
+    # None: the device reports one model (version 1) in the fields above, or has not
+    # reported since the controller started (kept in memory only, as decryption_keys)
+    models: dict[str, ModelState] | None = None
 
     def with_changes(self, **changes: Any) -> Device:
         return replace(self, **changes)
 
     @property
-    def model_ref(self) -> tuple[str, str] | None:
-        """(name, version) of the bundle it runs, for selectors."""
-        return (self.active.name, self.active.version) if self.active else None
+    def model_refs(self) -> list[tuple[str, str]]:
+        """(name, version) of each model it runs, for selectors."""
+        if self.models is None:
+            return [(self.active.name, self.active.version)] if self.active else []
+        return sorted((name, state.active.version) for name, state in self.models.items()
+                      if state.active)
 
     @property
     def all_labels(self) -> dict[str, str]:
         """Its labels: those it reports, and those operators set (which win)."""
         return {**self.reported_labels, **self.labels} if self.reported_labels else self.labels
+
+    def model(self, name: str) -> ModelState:
+        """Model ``name`` on this device. A device of one model (version 1) answers with
+        that model whatever the name: a rollout of another name replaces it, as it always
+        did. A device of several answers with an empty state for a model it does not run."""
+        if self.models is None:
+            return ModelState(self.active, self.previous, self.update_state,
+                              self.update_target, self.update_detail, self.update_since_ms)
+        return self.models.get(name) or ModelState()
+
+    @property
+    def model_names(self) -> list[str]:
+        """The names of the models it serves (version 1: the one it reported)."""
+        if self.models is None:
+            return [self.active.name] if self.active else []
+        return sorted(name for name, state in self.models.items() if state.active)
 
     def as_dict(self) -> dict[str, Any]:
         # Shallow on purpose: ``dataclasses.asdict`` deep-copies every BundleRef only for it
@@ -76,7 +125,9 @@ class Device:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         data.update(tags=sorted(self.tags), runtimes=dict(self.runtimes),
                     reported_labels=dict(self.reported_labels), labels=dict(self.labels),
-                    active=ref_to_dict(self.active), previous=ref_to_dict(self.previous))
+                    active=ref_to_dict(self.active), previous=ref_to_dict(self.previous),
+                    models=None if self.models is None else {
+                        name: state.as_dict() for name, state in sorted(self.models.items())})
         return data
 
     @classmethod
@@ -95,7 +146,15 @@ class Device:
                    update_detail=str(data.get("update_detail") or ""),
                    update_since_ms=int(data.get("update_since_ms") or 0),
                    first_seen_ms=int(data.get("first_seen_ms") or 0),
-                   last_seen_ms=int(data.get("last_seen_ms") or 0))
+                   last_seen_ms=int(data.get("last_seen_ms") or 0),
+                   models=_models_from(data.get("models")))
+
+
+def _models_from(data: Any) -> dict[str, ModelState] | None:
+    if not isinstance(data, dict):
+        return None
+    return {str(name): ModelState.from_dict(state) for name, state in data.items()
+            if isinstance(state, dict)}
 
 
 @dataclass(frozen=True)

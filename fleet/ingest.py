@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgefleet.agent.protocol.errors import PayloadError, SchemaVersionError
-from edgefleet.agent.protocol.payloads import Event, ReportedState, decode_status
+from edgefleet.agent.protocol.payloads import Event, ReportedState, UpdateReport, decode_status
 from edgefleet.agent.protocol.schema import decode_json, validate_document
 from edgefleet.agent.protocol.telemetry_schema import check_points
 from edgefleet.agent.protocol.topics import Leaf
@@ -113,14 +113,22 @@ def reported(device: str, payload: bytes, fleet: str) -> ReportedState:
 
 
 def _check_report(document: ReportedState) -> None:
-    """What the report says is something an agent says."""
-    if document.update.state not in UPDATE_STATES:
-        raise IngestError(f"state/reported update.state {document.update.state[:40]!r} is not "
+    """What the report says is something an agent says (of each model, for version 2)."""
+    _check_model("", document.update, document.slot)
+    for name, model in (document.models or {}).items():
+        _check_model(f"models.{name[:64]}.", model.update, model.slot)
+    if not 0 <= document.ts < MAX_MS:
+        raise IngestError("state/reported ts must be milliseconds from 0 to 2**53")
+
+
+def _check_model(where: str, update: UpdateReport, slot: str | None) -> None:
+    if update.state not in UPDATE_STATES:
+        raise IngestError(f"state/reported {where}update.state {update.state[:40]!r} is not "
                           f"an update state: {', '.join(sorted(UPDATE_STATES))}")
-    if document.slot is not None and document.slot not in SLOTS:
-        raise IngestError(f"state/reported slot {document.slot[:40]!r} is not a, b or null")
-    if not 0 <= document.update.since < MAX_MS or not 0 <= document.ts < MAX_MS:
-        raise IngestError("state/reported update.since and ts must be milliseconds from 0 "
+    if slot is not None and slot not in SLOTS:
+        raise IngestError(f"state/reported {where}slot {slot[:40]!r} is not a, b or null")
+    if not 0 <= update.since < MAX_MS:
+        raise IngestError(f"state/reported {where}update.since must be milliseconds from 0 "
                           "to 2**53")
 
 

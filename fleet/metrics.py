@@ -79,7 +79,7 @@ from prometheus_client.registry import CollectorRegistry
 from edgefleet.fleet.domain import Device
 from edgefleet.fleet.ingest import REASONS
 from edgefleet.fleet.rollout.state import DeviceState, Rollout, RolloutState
-from edgefleet.fleet.telemetry import VersionKey
+from edgefleet.fleet.telemetry import VersionKey, per_model
 
 if TYPE_CHECKING:
     from edgefleet.fleet.controller import FleetController
@@ -142,11 +142,12 @@ class FleetCollector:
         yield rejected
 
     def _counter_families(self, latest: dict[str, dict[str, Any]]) -> Iterator[Metric]:
-        for device, values in latest.items():
-            key = _served(values)
-            if key is not None:
-                self._inferences.update(device, key, values.get("inferences_total"))
-                self._errors.update(device, key, values.get("errors_total"))
+        for device, point in latest.items():
+            for values in per_model(point):
+                key = _served(values)
+                if key is not None:
+                    self._inferences.update(device, key, values.get("inferences_total"))
+                    self._errors.update(device, key, values.get("errors_total"))
         yield _per_version(CounterMetricFamily, "edgefleet_inferences",
                            "Inferences served, summed over devices (agents' own totals).",
                            self._inferences.sums())
@@ -162,10 +163,16 @@ def _device_families(devices: Sequence[Device]) -> Iterator[Metric]:
     versions: defaultdict[VersionKey, int] = defaultdict(int)
     online = GaugeMetricFamily("edgefleet_device_online", "1 if the device is online, else 0.",
                                labels=["device"])
+    models = GaugeMetricFamily("edgefleet_device_model",
+                               "1 for each model a device serves, with its version.",
+                               labels=["device", "model", "version"])
     for device in devices:
         states[(device.update_state, "true" if device.online else "false")] += 1
-        active = device.active
-        versions[(active.name, active.version) if active else (NONE, NONE)] += 1
+        served = _device_models(device)
+        for name, version in served or [(NONE, NONE)]:
+            versions[(name, version)] += 1
+        for name, version in served:
+            models.add_metric([device.id, name, version], 1)
         online.add_metric([device.id], 1 if device.online else 0)
     by_state = GaugeMetricFamily("edgefleet_devices", "Devices by update state and online.",
                                  labels=["state", "online"])
@@ -173,8 +180,19 @@ def _device_families(devices: Sequence[Device]) -> Iterator[Metric]:
         by_state.add_metric(list(labels), count)
     yield by_state
     yield _per_version(GaugeMetricFamily, "edgefleet_devices_by_version",
-                       'Devices by the bundle they run ("none": no bundle).', versions)
+                       'Devices by the bundle they run ("none": no bundle); a device of '
+                       'several models counts once for each.', versions)
     yield online
+    yield models
+
+
+def _device_models(device: Device) -> list[VersionKey]:
+    """(model, version) of every model the device serves."""
+    if device.models is None:
+        active = device.active
+        return [(active.name, active.version)] if active else []
+    return [(name, state.active.version) for name, state in sorted(device.models.items())
+            if state.active is not None]
 
 
 # --- rollouts ---------------------------------------------------------------------------

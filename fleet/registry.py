@@ -13,8 +13,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from edgefleet.agent.protocol.payloads import STATUS_ONLINE, ReportedState
-from edgefleet.fleet.domain import Device
+from edgefleet.agent.protocol.payloads import STATUS_ONLINE, ModelReport, ReportedState
+from edgefleet.fleet.domain import Device, ModelState
 
 __all__ = ["DeviceRegistry", "apply_reported"]
 
@@ -30,7 +30,17 @@ def apply_reported(device: Device, reported: ReportedState, now_ms: int) -> Devi
         reported_labels=dict(reported.labels or {}), active=reported.active,
         previous=reported.previous, update_state=update.state,
         update_target=update.target.sha256 if update.target else None,
-        update_detail=update.detail, update_since_ms=update.since, last_seen_ms=now_ms)
+        update_detail=update.detail, update_since_ms=update.since, last_seen_ms=now_ms,
+        models=None if reported.models is None else {
+            name: _model_state(model) for name, model in reported.models.items()})
+
+
+def _model_state(report: ModelReport) -> ModelState:
+    update = report.update
+    return ModelState(active=report.active, previous=report.previous,
+                      update_state=update.state,
+                      update_target=update.target.sha256 if update.target else None,
+                      update_detail=update.detail, update_since_ms=update.since)
 
 
 class DeviceRegistry:

@@ -24,14 +24,19 @@ mean of the latest agreement each device reported in the bucket.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+from edgefleet.agent.protocol.payloads import MAX_MODELS
+from edgefleet.agent.protocol.schema import NAME_PATTERN
 from edgefleet.fleet.rollout.executor import Quality
 
-__all__ = ["Share", "TelemetryBook", "VersionKey", "VersionSeries"]
+__all__ = ["Share", "TelemetryBook", "VersionKey", "VersionSeries", "per_model"]
+
+_NAME = re.compile(NAME_PATTERN)
 
 VersionKey = tuple[str, str]  # (model name, version)
 _MAX_POINTS = 64  # per device and version, and never older than the window
@@ -134,17 +139,18 @@ class TelemetryBook:
         self._lock = threading.Lock()
 
     def add(self, device: str, ts_ms: int, values: dict[str, Any]) -> None:
-        model = str(values.get("model") or "")
-        versions = values.get("versions")
         with self._lock:
             self.points += 1
             if ts_ms >= self.latest_ts.get(device, 0):
                 self.latest[device], self.latest_ts[device] = values, ts_ms
-            if not model or not isinstance(versions, dict):
-                return
-            for version, stats in versions.items():
-                if isinstance(stats, dict):
-                    self._add_version(device, (model, str(version)), ts_ms, stats)
+            for model_values in per_model(values):
+                model = str(model_values.get("model") or "")
+                versions = model_values.get("versions")
+                if not model or not isinstance(versions, dict):
+                    continue
+                for version, stats in versions.items():
+                    if isinstance(stats, dict):
+                        self._add_version(device, (model, str(version)), ts_ms, stats)
 
     def _add_version(self, device: str, key: VersionKey, ts_ms: int,
                      stats: dict[str, Any]) -> None:
@@ -256,7 +262,7 @@ class TelemetryBook:
         """Per ``"model:version"``: the devices' latest windows summed (latency weighted by
         inferences), error rate, and top-1 agreement weighted by samples."""
         sums: dict[str, dict[str, float]] = {}
-        for values in self.snapshot().values():
+        for values in (v for point in self.snapshot().values() for v in per_model(point)):
             for version, stats in (values.get("versions") or {}).items():
                 if not isinstance(stats, dict):
                     continue
@@ -276,13 +282,25 @@ class TelemetryBook:
     def running(self, key: VersionKey) -> list[str]:
         """Devices whose latest point says they serve ``key``."""
         with self._lock:
-            return [device for device, values in self.latest.items()
-                    if (values.get("model"), values.get("model_version")) == key]
+            return [device for device, point in self.latest.items()
+                    if any((values.get("model"), values.get("model_version")) == key
+                           for values in per_model(point))]
 
     def forget_agreement(self, devices: Iterable[str], key: VersionKey) -> None:
         with self._lock:
             for device in devices:
                 self._agreement.pop((device, key), None)
+
+
+def per_model(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each model's values of a telemetry point: its ``models`` map (an agent of several
+    models, docs/protocol.md), else the point itself (its flat keys)."""
+    models = values.get("models")
+    if isinstance(models, dict) and models:
+        return [v for name, v in list(models.items())[:MAX_MODELS]
+                if isinstance(v, dict) and v.get("model") == name and isinstance(name, str)
+                and _NAME.fullmatch(name)]
+    return [values]
 
 
 def _note(share: Share, device: str, key: VersionKey, window: _Window | None,

@@ -51,14 +51,15 @@ def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 
 def make_bundle(model: Path, out: Path, keys: Keys, version: str = "1.0.0",
-                rows: int = 8, **extra: object) -> Path:
-    """Package ``model`` (tflite or onnx) as the digits classifier, health vectors from digits."""
+                rows: int = 8, name: str = "digits", **extra: object) -> Path:
+    """Package ``model`` (tflite or onnx) as the digits classifier (named ``name``), health
+    vectors from digits."""
     from tests.models import load_digits
 
     fmt = model.suffix.lstrip(".")
     runtime = load_runtime(model.read_bytes(), fmt)
     x = load_digits().x_test[:rows]
-    spec = PackageSpec("digits", version, {runtime.inputs[0].name: x},
+    spec = PackageSpec(name, version, {runtime.inputs[0].name: x},
                        task="classification", labels=DIGIT_LABELS, **extra)  # type: ignore[arg-type]
     return package_model(model, out, spec, keys.signer)
 

@@ -118,7 +118,8 @@ def test_killed_in_a_state_the_agent_restarts_serving_and_converges(
         device.kill()
         server.faults.throttle_s = 0.0
         if inside_download:
-            assert list((tmp_path / "downloads").glob("*.part")), "killed inside the download"
+            assert list((tmp_path / "models" / "digits" / "downloads").glob("*.part")), \
+                "killed inside the download"
         device.start(0.0)
         assert device.served_version() in ("1.0.0", "2.0.0"), "never without a model"
 
@@ -133,7 +134,7 @@ def test_killed_in_a_state_the_agent_restarts_serving_and_converges(
         if inside_download:
             assert any(r and r.startswith("bytes=") for r in server.faults.requests), \
                 "the download resumed with Range"
-        pointer = json.loads((tmp_path / "slots.json").read_text())
+        pointer = json.loads((tmp_path / "models" / "digits" / "slots.json").read_text())
         assert pointer["active"] == pointer["committed"]
     finally:
         device.stop()

@@ -149,7 +149,8 @@ def test_a_corrupt_download_is_rejected_and_v1_keeps_serving(
     reported = _wait_state(sub, "FAILED", "1.0.0")
     assert "sha256 differs" in reported.update.detail
     assert device.agent.model is not None and device.agent.model.version == "1.0.0"
-    assert json.loads((device.config.data_dir / "slots.json").read_text())["active"] == "a"
+    pointer = device.config.data_dir / "models" / "digits" / "slots.json"
+    assert json.loads(pointer.read_text())["active"] == "a"
     sub.close()
 
 
@@ -195,8 +196,8 @@ def test_an_update_that_does_not_fit_on_disk_fails_before_downloading(
     sub.publish(device_topic(fleet_name, "pi-1", Leaf.DESIRED), encode(huge), retain=True)
     reported = _wait_state(sub, "FAILED", "1.0.0")
     assert "not enough free disk" in reported.update.detail
-    assert not list((device.config.data_dir / "downloads").glob(f"{huge.sha256}*")), \
-        "nothing was fetched"
+    downloads = device.config.data_dir / "models" / "digits" / "downloads"
+    assert not list(downloads.glob(f"{huge.sha256}*")), "nothing was fetched"
     sub.close()
 
 

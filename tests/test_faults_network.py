@@ -73,7 +73,7 @@ class FarDevice:
 
     def journal(self) -> dict[str, Any]:
         try:
-            data = json.loads((self.data_dir / "journal.json").read_text())
+            data = json.loads((self.data_dir / "models" / "digits" / "journal.json").read_text())
         except (OSError, ValueError):  # none yet, or being replaced
             return {}
         return data if isinstance(data, dict) else {}
@@ -84,7 +84,8 @@ class FarDevice:
 
     def downloaded(self) -> int:
         """Bytes of the download in progress (0 when there is none)."""
-        return sum(p.stat().st_size for p in (self.data_dir / "downloads").glob("*.part"))
+        downloads = self.data_dir / "models" / "digits" / "downloads"
+        return sum(p.stat().st_size for p in downloads.glob("*.part"))
 
     def stop(self) -> None:
         stop_process(self.process, signal.SIGTERM)

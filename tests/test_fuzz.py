@@ -49,7 +49,7 @@ from edgefleet.agent.protocol.bundle import read_bundle
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.files import read_int
 from edgefleet.agent.protocol.keyring import KEYRING_FILE, build_keyring, parse_keyring
-from edgefleet.agent.protocol.payloads import DesiredState, decode
+from edgefleet.agent.protocol.payloads import DesiredModels, DesiredState, decode_desired
 from edgefleet.agent.protocol.schema import NAME_PATTERN
 from edgefleet.agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
 from edgefleet.agent.protocol.topics import Leaf, check_id, keyring_topic
@@ -297,7 +297,7 @@ def test_the_agent_takes_any_desired_state_payload(idle_service: AgentService) -
         with logged("edgefleet.agent.service") as records:
             service._desired_message(topic, payload)
         try:
-            expected: DesiredState | None = decode(DesiredState, payload)
+            expected: DesiredState | DesiredModels | None = decode_desired(payload)
         except EdgefleetError:
             expected = None
         assert not _tracebacks(records)
@@ -369,21 +369,21 @@ def test_the_agent_takes_any_keyring_payload(idle_service: AgentService, pool: P
         if held:
             stored.write_bytes(held_raw)
             service.keyring = parse_keyring(held_raw)
-            service.agent.trust(service.keyring.trusted())
+            service.models.trust(service.keyring.trusted())
         else:
             stored.unlink(missing_ok=True)
             service.keyring = None
-            service.agent.trust(pool.trusted("root"))
-        trusted, serial = service.agent.trusted, 3 if held else 0
+            service.models.trust(pool.trusted("root"))
+        trusted, serial = service.models.trusted, 3 if held else 0
         with logged("edgefleet.agent.service") as records:
             service._keyring_message(topic, payload)
         assert not _tracebacks(records)
-        if service.agent.trusted is not trusted:
+        if service.models.trusted is not trusted:
             keyring = service.keyring
             assert keyring is not None and keyring.serial > serial
             assert _signed_by_one_of(payload, trusted)
             assert stored.read_bytes() == payload
-            assert service.agent.trusted.key_ids == keyring.key_ids
+            assert service.models.trusted.key_ids == keyring.key_ids
         elif not payload:  # a cleared retained message: the keyring held stays
             assert not _said(records) and stored.exists() == held
         elif not (held and _body(payload) == held_body):  # the held keyring: nothing to do
@@ -394,7 +394,7 @@ def test_the_agent_takes_any_keyring_payload(idle_service: AgentService, pool: P
         if untouched:
             doc = json.loads(payload)
             expect = doc["keyring"]["serial"] > serial and _signed_by_one_of(payload, trusted)
-            assert (service.agent.trusted is not trusted) == expect or (
+            assert (service.models.trusted is not trusted) == expect or (
                 held and _body(payload) == held_body)
 
     check()

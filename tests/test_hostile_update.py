@@ -39,7 +39,7 @@ from edgefleet.agent.core import Agent
 from edgefleet.agent.protocol.bundle import read_bundle
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.payloads import DesiredState
-from edgefleet.agent.update import local
+from edgefleet.agent.update import layout, local
 from edgefleet.agent.update.attempts import starts_attempt
 from edgefleet.agent.update.device import DeviceEffects, UpdateSettings
 from edgefleet.agent.update.disk import DiskFullError, sweep
@@ -543,7 +543,12 @@ def test_agent_install_on_a_full_disk_prints_one_line_and_no_traceback(
     # refused before any step could be recorded: 2 (as every CLI error); the update ran
     # and was recorded FAILED: 1
     assert done.returncode == (2 if where == "journal" else 1)
-    _assert_unharmed(data, {"error": "DiskFullError", "model": "1.0.0"}, signing_keys)
+    _assert_unharmed(_model(data), {"error": "DiskFullError", "model": "1.0.0"}, signing_keys)
+
+
+def _model(data: Path) -> Path:
+    """The folder of the model ``digits`` in a data dir the CLI opened (layout.py)."""
+    return data / "models" / "digits"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -568,18 +573,18 @@ def test_agent_install_with_no_inode_left_ends_the_attempt_and_removes_its_files
         data, key = disk / "device", str(signing_keys.public)
         assert _cli("install", str(versions["v1"]), "--data-dir", str(data),
                     "--trusted-key", key).returncode == 0
-        before = (data / "journal.json").read_bytes()
+        before = (_model(data) / "journal.json").read_bytes()
         stat = os.statvfs(disk)
         subprocess.run(["mount", "-o", f"remount,nr_inodes={stat.f_files - stat.f_ffree + spare}",
                         str(disk)], check=True)
         done = _cli("install", str(versions["v2"]), "--data-dir", str(data), "--trusted-key", key)
         _one_error(done, "the disk is full")
-        _assert_ended(data)
-        journal = (data / "journal.json").read_bytes()
+        _assert_ended(_model(data))
+        journal = (_model(data) / "journal.json").read_bytes()
         assert journal == before or json.loads(journal)["state"] == "FAILED", journal
         shown = _cli("status", "--data-dir", str(data))
-        assert "update: DOWNLOADING" not in shown.stdout and "2.0.0" not in shown.stdout.split(
-            "update:")[0], shown.stdout
+        assert "update DOWNLOADING" not in shown.stdout and "2.0.0" not in shown.stdout.split(
+            "digits: update")[0], shown.stdout
 
 
 def test_agent_install_refused_by_the_free_space_check_prints_one_line_and_writes_nothing(
@@ -587,6 +592,7 @@ def test_agent_install_refused_by_the_free_space_check_prints_one_line_and_write
     with _tmpfs(tmp_path / "disk", "size=16m") as disk:  # under 2 x bundle + the 16 MiB margin
         data = disk / "device"
         shutil.copytree(device_dir, data)
+        layout.migrate(data)  # a data dir of this version (the CLI moves an older one first)
         files = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
         done = _cli("install", str(versions["v2"]), "--data-dir", str(data),
                     "--trusted-key", str(signing_keys.public))
@@ -714,16 +720,18 @@ def test_agent_rollback_with_no_earlier_bundle_is_refused_and_changes_nothing(
     for name in ("v1", "v2")[:installs]:
         local.install(agent, tmp_path, versions[name])
     agent.close()
+    layout.migrate(tmp_path)  # as the CLI does first (a data dir of one model)
     args = ["rollback", "--data-dir", str(tmp_path), "--trusted-key", str(signing_keys.public)]
     runner = CliRunner()
     if installs == 2:  # the first rollback has v1 to return to; the second has nothing
         assert runner.invoke(app, args).exit_code == 0
-    before = (local.status(tmp_path), (tmp_path / "journal.json").read_bytes())
+    folder = _model(tmp_path)
+    before = (local.status(folder), (folder / "journal.json").read_bytes())
     for _ in range(2):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output  # as every refusal of the CLI
         assert "error: there is no earlier committed bundle to roll back to" in result.output
         assert "fix: install a bundle" in result.output
         assert "Traceback" not in result.output and "re-entered" not in result.output
-        assert (local.status(tmp_path), (tmp_path / "journal.json").read_bytes()) == before
+        assert (local.status(folder), (folder / "journal.json").read_bytes()) == before
     assert before[0]["update"]["state"] == ("COMMITTED" if installs == 1 else "ROLLED_BACK")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from edgefleet.agent.core import Agent
+from edgefleet.agent.models import ModelSet
 from edgefleet.agent.protocol.bundle import read_bundle
 from edgefleet.agent.protocol.errors import EdgefleetError, UnknownKeyError
 from edgefleet.agent.protocol.keyring import (
@@ -303,12 +303,13 @@ def test_a_fleet_rotates_its_signing_key_without_touching_the_device(
     install = _cli("agent", "install", str(v3), "--data-dir", str(data),
                    "--trusted-key", str(signing_keys.public))
     assert install.exit_code == 2 and "unknown key" in said(install)
-    agent = Agent(trust_at_start(signing_keys.trusted, data))
-    local.serve_active(agent, data)
+    models = ModelSet(trust_at_start(signing_keys.trusted, data))
+    local.serve_models(models, data)
+    agent = models["digits"]
     assert agent.model is not None and agent.model.version == "2.0.0"
     config = ServiceConfig(fleet=fleet.name, device_id="cam-0", data_dir=data,
                            broker_url=fleet.broker_url, telemetry_interval_s=0.3)
-    again = AgentService(config, agent)
+    again = AgentService(config, models)
     fleet.agents["cam-0"] = again
     again.start()
     assert again.keyring is not None and again.keyring.serial == 2

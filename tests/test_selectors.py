@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from packaging.version import Version
 
 from edgefleet.agent.protocol.payloads import BundleRef
-from edgefleet.fleet.domain import Device
+from edgefleet.fleet.domain import Device, ModelState
 from edgefleet.fleet.rollout.selector import (
     MAX_DEPTH,
     MAX_TEXT,
@@ -310,3 +310,21 @@ def _without_bad_versions(tree: Target, facts: dict[str, Any]) -> Target:
 def test_matching_agrees_with_a_reference_evaluator(tree: Target, device: Device) -> None:
     assert tree.matches(device) is _safe_reference(tree, _facts(device))
     assert parse_selector(str(tree)).matches(device) is tree.matches(device)
+
+
+CAMERA = Device(id="cam-2", fleet="f", models={
+    "detector": ModelState(active=BundleRef(name="detector", version="3.0.0", sha256="3" * 64)),
+    "classifier": ModelState(active=BundleRef(name="classifier", version="1.2.0",
+                                              sha256="4" * 64)),
+    "kws": ModelState()})  # known by name, nothing active: it runs no kws
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("model=detector", True), ("model=classifier", True), ("model=kws", False),
+    ("model!=kws", True), ("model!=detector", False),
+    ("model.version>=3", True), ("model.version<1", False), ("model.version!=3.0.0", False),
+    ("model=classifier & model.version<2", True),
+])
+def test_a_device_of_several_models_matches_when_one_of_its_models_does(
+        text: str, expected: bool) -> None:
+    assert parse_selector(text).matches(CAMERA) is expected

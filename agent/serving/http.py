@@ -1,18 +1,20 @@
-"""A local HTTP server speaking KServe v2 / Open Inference Protocol for an :class:`Agent`.
+"""A local HTTP server speaking KServe v2 / Open Inference Protocol for the models of a
+:class:`~edgefleet.agent.models.ModelSet` (or one :class:`Agent`), routed by name.
 
 Standard library only (a device needs nothing more): ``ThreadingHTTPServer``
 with one daemon thread per connection, HTTP/1.1 keep-alive, Nagle off, one
 write per response, nothing logged per request. Endpoints::
 
     GET  /v2                                   server metadata
-    GET  /v2/health/live | /v2/health/ready    200, or 503 until a model is loaded
+    GET  /v2/health/live | /v2/health/ready    200, or 503 until every model is loaded
     GET  /v2/models/{name}[/versions/{v}]      model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer
 
 Errors are JSON ``{"error": "..."}``: 400 for a request the model cannot take
 (naming what it expects) or that breaks the protocol's schema (naming the field),
-404 for an unknown model, 503 before a model is loaded.
+404 for an unknown model, 503 before the named model is loaded. A request runs on
+the agent of the model it names: another model switching never touches it.
 
 Every connection is held to :class:`~agent.serving.limits.HttpLimits`: bodies
 over their bound are answered 413 by their ``Content-Length`` before being read,
@@ -49,6 +51,7 @@ from urllib.parse import unquote
 from edgefleet.agent import __version__
 from edgefleet.agent.core import Agent, NotReadyError
 from edgefleet.agent.loader import LoadedModel
+from edgefleet.agent.models import ModelSet
 from edgefleet.agent.ports import bind_error
 from edgefleet.agent.runtime.errors import InferenceError, ModelClosedError
 from edgefleet.agent.serving._head import MAX_LINE, Lengths, lengths, read_headers, request_line
@@ -75,18 +78,21 @@ _TLS_RECORD = 0x16  # the first byte a TLS client sends (a handshake record)
 _NOT_TLS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 46\r\n"
             b"Connection: close\r\n\r\nthis port speaks HTTPS: use an https:// URL.\r\n")
 _BEARER = 'WWW-Authenticate: Bearer realm="edgefleet"'
+_ONE = ""  # the key of a lone agent: it answers to the name of whatever model it serves
+_Route = tuple[Agent, ModelView, str | None]
 
 
 class InferenceServer:
-    """Serve ``agent`` on ``host:port`` (port 0 picks a free one).
+    """Serve ``models`` (or one agent's model) on ``host:port`` (port 0 picks a free one).
 
     ``start()`` serves from a background thread; ``serve_forever()`` serves in the
     calling thread (a CLI) until ``stop()`` is called from another thread or Ctrl-C.
     """
 
-    def __init__(self, agent: Agent, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, models: ModelSet | Agent, host: str = "127.0.0.1", port: int = 0,
                  limits: HttpLimits | None = None, security: HttpSecurity | None = None) -> None:
-        self._httpd = _Server((host, port), agent, limits or HttpLimits(), security)
+        served = models if isinstance(models, ModelSet) else ModelSet.of(models, _ONE)
+        self._httpd = _Server((host, port), served, limits or HttpLimits(), security)
         self._thread: threading.Thread | None = None
 
     @property
@@ -139,20 +145,20 @@ class InferenceServer:
 
 
 class _Server(ThreadingHTTPServer):
-    """Owns the agent, the per-model protocol view and the open connections."""
+    """Owns the models, their protocol views and the open connections."""
 
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], agent: Agent, limits: HttpLimits,
+    def __init__(self, address: tuple[str, int], models: ModelSet, limits: HttpLimits,
                  security: HttpSecurity | None) -> None:
         self.tls = tls_context(security) if security is not None else None
         self.guard = security if security is not None and security.guarded else None
         self.tls_clients = security is not None and security.client_ca is not None
         super().__init__(address, _Handler)
-        self.agent, self.started, self.limits = agent, False, limits
-        self._view: tuple[weakref.ref[LoadedModel], ModelView] | None = None
-        self._routes: dict[str, tuple[weakref.ref[LoadedModel], ModelView, str | None]] = {}
+        self.models, self.started, self.limits = models, False, limits
+        self._views: dict[str, tuple[weakref.ref[LoadedModel], ModelView]] = {}
+        self._routes: dict[str, tuple[weakref.ref[LoadedModel], _Route]] = {}
         self.watchdog = Watchdog(period_s=min(0.5, limits.timeout_s / 4))
         self.budget = Budget(limits.in_flight)
         self._refusals, self._unproven = Every(10.0), Every(10.0)
@@ -172,25 +178,43 @@ class _Server(ThreadingHTTPServer):
 
     def view(self, model: LoadedModel) -> ModelView:
         """The protocol view of ``model``, made once per loaded model."""
-        cached = self._view
+        cached = self._views.get(model.name)
         if cached is not None and cached[0]() is model:
             return cached[1]
         platform = f"{model.bundle.manifest.format}_{model.runtime.name}"
         view = ModelView(model.name, model.version, platform, model.runtime.inputs,
                          model.runtime.outputs)
-        self._view = (weakref.ref(model), view)
+        if len(self._views) >= _ROUTES_KEPT:
+            self._views.clear()
+        self._views[model.name] = (weakref.ref(model), view)
         return view
 
-    def routed(self, path: str, model: LoadedModel) -> tuple[ModelView, str | None] | None:
-        """The view and suffix ``path`` was routed to, while ``model`` still serves."""
-        hit = self._routes.get(path)
-        return (hit[1], hit[2]) if hit is not None and hit[0]() is model else None
+    def agent_of(self, name: str) -> Agent | None:
+        """The agent serving model ``name`` (a lone agent answers to its model's name)."""
+        agent = self.models.get(name)
+        if agent is None:
+            lone = self.models.get(_ONE)
+            model = lone.model if lone is not None else None
+            agent = lone if model is not None and model.name == name else None
+        return agent
 
-    def remember_route(self, path: str, model: LoadedModel, view: ModelView,
-                       suffix: str | None) -> None:
+    def routed(self, path: str) -> _Route | None:
+        """The agent, view and suffix ``path`` was routed to, while that model still serves."""
+        hit = self._routes.get(path)
+        if hit is None:
+            return None
+        agent = hit[1][0]
+        return hit[1] if hit[0]() is agent.model else None
+
+    def remember_route(self, path: str, model: LoadedModel, route: _Route) -> None:
         if len(self._routes) >= _ROUTES_KEPT:
             self._routes.clear()
-        self._routes[path] = (weakref.ref(model), view, suffix)
+        self._routes[path] = (weakref.ref(model), route)
+
+    def served(self) -> str:
+        """What this device serves, for a 404."""
+        models = [agent.model for _, agent in self.models.items()]
+        return ", ".join(f"{m.name} version {m.version}" for m in models if m is not None)
 
     def get_request(self) -> tuple[Any, Any]:
         """The next connection, wrapped for TLS without its handshake (that runs in the
@@ -418,11 +442,11 @@ class _Handler(BaseHTTPRequestHandler):
                        _JSON)
 
     def _post(self, body: bytes, header_length: int | None) -> None:
-        view, suffix = self._route()
+        agent, view, suffix = self._route()
         if suffix != "/infer":
             raise RequestError(f"no POST endpoint at {self.path}", status=405)
         request = decode_infer(body, header_length, view, self.limits.max_depth)
-        results = self.server.agent.predict(request.inputs)
+        results = agent.predict(request.inputs)
         payload, json_length = encode_infer(view, request, results)
         if json_length is None:
             self._send(200, payload, _JSON)
@@ -435,20 +459,19 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/v2/health/live":
             self._send(200, b'{"live":true}', _JSON)
         elif path == "/v2/health/ready":
-            ready = self.server.agent.ready
+            ready = self.server.models.ready
             self._send(200 if ready else 503, b'{"ready":%s}' % (b"true" if ready else b"false"),
                        _JSON)
         elif path == "/v2":
             self._send(200, _SERVER_META, _JSON)
         else:
-            view, suffix = self._route()
+            _, view, suffix = self._route()
             if suffix == "/infer":
                 raise RequestError(f"{path} takes POST", status=405)
             self._send(200, view.ready_json if suffix == "/ready" else view.metadata_json, _JSON)
 
-    def _route(self) -> tuple[ModelView, str | None]:
-        model = self.server.agent.model
-        hit = self.server.routed(self.path, model) if model is not None else None
+    def _route(self) -> _Route:
+        hit = self.server.routed(self.path)
         if hit is not None:
             return hit
         path = self.path.partition("?")[0].rstrip("/")
@@ -456,16 +479,18 @@ class _Handler(BaseHTTPRequestHandler):
         if match is None:
             raise RequestError(f"no endpoint at {path[:200] or '/'}", status=404)
         name, version, suffix = match.groups()
-        if model is None:
+        agent = self.server.agent_of(name)
+        model = agent.model if agent is not None else None
+        if model is None and (agent is not None or not self.server.models.ready):
             raise RequestError("no model is loaded yet", hint="retry when /v2/health/ready is 200",
                                status=503)
-        if name != model.name or (version is not None and version != model.version):
+        if agent is None or model is None or (version is not None and version != model.version):
             asked = f"{name[:100]!r}" + (f" version {version[:100]!r}" if version else "")
-            raise RequestError(f"unknown model {asked}; this device serves {model.name} "
-                               f"version {model.version}", status=404)
-        view = self.server.view(model)
-        self.server.remember_route(self.path, model, view, suffix)
-        return view, suffix
+            raise RequestError(f"unknown model {asked}; this device serves "
+                               f"{self.server.served()}", status=404)
+        route = (agent, self.server.view(model), suffix)
+        self.server.remember_route(self.path, model, route)
+        return route
 
     def _send(self, status: int, body: bytes, content_type: str, extra: str = "",
               close: bool = False) -> None:

@@ -1,27 +1,35 @@
-"""Flashing without a fleet: install a bundle, show the slots, roll back.
+"""Flashing without a fleet: install a bundle, show the slots, roll back, remove a model.
 
 ``install`` goes through the same verify -> stage -> health check -> switch path
-as an over-the-air update, with a zero-length probation that commits.
+as an over-the-air update, with a zero-length probation that commits. ``install``,
+``rollback``, ``serve_active`` and ``status`` work on one model's folder (laid out as in
+:mod:`edgefleet.agent.update.slots`); ``install_model``, ``rollback_model``,
+``remove_model``, ``serve_models`` and ``models_status`` on a device's data dir, one folder
+a model name (:mod:`edgefleet.agent.update.layout`).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from edgefleet.agent.core import Agent
 from edgefleet.agent.loader import load_bundle
+from edgefleet.agent.models import ModelSet, UnknownModelError
 from edgefleet.agent.protocol.bundle import read_bundle, read_manifest
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.files import atomic_write
 from edgefleet.agent.update.device import DeviceEffects, UpdateSettings, load_journal
 from edgefleet.agent.update.disk import StorageError, check_free, discard, guarded
 from edgefleet.agent.update.flow import Updater
+from edgefleet.agent.update.layout import installed, migrate, model_dir
 from edgefleet.agent.update.slots import SLOTS, SlotStore
 from edgefleet.agent.update.states import TERMINAL, Event, Journal, UpdateState
 from edgefleet.agent.update.target import UpdateTarget
 
-__all__ = ["existing", "install", "rollback", "serve_active", "status"]
+__all__ = ["existing", "install", "install_model", "models_status", "remove_model", "rollback",
+           "rollback_model", "serve_active", "serve_models", "status"]
 
 FLASH = UpdateSettings(probation_s=0.0, auto_commit=True)
 
@@ -157,3 +165,68 @@ def status(data_dir: Path) -> dict[str, Any]:
         slots.append(entry)
     journal = load_journal(data_dir / "journal.json")
     return {"slots": slots, "update": journal.to_dict()}
+
+
+def install_model(models: ModelSet, data_dir: Path, bundle: Path) -> Journal:
+    """Add the bundle's model, or replace the bundle of the model of its name (the others
+    are not touched)."""
+    name = read_bundle(bundle, models.trusted, models.keys).manifest.name  # refuses early
+    with guarded(Path(data_dir)):
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+    migrate(data_dir)
+    agent = models.agent(name)
+    try:
+        return install(agent, model_dir(data_dir, name), bundle)
+    finally:
+        if agent.model is None:  # nothing of it serves: not a model of this device
+            models.remove(name)
+
+
+def rollback_model(models: ModelSet, data_dir: Path, name: str) -> Journal:
+    """Return model ``name`` to its previous committed bundle; the others stay."""
+    folder = _installed_dir(data_dir, name)
+    return rollback(models.agent(name), folder)
+
+
+def remove_model(data_dir: Path, name: str) -> list[str]:
+    """Delete model ``name``'s folder (its slots, journal, downloads); the names left."""
+    folder = _installed_dir(data_dir, name)
+    with guarded(folder):
+        shutil.rmtree(folder)
+    return installed(data_dir)
+
+
+def _installed_dir(data_dir: Path, name: str) -> Path:
+    migrate(existing(data_dir))
+    if name not in installed(data_dir):
+        raise UnknownModelError(f"no model {name[:100]!r} is installed in {data_dir}; "
+                                f"installed: {', '.join(installed(data_dir)) or 'none'}",
+                                hint="see 'edgefleet agent status'")
+    return model_dir(data_dir, name)
+
+
+def serve_models(models: ModelSet, data_dir: Path, resume: bool = True) -> list[str]:
+    """Load every installed model's active slot (a data dir of one model migrated first);
+    raise when there is none. A model that cannot be served is left out with its reason
+    in the error only when no model at all can be served."""
+    migrate(existing(data_dir))
+    names, problems = installed(data_dir), []
+    for name in names:
+        try:
+            serve_active(models.agent(name), model_dir(data_dir, name), resume=resume)
+        except EdgefleetError as exc:
+            models.remove(name)
+            problems.append(f"{name}: {exc.message}")
+    if not len(models):
+        raise EdgefleetError(f"no bundle is installed in {data_dir}"
+                             + (f" that can be served ({'; '.join(problems)})" if problems else ""),
+                             hint="run 'edgefleet agent install BUNDLE' first")
+    return problems
+
+
+def models_status(data_dir: Path) -> dict[str, Any]:
+    """Every installed model with its slots and its update."""
+    root = existing(data_dir)
+    migrate(root)
+    return {"models": [{"model": name, **status(model_dir(root, name))}
+                       for name in installed(root)]}

@@ -8,13 +8,13 @@ import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.markup import escape
 
-from edgefleet.agent.core import Agent
 from edgefleet.agent.errors import NothingToServeError
+from edgefleet.agent.models import ModelSet
 from edgefleet.agent.ports import check_free
 from edgefleet.agent.protocol.encryption import DecryptionKeys
 from edgefleet.agent.protocol.errors import EdgefleetError
@@ -65,7 +65,10 @@ def _decryption(paths: list[Path], data_dir: Path) -> DecryptionKeys:
     return DecryptionKeys.from_paths([p for p in candidates if p.exists() or paths])
 
 
-DataDir = Annotated[Path, typer.Option(help="Slots, journal, spool, keys")]
+DataDir = Annotated[Path, typer.Option(help="Each model's slots and journal, spool, keys")]
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="The model's name (its bundle's name); default: the one installed")]
+_SLOT_COLUMNS = ["model", "slot", "role", "name", "version", "sha256"]
 TrustedKey = Annotated[list[Path] | None, typer.Option(
     help=".pub file or folder of them; default DATA_DIR/keys")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON")]
@@ -83,14 +86,15 @@ def install(
     decrypt_key: DecryptKey = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Flash a bundle: verify, stage in the free slot, health-check, switch, commit."""
+    """Flash a bundle: verify, stage in the free slot of its model, health-check, switch,
+    commit. A bundle of a model not installed yet adds that model; the others stay."""
     from edgefleet.agent.update import local
 
     data = data_dir.expanduser()
     try:
-        agent = Agent(_trusted(trusted_key or [], data),
-                      keys=_decryption(decrypt_key or [], data))
-        journal = local.install(agent, data, bundle)
+        models = ModelSet(_trusted(trusted_key or [], data),
+                          keys=_decryption(decrypt_key or [], data))
+        journal = local.install_model(models, data, bundle)
     except EdgefleetError as exc:
         fail(exc, as_json)
     _show_result(journal.to_dict(), data, as_json)
@@ -100,33 +104,58 @@ def install(
 
 @app.command()
 def status(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonOpt = False) -> None:
-    """Slots, the active and previous bundle, and the update state."""
+    """Every model: its slots, the active and previous bundle, and its update state."""
+    try:
+        data = _models_status(data_dir.expanduser())
+    except EdgefleetError as exc:
+        fail(exc, as_json)
+    emit(data, as_json, table(f"slots in {data_dir}", data["slots"], _SLOT_COLUMNS))
+    if not as_json:
+        for model in data["models"]:
+            update = model["update"]
+            console.print(escape(f"{model['model']}: update {update['state']} "
+                                 f"{update['target'].get('version') or ''} {update['detail']}"))
+
+
+def _models_status(data: Path) -> dict[str, Any]:
+    """Every model with its slots, and the slots of all of them in one list."""
+    from edgefleet.agent.update import local
+
+    shown = local.models_status(data)
+    slots = [{"model": model["model"], **slot} for model in shown["models"]
+             for slot in model["slots"]]
+    return {"models": shown["models"], "slots": slots}
+
+
+@app.command()
+def remove(name: Annotated[str, typer.Argument(help="The model to remove (see 'agent status')")],
+           data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonOpt = False) -> None:
+    """Delete a model from this device: its slots, journal and downloads (the others stay).
+    A running agent serves it until it restarts."""
     from edgefleet.agent.update import local
 
     try:
-        data = local.status(data_dir.expanduser())
+        left = local.remove_model(data_dir.expanduser(), name)
     except EdgefleetError as exc:
         fail(exc, as_json)
-    emit(data, as_json, table(f"slots in {data_dir}", data["slots"],
-                              ["slot", "role", "name", "version", "sha256"]))
-    if not as_json:
-        update = data["update"]
-        console.print(escape(f"update: {update['state']} "
-                             f"{update['target'].get('version') or ''} {update['detail']}"))
+    emit({"removed": name, "models": left}, as_json,
+         f"removed {name}; installed: {', '.join(left) or 'none'}")
 
 
 @app.command()
 @needs("agent rollback", "agent")
-def rollback(data_dir: DataDir = DEFAULT_DATA_DIR, trusted_key: TrustedKey = None,
-             decrypt_key: DecryptKey = None, as_json: JsonOpt = False) -> None:
-    """Return to the previous committed bundle."""
+def rollback(data_dir: DataDir = DEFAULT_DATA_DIR, model: ModelOpt = None,
+             trusted_key: TrustedKey = None, decrypt_key: DecryptKey = None,
+             as_json: JsonOpt = False) -> None:
+    """Return a model to its previous committed bundle (the others stay)."""
     from edgefleet.agent.update import local
 
     data = data_dir.expanduser()
     try:
-        local.existing(data)  # before the keys are looked for in it
-        journal = local.rollback(Agent(_trusted(trusted_key or [], data),
-                                       keys=_decryption(decrypt_key or [], data)), data)
+        name = model or _only_model(local.existing(data))  # before the keys are looked for
+        models = ModelSet(_trusted(trusted_key or [], data),
+                          keys=_decryption(decrypt_key or [], data))
+        journal = local.rollback_model(models, data, name)
     except EdgefleetError as exc:
         fail(exc, as_json)
     _show_result(journal.to_dict(), data, as_json)
@@ -134,12 +163,23 @@ def rollback(data_dir: DataDir = DEFAULT_DATA_DIR, trusted_key: TrustedKey = Non
         _failed(journal.detail, as_json)
 
 
-def _show_result(journal: dict[str, object], data: Path, as_json: bool) -> None:
-    from edgefleet.agent.update import local
+def _only_model(data: Path) -> str:
+    """The one model installed in ``data``; refused, naming them, when there are several."""
+    from edgefleet.agent.update import layout
 
-    result = {"update": journal, **local.status(data)}
+    layout.migrate(data)
+    names = layout.installed(data)
+    if len(names) != 1:
+        raise EdgefleetError(f"{data} holds {len(names)} models: "
+                             f"{', '.join(names) or 'none'}",
+                             hint="name one with --model NAME")
+    return names[0]
+
+
+def _show_result(journal: dict[str, object], data: Path, as_json: bool) -> None:
+    result = {"update": journal, **_models_status(data)}
     emit(result, as_json, table(f"{journal['state']}: {journal['detail'] or 'done'}",
-                                result["slots"], ["slot", "role", "name", "version", "sha256"]))
+                                result["slots"], _SLOT_COLUMNS))
 
 
 def _failed(detail: str, as_json: bool) -> NoReturn:
@@ -153,9 +193,9 @@ def _failed(detail: str, as_json: bool) -> NoReturn:
 @app.command()
 @needs("agent run", "agent")
 def run(
-    bundle: Annotated[Path | None, typer.Option(
-        help="Bundle to install when DATA_DIR has none yet (later updates come from the fleet)")
-    ] = None,
+    bundle: Annotated[list[Path] | None, typer.Option(
+        help="Bundle to install when DATA_DIR has no model of its name yet (repeat it for "
+             "several models; later updates come from the fleet)")] = None,
     fleet: Annotated[str, typer.Option(help="Fleet name (MQTT topic level)",
                                        callback=fleet_option)] = "default",
     device_id: Annotated[str, typer.Option(help="This device's id",
@@ -219,9 +259,9 @@ def run(
             check_free(*host_port(http, "--http"), "--http HOST:PORT")
         http_security = web.http_security(http_tls_cert, http_tls_key, http_token_file,
                                           http_client_ca, http or "")
-        agent = Agent(_trusted(trusted_key or [], data), threads=threads,
-                      keys=_decryption(decrypt_key or [], data))
-        _load_or_refuse(agent, data, bundle, resume=broker is None)
+        models = ModelSet(_trusted(trusted_key or [], data), threads=threads,
+                          keys=_decryption(decrypt_key or [], data))
+        _load_or_refuse(models, data, bundle or [], resume=broker is None)
     except EdgefleetError as exc:
         fail_in(log_format, exc)
     from edgefleet.agent.service import AgentService, ServiceConfig
@@ -239,28 +279,42 @@ def run(
                            latency_budget_ms=latency_budget_ms,
                            ha_discovery=ha_discovery, mqtt_security=security,
                            step_delay_s=float(os.environ.get("EDGEFLEET_FAULT_STEP_DELAY", 0)))
-    service = AgentService(config, agent)
+    service = AgentService(config, models)
     if logs is not None:
         logs.context = agent_context(service)
     _serve_until_signalled(service, log_format)
 
 
-def _load_or_refuse(agent: Agent, data: Path, bundle: Path | None, resume: bool) -> None:
-    """Serve the active slot; install ``bundle`` first when there is none."""
+def _load_or_refuse(models: ModelSet, data: Path, bundles: list[Path], resume: bool) -> None:
+    """Serve every model's active slot; install each of ``bundles`` whose model has none."""
     from edgefleet.agent.update import local
-    from edgefleet.agent.update.slots import SlotStore
 
+    where: Path = data
     try:
-        if bundle is not None and SlotStore(data).active_bundle() is None:
-            journal = local.install(agent, data, bundle)
-            if agent.model is None:
-                raise NothingToServeError(f"{bundle} was not installed: {journal.detail}")
-        else:
-            local.serve_active(agent, data, resume=resume)
+        for bundle in bundles:
+            where = bundle
+            _install_when_new(models, data, bundle)
+        where = data
+        for problem in local.serve_models(models, data, resume=resume):
+            logging.getLogger("edgefleet").warning("not serving %s", problem)
     except EdgefleetError as exc:
-        where = bundle or data
         raise NothingToServeError(f"nothing to serve: {where}: {exc.message}",
                                   hint=exc.hint or "pass a bundle that verifies") from exc
+
+
+def _install_when_new(models: ModelSet, data: Path, bundle: Path) -> None:
+    """Install ``bundle`` when no model of its name has an active slot in ``data``."""
+    from edgefleet.agent.protocol.bundle import read_manifest
+    from edgefleet.agent.update import layout, local
+
+    name = read_manifest(bundle)[0].name
+    if data.is_dir():
+        layout.migrate(data)
+        if name in layout.installed(data):
+            return
+    journal = local.install_model(models, data, bundle)
+    if name not in models:
+        raise NothingToServeError(f"{bundle} was not installed: {journal.detail}")
 
 
 def _serve_until_signalled(service: AgentService, log_format: LogFormat) -> None:
@@ -272,13 +326,14 @@ def _serve_until_signalled(service: AgentService, log_format: LogFormat) -> None
     except EdgefleetError as exc:  # e.g. TLS files that cannot be used, a port in use
         service.stop()
         fail_in(log_format, exc)
-    model = service.agent.model
     where = f" on {service.http.base_url}" if service.http else ""
-    logging.getLogger("edgefleet").info("serving %s %s%s", model.name if model else "-",
-                                        model.version if model else "-", where)
+    for _, agent in service.models.items():
+        model = agent.model
+        logging.getLogger("edgefleet").info("serving %s %s%s", model.name if model else "-",
+                                            model.version if model else "-", where)
     stop.wait()
     service.stop()
-    service.agent.close()  # the drift worker finishes what it was handed
+    service.models.close()  # the drift workers finish what they were handed
 
 
 def _device_id_default(args: Sequence[str]) -> list[str]:

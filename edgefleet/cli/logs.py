@@ -119,15 +119,16 @@ def fail_in(fmt: LogFormat, exc: EdgefleetError) -> NoReturn:
 
 
 def agent_context(service: AgentService) -> Context:
-    """What each line of ``agent run`` says of the device: its ids, the model it serves,
-    its update's state and the rollout that asked for it."""
+    """What each line of ``agent run`` says of the device: its ids, and when it serves one
+    model: that model, its update's state and the rollout that asked for it."""
     config = service.config
 
     def context() -> Mapping[str, Any]:
-        model, updates, desired = service.agent.model, service.updates, service.desired
+        agents, updates, desired = service.models.items(), service.updates, service.desired
+        model = agents[0][1].model if len(agents) == 1 else None
         return {"fleet": config.fleet, "device": config.device_id,
                 "model": model.name if model else None,
                 "version": model.version if model else None,
                 "state": updates.journal.state.value if updates else None,
-                "rollout": desired.rollout if desired else None}
+                "rollout": getattr(desired, "rollout", None)}
     return context

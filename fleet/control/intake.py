@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 from collections.abc import Callable
+from typing import Any
 
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.schema import SEMVER_PATTERN
 from edgefleet.agent.protocol.telemetry_schema import drift_problem
 from edgefleet.agent.protocol.topics import Leaf, parse_topic
 from edgefleet.fleet import ingest
@@ -16,9 +19,11 @@ from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.control.audit import Notify
 from edgefleet.fleet.control.drift_desk import DriftDesk
 from edgefleet.fleet.registry import DeviceRegistry
-from edgefleet.fleet.telemetry import TelemetryBook
+from edgefleet.fleet.telemetry import TelemetryBook, per_model
 
 __all__ = ["MessageIntake"]
+
+_SEMVER = re.compile(SEMVER_PATTERN)
 
 log = logging.getLogger(CONTROLLER_LOG)
 
@@ -52,9 +57,9 @@ class MessageIntake:
                 if "drift" in values and (problem := drift_problem(values)):
                     values = self.drift.without_drift(device, values, problem)
                 self.telemetry.add(device, ts, values)
-                if "drift" in values:
-                    self.drift.monitor.offer(device, values["model"], values["model_version"],
-                                             ts, values["drift"])
+                for model in _drifts(values):
+                    self.drift.monitor.offer(device, model["model"], model["model_version"],
+                                             ts, model["drift"])
             self.registry.seen(device, now)
         elif leaf == Leaf.STATUS and payload:
             self.registry.status(device, ingest.status(payload), now)
@@ -67,3 +72,14 @@ class MessageIntake:
         self.rejected += 1
         self.rejected_by[reason] += 1
         log.warning("dropped a message on %s (%s): %s", topic[:200], reason, exc)
+
+
+def _drifts(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The values of each model of a point that carry a drift window fit to use: the point
+    itself (checked with the point), or each entry of its ``models`` map whose name,
+    version and window hold (an entry that does not is left out alone)."""
+    if "models" not in values:
+        return [values] if "drift" in values else []
+    return [model for model in per_model(values)
+            if "drift" in model and isinstance(version := model.get("model_version"), str)
+            and _SEMVER.fullmatch(version) and not drift_problem(model)]

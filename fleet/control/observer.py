@@ -34,16 +34,17 @@ class RolloutObserver:
                  clock: Callable[[], int], quality_window_ms: int) -> None:
         self.registry, self.catalog, self.telemetry = registry, catalog, telemetry
         self.live, self.clock, self.quality_window_ms = live, clock, quality_window_ms
-        self._views: dict[str, tuple[Device, str | None, DeviceView]] = {}
+        self._views: dict[str, tuple[Device, tuple[str, str | None], DeviceView]] = {}
         self._compat: dict[_CompatKey, str | None] = {}  # -> why incompatible, or None
 
     def observe(self, rollout: Rollout, joined: set[str]) -> Observations:
         model = self.catalog.by_sha(rollout.spec.model.sha256)
         views = {}
+        name = rollout.spec.model.name  # the model it targets: its bundle's name
         for device_id in self._watched(rollout, joined):
             device = self.registry.get(device_id)
             if device is not None:
-                views[device_id] = self._view(device, model)
+                views[device_id] = self._view(device, name, model)
         if not _gated(rollout):
             return Observations(views)
         return Observations(views, self._candidate(rollout), self._baseline(rollout))
@@ -85,9 +86,11 @@ class RolloutObserver:
                      and spec.matches(dev) and not self.busy_elsewhere(d, rollout.id)]
         return [*rollout.devices.keys(), *newcomers]
 
-    def _view(self, device: Device, model: ModelVersion | None) -> DeviceView:
+    def _view(self, device: Device, name: str, model: ModelVersion | None) -> DeviceView:
+        """The device as the rollout of model ``name`` sees it: that model's state only."""
         cached = self._views.get(device.id)
-        if cached is not None and cached[0] is device and cached[1] == (model and model.sha256):
+        seen = (name, model.sha256 if model else None)
+        if cached is not None and cached[0] is device and cached[1] == seen:
             return cached[2]  # the registry replaces a Device on every change
         reason = None
         if model is not None:
@@ -96,11 +99,12 @@ class RolloutObserver:
             if key not in self._compat:
                 self._compat[key] = incompatibility(device, model, self.catalog.info(model))
             reason = self._compat[key]
-        view = DeviceView(online=device.online, active=device.active,
-                          update_state=device.update_state, update_target=device.update_target,
-                          update_since_ms=device.update_since_ms,
-                          update_detail=device.update_detail, incompatible=reason)
-        self._views[device.id] = (device, model.sha256 if model else None, view)
+        state = device.model(name)
+        view = DeviceView(online=device.online, active=state.active,
+                          update_state=state.update_state, update_target=state.update_target,
+                          update_since_ms=state.update_since_ms,
+                          update_detail=state.update_detail, incompatible=reason)
+        self._views[device.id] = (device, seen, view)
         return view
 
     def _candidate(self, rollout: Rollout) -> Quality:

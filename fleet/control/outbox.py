@@ -1,8 +1,11 @@
 """The outbox: desired states on their way to devices (retained, one per device).
 
 A tick asks for desired states; they are composed here and published after the tick's
-saves. One that cannot be published (broker away) waits and goes out when the broker is
-back; a newer word for the same device replaces it. Only the leader publishes.
+saves. A device that reports several models (version 2, docs/protocol.md) is sent one
+document with the last word of every rollout to it by model name, so a rollout of one model
+never drops another's entry; any other device is sent version 1, which every agent reads.
+One that cannot be published (broker away) waits and goes out when the broker is back; a
+newer word for the same device replaces it. Only the leader publishes.
 """
 
 from __future__ import annotations
@@ -12,7 +15,14 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 
 from edgefleet.agent.mqtt import MqttClient
-from edgefleet.agent.protocol.payloads import BundleRef, DeltaRef, DesiredState, encode
+from edgefleet.agent.protocol.payloads import (
+    MAX_MODELS,
+    BundleRef,
+    DeltaRef,
+    DesiredModels,
+    DesiredState,
+    encode,
+)
 from edgefleet.agent.protocol.topics import Leaf, device_topic
 from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.control.catalog import ModelCatalog
@@ -38,6 +48,8 @@ class Outbox:
         self.fleet, self.registry, self.catalog = fleet, registry, catalog
         self.role, self.clock, self.deltas = role, clock, deltas
         self.waiting: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        # device -> model name -> the last word sent, for devices of several models
+        self.entries: dict[str, dict[str, DesiredState]] = {}
         self.mqtt: MqttClient | None = None  # set when the controller connects
 
     def __len__(self) -> int:
@@ -54,6 +66,7 @@ class Outbox:
 
     def clear_device(self, device: str) -> None:
         """Remove the device's retained desired state."""
+        self.entries.pop(device, None)
         self.waiting[device] = b""
 
     def queue(self, rollout: Rollout, device: str, action: Action,
@@ -74,13 +87,27 @@ class Outbox:
         desired = DesiredState(name=ref.name, version=ref.version, sha256=ref.sha256,
                                url=url, size=size, rollout=rollout.id, action=action.value,
                                issued_at=self.clock(), delta=self._delta(device, ref, action))
-        self.waiting[device] = encode(desired)
+        self.waiting[device] = self._document(device, desired)
+
+    def _document(self, device_id: str, desired: DesiredState) -> bytes:
+        """Version 2 with every model's last word for a device of several models, else
+        ``desired`` alone as version 1."""
+        device = self.registry.get(device_id)
+        if device is None or device.models is None:
+            self.entries.pop(device_id, None)
+            return encode(desired)
+        entries = self.entries.setdefault(device_id, {})
+        entries.pop(desired.name, None)  # the newest last: the oldest go first when full
+        entries[desired.name] = desired
+        while len(entries) > MAX_MODELS:
+            del entries[next(iter(entries))]
+        return encode(DesiredModels(models=dict(entries), issued_at=desired.issued_at))
 
     def _delta(self, device_id: str, ref: BundleRef, action: Action) -> DeltaRef | None:
         """A delta from the bundle the device reports it runs to ``ref``, for an install
         of another bundle of the same model (docs/deltas.md)."""
         device = self.registry.get(device_id)
-        active = device.active if device is not None else None
+        active = device.model(ref.name).active if device is not None else None
         if (self.deltas is None or action != Action.INSTALL or active is None
                 or active.name != ref.name or active.sha256 == ref.sha256):
             return None
@@ -118,11 +145,12 @@ class Outbox:
         """The previous bundle to install again when a committed device's fallback slot no
         longer holds it (overwritten by a later update); None: its own rollback will do."""
         item, device = rollout.devices.get(device_id), self.registry.get(device_id)
-        if item is None or item.previous is None or device is None or device.active is None:
+        model = device.model(rollout.spec.model.name) if device is not None else None
+        if item is None or item.previous is None or model is None or model.active is None:
             return None
-        if device.active.sha256 != rollout.spec.model.sha256:
+        if model.active.sha256 != rollout.spec.model.sha256:
             return None  # in probation, or already back: the device rolls back by itself
-        if device.previous is not None and device.previous.sha256 == item.previous.sha256:
+        if model.previous is not None and model.previous.sha256 == item.previous.sha256:
             return None  # its fallback slot holds it
         if self.catalog.by_sha(item.previous.sha256) is None:
             return None  # not pushed here: the device's own rollback is all there is

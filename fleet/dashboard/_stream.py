@@ -132,7 +132,9 @@ def _devices_rev(controller: FleetController) -> str:
     """Changes when a device's listing on the page would (not on every telemetry point)."""
     return format(hash(tuple(
         (d.id, d.online, d.active.sha256 if d.active else None, d.update_state,
-         d.update_detail, d.group, tuple(sorted(d.tags)), d.profile)
+         d.update_detail, d.group, tuple(sorted(d.tags)), d.profile,
+         tuple((name, state.active.sha256 if state.active else None, state.update_state)
+               for name, state in sorted((d.models or {}).items())))
         for d in controller.devices())) & 0xFFFFFFFFFFFF, "x")
 
 

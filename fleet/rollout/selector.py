@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -92,7 +92,7 @@ class Facts(Protocol):
     @property
     def agent_version(self) -> str | None: ...
     @property
-    def model_ref(self) -> tuple[str, str] | None: ...
+    def model_refs(self) -> Sequence[tuple[str, str]]: ...  # (name, version) of each model
     @property
     def labels(self) -> Mapping[str, str]: ...  # set by operators: they win
     @property
@@ -156,7 +156,20 @@ class Attribute:
     def matches(self, device: Facts) -> bool:
         if self.name == "runtime":
             return (self.value in device.runtimes) == (self.op == "=")
-        found = _reported(device, self.name)
+        if self.name in ("model", "model.version"):
+            return self._any_model(device)
+        return self._compare(_reported(device, self.name))
+
+    def _any_model(self, device: Facts) -> bool:
+        """A device of several models: ``=`` and the orderings hold when one of them
+        matches, ``!=`` when none is equal (``model!=kws``: it runs no model kws)."""
+        values = [name if self.name == "model" else version
+                  for name, version in device.model_refs]
+        if self.op == "!=":
+            return not any(Attribute(self.name, "=", self.value)._compare(v) for v in values)
+        return any(self._compare(value) for value in values)
+
+    def _compare(self, found: str | None) -> bool:
         if found is None:
             return self.op == "!="
         if not _versioned(self.name):
@@ -225,10 +238,7 @@ def _reported(device: Facts, name: str) -> str | None:
         return device.profile
     if name == "arch":
         return device.arch
-    if name == "agent":
-        return device.agent_version
-    model = device.model_ref
-    return None if model is None else model[0] if name == "model" else model[1]
+    return device.agent_version if name == "agent" else None
 
 
 def matches(target: Target, device: Facts) -> bool:

@@ -578,6 +578,13 @@
     return cls(d.update_state);
   }
 
+  // "name version" of every model a device serves (a device of one model: its active one)
+  function modelsOf(d) {
+    if (!d.models) return d.active ? [`${d.active.name} ${d.active.version}`] : [];
+    return Object.keys(d.models).sort().filter((n) => d.models[n].active)
+      .map((n) => `${n} ${d.models[n].active.version}`);
+  }
+
   function renderDevices() {
     const devices = S.devices;
     $("devices-count").textContent = String(devices.length);
@@ -588,7 +595,7 @@
         dataset: { device: d.id, state: d.update_state, version, online: String(d.online) } },
       h("div", { class: "id" }, h("span", { class: `online-dot ${d.online ? "" : "off"}` }), d.id),
       h("div", { class: "ver" }, h("span", { class: "swatch", style: `background:${colorOf(version)}` }),
-        d.active ? `${d.active.name} ${d.active.version}` : "no model"),
+        modelsOf(d).join(" · ") || "no model"),
       h("div", { class: "st" }, d.online ? d.update_state.replace("_", " ") : "OFFLINE"));
     }), devices.length > MAX_TILES ? h("div", { class: "empty" }, `+ ${devices.length - MAX_TILES} more`) : null);
   }
@@ -632,7 +639,10 @@
         h("span", { class: `badge ${d.online ? "s-ok" : "s-bad"}` }, d.online ? "ONLINE" : "OFFLINE"),
         h("span", { class: `badge ${cls(d.update_state)}` }, d.update_state.replace("_", " "))),
       h("div", { class: "facts" },
-        fact("Model", ref(d.active), d.active ? d.active.sha256.slice(0, 12) : null),
+        d.models && Object.keys(d.models).length > 1
+          ? fact("Models", modelsOf(d).join(", ") || "–", Object.keys(d.models).sort()
+            .map((n) => `${n}: ${d.models[n].update_state.replace("_", " ")}`).join(", "))
+          : fact("Model", ref(d.active), d.active ? d.active.sha256.slice(0, 12) : null),
         fact("Previous", ref(d.previous), "rollback target"),
         fact("Update", d.update_state.replace("_", " "), d.update_detail || null),
         fact("Last seen", ago(d.last_seen_ms), d.last_seen_ms ? hms(d.last_seen_ms) : null),

@@ -1,0 +1,174 @@
+"""The controller with a device of several models: a rollout touches only the model of its
+bundle's name, a rollback returns only that model, an agent of one model (protocol version 1)
+is still sent version 1, and the device views show each device's models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgefleet.agent.models import ModelSet
+from edgefleet.agent.protocol.payloads import (
+    BundleRef,
+    DesiredModels,
+    DesiredState,
+    ReportedState,
+    decode,
+    decode_desired,
+    encode,
+)
+from edgefleet.agent.protocol.topics import Leaf, device_topic
+from edgefleet.agent.runtime.select import installed_runtimes
+from edgefleet.agent.service import AgentService, ServiceConfig
+from edgefleet.agent.update import local
+from edgefleet.fleet.domain import Device
+from edgefleet.fleet.registry import apply_reported
+from edgefleet.fleet.telemetry import TelemetryBook
+from tests.brokers import Subscriber
+from tests.conftest import Keys, make_bundle
+from tests.fleet_harness import Fleet, wait_until
+from tests.models import TrainedModels
+
+_SHA = {"a": "a" * 64, "b": "b" * 64}
+
+
+@pytest.fixture(scope="module")
+def bundles(digits_models: TrainedModels, signing_keys: Keys,
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("fleet-models")
+    return {"digits-1": make_bundle(digits_models.tflite, out / "d1.efb", signing_keys, "1.0.0"),
+            "digits-2": make_bundle(digits_models.tflite, out / "d2.efb", signing_keys, "2.0.0",
+                                    rows=16),
+            "keyword-1": make_bundle(digits_models.onnx, out / "k1.efb", signing_keys, "1.0.0",
+                                     name="keyword")}
+
+
+def _two_model_device(fleet: Fleet, keys: Keys, bundles: dict[str, Path]) -> AgentService:
+    models, data = ModelSet(keys.trusted), fleet.root / "devices" / "cam-2m"
+    for ref in ("digits-1", "keyword-1"):
+        local.install_model(models, data, bundles[ref])
+    service = AgentService(ServiceConfig(fleet=fleet.name, device_id="cam-2m", data_dir=data,
+                                         broker_url=fleet.broker_url, telemetry_interval_s=0.3,
+                                         probation_s=600), models)
+    service.start()
+    fleet.agents["cam-2m"] = service
+    return service
+
+
+def _device(fleet: Fleet, device: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(
+        (d for d in fleet.client().get("/api/v1/devices") if d["id"] == device), {})
+    return found
+
+
+def _versions(device: dict[str, Any]) -> dict[str, str | None]:
+    return {name: (state["active"] or {}).get("version")
+            for name, state in (device.get("models") or {}).items()}
+
+
+def _to(sub: Subscriber, device: str) -> list[bytes]:
+    return [m.payload for m in list(sub.messages) if f"/{device}/" in m.topic]
+
+
+def _settled(fleet: Fleet, rollout: str, state: str) -> bool:
+    return bool(fleet.client().get(f"/api/v1/rollouts/{rollout}")["state"] == state)
+
+
+def test_a_rollout_and_its_rollback_touch_only_the_model_of_their_bundle(
+        fleet: Fleet, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    client = fleet.start_controller()
+    service = _two_model_device(fleet, signing_keys, bundles)
+    keyword = service.models["keyword"].model
+    wait_until(lambda: _versions(_device(fleet, "cam-2m")) == {"digits": "1.0.0",
+                                                               "keyword": "1.0.0"},
+               30, what="the device registered with its two models")
+    client.post("/api/v1/devices/group", {"devices": ["cam-2m"], "group": "cams"})
+    client.upload("/api/v1/models", bundles["digits-2"].read_bytes())
+    sub = Subscriber(fleet.broker_url, [device_topic(fleet.name, "cam-2m", Leaf.DESIRED)])
+    try:
+        rollout = client.post("/api/v1/rollouts", {
+            "model": "digits:2.0.0", "selectors": ["group:cams"], "waves": ["100%"],
+            "device_timeout_s": 60, "soak_s": 0.5})
+        wait_until(lambda: _settled(fleet, rollout["id"], "SUCCEEDED"), 90, what="digits 2.0.0")
+        sent = decode_desired(sub.messages[0].payload)
+        assert isinstance(sent, DesiredModels) and list(sent.models) == ["digits"]
+        wait_until(lambda: _versions(_device(fleet, "cam-2m")) == {"digits": "2.0.0",
+                                                                   "keyword": "1.0.0"},
+                   30, what="the registry to show digits 2.0.0 beside keyword 1.0.0")
+        client.post(f"/api/v1/rollouts/{rollout['id']}/rollback")
+        wait_until(lambda: _versions(_device(fleet, "cam-2m")) == {"digits": "1.0.0",
+                                                                   "keyword": "1.0.0"},
+                   60, what="digits back on 1.0.0")
+    finally:
+        sub.close()
+    assert service.models["keyword"].model is keyword, "keyword was never reloaded"
+    listed = _device(fleet, "cam-2m")
+    assert listed["models"]["keyword"]["update_state"] == "COMMITTED"
+
+
+def test_a_device_of_one_model_is_sent_version_1_and_one_of_several_version_2(
+        fleet: Fleet, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    client = fleet.start_controller()
+    _two_model_device(fleet, signing_keys, bundles)
+    old = ReportedState(fleet=fleet.name, device="old-1", agent_version="0.0.9",
+                        active=BundleRef(name="digits", version="1.0.0", sha256=_SHA["a"]),
+                        runtimes=installed_runtimes(), serving=True)
+    sub = Subscriber(fleet.broker_url, [device_topic(fleet.name, d, Leaf.DESIRED)
+                                        for d in ("old-1", "cam-2m")])
+    try:
+        sub.publish(device_topic(fleet.name, "old-1", Leaf.REPORTED), encode(old), retain=True)
+        wait_until(lambda: _device(fleet, "old-1") and _device(fleet, "cam-2m").get("models"),
+                   30, what="both devices registered")
+        client.post("/api/v1/devices/group", {"devices": ["old-1", "cam-2m"], "group": "cams"})
+        client.upload("/api/v1/models", bundles["digits-2"].read_bytes())
+        client.post("/api/v1/rollouts", {"model": "digits:2.0.0", "selectors": ["group:cams"],
+                                         "waves": ["100%"], "device_timeout_s": 60})
+        wait_until(lambda: _to(sub, "old-1") and _to(sub, "cam-2m"), 30,
+                   what="a desired state for each")
+        old_word = _to(sub, "old-1")[0]
+        assert json.loads(old_word)["schema_version"] == 1
+        assert decode(DesiredState, old_word).version == "2.0.0"
+        assert json.loads(_to(sub, "cam-2m")[0])["schema_version"] == 2
+    finally:
+        sub.close()
+    listed = _device(fleet, "old-1")
+    assert listed["models"] is None and listed["active"]["version"] == "1.0.0"
+
+
+def test_a_device_of_one_model_stands_for_that_model_whatever_the_rollout_names() -> None:
+    one = apply_reported(Device(id="old", fleet="f"), ReportedState(
+        fleet="f", device="old", agent_version="0.0.9",
+        active=BundleRef(name="digits", version="1.0.0", sha256=_SHA["a"])), 1)
+    assert one.models is None and one.model_names == ["digits"]
+    assert one.model("keyword").active == one.active, "version 1: its model is replaced"
+    several = apply_reported(Device(id="new", fleet="f"), ReportedState.model_validate({
+        "schema_version": 2, "fleet": "f", "device": "new", "agent_version": "0.1.0",
+        "models": {"digits": {"active": {"name": "digits", "version": "1.0.0",
+                                         "sha256": _SHA["a"]}},
+                   "keyword": {"active": {"name": "keyword", "version": "3.0.0",
+                                          "sha256": _SHA["b"]}, "slot": "b",
+                               "update": {"state": "PROBATION"}}}}), 1)
+    assert several.model_names == ["digits", "keyword"]
+    assert several.model("keyword").update_state == "PROBATION"
+    assert several.model("vad").active is None, "a model it does not run: nothing yet"
+    assert Device.from_dict(several.as_dict()) == several
+
+
+def _point(model: str, version: str, inferences: int) -> dict[str, Any]:
+    return {"model": model, "model_version": version,
+            "versions": {version: {"inferences": inferences, "errors": 1,
+                                   "latency_p95_ms": 2.0}}}
+
+
+def test_the_telemetry_of_each_model_counts_for_that_model() -> None:
+    book = TelemetryBook()
+    detector, keyword = _point("detector", "1.0.0", 40), _point("keyword", "3.0.0", 9)
+    book.add("cam", 1_000, {**detector, "models": {"detector": detector, "keyword": keyword,
+                                                   "bad/name": keyword, "vad": {}}})
+    assert book.quality(["cam"], ("keyword", "3.0.0"), 0).inferences == 9
+    assert book.quality(["cam"], ("detector", "1.0.0"), 0).inferences == 40
+    assert book.running(("keyword", "3.0.0")) == ["cam"]
+    assert sorted(book.summary()) == ["detector:1.0.0", "keyword:3.0.0"]
