@@ -218,8 +218,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         self._consumed = False
         try:
+            config = self.controller.config
             check_same_origin(self.command, self.headers.get, self._scheme(),
-                              self.controller.config.public_url)
+                              config.allow_origins or config.public_url)
             self._dispatch(_checked_path(path))
         except EdgefleetError as exc:
             self._drop_unread_body()
@@ -658,6 +659,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")  # fleet data: not kept on disk
         if status == HTTPStatus.METHOD_NOT_ALLOWED:
             self.send_header("Allow", self._allow)
         if status == HTTPStatus.SERVICE_UNAVAILABLE:

@@ -92,8 +92,12 @@ def serve(
                                            "bundle server", callback=api_address)] = (
         "127.0.0.1:8600"),
     public_url: Annotated[str | None, typer.Option(
-        help="URL devices use to reach --http (default: http(s)://HTTP); the web page opened "
-             "there may act too")] = None,
+        help="URL devices use to reach --http (default: http(s)://HTTP); without "
+             "--allow-origin, the web page opened there may act too")] = None,
+    allow_origin: Annotated[list[str] | None, typer.Option(
+        "--allow-origin", help="An origin (https://host[:port], repeatable) whose web page "
+                               "may act, besides the address the request was sent to; "
+                               "default: --public-url's (docs/dashboards.md)")] = None,
     tls_cert: Annotated[Path | None, typer.Option(
         help="Serve HTTPS with this certificate ('edgefleet certs server'); with --tls-key",
         exists=True, dir_okay=False)] = None,
@@ -139,6 +143,7 @@ def serve(
         config = ControllerConfig(fleet=fleet, broker_url=broker, data_dir=data_dir,
                                   public_url=public_url or f"{'https' if tls else 'http'}://"
                                                            f"{http}",
+                                  allow_origins=_origins(allow_origin or []),
                                   trusted=TrustedKeys.from_paths(trusted_key), tick_s=tick,
                                   mqtt_security=mqtt_security(ca, cert, key, username,
                                                               password_file),
@@ -249,6 +254,18 @@ def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     from edgefleet.fleet.certs import server_context
 
     return server_context(cert, key)
+
+
+def _origins(urls: list[str]) -> tuple[str, ...]:
+    """--allow-origin's values, each an http(s) origin."""
+    from edgefleet.fleet.same_origin import is_origin
+
+    for url in urls:
+        if not is_origin(url):
+            raise EdgefleetError(f"--allow-origin {url!r} is not an http(s) origin",
+                                 hint="give the address the page is opened at, e.g. "
+                                      "--allow-origin https://fleet.example.com")
+    return tuple(urls)
 
 
 def _scale_out(controller_id: str | None, lease_s: float | None, shared: bool,
