@@ -85,9 +85,9 @@ def row(name: str, recipe: str, report: ConversionReport, attempt: Attempt | Non
     worst = min(attempt.agreement["outputs"], key=lambda o: o["score"])
     return {"model": name, "recipe": recipe, "backend": attempt.recipe, "bytes": attempt.size_bytes,
             "x_f32": round(attempt.size_bytes / base, 3), "worst_output": worst["name"],
-            "judged_by": worst["judged_by"], "cosine": worst["cosine"],
+            "judged_by": worst["judged_by"], "cosine": worst["centered_cosine"],
             "rel_rms": worst["rel_rms"], "range_error": round(
-                worst["max_abs_error"] / (worst["range"] or 1), 4),
+                worst["max_abs_error"] / (worst["judged_range"] or 1), 4),
             "score": worst["score"], "drop": attempt.accuracy_drop_points,
             "latency_ms": attempt.latency_p50_ms,
             "reference_ms": attempt.reference_latency_p50_ms, "warnings": attempt.warnings,
@@ -161,8 +161,9 @@ def raw_tool(name: str, case: dict[str, Any], data: tuple[Path, Path],
     sample = evaluation.take(1).inputs
     return {"model": name, "recipe": label, "bytes": len(model),
             "x_f32": round(len(model) / base, 3), "worst_output": worst.name,
-            "judged_by": worst.judged_by, "cosine": worst.cosine, "rel_rms": worst.rel_rms,
-            "range_error": round(worst.max_abs_error / (worst.range or 1), 4),
+            "judged_by": worst.judged_by, "cosine": worst.centered_cosine,
+            "rel_rms": worst.rel_rms,
+            "range_error": round(worst.max_abs_error / (worst.judged_range or 1), 4),
             "score": worst.score, "latency_ms": latency_p50_ms(predict, sample),
             "reference_ms": latency_p50_ms(source.predict, sample), "warnings": [],
             "seconds": round(time.perf_counter() - started, 1)}

@@ -53,6 +53,8 @@ class ConvertConfig:
     # NAME -> fixed shape for inputs with dynamic dims; input_size fixes H x W of one image input
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     input_size: tuple[int, int] | None = None
+    # NAME -> "class" or "regression": overrides the rule that tells them apart
+    output_kinds: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_MODES:
@@ -74,6 +76,8 @@ class ConvertConfig:
         if any(d < 1 for _, shape in self.input_shapes for d in shape) or \
                 any(d < 1 for d in self.input_size or ()):
             raise ValueError("input shapes and sizes are positive integers")
+        if any(kind not in ("class", "regression") for _, kind in self.output_kinds):
+            raise ValueError("an output kind is class or regression")
         if self.calibration_samples < 1:
             raise ValueError("calibration_samples must be at least 1")
 

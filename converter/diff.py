@@ -28,7 +28,14 @@ from edgefleet.agent.runtime.inspect import ModelInfo, inspect_model
 from edgefleet.agent.runtime.select import load_runtime
 from edgefleet.converter.config import Scale
 from edgefleet.converter.data import Dataset, load_dataset
-from edgefleet.converter.evaluate import accuracy, agreement, batch_size, is_classifier, run_batched
+from edgefleet.converter.evaluate import (
+    CLASS,
+    accuracy,
+    agreement,
+    batch_size,
+    output_kinds,
+    run_batched,
+)
 from edgefleet.converter.floatio import float_predict, input_map
 
 __all__ = ["Side", "diff_bundles", "open_side"]
@@ -233,10 +240,12 @@ def _agreement(a: Side, b: Side, data: Path | None, scale: Scale) -> dict[str, A
     finally:
         runtime_a.close()
         runtime_b.close()
-    found = agreement(outs_a, outs_b).as_dict()
+    kinds = output_kinds(outs_a, labels=dataset.labels is not None)
+    found = agreement(outs_a, outs_b, kinds=kinds).as_dict()
+    classifier = kinds[0].kind == CLASS
     result: dict[str, Any] = {"data": source, "samples": len(dataset), **found,
-                              "classifier": is_classifier(outs_a), "skipped": None}
-    if dataset.labels is not None and is_classifier(outs_a):
+                              "classifier": classifier, "skipped": None}
+    if dataset.labels is not None and classifier:
         result["accuracy_a"] = round(accuracy(outs_a, dataset.labels), 6)
         result["accuracy_b"] = round(accuracy(outs_b, dataset.labels), 6)
     return result

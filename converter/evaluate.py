@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,15 +14,20 @@ from edgefleet.agent.runtime.base import Array, TensorInfo
 from edgefleet.converter.data import Dataset
 
 __all__ = [
+    "CLASS",
+    "OUTPUT_KINDS",
+    "REGRESSION",
     "SMALL_OUTPUT",
     "Agreement",
     "OutputError",
+    "OutputKind",
     "accuracy",
     "agreement",
     "batch_size",
     "is_classifier",
     "latency_p50_ms",
     "output_error",
+    "output_kinds",
     "run_batched",
 ]
 
@@ -31,27 +36,34 @@ Predict = Callable[[Mapping[str, Array]], list[Array]]
 
 SMALL_OUTPUT = 8  # outputs of fewer numbers a sample are judged by error against their range
 RANGE_WEIGHT = 0.2  # a small output's score: 1 - 0.2 x (max abs error / range)
+RANGE_FLOOR = 0.1  # the range a small output is judged against is at least 0.1 x max |value|
 
 
 @dataclass(frozen=True)
 class OutputError:
     """How far one converted output is from the source's, measured several ways.
 
-    ``score`` is what the budget reads, on a cosine's scale: the cosine for outputs of
-    at least :data:`SMALL_OUTPUT` numbers a sample; for smaller ones (a score, a flag),
-    where a cosine says nothing, ``1 - RANGE_WEIGHT * max_abs_error / range`` (an error
-    of 5 % of the output's range on the evaluation data scores 0.99).
+    ``score`` is what the budget reads, on a cosine's scale: for outputs of at least
+    :data:`SMALL_OUTPUT` numbers a sample, the **centered** cosine (both outputs less the
+    source's mean: a constant offset, which the plain cosine hides under a large mean,
+    counts); for smaller ones (a score, a flag), where a cosine says nothing,
+    ``1 - RANGE_WEIGHT * max_abs_error / range``, the range being at least
+    :data:`RANGE_FLOOR` of the output's largest magnitude (an output nearly constant on
+    the evaluation data, a confident probability, is not judged against a range of
+    nothing). An error of 5 % of the range scores 0.99.
     """
 
     index: int
     name: str
     numbers: int  # per sample
-    cosine: float
+    cosine: float  # plain (uncentered), for reference
+    centered_cosine: float  # what the budget reads for outputs of SMALL_OUTPUT numbers or more
     rel_rms: float  # RMS of the error over the RMS of the source output
     sqnr_db: float | None  # 10 log10(signal power / error power); None when exact
     max_abs_error: float
     range: float  # max - min of the source output over the evaluation data
-    judged_by: str  # "cosine" or "range"
+    judged_range: float  # the range a small output is judged against (RANGE_FLOOR applied)
+    judged_by: str  # "centered cosine" or "range"
     score: float
 
     def as_dict(self) -> dict[str, Any]:
@@ -60,18 +72,75 @@ class OutputError:
     def describe(self) -> str:
         if self.judged_by == "range":
             return (f"output {self.name!r} ({self.numbers} numbers): max error "
-                    f"{self.max_abs_error:.4g} = {self.max_abs_error / (self.range or 1):.1%} "
-                    f"of its range {self.range:.4g}")
-        return (f"output {self.name!r}: cosine {self.cosine:.4f}, rel RMS {self.rel_rms:.4f}, "
+                    f"{self.max_abs_error:.4g} = "
+                    f"{self.max_abs_error / (self.judged_range or 1):.1%} of its range "
+                    f"{self.judged_range:.4g}")
+        return (f"output {self.name!r}: centered cosine {self.centered_cosine:.4f}, "
+                f"rel RMS {self.rel_rms:.4f}, "
                 f"SQNR {'exact' if self.sqnr_db is None else f'{self.sqnr_db:.1f} dB'}")
+
+
+CLASS, REGRESSION = "class", "regression"
+OUTPUT_KINDS = (CLASS, REGRESSION)
+PROBABILITY_TOLERANCE = 0.01  # a row of probabilities sums to 1 within this
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """Whether an output is a classifier's (judged by top-1 agreement too) or a regression's
+    (landmarks, boxes, masks, logits without labels: judged by its error alone), and the
+    rule that said so."""
+
+    name: str
+    kind: str  # CLASS or REGRESSION
+    rule: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def output_kinds(outputs: Sequence[Array], names: Sequence[str] = (), labels: bool = False,
+                 overrides: Mapping[str, str] | None = None) -> list[OutputKind]:
+    """Each output's kind, from what is known: ``overrides`` (``--output-kind``) first; an
+    output that is not one vector of scores a sample is a regression; with ``labels`` the
+    first output is a classifier's (the labels index it); else an output whose every row
+    is a probability vector (in [0, 1], summing to 1: a softmax) is a classifier's, and
+    real values are a regression's."""
+    labelled = list(names) if len(names) == len(outputs) else [str(i) for i in
+                                                                range(len(outputs))]
+    given = dict(overrides or {})
+    return [OutputKind(name, *_kind(i, value, labels, given.get(name)))
+            for i, (name, value) in enumerate(zip(labelled, outputs, strict=True))]
+
+
+def _kind(index: int, value: Array, labels: bool, override: str | None) -> tuple[str, str]:
+    if override is not None:
+        return override, "set by --output-kind"
+    if value.ndim != 2 or value.shape[1] < 2:
+        return REGRESSION, f"not one vector of scores a sample (shape {list(value.shape[1:])})"
+    if labels and index == 0:
+        return CLASS, "labels were given: they index this output"
+    if _probabilities(value):
+        return CLASS, "every row is a probability vector (in [0, 1], summing to 1)"
+    return REGRESSION, "real values, not probability vectors, and no labels given"
+
+
+def _probabilities(value: Array) -> bool:
+    rows = value.astype(np.float64)
+    if not rows.size or not np.all(np.isfinite(rows)):
+        return False
+    inside = bool(rows.min() >= -PROBABILITY_TOLERANCE and rows.max() <= 1 + PROBABILITY_TOLERANCE)
+    return inside and bool(np.all(np.abs(rows.sum(axis=1) - 1) <= PROBABILITY_TOLERANCE))
 
 
 @dataclass(frozen=True)
 class Agreement:
-    """Per output errors (:class:`OutputError`), the worst of them; top-1 for classifiers."""
+    """Per output errors (:class:`OutputError`), the worst of them; top-1 agreement on the
+    first classifier output (:class:`OutputKind`), when there is one."""
 
     outputs: list[OutputError]
     top1: float | None
+    kinds: list[OutputKind] = field(default_factory=list)
 
     @property
     def cosine(self) -> list[float]:
@@ -85,6 +154,7 @@ class Agreement:
         worst = self.worst
         return {"cosine": self.cosine, "max_abs_error": [o.max_abs_error for o in self.outputs],
                 "top1": self.top1, "outputs": [o.as_dict() for o in self.outputs],
+                "output_kinds": [k.as_dict() for k in self.kinds],
                 "worst_output": worst.name, "worst_score": worst.score,
                 "worst": worst.describe()}
 
@@ -127,9 +197,9 @@ def _padded(feeds: Mapping[str, Array], batch: int) -> dict[str, Array]:
             for name, value in feeds.items()}
 
 
-def is_classifier(outputs: Sequence[Array]) -> bool:
-    first = outputs[0]
-    return first.ndim == 2 and first.shape[1] > 1
+def is_classifier(outputs: Sequence[Array], labels: bool = False) -> bool:
+    """Whether the first output is a classifier's (:func:`output_kinds`)."""
+    return output_kinds(outputs[:1], labels=labels)[0].kind == CLASS
 
 
 def accuracy(outputs: Sequence[Array], labels: Array) -> float:
@@ -137,16 +207,20 @@ def accuracy(outputs: Sequence[Array], labels: Array) -> float:
 
 
 def agreement(source: Sequence[Array], converted: Sequence[Array],
-              names: Sequence[str] = ()) -> Agreement:
-    """Compare outputs pairwise (by position, or by shape when reordered)."""
+              names: Sequence[str] = (), kinds: Sequence[OutputKind] | None = None
+              ) -> Agreement:
+    """Compare outputs pairwise (by position, or by shape when reordered); ``kinds`` (by
+    default :func:`output_kinds` without labels) says which outputs get top-1 agreement."""
     pairs = _match(source, converted)
     labels = list(names) if len(names) == len(pairs) else [str(i) for i in range(len(pairs))]
     errors = [output_error(i, labels[i], a, b) for i, (a, b) in enumerate(pairs)]
+    found = list(kinds) if kinds is not None else output_kinds(source, labels)
     top1 = None
-    if is_classifier(source):
-        a, b = pairs[0]
+    classes = [i for i, k in enumerate(found) if k.kind == CLASS and i < len(pairs)]
+    if classes:
+        a, b = pairs[classes[0]]
         top1 = round(float((a.argmax(axis=1) == b.argmax(axis=1)).mean()), 6)
-    return Agreement(errors, top1)
+    return Agreement(errors, top1, found)
 
 
 def output_error(index: int, name: str, source: Array, converted: Array) -> OutputError:
@@ -156,15 +230,18 @@ def output_error(index: int, name: str, source: Array, converted: Array) -> Outp
     numbers = int(a.size // max(a.shape[0], 1)) if a.ndim else 1
     span = float(a.max() - a.min()) if a.size else 0.0
     max_abs = float(np.abs(error).max()) if a.size else 0.0
-    cosine = _cosine(a, b)
+    mean = float(a.mean()) if a.size else 0.0
+    centered = _cosine(a - mean, b - mean) if span > 0 else (1.0 if max_abs == 0 else 0.0)
     small = numbers < SMALL_OUTPUT
-    score = (1.0 - RANGE_WEIGHT * min(max_abs / span, 5.0) if span > 0 else
-             (1.0 if max_abs == 0 else 0.0)) if small else cosine
-    return OutputError(index, name, numbers, round(cosine, 6),
+    judged = max(span, RANGE_FLOOR * float(np.abs(a).max())) if a.size else 0.0
+    score = (1.0 - RANGE_WEIGHT * min(max_abs / judged, 5.0) if judged > 0 else
+             (1.0 if max_abs == 0 else 0.0)) if small else centered
+    return OutputError(index, name, numbers, round(_cosine(a, b), 6), round(centered, 6),
                        round(math.sqrt(noise / signal), 6) if signal > 0 else
                        (0.0 if noise == 0 else 1.0),
                        _sqnr(signal, noise), round(max_abs, 6), round(span, 6),
-                       "range" if small else "cosine", round(score, 6))
+                       round(judged, 6), "range" if small else "centered cosine",
+                       round(score, 6))
 
 
 def _sqnr(signal: float, noise: float) -> float | None:

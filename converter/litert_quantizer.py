@@ -7,9 +7,10 @@ and ``fp16`` (float casting; a source that already stores float16 weights is kep
 is). ``keep_float`` names operators (by their first output tensor) left in float through
 per-op ``NO_QUANTIZE`` rules. Many published models carry no signature, which the
 quantizer requires: such a model first gets a ``serving_default`` signature over its graph
-inputs and outputs; float16 weights behind ``DEQUANTIZE`` are folded to float32 first, and
-operator codes written in the old schema field only are normalized (the quantizer reads
-the new field alone).
+inputs and outputs; sparse weights behind ``DENSIFY`` are made dense constants, float16
+weights behind ``DEQUANTIZE`` are folded to float32 first, and operator codes written in
+the old schema field only are normalized (the quantizer reads the new field alone).
+Inputs and outputs stay float unless ``int8_io`` is asked for.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from edgefleet.converter.errors import (
     UnsupportedPathError,
 )
 
-__all__ = ["RECIPES", "STATIC", "ensure_signature", "float16_weights_to_float32",
-           "normalize_opcodes",
+__all__ = ["RECIPES", "STATIC", "densify_weights", "ensure_signature",
+           "float16_weights_to_float32", "normalize_opcodes",
            "prepare", "quantize_tflite", "stores_float16"]
 
 SIGNATURE = "serving_default"
@@ -71,6 +72,58 @@ def float16_weights_to_float32(model: bytes) -> bytes:
     if not _fold_float16(root, schema):
         return model
     return _pack(root, len(model) * 2)
+
+
+def densify_weights(model: bytes) -> bytes:
+    """Replace every ``DENSIFY`` of a constant (sparse weights) by the dense constant.
+
+    Models published with sparse weights (mediapipe's full-range face detector, its pose
+    detector) densify them at run time; the quantizer took the dense result for an
+    activation and wrote it asymmetric (zero point -128), which LiteRT's int8
+    convolutions refuse to load. LiteRT itself densifies them here: the model runs once
+    with every tensor kept, and each ``DENSIFY`` output becomes a constant.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    root = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model, 0))
+    code = schema.BuiltinOperator.DENSIFY
+    densify = {i for i, c in enumerate(root.operatorCodes)
+               if max(c.builtinCode, c.deprecatedBuiltinCode) == code}
+    graph = root.subgraphs[0]
+    targets = [op for op in graph.operators if op.opcodeIndex in densify]
+    if not targets:
+        return model
+    dense = _dense_values(model, [op.outputs[0] for op in targets])
+    for op in targets:
+        buffer = schema.BufferT()
+        buffer.data = list(dense[op.outputs[0]].tobytes())
+        root.buffers.append(buffer)
+        graph.tensors[op.outputs[0]].buffer = len(root.buffers) - 1
+        root.buffers[graph.tensors[op.inputs[0]].buffer].data = None  # the sparse copy
+    graph.operators = [op for op in graph.operators if op.opcodeIndex not in densify]
+    _drop_unused_tensors(root, graph, 0)
+    return _pack(root, len(model) * 2)
+
+
+def _dense_values(model: bytes, tensors: list[int]) -> dict[int, Any]:
+    """The values of ``tensors`` after one run of ``model`` on zeros."""
+    import warnings
+
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    # LiteRT's own kernels: the XNNPack delegate densifies weights inside itself and leaves
+    # the DENSIFY outputs unwritten
+    with warnings.catch_warnings():  # "intended for debugging purposes only": it is used so
+        warnings.simplefilter("ignore")
+        interpreter = Interpreter(
+            model_content=model, experimental_preserve_all_tensors=True,
+            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    for spec in interpreter.get_input_details():
+        interpreter.set_tensor(spec["index"], np.zeros(spec["shape"], spec["dtype"]))
+    interpreter.invoke()
+    return {index: interpreter.get_tensor(index).copy() for index in tensors}
 
 
 def normalize_opcodes(model: bytes) -> bytes:
@@ -167,8 +220,9 @@ def _signature_inputs(model: bytes) -> dict[str, str]:
 
 
 def prepare(model: bytes) -> bytes:
-    """What the quantizer reads: opcodes normalized, float16 weights folded, a signature."""
-    return ensure_signature(float16_weights_to_float32(normalize_opcodes(model)))
+    """What the quantizer reads: opcodes normalized, sparse weights made dense, float16
+    weights folded, a signature."""
+    return ensure_signature(float16_weights_to_float32(densify_weights(normalize_opcodes(model))))
 
 
 def stores_float16(model: bytes) -> bool:
@@ -188,9 +242,10 @@ def stores_float16(model: bytes) -> bool:
 
 
 def quantize_tflite(model: bytes, mode: str, data: Dataset | None,
-                    keep_float: tuple[str, ...] = ()) -> bytes:
+                    keep_float: tuple[str, ...] = (), int8_io: bool = False) -> bytes:
     """Quantize a float TFLite with recipe ``mode`` (:data:`RECIPES`); ``keep_float`` names
-    the output tensors of operators left in float."""
+    the output tensors of operators left in float. The graph's inputs and outputs stay
+    float unless ``int8_io`` (the quantizer's static recipes make them int8)."""
     if mode == "none":
         return model
     if mode == "fp16" and stores_float16(model):
@@ -202,7 +257,7 @@ def quantize_tflite(model: bytes, mode: str, data: Dataset | None,
     signed = prepare(model)
     try:
         with quiet_stdout():
-            return _quantize(quantizer, _recipe(mode, keep_float), signed, data)
+            return _quantize(quantizer, _recipe(mode, keep_float, int8_io), signed, data)
     except (DataError, UnsupportedPathError):
         raise
     except Exception as exc:  # the quantizer raises ValueError, KeyError, RuntimeError
@@ -216,7 +271,7 @@ RECIPES = {"dynamic": ("dynamic", 8, 0), "weight-only": ("weight_only", 8, 0),
 STATIC = ("int8", "int8-a16")
 
 
-def _recipe(mode: str, keep_float: tuple[str, ...]) -> Any:
+def _recipe(mode: str, keep_float: tuple[str, ...], int8_io: bool = False) -> Any:
     import re
 
     from ai_edge_quantizer import algorithm_manager, qtyping, recipe_manager
@@ -237,11 +292,13 @@ def _recipe(mode: str, keep_float: tuple[str, ...]) -> Any:
         manager.add_quantization_config(
             regex=f"^{re.escape(name)};", operation_name=every,  # scope: "out1;out2;"
             algorithm_key=algorithm_manager.AlgorithmName.NO_QUANTIZE)
-    # graph outputs of float operators stay float, not requantized at the end; int16
-    # activations keep float I/O (LiteRT takes int16 inputs, which nothing upstream gives)
-    ends = [qtyping.TFLOperationName.OUTPUT] if keep_float else []
-    if activations == 16:
-        ends = [qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT]
+    # float I/O unless int8_io: the graph's inputs and outputs are not quantized (and the
+    # outputs of float operators are not requantized at the end); int16 activations keep
+    # float I/O always (LiteRT takes int16 inputs, which nothing upstream gives)
+    ends = [] if int8_io and activations == 8 else \
+        [qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT]
+    if int8_io and activations == 8 and keep_float:
+        ends = [qtyping.TFLOperationName.OUTPUT]
     for end in ends:
         manager.add_quantization_config(
             regex=".*", operation_name=end,

@@ -33,41 +33,45 @@ from edgefleet.agent.runtime.base import Array, Runtime, TensorInfo
 from edgefleet.agent.runtime.inspect import ModelInfo, inspect_model
 from edgefleet.agent.runtime.select import load_runtime
 from edgefleet.converter import onnx_backend, prune, shapes, tflite_backend
+from edgefleet.converter.advice import failure
 from edgefleet.converter.config import TFLITE_SOURCE_ONLY, ConvertConfig
 from edgefleet.converter.data import DYNAMIC_SIDE, Dataset, load_dataset
 from edgefleet.converter.errors import (
-    BudgetExceededError,
-    ConverterError,
     DataError,
     NoResultError,
-    TargetViolationError,
     UnsupportedPathError,
 )
 from edgefleet.converter.evaluate import (
+    CLASS,
     Agreement,
+    OutputKind,
     Predict,
     accuracy,
     agreement,
     batch_size,
-    is_classifier,
+    fixed_batch,
     latency_p50_ms,
+    output_kinds,
     run_batched,
 )
+from edgefleet.converter.failures import result_refused
 from edgefleet.converter.floatio import float_predict as _predict
 from edgefleet.converter.floatio import input_map, quantize_input
 from edgefleet.converter.lineage import lineage_of
 from edgefleet.converter.package import PackageSpec, package_bytes, tensor_spec
 from edgefleet.converter.report import Attempt, ConversionReport, Verdict
-from edgefleet.converter.search import Candidate, Search, auto_candidates
+from edgefleet.converter.search import Candidate, Search, auto_candidates, choose
 from edgefleet.converter.sources import SourceModel, keras_source, load_source
 from edgefleet.devices import DeviceProfile, check_model, load_profile
 
-__all__ = ["SLOWER_MARGIN", "convert", "is_slower"]
+__all__ = ["HEALTH_ROWS", "SLOWER_MARGIN", "convert", "health_budget", "is_slower"]
 
 ONNX_RUNTIME_FOR_OPSET = {13: "1.7.0", 14: "1.8.0", 15: "1.10.0", 16: "1.11.0", 17: "1.13.0",
                           18: "1.14.0", 19: "1.16.0", 20: "1.17.0", 21: "1.18.0", 22: "1.20.0",
                           23: "1.22.0"}
 HEALTH_ATOL = {"none": 1e-4, "fp16": 5e-3, "dynamic": 2e-2, "int8": 2e-2}
+HEALTH_ROWS = 8  # health-check inputs in a bundle, at most
+HEALTH_MIN_BYTES = 64 * 1024  # what health data may take at least (see health_budget)
 SLOWER_MARGIN = 0.03  # slower than the reference by more than 3 %, measured alternately
 
 
@@ -93,6 +97,7 @@ class _Context:
     step: Step
     recipients: tuple[RecipientKey, ...] = ()
     reference: Predict | None = None  # what a result must not be slower than
+    kinds: list[OutputKind] = field(default_factory=list)  # classifier or regression, why
     built: dict[str, bytes] = field(default_factory=dict)  # artifacts by attempt label
 
 
@@ -109,10 +114,10 @@ def convert(config: ConvertConfig, step: Step = _no_progress) -> ConversionRepor
         if artifact is not None:
             built[attempt.label] = artifact
     ctx.step = step
-    chosen = _choose(ctx.report)
+    chosen = choose(ctx.report.attempts)
     ctx.report.conversion_seconds = round(time.perf_counter() - started, 2)
     if chosen is None:
-        raise NoResultError(_failure(ctx), ctx.report)
+        raise NoResultError(failure(ctx.report, ctx.config), ctx.report)
     ctx.report.chosen = chosen.label
     step("writing the signed bundle")
     _package(ctx, chosen, built[chosen.label])
@@ -150,12 +155,14 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
     report.eval_samples = len(evaluation)
     outputs = run_batched(source.predict, evaluation, batch_size(source.inputs),
                           on_batch=lambda d, t: step("evaluating the source model", d, t))
+    kinds = _output_kinds(config, source, outputs, evaluation.labels is not None)
+    report.output_kinds = [k.as_dict() for k in kinds]
     if evaluation.labels is not None:
         report.source_accuracy = round(accuracy(outputs, evaluation.labels), 6)
     report.source_latency_p50_ms = latency_p50_ms(source.predict, evaluation.take(1).inputs)
     profiles = [load_profile(t) for t in config.targets]
     ctx = _Context(config, source, calibration, evaluation, outputs, profiles, report, step,
-                   recipients)
+                   recipients, kinds=kinds)
     if config.prune:
         ctx.source = _pruned(ctx, config.prune)
     # a Keras or SavedModel source runs on TensorFlow, not an edge runtime: no rival
@@ -165,6 +172,19 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
         report.float_latency_p50_ms = latency_p50_ms(ctx.reference,
                                                      evaluation.take(1).inputs)
     return ctx
+
+
+def _output_kinds(config: ConvertConfig, source: SourceModel, outputs: list[Array],
+                  labels: bool) -> list[OutputKind]:
+    """Classifier or regression, per output (:func:`output_kinds`); ``--output-kind`` names
+    an output the model has."""
+    names = list(source.output_names) if len(source.output_names) == len(outputs) else \
+        [str(i) for i in range(len(outputs))]
+    unknown = sorted({name for name, _ in config.output_kinds} - set(names))
+    if unknown:
+        raise DataError(f"--output-kind names {unknown}, the model's outputs are {names}",
+                        hint="use NAME=class or NAME=regression with an output's name")
+    return output_kinds(outputs, names, labels, dict(config.output_kinds))
 
 
 def _with_shapes(source: SourceModel, config: ConvertConfig) -> SourceModel:
@@ -240,7 +260,8 @@ def _pruned_drop(ctx: _Context, pruned: SourceModel) -> float:
     labels, base = ctx.evaluation.labels, ctx.report.source_accuracy
     if labels is not None and base is not None:
         return round((base - accuracy(outputs, labels)) * 100, 4)
-    return agreement_drop(agreement(ctx.source_outputs, outputs, pruned.output_names))
+    return agreement_drop(agreement(ctx.source_outputs, outputs, pruned.output_names,
+                                    ctx.kinds))
 
 
 def _load(path: Path | None, source: SourceModel, config: ConvertConfig) -> Dataset | None:
@@ -297,10 +318,15 @@ def _attempt(ctx: _Context, candidate: Candidate) -> tuple[Attempt, bytes | None
         _measure(ctx, attempt, artifact)
     except (EdgefleetError, ValueError) as exc:  # conversion, or the result does not load
         # or run (LiteRT's set_tensor raises a bare ValueError on a dtype it does not take)
-        attempt.verdict, attempt.reason = Verdict.FAILED, f"failed: {exc}"
+        attempt.verdict, attempt.reason = Verdict.FAILED, f"failed: {_message(exc)}"
+        attempt.hint = getattr(exc, "hint", None) or ""
         return attempt, None
     _judge(ctx, attempt)
     return attempt, artifact
+
+
+def _message(exc: Exception) -> str:
+    return str(getattr(exc, "message", exc))
 
 
 def _ranking(ctx: _Context, base: Candidate) -> list[str]:
@@ -363,7 +389,8 @@ def _build(ctx: _Context, candidate: Candidate) -> bytes:
         from edgefleet.converter import litert_quantizer
 
         quantized: bytes = litert_quantizer.quantize_tflite(
-            source.path.read_bytes(), candidate.mode, ctx.calibration, candidate.keep_float)
+            source.path.read_bytes(), candidate.mode, ctx.calibration, candidate.keep_float,
+            int8_io=cfg.int8_io)
         return quantized
     return onnx_backend.quantize_onnx(_float_onnx(ctx), candidate.mode, ctx.calibration,
                                       candidate.keep_float, on_sample=calibrate,
@@ -371,13 +398,20 @@ def _build(ctx: _Context, candidate: Candidate) -> bytes:
 
 
 def _measure(ctx: _Context, attempt: Attempt, artifact: bytes) -> None:
-    runtime = load_runtime(artifact, ctx.config.format)
-    predict = _predict(runtime, ctx.source.inputs)
-    outputs = run_batched(predict, ctx.evaluation, batch_size(runtime.inputs),
-                          on_batch=lambda d, t: ctx.step(f"evaluating {attempt.label}", d, t))
+    """Load and run the result on the device runtime (what cannot, is a failed row), and
+    measure it."""
+    try:
+        runtime = load_runtime(artifact, ctx.config.format)
+        predict = _predict(runtime, ctx.source.inputs)
+        outputs = run_batched(predict, ctx.evaluation, batch_size(runtime.inputs),
+                              on_batch=lambda d, t: ctx.step(f"evaluating {attempt.label}",
+                                                             d, t))
+    except (EdgefleetError, ValueError, RuntimeError) as exc:  # LiteRT raises bare ones
+        name = "LiteRT" if ctx.config.format == "tflite" else "ONNX Runtime"
+        raise result_refused(attempt.label, attempt.recipe, name, exc) from exc
     attempt.size_bytes = len(artifact)
     attempt.gzip_bytes = len(gzip.compress(artifact, compresslevel=9))
-    found = agreement(ctx.source_outputs, outputs, ctx.source.output_names)
+    found = agreement(ctx.source_outputs, outputs, ctx.source.output_names, ctx.kinds)
     attempt.agreement = found.as_dict()
     labels = ctx.evaluation.labels
     if labels is not None:
@@ -464,7 +498,8 @@ def _judge(ctx: _Context, attempt: Attempt) -> None:
             and not attempt.kept_source:
         attempt.verdict = Verdict.NOT_SMALLER
         attempt.reason = (f"{attempt.mode} did not make the model smaller ({attempt.size_bytes} "
-                          f"bytes, source {source_bytes}): nothing it quantizes was found")
+                          f"bytes, source {source_bytes}): nothing it quantizes was found, or the "
+                          "source keeps its weights as small already (float16, sparse)")
     elif drop > budget:
         attempt.verdict = Verdict.OVER_BUDGET
         attempt.reason = _over_budget(ctx, attempt, drop, budget)
@@ -484,46 +519,18 @@ def _over_budget(ctx: _Context, attempt: Attempt, drop: float, budget: float) ->
     default = " (the default: --max-drop sets it)" if ctx.config.max_drop is None else ""
     worst = "" if attempt.accuracy is not None else f"; worst {attempt.agreement['worst']}"
     return (f"accuracy drop {drop:.2f} points exceeds the budget of {budget} points"
-            f"{default}{worst}")
+            f"{default}{worst}{_top1_cause(ctx, attempt)}")
 
 
-def _choose(report: ConversionReport) -> Attempt | None:
-    accepted = [a for a in report.attempts if a.accepted and a.size_bytes is not None]
-    return min(accepted, key=lambda a: a.size_bytes or 0) if accepted else None
-
-
-def _failure(ctx: _Context) -> ConverterError:
-    report = ctx.report
-    reasons = "; ".join(f"{a.label}: {a.reason}" for a in report.attempts)
-    report.suggestions = _suggestions(ctx)
-    hint = "; or ".join(f"{s['option']} ({s['why']})" for s in report.suggestions)
-    if any(a.verdict is Verdict.OVER_BUDGET for a in report.attempts):
-        return BudgetExceededError(f"no result within the accuracy budget ({reasons})",
-                                   hint=hint or "see the report")
-    if any(a.violations for a in report.attempts):
-        return TargetViolationError(f"no result fits the targets ({reasons})",
-                                    hint="see the violations; pick another --quantize or target")
-    return ConverterError(f"conversion failed ({reasons})", hint=hint or "see the report")
-
-
-def _suggestions(ctx: _Context) -> list[dict[str, Any]]:
-    """Options that change the outcome, each offered on this source and format."""
-    cfg, attempts = ctx.config, ctx.report.attempts
-    tried = {a.mode for a in attempts}
-    out: list[dict[str, Any]] = []
-    over = [a for a in attempts if a.verdict is Verdict.OVER_BUDGET and not a.violations]
-    if over:
-        best = min(over, key=lambda a: a.accuracy_drop_points or 0.0)
-        points = math.ceil((best.accuracy_drop_points or 0.0) * 10 + 1) / 10
-        out.append({"option": f"--max-drop {points:g}", "config": {"max_drop": points},
-                    "why": f"accepts {best.label}, {best.accuracy_drop_points:.2f} points lost"})
-    if cfg.quantize not in ("auto", "none"):
-        out.append({"option": "--quantize auto", "config": {"quantize": "auto"},
-                    "why": "searches recipes, keeping the most sensitive operators in float"})
-    if "fp16" not in tried and cfg.quantize != "none":
-        out.append({"option": "--quantize fp16", "config": {"quantize": "fp16"},
-                    "why": "float16 weights, half the float32 size"})
-    return out
+def _top1_cause(ctx: _Context, attempt: Attempt) -> str:
+    """When top-1 agreement set the drop: on which output, and the rule that made it a
+    classifier's (``--output-kind NAME=regression`` overrides it)."""
+    top1, score = attempt.agreement.get("top1"), attempt.agreement.get("worst_score", 1.0)
+    if attempt.accuracy is not None or top1 is None or top1 >= score:
+        return ""
+    kind = next(k for k in ctx.kinds if k.kind == CLASS)
+    return (f"; top-1 agreement {top1:.4f} on {kind.name!r}, judged a classifier's "
+            f"({kind.rule}; --output-kind {kind.name}=regression if it is not)")
 
 
 def _min_runtime(fmt: str, info: ModelInfo) -> str:
@@ -554,15 +561,31 @@ def _reference_data(ctx: _Context, runtime: Runtime) -> dict[str, Any]:
             "reference_source": "eval" if cfg.eval is not None else "calibration"}
 
 
+def _health_inputs(ctx: _Context, runtime: Runtime, model_bytes: int) -> dict[str, Array]:
+    """The health check's inputs: up to :data:`HEALTH_ROWS` rows, as many as fit in
+    :func:`health_budget` with their outputs (one at least, or the model's fixed batch)."""
+    feeds = {t.name: quantize_input(ctx.evaluation.inputs[name][:HEALTH_ROWS], t)
+             for name, t in input_map(ctx.source.inputs, runtime.inputs).items()}
+    per_row = sum(v[:1].nbytes for v in feeds.values()) + \
+        sum(o[:1].astype(np.float32).nbytes for o in ctx.source_outputs)
+    rows = max(1, fixed_batch(runtime.inputs) or 1,
+               min(HEALTH_ROWS, health_budget(model_bytes) // max(per_row, 1)))
+    return {name: value[:rows] for name, value in feeds.items()}
+
+
+def health_budget(model_bytes: int) -> int:
+    """Bytes the health data may take in a bundle: a tenth of the model, at least 64 KiB."""
+    return max(HEALTH_MIN_BYTES, model_bytes // 10)
+
+
 def _package(ctx: _Context, chosen: Attempt, artifact: bytes) -> None:
     cfg = ctx.config
     info = inspect_model(artifact, cfg.format)
     runtime = load_runtime(artifact, cfg.format)
-    health = {t.name: quantize_input(ctx.evaluation.inputs[name][:8], t)
-              for name, t in input_map(ctx.source.inputs, runtime.inputs).items()}
+    health = _health_inputs(ctx, runtime, len(artifact))
     spec = PackageSpec(
         cfg.model_name, cfg.version, health,
-        task="classification" if is_classifier(ctx.source_outputs) else "other",
+        task="classification" if ctx.kinds and ctx.kinds[0].kind == CLASS else "other",
         optimization=Optimization(quantization=chosen.label,
                                   sparsity=float(ctx.report.pruning.get("sparsity", 0.0))),
         metrics=ctx.report.metrics(), targets=tuple(p.name for p in ctx.profiles),

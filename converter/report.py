@@ -46,6 +46,7 @@ class Attempt:
     warnings: list[str] = field(default_factory=list)
     accepted: bool = False
     reason: str = ""
+    hint: str = ""  # what to do about a failure, when the backend said
     verdict: Verdict = Verdict.UNJUDGED
 
 
@@ -73,6 +74,8 @@ class ConversionReport:
     encrypted_for: list[str] = field(default_factory=list)  # recipient key ids
     budget_points: float | None = None  # the accuracy budget the attempts were judged by
     input_shapes: dict[str, list[int]] = field(default_factory=dict)  # as converted
+    # per output: {"name", "kind" (class or regression), "rule" (why)}
+    output_kinds: list[dict[str, str]] = field(default_factory=list)
     # when nothing passed: options that change the outcome ({"option", "config", "why"})
     suggestions: list[dict[str, Any]] = field(default_factory=list)
 
@@ -98,6 +101,7 @@ class ConversionReport:
             "eval_samples": self.eval_samples, "eval_data": self.eval_data,
             "conversion_seconds": self.conversion_seconds, "pruning": self.pruning,
             "budget_points": self.budget_points, "input_shapes": self.input_shapes,
+            "output_kinds": self.output_kinds,
             "attempts": [{"label": a.label, "recipe": a.recipe, "accepted": a.accepted,
                           "reason": a.reason, "size_bytes": a.size_bytes,
                           "accuracy": a.accuracy, "keep_float": len(a.keep_float),

@@ -7,7 +7,7 @@ every converted result can be measured against it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +17,8 @@ from edgefleet.agent.runtime.base import Array, TensorInfo
 from edgefleet.agent.runtime.select import load_runtime
 from edgefleet.converter._tf import keras, tensorflow
 from edgefleet.converter.errors import SourceModelError
+from edgefleet.converter.failures import source_refused
+from edgefleet.converter.floatio import dequantize_output, quantize_input
 
 __all__ = ["SourceKind", "SourceModel", "keras_source", "load_source"]
 
@@ -67,6 +69,9 @@ def load_source(path: Path) -> SourceModel:
     except SourceModelError:
         raise
     except Exception as exc:  # Keras/TF/ORT raise many unrelated types on bad files
+        refused = source_refused(path.name, exc)
+        if refused is not None:
+            raise refused from exc
         raise SourceModelError(f"cannot load {kind} model {path}: {exc}",
                                hint="check that the file is complete and of that type") from exc
 
@@ -111,14 +116,24 @@ def _savedmodel(path: Path, kind: SourceKind) -> SourceModel:
 
 
 def _runtime(path: Path, kind: SourceKind) -> SourceModel:
+    """An ONNX or TFLite source, run in the real domain: an int8 / uint8 input takes real
+    values, quantized with the source's own scale and zero point, and a quantized output
+    is dequantized, so a conversion is compared with it number for number."""
     runtime = load_runtime(path.read_bytes(), kind)
-    names = [o.name for o in runtime.outputs]
+    ins = {t.name: t for t in runtime.inputs}
+    outs = runtime.outputs
 
     def predict(feeds: Mapping[str, Array]) -> list[Array]:
-        out = runtime.run(feeds)
-        return [out[n] for n in names]
+        out = runtime.run({k: quantize_input(v, ins[k]) for k, v in feeds.items()})
+        return [dequantize_output(out[t.name], t) for t in outs]
 
-    return SourceModel(kind, path, runtime.inputs, predict, runtime, tuple(names))
+    inputs = [replace(t, dtype="float32", scales=(), zero_points=()) if _quantized(t) else t
+              for t in runtime.inputs]
+    return SourceModel(kind, path, inputs, predict, runtime, tuple(t.name for t in outs))
+
+
+def _quantized(info: TensorInfo) -> bool:
+    return bool(info.scales) and info.dtype in ("int8", "uint8", "int16")
 
 
 def _shape(shape: Any) -> tuple[int, ...]:

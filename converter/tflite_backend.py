@@ -22,7 +22,8 @@ import numpy as np
 
 from edgefleet.converter._tf import quiet_stdout, tensorflow
 from edgefleet.converter.data import Dataset
-from edgefleet.converter.errors import ConversionFailedError, DataError, UnsupportedPathError
+from edgefleet.converter.errors import DataError, UnsupportedPathError
+from edgefleet.converter.failures import tflite_conversion
 from edgefleet.converter.sources import SourceModel
 
 __all__ = ["sensitive_nodes", "to_tflite"]
@@ -74,10 +75,13 @@ def _representative(source: SourceModel, data: Dataset | None,
                         hint="pass --calibration PATH (.npy, .npz or an image folder)")
     names = [i.name for i in source.inputs]
 
-    def gen() -> Iterator[list[np.ndarray[Any, Any]]]:
+    def gen() -> Iterator[list[np.ndarray[Any, Any]] | dict[str, np.ndarray[Any, Any]]]:
         for i in range(len(data)):
             on_sample(i + 1, len(data))
-            yield [data.inputs[n][i:i + 1] for n in names]
+            if len(names) == 1:
+                yield [data.inputs[names[0]][i:i + 1]]
+            else:  # by signature input name: the converter orders its inputs its own way
+                yield {n: data.inputs[n][i:i + 1] for n in names}
 
     return gen
 
@@ -112,8 +116,7 @@ def to_tflite(source: SourceModel, mode: str, data: Dataset | None = None,
     except (DataError, UnsupportedPathError):
         raise
     except Exception as exc:  # the TFLite converter raises ConverterError, ValueError, ...
-        raise ConversionFailedError(f"TFLite conversion ({mode}) failed: {exc}",
-                                    hint="check the model's ops are TFLite builtins") from exc
+        raise tflite_conversion(mode, exc) from exc
 
 
 def _debugger(converter: Any, source: SourceModel, data: Dataset | None,

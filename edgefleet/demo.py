@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ import numpy as np
 from edgefleet.agent.protocol.signing import SigningKey, TrustedKeys, generate_keypair
 from edgefleet.agent.runtime import load_runtime
 from edgefleet.converter.package import PackageSpec, package_model
+from edgefleet.fleet.api_types import Device, Rollout
 from edgefleet.fleet.client import FleetClient
 from edgefleet.fleet.mosquitto import (
     MosquittoBroker,
@@ -127,9 +128,9 @@ def run_demo(devices: int = 4, workdir: Path | None = None,
         for device in ids:
             fleet.add_agent(device, v1)
         wait_until(lambda: _on(client, ids, "1.0.0"), 60, what="devices registered on v1")
-        client.post("/api/v1/devices/group", {"devices": ids, "group": GROUP})
+        client.set_group(ids, GROUP)
         for bundle in (v1, v2, v3):
-            client.upload("/api/v1/models", bundle.read_bytes())
+            client.push(bundle)
         step("rolling out v2 in waves (25%, 100%) behind quality gates")
         good = _rollout(client, "digits:2.0.0", waves=["25%", "100%"], soak_s=2)
         _finish(client, good, "SUCCEEDED")
@@ -139,22 +140,22 @@ def run_demo(devices: int = 4, workdir: Path | None = None,
         _finish(client, bad, "ABORTED")
         wait_until(lambda: _on(client, ids, "2.0.0"), 60, what="the canary back on v2")
         step("one command rolls v2 back: every device returns to v1")
-        client.post(f"/api/v1/rollouts/{good}/rollback")
+        client.rollback_rollout(good)
         wait_until(lambda: _on(client, ids, "1.0.0"), 60, what="v1 everywhere")
         wait_until(lambda: _telemetry_on(fleet, ids, "1.0.0"), 30, what="fresh telemetry")
         return _result(fleet, client, url)
 
 
 def _rollout(client: FleetClient, model: str, waves: list[str], soak_s: float) -> str:
-    body = {"model": model, "selectors": [f"group:{GROUP}"], "waves": waves, "soak_s": soak_s,
-            "device_timeout_s": 120, "gates": {"min_agreement_pct": 90,
-                                               "max_error_rate_pct": 1, "min_samples": 50}}
-    return str(client.post("/api/v1/rollouts", body)["id"])
+    return client.create_rollout(model, {
+        "selectors": [f"group:{GROUP}"], "waves": waves, "soak_s": soak_s,
+        "device_timeout_s": 120, "gates": {"min_agreement_pct": 90, "max_error_rate_pct": 1,
+                                           "min_samples": 50}})["id"]
 
 
 def _finish(client: FleetClient, rollout: str, expected: str) -> None:
-    def ended() -> dict[str, Any] | None:
-        data: dict[str, Any] = client.get(f"/api/v1/rollouts/{rollout}")
+    def ended() -> Rollout | None:
+        data = client.rollout(rollout)
         return data if data["state"] in ("SUCCEEDED", "ABORTED", "ROLLED_BACK") else None
 
     data = wait_until(ended, 120, what=f"rollout {rollout} to end")
@@ -164,10 +165,14 @@ def _finish(client: FleetClient, rollout: str, expected: str) -> None:
 
 
 def _on(client: FleetClient, ids: list[str], version: str) -> bool:
-    found = {d["id"]: d for d in client.get("/api/v1/devices")}
-    return all(i in found and found[i]["online"] and found[i]["active"]
-               and found[i]["active"]["version"] == version
+    found = {d["id"]: d for d in client.devices()}
+    return all(i in found and found[i]["online"] and _version(found[i]) == version
                and found[i]["update_state"] in ("COMMITTED", "ROLLED_BACK", "IDLE") for i in ids)
+
+
+def _version(device: Device) -> str | None:
+    active = device["active"]
+    return None if active is None else active["version"]
 
 
 def _telemetry_on(fleet: LocalFleet, ids: list[str], version: str) -> bool:
@@ -180,23 +185,23 @@ def _telemetry_on(fleet: LocalFleet, ids: list[str], version: str) -> bool:
 def _result(fleet: LocalFleet, client: FleetClient, url: str) -> DemoResult:
     assert fleet.controller is not None and fleet.api is not None
     latest = fleet.controller.telemetry.latest
-    devices = [_device_row(d, latest.get(d["id"], {})) for d in client.get("/api/v1/devices")]
+    devices = [_device_row(d, latest.get(d["id"], {})) for d in client.devices()]
     rollouts = [{"rollout": r["id"], "model": f"{r['spec']['model']['name']}:"
                  f"{r['spec']['model']['version']}", "state": r["state"],
                  "devices": r["total"], "reason": r["reason"]}
-                for r in client.get("/api/v1/rollouts")]
+                for r in client.rollouts()]
     models = [{"model": f"{m['name']}:{m['version']}", "size": m["size"],
                "quantization": (m["manifest"].get("optimization") or {}).get("quantization"),
                "accuracy": (m["manifest"].get("metrics") or {}).get("accuracy")}
-              for m in client.get("/api/v1/models")]
+              for m in client.models()]
     history = [{"by": e["actor"], "action": f"{e['action']} {e['target']}",
                 "outcome": e["outcome"], "what": e["detail"].get("summary", "")}
-               for e in reversed(client.get("/api/v1/history?limit=200"))]
+               for e in reversed(client.history(200))]
     return DemoResult(url, fleet.api.url, models, rollouts, devices, history)
 
 
-def _device_row(device: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    active = device["active"] or {}
+def _device_row(device: Device, values: dict[str, Any]) -> dict[str, Any]:
+    active: Mapping[str, Any] = device["active"] or {}
     return {"device": device["id"], "model": f"{active.get('name')}:{active.get('version')}",
             "update": device["update_state"], "inferences": values.get("inferences_total"),
             "p50 ms": values.get("latency_p50_ms"), "p95 ms": values.get("latency_p95_ms")}

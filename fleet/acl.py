@@ -13,6 +13,9 @@ cannot hold anyway). Anything not granted is denied::
               reads   edgefleet/v1/{fleet}/#
               writes  edgefleet/v1/{fleet}/+/state/desired   (the only writer)
               writes  edgefleet/v1/{fleet}/_fleet/#          (the only writer)
+              writes  edgefleet/v1/{fleet}/+/status, +/state/reported
+                      (only to clear them, empty and retained, when it decommissions
+                      a device: ``fleet devices remove``)
 
 Home Assistant discovery (``agent run --ha-discovery``) publishes retained configs on
 ``homeassistant/{component}/{node}/{object}/config`` where the node id is
@@ -39,6 +42,7 @@ CONTROLLER_USER = "edgefleet-controller"  # the default; the CN of 'edgefleet ce
 
 _DEVICE_WRITES = (Leaf.TELEMETRY, Leaf.STATUS, Leaf.REPORTED, Leaf.EVENTS)
 _HA_COMPONENTS = ("sensor", "binary_sensor")
+_CLEARED = (Leaf.STATUS, Leaf.REPORTED)  # device-written retained topics
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,8 @@ def acl_rules(fleet: str, controller: str, ha_devices: Iterable[str] = (),
     rules += [Rule(controller, "read", f"{base}/#"),
               Rule(controller, "write", f"{base}/+/{Leaf.DESIRED.value}"),
               Rule(controller, "write", f"{base}/{FLEET_LEVEL}/#")]
+    # a decommission clears a device's retained topics (fleet.control.lifecycle)
+    rules += [Rule(controller, "write", f"{base}/+/{leaf.value}") for leaf in _CLEARED]
     return rules
 
 

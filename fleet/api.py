@@ -1,46 +1,34 @@
 """The controller's HTTP server: the REST API the CLI uses, and the bundles devices download.
 
-Standard library only (``ThreadingHTTPServer``). Endpoints::
+Standard library only (``ThreadingHTTPServer``). The operations are :data:`ROUTES`, one line
+each (method, path template, handler); ``fleet/openapi.json`` (:mod:`edgefleet.fleet.contract`,
+served at ``GET /openapi.json``) describes every one, with its request and response schemas,
+and ``tests/test_api_contract.py`` checks the two agree and fuzzes each operation. To add an
+operation: a handler method, a line in :data:`ROUTES`, an entry under ``paths`` in the
+document, and a method of :class:`edgefleet.fleet.client.FleetClient`.
 
-    GET  /healthz                                   no token
-    GET  /bundles/{sha256}.efb                      no token; one Range (bytes=N-M, N-, -K)
-                                                    honoured (RFC 9110; 416 when unsatisfiable)
-    GET  /deltas/{from}-{to}                        no token; a delta (docs/deltas.md), Range
-                                                    as for bundles
-    GET  /metrics                                   no token; Prometheus text format
-    GET  /  and  /dashboard/...                     no token; the live fleet page (static)
-    GET  /api/v1/stream                             server-sent events for the dashboard
-    GET  /api/v1/overview | devices | models | rollouts | history?limit=&target=
-    GET  /api/v1/rollouts/{id}
-    POST /api/v1/models                             body: the .efb bytes
-    POST /api/v1/devices/group                      {"devices": [...], "group": G|null}
-    POST /api/v1/devices/{id}/tags                  {"add": [...], "remove": [...]}
-    POST /api/v1/devices/{id}/labels                {"set": {KEY: VALUE}, "remove": [KEY]}
-    GET  /api/v1/groups                             dynamic groups (saved selectors)
-    POST /api/v1/groups                             {"name": G, "where": SELECTOR}
-    POST /api/v1/groups/{name}/delete
-    POST /api/v1/rollouts                           {"model": "NAME:VERSION", ...options}
-    POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}
-    POST /api/v1/rollback                           {"group": G}
-    GET  /api/v1/keyring                            the fleet keyring held (404: none yet)
-    POST /api/v1/keyring[?force=1]                  body: a keyring.json (docs/keys.md)
-    GET  /api/v1/alerts                             drift alerts firing, and PSI per version
-    GET  /api/v1/drift                              drift alert policies (docs/monitoring.md)
-    POST /api/v1/drift/{model}                      {"psi", "min_samples", "clear_after"} |
-                                                    {"reset": true}
+``/healthz``, ``/openapi.json``, ``/metrics``, the page (``/``, ``/dashboard/...``) and
+``/bundles/{sha256}.efb`` and ``/deltas/{from}-{to}`` (docs/deltas.md) need no token; one
+Range of a bundle or delta (bytes=N-M, N-, -K) is honoured (RFC 9110; 416 when unsatisfiable).
 
 ``/api`` needs ``Authorization: Bearer TOKEN`` (GET requests may pass ``?token=`` instead,
-for a browser's EventSource); the token's name is the actor written in the audit history.
-Every other method (PUT, DELETE, PATCH, OPTIONS) needs the token too, then gets 405.
+for a browser's EventSource); the token's name is the actor written in the audit history,
+its role goes with it. Each route names the least role it needs (``fleet.access``: viewer
+reads, operator runs rollouts, groups, tags and labels, admin pushes, changes the keyring
+and drift policies, lists tokens and removes devices); a call the token's role does not
+allow is answered 403 with the role it needs (``"role"``) and written to the history
+(``api.refused``).
+A method no route takes on a path needs the token too, then gets 405 naming the path's methods
+in ``Allow`` (on a path no route knows: 404 for GET and POST, 405 for any other method).
 A write that a browser sent from a page of another origin is refused with 403 before the
 token is looked at (``fleet.same_origin``); no response allows a cross-origin read (no
 CORS header), and the page is served with a Content-Security-Policy
 (``dashboard.PAGE_HEADERS``).
 Errors are JSON ``{"error", "hint", "kind"}`` (and ``"field"``, the option's name, when a
 rollout option is refused); the status follows the error's class
-(404 unknown, 409 conflict, 400 invalid, 401 token, 403 cross-site, 422 bundle or keyring refused,
-413 body too large, 405 method, 503 the store failed for now and a retry may pass, 500 it
-failed for good).
+(404 unknown, 409 conflict, 400 invalid, 401 token, 403 role or cross-site, 422 bundle or
+keyring refused, 413 body too large, 405 method, 503 the store or the broker failed for now
+and a retry may pass, 500 it failed for good).
 
 Input is checked before it reaches the controller: a path with ``..``, a backslash or an
 encoded ``/`` is refused (400) whatever the token; device ids in paths and bodies must be
@@ -63,12 +51,15 @@ import ssl
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from edgefleet.agent.errors import BrokerError
 from edgefleet.agent.ports import bind_error
 from edgefleet.agent.protocol._tar import BLOCK, check_first_block
 from edgefleet.agent.protocol.errors import (
@@ -80,34 +71,32 @@ from edgefleet.agent.protocol.errors import (
 from edgefleet.agent.protocol.keyring import MAX_KEYRING_BYTES, KeyringError
 from edgefleet.agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
 from edgefleet.agent.protocol.topics import check_id
-from edgefleet.fleet import dashboard
+from edgefleet.fleet import access, contract, dashboard
+from edgefleet.fleet.access import Actor, Token, TokenRole, parse_tokens, tokens_by_secret
 from edgefleet.fleet.byte_ranges import UNSATISFIABLE, byte_range, copy_span
 from edgefleet.fleet.control.actions import OPERATIONS
 from edgefleet.fleet.controller import FleetController
 from edgefleet.fleet.deltas import DELTA_PATH
 from edgefleet.fleet.domain import ModelVersion
 from edgefleet.fleet.drift import DriftPolicy
+from edgefleet.fleet.durations import MAX_AGE_S
 from edgefleet.fleet.errors import (
     AuthError,
     ConflictError,
+    ForbiddenError,
     InvalidRolloutError,
     NotFoundError,
     StoreError,
 )
 from edgefleet.fleet.metrics import FleetMetrics
 from edgefleet.fleet.rollout.validate import RolloutOptionError
+from edgefleet.fleet.routing import Route, allowed, find, methods
 from edgefleet.fleet.same_origin import check_same_origin
 
-__all__ = ["ApiServer", "parse_tokens"]
+__all__ = ["ROUTES", "ApiServer", "parse_tokens"]
 
 log = logging.getLogger(__name__)
 _BUNDLE = re.compile(r"^/bundles/([0-9a-f]{64})\.efb$")
-_ROLLOUT = re.compile(r"^/api/v1/rollouts/([^/]+)(?:/([^/]+))?$")
-_VERBS = tuple(OPERATIONS)
-_TAGS = re.compile(r"^/api/v1/devices/([^/]+)/tags$")
-_DRIFT = re.compile(r"^/api/v1/drift/([^/]+)$")
-_LABELS = re.compile(r"^/api/v1/devices/([^/]+)/labels$")
-_GROUP_DELETE = re.compile(r"^/api/v1/groups/([^/]+)/delete$")
 _NAME, _SEMVER = re.compile(NAME_PATTERN), re.compile(SEMVER_PATTERN)
 _MAX_BODY = 512 * 1024 * 1024  # a bundle
 _MAX_JSON = 1024 * 1024
@@ -117,39 +106,26 @@ _MAX_PUSHES = 2  # bundle uploads streaming at once; one more is answered 503 + 
 _RETRY_AFTER_S = 5
 _STATUS: list[tuple[type[EdgefleetError], HTTPStatus]] = [
     (NotFoundError, HTTPStatus.NOT_FOUND), (ConflictError, HTTPStatus.CONFLICT),
-    (InvalidRolloutError, HTTPStatus.BAD_REQUEST), (AuthError, HTTPStatus.UNAUTHORIZED),
+    (InvalidRolloutError, HTTPStatus.BAD_REQUEST), (ForbiddenError, HTTPStatus.FORBIDDEN),
+    (AuthError, HTTPStatus.UNAUTHORIZED), (BrokerError, HTTPStatus.SERVICE_UNAVAILABLE),
     (BundleError, HTTPStatus.UNPROCESSABLE_ENTITY),
     (SchemaVersionError, HTTPStatus.UNPROCESSABLE_ENTITY),
     (KeyringError, HTTPStatus.UNPROCESSABLE_ENTITY)]
 
 
-def parse_tokens(specs: list[str]) -> dict[str, str]:
-    """``NAME=SECRET`` (or a bare ``SECRET``, named "default") -> {secret: name}."""
-    tokens = {}
-    for spec in specs:
-        name, sep, secret = spec.partition("=")
-        if not sep:
-            name, secret = "default", spec
-        if len(secret) < 8:
-            raise AuthError(f"token {name!r} is shorter than 8 characters",
-                            hint="use a long random secret: python -c 'import secrets; "
-                                 "print(secrets.token_urlsafe())'")
-        tokens[secret] = name
-    return tokens
-
-
 class ApiServer:
     """Serves one controller on ``host:port`` (0 picks a free port) from a thread."""
 
-    def __init__(self, controller: FleetController, tokens: dict[str, str],
+    def __init__(self, controller: FleetController, tokens: dict[str, str] | dict[str, Token],
                  host: str = "127.0.0.1", port: int = 0,
                  tls: ssl.SSLContext | None = None) -> None:
-        """``tls`` (``fleet.certs.server_context``) serves HTTPS: tokens and bundles are
+        """``tokens``: {secret: Token} (``fleet.access.parse_tokens``), or {secret: name} for
+        admin tokens. ``tls`` (``fleet.certs.server_context``) serves HTTPS: tokens and bundles are
         never sent in clear. Each connection's handshake runs in its own thread."""
         if not tokens:
             raise AuthError("the API needs at least one token",
-                            hint="pass --token NAME=SECRET or set EDGEFLEET_TOKEN")
-        self._httpd = _Server((host, port), controller, tokens)
+                            hint="pass --token NAME:ROLE=SECRET or set EDGEFLEET_TOKEN")
+        self._httpd = _Server((host, port), controller, tokens_by_secret(tokens))
         self.scheme = "https" if tls else "http"
         if tls is not None:
             self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True,
@@ -182,7 +158,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], controller: FleetController,
-                 tokens: dict[str, str]) -> None:
+                 tokens: dict[str, Token]) -> None:
         super().__init__(address, _Handler)
         self.controller, self.tokens = controller, tokens
         self.metrics = FleetMetrics(controller)
@@ -211,6 +187,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
     _consumed = True  # whether this request's body was read (or needs no reading)
+    _allow = ""  # the methods a 405 names
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -220,42 +197,37 @@ class _Handler(BaseHTTPRequestHandler):
         """The controller this server answers for."""
         return self.server.controller
 
+
     def do_GET(self) -> None:
-        self._guard(self._get)
+        self._guard()
 
     def do_HEAD(self) -> None:
-        self._guard(self._get)
+        self._guard()
 
     def do_POST(self) -> None:
-        self._guard(self._post)
+        self._guard()
 
-    def do_PUT(self) -> None:
-        self._guard(self._not_allowed)
+    def __getattr__(self, name: str) -> Callable[[], None]:
+        """Any other method (PUT, DELETE, QUERY...) is routed too: a JSON 405 after the token
+        when no route takes it, instead of the standard library's HTML 501."""
+        if name.startswith("do_"):
+            return self._guard
+        raise AttributeError(name)
 
-    def do_DELETE(self) -> None:
-        self._guard(self._not_allowed)
-
-    def do_PATCH(self) -> None:
-        self._guard(self._not_allowed)
-
-    def do_OPTIONS(self) -> None:  # a CORS preflight: refused, never allowed
-        self._guard(self._not_allowed)
-
-    def _guard(self, handler: Callable[[str], None]) -> None:
+    def _guard(self) -> None:
         path = urlsplit(self.path).path
         self._consumed = False
         try:
+            config = self.controller.config
             check_same_origin(self.command, self.headers.get, self._scheme(),
-                              self.controller.config.public_url)
-            handler(_checked_path(path))
+                              config.allow_origins or config.public_url)
+            self._dispatch(_checked_path(path))
         except EdgefleetError as exc:
             self._drop_unread_body()
             status = _status(exc)
             if status >= HTTPStatus.BAD_REQUEST and self.command != "GET":
                 log.info("refused %s %s: %s", self.command, path[:200], exc.message)
-            field = {"field": exc.field} if isinstance(exc, RolloutOptionError) else {}
-            self._json({"error": exc.message, "hint": exc.hint, "kind": type(exc).__name__,
-                        **field}, status)
+            self._json(_error_body(exc), status)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:
@@ -265,65 +237,134 @@ class _Handler(BaseHTTPRequestHandler):
                         "hint": "see the controller's log", "kind": "InternalError"},
                        HTTPStatus.INTERNAL_SERVER_ERROR)
 
-    # --- GET ----------------------------------------------------------------------------
-
-    def _get(self, path: str) -> None:
-        if path == "/healthz":
-            return self._json({"ok": True, **self.controller.overview(quality=False)})
-        if path.startswith("/bundles/"):  # no token, whatever the name
-            return self._bundle(_bundle_sha(path))
-        if path.startswith("/deltas/"):  # no token: served like a bundle (docs/deltas.md)
-            return self._delta(path)
-        if path == "/metrics":
-            return self._raw(*self.server.metrics.render())
-        if path == "/" or path.startswith("/dashboard"):
-            return self._dashboard(path)
-        self._actor()
-        query = parse_qs(urlsplit(self.path).query)
-        if path == "/api/v1/overview":
-            return self._json(self.controller.overview())
-        if path == "/api/v1/stream":
-            return self._stream()
-        if path == "/api/v1/devices":
-            return self._json([d.as_dict() for d in self.controller.devices()])
-        if path == "/api/v1/models":
-            return self._json([m.as_dict() for m in self.controller.store.models()])
-        if path == "/api/v1/rollouts":
-            return self._json([r.summary() for r in self.controller.rollouts()])
-        if path == "/api/v1/history":
-            limit = _limit(query.get("limit", ["100"])[0])
-            target = query.get("target", [None])[0]
-            return self._json([e.as_dict() for e in self.controller.history(limit, target)])
-        if path == "/api/v1/keyring":
-            return self._keyring()
-        if path == "/api/v1/alerts":
-            view = self.controller.drift_view()
-            return self._json({"alerts": [a.as_dict() for a in view.alerts],
-                               "summary": view.summary})
-        if path == "/api/v1/drift":
-            return self._json({"default": DriftPolicy().as_dict(),
-                               "models": {k: v.as_dict()
-                                          for k, v in self.controller.drift_policies().items()}})
-        if path == "/api/v1/groups":
-            return self._json(self.controller.saved_groups())
-        if (match := _ROLLOUT.match(path)) and not match.group(2):
-            rollout_id = _rollout_id(unquote(match.group(1)))
-            return self._json(self.controller.rollout(rollout_id).as_dict())
-        raise NotFoundError(f"no such endpoint: GET {path}", hint="see docs/fleet.md")
-
-    def _dashboard(self, path: str) -> None:
-        if path in ("/", "/dashboard"):
-            self.send_response(HTTPStatus.FOUND)
-            self.send_header("Location", "/dashboard/")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        found = dashboard.static_file(path.removeprefix("/dashboard"))
+    def _dispatch(self, path: str) -> None:
+        """The route's handler, after the token unless the route is public. A path no route
+        answers is 404 in a public folder; else, after the token, 404 for GET and POST and
+        405 for any other method."""
+        found = find(ROUTES, self.command, path)
         if found is None:
-            raise NotFoundError(f"no such page: {path}", hint="open /dashboard/")
-        self._raw(*found, headers=dashboard.PAGE_HEADERS)
+            if self.command in ("GET", "HEAD") and path.startswith("/bundles/"):
+                raise _no_bundle(path)
+            if self.command in ("GET", "HEAD") and path.startswith("/deltas/"):
+                raise _no_delta(path)
+            if self.command in ("GET", "HEAD") and path.startswith("/dashboard"):
+                raise _no_page(path)
+            self._actor()
+            known = allowed(ROUTES, path)
+            if not known and self.command in ("GET", "HEAD", "POST"):
+                raise NotFoundError(f"no such endpoint: {self.command} {path}",
+                                    hint="see docs/fleet.md, and /openapi.json")
+            self._allow = known or _ALLOW
+            raise RequestError(f"{self.command} is not an API method here",
+                               HTTPStatus.METHOD_NOT_ALLOWED,
+                               hint=f"{path[:200] if known else 'the API'} takes {self._allow}: "
+                                    "see /openapi.json")
+        actor = "" if found.route.public else self._actor()
+        if isinstance(actor, Actor):
+            self._check(actor, found.route, path)
+        found.route.handler(self, _Call(found.params, parse_qs(urlsplit(self.path).query),
+                                        actor))
 
-    def _stream(self) -> None:
+    def _check(self, caller: Actor, route: Route[_Handle], path: str) -> None:
+        """403 naming the role ``route`` needs; the refusal is written to the history."""
+        try:
+            access.check(caller, route.role, f"{self.command} {route.path}")
+        except ForbiddenError as exc:
+            self.controller.audit.record(caller, "api.refused", f"{self.command} {path[:200]}",
+                                         exc.message, outcome="refused", needs=exc.role)
+            raise
+
+    # --- public: health, the contract, metrics, bundles, the page -----------------------
+
+    def _healthz(self, call: _Call) -> None:
+        self._json({"ok": True, **self.controller.overview(quality=False)})
+
+    def _openapi(self, call: _Call) -> None:
+        self._raw("application/json", contract.document_bytes())
+
+    def _metrics(self, call: _Call) -> None:
+        self._raw(*self.server.metrics.render())
+
+    def _bundle_file(self, call: _Call) -> None:
+        self._bundle(_bundle_sha(urlsplit(self.path).path))
+
+    def _delta_file(self, call: _Call) -> None:
+        """A delta this controller built (docs/deltas.md); a request never starts a build."""
+        match = DELTA_PATH.match(urlsplit(self.path).path)
+        found = self.controller.deltas.path(*match.groups()) if match else None
+        if found is None:
+            raise _no_delta(urlsplit(self.path).path)
+        self._file(found, "delta")
+
+    def _page(self, call: _Call) -> None:
+        self._dashboard(urlsplit(self.path).path)
+
+    # --- reading ------------------------------------------------------------------------
+
+    def _overview(self, call: _Call) -> None:
+        self._json(self.controller.overview())
+
+    def _devices(self, call: _Call) -> None:
+        stale = call.query.get("stale_s", [None])[0]
+        devices = (self.controller.devices() if stale is None
+                   else self.controller.stale_devices(_seconds(stale, "stale_s")))
+        self._json([d.as_dict() for d in devices])
+
+    def _whoami(self, call: _Call) -> None:
+        actor = call.actor
+        role = actor.role.value if isinstance(actor, Actor) else TokenRole.ADMIN.value
+        self._json({"name": str(actor), "role": role})
+
+    def _tokens(self, call: _Call) -> None:
+        self._json(access.describe_tokens(self.server.tokens))
+
+    def _remove_device(self, call: _Call) -> None:
+        self._drop_unread_body()  # a DELETE's body, if any, means nothing
+        device = _id(unquote(call.params["device_id"]), "device id")
+        self._json(self.controller.remove_devices([device], call.actor).as_dict())
+
+    def _remove_devices(self, call: _Call) -> None:
+        body = _only(self._json_body(), ("devices", "stale_s"), "a removal")
+        devices = _ids(body.get("devices"), "devices", "device id")
+        stale = body.get("stale_s")
+        stale_s = None if stale is None else _seconds(stale, "stale_s")
+        self._json(self.controller.remove_devices(devices, call.actor, stale_s).as_dict())
+
+    def _models(self, call: _Call) -> None:
+        self._json([m.as_dict() for m in self.controller.store.models()])
+
+    def _rollouts(self, call: _Call) -> None:
+        self._json([r.summary() for r in self.controller.rollouts()])
+
+    def _rollout(self, call: _Call) -> None:
+        self._json(self.controller.rollout(call.rollout_id()).as_dict())
+
+    def _history(self, call: _Call) -> None:
+        limit = _limit(call.query.get("limit", ["100"])[0])
+        target = call.query.get("target", [None])[0]
+        self._json([e.as_dict() for e in self.controller.history(limit, target)])
+
+    def _keyring(self, call: _Call) -> None:
+        keyring = self.controller.keyring()
+        if keyring is None:
+            raise NotFoundError("this controller holds no keyring yet",
+                                hint="write one with 'edgefleet keys rotate', then "
+                                     "'edgefleet fleet keyring publish'")
+        self._json({**keyring.summary(), "document": json.loads(keyring.raw)})
+
+    def _alerts(self, call: _Call) -> None:
+        view = self.controller.drift_view()
+        self._json({"alerts": [a.as_dict() for a in view.alerts], "summary": view.summary})
+
+    def _groups(self, call: _Call) -> None:
+        self._json(self.controller.saved_groups())
+
+    def _drift(self, call: _Call) -> None:
+        self._json({"default": DriftPolicy().as_dict(),
+                    "models": {k: v.as_dict()
+                               for k, v in self.controller.drift_policies().items()}})
+
+    def _stream(self, call: _Call) -> None:
         """Server-sent events until the client goes away or the server stops."""
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/event-stream")
@@ -336,6 +377,94 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         dashboard.stream(self.controller, write, self.server.stopping)
+
+    # --- changing -----------------------------------------------------------------------
+
+    def _push_model(self, call: _Call) -> None:
+        model, added = self._push(call.actor)
+        self._json({"model": model.as_dict(), "added": added},
+                   HTTPStatus.CREATED if added else HTTPStatus.OK)
+
+    def _publish_keyring(self, call: _Call) -> None:
+        force = call.query.get("force", ["0"])[0] in ("1", "true")
+        raw = self._body(MAX_KEYRING_BYTES)
+        self._json(self.controller.publish_keyring(raw, call.actor, force))
+
+    def _create_rollout(self, call: _Call) -> None:
+        body = self._json_body()
+        options = {k: v for k, v in body.items() if k != "model"}
+        rollout = self.controller.create_rollout(_model_key(body.get("model")), options,
+                                                 call.actor)
+        self._json(rollout.as_dict(), HTTPStatus.CREATED)
+
+    def _operate(self, call: _Call, verb: str) -> None:
+        """pause, resume, abort or rollback; they take no options (no body, or ``{}``)."""
+        if given := self._json_body():
+            raise _invalid(f"{verb} takes no options, got {', '.join(sorted(given))[:80]}")
+        self._json(self.controller.operate(call.rollout_id(), verb, call.actor).as_dict())
+
+    def _rollback_group(self, call: _Call) -> None:
+        body = _only(self._json_body(), ("group",), "a group rollback")
+        done = self.controller.rollback_group(_label(body.get("group"), "group"), call.actor)
+        self._json([r.summary() for r in done])
+
+    def _set_group(self, call: _Call) -> None:
+        body = _only(self._json_body(), ("devices", "group"), "setting a group")
+        devices = _ids(body.get("devices"), "devices", "device id")
+        group = body.get("group")
+        changed = self.controller.set_group(
+            devices, None if group is None else _label(group, "group"), call.actor)
+        self._json([d.as_dict() for d in changed])
+
+    def _tag(self, call: _Call) -> None:
+        body = _only(self._json_body(), ("add", "remove"), "tagging")
+        device = self.controller.tag(_id(unquote(call.params["device_id"]), "device id"),
+                                     _labels(body.get("add", []), "add", "tag"),
+                                     _labels(body.get("remove", []), "remove", "tag"),
+                                     call.actor)
+        self._json(device.as_dict())
+
+    def _label_device(self, call: _Call) -> None:
+        body = _only(self._json_body(), ("set", "remove"), "labelling")
+        device = self.controller.label(
+            _id(unquote(call.params["device_id"]), "device id"),
+            _label_map(body.get("set", {})),
+            [_id(k, "label key") for k in _list(body.get("remove", []), "remove")], call.actor)
+        self._json(device.as_dict())
+
+    def _create_group(self, call: _Call) -> None:
+        body = _only(self._json_body(), ("name", "where"), "a dynamic group")
+        where = body.get("where")
+        if not isinstance(where, str):
+            raise _invalid("where must be a selector string, e.g. profile=raspberry-pi-4")
+        group = self.controller.create_group(_label(body.get("name"), "group"), where,
+                                             call.actor)
+        self._json(group, HTTPStatus.CREATED)
+
+    def _delete_group(self, call: _Call) -> None:
+        if given := self._json_body():
+            raise _invalid(f"deleting a group takes no options, got "
+                           f"{', '.join(sorted(given))[:80]}")
+        name = _label(unquote(call.params["name"]), "group")
+        self.controller.delete_group(name, call.actor)
+        self._json({"deleted": name})
+
+    def _set_drift_policy(self, call: _Call) -> None:
+        body = self._json_body()
+        model = _id(unquote(call.params["model"]), "model name")
+        self._json(self._drift_policy(model, body, call.actor).as_dict())
+
+    def _dashboard(self, path: str) -> None:
+        if path in ("/", "/dashboard"):
+            self.send_response(HTTPStatus.FOUND)
+            self.send_header("Location", "/dashboard/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        found = dashboard.static_file(path.removeprefix("/dashboard"))
+        if found is None:
+            raise _no_page(path)
+        self._raw(*found, headers=dashboard.PAGE_HEADERS)
 
     def _raw(self, content_type: str, body: bytes,
              headers: dict[str, str] | None = None) -> None:
@@ -353,14 +482,6 @@ class _Handler(BaseHTTPRequestHandler):
         if path is None or not path.exists():
             raise NotFoundError(f"no bundle {sha256[:12]}", hint="push it first")
         self._file(path, "bundle")
-
-    def _delta(self, path: str) -> None:
-        match = DELTA_PATH.match(path)
-        found = self.controller.deltas.path(*match.groups()) if match else None
-        if found is None:
-            raise NotFoundError(f"no delta {path[len('/deltas/'):][:80]!r}",
-                                hint="download the full bundle (the device does so by itself)")
-        self._file(found, "delta")
 
     def _file(self, path: Path, kind: str) -> None:
         size = path.stat().st_size
@@ -394,68 +515,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-
-    # --- POST ---------------------------------------------------------------------------
-
-    def _keyring(self) -> None:
-        keyring = self.controller.keyring()
-        if keyring is None:
-            raise NotFoundError("this controller holds no keyring yet",
-                                hint="write one with 'edgefleet keys rotate', then "
-                                     "'edgefleet fleet keyring publish'")
-        self._json({**keyring.summary(), "document": json.loads(keyring.raw)})
-
-    def _post(self, path: str) -> None:
-        actor = self._actor()
-        if path == "/api/v1/models":
-            model, added = self._push(actor)
-            return self._json({"model": model.as_dict(), "added": added},
-                              HTTPStatus.CREATED if added else HTTPStatus.OK)
-        if path == "/api/v1/keyring":
-            force = parse_qs(urlsplit(self.path).query).get("force", ["0"])[0] in ("1", "true")
-            raw = self._body(MAX_KEYRING_BYTES)
-            return self._json(self.controller.publish_keyring(raw, actor, force))
-        body = self._json_body()
-        if path == "/api/v1/rollouts":
-            options = {k: v for k, v in body.items() if k != "model"}
-            rollout = self.controller.create_rollout(_model_key(body.get("model")), options, actor)
-            return self._json(rollout.as_dict(), HTTPStatus.CREATED)
-        if (match := _ROLLOUT.match(path)) and match.group(2) in _VERBS:
-            rollout_id = _rollout_id(unquote(match.group(1)))
-            return self._json(self.controller.operate(rollout_id, match.group(2), actor).as_dict())
-        if path == "/api/v1/rollback":
-            done = self.controller.rollback_group(_label(body.get("group"), "group"), actor)
-            return self._json([r.summary() for r in done])
-        if path == "/api/v1/devices/group":
-            devices = _ids(body.get("devices"), "devices", "device id")
-            group = body.get("group")
-            changed = self.controller.set_group(
-                devices, None if group is None else _label(group, "group"), actor)
-            return self._json([d.as_dict() for d in changed])
-        if match := _DRIFT.match(path):
-            return self._json(self._drift_policy(_id(unquote(match.group(1)), "model name"), body,
-                                                 actor).as_dict())
-        if match := _TAGS.match(path):
-            device = self.controller.tag(_id(unquote(match.group(1)), "device id"),
-                                         _labels(body.get("add", []), "add", "tag"),
-                                         _labels(body.get("remove", []), "remove", "tag"), actor)
-            return self._json(device.as_dict())
-        if match := _LABELS.match(path):
-            device = self.controller.label(
-                _id(unquote(match.group(1)), "device id"), _label_map(body.get("set", {})),
-                [_id(k, "label key") for k in _list(body.get("remove", []), "remove")], actor)
-            return self._json(device.as_dict())
-        if path == "/api/v1/groups":
-            where = body.get("where")
-            if not isinstance(where, str):
-                raise _invalid("where must be a selector string, e.g. profile=raspberry-pi-4")
-            group = self.controller.create_group(_label(body.get("name"), "group"), where,
-                                                 actor)
-            return self._json(group, HTTPStatus.CREATED)
-        if match := _GROUP_DELETE.match(path):
-            self.controller.delete_group(_label(unquote(match.group(1)), "group"), actor)
-            return self._json({"deleted": unquote(match.group(1))})
-        raise NotFoundError(f"no such endpoint: POST {path}", hint="see docs/fleet.md")
 
     def _push(self, actor: str) -> tuple[ModelVersion, bool]:
         """At most ``_MAX_PUSHES`` uploads at once, each streamed to a file, then verified."""
@@ -498,6 +557,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _drift_policy(self, model: str, body: dict[str, Any], actor: str) -> DriftPolicy:
         """A model's drift alert policy: the fields given change, the others stay."""
         if body.get("reset") is True:
+            _only(body, ("reset",), "a drift policy reset")
             return self.controller.set_drift_policy(model, None, actor)
         fields = {"psi": float, "min_samples": int, "clear_after": int}
         unknown = sorted(set(body) - set(fields))
@@ -516,17 +576,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise _invalid(f"drift policy refused: {exc}") from exc
         return self.controller.set_drift_policy(model, policy, actor)
 
-    def _not_allowed(self, path: str) -> None:
-        self._actor()
-        raise RequestError(f"{self.command} is not an API method", HTTPStatus.METHOD_NOT_ALLOWED,
-                           hint="the API takes GET and POST: see docs/fleet.md")
-
     # --- plumbing -----------------------------------------------------------------------
 
     def _scheme(self) -> str:
         return "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
 
-    def _actor(self) -> str:
+    def _actor(self) -> Actor:
         header = self.headers.get("Authorization", "")
         scheme, _, secret = header.partition(" ")
         if not header and self.command in ("GET", "HEAD"):
@@ -534,9 +589,9 @@ class _Handler(BaseHTTPRequestHandler):
         if scheme.lower() != "bearer" or not secret:
             raise AuthError("this endpoint needs a token",
                             hint="pass --token or set EDGEFLEET_TOKEN")
-        for known, name in self.server.tokens.items():
+        for known, token in self.server.tokens.items():
             if hmac.compare_digest(known.encode(), secret.strip().encode()):
-                return name
+                return Actor(token.name, token.role)
         raise AuthError("the token is not known to this controller",
                         hint="check --token / EDGEFLEET_TOKEN against the controller's")
 
@@ -605,8 +660,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")  # fleet data: not kept on disk
         if status == HTTPStatus.METHOD_NOT_ALLOWED:
-            self.send_header("Allow", "GET, HEAD, POST")
+            self.send_header("Allow", self._allow)
         if status == HTTPStatus.SERVICE_UNAVAILABLE:
             self.send_header("Retry-After", str(_RETRY_AFTER_S))
         if self.close_connection:
@@ -614,6 +670,91 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What a handler is called with: the route's path parameters (percent-encoded), the
+    query, and the token's name (empty on a public route)."""
+
+    params: dict[str, str]
+    query: dict[str, list[str]]
+    actor: str
+
+    def rollout_id(self) -> str:
+        return _rollout_id(unquote(self.params["rollout_id"]))
+
+
+_Handle = Callable[[_Handler, _Call], None]
+
+# Every operation the API answers, first match wins; fleet/openapi.json describes each one
+# (tests/test_api_contract.py checks both list the same). HEAD is answered as GET.
+_V, _O, _A = TokenRole.VIEWER, TokenRole.OPERATOR, TokenRole.ADMIN
+ROUTES: tuple[Route[_Handle], ...] = (
+    # no token: liveness, the contract, Prometheus, downloads, the page (its data needs one)
+    Route("GET", "/healthz", _Handler._healthz, None),
+    Route("GET", "/openapi.json", _Handler._openapi, None),
+    Route("GET", "/metrics", _Handler._metrics, None),
+    Route("GET", "/bundles/{sha256}.efb", _Handler._bundle_file, None),
+    Route("GET", "/deltas/{pair}", _Handler._delta_file, None),
+    Route("GET", "/", _Handler._page, None),
+    Route("GET", "/dashboard", _Handler._page, None),
+    Route("GET", "/dashboard/", _Handler._page, None),
+    Route("GET", "/dashboard/{file}", _Handler._page, None),
+    # viewer: reading
+    Route("GET", "/api/v1/whoami", _Handler._whoami, _V),
+    Route("GET", "/api/v1/overview", _Handler._overview, _V),
+    Route("GET", "/api/v1/stream", _Handler._stream, _V),
+    Route("GET", "/api/v1/devices", _Handler._devices, _V),
+    Route("GET", "/api/v1/groups", _Handler._groups, _V),
+    Route("GET", "/api/v1/models", _Handler._models, _V),
+    Route("GET", "/api/v1/rollouts", _Handler._rollouts, _V),
+    Route("GET", "/api/v1/rollouts/{rollout_id}", _Handler._rollout, _V),
+    Route("GET", "/api/v1/history", _Handler._history, _V),
+    Route("GET", "/api/v1/keyring", _Handler._keyring, _V),
+    Route("GET", "/api/v1/alerts", _Handler._alerts, _V),
+    Route("GET", "/api/v1/drift", _Handler._drift, _V),
+    # operator: rollouts, groups, tags, labels
+    Route("POST", "/api/v1/devices/group", _Handler._set_group, _O),
+    Route("POST", "/api/v1/devices/{device_id}/tags", _Handler._tag, _O),
+    Route("POST", "/api/v1/devices/{device_id}/labels", _Handler._label_device, _O),
+    Route("POST", "/api/v1/groups", _Handler._create_group, _O),
+    Route("POST", "/api/v1/groups/{name}/delete", _Handler._delete_group, _O),
+    Route("POST", "/api/v1/rollouts", _Handler._create_rollout, _O),
+    *(Route[_Handle]("POST", f"/api/v1/rollouts/{{rollout_id}}/{verb}",
+                     partial(_Handler._operate, verb=verb), _O) for verb in OPERATIONS),
+    Route("POST", "/api/v1/rollback", _Handler._rollback_group, _O),
+    # admin: what reaches every device or changes what the fleet trusts, and who is in it
+    Route("POST", "/api/v1/models", _Handler._push_model, _A),
+    Route("POST", "/api/v1/keyring", _Handler._publish_keyring, _A),
+    Route("POST", "/api/v1/drift/{model}", _Handler._set_drift_policy, _A),
+    Route("GET", "/api/v1/tokens", _Handler._tokens, _A),
+    Route("POST", "/api/v1/devices/remove", _Handler._remove_devices, _A),
+    Route("DELETE", "/api/v1/devices/{device_id}", _Handler._remove_device, _A),
+)
+_ALLOW = ", ".join(methods(ROUTES))
+
+
+def _error_body(exc: EdgefleetError) -> dict[str, Any]:
+    """``{"error", "hint", "kind"}``, and ``field`` (a refused rollout option) or ``role``
+    (the role a refused call needs)."""
+    extra: dict[str, Any] = {}
+    if isinstance(exc, RolloutOptionError):
+        extra["field"] = exc.field
+    if isinstance(exc, ForbiddenError):
+        extra["role"] = exc.role
+    return {"error": exc.message, "hint": exc.hint, "kind": type(exc).__name__, **extra}
+
+
+def _seconds(value: object, what: str) -> int:
+    """A whole number of seconds, 1 to ten years, from a query text or a JSON number."""
+    text = value if isinstance(value, str) else None
+    number = (int(text) if text is not None and text.isascii() and text.isdigit()
+              and len(text) <= 10 else value)
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_AGE_S:
+        raise _invalid(f"{what} must be a whole number of seconds from 1 to {MAX_AGE_S}, got "
+                       f"{value!r:.40}")
+    return number
 
 
 def _checked_path(path: str) -> str:
@@ -628,6 +769,15 @@ def _checked_path(path: str) -> str:
 
 def _invalid(message: str) -> RequestError:
     return RequestError(message, HTTPStatus.BAD_REQUEST, hint="see docs/fleet.md")
+
+
+def _only(body: dict[str, Any], fields: tuple[str, ...], what: str) -> dict[str, Any]:
+    """``body``, refused if it holds a field besides ``fields`` (a typo is never ignored)."""
+    unknown = sorted(str(k) for k in body if k not in fields)
+    if unknown:
+        raise _invalid(f"{what} takes {', '.join(fields)}; {unknown[0][:40]!r} is not one "
+                       "of them")
+    return body
 
 
 def _id(value: object, what: str) -> str:
@@ -659,19 +809,6 @@ def _labels(value: object, field: str, what: str) -> list[str]:
     if not isinstance(value, list):
         raise _invalid(f"{field} must be a list of {what}s, got {type(value).__name__}")
     return [_label(item, what) for item in value]
-
-
-def _list(value: object, field: str) -> list[object]:
-    if not isinstance(value, list):
-        raise _invalid(f"{field} must be a list, got {type(value).__name__}")
-    return value
-
-
-def _label_map(value: object) -> dict[str, str]:
-    """Labels to set: ``{KEY: VALUE}``, keys as ids, values 1-64 printable characters."""
-    if not isinstance(value, dict) or len(value) > 32:
-        raise _invalid("set must be an object of at most 32 labels, KEY: VALUE")
-    return {_id(k, "label key"): _label(v, "label value") for k, v in value.items()}
 
 
 def _rollout_id(value: str) -> str:
@@ -710,10 +847,36 @@ def _bundle_sha(path: str) -> str:
     """The sha256 a ``/bundles/`` path names; any other name there is no stored bundle."""
     match = _BUNDLE.match(path)
     if match is None:
-        raise NotFoundError(f"no bundle {path[len('/bundles/'):][:80]!r}: bundles are "
-                            "/bundles/{sha256}.efb (64 lowercase hex digits)",
-                            hint="take the URL from the rollout's desired state")
+        raise _no_bundle(path)
     return match.group(1)
+
+
+def _no_bundle(path: str) -> NotFoundError:
+    return NotFoundError(f"no bundle {path[len('/bundles/'):][:80]!r}: bundles are "
+                         "/bundles/{sha256}.efb (64 lowercase hex digits)",
+                         hint="take the URL from the rollout's desired state")
+
+
+def _no_delta(path: str) -> NotFoundError:
+    return NotFoundError(f"no delta {path[len('/deltas/'):][:80]!r}",
+                         hint="download the full bundle (the device does so by itself)")
+
+
+def _list(value: object, field: str) -> list[object]:
+    if not isinstance(value, list):
+        raise _invalid(f"{field} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _label_map(value: object) -> dict[str, str]:
+    """Labels to set: ``{KEY: VALUE}``, keys as ids, values 1-64 printable characters."""
+    if not isinstance(value, dict) or len(value) > 32:
+        raise _invalid("set must be an object of at most 32 labels, KEY: VALUE")
+    return {_id(k, "label key"): _label(v, "label value") for k, v in value.items()}
+
+
+def _no_page(path: str) -> NotFoundError:
+    return NotFoundError(f"no such page: {path[:200]}", hint="open /dashboard/")
 
 
 def _status(exc: EdgefleetError) -> HTTPStatus:

@@ -47,6 +47,7 @@ from edgefleet.fleet.control.drift_desk import DriftDesk
 from edgefleet.fleet.control.groups import GroupBook
 from edgefleet.fleet.control.intake import MessageIntake
 from edgefleet.fleet.control.keyring import KeyringService
+from edgefleet.fleet.control.lifecycle import DeviceLifecycle, Removal
 from edgefleet.fleet.control.observer import RolloutObserver
 from edgefleet.fleet.control.outbox import Outbox
 from edgefleet.fleet.control.role import LeasedRole, Role, SingleRole
@@ -95,6 +96,8 @@ class FleetController:
         self.runner = RolloutRunner(store, live, self.observer, self.outbox, self.role,
                                     self.audit, self.listeners.notify, clock)
         self.device_book = DeviceBook(store, self.registry, self.role, self.audit)
+        self.lifecycle = DeviceLifecycle(config.fleet, store, self.registry, self.outbox,
+                                         self.audit, clock, config.mqtt_security)
         self.intake = MessageIntake(config.fleet, self.registry, self.telemetry,
                                     self.drift_desk, self.listeners.notify, clock)
         self._lock = threading.RLock()
@@ -140,7 +143,7 @@ class FleetController:
             if leaf == Leaf.TELEMETRY:
                 topic_filter = self.role.telemetry_filter(topic_filter)
             self.mqtt.subscribe(topic_filter, self.intake.message)
-        self.outbox.mqtt = self.mqtt
+        self.outbox.mqtt = self.lifecycle.mqtt = self.mqtt
         self.keys.start(self.mqtt)  # trust the stored keyring; publish it on every connection
         self.mqtt.start()
         self._thread = threading.Thread(target=self._loop, name="edgefleet-controller",
@@ -295,6 +298,18 @@ class FleetController:
     def delete_group(self, name: str, actor: str) -> None:
         with self._lock:
             self.groups.delete(name, actor)
+
+    # --- device lifecycle ----------------------------------------------------------------
+
+    def stale_devices(self, age_s: int) -> list[Device]:
+        """Offline devices not heard from for ``age_s`` seconds."""
+        return self.lifecycle.stale(age_s)
+
+    def remove_devices(self, device_ids: list[str], actor: str,
+                       stale_s: int | None = None) -> Removal:
+        """Decommission devices (docs/fleet.md, "Device lifecycle")."""
+        with self._lock:
+            return self.lifecycle.remove(device_ids, actor, stale_s)
 
     # --- rollouts (commands run by the leader) ------------------------------------------------
 

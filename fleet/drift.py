@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -47,8 +48,8 @@ class DriftPolicy:
     clear_after: int = 2
 
     def __post_init__(self) -> None:
-        if not self.psi > 0:
-            raise ValueError(f"psi threshold must be above 0, got {self.psi}")
+        if not (math.isfinite(self.psi) and self.psi > 0):  # inf: an alert that never fires
+            raise ValueError(f"psi threshold must be above 0 and finite, got {self.psi}")
         if self.min_samples < 1 or self.clear_after < 1:
             raise ValueError("min_samples and clear_after must be at least 1")
 

@@ -1,6 +1,7 @@
 """Run a Mosquitto broker of our own: generated config, free port, stopped by its PID.
 
-Used by the demo and the tests (which never touch the system's broker). Plain mode
+Used by the demo, the tests (which never touch the system's broker) and the scale bench
+(a tree of brokers: :func:`bridge_lines`, docs/scale-out.md). Plain mode
 (``security=None``) listens without TLS and lets anyone in. Secure mode
 (:class:`BrokerSecurity`) is the example configuration for operators
 (``docs/security.md``): one TLS listener, no anonymous clients, and either client
@@ -27,12 +28,14 @@ from types import TracebackType
 
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.agent.protocol.topics import FLEET_LEVEL, PREFIX, Leaf, check_id, fleet_filter
 from edgefleet.fleet.errors import FleetError
 
 __all__ = ["BrokerSecurity", "MosquittoBroker", "MosquittoMissingError", "add_passwords",
-           "find_mosquitto", "free_port", "stop_process", "wait_for_port"]
+           "bridge_lines", "find_mosquitto", "free_port", "stop_process", "wait_for_port"]
 
 _SEARCH = ("/usr/sbin", "/usr/local/sbin", "/usr/bin")
+_UP = (Leaf.STATUS, Leaf.REPORTED, Leaf.EVENTS, Leaf.TELEMETRY)  # what devices write
 
 
 class MosquittoMissingError(FleetError):
@@ -85,6 +88,26 @@ def _hash(folder: Path, passwords: dict[str, str]) -> list[str]:
         return [line for line in Path(name).read_text().splitlines() if line.strip()]
     finally:
         Path(name).unlink(missing_ok=True)
+
+
+def bridge_lines(name: str, root: tuple[str, int], fleet: str) -> list[str]:
+    """The Mosquitto config of a leaf broker's bridge to the root broker, for one fleet.
+
+    A tree of brokers (docs/scale-out.md): devices connect to leaf brokers, the
+    controller to the root. What devices write (status and its will, reported state,
+    events, telemetry) goes up, what the controller writes (desired states, fleet-wide
+    topics such as the keyring) comes down, both at QoS 1 with the retain flag kept
+    (Mosquitto to Mosquitto, ``try_private``). ``name`` must be unique among the leaves:
+    it names the bridge's client id on the root. The bridge keeps its session
+    (``cleansession false``), so QoS 1 messages wait on the leaf while the root is away.
+    """
+    check_id(name, "bridge name")
+    host, port = root
+    up = [f"topic {fleet_filter(fleet, leaf)} out 1" for leaf in _UP]
+    down = [f"topic {fleet_filter(fleet, Leaf.DESIRED)} in 1",
+            f"topic {PREFIX}/{fleet}/{FLEET_LEVEL}/# in 1"]
+    return [f"connection {name}", f"address {host}:{port}", "bridge_protocol_version mqttv311",
+            "cleansession false", *up, *down]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -52,6 +52,7 @@ class DeviceRegistry:
         self._dirty: set[str] = set()
         self._seen: dict[str, int] = {}
         self._joined: list[str] = []
+        self._forgotten: set[str] = set()  # removed here; the leader deletes their rows
         self._lock = threading.Lock()
 
     def get(self, device_id: str) -> Device | None:
@@ -116,6 +117,34 @@ class DeviceRegistry:
                 device = device.with_changes(group=group, tags=tags, labels=labels)
                 self._devices[device_id] = device
             return device
+
+    def forget(self, device_ids: Iterable[str]) -> list[Device]:
+        """Decommissioned (here, or on another controller: its cleared ``status`` came):
+        the devices go, with their pending writes; a later message registers one anew."""
+        with self._lock:
+            gone = [d for i in device_ids if (d := self._devices.pop(i, None)) is not None]
+            for device in gone:
+                self._dirty.discard(device.id)
+                self._seen.pop(device.id, None)
+                self._forgotten.add(device.id)
+            self._joined = [i for i in self._joined if i in self._devices]
+            return gone
+
+    def take_forgotten(self) -> list[str]:
+        """The ids forgotten since the last take and not registered again since, sorted
+        (rows for the leader to delete)."""
+        with self._lock:
+            forgotten, self._forgotten = self._forgotten, set()
+            return sorted(i for i in forgotten if i not in self._devices)
+
+    def mark_forgotten(self, device_ids: Iterable[str]) -> None:
+        """Delete these rows again at the next flush (the last delete failed)."""
+        with self._lock:
+            self._forgotten.update(d for d in device_ids if d not in self._devices)
+
+    def stale(self, age_ms: int, now_ms: int) -> list[Device]:
+        """Offline devices not heard from (status, report or telemetry) for ``age_ms``."""
+        return [d for d in self.all() if not d.online and d.last_seen_ms <= now_ms - age_ms]
 
     def _set(self, device: Device) -> None:
         self._devices[device.id] = device

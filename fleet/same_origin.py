@@ -9,8 +9,11 @@ with neither header (the CLI, ``curl``, ``fleet.client``) is not a browser's and
 to the token check.
 
 The controller's own origin is the ``Host`` the request was sent to (the address the
-page was loaded from) or the origin of ``--public-url``; behind a reverse proxy that
-rewrites ``Host``, set ``--public-url`` to the address people open the page at.
+page was loaded from, over the scheme the request came in) and the origins of
+``--allow-origin`` (repeatable; when none is given, the origin of ``--public-url``).
+Behind a reverse proxy that rewrites ``Host``, or one that terminates TLS and keeps it
+(the page is ``https://host``, the request reaches the controller over ``http``), pass
+``--allow-origin`` with the address people open the page at (docs/dashboards.md).
 
 This is the second lock: writes need ``Authorization: Bearer``, which a browser never
 adds by itself (the API sets no cookie and takes ``?token=`` only on GET), and the API
@@ -19,36 +22,43 @@ allows no cross-origin request (no CORS header, a preflight is refused here).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from edgefleet.agent.protocol.errors import RequestError
 
-__all__ = ["SAFE_METHODS", "check_same_origin"]
+__all__ = ["SAFE_METHODS", "check_same_origin", "is_origin"]
 
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 _SAME = frozenset({"same-origin", "none"})  # "none": the user opened it (typed, bookmark)
 _DEFAULT_PORT = {"http": 80, "https": 443}
 
 
+def is_origin(url: str) -> bool:
+    """True when ``url`` names an http(s) origin a page can be opened at."""
+    return _authority_of(url) is not None
+
+
 def check_same_origin(method: str, header: Callable[[str], str | None], scheme: str,
-                      public_url: str) -> None:
+                      allowed: str | Sequence[str]) -> None:
     """Refuse (403) a write ``header`` shows a browser sent for a page of another origin.
 
     ``header(name)`` reads one request header; ``scheme`` is how this request came in
-    (``http`` or ``https``)."""
+    (``http`` or ``https``); ``allowed`` the other origins (or URLs) whose pages may act."""
     if method in SAFE_METHODS:
         return
-    problem = _cross_site(header, scheme, public_url)
+    problem = _cross_site(header, scheme, [allowed] if isinstance(allowed, str) else allowed)
     if problem:
         raise RequestError(f"cross-site request refused: {problem}", HTTPStatus.FORBIDDEN,
                            hint="act on the fleet from the controller's own page "
                                 "(/dashboard/) or with edgefleet fleet; behind a proxy, "
-                                "set --public-url to the address the page is opened at")
+                                "pass fleet serve --allow-origin with the address the page "
+                                "is opened at")
 
 
-def _cross_site(header: Callable[[str], str | None], scheme: str, public_url: str) -> str:
+def _cross_site(header: Callable[[str], str | None], scheme: str,
+                allowed: Sequence[str]) -> str:
     """Why the request is not from this controller's origin ("" when nothing says so)."""
     fetch_site = (header("Sec-Fetch-Site") or "").strip().lower()
     if fetch_site and fetch_site not in _SAME:
@@ -56,7 +66,7 @@ def _cross_site(header: Callable[[str], str | None], scheme: str, public_url: st
     origin = (header("Origin") or "").strip()
     if not origin:
         return ""
-    own = {_authority(scheme, header("Host") or ""), _authority_of(public_url)}
+    own = {_authority(scheme, header("Host") or ""), *map(_authority_of, allowed)}
     theirs = _authority_of(origin)
     if theirs is None or theirs not in own:
         return f"it comes from a page of {origin[:100]!r}, not of this controller"

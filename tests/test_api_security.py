@@ -38,6 +38,8 @@ MUTATING = [
     ("POST", "/api/v1/rollouts/r1/abort"),
     ("POST", "/api/v1/rollouts/r1/rollback"),
     ("POST", "/api/v1/rollback"),
+    ("POST", "/api/v1/devices/remove"),
+    ("DELETE", "/api/v1/devices/cam-0"),
     ("PUT", "/api/v1/models"),
     ("PUT", "/api/v1/rollouts/r1"),
     ("DELETE", "/api/v1/rollouts/r1"),
@@ -123,8 +125,10 @@ def test_every_mutating_endpoint_refuses_a_missing_or_wrong_token(
     assert _tree(fleet.root / "controller") == before, "a refused request wrote something"
     assert _history(api) == [], "a refused request reached the controller"
     status, data, headers = api.call("DELETE", "/api/v1/rollouts/r1")
-    assert status == 405 and headers["Allow"] == "GET, HEAD, POST"
+    assert status == 405 and headers["Allow"] == "GET, HEAD", "the methods of that path"
     assert "not an API method" in data["error"]
+    status, data, headers = api.call("PUT", "/api/v1/devices/cam-0")
+    assert status == 405 and headers["Allow"] == "DELETE"
 
 
 def test_a_refused_body_is_never_read_as_the_next_request(api: Api) -> None:

@@ -115,3 +115,29 @@ def test_a_recipe_for_tflite_sources_only_is_refused_for_keras_with_what_works(
                   "--quantize", "weight-only", "--sign-key", str(signing_keys.secret))
     assert result.returncode == 2
     assert "for float .tflite sources" in result.stderr and "auto" in result.stderr
+
+
+def test_only_the_chosen_attempts_warnings_reach_the_top_level(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from edgefleet.cli.convert import _show
+    from edgefleet.converter.report import Attempt, ConversionReport
+
+    report = ConversionReport("m.tflite", "tflite", "tflite", "auto", 1000, chosen="weight-only")
+    report.attempts = [
+        Attempt("dynamic", "dynamic", size_bytes=500, reason="over budget",
+                warnings=["converted model is slower than its source (2.7x)"]),
+        Attempt("weight-only", "weight-only", size_bytes=510, accepted=True,
+                warnings=["converted model is slower than its source (1.1x)"])]
+    _show(report.as_dict(), as_json=False)
+    shown = capsys.readouterr().out
+    assert "(1.1x)" in shown and "(2.7x)" not in shown
+
+
+def test_an_output_kind_is_name_equals_class_or_regression() -> None:
+    import typer
+
+    from edgefleet.cli.convert import _kind
+
+    assert _kind("output_iris=regression") == ("output_iris", "regression")
+    with pytest.raises(typer.BadParameter, match="NAME=class or NAME=regression"):
+        _kind("output_iris=landmarks")

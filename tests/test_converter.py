@@ -13,6 +13,7 @@ from edgefleet.agent.protocol.bundle import read_bundle
 from edgefleet.converter.config import ConvertConfig
 from edgefleet.converter.errors import DataError, NoResultError, UnsupportedPathError
 from edgefleet.converter.pipeline import SLOWER_MARGIN, convert, is_slower
+from edgefleet.converter.search import choose
 from tests.conftest import Keys
 from tests.models import TrainedModels
 
@@ -113,8 +114,8 @@ def test_auto_lists_every_attempt_and_keeps_the_smallest_within_budget(
     assert labels[:2] == ["int8", "dynamic"], "full int8, then the next smallest recipe"
     assert "exceeds the budget" in report.attempts[0].reason
     assert all(a.recipe and a.agreement.get("worst") for a in report.attempts)
-    accepted = [a for a in report.attempts if a.accepted]
-    assert report.chosen == min(accepted, key=lambda a: a.size_bytes or 0).label
+    chosen = choose(report.attempts)
+    assert chosen is not None and report.chosen == chosen.label
 
 
 def test_auto_stops_at_int8_when_it_fits(digits_models: TrainedModels, digits_data: Data,
@@ -124,8 +125,8 @@ def test_auto_stops_at_int8_when_it_fits(digits_models: TrainedModels, digits_da
                              eval=digits_data.eval, max_drop=1.0))
     labels = [a.label for a in report.attempts]
     assert labels == ["int8", "dynamic"], "no mixed or fp16 once full int8 passed"
-    accepted = [a for a in report.attempts if a.accepted]
-    assert report.chosen == min(accepted, key=lambda a: a.size_bytes or 0).label
+    chosen = choose(report.attempts)
+    assert chosen is not None and report.chosen == chosen.label
 
 
 def test_data_of_the_wrong_shape_names_expected_and_given(

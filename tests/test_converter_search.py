@@ -42,7 +42,7 @@ def test_each_output_gets_cosine_rel_rms_and_sqnr_and_the_worst_is_named() -> No
     found = agreement([big, flag], [big + rng.normal(scale=0.01, size=big.shape), flag + 1.0],
                       names=("landmarks", "presence"))
     landmarks, presence = found.outputs
-    assert landmarks.judged_by == "cosine" and landmarks.cosine > 0.999
+    assert landmarks.judged_by == "centered cosine" and landmarks.cosine > 0.999
     assert landmarks.rel_rms == pytest.approx(0.01, rel=0.1)
     assert landmarks.sqnr_db == pytest.approx(40.0, abs=1.0)
     assert presence.judged_by == "range"

@@ -371,7 +371,7 @@ def test_the_page_has_no_inline_script_and_sets_outside_text_as_text() -> None:
 # --- the origin check alone ---------------------------------------------------------------
 
 def _check(headers: dict[str, str], scheme: str = "http",
-           public_url: str = "http://10.0.0.2:8600", method: str = "POST") -> bool:
+           public_url: str | list[str] = "http://10.0.0.2:8600", method: str = "POST") -> bool:
     """True when the write passes, False when refused as cross-site."""
     lowered = {k.lower(): v for k, v in headers.items()}
     try:
@@ -409,3 +409,93 @@ def test_any_origin_host_or_fetch_site_text_is_let_through_or_refused_with_403(
         assert not passed
     if not origin.strip() and site in ("", "same-origin", "none"):
         assert passed
+
+
+# --- refusals, caching, accepted origins --------------------------------------------------
+
+def test_a_rolled_back_rollout_refuses_every_action_in_plain_words(
+        controller: Fleet, v2: Path) -> None:
+    assert controller.api is not None
+    client = controller.client()
+    client.upload("/api/v1/models", v2.read_bytes())
+    created = client.post("/api/v1/rollouts", {"model": "digits:2.0.0",
+                                               "selectors": ["group:nobody-here"]})
+    rollout = created["id"]
+    assert client.post(f"/api/v1/rollouts/{rollout}/rollback")["state"] == "ROLLED_BACK"
+    said = {}
+    bearer = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    for verb in ("pause", "resume", "abort", "rollback"):
+        status, headers, raw = _call(f"{controller.api.url}/api/v1/rollouts/{rollout}/{verb}",
+                                     headers=bearer)
+        assert status == 409, (verb, raw)
+        assert headers["Cache-Control"] == "no-store"
+        said[verb] = json.loads(raw)
+    assert said["pause"]["error"] == f"cannot pause rollout {rollout}: it is ROLLED_BACK"
+    assert said["pause"]["hint"] == "only a rollout that is RUNNING or WAITING can be paused"
+    assert said["resume"]["error"] == f"cannot resume rollout {rollout}: it is ROLLED_BACK"
+    assert said["resume"]["hint"] == "only a paused rollout can be resumed"
+    assert said["abort"]["error"] == f"cannot abort rollout {rollout}: it is ROLLED_BACK"
+    assert said["abort"]["hint"] == "it has already ended"
+    assert said["rollback"]["error"] == f"cannot roll back rollout {rollout}: it is ROLLED_BACK"
+    assert "already been rolled back" in said["rollback"]["hint"]
+    history = [(e["action"], e["outcome"]) for e in client.get(f"/api/v1/history?target={rollout}")]
+    assert history.count(("rollout.rollback", "ok")) == 1
+    assert ("rollout.rollback", "refused") in history
+
+
+def test_the_page_and_the_api_answers_are_never_stored_by_the_browser(
+        controller: Fleet) -> None:
+    assert controller.api is not None
+    url = controller.api.url
+    for path in ("/dashboard/", "/dashboard/app.js"):
+        assert _call(f"{url}{path}", "GET")[1]["Cache-Control"] == "no-store"
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    for path in ("/api/v1/overview", "/api/v1/devices", "/api/v1/nothing-here"):
+        assert _call(f"{url}{path}", "GET", bearer)[1]["Cache-Control"] == "no-store", path
+    assert _call(f"{url}/api/v1/overview", "GET")[1]["Cache-Control"] == "no-store"  # 401
+
+
+def test_allow_origin_names_the_pages_that_may_act_apart_from_the_public_url() -> None:
+    # a TLS proxy that keeps Host: the page is https://ctrl.lan, the request comes over http
+    proxied = {"Origin": "https://ctrl.lan", "Host": "ctrl.lan"}
+    assert not _check(proxied)
+    assert _check(proxied, public_url=["https://ctrl.lan"])
+    # with --allow-origin the public URL (where devices download) no longer decides
+    devices = {"Origin": "http://10.0.0.2:8600", "Host": "127.0.0.1:8600"}
+    assert _check(devices)
+    assert not _check(devices, public_url=["https://fleet.example"])
+    assert _check({"Origin": "https://fleet.example", "Host": "127.0.0.1:8600"},
+                  public_url=["https://a.example", "https://fleet.example/"])
+    # the page's own Host still passes
+    assert _check({"Origin": "http://ctrl.lan:8600", "Host": "ctrl.lan:8600"},
+                  public_url=["https://fleet.example"])
+
+
+def test_fleet_serve_refuses_an_allow_origin_that_is_no_origin(tmp_path: Path,
+                                                              signing_keys: Keys) -> None:
+    import socket
+
+    from typer.testing import CliRunner
+
+    from edgefleet.cli import app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = CliRunner().invoke(app, ["fleet", "serve", "--fleet", "f1",
+                                      "--trusted-key", str(signing_keys.public),
+                                      "--token", f"alice={TOKEN}",
+                                      "--allow-origin", "fleet.example",
+                                      "--data-dir", str(tmp_path / "d"),
+                                      "--http", f"127.0.0.1:{port}"])
+    assert result.exit_code != 0
+    assert "--allow-origin 'fleet.example' is not an http(s) origin" in result.output
+
+
+def test_a_comma_between_selectors_is_refused_with_one_selector_per_line_as_the_hint() -> None:
+    from edgefleet.fleet.rollout.selector import SelectorError, parse_selector
+
+    with pytest.raises(SelectorError) as refused:
+        parse_selector("group:a, group:b")
+    assert "',' does not separate selectors" in refused.value.message
+    assert "one selector per line" in (refused.value.hint or "")

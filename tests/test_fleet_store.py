@@ -178,6 +178,31 @@ def test_set_tags_on_an_unknown_device_raises_not_found(store: Store) -> None:
         store.set_tags("ghost", add=["x"])
 
 
+def test_deleting_devices_removes_their_rows_group_and_tags_and_names_those_there(
+        store: Store) -> None:
+    store.upsert_devices([_device("a"), _device("b"), _device("c")])
+    assert store.delete_devices(["c", "ghost", "a", "a"]) == ["a", "c"]
+    assert [d.id for d in store.devices()] == ["b"]
+    assert store.device("a") is None
+    assert store.delete_devices([]) == []
+    store.upsert_devices([_device("a", group=None, tags=frozenset())])  # it comes back: new
+    assert store.device("a") == _device("a", group=None, tags=frozenset())
+
+
+def test_deleting_a_device_keeps_the_rollouts_that_touched_it(store: Store) -> None:
+    store.upsert_devices([_device("cam-0"), _device("cam-1")])
+    store.save_rollout(_rollout(devices=2))
+    store.delete_devices(["cam-0"])
+    kept = store.rollout("r1")
+    assert kept is not None and set(kept.devices) == {"cam-0", "cam-1"}
+
+
+def test_deleting_more_devices_than_one_in_list_holds(store: Store) -> None:
+    store.upsert_devices([_device(f"d{i:04d}") for i in range(1200)])
+    removed = store.delete_devices([f"d{i:04d}" for i in range(0, 1200, 2)])
+    assert len(removed) == 600 and len(store.devices()) == 600
+
+
 # -- model versions ----------------------------------------------------------------------
 
 def test_model_round_trips_by_name_version_and_sha(store: Store) -> None:

@@ -41,7 +41,7 @@ def converted(digits_models: TrainedModels, signing_keys: Keys,
     np.savez(calibration, image=digits.x_train[:64])
     np.savez(evaluation, image=digits.x_test[:120], labels=digits.y_test[:120])
     config = ConvertConfig(model=digits_models.tflite, output=root / "digits-int8.efb",
-                           sign_key=signing_keys.secret, quantize="int8",
+                           sign_key=signing_keys.secret, quantize="int8", int8_io=True,
                            calibration=calibration, eval=evaluation, name="digits",
                            version="4.0.0", quiet=True)
     convert(config)

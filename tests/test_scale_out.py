@@ -31,6 +31,7 @@ from edgefleet.agent.protocol.payloads import BundleRef, decode_telemetry
 from edgefleet.agent.protocol.topics import Leaf, fleet_filter, parse_topic
 from edgefleet.agent.runtime import load_runtime
 from edgefleet.cli.fleet.top import collect, render
+from edgefleet.fleet.access import Actor, TokenRole
 from edgefleet.fleet.api import ApiServer
 from edgefleet.fleet.client import FleetClient
 from edgefleet.fleet.control.role import LeasedRole
@@ -365,7 +366,7 @@ def test_a_followers_rollout_action_is_done_by_the_leader_under_the_operators_na
     follower.step()
     done: list[Any] = []
     worker = threading.Thread(target=lambda: done.append(
-        follower.operate("r1", "pause", "bob")))
+        follower.operate("r1", "pause", Actor("bob", TokenRole.OPERATOR))))
     worker.start()
 
     def lead() -> bool:
@@ -378,6 +379,8 @@ def test_a_followers_rollout_action_is_done_by_the_leader_under_the_operators_na
     assert leader.store.rollout("r1").state == RolloutState.PAUSED  # type: ignore[union-attr]
     assert [(e.actor, e.action) for e in follower.history(target="r1")] == [
         ("bob", "rollout.progress"), ("bob", "rollout.pause")]
+    paused = follower.history(target="r1")[1]
+    assert paused.detail["role"] == "operator"  # the token's role travelled to the leader
 
 
 # -- two controllers, one broker, real agents --------------------------------------------

@@ -231,6 +231,8 @@ def test_the_acl_gives_devices_their_own_topics_and_the_controller_desired_state
         "topic read edgefleet/v1/plant-1/#",
         "topic write edgefleet/v1/plant-1/+/state/desired",
         "topic write edgefleet/v1/plant-1/_fleet/#",
+        "topic write edgefleet/v1/plant-1/+/status",
+        "topic write edgefleet/v1/plant-1/+/state/reported",
     ]
     writers = {r.topic for r in acl_rules("plant-1", "ctl") if r.access == "write"
                and "desired" in r.topic}
@@ -511,6 +513,51 @@ def test_a_revoked_device_certificate_is_refused_and_the_others_still_connect(
     renewed = json.loads(runner.invoke(app, ["certs", "revoke", "--renew", "--days", "30",
                                              "--dir", str(folder), "--json"]).stdout)
     assert renewed["revoked"] == 2 and renewed["next_update"] < again["next_update"]
+
+
+def _retained(broker: MosquittoBroker, pki: Pki, clients: list[MqttClient],
+              device: str) -> set[str]:
+    """The topics of ``device`` the broker keeps that Home Assistant may read (status,
+    telemetry): retained messages reach a new subscriber before a probe it publishes after
+    subscribing. (Not with the controller's certificate: the broker takes the user name
+    as the client id, so a second controller client would take the controller's session.)"""
+    inbox, probe = Inbox(), "homeassistant/status"
+    reader = _connect(clients, broker.url, pki.client("homeassistant"), "homeassistant",
+                      [f"{BASE}/{device}/#", probe], inbox)
+    try:
+        reader.publish_wait(probe, b"online", qos=1)
+        assert inbox.wait_for(probe)
+        return {topic for topic in inbox.topics if topic != probe}
+    finally:
+        reader.stop()
+        clients.remove(reader)
+
+
+def test_decommissioning_in_secure_mode_clears_the_topics_and_prints_the_revocation(
+        broker: MosquittoBroker, pki: Pki, signing_keys: Keys, tmp_path: Path,
+        clients: list[MqttClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    controller, api, store = _https_controller(broker, pki, signing_keys, tmp_path)
+    try:
+        controller.start()
+        api.start()
+        device = _connect(clients, broker.url, pki.client("d2"), "d2")
+        device.publish_wait(f"{BASE}/d2/status", b"offline", qos=1, retain=True)
+        wait_until(lambda: controller.registry.get("d2"), 15, what="d2 registered")
+        assert _retained(broker, pki, clients, "d2") == {f"{BASE}/d2/status"}
+        monkeypatch.setenv("EDGEFLEET_CA", str(pki.ca))
+        result = CliRunner().invoke(app, ["fleet", "devices", "remove", "d2", "--controller",
+                                          api.url, "--token", TOKEN])
+        assert result.exit_code == 0, result.output
+        assert f"edgefleet certs revoke --dir {pki.root} {pki.root}/devices/d2.crt" in (
+            result.stdout)
+        assert "systemctl reload mosquitto" in result.stdout
+        # the ACL lets the controller clear what only the device writes otherwise
+        assert _retained(broker, pki, clients, "d2") == set()
+        assert controller.registry.get("d2") is None and store.device("d2") is None
+    finally:
+        api.stop()
+        controller.stop()
+        store.close()
 
 
 # --- a simulated fleet on the secure broker -----------------------------------------------

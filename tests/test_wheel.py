@@ -63,6 +63,7 @@ def test_the_wheel_has_edgefleet_as_its_only_top_level_name(wheel: Path) -> None
     assert "edgefleet/devices/profiles/generic-arm64.json" in names
     assert "edgefleet/agent/deploy/edgefleet-agent.service" in names
     assert "edgefleet/fleet/dashboard/static/index.html" in names
+    assert "edgefleet/fleet/openapi.json" in names  # the API's contract, served by the controller
     assert not [n for n in names if "/tests/" in n or n.endswith(".pyc")]
 
 

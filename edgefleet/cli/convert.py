@@ -46,6 +46,9 @@ def convert(
         help="Fix an input's dynamic dims: NAME=1x3x320x320 (repeatable)")] = None,
     input_size: Annotated[str | None, typer.Option(
         help="Height x width of a single image input, e.g. 320x320")] = None,
+    output_kind: Annotated[list[str] | None, typer.Option(
+        help="An output's kind: NAME=class (top-1 agreement counts) or NAME=regression "
+             "(its error alone); overrides the rule (repeatable)")] = None,
     name: Annotated[str | None, typer.Option(help="Bundle name (default: file stem)")] = None,
     version: Annotated[str, typer.Option(help="Bundle version (semver)")] = "1.0.0",
     sign_key: Annotated[Path, typer.Option(help="Ed25519 private key (.key)")] =
@@ -80,7 +83,8 @@ def convert(
                                search_budget=search_budget,
                                calibration_method=calibration_method, activations=activations,
                                input_shapes=tuple(_shape(s) for s in input_shape or ()),
-                               input_size=_size(input_size) if input_size else None)
+                               input_size=_size(input_size) if input_size else None,
+                               output_kinds=tuple(_kind(k) for k in output_kind or ()))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     # Progress goes to a duplicate of stderr: conversions silence fds 1 and 2 meanwhile.
@@ -112,9 +116,9 @@ def _worst(agreement: dict[str, Any]) -> str:
     if not outputs:
         return ""
     worst = min(outputs, key=lambda o: o["score"])
-    metric = (f"cos {worst['cosine']:.4f}, rel RMS {worst['rel_rms']:.3f}"
-              if worst["judged_by"] == "cosine" else
-              f"err {worst['max_abs_error'] / (worst['range'] or 1):.1%} of range")
+    metric = (f"err {worst['max_abs_error'] / (worst['judged_range'] or 1):.1%} of range"
+              if worst["judged_by"] == "range" else
+              f"cos {worst['centered_cosine']:.4f}, rel RMS {worst['rel_rms']:.3f}")
     return f"{worst['name'][:24]}: {metric}"
 
 
@@ -127,6 +131,14 @@ def _shape(text: str) -> tuple[str, tuple[int, ...]]:
     if not name or not dims:
         raise typer.BadParameter(f"--input-shape {text!r}: expected NAME=1x3x320x320")
     return name, _dims(dims, "--input-shape")
+
+
+def _kind(text: str) -> tuple[str, str]:
+    name, _, kind = text.rpartition("=")
+    if not name or kind not in ("class", "regression"):
+        raise typer.BadParameter(f"--output-kind {text!r}: expected NAME=class or "
+                                 "NAME=regression")
+    return name, kind
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -159,9 +171,13 @@ def _show(report: dict[str, Any], as_json: bool) -> None:
              f"accuracy {report['source_accuracy']}, p50 {report['source_latency_p50_ms']} ms) "
              f"-> {report['format']}, {report['conversion_seconds']} s")
     console.print(table(title, rows, list(rows[0]) if rows else []))
+    for kind in report.get("output_kinds") or []:
+        console.print(literal(f"output {kind['name']!r}: {kind['kind']} ({kind['rule']})"))
     for suggestion in report.get("suggestions") or []:
         console.print(literal(f"try: {suggestion['option']} ({suggestion['why']})"))
-    for warning in report["warnings"] + [w for a in report["attempts"] for w in a["warnings"]]:
+    # a rejected attempt's warnings (slower, ...) stay in its row of the report
+    chosen = [a for a in report["attempts"] if a["label"] == report["chosen"]]
+    for warning in report["warnings"] + [w for a in chosen for w in a["warnings"]]:
         console.print(styled("[yellow]warning:[/] {}", warning))
     if report["output"]:
         console.print(literal(f"wrote {report['output']} ({report['bundle_bytes']} bytes)"))

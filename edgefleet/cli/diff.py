@@ -41,7 +41,7 @@ def fetch_bundle(ref: str, controller: str, token: str | None) -> bytes:
 
     client = FleetClient(controller, token)
     model = client.model(match["name"], match["version"])
-    return client.download(f"/bundles/{model['sha256']}.efb")
+    return client.bundle(model["sha256"])
 
 
 @needs("diff", "agent")

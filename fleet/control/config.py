@@ -32,6 +32,8 @@ class ControllerConfig:
     controller_id: str = ""  # unique among them; shown in /healthz
     lease_s: float | None = None  # None: the only controller (no lease)
     shared_telemetry: str | None = None  # share group: telemetry split between controllers
+    # the origins (scheme://host[:port]) whose page may act; empty: --public-url's
+    allow_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.lease_s is not None and self.lease_s < 3 * self.tick_s - 1e-9:

@@ -24,6 +24,13 @@ class DeviceBook:
         """Write the devices that changed since the last flush (the leader only)."""
         if not self.role.leading:
             return  # the leader writes devices; they stay dirty here until this one leads
+        forgotten = self.registry.take_forgotten()
+        if forgotten:  # removed through another controller, or here: gone from the store too
+            try:
+                self.store.delete_devices(forgotten)
+            except FleetError:
+                self.registry.mark_forgotten(forgotten)
+                raise
         dirty = self.registry.take_dirty()
         if dirty:
             try:

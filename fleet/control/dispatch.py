@@ -9,6 +9,7 @@ import logging
 from typing import Any, TypeVar
 
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.fleet.access import ROLE_KEY, Actor, TokenRole, actor_role
 from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.control.commands import COMMANDS, Command, RolloutActions
 from edgefleet.fleet.control.role import Role
@@ -29,8 +30,10 @@ class CommandDesk:
 
     def submit(self, command: Command[Answer], body: dict[str, Any], actor: str) -> Answer:
         """Run ``command`` here, or on the leader when this controller follows."""
-        if self.role.relays:
-            return command.from_wire(self.role.relay(command.kind, body, actor))
+        if self.role.relays:  # the leader audits the token's role too: it travels along
+            role = actor_role(actor)
+            sent = {**body, ROLE_KEY: role.value} if role else body
+            return command.from_wire(self.role.relay(command.kind, sent, actor))
         return command.run(self.actions, body, actor)
 
     def serve(self, request: OperatorRequest) -> None:
@@ -41,7 +44,7 @@ class CommandDesk:
                 raise InvalidRolloutError(f"unknown request kind {request.kind!r}",
                                           hint="controllers of different versions?")
             result: Any = command.to_wire(command.run(self.actions, request.body,
-                                                      request.actor))
+                                                      _actor(request)))
             ok = True
         except EdgefleetError as exc:
             result, ok = error_result(exc), False
@@ -50,3 +53,11 @@ class CommandDesk:
             result, ok = {"error": f"internal error: {type(exc).__name__}: {exc}",
                           "hint": "see the leader's log", "kind": "FleetError"}, False
         self.role.finish(request, ok, result)
+
+
+def _actor(request: OperatorRequest) -> str:
+    """The relayed request's actor, with the role its token had on the follower."""
+    role = request.body.get(ROLE_KEY)
+    if role in {r.value for r in TokenRole}:
+        return Actor(request.actor, TokenRole(role))
+    return request.actor

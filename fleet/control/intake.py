@@ -63,6 +63,8 @@ class MessageIntake:
             self.registry.seen(device, now)
         elif leaf == Leaf.STATUS and payload:
             self.registry.status(device, ingest.status(payload), now)
+        elif leaf == Leaf.STATUS:  # cleared: the device was decommissioned (lifecycle.py)
+            self.registry.forget([device])
         elif leaf == Leaf.REPORTED and payload:
             self.registry.reported(ingest.reported(device, payload, self.fleet), now)
         elif leaf == Leaf.EVENTS:

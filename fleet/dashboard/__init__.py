@@ -1,9 +1,10 @@
 """The live fleet page served by the controller: static files and a server-sent event stream.
 
-``GET /dashboard/?token=...`` loads a page (plain HTML, CSS and JavaScript in
+``GET /dashboard/`` loads a page (plain HTML, CSS and JavaScript in
 ``static/``, no build step, nothing fetched from elsewhere) that reads the REST API with
-the token and follows ``GET /api/v1/stream`` (:func:`stream`) to stay live: fleet
-overview, rollouts with their waves and gates, per-version latency, error rate and
+the token entered in its form (never one in its address) and follows
+``GET /api/v1/stream`` (:func:`stream`) to stay live: fleet overview, rollouts with
+their waves and gates, per-version latency, error rate and
 agreement charts, the history, and a page per device with its recent events.
 
 An operator acts from it: pause, resume, abort and roll back a rollout, or create one
@@ -29,8 +30,8 @@ __all__ = ["PAGE_HEADERS", "EventJournal", "attach", "json_text", "static_file",
 
 #: Sent with every page file: scripts, styles and requests from this origin only (no
 #: inline script or style attribute, nothing from elsewhere), never framed by another
-#: page (a click on a framed confirm button is not the operator's), no referrer (an
-#: address may hold ``?token=``).
+#: page (a click on a framed confirm button is not the operator's), no referrer, and
+#: never stored by the browser (``no-store``: nothing of the page kept on disk).
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
                                "img-src 'self'; connect-src 'self'; form-action 'self'; "
@@ -38,7 +39,7 @@ PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
+    "Cache-Control": "no-store",
 }
 
 _NAME = re.compile(r"[a-z0-9_-]+\.(html|js|css|svg)")

@@ -55,7 +55,7 @@ from edgefleet.fleet.rollout.state import (
 )
 
 __all__ = ["FOLLOWED", "Action", "Decisions", "DeviceView", "Observations", "Quality", "Send",
-           "abort", "gate_failure", "pause", "resume", "rollback", "tick"]
+           "abort", "gate_failure", "pause", "refusal", "resume", "rollback", "tick"]
 
 RESEND_MS = 5_000  # a device still in probation after a commit/rollback this old is told again
 # the device's update states (as it reports them) on the way to probation, and settled
@@ -554,12 +554,13 @@ def _version(ref: BundleRef | None) -> str:
 
 def pause(rollout: Rollout, now_ms: int) -> Decisions:
     return _operator(rollout, now_ms, RolloutState.PAUSED,
-                     (RolloutState.RUNNING, RolloutState.WAITING), "paused by an operator")
+                     (RolloutState.RUNNING, RolloutState.WAITING), "pause",
+                     "paused by an operator")
 
 
 def resume(rollout: Rollout, now_ms: int) -> Decisions:
     return _operator(rollout, now_ms, RolloutState.RUNNING, (RolloutState.PAUSED,),
-                     "resumed by an operator")
+                     "resume", "resumed by an operator")
 
 
 def abort(rollout: Rollout, now_ms: int, reason: str = "aborted by an operator") -> Decisions:
@@ -575,6 +576,9 @@ def rollback(rollout: Rollout, now_ms: int, only: frozenset[str] | None = None) 
     Devices that committed roll back to their previous committed bundle; devices still
     on the way are rolled back when they reach probation; pending ones are cancelled.
     """
+    if only is None:
+        _check_state(rollout, tuple(s for s in RolloutState if s != RolloutState.ROLLED_BACK),
+                     "rollback")
     step = _Step(rollout, Observations({}), now_ms)
     for item in list(step.devices.values()):
         if only is not None and item.device not in only:
@@ -591,16 +595,32 @@ def rollback(rollout: Rollout, now_ms: int, only: frozenset[str] | None = None) 
 
 
 def _operator(rollout: Rollout, now_ms: int, state: RolloutState,
-              allowed: tuple[RolloutState, ...], reason: str) -> Decisions:
-    _check_state(rollout, allowed, state.value.lower())
+              allowed: tuple[RolloutState, ...], verb: str, reason: str) -> Decisions:
+    _check_state(rollout, allowed, verb)
     step = _Step(rollout, Observations({}), now_ms)
     step.state(state, reason)
     return step.done()
 
 
+#: How each refusal is worded: the verb, and its hint.
+_REFUSAL_HINTS = {
+    "pause": "only a rollout that is {allowed} can be paused",
+    "resume": "only a paused rollout can be resumed",
+    "abort": "it has already ended",
+    "rollback": "it has already been rolled back; nothing is left to undo",
+}
+_VERB_WORDS = {"pause": "pause", "resume": "resume", "abort": "abort", "rollback": "roll back"}
+
+
+def refusal(rollout_id: str, state: RolloutState, allowed: tuple[RolloutState, ...],
+            verb: str) -> tuple[str, str]:
+    """The message and hint of an operator action refused in ``state``."""
+    names = " or ".join(s.value for s in allowed)
+    return (f"cannot {_VERB_WORDS[verb]} rollout {rollout_id}: it is {state.value}",
+            _REFUSAL_HINTS[verb].format(allowed=names))
+
+
 def _check_state(rollout: Rollout, allowed: tuple[RolloutState, ...], verb: str) -> None:
     if rollout.state not in allowed:
-        raise ConflictError(f"cannot {verb} rollout {rollout.id}: it is {rollout.state.value}",
-                            hint=f"only a rollout that is {' or '.join(s.value for s in allowed)}"
-                                 f" can be {verb}ed" if verb != "abort" else
-                                 "it has already ended")
+        message, hint = refusal(rollout.id, rollout.state, allowed, verb)
+        raise ConflictError(message, hint=hint)

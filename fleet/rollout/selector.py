@@ -264,6 +264,10 @@ def _tokens(text: str) -> list[_Token]:
             if text[start] == '"':
                 raise SelectorError(text, start, "this double quote is never closed",
                                     hint='close it: group:"north cams"')
+            if text[start] == ",":  # "group:a, group:b": two selectors meant
+                raise SelectorError(text, start, "',' does not separate selectors",
+                                    hint="give one selector per line (the page's form) or "
+                                         "per --to, or join them with |: group:a | group:b")
             raise SelectorError(text, start, f"{text[start]!r} is not part of a selector",
                                 hint='names with spaces or other characters go in double '
                                      'quotes: group:"north cams"')

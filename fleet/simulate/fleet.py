@@ -48,7 +48,8 @@ class SimulatedFleet:
         self.downloads = Downloads(share=options.share_downloads,
                                    tls=server_checker(options.ca_file) if options.tls else None)
         self._loop = NetworkLoop(broker_url, connect_rate=options.connect_rate,
-                                 keepalive=options.keepalive_s, tls=options.tls)
+                                 keepalive=options.keepalive_s, tls=options.tls,
+                                 source_address=options.source_address)
         self._pool = WorkPool(self.options.workers, "edgefleet-sim-update")
         self._started = self._stopped = False
         env = FleetEnv(self.fleet, self.options, self.models, self.downloads, self._submit,

@@ -90,9 +90,11 @@ class NetworkLoop:
     """The selector thread, its timers, its call queue and its connection pacing."""
 
     def __init__(self, broker_url: str, *, connect_rate: float, keepalive: int,
-                 tls: bool = False) -> None:
+                 tls: bool = False, source_address: str = "") -> None:
         """``tls``: every link gets a TLS context (:meth:`link`); an ``mqtts://`` URL needs
-        them."""
+        them. ``source_address``: the local address every connection is made from (paho
+        binds each socket before connecting, so one address gives at most one connection
+        per ephemeral port, about 28,000 on Linux, whatever the brokers)."""
         if broker_url.startswith(("mqtts://", "ssl://")) and not tls:
             raise SimulationError("an mqtts:// broker needs TLS settings for the devices",
                                   hint="pass --ca CA.crt (and --certs DIR for client "
@@ -100,6 +102,7 @@ class NetworkLoop:
         self.host, self.port = parse_broker_url(broker_url)
         self._tls_warned = False
         self.keepalive, self.connect_rate = keepalive, connect_rate
+        self.source_address = source_address
         self.links: list[Link] = []
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -268,7 +271,8 @@ class NetworkLoop:
                 link.client.reconnect()
             else:
                 link.started = True
-                link.client.connect(self.host, self.port, keepalive=self.keepalive)
+                link.client.connect(self.host, self.port, keepalive=self.keepalive,
+                                    bind_address=self.source_address)
         except (OSError, ValueError) as exc:
             if isinstance(exc, ssl.SSLError) and not self._tls_warned:
                 self._tls_warned = True  # the same cause for every device: say it once

@@ -60,6 +60,7 @@ class SimOptions:
     speed_spread: float = 0.2  # sigma of the per-device log-normal speed factor
     connect_rate: float = 500.0  # connection attempts per second, for the whole fleet
     keepalive_s: int = 30
+    source_address: str = ""  # local address to connect from ("": any); see NetworkLoop
     workers: int = 4  # threads that run update steps (downloads, verification)
     share_downloads: bool = False  # True: one HTTP request per URL for the whole fleet
     spool_max_points: int = 100  # telemetry kept per device while offline

@@ -53,6 +53,7 @@ class Store(Protocol):
     def set_group(self, device_ids: Sequence[str], group: str | None) -> None: ...
     def set_tags(self, device_id: str, add: Iterable[str] = (),
                  remove: Iterable[str] = ()) -> Device: ...
+    def delete_devices(self, device_ids: Sequence[str]) -> list[str]: ...
     def add_model(self, model: ModelVersion) -> bool: ...
     def model(self, name: str, version: str) -> ModelVersion | None: ...
     def model_by_sha(self, sha256: str) -> ModelVersion | None: ...
@@ -201,6 +202,17 @@ class SqlStore(SharedState, LabelState):
             tx.run("UPDATE devices SET tags = ?, labels_seq = ? WHERE id = ?",
                    (DEVICES.value("tags", device.as_dict()), seq, device_id))
         return device
+
+    def delete_devices(self, device_ids: Sequence[str]) -> list[str]:
+        """Forget devices (a decommission): their rows go, group and tags with them; the
+        ids that were stored come back, sorted. Rollouts keep what they did to them."""
+        ids = sorted(set(device_ids))
+        with self._db.transaction() as tx:
+            known = sorted(_known_devices(tx, ids))
+            for start in range(0, len(known), _IN_CHUNK):
+                chunk = known[start:start + _IN_CHUNK]
+                tx.run(f"DELETE FROM devices WHERE id IN ({marks(len(chunk))})", chunk)
+        return known
 
     # -- model versions ------------------------------------------------------------------
 

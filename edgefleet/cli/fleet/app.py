@@ -13,10 +13,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
-from urllib.parse import quote, urlencode
+from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Group
@@ -34,11 +33,10 @@ from edgefleet.cli.fleet.common import (
     ControllerOpt,
     JsonOpt,
     TokenOpt,
-    models_of,
-    updates_of,
 )
 from edgefleet.cli.fleet.common import client as _client
 from edgefleet.cli.fleet.common import run as _run
+from edgefleet.cli.fleet.devices import devices_app
 from edgefleet.cli.fleet.drift import alerts, drift_app
 from edgefleet.cli.fleet.models import show_model
 from edgefleet.cli.fleet.simulate import simulate
@@ -55,6 +53,7 @@ from edgefleet.cli.mqtt_options import (
 from edgefleet.cli.output import console, emit, fail, literal, styled, table
 from edgefleet.cli.params import api_address, fleet_option, host_port
 from edgefleet.cli.service import ServiceSpec, service_app, subcommand
+from edgefleet.fleet.api_types import GateOptions, RolloutOptions
 from edgefleet.fleet.rollout.state import FINISHED, DeviceState, RolloutState
 
 _FINISHED = frozenset(state.value for state in FINISHED)
@@ -93,8 +92,12 @@ def serve(
                                            "bundle server", callback=api_address)] = (
         "127.0.0.1:8600"),
     public_url: Annotated[str | None, typer.Option(
-        help="URL devices use to reach --http (default: http(s)://HTTP); the web page opened "
-             "there may act too")] = None,
+        help="URL devices use to reach --http (default: http(s)://HTTP); without "
+             "--allow-origin, the web page opened there may act too")] = None,
+    allow_origin: Annotated[list[str] | None, typer.Option(
+        "--allow-origin", help="An origin (https://host[:port], repeatable) whose web page "
+                               "may act, besides the address the request was sent to; "
+                               "default: --public-url's (docs/dashboards.md)")] = None,
     tls_cert: Annotated[Path | None, typer.Option(
         help="Serve HTTPS with this certificate ('edgefleet certs server'); with --tls-key",
         exists=True, dir_okay=False)] = None,
@@ -102,7 +105,8 @@ def serve(
         help="The HTTPS certificate's key", exists=True, dir_okay=False)] = None,
     token: Annotated[list[str] | None, typer.Option(
         "--token", envvar="EDGEFLEET_TOKEN",
-        help="NAME=SECRET (repeatable); the name is written in the history")] = None,
+        help="NAME:ROLE=SECRET (repeatable): ROLE is viewer, operator or admin (NAME=SECRET "
+             "is admin); the name and role are written in the history")] = None,
     tick: Annotated[float, typer.Option(help="Seconds between rollout steps")] = 1.0,
     controller_id: Annotated[str | None, typer.Option(
         "--controller-id", envvar="EDGEFLEET_CONTROLLER_ID",
@@ -139,6 +143,7 @@ def serve(
         config = ControllerConfig(fleet=fleet, broker_url=broker, data_dir=data_dir,
                                   public_url=public_url or f"{'https' if tls else 'http'}://"
                                                            f"{http}",
+                                  allow_origins=_origins(allow_origin or []),
                                   trusted=TrustedKeys.from_paths(trusted_key), tick_s=tick,
                                   mqtt_security=mqtt_security(ca, cert, key, username,
                                                               password_file),
@@ -251,6 +256,18 @@ def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     return server_context(cert, key)
 
 
+def _origins(urls: list[str]) -> tuple[str, ...]:
+    """--allow-origin's values, each an http(s) origin."""
+    from edgefleet.fleet.same_origin import is_origin
+
+    for url in urls:
+        if not is_origin(url):
+            raise EdgefleetError(f"--allow-origin {url!r} is not an http(s) origin",
+                                 hint="give the address the page is opened at, e.g. "
+                                      "--allow-origin https://fleet.example.com")
+    return tuple(urls)
+
+
 def _scale_out(controller_id: str | None, lease_s: float | None, shared: bool,
                group: str) -> dict[str, Any]:
     """ControllerConfig's scale-out fields (it checks them: lease vs tick, the group)."""
@@ -283,8 +300,7 @@ def push(bundle: Annotated[Path, typer.Argument(help="A signed .efb bundle")],
     if not bundle.is_file():
         fail(EdgefleetError(f"cannot read {bundle}: not a file",
                             hint="pass the path of an .efb file"), as_json)
-    result = _run(as_json, lambda: _client(controller, token).upload_file("/api/v1/models",
-                                                                          bundle))
+    result = _run(as_json, lambda: _client(controller, token).push(bundle))
     model = result["model"]
     row = {"model": f"{model['name']}:{model['version']}", "sha256": model["sha256"][:12],
            "size": model["size"], "stored": "new" if result["added"] else "already there"}
@@ -294,6 +310,7 @@ def push(bundle: Annotated[Path, typer.Argument(help="A signed .efb bundle")],
 models_app = typer.Typer(help="Pushed model versions: list them, or show one in full.")
 app.add_typer(models_app, name="models")
 models_app.command("show")(show_model)
+app.add_typer(devices_app, name="devices")
 
 
 @models_app.callback(invoke_without_command=True)
@@ -303,12 +320,12 @@ def models(ctx: typer.Context, controller: ControllerOpt = DEFAULT_URL, token: T
     in full, with its lineage)."""
     if ctx.invoked_subcommand is not None:
         return
-    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/models"))
+    data = _run(as_json, lambda: _client(controller, token).models())
     rows = [_model_row(m) for m in data]
     emit(data, as_json, table("model versions", rows, list(rows[0]) if rows else ["model"]))
 
 
-def _model_row(model: dict[str, Any]) -> dict[str, Any]:
+def _model_row(model: Mapping[str, Any]) -> dict[str, Any]:
     metrics = model["manifest"].get("metrics") or {}
     quant = (model["manifest"].get("optimization") or {}).get("quantization")
     return {"model": f"{model['name']}:{model['version']}", "sha256": model["sha256"][:12],
@@ -316,54 +333,6 @@ def _model_row(model: dict[str, Any]) -> dict[str, Any]:
             "accuracy": metrics.get("accuracy"),
             "agreement": (metrics.get("agreement") or {}).get("top1"),
             "p50 ms": metrics.get("latency_p50_ms"), "pushed by": model["pushed_by"]}
-
-
-devices_app = typer.Typer(help="Devices: list them, label them.")
-app.add_typer(devices_app, name="devices")
-
-
-@devices_app.callback(invoke_without_command=True)
-def devices(ctx: typer.Context, controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
-            as_json: JsonOpt = False) -> None:
-    """Every device: online, group, tags, labels, the models it runs, their update states."""
-    if ctx.invoked_subcommand is not None:
-        return
-    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/devices"))
-    rows = [{"device": d["id"], "online": "yes" if d["online"] else "no",
-             "group": d["group"], "tags": ",".join(d["tags"]), "labels": _labels_text(d),
-             "models": models_of(d), "update": updates_of(d), "profile": d["profile"]}
-            for d in data]
-    emit(data, as_json, table(f"{len(rows)} devices", rows,
-                              ["device", "online", "group", "tags", "labels", "models",
-                               "update", "profile"]))
-
-
-def _labels_text(device: dict[str, Any]) -> str:
-    labels = {**(device.get("reported_labels") or {}), **(device.get("labels") or {})}
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-
-
-@devices_app.command("label")
-def devices_label(
-    device: Annotated[str, typer.Argument(help="Device id")],
-    labels: Annotated[list[str] | None, typer.Argument(help="KEY=VALUE to set")] = None,
-    remove: Annotated[list[str] | None, typer.Option("--remove", help="KEY to remove "
-                                                                      "(repeatable)")] = None,
-    controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False,
-) -> None:
-    """Set or remove labels of a device (selectors read them: --to label:KEY=VALUE); they
-    win over the labels the device reports itself."""
-    pairs = [item.partition("=") for item in labels or []]
-    bad = next((k for k, eq, v in pairs if not (k and eq and v)), None)
-    if bad is not None or not (pairs or remove):
-        fail(EdgefleetError(f"labels {' '.join(labels or [])[:80]!r} are not KEY=VALUE",
-                            hint="e.g. fleet devices label cam-1 site=plant-a, or "
-                                 "--remove site"), as_json)
-    body = {"set": {k: v for k, _, v in pairs}, "remove": remove or []}
-    data = _run(as_json, lambda: _client(controller, token).post(
-        f"/api/v1/devices/{device}/labels", body))
-    emit(data, as_json, table("labels", [{"device": data["id"], "labels": _labels_text(data)}],
-                              ["device", "labels"]))
 
 
 groups_app = typer.Typer(help="Dynamic groups: selectors saved under a name (group:NAME).")
@@ -376,11 +345,11 @@ def groups(ctx: typer.Context, controller: ControllerOpt = DEFAULT_URL, token: T
     """Every dynamic group: its selector and how many devices it matches now."""
     if ctx.invoked_subcommand is not None:
         return
-    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/groups"))
+    data = _run(as_json, lambda: _client(controller, token).groups())
     emit(data, as_json, _groups_table("dynamic groups", data))
 
 
-def _groups_table(title: str, data: list[dict[str, Any]]) -> Any:
+def _groups_table(title: str, data: Sequence[Mapping[str, Any]]) -> Any:
     rows = [{"group": g["name"], "where": g["where"], "devices": g["devices"],
              "by": g["created_by"]} for g in data]
     return table(title, rows, ["group", "where", "devices", "by"])
@@ -399,8 +368,7 @@ def groups_create(
     from edgefleet.fleet.rollout.selector import parse_selector
 
     _run(as_json, lambda: parse_selector(where))  # refused here, before anything is sent
-    data = _run(as_json, lambda: _client(controller, token).post(
-        "/api/v1/groups", {"name": name, "where": where}))
+    data = _run(as_json, lambda: _client(controller, token).create_group(name, where))
     emit(data, as_json, _groups_table("group saved", [data]))
 
 
@@ -409,8 +377,7 @@ def groups_delete(name: Annotated[str, typer.Argument(help="Group name")],
                   controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
                   as_json: JsonOpt = False) -> None:
     """Delete a dynamic group (rollouts created with it keep what it meant)."""
-    data = _run(as_json, lambda: _client(controller, token).post(
-        f"/api/v1/groups/{quote(name, safe='')}/delete"))
+    data = _run(as_json, lambda: _client(controller, token).delete_group(name))
     emit(data, as_json, literal(f"group {name} deleted"))
 
 
@@ -420,8 +387,8 @@ def group(name: Annotated[str, typer.Argument(help="Group name ('-' removes the 
           controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
           as_json: JsonOpt = False) -> None:
     """Put devices in a group (one group per device)."""
-    body = {"devices": device, "group": None if name == "-" else name}
-    data = _run(as_json, lambda: _client(controller, token).post("/api/v1/devices/group", body))
+    group_name = None if name == "-" else name
+    data = _run(as_json, lambda: _client(controller, token).set_group(device, group_name))
     rows = [{"device": d["id"], "group": d["group"]} for d in data]
     emit(data, as_json, table("groups", rows, ["device", "group"]))
 
@@ -434,9 +401,7 @@ def tag(device: Annotated[str, typer.Argument(help="Device id")],
         controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
         as_json: JsonOpt = False) -> None:
     """Add or remove tags of a device."""
-    body = {"add": add or [], "remove": remove or []}
-    data = _run(as_json, lambda: _client(controller, token).post(
-        f"/api/v1/devices/{device}/tags", body))
+    data = _run(as_json, lambda: _client(controller, token).tag(device, add, remove))
     emit(data, as_json, table("tags", [{"device": data["id"], "tags": ",".join(data["tags"])}],
                               ["device", "tags"]))
 
@@ -447,14 +412,27 @@ def history(limit: Annotated[int, typer.Option(help="Newest N entries")] = 50,
             controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
             as_json: JsonOpt = False) -> None:
     """The audit history: what was done, when, by which token, and how it ended."""
-    query = urlencode({"limit": limit, **({"target": target} if target else {})})
-    data = _run(as_json, lambda: _client(controller, token).get(f"/api/v1/history?{query}"))
+    data = _run(as_json, lambda: _client(controller, token).history(limit, target))
     rows = [{"when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts_ms"] / 1000)),
-             "by": e["actor"], "action": e["action"], "target": e["target"],
+             "by": _by(e), "action": e["action"], "target": e["target"],
              "outcome": e["outcome"], "what": (e.get("detail") or {}).get("summary", "")}
             for e in data]
     emit(data, as_json, table("history", rows, ["when", "by", "action", "target", "outcome",
                                                 "what"]))
+
+
+@app.command()
+def whoami(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
+           as_json: JsonOpt = False) -> None:
+    """The token's name and role on this controller (viewer, operator or admin)."""
+    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/whoami"))
+    emit(data, as_json, table("token", [data], ["name", "role"]))
+
+
+def _by(entry: Mapping[str, Any]) -> str:
+    """The token's name, and its role when it had one (the controller's own: none)."""
+    role = (entry.get("detail") or {}).get("role")
+    return f"{entry['actor']} ({role})" if role else str(entry["actor"])
 
 
 @app.command()
@@ -468,10 +446,10 @@ def rollback(rollout: Annotated[str | None, typer.Option("--rollout", help="Roll
              as_json)
     client = _client(controller, token)
     if rollout is not None:
-        data: Any = _run(as_json, lambda: client.post(f"/api/v1/rollouts/{rollout}/rollback"))
+        data: Any = _run(as_json, lambda: client.rollback_rollout(rollout))
         summaries = [data]
-    else:
-        data = _run(as_json, lambda: client.post("/api/v1/rollback", {"group": group}))
+    elif group is not None:
+        data = _run(as_json, lambda: client.rollback_group(group))
         summaries = data
     rows = [_rollout_row(s) for s in summaries]
     emit(data, as_json, table("rolled back", rows, _columns(rows)))
@@ -532,16 +510,13 @@ def rollout_create(
     gates = {"max_failures_pct": max_failures, "min_success_pct": min_success,
              "max_p95_ratio": max_p95_ratio, "max_error_rate_pct": max_error_rate,
              "min_agreement_pct": min_agreement, "min_samples": min_samples}
-    options = _run(as_json, lambda: {
-        "selectors": to, "waves": wave_text.split(","), "rate_per_min": rate,
-        "exponential": exponential, "device_timeout_s": parse_duration(device_timeout),
-        "soak_s": parse_duration(soak),
-        "gates": {k: v for k, v in gates.items() if v is not None},
-        **({"start_at": start_at} if start_at is not None else {}),
-        **({"windows": window} if window else {})})
+    options = _run(as_json, lambda: _with_schedule(RolloutOptions(
+        selectors=to, waves=wave_text.split(","), rate_per_min=rate, exponential=exponential,
+        device_timeout_s=parse_duration(device_timeout), soak_s=parse_duration(soak),
+        gates=cast(GateOptions, {k: v for k, v in gates.items() if v is not None})),
+        start_at, window))
     _run(as_json, lambda: check_options(options))
-    body = {"model": model, **options}
-    data = _run(as_json, lambda: _client(controller, token).post("/api/v1/rollouts", body))
+    data = _run(as_json, lambda: _client(controller, token).create_rollout(model, options))
     emit(data, as_json, _rollout_view(data))
 
 
@@ -549,7 +524,7 @@ def rollout_create(
 def rollout_list(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
                  as_json: JsonOpt = False) -> None:
     """Every rollout, newest first."""
-    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/rollouts"))
+    data = _run(as_json, lambda: _client(controller, token).rollouts())
     rows = [_rollout_row(r) for r in data]
     emit(data, as_json, table("rollouts", rows, _columns(rows)))
 
@@ -564,14 +539,14 @@ def rollout_status(rollout: Annotated[str, typer.Argument(help="Rollout id")],
                    as_json: JsonOpt = False) -> None:
     """One rollout: waves with progress, gates, every device's state and reason."""
     client = _client(controller, token)
-    data = _run(as_json, lambda: client.get(f"/api/v1/rollouts/{rollout}"))
+    data = _run(as_json, lambda: client.rollout(rollout))
     if not watch or as_json:
         emit(data, as_json, _rollout_view(data))
         return
     with Live(_rollout_view(data), console=console, refresh_per_second=4) as live:
         while data["state"] not in FINISHED:
             time.sleep(interval)
-            data = _run(as_json, lambda: client.get(f"/api/v1/rollouts/{rollout}"))
+            data = _run(as_json, lambda: client.rollout(rollout))
             live.update(_rollout_view(data))
 
 
@@ -579,8 +554,10 @@ def _operate(verb: str) -> Callable[..., None]:
     def command(rollout: Annotated[str, typer.Argument(help="Rollout id")],
                 controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
                 as_json: JsonOpt = False) -> None:
-        data = _run(as_json, lambda: _client(controller, token).post(
-            f"/api/v1/rollouts/{rollout}/{verb}"))
+        client = _client(controller, token)
+        operate = {"pause": client.pause_rollout, "resume": client.resume_rollout,
+                   "abort": client.abort_rollout}[verb]
+        data = _run(as_json, lambda: operate(rollout))
         emit(data, as_json, _rollout_view(data))
 
     command.__doc__ = {"pause": "Stop sending the bundle to more devices (and committing).",
@@ -593,7 +570,7 @@ for _verb in ("pause", "resume", "abort"):
     rollout_app.command(_verb)(_operate(_verb))
 
 
-def _rollout_row(r: dict[str, Any]) -> dict[str, Any]:
+def _rollout_row(r: Mapping[str, Any]) -> dict[str, Any]:
     model = r["spec"]["model"]
     counts = r.get("counts", {})
     return {"rollout": r["id"], "model": f"{model['name']}:{model['version']}",
@@ -609,7 +586,17 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(k for row in rows for k in row)) or ["rollout"]
 
 
-def _next_window(r: dict[str, Any]) -> str:
+def _with_schedule(options: RolloutOptions, start_at: str | None,
+                   windows: list[str] | None) -> RolloutOptions:
+    """``options`` with the schedule's options given (a rollout without them runs at once)."""
+    if start_at is not None:
+        options["start_at"] = start_at
+    if windows:
+        options["windows"] = windows
+    return options
+
+
+def _next_window(r: Mapping[str, Any]) -> str:
     """When a WAITING rollout's schedule opens next, in its first window's zone."""
     if r["state"] != RolloutState.WAITING or not r.get("waiting_until_ms"):
         return ""
@@ -620,7 +607,7 @@ def _next_window(r: dict[str, Any]) -> str:
     return format_ms(int(r["waiting_until_ms"]), zone)
 
 
-def _rollout_view(r: dict[str, Any]) -> Group:
+def _rollout_view(r: Mapping[str, Any]) -> Group:
     """Header, one progress bar per wave, gates, and the devices that are not done."""
     spec, devices = r["spec"], r.get("devices", [])
     waves = Table(title=styled("rollout {}: {}:{} -> {}  [bold]{}[/]  {}", r["id"],
@@ -653,7 +640,7 @@ def _rollout_view(r: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
-def _schedule_text(r: dict[str, Any]) -> str:
+def _schedule_text(r: Mapping[str, Any]) -> str:
     from edgefleet.fleet.rollout.schedule import format_ms
 
     spec = r["spec"]
@@ -693,8 +680,7 @@ def keyring_publish(
     except OSError as exc:
         fail(EdgefleetError(f"cannot read {keyring}: {exc.strerror}",
                             hint="pass the keyring.json in your keys folder"), as_json)
-    path = "/api/v1/keyring?force=1" if force else "/api/v1/keyring"
-    result = _run(as_json, lambda: _client(controller, token).upload(path, data))
+    result = _run(as_json, lambda: _client(controller, token).publish_keyring(data, force))
     if not result["changed"]:
         what = "already held: sent again"
     else:
@@ -706,11 +692,11 @@ def keyring_publish(
 def keyring_show(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
                  as_json: JsonOpt = False) -> None:
     """The keyring the controller holds and publishes."""
-    data = _run(as_json, lambda: _client(controller, token).get("/api/v1/keyring"))
+    data = _run(as_json, lambda: _client(controller, token).keyring())
     emit(data, as_json, _keyring_view(data, f"issued {data['issued']}"))
 
 
-def _keyring_view(data: dict[str, Any], what: str) -> Group:
+def _keyring_view(data: Mapping[str, Any], what: str) -> Group:
     rows = [{"key_id": k["key_id"], "name": k["name"],
              "signed it": "yes" if k["key_id"] in data["signed_by"] else ""}
             for k in data["keys"]]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -35,7 +35,7 @@ def run(as_json: bool, call: Callable[[], T]) -> T:
         fail(exc, as_json)
 
 
-def models_of(device: dict[str, Any]) -> str:
+def models_of(device: Mapping[str, Any]) -> str:
     """``name:version`` of every model a device (as the API shows it) serves, by name."""
     models = device.get("models")
     if models is None:
@@ -45,7 +45,7 @@ def models_of(device: dict[str, Any]) -> str:
                      for name, state in sorted(models.items()) if state.get("active"))
 
 
-def updates_of(device: dict[str, Any]) -> str:
+def updates_of(device: Mapping[str, Any]) -> str:
     """The update state of a device of one model; ``name:STATE`` of each of several."""
     models = device.get("models")
     if models is None or len(models) == 1:

@@ -7,7 +7,7 @@ bundle's reference statistics by more than the model's PSI threshold (docs/monit
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -23,7 +23,7 @@ drift_app = typer.Typer(help="When a model's drift raises an alert (PSI threshol
 def alerts(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
            as_json: JsonOpt = False) -> None:
     """Drift alerts firing now, worst first, and the fleet's PSI per model and feature."""
-    data = run(as_json, lambda: client(controller, token).get("/api/v1/alerts"))
+    data = run(as_json, lambda: client(controller, token).alerts())
     if as_json:
         emit(data, True, None)
         return
@@ -41,7 +41,7 @@ def alerts(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
 def drift_show(controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
                as_json: JsonOpt = False) -> None:
     """The models with their own thresholds, and the defaults for every other one."""
-    data = run(as_json, lambda: client(controller, token).get("/api/v1/drift"))
+    data = run(as_json, lambda: client(controller, token).drift_policies())
     rows = [{"model": "(default)", **data["default"]},
             *({"model": name, **policy} for name, policy in sorted(data["models"].items()))]
     emit(data, as_json, table("drift alert policies", rows,
@@ -61,10 +61,8 @@ def drift_set(
     controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Set when MODEL's drift raises an alert (the options not given keep their value)."""
-    body: dict[str, Any] = {"reset": True} if reset else {
-        k: v for k, v in (("psi", psi), ("min_samples", min_samples),
-                          ("clear_after", clear_after)) if v is not None}
-    data = run(as_json, lambda: client(controller, token).post(f"/api/v1/drift/{model}", body))
+    data = run(as_json, lambda: client(controller, token).set_drift_policy(
+        model, psi, min_samples, clear_after, reset))
     emit(data, as_json, table(f"drift alert policy of {model}", [data],
                               ["psi", "min_samples", "clear_after"]))
 

@@ -9,6 +9,7 @@ encrypted model the recipient key ids. ``--json`` prints the stored entry as it 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import typer
@@ -68,7 +69,7 @@ def _tensor(kind: str, spec: dict[str, Any]) -> dict[str, str]:
                              if len(scale) == 1 else f"{len(scale)} scales" if scale else "")}
 
 
-def render_model(model: dict[str, Any]) -> Group:
+def render_model(model: Mapping[str, Any]) -> Group:
     manifest = model["manifest"]
     encryption = manifest.get("encryption")
     head = [{"field": "model", "value": f"{model['name']}:{model['version']}"},

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import typer
@@ -44,9 +45,9 @@ _ATTENTION_ROWS = 20
 
 def collect(client: FleetClient) -> dict[str, Any]:
     """One frame's data, from four kinds of API calls."""
-    overview = client.get("/api/v1/overview")
-    devices = client.get("/api/v1/devices")
-    going = [r["id"] for r in client.get("/api/v1/rollouts") if r["state"] not in _FINISHED]
+    overview = client.overview()
+    devices = client.devices()
+    going = [r["id"] for r in client.rollouts() if r["state"] not in _FINISHED]
     quality = overview.get("quality") or {}
     attention = [_device_row(d) for d in devices
                  if not d["online"] or d["update_state"] not in _SETTLED]
@@ -57,23 +58,23 @@ def collect(client: FleetClient) -> dict[str, Any]:
             "versions": [{"version": name, "devices": count, **_quality(quality.get(name))}
                          for name, count in sorted(overview["versions"].items())],
             "update_states": overview["update_states"],
-            "rollouts": [_rollout(client.get(f"/api/v1/rollouts/{rid}")) for rid in going],
+            "rollouts": [_rollout(client.rollout(rid)) for rid in going],
             "attention": attention[:_ATTENTION_ROWS], "attention_total": len(attention)}
 
 
-def _quality(q: dict[str, Any] | None) -> dict[str, Any]:
+def _quality(q: Mapping[str, Any] | None) -> dict[str, Any]:
     q = q or {}
     return {key: q.get(key) for key in ("inferences", "p50_ms", "p95_ms", "error_rate",
                                         "agreement")}
 
 
-def _device_row(d: dict[str, Any]) -> dict[str, Any]:
+def _device_row(d: Mapping[str, Any]) -> dict[str, Any]:
     return {"device": d["id"], "online": d["online"], "group": d["group"],
             "model": models_of(d) or None, "update": updates_of(d),
             "detail": d["update_detail"]}
 
 
-def _rollout(r: dict[str, Any]) -> dict[str, Any]:
+def _rollout(r: Mapping[str, Any]) -> dict[str, Any]:
     spec = r["spec"]
     return {"id": r["id"], "model": f"{spec['model']['name']}:{spec['model']['version']}",
             "to": spec["selectors"], "state": r["state"], "reason": r["reason"],
@@ -81,7 +82,7 @@ def _rollout(r: dict[str, Any]) -> dict[str, Any]:
                                              for i, bound in enumerate(spec["waves"])]}
 
 
-def _wave(r: dict[str, Any], index: int, bound: str) -> dict[str, Any]:
+def _wave(r: Mapping[str, Any], index: int, bound: str) -> dict[str, Any]:
     states = [d["state"] for d in r["devices"] if d["wave"] == index]
     done = sum(s in _DONE for s in states)
     return {"wave": index + 1, "up_to": bound, "devices": len(states), "done": done,
