@@ -1,14 +1,17 @@
 """Acting on the fleet from the web page: a real controller and Mosquitto, simulated
 devices, and the page in headless Chromium.
 
-One browser session walks an operator through it: the token entered in the page's form,
-a rollout created from the form (a value the controller refuses first: its error, hint
-and field shown), then paused, resumed, aborted and rolled back, each asked for in the
+One browser session walks an operator through it: a token in the page's address dropped
+and not used, the token entered in the page's form (its name and role shown), a rollout
+created from the form (numbers that are not decimal refused in the form; a value the
+controller refuses: its error, hint and field shown), a card's buttons kept across the
+stream's refreshes, then paused, resumed, aborted and rolled back, each asked for in the
 dialog (one cancelled: nothing happens) and each in the page's history under the token's
 name. A page of another origin that tries to act is refused by the controller (its
-preflight and its form post, both 403), and a token the controller does not know shows
-the controller's error in the dialog. The HTTP tests below pin the same rules without a
-browser: forged ``Origin`` and ``Sec-Fetch-Site``, no CORS allowance, the page's CSP.
+preflight and its form post, both 403); a token the controller does not know brings the
+token form back, and a viewer's token is offered no action. The HTTP tests below pin the
+same rules without a browser: forged ``Origin`` and ``Sec-Fetch-Site``, no CORS allowance,
+the page's CSP.
 """
 
 from __future__ import annotations
@@ -302,6 +305,14 @@ def test_an_operator_creates_pauses_resumes_aborts_and_rolls_back_from_the_page(
     assert _text(browser, "#whoami") == "wall · viewer"
     assert browser.find_elements(By.CSS_SELECTOR, "#rollouts button") == []
     assert not _shown(browser, "#new-rollout")
+
+    # a read refused the same way: a device moved to another group, the page reads the list
+    browser.execute_script("sessionStorage.setItem('edgefleet-token', 'not-a-known-token')")
+    moved = sorted(d["id"] for d in fleet.client().get("/api/v1/devices"))[:1]
+    fleet.client().post("/api/v1/devices/group", {"devices": moved, "group": "lobby"})
+    wait_until(lambda: _shown(browser, "#login"), 15, what="the token form after a read")
+    assert "does not know this token (any more)" in _text(browser, "#login-error")
+    assert _kept_token(browser) is None
 
     # the page's own: no script error, nothing its CSP blocked (the 400 and 401 answers
     # above are logged by the browser; so is the other page's fetch that it blocked)
