@@ -22,6 +22,7 @@ from edgefleet.agent.core import Agent
 from edgefleet.agent.protocol.signing import TrustedKeys
 from edgefleet.agent.service import AgentService, ServiceConfig
 from edgefleet.agent.update import local
+from edgefleet.fleet.access import Token, TokenRole
 from edgefleet.fleet.api import ApiServer
 from edgefleet.fleet.client import FleetClient
 from edgefleet.fleet.controller import ControllerConfig, FleetController
@@ -42,6 +43,7 @@ class LocalFleet:
     inputs: np.ndarray[Any, Any]  # what the traffic threads send, one row a request
     token: str = "local-fleet-token"
     token_name: str = "operator"  # the actor the history names
+    more_tokens: dict[str, Token] = field(default_factory=dict)  # {secret: token}, besides
     store_url: str = ""
     http_host: str = "127.0.0.1"  # where the API and the bundles are served
     telemetry_interval_s: float = 0.3
@@ -60,8 +62,8 @@ class LocalFleet:
                                   public_url=f"http://{self.http_host}:{port}",
                                   trusted=self.trusted, tick_s=tick_s, quality_window_ms=60_000)
         self.controller = FleetController(config, self.store)
-        self.api = ApiServer(self.controller, {self.token: self.token_name},
-                             host=self.http_host, port=port)
+        tokens = {self.token: Token(self.token_name, TokenRole.ADMIN), **self.more_tokens}
+        self.api = ApiServer(self.controller, tokens, host=self.http_host, port=port)
         self.controller.start()
         self.api.start()
         return self.client()

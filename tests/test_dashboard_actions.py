@@ -1,14 +1,17 @@
 """Acting on the fleet from the web page: a real controller and Mosquitto, simulated
 devices, and the page in headless Chromium.
 
-One browser session walks an operator through it: the token entered in the page's form,
-a rollout created from the form (a value the controller refuses first: its error, hint
-and field shown), then paused, resumed, aborted and rolled back, each asked for in the
+One browser session walks an operator through it: a token in the page's address dropped
+and not used, the token entered in the page's form (its name and role shown), a rollout
+created from the form (numbers that are not decimal refused in the form; a value the
+controller refuses: its error, hint and field shown), a card's buttons kept across the
+stream's refreshes, then paused, resumed, aborted and rolled back, each asked for in the
 dialog (one cancelled: nothing happens) and each in the page's history under the token's
 name. A page of another origin that tries to act is refused by the controller (its
-preflight and its form post, both 403), and a token the controller does not know shows
-the controller's error in the dialog. The HTTP tests below pin the same rules without a
-browser: forged ``Origin`` and ``Sec-Fetch-Site``, no CORS allowance, the page's CSP.
+preflight and its form post, both 403); a token the controller does not know brings the
+token form back, and a viewer's token is offered no action. The HTTP tests below pin the
+same rules without a browser: forged ``Origin`` and ``Sec-Fetch-Site``, no CORS allowance,
+the page's CSP.
 """
 
 from __future__ import annotations
@@ -32,14 +35,16 @@ from selenium.webdriver.support.select import Select
 
 from edgefleet.agent.protocol.errors import RequestError
 from edgefleet.fleet import dashboard
+from edgefleet.fleet.access import Token, TokenRole
 from edgefleet.fleet.mosquitto import MosquittoBroker
 from edgefleet.fleet.same_origin import check_same_origin
 from edgefleet.fleet.simulate import SimOptions, SimulatedFleet
 from tests.conftest import Keys, make_bundle
-from tests.fleet_harness import TOKEN, Fleet, wait_until
+from tests.fleet_harness import TOKEN, Fleet, log_in, wait_until
 from tests.models import TrainedModels
 
 STATIC = Path(__file__).resolve().parents[1] / "fleet" / "dashboard" / "static"
+VIEWER_TOKEN = "wall-screen-token"  # a token of the viewer role, named "wall"
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +58,7 @@ def v2(digits_models: TrainedModels, signing_keys: Keys,
 def controller(mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
                signing_keys: Keys) -> Iterator[Fleet]:
     harness = Fleet(fleet_name, mosquitto.url, tmp_path, signing_keys)
+    harness.more_tokens = {VIEWER_TOKEN: Token("wall", TokenRole.VIEWER)}
     try:
         harness.start_controller()
         yield harness
@@ -147,15 +153,29 @@ def _create(driver: Chrome, **fields: str) -> None:
     wait_until(lambda: _dialog(driver) == "asking", 10, what="the create dialog")
 
 
+def _shown(driver: Chrome, selector: str) -> bool:
+    return bool(driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return !!e && !e.hidden;", selector))
+
+
+def _kept_token(driver: Chrome) -> str | None:
+    value = driver.execute_script("return sessionStorage.getItem('edgefleet-token')")
+    return None if value is None else str(value)
+
+
 def _open_as_the_operator(driver: Chrome, url: str) -> None:
-    driver.get(f"{url}/dashboard/")
-    wait_until(lambda: driver.find_element(By.ID, "login").is_displayed(), 10,
-               what="the token form")
-    driver.find_element(By.ID, "login-token").send_keys(TOKEN)
-    driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    # a token in the page's address: taken out of the address at once and not used
+    driver.get(f"{url}/dashboard/?token={TOKEN}#/")
+    wait_until(lambda: _shown(driver, "#login"), 10, what="the token form")
+    assert TOKEN not in driver.current_url and driver.current_url.endswith("/dashboard/#/")
+    said = _text(driver, "#login-error")
+    assert "address is not used" in said and "Enter the token in the form" in said, said
+    assert _kept_token(driver) is None
+    log_in(driver, url)
     wait_until(lambda: len(driver.find_elements(By.CSS_SELECTOR, "[data-device]")) == 3, 20,
                what="the fleet view with three devices")
     assert TOKEN not in driver.current_url
+    assert _text(driver, "#whoami") == "alice · admin"  # the harness's token: no role given
 
 
 def test_an_operator_creates_pauses_resumes_aborts_and_rolls_back_from_the_page(
@@ -170,11 +190,24 @@ def test_an_operator_creates_pauses_resumes_aborts_and_rolls_back_from_the_page(
     wait_until(lambda: "digits:2.0.0" in [o.get_attribute("value") for o in Select(
         browser.find_element(By.ID, "create-model")).options], 10, what="the model list")
     Select(browser.find_element(By.ID, "create-model")).select_by_value("digits:2.0.0")
+    # numbers are decimal digits: what JavaScript's Number() would also take is refused in
+    # the form, naming the field, and no dialog opens
+    for typed in ("0x1", "1e1", "-5", "0b11"):
+        box = browser.find_element(By.ID, "create-soak")
+        box.clear()
+        box.send_keys(typed)
+        browser.find_element(By.ID, "create-submit").click()
+        said = _text(browser, "#create-error")
+        assert said.startswith(f'Soak (s): "{typed}" is not a number'), said
+        assert _attr(browser, "#create-soak", "aria-invalid") == "true"
+        assert _dialog(browser) == "closed"
     _create(browser, selectors="group:cams", waves="1,100%", soak="600",
             **{"max-failures": "0", "min-success": "150"})
     asked = _text(browser, "#confirm")
     browser.save_screenshot(str(tmp_path / "create-dialog.png"))
     assert "digits 2.0.0" in asked and "group:cams" in asked and "3 of the devices" in asked
+    assert _text(browser, "#create-error") == "" and _attr(browser, "#create-soak",
+                                                             "aria-invalid") is None
     browser.find_element(By.ID, "confirm-ok").click()
     wait_until(lambda: _dialog(browser) == "refused", 10, what="the refusal")
     error = _text(browser, "#confirm-error")
@@ -197,6 +230,18 @@ def test_an_operator_creates_pauses_resumes_aborts_and_rolls_back_from_the_page(
     wait_until(lambda: ("alice", "rollout.create", rollout, "ok") in _history(browser), 10,
                what="the creation in the history")
     assert browser.find_element(By.ID, "create-panel").is_displayed() is False
+
+    # the stream re-renders the rollouts: a button stays the same element (a click on it is
+    # not lost), known by a property set on it
+    pause = f'[data-rollout="{rollout}"] button[data-verb="pause"]'
+    wait_until(lambda: _attr(browser, pause, "data-verb"), 10, what="the pause button")
+    browser.execute_script("document.querySelector(arguments[0]).keptAcross = 'yes'", pause)
+    renders = int(_attr(browser, "#rollouts", "data-renders") or 0)
+    wait_until(lambda: int(_attr(browser, "#rollouts", "data-renders") or 0) >= renders + 2, 15,
+               what="the rollouts rendered again")
+    assert browser.execute_script(
+        "const b = document.querySelector(arguments[0]); return b && b.keptAcross;",
+        pause) == "yes"
 
     # a dialog cancelled does nothing
     _click(browser, f'[data-rollout="{rollout}"] button[data-verb="pause"]')
@@ -238,13 +283,36 @@ def test_an_operator_creates_pauses_resumes_aborts_and_rolls_back_from_the_page(
     # a token the controller does not know (replaced while the page was open): the
     # controller's error shown in the dialog, nothing created
     browser.find_element(By.ID, "new-rollout").click()
-    _create(browser, selectors="group:cams")
+    _create(browser, selectors="group:cams", **{"max-failures": "10", "min-success": ""})
+    assert "at least 90% of a wave succeeded" in _text(browser, "#confirm")  # 100 − 10
     browser.execute_script("sessionStorage.setItem('edgefleet-token', 'not-a-known-token')")
     browser.find_element(By.ID, "confirm-ok").click()
-    wait_until(lambda: _dialog(browser) == "refused", 10, what="the refusal")
-    assert "(401): the token is not known to this controller" in _text(browser, "#confirm-error")
-    assert "EDGEFLEET_TOKEN" in _text(browser, "#confirm-hint")
+    wait_until(lambda: _shown(browser, "#login"), 10, what="the token form again")
+    assert _text(browser, "#login-error") == (
+        "The controller does not know this token (any more): enter a token.")
+    assert _dialog(browser) == "closed" and _kept_token(browser) is None
+    assert not _shown(browser, "#fleet-view") and not _shown(browser, "#whoami")
     assert len(fleet.client().get("/api/v1/rollouts")) == 1
+
+    # a viewer's token (a wall screen): its name and role shown, no action offered where an
+    # operator's token has some
+    other = fleet.client().post("/api/v1/rollouts", {"model": "digits:2.0.0",
+                                                     "selectors": ["group:nobody-here"]})
+    log_in(browser, url, VIEWER_TOKEN)
+    card = f'article[data-rollout="{other["id"]}"]'
+    wait_until(lambda: _attr(browser, card, "data-state"), 20, what="the other rollout's card")
+    assert _attr(browser, card, "data-state") != "ROLLED_BACK"  # an operator could act on it
+    assert _text(browser, "#whoami") == "wall · viewer"
+    assert browser.find_elements(By.CSS_SELECTOR, "#rollouts button") == []
+    assert not _shown(browser, "#new-rollout")
+
+    # a read refused the same way: a device moved to another group, the page reads the list
+    browser.execute_script("sessionStorage.setItem('edgefleet-token', 'not-a-known-token')")
+    moved = sorted(d["id"] for d in fleet.client().get("/api/v1/devices"))[:1]
+    fleet.client().post("/api/v1/devices/group", {"devices": moved, "group": "lobby"})
+    wait_until(lambda: _shown(browser, "#login"), 15, what="the token form after a read")
+    assert "does not know this token (any more)" in _text(browser, "#login-error")
+    assert _kept_token(browser) is None
 
     # the page's own: no script error, nothing its CSP blocked (the 400 and 401 answers
     # above are logged by the browser; so is the other page's fetch that it blocked)

@@ -18,7 +18,7 @@ from edgefleet.agent.runtime import load_runtime
 from edgefleet.fleet import dashboard
 from edgefleet.fleet.simulate import SimOptions, SimulatedFleet
 from tests.conftest import Keys, make_bundle
-from tests.fleet_harness import TOKEN, Fleet, wait_until
+from tests.fleet_harness import Fleet, log_in, wait_until
 from tests.models import TrainedModels, load_digits
 from tests.test_cli_fleet import as_json, edgefleet
 
@@ -101,7 +101,7 @@ def test_the_dashboard_lists_the_alert(drifting: Fleet, browser: Any) -> None:
     wait_until(lambda: any(a["device"] == SHIFTED for a in _firing(drifting)), 60,
                what="a drift alert")
     assert drifting.api is not None
-    browser.get(f"{drifting.api.url}/dashboard/?token={TOKEN}")
+    log_in(browser, drifting.api.url)
     rows = wait_until(lambda: browser.execute_script(
         "return [...document.querySelectorAll('#drift tr.drift-alert')]"
         ".map(r => r.dataset.alertDevice)"), 30, what="drift rows on the page")

@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By
 from edgefleet.fleet import dashboard
 from edgefleet.fleet.mosquitto import MosquittoBroker
 from tests.conftest import Keys, make_bundle
-from tests.fleet_harness import TOKEN, Fleet, wait_until
+from tests.fleet_harness import Fleet, log_in, wait_until
 from tests.models import TrainedModels
 
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
@@ -102,7 +102,7 @@ def test_the_dashboard_follows_a_rollout_live_and_shows_device_events(
         "model": "digits:2.0.0", "selectors": ["group:cams"], "waves": ["1", "100%"],
         "device_timeout_s": 60, "soak_s": 4})
     assert fleet.api is not None
-    browser.get(f"{fleet.api.url}/dashboard/?token={TOKEN}")
+    log_in(browser, fleet.api.url)
     card = f'[data-rollout="{rollout["id"]}"]'
 
     wait_until(lambda: len(_texts(browser, "[data-device]")) == 3, 15, what="device tiles")

@@ -42,7 +42,9 @@
     rollouts: new Map(), details: new Map(), series: new Map(), events: new Map(), feed: [],
     colors: new Map(), messages: 0, lastMessage: 0, connected: false, ingest: null,
     ingestRate: null, drift: { firing: 0, alerts: [] }, history: [],
+    me: { name: "", role: "viewer" }, // the token's, from /api/v1/whoami
   };
+  const canAct = () => ["operator", "admin"].includes(S.me.role);
 
   // --- small helpers ------------------------------------------------------------------
 
@@ -234,9 +236,11 @@
 
   // --- the live stream ----------------------------------------------------------------
 
+  let source = null; // the open event stream
+  let reconnecting = 0;
   function connect() {
     // EventSource sends no header: this GET alone takes the token in its address
-    const source = new EventSource(`/api/v1/stream?token=${encodeURIComponent(token())}`);
+    source = new EventSource(`/api/v1/stream?token=${encodeURIComponent(token())}`);
     const on = (kind, handle) => source.addEventListener(kind, (message) => {
       S.messages += 1;
       S.lastMessage = Date.now();
@@ -275,15 +279,41 @@
     });
     on("event", (event) => { addEvent(event, true); schedule(); });
     on("resync", () => loadAll().catch(report));
-    source.onerror = () => { S.connected = false; renderLive(); };
+    source.onerror = () => {
+      S.connected = false;
+      renderLive();
+      // the browser retries by itself unless the answer was an error (a 401 among them):
+      // ask a plain read why, then open the stream again
+      if (source.readyState === EventSource.CLOSED && !reconnecting) {
+        reconnecting = setTimeout(() => {
+          reconnecting = 0;
+          api("/api/v1/whoami").then(() => { if (token()) connect(); }, (error) => {
+            report(error);
+            if (token()) connect();
+          });
+        }, 2000);
+      }
+    };
     source.onopen = () => { S.connected = true; renderLive(); };
   }
 
+  // The controller does not know the token (revoked, or the controller restarted with
+  // other tokens): forget it, stop the stream, and ask for one in the form.
+  const UNKNOWN_TOKEN = "The controller does not know this token (any more): enter a token.";
+  function forgetToken() {
+    sessionStorage.removeItem(TOKEN_KEY);
+    if (source) source.close();
+    source = null;
+    clearTimeout(reconnecting);
+    reconnecting = 0;
+    closeDialog();
+    $("sign-out").hidden = true;
+    $("whoami").hidden = true;
+    showLogin(UNKNOWN_TOKEN);
+  }
+
   function report(error) {
-    if (error instanceof ApiError && error.status === 401) {
-      showLogin(`The token was refused: ${error.message}`);
-      return;
-    }
+    if (error instanceof ApiError && error.status === 401) { forgetToken(); return; }
     console.warn("dashboard:", error);
   }
 
@@ -455,18 +485,38 @@
     rollout.reason ? h("div", { class: "reason muted" }, rollout.reason) : null);
   }
 
+  // A re-render keeps the nodes whose content did not change (a card, or a card's buttons
+  // when the rest of it changed): a button pressed while the stream speaks stays the same
+  // element, so the click is not lost.
+  function keepUnchanged(container, fresh) {
+    const old = new Map([...container.children].filter((c) => c.id).map((c) => [c.id, c]));
+    const nodes = fresh.map((node) => {
+      const was = node.id ? old.get(node.id) : null;
+      if (!was) return node;
+      if (was.isEqualNode(node)) return was;
+      const [before, after] = [was.querySelector(".actions"), node.querySelector(".actions")];
+      if (before && after && before.isEqualNode(after)) after.replaceWith(before);
+      return node;
+    });
+    const same = nodes.length === container.children.length &&
+      nodes.every((node, i) => node === container.children[i]);
+    if (!same) container.replaceChildren(...nodes);
+  }
+
   function renderRollouts() {
+    const container = $("rollouts");
+    container.dataset.renders = String(Number(container.dataset.renders || 0) + 1);
     const shown = shownRollouts();
     if (!shown.length) { put("rollouts", h("div", { class: "empty" }, "No rollouts yet")); return; }
     const ids = new Set(shown.map((r) => r.id));
     const older = [...S.rollouts.values()].filter((r) => !ids.has(r.id))
       .sort((a, b) => b.created_ms - a.created_ms).slice(0, 8);
-    put("rollouts", shown.map(rolloutCard), older.length ? h("table", { class: "older" },
+    keepUnchanged(container, [...shown.map(rolloutCard), older.length ? h("table", { class: "older", id: "older-rollouts" },
       older.map((r) => h("tr", { class: cls(r.state) },
         h("td", {}, h("span", { class: "badge" }, r.state.replace("_", " "))),
         h("td", {}, `${r.spec.model.name} → ${r.spec.model.version}`),
         h("td", { class: "muted" }, r.id), h("td", { class: "muted" }, ago(r.created_ms)),
-        h("td", {}, actionButtons(r))))) : null);
+        h("td", {}, actionButtons(r))))) : null].filter(Boolean));
   }
 
   // charts
@@ -713,6 +763,7 @@
   };
 
   function actionButtons(rollout) {
+    if (!canAct()) return null; // a viewer's token: the controller would refuse with 403
     const verbs = Object.entries(VERBS).filter(([, v]) => v.from.includes(rollout.state));
     if (!verbs.length) return null;
     return h("div", { class: "actions" }, verbs.map(([verb, v]) => h("button", {
@@ -741,6 +792,14 @@
     $("confirm-cancel").focus(); // Enter alone does not act
   }
 
+  // the dialog closed (its "close" event comes later, in a task of its own): nothing pending
+  function closeDialog() {
+    const dialog = $("confirm");
+    if (dialog.open) dialog.close();
+    pending = null;
+    dialog.dataset.state = "closed";
+  }
+
   async function confirmed() {
     if (!pending) return;
     const { run, done } = pending;
@@ -749,10 +808,10 @@
     dialog.dataset.state = "sending";
     try {
       const result = await run();
-      pending = null;
-      dialog.close();
+      closeDialog();
       done(result);
     } catch (error) {
+      if (error instanceof ApiError && error.status === 401) { forgetToken(); return; }
       const text = error instanceof ApiError ?
         `The controller refused (${error.status}): ${error.message}` :
         `The controller did not answer: ${error.message}`;
@@ -803,8 +862,18 @@
     if (input) input.setAttribute("aria-invalid", "true");
   }
 
-  // a number when the text is one, else the text: the controller names what is wrong with it
-  const numberOr = (text) => (Number.isFinite(Number(text)) ? Number(text) : text);
+  // Decimal digits with an optional fraction, nothing else (Number() would take 0x1, 0b11,
+  // 1e1 or " "); no field of the form takes a negative number.
+  const DECIMAL = /^\d+(\.\d+)?$/;
+  class FieldError extends Error {
+    constructor(id, message) { super(message); this.id = id; }
+  }
+
+  function numberIn(id, text) {
+    if (DECIMAL.test(text)) return Number(text);
+    const label = $(id).closest("label").firstChild.textContent.trim();
+    throw new FieldError(id, `${label}: "${text}" is not a number: write decimal digits, with a fraction after a point if needed (such as 30 or 2.5).`);
+  }
   const listOf = (text, separator) => text.split(separator).map((x) => x.trim()).filter(Boolean);
 
   function createBody() {
@@ -815,8 +884,8 @@
     for (const [field, id] of Object.entries(FIELDS)) {
       const text = $(id).value.trim();
       if (!text || ["model", "selectors", "waves"].includes(field)) continue;
-      if (field.startsWith("gates.")) gates[field.slice(6)] = numberOr(text);
-      else body[field] = numberOr(text);
+      if (field.startsWith("gates.")) gates[field.slice(6)] = numberIn(id, text);
+      else body[field] = numberIn(id, text);
     }
     if (Object.keys(gates).length) body.gates = gates;
     return body;
@@ -839,7 +908,7 @@
         body.selectors.map((sel, i) => [i ? ", " : "", h("code", {}, sel)]) : "no selector",
       count === null ? "" : ` (${count} of the devices listed here match now)`),
       `In waves ${(body.waves || ["100%"]).join(", ")} (a last 100% is added if missing).`,
-      `Aborts when more than ${failures}% of the devices of the waves so far fail; the next wave starts when at least ${g.min_success_pct ?? `100 − ${failures}`}% of a wave succeeded.`,
+      `Aborts when more than ${failures}% of the devices of the waves so far fail; the next wave starts when at least ${g.min_success_pct ?? Number((100 - failures).toFixed(6))}% of a wave succeeded.`,
       ...[["max_error_rate_pct", "error rate at most", "%"], ["min_agreement_pct", "agreement at least", "%"],
         ["max_p95_ratio", "p95 latency at most", "× the previous version's"]]
         .filter(([k]) => g[k] !== undefined).map(([k, what, unit]) => `Quality gate: ${what} ${g[k]}${unit}.`),
@@ -853,7 +922,17 @@
   function askCreate(event) {
     event.preventDefault();
     for (const el of $("create-form").querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
-    const body = createBody();
+    $("create-error").textContent = "";
+    let body;
+    try {
+      body = createBody();
+    } catch (error) {
+      if (!(error instanceof FieldError)) throw error;
+      $(error.id).setAttribute("aria-invalid", "true");
+      $("create-error").textContent = error.message; // nothing is sent
+      $(error.id).focus();
+      return;
+    }
     ask({
       title: "Create this rollout?", lines: createLines(body), button: "Create rollout",
       run: () => send("/api/v1/rollouts", body),
@@ -889,11 +968,8 @@
     $("create-cancel").addEventListener("click", () => { $("create-panel").hidden = true; });
     $("create-form").addEventListener("submit", askCreate);
     $("confirm-ok").addEventListener("click", () => { confirmed().catch(report); });
-    $("confirm-cancel").addEventListener("click", () => $("confirm").close());
-    $("confirm").addEventListener("close", () => {
-      pending = null;
-      $("confirm").dataset.state = "closed";
-    });
+    $("confirm-cancel").addEventListener("click", closeDialog);
+    $("confirm").addEventListener("close", () => { if (!$("confirm").open) closeDialog(); }); // Escape
     $("sign-out").addEventListener("click", () => {
       sessionStorage.removeItem(TOKEN_KEY);
       location.reload();
@@ -928,13 +1004,29 @@
     renderLive();
   }
 
-  async function start() {
+  const ADDRESS_TOKEN = "A token in the page's address is not used: the browser keeps every " +
+    "address (its history, its session files). Enter the token in the form instead.";
+
+  // a token in the page's own address: out of it at once, and not used
+  function dropAddressToken() {
     const params = new URLSearchParams(location.search);
-    if (params.has("token")) {
-      // kept by this tab only, and out of the address bar and the browser's history
-      sessionStorage.setItem(TOKEN_KEY, params.get("token"));
-      history.replaceState(null, "", location.pathname + location.hash);
-    }
+    if (!params.has("token")) return false;
+    params.delete("token");
+    const rest = params.toString();
+    history.replaceState(null, "", location.pathname + (rest ? `?${rest}` : "") + location.hash);
+    return true;
+  }
+
+  function showMe() {
+    const me = $("whoami");
+    me.replaceChildren(h("b", {}, S.me.name), ` · ${S.me.role}`);
+    me.dataset.role = S.me.role;
+    me.hidden = false;
+    $("new-rollout").hidden = !canAct();
+  }
+
+  async function start() {
+    const fromAddress = dropAddressToken();
     $("login-form").addEventListener("submit", (event) => {
       event.preventDefault();
       sessionStorage.setItem(TOKEN_KEY, $("login-token").value.trim());
@@ -942,13 +1034,16 @@
     });
     tick();
     setInterval(tick, 1000);
-    if (!token()) { showLogin(""); return; }
+    if (!token()) { showLogin(fromAddress ? ADDRESS_TOKEN : ""); return; }
     try {
-      await api("/api/v1/overview");
+      S.me = await api("/api/v1/whoami");
     } catch (error) {
+      if (error instanceof ApiError && error.status === 401) { forgetToken(); return; }
       showLogin(error instanceof ApiError ? `The controller said: ${error.message}` : String(error));
       return;
     }
+    if (fromAddress) notice(ADDRESS_TOKEN);
+    showMe();
     $("sign-out").hidden = false;
     bindActions();
     window.addEventListener("hashchange", showView);
