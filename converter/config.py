@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from edgefleet.agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
 from edgefleet.converter.search import DEFAULT_SEARCH_SECONDS
 
 __all__ = ["CALIBRATION_METHODS", "DEFAULT_MAX_DROP", "QUANTIZE_MODES", "SCALES",
@@ -80,6 +82,13 @@ class ConvertConfig:
             raise ValueError("an output kind is class or regression")
         if self.calibration_samples < 1:
             raise ValueError("calibration_samples must be at least 1")
+        if self.name is not None and not re.match(NAME_PATTERN, self.name):
+            raise ValueError(f"the bundle name {self.name[:80]!r} is not allowed: 1-64 letters, "
+                             "digits, '.', '_' or '-', starting with a letter or digit "
+                             "(--name)")
+        if not re.match(SEMVER_PATTERN, self.version):
+            raise ValueError(f"the version {self.version[:80]!r} is not a semantic version "
+                             "such as 1.2.0 (--version)")
 
     @property
     def budget_points(self) -> float:
@@ -88,4 +97,9 @@ class ConvertConfig:
 
     @property
     def model_name(self) -> str:
-        return self.name or self.model.stem.replace("_", "-").lower()
+        """``--name``, else the file's stem made a bundle name ("tiny model.keras" ->
+        "tiny-model")."""
+        if self.name:
+            return self.name
+        stem = re.sub(r"[^a-z0-9.-]+", "-", self.model.stem.replace("_", "-").lower())
+        return stem.strip(".-")[:64].rstrip(".-") or "model"

@@ -152,8 +152,12 @@ def _layout(spec: TensorInfo) -> tuple[bool, tuple[int, int, int]]:
 def _image(path: Path, width: int, height: int, channels: int) -> Array:
     from PIL import Image
 
-    with Image.open(path) as img:
-        mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
-        resized = img.convert(mode).resize((width, height))
-        array = np.asarray(resized, dtype=np.float32)
+    try:
+        with Image.open(path) as img:
+            mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+            resized = img.convert(mode).resize((width, height))
+            array = np.asarray(resized, dtype=np.float32)
+    except OSError as exc:  # PIL's UnidentifiedImageError is one; so is a truncated file
+        raise DataError(f"cannot read image {path}: {exc}",
+                        hint="remove it from the folder, or pass .npy / .npz data") from exc
     return array[..., None] if channels == 1 else array

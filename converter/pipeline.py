@@ -18,7 +18,7 @@ from __future__ import annotations
 import gzip
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -159,7 +159,8 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
     report.output_kinds = [k.as_dict() for k in kinds]
     if evaluation.labels is not None:
         report.source_accuracy = round(accuracy(outputs, evaluation.labels), 6)
-    report.source_latency_p50_ms = latency_p50_ms(source.predict, evaluation.take(1).inputs)
+    report.source_latency_p50_ms = latency_p50_ms(source.predict,
+                                                  _one_call(evaluation, source.inputs))
     profiles = [load_profile(t) for t in config.targets]
     ctx = _Context(config, source, calibration, evaluation, outputs, profiles, report, step,
                    recipients, kinds=kinds)
@@ -170,7 +171,7 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
     if source.kind in ("keras", "savedmodel") and config.quantize != "none":
         ctx.reference = _float_conversion(ctx)
         report.float_latency_p50_ms = latency_p50_ms(ctx.reference,
-                                                     evaluation.take(1).inputs)
+                                                     _one_call(evaluation, source.inputs))
     return ctx
 
 
@@ -417,7 +418,8 @@ def _measure(ctx: _Context, attempt: Attempt, artifact: bytes) -> None:
     if labels is not None:
         attempt.accuracy = round(accuracy(outputs, labels), 6)
     attempt.accuracy_drop_points = _drop(ctx, attempt, found)
-    attempt.latency_p50_ms = latency_p50_ms(predict, ctx.evaluation.take(1).inputs)
+    attempt.latency_p50_ms = latency_p50_ms(predict,
+                                            _one_call(ctx.evaluation, runtime.inputs))
     info = inspect_model(artifact, ctx.config.format)
     attempt.ops, attempt.dtypes = dict(info.ops), sorted(info.dtypes)
     attempt.violations = [v.as_dict() for p in ctx.profiles
@@ -454,7 +456,8 @@ def _never_slower(ctx: _Context, attempt: Attempt, predict: Predict) -> None:
     if ctx.reference is not None:
         ctx.step(f"timing {attempt.label} against {what}")
         attempt.latency_p50_ms, reference = _alternating(predict, ctx.reference,
-                                                         ctx.evaluation.take(1).inputs)
+                                                         _one_call(ctx.evaluation,
+                                                                   ctx.source.inputs))
     attempt.reference_latency_p50_ms = reference
     if attempt.latency_p50_ms is None or reference is None:
         return
@@ -468,6 +471,12 @@ def _never_slower(ctx: _Context, attempt: Attempt, predict: Predict) -> None:
         if profile.never_slower:
             attempt.violations.append({"kind": "slower", "message": f"{profile.name}: {message}",
                                        "nodes": []})
+
+
+def _one_call(data: Dataset, inputs: Sequence[TensorInfo]) -> dict[str, Array]:
+    """The inputs of one call for latency: one sample, or the model's fixed batch (a model
+    exported with batch 3 refuses one row)."""
+    return data.take(fixed_batch(inputs) or 1).inputs
 
 
 def is_slower(latency_ms: float, reference_ms: float) -> bool:
