@@ -66,6 +66,12 @@ def test_convert_over_budget_exits_non_zero_and_writes_nothing(
     assert result.returncode == 1
     assert "exceeds the budget" in result.stderr and "rejected" in result.stdout
     assert not out.exists()
+    as_json = _run("convert", str(digits_models.keras), "-o", str(out), "--quantize", "int8",
+                   "--calibration", str(bad), "--eval", str(good), "--max-drop", "1",
+                   "--sign-key", str(signing_keys.secret), "--json")
+    found = json.loads(as_json.stdout)  # one document: the report and why it was refused
+    assert as_json.returncode == 1 and "exceeds the budget" in found["error"]["message"]
+    assert found["attempts"] and not out.exists()
 
 
 def test_convert_without_a_key_names_the_fix(digits_models: TrainedModels,

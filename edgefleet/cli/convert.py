@@ -104,6 +104,12 @@ def convert(
         try:
             report = run(config, step)
         except NoResultError as exc:
+            if as_json:  # one document: the report, and why nothing was written
+                cause = exc.cause
+                emit({**exc.report.as_dict(), "error": {
+                    "error": type(cause).__name__, "message": cause.message,
+                    "hint": cause.hint}}, True)
+                raise typer.Exit(1) from None
             _show(exc.report.as_dict(), as_json)
             fail(exc.cause, as_json, code=1)
         except EdgefleetError as exc:
