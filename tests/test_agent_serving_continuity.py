@@ -96,13 +96,11 @@ def test_no_request_fails_across_an_update_and_a_rollback(
                                auto_commit=True)
         topic = device_topic(fleet_name, "d1", Leaf.DESIRED)
         sub.publish(topic, encode(desired), retain=True)
-        assert sub.wait_for(lambda ms: any(decode(ReportedState, m.payload).update.state ==
-                                           "COMMITTED" for m in ms), 30)
+        assert sub.wait_for(lambda ms: _model_state(ms, "digits", "COMMITTED", "2.0.0"), 30)
         time.sleep(0.5)
         sub.publish(topic, encode(desired.model_copy(update={"action": "rollback"})),
                     retain=True)
-        assert sub.wait_for(lambda ms: any(decode(ReportedState, m.payload).update.state ==
-                                           "ROLLED_BACK" for m in ms), 30)
+        assert sub.wait_for(lambda ms: _model_state(ms, "digits", "ROLLED_BACK"), 30)
         time.sleep(0.5)
     finally:
         load.stop()
@@ -113,9 +111,14 @@ def test_no_request_fails_across_an_update_and_a_rollback(
     assert load.ok.get("1.0.0", 0) > 50 and load.ok.get("2.0.0", 0) > 50, load.ok
 
 
-def _model_state(messages: list[Any], model: str, state: str) -> bool:
+def _model_state(messages: list[Any], model: str, state: str, version: str | None = None) -> bool:
+    """A report of ``model`` in update ``state`` (on the bundle of ``version``, if given: the
+    install before the update is COMMITTED too)."""
     return any((entry := decode(ReportedState, m.payload).model_reports().get(model)) is not None
-               and entry.update.state == state for m in messages)
+               and entry.update.state == state
+               and (version is None or (entry.update.target is not None
+                                        and entry.update.target.version == version))
+               for m in messages)
 
 
 def test_no_request_to_one_model_fails_while_another_switches_and_rolls_back(
@@ -147,7 +150,7 @@ def test_no_request_to_one_model_fails_while_another_switches_and_rolls_back(
                              url=server.url("a2.efb"), size=a2.stat().st_size, auto_commit=True)
         topic = device_topic(fleet_name, "d1", Leaf.DESIRED)
         sub.publish(topic, encode(DesiredModels(models={"digits": entry})), retain=True)
-        assert sub.wait_for(lambda ms: _model_state(ms, "digits", "COMMITTED"), 30)
+        assert sub.wait_for(lambda ms: _model_state(ms, "digits", "COMMITTED", "2.0.0"), 30)
         time.sleep(0.5)
         back = DesiredModels(models={"digits": entry.model_copy(update={"action": "rollback"})})
         sub.publish(topic, encode(back), retain=True)

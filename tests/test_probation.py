@@ -131,3 +131,26 @@ def test_nan_outputs_agree_with_nothing_and_the_telemetry_stays_in_the_fleets_sc
                                          "seq": 1, "temperature_c": float("nan")})}
     raw = json.dumps(point, allow_nan=False)
     assert check_points(json.loads(raw))  # the fleet takes it: no figure is NaN
+
+
+def test_a_word_from_the_fleet_that_arrives_before_the_wait_starts_is_kept(
+        tmp_path: Path, signing_keys: Keys) -> None:
+    """The journal is reported PROBATION before the probation wait begins: a rollback
+    that arrives in between settles it (it was wiped, and auto-commit won)."""
+    effects = DeviceEffects(tmp_path, Agent(signing_keys.trusted),
+                            UpdateSettings(probation_s=0.0, auto_commit=True))
+    journal = Journal(target=UpdateTarget(name="m", version="2.0.0", sha256="b" * 64)).enter(
+        UpdateState.PROBATION, 0)
+    effects.decide(Event.ROLLBACK, "b" * 64)
+    assert effects.probation(journal) == Event.ROLLBACK
+    assert effects.probation(journal) == Event.COMMIT  # taken once; then auto-commit
+
+
+def test_a_word_for_another_bundle_does_not_settle_this_probation(
+        tmp_path: Path, signing_keys: Keys) -> None:
+    effects = DeviceEffects(tmp_path, Agent(signing_keys.trusted),
+                            UpdateSettings(probation_s=0.0, auto_commit=True))
+    journal = Journal(target=UpdateTarget(name="m", version="2.0.0", sha256="b" * 64)).enter(
+        UpdateState.PROBATION, 0)
+    effects.decide(Event.ROLLBACK, "a" * 64)
+    assert effects.probation(journal) == Event.COMMIT

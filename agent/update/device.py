@@ -62,12 +62,15 @@ class DeviceEffects:
         self.deltas = DeltaStats()
         self._publish = publish
         self._candidate: LoadedModel | None = None
-        self._decision: Event | None = None
+        self._decision: tuple[Event, str] | None = None  # (event, bundle sha256)
         self._wake = threading.Event()
 
     # decisions from the fleet (desired state) arrive on another thread
-    def decide(self, event: Event) -> None:
-        self._decision = event
+    def decide(self, event: Event, sha256: str) -> None:
+        """The fleet's commit or rollback of the bundle ``sha256``: kept until the
+        probation of that bundle takes it, so one that arrives between the journal entering
+        PROBATION and the wait starting is not lost."""
+        self._decision = (event, sha256)
         self._wake.set()
 
     def download_path(self, journal: Journal) -> Path:
@@ -83,6 +86,7 @@ class DeviceEffects:
     def download(self, journal: Journal) -> None:
         """Fetch the target; a complete file an earlier attempt left is reused only if it
         verifies against the target now (else it is discarded and fetched again)."""
+        self._decision = None  # a new flow: a word left from an earlier probation is stale
         self._pause()
         path, size = self.download_path(journal), journal.target.size or 0
         if path.exists():
@@ -158,11 +162,12 @@ class DeviceEffects:
 
     def probation(self, journal: Journal) -> Event:
         """Wait for the fleet's word, an own gate failing, or the end of an auto-commit window."""
-        self._decision = None
         deadline = time.monotonic() + self.settings.probation_s
         while True:
-            if self._decision is not None:
-                return self._decision
+            decision = self._decision
+            if decision is not None and decision[1] == journal.target.sha256:
+                self._decision = None
+                return decision[0]
             if self._gate_failed(journal):
                 return Event.FAILURE
             auto = journal.target.auto_commits(self.settings.auto_commit)

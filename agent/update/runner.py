@@ -59,9 +59,9 @@ class UpdateRunner:
         in_probation = self.journal.state == UpdateState.PROBATION
         same = self.journal.target.sha256 == desired.sha256
         if desired.action == "commit" and in_probation and same:
-            self.effects.decide(Event.COMMIT)
+            self.effects.decide(Event.COMMIT, desired.sha256)
         elif desired.action == "rollback" and in_probation and same:
-            self.effects.decide(Event.ROLLBACK)
+            self.effects.decide(Event.ROLLBACK, desired.sha256)
         else:
             self._queue.put(lambda: self._apply(desired))
 
