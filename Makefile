@@ -41,6 +41,7 @@ bench: system-deps install
 	$(BIN)/python bench/agent_update.py
 	$(BIN)/python bench/converter.py
 	$(BIN)/python bench/fleet_scale.py
+	$(BIN)/python bench/fleet_deltas.py
 
 demo: system-deps install
 	$(BIN)/python -m edgefleet demo

@@ -221,10 +221,10 @@ def report(rows: list[dict[str, Any]], rollouts: list[dict[str, Any]]) -> str:
           f"{r['build_ms']:.0f} ms", f"{r['apply_ms']:.1f} ms"] for r in rows])
     rollout_table = markdown_table(
         ["pair", "deltas", "devices", "state", "bytes served", "per device",
-         "rebuilt from a delta", "create request", "at 1,000 devices"],
+         "rebuilt from a delta", "create request"],
         [[r["pair"], "on" if r["deltas"] else "off", r["devices"], r["state"],
           f"{r['bytes_served']:,}", f"{r['per_device']:,}", r["rebuilt_from_delta"],
-          f"{r['create_ms']} ms", f"{r['per_1000_devices_mb']} MB"] for r in rollouts])
+          f"{r['create_ms']} ms"] for r in rollouts])
     return "\n\n".join([
         "## Delta updates (bench/deltas.py)",
         "Delta / full bundle for real version pairs (each model converted by edgefleet's "
@@ -234,12 +234,11 @@ def report(rows: list[dict[str, Any]], rollouts: list[dict[str, Any]]) -> str:
         "apply time the device's rebuild (base and delta in memory, output streamed), "
         "both on this machine (best of 3 for apply).",
         pair_table,
-        "Bytes the controller served for a real rollout (real Mosquitto, controller, agents "
-        "in one process), with and without deltas; the last column scales the measured "
-        "bytes per device to 1,000 devices. The fleet bench's simulator shares one download "
-        "for the whole fleet, so bytes served are measured on this smaller real rollout "
-        "instead. The create request includes the delta's build (it is built when the "
-        "first wave's desired states are composed).",
+        "Bytes the controller served for a real rollout to real agents (real Mosquitto, "
+        "controller, agents in one process), with and without deltas. At 1,000 devices "
+        "they are measured with simulated devices, in the next table "
+        "(bench/fleet_deltas.py). The create request includes the delta's build (it is "
+        "built when the first wave's desired states are composed).",
         rollout_table,
         "Reading. The digits CNN is trained here (its fine-tuned version is 2 more epochs at "
         "a lower rate); edge_cnn has MobileNet's size but random weights (fine-tuned on "

@@ -9,7 +9,7 @@ and every simulated request reuses those outputs and latencies.
 Layout: :mod:`~fleet.simulate.options` (knobs and faults), :mod:`~fleet.simulate.loop`
 (one network thread for every connection), :mod:`~fleet.simulate.device` (one
 device's behaviour), :mod:`~fleet.simulate.effects` (its update I/O),
-:mod:`~fleet.simulate.models`, :mod:`~fleet.simulate.download`,
+:mod:`~fleet.simulate.models`, :mod:`~fleet.simulate.download`, :mod:`~fleet.simulate.delta`,
 :mod:`~fleet.simulate.serving`, :mod:`~fleet.simulate.drift`, :mod:`~fleet.simulate.agreement`,
 :mod:`~fleet.simulate.slots`, :mod:`~fleet.simulate.fleet` (the public wiring).
 """

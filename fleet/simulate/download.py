@@ -4,7 +4,9 @@ Every device requests the URL itself (resuming with ``Range`` after a cut, like
 :func:`edgefleet.agent.update.download.fetch`, with the same :class:`DownloadError`), but
 the bytes are kept once per content digest, so 10,000 devices do not hold
 10,000 copies. With ``share=True`` only the first request per URL goes out.
-A local path or ``file://`` URL is read from disk.
+A local path or ``file://`` URL is read from disk. The bytes that came over the network
+are counted by kind (``bundle``, ``delta``), as the controller's
+``edgefleet_bytes_served_total{kind}`` counts what it sends.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,6 +34,7 @@ class Downloads:
         """``tls`` checks ``https://`` servers (default: the system's CAs)."""
         self.share, self.tls = share, tls
         self.requests = 0
+        self._received: Counter[str] = Counter()  # bytes over the network, by kind
         self._bodies: dict[str, bytes] = {}
         self._by_url: dict[tuple[str, int], str] = {}
         self._lock = threading.Lock()
@@ -42,17 +46,41 @@ class Downloads:
                 known = self._by_url.get((url, size))
             if known is not None:
                 return known
-        body = http_get(url, size, tls=self.tls)
-        digest = hashlib.sha256(body).hexdigest()
+        digest = self.keep(self.get(url, size, "bundle"))
+        with self._lock:
+            self._by_url[(url, size)] = digest
+        return digest
+
+    def get(self, url: str, size: int, kind: str, retries: int = 3) -> bytes:
+        """The body of ``url`` (``size`` bytes expected), counted as ``kind``; not kept."""
+        body = http_get(url, size, retries=retries, tls=self.tls)
         with self._lock:
             self.requests += 1
+            if urlsplit(url).scheme not in ("", "file"):
+                self._received[kind] += len(body)
+        return body
+
+    def keep(self, body: bytes) -> str:
+        """Keep ``body`` (once per content) and return its sha256."""
+        digest = hashlib.sha256(body).hexdigest()
+        with self._lock:
             self._bodies.setdefault(digest, body)
-            self._by_url[(url, size)] = digest
         return digest
 
     def body(self, digest: str) -> bytes:
         with self._lock:
             return self._bodies[digest]
+
+    def held(self, digest: str) -> bytes | None:
+        """The body of that sha256 if one came or was kept, else None."""
+        with self._lock:
+            return self._bodies.get(digest)
+
+    @property
+    def received(self) -> dict[str, int]:
+        """Bytes that came over the network, by kind (bundle, delta)."""
+        with self._lock:
+            return {kind: self._received.get(kind, 0) for kind in ("bundle", "delta")}
 
 
 def http_get(url: str, size: int, *, retries: int = 3, backoff_s: float = 0.2,

@@ -1,7 +1,9 @@
 """The simulator's :class:`edgefleet.agent.update.flow.UpdateEffects`: the real flow, simulated I/O.
 
-``download`` really requests the URL, ``verify`` really checks the signature
-and hashes (once per content, shared), the health check really loads and runs
+``download`` really requests the URL (or the delta the desired state offers, and
+rebuilds the bundle from the device's own: :mod:`edgefleet.fleet.simulate.delta`),
+``verify`` really checks the signature and hashes (once per content, shared), the
+health check really loads and runs
 the model (once per bundle, shared); staging and switching move the device's
 in-memory A/B pointer. ``probation`` never waits: the device only steps a
 PROBATION journal once the fleet (or a gate, or the auto-commit window) has
@@ -58,7 +60,9 @@ class SimEffects:
         self._digest: str | None = None  # what the last download brought
 
     def download(self, journal: Journal) -> None:
-        self._digest = self.device.env.downloads.fetch(journal.target.url, journal.target.size or 0)
+        device = self.device
+        base = device.slots.active if device.env.options.deltas else None
+        self._digest = device.env.deltas.fetch(journal.target, base)
 
     def verify(self, journal: Journal) -> None:
         env = self.device.env

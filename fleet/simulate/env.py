@@ -8,6 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
+from edgefleet.fleet.simulate.delta import DeltaPath
 from edgefleet.fleet.simulate.download import Downloads
 from edgefleet.fleet.simulate.models import ModelCache
 from edgefleet.fleet.simulate.options import SimOptions
@@ -39,6 +40,7 @@ class FleetEnv:
     options: SimOptions
     models: ModelCache
     downloads: Downloads
+    deltas: DeltaPath  # update bodies through a delta when offered (options.deltas)
     submit: Callable[[Callable[[], None]], None]  # run on the update worker pool
     scheduler: Scheduler
     runtimes: dict[str, str]  # what the reported state names (installed_runtimes())

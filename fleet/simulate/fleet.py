@@ -19,6 +19,7 @@ from edgefleet.agent.protocol.payloads import STATUS_OFFLINE
 from edgefleet.agent.protocol.signing import TrustedKeys
 from edgefleet.agent.protocol.topics import Leaf, check_id
 from edgefleet.agent.runtime.select import installed_runtimes
+from edgefleet.fleet.simulate.delta import DeltaPath
 from edgefleet.fleet.simulate.device import SimDevice
 from edgefleet.fleet.simulate.download import Downloads
 from edgefleet.fleet.simulate.env import FleetEnv
@@ -52,10 +53,14 @@ class SimulatedFleet:
                                  source_address=options.source_address)
         self._pool = WorkPool(self.options.workers, "edgefleet-sim-update")
         self._started = self._stopped = False
-        env = FleetEnv(self.fleet, self.options, self.models, self.downloads, self._submit,
-                       self._loop, installed_runtimes(), np.random.default_rng(self.options.seed))
+        self.deltas = DeltaPath(self.downloads, self.models)
+        env = FleetEnv(self.fleet, self.options, self.models, self.downloads, self.deltas,
+                       self._submit, self._loop, installed_runtimes(),
+                       np.random.default_rng(self.options.seed))
         initial = self.models.profile(self.models.add_file(initial_bundle).sha256) \
             if initial_bundle else None
+        if initial is not None:  # the base of the deltas offered to devices still on it
+            self.downloads.keep(self.models.raw(initial.sha256))
         url = str(initial_bundle.resolve()) if initial_bundle else ""
         width = max(5, len(str(count)))
         ids = [check_id(f"{self.options.device_prefix}{i:0{width}d}", "device id")

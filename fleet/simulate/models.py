@@ -84,6 +84,14 @@ class ModelCache:
                     self._raw.setdefault(found.sha256, raw)
         return _result(found)
 
+    def raw(self, sha256: str) -> bytes:
+        """The bundle file's body for a verified manifest sha256."""
+        with self._lock:
+            if sha256 not in self._raw:
+                raise SimulationError(f"bundle {sha256[:12]} was never verified here",
+                                      hint="verify it first")
+            return self._raw[sha256]
+
     def add_file(self, path: Path) -> BundleRef:
         """A bundle from disk (the initial one): verified and health-checked now."""
         raw = path.read_bytes()

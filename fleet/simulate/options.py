@@ -63,6 +63,8 @@ class SimOptions:
     source_address: str = ""  # local address to connect from ("": any); see NetworkLoop
     workers: int = 4  # threads that run update steps (downloads, verification)
     share_downloads: bool = False  # True: one HTTP request per URL for the whole fleet
+    deltas: bool = True  # use the deltas the fleet offers, as the agent does (False: an
+    # agent that predates deltas, always the full bundle)
     spool_max_points: int = 100  # telemetry kept per device while offline
     settings: UpdateSettings = field(default_factory=UpdateSettings)
     fail_health: float = 0.0
