@@ -222,3 +222,31 @@ def test_an_update_slower_than_the_latency_budget_is_refused_before_the_switch(
         sub.close()
     finally:
         service.stop()
+
+
+def test_a_rollback_sent_while_the_update_is_on_its_way_is_not_lost(
+        mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
+        served: tuple[FileServer, Path], signing_keys: Keys) -> None:
+    """The fleet aborts while the device still downloads: the word waits for the probation
+    (it used to queue behind the update, which then waited in probation for ever)."""
+    server, root = served
+    agent = Agent(signing_keys.trusted)
+    local.install(agent, tmp_path, root / "v1.efb")
+    service = AgentService(ServiceConfig(fleet=fleet_name, device_id="pi-2", data_dir=tmp_path,
+                                         broker_url=mosquitto.url, probation_s=0.3,
+                                         step_delay_s=0.3), agent)
+    service.start()
+    sub = Subscriber(mosquitto.url, [fleet_filter(fleet_name)])
+    try:
+        desired = _desired(root, server, "v2.efb", signing_keys)  # the fleet's word commits
+        topic = device_topic(fleet_name, "pi-2", Leaf.DESIRED)
+        sub.publish(topic, encode(desired), retain=True)
+        assert sub.wait_for(lambda _: any(m.json().get("state") == "DOWNLOADING"
+                                          for m in sub.on("/events")), 30)
+        sub.publish(topic, encode(desired.model_copy(update={"action": "rollback"})),
+                    retain=True)
+        _wait_state(sub, "ROLLED_BACK", "1.0.0")
+        assert agent.model is not None and agent.model.version == "1.0.0"
+    finally:
+        sub.close()
+        service.stop()

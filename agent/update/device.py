@@ -68,10 +68,15 @@ class DeviceEffects:
     # decisions from the fleet (desired state) arrive on another thread
     def decide(self, event: Event, sha256: str) -> None:
         """The fleet's commit or rollback of the bundle ``sha256``: kept until the
-        probation of that bundle takes it, so one that arrives between the journal entering
-        PROBATION and the wait starting is not lost."""
+        probation of that bundle takes it, so one that arrives before the wait starts (the
+        update still on its way, or the journal saying PROBATION a moment early) is not
+        lost."""
         self._decision = (event, sha256)
         self._wake.set()
+
+    def forget_decision(self) -> None:
+        """A new attempt starts: a word left from an earlier one is stale."""
+        self._decision = None
 
     def download_path(self, journal: Journal) -> Path:
         return self.data_dir / "downloads" / f"{journal.target.sha256}.efb"
@@ -86,7 +91,6 @@ class DeviceEffects:
     def download(self, journal: Journal) -> None:
         """Fetch the target; a complete file an earlier attempt left is reused only if it
         verifies against the target now (else it is discarded and fetched again)."""
-        self._decision = None  # a new flow: a word left from an earlier probation is stale
         self._pause()
         path, size = self.download_path(journal), journal.target.size or 0
         if path.exists():

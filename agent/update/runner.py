@@ -30,6 +30,7 @@ __all__ = ["UpdateRunner"]
 
 log = logging.getLogger(__name__)
 Job = Callable[[], object]
+_WORDS = {"commit": Event.COMMIT, "rollback": Event.ROLLBACK}  # the fleet's word on a probation
 
 
 class UpdateRunner:
@@ -56,12 +57,11 @@ class UpdateRunner:
 
     def desired(self, desired: DesiredState) -> None:
         """Called on the MQTT thread: settle probation now, queue everything else."""
-        in_probation = self.journal.state == UpdateState.PROBATION
+        in_flight = self.journal.state not in TERMINAL
         same = self.journal.target.sha256 == desired.sha256
-        if desired.action == "commit" and in_probation and same:
-            self.effects.decide(Event.COMMIT, desired.sha256)
-        elif desired.action == "rollback" and in_probation and same:
-            self.effects.decide(Event.ROLLBACK, desired.sha256)
+        word = _WORDS.get(desired.action)
+        if word is not None and in_flight and same:
+            self.effects.decide(word, desired.sha256)  # kept until its probation takes it
         else:
             self._queue.put(lambda: self._apply(desired))
 
@@ -87,6 +87,7 @@ class UpdateRunner:
             return
         if not starts_attempt(self.journal, desired, active_sha):
             return  # already there, already on the way, or this attempt was made
+        self.effects.forget_decision()
         self.updater.run(self.updater.start(self.journal, UpdateTarget.from_desired(desired)))
 
     def _roll_back(self) -> None:
