@@ -1,8 +1,8 @@
 """One simulated device: the agent's MQTT behaviour and update rules, with no thread of its own.
 
 It reacts to ``state/desired`` as :class:`edgefleet.agent.update.runner.UpdateRunner` does
-(a commit or rollback for the target in probation settles it; anything else is
-queued and applied in order; ``rollback`` of the active bundle on a committed
+(a commit or rollback for the target on its way or in probation settles its probation;
+anything else is queued and applied in order; ``rollback`` of the active bundle on a committed
 device returns to the previous committed bundle) and publishes what
 :class:`edgefleet.agent.service.AgentService` publishes: ``online`` and the reported
 state on connect, an ``update`` event and the reported state on every journal
@@ -101,9 +101,9 @@ class SimDevice:
             self.publish_event("payload_rejected", f"{topic}: {exc.message}")
             return
         with self.lock:
-            in_probation = self.journal.state == UpdateState.PROBATION
+            in_flight = self.journal.state not in TERMINAL
             same = self.journal.target.sha256 == desired.sha256
-            if desired.action in ("commit", "rollback") and in_probation and same:
+            if desired.action in ("commit", "rollback") and in_flight and same:
                 self._decision = Event.COMMIT if desired.action == "commit" else Event.ROLLBACK
             else:
                 self._pending.append(desired)
@@ -166,6 +166,8 @@ class SimDevice:
             return
         if not starts_attempt(journal, desired, active_sha):
             return  # already there, already on the way, or this attempt was made
+        with self.lock:
+            self._decision = None  # a word left from an earlier attempt is stale
         self.updater.start(journal, UpdateTarget.from_desired(desired))
 
     # --- called by the update effects (worker pool) --------------------------------------------
