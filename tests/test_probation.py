@@ -133,24 +133,18 @@ def test_nan_outputs_agree_with_nothing_and_the_telemetry_stays_in_the_fleets_sc
     assert check_points(json.loads(raw))  # the fleet takes it: no figure is NaN
 
 
+
+@pytest.mark.parametrize(("word_for", "settled_by"), [("b" * 64, Event.ROLLBACK),
+                                                      ("a" * 64, Event.COMMIT)])
 def test_a_word_from_the_fleet_that_arrives_before_the_wait_starts_is_kept(
-        tmp_path: Path, signing_keys: Keys) -> None:
+        word_for: str, settled_by: Event, tmp_path: Path, signing_keys: Keys) -> None:
     """The journal is reported PROBATION before the probation wait begins: a rollback
-    that arrives in between settles it (it was wiped, and auto-commit won)."""
+    that arrives in between settles it (it was wiped, and auto-commit won); a word for
+    another bundle does not (auto-commit does)."""
     effects = DeviceEffects(tmp_path, Agent(signing_keys.trusted),
                             UpdateSettings(probation_s=0.0, auto_commit=True))
     journal = Journal(target=UpdateTarget(name="m", version="2.0.0", sha256="b" * 64)).enter(
         UpdateState.PROBATION, 0)
-    effects.decide(Event.ROLLBACK, "b" * 64)
-    assert effects.probation(journal) == Event.ROLLBACK
-    assert effects.probation(journal) == Event.COMMIT  # taken once; then auto-commit
-
-
-def test_a_word_for_another_bundle_does_not_settle_this_probation(
-        tmp_path: Path, signing_keys: Keys) -> None:
-    effects = DeviceEffects(tmp_path, Agent(signing_keys.trusted),
-                            UpdateSettings(probation_s=0.0, auto_commit=True))
-    journal = Journal(target=UpdateTarget(name="m", version="2.0.0", sha256="b" * 64)).enter(
-        UpdateState.PROBATION, 0)
-    effects.decide(Event.ROLLBACK, "a" * 64)
-    assert effects.probation(journal) == Event.COMMIT
+    effects.decide(Event.ROLLBACK, word_for)
+    assert effects.probation(journal) == settled_by
+    assert effects.probation(journal) == Event.COMMIT  # a word is taken once
