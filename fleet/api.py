@@ -87,7 +87,7 @@ from edgefleet.fleet.handlers import (
     rollouts,
     status,
 )
-from edgefleet.fleet.handlers._exchange import Call, Exchange, Handle, Served
+from edgefleet.fleet.handlers._exchange import ApiHttpServer, Call, Exchange, Handle
 from edgefleet.fleet.metrics import FleetMetrics
 from edgefleet.fleet.rollout.validate import RolloutOptionError
 from edgefleet.fleet.routing import Route, allowed, find, methods
@@ -146,7 +146,7 @@ class ApiServer:
             self._thread.join(timeout=5)
 
 
-class _Server(Served):
+class _Server(ApiHttpServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], controller: FleetController,

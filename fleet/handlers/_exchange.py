@@ -25,7 +25,7 @@ from edgefleet.fleet.errors import InvalidRolloutError
 from edgefleet.fleet.handlers import _checks as check
 from edgefleet.fleet.metrics import FleetMetrics
 
-__all__ = ["CHUNK", "RETRY_AFTER_S", "Call", "Exchange", "Handle", "Served"]
+__all__ = ["CHUNK", "RETRY_AFTER_S", "ApiHttpServer", "Call", "Exchange", "Handle"]
 
 CHUNK = 256 * 1024
 RETRY_AFTER_S = 5  # a 503's Retry-After
@@ -33,7 +33,7 @@ _MAX_JSON = 1024 * 1024
 _DRAIN = 8 * 1024 * 1024  # an oversized body up to this is read away, so the client sees the 413
 
 
-class Served(ThreadingHTTPServer):
+class ApiHttpServer(ThreadingHTTPServer):
     """What every request to one API server shares (set by :mod:`edgefleet.fleet.api`)."""
 
     controller: FleetController
@@ -46,7 +46,7 @@ class Served(ThreadingHTTPServer):
 class Exchange(BaseHTTPRequestHandler):
     """A request and its answer, as the handlers see them."""
 
-    server: Served
+    server: ApiHttpServer
     protocol_version = "HTTP/1.1"
     _consumed = True  # whether this request's body was read (or needs no reading)
     _allow = ""  # the methods a 405 names
