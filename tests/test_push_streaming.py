@@ -27,7 +27,7 @@ EDGEFLEET = [sys.executable, "-m", "edgefleet"]
 SERVER_RSS_CAP = 150 * MiB  # fleet serve after every push below (it idles near 80 MiB)
 CLI_RSS_CAP = 150 * MiB  # fleet push of a 1 GiB file (it used to read it whole: 1.1 GB)
 ZEROS = 200 * MiB
-MAX_PUSHES = 2  # fleet/api.py _MAX_PUSHES
+MAX_PUSHES = 2  # fleet/handlers/models.py MAX_PUSHES
 HELD = 16 * MiB  # an upload held open, then finished: written to disk, then refused
 
 

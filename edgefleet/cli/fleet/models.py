@@ -1,8 +1,9 @@
-"""``edgefleet fleet models show NAME:VERSION``: one pushed version in full.
+"""``edgefleet fleet push``: upload a bundle; ``edgefleet fleet models``: the pushed model
+versions, and ``models show NAME:VERSION``: one pushed version in full.
 
-Everything comes from the manifest the controller stored at push time (``GET
-/api/v1/models``): the bundle's identity, its lineage (source model, converter and
-config, data hashes), optimization, inputs and outputs, metrics, targets, and for an
+Everything ``models show`` prints comes from the manifest the controller stored at push
+time (``GET /api/v1/models``): the bundle's identity, its lineage (source model, converter
+and config, data hashes), optimization, inputs and outputs, metrics, targets, and for an
 encrypted model the recipient key ids. ``--json`` prints the stored entry as it is.
 """
 
@@ -10,16 +11,58 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Group
 
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.cli.fleet.common import DEFAULT_URL, ControllerOpt, JsonOpt, TokenOpt
+from edgefleet.cli.fleet.common import client as _client
+from edgefleet.cli.fleet.common import run as _run
 from edgefleet.cli.output import emit, fail, table
 from edgefleet.fleet.client import FleetClient
 
-__all__ = ["render_model", "show_model"]
+__all__ = ["models_app", "push", "render_model", "show_model"]
+
+models_app = typer.Typer(help="Pushed model versions: list them, or show one in full.")
+
+
+def push(bundle: Annotated[Path, typer.Argument(help="A signed .efb bundle")],
+         controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
+         as_json: JsonOpt = False) -> None:
+    """Upload a bundle (streamed from disk); the controller verifies it before it stores it."""
+    if not bundle.is_file():
+        fail(EdgefleetError(f"cannot read {bundle}: not a file",
+                            hint="pass the path of an .efb file"), as_json)
+    result = _run(as_json, lambda: _client(controller, token).push(bundle))
+    model = result["model"]
+    row = {"model": f"{model['name']}:{model['version']}", "sha256": model["sha256"][:12],
+           "size": model["size"], "stored": "new" if result["added"] else "already there"}
+    emit(result, as_json, table("pushed", [row], list(row)))
+
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context, controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
+           as_json: JsonOpt = False) -> None:
+    """Every pushed model version with its measured metrics ('models show NAME:VERSION': one
+    in full, with its lineage)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    data = _run(as_json, lambda: _client(controller, token).models())
+    rows = [_model_row(m) for m in data]
+    emit(data, as_json, table("model versions", rows, list(rows[0]) if rows else ["model"]))
+
+
+def _model_row(model: Mapping[str, Any]) -> dict[str, Any]:
+    metrics = model["manifest"].get("metrics") or {}
+    quant = (model["manifest"].get("optimization") or {}).get("quantization")
+    return {"model": f"{model['name']}:{model['version']}", "sha256": model["sha256"][:12],
+            "format": model["format"], "quantization": quant, "size": model["size"],
+            "accuracy": metrics.get("accuracy"),
+            "agreement": (metrics.get("agreement") or {}).get("top1"),
+            "p50 ms": metrics.get("latency_p50_ms"), "pushed by": model["pushed_by"]}
 
 
 def show_model(
@@ -41,6 +84,9 @@ def show_model(
     except EdgefleetError as exc:
         fail(exc, as_json)
     emit(model, as_json, render_model(model))
+
+
+models_app.command("show")(show_model)
 
 
 def _text(value: Any) -> str:
