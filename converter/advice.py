@@ -36,9 +36,13 @@ def failure(report: ConversionReport, config: ConvertConfig) -> ConverterError:
         return BudgetExceededError(f"no result within the accuracy budget ({reasons})",
                                    hint=hint or backend or "see the report")
     if any(a.verdict is Verdict.OFF_TARGET for a in report.attempts):
+        stuck = _stuck_float(report.attempts)
         return TargetViolationError(f"no result fits the targets ({reasons})",
-                                    hint=hint or "no option of the converter lifts these "
-                                                 "limits: drop the --target or change the model")
+                                    hint="; or ".join(filter(None, [
+                                        _replace_ops(stuck, report.source_kind, config),
+                                        hint])) or
+                                    "no option of the converter lifts these limits: drop the "
+                                    "--target or change the model")
     return ConverterError(f"conversion failed ({reasons})",
                           hint=backend or hint or "see the report")
 
@@ -53,13 +57,22 @@ def _why(attempt: Attempt) -> str:
     return attempt.reason
 
 
+# an operator the quantizer of float .tflite sources leaves float (and the TFLite converter
+# makes int8) -> one the quantizer makes integer
+REPLACEMENTS = {"PRELU": "ReLU", "LEAKY_RELU": "ReLU"}
+
+
 def suggestions(report: ConversionReport, config: ConvertConfig) -> list[dict[str, Any]]:
     """Options that change the outcome: ``{"option", "config", "why"}`` each."""
     attempts = report.attempts
+    if report.source_quantized and config.quantize != "none":
+        return [{"option": "--quantize none", "config": {"quantize": "none"},
+                 "why": "the source is quantized already: it is packaged as it is"}]
     out = _budget(attempts) + _limits(attempts, config, report.source_kind)
     tried = {a.mode for a in attempts}
     only_failed = all(a.verdict is Verdict.FAILED for a in attempts)
-    if config.quantize not in ("auto", "none") and not only_failed:
+    if config.quantize not in ("auto", "none") and not only_failed and \
+            not _stuck_float(attempts):  # auto keeps more in float, never less
         out.append({"option": "--quantize auto", "config": {"quantize": "auto"},
                     "why": "searches recipes, keeping the most sensitive operators in float"})
     if "fp16" not in tried and config.quantize != "none" and not only_failed and \
@@ -79,6 +92,32 @@ def _budget(attempts: list[Attempt]) -> list[dict[str, Any]]:
              "why": f"accepts {best.label}, {best.accuracy_drop_points:.2f} points lost"}]
 
 
+def _stuck_float(attempts: list[Attempt]) -> list[str]:
+    """Operators a full int8 result (none kept float on purpose) still computes in float on
+    a device that takes integer tensors only: no recipe makes them integer, and every other
+    recipe keeps more in float."""
+    return sorted({op for a in attempts if a.verdict is Verdict.OFF_TARGET
+                   and a.mode == "int8" and not a.keep_float
+                   and any(v["kind"] == "dtype" for v in a.violations) for op in a.float_ops})
+
+
+def _replace_ops(ops: list[str], kind: str, config: ConvertConfig) -> str:
+    """The hint for operators no option makes integer: change the model."""
+    if not ops:
+        return ""
+    names = ", ".join(ops)
+    swaps = [f"{op} by {REPLACEMENTS[op]}" for op in ops if op in REPLACEMENTS]
+    by = f" ({', '.join(swaps)}, say)" if swaps else ""
+    converted = [op for op in ops if op in REPLACEMENTS]  # TFLite has int8 kernels for them
+    original = (", or convert the model's Keras or SavedModel original, whose TFLite "
+                f"converter makes {', '.join(converted)} integer") \
+        if kind == "tflite" and converted == ops else ""
+    return (f"{names} stays float under every --quantize option (the quantizer has no "
+            f"integer {names}), so no converter option lifts it: replace {names} in the "
+            f"model{by} and convert again{original}; or drop --target "
+            f"{' / '.join(config.targets)}")
+
+
 def _kinds(attempts: list[Attempt]) -> set[str]:
     return {v["kind"] for a in attempts if a.verdict is Verdict.OFF_TARGET for v in a.violations}
 
@@ -91,7 +130,7 @@ def _limits(attempts: list[Attempt], config: ConvertConfig, kind: str) -> list[d
     float_io = any("float" in v["message"] for a in attempts for v in a.violations
                    if v["kind"] == "dtype")
     if "dtype" in kinds and float_io and config.format == "tflite" and not config.int8_io \
-            and kind in ("keras", "savedmodel", "tflite"):
+            and kind in ("keras", "savedmodel", "tflite") and not _stuck_float(attempts):
         lifts = "lifts the float inputs and outputs" + (
             "; the other limits stay" if kinds - {"dtype"} else "")
         out.append({"option": "--quantize int8 --int8-io",

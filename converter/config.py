@@ -78,6 +78,10 @@ class ConvertConfig:
         if any(d < 1 for _, shape in self.input_shapes for d in shape) or \
                 any(d < 1 for d in self.input_size or ()):
             raise ValueError("input shapes and sizes are positive integers")
+        if self.input_shapes and self.input_size is not None:
+            raise ValueError("--input-shape and --input-size both given: use one "
+                             "(--input-size HEIGHTxWIDTH for a model of one image input, "
+                             "--input-shape NAME=DIMS for each input otherwise)")
         if any(kind not in ("class", "regression") for _, kind in self.output_kinds):
             raise ValueError("an output kind is class or regression")
         if self.calibration_samples < 1:

@@ -4,21 +4,30 @@
   LSTM's TensorList loop, say): names the ops and the path that converts them;
 - a runtime refusing a model for a custom operator it has no kernel for: names the
   operator, and says that no device runtime will have it either;
-- a runtime refusing a converted result: names the runtime and the recipe that wrote it.
+- a runtime refusing a converted result: names the runtime and the recipe that wrote it;
+- a source that does not load (:func:`source_unreadable`): a Keras Lambda layer (code that
+  safe mode does not load), a file cut short, a graph without inputs, each with its fix.
 """
 
 from __future__ import annotations
 
 import re
+import zipfile
+from pathlib import Path
 
 from edgefleet.converter.errors import ConversionFailedError, SourceModelError
 
-__all__ = ["custom_ops", "result_refused", "source_refused", "tflite_conversion"]
+__all__ = ["custom_ops", "result_refused", "source_refused", "source_unreadable",
+           "tflite_conversion"]
 
 _TF_OP = re.compile(r"'tf\.(\w+)' op")
 _FLEX = re.compile(r"Flex(\w+)")
 _CUSTOM = re.compile(r"unresolved custom op: (\w+)")
 _AGENT_HINT = re.compile(r"\s*\((?:convert|upgrade|check)[^)]*\)")  # the agent's own hints
+_CUT_SHORT = re.compile(r"protobuf parsing failed|INVALID_PROTOBUF|not a valid Flatbuffer|"
+                        r"truncated|file signature not found|not a zip file|"
+                        r"accessible `\.keras` zip file", re.IGNORECASE)
+_LAMBDA = re.compile(r"`Lambda` layer|Lambda.*safe_mode", re.DOTALL)
 _NO_FLEX = ("select TensorFlow ops (Flex) are not used: LiteRT on a device does not carry "
             "them")
 
@@ -73,3 +82,72 @@ def result_refused(label: str, recipe: str, runtime: str, exc: Exception
         f"{runtime} cannot load the model of {label} ({recipe}), or run it: {first}",
         hint="the recipe wrote a model the runtime refuses; use another --quantize recipe "
              "or --quantize auto, which measures each")
+
+
+def source_unreadable(kind: str, path: Path, exc: Exception) -> SourceModelError:
+    """Why a source does not load, and what to do, from the loader's exception."""
+    for reason in (_custom_op, _lambda_layer, _cut_short, _no_inputs):
+        found = reason(kind, path, exc)
+        if found is not None:
+            return found
+    text = _AGENT_HINT.sub("", str(exc)).strip()
+    return SourceModelError(f"cannot load {kind} model {path}: {text or repr(exc)}"[:600],
+                            hint="check that the file is a complete model of that type")
+
+
+def _custom_op(kind: str, path: Path, exc: Exception) -> SourceModelError | None:
+    return source_refused(path.name, exc)
+
+
+def _lambda_layer(kind: str, path: Path, exc: Exception) -> SourceModelError | None:
+    if kind != "keras" or not _LAMBDA.search(str(exc)):
+        return None
+    return SourceModelError(
+        f"{path.name} has a Keras Lambda layer: its Python code is stored in the file, and "
+        "Keras does not load code from a file in safe mode (it could run anything)",
+        hint="where the model's code is, load it with keras.models.load_model(PATH, "
+             "safe_mode=False) if you trust the file, export it with model.export(FOLDER) and "
+             "convert that SavedModel folder; or replace the Lambda by a registered custom "
+             "layer and save again")
+
+
+def _cut_short(kind: str, path: Path, exc: Exception) -> SourceModelError | None:
+    not_zip = path.suffix.lower() == ".keras" and path.is_file() and \
+        not zipfile.is_zipfile(path)
+    if not (not_zip or _CUT_SHORT.search(str(exc))):
+        return None
+    size = path.stat().st_size if path.is_file() else 0
+    return SourceModelError(
+        f"{path.name} ({size} bytes) does not read as a whole {kind} model: the file is cut "
+        "short (an interrupted download or copy) or is not a model of that type",
+        hint="export the model again, or download it again and compare its size or checksum "
+             "with the original")
+
+
+def _no_inputs(kind: str, path: Path, exc: Exception) -> SourceModelError | None:
+    count = _graph_inputs(kind, path)
+    if count != 0:
+        return None
+    return SourceModelError(
+        f"{path.name} has no inputs: its graph computes constants, and a model with nothing "
+        "to feed cannot be calibrated, measured or served",
+        hint="export the model with its input as a graph input (not folded into a constant "
+             "or initializer), then convert it")
+
+
+def _graph_inputs(kind: str, path: Path) -> int | None:
+    """How many inputs the graph takes (initializers aside); None when it cannot tell."""
+    try:
+        if kind == "onnx":
+            import onnx
+
+            graph = onnx.load(str(path), load_external_data=False).graph
+            return len({i.name for i in graph.input} - {i.name for i in graph.initializer})
+        if kind == "tflite":
+            from ai_edge_litert import schema_py_generated as schema
+
+            root = schema.Model.GetRootAsModel(path.read_bytes(), 0)
+            return int(root.Subgraphs(0).InputsLength())
+    except Exception:  # a file that does not parse: another reason covers it
+        return None
+    return None

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flatbuffers
-
 from edgefleet.converter._tf import quiet_stdout
 from edgefleet.converter.data import Dataset
 from edgefleet.converter.errors import (
@@ -27,6 +25,7 @@ from edgefleet.converter.errors import (
     MissingExtraError,
     UnsupportedPathError,
 )
+from edgefleet.converter.tflite_graph import debug_interpreter, pack, quantized_weights
 
 __all__ = ["RECIPES", "STATIC", "densify_weights", "ensure_signature",
            "float16_weights_to_float32", "normalize_opcodes",
@@ -56,7 +55,7 @@ def ensure_signature(model: bytes) -> bytes:
     signature.inputs = [_tensor_map(graph, i) for i in graph.inputs]
     signature.outputs = [_tensor_map(graph, i) for i in graph.outputs]
     root.signatureDefs = [signature]
-    return _pack(root, len(model))
+    return pack(root, len(model))
 
 
 def float16_weights_to_float32(model: bytes) -> bytes:
@@ -71,7 +70,7 @@ def float16_weights_to_float32(model: bytes) -> bytes:
     root = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model, 0))
     if not _fold_float16(root, schema):
         return model
-    return _pack(root, len(model) * 2)
+    return pack(root, len(model) * 2)
 
 
 def densify_weights(model: bytes) -> bytes:
@@ -102,24 +101,15 @@ def densify_weights(model: bytes) -> bytes:
         root.buffers[graph.tensors[op.inputs[0]].buffer].data = None  # the sparse copy
     graph.operators = [op for op in graph.operators if op.opcodeIndex not in densify]
     _drop_unused_tensors(root, graph, 0)
-    return _pack(root, len(model) * 2)
+    return pack(root, len(model) * 2)
 
 
 def _dense_values(model: bytes, tensors: list[int]) -> dict[int, Any]:
-    """The values of ``tensors`` after one run of ``model`` on zeros."""
-    import warnings
-
+    """The values of ``tensors`` after one run of ``model`` on zeros (LiteRT's own kernels:
+    the XNNPack delegate leaves the DENSIFY outputs unwritten)."""
     import numpy as np
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    # LiteRT's own kernels: the XNNPack delegate densifies weights inside itself and leaves
-    # the DENSIFY outputs unwritten
-    with warnings.catch_warnings():  # "intended for debugging purposes only": it is used so
-        warnings.simplefilter("ignore")
-        interpreter = Interpreter(
-            model_content=model, experimental_preserve_all_tensors=True,
-            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interpreter.allocate_tensors()
+    interpreter = debug_interpreter(model)
     for spec in interpreter.get_input_details():
         interpreter.set_tensor(spec["index"], np.zeros(spec["shape"], spec["dtype"]))
     interpreter.invoke()
@@ -140,7 +130,7 @@ def normalize_opcodes(model: bytes) -> bytes:
     root = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model, 0))
     if not _normalize(root):
         return model
-    return _pack(root, len(model))
+    return pack(root, len(model))
 
 
 def _normalize(root: Any) -> int:
@@ -195,12 +185,6 @@ def _drop_unused_tensors(root: Any, graph: Any, index: int) -> None:
                 item.tensorIndex = new[item.tensorIndex]
 
 
-def _pack(root: Any, size_hint: int) -> bytes:
-    builder = flatbuffers.Builder(size_hint + 1024)
-    builder.Finish(root.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
-
-
 def _tensor_map(graph: Any, index: int) -> Any:
     from ai_edge_litert import schema_py_generated as schema
 
@@ -246,8 +230,8 @@ def quantize_tflite(model: bytes, mode: str, data: Dataset | None,
     """Quantize a float TFLite with recipe ``mode`` (:data:`RECIPES`); ``keep_float`` names
     the output tensors of operators left in float. The graph's inputs and outputs stay
     float unless ``int8_io`` (the quantizer's static recipes make them int8)."""
-    if mode == "none":
-        return model
+    if mode == "none" or quantized_weights(model):
+        return model  # quantized already: nothing left to quantize (the pipeline says so)
     if mode == "fp16" and stores_float16(model):
         return model  # keep float16: the source already is what fp16 would write
     if mode not in RECIPES:

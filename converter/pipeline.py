@@ -58,6 +58,7 @@ from edgefleet.converter.failures import result_refused
 from edgefleet.converter.floatio import float_predict as _predict
 from edgefleet.converter.floatio import input_map, quantize_input
 from edgefleet.converter.lineage import lineage_of
+from edgefleet.converter.names import output_order, rename_outputs
 from edgefleet.converter.package import PackageSpec, package_bytes, tensor_spec
 from edgefleet.converter.report import Attempt, ConversionReport, Verdict
 from edgefleet.converter.search import Candidate, Search, auto_candidates, choose
@@ -73,6 +74,9 @@ HEALTH_ATOL = {"none": 1e-4, "fp16": 5e-3, "dynamic": 2e-2, "int8": 2e-2}
 HEALTH_ROWS = 8  # health-check inputs in a bundle, at most
 HEALTH_MIN_BYTES = 64 * 1024  # what health data may take at least (see health_budget)
 SLOWER_MARGIN = 0.03  # slower than the reference by more than 3 %, measured alternately
+MIN_CALIBRATION = 100  # calibration samples below which ranges are a guess (a warning)
+CALIBRATED = ("int8", "int8-a16", "auto")  # modes whose activations ranges come from data
+QUANTIZED_SOURCE = "the source is quantized already (its weights are integers)"
 
 
 class Step(Protocol):
@@ -144,7 +148,8 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
     report = ConversionReport(str(config.model), source.kind, config.format, config.quantize,
                               source.size_bytes, budget_points=config.budget_points,
                               input_shapes={i.name: list(i.shape) for i in source.inputs})
-    report.warnings.extend(_size_warnings(source, config))
+    report.warnings.extend(_size_warnings(source, config) + _few_samples(calibration, config))
+    report.source_quantized = _quantized_source(source)
     if evaluation is None:
         evaluation = _synthetic(source)
         report.warnings.append("no --eval or --calibration data: agreement measured on 64 "
@@ -173,6 +178,12 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
         report.float_latency_p50_ms = latency_p50_ms(ctx.reference,
                                                      _one_call(evaluation, source.inputs))
     return ctx
+
+
+def _quantized_source(source: SourceModel) -> bool:
+    from edgefleet.converter.tflite_graph import quantized_weights
+
+    return source.kind == "tflite" and quantized_weights(source.path.read_bytes())
 
 
 def _output_kinds(config: ConvertConfig, source: SourceModel, outputs: list[Array],
@@ -224,6 +235,17 @@ def _size_warnings(source: SourceModel, config: ConvertConfig) -> list[str]:
     return [f"input {dynamic[0]!r} has a dynamic height or width: images were resized to "
             f"{DYNAMIC_SIDE}x{DYNAMIC_SIDE}; pass --input-size HEIGHTxWIDTH (or --input-shape) "
             "to calibrate and evaluate at the deployment size"]
+
+
+def _few_samples(calibration: Dataset | None, config: ConvertConfig) -> list[str]:
+    """Calibration of a few samples: ranges fitted to them clip what the others hold."""
+    if calibration is None or config.quantize not in CALIBRATED or \
+            len(calibration) >= MIN_CALIBRATION:
+        return []
+    return [f"calibration has {len(calibration)} sample{'s' if len(calibration) > 1 else ''}: "
+            "quantization ranges fitted to so few miss the values other inputs reach, and "
+            f"int8 loses accuracy; give {MIN_CALIBRATION} or more typical inputs "
+            "(--calibration)"]
 
 
 def _float_conversion(ctx: _Context) -> Predict:
@@ -295,6 +317,10 @@ def _check_path(kind: str, fmt: str) -> None:
 
 def _candidates(ctx: _Context) -> Iterator[Candidate]:
     cfg = ctx.config
+    if cfg.quantize == "auto" and ctx.report.source_quantized:
+        ctx.report.warnings.append(f"{QUANTIZED_SOURCE}: packaged as it is")
+        yield Candidate("none", "none")
+        return
     if cfg.quantize != "auto":
         yield Candidate(cfg.quantize, cfg.quantize, method=cfg.calibration_method,
                         activations=cfg.activations)
@@ -312,7 +338,7 @@ def _attempt(ctx: _Context, candidate: Candidate) -> tuple[Attempt, bytes | None
     attempt = Attempt(candidate.label, candidate.mode, list(candidate.keep_float),
                       recipe=_recipe_name(ctx, candidate))
     try:
-        artifact = _build(ctx, candidate)
+        artifact = _named_outputs(ctx, _build(ctx, candidate))
         attempt.kept_source = ctx.source.kind in ("onnx", "tflite") and \
             artifact == ctx.source.path.read_bytes()
         ctx.step(f"measuring: {candidate.label}")
@@ -324,6 +350,22 @@ def _attempt(ctx: _Context, candidate: Candidate) -> tuple[Attempt, bytes | None
         return attempt, None
     _judge(ctx, attempt)
     return attempt, artifact
+
+
+def _named_outputs(ctx: _Context, artifact: bytes) -> bytes:
+    """The artifact's outputs in the source's order and under its names: which is which
+    is measured on one call when there are several (a converter may reorder them)."""
+    names, fmt = ctx.source.output_names, ctx.config.format
+    order = None
+    if len(names) > 1:
+        try:
+            predict = _predict(load_runtime(artifact, fmt), ctx.source.inputs)
+            sample = _one_call(ctx.evaluation, ctx.source.inputs)
+            rows = len(next(iter(sample.values())))
+            order = output_order([o[:rows] for o in ctx.source_outputs], predict(sample))
+        except (EdgefleetError, ValueError, RuntimeError):  # _measure says why it fails
+            return artifact
+    return rename_outputs(artifact, fmt, names, order)
 
 
 def _message(exc: Exception) -> str:
@@ -354,6 +396,8 @@ def _ranking(ctx: _Context, base: Candidate) -> list[str]:
 
 def _recipe_name(ctx: _Context, candidate: Candidate) -> str:
     """The backend recipe behind a candidate, as the report names it."""
+    if ctx.report.source_quantized and candidate.mode != "none":
+        return "nothing to quantize (the source is quantized already)"
     if ctx.source.kind == "tflite":
         names = {"int8": "static_wi8_ai8", "int8-a16": "static_wi8_ai16",
                  "weight-only": "weight_only_wi8_afp32", "dynamic": "dynamic_wi8_afp32",
@@ -422,10 +466,28 @@ def _measure(ctx: _Context, attempt: Attempt, artifact: bytes) -> None:
                                             _one_call(ctx.evaluation, runtime.inputs))
     info = inspect_model(artifact, ctx.config.format)
     attempt.ops, attempt.dtypes = dict(info.ops), sorted(info.dtypes)
-    attempt.violations = [v.as_dict() for p in ctx.profiles
+    attempt.float_ops = _float_ops(ctx, attempt, artifact)
+    attempt.violations = [_with_float_ops(v.as_dict(), attempt.float_ops) for p in ctx.profiles
                           for v in check_model(p, _probe_manifest(ctx, runtime, info), info,
                                                len(artifact))]
     _never_slower(ctx, attempt, predict)
+
+
+def _float_ops(ctx: _Context, attempt: Attempt, artifact: bytes) -> list[str]:
+    """Operators a full-integer TFLite result computes in float."""
+    if ctx.config.format != "tflite" or attempt.mode != "int8":
+        return []
+    from edgefleet.converter.tflite_graph import float_ops
+
+    return float_ops(artifact)
+
+
+def _with_float_ops(violation: dict[str, Any], ops: list[str]) -> dict[str, Any]:
+    """A tensor-type violation of an int8 result names the operators left in float."""
+    if violation["kind"] != "dtype" or not ops or "float" not in violation["message"]:
+        return violation
+    return {**violation, "message": f"{violation['message']}; {', '.join(ops)} computes in "
+                                    "float in this result"}
 
 
 def _drop(ctx: _Context, attempt: Attempt, found: Agreement) -> float:
@@ -503,7 +565,14 @@ def _judge(ctx: _Context, attempt: Attempt) -> None:
                           "should agree with the source's: values overflow this recipe")
         return
     source_bytes = ctx.source.size_bytes if ctx.source.kind in ("onnx", "tflite") else None
-    if attempt.mode != "none" and source_bytes and (attempt.size_bytes or 0) >= source_bytes \
+    if attempt.mode != "none" and ctx.report.source_quantized:
+        attempt.verdict = Verdict.NOT_SMALLER
+        attempt.reason = (f"{attempt.mode} did not make the model smaller: {QUANTIZED_SOURCE}, "
+                          f"{attempt.mode} finds nothing left to quantize (the result is the "
+                          "source unchanged)")
+        attempt.hint = ("package it as it is with --quantize none, or convert the float model "
+                        "it was made from")
+    elif attempt.mode != "none" and source_bytes and (attempt.size_bytes or 0) >= source_bytes \
             and not attempt.kept_source:
         attempt.verdict = Verdict.NOT_SMALLER
         attempt.reason = (f"{attempt.mode} did not make the model smaller ({attempt.size_bytes} "
@@ -587,6 +656,12 @@ def health_budget(model_bytes: int) -> int:
     return max(HEALTH_MIN_BYTES, model_bytes // 10)
 
 
+def _quantization_label(ctx: _Context, chosen: Attempt) -> str:
+    """What the bundle says of its quantization: the recipe's label, or that the source's
+    own quantization was kept."""
+    return "source (quantized already)" if ctx.report.source_quantized else chosen.label
+
+
 def _package(ctx: _Context, chosen: Attempt, artifact: bytes) -> None:
     cfg = ctx.config
     info = inspect_model(artifact, cfg.format)
@@ -595,7 +670,7 @@ def _package(ctx: _Context, chosen: Attempt, artifact: bytes) -> None:
     spec = PackageSpec(
         cfg.model_name, cfg.version, health,
         task="classification" if ctx.kinds and ctx.kinds[0].kind == CLASS else "other",
-        optimization=Optimization(quantization=chosen.label,
+        optimization=Optimization(quantization=_quantization_label(ctx, chosen),
                                   sparsity=float(ctx.report.pruning.get("sparsity", 0.0))),
         metrics=ctx.report.metrics(), targets=tuple(p.name for p in ctx.profiles),
         min_runtime_version=_min_runtime(cfg.format, info),

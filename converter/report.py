@@ -42,6 +42,9 @@ class Attempt:
     reference_latency_p50_ms: float | None = None
     ops: dict[str, int] = field(default_factory=dict)
     dtypes: list[str] = field(default_factory=list)
+    # operators a full-integer result still computes in float (the backend has no integer
+    # kernel for them, or they were kept float)
+    float_ops: list[str] = field(default_factory=list)
     violations: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     accepted: bool = False
@@ -74,6 +77,7 @@ class ConversionReport:
     encrypted_for: list[str] = field(default_factory=list)  # recipient key ids
     budget_points: float | None = None  # the accuracy budget the attempts were judged by
     input_shapes: dict[str, list[int]] = field(default_factory=dict)  # as converted
+    source_quantized: bool = False  # its weights are integers already: nothing to quantize
     # per output: {"name", "kind" (class or regression), "rule" (why)}
     output_kinds: list[dict[str, str]] = field(default_factory=list)
     # when nothing passed: options that change the outcome ({"option", "config", "why"})

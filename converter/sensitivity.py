@@ -25,6 +25,7 @@ import numpy as np
 
 from edgefleet.agent.runtime.base import Array
 from edgefleet.converter.data import Dataset
+from edgefleet.converter.tflite_graph import debug_interpreter
 
 __all__ = ["Node", "rank_by_loss", "sqnr_db", "tflite_ranking"]
 
@@ -90,20 +91,12 @@ def _tflite_nodes(model: bytes) -> list[Node]:
 
 
 def _tflite_tensors(model: bytes, data: Dataset) -> dict[str, Array]:
-    """Every float-valued tensor over the samples (dequantized when quantized), by name."""
-    import warnings
+    """Every float-valued tensor over the samples (dequantized when quantized), by name.
 
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    # LiteRT's own kernels: inside the XNNPack delegate's part of the graph the activations
-    # are never written to the tensors read here (37 of 128 of mediapipe's face detector
-    # read as zeros), and a ranking over them kept the wrong operators float
-    with warnings.catch_warnings():  # "intended for debugging purposes only": it is used so
-        warnings.simplefilter("ignore")
-        interpreter = Interpreter(
-            model_content=model, experimental_preserve_all_tensors=True,
-            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interpreter.allocate_tensors()
+    Read on LiteRT's own kernels (:func:`debug_interpreter`): under the XNNPack delegate
+    activations are never written, and a ranking over them kept the wrong operators float.
+    """
+    interpreter = debug_interpreter(model)
     details = interpreter.get_tensor_details()
     feeds = interpreter.get_input_details()
     collected: dict[str, list[Array]] = {}

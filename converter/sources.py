@@ -17,10 +17,10 @@ from edgefleet.agent.runtime.base import Array, TensorInfo
 from edgefleet.agent.runtime.select import load_runtime
 from edgefleet.converter._tf import keras, tensorflow
 from edgefleet.converter.errors import SourceModelError
-from edgefleet.converter.failures import source_refused
+from edgefleet.converter.failures import source_unreadable
 from edgefleet.converter.floatio import dequantize_output, quantize_input
 
-__all__ = ["SourceKind", "SourceModel", "keras_source", "load_source"]
+__all__ = ["SourceKind", "SourceModel", "keras_output_names", "keras_source", "load_source"]
 
 SourceKind = Literal["keras", "savedmodel", "onnx", "tflite"]
 Predict = Callable[[Mapping[str, Array]], list[Array]]
@@ -69,11 +69,7 @@ def load_source(path: Path) -> SourceModel:
     except SourceModelError:
         raise
     except Exception as exc:  # Keras/TF/ORT raise many unrelated types on bad files
-        refused = source_refused(path.name, exc)
-        if refused is not None:
-            raise refused from exc
-        raise SourceModelError(f"cannot load {kind} model {path}: {exc}",
-                               hint="check that the file is complete and of that type") from exc
+        raise source_unreadable(kind, path, exc) from exc
 
 
 def _keras(path: Path, kind: SourceKind) -> SourceModel:
@@ -91,8 +87,30 @@ def keras_source(path: Path, inputs: list[TensorInfo], model: Any) -> SourceMode
         out = model(values[0] if len(values) == 1 else values, training=False)
         return [np.asarray(o) for o in (out if isinstance(out, list | tuple) else [out])]
 
-    names = tuple(_clean(str(getattr(o, "name", i))) for i, o in enumerate(model.outputs))
-    return SourceModel("keras", path, inputs, predict, model, names)
+    return SourceModel("keras", path, inputs, predict, model, keras_output_names(model))
+
+
+def keras_output_names(model: Any) -> tuple[str, ...]:
+    """The Keras model's output names: its ``output_names`` (a functional model's), else
+    the names of the layers that make the outputs ("probs"), never the internal tensor
+    names (``keras_tensor_19``); made unique."""
+    declared = getattr(model, "output_names", None)
+    if isinstance(declared, list | tuple) and len(declared) == len(model.outputs) and \
+            all(isinstance(n, str) and n for n in declared):
+        return _unique(list(declared))
+    return _unique([_layer_name(o, i) for i, o in enumerate(model.outputs)])
+
+
+def _layer_name(tensor: Any, position: int) -> str:
+    history = getattr(tensor, "_keras_history", None)
+    layer = getattr(getattr(history, "operation", None), "name", None)
+    return str(layer) if layer else _clean(str(getattr(tensor, "name", position)))
+
+
+def _unique(names: list[str]) -> tuple[str, ...]:
+    if len(set(names)) == len(names):
+        return tuple(names)
+    return tuple(f"{name}_{i}" for i, name in enumerate(names))
 
 
 def _savedmodel(path: Path, kind: SourceKind) -> SourceModel:
