@@ -61,11 +61,13 @@ class MqttClient:
         keepalive: int = 30,
         clean_session: bool = True,
         tls: bool = False,
+        max_inflight: int = 20,
     ) -> None:
         self.host, self.port, self.keepalive = host, port, keepalive
         self.security = security or MqttSecurity()
         self.tls = tls or self.security.tls
         self._client = _paho_client(client_id, clean_session)
+        self._client.max_inflight_messages_set(max_inflight)  # QoS 1 publishes unacknowledged
         _apply_security(self._client, self.security, self.tls)
         self._errors = _ErrorTap()
         self._client.enable_logger(self._errors)
@@ -149,6 +151,12 @@ class MqttClient:
                 self._no_resend(info.mid, True)
                 return False
         return True
+
+    def unacknowledged(self) -> int:
+        """Publishes handed to this client that the broker has not acknowledged yet: in
+        flight (at most ``max_inflight``) and queued behind them, in this process. A sender
+        that may produce faster than the broker takes checks it rather than pile up here."""
+        return len(self._client._out_messages)
 
     def publish_wait(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 5.0

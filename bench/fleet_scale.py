@@ -715,7 +715,9 @@ TREE_NOTE = ("Beyond one broker (`--tree`, docs/scale-out.md): the devices conne
              "devices every 5 s would be 10,000 msg/s, above what the controller ingests on "
              "these 2 cores, and the simulated devices themselves cost CPU in proportion "
              "(docs/scale-out.md, Limits). A size that stopped progressing for 180 s shows "
-             "how far it went. This machine was shared with other sessions' test runs: "
+             "how far it went. The tree's brokers save their database as Mosquitto does by "
+             "default (`autosave_interval 1800`; the tests' 1 s made the root rewrite tens of "
+             "MB every 2 s). This machine was shared with other sessions' test runs: "
              "\"other load\" says how many cores they kept busy; the run's scheduling group "
              "(`{scheduling}`) is in the JSON.")
 

@@ -16,6 +16,8 @@ cannot hold anyway). Anything not granted is denied::
               writes  edgefleet/v1/{fleet}/+/status, +/state/reported
                       (only to clear them, empty and retained, when it decommissions
                       a device: ``fleet devices remove``)
+              writes  edgefleet/v1/{fleet}/_clear/#          (the same clears, for the
+                      copies leaf brokers keep: ``fleet.clears``)
 
 Home Assistant discovery (``agent run --ha-discovery``) publishes retained configs on
 ``homeassistant/{component}/{node}/{object}/config`` where the node id is
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 
 from edgefleet.agent.protocol.homeassistant import DISCOVERY_PREFIX, node_id
 from edgefleet.agent.protocol.topics import FLEET_LEVEL, PREFIX, Leaf, check_id
+from edgefleet.fleet.clears import clear_prefix
 
 __all__ = ["CONTROLLER_USER", "Rule", "acl_rules", "check_devices", "render_acl"]
 
@@ -86,6 +89,7 @@ def acl_rules(fleet: str, controller: str, ha_devices: Iterable[str] = (),
               Rule(controller, "write", f"{base}/{FLEET_LEVEL}/#")]
     # a decommission clears a device's retained topics (fleet.control.lifecycle)
     rules += [Rule(controller, "write", f"{base}/+/{leaf.value}") for leaf in _CLEARED]
+    rules.append(Rule(controller, "write", f"{clear_prefix(fleet)}#"))  # leaves' copies
     return rules
 
 

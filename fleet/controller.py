@@ -64,6 +64,11 @@ from edgefleet.fleet.telemetry import TelemetryBook
 __all__ = ["ControllerConfig", "FleetController", "now_ms"]
 
 log = logging.getLogger(CONTROLLER_LOG)
+# QoS 1 publishes in flight on the controller's connection (paho's default is 20). The
+# broker's acknowledgements share that connection with everything devices send: when the
+# controller is behind reading, each window of desired states waits for the backlog ahead
+# of its acknowledgements, so the window, not the broker, set the pace of a large wave.
+MQTT_INFLIGHT = 200
 
 
 class FleetController:
@@ -136,7 +141,8 @@ class FleetController:
             self.role.start(self.catalog.local_bundles)
         self.mqtt = MqttClient.from_url(self.role.client_id(self.config.fleet),
                                         self.config.broker_url,
-                                        security=self.config.mqtt_security)
+                                        security=self.config.mqtt_security,
+                                        max_inflight=MQTT_INFLIGHT)
         # every leaf but state/desired: the controller writes that one itself
         for leaf in (Leaf.STATUS, Leaf.REPORTED, Leaf.EVENTS, Leaf.TELEMETRY):
             topic_filter = fleet_filter(self.config.fleet, leaf)

@@ -29,6 +29,7 @@ from types import TracebackType
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.files import atomic_write
 from edgefleet.agent.protocol.topics import FLEET_LEVEL, PREFIX, Leaf, check_id, fleet_filter
+from edgefleet.fleet.clears import DEVICE_RETAINED, clear_prefix
 from edgefleet.fleet.errors import FleetError
 
 __all__ = ["BrokerSecurity", "MosquittoBroker", "MosquittoMissingError", "add_passwords",
@@ -100,14 +101,18 @@ def bridge_lines(name: str, root: tuple[str, int], fleet: str) -> list[str]:
     (Mosquitto to Mosquitto, ``try_private``). ``name`` must be unique among the leaves:
     it names the bridge's client id on the root. The bridge keeps its session
     (``cleansession false``), so QoS 1 messages wait on the leaf while the root is away.
+    A decommission's clears of the devices' retained status and reports come down from
+    ``_clear/`` on the root onto the devices' own topics (:mod:`edgefleet.fleet.clears`).
     """
     check_id(name, "bridge name")
     host, port = root
     up = [f"topic {fleet_filter(fleet, leaf)} out 1" for leaf in _UP]
     down = [f"topic {fleet_filter(fleet, Leaf.DESIRED)} in 1",
             f"topic {PREFIX}/{fleet}/{FLEET_LEVEL}/# in 1"]
+    clears = [f"topic +/{leaf.value} in 1 {PREFIX}/{fleet}/ {clear_prefix(fleet)}"
+              for leaf in DEVICE_RETAINED]
     return [f"connection {name}", f"address {host}:{port}", "bridge_protocol_version mqttv311",
-            "cleansession false", *up, *down]
+            "cleansession false", *up, *down, *clears]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -204,6 +209,10 @@ class MosquittoBroker:
     workdir: Path | None = None
     extra_config: list[str] = field(default_factory=list)
     security: BrokerSecurity | None = None
+    # seconds between saves of the whole in-memory database: 1 for the tests (a SIGKILL
+    # loses at most a second); Mosquitto's default is 1800. A save blocks the broker's
+    # only thread for as long as it takes to write every retained and queued message
+    autosave_interval_s: int = 1
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -232,7 +241,8 @@ class MosquittoBroker:
         # user it was started as.
         lines = [f"user {getpass.getuser()}", *self._access_lines(),
                  "persistence true", f"persistence_location {self.workdir}/",
-                 "autosave_interval 1", f"log_dest file {self.workdir}/mosquitto.log",
+                 f"autosave_interval {self.autosave_interval_s}",
+                 f"log_dest file {self.workdir}/mosquitto.log",
                  "max_queued_messages 100000", *self.extra_config]
         self.config_path.write_text("\n".join(lines) + "\n")
         return self.config_path

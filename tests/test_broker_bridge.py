@@ -13,7 +13,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.agent.protocol.topics import Leaf, device_topic, fleet_filter, keyring_topic
+from edgefleet.fleet.control.lifecycle import clear_topics
 from edgefleet.fleet.mosquitto import MosquittoBroker, bridge_lines
+from edgefleet.local_fleet import wait_until
 from tests.brokers import Message, Subscriber
 
 BRIDGE_UP = "$SYS/broker/connection/+/state"  # the bridge's notification: b"1" = up
@@ -123,3 +125,39 @@ def test_another_fleet_and_other_topics_stay_on_the_leaf(tree: Tree) -> None:
     finally:
         device.close()
         root.close()
+
+
+def test_a_decommission_clears_the_leafs_copies_so_a_leaf_restart_brings_nothing_back(
+        tree: Tree) -> None:
+    status, reported = (device_topic(tree.fleet, "d1", leaf)
+                        for leaf in (Leaf.STATUS, Leaf.REPORTED))
+    kept, later = (device_topic(tree.fleet, d, Leaf.STATUS) for d in ("d2", "d3"))
+    device = Subscriber(tree.leaf.url, [])
+    controller = Subscriber(tree.root.url, [status, reported, kept])
+    try:
+        for topic, payload in ((status, b"online"), (reported, b"{}"), (kept, b"online")):
+            device.publish(topic, payload, retain=True)
+        assert controller.wait_for(lambda ms: bool(payloads(ms, kept)))
+        for topic in clear_topics(tree.fleet, "d1"):  # what a removal publishes, in order
+            controller.publish(topic, b"", retain=True)
+    finally:
+        device.close()
+        controller.close()
+    topics = [status, reported, kept]
+
+    def retained_on(broker: MosquittoBroker) -> list[tuple[str, bytes]]:
+        return [(m.topic, m.payload) for m in retained(broker.url, topics, kept)]
+
+    wait_until(lambda: retained_on(tree.leaf) == [(kept, b"online")], 10, 0.2,
+               "the leaf's copies of d1 cleared")
+    tree.leaf.restart()  # its bridge connects again and sends up what the leaf retains
+    bridge = Subscriber(tree.root.url, [BRIDGE_UP, later])
+    device = Subscriber(tree.leaf.url, [])
+    try:
+        assert bridge.wait_for(lambda ms: [m.payload for m in ms][-1:] == [b"1"])
+        device.publish(later, b"online")  # on the same connection after what it sent first
+        assert bridge.wait_for(lambda ms: bool(payloads(ms, later)))
+    finally:
+        device.close()
+        bridge.close()
+    assert retained_on(tree.root) == [(kept, b"online")]

@@ -233,6 +233,7 @@ def test_the_acl_gives_devices_their_own_topics_and_the_controller_desired_state
         "topic write edgefleet/v1/plant-1/_fleet/#",
         "topic write edgefleet/v1/plant-1/+/status",
         "topic write edgefleet/v1/plant-1/+/state/reported",
+        "topic write edgefleet/v1/plant-1/_clear/#",
     ]
     writers = {r.topic for r in acl_rules("plant-1", "ctl") if r.access == "write"
                and "desired" in r.topic}

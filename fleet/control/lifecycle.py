@@ -8,12 +8,13 @@ call, in this order:
    unfinished rollout holds (409: abort it or let it end first);
 2. then device by device: its retained topics are cleared on the broker (an empty
    retained message, QoS 1 and acknowledged, on ``state/desired``, ``state/reported`` and
-   ``status``; status last: every controller that sees the cleared status forgets the
-   device, so scaled-out ones agree); its row leaves the store (its group and tags with
-   it); the registry forgets it; a desired state still waiting for it in the outbox is
-   dropped; and the history gets a ``device.remove`` entry under the token's name and
-   role. A broker that does not acknowledge stops the call there, and the error names
-   the devices removed before it.
+   ``status``, after the same for the copies of a tree's leaf brokers
+   (:mod:`edgefleet.fleet.clears`); status last: every controller that sees the cleared
+   status forgets the device, so scaled-out ones agree); its row leaves the store (its
+   group and tags with it); the registry forgets it; a desired state still waiting for
+   it in the outbox is dropped; and the history gets a ``device.remove`` entry under the
+   token's name and role. A broker that does not acknowledge stops the call there, and
+   the error names the devices removed before it.
 
 A removed device that comes back (connects, reports) registers as a new device, with no
 group or tag. In secure mode (the controller's broker connection uses TLS) the answer
@@ -31,6 +32,7 @@ from edgefleet.agent.errors import BrokerError
 from edgefleet.agent.mqtt import MqttClient
 from edgefleet.agent.mqtt_config import MqttSecurity
 from edgefleet.agent.protocol.topics import Leaf, device_topic
+from edgefleet.fleet.clears import DEVICE_RETAINED, clear_topic
 from edgefleet.fleet.control.audit import AuditTrail
 from edgefleet.fleet.control.outbox import Outbox
 from edgefleet.fleet.domain import Device
@@ -39,7 +41,7 @@ from edgefleet.fleet.registry import DeviceRegistry
 from edgefleet.fleet.rollout.state import FINISHED, RolloutState
 from edgefleet.fleet.store import Store
 
-__all__ = ["CLEARED", "DeviceLifecycle", "Removal", "revoke_command"]
+__all__ = ["CLEARED", "DeviceLifecycle", "Removal", "clear_topics", "revoke_command"]
 
 CLEARED = (Leaf.DESIRED, Leaf.REPORTED, Leaf.STATUS)  # the retained ones; status last
 _UNFINISHED = [state for state in RolloutState if state not in FINISHED]
@@ -127,9 +129,16 @@ class DeviceLifecycle:
             raise BrokerError("the controller is not connected to its broker",
                               hint="nothing was removed; start the controller and retry",
                               transient=True)
-        for leaf in CLEARED:
-            mqtt.publish_wait(device_topic(self.fleet, device, leaf), b"", qos=1, retain=True,
-                              timeout=_ACK_TIMEOUT_S)
+        for topic in clear_topics(self.fleet, device):
+            mqtt.publish_wait(topic, b"", qos=1, retain=True, timeout=_ACK_TIMEOUT_S)
+
+
+def clear_topics(fleet: str, device: str) -> list[str]:
+    """Where a removal publishes empty retained messages, in order: the copies a tree's
+    leaves keep of what the device wrote (:mod:`edgefleet.fleet.clears`), then the device's
+    retained topics on the controller's broker, status last."""
+    return [*(clear_topic(fleet, device, leaf) for leaf in DEVICE_RETAINED),
+            *(device_topic(fleet, device, leaf) for leaf in CLEARED)]
 
 
 def revoke_command(device_ids: Sequence[str], security: MqttSecurity | None

@@ -6,6 +6,14 @@ document with the last word of every rollout to it by model name, so a rollout o
 never drops another's entry; any other device is sent version 1, which every agent reads.
 One that cannot be published (broker away) waits and goes out when the broker is back; a
 newer word for the same device replaces it. Only the leader publishes.
+
+At most ``MAX_UNACKNOWLEDGED`` desired states are handed to MQTT and not yet acknowledged by
+the broker; the rest wait here, one per device. Handed over, a word can no longer be
+replaced: when the broker acknowledges slowly (the controller's connection busy with what
+devices send, the acknowledgements queued behind it), the executor's re-sends (a commit
+every ``RESEND_MS`` to a device still in probation) would otherwise pile up copies in the
+client's queue faster than they drain, and the next wave's installs would wait behind them
+(BENCHMARKS.md, tree of brokers: 50,000 devices stalled that way).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from edgefleet.fleet.rollout.state import DeviceState, Rollout
 __all__ = ["Outbox"]
 
 log = logging.getLogger(CONTROLLER_LOG)
+MAX_UNACKNOWLEDGED = 1_000  # desired states handed to MQTT, not yet acknowledged
 _AGAIN = {DeviceState.TARGETED: Action.INSTALL, DeviceState.UPDATING: Action.INSTALL,
           DeviceState.PROBATION: Action.INSTALL, DeviceState.COMMITTING: Action.COMMIT,
           DeviceState.ROLLING_BACK: Action.ROLLBACK}  # what a device waited on is told again
@@ -124,7 +133,8 @@ class Outbox:
             self.queue(rollout, device, action)
 
     def flush(self) -> None:
-        """Publish what waits, oldest first, until the broker refuses one."""
+        """Publish what waits, oldest first, until the broker refuses one or
+        ``MAX_UNACKNOWLEDGED`` are on their way (the rest go at a later flush)."""
         mqtt = self.mqtt
         if mqtt is None or not self.waiting:
             return
@@ -133,6 +143,8 @@ class Outbox:
                 log.warning("not the leader any more: %d desired states dropped (the "
                             "leader publishes them)", len(self.waiting))
                 self.waiting.clear()
+                return
+            if mqtt.unacknowledged() >= MAX_UNACKNOWLEDGED:
                 return
             device, payload = next(iter(self.waiting.items()))
             topic = device_topic(self.fleet, device, Leaf.DESIRED)
