@@ -24,12 +24,13 @@ from edgefleet.agent.protocol.topics import Leaf, device_topic
 from edgefleet.agent.runtime.select import installed_runtimes
 from edgefleet.agent.service import AgentService, ServiceConfig
 from edgefleet.agent.update import local
+from edgefleet.cli.fleet.top import collect
 from edgefleet.fleet.domain import Device
 from edgefleet.fleet.registry import apply_reported
 from edgefleet.fleet.telemetry import TelemetryBook
 from tests.brokers import Subscriber
 from tests.conftest import Keys, make_bundle
-from tests.fleet_harness import Fleet, wait_until
+from tests.fleet_harness import Fleet, log_in, wait_until
 from tests.models import TrainedModels
 
 _SHA = {"a": "a" * 64, "b": "b" * 64}
@@ -107,6 +108,48 @@ def test_a_rollout_and_its_rollback_touch_only_the_model_of_their_bundle(
     assert service.models["keyword"].model is keyword, "keyword was never reloaded"
     listed = _device(fleet, "cam-2m")
     assert listed["models"]["keyword"]["update_state"] == "COMMITTED"
+
+
+def _overview_counts(fleet: Fleet) -> tuple[dict[str, int], dict[str, int]]:
+    overview = fleet.client().overview()
+    return overview["versions"], overview["update_states"]
+
+
+def _page(browser: Any, script: str, *args: Any) -> Any:
+    """Read in the page, in one go: the page re-renders as the stream speaks."""
+    return browser.execute_script(script, *args)
+
+
+def test_the_overview_top_and_the_page_count_every_model_of_a_device(
+        fleet: Fleet, signing_keys: Keys, bundles: dict[str, Path], browser: Any) -> None:
+    """A device of digits and keyword beside a device of digits alone: two devices run
+    digits 1.0.0 and one keyword 1.0.0 (none runs "none"), three models are settled."""
+    fleet.start_controller()
+    _two_model_device(fleet, signing_keys, bundles)
+    fleet.add_agent("cam-1m", bundles["digits-1"])
+    wait_until(lambda: _overview_counts(fleet)[0] == {"digits:1.0.0": 2, "keyword:1.0.0": 1},
+               30, what="the overview counting each model")
+    _, states = _overview_counts(fleet)
+    assert sum(states.values()) == 3 and set(states) <= {"IDLE", "COMMITTED"}, states
+    frame = collect(fleet.client())
+    assert [(row["version"], row["devices"]) for row in frame["versions"]] == [
+        ("digits:1.0.0", 2), ("keyword:1.0.0", 1)]
+    assert frame["attention"] == []
+
+    assert fleet.api is not None
+    log_in(browser, fleet.api.url)
+    tile = '[data-device="cam-2m"]'
+    wait_until(lambda: _page(browser, "const e = document.querySelector(arguments[0]);"
+                             "return e && e.dataset.version;", tile)
+               == "digits:1.0.0 keyword:1.0.0", 15, what="the tile of two models")
+    legend = _page(browser, "return [...document.querySelectorAll('#versions .legend-item')]"
+                            ".map(e => [e.dataset.version, e.querySelector('.n').innerText]);")
+    assert sorted(map(tuple, legend)) == [("digits:1.0.0", "2"), ("keyword:1.0.0", "1")]
+    swatches = _page(browser, "return [...document.querySelectorAll(arguments[0] + ' .ver "
+                              ".swatch')].map(e => e.title);", tile)
+    assert swatches == ["digits:1.0.0", "keyword:1.0.0"]
+    assert _page(browser, "return document.querySelector(arguments[0]).dataset.state;",
+                 tile) in ("IDLE", "COMMITTED")
 
 
 def test_a_device_of_one_model_is_sent_version_1_and_one_of_several_version_2(
