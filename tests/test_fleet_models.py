@@ -44,6 +44,8 @@ def bundles(digits_models: TrainedModels, signing_keys: Keys,
             "digits-2": make_bundle(digits_models.tflite, out / "d2.efb", signing_keys, "2.0.0",
                                     rows=16),
             "keyword-1": make_bundle(digits_models.onnx, out / "k1.efb", signing_keys, "1.0.0",
+                                     name="keyword"),
+            "keyword-2": make_bundle(digits_models.onnx, out / "k2.efb", signing_keys, "2.0.0",
                                      name="keyword")}
 
 
@@ -150,6 +152,45 @@ def test_the_overview_top_and_the_page_count_every_model_of_a_device(
     assert swatches == ["digits:1.0.0", "keyword:1.0.0"]
     assert _page(browser, "return document.querySelector(arguments[0]).dataset.state;",
                  tile) in ("IDLE", "COMMITTED")
+
+
+def test_a_restarted_controller_still_sends_every_models_last_word(
+        fleet: Fleet, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    """digits 2.0.0 is rolled out to a device of two models; after a controller restart a
+    rollout of keyword carries digits' entry too (docs/protocol.md: the last word of every
+    rollout to that device by model name), not keyword's alone."""
+    client = fleet.start_controller()
+    _two_model_device(fleet, signing_keys, bundles)
+    wait_until(lambda: _versions(_device(fleet, "cam-2m")) == {"digits": "1.0.0",
+                                                               "keyword": "1.0.0"},
+               30, what="the device registered with its two models")
+    for ref in ("digits-2", "keyword-2"):
+        client.upload("/api/v1/models", bundles[ref].read_bytes())
+    first = client.post("/api/v1/rollouts", {
+        "model": "digits:2.0.0", "selectors": ["device:cam-2m"], "waves": ["100%"],
+        "device_timeout_s": 60, "soak_s": 0.5})
+    wait_until(lambda: _settled(fleet, first["id"], "SUCCEEDED"), 90, what="digits 2.0.0")
+
+    fleet.stop_controller()
+    client = fleet.start_controller()
+    wait_until(lambda: _versions(_device(fleet, "cam-2m")) == {"digits": "2.0.0",
+                                                               "keyword": "1.0.0"},
+               30, what="the device's retained report read again")
+    sub = Subscriber(fleet.broker_url, [device_topic(fleet.name, "cam-2m", Leaf.DESIRED)])
+    try:
+        wait_until(lambda: len(sub.messages) >= 1, 10, what="the retained desired state")
+        retained = len(sub.messages)
+        client.post("/api/v1/rollouts", {
+            "model": "keyword:2.0.0", "selectors": ["device:cam-2m"], "waves": ["100%"],
+            "device_timeout_s": 60, "soak_s": 0.5})
+        wait_until(lambda: len(sub.messages) > retained, 30, what="the keyword install")
+        sent = decode_desired(sub.messages[retained].payload)
+    finally:
+        sub.close()
+    assert isinstance(sent, DesiredModels)
+    assert {name: (e.version, e.rollout) for name, e in sent.models.items()} == {
+        "digits": ("2.0.0", first["id"]), "keyword": ("2.0.0", sent.models["keyword"].rollout)}
+    assert sent.models["keyword"].action == "install"
 
 
 def test_a_device_of_one_model_is_sent_version_1_and_one_of_several_version_2(
