@@ -12,9 +12,11 @@ import pytest
 
 from edgefleet.agent.models import ModelSet
 from edgefleet.agent.protocol.payloads import (
+    MAX_MODELS,
     BundleRef,
     DesiredModels,
     DesiredState,
+    ModelReport,
     ReportedState,
     decode,
     decode_desired,
@@ -220,6 +222,36 @@ def test_a_device_of_one_model_is_sent_version_1_and_one_of_several_version_2(
         sub.close()
     listed = _device(fleet, "old-1")
     assert listed["models"] is None and listed["active"]["version"] == "1.0.0"
+
+
+def test_a_device_serving_the_most_models_is_not_sent_another_and_the_row_says_why(
+        fleet: Fleet, bundles: dict[str, Path]) -> None:
+    """Its agent would refuse the entry (MAX_MODELS) and say nothing to the fleet: the
+    rollout marks it INCOMPATIBLE with the reason instead of timing out on it."""
+    client = fleet.start_controller()
+    models = {f"m{i}": ModelReport(active=BundleRef(name=f"m{i}", version="1.0.0",
+                                                   sha256=_SHA["a"]), serving=True)
+              for i in range(MAX_MODELS)}
+    full = ReportedState(schema_version=2, fleet=fleet.name, device="full-1",
+                         agent_version="0.2.0", runtimes=installed_runtimes(), serving=True,
+                         models=models)
+    sub = Subscriber(fleet.broker_url, [device_topic(fleet.name, "full-1", Leaf.DESIRED)])
+    try:
+        sub.publish(device_topic(fleet.name, "full-1", Leaf.REPORTED), encode(full), retain=True)
+        wait_until(lambda: len(_device(fleet, "full-1").get("models") or {}) == MAX_MODELS, 30,
+                   what="the device of 16 models registered")
+        client.upload("/api/v1/models", bundles["keyword-1"].read_bytes())
+        rollout = client.post("/api/v1/rollouts", {
+            "model": "keyword:1.0.0", "selectors": ["device:full-1"], "waves": ["100%"],
+            "device_timeout_s": 60})
+        wait_until(lambda: _settled(fleet, rollout["id"], "SUCCEEDED"), 30, what="the rollout")
+        row = client.get(f"/api/v1/rollouts/{rollout['id']}")["devices"][0]
+        assert _to(sub, "full-1") == [], "the device was sent the model"
+    finally:
+        sub.publish(device_topic(fleet.name, "full-1", Leaf.REPORTED), b"", retain=True)
+        sub.close()
+    assert row["state"] == "INCOMPATIBLE"
+    assert "serves 16 models already" in row["reason"]
 
 
 def test_a_device_of_one_model_stands_for_that_model_whatever_the_rollout_names() -> None:

@@ -508,6 +508,15 @@ def test_a_device_that_keeps_an_added_model_after_a_rollback_is_not_followed_for
     assert "nothing to roll back to" in d.rollout.devices["d00"].reason
 
 
+def test_a_device_that_cannot_take_the_model_any_more_times_out_with_the_reason() -> None:
+    """Sent the bundle, then full (another model installed meanwhile): the timeout says why."""
+    rollout, devices = started(1, device_timeout_s=60, gates=Gates(min_success_pct=0))
+    devices["d00"] = replace(devices["d00"], incompatible="the device serves 16 models already")
+    d = run(rollout, devices, 61_000)
+    assert d.rollout.devices["d00"].reason == (
+        "no answer within 60s (the device serves 16 models already)")
+
+
 def test_a_rollout_round_trips_through_json() -> None:
     rollout, _ = started(3)
     assert Rollout.from_dict(rollout.as_dict()) == rollout

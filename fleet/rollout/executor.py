@@ -301,7 +301,7 @@ def _follow_update(step: _Step, item: RolloutDevice, view: DeviceView | None) ->
     if item.state in (DeviceState.TARGETED, DeviceState.UPDATING):
         if step.now - item.targeted_ms > limit_ms:
             where = "offline" if view is None or not view.online else (
-                f"still {view.update_state}")
+                view.incompatible or f"still {view.update_state}")
             step.move(item, DeviceState.TIMED_OUT,
                       f"no answer within {step.rollout.spec.device_timeout_s:g}s ({where})")
     elif item.state == DeviceState.COMMITTING and step.now - item.since_ms > limit_ms:
