@@ -156,6 +156,35 @@ def test_the_overview_top_and_the_page_count_every_model_of_a_device(
                  tile) in ("IDLE", "COMMITTED")
 
 
+def test_rolling_back_a_rollout_that_added_a_model_says_the_device_keeps_it(
+        fleet: Fleet, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    """keyword is added to a device of digits alone, then its rollout rolled back: there
+    is nothing to go back to, so the device keeps keyword, and the rollout and its row say
+    so instead of claiming a rollback (or waiting in ROLLING_BACK for ever)."""
+    client = fleet.start_controller()
+    models, data = ModelSet(signing_keys.trusted), fleet.root / "devices" / "cam-1"
+    local.install_model(models, data, bundles["digits-1"])
+    service = AgentService(ServiceConfig(fleet=fleet.name, device_id="cam-1", data_dir=data,
+                                         broker_url=fleet.broker_url, telemetry_interval_s=0.3,
+                                         probation_s=600), models)
+    service.start()
+    fleet.agents["cam-1"] = service
+    wait_until(lambda: _versions(_device(fleet, "cam-1")) == {"digits": "1.0.0"}, 30,
+               what="the device of one model registered")
+    client.upload("/api/v1/models", bundles["keyword-1"].read_bytes())
+    rollout = client.post("/api/v1/rollouts", {
+        "model": "keyword:1.0.0", "selectors": ["device:cam-1"], "waves": ["100%"],
+        "device_timeout_s": 60, "soak_s": 0.5})
+    wait_until(lambda: _settled(fleet, rollout["id"], "SUCCEEDED"), 90, what="keyword added")
+    client.post(f"/api/v1/rollouts/{rollout['id']}/rollback")
+    ended = client.get(f"/api/v1/rollouts/{rollout['id']}")
+    assert ended["state"] == "ROLLED_BACK"
+    assert "1 of 1 devices keep keyword 1.0.0" in ended["reason"]
+    row = ended["devices"][0]
+    assert row["state"] == "SUCCEEDED" and "nothing to roll back to" in row["reason"]
+    assert _versions(_device(fleet, "cam-1")) == {"digits": "1.0.0", "keyword": "1.0.0"}
+
+
 def test_a_restarted_controller_still_sends_every_models_last_word(
         fleet: Fleet, signing_keys: Keys, bundles: dict[str, Path]) -> None:
     """digits 2.0.0 is rolled out to a device of two models; after a controller restart a
