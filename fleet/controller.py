@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -346,9 +346,7 @@ class FleetController:
     def overview(self, quality: bool = True) -> dict[str, Any]:
         """Counts of the fleet; with ``quality``, per-version telemetry too (O(devices))."""
         devices = self.registry.snapshot()
-        versions = collections.Counter(f"{d.active.name}:{d.active.version}" if d.active
-                                       else "none" for d in devices)
-        states = collections.Counter(d.update_state for d in devices)
+        versions, states = model_counts(devices)
         return {"fleet": self.config.fleet, "devices": len(devices),
                 "online": sum(1 for d in devices if d.online),
                 "versions": dict(versions), "update_states": dict(states),
@@ -373,3 +371,22 @@ class FleetController:
         with self._lock:
             accepted = self.keys.accept(raw, actor, force)
         return self.keys.publish(accepted)
+
+
+def model_counts(devices: Iterable[Device]) -> tuple[dict[str, int], dict[str, int]]:
+    """``(versions, update_states)`` counted per model: each model a device serves counts
+    once under ``name:version`` (a device serving none, once under ``none``), and each
+    model's update state once (a device of one model, version 1: its own)."""
+    versions: collections.Counter[str] = collections.Counter()
+    states: collections.Counter[str] = collections.Counter()
+    for device in devices:
+        models = list(device.models.values()) if device.models else [device.model("")]
+        serving = 0
+        for model in models:
+            states[model.update_state] += 1
+            if model.active is not None:
+                versions[f"{model.active.name}:{model.active.version}"] += 1
+                serving += 1
+        if not serving:
+            versions["none"] += 1
+    return dict(versions), dict(states)

@@ -12,9 +12,11 @@ import pytest
 
 from edgefleet.agent.models import ModelSet
 from edgefleet.agent.protocol.payloads import (
+    MAX_MODELS,
     BundleRef,
     DesiredModels,
     DesiredState,
+    ModelReport,
     ReportedState,
     decode,
     decode_desired,
@@ -24,12 +26,13 @@ from edgefleet.agent.protocol.topics import Leaf, device_topic
 from edgefleet.agent.runtime.select import installed_runtimes
 from edgefleet.agent.service import AgentService, ServiceConfig
 from edgefleet.agent.update import local
+from edgefleet.cli.fleet.top import collect
 from edgefleet.fleet.domain import Device
 from edgefleet.fleet.registry import apply_reported
 from edgefleet.fleet.telemetry import TelemetryBook
 from tests.brokers import Subscriber
 from tests.conftest import Keys, make_bundle
-from tests.fleet_harness import Fleet, wait_until
+from tests.fleet_harness import Fleet, log_in, wait_until
 from tests.models import TrainedModels
 
 _SHA = {"a": "a" * 64, "b": "b" * 64}
@@ -43,6 +46,8 @@ def bundles(digits_models: TrainedModels, signing_keys: Keys,
             "digits-2": make_bundle(digits_models.tflite, out / "d2.efb", signing_keys, "2.0.0",
                                     rows=16),
             "keyword-1": make_bundle(digits_models.onnx, out / "k1.efb", signing_keys, "1.0.0",
+                                     name="keyword"),
+            "keyword-2": make_bundle(digits_models.onnx, out / "k2.efb", signing_keys, "2.0.0",
                                      name="keyword")}
 
 
@@ -109,6 +114,116 @@ def test_a_rollout_and_its_rollback_touch_only_the_model_of_their_bundle(
     assert listed["models"]["keyword"]["update_state"] == "COMMITTED"
 
 
+def _overview_counts(fleet: Fleet) -> tuple[dict[str, int], dict[str, int]]:
+    overview = fleet.client().overview()
+    return overview["versions"], overview["update_states"]
+
+
+def _page(browser: Any, script: str, *args: Any) -> Any:
+    """Read in the page, in one go: the page re-renders as the stream speaks."""
+    return browser.execute_script(script, *args)
+
+
+def test_the_overview_top_and_the_page_count_every_model_of_a_device(
+        fleet: Fleet, signing_keys: Keys, bundles: dict[str, Path], browser: Any) -> None:
+    """A device of digits and keyword beside a device of digits alone: two devices run
+    digits 1.0.0 and one keyword 1.0.0 (none runs "none"), three models are settled."""
+    fleet.start_controller()
+    _two_model_device(fleet, signing_keys, bundles)
+    fleet.add_agent("cam-1m", bundles["digits-1"])
+    wait_until(lambda: _overview_counts(fleet)[0] == {"digits:1.0.0": 2, "keyword:1.0.0": 1},
+               30, what="the overview counting each model")
+    _, states = _overview_counts(fleet)
+    assert sum(states.values()) == 3 and set(states) <= {"IDLE", "COMMITTED"}, states
+    frame = collect(fleet.client())
+    assert [(row["version"], row["devices"]) for row in frame["versions"]] == [
+        ("digits:1.0.0", 2), ("keyword:1.0.0", 1)]
+    assert frame["attention"] == []
+
+    assert fleet.api is not None
+    log_in(browser, fleet.api.url)
+    tile = '[data-device="cam-2m"]'
+    wait_until(lambda: _page(browser, "const e = document.querySelector(arguments[0]);"
+                             "return e && e.dataset.version;", tile)
+               == "digits:1.0.0 keyword:1.0.0", 15, what="the tile of two models")
+    legend = _page(browser, "return [...document.querySelectorAll('#versions .legend-item')]"
+                            ".map(e => [e.dataset.version, e.querySelector('.n').innerText]);")
+    assert sorted(map(tuple, legend)) == [("digits:1.0.0", "2"), ("keyword:1.0.0", "1")]
+    swatches = _page(browser, "return [...document.querySelectorAll(arguments[0] + ' .ver "
+                              ".swatch')].map(e => e.title);", tile)
+    assert swatches == ["digits:1.0.0", "keyword:1.0.0"]
+    assert _page(browser, "return document.querySelector(arguments[0]).dataset.state;",
+                 tile) in ("IDLE", "COMMITTED")
+
+
+def test_rolling_back_a_rollout_that_added_a_model_says_the_device_keeps_it(
+        fleet: Fleet, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    """keyword is added to a device of digits alone, then its rollout rolled back: there
+    is nothing to go back to, so the device keeps keyword, and the rollout and its row say
+    so instead of claiming a rollback (or waiting in ROLLING_BACK for ever)."""
+    client = fleet.start_controller()
+    models, data = ModelSet(signing_keys.trusted), fleet.root / "devices" / "cam-1"
+    local.install_model(models, data, bundles["digits-1"])
+    service = AgentService(ServiceConfig(fleet=fleet.name, device_id="cam-1", data_dir=data,
+                                         broker_url=fleet.broker_url, telemetry_interval_s=0.3,
+                                         probation_s=600), models)
+    service.start()
+    fleet.agents["cam-1"] = service
+    wait_until(lambda: _versions(_device(fleet, "cam-1")) == {"digits": "1.0.0"}, 30,
+               what="the device of one model registered")
+    client.upload("/api/v1/models", bundles["keyword-1"].read_bytes())
+    rollout = client.post("/api/v1/rollouts", {
+        "model": "keyword:1.0.0", "selectors": ["device:cam-1"], "waves": ["100%"],
+        "device_timeout_s": 60, "soak_s": 0.5})
+    wait_until(lambda: _settled(fleet, rollout["id"], "SUCCEEDED"), 90, what="keyword added")
+    client.post(f"/api/v1/rollouts/{rollout['id']}/rollback")
+    ended = client.get(f"/api/v1/rollouts/{rollout['id']}")
+    assert ended["state"] == "ROLLED_BACK"
+    assert "1 of 1 devices keep keyword 1.0.0" in ended["reason"]
+    row = ended["devices"][0]
+    assert row["state"] == "SUCCEEDED" and "nothing to roll back to" in row["reason"]
+    assert _versions(_device(fleet, "cam-1")) == {"digits": "1.0.0", "keyword": "1.0.0"}
+
+
+def test_a_restarted_controller_still_sends_every_models_last_word(
+        fleet: Fleet, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    """digits 2.0.0 is rolled out to a device of two models; after a controller restart a
+    rollout of keyword carries digits' entry too (docs/protocol.md: the last word of every
+    rollout to that device by model name), not keyword's alone."""
+    client = fleet.start_controller()
+    _two_model_device(fleet, signing_keys, bundles)
+    wait_until(lambda: _versions(_device(fleet, "cam-2m")) == {"digits": "1.0.0",
+                                                               "keyword": "1.0.0"},
+               30, what="the device registered with its two models")
+    for ref in ("digits-2", "keyword-2"):
+        client.upload("/api/v1/models", bundles[ref].read_bytes())
+    first = client.post("/api/v1/rollouts", {
+        "model": "digits:2.0.0", "selectors": ["device:cam-2m"], "waves": ["100%"],
+        "device_timeout_s": 60, "soak_s": 0.5})
+    wait_until(lambda: _settled(fleet, first["id"], "SUCCEEDED"), 90, what="digits 2.0.0")
+
+    fleet.stop_controller()
+    client = fleet.start_controller()
+    wait_until(lambda: _versions(_device(fleet, "cam-2m")) == {"digits": "2.0.0",
+                                                               "keyword": "1.0.0"},
+               30, what="the device's retained report read again")
+    sub = Subscriber(fleet.broker_url, [device_topic(fleet.name, "cam-2m", Leaf.DESIRED)])
+    try:
+        wait_until(lambda: len(sub.messages) >= 1, 10, what="the retained desired state")
+        retained = len(sub.messages)
+        client.post("/api/v1/rollouts", {
+            "model": "keyword:2.0.0", "selectors": ["device:cam-2m"], "waves": ["100%"],
+            "device_timeout_s": 60, "soak_s": 0.5})
+        wait_until(lambda: len(sub.messages) > retained, 30, what="the keyword install")
+        sent = decode_desired(sub.messages[retained].payload)
+    finally:
+        sub.close()
+    assert isinstance(sent, DesiredModels)
+    assert {name: (e.version, e.rollout) for name, e in sent.models.items()} == {
+        "digits": ("2.0.0", first["id"]), "keyword": ("2.0.0", sent.models["keyword"].rollout)}
+    assert sent.models["keyword"].action == "install"
+
+
 def test_a_device_of_one_model_is_sent_version_1_and_one_of_several_version_2(
         fleet: Fleet, signing_keys: Keys, bundles: dict[str, Path]) -> None:
     client = fleet.start_controller()
@@ -136,6 +251,36 @@ def test_a_device_of_one_model_is_sent_version_1_and_one_of_several_version_2(
         sub.close()
     listed = _device(fleet, "old-1")
     assert listed["models"] is None and listed["active"]["version"] == "1.0.0"
+
+
+def test_a_device_serving_the_most_models_is_not_sent_another_and_the_row_says_why(
+        fleet: Fleet, bundles: dict[str, Path]) -> None:
+    """Its agent would refuse the entry (MAX_MODELS) and say nothing to the fleet: the
+    rollout marks it INCOMPATIBLE with the reason instead of timing out on it."""
+    client = fleet.start_controller()
+    models = {f"m{i}": ModelReport(active=BundleRef(name=f"m{i}", version="1.0.0",
+                                                   sha256=_SHA["a"]), serving=True)
+              for i in range(MAX_MODELS)}
+    full = ReportedState(schema_version=2, fleet=fleet.name, device="full-1",
+                         agent_version="0.2.0", runtimes=installed_runtimes(), serving=True,
+                         models=models)
+    sub = Subscriber(fleet.broker_url, [device_topic(fleet.name, "full-1", Leaf.DESIRED)])
+    try:
+        sub.publish(device_topic(fleet.name, "full-1", Leaf.REPORTED), encode(full), retain=True)
+        wait_until(lambda: len(_device(fleet, "full-1").get("models") or {}) == MAX_MODELS, 30,
+                   what="the device of 16 models registered")
+        client.upload("/api/v1/models", bundles["keyword-1"].read_bytes())
+        rollout = client.post("/api/v1/rollouts", {
+            "model": "keyword:1.0.0", "selectors": ["device:full-1"], "waves": ["100%"],
+            "device_timeout_s": 60})
+        wait_until(lambda: _settled(fleet, rollout["id"], "SUCCEEDED"), 30, what="the rollout")
+        row = client.get(f"/api/v1/rollouts/{rollout['id']}")["devices"][0]
+        assert _to(sub, "full-1") == [], "the device was sent the model"
+    finally:
+        sub.publish(device_topic(fleet.name, "full-1", Leaf.REPORTED), b"", retain=True)
+        sub.close()
+    assert row["state"] == "INCOMPATIBLE"
+    assert "serves 16 models already" in row["reason"]
 
 
 def test_a_device_of_one_model_stands_for_that_model_whatever_the_rollout_names() -> None:

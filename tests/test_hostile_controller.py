@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 
 from edgefleet.agent.protocol.payloads import BundleRef
 from edgefleet.agent.protocol.schema import NAME_PATTERN
+from edgefleet.agent.protocol.telemetry_schema import TelemetrySchemaError, check_values
 from edgefleet.cli import app
 from edgefleet.cli.fleet.top import collect
 from edgefleet.fleet.api import ApiServer
@@ -736,6 +737,73 @@ def test_the_issues_telemetry_cases_are_each_refused_and_the_views_answer(
         assert ctl.rejected_by["schema"] == before + 1, payload
     ctl.intake.message(f"edgefleet/v1/{FLEET}/{device}/status", b"offline")
     assert _rejected_in_metrics(_views(served))["schema"] >= 4
+
+
+def _refused(values: Any) -> bool:
+    try:
+        check_values(values)
+    except TelemetrySchemaError:
+        return True
+    return False
+
+
+@HOSTILE
+@given(message=telemetry_messages(), name=NAMES)
+def test_a_model_window_under_models_is_held_to_the_schema_of_the_flat_keys(
+        message: tuple[bytes, bool | None], name: str) -> None:
+    """The class of every telemetry point above, its values moved under ``models.NAME``
+    (an agent of several models): refused exactly when the flat point is."""
+    try:
+        doc = json.loads(message[0])
+    except (ValueError, RecursionError):
+        return
+    for item in doc if isinstance(doc, list) else [doc]:
+        values = item.get("values") if isinstance(item, dict) else None
+        if not isinstance(values, dict) or "models" in values:
+            continue
+        nested = {"schema_version": 1, "seq": 1, "models": {name: values}}
+        assert _refused(nested) is _refused(values), values
+
+
+def _hostile_window() -> dict[str, Any]:
+    """What the flat keys refuse, as the issue sent it under ``models.digits``."""
+    bad = {"inferences": 1e300, "errors": -7, "latency_p95_ms": -1e308,
+           "latency_p50_ms": "fast", "inferences_total": 1e300}
+    versions: dict[str, Any] = {f'9.9.{i}"}} evil\n': {"inferences": 1} for i in range(5000)}
+    return {"model": "digits", "model_version": "2.0.0", "versions": versions, **bad}
+
+
+def _good_window(name: str) -> dict[str, Any]:
+    return {"model": name, "model_version": "1.0.0", "inferences": 3, "errors": 0,
+            "versions": {"1.0.0": {"inferences": 3, "errors": 0}}}
+
+
+@pytest.mark.parametrize(("models", "passes"), [
+    ({"digits": _good_window("digits"), "cls": _good_window("cls")}, True),
+    ({f"m{i}": _good_window(f"m{i}") for i in range(16)}, True),
+    ({f"m{i}": _good_window(f"m{i}") for i in range(17)}, False),
+    ({"digits": _hostile_window()}, False),
+    ({"digits": {**_good_window("digits"), "errors": -7}}, False),
+    ({"digits": {**_good_window("digits"), "inferences": 1e300}}, False),
+    ({"digits": {**_good_window("digits"), "latency_p50_ms": "fast"}}, False),
+    ({"digits": {**_good_window("digits"), "model_version": "evil"}}, False),
+    ({"digits": {**_good_window("digits"), "versions": _window_versions(65)}}, False),
+    ({"digits": {**_good_window("digits"), "versions": {"x": {"inferences": 1}}}}, False),
+    ({"digits": {**_good_window("digits"), "models": {"digits": _good_window("digits")}}},
+     False),
+    ({"Not A Name!": _good_window("digits")}, False),
+    ({"digits": [1]}, False), ([_good_window("digits")], False)])
+def test_a_point_with_a_bad_model_window_is_refused_whole_and_counted_as_schema(
+        served: Served, models: Any, passes: bool) -> None:
+    ctl = served.ctl
+    device = served.device("models")
+    values = {"schema_version": 1, "seq": 1, **_good_window("digits"), "models": models}
+    before, rejected = ctl.rejected_by["schema"], ctl.rejected
+    ctl.intake.message(f"edgefleet/v1/{FLEET}/{device}/telemetry",
+                       json.dumps({"ts": 1, "values": values}).encode())
+    assert (ctl.rejected == rejected) is passes
+    assert ctl.rejected_by["schema"] == before + (0 if passes else 1)
+    assert (device in ctl.telemetry.snapshot()) is passes, "a refused point was kept"
 
 
 # --- point 11: Range on /bundles --------------------------------------------------------

@@ -463,6 +463,60 @@ def test_rolling_back_some_devices_keeps_the_rollout_state() -> None:
     assert states(d.rollout) == {"d00": "ROLLING_BACK", "d01": "SUCCEEDED"}
 
 
+def _with_one_added() -> tuple[Rollout, dict[str, DeviceView]]:
+    """d00 ran digits 1.0.0 before; d01 ran no digits at all (the rollout added it). Both
+    committed 2.0.0."""
+    devices = {"d00": fleet(1)["d00"], "d01": DeviceView(online=True, active=None)}
+    rollout = run(Rollout("r1", spec()), devices, 500).rollout
+    devices = {"d00": committed_new(), "d01": committed_new()}
+    rollout = run(rollout, devices, 1000).rollout
+    assert rollout.state == RolloutState.SUCCEEDED and rollout.devices["d01"].previous is None
+    return rollout, devices
+
+
+def test_a_rollback_keeps_a_model_the_rollout_added_and_says_so() -> None:
+    rollout, devices = _with_one_added()
+    d = rollback(rollout, 2000)
+    assert d.sends == [Send("d00", Action.ROLLBACK)]  # d01 has nothing to go back to
+    assert states(d.rollout) == {"d00": "ROLLING_BACK", "d01": "SUCCEEDED"}
+    assert d.rollout.devices["d01"].reason.startswith("kept digits 2.0.0: nothing to roll back")
+    assert d.rollout.state == RolloutState.ROLLED_BACK
+    assert "1 of 2 devices keep digits 2.0.0" in d.rollout.reason
+    devices["d00"] = DeviceView(online=True, active=OLD, update_state="ROLLED_BACK",
+                                update_target=NEW.sha256)
+    d = run(d.rollout, devices, 3000)  # nothing is left waiting on d01
+    assert states(d.rollout) == {"d00": "ROLLED_BACK", "d01": "SUCCEEDED"} and d.sends == []
+
+
+def test_rolling_back_device_by_device_ends_with_the_kept_one() -> None:
+    rollout, _ = _with_one_added()
+    rollout = rollback(rollout, 2000, only=frozenset({"d00"})).rollout
+    assert rollout.state == RolloutState.SUCCEEDED  # d01 was not asked yet
+    d = rollback(rollout, 3000, only=frozenset({"d01"}))
+    assert d.sends == [] and d.rollout.state == RolloutState.ROLLED_BACK
+    assert "1 of 2 devices keep" in d.rollout.reason
+
+
+def test_a_device_that_keeps_an_added_model_after_a_rollback_is_not_followed_for_ever() -> None:
+    devices = {"d00": DeviceView(online=True, active=None)}
+    rollout = run(Rollout("r1", spec(device_timeout_s=60)), devices, 500).rollout
+    rollout = run(rollout, devices, 61_000).rollout  # it timed out: the rollout aborts
+    assert states(rollout) == {"d00": "ROLLING_BACK"} and rollout.state == RolloutState.ABORTED
+    devices["d00"] = committed_new()  # it committed, and refuses the rollback
+    d = run(rollout, devices, 70_000)
+    assert states(d.rollout) == {"d00": "FAILED"} and d.cleared == ["d00"]
+    assert "nothing to roll back to" in d.rollout.devices["d00"].reason
+
+
+def test_a_device_that_cannot_take_the_model_any_more_times_out_with_the_reason() -> None:
+    """Sent the bundle, then full (another model installed meanwhile): the timeout says why."""
+    rollout, devices = started(1, device_timeout_s=60, gates=Gates(min_success_pct=0))
+    devices["d00"] = replace(devices["d00"], incompatible="the device serves 16 models already")
+    d = run(rollout, devices, 61_000)
+    assert d.rollout.devices["d00"].reason == (
+        "no answer within 60s (the device serves 16 models already)")
+
+
 def test_a_rollout_round_trips_through_json() -> None:
     rollout, _ = started(3)
     assert Rollout.from_dict(rollout.as_dict()) == rollout

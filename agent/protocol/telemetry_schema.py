@@ -24,6 +24,10 @@ measure                    null or a finite number, 0 to 1e12 (``latency_p50_ms`
                            and ``agreement``)
 ``agreement``              an object: ``against`` (a version), ``samples``, ``dropped``,
                            ``top1``, ``cosine``
+``models``                 an object: model name (``NAME_PATTERN``) -> that model's values,
+                           at most :data:`MAX_MODELS` of them (an agent of several models);
+                           each is checked exactly as the point's own values (bar
+                           ``models``), and a bad one refuses the point whole
 ``drift``                  an object of finite numbers, lists and short strings, at most
                            :data:`MAX_DRIFT_DEPTH` deep, beside ``model`` and
                            ``model_version``; a window that is not is dropped alone
@@ -45,11 +49,11 @@ from collections.abc import Callable
 from typing import Any
 
 from edgefleet.agent.protocol.errors import PayloadError, SchemaVersionError
-from edgefleet.agent.protocol.payloads import Telemetry
+from edgefleet.agent.protocol.payloads import MAX_MODELS, Telemetry
 from edgefleet.agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN, is_supported
 
-__all__ = ["MAX_BATCH", "MAX_COUNT", "MAX_DRIFT_DEPTH", "MAX_VERSIONS", "TelemetrySchemaError",
-           "check_points", "check_values", "drift_problem"]
+__all__ = ["MAX_BATCH", "MAX_COUNT", "MAX_DRIFT_DEPTH", "MAX_MODELS", "MAX_VERSIONS",
+           "TelemetrySchemaError", "check_points", "check_values", "drift_problem"]
 
 MAX_COUNT = 2**53  # integers JSON readers everywhere keep exactly
 MAX_BATCH = 1000  # points in one message (the agent replays its spool 50 at a time)
@@ -132,7 +136,7 @@ _EXPECTED = {**dict.fromkeys(("inferences", "errors", "seq", "inferences_total",
              "top1": "null or a number from 0 to 1", "cosine": "null or a number from -1 to 1",
              "model": "a bundle name", "model_version": "a semantic version",
              "against": "a semantic version", "versions": "an object of version windows",
-             "agreement": "an object"}
+             "agreement": "an object", "models": "an object of model windows"}
 
 
 def check_points(data: Any) -> list[tuple[int, dict[str, Any]]]:
@@ -166,17 +170,37 @@ def _point(item: Any) -> tuple[int, dict[str, Any]]:
 
 def check_values(values: dict[str, Any]) -> None:
     """Raise :class:`TelemetrySchemaError` naming the first field of ``values`` that
-    breaks the schema (``schema_version`` is checked by the caller)."""
-    _fields(values, _COUNTS, _MEASURES, "")
+    breaks the schema (``schema_version`` is checked by the caller). Each window of
+    ``models`` is checked as ``values`` itself is."""
+    _window(values, "")
+    models = values.get("models")
+    if models is not None:
+        _models(models)
+
+
+def _window(values: dict[str, Any], prefix: str) -> None:
+    _fields(values, _COUNTS, _MEASURES, prefix)
     for key, check in _OTHERS.items():
         if key in values and not check(values[key]):
-            raise TelemetrySchemaError(key, values[key])
+            raise TelemetrySchemaError(f"{prefix}{key}", values[key])
     versions = values.get("versions")
     if versions is not None:
-        _versions(versions)
+        _versions(versions, prefix)
     agreement = values.get("agreement")
     if agreement is not None:
-        _agreement(agreement, "agreement")
+        _agreement(agreement, f"{prefix}agreement")
+
+
+def _models(models: Any) -> None:
+    """``models``: name -> the values of that model, each a point's values bar ``models``."""
+    if type(models) is not dict or len(models) > MAX_MODELS:
+        raise TelemetrySchemaError("models", models)
+    for name, window in models.items():
+        if not _name(name):
+            raise TelemetrySchemaError("models key", name)
+        if type(window) is not dict or "models" in window:
+            raise TelemetrySchemaError(f"models.{name}", window)
+        _window(window, f"models.{name}.")
 
 
 def drift_problem(values: dict[str, Any]) -> str:
@@ -211,18 +235,19 @@ def _fields(values: dict[str, Any], counts: tuple[str, ...], measures: tuple[str
             raise TelemetrySchemaError(f"{prefix}{key}", value)
 
 
-def _versions(versions: Any) -> None:
+def _versions(versions: Any, prefix: str) -> None:
     if type(versions) is not dict or len(versions) > MAX_VERSIONS:
-        raise TelemetrySchemaError("versions", versions)
+        raise TelemetrySchemaError(f"{prefix}versions", versions)
     for version, window in versions.items():
         if not _version(version):
-            raise TelemetrySchemaError("versions key", version)
+            raise TelemetrySchemaError(f"{prefix}versions key", version)
+        field = f"{prefix}versions.{version}"
         if type(window) is not dict:
-            raise TelemetrySchemaError(f"versions.{version}", window)
-        _fields(window, _WINDOW_COUNTS, _WINDOW_MEASURES, f"versions.{version}.")
+            raise TelemetrySchemaError(field, window)
+        _fields(window, _WINDOW_COUNTS, _WINDOW_MEASURES, f"{field}.")
         agreement = window.get("agreement")
         if agreement is not None:
-            _agreement(agreement, f"versions.{version}.agreement")
+            _agreement(agreement, f"{field}.agreement")
 
 
 def _agreement(agreement: Any, field: str) -> None:

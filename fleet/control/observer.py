@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterable, Mapping
 
+from edgefleet.agent.protocol.payloads import MAX_MODELS
 from edgefleet.fleet.compat import incompatibility
 from edgefleet.fleet.control.catalog import ModelCatalog
 from edgefleet.fleet.domain import Device, ModelVersion
@@ -99,6 +100,7 @@ class RolloutObserver:
             if key not in self._compat:
                 self._compat[key] = incompatibility(device, model, self.catalog.info(model))
             reason = self._compat[key]
+        reason = reason or _full(device, name)
         state = device.model(name)
         view = DeviceView(online=device.online, active=state.active,
                           update_state=state.update_state, update_target=state.update_target,
@@ -125,6 +127,16 @@ class RolloutObserver:
         others = self.telemetry.running(key)[:_BASELINE_SAMPLE]
         devices = {*others, *rollout.devices.keys()}
         return self.telemetry.quality(devices, key, self.clock() - self.quality_window_ms)
+
+
+def _full(device: Device, name: str) -> str | None:
+    """Why a device of several models cannot take model ``name`` as a new one: it serves
+    the most models a device serves already (its agent refuses the entry; None: it can)."""
+    models = device.models
+    if models is None or name in models or len(models) < MAX_MODELS:
+        return None
+    return (f"the device serves {len(models)} models already, the most one device serves: "
+            f"it refuses {name} as another (remove one with `edgefleet agent remove NAME`)")
 
 
 def baseline_key(rollout: Rollout) -> VersionKey | None:

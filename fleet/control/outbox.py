@@ -47,6 +47,10 @@ MAX_UNACKNOWLEDGED = 1_000  # desired states handed to MQTT, not yet acknowledge
 _AGAIN = {DeviceState.TARGETED: Action.INSTALL, DeviceState.UPDATING: Action.INSTALL,
           DeviceState.PROBATION: Action.INSTALL, DeviceState.COMMITTING: Action.COMMIT,
           DeviceState.ROLLING_BACK: Action.ROLLBACK}  # what a device waited on is told again
+# the last word a rollout said to a device in each state, and the states it cleared it in
+_LAST_WORD = {**_AGAIN, DeviceState.TIMED_OUT: Action.INSTALL,
+              DeviceState.SUCCEEDED: Action.COMMIT}
+_CLEARED = frozenset({DeviceState.FAILED, DeviceState.ROLLED_BACK})
 
 
 class Outbox:
@@ -59,6 +63,9 @@ class Outbox:
         self.waiting: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         # device -> model name -> the last word sent, for devices of several models
         self.entries: dict[str, dict[str, DesiredState]] = {}
+        # the same, as (when, word, rollout), rebuilt from the stored rollouts at start
+        # (:meth:`restore`): taken up by the first version 2 document a device is sent
+        self.restored: dict[str, dict[str, tuple[int, Action, Rollout]]] = {}
         self.mqtt: MqttClient | None = None  # set when the controller connects
 
     def __len__(self) -> int:
@@ -76,11 +83,18 @@ class Outbox:
     def clear_device(self, device: str) -> None:
         """Remove the device's retained desired state."""
         self.entries.pop(device, None)
+        self.restored.pop(device, None)
         self.waiting[device] = b""
 
     def queue(self, rollout: Rollout, device: str, action: Action,
               bundle: BundleRef | None = None) -> None:
         """The desired state ``rollout`` sends ``device``: its own bundle, or ``bundle``."""
+        desired = self._word(rollout, device, action, bundle, self.clock(), delta=True)
+        if desired is not None:
+            self.waiting[device] = self._document(device, desired)
+
+    def _word(self, rollout: Rollout, device: str, action: Action, bundle: BundleRef | None,
+              issued_at: int, delta: bool) -> DesiredState | None:
         if bundle is None and action == Action.ROLLBACK:
             bundle = self._reinstall(rollout, device)
             action = Action.INSTALL if bundle is not None else action
@@ -91,12 +105,12 @@ class Outbox:
             if model is None:
                 log.warning("cannot send %s to %s: the controller does not hold it",
                             bundle.version, device)
-                return
+                return None
             ref, url, size = model.ref, self.catalog.bundle_url(model.sha256), model.size
-        desired = DesiredState(name=ref.name, version=ref.version, sha256=ref.sha256,
-                               url=url, size=size, rollout=rollout.id, action=action.value,
-                               issued_at=self.clock(), delta=self._delta(device, ref, action))
-        self.waiting[device] = self._document(device, desired)
+        return DesiredState(name=ref.name, version=ref.version, sha256=ref.sha256,
+                            url=url, size=size, rollout=rollout.id, action=action.value,
+                            issued_at=issued_at,
+                            delta=self._delta(device, ref, action) if delta else None)
 
     def _document(self, device_id: str, desired: DesiredState) -> bytes:
         """Version 2 with every model's last word for a device of several models, else
@@ -105,7 +119,12 @@ class Outbox:
         if device is None or device.models is None:
             self.entries.pop(device_id, None)
             return encode(desired)
-        entries = self.entries.setdefault(device_id, {})
+        entries = self.entries.get(device_id)
+        if entries is None:  # its first since the start: every model's word from the store
+            entries = self.entries[device_id] = {
+                name: word for name, (ms, action, rollout) in self.restored.pop(
+                    device_id, {}).items()
+                if (word := self._word(rollout, device_id, action, None, ms, False)) is not None}
         entries.pop(desired.name, None)  # the newest last: the oldest go first when full
         entries[desired.name] = desired
         while len(entries) > MAX_MODELS:
@@ -121,6 +140,29 @@ class Outbox:
                 or active.name != ref.name or active.sha256 == ref.sha256):
             return None
         return self.deltas.offer(active.sha256, ref.sha256)
+
+    def restore(self, rollouts: Iterable[Rollout]) -> None:
+        """After a restart: the last word of every stored rollout to each device, by model
+        name, replayed in the order they were said (a device whose update failed or rolled
+        back had its desired state cleared then). A device of several models is sent them
+        all with its next word, as before the restart (docs/protocol.md)."""
+        said = sorted(((item.sent_ms if word is not None else item.since_ms, item.device,
+                        rollout.id, word, rollout)
+                       for rollout in rollouts for item in rollout.devices.values()
+                       if item.sent_ms > 0 and (
+                           (word := _LAST_WORD.get(item.state)) is not None
+                           or item.state in _CLEARED)),
+                      key=lambda s: s[:3])
+        self.restored = {}
+        for ms, device, _, word, rollout in said:
+            if word is None:
+                self.restored.pop(device, None)
+                continue
+            entries = self.restored.setdefault(device, {})
+            entries.pop(rollout.spec.model.name, None)
+            entries[rollout.spec.model.name] = (ms, word, rollout)
+            while len(entries) > MAX_MODELS:
+                del entries[next(iter(entries))]
 
     def requeue(self, rollouts: Iterable[Rollout]) -> None:
         """After a restart: tell every device a rollout waits on what it must do, again."""

@@ -38,9 +38,11 @@ class RolloutRunner:
         """Follow the live rollouts of the store and tell their devices again (start,
         election)."""
         now = self.clock()
+        rollouts = self.store.rollouts()
         self.live.clear()
-        self.live.update((r.id, r) for r in self.store.rollouts() if self.followed(r, now))
+        self.live.update((r.id, r) for r in rollouts if self.followed(r, now))
         self.outbox.clear()
+        self.outbox.restore(rollouts)
         self.outbox.requeue(self.live.values())
 
     def forget(self) -> None:

@@ -301,7 +301,7 @@ def _follow_update(step: _Step, item: RolloutDevice, view: DeviceView | None) ->
     if item.state in (DeviceState.TARGETED, DeviceState.UPDATING):
         if step.now - item.targeted_ms > limit_ms:
             where = "offline" if view is None or not view.online else (
-                f"still {view.update_state}")
+                view.incompatible or f"still {view.update_state}")
             step.move(item, DeviceState.TIMED_OUT,
                       f"no answer within {step.rollout.spec.device_timeout_s:g}s ({where})")
     elif item.state == DeviceState.COMMITTING and step.now - item.since_ms > limit_ms:
@@ -386,6 +386,12 @@ def _follow_rollback(step: _Step, item: RolloutDevice, view: DeviceView | None) 
         # back and says so; the retained rollback waits for it on the broker
         return
     previous = item.previous.sha256 if item.previous else None
+    if _added(item) and view.active_sha == step.target and view.update_state in _SETTLED:
+        # the device committed the model this rollout added, and refuses the rollback:
+        # there is nothing to go back to (the protocol cannot remove a model)
+        step.move(item, DeviceState.FAILED, f"rollback failed: {_kept_reason(step.rollout)}")
+        step.decisions.cleared.append(item.device)
+        return
     if previous and view.update_target == previous and view.update_state == UpdateState.PROBATION:
         if view.update_since_ms > item.sent_ms or step.now - item.sent_ms > RESEND_MS:
             step.send(item, Action.COMMIT, item.previous)  # the re-installed previous bundle
@@ -583,15 +589,39 @@ def rollback(rollout: Rollout, now_ms: int, only: frozenset[str] | None = None) 
     for item in list(step.devices.values()):
         if only is not None and item.device not in only:
             continue
-        if item.state in (*ACTIVE, DeviceState.SUCCEEDED, DeviceState.TIMED_OUT):
+        if item.state == DeviceState.SUCCEEDED and _added(item):
+            step.set(replace(item, reason=_kept_reason(rollout)))  # it stays as it is
+        elif item.state in (*ACTIVE, DeviceState.SUCCEEDED, DeviceState.TIMED_OUT):
             step.send(step.move(item, DeviceState.ROLLING_BACK, "rollback asked for"),
                       Action.ROLLBACK)
         elif item.state == DeviceState.PENDING:
             step.move(item, DeviceState.CANCELLED, "rolled back before its turn")
     if only is None or not any(d.state in (*ACTIVE, DeviceState.SUCCEEDED, DeviceState.PENDING)
-                               for d in step.devices.values()):
-        step.state(RolloutState.ROLLED_BACK, "rolled back by an operator")
+                               and not _kept(d) for d in step.devices.values()):
+        kept = sum(1 for d in step.devices.values() if _kept(d))
+        model = rollout.spec.model
+        step.state(RolloutState.ROLLED_BACK, "rolled back by an operator" + (
+            f"; {kept} of {len(step.devices)} devices keep {model.name} {model.version}: "
+            "the rollout added it, and they had no earlier version to go back to"
+            if kept else ""))
     return step.done()
+
+
+def _added(item: RolloutDevice) -> bool:
+    """Whether the rollout added its model to the device: it sent the bundle to a device
+    that ran no version of that model (nothing a rollback could return it to)."""
+    return item.targeted_ms > 0 and item.previous is None
+
+
+def _kept_reason(rollout: Rollout) -> str:
+    model = rollout.spec.model
+    return (f"kept {model.name} {model.version}: nothing to roll back to (the rollout added "
+            "the model; remove it on the device with `edgefleet agent remove`)")
+
+
+def _kept(item: RolloutDevice) -> bool:
+    """A device a rollback left with the model its rollout added (marked by its reason)."""
+    return item.state == DeviceState.SUCCEEDED and item.reason.startswith("kept ") and _added(item)
 
 
 def _operator(rollout: Rollout, now_ms: int, state: RolloutState,

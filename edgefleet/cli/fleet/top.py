@@ -50,7 +50,7 @@ def collect(client: FleetClient) -> dict[str, Any]:
     going = [r["id"] for r in client.rollouts() if r["state"] not in _FINISHED]
     quality = overview.get("quality") or {}
     attention = [_device_row(d) for d in devices
-                 if not d["online"] or d["update_state"] not in _SETTLED]
+                 if not d["online"] or not _settled(d)]
     return {"ts_ms": int(time.time() * 1000), "fleet": overview["fleet"],
             "controller": overview.get("controller") or {},
             "devices": {"total": overview["devices"], "online": overview["online"],
@@ -66,6 +66,13 @@ def _quality(q: Mapping[str, Any] | None) -> dict[str, Any]:
     q = q or {}
     return {key: q.get(key) for key in ("inferences", "p50_ms", "p95_ms", "error_rate",
                                         "agreement")}
+
+
+def _settled(d: Mapping[str, Any]) -> bool:
+    """Whether every model of the device (a device of one model: the device) is settled."""
+    models = d.get("models")
+    states = [m["update_state"] for m in models.values()] if models else [d["update_state"]]
+    return all(state in _SETTLED for state in states)
 
 
 def _device_row(d: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@
   const PALETTE = ["#4cc9f0", "#f72585", "#b5e48c", "#ffb703", "#9d7bff", "#06d6a0",
     "#ff7b00", "#8ecae6", "#e9c46a", "#ff99c8"];
   const SETTLED = new Set(["IDLE", "COMMITTED"]);
+  const TROUBLED = new Set(["FAILED", "ROLLED_BACK"]);
   const STATE_CLASS = {
     // rollouts
     PENDING: "s-idle", RUNNING: "s-busy", PAUSED: "s-warn", SUCCEEDED: "s-ok",
@@ -360,9 +361,9 @@
   function renderKpis() {
     const o = S.overview;
     const offline = o.devices - o.online;
-    const updating = S.devices.filter((d) => !SETTLED.has(d.update_state) &&
-      !["FAILED", "ROLLED_BACK"].includes(d.update_state)).length;
-    const troubled = S.devices.filter((d) => ["FAILED", "ROLLED_BACK"].includes(d.update_state)).length;
+    const updating = S.devices.filter((d) => statesOf(d).some((s) => !SETTLED.has(s) &&
+      !TROUBLED.has(s))).length;
+    const troubled = S.devices.filter((d) => statesOf(d).some((s) => TROUBLED.has(s))).length;
     const live = [...S.rollouts.values()].filter((r) => !FINISHED.has(r.state)).length;
     put("kpis",
       kpi("kpi-online", "Online", [String(o.online), h("small", {}, ` / ${o.devices}`)],
@@ -625,7 +626,26 @@
 
   function deviceTone(d) {
     if (!d.online) return "s-bad";
-    return cls(d.update_state);
+    return cls(stateOf(d));
+  }
+
+  // each model's update state (a device of one model, or of none: its own)
+  function statesOf(d) {
+    const names = d.models ? Object.keys(d.models).sort() : [];
+    return names.length ? names.map((n) => d.models[n].update_state) : [d.update_state];
+  }
+
+  // what says most of a device of several models: a failure, else an update on its way
+  function stateOf(d) {
+    const states = statesOf(d);
+    return states.find((s) => TROUBLED.has(s)) || states.find((s) => !SETTLED.has(s)) || states[0];
+  }
+
+  // "name:version" of every model a device serves, the keys of the overview's versions
+  function versionKeysOf(d) {
+    if (!d.models) return d.active ? [`${d.active.name}:${d.active.version}`] : [];
+    return Object.keys(d.models).sort().filter((n) => d.models[n].active)
+      .map((n) => `${n}:${d.models[n].active.version}`);
   }
 
   // "name version" of every model a device serves (a device of one model: its active one)
@@ -640,13 +660,16 @@
     $("devices-count").textContent = String(devices.length);
     if (!devices.length) { put("devices", h("div", { class: "empty" }, "No device has reported yet")); return; }
     put("devices", devices.slice(0, MAX_TILES).map((d) => {
-      const version = d.active ? `${d.active.name}:${d.active.version}` : "none";
+      const keys = versionKeysOf(d);
+      const version = keys.length ? keys.join(" ") : "none";
+      const state = stateOf(d);
       return h("a", { class: `device ${deviceTone(d)} ${d.online ? "" : "offline"}`, href: deviceHref(d.id),
-        dataset: { device: d.id, state: d.update_state, version, online: String(d.online) } },
+        dataset: { device: d.id, state, version, online: String(d.online) } },
       h("div", { class: "id" }, h("span", { class: `online-dot ${d.online ? "" : "off"}` }), d.id),
-      h("div", { class: "ver" }, h("span", { class: "swatch", style: `background:${colorOf(version)}` }),
+      h("div", { class: "ver" }, ...(keys.length ? keys : ["none"]).map((key) =>
+        h("span", { class: "swatch", style: `background:${colorOf(key)}`, title: key })),
         modelsOf(d).join(" · ") || "no model"),
-      h("div", { class: "st" }, d.online ? d.update_state.replace("_", " ") : "OFFLINE"));
+      h("div", { class: "st" }, d.online ? state.replace("_", " ") : "OFFLINE"));
     }), devices.length > MAX_TILES ? h("div", { class: "empty" }, `+ ${devices.length - MAX_TILES} more`) : null);
   }
 
@@ -687,7 +710,7 @@
     put("device",
       h("div", { class: "device-head" }, h("h1", {}, id),
         h("span", { class: `badge ${d.online ? "s-ok" : "s-bad"}` }, d.online ? "ONLINE" : "OFFLINE"),
-        h("span", { class: `badge ${cls(d.update_state)}` }, d.update_state.replace("_", " "))),
+        h("span", { class: `badge ${cls(stateOf(d))}` }, stateOf(d).replace("_", " "))),
       h("div", { class: "facts" },
         d.models && Object.keys(d.models).length > 1
           ? fact("Models", modelsOf(d).join(", ") || "–", Object.keys(d.models).sort()
