@@ -113,6 +113,15 @@ class Device:
         return self.models.get(name) or ModelState()
 
     @property
+    def summary_state(self) -> str:
+        """The update state that says most across its models (a failure first, then an
+        update on its way, then a settled one): one state per device, for the views that
+        count devices (a device of one model: its own)."""
+        if not self.models:
+            return self.update_state
+        return max((state.update_state for state in self.models.values()), key=_telling)
+
+    @property
     def model_names(self) -> list[str]:
         """The names of the models it serves (version 1: the one it reported)."""
         if self.models is None:
@@ -216,3 +225,12 @@ class AuditEntry:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AuditEntry:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+_SETTLED = {UpdateState.IDLE.value: 0, UpdateState.COMMITTED.value: 1,
+            UpdateState.ROLLED_BACK.value: 3, UpdateState.FAILED.value: 4}
+
+
+def _telling(state: str) -> int:
+    """How much a model's update state says of its device (any state on its way: 2)."""
+    return _SETTLED.get(state, 2)

@@ -175,14 +175,15 @@ def _device_families(devices: Sequence[Device]) -> Iterator[Metric]:
                                "1 for each model a device serves, with its version.",
                                labels=["device", "model", "version"])
     for device in devices:
-        states[(device.update_state, "true" if device.online else "false")] += 1
+        states[(device.summary_state, "true" if device.online else "false")] += 1
         served = _device_models(device)
         for name, version in served or [(NONE, NONE)]:
             versions[(name, version)] += 1
         for name, version in served:
             models.add_metric([device.id, name, version], 1)
         online.add_metric([device.id], 1 if device.online else 0)
-    by_state = GaugeMetricFamily("edgefleet_devices", "Devices by update state and online.",
+    by_state = GaugeMetricFamily("edgefleet_devices", "Devices by update state (of several "
+                                 "models: the one that says most) and online.",
                                  labels=["state", "online"])
     for labels, count in sorted(states.items()):
         by_state.add_metric(list(labels), count)

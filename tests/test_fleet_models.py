@@ -27,7 +27,8 @@ from edgefleet.agent.runtime.select import installed_runtimes
 from edgefleet.agent.service import AgentService, ServiceConfig
 from edgefleet.agent.update import local
 from edgefleet.cli.fleet.top import collect
-from edgefleet.fleet.domain import Device
+from edgefleet.fleet.domain import Device, ModelState
+from edgefleet.fleet.metrics import _device_families
 from edgefleet.fleet.registry import apply_reported
 from edgefleet.fleet.telemetry import TelemetryBook
 from tests.brokers import Subscriber
@@ -317,3 +318,20 @@ def test_the_telemetry_of_each_model_counts_for_that_model() -> None:
     assert book.quality(["cam"], ("detector", "1.0.0"), 0).inferences == 40
     assert book.running(("keyword", "3.0.0")) == ["cam"]
     assert sorted(book.summary()) == ["detector:1.0.0", "keyword:3.0.0"]
+
+
+@pytest.mark.parametrize(("states", "summary"), [
+    (("COMMITTED", "FAILED"), "FAILED"),
+    (("COMMITTED", "PROBATION"), "PROBATION"),
+    (("IDLE", "COMMITTED"), "COMMITTED"),
+    (("ROLLED_BACK", "DOWNLOADING"), "ROLLED_BACK"),
+])
+def test_metrics_count_a_device_of_several_models_once_by_the_state_that_says_most(
+        states: tuple[str, str], summary: str) -> None:
+    ref = BundleRef(name="digits", version="1.0.0", sha256="a" * 64)
+    device = Device(id="cam-1", fleet="f", online=True, models={
+        name: ModelState(active=ref.model_copy(update={"name": name}), update_state=state)
+        for name, state in zip(("digits", "keyword"), states, strict=True)})
+    assert device.summary_state == summary
+    family = next(f for f in _device_families([device]) if f.name == "edgefleet_devices")
+    assert [(s.labels["state"], s.value) for s in family.samples] == [(summary, 1)]
