@@ -273,6 +273,8 @@ class FleetController:
 
     def set_group(self, devices: list[str], group: str | None, actor: str) -> list[Device]:
         with self._lock:
+            if group is not None:
+                self.groups.check_static(group)
             return self.device_book.set_group(devices, group, actor)
 
     def tag(self, device: str, add: list[str], remove: list[str], actor: str) -> Device:
