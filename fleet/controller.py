@@ -142,7 +142,7 @@ class FleetController:
             topic_filter = fleet_filter(self.config.fleet, leaf)
             if leaf == Leaf.TELEMETRY:
                 topic_filter = self.role.telemetry_filter(topic_filter)
-            self.mqtt.subscribe(topic_filter, self.intake.message)
+            self.mqtt.subscribe_retain(topic_filter, self.intake.message)
         self.outbox.mqtt = self.lifecycle.mqtt = self.mqtt
         self.keys.start(self.mqtt)  # trust the stored keyring; publish it on every connection
         self.mqtt.start()
