@@ -171,6 +171,9 @@ def test_a_token_spec_gives_a_name_and_a_role(spec: str, name: str, role: TokenR
     ("ops:viewer=short", "shorter than 8"),
     ("o ps:viewer=secret-long-enough", "token name 'o ps'"),
     (":viewer=secret-long-enough", "token name ''"),
+    ("bob\n:viewer=secret-long-enough", "token name 'bob\\n'"),  # fullmatch: no newline
+    ("bob\n=secret-long-enough", "token name 'bob\\n'"),
+    ("c2VjcmV0LXNlY3JldA==", "ends in '='"),  # a bare secret's padding
 ])
 def test_a_bad_token_spec_is_refused_naming_what_is_wrong(spec: str, expected: str) -> None:
     with pytest.raises(AuthError, match=re.escape(expected)) as caught:
@@ -181,6 +184,23 @@ def test_a_bad_token_spec_is_refused_naming_what_is_wrong(spec: str, expected: s
 def test_one_secret_for_two_tokens_is_refused() -> None:
     with pytest.raises(AuthError, match="same secret"):
         parse_tokens(["a:viewer=secret-long-enough", "b=secret-long-enough"])
+
+
+@pytest.mark.parametrize("specs", [
+    ["alice:admin=secret-long-one", "alice:viewer=secret-long-two"],
+    ["secret-long-one", "default:viewer=secret-long-two"],
+    ["secret-long-one", "secret-long-two"],
+])
+def test_one_name_for_two_tokens_is_refused(specs: list[str]) -> None:
+    with pytest.raises(AuthError, match="two tokens are named") as caught:
+        parse_tokens(specs)
+    assert "secret-long" not in str(caught.value) + caught.value.hint
+
+
+def test_a_padded_bare_secret_is_never_shown_as_a_token_name() -> None:
+    with pytest.raises(AuthError) as caught:
+        parse_token("c2VjcmV0LXNlY3JldA==")
+    assert "c2VjcmV0" not in str(caught.value) + caught.value.hint
 
 
 def test_names_given_without_roles_are_admins() -> None:
