@@ -270,8 +270,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             access.check(caller, route.role, f"{self.command} {route.path}")
         except ForbiddenError as exc:
-            self.controller.audit.record(caller, "api.refused", f"{self.command} {path[:200]}",
-                                         exc.message, outcome="refused", needs=exc.role)
+            self.controller.audit.refused(caller, f"{self.command} {route.path}",
+                                          f"{self.command} {path[:200]}", exc.message,
+                                          needs=exc.role)
             raise
 
     # --- public: health, the contract, metrics, bundles, the page -----------------------
@@ -342,7 +343,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _history(self, call: _Call) -> None:
         limit = _limit(call.query.get("limit", ["100"])[0])
         target = call.query.get("target", [None])[0]
-        self._json([e.as_dict() for e in self.controller.history(limit, target)])
+        action = call.query.get("action", [None])[0]
+        self._json([e.as_dict() for e in self.controller.history(limit, target, action)])
 
     def _keyring(self, call: _Call) -> None:
         keyring = self.controller.keyring()

@@ -336,8 +336,9 @@ class FleetController:
 
     # --- the fleet as a whole -----------------------------------------------------------------
 
-    def history(self, limit: int = 100, target: str | None = None) -> list[AuditEntry]:
-        return self.store.history(limit, target)
+    def history(self, limit: int = 100, target: str | None = None,
+                action: str | None = None) -> list[AuditEntry]:
+        return self.store.history(limit, target, action)
 
     def overview(self, quality: bool = True) -> dict[str, Any]:
         """Counts of the fleet; with ``quality``, per-version telemetry too (O(devices))."""

@@ -66,7 +66,8 @@ class Store(Protocol):
     def rollout(self, rollout_id: str) -> Rollout | None: ...
     def rollouts(self, states: Iterable[RolloutState] | None = None) -> list[Rollout]: ...
     def add_audit(self, entry: AuditEntry) -> AuditEntry: ...
-    def history(self, limit: int = 100, target: str | None = None) -> list[AuditEntry]: ...
+    def history(self, limit: int = 100, target: str | None = None,
+                action: str | None = None) -> list[AuditEntry]: ...
     def close(self) -> None: ...
     # shared by scaled-out controllers (fleet.store._shared, docs/scale-out.md)
     def acquire_lease(self, name: str, holder: str, nonce: str, ttl_ms: int, url: str = "",
@@ -312,9 +313,13 @@ class SqlStore(SharedState, LabelState):
         assert row is not None  # INSERT ... RETURNING returns the row it inserted
         return replace(entry, id=int(row[0]))
 
-    def history(self, limit: int = 100, target: str | None = None) -> list[AuditEntry]:
-        """Newest first; ``target`` matches exactly."""
-        where, params = ("", []) if target is None else ("WHERE target = ?", [target])
+    def history(self, limit: int = 100, target: str | None = None,
+                action: str | None = None) -> list[AuditEntry]:
+        """Newest first; ``target`` and ``action`` (``api.refused``) match exactly."""
+        wanted = [(column, value) for column, value in (("target", target), ("action", action))
+                  if value is not None]
+        where = ("WHERE " + " AND ".join(f"{c} = ?" for c, _ in wanted)) if wanted else ""
+        params = [value for _, value in wanted]
         with self._db.transaction(write=False) as tx:
             rows = tx.rows(f"SELECT id, {AUDIT.select()} FROM audit {where} "
                            "ORDER BY id DESC LIMIT ?", [*params, max(limit, 0)])
