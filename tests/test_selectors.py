@@ -438,3 +438,50 @@ CAMERA = Device(id="cam-2", fleet="f", models={
 def test_a_device_of_several_models_matches_when_one_of_its_models_does(
         text: str, expected: bool) -> None:
     assert parse_selector(text).matches(CAMERA) is expected
+
+
+# several models: the reference tries each model in turn, every model clause read of it
+MODEL_LEAVES: st.SearchStrategy[Target] = st.one_of(
+    st.builds(Attribute, st.just("model"), st.sampled_from(["=", "!="]),
+              st.sampled_from(["digits", "keyword", "kws"])),
+    st.builds(Attribute, st.just("model.version"), OPS,
+              st.sampled_from(["1", "1.0.0", "2", "3.0.0"])),
+    st.builds(Selector, st.just("tag"), st.sampled_from(["a", "b"])))
+MODEL_TREES = st.recursive(MODEL_LEAVES, lambda inner: st.one_of(
+    st.lists(inner, min_size=2, max_size=3).map(lambda p: AllOf(tuple(p))),
+    st.lists(inner, min_size=2, max_size=3).map(lambda p: AnyOf(tuple(p)))), max_leaves=6)
+MODEL_SETS = st.dictionaries(st.sampled_from(["digits", "keyword", "kws"]),
+                             st.sampled_from(["1.0.0", "2.0.0", "3.0.0"]), max_size=3)
+
+
+def _reference_bound(tree: Target, tags: frozenset[str], names: list[str],
+                     model: tuple[str, str] | None) -> bool:
+    if isinstance(tree, AllOf):
+        return all(_reference_bound(p, tags, names, model) for p in tree.parts)
+    if isinstance(tree, AnyOf):
+        return any(_reference_bound(p, tags, names, model) for p in tree.parts)
+    if isinstance(tree, Selector):
+        return tree.value in tags
+    assert isinstance(tree, Attribute)
+    if tree.name == "model" and tree.op == "!=":
+        return tree.value not in names  # none of its models
+    if model is None:
+        return tree.op == "!="
+    if tree.name == "model":
+        return model[0] == tree.value
+    a, b = Version(model[1]), Version(tree.value)
+    return {"=": a == b, "!=": a != b, ">=": a >= b, "<=": a <= b, ">": a > b,
+            "<": a < b}[tree.op]
+
+
+@HOSTILE
+@given(tree=MODEL_TREES, models=MODEL_SETS, tags=st.frozensets(st.sampled_from(["a", "b"])))
+def test_the_model_clauses_of_a_selector_read_one_model_of_a_device(
+        tree: Target, models: dict[str, str], tags: frozenset[str]) -> None:
+    device = Device(id="d", fleet="f", tags=tags, models={
+        name: ModelState(active=BundleRef(name=name, version=version, sha256="1" * 64))
+        for name, version in models.items()})
+    refs: list[tuple[str, str] | None] = [*sorted(models.items())] or [None]
+    expected = any(_reference_bound(tree, tags, list(models), m) for m in refs)
+    assert tree.matches(device) is expected
+    assert parse_selector(str(tree)).matches(device) is expected
