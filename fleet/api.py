@@ -262,8 +262,8 @@ class _Handler(BaseHTTPRequestHandler):
         actor = "" if found.route.public else self._actor()
         if isinstance(actor, Actor):
             self._check(actor, found.route, path)
-        found.route.handler(self, _Call(found.params, parse_qs(urlsplit(self.path).query),
-                                        actor))
+        query = parse_qs(urlsplit(self.path).query, keep_blank_values=True)  # ?stale_s= refused
+        found.route.handler(self, _Call(found.params, query, actor))
 
     def _check(self, caller: Actor, route: Route[_Handle], path: str) -> None:
         """403 naming the role ``route`` needs; the refusal is written to the history."""
@@ -327,6 +327,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _remove_devices(self, call: _Call) -> None:
         body = _only(self._json_body(), ("devices", "stale_s"), "a removal")
         devices = _ids(body.get("devices"), "devices", "device id")
+        if not devices:
+            raise _invalid("devices must list at least one device id")
         stale = body.get("stale_s")
         stale_s = None if stale is None else _seconds(stale, "stale_s")
         self._json(self.controller.remove_devices(devices, call.actor, stale_s).as_dict())
@@ -342,8 +344,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _history(self, call: _Call) -> None:
         limit = _limit(call.query.get("limit", ["100"])[0])
-        target = call.query.get("target", [None])[0]
-        action = call.query.get("action", [None])[0]
+        target = call.query.get("target", [None])[0] or None
+        action = call.query.get("action", [None])[0] or None
         self._json([e.as_dict() for e in self.controller.history(limit, target, action)])
 
     def _keyring(self, call: _Call) -> None:

@@ -27,7 +27,7 @@ from edgefleet.fleet.api import ROUTES, ApiServer
 from edgefleet.fleet.control.dispatch import _actor
 from edgefleet.fleet.errors import AuthError
 from edgefleet.fleet.relay import OperatorRequest
-from edgefleet.fleet.routing import Route, find
+from edgefleet.fleet.routing import Route, allowed, find
 from tests.fleet_harness import TOKEN, Fleet
 
 SECRETS = {TokenRole.VIEWER: "viewer-secret-0001", TokenRole.OPERATOR: "operator-secret-01",
@@ -215,3 +215,14 @@ def test_a_relayed_request_keeps_its_tokens_role_and_a_stored_actor_is_a_plain_n
     assert not isinstance(_actor(OperatorRequest(2, "x", {}, "controller")), Actor)
     import copy
     assert type(copy.deepcopy(Actor("olga", TokenRole.OPERATOR))) is str
+
+
+@pytest.mark.parametrize(("path", "allow"), [
+    ("/api/v1/devices/group", "POST"), ("/api/v1/devices/remove", "POST"),
+    ("/api/v1/devices/cam-0", "DELETE"), ("/api/v1/groups/x/delete", "POST")])
+def test_a_literal_path_is_answered_by_its_own_routes_not_a_template(path: str,
+                                                                   allow: str) -> None:
+    """``/devices/group`` also fits ``/devices/{device_id}``: its Allow names POST only,
+    and a DELETE there is a 405, not the removal of a device named group."""
+    assert allowed(ROUTES, path) == allow
+    assert (find(ROUTES, "DELETE", path) is None) is (allow != "DELETE")

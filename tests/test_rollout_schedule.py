@@ -167,6 +167,15 @@ def test_a_start_time_without_a_zone_or_not_a_time_is_refused(text: str, words: 
         parse_start_at(text)
 
 
+@pytest.mark.parametrize("text", ["2026-12-08", "2026-12-08T22:00", "2026-12-08 22:00:05"])
+def test_a_start_time_without_a_zone_is_refused_with_a_hint_that_is_accepted(
+        text: str) -> None:
+    with pytest.raises(ScheduleError) as refused:
+        parse_start_at(text)
+    suggested = refused.value.hint.split()[2]  # "add one: TIME (UTC) or ..."
+    assert parse_start_at(suggested) >= 0, refused.value.hint
+
+
 def test_rollout_options_name_the_schedule_flag_they_refuse() -> None:
     with pytest.raises(RolloutOptionError) as refused:
         check_options({"selectors": ["group:g"], "windows": ["Mon 1:00-2:00"]})

@@ -123,6 +123,15 @@ def test_a_bad_selector_is_refused_naming_the_position_and_the_fix(
     assert refused.value.hint
 
 
+@pytest.mark.parametrize(("text", "hint"), [
+    ('group:""', "between the quotes"), ("group:" + "a" * 65, "shorten it"),
+    ('tag:"a\tb"', "control characters")])
+def test_a_bad_name_is_refused_with_a_hint_that_fits(text: str, hint: str) -> None:
+    with pytest.raises(SelectorError) as refused:
+        parse_selector(text)
+    assert hint in refused.value.hint
+
+
 def test_parentheses_are_bounded_in_depth() -> None:
     assert parse_selector("(" * MAX_DEPTH + "group:a" + ")" * MAX_DEPTH) == Selector("group", "a")
     with pytest.raises(SelectorError, match="parentheses inside each other"):

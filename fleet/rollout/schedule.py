@@ -219,8 +219,9 @@ def parse_start_at(text: str) -> int:
         raise ScheduleError(text, 0, "is not an ISO 8601 time",
                             hint="e.g. --start-at 2026-12-08T22:00:00+01:00") from None
     if when.tzinfo is None:
+        shown = when.isoformat()  # a date alone is its midnight: 2026-12-08T00:00:00
         raise ScheduleError(text, len(text.rstrip()), "the time has no zone",
-                            hint=f"add one: {text.strip()}Z (UTC) or {text.strip()}+01:00")
+                            hint=f"add one: {shown}Z (UTC) or {shown}+01:00")
     if not 2000 <= when.year <= 9000:
         raise ScheduleError(text, 0, "is not a time between the years 2000 and 9000")
     return round(when.timestamp() * 1000)

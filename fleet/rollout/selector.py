@@ -469,7 +469,9 @@ class _Parser:
                             hint='a bare word, or "text in double quotes"')
         if not 1 <= len(token.text) <= MAX_NAME or not token.text.isprintable():
             raise self.fail(token, f"a name or value is 1-{MAX_NAME} printable characters",
-                            hint="shorten it")
+                            hint="shorten it" if len(token.text) > MAX_NAME else
+                            "write the name between the quotes" if not token.text else
+                            "leave out control characters (newlines, tabs)")
         return token.text
 
 
