@@ -47,7 +47,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from packaging.version import InvalidVersion, Version
@@ -212,6 +212,11 @@ class Attribute:
 @dataclass(frozen=True)
 class AllOf:
     parts: tuple[Target, ...]
+    # whether a model clause inside binds to one model (worked out once, not per device)
+    binds: bool = field(init=False, compare=False, repr=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "binds", any(_binds(part) for part in self.parts))
 
     def matches(self, device: Facts) -> bool:
         return _matches(self, device)
@@ -226,6 +231,11 @@ class AllOf:
 @dataclass(frozen=True)
 class AnyOf:
     parts: tuple[Target, ...]
+    # whether a model clause inside binds to one model (worked out once, not per device)
+    binds: bool = field(init=False, compare=False, repr=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "binds", any(_binds(part) for part in self.parts))
 
     def matches(self, device: Facts) -> bool:
         return _matches(self, device)
@@ -272,11 +282,7 @@ def _matches(target: Target, device: Facts) -> bool:
 
 
 def _binds(target: Target) -> bool:
-    if isinstance(target, Attribute):
-        return target.binds
-    if isinstance(target, AllOf | AnyOf):
-        return any(_binds(part) for part in target.parts)
-    return False
+    return isinstance(target, Attribute | AllOf | AnyOf) and target.binds
 
 _COMPARE: dict[str, Callable[[Version, Version], bool]] = {
     "=": lambda a, b: a == b, "!=": lambda a, b: a != b, ">=": lambda a, b: a >= b,
