@@ -34,12 +34,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgefleet.agent.errors import BrokerError, BrokerTimeoutError
 from edgefleet.agent.mqtt_config import MqttSecurity, parse_broker_url
 
-__all__ = ["Handler", "MqttClient", "MqttSecurity", "Refusal", "Will", "parse_broker_url",
-           "refusal_of"]
+__all__ = ["Handler", "MqttClient", "MqttSecurity", "Refusal", "RetainHandler", "Will",
+           "parse_broker_url", "refusal_of"]
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
+# also told whether the message is a retained copy the broker replays on subscribing (a
+# device's last word, possibly old), not one just published
+RetainHandler = Callable[[str, bytes, bool], None]
 Will = tuple[str, bytes, int, bool]  # topic, payload, qos, retain
 _RECONNECT_MIN_S, _RECONNECT_MAX_S = 0.2, 10
 _ACK_POLL_S = 0.05
@@ -79,8 +82,8 @@ class MqttClient:
                         "--ca", host, port)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=will[2], retain=will[3])
-        self._subscriptions: dict[str, tuple[Handler, int]] = {}
-        self._routes: dict[str, tuple[Handler, ...]] = {}  # topic -> matching handlers
+        self._subscriptions: dict[str, tuple[RetainHandler, int]] = {}
+        self._routes: dict[str, tuple[RetainHandler, ...]] = {}  # topic -> matching handlers
         self._hooks: list[Callable[[], None]] = []
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -136,6 +139,15 @@ class MqttClient:
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Route matching messages to ``handler``; re-subscribed after every reconnection."""
+
+        def plain(topic: str, payload: bytes, retained: bool) -> None:
+            handler(topic, payload)
+
+        plain.__name__ = getattr(handler, "__name__", plain.__name__)  # named in logs
+        self.subscribe_retain(topic_filter, plain, qos)
+
+    def subscribe_retain(self, topic_filter: str, handler: RetainHandler, qos: int = 1) -> None:
+        """As :meth:`subscribe`, ``handler`` also told whether a message is retained."""
         self._subscriptions[topic_filter] = (handler, qos)
         self._routes = {}
         if self.connected:
@@ -304,10 +316,11 @@ class MqttClient:
         if handlers is None:
             handlers = self._route(topic)
         payload = bytes(message.payload)
+        retained = bool(message.retain)
         for handler in handlers:
-            _guarded(handler, topic, payload)
+            _guarded(handler, topic, payload, retained)
 
-    def _route(self, topic: str) -> tuple[Handler, ...]:
+    def _route(self, topic: str) -> tuple[RetainHandler, ...]:
         """The handlers of every subscription matching ``topic``, remembered per topic (a
         fleet's topics repeat: matching each message against every filter would cost more
         than handling it)."""

@@ -29,7 +29,7 @@ __all__ = ["ROLE_KEY", "Actor", "Token", "TokenRole", "actor_role", "check",
            "describe_tokens", "parse_token", "parse_tokens", "tokens_by_secret"]
 
 _MIN_SECRET = 8
-_TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", re.ASCII)  # fullmatch
 ROLE_KEY = "actor_role"  # where a relayed request carries its actor's role (fleet.relay)
 
 
@@ -89,9 +89,14 @@ def parse_token(spec: str) -> tuple[str, Token]:
     head, sep, secret = spec.partition("=")
     if not sep:
         head, secret = "default", spec
+    elif not secret.strip("="):  # "c2VjcmV0==": a bare secret's padding, not NAME=SECRET
+        raise AuthError("a token spec ends in '=': a bare secret with '=' padding reads as "
+                        "NAME=SECRET with an empty secret",
+                        hint="name the token: --token NAME:ROLE=SECRET (the secret may hold "
+                             "'=')")
     name, colon, role_text = head.partition(":")
     role = _role(role_text, name) if colon else TokenRole.ADMIN
-    if not _TOKEN_NAME.match(name):
+    if not _TOKEN_NAME.fullmatch(name):
         raise AuthError(f"token name {name[:80]!r} is not allowed",
                         hint="1-64 letters, digits, '.', '_', '@' or '-': --token "
                              "NAME:ROLE=SECRET")
@@ -112,13 +117,18 @@ def _role(text: str, name: str) -> TokenRole:
 
 
 def parse_tokens(specs: list[str]) -> dict[str, Token]:
-    """Every ``--token`` spec -> {secret: token}; one secret given twice is refused."""
+    """Every ``--token`` spec -> {secret: token}; one secret or one name given twice is
+    refused (the history names a token: two of one name could not be told apart)."""
     tokens: dict[str, Token] = {}
     for spec in specs:
         secret, token = parse_token(spec)
         if secret in tokens:
             raise AuthError(f"tokens {tokens[secret].name!r} and {token.name!r} have the same "
                             "secret", hint="give every token its own secret")
+        if any(other.name == token.name for other in tokens.values()):
+            bare = " (a bare SECRET is named 'default')" if token.name == "default" else ""
+            raise AuthError(f"two tokens are named {token.name!r}{bare}",
+                            hint="give every token its own name: --token NAME:ROLE=SECRET")
         tokens[secret] = token
     return tokens
 
@@ -134,10 +144,15 @@ def check(caller: Actor, needed: TokenRole | None, what: str) -> None:
     if needed is None or caller.role.allows(needed):
         return
     raise ForbiddenError(
-        f"{what} needs the {needed.value} role; token {str(caller)!r} is a {caller.role.value}",
+        f"{what} needs the {needed.value} role; token {str(caller)!r} is "
+        f"{_article(caller.role.value)} {caller.role.value}",
         role=needed.value,
         hint=f"use a token with role {needed.value} or above (the controller's --token "
              f"NAME:{needed.value}=SECRET)")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def describe_tokens(tokens: dict[str, Token]) -> list[dict[str, Any]]:

@@ -233,8 +233,8 @@ class _Handler(Exchange):
         actor = "" if found.route.public else self._actor()
         if isinstance(actor, Actor):
             self._check(actor, found.route, path)
-        found.route.handler(self, Call(found.params, parse_qs(urlsplit(self.path).query),
-                                       actor))
+        query = parse_qs(urlsplit(self.path).query, keep_blank_values=True)  # ?stale_s= refused
+        found.route.handler(self, Call(found.params, query, actor))
 
     def _no_route(self, path: str) -> NoReturn:
         if self.command in ("GET", "HEAD") and path.startswith("/bundles/"):
@@ -259,8 +259,9 @@ class _Handler(Exchange):
         try:
             access.check(caller, route.role, f"{self.command} {route.path}")
         except ForbiddenError as exc:
-            self.controller.audit.record(caller, "api.refused", f"{self.command} {path[:200]}",
-                                         exc.message, outcome="refused", needs=exc.role)
+            self.controller.audit.refused(caller, f"{self.command} {route.path}",
+                                          f"{self.command} {path[:200]}", exc.message,
+                                          needs=exc.role)
             raise
 
     def _scheme(self) -> str:

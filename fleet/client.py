@@ -225,9 +225,12 @@ class FleetClient:
 
     # --- history, keys, drift ---------------------------------------------------------
 
-    def history(self, limit: int = 100, target: str | None = None) -> list[AuditEntry]:
-        """The newest ``limit`` entries, newest first (only ``target``'s, if given)."""
-        query = urlencode({"limit": limit, **({"target": target} if target else {})})
+    def history(self, limit: int = 100, target: str | None = None,
+                action: str | None = None) -> list[AuditEntry]:
+        """The newest ``limit`` entries, newest first (only ``target``'s, and only of
+        ``action`` such as ``api.refused``, if given)."""
+        query = urlencode({"limit": limit, **({"target": target} if target else {}),
+                           **({"action": action} if action else {})})
         return cast(list[AuditEntry], self._expect(self.get(f"/api/v1/history?{query}"), list))
 
     def keyring(self) -> Keyring:

@@ -148,7 +148,7 @@ class FleetController:
             topic_filter = fleet_filter(self.config.fleet, leaf)
             if leaf == Leaf.TELEMETRY:
                 topic_filter = self.role.telemetry_filter(topic_filter)
-            self.mqtt.subscribe(topic_filter, self.intake.message)
+            self.mqtt.subscribe_retain(topic_filter, self.intake.message)
         self.outbox.mqtt = self.lifecycle.mqtt = self.mqtt
         self.keys.start(self.mqtt)  # trust the stored keyring; publish it on every connection
         self.mqtt.start()
@@ -279,6 +279,8 @@ class FleetController:
 
     def set_group(self, devices: list[str], group: str | None, actor: str) -> list[Device]:
         with self._lock:
+            if group is not None:
+                self.groups.check_static(group)
             return self.device_book.set_group(devices, group, actor)
 
     def tag(self, device: str, add: list[str], remove: list[str], actor: str) -> Device:
@@ -340,8 +342,9 @@ class FleetController:
 
     # --- the fleet as a whole -----------------------------------------------------------------
 
-    def history(self, limit: int = 100, target: str | None = None) -> list[AuditEntry]:
-        return self.store.history(limit, target)
+    def history(self, limit: int = 100, target: str | None = None,
+                action: str | None = None) -> list[AuditEntry]:
+        return self.store.history(limit, target, action)
 
     def overview(self, quality: bool = True) -> dict[str, Any]:
         """Counts of the fleet; with ``quality``, per-version telemetry too (O(devices))."""

@@ -43,6 +43,14 @@ def _model_state(report: ModelReport) -> ModelState:
                       update_detail=update.detail, update_since_ms=update.since)
 
 
+def _seen(device: Device, now_ms: int, retained: bool) -> int:
+    """When ``device`` was last heard from, given a message now (a retained copy is no
+    word from the device now: the time stays, or is now for a device first known so)."""
+    if retained and device.last_seen_ms > 0:
+        return device.last_seen_ms
+    return now_ms
+
+
 class DeviceRegistry:
     """Every known device of one fleet, thread-safe; ``dirty`` ids await a store write."""
 
@@ -80,14 +88,20 @@ class DeviceRegistry:
             self._joined.append(device_id)
         return device
 
-    def status(self, device_id: str, status: str, now_ms: int) -> None:
+    def status(self, device_id: str, status: str, now_ms: int, *,
+               retained: bool = False) -> None:
+        """``retained``: the broker's copy replayed on (re)subscribing, not a word heard
+        now: the device's time last seen stays (a device first known so: now)."""
         with self._lock:
             device = self._current(device_id, now_ms)
-            self._set(device.with_changes(online=status == STATUS_ONLINE, last_seen_ms=now_ms))
+            self._set(device.with_changes(online=status == STATUS_ONLINE,
+                                          last_seen_ms=_seen(device, now_ms, retained)))
 
-    def reported(self, reported: ReportedState, now_ms: int) -> None:
+    def reported(self, reported: ReportedState, now_ms: int, *,
+                 retained: bool = False) -> None:
         with self._lock:
-            self._set(apply_reported(self._current(reported.device, now_ms), reported, now_ms))
+            device = self._current(reported.device, now_ms)
+            self._set(apply_reported(device, reported, _seen(device, now_ms, retained)))
 
     def seen(self, device_id: str, now_ms: int) -> None:
         """Telemetry arrived: the device is alive (kept aside, not a change of the device:

@@ -61,9 +61,11 @@ def _compile(template: str) -> re.Pattern[str]:
 
 def find(routes: Iterable[Route[H]], method: str, path: str) -> Match[H] | None:
     """The route answering ``method path`` (HEAD is answered as GET), with its parameters
-    (still percent-encoded: the handler decodes and checks them)."""
+    (still percent-encoded: the handler decodes and checks them). Only the most specific
+    templates matching ``path`` answer it: ``/api/v1/devices/group`` is that path, not
+    ``/api/v1/devices/{device_id}`` (a DELETE there is a 405, as its Allow says)."""
     wanted = "GET" if method == "HEAD" else method
-    for route in routes:
+    for route in _specific(routes, path):
         if route.method == wanted and (found := route.pattern.match(path)):
             return Match(route, found.groupdict())
     return None
@@ -71,7 +73,14 @@ def find(routes: Iterable[Route[H]], method: str, path: str) -> Match[H] | None:
 
 def allowed(routes: Iterable[Route[H]], path: str) -> str:
     """The methods the routes take on ``path`` (an ``Allow`` header; empty: no route)."""
-    return ", ".join(methods(r for r in routes if r.pattern.match(path)))
+    return ", ".join(methods(_specific(routes, path)))
+
+
+def _specific(routes: Iterable[Route[H]], path: str) -> list[Route[H]]:
+    """The routes matching ``path`` with the fewest parameters (literal segments win)."""
+    matching = [r for r in routes if r.pattern.match(path)]
+    fewest = min((len(r.params) for r in matching), default=0)
+    return [r for r in matching if len(r.params) == fewest]
 
 
 def methods(routes: Iterable[Route[H]]) -> list[str]:

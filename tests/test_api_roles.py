@@ -27,7 +27,7 @@ from edgefleet.fleet.api import ROUTES, ApiServer
 from edgefleet.fleet.control.dispatch import _actor
 from edgefleet.fleet.errors import AuthError
 from edgefleet.fleet.relay import OperatorRequest
-from edgefleet.fleet.routing import Route, find
+from edgefleet.fleet.routing import Route, allowed, find
 from tests.fleet_harness import TOKEN, Fleet
 
 SECRETS = {TokenRole.VIEWER: "viewer-secret-0001", TokenRole.OPERATOR: "operator-secret-01",
@@ -171,6 +171,9 @@ def test_a_token_spec_gives_a_name_and_a_role(spec: str, name: str, role: TokenR
     ("ops:viewer=short", "shorter than 8"),
     ("o ps:viewer=secret-long-enough", "token name 'o ps'"),
     (":viewer=secret-long-enough", "token name ''"),
+    ("bob\n:viewer=secret-long-enough", "token name 'bob\\n'"),  # fullmatch: no newline
+    ("bob\n=secret-long-enough", "token name 'bob\\n'"),
+    ("c2VjcmV0LXNlY3JldA==", "ends in '='"),  # a bare secret's padding
 ])
 def test_a_bad_token_spec_is_refused_naming_what_is_wrong(spec: str, expected: str) -> None:
     with pytest.raises(AuthError, match=re.escape(expected)) as caught:
@@ -181,6 +184,23 @@ def test_a_bad_token_spec_is_refused_naming_what_is_wrong(spec: str, expected: s
 def test_one_secret_for_two_tokens_is_refused() -> None:
     with pytest.raises(AuthError, match="same secret"):
         parse_tokens(["a:viewer=secret-long-enough", "b=secret-long-enough"])
+
+
+@pytest.mark.parametrize("specs", [
+    ["alice:admin=secret-long-one", "alice:viewer=secret-long-two"],
+    ["secret-long-one", "default:viewer=secret-long-two"],
+    ["secret-long-one", "secret-long-two"],
+])
+def test_one_name_for_two_tokens_is_refused(specs: list[str]) -> None:
+    with pytest.raises(AuthError, match="two tokens are named") as caught:
+        parse_tokens(specs)
+    assert "secret-long" not in str(caught.value) + caught.value.hint
+
+
+def test_a_padded_bare_secret_is_never_shown_as_a_token_name() -> None:
+    with pytest.raises(AuthError) as caught:
+        parse_token("c2VjcmV0LXNlY3JldA==")
+    assert "c2VjcmV0" not in str(caught.value) + caught.value.hint
 
 
 def test_names_given_without_roles_are_admins() -> None:
@@ -195,3 +215,14 @@ def test_a_relayed_request_keeps_its_tokens_role_and_a_stored_actor_is_a_plain_n
     assert not isinstance(_actor(OperatorRequest(2, "x", {}, "controller")), Actor)
     import copy
     assert type(copy.deepcopy(Actor("olga", TokenRole.OPERATOR))) is str
+
+
+@pytest.mark.parametrize(("path", "allow"), [
+    ("/api/v1/devices/group", "POST"), ("/api/v1/devices/remove", "POST"),
+    ("/api/v1/devices/cam-0", "DELETE"), ("/api/v1/groups/x/delete", "POST")])
+def test_a_literal_path_is_answered_by_its_own_routes_not_a_template(path: str,
+                                                                   allow: str) -> None:
+    """``/devices/group`` also fits ``/devices/{device_id}``: its Allow names POST only,
+    and a DELETE there is a 405, not the removal of a device named group."""
+    assert allowed(ROUTES, path) == allow
+    assert (find(ROUTES, "DELETE", path) is None) is (allow != "DELETE")

@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,12 @@ from edgefleet.fleet.client import FleetClient
 from edgefleet.fleet.control.lifecycle import revoke_command
 from edgefleet.fleet.controller import ControllerConfig, FleetController
 from edgefleet.fleet.domain import Device
-from edgefleet.fleet.errors import ConflictError, ForbiddenError, NotFoundError
+from edgefleet.fleet.errors import (
+    ConflictError,
+    ForbiddenError,
+    InvalidRolloutError,
+    NotFoundError,
+)
 from edgefleet.fleet.mosquitto import MosquittoBroker
 from edgefleet.fleet.store import Store, open_store
 from tests.conftest import Keys
@@ -159,6 +165,60 @@ def desk(mosquitto: MosquittoBroker, fleet_name: str, tmp_path: Path,
     api.stop()
     controller.stop()
     store.close()
+
+
+def _kick(url: str, client_id: str) -> None:
+    """Connect once with ``client_id``: the broker drops the session of that id, whose
+    client then reconnects (and the broker replays the retained messages it matches)."""
+    from paho.mqtt import client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edgefleet.agent.mqtt import parse_broker_url
+
+    host, port = parse_broker_url(url)
+    kicker = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=paho.MQTTv311)
+    kicker.connect(host, port, keepalive=10)
+    kicker.loop(timeout=1.0)
+    kicker.disconnect()
+
+
+def test_a_retained_status_replayed_on_a_reconnection_is_no_word_from_the_device(
+        desk: Desk) -> None:
+    """The broker replays a device's retained ``offline`` each time the controller
+    (re)subscribes: it must not count as hearing from the device, or --stale never grows."""
+    desk.status("gone-1", "offline")  # its last word, as it went away
+    gone = desk.controller.registry.get("gone-1")
+    assert gone is not None
+    desk.clock.now += 8 * DAY_MS
+    connects = threading.Semaphore(0)
+    assert desk.controller.mqtt is not None
+    desk.controller.mqtt.on_connect(connects.release)
+    _kick(desk.broker.url, desk.controller.role.client_id(desk.fleet))
+    assert connects.acquire(timeout=15), "the controller reconnected"
+    assert desk.controller.mqtt.wait_subscribed(10)
+    desk.status("probe-1", "online")  # taken in after the replay of gone-1's retained word
+    again = desk.controller.registry.get("gone-1")
+    assert again is not None and again.last_seen_ms == gone.last_seen_ms
+    assert [d.id for d in desk.controller.registry.stale(7 * DAY_MS, desk.clock.now)] == [
+        "gone-1"]
+
+
+def test_an_empty_age_or_device_list_is_refused_and_a_viewer_is_refused_before_the_list(
+        desk: Desk) -> None:
+    desk.status("old-1", "offline")
+    desk.clock.now += 8 * DAY_MS
+    conn = HTTPConnection("127.0.0.1", desk.api.port, timeout=10)
+    conn.request("GET", "/api/v1/devices?stale_s=", headers={"Authorization": f"Bearer {VIEWER}"})
+    response = conn.getresponse()
+    assert response.status == 400 and b"stale_s" in response.read()
+    conn.close()
+    with pytest.raises(InvalidRolloutError, match="at least one device"):
+        desk.client().post("/api/v1/devices/remove", {"devices": []})
+    asked = desk.cli("remove", "--stale", "7d", token=VIEWER, input="y\n")
+    assert asked.exit_code == 2 and "needs the admin role" in asked.output
+    assert "old-1" not in asked.output and "Remove these" not in asked.output  # no list
+    assert desk.controller.registry.get("old-1") is not None
 
 
 def test_stale_devices_are_listed_and_removed_in_bulk_after_a_confirmation(desk: Desk) -> None:

@@ -132,3 +132,63 @@ def test_a_rollout_to_a_dynamic_group_stores_the_selector_it_meant(ctl: FleetCon
                                   parse_selector("group:static")))
     assert [str(s) for s in expanded] == [
         "(profile=raspberry-pi-4 | arch=aarch64) & runtime.litert>=2", "group:static"]
+
+
+def test_a_group_of_1000_characters_is_saved_listed_and_expanded_and_nothing_breaks(
+        api: Api, ctl: FleetController) -> None:
+    """Its canonical text (spaces around |) passes 1,000 characters: it still reads back."""
+    where = "|".join(f"tag:t{i:03d}" for i in range(111))[:1000].rstrip("|")
+    where = where[:where.rindex("|")]  # whole clauses, under 1,000 characters
+    status, group = api.call("POST", "/api/v1/groups", {"name": "canon", "where": where})
+    assert status == 201 and len(group["where"]) > 1000, group
+    status, listed = api.call("GET", "/api/v1/groups", token=TOKEN)
+    assert status == 200 and [g["name"] for g in listed] == ["canon"]
+    expanded = ctl.groups.expand((parse_selector("group:canon"),
+                                  parse_selector("label:site=plant-b")))
+    assert str(expanded[0]) == group["where"]
+
+
+def test_a_group_refused_leaves_nothing_saved_and_the_others_listed(api: Api) -> None:
+    status, error = api.call("POST", "/api/v1/groups", {"name": "g", "where": "profile>2"})
+    assert status == 400
+    status, error = api.call("POST", "/api/v1/groups", {"name": "g", "where": "tag:a"})
+    assert status == 201, error  # the name was not taken by the refused one
+    assert [g["name"] for g in api.call("GET", "/api/v1/groups")[1]] == ["g"]
+
+
+def test_groups_naming_groups_are_bounded_when_created(api: Api) -> None:
+    """Each level names the one below 30 times: 30, 900, then 27,000 clauses, refused
+    (the listing would expand it for every device)."""
+    fan = 30
+    assert api.call("POST", "/api/v1/groups", {
+        "name": "x1", "where": "|".join(f"tag:q{i:02d}" for i in range(fan))})[0] == 201
+    assert api.call("POST", "/api/v1/groups",
+                    {"name": "x2", "where": "|".join(["group:x1"] * fan)})[0] == 201
+    status, error = api.call("POST", "/api/v1/groups",
+                             {"name": "x3", "where": "|".join(["group:x2"] * fan)})
+    assert status == 400 and "clauses" in error["error"] and error["hint"], error
+    status, listed = api.call("GET", "/api/v1/groups")
+    assert status == 200 and [g["name"] for g in listed] == ["x1", "x2"]
+    # the other way round: a group named before it exists multiplies when it is created
+    assert api.call("POST", "/api/v1/groups",
+                    {"name": "a", "where": "|".join(["group:b"] * fan)})[0] == 201
+    status, error = api.call("POST", "/api/v1/groups",
+                             {"name": "b", "where": "|".join(["group:x2"] * 2)})
+    assert status == 400 and "group:a" in error["error"], error
+    assert [g["name"] for g in api.call("GET", "/api/v1/groups")[1]] == ["a", "x1", "x2"]
+
+
+@pytest.mark.parametrize("name", ["x/y", "a b", "-x", "", "a\nb", "x" * 65, "group:x", "é"])
+def test_a_dynamic_group_name_is_an_id_refused_otherwise(api: Api, name: str) -> None:
+    status, error = api.call("POST", "/api/v1/groups", {"name": name, "where": "tag:zz"})
+    assert status == 400 and "not allowed" in error["error"], error
+    assert api.call("GET", "/api/v1/groups")[1] == []
+
+
+def test_a_static_group_cannot_take_a_dynamic_groups_name(api: Api) -> None:
+    assert api.call("POST", "/api/v1/groups", {"name": "pis", "where": "arch=x"})[0] == 201
+    status, error = api.call("POST", "/api/v1/devices/group",
+                             {"devices": ["pi-1"], "group": "pis"})
+    assert status == 409 and "dynamic group" in error["error"], error
+    assert api.call("POST", "/api/v1/devices/group",
+                    {"devices": ["pi-1"], "group": "cams"})[0] == 200

@@ -4,7 +4,7 @@ clock the test holds (no broker, no real time)."""
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given, settings
@@ -142,6 +142,34 @@ def test_a_window_inside_the_skipped_hour_is_not_lost_it_opens_an_hour_later() -
     assert skipped.next_open(utc(2026, 3, 29, 1, 45)) == utc(2026, 4, 5, 0, 15)  # 02:15 CEST
 
 
+@pytest.mark.parametrize(("window", "opens", "closes"), [
+    ("Sun 02:00-03:00 Europe/Berlin", (1, 0), (2, 0)),  # 03:00-04:00 CEST, not empty
+    ("Sun 02:30-03:15 Europe/Berlin", (1, 30), (2, 15)),  # 03:30-04:15 CEST
+    ("Sun 02:15-02:45 Europe/Berlin", (1, 15), (1, 45)),
+    ("Sun 01:00-02:30 Europe/Berlin", (0, 0), (1, 30)),  # its end skipped: 01:00-03:30
+])
+def test_a_window_whose_start_the_spring_clocks_skip_is_not_lost(
+        window: str, opens: tuple[int, int], closes: tuple[int, int]) -> None:
+    """2027-03-28, Europe/Berlin: 02:00 CET becomes 03:00 CEST (01:00 UTC)."""
+    schedule = Schedule(windows=(parse_window(window),))
+    assert schedule.next_open(utc(2027, 3, 27, 12)) == utc(2027, 3, 28, *opens)
+    assert schedule.open_at(utc(2027, 3, 28, *closes) - 1)
+    assert not schedule.open_at(utc(2027, 3, 28, *closes))
+
+
+@settings(HOSTILE, deadline=None)
+@given(start=st.integers(0, 1439), length=st.integers(1, 1440),
+       zone=st.sampled_from(["Europe/Berlin", "America/New_York", "Australia/Sydney",
+                             "Asia/Tehran", "UTC"]),
+       day=st.dates(date(2026, 1, 1), date(2028, 12, 31)))
+def test_no_window_is_lost_on_any_day(start: int, length: int, zone: str, day: date) -> None:
+    end = (start + length) % 1440 or 1440
+    if end == start:
+        return
+    opens, closes = Window(frozenset(range(7)), start, end, zone).interval(day)
+    assert opens < closes
+
+
 def test_several_windows_open_at_the_first_of_them_after_the_start_time() -> None:
     schedule = Schedule(start_at_ms=utc(2026, 12, 9, 0, 0), windows=(
         parse_window("Mon 01:00-02:00"), parse_window("Thu 05:00-06:00"),
@@ -165,6 +193,15 @@ def test_a_start_time_is_iso_8601_with_its_zone(text: str, ms: int) -> None:
 def test_a_start_time_without_a_zone_or_not_a_time_is_refused(text: str, words: str) -> None:
     with pytest.raises(ScheduleError, match=words):
         parse_start_at(text)
+
+
+@pytest.mark.parametrize("text", ["2026-12-08", "2026-12-08T22:00", "2026-12-08 22:00:05"])
+def test_a_start_time_without_a_zone_is_refused_with_a_hint_that_is_accepted(
+        text: str) -> None:
+    with pytest.raises(ScheduleError) as refused:
+        parse_start_at(text)
+    suggested = refused.value.hint.split()[2]  # "add one: TIME (UTC) or ..."
+    assert parse_start_at(suggested) >= 0, refused.value.hint
 
 
 def test_rollout_options_name_the_schedule_flag_they_refuse() -> None:

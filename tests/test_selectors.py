@@ -28,9 +28,11 @@ from edgefleet.fleet.rollout.selector import (
     Selector,
     SelectorError,
     Target,
+    Unreadable,
     expand,
     parse_selector,
     parse_stored_selector,
+    storable,
 )
 from edgefleet.fleet.rollout.spec import RolloutSpec
 from tests.hostile import HOSTILE, MiB, peak_traced_bytes
@@ -121,6 +123,15 @@ def test_a_bad_selector_is_refused_naming_the_position_and_the_fix(
     assert refused.value.hint
 
 
+@pytest.mark.parametrize(("text", "hint"), [
+    ('group:""', "between the quotes"), ("group:" + "a" * 65, "shorten it"),
+    ('tag:"a\tb"', "control characters")])
+def test_a_bad_name_is_refused_with_a_hint_that_fits(text: str, hint: str) -> None:
+    with pytest.raises(SelectorError) as refused:
+        parse_selector(text)
+    assert hint in refused.value.hint
+
+
 def test_parentheses_are_bounded_in_depth() -> None:
     assert parse_selector("(" * MAX_DEPTH + "group:a" + ")" * MAX_DEPTH) == Selector("group", "a")
     with pytest.raises(SelectorError, match="parentheses inside each other"):
@@ -189,9 +200,108 @@ TREES: st.SearchStrategy[Target] = st.recursive(
 @given(tree=TREES)
 def test_any_tree_prints_to_text_that_parses_back_to_it(tree: Target) -> None:
     text = str(tree)
+    assert parse_stored_selector(text) == tree  # long or not: what is stored reads back
+    assert storable(tree, "it") == tree
     if len(text) <= MAX_TEXT:
         assert parse_selector(text) == tree
         assert str(parse_selector(text)) == text
+
+
+def _compact(tree: Target) -> str:
+    """``tree`` as short as people may write it: no spaces, parentheses only where the
+    precedence needs them (an ``|`` inside an ``&``, or a group inside one of its kind)."""
+    if isinstance(tree, AllOf):
+        return "&".join(f"({_compact(p)})" if isinstance(p, AllOf | AnyOf) else _compact(p)
+                        for p in tree.parts)
+    if isinstance(tree, AnyOf):
+        return "|".join(f"({_compact(p)})" if isinstance(p, AnyOf) else _compact(p)
+                        for p in tree.parts)
+    return str(tree)
+
+
+# long texts (about a thousand characters written compactly) and deep ones (about 16
+# parentheses), where the canonical text passes the bounds for people
+SHORT_LEAVES: st.SearchStrategy[Target] = st.one_of(
+    st.builds(Selector, st.sampled_from(["group", "tag"]), WORDS),
+    st.builds(Label, WORDS, st.sampled_from(["=", "!="]), WORDS))
+FIVE = st.from_regex(r"[a-z0-9]{5}", fullmatch=True)
+
+
+def _wide(all_of: bool, kind: str, names: list[str]) -> Target:
+    parts = tuple(Selector(kind, name) for name in names)
+    return AllOf(parts) if all_of else AnyOf(parts)
+
+
+WIDE_TREES: st.SearchStrategy[Target] = st.builds(  # 849-999 characters
+    _wide, st.booleans(), st.sampled_from(["group", "tag"]),
+    st.integers(85, 100).flatmap(lambda n: st.lists(FIVE, min_size=n, max_size=n)))
+
+
+def _chain(leaves: list[Target]) -> Target:
+    """``a|(b|(c|...(x&y)))``: one level per leaf, an ``&`` inside the last ``|``."""
+    tree: Target = AnyOf((AllOf((leaves[0], leaves[1])), leaves[2]))
+    for leaf in leaves[3:]:
+        tree = AnyOf((leaf, tree))
+    return tree
+
+
+DEEP_TREES = st.integers(17, 20).flatmap(  # 19 leaves: 16 deep, stored 17 deep
+    lambda n: st.lists(SHORT_LEAVES, min_size=n, max_size=n)).map(_chain)
+
+
+@settings(HOSTILE, max_examples=max(20, (HOSTILE.max_examples or 100) // 4))
+@given(tree=st.one_of(TREES, WIDE_TREES, DEEP_TREES))
+def test_whatever_people_may_write_is_stored_as_text_that_reads_back(tree: Target) -> None:
+    """Text within the bounds for people (1,000 characters, 16 parentheses deep) is
+    stored canonically (spaces, parentheses), which may pass those bounds: it still reads
+    back as the same tree, never as something else."""
+    text = _compact(tree)
+    try:
+        parsed = parse_selector(text)
+    except SelectorError as refused:  # only ever for the bounds for people
+        assert len(text) > MAX_TEXT or "parentheses" in refused.message
+        return
+    assert parsed == tree
+    stored = str(storable(parsed, "it"))
+    assert parse_stored_selector(stored) == parsed
+
+
+def _depth(text: str) -> int:
+    deepest = level = 0
+    for char in text:
+        level += {"(": 1, ")": -1}.get(char, 0)
+        deepest = max(deepest, level)
+    return deepest
+
+
+@pytest.mark.parametrize("text", [
+    # 999 characters without spaces: canonically (" | ") 1,293
+    "label:site=nowhere|" + "|".join(f"tag:t{i:03d}" for i in range(98)),
+    # 16 parentheses deep with an & inside an |: canonically 17 deep, and it starts with
+    # tag: (an earlier edgefleet's unquoted tag name must not be read instead)
+    "tag:a|(" * 16 + "device:b-00004&tag:c|device:b-00004" + ")" * 16,
+])
+def test_a_selector_at_the_bounds_is_stored_as_text_that_reads_back(text: str) -> None:
+    tree = parse_selector(text)
+    stored = str(tree)
+    assert len(stored) > MAX_TEXT or _depth(stored) > MAX_DEPTH  # past the bounds for people
+    assert parse_stored_selector(stored) == tree
+    assert not isinstance(parse_stored_selector(stored), Selector)
+
+
+def test_an_unreadable_stored_selector_is_not_read_as_one_tag_and_a_spec_keeps_it() -> None:
+    with pytest.raises(SelectorError):
+        parse_stored_selector("tag:a | (" * 70 + "tag:b" + ")" * 70)
+    with pytest.raises(SelectorError):  # 65 characters: no name of an earlier edgefleet
+        parse_stored_selector("tag:" + "(" * 65)
+    spec = RolloutSpec(model=BundleRef(name="x", version="1.0.0", sha256="1" * 64),
+                       url="http://c/b.efb", size=1, selectors=(Selector("tag", "a"),))
+    stored = {**spec.as_dict(), "selectors": ["label:site=(", "tag:a"]}
+    loaded = RolloutSpec.from_dict(stored)
+    assert isinstance(loaded.selectors[0], Unreadable)
+    assert "label:site=(" in (loaded.unreadable() or "")
+    assert loaded.as_dict()["selectors"] == ["label:site=(", "tag:a"]  # kept as it was
+    assert not loaded.matches(PI)
 
 
 GRAMMAR_SOUP = st.lists(st.sampled_from(
@@ -210,7 +320,9 @@ def test_any_text_parses_or_is_refused_naming_a_position_within_bounds(text: str
         assert 0 <= result.position <= len(text)
         assert result.hint
         return
-    assert parse_selector(str(result)) == result  # what parses is canonical text too
+    assert parse_stored_selector(str(result)) == result  # stored canonically, read back
+    if len(str(result)) <= MAX_TEXT:
+        assert parse_selector(str(result)) == result  # what parses is canonical text too
 
 
 # a reference for matching: the device as plain facts, the tree walked by hand
@@ -236,6 +348,7 @@ def _reference(tree: Target, facts: dict[str, Any]) -> bool:
         have = facts["labels"].get(tree.key)
         return have is not None if tree.op is None else (
             have == tree.value if tree.op == "=" else have != tree.value)
+    assert isinstance(tree, Attribute)
     return _reference_attribute(tree, facts)
 
 
@@ -322,9 +435,62 @@ CAMERA = Device(id="cam-2", fleet="f", models={
 @pytest.mark.parametrize(("text", "expected"), [
     ("model=detector", True), ("model=classifier", True), ("model=kws", False),
     ("model!=kws", True), ("model!=detector", False),
-    ("model.version>=3", True), ("model.version<1", False), ("model.version!=3.0.0", False),
+    ("model.version>=3", True), ("model.version<1", False),
     ("model=classifier & model.version<2", True),
+    # the model clauses of one selector read one model: detector is 3.0.0
+    ("model=detector & model.version<2", False), ("model=detector & model.version>=3", True),
+    ("model=detector & model.version!=3.0.0", False), ("model.version!=3.0.0", True),
+    ("(model=detector | model=kws) & model.version=1.2.0", False),
+    ("model!=kws & model.version=1.2.0", True), ("model!=detector & model.version<2", False),
+    ("model=detector & model=classifier", False), ("model=detector | model=classifier", True),
 ])
 def test_a_device_of_several_models_matches_when_one_of_its_models_does(
         text: str, expected: bool) -> None:
     assert parse_selector(text).matches(CAMERA) is expected
+
+
+# several models: the reference tries each model in turn, every model clause read of it
+MODEL_LEAVES: st.SearchStrategy[Target] = st.one_of(
+    st.builds(Attribute, st.just("model"), st.sampled_from(["=", "!="]),
+              st.sampled_from(["digits", "keyword", "kws"])),
+    st.builds(Attribute, st.just("model.version"), OPS,
+              st.sampled_from(["1", "1.0.0", "2", "3.0.0"])),
+    st.builds(Selector, st.just("tag"), st.sampled_from(["a", "b"])))
+MODEL_TREES = st.recursive(MODEL_LEAVES, lambda inner: st.one_of(
+    st.lists(inner, min_size=2, max_size=3).map(lambda p: AllOf(tuple(p))),
+    st.lists(inner, min_size=2, max_size=3).map(lambda p: AnyOf(tuple(p)))), max_leaves=6)
+MODEL_SETS = st.dictionaries(st.sampled_from(["digits", "keyword", "kws"]),
+                             st.sampled_from(["1.0.0", "2.0.0", "3.0.0"]), max_size=3)
+
+
+def _reference_bound(tree: Target, tags: frozenset[str], names: list[str],
+                     model: tuple[str, str] | None) -> bool:
+    if isinstance(tree, AllOf):
+        return all(_reference_bound(p, tags, names, model) for p in tree.parts)
+    if isinstance(tree, AnyOf):
+        return any(_reference_bound(p, tags, names, model) for p in tree.parts)
+    if isinstance(tree, Selector):
+        return tree.value in tags
+    assert isinstance(tree, Attribute)
+    if tree.name == "model" and tree.op == "!=":
+        return tree.value not in names  # none of its models
+    if model is None:
+        return tree.op == "!="
+    if tree.name == "model":
+        return model[0] == tree.value
+    a, b = Version(model[1]), Version(tree.value)
+    return {"=": a == b, "!=": a != b, ">=": a >= b, "<=": a <= b, ">": a > b,
+            "<": a < b}[tree.op]
+
+
+@HOSTILE
+@given(tree=MODEL_TREES, models=MODEL_SETS, tags=st.frozensets(st.sampled_from(["a", "b"])))
+def test_the_model_clauses_of_a_selector_read_one_model_of_a_device(
+        tree: Target, models: dict[str, str], tags: frozenset[str]) -> None:
+    device = Device(id="d", fleet="f", tags=tags, models={
+        name: ModelState(active=BundleRef(name=name, version=version, sha256="1" * 64))
+        for name, version in models.items()})
+    refs: list[tuple[str, str] | None] = [*sorted(models.items())] or [None]
+    expected = any(_reference_bound(tree, tags, list(models), m) for m in refs)
+    assert tree.matches(device) is expected
+    assert parse_selector(str(tree)).matches(device) is expected

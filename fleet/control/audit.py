@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -11,10 +12,11 @@ from edgefleet.fleet.control import CONTROLLER_LOG
 from edgefleet.fleet.domain import AuditEntry
 from edgefleet.fleet.store import Store
 
-__all__ = ["SYSTEM", "AuditTrail", "Listeners", "Notify"]
+__all__ = ["REFUSALS_EVERY_MS", "SYSTEM", "AuditTrail", "Listeners", "Notify"]
 
 log = logging.getLogger(CONTROLLER_LOG)
 SYSTEM = "controller"  # the actor of what the controller does by itself
+REFUSALS_EVERY_MS = 60_000  # one api.refused row per token and route in this time
 
 Notify = Callable[[str, dict[str, Any]], None]
 
@@ -26,6 +28,29 @@ class AuditTrail:
 
     def __init__(self, store: Store, clock: Callable[[], int]) -> None:
         self.store, self.clock = store, clock
+        # (token, route) -> (when its last api.refused row was written, refusals since)
+        self._refusals: dict[tuple[str, str], tuple[int, int]] = {}
+        self._refusals_lock = threading.Lock()
+        self.refusals_unwritten = 0  # refusals counted in a later row, not a row each
+
+    def refused(self, actor: str, route: str, target: str, summary: str,
+                **detail: Any) -> AuditEntry | None:
+        """An ``api.refused`` row, at most one per token and ``route`` (``POST
+        /api/v1/rollouts``) every :data:`REFUSALS_EVERY_MS`: a token refused in a loop
+        cannot fill the history. The refusals in between are counted in the next row
+        written (``detail.refused_since``) and in :attr:`refusals_unwritten`; None: this
+        one was only counted."""
+        now, key = self.clock(), (str(actor), route)
+        with self._refusals_lock:
+            last, since = self._refusals.get(key, (None, 0))
+            if last is not None and now - last < REFUSALS_EVERY_MS:
+                self._refusals[key] = (last, since + 1)
+                self.refusals_unwritten += 1
+                return None
+            self._refusals[key] = (now, 0)
+        extra = {"refused_since": since} if since else {}
+        return self.record(actor, "api.refused", target, summary, outcome="refused",
+                           **detail, **extra)
 
     def record(self, actor: str, action: str, target: str, summary: str = "",
                outcome: str = "ok", **detail: Any) -> AuditEntry:

@@ -38,19 +38,24 @@ class MessageIntake:
         self.rejected = 0  # malformed messages dropped
         self.rejected_by: collections.Counter[str] = collections.Counter()  # by reason
 
-    def message(self, topic: str, payload: bytes) -> None:
-        """One device message; a refused one is counted by reason and logged."""
+    def message(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """One device message; a refused one is counted by reason and logged.
+
+        ``retained``: a copy the broker replays on every (re)subscription (a device's last
+        word, maybe days old): it tells what the device said, not that it was heard from
+        now, so it leaves the time last seen as it was (else an offline device would never
+        grow stale across a controller's reconnections)."""
         try:
             address = parse_topic(topic)
         except (EdgefleetError, ValueError) as exc:
             self._reject(topic, "topic", exc)
             return
         try:
-            self._take(address.leaf, address.device, payload)
+            self._take(address.leaf, address.device, payload, retained)
         except (EdgefleetError, ValueError) as exc:
             self._reject(topic, ingest.reason(exc), exc)
 
-    def _take(self, leaf: Leaf, device: str, payload: bytes) -> None:
+    def _take(self, leaf: Leaf, device: str, payload: bytes, retained: bool) -> None:
         now = self.clock()
         if leaf == Leaf.TELEMETRY:
             for ts, values in ingest.telemetry(payload):
@@ -62,11 +67,12 @@ class MessageIntake:
                                              ts, model["drift"])
             self.registry.seen(device, now)
         elif leaf == Leaf.STATUS and payload:
-            self.registry.status(device, ingest.status(payload), now)
+            self.registry.status(device, ingest.status(payload), now, retained=retained)
         elif leaf == Leaf.STATUS:  # cleared: the device was decommissioned (lifecycle.py)
             self.registry.forget([device])
         elif leaf == Leaf.REPORTED and payload:
-            self.registry.reported(ingest.reported(device, payload, self.fleet), now)
+            self.registry.reported(ingest.reported(device, payload, self.fleet), now,
+                                   retained=retained)
         elif leaf == Leaf.EVENTS:
             self.notify("event", {"device": device, "event": ingest.event(payload)})
 

@@ -41,6 +41,9 @@ class RolloutRunner:
         rollouts = self.store.rollouts()
         self.live.clear()
         self.live.update((r.id, r) for r in rollouts if self.followed(r, now))
+        for rollout in self.live.values():
+            if (problem := rollout.spec.unreadable()) is not None:
+                log.error("rollout %s: %s; it is stopped at its next tick", rollout.id, problem)
         self.outbox.clear()
         self.outbox.restore(rollouts)
         self.outbox.requeue(self.live.values())
@@ -62,13 +65,18 @@ class RolloutRunner:
         is aborted with the reason (or, if even that fails, no longer followed here) and
         the loop steps the others. Store failures raise as before: the next step retries.
         """
+        problem = rollout.spec.unreadable()
+        if problem is not None:  # it would select no device: stopped, never run blind
+            return self._stop_broken(rollout, f"stopped: its {problem}", now, actor)
         try:
             decisions = executor.tick(rollout, self.observer.observe(rollout, joined), now)
         except FleetError:
             raise
         except Exception as exc:  # one rollout's bad data must never stop the others
             log.exception("rollout %s: its tick failed; stopping it", rollout.id)
-            return self._stop_broken(rollout, exc, now, actor)
+            return self._stop_broken(rollout, f"stopped: its tick failed "
+                                              f"({type(exc).__name__}: {str(exc)[:200]})",
+                                     now, actor)
         return self.apply(decisions, actor)
 
     def apply(self, decisions: Decisions, actor: str) -> Rollout:
@@ -99,9 +107,8 @@ class RolloutRunner:
             return False
         return any(d.state in UNSETTLED for d in rollout.devices.values())
 
-    def _stop_broken(self, rollout: Rollout, exc: Exception, now: int, actor: str) -> Rollout:
+    def _stop_broken(self, rollout: Rollout, reason: str, now: int, actor: str) -> Rollout:
         self.broken_ticks += 1
-        reason = f"stopped: its tick failed ({type(exc).__name__}: {str(exc)[:200]})"
         if not rollout.finished:
             try:
                 aborted = executor.abort(rollout, now, reason)

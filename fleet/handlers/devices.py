@@ -36,6 +36,8 @@ def remove_device(ex: Exchange, call: Call) -> None:
 def remove_devices(ex: Exchange, call: Call) -> None:
     body = check.only(ex.read_json(), ("devices", "stale_s"), "a removal")
     ids = check.contract_ids(body.get("devices"), "devices", "device id")
+    if not ids:
+        raise check.invalid("devices must list at least one device id")
     stale = body.get("stale_s")
     stale_s = None if stale is None else check.seconds(stale, "stale_s")
     ex.send_json(ex.controller.remove_devices(ids, call.actor, stale_s).as_dict())

@@ -18,8 +18,9 @@ def overview(ex: Exchange, call: Call) -> None:
 
 def history(ex: Exchange, call: Call) -> None:
     limit = check.limit(call.query.get("limit", ["100"])[0])
-    target = call.query.get("target", [None])[0]
-    ex.send_json([e.as_dict() for e in ex.controller.history(limit, target)])
+    target = call.query.get("target", [None])[0] or None
+    action = call.query.get("action", [None])[0] or None
+    ex.send_json([e.as_dict() for e in ex.controller.history(limit, target, action)])
 
 
 def stream(ex: Exchange, call: Call) -> None:

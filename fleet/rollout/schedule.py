@@ -13,7 +13,9 @@ when the second is not later (``22:00-04:00`` opened on Friday closes on Saturda
 name, UTC when left out), so a window keeps its local hours across daylight-saving
 changes and is an hour shorter or longer on the night the clocks move; a time the clocks
 skip is read as if they had not jumped yet (02:15 on the night 02:00 becomes 03:00 is
-03:15 summer time), so no window is lost.
+03:15 summer time), and a window whose start is skipped stays open at least as long as
+it is long (``Sun 02:00-03:00 Europe/Berlin`` is 03:00-04:00 summer time that night,
+``02:30-03:15`` is 03:30-04:15), so no window is lost.
 
 Everything is a pure function of the time it is given (:meth:`Schedule.next_open`);
 the rollout executor asks it on each tick with the controller's clock.
@@ -68,7 +70,11 @@ class Window:
         """When the window opened on ``day`` opens and closes (ms since the epoch)."""
         zone = ZoneInfo(self.zone)
         close_day = day if self.end > self.start else day + timedelta(days=1)
-        return _instant(day, self.start, zone), _instant(close_day, self.end, zone)
+        opens, closes = _instant(day, self.start, zone), _instant(close_day, self.end, zone)
+        if _skipped(day, self.start, zone):  # opened late: it keeps its length
+            length = (self.end - self.start) % 1440 or 1440
+            closes = max(closes, opens + length * 60_000)
+        return opens, closes
 
     def next_open(self, now_ms: int) -> int | None:
         """``now_ms`` if the window is open then, else when it opens next (None: never
@@ -118,6 +124,15 @@ def _instant(day: date, minutes: int, zone: ZoneInfo) -> int:
     day, minutes = (day + timedelta(days=1), 0) if minutes == 1440 else (day, minutes)
     local = datetime.combine(day, time(minutes // 60, minutes % 60), tzinfo=zone)
     return round(local.timestamp() * 1000)
+
+
+def _skipped(day: date, minutes: int, zone: ZoneInfo) -> bool:
+    """Whether the clocks of ``zone`` skip that wall-clock time on ``day`` (spring)."""
+    if minutes == 1440:
+        day, minutes = day + timedelta(days=1), 0
+    local = datetime.combine(day, time(minutes // 60, minutes % 60))
+    there = datetime.fromtimestamp(local.replace(tzinfo=zone).timestamp(), zone)
+    return there.replace(tzinfo=None) != local
 
 
 def _hhmm(minutes: int) -> str:
@@ -219,8 +234,9 @@ def parse_start_at(text: str) -> int:
         raise ScheduleError(text, 0, "is not an ISO 8601 time",
                             hint="e.g. --start-at 2026-12-08T22:00:00+01:00") from None
     if when.tzinfo is None:
+        shown = when.isoformat()  # a date alone is its midnight: 2026-12-08T00:00:00
         raise ScheduleError(text, len(text.rstrip()), "the time has no zone",
-                            hint=f"add one: {text.strip()}Z (UTC) or {text.strip()}+01:00")
+                            hint=f"add one: {shown}Z (UTC) or {shown}+01:00")
     if not 2000 <= when.year <= 9000:
         raise ScheduleError(text, 0, "is not a time between the years 2000 and 9000")
     return round(when.timestamp() * 1000)

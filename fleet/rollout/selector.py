@@ -27,8 +27,19 @@ report what a clause asks about does not match it, except ``!=``: a device witho
 profile is not a ``raspberry-pi-4``. ``group:NAME`` naming a saved selector (a dynamic
 group) is replaced by that selector when the rollout is created (:func:`expand`).
 
+A device of several models matches when **one** of its models makes the selector true,
+every ``model=`` and ``model.version`` clause of the selector read of that same model:
+``model=digits & model.version<2`` is "runs digits older than 2", not "runs digits and
+something older than 2". ``model!=X`` reads all its models: none of them is X.
+
 Errors name the character where the text stops making sense and how to write it; the
 parser reads at most :data:`MAX_TEXT` characters, :data:`MAX_DEPTH` parentheses deep.
+Those bounds are for what people write: the canonical text a store keeps (spaces around
+``&`` and ``|``, parentheses the precedence left out, saved groups expanded) may be
+longer and deeper, and is read back by :func:`parse_stored_selector` without them. What
+is stored is bounded instead when it is created (:func:`storable`): at most
+:data:`MAX_CLAUSES` clauses, :data:`MAX_NESTING` levels deep, and it must read back as
+the same tree.
 """
 
 from __future__ import annotations
@@ -36,20 +47,23 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from packaging.version import InvalidVersion, Version
 
 from edgefleet.fleet.errors import InvalidRolloutError
 
-__all__ = ["ATTRIBUTES", "KINDS", "MAX_DEPTH", "MAX_NAME", "MAX_TEXT", "VERSIONED", "AllOf",
-           "AnyOf", "Attribute", "Facts", "Label", "Selector", "SelectorError", "Target",
-           "expand", "matches", "parse_selector", "parse_stored_selector", "quoted"]
+__all__ = ["ATTRIBUTES", "KINDS", "MAX_CLAUSES", "MAX_DEPTH", "MAX_NAME", "MAX_NESTING",
+           "MAX_TEXT", "VERSIONED", "AllOf", "AnyOf", "Attribute", "Facts", "Label",
+           "Selector", "SelectorError", "Target", "Unreadable", "expand", "matches",
+           "parse_selector", "parse_stored_selector", "quoted", "storable"]
 
-MAX_TEXT = 1000  # characters of one selector
-MAX_DEPTH = 16  # parentheses inside each other
+MAX_TEXT = 1000  # characters of one selector as people write it
+MAX_DEPTH = 16  # parentheses inside each other, as people write them
 MAX_NAME = 64  # characters of a name, key or value
+MAX_CLAUSES = 1000  # clauses of a stored selector (saved groups expanded)
+MAX_NESTING = 64  # levels of a stored selector's tree (saved groups expanded)
 KINDS = ("group", "tag", "device")
 VERSIONED = ("model.version", "agent")  # and runtime.NAME
 ATTRIBUTES = ("profile", "arch", "model", "runtime", *VERSIONED)
@@ -114,6 +128,9 @@ class Selector:
     value: str
 
     def matches(self, device: Facts) -> bool:
+        return _matches(self, device)
+
+    def holds(self, device: Facts, model: Model | None) -> bool:
         if self.kind == "group":
             return device.group == self.value
         if self.kind == "tag":
@@ -133,6 +150,9 @@ class Label:
     value: str | None = None
 
     def matches(self, device: Facts) -> bool:
+        return _matches(self, device)
+
+    def holds(self, device: Facts, model: Model | None) -> bool:
         found = device.labels.get(self.key)
         if found is None:
             found = device.reported_labels.get(self.key)
@@ -154,20 +174,25 @@ class Attribute:
     value: str
 
     def matches(self, device: Facts) -> bool:
+        return _matches(self, device)
+
+    @property
+    def binds(self) -> bool:
+        """A clause read of the one model the selector is evaluated on (``model!=X`` reads
+        them all)."""
+        return self.name == "model.version" or (self.name == "model" and self.op != "!=")
+
+    def holds(self, device: Facts, model: Model | None) -> bool:
+        """Whether the clause holds, ``model`` the one its model clauses read (None: the
+        device runs none)."""
         if self.name == "runtime":
             return (self.value in device.runtimes) == (self.op == "=")
+        if self.name == "model" and self.op == "!=":  # it runs no model of that name
+            return all(name != self.value for name, _ in device.model_refs)
         if self.name in ("model", "model.version"):
-            return self._any_model(device)
+            found = None if model is None else model[0 if self.name == "model" else 1]
+            return self._compare(found)
         return self._compare(_reported(device, self.name))
-
-    def _any_model(self, device: Facts) -> bool:
-        """A device of several models: ``=`` and the orderings hold when one of them
-        matches, ``!=`` when none is equal (``model!=kws``: it runs no model kws)."""
-        values = [name if self.name == "model" else version
-                  for name, version in device.model_refs]
-        if self.op == "!=":
-            return not any(Attribute(self.name, "=", self.value)._compare(v) for v in values)
-        return any(self._compare(value) for value in values)
 
     def _compare(self, found: str | None) -> bool:
         if found is None:
@@ -187,9 +212,17 @@ class Attribute:
 @dataclass(frozen=True)
 class AllOf:
     parts: tuple[Target, ...]
+    # whether a model clause inside binds to one model (worked out once, not per device)
+    binds: bool = field(init=False, compare=False, repr=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "binds", any(_binds(part) for part in self.parts))
 
     def matches(self, device: Facts) -> bool:
-        return all(part.matches(device) for part in self.parts)
+        return _matches(self, device)
+
+    def holds(self, device: Facts, model: Model | None) -> bool:
+        return all(part.holds(device, model) for part in self.parts)
 
     def __str__(self) -> str:
         return " & ".join(_inner(part) for part in self.parts)
@@ -198,15 +231,58 @@ class AllOf:
 @dataclass(frozen=True)
 class AnyOf:
     parts: tuple[Target, ...]
+    # whether a model clause inside binds to one model (worked out once, not per device)
+    binds: bool = field(init=False, compare=False, repr=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "binds", any(_binds(part) for part in self.parts))
 
     def matches(self, device: Facts) -> bool:
-        return any(part.matches(device) for part in self.parts)
+        return _matches(self, device)
+
+    def holds(self, device: Facts, model: Model | None) -> bool:
+        return any(part.holds(device, model) for part in self.parts)
 
     def __str__(self) -> str:
         return " | ".join(_inner(part) for part in self.parts)
 
 
-Target = Selector | Label | Attribute | AllOf | AnyOf
+@dataclass(frozen=True)
+class Unreadable:
+    """A stored selector that does not read back (a store written by an earlier
+    edgefleet, or damaged): it matches no device and prints as the text it was, and a
+    rollout holding one is stopped instead of breaking whatever reads it."""
+
+    text: str
+    problem: str
+
+    def matches(self, device: Facts) -> bool:
+        return False
+
+    def holds(self, device: Facts, model: Model | None) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return self.text
+
+
+Target = Selector | Label | Attribute | AllOf | AnyOf | Unreadable
+Model = tuple[str, str]  # (name, version) of one model a device runs
+
+
+def _matches(target: Target, device: Facts) -> bool:
+    """A selector of model clauses holds for a device when it holds for one of its models
+    (every model clause read of that one); a device of no model is tried with none."""
+    if not _binds(target):
+        return target.holds(device, None)
+    models = device.model_refs
+    if not models:
+        return target.holds(device, None)
+    return any(target.holds(device, model) for model in models)
+
+
+def _binds(target: Target) -> bool:
+    return isinstance(target, Attribute | AllOf | AnyOf) and target.binds
 
 _COMPARE: dict[str, Callable[[Version, Version], bool]] = {
     "=": lambda a, b: a == b, "!=": lambda a, b: a != b, ">=": lambda a, b: a >= b,
@@ -283,10 +359,11 @@ def _tokens(text: str) -> list[_Token]:
 
 
 class _Parser:
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, max_depth: int = MAX_DEPTH) -> None:
         self.text = text
         self.tokens = _tokens(text)
         self.index = 0
+        self.max_depth = max_depth
 
     def peek(self) -> _Token:
         return self.tokens[self.index]
@@ -321,8 +398,9 @@ class _Parser:
     def term(self, depth: int) -> Target:
         token = self.peek()
         if token.kind == "punct" and token.text == "(":
-            if depth >= MAX_DEPTH:
-                raise self.fail(token, f"more than {MAX_DEPTH} parentheses inside each other",
+            if depth >= self.max_depth:
+                raise self.fail(token, f"more than {self.max_depth} parentheses inside each "
+                                       "other",
                                 hint="write the selector flatter")
             self.take()
             inner = self.selector(depth + 1)
@@ -397,7 +475,9 @@ class _Parser:
                             hint='a bare word, or "text in double quotes"')
         if not 1 <= len(token.text) <= MAX_NAME or not token.text.isprintable():
             raise self.fail(token, f"a name or value is 1-{MAX_NAME} printable characters",
-                            hint="shorten it")
+                            hint="shorten it" if len(token.text) > MAX_NAME else
+                            "write the name between the quotes" if not token.text else
+                            "leave out control characters (newlines, tabs)")
         return token.text
 
 
@@ -412,7 +492,11 @@ def parse_selector(text: str) -> Target:
     if len(text) > MAX_TEXT:
         raise SelectorError(text, MAX_TEXT, f"a selector is at most {MAX_TEXT} characters",
                             hint="save a long one as a group: fleet groups create NAME --where")
-    parser = _Parser(text)
+    return _parse(text, MAX_DEPTH)
+
+
+def _parse(text: str, max_depth: int) -> Target:
+    parser = _Parser(text, max_depth)
     if parser.peek().kind == "end":
         raise SelectorError(text, 0, "the selector is empty", hint=_EXAMPLES)
     target = parser.selector(0)
@@ -424,24 +508,78 @@ def parse_selector(text: str) -> Target:
 
 
 def parse_stored_selector(text: str) -> Target:
-    """A selector as a store holds it: an earlier edgefleet wrote ``group:``/``tag:`` names
-    unquoted (``group:north cams``), which the grammar now reads as such only here."""
+    """A selector as a store holds it: canonical text of any length, up to
+    :data:`MAX_NESTING` parentheses deep (what :func:`storable` let through). An earlier
+    edgefleet wrote ``group:``/``tag:`` names unquoted (``group:north cams``): text of
+    that form only (a kind, then 1-64 printable characters) that the grammar does not
+    read is read as such, here only."""
     try:
-        return parse_selector(text)
+        return _parse(text, MAX_NESTING)
     except SelectorError:
         kind, _, name = text.partition(":")
-        if kind in ("group", "tag") and name:
+        if kind in ("group", "tag") and 1 <= len(name) <= MAX_NAME and name.isprintable():
             return Selector(kind, name)
         raise
 
 
+def storable(target: Target, what: str) -> Target:
+    """``target`` if a store may keep it: at most :data:`MAX_CLAUSES` clauses and
+    :data:`MAX_NESTING` levels, and its canonical text reads back as the same tree; else
+    :class:`InvalidRolloutError` naming ``what`` (``group:cams``, a rollout's selector)."""
+    clauses, levels = _size(target)
+    if clauses > MAX_CLAUSES or levels > MAX_NESTING:
+        raise _too_large(what, f"{clauses} clauses, {levels} levels deep")
+    text = str(target)
+    try:
+        back = parse_stored_selector(text)
+    except SelectorError as exc:
+        raise _too_large(what, f"its stored text does not read back: {exc.message}") from None
+    if back != target:
+        raise _too_large(what, "its stored text reads back as another selector")
+    return target
+
+
+def _too_large(what: str, problem: str) -> InvalidRolloutError:
+    return InvalidRolloutError(
+        f"{what} cannot be stored ({problem}); a stored selector, saved groups expanded, "
+        f"is at most {MAX_CLAUSES} clauses and {MAX_NESTING} levels deep",
+        hint="write it flatter or split it: groups that name groups multiply their clauses")
+
+
+def _size(target: Target) -> tuple[int, int]:
+    """(clauses, levels) of a tree."""
+    if not isinstance(target, AllOf | AnyOf):
+        return 1, 0
+    sizes = [_size(part) for part in target.parts]
+    return sum(c for c, _ in sizes), 1 + max(d for _, d in sizes)
+
+
 def expand(target: Target, saved: Mapping[str, Target],
-           within: frozenset[str] = frozenset()) -> Target:
+           within: frozenset[str] = frozenset(), what: str = "") -> Target:
     """``target`` with each ``group:NAME`` that names a saved selector replaced by it (and
-    so on inside it; a group met again inside itself stays a plain group)."""
+    so on inside it; a group met again inside itself stays a plain group).
+
+    Bounded: groups naming groups multiply, so the expansion stops with
+    :class:`InvalidRolloutError` once it passes :data:`MAX_CLAUSES` clauses or
+    :data:`MAX_NESTING` levels (its cost stays that of a tree of that size)."""
+    return _expand(target, saved, within, [MAX_CLAUSES], 0,
+                   what or f"selector {str(target)[:80]!r}")
+
+
+def _expand(target: Target, saved: Mapping[str, Target], within: frozenset[str],
+            budget: list[int], level: int, what: str) -> Target:
+    if level > MAX_NESTING:
+        raise _too_large(what, f"more than {MAX_NESTING} levels deep once "
+                                "its saved groups are expanded")
     if isinstance(target, Selector) and target.kind == "group" and (
             target.value in saved and target.value not in within):
-        return expand(saved[target.value], saved, within | {target.value})
+        return _expand(saved[target.value], saved, within | {target.value}, budget, level,
+                       what)
     if isinstance(target, AllOf | AnyOf):
-        return type(target)(tuple(expand(part, saved, within) for part in target.parts))
+        return type(target)(tuple(_expand(part, saved, within, budget, level + 1, what)
+                                  for part in target.parts))
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _too_large(what, f"more than {MAX_CLAUSES} clauses once its "
+                                "saved groups are expanded")
     return target

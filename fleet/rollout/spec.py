@@ -29,7 +29,9 @@ from edgefleet.fleet.errors import InvalidRolloutError
 from edgefleet.fleet.rollout.schedule import Schedule, parse_window
 from edgefleet.fleet.rollout.selector import (
     Selector,
+    SelectorError,
     Target,
+    Unreadable,
     parse_selector,
     parse_stored_selector,
 )
@@ -165,6 +167,12 @@ class RolloutSpec:
     def matches(self, device: Device) -> bool:
         return any(selector.matches(device) for selector in self.selectors)
 
+    def unreadable(self) -> str | None:
+        """What is wrong with a stored selector that did not read back (None: all did)."""
+        problems = [f"selector {s.text[:80]!r} cannot be read ({s.problem})"
+                    for s in self.selectors if isinstance(s, Unreadable)]
+        return "; ".join(problems) or None
+
     def rate(self, wave: int) -> float | None:
         return None if self.rate_per_min is None else self.rate_per_min * self.exponential**wave
 
@@ -183,7 +191,7 @@ class RolloutSpec:
         if model is None:
             raise InvalidRolloutError("a rollout needs a model")
         return cls(model=model, url=str(data["url"]), size=int(data["size"]),
-                   selectors=tuple(parse_stored_selector(s) for s in data["selectors"]),
+                   selectors=tuple(_stored_selector(s) for s in data["selectors"]),
                    waves=parse_waves(",".join(data.get("waves") or ["100%"])),
                    rate_per_min=data.get("rate_per_min"),
                    exponential=float(data.get("exponential", 1.0)),
@@ -192,3 +200,15 @@ class RolloutSpec:
                    gates=Gates(**(data.get("gates") or {})),
                    schedule=Schedule(data.get("start_at_ms"),
                                      tuple(parse_window(w) for w in data.get("windows") or ())))
+
+
+def _stored_selector(text: Any) -> Target:
+    """A stored selector, or :class:`Unreadable` holding its text: a rollout whose selector
+    does not read back still loads (listed, counted, stopped by its tick) instead of
+    failing whatever reads the store."""
+    if not isinstance(text, str):
+        return Unreadable(repr(text)[:200], "a selector is text")
+    try:
+        return parse_stored_selector(text)
+    except SelectorError as exc:
+        return Unreadable(text, exc.message)

@@ -11,6 +11,7 @@ shared by the controller's threads.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
@@ -18,7 +19,7 @@ from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from edgefleet.fleet.domain import AuditEntry, Device, ModelVersion
-from edgefleet.fleet.errors import ConflictError, NotFoundError, StoreError
+from edgefleet.fleet.errors import ConflictError, FleetError, NotFoundError, StoreError
 from edgefleet.fleet.lease import Fence, Lease
 from edgefleet.fleet.relay import OperatorRequest
 from edgefleet.fleet.rollout.state import Rollout, RolloutState
@@ -41,6 +42,7 @@ __all__ = ["SqlStore", "Store"]
 
 _IN_CHUNK = 500  # ids per ``IN (...)`` list, well under every driver's parameter limit
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 
 class Store(Protocol):
@@ -64,7 +66,8 @@ class Store(Protocol):
     def rollout(self, rollout_id: str) -> Rollout | None: ...
     def rollouts(self, states: Iterable[RolloutState] | None = None) -> list[Rollout]: ...
     def add_audit(self, entry: AuditEntry) -> AuditEntry: ...
-    def history(self, limit: int = 100, target: str | None = None) -> list[AuditEntry]: ...
+    def history(self, limit: int = 100, target: str | None = None,
+                action: str | None = None) -> list[AuditEntry]: ...
     def close(self) -> None: ...
     # shared by scaled-out controllers (fleet.store._shared, docs/scale-out.md)
     def acquire_lease(self, name: str, holder: str, nonce: str, ttl_ms: int, url: str = "",
@@ -299,7 +302,8 @@ class SqlStore(SharedState, LabelState):
         for item in items:
             record = ROLLOUT_DEVICES.record(item)
             devices[record.pop("rollout_id")].append(record)
-        return [_rollout(ROLLOUTS.record(header), devices) for header in headers]
+        loaded = (_rollout(ROLLOUTS.record(header), devices) for header in headers)
+        return [rollout for rollout in loaded if rollout is not None]
 
     # -- audit history -------------------------------------------------------------------
 
@@ -309,9 +313,13 @@ class SqlStore(SharedState, LabelState):
         assert row is not None  # INSERT ... RETURNING returns the row it inserted
         return replace(entry, id=int(row[0]))
 
-    def history(self, limit: int = 100, target: str | None = None) -> list[AuditEntry]:
-        """Newest first; ``target`` matches exactly."""
-        where, params = ("", []) if target is None else ("WHERE target = ?", [target])
+    def history(self, limit: int = 100, target: str | None = None,
+                action: str | None = None) -> list[AuditEntry]:
+        """Newest first; ``target`` and ``action`` (``api.refused``) match exactly."""
+        wanted = [(column, value) for column, value in (("target", target), ("action", action))
+                  if value is not None]
+        where = ("WHERE " + " AND ".join(f"{c} = ?" for c, _ in wanted)) if wanted else ""
+        params = [value for _, value in wanted]
         with self._db.transaction(write=False) as tx:
             rows = tx.rows(f"SELECT id, {AUDIT.select()} FROM audit {where} "
                            "ORDER BY id DESC LIMIT ?", [*params, max(limit, 0)])
@@ -327,8 +335,17 @@ def _known_devices(tx: Tx, ids: Sequence[str]) -> set[str]:
     return known
 
 
-def _rollout(header: dict[str, Any], devices: dict[str, list[dict[str, Any]]]) -> Rollout:
-    return Rollout.from_dict({**header, "devices": devices.get(header["id"], [])})
+def _rollout(header: dict[str, Any],
+             devices: dict[str, list[dict[str, Any]]]) -> Rollout | None:
+    """A stored rollout; one that cannot be read (an earlier edgefleet's, or damaged) is
+    logged and left out, never failing the list, /metrics or the controller's start (a
+    selector that does not read back loads as unreadable, and its rollout is stopped)."""
+    try:
+        return Rollout.from_dict({**header, "devices": devices.get(header["id"], [])})
+    except (FleetError, KeyError, TypeError, ValueError) as exc:
+        log.error("rollout %s cannot be read, left out: %s: %s", str(header.get("id"))[:64],
+                  type(exc).__name__, str(exc)[:300])
+        return None
 
 
 def _listed(ids: Sequence[str], shown: int = 5) -> str:

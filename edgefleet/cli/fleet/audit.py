@@ -19,10 +19,12 @@ __all__ = ["history", "whoami"]
 
 def history(limit: Annotated[int, typer.Option(help="Newest N entries")] = 50,
             target: Annotated[str | None, typer.Option(help="Only this target")] = None,
+            action: Annotated[str | None, typer.Option(
+                help="Only this action, e.g. api.refused, rollout.create")] = None,
             controller: ControllerOpt = DEFAULT_URL, token: TokenOpt = None,
             as_json: JsonOpt = False) -> None:
     """The audit history: what was done, when, by which token, and how it ended."""
-    data = _run(as_json, lambda: _client(controller, token).history(limit, target))
+    data = _run(as_json, lambda: _client(controller, token).history(limit, target, action))
     rows = [{"when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts_ms"] / 1000)),
              "by": _by(e), "action": e["action"], "target": e["target"],
              "outcome": e["outcome"], "what": (e.get("detail") or {}).get("summary", "")}

@@ -98,8 +98,10 @@ def _remove_ids(client: Any, device: list[str]) -> Any:
 
 
 def _remove_stale(client: Any, stale: str, yes: bool, as_json: bool) -> Any:
-    """List the stale devices, ask (unless ``--yes``), remove those still stale."""
+    """List the stale devices, ask (unless ``--yes``), remove those still stale; a token
+    that may not remove devices is refused first (not after the list and the question)."""
     seconds = _age(stale, as_json)
+    _run(as_json, lambda: _may_remove(client))
     listed = _run(as_json, lambda: client.stale_devices(int(seconds or 0)))
     if not listed:
         return {"removed": [], "skipped": {}, "revoke": None}
@@ -114,6 +116,15 @@ def _remove_stale(client: Any, stale: str, yes: bool, as_json: bool) -> Any:
             raise typer.Exit(1)
     ids = [d["id"] for d in listed]
     return _run(as_json, lambda: client.remove_devices(ids, seconds))
+
+
+def _may_remove(client: Any) -> None:
+    """ForbiddenError, as the controller answers it, unless the token is an admin's."""
+    from edgefleet.fleet.access import Actor, TokenRole, check
+
+    who = client.whoami()
+    check(Actor(str(who["name"]), TokenRole(who["role"])), TokenRole.ADMIN,
+          "POST /api/v1/devices/remove")
 
 
 def _age(text: str | None, as_json: bool) -> int | None:
