@@ -1,0 +1,296 @@
+"""Several models on one device, under faults: a data dir migrated after a rollout replaced
+its model by another, a --bundle gone or given twice, more models than a device serves, a
+crash while a model is added, a model removed under a running agent, failed first installs,
+a model that cannot load, and a data dir changed under a running agent."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgefleet.agent.core import Agent
+from edgefleet.agent.models import ModelSet
+from edgefleet.agent.protocol.bundle import read_bundle
+from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.payloads import (
+    MAX_MODELS,
+    DesiredModels,
+    DesiredState,
+    ReportedState,
+    decode,
+    encode,
+)
+from edgefleet.agent.protocol.topics import Leaf, device_topic
+from edgefleet.agent.protocol.update_state import UpdateState
+from edgefleet.agent.service import AgentService, ServiceConfig
+from edgefleet.agent.update import layout, local
+from edgefleet.cli.agent import _load_or_refuse
+from edgefleet.fleet.mosquitto import MosquittoBroker
+from tests.brokers import Subscriber
+from tests.conftest import Keys, make_bundle
+from tests.http_files import FileServer
+from tests.models import TrainedModels
+
+
+@pytest.fixture(scope="module")
+def bundles(digits_models: TrainedModels, signing_keys: Keys,
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``digits`` (LiteRT) and ``keyword`` (ONNX Runtime), each in two versions; ``vad``."""
+    out = tmp_path_factory.mktemp("www")
+    made = {}
+    for name, model in (("digits", digits_models.tflite), ("keyword", digits_models.onnx)):
+        for version in ("1.0.0", "2.0.0"):
+            made[f"{name}-{version}"] = make_bundle(model, out / f"{name}-{version}.efb",
+                                                    signing_keys, version, name=name)
+    made["vad-1.0.0"] = make_bundle(digits_models.tflite, out / "vad-1.0.0.efb", signing_keys,
+                                    name="vad")
+    return made
+
+
+@pytest.fixture(scope="module")
+def www(bundles: dict[str, Path]) -> Iterator[FileServer]:
+    server = FileServer(next(iter(bundles.values())).parent)
+    yield server
+    server.stop()
+
+
+def _served(models: ModelSet) -> dict[str, str | None]:
+    return {name: agent.model.version if agent.model else None for name, agent in models.items()}
+
+
+def _service(data: Path, models: ModelSet, broker: MosquittoBroker | None = None,
+             fleet: str = "f") -> AgentService:
+    return AgentService(ServiceConfig(fleet=fleet, device_id="d-1", data_dir=data,
+                                      broker_url=broker.url if broker else None,
+                                      telemetry_interval_s=0.5, probation_s=0.3), models)
+
+
+# 1: migration names the folder after the ACTIVE bundle
+
+
+def test_a_data_dir_whose_model_a_rollout_replaced_migrates_under_the_active_name(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    agent = Agent(signing_keys.trusted)  # an agent of one model: digits, then keyword over it
+    local.install(agent, tmp_path, bundles["digits-1.0.0"])
+    local.install(agent, tmp_path, bundles["keyword-1.0.0"])
+    models = ModelSet(signing_keys.trusted)
+    assert local.serve_models(models, tmp_path) == []
+    assert layout.installed(tmp_path) == ["keyword"], "named after slot b, the active one"
+    assert _served(models) == {"keyword": "1.0.0"}
+    report = _service(tmp_path, models).reported_state()
+    assert report.models is not None and report.models["keyword"].serving
+    assert report.models["keyword"].previous is None, "digits is no earlier keyword"
+
+
+def test_a_folder_named_after_the_wrong_bundle_is_renamed_or_refused_never_misreported(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    local.install_model(ModelSet(signing_keys.trusted), tmp_path, bundles["keyword-1.0.0"])
+    folder = layout.model_dir(tmp_path, "keyword")
+    folder.rename(layout.model_dir(tmp_path, "digits"))  # what the earlier migration did
+    assert layout.installed(tmp_path) == ["digits"]
+    layout.migrate(tmp_path)
+    assert layout.installed(tmp_path) == ["keyword"], "renamed after its active bundle"
+    # both names taken: the folder holding another model's bundle is refused, clearly
+    shutil.copytree(folder, layout.model_dir(tmp_path, "digits"))
+    models = ModelSet(signing_keys.trusted)
+    problems = local.serve_models(models, tmp_path)
+    assert problems == ["digits: the folder of model digits holds an active bundle of model "
+                        "keyword"]
+    assert _served(models) == {"keyword": "1.0.0"}
+    # an agent serving a bundle of another name is reported not serving, never refused
+    models.agent("digits").activate(models["keyword"].model)  # type: ignore[arg-type]
+    report = _service(tmp_path, models).reported_state()
+    assert report.models is not None and not report.models["digits"].serving
+    assert report.models["digits"].active is None
+
+
+# 2: a --bundle gone, or two of one model
+
+
+def test_a_missing_bundle_option_still_serves_what_is_installed(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    copy = tmp_path / "initial.efb"
+    shutil.copy(bundles["digits-1.0.0"], copy)
+    data = tmp_path / "data"
+    local.install_model(ModelSet(signing_keys.trusted), data, copy)
+    copy.unlink()
+    models = ModelSet(signing_keys.trusted)
+    _load_or_refuse(models, data, [copy, bundles["keyword-1.0.0"]], resume=True)
+    assert _served(models) == {"digits": "1.0.0", "keyword": "1.0.0"}
+
+
+def test_two_bundle_options_of_one_model_are_refused(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    with pytest.raises(EdgefleetError, match="are both of model digits"):
+        _load_or_refuse(ModelSet(signing_keys.trusted), tmp_path,
+                        [bundles["digits-1.0.0"], bundles["digits-2.0.0"]], resume=True)
+    assert layout.installed(tmp_path) == [], "refused before anything was installed"
+
+
+# 3: at most MAX_MODELS models
+
+
+def test_the_model_past_the_most_a_device_serves_is_refused_at_install(
+        tmp_path: Path, signing_keys: Keys, digits_models: TrainedModels) -> None:
+    made = [make_bundle(digits_models.tflite, tmp_path / f"m{i:02d}.efb", signing_keys,
+                        name=f"m{i:02d}", rows=1) for i in range(MAX_MODELS + 1)]
+    data = tmp_path / "data"
+    models = ModelSet(signing_keys.trusted)
+    for bundle in made[:MAX_MODELS]:
+        assert local.install_model(models, data, bundle).state is UpdateState.COMMITTED
+    with pytest.raises(local.TooManyModelsError, match=f"most a device serves \\({MAX_MODELS}"
+                       ) as refused:
+        local.install_model(models, data, made[-1])
+    assert "agent remove" in (refused.value.hint or "")
+    assert len(layout.installed(data)) == MAX_MODELS
+    again = local.install_model(models, data, made[0])  # a model installed may be replaced
+    assert again.state is UpdateState.COMMITTED
+    ReportedState.model_validate(_service(data, models).reported_state().model_dump())
+
+
+# 4: a crash while a model is added
+
+
+_CRASH = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from edgefleet.agent.models import ModelSet
+    from edgefleet.agent.protocol.signing import TrustedKeys
+    from edgefleet.agent.update import device, local
+    device.DeviceEffects.health_check = lambda self, journal: os._exit(137)
+    local.install_model(ModelSet(TrustedKeys.from_paths([Path(sys.argv[1])])),
+                        Path(sys.argv[2]), Path(sys.argv[3]))
+""")
+
+
+def _crash_adding(data: Path, keys: Keys, bundle: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", _CRASH, str(keys.public), str(data),
+                           str(bundle)], capture_output=True, text=True, timeout=120,
+                          check=False, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 137, done.stderr
+
+
+def test_a_model_whose_first_install_was_cut_is_shown_and_resumed_without_a_broker(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    local.install_model(ModelSet(signing_keys.trusted), tmp_path, bundles["digits-1.0.0"])
+    _crash_adding(tmp_path, signing_keys, bundles["keyword-1.0.0"])
+    shown = {m["model"]: m["update"]["state"] for m in local.models_status(tmp_path)["models"]}
+    assert shown == {"digits": "COMMITTED", "keyword": "HEALTH_CHECK"}
+    models = ModelSet(signing_keys.trusted)
+    _load_or_refuse(models, tmp_path, [bundles["keyword-1.0.0"]], resume=True)
+    assert _served(models) == {"digits": "1.0.0", "keyword": "1.0.0"}
+
+
+def test_a_model_whose_first_install_was_cut_is_resumed_by_its_runner(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path],
+        mosquitto: MosquittoBroker) -> None:
+    _crash_adding(tmp_path, signing_keys, bundles["keyword-1.0.0"])  # the only model
+    models = ModelSet(signing_keys.trusted)
+    local.serve_models(models, tmp_path, resume=False)  # what 'agent run --broker' does
+    assert _served(models) == {"keyword": None}, "kept, for its runner to resume"
+    sub = Subscriber(mosquitto.url, [device_topic("f", "d-1", Leaf.REPORTED)])
+    service = _service(tmp_path, models, mosquitto)
+    service.start()
+    try:
+        def committed(_: object) -> bool:
+            found = sub.on("/state/reported")
+            report = decode(ReportedState, found[-1].payload) if found else None
+            entry = (report.models or {}).get("keyword") if report else None
+            return bool(entry and entry.serving and entry.update.state == "COMMITTED")
+
+        assert sub.wait_for(committed, 30), sub.on("/state/reported")[-1:]
+    finally:
+        service.stop()
+        sub.close()
+        models.close()
+
+
+# 7: a model removed under a running agent, installed again by the fleet
+
+
+def _desired(bundle: Path, www: FileServer, keys: Keys, **extra: Any) -> DesiredState:
+    read = read_bundle(bundle, keys.trusted)
+    return DesiredState(name=read.manifest.name, version=read.manifest.version,
+                        sha256=read.sha256, url=www.url(bundle.name),
+                        size=bundle.stat().st_size, **extra)
+
+
+def test_the_fleet_installs_a_removed_model_again_and_its_commit_is_kept(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path],
+        mosquitto: MosquittoBroker, www: FileServer) -> None:
+    models = ModelSet(signing_keys.trusted)
+    for ref in ("digits-1.0.0", "keyword-1.0.0"):
+        local.install_model(models, tmp_path, bundles[ref])
+    service = _service(tmp_path, models, mosquitto)
+    service.start()
+    sub = Subscriber(mosquitto.url, [device_topic("f", "d-1", Leaf.REPORTED)])
+    try:
+        assert service.mqtt is not None and service.mqtt.wait_subscribed(10)
+        shutil.rmtree(layout.model_dir(tmp_path, "keyword"))  # 'agent remove' under it
+        desired = DesiredModels(models={"keyword": _desired(
+            bundles["keyword-2.0.0"], www, signing_keys, action="commit", rollout="r2")})
+        sub.publish(device_topic("f", "d-1", Leaf.DESIRED), encode(desired), retain=True)
+
+        def committed(_: object) -> bool:
+            found = sub.on("/state/reported")
+            report = decode(ReportedState, found[-1].payload) if found else None
+            entry = (report.models or {}).get("keyword") if report else None
+            return bool(entry and entry.update.state == "COMMITTED" and entry.active
+                        and entry.active.version == "2.0.0")
+
+        assert sub.wait_for(committed, 30), sub.on("/state/reported")[-1:]
+        assert layout.installed(tmp_path) == ["digits", "keyword"]
+    finally:
+        service.stop()
+        sub.close()
+        models.close()
+
+
+# 8: failed first installs neither count nor stay
+
+
+def test_a_failed_first_install_leaves_no_folder_and_no_count(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path],
+        mosquitto: MosquittoBroker, www: FileServer) -> None:
+    models = ModelSet(signing_keys.trusted)
+    for ref in ("digits-1.0.0", "keyword-1.0.0"):
+        local.install_model(models, tmp_path, bundles[ref])
+    service = _service(tmp_path, models, mosquitto)
+    service.start()
+    sub = Subscriber(mosquitto.url, [device_topic("f", "d-1", Leaf.REPORTED)])
+    topic = device_topic("f", "d-1", Leaf.DESIRED)
+    good = _desired(bundles["digits-2.0.0"], www, signing_keys)
+    bogus = {f"bogus{i:02d}": good.model_copy(update={"name": f"bogus{i:02d}",
+                                                        "url": www.url("nope.efb")})
+             for i in range(MAX_MODELS - 2)}
+
+    def state_of(name: str, state: str) -> bool:
+        found = sub.on("/state/reported")
+        report = decode(ReportedState, found[-1].payload) if found else None
+        entry = (report.models or {}).get(name) if report else None
+        return bool(entry and entry.update.state == state)
+
+    try:
+        assert service.mqtt is not None and service.mqtt.wait_subscribed(10)
+        sub.publish(topic, encode(DesiredModels(models=bogus)), retain=True)
+        assert sub.wait_for(lambda _: all(state_of(n, "FAILED") for n in bogus), 60)
+        vad = _desired(bundles["vad-1.0.0"], www, signing_keys, auto_commit=True)
+        sub.publish(topic, encode(DesiredModels(models={**bogus, "vad": vad})), retain=True)
+        assert sub.wait_for(lambda _: state_of("vad", "COMMITTED"), 60), \
+            "the models that never installed made no room"
+    finally:
+        service.stop()
+        sub.close()
+        models.close()
+    again = ModelSet(signing_keys.trusted)
+    local.serve_models(again, tmp_path)
+    assert layout.installed(tmp_path) == ["digits", "keyword", "vad"], "no folder left"
+    again.close()
