@@ -226,8 +226,10 @@ class AgentService:
         event = self.events.next(kind, detail, state=state,
                                  bundle=bundle or (model.ref if model else None))
         ref = event.bundle  # the log line names what the event is about, as --log-format json
-        log.info("%s: %s", kind, detail, extra={"state": state, "model": ref and ref.name,
-                                                "version": ref and ref.version})
+        about = " ".join(part for part in (ref and f"{ref.name} {ref.version}", state, detail)
+                         if part)  # the text line says what the json fields say
+        log.info("%s: %s", kind, about or "-", extra={"state": state, "model": ref and ref.name,
+                                                      "version": ref and ref.version})
         if self.mqtt:
             self.mqtt.publish(self.topic(Leaf.EVENTS), encode(event), qos=1, retain=False)
 

@@ -5,6 +5,8 @@ a model that cannot load, and a data dir changed under a running agent."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 
 from edgefleet.agent.core import Agent
+from edgefleet.agent.lock import hold
 from edgefleet.agent.models import ModelSet
 from edgefleet.agent.protocol.bundle import read_bundle
 from edgefleet.agent.protocol.errors import EdgefleetError
@@ -31,6 +34,7 @@ from edgefleet.agent.protocol.payloads import (
 from edgefleet.agent.protocol.topics import Leaf, device_topic
 from edgefleet.agent.protocol.update_state import UpdateState
 from edgefleet.agent.service import AgentService, ServiceConfig
+from edgefleet.agent.serving.http import InferenceServer
 from edgefleet.agent.update import layout, local
 from edgefleet.cli.agent import _load_or_refuse
 from edgefleet.fleet.mosquitto import MosquittoBroker
@@ -165,15 +169,16 @@ _CRASH = textwrap.dedent("""
     from edgefleet.agent.models import ModelSet
     from edgefleet.agent.protocol.signing import TrustedKeys
     from edgefleet.agent.update import device, local
-    device.DeviceEffects.health_check = lambda self, journal: os._exit(137)
+    setattr(device.DeviceEffects, sys.argv[4], lambda self, journal: os._exit(137))
     local.install_model(ModelSet(TrustedKeys.from_paths([Path(sys.argv[1])])),
                         Path(sys.argv[2]), Path(sys.argv[3]))
 """)
 
 
-def _crash_adding(data: Path, keys: Keys, bundle: Path) -> None:
+def _crash_adding(data: Path, keys: Keys, bundle: Path, step: str = "health_check") -> None:
+    """``agent install`` of ``bundle`` killed when it enters ``step`` (like a power cut)."""
     done = subprocess.run([sys.executable, "-c", _CRASH, str(keys.public), str(data),
-                           str(bundle)], capture_output=True, text=True, timeout=120,
+                           str(bundle), step], capture_output=True, text=True, timeout=120,
                           check=False, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert done.returncode == 137, done.stderr
 
@@ -181,9 +186,9 @@ def _crash_adding(data: Path, keys: Keys, bundle: Path) -> None:
 def test_a_model_whose_first_install_was_cut_is_shown_and_resumed_without_a_broker(
         tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
     local.install_model(ModelSet(signing_keys.trusted), tmp_path, bundles["digits-1.0.0"])
-    _crash_adding(tmp_path, signing_keys, bundles["keyword-1.0.0"])
+    _crash_adding(tmp_path, signing_keys, bundles["keyword-1.0.0"], "stage")  # no slot yet
     shown = {m["model"]: m["update"]["state"] for m in local.models_status(tmp_path)["models"]}
-    assert shown == {"digits": "COMMITTED", "keyword": "HEALTH_CHECK"}
+    assert shown == {"digits": "COMMITTED", "keyword": "STAGED"}
     models = ModelSet(signing_keys.trusted)
     _load_or_refuse(models, tmp_path, [bundles["keyword-1.0.0"]], resume=True)
     assert _served(models) == {"digits": "1.0.0", "keyword": "1.0.0"}
@@ -294,3 +299,106 @@ def test_a_failed_first_install_leaves_no_folder_and_no_count(
     local.serve_models(again, tmp_path)
     assert layout.installed(tmp_path) == ["digits", "keyword", "vad"], "no folder left"
     again.close()
+
+
+# 10: a model that cannot load is not dropped quietly
+
+
+def _get(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_a_model_that_cannot_load_makes_the_device_not_ready_and_is_reported(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path],
+        mosquitto: MosquittoBroker) -> None:
+    for ref in ("digits-1.0.0", "keyword-1.0.0"):
+        local.install_model(ModelSet(signing_keys.trusted), tmp_path, bundles[ref])
+    slot = layout.model_dir(tmp_path, "keyword") / "slots" / "a" / "bundle.efb"
+    slot.write_bytes(slot.read_bytes()[:1000])  # torn on the disk
+    shown = _cli("status", "--data-dir", str(tmp_path))
+    assert "keyword: not served: cannot read the manifest" in " ".join(shown.stdout.split())
+    models = ModelSet(signing_keys.trusted)
+    problems = local.serve_models(models, tmp_path, resume=False)
+    assert [p.split(":")[0] for p in problems] == ["keyword"]
+    assert not models.ready and list(models.broken()) == ["keyword"]
+    sub = Subscriber(mosquitto.url, [device_topic("f", "d-1", Leaf.EVENTS)])
+    service = _service(tmp_path, models, mosquitto)
+    server = InferenceServer(models).start()
+    service.start()
+    try:
+        assert _get(server.port, "/v2/health/ready")[0] == 503
+        status, answer = _get(server.port, "/v2/models/keyword/ready")
+        assert status == 503 and "installed but cannot be served" in answer["error"]
+        assert _get(server.port, "/v2/models/digits/ready")[0] == 200
+        report = service.reported_state()
+        assert report.models is not None and not report.serving
+        assert (report.models["keyword"].serving, report.models["digits"].serving) == (
+            False, True)
+        assert sub.wait_for(lambda messages: any(
+            b"model_failed" in m.payload and b"keyword" in m.payload for m in messages), 10)
+    finally:
+        service.stop()
+        server.stop()
+        sub.close()
+        models.close()
+
+
+# 11: a data dir a running agent holds is not changed under it
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgefleet", "agent", *args],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_install_remove_and_rollback_refuse_while_an_agent_holds_the_data_dir(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    local.install_model(ModelSet(signing_keys.trusted), tmp_path, bundles["digits-1.0.0"])
+    common = ["--data-dir", str(tmp_path), "--trusted-key", str(signing_keys.public)]
+    lock = hold(tmp_path)  # what 'agent run' holds while it runs
+    try:
+        with pytest.raises(EdgefleetError, match="cannot run another agent"):
+            hold(tmp_path)
+        for args in (["install", str(bundles["keyword-1.0.0"]), *common],
+                     ["remove", "digits", "--data-dir", str(tmp_path)],
+                     ["rollback", *common]):
+            refused = _cli(*args)
+            assert refused.returncode == 2, refused.stdout
+            assert f"an agent runs on {tmp_path} (process {os.getpid()})" in refused.stderr
+        assert layout.installed(tmp_path) == ["digits"], "nothing changed"
+    finally:
+        lock.close()
+    done = _cli("install", str(bundles["keyword-1.0.0"]), *common)
+    assert done.returncode == 0, done.stderr
+
+
+# 13: messages that say what is so
+
+
+def test_messages_name_what_is_served_and_what_to_wait_for(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    empty = _cli("rollback", "--data-dir", str(tmp_path), "--trusted-key",
+                 str(signing_keys.public))
+    assert empty.returncode == 2 and "holds no model: there is nothing to roll back" in \
+        " ".join(empty.stderr.split())
+    models = ModelSet(signing_keys.trusted)
+    local.install_model(models, tmp_path, bundles["digits-1.0.0"])
+    models.agent("vad")  # a model the fleet adds, its first bundle on its way
+    server = InferenceServer(models).start()
+    try:
+        assert _get(server.port, "/v2/health/ready")[0] == 200
+        status, answer = _get(server.port, "/v2/models/vad/ready")
+        assert status == 503 and "retry when /v2/models/vad/ready is 200" in answer["error"]
+        status, answer = _get(server.port, "/v2/models/radar/ready")
+        assert status == 404 and answer["error"] == (
+            "unknown model 'radar'; this device serves digits version 1.0.0")
+    finally:
+        server.stop()
+        models.close()

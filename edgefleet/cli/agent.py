@@ -117,6 +117,10 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonOpt = False) -> No
             update = model["update"]
             console.print(escape(f"{model['model']}: update {update['state']} "
                                  f"{update['target'].get('version') or ''} {update['detail']}"))
+            for slot in model["slots"]:
+                if "active" in slot["role"] and slot.get("error"):
+                    console.print(escape(f"{model['model']}: not served: {slot['error']}"),
+                                  soft_wrap=True)
 
 
 def _models_status(data: Path) -> dict[str, Any]:
