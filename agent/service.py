@@ -220,9 +220,11 @@ class AgentService:
                            serving=model is not None and name not in self.models.broken())
 
     def publish_event(self, kind: str, detail: str = "", state: str | None = None,
-                      bundle: BundleRef | None = None) -> None:
+                      bundle: BundleRef | None = None, of_the_model: bool = True) -> None:
+        """``of_the_model``: an event without a bundle is about the one model served (off:
+        about another, e.g. a model that cannot load)."""
         only = self.models.items()
-        model = only[0][1].model if len(only) == 1 else None
+        model = only[0][1].model if len(only) == 1 and of_the_model else None
         event = self.events.next(kind, detail, state=state,
                                  bundle=bundle or (model.ref if model else None))
         ref = event.bundle  # the log line names what the event is about, as --log-format json
@@ -240,7 +242,8 @@ class AgentService:
         self._publish_status(STATUS_ONLINE)
         self._publish_reported()
         for name, reason in self.models.broken().items():
-            self.publish_event("model_failed", f"{name}: not served: {reason}")
+            self.publish_event("model_failed", f"{name}: not served: {reason}",
+                               of_the_model=False)
 
     def _publish_status(self, status: str, wait: bool = False) -> None:
         assert self.mqtt is not None
@@ -295,7 +298,8 @@ class AgentService:
                     log.warning("refused model %s: this device serves %d models already",
                                 name, MAX_MODELS)
                     self.publish_event("model_refused", f"{name}: this device serves "
-                                       f"{MAX_MODELS} models already (the most it may)")
+                                       f"{MAX_MODELS} models already (the most it may)",
+                                       of_the_model=False)
                     continue
                 room -= 1
             self._runner(name).desired(entry)

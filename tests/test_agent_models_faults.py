@@ -342,6 +342,9 @@ def test_a_model_that_cannot_load_makes_the_device_not_ready_and_is_reported(
             False, True)
         assert sub.wait_for(lambda messages: any(
             b"model_failed" in m.payload and b"keyword" in m.payload for m in messages), 10)
+        failed = next(json.loads(m.payload) for m in sub.on("/events")
+                      if b"model_failed" in m.payload)
+        assert failed["bundle"] is None, "not told as an event of the model that serves"
     finally:
         service.stop()
         server.stop()

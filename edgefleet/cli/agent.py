@@ -368,10 +368,12 @@ def _serve_until_signalled(service: AgentService, log_format: LogFormat) -> None
         service.stop()
         fail_in(log_format, exc)
     where = f" on {service.http.base_url}" if service.http else ""
-    for _, agent in service.models.items():
+    for name, agent in service.models.items():
         model = agent.model
-        logging.getLogger("edgefleet").info("serving %s %s%s", model.name if model else "-",
-                                            model.version if model else "-", where)
+        if model is None:  # a first install a crash cut: its update runner resumes it
+            logging.getLogger("edgefleet").info("%s: its update in flight resumes", name)
+            continue
+        logging.getLogger("edgefleet").info("serving %s %s%s", model.name, model.version, where)
     stop.wait()
     service.stop()
     service.models.close()  # the drift workers finish what they were handed
