@@ -185,7 +185,7 @@ class AgentService:
         names = sorted(set(self.models.names()) | set(self.runners)
                        | set(self.models.broken()))
         if len(names) > MAX_MODELS:  # never published as a document the fleet refuses
-            names.sort(key=self._never_installed)  # the failed entries are left out first
+            names.sort(key=self._rank)  # the failed entries are left out first
             log.warning("reporting %d of %d models (at most %d a device): %s left out",
                         MAX_MODELS, len(names), MAX_MODELS, ", ".join(names[MAX_MODELS:]))
             names = sorted(names[:MAX_MODELS])
@@ -295,11 +295,10 @@ class AgentService:
             log.info("desired state: %s %s (%s)", name, entry.version, entry.action)
             if name not in self.runners:
                 if room <= 0:
-                    log.warning("refused model %s: this device serves %d models already",
-                                name, MAX_MODELS)
-                    self.publish_event("model_refused", f"{name}: this device serves "
-                                       f"{MAX_MODELS} models already (the most it may)",
-                                       of_the_model=False)
+                    why = (f"a device serves at most {MAX_MODELS} models; the models installed "
+                           f"and those this desired state adds before it fill them")
+                    log.warning("refused model %s: %s", name, why)
+                    self.publish_event("model_refused", f"{name}: {why}", of_the_model=False)
                     continue
                 room -= 1
             self._runner(name).desired(entry)
@@ -311,11 +310,20 @@ class AgentService:
                 and agent is not None and agent.model is None and runner.idle)
 
     def _counted(self) -> int:
-        """The models that count toward MAX_MODELS: installed, on their way, or installed
-        and broken; never the entries whose first install failed."""
+        """The models that count toward MAX_MODELS: those installed (serving, or broken);
+        never an entry whose first install failed or is still on its way (a fleet entry
+        whose download keeps failing must not keep a real model out)."""
         with self._runners_lock:
-            names = set(self.runners) | set(self.models.names()) | set(self.models.broken())
-            return sum(not self._never_installed(name) for name in names)
+            return len({name for name, agent in self.models.items() if agent.model is not None}
+                       | set(self.models.broken()))
+
+    def _rank(self, name: str) -> int:
+        """What the reported state keeps first when it must leave models out: the installed
+        ones, then the first installs on their way, then the failed entries."""
+        agent = self.models.get(name)
+        if (agent is not None and agent.model is not None) or name in self.models.broken():
+            return 0
+        return 2 if self._never_installed(name) else 1
 
     def _drop_never_installed(self, wanted: set[str]) -> None:
         """The runners of failed entries the fleet no longer names go, with their folders."""
