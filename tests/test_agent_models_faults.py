@@ -386,7 +386,8 @@ def test_install_remove_and_rollback_refuse_while_an_agent_holds_the_data_dir(
 
 
 def test_messages_name_what_is_served_and_what_to_wait_for(
-        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
     empty = _cli("rollback", "--data-dir", str(tmp_path), "--trusted-key",
                  str(signing_keys.public))
     assert empty.returncode == 2 and "holds no model: there is nothing to roll back" in \
@@ -402,6 +403,12 @@ def test_messages_name_what_is_served_and_what_to_wait_for(
         status, answer = _get(server.port, "/v2/models/radar/ready")
         assert status == 404 and answer["error"] == (
             "unknown model 'radar'; this device serves digits version 1.0.0")
+        with caplog.at_level("INFO", logger="edgefleet.agent.service"):
+            model = models["digits"].model
+            assert model is not None
+            _service(tmp_path, models).publish_event("update", state="PROBATION",
+                                                     bundle=model.ref)
+        assert "update: digits 1.0.0 PROBATION" in caplog.messages, "not 'update: '"
     finally:
         server.stop()
         models.close()
