@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from edgefleet.agent.errors import AgentError
+from edgefleet.agent.update.disk import guarded
 
 __all__ = ["LOCK_FILE", "DataDirInUseError", "check_unlocked", "hold"]
 
@@ -29,16 +30,18 @@ class DataDirInUseError(AgentError):
 def hold(data_dir: Path) -> IO[bytes]:
     """Take the lock for as long as the returned file stays open (the process's life);
     refused when another process holds it."""
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-    handle = open(Path(data_dir) / LOCK_FILE, "a+b")  # noqa: SIM115 - held open on purpose
+    with guarded(Path(data_dir) / LOCK_FILE):  # a data dir that cannot be written: one line
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        handle = open(Path(data_dir) / LOCK_FILE, "a+b")  # noqa: SIM115 - held on purpose
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         handle.close()
         raise _in_use(data_dir, "run another agent on it") from exc
-    handle.truncate(0)
-    handle.write(str(os.getpid()).encode())
-    handle.flush()
+    with contextlib.suppress(OSError):  # the process id is for the message only
+        handle.truncate(0)
+        handle.write(str(os.getpid()).encode())
+        handle.flush()
     return handle
 
 
