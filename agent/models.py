@@ -36,6 +36,7 @@ class ModelSet:
         self.trusted, self.threads = trusted, threads
         self.keys = keys if keys is not None else DecryptionKeys()
         self._agents: dict[str, Agent] = {}
+        self._broken: dict[str, str] = {}  # installed models that cannot be served: reason
         self._listeners: list[Callable[[LoadedModel], None]] = []
         self._lock = threading.Lock()
 
@@ -84,6 +85,23 @@ class ModelSet:
                 self._agents[name] = agent
             return agent
 
+    def mark_broken(self, name: str, reason: str) -> None:
+        """An installed model that cannot be served (its bundle does not load): the set is
+        not ready while it is, until the model serves again or is removed."""
+        with self._lock:
+            self._broken[name] = reason
+
+    def broken(self) -> dict[str, str]:
+        """The installed models that cannot be served, with their reasons (those that serve
+        again since are left out)."""
+        return {name: reason for name, reason in sorted(self._broken.items())
+                if not (name in self._agents and self._agents[name].ready)}
+
+    def forget(self, name: str) -> None:
+        """A broken model removed from the device."""
+        with self._lock:
+            self._broken.pop(name, None)
+
     def remove(self, name: str) -> Agent:
         """Stop serving ``name``; its agent is closed and returned."""
         with self._lock:
@@ -94,10 +112,11 @@ class ModelSet:
 
     @property
     def ready(self) -> bool:
-        """Every installed model serves: a model serves from its first load until its agent
-        is closed (removed, or the set closed), so this is: some model serves. An agent
-        whose first bundle is still on its way (a model the fleet adds) is not a model yet."""
-        return any(agent.ready for agent in list(self._agents.values()))
+        """Every installed model serves: some model serves (a model serves from its first
+        load until its agent is closed: removed, or the set closed) and none installed
+        failed to load (:meth:`mark_broken`). An agent whose first bundle is still on its way
+        (a model the fleet adds) is not a model yet."""
+        return any(agent.ready for agent in list(self._agents.values())) and not self.broken()
 
     def only(self) -> Agent:
         """The agent of the one model (for callers that serve exactly one)."""

@@ -55,11 +55,11 @@ from edgefleet.agent.serving.security import HttpSecurity
 from edgefleet.agent.telemetry.reporter import TelemetryReporter
 from edgefleet.agent.telemetry.spool import Spool
 from edgefleet.agent.update.device import UpdateSettings
-from edgefleet.agent.update.layout import migrate, model_dir
+from edgefleet.agent.update.layout import migrate, model_dir, sweep_failed
 from edgefleet.agent.update.report import target_ref, update_report
 from edgefleet.agent.update.runner import UpdateRunner
 from edgefleet.agent.update.slots import SlotStore
-from edgefleet.agent.update.states import Journal
+from edgefleet.agent.update.states import Journal, UpdateState
 
 __all__ = ["AgentService", "ServiceConfig"]
 
@@ -180,8 +180,15 @@ class AgentService:
             return runner
 
     def reported_state(self) -> ReportedState:
-        """Version 2: one entry per model, named by the folders the runners work on too."""
-        names = sorted(set(self.models.names()) | set(self.runners))
+        """Version 2: one entry per model, named by the folders the runners work on too; a
+        model installed that cannot be served is there too, not serving."""
+        names = sorted(set(self.models.names()) | set(self.runners)
+                       | set(self.models.broken()))
+        if len(names) > MAX_MODELS:  # never published as a document the fleet refuses
+            names.sort(key=self._rank)  # the failed entries are left out first
+            log.warning("reporting %d of %d models (at most %d a device): %s left out",
+                        MAX_MODELS, len(names), MAX_MODELS, ", ".join(names[MAX_MODELS:]))
+            names = sorted(names[:MAX_MODELS])
         models = {name: self._model_report(name) for name in names}
         one = dict(models[names[0]]) if len(names) == 1 else {}  # see ReportedState
         one.pop("serving", None)
@@ -196,25 +203,35 @@ class AgentService:
     def _model_report(self, name: str) -> ModelReport:
         agent, runner = self.models.get(name), self.runners.get(name)
         model = agent.model if agent is not None else None
-        slots = SlotStore(model_dir(self.config.data_dir, name))
-        pointer = slots.pointer()
+        if model is not None and model.name != name:  # never reported under another name
+            log.error("model %s serves a bundle of model %s: reported as not serving",
+                      name, model.name)
+            model = None
+        folder = model_dir(self.config.data_dir, name)
+        slots = SlotStore(folder) if folder.is_dir() else None
+        pointer = slots.pointer() if slots is not None else None
+        previous = (slots.bundle(pointer.committed if pointer.committed != pointer.active
+                                 else pointer.fallback)
+                    if slots is not None and pointer is not None else None)
         return ModelReport(active=model.ref if model else None,
-                           previous=_ref(slots.bundle(pointer.committed
-                                                      if pointer.committed != pointer.active
-                                                      else pointer.fallback)),
-                           slot=pointer.active,
+                           previous=_ref(previous, name),
+                           slot=pointer.active if pointer is not None else None,
                            update=update_report(runner.journal if runner else None),
-                           serving=model is not None)
+                           serving=model is not None and name not in self.models.broken())
 
     def publish_event(self, kind: str, detail: str = "", state: str | None = None,
-                      bundle: BundleRef | None = None) -> None:
+                      bundle: BundleRef | None = None, of_the_model: bool = True) -> None:
+        """``of_the_model``: an event without a bundle is about the one model served (off:
+        about another, e.g. a model that cannot load)."""
         only = self.models.items()
-        model = only[0][1].model if len(only) == 1 else None
+        model = only[0][1].model if len(only) == 1 and of_the_model else None
         event = self.events.next(kind, detail, state=state,
                                  bundle=bundle or (model.ref if model else None))
         ref = event.bundle  # the log line names what the event is about, as --log-format json
-        log.info("%s: %s", kind, detail, extra={"state": state, "model": ref and ref.name,
-                                                "version": ref and ref.version})
+        about = " ".join(part for part in (ref and f"{ref.name} {ref.version}", state, detail)
+                         if part)  # the text line says what the json fields say
+        log.info("%s: %s", kind, about or "-", extra={"state": state, "model": ref and ref.name,
+                                                      "version": ref and ref.version})
         if self.mqtt:
             self.mqtt.publish(self.topic(Leaf.EVENTS), encode(event), qos=1, retain=False)
 
@@ -224,6 +241,9 @@ class AgentService:
                               self.config.profile)
         self._publish_status(STATUS_ONLINE)
         self._publish_reported()
+        for name, reason in self.models.broken().items():
+            self.publish_event("model_failed", f"{name}: not served: {reason}",
+                               of_the_model=False)
 
     def _publish_status(self, status: str, wait: bool = False) -> None:
         assert self.mqtt is not None
@@ -268,13 +288,54 @@ class AgentService:
         gets one); a model without an entry is not touched."""
         if self.mqtt is None:
             return  # no fleet: nothing follows the desired state
-        for name, entry in desired_entries(desired).items():
+        entries = desired_entries(desired)
+        self._drop_never_installed(set(entries))
+        room = MAX_MODELS - self._counted()  # counted before any entry is handed out
+        for name, entry in entries.items():
             log.info("desired state: %s %s (%s)", name, entry.version, entry.action)
-            if name not in self.runners and len(self.runners) >= MAX_MODELS:
-                log.warning("refused model %s: this device serves %d models already", name,
-                            MAX_MODELS)
-                continue
+            if name not in self.runners:
+                if room <= 0:
+                    why = (f"a device serves at most {MAX_MODELS} models; the models installed "
+                           f"and those this desired state adds before it fill them")
+                    log.warning("refused model %s: %s", name, why)
+                    self.publish_event("model_refused", f"{name}: {why}", of_the_model=False)
+                    continue
+                room -= 1
             self._runner(name).desired(entry)
+
+    def _never_installed(self, name: str) -> bool:
+        """A runner whose first install ended without a model (a failed entry)."""
+        runner, agent = self.runners.get(name), self.models.get(name)
+        return (runner is not None and runner.journal.state is UpdateState.FAILED
+                and agent is not None and agent.model is None and runner.idle)
+
+    def _counted(self) -> int:
+        """The models that count toward MAX_MODELS: those installed (serving, or broken);
+        never an entry whose first install failed or is still on its way (a fleet entry
+        whose download keeps failing must not keep a real model out)."""
+        with self._runners_lock:
+            return len({name for name, agent in self.models.items() if agent.model is not None}
+                       | set(self.models.broken()))
+
+    def _rank(self, name: str) -> int:
+        """What the reported state keeps first when it must leave models out: the installed
+        ones, then the first installs on their way, then the failed entries."""
+        agent = self.models.get(name)
+        if (agent is not None and agent.model is not None) or name in self.models.broken():
+            return 0
+        return 2 if self._never_installed(name) else 1
+
+    def _drop_never_installed(self, wanted: set[str]) -> None:
+        """The runners of failed entries the fleet no longer names go, with their folders."""
+        with self._runners_lock:
+            dropped = [name for name in self.runners
+                       if name not in wanted and self._never_installed(name)]
+            for name in dropped:
+                self.runners.pop(name).stop()
+                self.models.remove(name)
+        if dropped:
+            log.info("dropped %s: no longer desired, never installed", ", ".join(dropped))
+            sweep_failed(self.config.data_dir, dropped)
 
     def _keyring_message(self, topic: str, payload: bytes) -> None:
         """A new fleet keyring: checked against the keys trusted now, kept, then trusted."""
@@ -316,11 +377,13 @@ def _held_keyring(path: Path) -> SignedKeyring | None:
         return None
 
 
-def _ref(path: Path | None) -> BundleRef | None:
+def _ref(path: Path | None, name: str) -> BundleRef | None:
     if path is None:
         return None
     try:
         manifest, sha256 = read_manifest(path)
     except EdgefleetError:
         return None
+    if manifest.name != name:
+        return None  # a bundle of another model is no previous bundle of this one
     return BundleRef(name=manifest.name, version=manifest.version, sha256=sha256)

@@ -213,8 +213,9 @@ class _Server(ThreadingHTTPServer):
 
     def served(self) -> str:
         """What this device serves, for a 404."""
-        models = [agent.model for _, agent in self.models.items()]
-        return ", ".join(f"{m.name} version {m.version}" for m in models if m is not None)
+        served = [(m.name if key == _ONE else key, m) for key, agent in self.models.items()
+                  if (m := agent.model) is not None]  # by the name a request routes by
+        return ", ".join(f"{name} version {m.version}" for name, m in served) or "none"
 
     def get_request(self) -> tuple[Any, Any]:
         """The next connection, wrapped for TLS without its handshake (that runs in the
@@ -481,7 +482,16 @@ class _Handler(BaseHTTPRequestHandler):
         name, version, suffix = match.groups()
         agent = self.server.agent_of(name)
         model = agent.model if agent is not None else None
-        if model is None and (agent is not None or not self.server.models.ready):
+        broken = self.server.models.broken().get(name) if agent is None else None
+        if broken is not None:
+            raise RequestError(f"model {name!r} is installed but cannot be served: {broken}",
+                               hint="install a bundle of it that loads ('edgefleet agent "
+                                    "install BUNDLE') or remove it", status=503)
+        if model is None and agent is not None:
+            raise RequestError(f"model {name!r} is not loaded yet (its first bundle is on its "
+                               f"way)", hint=f"retry when /v2/models/{name}/ready is 200",
+                               status=503)
+        if model is None and not self.server.models.ready:
             raise RequestError("no model is loaded yet", hint="retry when /v2/health/ready is 200",
                                status=503)
         if agent is None or model is None or (version is not None and version != model.version):

@@ -216,6 +216,8 @@ class DeviceEffects:
 
     def save(self, journal: Journal) -> None:
         with guarded(self.journal_path):
+            # the folder again when it was removed under a running agent ('agent remove')
+            self.journal_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.journal_path, json.dumps(journal.to_dict()).encode())
 
     def report(self, journal: Journal) -> None:

@@ -15,21 +15,36 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.agent.core import Agent
+from edgefleet.agent.errors import AgentError
 from edgefleet.agent.loader import load_bundle
 from edgefleet.agent.models import ModelSet, UnknownModelError
 from edgefleet.agent.protocol.bundle import read_bundle, read_manifest
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.agent.protocol.payloads import MAX_MODELS
 from edgefleet.agent.update.device import DeviceEffects, UpdateSettings, load_journal
 from edgefleet.agent.update.disk import StorageError, check_free, discard, guarded
 from edgefleet.agent.update.flow import Updater
-from edgefleet.agent.update.layout import installed, migrate, model_dir
+from edgefleet.agent.update.layout import (
+    active_name,
+    in_flight,
+    installed,
+    migrate,
+    model_dir,
+    sweep_failed,
+)
 from edgefleet.agent.update.slots import SLOTS, SlotStore
 from edgefleet.agent.update.states import TERMINAL, Event, Journal, UpdateState
 from edgefleet.agent.update.target import UpdateTarget
 
-__all__ = ["existing", "install", "install_model", "models_status", "remove_model", "rollback",
-           "rollback_model", "serve_active", "serve_models", "status"]
+__all__ = ["TooManyModelsError", "existing", "install", "install_model", "models_status",
+           "remove_model", "rollback", "rollback_model", "serve_active", "serve_models", "status"]
+
+
+
+class TooManyModelsError(AgentError):
+    """A model added to a device that serves the most models it may already."""
+
 
 FLASH = UpdateSettings(probation_s=0.0, auto_commit=True)
 
@@ -59,7 +74,8 @@ def install(agent: Agent, data_dir: Path, bundle: Path) -> Journal:
                                    keys=agent.keys))
     target = UpdateTarget(name=verified.manifest.name, version=verified.manifest.version,
                           sha256=verified.sha256, url=str(bundle.resolve()),
-                          size=bundle.stat().st_size)
+                          size=bundle.stat().st_size,
+                          auto_commit=True)  # a runner resuming it after a crash commits too
     with guarded(data_dir):  # refused before the journal moves: nothing is written
         check_free(data_dir, target.size or 0)
     before = _journal_bytes(effects)
@@ -174,6 +190,13 @@ def install_model(models: ModelSet, data_dir: Path, bundle: Path) -> Journal:
     with guarded(Path(data_dir)):
         Path(data_dir).mkdir(parents=True, exist_ok=True)
     migrate(data_dir)
+    sweep_failed(data_dir)
+    names = installed(data_dir)
+    if name not in names and len(names) >= MAX_MODELS:
+        raise TooManyModelsError(
+            f"{data_dir} holds {len(names)} models already, the most a device serves "
+            f"({MAX_MODELS}): {bundle} (model {name}) was not installed",
+            hint="remove one first: 'edgefleet agent remove NAME' (see 'edgefleet agent status')")
     agent = models.agent(name)
     try:
         return install(agent, model_dir(data_dir, name), bundle)
@@ -206,22 +229,47 @@ def _installed_dir(data_dir: Path, name: str) -> Path:
 
 
 def serve_models(models: ModelSet, data_dir: Path, resume: bool = True) -> list[str]:
-    """Load every installed model's active slot (a data dir of one model migrated first);
-    raise when there is none. A model that cannot be served is left out with its reason
-    in the error only when no model at all can be served."""
+    """Load every installed model's active slot (a data dir of one model migrated first,
+    the folders of models that never installed swept); raise when there is none. A model
+    that cannot be served is left out, marked broken with its reason (the server is then not
+    ready, the fleet is told); the reasons are returned. A model whose first install a crash
+    interrupted is kept, empty, when ``resume`` is off: its update runner resumes it."""
     migrate(existing(data_dir))
+    sweep_failed(data_dir)
     names, problems = installed(data_dir), []
-    for name in names:
+    for name in names[MAX_MODELS:]:
+        problems.append(f"{name}: not served, a device serves at most {MAX_MODELS} models "
+                        f"(remove one with 'edgefleet agent remove NAME')")
+        models.mark_broken(name, problems[-1])
+    for name in names[:MAX_MODELS]:
+        folder = model_dir(data_dir, name)
         try:
-            serve_active(models.agent(name), model_dir(data_dir, name), resume=resume)
+            _check_named(folder, name)
+            serve_active(models.agent(name), folder, resume=resume)
         except EdgefleetError as exc:
-            models.remove(name)
+            agent = models.get(name)
+            if not resume and in_flight(folder) and agent is not None and agent.model is None:
+                continue  # its runner resumes the update a crash interrupted
+            if agent is not None:
+                models.remove(name)
             problems.append(f"{name}: {exc.message}")
-    if not len(models):
+            models.mark_broken(name, exc.message)
+    if not any(agent.model is not None or in_flight(model_dir(data_dir, name))
+               for name, agent in models.items()):
         raise EdgefleetError(f"no bundle is installed in {data_dir}"
                              + (f" that can be served ({'; '.join(problems)})" if problems else ""),
                              hint="run 'edgefleet agent install BUNDLE' first")
     return problems
+
+
+def _check_named(folder: Path, name: str) -> None:
+    """Refuse a folder whose active bundle is of another model (it would be served under a
+    name that is not its own)."""
+    other = active_name(folder)
+    if other is not None and other != name:
+        raise EdgefleetError(f"the folder of model {name} holds an active bundle of model "
+                             f"{other}", hint=f"remove one of them with 'edgefleet agent "
+                                              f"remove {name}', then install it again")
 
 
 def models_status(data_dir: Path) -> dict[str, Any]:

@@ -44,6 +44,7 @@ class UpdateRunner:
         self.effects.sweep(self.journal)
         self._on_journal = on_journal
         self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._busy = False
         self._thread = threading.Thread(target=self._work, name="edgefleet-update", daemon=True)
 
     def start(self) -> None:
@@ -54,6 +55,11 @@ class UpdateRunner:
 
     def stop(self) -> None:
         self._queue.put(None)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running."""
+        return self._queue.empty() and not self._busy
 
     def desired(self, desired: DesiredState) -> None:
         """Called on the MQTT thread: settle probation now, queue everything else."""
@@ -71,12 +77,15 @@ class UpdateRunner:
 
     def _work(self) -> None:
         while (job := self._queue.get()) is not None:
+            self._busy = True
             try:
                 job()
             except EdgefleetError as exc:  # e.g. a full disk while saving the journal
                 log.error("update step failed: %s", exc)
             except Exception:  # the worker must survive anything and keep serving
                 log.exception("update step failed")
+            finally:
+                self._busy = False
 
     def _apply(self, desired: DesiredState) -> None:
         model = self.effects.agent.model
@@ -88,6 +97,9 @@ class UpdateRunner:
         if not starts_attempt(self.journal, desired, active_sha):
             return  # already there, already on the way, or this attempt was made
         self.effects.forget_decision()
+        word = _WORDS.get(desired.action)
+        if word is not None:  # the fleet decided already (e.g. a retained commit after the
+            self.effects.decide(word, desired.sha256)  # model was removed): kept for probation
         self.updater.run(self.updater.start(self.journal, UpdateTarget.from_desired(desired)))
 
     def _roll_back(self) -> None:

@@ -79,6 +79,7 @@ class SlotStore:
         pointer = self.pointer()
         if pointer.fallback == slot:
             self._write(replace(pointer, fallback=None))
+        (self.root / "slots" / slot).mkdir(parents=True, exist_ok=True)  # removed under us
         atomic_write(self.root / "slots" / slot / BUNDLE, data)
         return slot
 

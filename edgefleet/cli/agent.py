@@ -14,6 +14,7 @@ import typer
 from rich.markup import escape
 
 from edgefleet.agent.errors import NothingToServeError
+from edgefleet.agent.lock import check_unlocked, hold
 from edgefleet.agent.models import ModelSet
 from edgefleet.agent.ports import check_free
 from edgefleet.agent.protocol.encryption import DecryptionKeys
@@ -92,6 +93,7 @@ def install(
 
     data = data_dir.expanduser()
     try:
+        check_unlocked(data, f"install {bundle}")
         models = ModelSet(_trusted(trusted_key or [], data),
                           keys=_decryption(decrypt_key or [], data))
         journal = local.install_model(models, data, bundle)
@@ -115,6 +117,10 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonOpt = False) -> No
             update = model["update"]
             console.print(escape(f"{model['model']}: update {update['state']} "
                                  f"{update['target'].get('version') or ''} {update['detail']}"))
+            for slot in model["slots"]:
+                if "active" in slot["role"] and slot.get("error"):
+                    console.print(escape(f"{model['model']}: not served: {slot['error']}"),
+                                  soft_wrap=True)
 
 
 def _models_status(data: Path) -> dict[str, Any]:
@@ -131,10 +137,11 @@ def _models_status(data: Path) -> dict[str, Any]:
 def remove(name: Annotated[str, typer.Argument(help="The model to remove (see 'agent status')")],
            data_dir: DataDir = DEFAULT_DATA_DIR, as_json: JsonOpt = False) -> None:
     """Delete a model from this device: its slots, journal and downloads (the others stay).
-    A running agent serves it until it restarts."""
+    For a stopped agent: refused while an agent runs on the data dir."""
     from edgefleet.agent.update import local
 
     try:
+        check_unlocked(data_dir.expanduser(), f"remove model {name}")
         left = local.remove_model(data_dir.expanduser(), name)
     except EdgefleetError as exc:
         fail(exc, as_json)
@@ -152,6 +159,7 @@ def rollback(data_dir: DataDir = DEFAULT_DATA_DIR, model: ModelOpt = None,
 
     data = data_dir.expanduser()
     try:
+        check_unlocked(data, "roll back")
         name = model or _only_model(local.existing(data))  # before the keys are looked for
         models = ModelSet(_trusted(trusted_key or [], data),
                           keys=_decryption(decrypt_key or [], data))
@@ -169,9 +177,11 @@ def _only_model(data: Path) -> str:
 
     layout.migrate(data)
     names = layout.installed(data)
+    if not names:
+        raise EdgefleetError(f"{data} holds no model: there is nothing to roll back",
+                             hint="install one with 'edgefleet agent install BUNDLE'")
     if len(names) != 1:
-        raise EdgefleetError(f"{data} holds {len(names)} models: "
-                             f"{', '.join(names) or 'none'}",
+        raise EdgefleetError(f"{data} holds {len(names)} models: {', '.join(names)}",
                              hint="name one with --model NAME")
     return names[0]
 
@@ -259,6 +269,7 @@ def run(
             check_free(*host_port(http, "--http"), "--http HOST:PORT")
         http_security = web.http_security(http_tls_cert, http_tls_key, http_token_file,
                                           http_client_ca, http or "")
+        lock = hold(data)  # held while the agent runs: install, remove, rollback wait for it
         models = ModelSet(_trusted(trusted_key or [], data), threads=threads,
                           keys=_decryption(decrypt_key or [], data))
         _load_or_refuse(models, data, bundle or [], resume=broker is None)
@@ -283,31 +294,61 @@ def run(
     if logs is not None:
         logs.context = agent_context(service)
     _serve_until_signalled(service, log_format)
+    lock.close()
 
 
 def _load_or_refuse(models: ModelSet, data: Path, bundles: list[Path], resume: bool) -> None:
-    """Serve every model's active slot; install each of ``bundles`` whose model has none."""
+    """Serve every model's active slot; install each of ``bundles`` whose model has none. A
+    ``--bundle`` that cannot be read or installed is warned about and the models installed
+    are served; two of one model are refused (which one was meant is not for the agent to
+    guess)."""
     from edgefleet.agent.update import local
 
-    where: Path = data
+    log = logging.getLogger("edgefleet")
+    for bundle, name in _bundle_names(bundles).items():
+        try:
+            if name.startswith("?"):
+                raise EdgefleetError(name[1:])
+            _install_when_new(models, data, bundle, name)
+        except EdgefleetError as exc:
+            log.warning("--bundle %s not installed: %s (serving the models installed)",
+                        bundle, exc.message)
     try:
-        for bundle in bundles:
-            where = bundle
-            _install_when_new(models, data, bundle)
-        where = data
         for problem in local.serve_models(models, data, resume=resume):
-            logging.getLogger("edgefleet").warning("not serving %s", problem)
+            log.warning("not serving %s", problem)
     except EdgefleetError as exc:
-        raise NothingToServeError(f"nothing to serve: {where}: {exc.message}",
+        raise NothingToServeError(f"nothing to serve: {data}: {exc.message}",
                                   hint=exc.hint or "pass a bundle that verifies") from exc
 
 
-def _install_when_new(models: ModelSet, data: Path, bundle: Path) -> None:
-    """Install ``bundle`` when no model of its name has an active slot in ``data``."""
+def _bundle_names(bundles: list[Path]) -> dict[Path, str]:
+    """Each ``--bundle`` with its model name ("?" and the reason: it cannot be read, warned
+    about later); two bundles of one model are refused."""
     from edgefleet.agent.protocol.bundle import read_manifest
+
+    named: dict[Path, str] = {}
+    seen: dict[str, Path] = {}
+    for bundle in bundles:
+        try:
+            name = read_manifest(bundle)[0].name
+        except EdgefleetError as exc:
+            name = "?" + exc.message
+        except OSError as exc:
+            name = f"?cannot read {bundle}: {exc.strerror or exc}"
+        if name in seen:
+            raise EdgefleetError(f"--bundle {seen[name]} and --bundle {bundle} are both of "
+                                 f"model {name}: pass one bundle a model",
+                                 hint="drop one of them; a newer version of an installed "
+                                      "model comes with 'edgefleet agent install' or a rollout")
+        seen[name] = bundle
+        named[bundle] = name
+    return named
+
+
+def _install_when_new(models: ModelSet, data: Path, bundle: Path, name: str) -> None:
+    """Install ``bundle`` when no model of its name is installed in ``data``."""
     from edgefleet.agent.update import layout, local
 
-    name = read_manifest(bundle)[0].name
     if data.is_dir():
         layout.migrate(data)
         if name in layout.installed(data):
@@ -327,10 +368,12 @@ def _serve_until_signalled(service: AgentService, log_format: LogFormat) -> None
         service.stop()
         fail_in(log_format, exc)
     where = f" on {service.http.base_url}" if service.http else ""
-    for _, agent in service.models.items():
+    for name, agent in service.models.items():
         model = agent.model
-        logging.getLogger("edgefleet").info("serving %s %s%s", model.name if model else "-",
-                                            model.version if model else "-", where)
+        if model is None:  # a first install a crash cut: its update runner resumes it
+            logging.getLogger("edgefleet").info("%s: its update in flight resumes", name)
+            continue
+        logging.getLogger("edgefleet").info("serving %s %s%s", model.name, model.version, where)
     stop.wait()
     service.stop()
     service.models.close()  # the drift workers finish what they were handed
