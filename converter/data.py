@@ -59,7 +59,8 @@ def load_dataset(path: Path, inputs: list[TensorInfo], scale: Scale = "0-1") -> 
     else:
         raise DataError(f"cannot read {path.name}",
                         hint="use .npy, .npz (arrays by input name, 'labels') or an image folder")
-    fitted = {i.name: _fit(i, data.inputs[i.name], path) for i in inputs}
+    fitted = {i.name: _finite(_fit(i, data.inputs[i.name], path), i.name, path)
+              for i in inputs}
     return Dataset(fitted, _checked_labels(data.labels, len(next(iter(fitted.values()))), path))
 
 
@@ -78,6 +79,20 @@ def _checked_labels(labels: Array | None, samples: int, path: Path) -> Array | N
                             hint="give integer class indices (0, 1, 2, ...)")
         return labels.astype(np.int64)
     return labels
+
+
+def _finite(value: Array, name: str, path: Path) -> Array:
+    """Data with NaN or infinity is refused up front: calibration ranges and agreement
+    measured on it mean nothing."""
+    if value.dtype.kind not in "fc":
+        return value
+    bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+    if bad:
+        raise DataError(f"{path.name}: input {name!r} has {bad} non-finite values (NaN or "
+                        f"infinity) of {value.size}",
+                        hint="clean or drop those samples: calibration and evaluation need "
+                             "finite numbers")
+    return value
 
 
 def _single(inputs: list[TensorInfo], path: Path) -> TensorInfo:

@@ -50,6 +50,7 @@ from edgefleet.converter.evaluate import (
     agreement,
     batch_size,
     fixed_batch,
+    labelled_output,
     latency_p50_ms,
     output_kinds,
     run_batched,
@@ -102,6 +103,7 @@ class _Context:
     recipients: tuple[RecipientKey, ...] = ()
     reference: Predict | None = None  # what a result must not be slower than
     kinds: list[OutputKind] = field(default_factory=list)  # classifier or regression, why
+    labelled: int = 0  # the output labels index (labelled_output)
     built: dict[str, bytes] = field(default_factory=dict)  # artifacts by attempt label
 
 
@@ -137,6 +139,7 @@ def _numbered(step: Step, number: int) -> Step:
 
 
 def _context(config: ConvertConfig, step: Step) -> _Context:
+    _check_output(config.output)  # fail before converting, not after
     recipients = tuple(RecipientKey.load(p) for p in config.encrypt_for)  # fail before converting
     source = _with_shapes(load_source(config.model), config)
     _check_path(source.kind, config.format)
@@ -162,13 +165,14 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
                           on_batch=lambda d, t: step("evaluating the source model", d, t))
     kinds = _output_kinds(config, source, outputs, evaluation.labels is not None)
     report.output_kinds = [k.as_dict() for k in kinds]
+    labelled = _labelled(source, outputs, evaluation.labels)
     if evaluation.labels is not None:
-        report.source_accuracy = round(accuracy(outputs, evaluation.labels), 6)
+        report.source_accuracy = round(accuracy(outputs, evaluation.labels, labelled), 6)
     report.source_latency_p50_ms = latency_p50_ms(source.predict,
                                                   _one_call(evaluation, source.inputs))
     profiles = [load_profile(t) for t in config.targets]
     ctx = _Context(config, source, calibration, evaluation, outputs, profiles, report, step,
-                   recipients, kinds=kinds)
+                   recipients, kinds=kinds, labelled=labelled)
     if config.prune:
         ctx.source = _pruned(ctx, config.prune)
     # a Keras or SavedModel source runs on TensorFlow, not an edge runtime: no rival
@@ -178,6 +182,41 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
         report.float_latency_p50_ms = latency_p50_ms(ctx.reference,
                                                      _one_call(evaluation, source.inputs))
     return ctx
+
+
+def _check_output(path: Path) -> None:
+    """The bundle's path can be written: not a folder, in a folder that exists."""
+    if path.is_dir():
+        raise DataError(f"-o {path} is a folder, not a bundle file",
+                        hint=f"name the file to write, e.g. -o {path / 'model.efb'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise DataError(f"-o {path}: the folder {parent} does not exist",
+                        hint=f"create it first (mkdir -p {parent}) or write elsewhere")
+
+
+def _labelled(source: SourceModel, outputs: list[Array], labels: Array | None) -> int:
+    """The output the labels index (:func:`labelled_output`), checked: a model with no
+    vector of scores, or labels beyond its width, is refused before any conversion."""
+    if labels is None:
+        return 0
+    index = labelled_output(outputs)
+    names = list(source.output_names) or [str(i) for i in range(len(outputs))]
+    if index is None:
+        shapes_seen = [list(o.shape[1:]) for o in outputs]
+        raise DataError(f"the evaluation data has labels, but no output of the model is a "
+                        f"vector of class scores (output shapes {shapes_seen} a sample)",
+                        hint="drop 'labels' from the --eval data: outputs are then compared "
+                             "with the source's")
+    width = int(outputs[index].shape[1])
+    name = names[index] if index < len(names) else str(index)
+    bad = int(np.count_nonzero((labels < 0) | (labels >= width)))
+    if bad:
+        raise DataError(f"{bad} of {len(labels)} labels are outside 0..{width - 1}, the classes "
+                        f"of output {name!r} ({width} scores); labels seen "
+                        f"{int(labels.min())}..{int(labels.max())}",
+                        hint="give class indices the model's output has (0-based)")
+    return index
 
 
 def _quantized_source(source: SourceModel) -> bool:
@@ -282,7 +321,9 @@ def _pruned_drop(ctx: _Context, pruned: SourceModel) -> float:
     outputs = run_batched(pruned.predict, ctx.evaluation, batch_size(pruned.inputs))
     labels, base = ctx.evaluation.labels, ctx.report.source_accuracy
     if labels is not None and base is not None:
-        return round((base - accuracy(outputs, labels)) * 100, 4)
+        return round(max((base - accuracy(outputs, labels, ctx.labelled)) * 100,
+                         _worst_drop(agreement(ctx.source_outputs, outputs,
+                                               pruned.output_names, ctx.kinds))), 4)
     return agreement_drop(agreement(ctx.source_outputs, outputs, pruned.output_names,
                                     ctx.kinds))
 
@@ -460,7 +501,7 @@ def _measure(ctx: _Context, attempt: Attempt, artifact: bytes) -> None:
     attempt.agreement = found.as_dict()
     labels = ctx.evaluation.labels
     if labels is not None:
-        attempt.accuracy = round(accuracy(outputs, labels), 6)
+        attempt.accuracy = round(accuracy(outputs, labels, ctx.labelled), 6)
     attempt.accuracy_drop_points = _drop(ctx, attempt, found)
     attempt.latency_p50_ms = latency_p50_ms(predict,
                                             _one_call(ctx.evaluation, runtime.inputs))
@@ -491,11 +532,20 @@ def _with_float_ops(violation: dict[str, Any], ops: list[str]) -> dict[str, Any]
 
 
 def _drop(ctx: _Context, attempt: Attempt, found: Agreement) -> float:
-    """Accuracy points lost: from labels when given, else from the worst output's score
-    (and top-1 agreement for classifiers)."""
+    """Accuracy points lost: with labels, the accuracy lost or ``100 x (1 - score)`` of the
+    worst output, whichever is more (labels judge one output; every output must still
+    agree with the source's); else from the worst output's score (and top-1 agreement for
+    classifiers)."""
     if attempt.accuracy is not None and ctx.report.source_accuracy is not None:
-        return round((ctx.report.source_accuracy - attempt.accuracy) * 100, 4)
+        return round(max((ctx.report.source_accuracy - attempt.accuracy) * 100,
+                         _worst_drop(found)), 4)
     return agreement_drop(found)
+
+
+def _worst_drop(found: Agreement) -> float:
+    """``100 x (1 - score)`` of the worst output (infinite when the score is not finite)."""
+    score = found.worst.score
+    return (1 - score) * 100 if math.isfinite(score) else math.inf
 
 
 def agreement_drop(found: Agreement) -> float:
@@ -595,7 +645,11 @@ def _finite(value: object) -> bool:
 
 def _over_budget(ctx: _Context, attempt: Attempt, drop: float, budget: float) -> str:
     default = " (the default: --max-drop sets it)" if ctx.config.max_drop is None else ""
-    worst = "" if attempt.accuracy is not None else f"; worst {attempt.agreement['worst']}"
+    worst = f"; worst {attempt.agreement['worst']}"
+    if attempt.accuracy is not None and ctx.report.source_accuracy is not None:
+        lost = (ctx.report.source_accuracy - attempt.accuracy) * 100
+        worst = (f"; labels: {lost:.2f} points of accuracy lost, worst output scores "
+                 f"{attempt.agreement['worst_score']:.4f}{worst}")
     return (f"accuracy drop {drop:.2f} points exceeds the budget of {budget} points"
             f"{default}{worst}{_top1_cause(ctx, attempt)}")
 

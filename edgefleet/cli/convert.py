@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -121,11 +122,20 @@ def _worst(agreement: dict[str, Any]) -> str:
     outputs = agreement.get("outputs") or []
     if not outputs:
         return ""
-    worst = min(outputs, key=lambda o: o["score"])
+    worst = min(outputs, key=lambda o: (math.isfinite(_number(o["score"])),
+                                        _number(o["score"])))
+    if not all(math.isfinite(_number(worst[k])) for k in
+               ("score", "max_abs_error", "centered_cosine", "rel_rms")):
+        return f"{worst['name'][:24]}: not finite"
     metric = (f"err {worst['max_abs_error'] / (worst['judged_range'] or 1):.1%} of range"
               if worst["judged_by"] == "range" else
               f"cos {worst['centered_cosine']:.4f}, rel RMS {worst['rel_rms']:.3f}")
     return f"{worst['name'][:24]}: {metric}"
+
+
+def _number(value: Any) -> float:
+    """A report's number; NaN for one that is missing (a NaN is written as null)."""
+    return float(value) if isinstance(value, int | float) else math.nan
 
 
 def _kept(names: list[str]) -> str:

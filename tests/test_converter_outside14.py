@@ -1,0 +1,190 @@
+"""What an outside tester found when attacking ``edgefleet convert`` (issue 14's models):
+labels that judged one output and let every other be wrong, non-finite data, dict and
+scalar outputs, a bad ``-o`` path, unbounded input sizes. Each on a tiny ONNX graph made
+here (or a tiny Keras model), no mocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgefleet.cli.convert import _worst
+from edgefleet.converter.config import ConvertConfig
+from edgefleet.converter.errors import DataError, NoResultError
+from edgefleet.converter.pipeline import convert
+from tests.conftest import Keys
+
+WIDTH = 128
+
+
+def _config(model: Path, out: Path, keys: Keys, **kw: object) -> ConvertConfig:
+    return ConvertConfig(model=model, output=out, sign_key=keys.secret, format="onnx",
+                         **kw)  # type: ignore[arg-type]
+
+
+def _two_heads(path: Path) -> Path:
+    """Inputs ``a`` and ``b``; outputs ``flag`` ([N, 1], from ``b``) first, then ``scores``
+    ([N, 10], from ``a``): labels index the second output."""
+    rng = np.random.default_rng(0)
+    wa = numpy_helper.from_array(rng.normal(size=(WIDTH, 10)).astype(np.float32), "Wa")
+    wb = numpy_helper.from_array(rng.normal(size=(WIDTH, 1)).astype(np.float32), "Wb")
+    wh = numpy_helper.from_array(rng.normal(size=(WIDTH, WIDTH)).astype(np.float32), "Wh")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["b", "Wh"], ["h"]),
+         helper.make_node("MatMul", ["h", "Wb"], ["flag"]),
+         helper.make_node("MatMul", ["a", "Wa"], ["scores"])], "two_heads",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", WIDTH]) for n in "ab"],
+        [helper.make_tensor_value_info("flag", TensorProto.FLOAT, ["N", 1]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 10])], [wa, wb, wh])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def _scores_of(a: np.ndarray) -> np.ndarray:
+    wa = np.random.default_rng(0).normal(size=(WIDTH, 10)).astype(np.float32)
+    return np.asarray((a @ wa).argmax(axis=1))
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Calibration where ``b`` is narrow (its int8 range clips every evaluation value) and
+    ``a`` as wide as the evaluation; labels the source gets right."""
+    out = tmp_path_factory.mktemp("heads")
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(200, WIDTH)).astype(np.float32)
+    np.savez(out / "cal.npz", a=a[:100], b=rng.uniform(0, 0.01, (100, WIDTH)).astype(np.float32))
+    b_eval = rng.normal(scale=10, size=(100, WIDTH)).astype(np.float32)
+    labels = _scores_of(a[100:])
+    np.savez(out / "eval.npz", a=a[100:], b=b_eval, labels=labels)
+    np.savez(out / "eval_oob.npz", a=a[100:], b=b_eval, labels=labels + 10)
+    return {"model": _two_heads(out / "heads.onnx"), "cal": out / "cal.npz",
+            "eval": out / "eval.npz", "oob": out / "eval_oob.npz"}
+
+
+# --- 1. labels judge one output; every output must still agree --------------------------------
+
+def test_labels_do_not_let_a_badly_wrong_output_through(heads: dict[str, Path],
+                                                        signing_keys: Keys,
+                                                        tmp_path: Path) -> None:
+    """The labelled output lost little accuracy, ``flag`` was clipped to the calibration
+    range: the bundle was written with exit 0."""
+    out = tmp_path / "heads.efb"
+    with pytest.raises(NoResultError) as caught:
+        convert(_config(heads["model"], out, signing_keys, quantize="int8",
+                        calibration=heads["cal"], eval=heads["eval"], max_drop=5.0))
+    attempt, source = caught.value.report.attempts[0], caught.value.report.source_accuracy
+    assert source == 1.0 and attempt.accuracy is not None and attempt.accuracy >= 0.96
+    assert attempt.agreement["worst_output"] == "flag" and attempt.agreement["worst_score"] < 0.95
+    assert attempt.accuracy_drop_points is not None and attempt.accuracy_drop_points > 5
+    assert "flag" in attempt.reason and not out.exists()
+
+
+def test_labels_index_the_first_output_that_is_a_vector_of_scores(
+        heads: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
+    """The first output is [N, 1]: labels were compared with its argmax (always 0)."""
+    report = convert(_config(heads["model"], tmp_path / "f.efb", signing_keys,
+                             eval=heads["eval"]))
+    assert report.source_accuracy == 1.0
+    kinds = {k["name"]: k["kind"] for k in report.output_kinds}
+    assert kinds == {"flag": "regression", "scores": "class"}
+
+
+def test_labels_beyond_the_output_s_classes_are_refused(heads: dict[str, Path],
+                                                       signing_keys: Keys,
+                                                       tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"100 of 100 labels are outside 0\.\.9.*'scores'"):
+        convert(_config(heads["model"], tmp_path / "o.efb", signing_keys, eval=heads["oob"]))
+
+
+# --- 2. non-finite data, and the CLI's table of a NaN -----------------------------------------
+
+def test_nan_in_calibration_is_refused_naming_the_input_and_the_count(
+        heads: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
+    with np.load(heads["cal"]) as archive:
+        a, b = archive["a"].copy(), archive["b"].copy()
+    b[3, :2], a[5, 0] = np.nan, np.inf
+    np.savez(tmp_path / "nan.npz", a=a, b=b)
+    out = tmp_path / "nan.efb"
+    out.write_bytes(b"an earlier bundle")
+    with pytest.raises(DataError, match=r"input 'a' has 1 non-finite"):
+        convert(_config(heads["model"], out, signing_keys, quantize="int8",
+                        calibration=tmp_path / "nan.npz", max_drop=100.0))
+    assert out.read_bytes() == b"an earlier bundle"
+
+
+def test_the_cli_table_shows_a_nan_output_as_not_finite() -> None:
+    """A NaN is written as null in the report: the table raised TypeError after the bundle
+    step."""
+    row = {"name": "y", "score": None, "max_abs_error": None, "judged_range": 1.0,
+           "judged_by": "range", "centered_cosine": None, "rel_rms": None}
+    assert _worst({"outputs": [row, {**row, "name": "z", "score": 0.5, "max_abs_error": 0.1,
+                                     "centered_cosine": 0.5, "rel_rms": 0.1}]}) == \
+        "y: not finite"
+
+
+# --- 3. scalar and dict outputs -------------------------------------------------------------
+
+def test_a_scalar_output_of_a_fixed_batch_model_converts(signing_keys: Keys,
+                                                         tmp_path: Path) -> None:
+    """A rank-0 output (one number a call) raised IndexError in the evaluation."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0)], "scalar",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "scalar.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((9, 3)).astype(np.float32))
+    out = tmp_path / "scalar.efb"
+    report = convert(_config(tmp_path / "scalar.onnx", out, signing_keys,
+                             calibration=tmp_path / "x.npy"))
+    assert out.exists() and report.attempts[0].agreement["worst_score"] == 1.0
+
+
+def test_a_keras_model_of_dict_outputs_converts_in_its_order(signing_keys: Keys,
+                                                             tmp_path: Path) -> None:
+    from edgefleet.converter._tf import keras
+
+    k = keras()
+    x = k.Input((6,), name="features")
+    h = k.layers.Dense(8, activation="relu")(x)
+    k.Model(x, {"flag": k.layers.Dense(1, activation="sigmoid", name="flag")(h),
+                "vec": k.layers.Dense(12, name="vec")(h)}).save(tmp_path / "dict.keras")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((16, 6)).astype(np.float32))
+    out = tmp_path / "dict.efb"
+    report = convert(ConvertConfig(model=tmp_path / "dict.keras", output=out,
+                                   sign_key=signing_keys.secret, calibration=tmp_path / "x.npy"))
+    assert out.exists()
+    assert [k["name"] for k in report.output_kinds] == ["flag", "vec"]
+    assert report.attempts[0].agreement["worst_score"] > 0.999
+
+
+# --- 8. a bad -o path fails before any work --------------------------------------------------
+
+@pytest.mark.parametrize("where", ["folder", "no parent"])
+def test_a_bad_output_path_is_refused_before_converting(heads: dict[str, Path],
+                                                        signing_keys: Keys, tmp_path: Path,
+                                                        where: str) -> None:
+    out = tmp_path if where == "folder" else tmp_path / "missing" / "x.efb"
+    # the model path does not exist either: the output is checked first
+    with pytest.raises(DataError, match="is a folder" if where == "folder" else
+                       "does not exist") as caught:
+        convert(_config(tmp_path / "absent.onnx", out, signing_keys))
+    assert caught.value.hint
+
+
+# --- 10. input sizes are bounded; 13. --max-drop at most 100 ----------------------------------
+
+@pytest.mark.parametrize("kw", [{"input_size": (100000, 100000)},
+                                {"input_shapes": (("x", (1, 3, 6000, 6000)),)},
+                                {"max_drop": 100.1}])
+def test_unbounded_options_are_refused(tmp_path: Path, kw: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="above|0 to 100"):
+        ConvertConfig(model=tmp_path / "m.onnx", output=tmp_path / "m.efb",
+                      sign_key=tmp_path / "k", **kw)  # type: ignore[arg-type]
