@@ -188,3 +188,40 @@ def test_unbounded_options_are_refused(tmp_path: Path, kw: dict[str, object]) ->
     with pytest.raises(ValueError, match="above|0 to 100"):
         ConvertConfig(model=tmp_path / "m.onnx", output=tmp_path / "m.efb",
                       sign_key=tmp_path / "k", **kw)  # type: ignore[arg-type]
+
+
+# --- 5. an ONNX model of a fixed batch above 1 calibrates in calls of that batch ------------
+
+def _fixed_batch(path: Path, batch: int) -> Path:
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(size=(WIDTH, 64)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 64])], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp16"])
+def test_a_fixed_batch_of_two_calibrates_in_calls_of_two(signing_keys: Keys, tmp_path: Path,
+                                                         mode: str) -> None:
+    """ONNX Runtime refused calibration one row a call ("Got: 1 Expected: 2")."""
+    source = _fixed_batch(tmp_path / "two.onnx", 2)
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).random((9, WIDTH)).astype(np.float32))
+    out = tmp_path / f"two-{mode}.efb"
+    report = convert(_config(source, out, signing_keys, quantize=mode,
+                             calibration=tmp_path / "x.npy", max_drop=100.0))
+    assert report.attempts[0].verdict.value == "accepted" and out.exists()
+
+
+def test_auto_tells_recipes_that_failed_from_recipes_that_missed() -> None:
+    from edgefleet.converter.report import Attempt, Verdict
+    from edgefleet.converter.search import _stays_float
+
+    crashed, missed = Attempt("int8", "int8", []), Attempt("fp16", "fp16", [])
+    crashed.verdict, missed.verdict = Verdict.FAILED, Verdict.OVER_BUDGET
+    note = _stays_float([crashed, missed])
+    assert "fp16 missed the budget" in note and "int8 failed with an error" in note
