@@ -175,6 +175,10 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
                    recipients, kinds=kinds, labelled=labelled)
     if config.prune:
         ctx.source = _pruned(ctx, config.prune)
+        if evaluation.labels is not None:  # labels judge the pruning (accuracy lost in all);
+            # the outputs of what is converted judge the conversion's worst output
+            ctx.source_outputs = run_batched(ctx.source.predict, evaluation,
+                                             batch_size(ctx.source.inputs))
     # a Keras or SavedModel source runs on TensorFlow, not an edge runtime: no rival
     ctx.reference = source.predict if source.kind in ("onnx", "tflite") else None
     if source.kind in ("keras", "savedmodel") and config.quantize != "none":
@@ -321,9 +325,7 @@ def _pruned_drop(ctx: _Context, pruned: SourceModel) -> float:
     outputs = run_batched(pruned.predict, ctx.evaluation, batch_size(pruned.inputs))
     labels, base = ctx.evaluation.labels, ctx.report.source_accuracy
     if labels is not None and base is not None:
-        return round(max((base - accuracy(outputs, labels, ctx.labelled)) * 100,
-                         _worst_drop(agreement(ctx.source_outputs, outputs,
-                                               pruned.output_names, ctx.kinds))), 4)
+        return round((base - accuracy(outputs, labels, ctx.labelled)) * 100, 4)
     return agreement_drop(agreement(ctx.source_outputs, outputs, pruned.output_names,
                                     ctx.kinds))
 
