@@ -12,8 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgefleet.agent.runtime.base import TensorInfo
 from edgefleet.cli.convert import _worst
 from edgefleet.converter.config import ConvertConfig
+from edgefleet.converter.data import load_dataset
 from edgefleet.converter.errors import DataError, NoResultError
 from edgefleet.converter.pipeline import convert
 from tests.conftest import Keys
@@ -225,3 +227,59 @@ def test_auto_tells_recipes_that_failed_from_recipes_that_missed() -> None:
     crashed.verdict, missed.verdict = Verdict.FAILED, Verdict.OVER_BUDGET
     note = _stays_float([crashed, missed])
     assert "fp16 missed the budget" in note and "int8 failed with an error" in note
+
+
+# --- 7. 16-bit, EXIF-turned and transparent images; 9. a decompression bomb ------------------
+
+def _gray(spec_shape: tuple[int, ...]) -> list[TensorInfo]:
+    return [TensorInfo(name="image", shape=spec_shape, dtype="float32")]
+
+
+def test_a_16_bit_png_is_scaled_not_saturated(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "sixteen"
+    folder.mkdir()
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(folder / "mid.png")
+    data = load_dataset(folder, _gray((-1, 8, 8, 1)))
+    assert data.inputs["image"].max() == pytest.approx(128 / 255, abs=1 / 255)  # was 1.0
+
+
+def test_an_exif_rotated_photo_is_turned_upright(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "exif"
+    folder.mkdir()
+    pixels = np.zeros((4, 8, 3), dtype=np.uint8)
+    pixels[:, :4] = 255  # left half white, stored 8 wide and 4 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(pixels).save(folder / "turned.jpg", exif=exif, quality=100)
+    image = load_dataset(folder, _gray((-1, 8, 4, 3))).inputs["image"][0]  # 8 high, 4 wide
+    assert image[:4].mean() > 0.9 and image[4:].mean() < 0.1  # white on top once turned
+
+
+def test_a_transparent_image_is_composited_on_black(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "rgba"
+    folder.mkdir()
+    pixels = np.full((8, 8, 4), 255, dtype=np.uint8)
+    pixels[..., 3] = 0  # white, fully transparent
+    Image.fromarray(pixels, "RGBA").save(folder / "clear.png")
+    assert load_dataset(folder, _gray((-1, 8, 8, 3))).inputs["image"].max() == 0.0
+
+
+def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "bomb"
+    folder.mkdir()
+    Image.new("L", (1000, 1000)).save(folder / "bomb.png")
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 1000  # a 1000x1000 image is then twice past the bomb limit
+    try:
+        with pytest.raises(DataError, match="bomb.png"):
+            load_dataset(folder, _gray((-1, 8, 8, 1)))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
