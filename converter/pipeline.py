@@ -161,8 +161,7 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
     else:
         report.eval_data = str(config.eval or config.calibration)
     report.eval_samples = len(evaluation)
-    outputs = run_batched(source.predict, evaluation, batch_size(source.inputs),
-                          on_batch=lambda d, t: step("evaluating the source model", d, t))
+    outputs = _source_outputs(source, evaluation, step)
     kinds = _output_kinds(config, source, outputs, evaluation.labels is not None)
     report.output_kinds = [k.as_dict() for k in kinds]
     labelled = _labelled(source, outputs, evaluation.labels)
@@ -186,6 +185,23 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
         report.float_latency_p50_ms = latency_p50_ms(ctx.reference,
                                                      _one_call(evaluation, source.inputs))
     return ctx
+
+
+def _source_outputs(source: SourceModel, evaluation: Dataset, step: Step) -> list[Array]:
+    """The source's outputs on the evaluation data; data the source itself cannot run
+    (token ids beyond its vocabulary, say) is refused naming the inputs and their values."""
+    try:
+        return run_batched(source.predict, evaluation, batch_size(source.inputs),
+                           on_batch=lambda d, t: step("evaluating the source model", d, t))
+    except EdgefleetError:
+        raise
+    except Exception as exc:  # ORT, LiteRT and TensorFlow raise their own types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        seen = "; ".join(f"input {name!r} ({value.dtype}) holds {value.min()}..{value.max()}"
+                         for name, value in evaluation.inputs.items() if value.size)
+        raise DataError(f"the source model fails on the evaluation data ({seen}): {first}",
+                        hint="give data the model takes: integer ids within its vocabulary, "
+                             "values in the range it was trained on") from exc
 
 
 def _check_output(path: Path) -> None:

@@ -283,3 +283,25 @@ def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path: Path) -> None
             load_dataset(folder, _gray((-1, 8, 8, 1)))
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+
+
+# --- 9. token ids beyond the vocabulary -------------------------------------------------------
+
+def test_token_ids_beyond_the_vocabulary_are_refused_naming_the_input(
+        signing_keys: Keys, tmp_path: Path) -> None:
+    """ONNX Runtime's Gather raised InvalidArgument as a traceback."""
+    table = numpy_helper.from_array(np.random.default_rng(0).normal(size=(100, 8))
+                                    .astype(np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["vectors"])], "tokens",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 12])],
+        [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["N", 12, 8])], [table])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "tokens.onnx")
+    ids = np.random.default_rng(1).integers(0, 100, size=(20, 12))
+    ids[4, 3] = 968
+    np.save(tmp_path / "ids.npy", ids)
+    with pytest.raises(DataError, match=r"input 'ids' \(int64\) holds 0\.\.968"):
+        convert(_config(tmp_path / "tokens.onnx", tmp_path / "t.efb", signing_keys,
+                        calibration=tmp_path / "ids.npy"))
