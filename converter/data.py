@@ -120,7 +120,8 @@ def _npz(path: Path, inputs: list[TensorInfo]) -> Dataset:
 
 
 def _fit(spec: TensorInfo, value: Array, path: Path) -> Array:
-    expected = [("N" if d == -1 else d) for d in spec.shape]
+    # samples first ("N"); a dynamic dim after it takes any size ("any")
+    expected = [("N" if i == 0 else "any") if d == -1 else d for i, d in enumerate(spec.shape)]
     given_shape = list(value.shape)
     fits = len(value.shape) == len(spec.shape) and all(
         e in (-1, g) for e, g in zip(spec.shape[1:], value.shape[1:], strict=True))

@@ -142,6 +142,7 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
     _check_output(config.output)  # fail before converting, not after
     recipients = tuple(RecipientKey.load(p) for p in config.encrypt_for)  # fail before converting
     source = _with_shapes(load_source(config.model), config)
+    _check_batch_first(source)
     _check_path(source.kind, config.format)
     _check_mode(source.kind, config.quantize)
     calibration = _load(config.calibration, source, config)
@@ -202,6 +203,21 @@ def _source_outputs(source: SourceModel, evaluation: Dataset, step: Step) -> lis
         raise DataError(f"the source model fails on the evaluation data ({seen}): {first}",
                         hint="give data the model takes: integer ids within its vocabulary, "
                              "values in the range it was trained on") from exc
+
+
+def _check_batch_first(source: SourceModel) -> None:
+    """Samples go along dim 0: an ONNX input whose dims name the batch elsewhere (time-major
+    ``[seq, batch, feat]``) would be measured along its sequence, so it is refused."""
+    if source.kind != "onnx":
+        return
+    found = shapes.batch_not_first(source.path.read_bytes())
+    if found:
+        name, dims = found[0]
+        raise UnsupportedPathError(
+            f"input {name!r} has dims {dims}: its batch is not dim 0, and edgefleet feeds "
+            "samples along dim 0 (it would calibrate and measure along the first dim)",
+            hint="export the model batch-first ([batch, seq, ...]; batch_first=True for a "
+                 "PyTorch LSTM)")
 
 
 def _check_output(path: Path) -> None:

@@ -16,7 +16,7 @@ from edgefleet.agent.runtime.base import TensorInfo
 from edgefleet.cli.convert import _worst
 from edgefleet.converter.config import ConvertConfig
 from edgefleet.converter.data import load_dataset
-from edgefleet.converter.errors import DataError, NoResultError
+from edgefleet.converter.errors import DataError, NoResultError, UnsupportedPathError
 from edgefleet.converter.pipeline import convert
 from tests.conftest import Keys
 
@@ -305,3 +305,35 @@ def test_token_ids_beyond_the_vocabulary_are_refused_naming_the_input(
     with pytest.raises(DataError, match=r"input 'ids' \(int64\) holds 0\.\.968"):
         convert(_config(tmp_path / "tokens.onnx", tmp_path / "t.efb", signing_keys,
                         calibration=tmp_path / "ids.npy"))
+
+
+# --- 11. a time-major ONNX input ([seq, batch, feat]) ------------------------------------------
+
+def test_a_time_major_onnx_input_is_refused_naming_its_dims(signing_keys: Keys,
+                                                            tmp_path: Path) -> None:
+    """Dim 0 (the sequence) was taken as the samples, silently."""
+    rng = np.random.default_rng(0)
+    hidden, feat = 8, 4
+    weights = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n) for n, s in
+               (("W", (1, 4 * hidden, feat)), ("R", (1, 4 * hidden, hidden)))]
+    graph = helper.make_graph(
+        [helper.make_node("LSTM", ["X", "W", "R"], ["Y", "Y_h"], hidden_size=hidden)],
+        "time_major", [helper.make_tensor_value_info("X", TensorProto.FLOAT,
+                                                     ["seq", "batch", feat])],
+        [helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, [1, "batch", hidden])],
+        weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "lstm.onnx")
+    np.save(tmp_path / "x.npy", rng.normal(size=(20, 1, feat)).astype(np.float32))
+    with pytest.raises(UnsupportedPathError, match=r"'X' has dims \['seq', 'batch', '4'\]"):
+        convert(_config(tmp_path / "lstm.onnx", tmp_path / "l.efb", signing_keys,
+                        calibration=tmp_path / "x.npy"))
+
+
+def test_a_dynamic_dim_after_the_samples_reads_any_not_n(heads: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    spec = [TensorInfo(name="x", shape=(-1, -1, 16), dtype="float32")]
+    np.save(tmp_path / "x.npy", np.zeros((3, 5, 8), dtype=np.float32))
+    with pytest.raises(DataError, match=r"expects shape \['N', 'any', 16\]"):
+        load_dataset(tmp_path / "x.npy", spec)
