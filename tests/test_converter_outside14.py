@@ -104,6 +104,21 @@ def test_labels_beyond_the_output_s_classes_are_refused(heads: dict[str, Path],
         convert(_config(heads["model"], tmp_path / "o.efb", signing_keys, eval=heads["oob"]))
 
 
+def test_a_result_that_never_agrees_is_called_unusable_not_offered_a_max_drop(
+        heads: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
+    """Calibrated on inputs 1000x narrower than the evaluation's: the hint offered
+    ``--max-drop 100.1``, which wrote a model of about chance accuracy."""
+    with np.load(heads["cal"]) as archive:
+        np.savez(tmp_path / "narrow.npz", a=archive["a"] / 1000, b=archive["b"])
+    with pytest.raises(NoResultError) as caught:
+        convert(_config(heads["model"], tmp_path / "u.efb", signing_keys, quantize="int8",
+                        calibration=tmp_path / "narrow.npz", eval=heads["eval"]))
+    drop = caught.value.report.attempts[0].accuracy_drop_points
+    assert drop is not None and drop >= 50
+    hint = caught.value.cause.hint
+    assert "unusable" in hint and "--max-drop" not in hint
+
+
 # --- 2. non-finite data, and the CLI's table of a NaN -----------------------------------------
 
 def test_nan_in_calibration_is_refused_naming_the_input_and_the_count(
