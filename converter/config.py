@@ -74,6 +74,10 @@ class ConvertConfig:
             raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}")
+        if self.int8_io and self.format == "onnx":
+            raise ValueError("--int8-io makes a TFLite model's inputs and outputs int8; the "
+                             "ONNX path keeps them float32: drop --int8-io, or use "
+                             "--format tflite")
         if self.activations not in ("uint8", "int8"):
             raise ValueError("activations must be uint8 or int8")
         if not (math.isfinite(self.search_budget) and self.search_budget > 0):

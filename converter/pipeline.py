@@ -293,9 +293,13 @@ def _tflite_needs_static(source: SourceModel, fixed: list[TensorInfo],
     one_keras = source.kind == "keras" and len(fixed) == 1
     if one_keras and all(d > 0 for d in fixed[0].shape[1:]):
         return  # traced at the given dims (tflite_backend)
+    ignored = "" if one_keras or not (config.input_shapes or config.input_size) else (
+        f" (--input-shape / --input-size is not applied to a {source.kind} model of "
+        f"{len(fixed)} input{'s' if len(fixed) > 1 else ''} converted to TFLite: only a "
+        "one-input Keras model is traced at the given dims)")
     raise DataError(
         f"input {dynamic[0].name!r} has dynamic dims {list(dynamic[0].shape)}: a TFLite model "
-        "needs them fixed",
+        f"needs them fixed{ignored}",
         hint=("pass --input-size HEIGHTxWIDTH or --input-shape NAME=DIMS (the deployment size), "
               "or --format onnx, which keeps them dynamic") if one_keras else
              "use --format onnx, which keeps them dynamic")

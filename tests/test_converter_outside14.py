@@ -352,3 +352,37 @@ def test_a_dynamic_dim_after_the_samples_reads_any_not_n(heads: dict[str, Path],
     np.save(tmp_path / "x.npy", np.zeros((3, 5, 8), dtype=np.float32))
     with pytest.raises(DataError, match=r"expects shape \['N', 'any', 16\]"):
         load_dataset(tmp_path / "x.npy", spec)
+
+
+# --- 14. --int8-io with ONNX; 15. --input-shape on a two-input Keras model; 16. a comma typo --
+
+def test_int8_io_with_onnx_is_refused(tmp_path: Path) -> None:
+    """Was silently ignored, and the lineage said int8_io true for float32 I/O."""
+    with pytest.raises(ValueError, match="--int8-io.*--format tflite"):
+        ConvertConfig(model=tmp_path / "m.onnx", output=tmp_path / "m.efb",
+                      sign_key=tmp_path / "k", format="onnx", int8_io=True)
+
+
+def test_input_shape_on_a_two_input_keras_model_says_it_is_not_applied(
+        signing_keys: Keys, tmp_path: Path) -> None:
+    from edgefleet.converter._tf import keras
+
+    k = keras()
+    a, b = k.Input((None, None, 3), name="img_a"), k.Input((None, None, 3), name="img_b")
+    pooled = [k.layers.GlobalAveragePooling2D()(x) for x in (a, b)]
+    k.Model([a, b], k.layers.Add()(pooled)).save(tmp_path / "two.keras")
+    with pytest.raises(DataError, match="--input-shape / --input-size is not applied to a "
+                                        "keras model of 2 inputs"):
+        convert(ConvertConfig(model=tmp_path / "two.keras", output=tmp_path / "two.efb",
+                              sign_key=signing_keys.secret,
+                              input_shapes=(("img_a", (1, 8, 8, 3)), ("img_b", (1, 8, 8, 3)))))
+
+
+def test_a_comma_typo_names_the_input_and_the_fix() -> None:
+    import typer
+
+    from edgefleet.cli.convert import _shape
+
+    with pytest.raises(typer.BadParameter, match=r"'--input-shape input=1,3,40,48'.*"
+                                                 r"--input-shape input=1x3x40x48"):
+        _shape("input=1,3,40,48")

@@ -146,7 +146,7 @@ def _shape(text: str) -> tuple[str, tuple[int, ...]]:
     name, _, dims = text.rpartition("=")
     if not name or not dims:
         raise typer.BadParameter(f"--input-shape {text!r}: expected NAME=1x3x320x320")
-    return name, _dims(dims, "--input-shape")
+    return name, _dims(dims, f"--input-shape {name}=")
 
 
 def _kind(text: str) -> tuple[str, str]:
@@ -165,10 +165,15 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _dims(text: str, option: str) -> tuple[int, ...]:
+    """``1x3x320x320`` as dims; ``option`` names what is given (with the input's name)."""
     try:
         return tuple(int(d) for d in text.lower().split("x"))
     except ValueError as exc:
-        raise typer.BadParameter(f"{option} {text!r}: dims are integers joined by x") from exc
+        given = f"{option}{text}" if option.endswith("=") else f"{option} {text}"
+        raise typer.BadParameter(f"{given!r}: dims are integers joined by x, e.g. "
+                                 f"{option if option.endswith('=') else option + ' '}"
+                                 f"{'x'.join(d.strip() for d in text.replace(',', 'x').split('x'))}"
+                                 ) from exc
 
 
 def _show(report: dict[str, Any], as_json: bool) -> None:
