@@ -435,6 +435,10 @@ def _named_outputs(ctx: _Context, artifact: bytes) -> bytes:
     """The artifact's outputs in the source's order and under its names: which is which
     is measured on one call when there are several (a converter may reorder them)."""
     names, fmt = ctx.source.output_names, ctx.config.format
+    if fmt == "tflite":  # one tensor returned twice: two outputs of one name otherwise
+        from edgefleet.converter.tflite_graph import split_shared_outputs
+
+        artifact = split_shared_outputs(artifact)
     order = None
     if len(names) > 1:
         try:

@@ -5,6 +5,7 @@ here (or a tiny Keras model), no mocks."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -386,3 +387,27 @@ def test_a_comma_typo_names_the_input_and_the_fix() -> None:
     with pytest.raises(typer.BadParameter, match=r"'--input-shape input=1,3,40,48'.*"
                                                  r"--input-shape input=1x3x40x48"):
         _shape("input=1,3,40,48")
+
+
+# --- 12. a Keras model returning the same tensor twice ----------------------------------------
+
+def test_one_tensor_returned_twice_gets_two_names_in_the_bundle_and_its_health_data(
+        signing_keys: Keys, tmp_path: Path) -> None:
+    """Both TFLite outputs were named ``y_1``; the health data held one of them."""
+    from edgefleet.agent.protocol.bundle import read_bundle
+    from edgefleet.converter._tf import keras
+
+    k = keras()
+    x = k.Input((6,), name="x")
+    y = k.layers.Dense(8, name="y")(k.layers.Dense(16, activation="relu")(x))
+    k.Model(x, [y, y]).save(tmp_path / "dup.keras")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((64, 6)).astype(np.float32))
+    out = tmp_path / "dup.efb"
+    convert(ConvertConfig(model=tmp_path / "dup.keras", output=out, sign_key=signing_keys.secret,
+                          quantize="int8", calibration=tmp_path / "x.npy", max_drop=100.0))
+    bundle = read_bundle(out, signing_keys.trusted)
+    names = [t.name for t in bundle.manifest.outputs]
+    assert names == ["y_0", "y_1"]
+    with np.load(io.BytesIO(bundle.files["health.npz"])) as health:
+        stored = sorted(health.files)
+    assert {"output/y_0", "output/y_1"} <= set(stored)
