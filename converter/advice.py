@@ -23,6 +23,7 @@ __all__ = ["failure", "suggestions"]
 LIMITS = {"dtype": "tensor types", "op": "operators", "op_version": "operator versions",
           "runtime_version": "runtime version", "opset": "ONNX opset", "size": "model size",
           "runtime": "runtime", "slower": "never slower"}
+UNUSABLE_POINTS = 50.0  # a result this far off is not one to accept with --max-drop
 
 
 def failure(report: ConversionReport, config: ConvertConfig) -> ConverterError:
@@ -34,7 +35,8 @@ def failure(report: ConversionReport, config: ConvertConfig) -> ConverterError:
     backend = "; ".join(dict.fromkeys(a.hint for a in report.attempts if a.hint))
     if any(a.verdict is Verdict.OVER_BUDGET for a in report.attempts):
         return BudgetExceededError(f"no result within the accuracy budget ({reasons})",
-                                   hint=hint or backend or "see the report")
+                                   hint="; or ".join(filter(None, [_unusable(report), hint]))
+                                   or backend or "see the report")
     if any(a.verdict is Verdict.OFF_TARGET for a in report.attempts):
         stuck = _stuck_float(report.attempts)
         return TargetViolationError(f"no result fits the targets ({reasons})",
@@ -45,6 +47,18 @@ def failure(report: ConversionReport, config: ConvertConfig) -> ConverterError:
                                     "--target or change the model")
     return ConverterError(f"conversion failed ({reasons})",
                           hint=backend or hint or "see the report")
+
+
+def _unusable(report: ConversionReport) -> str:
+    """Every over-budget result at least :data:`UNUSABLE_POINTS` off: say it is unusable
+    rather than offer a --max-drop that would accept it."""
+    over = [a.accuracy_drop_points or 0.0 for a in report.attempts
+            if a.verdict is Verdict.OVER_BUDGET and not a.violations]
+    if not over or min(over) < UNUSABLE_POINTS:
+        return ""
+    return (f"the closest result is {min(over):.1f} points off: unusable, not a budget to "
+            "raise; check the calibration data is like the evaluation data (the same "
+            "scaling, --scale, and range)")
 
 
 def _why(attempt: Attempt) -> str:
@@ -87,7 +101,9 @@ def _budget(attempts: list[Attempt]) -> list[dict[str, Any]]:
     if not over:
         return []
     best = min(over, key=lambda a: a.accuracy_drop_points or 0.0)
-    points = math.ceil((best.accuracy_drop_points or 0.0) * 10 + 1) / 10
+    if (best.accuracy_drop_points or 0.0) >= UNUSABLE_POINTS:
+        return []  # no --max-drop: such a result is unusable, not a little off (failure())
+    points = min(100.0, math.ceil((best.accuracy_drop_points or 0.0) * 10 + 1) / 10)
     return [{"option": f"--max-drop {points:g}", "config": {"max_drop": points},
              "why": f"accepts {best.label}, {best.accuracy_drop_points:.2f} points lost"}]
 

@@ -23,6 +23,8 @@ QUANTIZE_MODES: tuple[Quantize, ...] = ("none", "fp16", "dynamic", "weight-only"
                                         "int8-a16", "auto")
 TFLITE_SOURCE_ONLY = ("weight-only", "int8-a16")  # ai-edge-quantizer recipes
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+MAX_DIM = 8192  # --input-shape / --input-size: the largest dim
+MAX_INPUT_NUMBERS = 1 << 25  # and the most numbers one input may hold (128 MiB of float32)
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,17 @@ class ConvertConfig:
             raise ValueError(f"format must be tflite or onnx, got {self.format!r}")
         if self.prune is not None and not 0.0 < self.prune < 1.0:
             raise ValueError(f"prune sparsity must be between 0 and 1, got {self.prune}")
-        if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
-            raise ValueError("max_drop is in accuracy points: a number, 0 or more")
+        if self.max_drop is not None and not (math.isfinite(self.max_drop) and
+                                              0 <= self.max_drop <= 100):
+            raise ValueError("max_drop is in accuracy points: a number from 0 to 100")
         if self.scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}")
+        if self.int8_io and self.format == "onnx":
+            raise ValueError("--int8-io makes a TFLite model's inputs and outputs int8; the "
+                             "ONNX path keeps them float32: drop --int8-io, or use "
+                             "--format tflite")
         if self.activations not in ("uint8", "int8"):
             raise ValueError("activations must be uint8 or int8")
         if not (math.isfinite(self.search_budget) and self.search_budget > 0):
@@ -78,6 +85,7 @@ class ConvertConfig:
         if any(d < 1 for _, shape in self.input_shapes for d in shape) or \
                 any(d < 1 for d in self.input_size or ()):
             raise ValueError("input shapes and sizes are positive integers")
+        _check_bounds(self.input_shapes, self.input_size)
         if self.input_shapes and self.input_size is not None:
             raise ValueError("--input-shape and --input-size both given: use one "
                              "(--input-size HEIGHTxWIDTH for a model of one image input, "
@@ -107,3 +115,18 @@ class ConvertConfig:
             return self.name
         stem = re.sub(r"[^a-z0-9.-]+", "-", self.model.stem.replace("_", "-").lower())
         return stem.strip(".-")[:64].rstrip(".-") or "model"
+
+
+def _check_bounds(shapes: tuple[tuple[str, tuple[int, ...]], ...],
+                  size: tuple[int, int] | None) -> None:
+    """A fixed input shape within :data:`MAX_DIM` a dim and :data:`MAX_INPUT_NUMBERS` in all:
+    calibration and evaluation hold a couple of hundred of them in memory."""
+    given = [(f"--input-shape {name}", dims) for name, dims in shapes] + \
+        ([("--input-size", size)] if size is not None else [])
+    for option, dims in given:
+        text = "x".join(map(str, dims))
+        if any(d > MAX_DIM for d in dims):
+            raise ValueError(f"{option}={text}: a dim above {MAX_DIM} is not taken")
+        if math.prod(dims) > MAX_INPUT_NUMBERS:
+            raise ValueError(f"{option}={text}: {math.prod(dims):,} numbers an input, above "
+                             f"the {MAX_INPUT_NUMBERS:,} taken")

@@ -6,7 +6,9 @@
 - a folder of images (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``): resized to the
   model's input, laid out NHWC or NCHW as the model's input shape says, scaled
   by ``--scale`` (default ``0-1``); images in sub-folders are labelled by the
-  sub-folder's index in sorted order. A dynamic height or width becomes 224.
+  sub-folder's index in sorted order. A dynamic height or width becomes 224. Images
+  are turned as their EXIF orientation says, 16-bit samples are scaled to 8 bits, and
+  transparent images are composited on black (for 1 or 3 channels).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +62,8 @@ def load_dataset(path: Path, inputs: list[TensorInfo], scale: Scale = "0-1") -> 
     else:
         raise DataError(f"cannot read {path.name}",
                         hint="use .npy, .npz (arrays by input name, 'labels') or an image folder")
-    fitted = {i.name: _fit(i, data.inputs[i.name], path) for i in inputs}
+    fitted = {i.name: _finite(_fit(i, data.inputs[i.name], path), i.name, path)
+              for i in inputs}
     return Dataset(fitted, _checked_labels(data.labels, len(next(iter(fitted.values()))), path))
 
 
@@ -78,6 +82,20 @@ def _checked_labels(labels: Array | None, samples: int, path: Path) -> Array | N
                             hint="give integer class indices (0, 1, 2, ...)")
         return labels.astype(np.int64)
     return labels
+
+
+def _finite(value: Array, name: str, path: Path) -> Array:
+    """Data with NaN or infinity is refused up front: calibration ranges and agreement
+    measured on it mean nothing."""
+    if value.dtype.kind not in "fc":
+        return value
+    bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+    if bad:
+        raise DataError(f"{path.name}: input {name!r} has {bad} non-finite values (NaN or "
+                        f"infinity) of {value.size}",
+                        hint="clean or drop those samples: calibration and evaluation need "
+                             "finite numbers")
+    return value
 
 
 def _single(inputs: list[TensorInfo], path: Path) -> TensorInfo:
@@ -102,7 +120,8 @@ def _npz(path: Path, inputs: list[TensorInfo]) -> Dataset:
 
 
 def _fit(spec: TensorInfo, value: Array, path: Path) -> Array:
-    expected = [("N" if d == -1 else d) for d in spec.shape]
+    # samples first ("N"); a dynamic dim after it takes any size ("any")
+    expected = [("N" if i == 0 else "any") if d == -1 else d for i, d in enumerate(spec.shape)]
     given_shape = list(value.shape)
     fits = len(value.shape) == len(spec.shape) and all(
         e in (-1, g) for e, g in zip(spec.shape[1:], value.shape[1:], strict=True))
@@ -150,14 +169,38 @@ def _layout(spec: TensorInfo) -> tuple[bool, tuple[int, int, int]]:
 
 
 def _image(path: Path, width: int, height: int, channels: int) -> Array:
-    from PIL import Image
+    """One image as ``channels`` 8-bit planes at ``width`` x ``height``: turned as its EXIF
+    orientation says, 16-bit samples scaled to 8 bits (not saturated), and transparency
+    composited on black."""
+    from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as opened:
+            img = _eight_bit(ImageOps.exif_transpose(opened))
             mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+            if channels != 4 and _transparent(img):
+                black = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                img = Image.alpha_composite(black, img.convert("RGBA"))
             resized = img.convert(mode).resize((width, height))
             array = np.asarray(resized, dtype=np.float32)
-    except OSError as exc:  # PIL's UnidentifiedImageError is one; so is a truncated file
+    except (OSError, Image.DecompressionBombError) as exc:  # PIL's UnidentifiedImageError is
+        # an OSError; so is a truncated file; a decompression bomb is neither
         raise DataError(f"cannot read image {path}: {exc}",
                         hint="remove it from the folder, or pass .npy / .npz data") from exc
     return array[..., None] if channels == 1 else array
+
+
+def _eight_bit(img: Any) -> Any:
+    """A 16-bit (or 32-bit integer) grey image as 8-bit grey: PIL's own conversion clips
+    every value above 255 to white."""
+    from PIL import Image
+
+    if not (img.mode == "I" or img.mode.startswith("I;16")):
+        return img
+    values = np.asarray(img, dtype=np.float64) / 257.0
+    return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+
+
+def _transparent(img: Any) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or \
+        (img.mode == "P" and "transparency" in img.info)

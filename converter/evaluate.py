@@ -25,6 +25,7 @@ __all__ = [
     "agreement",
     "batch_size",
     "is_classifier",
+    "labelled_output",
     "latency_p50_ms",
     "output_error",
     "output_kinds",
@@ -109,16 +110,27 @@ def output_kinds(outputs: Sequence[Array], names: Sequence[str] = (), labels: bo
     labelled = list(names) if len(names) == len(outputs) else [str(i) for i in
                                                                 range(len(outputs))]
     given = dict(overrides or {})
-    return [OutputKind(name, *_kind(i, value, labels, given.get(name)))
+    indexed = labelled_output(outputs) if labels else None
+    return [OutputKind(name, *_kind(i == indexed, value, given.get(name)))
             for i, (name, value) in enumerate(zip(labelled, outputs, strict=True))]
 
 
-def _kind(index: int, value: Array, labels: bool, override: str | None) -> tuple[str, str]:
+def labelled_output(outputs: Sequence[Array]) -> int | None:
+    """The output labels index: the first that is one vector of scores a sample (a model
+    whose first output is a map or a scalar may have its scores second); None if none is."""
+    return next((i for i, o in enumerate(outputs) if _scores(np.asarray(o))), None)
+
+
+def _scores(value: Array) -> bool:
+    return value.ndim == 2 and value.shape[1] >= 2
+
+
+def _kind(indexed: bool, value: Array, override: str | None) -> tuple[str, str]:
     if override is not None:
         return override, "set by --output-kind"
-    if value.ndim != 2 or value.shape[1] < 2:
+    if not _scores(value):
         return REGRESSION, f"not one vector of scores a sample (shape {list(value.shape[1:])})"
-    if labels and index == 0:
+    if indexed:
         return CLASS, "labels were given: they index this output"
     if _probabilities(value):
         return CLASS, "every row is a probability vector (in [0, 1], summing to 1)"
@@ -186,10 +198,16 @@ def run_batched(predict: Predict, data: Dataset, batch: int = BATCH,
     for feeds in data.batches(batch):
         rows = len(next(iter(feeds.values())))
         outputs = predict(_padded(feeds, batch) if rows < batch else feeds)
-        parts.append([np.asarray(o)[:rows] for o in outputs])
+        parts.append([_rows(o)[:rows] for o in outputs])
         done += rows
         on_batch(done, len(data))
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def _rows(value: Array) -> Array:
+    """An output as rows: a scalar (rank 0) output, one number a call, is one of shape [1]."""
+    array = np.asarray(value)
+    return array.reshape(1) if array.ndim == 0 else array
 
 
 def _padded(feeds: Mapping[str, Array], batch: int) -> dict[str, Array]:
@@ -202,8 +220,9 @@ def is_classifier(outputs: Sequence[Array], labels: bool = False) -> bool:
     return output_kinds(outputs[:1], labels=labels)[0].kind == CLASS
 
 
-def accuracy(outputs: Sequence[Array], labels: Array) -> float:
-    return float((np.asarray(outputs[0]).argmax(axis=1) == labels.reshape(-1)).mean())
+def accuracy(outputs: Sequence[Array], labels: Array, index: int = 0) -> float:
+    """Top-1 accuracy of output ``index`` (:func:`labelled_output`) against ``labels``."""
+    return float((np.asarray(outputs[index]).argmax(axis=1) == labels.reshape(-1)).mean())
 
 
 def agreement(source: Sequence[Array], converted: Sequence[Array],

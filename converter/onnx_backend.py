@@ -70,18 +70,24 @@ def _tf2onnx_cli(saved_model: Path, out: Path) -> None:
 
 
 class _Reader:
-    """ONNX Runtime's calibration data reader over a :class:`Dataset`, one sample at a time."""
+    """ONNX Runtime's calibration data reader over a :class:`Dataset`, one sample at a time,
+    or ``batch`` at a time for a model of a fixed batch (the last call padded with its own
+    last row)."""
 
     def __init__(self, data: Dataset,
-                 on_sample: Callable[[int, int], None] = lambda done, total: None) -> None:
-        self._data, self._next, self._on_sample = data, 0, on_sample
+                 on_sample: Callable[[int, int], None] = lambda done, total: None,
+                 batch: int = 1) -> None:
+        self._data, self._next, self._on_sample, self._batch = data, 0, on_sample, batch
 
     def get_next(self) -> dict[str, Any] | None:
         if self._next >= len(self._data):
             return None
-        i, self._next = self._next, self._next + 1
+        i, self._next = self._next, min(self._next + self._batch, len(self._data))
         self._on_sample(self._next, len(self._data))
-        return {k: v[i:i + 1] for k, v in self._data.inputs.items()}
+        rows = {k: v[i:self._next] for k, v in self._data.inputs.items()}
+        short = self._batch - (self._next - i)
+        return {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) if short else v
+                for k, v in rows.items()}
 
     def rewind(self) -> None:
         self._next = 0
@@ -93,6 +99,18 @@ class _Reader:
 
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+def fixed_batch_of(model: bytes) -> int:
+    """The batch every graph input fixes (2 for [2, 3, 24, 24]), else 1: calibration feeds
+    that many rows a call."""
+    import onnx
+
+    graph = onnx.load_model_from_string(model).graph
+    weights = {t.name for t in graph.initializer}
+    leading = {i.type.tensor_type.shape.dim[0].dim_value for i in graph.input
+               if i.name not in weights and len(i.type.tensor_type.shape.dim) > 0}
+    return leading.pop() if len(leading) == 1 and min(leading) > 0 else 1
 
 
 def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
@@ -126,7 +144,8 @@ def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
                 if data is None:
                     raise DataError("int8 quantization needs calibration data",
                                     hint="pass --calibration PATH (.npy, .npz or an image folder)")
-                quantize_static(pre, out, _Reader(data, on_sample), quant_format=QuantFormat.QDQ,
+                quantize_static(pre, out, _Reader(data, on_sample, fixed_batch_of(model)),
+                                quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=QuantType.QUInt8
                                 if activations == "uint8" else QuantType.QInt8,
                                 weight_type=QuantType.QInt8, nodes_to_exclude=list(keep_float),
@@ -324,7 +343,8 @@ def _big_activations(model: bytes, data: Dataset) -> set[str]:
                                    providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     peak = dict.fromkeys(names, 0.0)
-    for sample in itertools.islice(_Reader(data), FP16_PROBE_SAMPLES):
+    for sample in itertools.islice(_Reader(data, batch=fixed_batch_of(model)),
+                                   FP16_PROBE_SAMPLES):
         for name, value in zip(names, session.run(None, sample), strict=True):
             if isinstance(value, np.ndarray) and value.dtype == np.float32 and value.size:
                 peak[name] = max(peak[name], float(np.nanmax(np.abs(value))))
@@ -371,7 +391,8 @@ def _sensitive(model: bytes, data: Dataset, quantized: bytes) -> list[str]:
         for path in (pre, qdq):
             augmented = Path(tmp) / f"aug-{path.name}"
             dbg.modify_model_output_intermediate_tensors(path, augmented)
-            activations.append(dbg.collect_activations(str(augmented), _Reader(sample)))
+            activations.append(dbg.collect_activations(
+                str(augmented), _Reader(sample, batch=fixed_batch_of(model))))
         matched = dbg.create_activation_matching(activations[1], activations[0])
         errors = dbg.compute_activation_error(matched)
         graph = onnx.load(pre).graph

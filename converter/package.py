@@ -123,7 +123,8 @@ def _run(runtime: Runtime, feeds: dict[str, Array]) -> dict[str, Array]:
         return runtime.run(feeds)
     parts = [runtime.run({k: v[i:i + batch] for k, v in feeds.items()})
              for i in range(0, rows - rows % batch, batch)]
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    # a scalar output (one number a call) is one of shape [1] a call
+    return {name: np.concatenate([np.atleast_1d(p[name]) for p in parts]) for name in parts[0]}
 
 
 def _health(runtime: Runtime, spec: PackageSpec) -> HealthData:

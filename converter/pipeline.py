@@ -50,6 +50,7 @@ from edgefleet.converter.evaluate import (
     agreement,
     batch_size,
     fixed_batch,
+    labelled_output,
     latency_p50_ms,
     output_kinds,
     run_batched,
@@ -102,6 +103,7 @@ class _Context:
     recipients: tuple[RecipientKey, ...] = ()
     reference: Predict | None = None  # what a result must not be slower than
     kinds: list[OutputKind] = field(default_factory=list)  # classifier or regression, why
+    labelled: int = 0  # the output labels index (labelled_output)
     built: dict[str, bytes] = field(default_factory=dict)  # artifacts by attempt label
 
 
@@ -137,8 +139,10 @@ def _numbered(step: Step, number: int) -> Step:
 
 
 def _context(config: ConvertConfig, step: Step) -> _Context:
+    _check_output(config.output)  # fail before converting, not after
     recipients = tuple(RecipientKey.load(p) for p in config.encrypt_for)  # fail before converting
     source = _with_shapes(load_source(config.model), config)
+    _check_batch_first(source)
     _check_path(source.kind, config.format)
     _check_mode(source.kind, config.quantize)
     calibration = _load(config.calibration, source, config)
@@ -158,19 +162,23 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
     else:
         report.eval_data = str(config.eval or config.calibration)
     report.eval_samples = len(evaluation)
-    outputs = run_batched(source.predict, evaluation, batch_size(source.inputs),
-                          on_batch=lambda d, t: step("evaluating the source model", d, t))
+    outputs = _source_outputs(source, evaluation, step)
     kinds = _output_kinds(config, source, outputs, evaluation.labels is not None)
     report.output_kinds = [k.as_dict() for k in kinds]
+    labelled = _labelled(source, outputs, evaluation.labels)
     if evaluation.labels is not None:
-        report.source_accuracy = round(accuracy(outputs, evaluation.labels), 6)
+        report.source_accuracy = round(accuracy(outputs, evaluation.labels, labelled), 6)
     report.source_latency_p50_ms = latency_p50_ms(source.predict,
                                                   _one_call(evaluation, source.inputs))
     profiles = [load_profile(t) for t in config.targets]
     ctx = _Context(config, source, calibration, evaluation, outputs, profiles, report, step,
-                   recipients, kinds=kinds)
+                   recipients, kinds=kinds, labelled=labelled)
     if config.prune:
         ctx.source = _pruned(ctx, config.prune)
+        if evaluation.labels is not None:  # labels judge the pruning (accuracy lost in all);
+            # the outputs of what is converted judge the conversion's worst output
+            ctx.source_outputs = run_batched(ctx.source.predict, evaluation,
+                                             batch_size(ctx.source.inputs))
     # a Keras or SavedModel source runs on TensorFlow, not an edge runtime: no rival
     ctx.reference = source.predict if source.kind in ("onnx", "tflite") else None
     if source.kind in ("keras", "savedmodel") and config.quantize != "none":
@@ -178,6 +186,73 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
         report.float_latency_p50_ms = latency_p50_ms(ctx.reference,
                                                      _one_call(evaluation, source.inputs))
     return ctx
+
+
+def _source_outputs(source: SourceModel, evaluation: Dataset, step: Step) -> list[Array]:
+    """The source's outputs on the evaluation data; data the source itself cannot run
+    (token ids beyond its vocabulary, say) is refused naming the inputs and their values."""
+    try:
+        return run_batched(source.predict, evaluation, batch_size(source.inputs),
+                           on_batch=lambda d, t: step("evaluating the source model", d, t))
+    except EdgefleetError:
+        raise
+    except Exception as exc:  # ORT, LiteRT and TensorFlow raise their own types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        seen = "; ".join(f"input {name!r} ({value.dtype}) holds {value.min()}..{value.max()}"
+                         for name, value in evaluation.inputs.items() if value.size)
+        raise DataError(f"the source model fails on the evaluation data ({seen}): {first}",
+                        hint="give data the model takes: integer ids within its vocabulary, "
+                             "values in the range it was trained on") from exc
+
+
+def _check_batch_first(source: SourceModel) -> None:
+    """Samples go along dim 0: an ONNX input whose dims name the batch elsewhere (time-major
+    ``[seq, batch, feat]``) would be measured along its sequence, so it is refused."""
+    if source.kind != "onnx":
+        return
+    found = shapes.batch_not_first(source.path.read_bytes())
+    if found:
+        name, dims = found[0]
+        raise UnsupportedPathError(
+            f"input {name!r} has dims {dims}: its batch is not dim 0, and edgefleet feeds "
+            "samples along dim 0 (it would calibrate and measure along the first dim)",
+            hint="export the model batch-first ([batch, seq, ...]; batch_first=True for a "
+                 "PyTorch LSTM)")
+
+
+def _check_output(path: Path) -> None:
+    """The bundle's path can be written: not a folder, in a folder that exists."""
+    if path.is_dir():
+        raise DataError(f"-o {path} is a folder, not a bundle file",
+                        hint=f"name the file to write, e.g. -o {path / 'model.efb'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise DataError(f"-o {path}: the folder {parent} does not exist",
+                        hint=f"create it first (mkdir -p {parent}) or write elsewhere")
+
+
+def _labelled(source: SourceModel, outputs: list[Array], labels: Array | None) -> int:
+    """The output the labels index (:func:`labelled_output`), checked: a model with no
+    vector of scores, or labels beyond its width, is refused before any conversion."""
+    if labels is None:
+        return 0
+    index = labelled_output(outputs)
+    names = list(source.output_names) or [str(i) for i in range(len(outputs))]
+    if index is None:
+        shapes_seen = [list(o.shape[1:]) for o in outputs]
+        raise DataError(f"the evaluation data has labels, but no output of the model is a "
+                        f"vector of class scores (output shapes {shapes_seen} a sample)",
+                        hint="drop 'labels' from the --eval data: outputs are then compared "
+                             "with the source's")
+    width = int(outputs[index].shape[1])
+    name = names[index] if index < len(names) else str(index)
+    bad = int(np.count_nonzero((labels < 0) | (labels >= width)))
+    if bad:
+        raise DataError(f"{bad} of {len(labels)} labels are outside 0..{width - 1}, the classes "
+                        f"of output {name!r} ({width} scores); labels seen "
+                        f"{int(labels.min())}..{int(labels.max())}",
+                        hint="give class indices the model's output has (0-based)")
+    return index
 
 
 def _quantized_source(source: SourceModel) -> bool:
@@ -218,9 +293,13 @@ def _tflite_needs_static(source: SourceModel, fixed: list[TensorInfo],
     one_keras = source.kind == "keras" and len(fixed) == 1
     if one_keras and all(d > 0 for d in fixed[0].shape[1:]):
         return  # traced at the given dims (tflite_backend)
+    ignored = "" if one_keras or not (config.input_shapes or config.input_size) else (
+        f" (--input-shape / --input-size is not applied to a {source.kind} model of "
+        f"{len(fixed)} input{'s' if len(fixed) > 1 else ''} converted to TFLite: only a "
+        "one-input Keras model is traced at the given dims)")
     raise DataError(
         f"input {dynamic[0].name!r} has dynamic dims {list(dynamic[0].shape)}: a TFLite model "
-        "needs them fixed",
+        f"needs them fixed{ignored}",
         hint=("pass --input-size HEIGHTxWIDTH or --input-shape NAME=DIMS (the deployment size), "
               "or --format onnx, which keeps them dynamic") if one_keras else
              "use --format onnx, which keeps them dynamic")
@@ -282,7 +361,7 @@ def _pruned_drop(ctx: _Context, pruned: SourceModel) -> float:
     outputs = run_batched(pruned.predict, ctx.evaluation, batch_size(pruned.inputs))
     labels, base = ctx.evaluation.labels, ctx.report.source_accuracy
     if labels is not None and base is not None:
-        return round((base - accuracy(outputs, labels)) * 100, 4)
+        return round((base - accuracy(outputs, labels, ctx.labelled)) * 100, 4)
     return agreement_drop(agreement(ctx.source_outputs, outputs, pruned.output_names,
                                     ctx.kinds))
 
@@ -356,6 +435,10 @@ def _named_outputs(ctx: _Context, artifact: bytes) -> bytes:
     """The artifact's outputs in the source's order and under its names: which is which
     is measured on one call when there are several (a converter may reorder them)."""
     names, fmt = ctx.source.output_names, ctx.config.format
+    if fmt == "tflite":  # one tensor returned twice: two outputs of one name otherwise
+        from edgefleet.converter.tflite_graph import split_shared_outputs
+
+        artifact = split_shared_outputs(artifact)
     order = None
     if len(names) > 1:
         try:
@@ -460,7 +543,7 @@ def _measure(ctx: _Context, attempt: Attempt, artifact: bytes) -> None:
     attempt.agreement = found.as_dict()
     labels = ctx.evaluation.labels
     if labels is not None:
-        attempt.accuracy = round(accuracy(outputs, labels), 6)
+        attempt.accuracy = round(accuracy(outputs, labels, ctx.labelled), 6)
     attempt.accuracy_drop_points = _drop(ctx, attempt, found)
     attempt.latency_p50_ms = latency_p50_ms(predict,
                                             _one_call(ctx.evaluation, runtime.inputs))
@@ -491,11 +574,20 @@ def _with_float_ops(violation: dict[str, Any], ops: list[str]) -> dict[str, Any]
 
 
 def _drop(ctx: _Context, attempt: Attempt, found: Agreement) -> float:
-    """Accuracy points lost: from labels when given, else from the worst output's score
-    (and top-1 agreement for classifiers)."""
+    """Accuracy points lost: with labels, the accuracy lost or ``100 x (1 - score)`` of the
+    worst output, whichever is more (labels judge one output; every output must still
+    agree with the source's); else from the worst output's score (and top-1 agreement for
+    classifiers)."""
     if attempt.accuracy is not None and ctx.report.source_accuracy is not None:
-        return round((ctx.report.source_accuracy - attempt.accuracy) * 100, 4)
+        return round(max((ctx.report.source_accuracy - attempt.accuracy) * 100,
+                         _worst_drop(found)), 4)
     return agreement_drop(found)
+
+
+def _worst_drop(found: Agreement) -> float:
+    """``100 x (1 - score)`` of the worst output (infinite when the score is not finite)."""
+    score = found.worst.score
+    return (1 - score) * 100 if math.isfinite(score) else math.inf
 
 
 def agreement_drop(found: Agreement) -> float:
@@ -595,7 +687,11 @@ def _finite(value: object) -> bool:
 
 def _over_budget(ctx: _Context, attempt: Attempt, drop: float, budget: float) -> str:
     default = " (the default: --max-drop sets it)" if ctx.config.max_drop is None else ""
-    worst = "" if attempt.accuracy is not None else f"; worst {attempt.agreement['worst']}"
+    worst = f"; worst {attempt.agreement['worst']}"
+    if attempt.accuracy is not None and ctx.report.source_accuracy is not None:
+        lost = (ctx.report.source_accuracy - attempt.accuracy) * 100
+        worst = (f"; labels: {lost:.2f} points of accuracy lost, worst output scores "
+                 f"{attempt.agreement['worst_score']:.4f}{worst}")
     return (f"accuracy drop {drop:.2f} points exceeds the budget of {budget} points"
             f"{default}{worst}{_top1_cause(ctx, attempt)}")
 

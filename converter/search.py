@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from edgefleet.converter.report import Attempt
+from edgefleet.converter.report import Attempt, Verdict
 
 __all__ = ["DEFAULT_SEARCH_SECONDS", "KEEP_STEPS", "TIE_BAND", "Candidate", "auto_candidates",
            "choose"]
@@ -107,9 +107,24 @@ def auto_candidates(search: Search) -> Iterator[Candidate]:
     if not _accepted(search):
         yield Candidate("fp16", "fp16")
     if not _accepted(search):
-        search.notes.append("no recipe smaller than float held the budget: the model stays "
-                            "float32 (its attempts above say by how much each one missed)")
+        search.notes.append(_stays_float(search.attempts))
         yield Candidate("float", "none")
+
+
+def _stays_float(attempts: Sequence[Attempt]) -> str:
+    """Why the model stays float32: recipes that missed the budget, and recipes that failed
+    to build or run (an error, not a miss)."""
+    failed = [a.label for a in attempts if a.verdict is Verdict.FAILED]
+    missed = [a.label for a in attempts if a.verdict is not Verdict.FAILED]
+    parts = []
+    if missed:
+        parts.append(f"{', '.join(missed)} missed the budget or the targets (by how much: "
+                     "their rows above)")
+    if failed:
+        parts.append(f"{', '.join(failed)} failed with an error (their rows above say which): "
+                     "not a miss")
+    return ("no recipe smaller than float was accepted: the model stays float32; "
+            + "; ".join(parts))
 
 
 def _full_int8(search: Search) -> list[Candidate]:

@@ -14,7 +14,10 @@ from dataclasses import replace
 from edgefleet.agent.runtime.base import TensorInfo
 from edgefleet.converter.errors import DataError
 
-__all__ = ["dynamic_image_inputs", "fix_inputs", "static_onnx"]
+__all__ = ["batch_not_first", "dynamic_image_inputs", "fix_inputs", "static_onnx"]
+
+BATCH_NAMES = {"n", "b", "bs", "batch", "batch_size", "batchsize", "batch_dim", "nbatch",
+               "num_batch", "batches"}  # how exporters name a batch dim
 
 
 def fix_inputs(inputs: Sequence[TensorInfo], shapes: Sequence[tuple[str, tuple[int, ...]]],
@@ -79,3 +82,22 @@ def static_onnx(model: bytes, inputs: Sequence[TensorInfo]) -> bytes:
             if index > 0 and shape[index] > 0 and not dim.HasField("dim_value"):
                 dim.dim_value, changed = shape[index], True
     return bytes(proto.SerializeToString()) if changed else model
+
+
+def batch_not_first(model: bytes) -> list[tuple[str, list[str]]]:
+    """ONNX inputs whose dims name the batch somewhere other than first (a time-major LSTM's
+    ``[seq, batch, 16]``): the converter feeds samples along dim 0, which would then be the
+    sequence. Each as (name, dims as named or sized)."""
+    import onnx
+
+    graph = onnx.load_model_from_string(model).graph
+    weights = {t.name for t in graph.initializer}
+    found = []
+    for graph_input in graph.input:
+        if graph_input.name in weights:
+            continue
+        dims = [d.dim_param or str(d.dim_value) for d in graph_input.type.tensor_type.shape.dim]
+        named = [d.lower() for d in dims]
+        if dims and named[0] not in BATCH_NAMES and any(d in BATCH_NAMES for d in named[1:]):
+            found.append((graph_input.name, dims))
+    return found

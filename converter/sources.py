@@ -85,9 +85,20 @@ def keras_source(path: Path, inputs: list[TensorInfo], model: Any) -> SourceMode
     def predict(feeds: Mapping[str, Array]) -> list[Array]:
         values = [feeds[i.name] for i in inputs]
         out = model(values[0] if len(values) == 1 else values, training=False)
+        if isinstance(out, dict):  # a dict of outputs: in the model's order of its keys
+            out = [out[key] for key in _dict_order(model, out)]
         return [np.asarray(o) for o in (out if isinstance(out, list | tuple) else [out])]
 
     return SourceModel("keras", path, inputs, predict, model, keras_output_names(model))
+
+
+def _dict_order(model: Any, out: Mapping[str, Any]) -> list[str]:
+    """A dict output's keys in the model's order (``output_names``, the order of
+    ``model.outputs`` and of the converted model's outputs), else sorted."""
+    declared = getattr(model, "output_names", None)
+    if isinstance(declared, list | tuple) and sorted(map(str, declared)) == sorted(out):
+        return [str(name) for name in declared]
+    return sorted(out)
 
 
 def keras_output_names(model: Any) -> tuple[str, ...]:

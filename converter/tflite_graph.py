@@ -13,7 +13,7 @@ from typing import Any
 import flatbuffers
 
 __all__ = ["debug_interpreter", "float_ops", "output_names", "pack", "quantized_weights",
-           "rename_outputs", "unpack"]
+           "rename_outputs", "split_shared_outputs", "unpack"]
 
 BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")  # conversions at the edges of integer parts
 QUANTIZED_TYPES = ("INT8", "UINT8", "INT4", "INT16")
@@ -173,3 +173,55 @@ def rename_outputs(model: bytes, names: Sequence[str],
 
 def _text(name: bytes | str | None) -> str:
     return name.decode() if isinstance(name, bytes) else str(name or "")
+
+
+def split_shared_outputs(model: bytes) -> bytes:
+    """``model`` with each graph output that repeats an earlier one's tensor (a Keras model
+    returning the same tensor twice) given its own tensor, made by a ``RESHAPE`` to the same
+    shape: one tensor has one name, so the two outputs could not be told apart (both were
+    ``y_1``, and a dict of outputs by name kept one). Unchanged when no output repeats."""
+    import copy
+
+    schema = _schema()
+    root = unpack(model)
+    graph = root.subgraphs[0]
+    outputs = [int(i) for i in graph.outputs]
+    if len(set(outputs)) == len(outputs):
+        return model
+    codes = root.operatorCodes
+    reshape = next((i for i, c in enumerate(codes)
+                    if max(c.builtinCode, c.deprecatedBuiltinCode) ==
+                    schema.BuiltinOperator.RESHAPE), None)
+    if reshape is None:
+        code = schema.OperatorCodeT()
+        code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.RESHAPE
+        code.version = 1
+        codes.append(code)
+        reshape = len(codes) - 1
+    seen: set[int] = set()
+    for position, index in enumerate(outputs):
+        if index not in seen:
+            seen.add(index)
+            continue
+        tensor = copy.deepcopy(graph.tensors[index])
+        tensor.name = f"{_text(tensor.name)}_{position}"
+        tensor.buffer = len(root.buffers)
+        root.buffers.append(schema.BufferT())
+        graph.tensors.append(tensor)
+        copied = len(graph.tensors) - 1
+        options = schema.ReshapeOptionsT()
+        options.newShape = [int(d) for d in (tensor.shapeSignature
+                                             if tensor.shapeSignature is not None
+                                             else tensor.shape)]
+        op = schema.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = reshape, [index], [copied]
+        op.builtinOptionsType = schema.BuiltinOptions.ReshapeOptions
+        op.builtinOptions = options
+        graph.operators.append(op)
+        outputs[position] = copied
+        for signature in root.signatureDefs or []:
+            items = [item for item in signature.outputs or [] if item.tensorIndex == index]
+            if signature.subgraphIndex == 0 and len(items) > 1:
+                items[-1].tensorIndex = copied
+    graph.outputs = outputs
+    return pack(root, len(model))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -121,11 +122,20 @@ def _worst(agreement: dict[str, Any]) -> str:
     outputs = agreement.get("outputs") or []
     if not outputs:
         return ""
-    worst = min(outputs, key=lambda o: o["score"])
+    worst = min(outputs, key=lambda o: (math.isfinite(_number(o["score"])),
+                                        _number(o["score"])))
+    if not all(math.isfinite(_number(worst[k])) for k in
+               ("score", "max_abs_error", "centered_cosine", "rel_rms")):
+        return f"{worst['name'][:24]}: not finite"
     metric = (f"err {worst['max_abs_error'] / (worst['judged_range'] or 1):.1%} of range"
               if worst["judged_by"] == "range" else
               f"cos {worst['centered_cosine']:.4f}, rel RMS {worst['rel_rms']:.3f}")
     return f"{worst['name'][:24]}: {metric}"
+
+
+def _number(value: Any) -> float:
+    """A report's number; NaN for one that is missing (a NaN is written as null)."""
+    return float(value) if isinstance(value, int | float) else math.nan
 
 
 def _kept(names: list[str]) -> str:
@@ -136,7 +146,7 @@ def _shape(text: str) -> tuple[str, tuple[int, ...]]:
     name, _, dims = text.rpartition("=")
     if not name or not dims:
         raise typer.BadParameter(f"--input-shape {text!r}: expected NAME=1x3x320x320")
-    return name, _dims(dims, "--input-shape")
+    return name, _dims(dims, f"--input-shape {name}=")
 
 
 def _kind(text: str) -> tuple[str, str]:
@@ -155,10 +165,15 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _dims(text: str, option: str) -> tuple[int, ...]:
+    """``1x3x320x320`` as dims; ``option`` names what is given (with the input's name)."""
     try:
         return tuple(int(d) for d in text.lower().split("x"))
     except ValueError as exc:
-        raise typer.BadParameter(f"{option} {text!r}: dims are integers joined by x") from exc
+        given = f"{option}{text}" if option.endswith("=") else f"{option} {text}"
+        raise typer.BadParameter(f"{given!r}: dims are integers joined by x, e.g. "
+                                 f"{option if option.endswith('=') else option + ' '}"
+                                 f"{'x'.join(d.strip() for d in text.replace(',', 'x').split('x'))}"
+                                 ) from exc
 
 
 def _show(report: dict[str, Any], as_json: bool) -> None:
