@@ -162,6 +162,7 @@ class FleetController:
         if self._thread is not None:
             self._thread.join(timeout=10)
         with self._lock:
+            self.registry.fold_seen()
             self.device_book.flush()
             self.role.release()
         if self.mqtt is not None:

@@ -51,6 +51,9 @@ def _seen(device: Device, now_ms: int, retained: bool) -> int:
     return now_ms
 
 
+SEEN_WRITE_MS = 600_000  # telemetry refreshes a device's stored time at most this often
+
+
 class DeviceRegistry:
     """Every known device of one fleet, thread-safe; ``dirty`` ids await a store write."""
 
@@ -104,9 +107,26 @@ class DeviceRegistry:
             self._set(apply_reported(device, reported, _seen(device, now_ms, retained)))
 
     def seen(self, device_id: str, now_ms: int) -> None:
-        """Telemetry arrived: the device is alive (kept aside, not a change of the device:
-        telemetry is the busiest topic, and this is not worth a store write)."""
+        """Telemetry arrived: the device is alive. Kept aside (telemetry is the busiest
+        topic: not worth a store write each), and written to the device's row once the
+        stored time is ``SEEN_WRITE_MS`` old, so a device that drops while no controller
+        runs is not taken for one unheard of since it connected."""
         self._seen[device_id] = now_ms
+        device = self._devices.get(device_id)
+        if device is not None and now_ms - device.last_seen_ms >= SEEN_WRITE_MS:
+            with self._lock:
+                device = self._devices.get(device_id)
+                if device is not None and device.last_seen_ms < now_ms:
+                    self._set(device.with_changes(last_seen_ms=now_ms))
+
+    def fold_seen(self) -> None:
+        """Every telemetry time kept aside into its device's row (written at the next
+        flush): a controller that stops leaves exact times in the store."""
+        with self._lock:
+            for device_id, seen in self._seen.items():
+                device = self._devices.get(device_id)
+                if device is not None and device.last_seen_ms < seen:
+                    self._set(device.with_changes(last_seen_ms=seen))
 
     def last_seen(self, device_id: str) -> int:
         device = self._devices.get(device_id)

@@ -38,6 +38,7 @@ from edgefleet.fleet.errors import (
     NotFoundError,
 )
 from edgefleet.fleet.mosquitto import MosquittoBroker
+from edgefleet.fleet.registry import SEEN_WRITE_MS
 from edgefleet.fleet.store import Store, open_store
 from tests.conftest import Keys
 from tests.fleet_harness import Fleet, wait_until
@@ -333,3 +334,29 @@ def test_the_registry_calls_stale_only_offline_devices_silent_for_the_whole_age(
     registry.seen("chatty", 5_000)  # its telemetry came later
     assert [d.id for d in registry.stale(4_000, 5_000)] == ["gone"]
     assert [d.id for d in registry.stale(4_001, 5_000)] == []
+
+
+def test_the_time_telemetry_was_last_seen_reaches_the_store(tmp_path: Path,
+                                                            signing_keys: Keys) -> None:
+    """A device that drops while no controller runs: its stored time last seen is its
+    telemetry's, not its connection's (the retained ``offline`` keeps the stored time),
+    so an upgrade of the controller does not make healthy devices look stale."""
+    store = open_store(f"sqlite:///{tmp_path / 'fleet.db'}")
+    config = ControllerConfig(fleet="f", broker_url="mqtt://127.0.0.1:9",
+                              data_dir=tmp_path / "controller", public_url="http://x",
+                              trusted=signing_keys.trusted)
+    controller = FleetController(config, store)  # never started: fed by hand
+    registry = controller.registry
+    registry.status("cam-0", "online", 1_000)
+    controller.device_book.flush()
+    registry.seen("cam-0", 2_000)  # telemetry: kept aside, no write each time
+    assert registry.take_dirty() == []
+    registry.seen("cam-0", 1_000 + SEEN_WRITE_MS)  # the stored time is that old: written
+    controller.device_book.flush()
+    stored = store.device("cam-0")
+    assert stored is not None and stored.last_seen_ms == 1_000 + SEEN_WRITE_MS
+    registry.seen("cam-0", 5_000 + SEEN_WRITE_MS)
+    controller.stop()  # folds the times kept aside into the rows
+    stored = store.device("cam-0")
+    assert stored is not None and stored.last_seen_ms == 5_000 + SEEN_WRITE_MS
+    store.close()

@@ -133,9 +133,14 @@ def _full(device: Device, name: str) -> str | None:
     """Why a device of several models cannot take model ``name`` as a new one: it serves
     the most models a device serves already (its agent refuses the entry; None: it can)."""
     models = device.models
-    if models is None or name in models or len(models) < MAX_MODELS:
+    if models is None or name in models:
         return None
-    return (f"the device serves {len(models)} models already, the most one device serves: "
+    # the agent counts what is installed: an entry of the fleet that failed or is still on
+    # its way (no active bundle) is no model of the device's
+    installed = sum(1 for state in models.values() if state.active is not None)
+    if installed < MAX_MODELS:
+        return None
+    return (f"the device serves {installed} models already, the most one device serves: "
             f"it refuses {name} as another (remove one with `edgefleet agent remove NAME`)")
 
 
