@@ -27,6 +27,7 @@ from edgefleet.agent.runtime.select import installed_runtimes
 from edgefleet.agent.service import AgentService, ServiceConfig
 from edgefleet.agent.update import local
 from edgefleet.cli.fleet.top import collect
+from edgefleet.fleet.control.observer import _full
 from edgefleet.fleet.domain import Device, ModelState
 from edgefleet.fleet.metrics import _device_families
 from edgefleet.fleet.registry import apply_reported
@@ -335,3 +336,17 @@ def test_metrics_count_a_device_of_several_models_once_by_the_state_that_says_mo
     assert device.summary_state == summary
     family = next(f for f in _device_families([device]) if f.name == "edgefleet_devices")
     assert [(s.labels["state"], s.value) for s in family.samples] == [(summary, 1)]
+
+
+def test_the_fleet_counts_installed_models_as_the_agent_does_not_its_failed_entries() -> None:
+    """Fourteen entries of the fleet that failed to install and two models served: the
+    device takes a third (its agent counts what is installed); sixteen served: it does not."""
+    ref = BundleRef(name="digits", version="1.0.0", sha256="a" * 64)
+    served = {name: ModelState(active=ref.model_copy(update={"name": name}),
+                               update_state="COMMITTED") for name in ("digits", "keyword")}
+    failed = {f"bogus{i:02d}": ModelState(update_state="FAILED") for i in range(14)}
+    assert _full(Device(id="d", fleet="f", models={**served, **failed}), "detector") is None
+    full = {f"m{i:02d}": ModelState(active=ref.model_copy(update={"name": f"m{i:02d}"}))
+            for i in range(16)}
+    reason = _full(Device(id="d", fleet="f", models=full), "detector")
+    assert reason is not None and "serves 16 models" in reason
