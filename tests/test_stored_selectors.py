@@ -143,9 +143,13 @@ def test_a_stored_selector_that_does_not_read_back_is_shown_and_its_rollout_stop
     damaged = Rollout("r-damaged", spec, state=RolloutState.RUNNING, created_ms=1,
                       updated_ms=1)
     served.store.save_rollout(damaged)
+    served.store.save_rollout(Rollout("r-torn", spec, state=RolloutState.RUNNING,
+                                      created_ms=1, updated_ms=1))
     with closing(sqlite3.connect(served.root / "fleet.db")) as db, db:
         db.execute("UPDATE rollouts SET spec = ? WHERE id = ?",  # no edgefleet reads it
                    (json.dumps({"model": None}), "r-damaged"))
+        db.execute("UPDATE rollouts SET spec = ? WHERE id = ?",  # not even JSON
+                   ("{not json", "r-torn"))
     served.restart()  # the controller starts
     listed = _listed(served)
     assert set(listed) == {good["id"], "r-broken"}

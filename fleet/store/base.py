@@ -300,9 +300,14 @@ class SqlStore(SharedState, LabelState):
                             "ORDER BY d.wave, d.device", params)
         devices: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
         for item in items:
-            record = ROLLOUT_DEVICES.record(item)
+            try:
+                record = ROLLOUT_DEVICES.record(item)
+            except (TypeError, ValueError) as exc:  # a damaged row (its JSON): left out
+                log.error("a device row of a stored rollout cannot be read, left out: %s",
+                          str(exc)[:300])
+                continue
             devices[record.pop("rollout_id")].append(record)
-        loaded = (_rollout(ROLLOUTS.record(header), devices) for header in headers)
+        loaded = (_rollout(header, devices) for header in headers)
         return [rollout for rollout in loaded if rollout is not None]
 
     # -- audit history -------------------------------------------------------------------
@@ -335,12 +340,15 @@ def _known_devices(tx: Tx, ids: Sequence[str]) -> set[str]:
     return known
 
 
-def _rollout(header: dict[str, Any],
+def _rollout(row: Sequence[Any],
              devices: dict[str, list[dict[str, Any]]]) -> Rollout | None:
-    """A stored rollout; one that cannot be read (an earlier edgefleet's, or damaged) is
-    logged and left out, never failing the list, /metrics or the controller's start (a
-    selector that does not read back loads as unreadable, and its rollout is stopped)."""
+    """A stored rollout; one that cannot be read (an earlier edgefleet's, or damaged: its
+    columns' JSON too) is logged and left out, never failing the list, /metrics or the
+    controller's start (a selector that does not read back loads as unreadable, and its
+    rollout is stopped)."""
+    header: dict[str, Any] = {}
     try:
+        header = ROLLOUTS.record(row)
         return Rollout.from_dict({**header, "devices": devices.get(header["id"], [])})
     except (FleetError, KeyError, TypeError, ValueError) as exc:
         log.error("rollout %s cannot be read, left out: %s: %s", str(header.get("id"))[:64],
