@@ -113,6 +113,17 @@ def test_a_dynamic_group_is_saved_listed_with_its_members_and_deleted(
                                                                   "group.create"]
 
 
+def test_a_dynamic_group_another_one_names_is_not_deleted(api: Api) -> None:
+    """Deleting it would make ``group:dx`` inside ``dy`` mean the static group dx."""
+    assert api.call("POST", "/api/v1/groups", {"name": "dx", "where": "tag:q"})[0] == 201
+    assert api.call("POST", "/api/v1/groups", {"name": "dy",
+                                               "where": "group:dx | tag:r"})[0] == 201
+    status, error = api.call("POST", "/api/v1/groups/dx/delete")
+    assert status == 409 and "dy" in error["error"] and "group:dx" in error["hint"]
+    assert api.call("POST", "/api/v1/groups/dy/delete")[0] == 200
+    assert api.call("POST", "/api/v1/groups/dx/delete")[0] == 200
+
+
 def test_a_bad_saved_selector_is_refused_naming_the_position(api: Api) -> None:
     status, error = api.call("POST", "/api/v1/groups", {"name": "g", "where": "profile>2"})
     assert status == 400 and "at character 8" in error["error"] and error["hint"]

@@ -32,6 +32,7 @@ from edgefleet.fleet.rollout.selector import (
     SelectorError,
     Target,
     expand,
+    names_group,
     parse_selector,
     parse_stored_selector,
     storable,
@@ -129,6 +130,15 @@ class GroupBook:
                                      "edgefleet fleet groups")
 
     def delete(self, name: str, actor: str) -> None:
+        """Delete saved group ``name``; refused while another saved group names it (that
+        group would silently come to mean the static group of that name)."""
+        users = sorted(other for other, target in self.saved().items()
+                       if other != name and names_group(target, name))
+        if users:
+            raise ConflictError(f"group {name!r} is named by the saved group(s) "
+                                f"{', '.join(users[:5])}",
+                                hint=f"delete or re-create {users[0]} without group:{name} "
+                                     "first")
         if not self.store.delete_selector(name):
             raise NotFoundError(f"no saved group {name!r}",
                                 hint="see edgefleet fleet groups")

@@ -57,7 +57,7 @@ from edgefleet.fleet.errors import InvalidRolloutError
 __all__ = ["ATTRIBUTES", "KINDS", "MAX_CLAUSES", "MAX_DEPTH", "MAX_NAME", "MAX_NESTING",
            "MAX_TEXT", "VERSIONED", "AllOf", "AnyOf", "Attribute", "Facts", "Label",
            "Selector", "SelectorError", "Target", "Unreadable", "expand", "matches",
-           "parse_selector", "parse_stored_selector", "quoted", "storable"]
+           "names_group", "parse_selector", "parse_stored_selector", "quoted", "storable"]
 
 MAX_TEXT = 1000  # characters of one selector as people write it
 MAX_DEPTH = 16  # parentheses inside each other, as people write them
@@ -583,3 +583,10 @@ def _expand(target: Target, saved: Mapping[str, Target], within: frozenset[str],
         raise _too_large(what, f"more than {MAX_CLAUSES} clauses once its "
                                 "saved groups are expanded")
     return target
+
+
+def names_group(target: Target, name: str) -> bool:
+    """Whether ``target`` says ``group:NAME`` somewhere (saved groups not expanded)."""
+    if isinstance(target, AllOf | AnyOf):
+        return any(names_group(part, name) for part in target.parts)
+    return isinstance(target, Selector) and target.kind == "group" and target.value == name
