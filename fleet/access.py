@@ -100,6 +100,11 @@ def parse_token(spec: str) -> tuple[str, Token]:
         raise AuthError(f"token name {name[:80]!r} is not allowed",
                         hint="1-64 letters, digits, '.', '_', '@' or '-': --token "
                              "NAME:ROLE=SECRET")
+    if not (secret.isascii() and secret.isprintable()) or secret != secret.strip():
+        raise AuthError(f"token {name!r}: its secret holds spaces at an end, or characters "
+                        "outside printable ASCII, which no HTTP client sends as written",
+                        hint="use a long random secret: python -c 'import secrets; "
+                             "print(secrets.token_urlsafe())'")
     if len(secret) < _MIN_SECRET:
         raise AuthError(f"token {name!r} is shorter than {_MIN_SECRET} characters",
                         hint="use a long random secret: python -c 'import secrets; "

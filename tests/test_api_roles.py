@@ -174,6 +174,8 @@ def test_a_token_spec_gives_a_name_and_a_role(spec: str, name: str, role: TokenR
     ("bob\n:viewer=secret-long-enough", "token name 'bob\\n'"),  # fullmatch: no newline
     ("bob\n=secret-long-enough", "token name 'bob\\n'"),
     ("c2VjcmV0LXNlY3JldA==", "ends in '='"),  # a bare secret's padding
+    ("sp:viewer= long-secret-here ", "spaces at an end"),  # HTTP strips them: never matches
+    ("na:viewer=long-s\u00e9cret-here", "printable ASCII"),  # clients send UTF-8
 ])
 def test_a_bad_token_spec_is_refused_naming_what_is_wrong(spec: str, expected: str) -> None:
     with pytest.raises(AuthError, match=re.escape(expected)) as caught:
