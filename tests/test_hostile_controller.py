@@ -932,3 +932,12 @@ def test_the_stored_spec_of_a_checked_rollout_round_trips(served: Served) -> Non
     assert RolloutSpec.from_dict(spec.as_dict()) == spec
     assert spec.selectors[2] == Selector("device", "c-1")
     assert spec.waves[-1] == Wave(100.0, True)
+
+
+def test_a_name_seen_before_is_no_version() -> None:
+    """The schema remembers the names and versions it matched: a model named ``x`` seen
+    first must not make ``x`` pass as a version key (it did, once the two shared a set)."""
+    check_values({"schema_version": 1, **_good_window("x")})
+    with pytest.raises(TelemetrySchemaError, match="versions key"):
+        check_values({"schema_version": 1, **_good_window("digits"),
+                      "versions": {"x": {"inferences": 1}}})

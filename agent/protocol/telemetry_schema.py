@@ -93,25 +93,30 @@ def _temperature(value: Any) -> bool:
     return value is None or (type(value) in _NUMBER and -273.15 <= value <= 1000)
 
 
-_KNOWN: set[str] = set()  # names and versions that matched already (a few per fleet)
+# names and versions that matched already (a few per fleet), each kind in its own set: a
+# name such as "x" is no version
+_KNOWN_NAMES: set[str] = set()
+_KNOWN_VERSIONS: set[str] = set()
 _KNOWN_MAX = 4096
 
 
 def _name(value: Any) -> bool:
-    return type(value) is str and (value in _KNOWN or _learn(value, _NAME.match(value)))
+    return type(value) is str and (
+        value in _KNOWN_NAMES or _learn(_KNOWN_NAMES, value, _NAME.match(value)))
 
 
 def _version(value: Any) -> bool:
-    return type(value) is str and (value in _KNOWN or (
-        len(value) <= MAX_VERSION_TEXT and _learn(value, _SEMVER.match(value))))
+    return type(value) is str and (value in _KNOWN_VERSIONS or (
+        len(value) <= MAX_VERSION_TEXT
+        and _learn(_KNOWN_VERSIONS, value, _SEMVER.match(value))))
 
 
-def _learn(value: str, match: re.Match[str] | None) -> bool:
+def _learn(known: set[str], value: str, match: re.Match[str] | None) -> bool:
     if match is None:
         return False
-    if len(_KNOWN) >= _KNOWN_MAX:
-        _KNOWN.clear()
-    _KNOWN.add(value)
+    if len(known) >= _KNOWN_MAX:
+        known.clear()
+    known.add(value)
     return True
 
 
