@@ -116,6 +116,58 @@ def test_a_folder_named_after_the_wrong_bundle_is_renamed_or_refused_never_misre
     assert report.models["digits"].active is None
 
 
+class _Killed(Exception):
+    """The migration's process ends here."""
+
+
+@pytest.mark.parametrize("moves", range(len(layout._LEGACY)))
+def test_a_migration_killed_after_any_move_is_finished_into_one_folder(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path], moves: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    agent = Agent(signing_keys.trusted)  # slot a: digits; slot b, active: keyword over it
+    local.install(agent, tmp_path, bundles["digits-1.0.0"])
+    local.install(agent, tmp_path, bundles["keyword-1.0.0"])
+    agent.close()
+    move, done = layout._move, []
+
+    def killed_after(source: Path, target: Path) -> None:
+        if len(done) == moves:
+            raise _Killed(source.name)
+        move(source, target)
+        done.append(source.name)
+
+    monkeypatch.setattr(layout, "_move", killed_after)
+    with pytest.raises(_Killed):
+        layout.migrate(tmp_path)
+    monkeypatch.setattr(layout, "_move", move)
+    assert layout.migrate(tmp_path) == "keyword", f"killed after {done}"
+    assert layout.installed(tmp_path) == ["keyword"], "one folder, named after the active"
+    assert not (tmp_path / "models" / layout.MARKER).exists()
+    assert not any((tmp_path / item).exists() for item in layout._LEGACY)
+    models = ModelSet(signing_keys.trusted)
+    assert local.serve_models(models, tmp_path) == []
+    assert _served(models) == {"keyword": "1.0.0"}
+    models.close()
+
+
+def test_a_pointer_an_earlier_migration_moved_ahead_of_its_slots_is_joined_by_them(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    agent = Agent(signing_keys.trusted)
+    local.install(agent, tmp_path, bundles["digits-1.0.0"])
+    local.install(agent, tmp_path, bundles["keyword-1.0.0"])
+    agent.close()
+    folder = layout.model_dir(tmp_path, "keyword")
+    folder.mkdir(parents=True)
+    for item in ("journal.json", "slots.json"):  # the earlier order, killed before slots/
+        (tmp_path / item).rename(folder / item)
+    assert layout.migrate(tmp_path) == "keyword", "not digits, the model of slot a"
+    assert layout.installed(tmp_path) == ["keyword"]
+    models = ModelSet(signing_keys.trusted)
+    assert local.serve_models(models, tmp_path) == []
+    assert _served(models) == {"keyword": "1.0.0"}
+    models.close()
+
+
 # 2: a --bundle gone, or two of one model
 
 
