@@ -128,7 +128,7 @@ def test_a_migration_killed_after_any_move_is_finished_into_one_folder(
     local.install(agent, tmp_path, bundles["digits-1.0.0"])
     local.install(agent, tmp_path, bundles["keyword-1.0.0"])
     agent.close()
-    move, done = layout._move, []
+    move, done = layout._move, list[str]()
 
     def killed_after(source: Path, target: Path) -> None:
         if len(done) == moves:
@@ -432,6 +432,70 @@ def test_install_remove_and_rollback_refuse_while_an_agent_holds_the_data_dir(
         lock.close()
     done = _cli("install", str(bundles["keyword-1.0.0"]), *common)
     assert done.returncode == 0, done.stderr
+
+
+_PAUSED_INSTALL = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from edgefleet.agent.update import device
+    release = Path(sys.argv[1])
+    step = device.DeviceEffects.health_check
+    def paused(self, journal):
+        print("PAUSED", flush=True)
+        while not release.exists():
+            time.sleep(0.02)
+        return step(self, journal)
+    device.DeviceEffects.health_check = paused
+    from edgefleet.cli import main
+    sys.argv = ["edgefleet", "agent", *sys.argv[2:]]
+    main()
+""")
+
+
+def test_an_install_holds_the_data_dir_for_its_whole_run(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    data, release = tmp_path / "data", tmp_path / "release"
+    common = ["--data-dir", str(data), "--trusted-key", str(signing_keys.public)]
+    first = subprocess.Popen([sys.executable, "-c", _PAUSED_INSTALL, str(release), "install",
+                              str(bundles["digits-1.0.0"]), *common],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "PAUSED"
+        holder = f"'edgefleet agent install' (process {first.pid}) is changing {data}"
+        second = _cli("install", str(bundles["keyword-1.0.0"]), *common)
+        assert second.returncode == 2, second.stdout
+        assert holder in " ".join(second.stderr.split())
+        for args in (["remove", "digits", "--data-dir", str(data)], ["rollback", *common],
+                     ["run", *common]):
+            refused = _cli(*args)
+            assert refused.returncode == 2, (args, refused.stdout)
+            assert holder in " ".join(refused.stderr.split()), args
+        with pytest.raises(EdgefleetError, match="cannot run another agent on it"):
+            hold(data)
+    finally:
+        release.touch()
+        _out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert layout.installed(data) == ["digits"], "the second install never started"
+    done = _cli("install", str(bundles["keyword-1.0.0"]), *common)
+    assert done.returncode == 0, done.stderr
+    assert layout.installed(data) == ["digits", "keyword"]
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_left_alone(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (data / "agent.lock").symlink_to(precious)
+    with pytest.raises(EdgefleetError, match="agent.lock is a symlink"):
+        hold(data)
+    refused = _cli("install", str(bundles["digits-1.0.0"]), "--data-dir", str(data),
+                   "--trusted-key", str(signing_keys.public))
+    assert refused.returncode == 2 and "is a symlink" in refused.stderr
+    assert precious.read_text() == "keep me", "never truncated nor written"
+    assert layout.installed(data) == []
 
 
 # 13: messages that say what is so
