@@ -498,6 +498,35 @@ def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_left_alone(
     assert layout.installed(data) == []
 
 
+def _files(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_status_reads_a_one_model_data_dir_as_it_will_be_migrated_and_writes_nothing(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    agent = Agent(signing_keys.trusted)  # slot a: digits; slot b, active: keyword over it
+    local.install(agent, tmp_path, bundles["digits-1.0.0"])
+    local.install(agent, tmp_path, bundles["keyword-1.0.0"])
+    agent.close()
+    for moved in ((), ("journal.json", "downloads", "slots")):  # as it is; killed part-way
+        if moved:
+            folder = layout.model_dir(tmp_path, "keyword")
+            folder.mkdir(parents=True)
+            (tmp_path / "models" / layout.MARKER).write_text("keyword")
+            for item in moved:
+                (tmp_path / item).rename(folder / item)
+        before = _files(tmp_path)
+        shown = _cli("status", "--data-dir", str(tmp_path), "--json")
+        assert shown.returncode == 0, shown.stderr
+        assert _files(tmp_path) == before, "status moved or made nothing"
+        models = json.loads(shown.stdout)["models"]
+        assert [m["model"] for m in models] == ["keyword"], moved
+        roles = {s["slot"]: (s["role"], s["name"]) for s in models[0]["slots"]}
+        assert roles == {"a": ("fallback", "digits"), "b": ("active, committed", "keyword")}, moved
+    assert layout.migrate(tmp_path) == "keyword"
+
+
 # 13: messages that say what is so
 
 
