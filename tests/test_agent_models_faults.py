@@ -31,6 +31,7 @@ from edgefleet.agent.protocol.payloads import (
     decode,
     encode,
 )
+from edgefleet.agent.protocol.signing import TrustedKeys, generate_keypair
 from edgefleet.agent.protocol.topics import Leaf, device_topic
 from edgefleet.agent.protocol.update_state import UpdateState
 from edgefleet.agent.service import AgentService, ServiceConfig
@@ -401,6 +402,32 @@ def test_a_model_that_cannot_load_makes_the_device_not_ready_and_is_reported(
         service.stop()
         server.stop()
         sub.close()
+        models.close()
+
+
+def test_a_model_that_cannot_load_reports_what_it_holds_and_why_it_is_not_served(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path],
+        digits_models: TrainedModels) -> None:
+    other = Keys(*generate_keypair(tmp_path / "keys", "other"))
+    keyword = make_bundle(digits_models.onnx, tmp_path / "keyword.efb", other, name="keyword")
+    both = ModelSet(TrustedKeys.from_paths([signing_keys.public, other.public]))
+    for bundle in (bundles["digits-1.0.0"], keyword):
+        local.install_model(both, tmp_path, bundle)
+    both.close()
+    models = ModelSet(signing_keys.trusted)  # the key keyword was signed with is gone
+    problems = local.serve_models(models, tmp_path, resume=False)
+    assert [p.split(":")[0] for p in problems] == ["keyword"]
+    try:
+        report = _service(tmp_path, models).reported_state().models
+        assert report is not None
+        entry = report["keyword"]
+        assert not entry.serving and entry.slot == "a"
+        assert entry.active is not None and (entry.active.name, entry.active.version) == (
+            "keyword", "1.0.0"), "the bundle installed, though it does not serve"
+        assert entry.update.state == "IDLE"
+        assert entry.update.detail == f"not served: {models.broken()['keyword']}"
+        assert report["digits"].serving and report["digits"].update.detail == ""
+    finally:
         models.close()
 
 
