@@ -189,7 +189,7 @@ def _legacy_name(root: Path) -> str | None:
     a migration of an earlier agent (pointer before slots) moved into a folder with no
     slots, belong to that folder."""
     active = _active_slot(root)
-    if active is None and (root / "slots").is_dir():
+    if active is None and any((root / "slots").glob("*/bundle.efb")):
         orphans = [p.name for p in _folders(root) if (p / "slots.json").exists()
                    and not any((p / "slots").glob("*/bundle.efb"))]
         if len(orphans) == 1:
