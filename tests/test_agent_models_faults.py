@@ -151,6 +151,24 @@ def test_a_migration_killed_after_any_move_is_finished_into_one_folder(
     models.close()
 
 
+def test_a_migrated_model_never_rolls_back_onto_the_bundle_of_another_model(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    agent = Agent(signing_keys.trusted)  # slot a (fallback): digits; b: keyword over it
+    local.install(agent, tmp_path, bundles["digits-1.0.0"])
+    local.install(agent, tmp_path, bundles["keyword-1.0.0"])
+    agent.close()
+    models = ModelSet(signing_keys.trusted)
+    assert local.serve_models(models, tmp_path) == []
+    before = _files(tmp_path / "models")
+    try:
+        with pytest.raises(EdgefleetError, match="its previous slot holds model digits"):
+            local.rollback_model(models, tmp_path, "keyword")
+        assert _files(tmp_path / "models") == before, "nothing changed"
+        assert _served(models) == {"keyword": "1.0.0"}
+    finally:
+        models.close()
+
+
 def test_a_pointer_an_earlier_migration_moved_ahead_of_its_slots_is_joined_by_them(
         tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
     agent = Agent(signing_keys.trusted)

@@ -34,7 +34,7 @@ from edgefleet.agent.update.layout import (
     pending,
     sweep_failed,
 )
-from edgefleet.agent.update.slots import BUNDLE, SLOTS, read_pointer
+from edgefleet.agent.update.slots import BUNDLE, SLOTS, SlotError, SlotStore, read_pointer
 from edgefleet.agent.update.states import TERMINAL, Event, Journal, UpdateState
 from edgefleet.agent.update.target import UpdateTarget
 
@@ -217,7 +217,24 @@ def install_model(models: ModelSet, data_dir: Path, bundle: Path) -> Journal:
 def rollback_model(models: ModelSet, data_dir: Path, name: str) -> Journal:
     """Return model ``name`` to its previous committed bundle; the others stay."""
     folder = _installed_dir(data_dir, name)
+    _check_rollback_target(folder, name)
     return rollback(models.agent(name), folder)
+
+
+def _check_rollback_target(folder: Path, name: str) -> None:
+    """Refuse a rollback onto a bundle of another model (the slot a one-model data dir kept
+    from before a rollout replaced its model by another): it would serve that model under
+    this one's name."""
+    store = SlotStore(folder)
+    path = store.bundle(store.rollback_target().active)  # SlotError: nothing to go back to
+    try:
+        other = read_manifest(path)[0].name if path is not None else name
+    except EdgefleetError:
+        return  # a torn slot: the rollback refuses it itself
+    if other != name:
+        raise SlotError(f"model {name} has no earlier bundle of its own: its previous slot "
+                        f"holds model {other}", hint=f"install an earlier bundle of {name} "
+                        "with 'edgefleet agent install BUNDLE' instead")
 
 
 def remove_model(data_dir: Path, name: str) -> list[str]:
