@@ -213,11 +213,17 @@ class AgentService:
         previous = (slots.bundle(pointer.committed if pointer.committed != pointer.active
                                  else pointer.fallback)
                     if slots is not None and pointer is not None else None)
-        return ModelReport(active=model.ref if model else None,
-                           previous=_ref(previous, name),
+        update = update_report(runner.journal if runner else None)
+        reason = self.models.broken().get(name)
+        active = model.ref if model else None
+        if reason is not None:  # installed, not served: what it holds, and why not
+            if active is None and slots is not None and pointer is not None:
+                active = _ref(slots.bundle(pointer.active), name)
+            if update.state == UpdateState.IDLE.value and not update.detail:
+                update = update.model_copy(update={"detail": f"not served: {reason}"[:500]})
+        return ModelReport(active=active, previous=_ref(previous, name),
                            slot=pointer.active if pointer is not None else None,
-                           update=update_report(runner.journal if runner else None),
-                           serving=model is not None and name not in self.models.broken())
+                           update=update, serving=model is not None and reason is None)
 
     def publish_event(self, kind: str, detail: str = "", state: str | None = None,
                       bundle: BundleRef | None = None, of_the_model: bool = True) -> None:

@@ -31,6 +31,7 @@ from edgefleet.agent.protocol.payloads import (
     decode,
     encode,
 )
+from edgefleet.agent.protocol.signing import TrustedKeys, generate_keypair
 from edgefleet.agent.protocol.topics import Leaf, device_topic
 from edgefleet.agent.protocol.update_state import UpdateState
 from edgefleet.agent.service import AgentService, ServiceConfig
@@ -114,6 +115,76 @@ def test_a_folder_named_after_the_wrong_bundle_is_renamed_or_refused_never_misre
     report = _service(tmp_path, models).reported_state()
     assert report.models is not None and not report.models["digits"].serving
     assert report.models["digits"].active is None
+
+
+class _Killed(Exception):
+    """The migration's process ends here."""
+
+
+@pytest.mark.parametrize("moves", range(len(layout._LEGACY)))
+def test_a_migration_killed_after_any_move_is_finished_into_one_folder(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path], moves: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    agent = Agent(signing_keys.trusted)  # slot a: digits; slot b, active: keyword over it
+    local.install(agent, tmp_path, bundles["digits-1.0.0"])
+    local.install(agent, tmp_path, bundles["keyword-1.0.0"])
+    agent.close()
+    move, done = layout._move, list[str]()
+
+    def killed_after(source: Path, target: Path) -> None:
+        if len(done) == moves:
+            raise _Killed(source.name)
+        move(source, target)
+        done.append(source.name)
+
+    monkeypatch.setattr(layout, "_move", killed_after)
+    with pytest.raises(_Killed):
+        layout.migrate(tmp_path)
+    monkeypatch.setattr(layout, "_move", move)
+    assert layout.migrate(tmp_path) == "keyword", f"killed after {done}"
+    assert layout.installed(tmp_path) == ["keyword"], "one folder, named after the active"
+    assert not (tmp_path / "models" / layout.MARKER).exists()
+    assert not any((tmp_path / item).exists() for item in layout._LEGACY)
+    models = ModelSet(signing_keys.trusted)
+    assert local.serve_models(models, tmp_path) == []
+    assert _served(models) == {"keyword": "1.0.0"}
+    models.close()
+
+
+def test_a_migrated_model_never_rolls_back_onto_the_bundle_of_another_model(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    agent = Agent(signing_keys.trusted)  # slot a (fallback): digits; b: keyword over it
+    local.install(agent, tmp_path, bundles["digits-1.0.0"])
+    local.install(agent, tmp_path, bundles["keyword-1.0.0"])
+    agent.close()
+    models = ModelSet(signing_keys.trusted)
+    assert local.serve_models(models, tmp_path) == []
+    before = _files(tmp_path / "models")
+    try:
+        with pytest.raises(EdgefleetError, match="its previous slot holds model digits"):
+            local.rollback_model(models, tmp_path, "keyword")
+        assert _files(tmp_path / "models") == before, "nothing changed"
+        assert _served(models) == {"keyword": "1.0.0"}
+    finally:
+        models.close()
+
+
+def test_a_pointer_an_earlier_migration_moved_ahead_of_its_slots_is_joined_by_them(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    agent = Agent(signing_keys.trusted)
+    local.install(agent, tmp_path, bundles["digits-1.0.0"])
+    local.install(agent, tmp_path, bundles["keyword-1.0.0"])
+    agent.close()
+    folder = layout.model_dir(tmp_path, "keyword")
+    folder.mkdir(parents=True)
+    for item in ("journal.json", "slots.json"):  # the earlier order, killed before slots/
+        (tmp_path / item).rename(folder / item)
+    assert layout.migrate(tmp_path) == "keyword", "not digits, the model of slot a"
+    assert layout.installed(tmp_path) == ["keyword"]
+    models = ModelSet(signing_keys.trusted)
+    assert local.serve_models(models, tmp_path) == []
+    assert _served(models) == {"keyword": "1.0.0"}
+    models.close()
 
 
 # 2: a --bundle gone, or two of one model
@@ -352,6 +423,32 @@ def test_a_model_that_cannot_load_makes_the_device_not_ready_and_is_reported(
         models.close()
 
 
+def test_a_model_that_cannot_load_reports_what_it_holds_and_why_it_is_not_served(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path],
+        digits_models: TrainedModels) -> None:
+    other = Keys(*generate_keypair(tmp_path / "keys", "other"))
+    keyword = make_bundle(digits_models.onnx, tmp_path / "keyword.efb", other, name="keyword")
+    both = ModelSet(TrustedKeys.from_paths([signing_keys.public, other.public]))
+    for bundle in (bundles["digits-1.0.0"], keyword):
+        local.install_model(both, tmp_path, bundle)
+    both.close()
+    models = ModelSet(signing_keys.trusted)  # the key keyword was signed with is gone
+    problems = local.serve_models(models, tmp_path, resume=False)
+    assert [p.split(":")[0] for p in problems] == ["keyword"]
+    try:
+        report = _service(tmp_path, models).reported_state().models
+        assert report is not None
+        entry = report["keyword"]
+        assert not entry.serving and entry.slot == "a"
+        assert entry.active is not None and (entry.active.name, entry.active.version) == (
+            "keyword", "1.0.0"), "the bundle installed, though it does not serve"
+        assert entry.update.state == "IDLE"
+        assert entry.update.detail == f"not served: {models.broken()['keyword']}"
+        assert report["digits"].serving and report["digits"].update.detail == ""
+    finally:
+        models.close()
+
+
 # 11: a data dir a running agent holds is not changed under it
 
 
@@ -380,6 +477,99 @@ def test_install_remove_and_rollback_refuse_while_an_agent_holds_the_data_dir(
         lock.close()
     done = _cli("install", str(bundles["keyword-1.0.0"]), *common)
     assert done.returncode == 0, done.stderr
+
+
+_PAUSED_INSTALL = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from edgefleet.agent.update import device
+    release = Path(sys.argv[1])
+    step = device.DeviceEffects.health_check
+    def paused(self, journal):
+        print("PAUSED", flush=True)
+        while not release.exists():
+            time.sleep(0.02)
+        return step(self, journal)
+    device.DeviceEffects.health_check = paused
+    from edgefleet.cli import main
+    sys.argv = ["edgefleet", "agent", *sys.argv[2:]]
+    main()
+""")
+
+
+def test_an_install_holds_the_data_dir_for_its_whole_run(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    data, release = tmp_path / "data", tmp_path / "release"
+    common = ["--data-dir", str(data), "--trusted-key", str(signing_keys.public)]
+    first = subprocess.Popen([sys.executable, "-c", _PAUSED_INSTALL, str(release), "install",
+                              str(bundles["digits-1.0.0"]), *common],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "PAUSED"
+        holder = f"'edgefleet agent install' (process {first.pid}) is changing {data}"
+        second = _cli("install", str(bundles["keyword-1.0.0"]), *common)
+        assert second.returncode == 2, second.stdout
+        assert holder in " ".join(second.stderr.split())
+        for args in (["remove", "digits", "--data-dir", str(data)], ["rollback", *common],
+                     ["run", *common]):
+            refused = _cli(*args)
+            assert refused.returncode == 2, (args, refused.stdout)
+            assert holder in " ".join(refused.stderr.split()), args
+        with pytest.raises(EdgefleetError, match="cannot run another agent on it"):
+            hold(data)
+    finally:
+        release.touch()
+        _out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert layout.installed(data) == ["digits"], "the second install never started"
+    done = _cli("install", str(bundles["keyword-1.0.0"]), *common)
+    assert done.returncode == 0, done.stderr
+    assert layout.installed(data) == ["digits", "keyword"]
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_left_alone(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (data / "agent.lock").symlink_to(precious)
+    with pytest.raises(EdgefleetError, match="agent.lock is a symlink"):
+        hold(data)
+    refused = _cli("install", str(bundles["digits-1.0.0"]), "--data-dir", str(data),
+                   "--trusted-key", str(signing_keys.public))
+    assert refused.returncode == 2 and "is a symlink" in refused.stderr
+    assert precious.read_text() == "keep me", "never truncated nor written"
+    assert layout.installed(data) == []
+
+
+def _files(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_status_reads_a_one_model_data_dir_as_it_will_be_migrated_and_writes_nothing(
+        tmp_path: Path, signing_keys: Keys, bundles: dict[str, Path]) -> None:
+    agent = Agent(signing_keys.trusted)  # slot a: digits; slot b, active: keyword over it
+    local.install(agent, tmp_path, bundles["digits-1.0.0"])
+    local.install(agent, tmp_path, bundles["keyword-1.0.0"])
+    agent.close()
+    for moved in ((), ("journal.json", "downloads", "slots")):  # as it is; killed part-way
+        if moved:
+            folder = layout.model_dir(tmp_path, "keyword")
+            folder.mkdir(parents=True)
+            (tmp_path / "models" / layout.MARKER).write_text("keyword")
+            for item in moved:
+                (tmp_path / item).rename(folder / item)
+        before = _files(tmp_path)
+        shown = _cli("status", "--data-dir", str(tmp_path), "--json")
+        assert shown.returncode == 0, shown.stderr
+        assert _files(tmp_path) == before, "status moved or made nothing"
+        models = json.loads(shown.stdout)["models"]
+        assert [m["model"] for m in models] == ["keyword"], moved
+        roles = {s["slot"]: (s["role"], s["name"]) for s in models[0]["slots"]}
+        assert roles == {"a": ("fallback", "digits"), "b": ("active, committed", "keyword")}, moved
+    assert layout.migrate(tmp_path) == "keyword"
 
 
 # 13: messages that say what is so

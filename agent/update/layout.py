@@ -14,10 +14,12 @@ model (:mod:`edgefleet.agent.update.slots`), so every update step works on it un
 A data dir of that earlier layout (``slots.json`` and ``slots/`` at its root) is moved
 into ``models/<name>/``, ``<name>`` read from the manifest of the bundle its pointer says
 is active (a rollout of another model may have replaced the model of the other slot):
-:func:`migrate`. Each move is a rename, the slots last (they say the name), so a migration
-killed half-way is finished by the next one. A model folder whose active bundle names
-another model (what an earlier migration named after the wrong slot) is renamed after it
-when no folder of that name exists.
+:func:`migrate`. The name is decided once and written first (``models/.migrating``), then
+each item moves by a rename, the pointer (``slots.json``) last, and the marker is removed:
+a migration killed at any point is finished by the next one into the folder its marker
+names (never split between two folders because a pointer moved ahead of its slots). A
+model folder whose active bundle names another model (what an earlier migration named
+after the wrong slot) is renamed after it when no folder of that name exists.
 """
 
 from __future__ import annotations
@@ -35,14 +37,15 @@ from edgefleet.agent.update.disk import guarded
 from edgefleet.agent.update.slots import BUNDLE
 from edgefleet.agent.update.states import TERMINAL, UpdateState
 
-__all__ = ["MODELS", "active_name", "in_flight", "installed", "migrate", "model_dir",
-           "sweep_failed"]
+__all__ = ["MARKER", "MODELS", "active_name", "in_flight", "installed", "migrate", "model_dir",
+           "pending", "sweep_failed"]
 
 log = logging.getLogger(__name__)
 
 MODELS = "models"
-# what an agent of one model kept at the data dir's root, moved in this order (slots last)
-_LEGACY = ("journal.json", "downloads", "slots.json", "slots")
+# what an agent of one model kept at the data dir's root, moved in this order (pointer last)
+_LEGACY = ("journal.json", "downloads", "slots", "slots.json")
+MARKER = ".migrating"  # in models/: the folder a migration on its way moves into
 _NAME = re.compile(NAME_PATTERN)
 
 
@@ -116,16 +119,41 @@ def migrate(data_dir: Path) -> str | None:
     """Move a one-model data dir into ``models/<name>/``; the name moved, or None when
     there was nothing to move (a new data dir, or one migrated already)."""
     root = Path(data_dir)
-    _rename_mismatched(root)
-    name = _legacy_name(root)
+    marker = root / MODELS / MARKER
+    name = _marked(marker)
     if name is None:
-        return None
+        _rename_mismatched(root)
+        name = _legacy_name(root)
+        if name is None:
+            return None
+        with guarded(marker):  # the name, decided once, before anything moves
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            partial = marker.with_name(MARKER + ".tmp")
+            partial.write_text(name)
+            partial.replace(marker)
     target = model_dir(root, name)
     with guarded(target):
         target.mkdir(parents=True, exist_ok=True)
         for item in _LEGACY:
             _move(root / item, target / item)
+        marker.unlink()
     return name
+
+
+def pending(data_dir: Path) -> str | None:
+    """The model name :func:`migrate` would move the data dir's one-model layout into (None:
+    nothing to move); reads only."""
+    root = Path(data_dir)
+    return _marked(root / MODELS / MARKER) or _legacy_name(root)
+
+
+def _marked(marker: Path) -> str | None:
+    """The name a migration on its way wrote (None: none, or not a model name)."""
+    try:
+        name = marker.read_text().strip()
+    except OSError:
+        return None
+    return name if _NAME.fullmatch(name) else None
 
 
 def _active_slot(folder: Path) -> str | None:
@@ -157,8 +185,15 @@ def _rename_mismatched(root: Path) -> None:
 
 def _legacy_name(root: Path) -> str | None:
     """The model name of the bundle the root's pointer says is active, else of a bundle in
-    its slots (None: no bundle there)."""
+    its slots (None: no bundle there). Slots left at the root without their pointer, which
+    a migration of an earlier agent (pointer before slots) moved into a folder with no
+    slots, belong to that folder."""
     active = _active_slot(root)
+    if active is None and any((root / "slots").glob("*/bundle.efb")):
+        orphans = [p.name for p in _folders(root) if (p / "slots.json").exists()
+                   and not any((p / "slots").glob("*/bundle.efb"))]
+        if len(orphans) == 1:
+            return orphans[0]
     for slot in ((active,) if active else ()) + ("a", "b"):
         path = root / "slots" / slot / "bundle.efb"
         if path.exists():

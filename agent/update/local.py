@@ -31,9 +31,10 @@ from edgefleet.agent.update.layout import (
     installed,
     migrate,
     model_dir,
+    pending,
     sweep_failed,
 )
-from edgefleet.agent.update.slots import SLOTS, SlotStore
+from edgefleet.agent.update.slots import BUNDLE, SLOTS, SlotError, SlotStore, read_pointer
 from edgefleet.agent.update.states import TERMINAL, Event, Journal, UpdateState
 from edgefleet.agent.update.target import UpdateTarget
 
@@ -162,25 +163,33 @@ def existing(data_dir: Path) -> Path:
     return Path(data_dir)
 
 
-def status(data_dir: Path) -> dict[str, Any]:
-    store = SlotStore(existing(data_dir))
-    pointer = store.pointer()
+def status(data_dir: Path, *more: Path) -> dict[str, Any]:
+    """The slots and update of the model in ``data_dir``; reads only (never makes a folder).
+    Each item missing there is looked for in ``more`` (a one-model layout a migration has
+    not moved, or moved part of, yet)."""
+    folders = (existing(data_dir), *more)
+    pointer = read_pointer(_first(folders, "slots.json"))
     slots = []
     for slot in SLOTS:
-        path = store.bundle(slot)
+        path = _first(folders, f"slots/{slot}/{BUNDLE}")
         entry: dict[str, Any] = {"slot": slot, "name": None, "version": None, "sha256": None,
                                  "role": ", ".join(role for role, value in (
                                      ("active", pointer.active), ("committed", pointer.committed),
                                      ("fallback", pointer.fallback)) if value == slot)}
-        if path is not None:
+        if path.exists():
             try:
                 manifest, sha256 = read_manifest(path)
                 entry.update(name=manifest.name, version=manifest.version, sha256=sha256[:16])
             except EdgefleetError as exc:
                 entry["error"] = exc.message
         slots.append(entry)
-    journal = load_journal(data_dir / "journal.json")
+    journal = load_journal(_first(folders, "journal.json"))
     return {"slots": slots, "update": journal.to_dict()}
+
+
+def _first(folders: tuple[Path, ...], item: str) -> Path:
+    """``item`` in the first of ``folders`` that has it (else in the first one)."""
+    return next((f / item for f in folders if (f / item).exists()), folders[0] / item)
 
 
 def install_model(models: ModelSet, data_dir: Path, bundle: Path) -> Journal:
@@ -208,7 +217,24 @@ def install_model(models: ModelSet, data_dir: Path, bundle: Path) -> Journal:
 def rollback_model(models: ModelSet, data_dir: Path, name: str) -> Journal:
     """Return model ``name`` to its previous committed bundle; the others stay."""
     folder = _installed_dir(data_dir, name)
+    _check_rollback_target(folder, name)
     return rollback(models.agent(name), folder)
+
+
+def _check_rollback_target(folder: Path, name: str) -> None:
+    """Refuse a rollback onto a bundle of another model (the slot a one-model data dir kept
+    from before a rollout replaced its model by another): it would serve that model under
+    this one's name."""
+    store = SlotStore(folder)
+    path = store.bundle(store.rollback_target().active)  # SlotError: nothing to go back to
+    try:
+        other = read_manifest(path)[0].name if path is not None else name
+    except EdgefleetError:
+        return  # a torn slot: the rollback refuses it itself
+    if other != name:
+        raise SlotError(f"model {name} has no earlier bundle of its own: its previous slot "
+                        f"holds model {other}", hint=f"install an earlier bundle of {name} "
+                        "with 'edgefleet agent install BUNDLE' instead")
 
 
 def remove_model(data_dir: Path, name: str) -> list[str]:
@@ -273,8 +299,12 @@ def _check_named(folder: Path, name: str) -> None:
 
 
 def models_status(data_dir: Path) -> dict[str, Any]:
-    """Every installed model with its slots and its update."""
+    """Every installed model with its slots and its update; reads only: a one-model layout
+    not migrated yet (or part-way) is shown as the model it will be moved into, as it is."""
     root = existing(data_dir)
-    migrate(root)
-    return {"models": [{"model": name, **status(model_dir(root, name))}
-                       for name in installed(root)]}
+    shown = {name: status(model_dir(root, name)) for name in installed(root)}
+    legacy = pending(root)
+    if legacy is not None:
+        folder = model_dir(root, legacy)
+        shown[legacy] = status(*((folder, root) if folder.is_dir() else (root,)))
+    return {"models": [{"model": name, **shown[name]} for name in sorted(shown)]}

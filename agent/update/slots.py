@@ -26,7 +26,7 @@ from pathlib import Path
 from edgefleet.agent.errors import AgentError
 from edgefleet.agent.protocol.files import atomic_write
 
-__all__ = ["SLOTS", "SlotError", "SlotPointer", "SlotStore"]
+__all__ = ["SLOTS", "SlotError", "SlotPointer", "SlotStore", "read_pointer"]
 
 SLOTS = ("a", "b")
 BUNDLE = "bundle.efb"
@@ -43,6 +43,15 @@ class SlotPointer:
     fallback: str | None = None
 
 
+def read_pointer(path: Path) -> SlotPointer:
+    """The pointer written at ``path`` (``slots.json``); an empty one when there is none."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return SlotPointer(**{k: data.get(k) for k in ("active", "committed", "fallback")})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return SlotPointer()
+
+
 class SlotStore:
     """The slots and the pointer of one data directory."""
 
@@ -53,11 +62,7 @@ class SlotStore:
         self._pointer_file = self.root / "slots.json"
 
     def pointer(self) -> SlotPointer:
-        try:
-            data = json.loads(self._pointer_file.read_text())
-            return SlotPointer(**{k: data.get(k) for k in ("active", "committed", "fallback")})
-        except (OSError, ValueError, TypeError):
-            return SlotPointer()
+        return read_pointer(self._pointer_file)
 
     def bundle(self, slot: str | None) -> Path | None:
         path = self.root / "slots" / slot / BUNDLE if slot else None

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -14,7 +15,7 @@ import typer
 from rich.markup import escape
 
 from edgefleet.agent.errors import NothingToServeError
-from edgefleet.agent.lock import check_unlocked, hold
+from edgefleet.agent.lock import hold, holding
 from edgefleet.agent.models import ModelSet
 from edgefleet.agent.ports import check_free
 from edgefleet.agent.protocol.encryption import DecryptionKeys
@@ -93,10 +94,10 @@ def install(
 
     data = data_dir.expanduser()
     try:
-        check_unlocked(data, f"install {bundle}")
-        models = ModelSet(_trusted(trusted_key or [], data),
-                          keys=_decryption(decrypt_key or [], data))
-        journal = local.install_model(models, data, bundle)
+        with holding(data, "install", f"install {bundle}"):
+            models = ModelSet(_trusted(trusted_key or [], data),
+                              keys=_decryption(decrypt_key or [], data))
+            journal = local.install_model(models, data, bundle)
     except EdgefleetError as exc:
         fail(exc, as_json)
     _show_result(journal.to_dict(), data, as_json)
@@ -140,9 +141,10 @@ def remove(name: Annotated[str, typer.Argument(help="The model to remove (see 'a
     For a stopped agent: refused while an agent runs on the data dir."""
     from edgefleet.agent.update import local
 
+    data = data_dir.expanduser()
     try:
-        check_unlocked(data_dir.expanduser(), f"remove model {name}")
-        left = local.remove_model(data_dir.expanduser(), name)
+        with _changing(data, "remove", f"remove model {name}"):
+            left = local.remove_model(data, name)
     except EdgefleetError as exc:
         fail(exc, as_json)
     emit({"removed": name, "models": left}, as_json,
@@ -159,16 +161,22 @@ def rollback(data_dir: DataDir = DEFAULT_DATA_DIR, model: ModelOpt = None,
 
     data = data_dir.expanduser()
     try:
-        check_unlocked(data, "roll back")
-        name = model or _only_model(local.existing(data))  # before the keys are looked for
-        models = ModelSet(_trusted(trusted_key or [], data),
-                          keys=_decryption(decrypt_key or [], data))
-        journal = local.rollback_model(models, data, name)
+        with _changing(data, "rollback", "roll back"):
+            name = model or _only_model(local.existing(data))  # before the keys are looked for
+            models = ModelSet(_trusted(trusted_key or [], data),
+                              keys=_decryption(decrypt_key or [], data))
+            journal = local.rollback_model(models, data, name)
     except EdgefleetError as exc:
         fail(exc, as_json)
     _show_result(journal.to_dict(), data, as_json)
     if journal.state is not UpdateState.ROLLED_BACK:
         _failed(journal.detail, as_json)
+
+
+def _changing(data: Path, command: str, doing: str) -> AbstractContextManager[None]:
+    """The data dir's lock while ``command`` changes it (a data dir that does not exist is
+    not made: the command refuses it)."""
+    return holding(data, command, doing) if data.is_dir() else nullcontext()
 
 
 def _only_model(data: Path) -> str:
