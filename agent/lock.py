@@ -23,7 +23,7 @@ from typing import IO
 from edgefleet.agent.errors import AgentError
 from edgefleet.agent.update.disk import guarded
 
-__all__ = ["LOCK_FILE", "DataDirInUseError", "check_unlocked", "hold", "holding"]
+__all__ = ["LOCK_FILE", "DataDirInUseError", "hold", "holding"]
 
 LOCK_FILE = "agent.lock"
 RUN = "run"
@@ -64,23 +64,6 @@ def holding(data_dir: Path, command: str, doing: str) -> Iterator[None]:
         yield
     finally:
         handle.close()
-
-
-def check_unlocked(data_dir: Path, doing: str) -> None:
-    """Refuse ``doing`` while another process holds ``data_dir`` (a data dir that does not
-    exist, or has no lock file, is held by nobody); takes nothing."""
-    try:
-        handle = _open(Path(data_dir), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise _unusable(Path(data_dir), exc) from exc
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise _in_use(Path(data_dir), doing) from exc
-        fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _open(data: Path, flags: int) -> IO[bytes]:
