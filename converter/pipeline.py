@@ -139,7 +139,7 @@ def _numbered(step: Step, number: int) -> Step:
 
 
 def _context(config: ConvertConfig, step: Step) -> _Context:
-    _check_output(config.output)  # fail before converting, not after
+    _check_output(config)  # fail before converting, not after
     recipients = tuple(RecipientKey.load(p) for p in config.encrypt_for)  # fail before converting
     source = _with_shapes(load_source(config.model), config)
     _check_batch_first(source)
@@ -220,8 +220,16 @@ def _check_batch_first(source: SourceModel) -> None:
                  "PyTorch LSTM)")
 
 
-def _check_output(path: Path) -> None:
-    """The bundle's path can be written: not a folder, in a folder that exists."""
+def _check_output(config: ConvertConfig) -> None:
+    """The bundle's path can be written: not a folder, in a folder that exists, not a file
+    the conversion reads (the model, the signing key, the data) and not a device or pipe:
+    each would be silently replaced by the bundle."""
+    path = config.output
+    _check_not_an_input(config)
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise DataError(f"-o {path} is not a regular file (a device, pipe or socket): the "
+                        "bundle would be written into it and lost",
+                        hint="name a regular file to write, e.g. -o model.efb")
     if path.is_dir():
         raise DataError(f"-o {path} is a folder, not a bundle file",
                         hint=f"name the file to write, e.g. -o {path / 'model.efb'}")
@@ -229,6 +237,19 @@ def _check_output(path: Path) -> None:
     if not parent.is_dir():
         raise DataError(f"-o {path}: the folder {parent} does not exist",
                         hint=f"create it first (mkdir -p {parent}) or write elsewhere")
+
+
+def _check_not_an_input(config: ConvertConfig) -> None:
+    """``-o`` is none of the files the conversion reads (compared as resolved paths)."""
+    target = config.output.resolve()
+    inputs = [("the source model", config.model), ("the signing key (--sign-key)",
+                                                   config.sign_key),
+              ("the --calibration data", config.calibration), ("the --eval data", config.eval)]
+    for what, path in inputs:
+        if path is not None and path.resolve() == target:
+            raise DataError(f"-o {config.output} is {what}: writing the bundle would replace it",
+                            hint="write the bundle to a new file of its own, e.g. -o "
+                                 f"{config.output.parent / (config.model.stem + '-int8.efb')}")
 
 
 def _labelled(source: SourceModel, outputs: list[Array], labels: Array | None) -> int:

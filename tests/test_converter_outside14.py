@@ -411,3 +411,25 @@ def test_one_tensor_returned_twice_gets_two_names_in_the_bundle_and_its_health_d
     with np.load(io.BytesIO(bundle.files["health.npz"])) as health:
         stored = sorted(health.files)
     assert {"output/y_0", "output/y_1"} <= set(stored)
+
+
+# --- 14b A. -o naming a file the conversion reads, or a device, is refused before any work ---
+
+@pytest.mark.parametrize("clash", ["model", "sign_key", "calibration", "eval", "device"])
+def test_an_output_that_would_replace_an_input_or_a_device_is_refused(
+        heads: dict[str, Path], signing_keys: Keys, tmp_path: Path, clash: str) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not read: -o is checked first")
+    data = tmp_path / "d.npy"
+    np.save(data, np.zeros((2, WIDTH), np.float32))
+    out = {"model": tmp_path / "." / "m.onnx", "sign_key": signing_keys.secret,
+           "calibration": data, "eval": data, "device": Path("/dev/null")}[clash]
+    kw = {"calibration": data} if clash == "calibration" else \
+        {"eval": data} if clash == "eval" else {}
+    before = out.read_bytes() if out.is_file() else None
+    with pytest.raises(DataError, match="not a regular file" if clash == "device" else
+                       "writing the bundle would replace it") as caught:
+        convert(_config(model, out, signing_keys, **kw))
+    assert caught.value.hint
+    if before is not None:
+        assert out.read_bytes() == before
