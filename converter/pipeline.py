@@ -163,6 +163,10 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
         report.eval_data = str(config.eval or config.calibration)
     report.eval_samples = len(evaluation)
     outputs = _source_outputs(source, evaluation, step)
+    _check_finite_outputs(source, outputs, "evaluation" if config.eval else
+                          "calibration" if config.calibration else "random")
+    if calibration is not None and calibration is not evaluation:
+        _check_finite_outputs(source, _source_outputs(source, calibration, step), "calibration")
     kinds = _output_kinds(config, source, outputs, evaluation.labels is not None)
     report.output_kinds = [k.as_dict() for k in kinds]
     labelled = _labelled(source, outputs, evaluation.labels)
@@ -203,6 +207,25 @@ def _source_outputs(source: SourceModel, evaluation: Dataset, step: Step) -> lis
         raise DataError(f"the source model fails on the evaluation data ({seen}): {first}",
                         hint="give data the model takes: integer ids within its vocabulary, "
                              "values in the range it was trained on") from exc
+
+
+def _check_finite_outputs(source: SourceModel, outputs: list[Array], data: str) -> None:
+    """The source's own outputs are finite numbers: where they overflow (NaN or infinity)
+    there is nothing to calibrate to or agree with (int8 conversion of such a model crashed
+    the process), so the model is refused up front naming the output and the count."""
+    names = list(source.output_names) if len(source.output_names) == len(outputs) else \
+        [str(i) for i in range(len(outputs))]
+    for name, output in zip(names, outputs, strict=True):
+        if output.dtype.kind not in "fc" or not len(output):
+            continue
+        rows = output.reshape(len(output), -1)
+        bad = int(np.count_nonzero(~np.all(np.isfinite(rows), axis=1)))
+        if bad:
+            raise DataError(f"the source model gives NaN/inf on {bad} of {len(output)} {data} "
+                            f"samples (output {name!r}): there is nothing to calibrate to or "
+                            "compare with",
+                            hint="check the model (an exp or a division overflowing float32) "
+                                 "or scale the inputs to the range it was trained on")
 
 
 def _check_batch_first(source: SourceModel) -> None:

@@ -433,3 +433,43 @@ def test_an_output_that_would_replace_an_input_or_a_device_is_refused(
     assert caught.value.hint
     if before is not None:
         assert out.read_bytes() == before
+
+
+# --- 14b B. a source whose own outputs overflow is refused up front -------------------------
+
+def _exp_overflow(path: Path) -> Path:
+    """``x @ 30 -> exp -> @ W``: inputs near 1 overflow float32 (exp(120))."""
+    w1 = numpy_helper.from_array(np.full((4, 8), 30.0, np.float32), "W1")
+    w2 = numpy_helper.from_array(np.ones((8, 2), np.float32), "W2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Exp", ["h"], ["e"]),
+         helper.make_node("MatMul", ["e", "W2"], ["y"])], "exp_overflow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["calibration", "eval"])
+def test_a_source_giving_nan_or_inf_is_refused_naming_the_output_and_the_count(
+        signing_keys: Keys, tmp_path: Path, which: str) -> None:
+    model = _exp_overflow(tmp_path / "exp.onnx")
+    small = np.full((6, 4), 0.01, np.float32)  # exp(1.2): finite
+    overflowing = small.copy()
+    overflowing[:2] = 1.0  # two samples of exp(120)
+    np.save(tmp_path / "ok.npy", small)
+    np.save(tmp_path / "bad.npy", overflowing)
+    kw = {"calibration": tmp_path / "bad.npy"} if which == "calibration" else \
+        {"calibration": tmp_path / "ok.npy", "eval": tmp_path / "bad.npy"}
+    with pytest.raises(DataError, match=r"NaN/inf on 2 of 6 .*output 'y'") as caught:
+        convert(_config(model, tmp_path / "m.efb", signing_keys, quantize="int8", **kw))
+    assert "scale the inputs" in (caught.value.hint or "")
+    assert not (tmp_path / "m.efb").exists()
+
+
+def test_float64_data_beyond_float32_says_it_overflows(tmp_path: Path) -> None:
+    np.save(tmp_path / "huge.npy", np.full((3, 4), 1e300))
+    with pytest.raises(DataError, match="12 float64 values beyond the float32 range"):
+        load_dataset(tmp_path / "huge.npy", [TensorInfo("x", (-1, 4), "float32")])
