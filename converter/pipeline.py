@@ -732,12 +732,19 @@ def _finite(value: object) -> bool:
 def _over_budget(ctx: _Context, attempt: Attempt, drop: float, budget: float) -> str:
     default = " (the default: --max-drop sets it)" if ctx.config.max_drop is None else ""
     worst = f"; worst {attempt.agreement['worst']}"
+    score = attempt.agreement.get("worst_score", 1.0)
+    top1 = attempt.agreement.get("top1")
+    which = f"output {attempt.agreement.get('worst_output')!r} agreement"
     if attempt.accuracy is not None and ctx.report.source_accuracy is not None:
         lost = (ctx.report.source_accuracy - attempt.accuracy) * 100
+        which = "accuracy lost on the labels" if lost >= (1 - score) * 100 else which
         worst = (f"; labels: {lost:.2f} points of accuracy lost, worst output scores "
-                 f"{attempt.agreement['worst_score']:.4f}{worst}")
+                 f"{score:.4f}{worst}")
+    elif top1 is not None and top1 < score:
+        which = "top-1 agreement"
     return (f"accuracy drop {drop:.2f} points exceeds the budget of {budget} points"
-            f"{default}{worst}{_top1_cause(ctx, attempt)}")
+            f"{default} (points are the worst of accuracy and output agreement: here "
+            f"{which}){worst}{_top1_cause(ctx, attempt)}")
 
 
 def _top1_cause(ctx: _Context, attempt: Attempt) -> str:

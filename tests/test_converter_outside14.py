@@ -15,10 +15,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.agent.runtime.base import TensorInfo
 from edgefleet.cli.convert import _worst
+from edgefleet.converter.advice import failure
 from edgefleet.converter.config import ConvertConfig
 from edgefleet.converter.data import load_dataset
 from edgefleet.converter.errors import DataError, NoResultError, UnsupportedPathError
-from edgefleet.converter.pipeline import convert
+from edgefleet.converter.evaluate import agreement
+from edgefleet.converter.pipeline import agreement_drop, convert
+from edgefleet.converter.report import Attempt, ConversionReport, Verdict
 from tests.conftest import Keys
 
 WIDTH = 128
@@ -473,3 +476,40 @@ def test_float64_data_beyond_float32_says_it_overflows(tmp_path: Path) -> None:
     np.save(tmp_path / "huge.npy", np.full((3, 4), 1e300))
     with pytest.raises(DataError, match="12 float64 values beyond the float32 range"):
         load_dataset(tmp_path / "huge.npy", [TensorInfo("x", (-1, 4), "float32")])
+
+
+# --- 14b C. a small output that is noise is unusable, whatever points its range score costs --
+
+@pytest.mark.parametrize("noise", [1.0, 0.3])
+def test_a_small_output_of_noise_is_called_unusable_not_offered_a_max_drop(
+        tmp_path: Path, noise: float) -> None:
+    """One number a sample: the range score costs pure noise about 20 points, under the
+    50-point rule; its relative RMS error says it is noise."""
+    rng = np.random.default_rng(0)
+    source = rng.normal(size=(200, 1))
+    converted = source * (1 - noise) + noise * rng.normal(size=(200, 1))
+    found = agreement([source], [converted], ["flag"])
+    drop = agreement_drop(found)
+    assert 1 < drop < 50
+    attempt = Attempt("int8", "int8", accuracy_drop_points=drop, agreement=found.as_dict(),
+                      verdict=Verdict.OVER_BUDGET, reason="over")
+    report = ConversionReport("m.onnx", "onnx", "onnx", "int8", 1000, attempts=[attempt])
+    hint = failure(report, ConvertConfig(model=tmp_path / "m.onnx", output=tmp_path / "m.efb",
+                                         sign_key=tmp_path / "k")).hint or ""
+    if noise == 1.0:
+        assert "unusable" in hint and "'flag'" in hint and "relative RMS error" in hint
+        assert "--max-drop" not in hint
+    else:
+        assert "--max-drop" in hint and "unusable" not in hint
+
+
+def test_the_refusal_says_which_of_accuracy_and_agreement_set_the_points(
+        heads: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
+    with np.load(heads["cal"]) as archive:
+        np.savez(tmp_path / "narrow.npz", a=archive["a"] / 1000, b=archive["b"])
+    with pytest.raises(NoResultError) as caught:
+        convert(_config(heads["model"], tmp_path / "u.efb", signing_keys, quantize="int8",
+                        calibration=tmp_path / "narrow.npz", eval=heads["eval"]))
+    reason = caught.value.report.attempts[0].reason
+    assert "the worst of accuracy and output agreement: here output 'scores' agreement" \
+        in reason
