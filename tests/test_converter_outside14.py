@@ -513,3 +513,35 @@ def test_the_refusal_says_which_of_accuracy_and_agreement_set_the_points(
     reason = caught.value.report.attempts[0].reason
     assert "the worst of accuracy and output agreement: here output 'scores' agreement" \
         in reason
+
+
+# --- 14b D. --input-size counts channels and a fixed batch -----------------------------------
+
+def _dynamic_image(path: Path, batch: int | str) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["y"])], "pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3, 1, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(("batch", "size"), [("N", (4000, 4000)), (4, (2048, 2048))])
+def test_input_size_counts_channels_and_a_fixed_batch(signing_keys: Keys, tmp_path: Path,
+                                                      batch: int | str,
+                                                      size: tuple[int, int]) -> None:
+    """4000x4000 is within a side's bound, but with 3 channels 48 M numbers; 2048x2048 of 3
+    channels is taken alone, not in a fixed batch of 4."""
+    model = _dynamic_image(tmp_path / "pool.onnx", batch)
+    with pytest.raises(DataError, match=r"--input-size: input 'x' would be .* numbers a call "
+                       r".*above the 16,777,216 taken") as caught:
+        convert(_config(model, tmp_path / "p.efb", signing_keys, input_size=size))
+    assert "at most 4096 a side" in (caught.value.hint or "")
+
+
+def test_input_size_above_4096_a_side_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="a side above 4096"):
+        ConvertConfig(model=tmp_path / "m.onnx", output=tmp_path / "m.efb",
+                      sign_key=tmp_path / "k", input_size=(5000, 100))
