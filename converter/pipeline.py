@@ -149,6 +149,7 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
     if calibration is not None:
         calibration = calibration.take(config.calibration_samples)
     evaluation = _load(config.eval, source, config) or calibration
+    _enough_for_the_batch(source, ((config.calibration, calibration), (config.eval, evaluation)))
     report = ConversionReport(str(config.model), source.kind, config.format, config.quantize,
                               source.size_bytes, budget_points=config.budget_points,
                               input_shapes={i.name: list(i.shape) for i in source.inputs})
@@ -207,6 +208,20 @@ def _source_outputs(source: SourceModel, evaluation: Dataset, step: Step) -> lis
         raise DataError(f"the source model fails on the evaluation data ({seen}): {first}",
                         hint="give data the model takes: integer ids within its vocabulary, "
                              "values in the range it was trained on") from exc
+
+
+def _enough_for_the_batch(source: SourceModel,
+                          data: Sequence[tuple[Path | None, Dataset | None]]) -> None:
+    """A model of a fixed batch above 1 is run (timed, calibrated) a whole batch a call: data
+    of fewer samples than that is refused up front (ONNX Runtime failed on the short call)."""
+    batch = fixed_batch(source.inputs) or 1
+    for path, dataset in data:
+        if path is not None and dataset is not None and len(dataset) < batch:
+            raise DataError(f"{path.name} has {len(dataset)} sample"
+                            f"{'s' if len(dataset) != 1 else ''}: the model needs at least "
+                            f"{batch} samples (the batch is fixed at {batch})",
+                            hint=f"give {batch} or more samples, or export the model with a "
+                                 "dynamic batch")
 
 
 def _check_finite_outputs(source: SourceModel, outputs: list[Array], data: str) -> None:

@@ -545,3 +545,21 @@ def test_input_size_above_4096_a_side_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="a side above 4096"):
         ConvertConfig(model=tmp_path / "m.onnx", output=tmp_path / "m.efb",
                       sign_key=tmp_path / "k", input_size=(5000, 100))
+
+
+# --- 14b E. a fixed batch of 3 with fewer samples is refused up front --------------------------
+
+@pytest.mark.parametrize("which", ["calibration", "eval"])
+def test_fewer_samples_than_a_fixed_batch_are_refused(signing_keys: Keys, tmp_path: Path,
+                                                      which: str) -> None:
+    """ONNX Runtime failed timing the source (one call of 2 rows to a batch of 3)."""
+    source = _fixed_batch(tmp_path / "three.onnx", 3)
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "few.npy", rng.random((2, WIDTH)).astype(np.float32))
+    np.save(tmp_path / "many.npy", rng.random((9, WIDTH)).astype(np.float32))
+    kw = {"calibration": tmp_path / "few.npy"} if which == "calibration" else \
+        {"calibration": tmp_path / "many.npy", "eval": tmp_path / "few.npy"}
+    with pytest.raises(DataError, match=r"few\.npy has 2 samples: the model needs at least 3 "
+                       r"samples \(the batch is fixed at 3\)") as caught:
+        convert(_config(source, tmp_path / "t.efb", signing_keys, quantize="int8", **kw))
+    assert caught.value.hint
