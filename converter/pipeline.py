@@ -757,9 +757,20 @@ def _over_budget(ctx: _Context, attempt: Attempt, drop: float, budget: float) ->
                  f"{score:.4f}{worst}")
     elif top1 is not None and top1 < score:
         which = "top-1 agreement"
-    return (f"accuracy drop {drop:.2f} points exceeds the budget of {budget} points"
+    return (f"accuracy drop {points_above(drop, budget)} points exceeds the budget of "
+            f"{budget} points"
             f"{default} (points are the worst of accuracy and output agreement: here "
             f"{which}){worst}{_top1_cause(ctx, attempt)}")
+
+
+def points_above(drop: float, budget: float) -> str:
+    """``drop`` with 2 decimals, or as many more as it takes to read above ``budget`` (a drop
+    of 1.0004 over a budget of 1 read "1.00 points exceeds the budget of 1.0")."""
+    for places in range(2, 7):
+        text = f"{drop:.{places}f}"
+        if float(text) > budget:
+            return text
+    return f"{drop!r}"
 
 
 def _top1_cause(ctx: _Context, attempt: Attempt) -> str:

@@ -20,7 +20,7 @@ from edgefleet.converter.config import ConvertConfig
 from edgefleet.converter.data import load_dataset
 from edgefleet.converter.errors import DataError, NoResultError, UnsupportedPathError
 from edgefleet.converter.evaluate import agreement
-from edgefleet.converter.pipeline import agreement_drop, convert
+from edgefleet.converter.pipeline import agreement_drop, convert, points_above
 from edgefleet.converter.report import Attempt, ConversionReport, Verdict
 from tests.conftest import Keys
 
@@ -563,3 +563,13 @@ def test_fewer_samples_than_a_fixed_batch_are_refused(signing_keys: Keys, tmp_pa
                        r"samples \(the batch is fixed at 3\)") as caught:
         convert(_config(source, tmp_path / "t.efb", signing_keys, quantize="int8", **kw))
     assert caught.value.hint
+
+
+# --- 14b F. the drop shows enough digits to read above the budget ------------------------------
+
+@pytest.mark.parametrize(("drop", "budget", "text"),
+                         [(1.0004, 1.0, "1.0004"), (1.004, 1.0, "1.004"), (2.5, 1.0, "2.50"),
+                          (69.3812, 1.0, "69.38")])
+def test_a_drop_just_over_the_budget_reads_over_it(drop: float, budget: float,
+                                                   text: str) -> None:
+    assert points_above(drop, budget) == text
