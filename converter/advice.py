@@ -24,6 +24,10 @@ LIMITS = {"dtype": "tensor types", "op": "operators", "op_version": "operator ve
           "runtime_version": "runtime version", "opset": "ONNX opset", "size": "model size",
           "runtime": "runtime", "slower": "never slower"}
 UNUSABLE_POINTS = 50.0  # a result this far off is not one to accept with --max-drop
+# an output this far off is noise, whatever points its score costs (a small output's score
+# reads its error against its range and costs at most about 20 points for pure noise)
+NOISE_REL_RMS = 0.5
+NOISE_CENTERED_COSINE = 0.5
 
 
 def failure(report: ConversionReport, config: ConvertConfig) -> ConverterError:
@@ -50,15 +54,32 @@ def failure(report: ConversionReport, config: ConvertConfig) -> ConverterError:
 
 
 def _unusable(report: ConversionReport) -> str:
-    """Every over-budget result at least :data:`UNUSABLE_POINTS` off: say it is unusable
-    rather than offer a --max-drop that would accept it."""
-    over = [a.accuracy_drop_points or 0.0 for a in report.attempts
-            if a.verdict is Verdict.OVER_BUDGET and not a.violations]
-    if not over or min(over) < UNUSABLE_POINTS:
+    """Every over-budget result unusable (:func:`_unusable_why`): say so rather than offer
+    a --max-drop that would accept it."""
+    over = _over(report.attempts)
+    if not over or any(not _unusable_why(a) for a in over):
         return ""
-    return (f"the closest result is {min(over):.1f} points off: unusable, not a budget to "
+    best = min(over, key=lambda a: a.accuracy_drop_points or 0.0)
+    return (f"the closest result is unusable ({_unusable_why(best)}), not a budget to "
             "raise; check the calibration data is like the evaluation data (the same "
             "scaling, --scale, and range)")
+
+
+def _over(attempts: list[Attempt]) -> list[Attempt]:
+    return [a for a in attempts if a.verdict is Verdict.OVER_BUDGET and not a.violations]
+
+
+def _unusable_why(attempt: Attempt) -> str:
+    """Why a result is unusable, or "": an output that is noise (relative RMS error of
+    :data:`NOISE_REL_RMS` or more, or centered cosine below :data:`NOISE_CENTERED_COSINE`),
+    or :data:`UNUSABLE_POINTS` or more off."""
+    for output in attempt.agreement.get("outputs") or []:
+        rel_rms, centered = output.get("rel_rms", 0.0), output.get("centered_cosine", 1.0)
+        if rel_rms >= NOISE_REL_RMS or centered < NOISE_CENTERED_COSINE:
+            return (f"output {output.get('name')!r} has a relative RMS error of {rel_rms:.2f} "
+                    f"and a centered cosine of {centered:.2f}: noise, not a small loss")
+    drop = attempt.accuracy_drop_points or 0.0
+    return f"{drop:.1f} points off" if drop >= UNUSABLE_POINTS else ""
 
 
 def _why(attempt: Attempt) -> str:
@@ -97,12 +118,10 @@ def suggestions(report: ConversionReport, config: ConvertConfig) -> list[dict[st
 
 
 def _budget(attempts: list[Attempt]) -> list[dict[str, Any]]:
-    over = [a for a in attempts if a.verdict is Verdict.OVER_BUDGET and not a.violations]
-    if not over:
-        return []
-    best = min(over, key=lambda a: a.accuracy_drop_points or 0.0)
-    if (best.accuracy_drop_points or 0.0) >= UNUSABLE_POINTS:
+    usable = [a for a in _over(attempts) if not _unusable_why(a)]
+    if not usable:
         return []  # no --max-drop: such a result is unusable, not a little off (failure())
+    best = min(usable, key=lambda a: a.accuracy_drop_points or 0.0)
     points = min(100.0, math.ceil((best.accuracy_drop_points or 0.0) * 10 + 1) / 10)
     return [{"option": f"--max-drop {points:g}", "config": {"max_drop": points},
              "why": f"accepts {best.label}, {best.accuracy_drop_points:.2f} points lost"}]

@@ -23,8 +23,12 @@ QUANTIZE_MODES: tuple[Quantize, ...] = ("none", "fp16", "dynamic", "weight-only"
                                         "int8-a16", "auto")
 TFLITE_SOURCE_ONLY = ("weight-only", "int8-a16")  # ai-edge-quantizer recipes
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-MAX_DIM = 8192  # --input-shape / --input-size: the largest dim
-MAX_INPUT_NUMBERS = 1 << 25  # and the most numbers one input may hold (128 MiB of float32)
+MAX_DIM = 8192  # --input-shape: the largest dim
+MAX_SIDE = 4096  # --input-size: the largest height or width
+# the most numbers one input may hold a call (channels and a fixed batch counted): 64 MiB of
+# float32; an image is decoded, resized and held at several precisions on the way, and a
+# 5000x5000 RGB image (75 M numbers) reached 23 GB of memory
+MAX_INPUT_NUMBERS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,8 @@ def _check_bounds(shapes: tuple[tuple[str, tuple[int, ...]], ...],
         ([("--input-size", size)] if size is not None else [])
     for option, dims in given:
         text = "x".join(map(str, dims))
+        if option == "--input-size" and any(d > MAX_SIDE for d in dims):
+            raise ValueError(f"{option}={text}: a side above {MAX_SIDE} is not taken")
         if any(d > MAX_DIM for d in dims):
             raise ValueError(f"{option}={text}: a dim above {MAX_DIM} is not taken")
         if math.prod(dims) > MAX_INPUT_NUMBERS:

@@ -62,7 +62,8 @@ def load_dataset(path: Path, inputs: list[TensorInfo], scale: Scale = "0-1") -> 
     else:
         raise DataError(f"cannot read {path.name}",
                         hint="use .npy, .npz (arrays by input name, 'labels') or an image folder")
-    fitted = {i.name: _finite(_fit(i, data.inputs[i.name], path), i.name, path)
+    fitted = {i.name: _finite(_fit(i, data.inputs[i.name], path), i.name, path,
+                              data.inputs[i.name])
               for i in inputs}
     return Dataset(fitted, _checked_labels(data.labels, len(next(iter(fitted.values()))), path))
 
@@ -84,12 +85,22 @@ def _checked_labels(labels: Array | None, samples: int, path: Path) -> Array | N
     return labels
 
 
-def _finite(value: Array, name: str, path: Path) -> Array:
+def _finite(value: Array, name: str, path: Path, given: Array) -> Array:
     """Data with NaN or infinity is refused up front: calibration ranges and agreement
-    measured on it mean nothing."""
+    measured on it mean nothing. Finite ``given`` numbers (float64) that became infinite in
+    the input's dtype are said to overflow it."""
     if value.dtype.kind not in "fc":
         return value
     bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+    overflowed = bad - int(given.size - np.count_nonzero(np.isfinite(given))) \
+        if given.dtype.kind in "fc" and given.dtype != value.dtype else 0
+    if overflowed:
+        raise DataError(f"{path.name}: input {name!r} has {overflowed} {given.dtype} values "
+                        f"beyond the {value.dtype} range the model takes (they overflow "
+                        f"{value.dtype} to infinity; largest magnitude "
+                        f"{float(np.nanmax(np.abs(given[np.isfinite(given)]))):.3g})",
+                        hint=f"scale the data into the model's input range "
+                             f"(|x| < {float(np.finfo(value.dtype).max):.3g})")
     if bad:
         raise DataError(f"{path.name}: input {name!r} has {bad} non-finite values (NaN or "
                         f"infinity) of {value.size}",
@@ -135,7 +146,8 @@ def _fit(spec: TensorInfo, value: Array, path: Path) -> Array:
         raise DataError(f"{path.name}: input {spec.name!r} expects dtype {spec.dtype}, "
                         f"given {value.dtype} with shape {given_shape}",
                         hint=f"save the data as {spec.dtype}")
-    return np.ascontiguousarray(value.astype(target, copy=False))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is named by _finite
+        return np.ascontiguousarray(value.astype(target, copy=False))
 
 
 def _images(folder: Path, inputs: list[TensorInfo], scale: Scale) -> Dataset:

@@ -139,7 +139,7 @@ def _numbered(step: Step, number: int) -> Step:
 
 
 def _context(config: ConvertConfig, step: Step) -> _Context:
-    _check_output(config.output)  # fail before converting, not after
+    _check_output(config)  # fail before converting, not after
     recipients = tuple(RecipientKey.load(p) for p in config.encrypt_for)  # fail before converting
     source = _with_shapes(load_source(config.model), config)
     _check_batch_first(source)
@@ -149,6 +149,7 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
     if calibration is not None:
         calibration = calibration.take(config.calibration_samples)
     evaluation = _load(config.eval, source, config) or calibration
+    _enough_for_the_batch(source, ((config.calibration, calibration), (config.eval, evaluation)))
     report = ConversionReport(str(config.model), source.kind, config.format, config.quantize,
                               source.size_bytes, budget_points=config.budget_points,
                               input_shapes={i.name: list(i.shape) for i in source.inputs})
@@ -163,6 +164,10 @@ def _context(config: ConvertConfig, step: Step) -> _Context:
         report.eval_data = str(config.eval or config.calibration)
     report.eval_samples = len(evaluation)
     outputs = _source_outputs(source, evaluation, step)
+    _check_finite_outputs(source, outputs, "evaluation" if config.eval else
+                          "calibration" if config.calibration else "random")
+    if calibration is not None and calibration is not evaluation:
+        _check_finite_outputs(source, _source_outputs(source, calibration, step), "calibration")
     kinds = _output_kinds(config, source, outputs, evaluation.labels is not None)
     report.output_kinds = [k.as_dict() for k in kinds]
     labelled = _labelled(source, outputs, evaluation.labels)
@@ -205,6 +210,39 @@ def _source_outputs(source: SourceModel, evaluation: Dataset, step: Step) -> lis
                              "values in the range it was trained on") from exc
 
 
+def _enough_for_the_batch(source: SourceModel,
+                          data: Sequence[tuple[Path | None, Dataset | None]]) -> None:
+    """A model of a fixed batch above 1 is run (timed, calibrated) a whole batch a call: data
+    of fewer samples than that is refused up front (ONNX Runtime failed on the short call)."""
+    batch = fixed_batch(source.inputs) or 1
+    for path, dataset in data:
+        if path is not None and dataset is not None and len(dataset) < batch:
+            raise DataError(f"{path.name} has {len(dataset)} sample"
+                            f"{'s' if len(dataset) != 1 else ''}: the model needs at least "
+                            f"{batch} samples (the batch is fixed at {batch})",
+                            hint=f"give {batch} or more samples, or export the model with a "
+                                 "dynamic batch")
+
+
+def _check_finite_outputs(source: SourceModel, outputs: list[Array], data: str) -> None:
+    """The source's own outputs are finite numbers: where they overflow (NaN or infinity)
+    there is nothing to calibrate to or agree with (int8 conversion of such a model crashed
+    the process), so the model is refused up front naming the output and the count."""
+    names = list(source.output_names) if len(source.output_names) == len(outputs) else \
+        [str(i) for i in range(len(outputs))]
+    for name, output in zip(names, outputs, strict=True):
+        if output.dtype.kind not in "fc" or not len(output):
+            continue
+        rows = output.reshape(len(output), -1)
+        bad = int(np.count_nonzero(~np.all(np.isfinite(rows), axis=1)))
+        if bad:
+            raise DataError(f"the source model gives NaN/inf on {bad} of {len(output)} {data} "
+                            f"samples (output {name!r}): there is nothing to calibrate to or "
+                            "compare with",
+                            hint="check the model (an exp or a division overflowing float32) "
+                                 "or scale the inputs to the range it was trained on")
+
+
 def _check_batch_first(source: SourceModel) -> None:
     """Samples go along dim 0: an ONNX input whose dims name the batch elsewhere (time-major
     ``[seq, batch, feat]``) would be measured along its sequence, so it is refused."""
@@ -220,8 +258,16 @@ def _check_batch_first(source: SourceModel) -> None:
                  "PyTorch LSTM)")
 
 
-def _check_output(path: Path) -> None:
-    """The bundle's path can be written: not a folder, in a folder that exists."""
+def _check_output(config: ConvertConfig) -> None:
+    """The bundle's path can be written: not a folder, in a folder that exists, not a file
+    the conversion reads (the model, the signing key, the data) and not a device or pipe:
+    each would be silently replaced by the bundle."""
+    path = config.output
+    _check_not_an_input(config)
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise DataError(f"-o {path} is not a regular file (a device, pipe or socket): the "
+                        "bundle would be written into it and lost",
+                        hint="name a regular file to write, e.g. -o model.efb")
     if path.is_dir():
         raise DataError(f"-o {path} is a folder, not a bundle file",
                         hint=f"name the file to write, e.g. -o {path / 'model.efb'}")
@@ -229,6 +275,19 @@ def _check_output(path: Path) -> None:
     if not parent.is_dir():
         raise DataError(f"-o {path}: the folder {parent} does not exist",
                         hint=f"create it first (mkdir -p {parent}) or write elsewhere")
+
+
+def _check_not_an_input(config: ConvertConfig) -> None:
+    """``-o`` is none of the files the conversion reads (compared as resolved paths)."""
+    target = config.output.resolve()
+    inputs = [("the source model", config.model), ("the signing key (--sign-key)",
+                                                   config.sign_key),
+              ("the --calibration data", config.calibration), ("the --eval data", config.eval)]
+    for what, path in inputs:
+        if path is not None and path.resolve() == target:
+            raise DataError(f"-o {config.output} is {what}: writing the bundle would replace it",
+                            hint="write the bundle to a new file of its own, e.g. -o "
+                                 f"{config.output.parent / (config.model.stem + '-int8.efb')}")
 
 
 def _labelled(source: SourceModel, outputs: list[Array], labels: Array | None) -> int:
@@ -688,12 +747,30 @@ def _finite(value: object) -> bool:
 def _over_budget(ctx: _Context, attempt: Attempt, drop: float, budget: float) -> str:
     default = " (the default: --max-drop sets it)" if ctx.config.max_drop is None else ""
     worst = f"; worst {attempt.agreement['worst']}"
+    score = attempt.agreement.get("worst_score", 1.0)
+    top1 = attempt.agreement.get("top1")
+    which = f"output {attempt.agreement.get('worst_output')!r} agreement"
     if attempt.accuracy is not None and ctx.report.source_accuracy is not None:
         lost = (ctx.report.source_accuracy - attempt.accuracy) * 100
+        which = "accuracy lost on the labels" if lost >= (1 - score) * 100 else which
         worst = (f"; labels: {lost:.2f} points of accuracy lost, worst output scores "
-                 f"{attempt.agreement['worst_score']:.4f}{worst}")
-    return (f"accuracy drop {drop:.2f} points exceeds the budget of {budget} points"
-            f"{default}{worst}{_top1_cause(ctx, attempt)}")
+                 f"{score:.4f}{worst}")
+    elif top1 is not None and top1 < score:
+        which = "top-1 agreement"
+    return (f"accuracy drop {points_above(drop, budget)} points exceeds the budget of "
+            f"{budget} points"
+            f"{default} (points are the worst of accuracy and output agreement: here "
+            f"{which}){worst}{_top1_cause(ctx, attempt)}")
+
+
+def points_above(drop: float, budget: float) -> str:
+    """``drop`` with 2 decimals, or as many more as it takes to read above ``budget`` (a drop
+    of 1.0004 over a budget of 1 read "1.00 points exceeds the budget of 1.0")."""
+    for places in range(2, 7):
+        text = f"{drop:.{places}f}"
+        if float(text) > budget:
+            return text
+    return f"{drop!r}"
 
 
 def _top1_cause(ctx: _Context, attempt: Attempt) -> str:

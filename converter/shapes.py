@@ -8,10 +8,12 @@ source's input shapes are static already: a requested shape must match them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 
 from edgefleet.agent.runtime.base import TensorInfo
+from edgefleet.converter.config import MAX_INPUT_NUMBERS, MAX_SIDE
 from edgefleet.converter.errors import DataError
 
 __all__ = ["batch_not_first", "dynamic_image_inputs", "fix_inputs", "static_onnx"]
@@ -30,7 +32,25 @@ def fix_inputs(inputs: Sequence[TensorInfo], shapes: Sequence[tuple[str, tuple[i
                         f"{[i.name for i in inputs]}", hint="use NAME=DIMS with an input's name")
     if size is not None:
         wanted.update(_sized(inputs, size))
-    return [_fixed(i, wanted[i.name]) if i.name in wanted else i for i in inputs]
+    fixed = [_fixed(i, wanted[i.name]) if i.name in wanted else i for i in inputs]
+    for spec in fixed:
+        if spec.name in wanted:
+            _bounded(spec, "--input-size" if size is not None else "--input-shape")
+    return fixed
+
+
+def _bounded(spec: TensorInfo, option: str) -> None:
+    """An input fixed by an option holds at most :data:`MAX_INPUT_NUMBERS` a call: its
+    channels and a fixed batch count (a dynamic batch counts one sample)."""
+    dims = [d if d > 0 else 1 for d in spec.shape]
+    numbers = math.prod(dims)
+    if numbers > MAX_INPUT_NUMBERS:
+        raise DataError(f"{option}: input {spec.name!r} would be {dims} = {numbers:,} numbers "
+                        f"a call ({numbers * 4 / 2**30:.1f} GiB of float32 each, and "
+                        f"calibration holds many), above the {MAX_INPUT_NUMBERS:,} taken",
+                        hint=f"give the deployment size: at most {MAX_SIDE} a side and "
+                             f"{MAX_INPUT_NUMBERS:,} numbers with channels and batch "
+                             "(e.g. --input-size 2048x2048 for 3 channels)")
 
 
 def _sized(inputs: Sequence[TensorInfo], size: tuple[int, int]) -> dict[str, tuple[int, ...]]:

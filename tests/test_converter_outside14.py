@@ -15,10 +15,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.agent.runtime.base import TensorInfo
 from edgefleet.cli.convert import _worst
+from edgefleet.converter.advice import failure
 from edgefleet.converter.config import ConvertConfig
 from edgefleet.converter.data import load_dataset
 from edgefleet.converter.errors import DataError, NoResultError, UnsupportedPathError
-from edgefleet.converter.pipeline import convert
+from edgefleet.converter.evaluate import agreement
+from edgefleet.converter.pipeline import agreement_drop, convert, points_above
+from edgefleet.converter.report import Attempt, ConversionReport, Verdict
 from tests.conftest import Keys
 
 WIDTH = 128
@@ -411,3 +414,162 @@ def test_one_tensor_returned_twice_gets_two_names_in_the_bundle_and_its_health_d
     with np.load(io.BytesIO(bundle.files["health.npz"])) as health:
         stored = sorted(health.files)
     assert {"output/y_0", "output/y_1"} <= set(stored)
+
+
+# --- 14b A. -o naming a file the conversion reads, or a device, is refused before any work ---
+
+@pytest.mark.parametrize("clash", ["model", "sign_key", "calibration", "eval", "device"])
+def test_an_output_that_would_replace_an_input_or_a_device_is_refused(
+        heads: dict[str, Path], signing_keys: Keys, tmp_path: Path, clash: str) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not read: -o is checked first")
+    data = tmp_path / "d.npy"
+    np.save(data, np.zeros((2, WIDTH), np.float32))
+    out = {"model": tmp_path / "." / "m.onnx", "sign_key": signing_keys.secret,
+           "calibration": data, "eval": data, "device": Path("/dev/null")}[clash]
+    kw = {"calibration": data} if clash == "calibration" else \
+        {"eval": data} if clash == "eval" else {}
+    before = out.read_bytes() if out.is_file() else None
+    with pytest.raises(DataError, match="not a regular file" if clash == "device" else
+                       "writing the bundle would replace it") as caught:
+        convert(_config(model, out, signing_keys, **kw))
+    assert caught.value.hint
+    if before is not None:
+        assert out.read_bytes() == before
+
+
+# --- 14b B. a source whose own outputs overflow is refused up front -------------------------
+
+def _exp_overflow(path: Path) -> Path:
+    """``x @ 30 -> exp -> @ W``: inputs near 1 overflow float32 (exp(120))."""
+    w1 = numpy_helper.from_array(np.full((4, 8), 30.0, np.float32), "W1")
+    w2 = numpy_helper.from_array(np.ones((8, 2), np.float32), "W2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Exp", ["h"], ["e"]),
+         helper.make_node("MatMul", ["e", "W2"], ["y"])], "exp_overflow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["calibration", "eval"])
+def test_a_source_giving_nan_or_inf_is_refused_naming_the_output_and_the_count(
+        signing_keys: Keys, tmp_path: Path, which: str) -> None:
+    model = _exp_overflow(tmp_path / "exp.onnx")
+    small = np.full((6, 4), 0.01, np.float32)  # exp(1.2): finite
+    overflowing = small.copy()
+    overflowing[:2] = 1.0  # two samples of exp(120)
+    np.save(tmp_path / "ok.npy", small)
+    np.save(tmp_path / "bad.npy", overflowing)
+    kw = {"calibration": tmp_path / "bad.npy"} if which == "calibration" else \
+        {"calibration": tmp_path / "ok.npy", "eval": tmp_path / "bad.npy"}
+    with pytest.raises(DataError, match=r"NaN/inf on 2 of 6 .*output 'y'") as caught:
+        convert(_config(model, tmp_path / "m.efb", signing_keys, quantize="int8", **kw))
+    assert "scale the inputs" in (caught.value.hint or "")
+    assert not (tmp_path / "m.efb").exists()
+
+
+def test_float64_data_beyond_float32_says_it_overflows(tmp_path: Path) -> None:
+    np.save(tmp_path / "huge.npy", np.full((3, 4), 1e300))
+    with pytest.raises(DataError, match="12 float64 values beyond the float32 range"):
+        load_dataset(tmp_path / "huge.npy", [TensorInfo("x", (-1, 4), "float32")])
+
+
+# --- 14b C. a small output that is noise is unusable, whatever points its range score costs --
+
+@pytest.mark.parametrize("noise", [1.0, 0.3])
+def test_a_small_output_of_noise_is_called_unusable_not_offered_a_max_drop(
+        tmp_path: Path, noise: float) -> None:
+    """One number a sample: the range score costs pure noise about 20 points, under the
+    50-point rule; its relative RMS error says it is noise."""
+    rng = np.random.default_rng(0)
+    source = rng.normal(size=(200, 1))
+    converted = source * (1 - noise) + noise * rng.normal(size=(200, 1))
+    found = agreement([source], [converted], ["flag"])
+    drop = agreement_drop(found)
+    assert 1 < drop < 50
+    attempt = Attempt("int8", "int8", accuracy_drop_points=drop, agreement=found.as_dict(),
+                      verdict=Verdict.OVER_BUDGET, reason="over")
+    report = ConversionReport("m.onnx", "onnx", "onnx", "int8", 1000, attempts=[attempt])
+    hint = failure(report, ConvertConfig(model=tmp_path / "m.onnx", output=tmp_path / "m.efb",
+                                         sign_key=tmp_path / "k")).hint or ""
+    if noise == 1.0:
+        assert "unusable" in hint and "'flag'" in hint and "relative RMS error" in hint
+        assert "--max-drop" not in hint
+    else:
+        assert "--max-drop" in hint and "unusable" not in hint
+
+
+def test_the_refusal_says_which_of_accuracy_and_agreement_set_the_points(
+        heads: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
+    with np.load(heads["cal"]) as archive:
+        np.savez(tmp_path / "narrow.npz", a=archive["a"] / 1000, b=archive["b"])
+    with pytest.raises(NoResultError) as caught:
+        convert(_config(heads["model"], tmp_path / "u.efb", signing_keys, quantize="int8",
+                        calibration=tmp_path / "narrow.npz", eval=heads["eval"]))
+    reason = caught.value.report.attempts[0].reason
+    assert "the worst of accuracy and output agreement: here output 'scores' agreement" \
+        in reason
+
+
+# --- 14b D. --input-size counts channels and a fixed batch -----------------------------------
+
+def _dynamic_image(path: Path, batch: int | str) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["y"])], "pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3, 1, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(("batch", "size"), [("N", (4000, 4000)), (4, (2048, 2048))])
+def test_input_size_counts_channels_and_a_fixed_batch(signing_keys: Keys, tmp_path: Path,
+                                                      batch: int | str,
+                                                      size: tuple[int, int]) -> None:
+    """4000x4000 is within a side's bound, but with 3 channels 48 M numbers; 2048x2048 of 3
+    channels is taken alone, not in a fixed batch of 4."""
+    model = _dynamic_image(tmp_path / "pool.onnx", batch)
+    with pytest.raises(DataError, match=r"--input-size: input 'x' would be .* numbers a call "
+                       r".*above the 16,777,216 taken") as caught:
+        convert(_config(model, tmp_path / "p.efb", signing_keys, input_size=size))
+    assert "at most 4096 a side" in (caught.value.hint or "")
+
+
+def test_input_size_above_4096_a_side_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="a side above 4096"):
+        ConvertConfig(model=tmp_path / "m.onnx", output=tmp_path / "m.efb",
+                      sign_key=tmp_path / "k", input_size=(5000, 100))
+
+
+# --- 14b E. a fixed batch of 3 with fewer samples is refused up front --------------------------
+
+@pytest.mark.parametrize("which", ["calibration", "eval"])
+def test_fewer_samples_than_a_fixed_batch_are_refused(signing_keys: Keys, tmp_path: Path,
+                                                      which: str) -> None:
+    """ONNX Runtime failed timing the source (one call of 2 rows to a batch of 3)."""
+    source = _fixed_batch(tmp_path / "three.onnx", 3)
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "few.npy", rng.random((2, WIDTH)).astype(np.float32))
+    np.save(tmp_path / "many.npy", rng.random((9, WIDTH)).astype(np.float32))
+    kw = {"calibration": tmp_path / "few.npy"} if which == "calibration" else \
+        {"calibration": tmp_path / "many.npy", "eval": tmp_path / "few.npy"}
+    with pytest.raises(DataError, match=r"few\.npy has 2 samples: the model needs at least 3 "
+                       r"samples \(the batch is fixed at 3\)") as caught:
+        convert(_config(source, tmp_path / "t.efb", signing_keys, quantize="int8", **kw))
+    assert caught.value.hint
+
+
+# --- 14b F. the drop shows enough digits to read above the budget ------------------------------
+
+@pytest.mark.parametrize(("drop", "budget", "text"),
+                         [(1.0004, 1.0, "1.0004"), (1.004, 1.0, "1.004"), (2.5, 1.0, "2.50"),
+                          (69.3812, 1.0, "69.38")])
+def test_a_drop_just_over_the_budget_reads_over_it(drop: float, budget: float,
+                                                   text: str) -> None:
+    assert points_above(drop, budget) == text
