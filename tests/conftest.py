@@ -160,3 +160,12 @@ def reopen(store_url: str) -> Iterator[Callable[[], Store]]:
     yield opener
     for store in opened:
         store.close()
+
+
+@pytest.fixture(scope="session")
+def people(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Four in-domain photos of people (calibration, evaluation) for the published
+    face and body models."""
+    from tests import wheel_models
+
+    return wheel_models.domain_images("people", tmp_path_factory.mktemp("people"), count=4)

@@ -26,11 +26,6 @@ def _config(model: Path, out: Path, keys: Keys, **kw: object) -> ConvertConfig:
 
 
 @pytest.fixture(scope="module")
-def people(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return wheel_models.domain_images("people", tmp_path_factory.mktemp("people"), count=4)
-
-
-@pytest.fixture(scope="module")
 def digits_npz(digits_models: TrainedModels,
                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("names-data")
