@@ -9,14 +9,23 @@
   sub-folder's index in sorted order. A dynamic height or width becomes 224. Images
   are turned as their EXIF orientation says, 16-bit samples are scaled to 8 bits, and
   transparent images are composited on black (for 1 or 3 channels).
+
+Reading is bounded: only the arrays an input (and ``labels``) needs are read, only the
+first ``limit`` samples of each, and the samples kept may hold at most
+:data:`MAX_DATA_BYTES` in the input's dtype (checked from the file's header, before the
+data is read). Files that are not regular files (a FIFO, a device) are refused, as are
+files that are not ``.npy`` / ``.npz`` or hold Python objects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import stat
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -24,10 +33,11 @@ from edgefleet.agent.runtime.base import Array, TensorInfo
 from edgefleet.converter.config import Scale
 from edgefleet.converter.errors import DataError
 
-__all__ = ["DYNAMIC_SIDE", "IMAGE_SUFFIXES", "Dataset", "load_dataset"]
+__all__ = ["DYNAMIC_SIDE", "IMAGE_SUFFIXES", "MAX_DATA_BYTES", "Dataset", "load_dataset"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 DYNAMIC_SIDE = 224  # images for inputs with a dynamic height or width are resized to this
+MAX_DATA_BYTES = 1 << 30  # one file's samples held in memory, in the inputs' dtypes
 _SCALES = {"0-1": (1 / 255.0, 0.0), "-1-1": (2 / 255.0, -1.0), "0-255": (1.0, 0.0)}
 
 
@@ -50,15 +60,20 @@ class Dataset:
             yield {k: v[start:start + size] for k, v in self.inputs.items()}
 
 
-def load_dataset(path: Path, inputs: list[TensorInfo], scale: Scale = "0-1") -> Dataset:
+def load_dataset(path: Path, inputs: list[TensorInfo], scale: Scale = "0-1",
+                 limit: int | None = None) -> Dataset:
+    """The data at ``path`` fitted to ``inputs``: its first ``limit`` samples (all when
+    None), read only as far as needed."""
     if not path.exists():
         raise DataError(f"data {path} does not exist", hint="check the path")
+    _regular(path, allow_dir=True)
     if path.is_dir():
-        data = _images(path, inputs, scale)
+        data = _images(path, inputs, scale, limit)
     elif path.suffix == ".npy":
-        data = Dataset({_single(inputs, path).name: np.load(path, allow_pickle=False)})
+        spec = _single(inputs, path)
+        data = Dataset({spec.name: _npy(path, spec, limit)})
     elif path.suffix == ".npz":
-        data = _npz(path, inputs)
+        data = _npz(path, inputs, limit)
     else:
         raise DataError(f"cannot read {path.name}",
                         hint="use .npy, .npz (arrays by input name, 'labels') or an image folder")
@@ -68,6 +83,60 @@ def load_dataset(path: Path, inputs: list[TensorInfo], scale: Scale = "0-1") -> 
     return Dataset(fitted, _checked_labels(data.labels, len(next(iter(fitted.values()))), path))
 
 
+def _regular(path: Path, allow_dir: bool = False) -> None:
+    """A FIFO or a device would block the read or never end: refused by name."""
+    mode = path.stat().st_mode
+    if stat.S_ISREG(mode) or (allow_dir and stat.S_ISDIR(mode)):
+        return
+    raise DataError(f"{path} is not a regular file (a FIFO, socket or device)",
+                    hint="give a .npy, .npz or image file saved on disk")
+
+
+def _unreadable(path: Path, exc: BaseException) -> DataError:
+    if "pickle" in str(exc) or "Object arrays" in str(exc):
+        return DataError(f"{path.name} holds Python objects (pickled data), which edgefleet "
+                         "does not load", hint="save plain numeric arrays (np.save / "
+                         "np.savez of float or integer arrays)")
+    return DataError(f"{path.name} is not a readable {path.suffix} file, or it is cut short "
+                     f"({type(exc).__name__}: {exc})",
+                     hint="save the data again with np.save / np.savez")
+
+
+def _fewer(each: int, things: str, smaller: str) -> str:
+    fit = MAX_DATA_BYTES // max(each, 1)
+    if fit == 0:
+        return f"{smaller}: one alone takes {each / 2**30:.1f} GiB"
+    return f"give at most {fit} {things}, or {smaller}"
+
+
+def _npy(path: Path, spec: TensorInfo, limit: int | None) -> Array:
+    """The first ``limit`` samples of an ``.npy``, read from its header on (never the rest)."""
+    try:
+        array = _Header(path.open, path.stat().st_size)
+        return _bounded(array, path, spec.name, np.dtype(spec.dtype), limit)
+    except (ValueError, EOFError, OSError) as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _bounded(array: _Header, path: Path, name: str, dtype: np.dtype[Any],
+             limit: int | None) -> Array:
+    """The first ``limit`` samples of ``array`` read into memory, refused beyond
+    :data:`MAX_DATA_BYTES` (in the input's dtype) before any is read."""
+    if array.ndim == 0:
+        raise DataError(f"{path.name}: {name!r} is a single number, not samples",
+                        hint="put the samples along the first axis")
+    rows = min(array.shape[0], limit) if limit is not None else array.shape[0]
+    if rows == 0:
+        raise DataError(f"{path.name}: {name!r} holds no samples (shape {list(array.shape)})",
+                        hint="give at least one sample along the first axis")
+    per_row = math.prod(array.shape[1:]) * max(dtype.itemsize, array.dtype.itemsize)
+    if rows * per_row > MAX_DATA_BYTES:
+        raise DataError(f"{path.name}: {name!r} holds {rows} samples of {per_row:,} bytes "
+                        f"({rows * per_row / 2**30:.1f} GiB), above the "
+                        f"{MAX_DATA_BYTES / 2**30:.0f} GiB of data a conversion holds",
+                        hint=_fewer(per_row, "samples (a random subset keeps the classes)",
+                                    "smaller samples"))
+    return np.array(array[:rows])
 def _checked_labels(labels: Array | None, samples: int, path: Path) -> Array | None:
     """Labels are one class index a sample: integers, as many as the samples."""
     if labels is None:
@@ -117,17 +186,79 @@ def _single(inputs: list[TensorInfo], path: Path) -> TensorInfo:
     return inputs[0]
 
 
-def _npz(path: Path, inputs: list[TensorInfo]) -> Dataset:
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {k: archive[k] for k in archive.files}
-    labels = arrays.pop("labels", None)
-    if len(inputs) == 1 and inputs[0].name not in arrays and len(arrays) == 1:
-        arrays = {inputs[0].name: next(iter(arrays.values()))}
-    missing = [i.name for i in inputs if i.name not in arrays]
-    if missing:
-        raise DataError(f"{path.name} has no array for inputs {missing} (it has {sorted(arrays)})",
-                        hint="name each array after the model input it feeds")
-    return Dataset({i.name: arrays[i.name] for i in inputs}, labels)
+def _npz(path: Path, inputs: list[TensorInfo], limit: int | None) -> Dataset:
+    """Only the members an input or ``labels`` takes are read, each bounded."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = [n for n in archive.files]
+            if len(inputs) == 1 and inputs[0].name not in names and \
+                    len([n for n in names if n != "labels"]) == 1:
+                member = {inputs[0].name: next(n for n in names if n != "labels")}
+            else:
+                member = {i.name: i.name for i in inputs if i.name in names}
+            missing = [i.name for i in inputs if i.name not in member]
+            if missing:
+                raise DataError(f"{path.name} has no array for inputs {missing} (it has "
+                                f"{sorted(names)})",
+                                hint="name each array after the model input it feeds")
+            specs = {i.name: i for i in inputs}
+            arrays = {name: _bounded(_member(archive, key, path), path, name,
+                                     np.dtype(specs[name].dtype), limit)
+                      for name, key in member.items()}
+            labels = _bounded(_member(archive, "labels", path), path, "labels",
+                              np.dtype(np.int64), limit) if "labels" in names else None
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise _unreadable(path, exc) from exc
+    return Dataset(arrays, labels)
+
+
+class _Header:
+    """An ``.npy`` stream (a file, or an ``.npz`` member) seen through its header: its shape
+    and dtype, and its first rows read from the stream only when sliced, never the rest."""
+
+    def __init__(self, open_stream: Callable[[str], IO[bytes]], size: int) -> None:
+        self.open = open_stream
+        with open_stream("rb") as raw:
+            shape, self.fortran, dtype = _read_header(raw)
+            self.body = size - raw.tell()  # bytes after the header: a lying shape shows
+        if dtype.hasobject:
+            raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+        self.shape, self.dtype, self.ndim = tuple(shape), dtype, len(shape)
+
+    def __getitem__(self, rows: slice) -> Array:
+        count = len(range(*rows.indices(self.shape[0])))
+        per_row = math.prod(self.shape[1:])
+        size = self.shape[0] * per_row if self.fortran else count * per_row
+        wanted = size * self.dtype.itemsize  # column-major: the first rows are not first
+        if wanted > MAX_DATA_BYTES:
+            raise ValueError(f"a Fortran-ordered array of {wanted:,} bytes is read whole")
+        if wanted > self.body:  # checked before reading: a read allocates what it asks
+            raise EOFError(f"the array ends after {self.body:,} of {wanted:,} bytes")
+        with self.open("rb") as raw:
+            _read_header(raw)
+            data = raw.read(wanted)
+        if len(data) != wanted:
+            raise EOFError(f"the array ends after {len(data):,} of {wanted:,} bytes")
+        if self.fortran:
+            whole = np.frombuffer(data, self.dtype).reshape(self.shape, order="F")
+            return whole[rows]
+        return np.frombuffer(data, self.dtype).reshape(count, *self.shape[1:])
+
+
+def _read_header(raw: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    version = np.lib.format.read_magic(raw)
+    read = np.lib.format.read_array_header_2_0 if version >= (2, 0) else \
+        np.lib.format.read_array_header_1_0
+    shape, fortran, dtype = read(raw)
+    return tuple(shape), bool(fortran), dtype
+
+
+def _member(archive: Any, key: str, path: Path) -> _Header:
+    member = f"{key}.npy"
+    if member not in archive.zip.namelist():
+        raise DataError(f"{path.name}: member {key!r} is not a .npy array",
+                        hint="save the data with np.savez")
+    return _Header(lambda mode: archive.zip.open(member), archive.zip.getinfo(member).file_size)
 
 
 def _fit(spec: TensorInfo, value: Array, path: Path) -> Array:
@@ -150,18 +281,38 @@ def _fit(spec: TensorInfo, value: Array, path: Path) -> Array:
         return np.ascontiguousarray(value.astype(target, copy=False))
 
 
-def _images(folder: Path, inputs: list[TensorInfo], scale: Scale) -> Dataset:
+def _images(folder: Path, inputs: list[TensorInfo], scale: Scale,
+            limit: int | None = None) -> Dataset:
     spec = _single(inputs, folder)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.is_dir())
     if not files:
         raise DataError(f"no images in {folder}", hint=f"add {sorted(IMAGE_SUFFIXES)} files")
+    for p in files:
+        _regular(p)
     nchw, (height, width, channels) = _layout(spec)
     height, width = (height if height > 0 else DYNAMIC_SIDE), (width if width > 0 else DYNAMIC_SIDE)
     classes = sorted({p.parent for p in files} - {folder})
+    loose = [p for p in files if p.parent == folder]
+    if classes and loose:
+        raise DataError(f"{folder} has {len(loose)} images at its top level and "
+                        f"{len(files) - len(loose)} in class sub-folders",
+                        hint="put every image in a class sub-folder (labelled by the "
+                             "sub-folder), or none of them (unlabelled)")
+    files = files[:limit] if limit is not None else files
+    per_image = height * width * channels * max(np.dtype(spec.dtype).itemsize, 4)
+    if len(files) * per_image > MAX_DATA_BYTES:
+        raise DataError(f"{folder}: {len(files)} images at {height}x{width}x{channels} take "
+                        f"{len(files) * per_image / 2**30:.1f} GiB, above the "
+                        f"{MAX_DATA_BYTES / 2**30:.0f} GiB of data a conversion holds",
+                        hint=_fewer(per_image, "images", "a smaller --input-size"))
     labels = np.array([classes.index(p.parent) for p in files]) if classes else None
-    stack = np.stack([_image(p, width, height, channels) for p in files]).astype(np.float32)
+    stack = np.empty((len(files), height, width, channels), np.float32)  # filled in place:
+    for index, p in enumerate(files):  # a copy of the whole stack would double the peak
+        stack[index] = _image(p, width, height, channels)
     factor, offset = _SCALES[scale]
-    stack = stack * factor + offset
+    stack *= factor
+    stack += offset
     if nchw:
         stack = stack.transpose(0, 3, 1, 2)
     return Dataset({spec.name: stack.astype(spec.dtype)}, labels)

@@ -1,0 +1,203 @@
+"""Hostile calibration and evaluation data: every ``.npy`` / ``.npz`` a header can describe is
+read as a bounded Dataset or refused as a DataError, in bounded memory and time.
+
+The class: ``.npy`` headers of any version, dtype (objects included), order and shape (up to
+2^40 rows) over bodies that are honest, cut short or missing; random bytes; ``.npz`` archives
+whose members are such arrays, pickles, non-``.npy`` files, or unused members declaring
+gigabytes; plus files that are not regular (a FIFO) and image folders mixing labelled and
+unlabelled images.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edgefleet.agent.runtime.base import TensorInfo
+from edgefleet.converter.data import MAX_DATA_BYTES, Dataset, load_dataset
+from edgefleet.converter.errors import DataError
+from tests.hostile import HOSTILE, MiB, peak_traced_bytes
+
+SPEC = [TensorInfo("x", (-1, 4), "float32")]
+IN_PROCESS_CAP = 24 * MiB  # a generated file is at most a few KB of real data
+EXAMPLE_SECONDS = 5.0
+
+DTYPES = ["<f4", "<f8", "<i8", "|u1", "<f2", "|b1", "|O", "<c8", "<U3", "|V8", ">f4"]
+
+
+def _header(shape: tuple[int, ...], descr: str, fortran: bool, version: int) -> bytes:
+    out = io.BytesIO()
+    info = {"descr": descr, "fortran_order": fortran, "shape": shape}
+    if version == 1:
+        np.lib.format.write_array_header_1_0(out, info)
+    else:
+        np.lib.format.write_array_header_2_0(out, info)
+    return out.getvalue()
+
+
+@st.composite
+def npy_bytes(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["header", "header", "header", "random", "valid"]))
+    if kind == "random":
+        return draw(st.binary(max_size=512))
+    if kind == "valid":
+        rows = draw(st.integers(0, 40))
+        out = io.BytesIO()
+        np.save(out, np.ones((rows, 4), np.float32))
+        return out.getvalue()
+    shape = tuple(draw(st.lists(st.one_of(st.integers(0, 8), st.integers(0, 1 << 40)),
+                                max_size=4)))
+    head = _header(shape, draw(st.sampled_from(DTYPES)), draw(st.booleans()),
+                   draw(st.sampled_from([1, 2])))
+    body = draw(st.binary(max_size=2048))
+    cut = draw(st.integers(0, len(head)))
+    return head[:cut] if draw(st.booleans()) and cut < len(head) else head + body
+
+
+@st.composite
+def npz_bytes(draw: st.DrawFn) -> bytes:
+    out = io.BytesIO()
+    compression = draw(st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]))
+    with zipfile.ZipFile(out, "w", compression) as archive:
+        for name in draw(st.lists(st.sampled_from(["x.npy", "labels.npy", "junk.npy", "x",
+                                                   "y.npy", "x.txt"]),
+                                  max_size=4, unique=True)):
+            archive.writestr(name, draw(npy_bytes()))
+    data = out.getvalue()
+    if draw(st.booleans()):
+        data = data[:draw(st.integers(0, len(data)))]
+    return data
+
+
+def _load_bounded(path: Path) -> Dataset | BaseException:
+    started = time.monotonic()
+    result, peak = peak_traced_bytes(lambda: load_dataset(path, SPEC, limit=200))
+    assert time.monotonic() - started < EXAMPLE_SECONDS
+    assert peak < IN_PROCESS_CAP, f"{peak} bytes traced reading {path.name}"
+    if isinstance(result, BaseException):
+        assert isinstance(result, DataError), repr(result)  # never a traceback's exception
+        assert result.message and result.hint
+    else:
+        assert isinstance(result, Dataset)
+        assert result.inputs["x"].dtype == np.float32 and 1 <= len(result) <= 200
+    return result
+
+
+@HOSTILE
+@given(npy_bytes())
+def test_any_npy_is_read_bounded_or_refused_by_name(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "data.npy"
+    path.write_bytes(data)
+    _load_bounded(path)
+
+
+@HOSTILE
+@given(npz_bytes())
+def test_any_npz_is_read_bounded_or_refused_by_name(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "data.npz"
+    path.write_bytes(data)
+    _load_bounded(path)
+
+
+def test_an_unused_npz_member_of_gigabytes_is_never_read(tmp_path: Path) -> None:
+    """A 3 GiB member no input takes (stored as zeros, compressed to a few MB) costs
+    nothing: only the members an input or 'labels' needs are read."""
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        buffer = io.BytesIO()
+        np.save(buffer, np.ones((120, 4), np.float32))
+        archive.writestr("x.npy", buffer.getvalue())
+        with archive.open("junk.npy", "w", force_zip64=True) as junk:
+            junk.write(_header((3 << 30,), "|u1", False, 1))
+            zeros = bytes(64 * MiB)
+            for _ in range(48):
+                junk.write(zeros)
+    assert path.stat().st_size < 16 * MiB
+    result = _load_bounded(path)
+    assert isinstance(result, Dataset) and len(result) == 120
+
+
+def test_a_sparse_npy_declaring_gigabytes_reads_only_the_samples_it_keeps(
+        tmp_path: Path) -> None:
+    path = tmp_path / "sparse.npy"
+    with path.open("wb") as out:
+        out.write(_header((100_000_000, 4), "<f4", False, 1))
+        out.truncate(out.tell() + 100_000_000 * 16)  # 1.6 GB, a hole on disk
+    result = _load_bounded(path)
+    assert isinstance(result, Dataset) and len(result) == 200
+    with pytest.raises(DataError, match=r"holds 100000000 samples .* above the 1 GiB") as caught:
+        load_dataset(path, SPEC)  # all of it (an evaluation set): refused before reading
+    assert f"at most {MAX_DATA_BYTES // 16} samples" in (caught.value.hint or "")
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_a_pickle_is_refused_as_python_objects(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"data{suffix}"
+    array = np.array([object()] * 4, dtype=object).reshape(1, 4)
+    if suffix == ".npy":
+        np.save(path, array, allow_pickle=True)
+    else:
+        np.savez(path, x=array)
+    with pytest.raises(DataError, match="holds Python objects"):
+        load_dataset(path, SPEC)
+
+
+def test_an_empty_file_is_refused_not_aborted(tmp_path: Path) -> None:
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(DataError, match="not a readable .npy file, or it is cut short"):
+        load_dataset(tmp_path / "empty.npy", SPEC)
+
+
+def test_no_samples_say_so_whatever_the_batch(tmp_path: Path) -> None:
+    np.save(tmp_path / "zero.npy", np.zeros((0, 4), np.float32))
+    with pytest.raises(DataError, match=r"holds no samples \(shape \[0, 4\]\)"):
+        load_dataset(tmp_path / "zero.npy", SPEC)
+
+
+def test_a_fifo_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "data.npy")  # opening it would block for ever
+    with pytest.raises(DataError, match="not a regular file"):
+        load_dataset(tmp_path / "data.npy", SPEC)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _png(folder / "a.png")
+    os.mkfifo(folder / "b.png")
+    with pytest.raises(DataError, match=r"b\.png is not a regular file"):
+        load_dataset(folder, [TensorInfo("image", (-1, 8, 8, 3), "float32")])
+
+
+def test_images_both_loose_and_in_class_folders_are_refused(tmp_path: Path) -> None:
+    for name in ("root.png", "cat/a.png", "dog/b.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        _png(tmp_path / name)
+    with pytest.raises(DataError, match="1 images at its top level and 2 in class") as caught:
+        load_dataset(tmp_path, [TensorInfo("image", (-1, 8, 8, 3), "float32")])
+    assert "class sub-folder" in (caught.value.hint or "")
+
+
+def test_an_image_folder_beyond_the_data_bound_is_refused_before_reading(
+        tmp_path: Path) -> None:
+    for index in range(3):
+        (tmp_path / f"{index}.png").write_bytes(b"not read")  # refused before any is opened
+    spec = [TensorInfo("image", (-1, 12000, 12000, 3), "float32")]
+    with pytest.raises(DataError, match=r"3 images at 12000x12000x3 take 4\.8 GiB") as caught:
+        load_dataset(tmp_path, spec)
+    assert caught.value.hint == "a smaller --input-size: one alone takes 1.6 GiB"
+    spec = [TensorInfo("image", (-1, 6000, 6000, 3), "float32")]  # 412 MiB an image
+    with pytest.raises(DataError, match=r"give at most 2 images, or a smaller --input-size"):
+        load_dataset(tmp_path, spec)
+    assert len(load_dataset.__defaults__ or ()) == 2  # scale and limit stay optional
+
+
+def _png(path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(path)
