@@ -41,3 +41,4 @@ class Context:
     kinds: list[OutputKind] = field(default_factory=list)  # classifier or regression, why
     labelled: int = 0  # the output labels index (labelled_output)
     built: dict[str, bytes] = field(default_factory=dict)  # artifacts by attempt label
+    quantized: str = ""  # why the source is quantized already (quantized_source), or ""

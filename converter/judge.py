@@ -7,7 +7,6 @@ import math
 
 from edgefleet.converter.context import Context
 from edgefleet.converter.evaluate import CLASS, Agreement
-from edgefleet.converter.quantized_source import QUANTIZED_SOURCE
 from edgefleet.converter.report import Attempt, Verdict
 
 __all__ = ["agreement_drop", "drop_points", "judge", "points_above"]
@@ -24,7 +23,7 @@ def judge(ctx: Context, attempt: Attempt) -> None:
     source_bytes = ctx.source.size_bytes if ctx.source.kind in ("onnx", "tflite") else None
     if attempt.mode != "none" and ctx.report.source_quantized:
         attempt.verdict = Verdict.NOT_SMALLER
-        attempt.reason = (f"{attempt.mode} did not make the model smaller: {QUANTIZED_SOURCE}, "
+        attempt.reason = (f"{attempt.mode} did not make the model smaller: {ctx.quantized}, "
                           f"{attempt.mode} finds nothing left to quantize (the result is the "
                           "source unchanged)")
         attempt.hint = ("package it as it is with --quantize none, or convert the float model "

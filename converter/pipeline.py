@@ -62,7 +62,7 @@ from edgefleet.converter.evaluate import (
 )
 from edgefleet.converter.floatio import float_predict as _predict
 from edgefleet.converter.judge import agreement_drop
-from edgefleet.converter.quantized_source import QUANTIZED_SOURCE, quantized_source
+from edgefleet.converter.quantized_source import quantized_source
 from edgefleet.converter.report import ConversionReport
 from edgefleet.converter.search import Candidate, Search, auto_candidates, choose
 from edgefleet.converter.slower import one_call
@@ -123,7 +123,8 @@ def _context(config: ConvertConfig, step: Step) -> Context:
                               source.size_bytes, budget_points=config.budget_points,
                               input_shapes={i.name: list(i.shape) for i in source.inputs})
     report.warnings.extend(size_warnings(source, config) + few_samples(calibration, config))
-    report.source_quantized = quantized_source(source)
+    quantized = quantized_source(source)
+    report.source_quantized = bool(quantized)
     if evaluation is None:
         evaluation = _synthetic(source)
         report.warnings.append("no --eval or --calibration data: agreement measured on 64 "
@@ -146,7 +147,7 @@ def _context(config: ConvertConfig, step: Step) -> Context:
                                                   one_call(evaluation, source.inputs))
     profiles = [load_profile(t) for t in config.targets]
     ctx = Context(config, source, calibration, evaluation, outputs, profiles, report, step,
-                  recipients, kinds=kinds, labelled=labelled)
+                  recipients, kinds=kinds, labelled=labelled, quantized=quantized)
     if config.prune:
         ctx.source = _pruned(ctx, config.prune)
         if evaluation.labels is not None:  # labels judge the pruning (accuracy lost in all);
@@ -238,7 +239,7 @@ def _synthetic(source: SourceModel) -> Dataset:
 def _candidates(ctx: Context) -> Iterator[Candidate]:
     cfg = ctx.config
     if cfg.quantize == "auto" and ctx.report.source_quantized:
-        ctx.report.warnings.append(f"{QUANTIZED_SOURCE}: packaged as it is")
+        ctx.report.warnings.append(f"{ctx.quantized}: packaged as it is")
         yield Candidate("none", "none")
         return
     if cfg.quantize != "auto":
