@@ -7,8 +7,8 @@ from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.converter.report import ConversionReport
 
 __all__ = ["BudgetExceededError", "ConversionFailedError", "ConverterError", "DataError",
-           "MissingExtraError", "NoResultError", "SourceModelError", "TargetViolationError",
-           "UnsupportedPathError"]
+           "MissingExtraError", "NoResultError", "OptionError", "SourceModelError",
+           "TargetViolationError", "UnsupportedPathError"]
 
 
 class ConverterError(EdgefleetError):
@@ -21,6 +21,11 @@ class MissingExtraError(ConverterError):
     def __init__(self, package: str) -> None:
         super().__init__(f"{package} is not installed",
                          hint="pip install 'edgefleet[converter]'")
+
+
+class OptionError(ConverterError):
+    """An option value the converter does not take, or options that conflict; refused
+    before anything is read."""
 
 
 class SourceModelError(ConverterError):

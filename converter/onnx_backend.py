@@ -3,7 +3,8 @@
 ONNX -> ONNX modes: ``none`` (as is), ``fp16`` (float16 weights and compute, float
 I/O kept), ``dynamic`` (int8 weights, after ``quant_pre_process``), ``int8``
 (static QDQ: uint8 activations, int8 per-channel weights, calibrated, after
-``quant_pre_process``); ``int8`` may exclude named nodes (``keep_float``).
+``quant_pre_process``); ``int8`` may exclude named nodes (``keep_float``). A source that
+is quantized already (QDQ, QOperator, ``MatMulInteger``) is returned as it is in every mode.
 
 Activations are uint8 (ONNX Runtime's default): with int8 activations ONNX Runtime's
 CPU kernels fuse fewer ``DequantizeLinear -> Conv -> QuantizeLinear`` groups (depthwise
@@ -30,6 +31,7 @@ import numpy as np
 from edgefleet.converter._tf import quiet_stdout
 from edgefleet.converter.data import Dataset
 from edgefleet.converter.errors import ConversionFailedError, DataError, MissingExtraError
+from edgefleet.converter.quantized_source import onnx_quantization_ops
 from edgefleet.converter.sources import SourceModel
 
 __all__ = ["CALIBRATION_METHODS", "export_onnx", "quantize_onnx", "sensitive_onnx_nodes"]
@@ -119,8 +121,8 @@ def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
                   method: str = "minmax", activations: str = "uint8") -> bytes:
     """``mode`` none, fp16, dynamic or int8; int8 takes a calibration ``method``
     (:data:`CALIBRATION_METHODS`) and ``activations`` (uint8 or int8)."""
-    if mode == "none":
-        return model
+    if mode == "none" or onnx_quantization_ops(model):
+        return model  # quantized already: nothing left to quantize (the pipeline says so)
     try:
         from onnxruntime.quantization import (
             QuantFormat,

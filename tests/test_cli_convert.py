@@ -147,3 +147,49 @@ def test_an_output_kind_is_name_equals_class_or_regression() -> None:
     assert _kind("output_iris=regression") == ("output_iris", "regression")
     with pytest.raises(typer.BadParameter, match="NAME=class or NAME=regression"):
         _kind("output_iris=landmarks")
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-MatMul float ONNX model: the options below are refused before it is read."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+        [numpy_helper.from_array(np.ones((8, 2), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path_factory.mktemp("tiny-onnx") / "tiny.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    (("--input-size", "320"), "--input-size '320': expected HEIGHTxWIDTH"),
+    (("--input-shape", "x=1xa"), "dims are integers joined by x"),
+    (("--input-shape", "x=1x8", "--input-size", "8x8"),
+     "--input-shape and --input-size both given"),
+    (("--quantize", "int4"), "quantize must be one of"),
+    (("--int8-io",), "--int8-io makes a TFLite model's inputs and outputs int8"),
+    (("--output-kind", "y=landmarks"), "expected NAME=class or NAME=regression"),
+    (("--max-drop", "250"), "max_drop is in accuracy points"),
+    (("--version", "one"), "is not a semantic version"),
+])
+def test_an_option_refused_under_json_is_one_json_object_with_the_same_exit_code(
+        tiny_onnx: Path, signing_keys: Keys, tmp_path: Path, options: tuple[str, ...],
+        says: str) -> None:
+    """Was typer's usage text on stderr and nothing on stdout, under --json too."""
+    common = ("convert", str(tiny_onnx), "-o", str(tmp_path / "x.efb"), "--format", "onnx",
+              "--sign-key", str(signing_keys.secret), *options)
+    text = _run(*common)
+    assert text.returncode == 2 and says in " ".join(text.stderr.split())
+    as_json = _run(*common, "--json")
+    assert as_json.returncode == text.returncode, as_json.stderr
+    error = json.loads(as_json.stdout)
+    assert error["error"] == "OptionError" and says in error["message"]
+    assert "edgefleet convert --help" in error["hint"]
+    assert "Usage:" not in as_json.stderr
+    assert not (tmp_path / "x.efb").exists()

@@ -12,8 +12,9 @@ from edgefleet.agent.core import Agent
 from edgefleet.agent.protocol.bundle import read_bundle
 from edgefleet.converter.config import ConvertConfig
 from edgefleet.converter.errors import DataError, NoResultError, UnsupportedPathError
-from edgefleet.converter.pipeline import SLOWER_MARGIN, convert, is_slower
+from edgefleet.converter.pipeline import convert
 from edgefleet.converter.search import choose
+from edgefleet.converter.slower import SLOWER_MARGIN, is_slower
 from tests.conftest import Keys
 from tests.models import TrainedModels
 

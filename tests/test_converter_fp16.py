@@ -137,7 +137,7 @@ def test_outputs_that_come_out_not_finite_are_refused_never_accepted(drop: float
     are NaN was written with exit 0. Not finite, in the drop or the worst score, is refused."""
     from types import SimpleNamespace
 
-    from edgefleet.converter.pipeline import _judge
+    from edgefleet.converter.judge import judge
     from edgefleet.converter.report import Attempt, Verdict
 
     attempt = Attempt("fp16", "fp16", size_bytes=10, accuracy_drop_points=drop)
@@ -145,7 +145,7 @@ def test_outputs_that_come_out_not_finite_are_refused_never_accepted(drop: float
     config = ConvertConfig(model=Path("m.onnx"), output=Path("o.efb"), sign_key=Path("k.key"),
                            max_drop=100.0)
     source = SimpleNamespace(kind="onnx", size_bytes=100)
-    _judge(SimpleNamespace(config=config, source=source), attempt)  # type: ignore[arg-type]
+    judge(SimpleNamespace(config=config, source=source), attempt)  # type: ignore[arg-type]
     assert attempt.verdict is Verdict.NOT_FINITE and not attempt.accepted
     assert "not finite" in attempt.reason
     report = ConversionReport("m.onnx", "onnx", "onnx", "fp16", 100, attempts=[attempt])

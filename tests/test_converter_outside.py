@@ -11,6 +11,7 @@ import pytest
 
 from edgefleet.agent.protocol.bundle import read_bundle
 from edgefleet.agent.runtime.select import load_runtime
+from edgefleet.converter.bundle import health_budget
 from edgefleet.converter.config import ConvertConfig
 from edgefleet.converter.evaluate import (
     CLASS,
@@ -19,7 +20,7 @@ from edgefleet.converter.evaluate import (
     output_error,
     output_kinds,
 )
-from edgefleet.converter.pipeline import convert, health_budget
+from edgefleet.converter.pipeline import convert
 from tests import wheel_models
 from tests.conftest import Keys
 from tests.models import TrainedModels

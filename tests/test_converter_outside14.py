@@ -20,7 +20,8 @@ from edgefleet.converter.config import ConvertConfig
 from edgefleet.converter.data import load_dataset
 from edgefleet.converter.errors import DataError, NoResultError, UnsupportedPathError
 from edgefleet.converter.evaluate import agreement
-from edgefleet.converter.pipeline import agreement_drop, convert, points_above
+from edgefleet.converter.judge import agreement_drop, points_above
+from edgefleet.converter.pipeline import convert
 from edgefleet.converter.report import Attempt, ConversionReport, Verdict
 from tests.conftest import Keys
 

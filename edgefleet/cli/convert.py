@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -20,6 +20,8 @@ from rich.progress import (
 
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.cli.output import console, emit, fail, literal, styled, table
+
+OPTIONS_HINT = "see 'edgefleet convert --help' for the options and the values they take"
 
 
 def convert(
@@ -67,7 +69,7 @@ def convert(
     """Convert a model for edge devices, measure it, and write a signed bundle."""
     try:
         from edgefleet.converter.config import ConvertConfig
-        from edgefleet.converter.errors import NoResultError
+        from edgefleet.converter.errors import NoResultError, OptionError
         from edgefleet.converter.pipeline import convert as run
     except EdgefleetError as exc:
         fail(exc, as_json)
@@ -86,8 +88,9 @@ def convert(
                                input_shapes=tuple(_shape(s) for s in input_shape or ()),
                                input_size=_size(input_size) if input_size else None,
                                output_kinds=tuple(_kind(k) for k in output_kind or ()))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    except (ValueError, typer.BadParameter) as exc:
+        _refused(OptionError(exc.message if isinstance(exc, typer.BadParameter) else str(exc),
+                             hint=OPTIONS_HINT), as_json)
     # Progress goes to a duplicate of stderr: conversions silence fds 1 and 2 meanwhile.
     progress_out = Console(file=os.fdopen(os.dup(2), "w"), stderr=True)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -116,6 +119,14 @@ def convert(
         except EdgefleetError as exc:
             fail(exc, as_json)
     _show(report.as_dict(), as_json)
+
+
+def _refused(exc: EdgefleetError, as_json: bool) -> NoReturn:
+    """An option value refused: one JSON object on stdout with ``--json`` (as every other
+    error of the command), else typer's usage error; exit 2 either way."""
+    if as_json:
+        fail(exc, as_json=True, code=2)
+    raise typer.BadParameter(exc.message) from exc
 
 
 def _worst(agreement: dict[str, Any]) -> str:
