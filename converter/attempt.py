@@ -19,7 +19,7 @@ from edgefleet.converter.evaluate import (
     latency_p50_ms,
     run_batched,
 )
-from edgefleet.converter.failures import result_refused
+from edgefleet.converter.failures import out_of_memory, result_refused
 from edgefleet.converter.floatio import float_predict as _predict
 from edgefleet.converter.judge import drop_points, judge
 from edgefleet.converter.names import output_order, rename_outputs
@@ -45,6 +45,13 @@ def try_candidate(ctx: Context, candidate: Candidate) -> tuple[Attempt, bytes | 
         # or run (LiteRT's set_tensor raises a bare ValueError on a dtype it does not take)
         attempt.verdict, attempt.reason = Verdict.FAILED, f"failed: {_message(exc)}"
         attempt.hint = getattr(exc, "hint", None) or ""
+        return attempt, None
+    except Exception as exc:  # a runtime's own exception types: memory is one, said as such
+        if not out_of_memory(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        attempt.verdict, attempt.reason = Verdict.FAILED, f"failed: out of memory: {first}"
+        attempt.hint = "give a smaller --input-size / --input-shape"
         return attempt, None
     judge(ctx, attempt)
     return attempt, artifact
@@ -128,7 +135,7 @@ def _measure(ctx: Context, attempt: Attempt, artifact: bytes) -> None:
     try:
         runtime = load_runtime(artifact, ctx.config.format)
         predict = _predict(runtime, ctx.source.inputs)
-        outputs = run_batched(predict, ctx.evaluation, batch_size(runtime.inputs),
+        outputs = run_batched(predict, ctx.evaluation, batch_size(runtime.inputs, ctx.evaluation),
                               on_batch=lambda d, t: ctx.step(f"evaluating {attempt.label}",
                                                              d, t))
     except (EdgefleetError, ValueError, RuntimeError) as exc:  # LiteRT raises bare ones

@@ -234,7 +234,7 @@ def _agreement(a: Side, b: Side, data: Path | None, scale: Scale) -> dict[str, A
     runtime_a = load_runtime(a.bundle.model_bytes, a.manifest.format)
     runtime_b = load_runtime(b.bundle.model_bytes, b.manifest.format)
     try:
-        batch = min(batch_size(runtime_a.inputs), batch_size(runtime_b.inputs))
+        batch = min(batch_size(runtime_a.inputs, dataset), batch_size(runtime_b.inputs, dataset))
         outs_a = run_batched(float_predict(runtime_a, reference), dataset, batch)
         outs_b = run_batched(float_predict(runtime_b, reference), dataset, batch)
     finally:

@@ -183,9 +183,21 @@ def fixed_batch(inputs: Sequence[TensorInfo]) -> int | None:
     return None
 
 
-def batch_size(inputs: Sequence[TensorInfo]) -> int:
-    """How many samples a call takes: the model's fixed batch, else :data:`BATCH`."""
-    return fixed_batch(inputs) or BATCH
+CALL_BYTES = 16 << 20  # inputs of one call of a model of a dynamic batch: large inputs
+# get fewer rows a call, so activations stay in proportion to one sample's
+
+
+def batch_size(inputs: Sequence[TensorInfo], data: Dataset | None = None) -> int:
+    """How many samples a call takes: the model's fixed batch; else :data:`BATCH`, fewer
+    when the samples of ``data`` are large (at most :data:`CALL_BYTES` of inputs a call) or
+    few (no call is padded beyond the samples there are)."""
+    fixed = fixed_batch(inputs)
+    if fixed:
+        return fixed
+    if data is None:
+        return BATCH
+    per_sample = sum(value[:1].nbytes for value in data.inputs.values())
+    return max(1, min(BATCH, CALL_BYTES // max(per_sample, 1), len(data)))
 
 
 def run_batched(predict: Predict, data: Dataset, batch: int = BATCH,

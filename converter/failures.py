@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgefleet.converter.errors import ConversionFailedError, SourceModelError
 
-__all__ = ["custom_ops", "result_refused", "source_refused", "source_unreadable",
+__all__ = ["custom_ops", "out_of_memory", "result_refused", "source_refused", "source_unreadable",
            "tflite_conversion"]
 
 _TF_OP = re.compile(r"'tf\.(\w+)' op")
@@ -28,6 +28,8 @@ _CUT_SHORT = re.compile(r"protobuf parsing failed|INVALID_PROTOBUF|not a valid F
                         r"truncated|file signature not found|not a zip file|"
                         r"accessible `\.keras` zip file", re.IGNORECASE)
 _LAMBDA = re.compile(r"`Lambda` layer|Lambda.*safe_mode", re.DOTALL)
+_NO_MEMORY = re.compile(r"Unable to allocate|Failed to allocate memory|BFCArena|bad_alloc|"
+                        r"out of memory", re.IGNORECASE)
 _NO_FLEX = ("select TensorFlow ops (Flex) are not used: LiteRT on a device does not carry "
             "them")
 
@@ -151,3 +153,9 @@ def _graph_inputs(kind: str, path: Path) -> int | None:
     except Exception:  # a file that does not parse: another reason covers it
         return None
     return None
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether a failure is memory running out: numpy's MemoryError, or a runtime's own
+    allocation failure (ONNX Runtime's arena, a C++ bad_alloc)."""
+    return isinstance(exc, MemoryError) or bool(_NO_MEMORY.search(str(exc)))

@@ -20,6 +20,7 @@ and the bundle of the chosen one (:mod:`.bundle`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -60,6 +61,7 @@ from edgefleet.converter.evaluate import (
     latency_p50_ms,
     run_batched,
 )
+from edgefleet.converter.failures import out_of_memory
 from edgefleet.converter.floatio import float_predict as _predict
 from edgefleet.converter.judge import agreement_drop
 from edgefleet.converter.quantized_source import quantized_source
@@ -114,9 +116,7 @@ def _context(config: ConvertConfig, step: Step) -> Context:
     check_batch_first(source)
     check_path(source.kind, config.format)
     check_mode(source.kind, config.quantize)
-    calibration = _load(config.calibration, source, config)
-    if calibration is not None:
-        calibration = calibration.take(config.calibration_samples)
+    calibration = _load(config.calibration, source, config, config.calibration_samples)
     evaluation = _load(config.eval, source, config) or calibration
     enough_for_the_batch(source, ((config.calibration, calibration), (config.eval, evaluation)))
     report = ConversionReport(str(config.model), source.kind, config.format, config.quantize,
@@ -127,8 +127,9 @@ def _context(config: ConvertConfig, step: Step) -> Context:
     report.source_quantized = bool(quantized)
     if evaluation is None:
         evaluation = _synthetic(source)
-        report.warnings.append("no --eval or --calibration data: agreement measured on 64 "
-                               "uniform random inputs, accuracy not measured")
+        report.warnings.append(f"no --eval or --calibration data: agreement measured on "
+                               f"{len(evaluation)} uniform random inputs, accuracy not "
+                               "measured")
         report.eval_data = "random"
     else:
         report.eval_data = str(config.eval or config.calibration)
@@ -153,7 +154,7 @@ def _context(config: ConvertConfig, step: Step) -> Context:
         if evaluation.labels is not None:  # labels judge the pruning (accuracy lost in all);
             # the outputs of what is converted judge the conversion's worst output
             ctx.source_outputs = run_batched(ctx.source.predict, evaluation,
-                                             batch_size(ctx.source.inputs))
+                                             batch_size(ctx.source.inputs, evaluation))
     # a Keras or SavedModel source runs on TensorFlow, not an edge runtime: no rival
     ctx.reference = source.predict if source.kind in ("onnx", "tflite") else None
     if source.kind in ("keras", "savedmodel") and config.quantize != "none":
@@ -167,12 +168,17 @@ def _source_outputs(source: SourceModel, evaluation: Dataset, step: Step) -> lis
     """The source's outputs on the evaluation data; data the source itself cannot run
     (token ids beyond its vocabulary, say) is refused naming the inputs and their values."""
     try:
-        return run_batched(source.predict, evaluation, batch_size(source.inputs),
+        return run_batched(source.predict, evaluation, batch_size(source.inputs, evaluation),
                            on_batch=lambda d, t: step("evaluating the source model", d, t))
     except EdgefleetError:
         raise
     except Exception as exc:  # ORT, LiteRT and TensorFlow raise their own types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if out_of_memory(exc):
+            shapes = ", ".join(f"{n} {list(v.shape[1:])}" for n, v in evaluation.inputs.items())
+            raise DataError(f"the source model runs out of memory on inputs of {shapes} "
+                            f"a sample: {first}",
+                            hint="give a smaller --input-size / --input-shape") from exc
         seen = "; ".join(f"input {name!r} ({value.dtype}) holds {value.min()}..{value.max()}"
                          for name, value in evaluation.inputs.items() if value.size)
         raise DataError(f"the source model fails on the evaluation data ({seen}): {first}",
@@ -217,7 +223,8 @@ def _pruned(ctx: Context, target: float) -> SourceModel:
 
 
 def _pruned_drop(ctx: Context, pruned: SourceModel) -> float:
-    outputs = run_batched(pruned.predict, ctx.evaluation, batch_size(pruned.inputs))
+    outputs = run_batched(pruned.predict, ctx.evaluation,
+                          batch_size(pruned.inputs, ctx.evaluation))
     labels, base = ctx.evaluation.labels, ctx.report.source_accuracy
     if labels is not None and base is not None:
         return round((base - accuracy(outputs, labels, ctx.labelled)) * 100, 4)
@@ -225,15 +232,25 @@ def _pruned_drop(ctx: Context, pruned: SourceModel) -> float:
                                     ctx.kinds))
 
 
-def _load(path: Path | None, source: SourceModel, config: ConvertConfig) -> Dataset | None:
-    return load_dataset(path, source.inputs, config.scale) if path else None
+def _load(path: Path | None, source: SourceModel, config: ConvertConfig,
+          limit: int | None = None) -> Dataset | None:
+    return load_dataset(path, source.inputs, config.scale, limit) if path else None
+
+
+SYNTHETIC_ROWS = 64
+SYNTHETIC_BYTES = 256 << 20  # random inputs when no data is given: fewer rows for large ones
 
 
 def _synthetic(source: SourceModel) -> Dataset:
+    """Uniform random inputs, drawn in float32 (not float64) and at most
+    :data:`SYNTHETIC_BYTES` of them (one row at least)."""
     rng = np.random.default_rng(0)
-    inputs = {i.name: rng.random([64, *[d if d > 0 else 1 for d in i.shape[1:]]])
-              .astype(i.dtype) for i in source.inputs}
-    return Dataset(inputs)
+    shapes = {i.name: [d if d > 0 else 1 for d in i.shape[1:]] for i in source.inputs}
+    per_row = sum(math.prod(shape) * max(np.dtype(i.dtype).itemsize, 4)
+                  for i, shape in zip(source.inputs, shapes.values(), strict=True))
+    rows = max(1, min(SYNTHETIC_ROWS, SYNTHETIC_BYTES // max(per_row, 1)))
+    return Dataset({i.name: rng.random([rows, *shapes[i.name]], dtype=np.float32)
+                    .astype(i.dtype, copy=False) for i in source.inputs})
 
 
 def _candidates(ctx: Context) -> Iterator[Candidate]:

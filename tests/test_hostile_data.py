@@ -201,3 +201,56 @@ def _png(path: Path) -> None:
     from PIL import Image
 
     Image.new("RGB", (8, 8), (10, 200, 30)).save(path)
+
+
+# --- memory at the input-size bound (outside test 14c, F6) ---------------------------------
+
+
+def test_calls_of_large_samples_hold_one_and_few_samples_are_not_padded() -> None:
+    from edgefleet.converter.evaluate import BATCH, CALL_BYTES, batch_size
+
+    dynamic = [TensorInfo("x", (-1, 1, -1, -1), "float32")]
+    big = Dataset({"x": np.zeros((3, 1, 2048, 2048), np.float32)})  # 16 MiB a sample
+    assert batch_size(dynamic, big) == max(1, CALL_BYTES // (2048 * 2048 * 4)) < 3
+    few = Dataset({"x": np.zeros((4, 1, 8, 8), np.float32)})
+    assert batch_size(dynamic, few) == 4  # was 64: sixteen times the work and memory
+    assert batch_size(dynamic) == BATCH
+    assert batch_size([TensorInfo("x", (3, 1, 8, 8), "float32")], few) == 3  # fixed: kept
+
+
+def test_random_inputs_are_float32_and_bounded_at_large_sizes() -> None:
+    from types import SimpleNamespace
+    from typing import cast
+
+    from edgefleet.converter.pipeline import SYNTHETIC_BYTES, SYNTHETIC_ROWS, _synthetic
+    from edgefleet.converter.sources import SourceModel
+
+    large = cast(SourceModel, SimpleNamespace(inputs=[TensorInfo("x", (-1, 1, 2048, 2048),
+                                                                  "float32")]))
+    data, peak = peak_traced_bytes(lambda: _synthetic(large))
+    assert isinstance(data, Dataset) and data.inputs["x"].dtype == np.float32
+    assert len(data) == SYNTHETIC_BYTES // (2048 * 2048 * 4)
+    assert peak <= SYNTHETIC_BYTES * 1.1  # drawn as float32: no float64 copy twice the size
+    small = cast(SourceModel, SimpleNamespace(inputs=[TensorInfo("x", (-1, 4), "float32")]))
+    assert len(_synthetic(small)) == SYNTHETIC_ROWS
+
+
+def test_a_source_running_out_of_memory_is_said_so_not_blamed_on_the_data() -> None:
+    from types import SimpleNamespace
+    from typing import cast
+
+    from edgefleet.converter.failures import out_of_memory
+    from edgefleet.converter.pipeline import _source_outputs
+    from edgefleet.converter.sources import SourceModel
+
+    def predict(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise MemoryError("Unable to allocate 4.00 GiB for an array")
+
+    source = cast(SourceModel, SimpleNamespace(inputs=SPEC, predict=predict))
+    data = Dataset({"x": np.zeros((2, 4), np.float32)})
+    with pytest.raises(DataError, match=r"runs out of memory on inputs of x \[4\]") as caught:
+        _source_outputs(source, data, lambda *a, **k: None)
+    assert caught.value.hint == "give a smaller --input-size / --input-shape"
+    assert out_of_memory(RuntimeError("bfc_arena.cc:360 BFCArena::AllocateRawInternal "
+                                      "Failed to allocate memory for requested buffer"))
+    assert not out_of_memory(RuntimeError("Invalid rank for input: x"))

@@ -69,7 +69,7 @@ def convert(
     """Convert a model for edge devices, measure it, and write a signed bundle."""
     try:
         from edgefleet.converter.config import ConvertConfig
-        from edgefleet.converter.errors import NoResultError, OptionError
+        from edgefleet.converter.errors import ConversionFailedError, NoResultError, OptionError
         from edgefleet.converter.pipeline import convert as run
     except EdgefleetError as exc:
         fail(exc, as_json)
@@ -118,6 +118,11 @@ def convert(
             fail(exc.cause, as_json, code=1)
         except EdgefleetError as exc:
             fail(exc, as_json)
+        except MemoryError as exc:  # anywhere in a conversion: said, never a traceback
+            fail(ConversionFailedError(
+                f"the conversion ran out of memory ({exc or 'MemoryError'})",
+                hint="give a smaller --input-size / --input-shape, or fewer --eval samples"),
+                as_json)
     _show(report.as_dict(), as_json)
 
 
