@@ -58,12 +58,40 @@ def hold(data_dir: Path, command: str = RUN, doing: str = "run another agent on 
 @contextlib.contextmanager
 def holding(data_dir: Path, command: str, doing: str) -> Iterator[None]:
     """Hold the lock while ``agent <command>`` changes ``data_dir`` (one that does not exist
-    yet is made: what the command writes goes there)."""
+    yet is made: what the command writes goes there).
+
+    A command that fails on a data dir it made (an unreadable bundle installed on a fresh
+    device) takes back what it made: the lock file and the folders that hold nothing else,
+    so a device is left as it was, with no data dir that looks set up."""
+    made = _missing(Path(data_dir))
     handle = hold(data_dir, command, doing)
     try:
         yield
+    except BaseException:
+        if made:
+            _unmake(Path(data_dir), made)
+        raise
     finally:
         handle.close()
+
+
+def _missing(data: Path) -> list[Path]:
+    """The folders of ``data`` that do not exist yet, innermost first."""
+    missing: list[Path] = []
+    for folder in (data, *data.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _unmake(data: Path, made: list[Path]) -> None:
+    """Remove the lock file, then each folder of ``made`` that is empty (one another
+    process wrote to stays, and so do the folders above it)."""
+    with contextlib.suppress(OSError):  # best effort: the command's own error is what counts
+        (data / LOCK_FILE).unlink()
+        for folder in made:
+            folder.rmdir()
 
 
 def _open(data: Path, flags: int) -> IO[bytes]:

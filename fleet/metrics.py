@@ -34,6 +34,10 @@ is counted on the ingest path. Families (all prefixed ``edgefleet_``)::
                                                   schema, identity); every reason shown
     bytes_served_total{kind}             counter  bytes of bundle and delta files served in
                                                   whole responses (kind: bundle, delta)
+    api_refusals_total{token,route}      counter  API calls refused for the token's role (403),
+                                                  by token name (never its secret) and route
+                                                  template ("POST /api/v1/rollouts"); one sample
+                                                  per pair refused at least once
 
 Which windows: the *latest window* of a (model, version) is the entry for that version in
 the latest telemetry point of each **online** device (agents send one point per
@@ -56,6 +60,10 @@ Counters: a device's ``inferences_total`` restarts at 0 when its agent restarts 
 counts move to another label set when it switches versions; a plain sum of the latest
 values would then go down. Each (device, model, version) keeps a base that absorbs
 restarts and its last value, so every counter only goes up while the controller runs.
+
+Restarts: every counter lives in the controller's memory and starts again at 0 when it
+restarts (``api_refusals_total`` too: the history keeps its ``api.refused`` rows); that is
+a Prometheus counter reset, which ``rate()`` and ``increase()`` take into account.
 
 Rollouts shown: every unfinished one and the :data:`FINISHED_SHOWN` newest finished
 ones (so a rollout's final state is scraped before it leaves the page).
@@ -148,6 +156,7 @@ class FleetCollector:
         for kind, size in c.bytes_served.items():
             served.add_metric([kind], size)
         yield served
+        yield _refusal_family(c.audit.refusals())
 
     def _counter_families(self, latest: dict[str, dict[str, Any]]) -> Iterator[Metric]:
         for device, point in latest.items():
@@ -388,3 +397,13 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
+
+
+def _refusal_family(refusals: dict[tuple[str, str], int]) -> Metric:
+    family = CounterMetricFamily("edgefleet_api_refusals",
+                                 "API calls refused for the token's role, by token name and "
+                                 "route (since the controller started).",
+                                 labels=["token", "route"])
+    for (token, route), count in sorted(refusals.items()):
+        family.add_metric([token, route], count)
+    return family

@@ -61,19 +61,20 @@ def _compile(template: str) -> re.Pattern[str]:
 
 def find(routes: Iterable[Route[H]], method: str, path: str) -> Match[H] | None:
     """The route answering ``method path`` (HEAD is answered as GET), with its parameters
-    (still percent-encoded: the handler decodes and checks them). Only the most specific
-    templates matching ``path`` answer it: ``/api/v1/devices/group`` is that path, not
-    ``/api/v1/devices/{device_id}`` (a DELETE there is a 405, as its Allow says)."""
+    (still percent-encoded: the handler decodes and checks them). Of the templates of that
+    method matching ``path``, the most specific answers (literal segments win); templates
+    of other methods never shadow it: ``POST /api/v1/devices/group`` groups devices, and
+    ``DELETE /api/v1/devices/group`` removes the device whose id is ``group``."""
     wanted = "GET" if method == "HEAD" else method
-    for route in _specific(routes, path):
-        if route.method == wanted and (found := route.pattern.match(path)):
+    for route in _specific((r for r in routes if r.method == wanted), path):
+        if found := route.pattern.match(path):
             return Match(route, found.groupdict())
     return None
 
 
 def allowed(routes: Iterable[Route[H]], path: str) -> str:
     """The methods the routes take on ``path`` (an ``Allow`` header; empty: no route)."""
-    return ", ".join(methods(_specific(routes, path)))
+    return ", ".join(methods(r for r in routes if r.pattern.match(path)))
 
 
 def _specific(routes: Iterable[Route[H]], path: str) -> list[Route[H]]:

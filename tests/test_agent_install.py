@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from edgefleet.agent.core import Agent
+from edgefleet.agent.lock import LOCK_FILE
 from edgefleet.agent.protocol.errors import IntegrityError
 from edgefleet.agent.protocol.files import atomic_write
 from edgefleet.agent.update import local
@@ -169,3 +170,41 @@ def test_staging_over_the_fallback_slot_forgets_the_fallback(
     assert slots.pointer().fallback is None, "a rollback must not land on the new bytes"
     with pytest.raises(SlotError, match="no earlier committed bundle"):
         slots.rollback()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a bundle"])
+def test_a_bundle_that_cannot_be_read_leaves_a_fresh_data_dir_absent(
+        damage: str, versions: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
+    """A refused install on a device that had no data dir leaves none behind (nothing that
+    looks like a set-up device, and no folder the user did not ask for: the parent made on
+    the way goes too); the error is the bundle's."""
+    whole = versions["1.0.0"].read_bytes()
+    bad = tmp_path / "bad.efb"
+    bad.write_bytes(whole[: len(whole) // 2] if damage == "truncated" else b"\x00" * 4096)
+    data = tmp_path / "var" / "edgefleet"
+    done = _cli("install", str(bad), "--data-dir", str(data),
+                "--trusted-key", str(signing_keys.public))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "bad.efb" in done.stderr or "bundle" in done.stderr, done.stderr
+    assert not (tmp_path / "var").exists(), list((tmp_path / "var").rglob("*"))
+
+
+def test_a_bundle_that_cannot_be_read_leaves_an_existing_data_dir_as_it_was(
+        versions: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
+    """Everything stays byte for byte; the lock file an earlier command left stays too (it
+    is the data dir's own; it names its last holder, so its bytes are not compared)."""
+    data = tmp_path / "device"
+    assert _cli("install", str(versions["1.0.0"]), "--data-dir", str(data),
+                "--trusted-key", str(signing_keys.public)).returncode == 0
+    before = _files(data)
+    bad = tmp_path / "bad.efb"
+    bad.write_bytes(versions["2.0.0"].read_bytes()[:1000])
+    done = _cli("install", str(bad), "--data-dir", str(data),
+                "--trusted-key", str(signing_keys.public))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert _files(data) == before
+    assert (data / LOCK_FILE).is_file()
+
+
+def _files(data: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in data.rglob("*") if p.is_file() and p.name != LOCK_FILE}

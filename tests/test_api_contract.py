@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import pytest
 import schemathesis
 from schemathesis import Case
 
+from edgefleet.agent.protocol.errors import RequestError
 from edgefleet.agent.protocol.keyring import build_keyring
 from edgefleet.fleet import api_types, contract
 from edgefleet.fleet.api import ROUTES
@@ -39,6 +41,7 @@ from edgefleet.fleet.errors import (
     RefusedError,
     UnavailableError,
 )
+from edgefleet.fleet.handlers import _checks as check
 from edgefleet.fleet.rollout.state import FINISHED
 from edgefleet.fleet.routing import find
 from tests.brokers import MosquittoBroker
@@ -106,6 +109,64 @@ def test_the_client_types_name_the_fields_of_the_document_schemas() -> None:
         assert fields == set(schemas[name].get("properties", {})), name
         if schemas[name].get("additionalProperties") is False:
             assert set(schemas[name]["required"]) == set(typed[name].__required_keys__), name
+
+
+# where the document states a check of fleet/handlers/_checks.py (a JSON pointer's parts)
+_LABELS = [("components", "schemas", "TagsRequest", "properties", "add", "items"),
+           ("components", "schemas", "TagsRequest", "properties", "remove", "items"),
+           ("components", "schemas", "GroupRequest", "properties", "group", "oneOf", 0),
+           ("components", "schemas", "RollbackRequest", "properties", "group"),
+           ("components", "schemas", "LabelsRequest", "properties", "set",
+            "additionalProperties"),
+           ("paths", "/api/v1/groups/{name}/delete", "post", "parameters", 0, "schema")]
+_IDS = [("components", "schemas", "LabelsRequest", "properties", "set", "propertyNames"),
+        ("components", "schemas", "LabelsRequest", "properties", "remove", "items"),
+        ("components", "schemas", "GroupCreate", "properties", "name"),
+        ("components", "schemas", "RemoveRequest", "properties", "devices", "items"),
+        ("paths", "/api/v1/devices/{device_id}", "delete", "parameters", 0, "schema")]
+
+
+def _at(document: Any, pointer: tuple[str | int, ...]) -> Any:
+    for part in pointer:
+        document = document[part]
+    return document
+
+
+@pytest.mark.parametrize("pointer", _LABELS + _IDS, ids=lambda p: "/".join(map(str, p)))
+def test_the_document_states_the_pattern_the_server_checks(
+        pointer: tuple[str | int, ...]) -> None:
+    """Groups, tags and label values are checked printable, label keys and names as ids:
+    the schema says so (a client or a fuzzer reads what is refused from it)."""
+    wanted = check.LABEL_PATTERN if pointer in _LABELS else check.ID_PATTERN
+    assert _at(contract.document(), pointer).get("pattern") == wanted
+
+
+def test_the_document_states_how_many_labels_one_call_sets() -> None:
+    labels = _at(contract.document(), ("components", "schemas", "LabelsRequest", "properties",
+                                       "set"))
+    assert labels["maxProperties"] == 32
+
+
+@pytest.mark.parametrize("text", [
+    "north cams & co", "Zürich-Süd", "北", "cam 🙂", " ", "a" * 64, "a" * 65, "", "tab\there",
+    "line\nbreak", "nul\x00", "del\x7f", "c1\x85", "nbsp\xa0", "soft\xadhyphen",
+    "zero\u200bwidth", "rtl\u202eoverride", "line\u2028sep", "bom\ufeff", "lone\ud800",
+    "private\ue000", "ideographic\u3000space", "tag\U000e0041", "unassigned\U0003ffff"])
+def test_the_label_pattern_refuses_nothing_the_server_takes(text: str) -> None:
+    """What the pattern refuses, ``check.label`` refuses (never stricter than the server);
+    it refuses every control, format and separator character of the BMP, as the server
+    does (only unassigned and astral ones are left to the server)."""
+    def server_takes() -> bool:
+        try:
+            check.label(text, "group")
+        except RequestError:
+            return False
+        return True
+
+    schema_takes = re.search(check.LABEL_PATTERN, text) is not None
+    assert schema_takes or not server_takes(), "the schema refuses what the server takes"
+    if all(ord(c) < 0x10000 for c in text):
+        assert schema_takes is server_takes(), "the schema must say what the server checks"
 
 
 @pytest.mark.parametrize("status, family", [

@@ -1,6 +1,6 @@
 """A token refused in a loop cannot fill the history (issue 18): at most one
 ``api.refused`` row per token and route a minute, the refusals in between counted in the
-next row; ``fleet history --action`` shows one action."""
+next row; ``fleet history --action`` shows one action; ``/metrics`` counts every refusal."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import json
 from collections.abc import Iterator
 from http.client import HTTPConnection
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from edgefleet.cli import app
@@ -19,6 +21,7 @@ from edgefleet.fleet.control.audit import REFUSALS_EVERY_MS
 from edgefleet.fleet.controller import ControllerConfig, FleetController
 from edgefleet.fleet.store import open_store
 from tests.conftest import Keys
+from tests.test_fleet_metrics import promtool_problems
 
 VIEWER, ADMIN = "viewer-secret-1", "admin-secret-1"
 
@@ -90,3 +93,32 @@ def test_the_history_shows_one_action_through_the_api_and_the_cli(
     shown = CliRunner().invoke(app, ["fleet", "history", "--json", "--controller", api.url,
                                      "--token", ADMIN])
     assert [e["action"] for e in json.loads(shown.stdout)] == ["group.create", "api.refused"]
+
+
+def _refusals(api: ApiServer) -> tuple[str, dict[tuple[str, str], float]]:
+    """``/metrics`` as text, and its ``edgefleet_api_refusals_total`` per (token, route)."""
+    with urlopen(f"{api.url}/metrics", timeout=10) as response:
+        text = str(response.read().decode())
+    counts = {(s.labels["token"], s.labels["route"]): s.value
+              for family in text_string_to_metric_families(text)
+              if family.name == "edgefleet_api_refusals"
+              for s in family.samples if s.name.endswith("_total")}
+    return text, counts
+
+
+def test_every_refusal_is_counted_on_metrics_by_token_name_and_route(
+        served: tuple[FleetController, ApiServer, Clock]) -> None:
+    """Rows are written once a minute, the counter counts each refusal; it names the token
+    (never its secret) and the route template (never a rollout id)."""
+    _, api, clock = served
+    assert _refusals(api)[1] == {}
+    for _ in range(3):
+        assert _post(api, "/api/v1/rollouts/r1/abort", VIEWER) == 403
+    assert _post(api, "/api/v1/rollouts/r2/abort", VIEWER) == 403
+    clock.now += REFUSALS_EVERY_MS
+    assert _post(api, "/api/v1/models", VIEWER) == 403
+    text, counts = _refusals(api)
+    assert counts == {("wall", "POST /api/v1/rollouts/{rollout_id}/abort"): 4,
+                      ("wall", "POST /api/v1/models"): 1}
+    assert VIEWER not in text and "r1" not in text
+    assert promtool_problems(text) == ""

@@ -219,12 +219,38 @@ def test_a_relayed_request_keeps_its_tokens_role_and_a_stored_actor_is_a_plain_n
     assert type(copy.deepcopy(Actor("olga", TokenRole.OPERATOR))) is str
 
 
-@pytest.mark.parametrize(("path", "allow"), [
-    ("/api/v1/devices/group", "POST"), ("/api/v1/devices/remove", "POST"),
-    ("/api/v1/devices/cam-0", "DELETE"), ("/api/v1/groups/x/delete", "POST")])
-def test_a_literal_path_is_answered_by_its_own_routes_not_a_template(path: str,
-                                                                   allow: str) -> None:
-    """``/devices/group`` also fits ``/devices/{device_id}``: its Allow names POST only,
-    and a DELETE there is a 405, not the removal of a device named group."""
+@pytest.mark.parametrize(("path", "allow", "post"), [
+    ("/api/v1/devices/group", "DELETE, POST", "/api/v1/devices/group"),
+    ("/api/v1/devices/remove", "DELETE, POST", "/api/v1/devices/remove"),
+    ("/api/v1/devices/cam-0", "DELETE", None), ("/api/v1/groups/x/delete", "POST",
+                                                "/api/v1/groups/{name}/delete")])
+def test_a_literal_path_wins_within_its_method_and_never_shadows_another_method(
+        path: str, allow: str, post: str | None) -> None:
+    """``/devices/group`` also fits ``/devices/{device_id}``: a POST there groups devices
+    (the literal route wins), a DELETE removes the device whose id is ``group`` (no DELETE
+    route is more specific), and its Allow names both."""
     assert allowed(ROUTES, path) == allow
-    assert (find(ROUTES, "DELETE", path) is None) is (allow != "DELETE")
+    deleted = find(ROUTES, "DELETE", path)
+    assert (deleted.params if deleted else None) == (
+        {"device_id": path.rpartition("/")[2]} if "DELETE" in allow else None)
+    posted = find(ROUTES, "POST", path)
+    assert (posted.route.path if posted else None) == post
+
+
+@pytest.mark.parametrize("device", ["group", "remove"])
+def test_a_device_named_like_a_devices_route_is_removed_by_delete(caller: Caller, fleet: Fleet,
+                                                                   device: str) -> None:
+    assert fleet.controller is not None
+    for known in (device, "cam-7"):
+        fleet.controller.registry.status(known, "online", 1)
+    status, data = caller.call("DELETE", f"/api/v1/devices/{device}", TOKEN)
+    assert status == 200, data
+    assert data["removed"] == [device]
+    assert fleet.controller.registry.get(device) is None
+    assert fleet.controller.registry.get("cam-7") is not None, "only that device"
+    status, data = caller.call("POST", f"/api/v1/devices/{device}", TOKEN,
+                               json.dumps({"devices": ["cam-7"], "group": "north"}
+                                          if device == "group" else {"devices": ["cam-7"]}
+                                          ).encode())
+    assert status == 200, data  # the literal route still answers POST
+    assert (fleet.controller.registry.get("cam-7") is None) is (device == "remove")

@@ -207,8 +207,9 @@ def test_metrics_show_devices_by_version_and_a_rollouts_progress(
     served_v1 = _total(probation, "edgefleet_inferences_total", version="1.0.0")
     assert _total(probation, "edgefleet_messages_rejected_total", reason="json") == 1
     assert promtool_problems(probation_text[0]) == ""
-    # every family has samples but drift's (no drift reference in these bundles)
-    assert empty_families(probation_text[0]) <= DRIFT_FAMILIES
+    # every family has samples but drift's (no drift reference in these bundles) and the
+    # API refusals' (a sample per token and route refused: none was)
+    assert empty_families(probation_text[0]) <= DRIFT_FAMILIES | {"edgefleet_api_refusals"}
 
     done_text: list[str] = []
     done = wait_until(lambda: (s := _scrape(fleet, done_text)) and _total(

@@ -761,7 +761,8 @@ def test_a_model_window_under_models_is_held_to_the_schema_of_the_flat_keys(
         values = item.get("values") if isinstance(item, dict) else None
         if not isinstance(values, dict) or "models" in values:
             continue
-        nested = {"schema_version": 1, "seq": 1, "models": {name: values}}
+        key = values["model"] if type(values.get("model")) is str else name  # its own key
+        nested = {"schema_version": 1, "seq": 1, "models": {key: values}}
         assert _refused(nested) is _refused(values), values
 
 
@@ -792,6 +793,8 @@ def _good_window(name: str) -> dict[str, Any]:
     ({"digits": {**_good_window("digits"), "models": {"digits": _good_window("digits")}}},
      False),
     ({"Not A Name!": _good_window("digits")}, False),
+    ({"digits": _good_window("cls")}, False), ({"digits": {"model": None}}, False),
+    ({"digits": {"model_version": "1.0.0"}}, True),
     ({"digits": [1]}, False), ([_good_window("digits")], False)])
 def test_a_point_with_a_bad_model_window_is_refused_whole_and_counted_as_schema(
         served: Served, models: Any, passes: bool) -> None:
@@ -804,6 +807,23 @@ def test_a_point_with_a_bad_model_window_is_refused_whole_and_counted_as_schema(
     assert (ctl.rejected == rejected) is passes
     assert ctl.rejected_by["schema"] == before + (0 if passes else 1)
     assert (device in ctl.telemetry.snapshot()) is passes, "a refused point was kept"
+
+
+def test_a_model_window_that_names_another_model_than_its_key_is_refused_by_name(
+        served: Served) -> None:
+    """The window under ``models.digits`` says ``"model": "cls"``: no reader can tell which
+    model it counts for, so the point is refused under ``schema`` and the log names both."""
+    ctl = served.ctl
+    device = served.device("models-mismatch")
+    values = {"schema_version": 1, "seq": 1, "models": {"digits": _good_window("cls")}}
+    with pytest.raises(TelemetrySchemaError, match=r"models\.digits\.model is not its key "
+                                                   r"'digits'.*got 'cls'"):
+        check_values(values)
+    before = _rejected_in_metrics(_views(served, every=False))["schema"]
+    ctl.intake.message(f"edgefleet/v1/{FLEET}/{device}/telemetry",
+                       json.dumps({"ts": 1, "values": values}).encode())
+    assert _rejected_in_metrics(_views(served, every=False))["schema"] == before + 1
+    assert device not in ctl.telemetry.snapshot()
 
 
 # --- point 11: Range on /bundles --------------------------------------------------------

@@ -62,6 +62,11 @@ def test_a_window_parses_into_days_times_and_a_zone_and_prints_canonically(
     ("Mon 10:00-10:00", 11, "opens and closes at the same time"),
     ("Mon 10:00-11:00 Europe/Nowhere", 17, "not a time zone"),
     ("Mon 10:00-11:00 /etc/passwd", 17, "not a time zone"),
+    ("Mon 10:00-11:00 localtime", 17, "'localtime' is a file of the zone database"),
+    ("Mon 10:00-11:00 Factory", 17, "'Factory' is a file of the zone database"),
+    ("Mon 10:00-11:00 posixrules", 17, "'posixrules' is a file of the zone database"),
+    ("Mon 10:00-11:00 posix/Europe/Berlin", 17, "not a time zone"),
+    ("Mon 10:00-11:00 right/UTC", 17, "not a time zone"),
     ("22:00-04:00", 1, "DAYS HH:MM-HH:MM [ZONE]")])
 def test_a_bad_window_is_refused_naming_the_position_and_the_fix(
         text: str, position: int, words: str) -> None:
@@ -182,14 +187,21 @@ def test_several_windows_open_at_the_first_of_them_after_the_start_time() -> Non
 @pytest.mark.parametrize(("text", "ms"), [
     ("2026-12-08T22:00:00+01:00", utc(2026, 12, 8, 21)),
     ("2026-12-08T21:00Z", utc(2026, 12, 8, 21)),
-    ("2026-12-08 21:00:00+00:00", utc(2026, 12, 8, 21))])
+    ("2026-12-08 21:00:00+00:00", utc(2026, 12, 8, 21)),
+    # the bounds are in UTC: these are 2000-01-01T00:30Z and 9000-12-31T23:30Z
+    ("1999-12-31T23:30-01:00", utc(2000, 1, 1, 0, 30)),
+    ("9001-01-01T00:30+01:00", utc(9000, 12, 31, 23, 30))])
 def test_a_start_time_is_iso_8601_with_its_zone(text: str, ms: int) -> None:
     assert parse_start_at(text) == ms
 
 
 @pytest.mark.parametrize(("text", "words"), [
     ("2026-12-08T22:00", "has no zone"), ("tomorrow", "not an ISO 8601 time"),
-    ("0001-01-01T00:00+01:00", "between the years")])
+    ("0001-01-01T00:00+01:00", "between the years"),
+    # in UTC 1999-12-31T23:30Z and 9001-01-01T00:30Z: outside, whatever their local year
+    ("2000-01-01T00:30+01:00", r"2000 and 9000 \(in UTC\)"),
+    ("9000-12-31T23:30-01:00", r"2000 and 9000 \(in UTC\)"),
+    ("9999-12-31T23:59+00:00", "between the years"), ("0001-01-01T00:00-14:00", "between")])
 def test_a_start_time_without_a_zone_or_not_a_time_is_refused(text: str, words: str) -> None:
     with pytest.raises(ScheduleError, match=words):
         parse_start_at(text)

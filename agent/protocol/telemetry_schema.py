@@ -27,7 +27,8 @@ measure                    null or a finite number, 0 to 1e12 (``latency_p50_ms`
 ``models``                 an object: model name (``NAME_PATTERN``) -> that model's values,
                            at most :data:`MAX_MODELS` of them (an agent of several models);
                            each is checked exactly as the point's own values (bar
-                           ``models``), and a bad one refuses the point whole
+                           ``models``), its ``model`` (when present) is its key, and a bad
+                           one refuses the point whole
 ``drift``                  an object of finite numbers, lists and short strings, at most
                            :data:`MAX_DRIFT_DEPTH` deep, beside ``model`` and
                            ``model_version``; a window that is not is dropped alone
@@ -70,10 +71,11 @@ SUPPORTED_VERSIONS = Telemetry.SUPPORTED_VERSIONS  # of ``values`` (agent.teleme
 class TelemetrySchemaError(PayloadError):
     """A telemetry point whose ``values`` break the schema; ``field`` is the path to it."""
 
-    def __init__(self, field: str, value: Any) -> None:
+    def __init__(self, field: str, value: Any, expected: str = "") -> None:
         shown = type(value).__name__ if isinstance(value, dict | list) else repr(value)[:60]
-        super().__init__(f"telemetry value {field} is not {_EXPECTED.get(_leaf(field), 'valid')}"
-                         f", got {shown}", hint="see docs/protocol.md, telemetry")
+        expected = expected or _EXPECTED.get(_leaf(field), "valid")
+        super().__init__(f"telemetry value {field} is not {expected}, got {shown}",
+                         hint="see docs/protocol.md, telemetry")
         self.field = field
 
 
@@ -206,6 +208,9 @@ def _models(models: Any) -> None:
         if type(window) is not dict or "models" in window:
             raise TelemetrySchemaError(f"models.{name}", window)
         _window(window, f"models.{name}.")
+        if "model" in window and window["model"] != name:
+            raise TelemetrySchemaError(f"models.{name}.model", window["model"],
+                                       f"its key {name!r} (a window names its own model)")
 
 
 def drift_problem(values: dict[str, Any]) -> str:

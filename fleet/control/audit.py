@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Callable
@@ -32,6 +33,8 @@ class AuditTrail:
         self._refusals: dict[tuple[str, str], tuple[int, int]] = {}
         self._refusals_lock = threading.Lock()
         self.refusals_unwritten = 0  # refusals counted in a later row, not a row each
+        # (token, route) -> every refusal since this controller started (GET /metrics)
+        self._refused: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def refused(self, actor: str, route: str, target: str, summary: str,
                 **detail: Any) -> AuditEntry | None:
@@ -42,6 +45,7 @@ class AuditTrail:
         one was only counted."""
         now, key = self.clock(), (str(actor), route)
         with self._refusals_lock:
+            self._refused[key] += 1
             last, since = self._refusals.get(key, (None, 0))
             if last is not None and now - last < REFUSALS_EVERY_MS:
                 self._refusals[key] = (last, since + 1)
@@ -51,6 +55,13 @@ class AuditTrail:
         extra = {"refused_since": since} if since else {}
         return self.record(actor, "api.refused", target, summary, outcome="refused",
                            **detail, **extra)
+
+    def refusals(self) -> dict[tuple[str, str], int]:
+        """Every refusal since this controller started, per (token name, route): counted in
+        memory, so they start again at 0 with the controller (a Prometheus counter's reset,
+        which ``rate()`` and ``increase()`` allow for); the history keeps the rows."""
+        with self._refusals_lock:
+            return dict(self._refused)
 
     def record(self, actor: str, action: str, target: str, summary: str = "",
                outcome: str = "ok", **detail: Any) -> AuditEntry:

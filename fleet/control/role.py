@@ -12,6 +12,10 @@ relays rollout commands to the leader.
 from __future__ import annotations
 
 import logging
+import os
+import re
+import secrets
+import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -32,6 +36,15 @@ __all__ = ["LeasedRole", "LocalBundles", "Role", "SingleRole"]
 log = logging.getLogger(CONTROLLER_LOG)
 
 LocalBundles = Callable[[], dict[str, Callable[[], bytes]]]
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def unique_suffix(name: str = "") -> str:
+    """``NAME-PID-RANDOM`` (NAME: the host's when empty): tells this controller's
+    connection apart from any other's, two in one process too, and names it in the
+    broker's log."""
+    name = _UNSAFE.sub("-", name or socket.gethostname())[:40] or "controller"
+    return f"{name}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class Role(Protocol):
@@ -84,9 +97,14 @@ class SingleRole:
 
     def __init__(self, controller_id: str, take_office: Callable[[], None]) -> None:
         self.controller_id, self._take_office = controller_id, take_office
+        self._suffix = unique_suffix(controller_id)
 
     def client_id(self, fleet: str) -> str:
-        return f"edgefleet-controller-{fleet}"
+        """Unique per controller, ``edgefleet-controller-FLEET-ID-PID-RANDOM`` (ID: the
+        controller id, else the host name): a broker disconnects the older of two equal
+        client ids, and two controllers of one fleet started alone (the same host name as
+        their default id) would take the connection from each other in turn."""
+        return f"edgefleet-controller-{fleet}-{self._suffix}"
 
     def telemetry_filter(self, topic_filter: str) -> str:
         return topic_filter

@@ -14,10 +14,21 @@ from edgefleet.agent.protocol.topics import check_id
 from edgefleet.fleet.durations import MAX_AGE_S
 from edgefleet.fleet.rollout.validate import RolloutOptionError
 
-__all__ = ["contract_id", "contract_ids", "invalid", "json_int", "json_list", "label",
-           "label_map", "labels", "limit", "model_key", "only", "rollout_id", "seconds"]
+__all__ = ["ID_PATTERN", "LABEL_PATTERN", "contract_id", "contract_ids", "invalid", "json_int",
+           "json_list", "label", "label_map", "labels", "limit", "model_key", "only",
+           "rollout_id", "seconds"]
 
 _NAME, _SEMVER = re.compile(NAME_PATTERN), re.compile(SEMVER_PATTERN)
+# what fleet/openapi.json states of the checks below (tests/test_api_contract.py holds the
+# two together): a contract id, and a group, tag or label value. str.isprintable() refuses
+# more than a schema pattern can list (every unassigned code point); the pattern names the
+# characters of the Basic Multilingual Plane it refuses: controls, format characters
+# (zero-width, bidirectional), separators but the space, surrogates and private use
+ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+LABEL_PATTERN = ("^[^\\u0000-\\u001f\\u007f-\\u00a0\\u00ad\\u0600-\\u0605\\u061c\\u06dd"
+                 "\\u070f\\u0890\\u0891\\u08e2\\u1680\\u180e\\u2000-\\u200f\\u2028-\\u202f"
+                 "\\u205f-\\u2064\\u2066-\\u206f\\u3000\\ud800-\\udfff\\ue000-\\uf8ff\\ufeff"
+                 "\\ufff9-\\ufffb\\ufffe\\uffff]{1,64}$")
 _INT_DIGITS = 4000  # below sys.get_int_max_str_digits()'s default of 4300
 
 

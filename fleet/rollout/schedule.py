@@ -10,12 +10,13 @@ lets it send bundles only inside one of its windows. A window is::
 It opens on each of its days at the first time and closes at the second, the next day
 when the second is not later (``22:00-04:00`` opened on Friday closes on Saturday at
 04:00); ``00:00-24:00`` is the whole day. Times are wall-clock times of ``ZONE`` (an IANA
-name, UTC when left out), so a window keeps its local hours across daylight-saving
-changes and is an hour shorter or longer on the night the clocks move; a time the clocks
-skip is read as if they had not jumped yet (02:15 on the night 02:00 becomes 03:00 is
-03:15 summer time), and a window whose start is skipped stays open at least as long as
-it is long (``Sun 02:00-03:00 Europe/Berlin`` is 03:00-04:00 summer time that night,
-``02:30-03:15`` is 03:30-04:15), so no window is lost.
+name, UTC when left out; never ``localtime``, ``Factory`` or ``posixrules``), so a window
+keeps its local hours across daylight-saving changes and is an hour shorter or longer on
+the night the clocks move; a time the clocks skip is read as if they had not jumped yet
+(02:15 on the night 02:00 becomes 03:00 is 03:15 summer time), and a window whose start
+is skipped stays open at least as long as it is long (``Sun 02:00-03:00 Europe/Berlin``
+is 03:00-04:00 summer time that night, ``02:30-03:15`` is 03:30-04:15), so no window is
+lost.
 
 Everything is a pure function of the time it is given (:meth:`Schedule.next_open`);
 the rollout executor asks it on each tick with the controller's clock.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from edgefleet.fleet.errors import InvalidRolloutError
@@ -42,6 +43,14 @@ _WINDOW = re.compile(r"(?P<days>\S+)\s+(?P<start>\S+?)-(?P<end>\S+)(?:\s+(?P<zon
 _TIME = re.compile(r"([01][0-9]|2[0-4]):([0-5][0-9])", re.ASCII)
 _ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+\-]*(?:/[A-Za-z0-9_+\-]+){0,2}", re.ASCII)
 _EXAMPLE = "e.g. --window 'Mon-Fri 22:00-04:00 Europe/Berlin'"
+# files of the zone database that load as zones but name none a person means: the host's
+# own zone (it differs from host to host), the "Factory" placeholder, the template POSIX
+# rules are read with, and the copies under posix/ and right/ (right/ counts leap seconds)
+_NOT_ZONES = frozenset({"localtime", "Factory", "posixrules"})
+_NOT_ZONE_TREES = ("posix/", "right/")
+# --start-at: from 2000-01-01 to the end of 9000, in UTC
+_FIRST_MS = round(datetime(2000, 1, 1, tzinfo=UTC).timestamp() * 1000)
+_AFTER_LAST_MS = round(datetime(9001, 1, 1, tzinfo=UTC).timestamp() * 1000)
 
 
 class ScheduleError(InvalidRolloutError):
@@ -213,6 +222,10 @@ def _parse_time(text: str, value: str, at: int, most: int) -> int:
 
 
 def _check_zone(text: str, zone: str, at: int) -> None:
+    if zone in _NOT_ZONES or zone.startswith(_NOT_ZONE_TREES):
+        raise ScheduleError(text, at, f"{zone[:40]!r} is a file of the zone database, not a "
+                            "time zone (it names no place's clock)",
+                            hint="an IANA name like Europe/Berlin, America/New_York or UTC")
     try:
         if not _ZONE.fullmatch(zone):
             raise ValueError(zone)
@@ -237,6 +250,8 @@ def parse_start_at(text: str) -> int:
         shown = when.isoformat()  # a date alone is its midnight: 2026-12-08T00:00:00
         raise ScheduleError(text, len(text.rstrip()), "the time has no zone",
                             hint=f"add one: {shown}Z (UTC) or {shown}+01:00")
-    if not 2000 <= when.year <= 9000:
-        raise ScheduleError(text, 0, "is not a time between the years 2000 and 9000")
-    return round(when.timestamp() * 1000)
+    ms = round(when.timestamp() * 1000)  # UTC: the bounds hold whatever the offset
+    if not _FIRST_MS <= ms < _AFTER_LAST_MS:
+        raise ScheduleError(text, 0, "is not a time between the years 2000 and 9000 (in "
+                            "UTC)", hint="e.g. --start-at 2026-12-08T22:00:00+01:00")
+    return ms
