@@ -42,6 +42,13 @@ def failure(report: ConversionReport, config: ConvertConfig) -> ConverterError:
                                    hint="; or ".join(filter(None, [_unusable(report), hint]))
                                    or backend or "see the report")
     if any(a.verdict is Verdict.OFF_TARGET for a in report.attempts):
+        fixed = unliftable(report.attempts)
+        if fixed:  # no recipe changes these: say what does, and offer no recipe
+            report.suggestions = []
+            return TargetViolationError(
+                f"no result fits the targets ({reasons})",
+                hint="no --quantize option lifts " + "; nor ".join(fixed) +
+                     f"; or drop --target {' / '.join(config.targets)}")
         stuck = _stuck_float(report.attempts)
         return TargetViolationError(f"no result fits the targets ({reasons})",
                                     hint="; or ".join(filter(None, [
@@ -51,6 +58,42 @@ def failure(report: ConversionReport, config: ConvertConfig) -> ConverterError:
                                     "--target or change the model")
     return ConverterError(f"conversion failed ({reasons})",
                           hint=backend or hint or "see the report")
+
+
+# operators a recipe adds or removes (float16 and int8 conversions bring these): a limit on
+# any other operator holds for every recipe
+RECIPE_OPS = {"QUANTIZE", "DEQUANTIZE", "CAST", "QuantizeLinear", "DequantizeLinear",
+              "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "Cast"}
+
+
+def unliftable(attempts: list[Attempt]) -> list[str]:
+    """Device limits that every refused-for-the-targets attempt breaks and no recipe
+    changes: a device without a runtime for the format, an ONNX opset above the device's,
+    an operator the device lacks (other than the ones quantization adds). Each comes with
+    what lifts it instead."""
+    off = [a for a in attempts if a.verdict is Verdict.OFF_TARGET]
+    if not off:
+        return []
+    common = set.intersection(*[{(v["kind"], v["message"]) for v in a.violations
+                                 if _fixed_by_model(v)} for a in off])
+    return [f"{message} ({_what_lifts(kind)})" for kind, message in sorted(common)]
+
+
+def _fixed_by_model(violation: dict[str, Any]) -> bool:
+    if violation["kind"] in ("runtime", "opset"):
+        return True
+    if violation["kind"] != "op":
+        return False
+    op = str(violation["message"]).removeprefix("op ").split(" ", 1)[0]
+    return op not in RECIPE_OPS
+
+
+def _what_lifts(kind: str) -> str:
+    return {"runtime": "convert to the format the device runs: --format tflite from a Keras "
+                       "or SavedModel source",
+            "opset": "re-export the model at an opset the device loads",
+            "op": "replace the operator in the model, or export it without it (a fixed "
+                  "batch removes the SHAPE a dynamic Flatten or Reshape adds)"}[kind]
 
 
 def _unusable(report: ConversionReport) -> str:

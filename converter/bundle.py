@@ -42,6 +42,7 @@ def write_bundle(ctx: Context, chosen: Attempt, artifact: bytes) -> None:
                                   sparsity=float(ctx.report.pruning.get("sparsity", 0.0))),
         metrics=ctx.report.metrics(), targets=tuple(p.name for p in ctx.profiles),
         min_runtime_version=_min_runtime(cfg.format, info),
+        opset=info.opset if cfg.format == "onnx" else None,
         atol=HEALTH_ATOL.get(chosen.mode, 2e-2),
         lineage=lineage_of(cfg, ctx.report.source_kind), encrypt_for=ctx.recipients,
         **_reference_data(ctx, runtime))
@@ -91,7 +92,9 @@ def probe_manifest(ctx: Context, runtime: Runtime, info: ModelInfo) -> Manifest:
                     created="", format=ctx.config.format,
                     runtime=RuntimeRequirement(name="litert" if ctx.config.format == "tflite"
                                                else "onnxruntime",
-                                               min_version=_min_runtime(ctx.config.format, info)),
+                                               min_version=_min_runtime(ctx.config.format, info),
+                                               opset=info.opset if ctx.config.format == "onnx"
+                                               else None),
                     inputs=[tensor_spec(t) for t in runtime.inputs],
                     outputs=[tensor_spec(t) for t in runtime.outputs], files={})
 
@@ -99,4 +102,10 @@ def probe_manifest(ctx: Context, runtime: Runtime, info: ModelInfo) -> Manifest:
 def _min_runtime(fmt: str, info: ModelInfo) -> str:
     if fmt == "tflite":
         return info.min_runtime_version or "0"
-    return ONNX_RUNTIME_FOR_OPSET.get(info.opset or 0, "0")
+    opset = info.opset or 0
+    if opset > max(ONNX_RUNTIME_FOR_OPSET):  # newer than this table: at least the release
+        # that measured it here (older ones may not know the opset)
+        from importlib import metadata
+
+        return metadata.version("onnxruntime")
+    return ONNX_RUNTIME_FOR_OPSET.get(opset, "0")

@@ -38,6 +38,8 @@ __all__ = ["DYNAMIC_SIDE", "IMAGE_SUFFIXES", "MAX_DATA_BYTES", "Dataset", "load_
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 DYNAMIC_SIDE = 224  # images for inputs with a dynamic height or width are resized to this
 MAX_DATA_BYTES = 1 << 30  # one file's samples held in memory, in the inputs' dtypes
+MAX_IMAGE_PIXELS = 50_000_000  # one image decoded: 200 MB as RGBA (PIL only warns up to
+# twice its own limit of 89 M pixels, and refuses above 179 M)
 _SCALES = {"0-1": (1 / 255.0, 0.0), "-1-1": (2 / 255.0, -1.0), "0-255": (1.0, 0.0)}
 
 
@@ -339,6 +341,15 @@ def _image(path: Path, width: int, height: int, channels: int) -> Array:
 
     try:
         with Image.open(path) as opened:
+            pixels = opened.size[0] * opened.size[1]  # known from the header, before decoding
+            limit = Image.MAX_IMAGE_PIXELS or MAX_IMAGE_PIXELS
+            if pixels > min(limit, MAX_IMAGE_PIXELS):
+                raise DataError(f"image {path} has {pixels:,} pixels ({opened.size[0]}x"
+                                f"{opened.size[1]}), above the {min(limit, MAX_IMAGE_PIXELS):,} "
+                                "edgefleet decodes (a decompression bomb, or a photo far "
+                                "larger than any model input)",
+                                hint=f"resize it (every image is resized to the model's input, "
+                                     f"{width}x{height}), or remove it from the folder")
             img = _eight_bit(ImageOps.exif_transpose(opened))
             mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
             if channels != 4 and _transparent(img):

@@ -37,7 +37,10 @@ Predict = Callable[[Mapping[str, Array]], list[Array]]
 
 SMALL_OUTPUT = 8  # outputs of fewer numbers a sample are judged by error against their range
 RANGE_WEIGHT = 0.2  # a small output's score: 1 - 0.2 x (max abs error / range)
-RANGE_FLOOR = 0.1  # the range a small output is judged against is at least 0.1 x max |value|
+RANGE_FLOOR = 0.1  # a small output in [0, 1] (a probability) is judged against a range of
+# at least 0.1 x its largest value; any other against at least OFFSET_FLOOR x its largest
+# magnitude: a reading around an offset (1000 +- 3) is judged on its own spread
+OFFSET_FLOOR = 0.001
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,11 @@ class OutputError:
     source's mean: a constant offset, which the plain cosine hides under a large mean,
     counts); for smaller ones (a score, a flag), where a cosine says nothing,
     ``1 - RANGE_WEIGHT * max_abs_error / range``, the range being at least
-    :data:`RANGE_FLOOR` of the output's largest magnitude (an output nearly constant on
-    the evaluation data, a confident probability, is not judged against a range of
-    nothing). An error of 5 % of the range scores 0.99.
+    :data:`RANGE_FLOOR` of the output's largest value for an output in [0, 1] (one nearly
+    constant on the evaluation data, a confident probability, is not judged against a
+    range of nothing), and at least :data:`OFFSET_FLOOR` of its largest magnitude for any
+    other (a tenth of it hid an output of 1000 +- 3 reduced to noise). An error of 5 % of
+    the range scores 0.99.
     """
 
     index: int
@@ -264,7 +269,9 @@ def output_error(index: int, name: str, source: Array, converted: Array) -> Outp
     mean = float(a.mean()) if a.size else 0.0
     centered = _cosine(a - mean, b - mean) if span > 0 else (1.0 if max_abs == 0 else 0.0)
     small = numbers < SMALL_OUTPUT
-    judged = max(span, RANGE_FLOOR * float(np.abs(a).max())) if a.size else 0.0
+    probability = bool(a.size) and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    floor = RANGE_FLOOR if probability else OFFSET_FLOOR
+    judged = max(span, floor * float(np.abs(a).max())) if a.size else 0.0
     score = (1.0 - RANGE_WEIGHT * min(max_abs / judged, 5.0) if judged > 0 else
              (1.0 if max_abs == 0 else 0.0)) if small else centered
     return OutputError(index, name, numbers, round(_cosine(a, b), 6), round(centered, 6),

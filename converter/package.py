@@ -53,6 +53,7 @@ class PackageSpec:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     targets: tuple[str, ...] = ()
     min_runtime_version: str = "0"
+    opset: int | None = None  # an ONNX model's default-domain opset, recorded in the manifest
     atol: float = 1e-4
     rtol: float = 1e-3
     lineage: Lineage | None = None
@@ -85,7 +86,7 @@ def package_bytes(model_bytes: bytes, fmt: str, out: Path, spec: PackageSpec,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         format=fmt,
         runtime=RuntimeRequirement(name=RUNTIME_FOR_FORMAT[fmt],
-                                   min_version=spec.min_runtime_version),
+                                   min_version=spec.min_runtime_version, opset=spec.opset),
         inputs=[tensor_spec(t) for t in runtime.inputs],
         outputs=[tensor_spec(t) for t in runtime.outputs],
         task=spec.task,

@@ -254,3 +254,37 @@ def test_a_source_running_out_of_memory_is_said_so_not_blamed_on_the_data() -> N
     assert out_of_memory(RuntimeError("bfc_arena.cc:360 BFCArena::AllocateRawInternal "
                                       "Failed to allocate memory for requested buffer"))
     assert not out_of_memory(RuntimeError("Invalid rank for input: x"))
+
+
+def test_an_image_of_more_pixels_than_edgefleet_decodes_is_refused_from_its_header(
+        tmp_path: Path) -> None:
+    """60 M pixels, below PIL's own refusal (179 M) and its warning (89 M), in a few KB of
+    PNG: refused before decoding (decoded as RGBA it took 2.5 GB at 121 M pixels)."""
+    from PIL import Image
+
+    from edgefleet.converter.data import MAX_IMAGE_PIXELS
+
+    Image.new("1", (8000, 7500)).save(tmp_path / "bomb.png")
+    assert (tmp_path / "bomb.png").stat().st_size < 1 * MiB
+    spec = [TensorInfo("image", (-1, 8, 8, 3), "float32")]
+    result, peak = peak_traced_bytes(lambda: load_dataset(tmp_path, spec))
+    assert isinstance(result, DataError), repr(result)
+    assert "60,000,000 pixels (8000x7500), above the 50,000,000" in result.message
+    assert "resize it" in (result.hint or "") and MAX_IMAGE_PIXELS < 8000 * 7500
+    assert peak < IN_PROCESS_CAP
+
+
+def test_a_small_output_around_an_offset_is_judged_on_its_own_spread() -> None:
+    """4 numbers of 1000 +- 3 whose error (about 2) is as large as their variation: refused
+    as noise; a probability near 1.0 keeps its floor of a tenth."""
+    from edgefleet.converter.evaluate import output_error
+
+    rng = np.random.default_rng(0)
+    source = 1000.0 + rng.uniform(-3, 3, (16, 4))
+    noisy = source + rng.uniform(-2, 2, (16, 4))
+    found = output_error(0, "altitude", source, noisy)
+    assert found.judged_by == "range" and found.judged_range == pytest.approx(
+        float(source.max() - source.min()), rel=1e-6)
+    assert found.score < 0.95  # it scored 0.996 against a range of 100
+    confident = np.full((16, 2), 0.9995) + rng.uniform(0, 0.0005, (16, 2))
+    assert output_error(0, "p", confident, confident - 0.002).score > 0.99

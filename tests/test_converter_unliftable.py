@@ -1,0 +1,61 @@
+"""Device limits no recipe lifts are said so at once, and an ONNX opset newer than the
+converter's table records the ONNX Runtime that measured it (outside test 14c, F9, F21,
+F27)."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+from edgefleet.agent.runtime.inspect import ModelInfo
+from edgefleet.converter.advice import failure, unliftable
+from edgefleet.converter.bundle import ONNX_RUNTIME_FOR_OPSET, _min_runtime
+from edgefleet.converter.config import ConvertConfig
+from edgefleet.converter.errors import TargetViolationError
+from edgefleet.converter.report import Attempt, ConversionReport, Verdict
+
+
+def _off(mode: str, *violations: tuple[str, str]) -> Attempt:
+    attempt = Attempt(mode, mode, violations=[{"kind": k, "message": m} for k, m in violations])
+    attempt.verdict = Verdict.OFF_TARGET
+    return attempt
+
+
+SHAPE = ("op", "op SHAPE is not supported on coral-edgetpu")
+FLOAT = ("dtype", "coral-edgetpu does not run float32 tensors")
+OPSET = ("opset", "model uses ONNX opset 24; raspberry-pi-4's onnxruntime loads at most 23")
+DEQUANT = ("op", "op DEQUANTIZE is not supported on coral-edgetpu")
+
+
+def test_an_operator_every_recipe_keeps_is_named_and_no_recipe_offered(tmp_path: Path) -> None:
+    attempts = [_off("int8", SHAPE, FLOAT), _off("int8", SHAPE)]
+    assert unliftable(attempts) == [f"{SHAPE[1]} (replace the operator in the model, or "
+                                    "export it without it (a fixed batch removes the SHAPE a "
+                                    "dynamic Flatten or Reshape adds))"]
+    report = ConversionReport("m.keras", "keras", "tflite", "int8", 1)
+    report.attempts = attempts
+    config = ConvertConfig(model=tmp_path / "m.keras", output=tmp_path / "m.efb",
+                           sign_key=tmp_path / "k", targets=("coral-edgetpu",))
+    error = failure(report, config)
+    assert isinstance(error, TargetViolationError)
+    assert (error.hint or "").startswith("no --quantize option lifts op SHAPE")
+    assert "--quantize auto" not in (error.hint or "") and report.suggestions == []
+
+
+def test_an_opset_or_a_missing_runtime_is_never_lifted_by_a_recipe() -> None:
+    assert "re-export the model at an opset" in unliftable([_off("int8", OPSET)])[0]
+    runtime = ("runtime", "coral-edgetpu has no runtime for .onnx models")
+    assert "--format tflite" in unliftable([_off("int8", runtime)])[0]
+
+
+def test_limits_a_recipe_changes_leave_the_recipes_offered() -> None:
+    assert unliftable([_off("fp16", DEQUANT)]) == []  # float16 adds DEQUANTIZE; int8 not
+    assert unliftable([_off("int8", FLOAT)]) == []  # --int8-io lifts it
+    assert unliftable([_off("int8", SHAPE), _off("int8-mixed-1", FLOAT)]) == []  # not in all
+
+
+def test_an_opset_newer_than_the_table_needs_the_runtime_that_measured_it() -> None:
+    newest = max(ONNX_RUNTIME_FOR_OPSET)
+    installed = metadata.version("onnxruntime")
+    assert _min_runtime("onnx", ModelInfo("onnx", {}, opset=newest + 1)) == installed
+    assert _min_runtime("onnx", ModelInfo("onnx", {}, opset=17)) == ONNX_RUNTIME_FOR_OPSET[17]
