@@ -90,17 +90,25 @@ def load_profile(name_or_path: str) -> DeviceProfile:
         known = ", ".join(p.stem for p in sorted(_profiles_dir().glob("*.json")))
         raise ProfileError(f"no device profile {name_or_path!r}",
                            hint=f"use one of: {known}, or a path to a profile .json")
+    if not path.is_file():  # a folder, a FIFO (whose read would block), a device
+        raise ProfileError(f"profile {path} is not a regular file",
+                           hint="give a profile .json file, or a built-in profile's name")
     try:
         return DeviceProfile.model_validate(json.loads(path.read_text()))
-    except (ValueError, ValidationError) as exc:
-        raise ProfileError(f"profile {path} is invalid: {exc}",
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'profile'}: {e['msg']}"
+                             for e in exc.errors()[:5])
+        raise ProfileError(f"profile {path} is invalid: {problems}",
+                           hint="compare it with devices/profiles/generic-arm64.json") from exc
+    except (ValueError, OSError) as exc:
+        raise ProfileError(f"profile {path} cannot be read: {exc}",
                            hint="compare it with devices/profiles/generic-arm64.json") from exc
 
 
 def check_model(profile: DeviceProfile, manifest: Manifest, info: ModelInfo,
                 model_bytes: int) -> list[Violation]:
     """Every reason ``profile`` cannot run this model; empty when it can."""
-    checks = (_runtime, _size, _dtypes, _ops, _versions)
+    checks = (_runtime, _size, _ram, _dtypes, _ops, _versions)
     return [v for check in checks for v in check(profile, manifest, info, model_bytes)]
 
 
@@ -117,6 +125,15 @@ def _size(p: DeviceProfile, m: Manifest, info: ModelInfo, size: int) -> list[Vio
         return []
     return [Violation("size", f"model is {size} bytes; {p.name} takes at most "
                       f"{p.max_model_bytes} bytes")]
+
+
+def _ram(p: DeviceProfile, m: Manifest, info: ModelInfo, size: int) -> list[Violation]:
+    """The model's weights are loaded into memory whole: a model larger than the device's
+    memory cannot run (its activations come on top, and are not estimated here)."""
+    if size <= p.ram_bytes:
+        return []
+    return [Violation("size", f"model is {size} bytes; {p.name} has {p.ram_bytes} bytes of "
+                      "memory")]
 
 
 def _dtypes(p: DeviceProfile, m: Manifest, info: ModelInfo, size: int) -> list[Violation]:

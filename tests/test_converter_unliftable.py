@@ -59,3 +59,31 @@ def test_an_opset_newer_than_the_table_needs_the_runtime_that_measured_it() -> N
     installed = metadata.version("onnxruntime")
     assert _min_runtime("onnx", ModelInfo("onnx", {}, opset=newest + 1)) == installed
     assert _min_runtime("onnx", ModelInfo("onnx", {}, opset=17)) == ONNX_RUNTIME_FOR_OPSET[17]
+
+
+def test_a_profile_path_that_is_a_folder_or_invalid_is_a_profile_error(tmp_path: Path) -> None:
+    import json
+
+    import pytest
+
+    from edgefleet.agent.protocol.manifest import Manifest, RuntimeRequirement, TensorSpec
+    from edgefleet.devices import ProfileError, check_model, load_profile
+
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(ProfileError, match="is not a regular file"):
+        load_profile(str(tmp_path / "dir.json"))
+    base = json.loads(load_profile.__globals__["_profiles_dir"]().joinpath(
+        "generic-x86_64.json").read_text())
+    (tmp_path / "bad.json").write_text(json.dumps({**base, "ram_bytes": -1}))
+    with pytest.raises(ProfileError, match=r"ram_bytes: Input should be greater than 0"):
+        load_profile(str(tmp_path / "bad.json"))
+    (tmp_path / "ram.json").write_text(json.dumps({**base, "ram_bytes": 1000}))
+    tiny = load_profile(str(tmp_path / "ram.json"))
+    manifest = Manifest(schema_version=1, name="m", version="1.0.0", created="", format="onnx",
+                        runtime=RuntimeRequirement(name="onnxruntime"),
+                        inputs=[TensorSpec(name="x", shape=[1, 4], dtype="float32")],
+                        outputs=[TensorSpec(name="y", shape=[1, 2], dtype="float32")],
+                        files={})
+    found = check_model(tiny, manifest, ModelInfo("onnx", {}), 29_000)
+    assert [v.message for v in found] == [f"model is 29000 bytes; {tiny.name} has 1000 bytes "
+                                          "of memory"]
