@@ -1,7 +1,8 @@
 """A bundle's lineage: what it was converted from, with which tool, config and data.
 
-Files are identified by their sha256. A folder (a SavedModel, an image folder) by a
-tree hash that does not depend on where it lies or on file times::
+Files are identified by their sha256. A folder (a SavedModel, an image folder: its images
+only) by a tree hash of its regular files that does not depend on where it lies or on file
+times::
 
     sha256( for each file under the folder, in sorted relative POSIX path order:
             relative_path NUL sha256_hex_of_the_file LF )
@@ -22,6 +23,7 @@ from typing import Any
 from edgefleet.agent.protocol.files import sha256_file
 from edgefleet.agent.protocol.manifest import DataRef, Lineage, SourceRef
 from edgefleet.converter.config import ConvertConfig
+from edgefleet.converter.data import IMAGE_SUFFIXES
 
 __all__ = ["LIBRARIES", "config_json", "data_ref", "lineage_of", "path_sha256", "tree_sha256"]
 
@@ -30,32 +32,42 @@ LIBRARIES = ("edgefleet", "tensorflow-cpu", "tensorflow", "keras", "onnx", "onnx
              "tf2onnx", "ai-edge-litert", "ai-edge-quantizer", "numpy")
 
 
-def tree_sha256(folder: Path) -> str:
+def tree_files(folder: Path, suffixes: frozenset[str] | None = None) -> list[Path]:
+    """The regular files under ``folder`` (a FIFO or device is not data), in sorted relative
+    POSIX path order; only those of ``suffixes`` when given (an image folder's images)."""
+    return sorted((p for p in folder.rglob("*") if p.is_file()
+                   and (suffixes is None or p.suffix.lower() in suffixes)),
+                  key=lambda p: p.relative_to(folder).as_posix())
+
+
+def tree_sha256(folder: Path, suffixes: frozenset[str] | None = None) -> str:
     digest = hashlib.sha256()
-    for path in sorted((p for p in folder.rglob("*") if p.is_file()),
-                       key=lambda p: p.relative_to(folder).as_posix()):
+    for path in tree_files(folder, suffixes):
         relative = path.relative_to(folder).as_posix()
         digest.update(f"{relative}\0{sha256_file(path)}\n".encode())
     return digest.hexdigest()
 
 
-def path_sha256(path: Path) -> str:
+def path_sha256(path: Path, suffixes: frozenset[str] | None = None) -> str:
     """A file's sha256, or a folder's tree hash."""
-    return tree_sha256(path) if path.is_dir() else sha256_file(path)
+    return tree_sha256(path, suffixes) if path.is_dir() else sha256_file(path)
 
 
-def _size_and_count(path: Path) -> tuple[int, int]:
+def size_and_count(path: Path, suffixes: frozenset[str] | None = None) -> tuple[int, int]:
+    """Bytes and files a hash of ``path`` reads."""
     if not path.is_dir():
         return path.stat().st_size, 1
-    files = [p for p in path.rglob("*") if p.is_file()]
+    files = tree_files(path, suffixes)
     return sum(p.stat().st_size for p in files), len(files)
 
 
 def data_ref(path: Path | None) -> DataRef | None:
+    """A data set's identity: an image folder by its images only (the files it reads)."""
     if path is None:
         return None
-    size, count = _size_and_count(path)
-    return DataRef(path=str(path), sha256=path_sha256(path), size=size, files=count)
+    suffixes = frozenset(IMAGE_SUFFIXES) if path.is_dir() else None
+    size, count = size_and_count(path, suffixes)
+    return DataRef(path=str(path), sha256=path_sha256(path, suffixes), size=size, files=count)
 
 
 def config_json(config: ConvertConfig) -> dict[str, Any]:
@@ -82,7 +94,7 @@ def _libraries() -> dict[str, str]:
 
 def lineage_of(config: ConvertConfig, source_kind: str) -> Lineage:
     """Hash the source and the data the conversion read; record the tool and config."""
-    size, _ = _size_and_count(config.model)
+    size, _ = size_and_count(config.model)
     libraries = _libraries()
     return Lineage(
         source=SourceRef(path=str(config.model), kind=source_kind,

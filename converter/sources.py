@@ -148,7 +148,7 @@ def _runtime(path: Path, kind: SourceKind) -> SourceModel:
     """An ONNX or TFLite source, run in the real domain: an int8 / uint8 input takes real
     values, quantized with the source's own scale and zero point, and a quantized output
     is dequantized, so a conversion is compared with it number for number."""
-    runtime = load_runtime(path.read_bytes(), kind)
+    runtime = load_runtime(path.read_bytes(), kind, memory_arena=False)  # see attempt.py
     ins = {t.name: t for t in runtime.inputs}
     outs = runtime.outputs
 

@@ -288,3 +288,39 @@ def test_a_small_output_around_an_offset_is_judged_on_its_own_spread() -> None:
     assert found.score < 0.95  # it scored 0.996 against a range of 100
     confident = np.full((16, 2), 0.9995) + rng.uniform(0, 0.0005, (16, 2))
     assert output_error(0, "p", confident, confident - 0.002).score > 0.99
+
+
+def test_data_beyond_what_the_lineage_hashes_is_refused_before_reading(tmp_path: Path) -> None:
+    """A sparse file declaring 60 GiB took 77 s to hash for the lineage after 200 rows were
+    read; files in an image folder that are not images are neither read nor hashed."""
+    from edgefleet.converter.data import MAX_HASHED_BYTES
+    from edgefleet.converter.lineage import data_ref
+
+    path = tmp_path / "sparse.npy"
+    with path.open("wb") as out:
+        out.write(_header((MAX_HASHED_BYTES // 16 + 1, 4), "<f4", False, 1))
+        out.truncate(out.tell() + MAX_HASHED_BYTES + 16)
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"holds 8\.0 GiB: a bundle's lineage hashes"):
+        load_dataset(path, SPEC, limit=200)
+    assert time.monotonic() - started < EXAMPLE_SECONDS
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _png(folder / "a.png")
+    with (folder / "notes.bin").open("wb") as out:
+        out.truncate(MAX_HASHED_BYTES + 1)  # not an image: neither read nor hashed
+    load_dataset(folder, [TensorInfo("image", (-1, 8, 8, 3), "float32")])
+    started = time.monotonic()
+    ref = data_ref(folder)
+    assert ref is not None and ref.files == 1 and time.monotonic() - started < EXAMPLE_SECONDS
+
+
+def test_a_file_that_is_not_a_zip_is_not_called_a_pickle(tmp_path: Path) -> None:
+    (tmp_path / "bad.npz").write_bytes(b"hello world")
+    with pytest.raises(DataError, match=r"bad\.npz is not a readable \.npz file"):
+        load_dataset(tmp_path / "bad.npz", SPEC)
+    import pickle
+
+    (tmp_path / "obj.npy").write_bytes(pickle.dumps({"x": [1, 2]}))
+    with pytest.raises(DataError, match=r"obj\.npy holds Python objects"):
+        load_dataset(tmp_path / "obj.npy", SPEC)

@@ -31,9 +31,11 @@ _ORT_TYPES = {
 class OnnxRuntime:
     """An ONNX Runtime session; sessions are safe to run from many threads."""
 
-    def __init__(self, ort: Any, model: bytes, threads: int) -> None:
+    def __init__(self, ort: Any, model: bytes, threads: int, *,
+                 memory_arena: bool = True) -> None:
         self.name, self.version, self.threads = "onnxruntime", str(ort.__version__), threads
         options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = memory_arena
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3

@@ -71,11 +71,15 @@ def installed_runtimes() -> dict[str, str]:
 
 
 def load_runtime(model: bytes, fmt: str, *, threads: int = 1,
-                 required: str | None = None, min_version: str = "0") -> Runtime:
+                 required: str | None = None, min_version: str = "0",
+                 memory_arena: bool = True) -> Runtime:
     """Load ``model`` on the first runtime for ``fmt`` that is installed, recent enough and able.
 
     ``required``/``min_version`` come from the manifest: the runtime it was
     checked against and the oldest version of it that loads its op versions.
+    ``memory_arena=False``: ONNX Runtime frees each call's buffers instead of keeping the
+    largest in an arena that grows in powers of two (the converter, whose calls at large
+    inputs kept several GB; a device serves one shape and keeps the arena).
     """
     candidates = RUNTIMES_BY_FORMAT.get(fmt)
     if candidates is None:
@@ -83,7 +87,7 @@ def load_runtime(model: bytes, fmt: str, *, threads: int = 1,
     failures: list[str] = []
     for name in candidates:
         try:
-            return _try_load(name, model, threads, required, min_version)
+            return _try_load(name, model, threads, required, min_version, memory_arena)
         except (MissingRuntimeError, RuntimeLoadError) as exc:
             failures.append(str(exc))
     if all(f.startswith("not installed") for f in failures):
@@ -96,7 +100,7 @@ def load_runtime(model: bytes, fmt: str, *, threads: int = 1,
 
 
 def _try_load(name: str, model: bytes, threads: int,
-              required: str | None, min_version: str) -> Runtime:
+              required: str | None, min_version: str, memory_arena: bool = True) -> Runtime:
     module_name, dist = _MODULES[name]
     module = _import(module_name)
     if module is None:
@@ -104,7 +108,7 @@ def _try_load(name: str, model: bytes, threads: int,
     version = metadata.version(dist)
     _check_level(name, version, required, min_version, model)
     factory = _FACTORIES[name]
-    return factory(module, version, model, threads)
+    return factory(module, version, model, threads, memory_arena)
 
 
 def _check_level(name: str, version: str, required: str | None, min_version: str,
@@ -138,18 +142,20 @@ def _import(module_name: str) -> Any:
         return None
 
 
-def _litert(module: Any, version: str, model: bytes, threads: int) -> Runtime:
+def _litert(module: Any, version: str, model: bytes, threads: int, arena: bool) -> Runtime:
     return TFLiteRuntime(module.Interpreter, "litert", version, model, threads)
 
 
-def _tflite_runtime(module: Any, version: str, model: bytes, threads: int) -> Runtime:
+def _tflite_runtime(module: Any, version: str, model: bytes, threads: int,
+                   arena: bool) -> Runtime:
     return TFLiteRuntime(module.Interpreter, "tflite-runtime", version, model, threads)
 
 
-def _onnxruntime(module: Any, version: str, model: bytes, threads: int) -> Runtime:
-    return OnnxRuntime(module, model, threads)
+def _onnxruntime(module: Any, version: str, model: bytes, threads: int,
+                 arena: bool) -> Runtime:
+    return OnnxRuntime(module, model, threads, memory_arena=arena)
 
 
-_FACTORIES: dict[str, Callable[[Any, str, bytes, int], Runtime]] = {
+_FACTORIES: dict[str, Callable[[Any, str, bytes, int, bool], Runtime]] = {
     "litert": _litert, "tflite-runtime": _tflite_runtime, "onnxruntime": _onnxruntime,
 }
