@@ -61,6 +61,12 @@ def source_kind(path: Path) -> SourceKind:
 def load_source(path: Path) -> SourceModel:
     if not path.exists():
         raise SourceModelError(f"model {path} does not exist", hint="check the path")
+    if not (path.is_file() or path.is_dir()):  # a FIFO would block the read for ever
+        raise SourceModelError(f"model {path} is not a regular file (a FIFO, socket or "
+                               "device)", hint="give the model file saved on disk")
+    if path.is_file() and path.stat().st_size == 0:  # an empty protobuf parses as a model
+        raise SourceModelError(f"model {path} is empty (0 bytes)",
+                               hint="download or export the model again")
     kind = source_kind(path)
     loader = {"keras": _keras, "savedmodel": _savedmodel, "onnx": _runtime,
               "tflite": _runtime}[kind]

@@ -87,3 +87,20 @@ def test_a_profile_path_that_is_a_folder_or_invalid_is_a_profile_error(tmp_path:
     found = check_model(tiny, manifest, ModelInfo("onnx", {}), 29_000)
     assert [v.message for v in found] == [f"model is 29000 bytes; {tiny.name} has 1000 bytes "
                                           "of memory"]
+
+
+def test_a_model_that_is_a_fifo_or_empty_is_refused_by_name(tmp_path: Path) -> None:
+    import os
+
+    import pytest
+
+    from edgefleet.converter.errors import SourceModelError
+    from edgefleet.converter.sources import load_source
+
+    os.mkfifo(tmp_path / "fifo.onnx")  # opening it would block for ever
+    with pytest.raises(SourceModelError, match="is not a regular file"):
+        load_source(tmp_path / "fifo.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(SourceModelError, match=r"is empty \(0 bytes\)") as caught:
+        load_source(tmp_path / "empty.onnx")
+    assert caught.value.hint == "download or export the model again"
