@@ -290,6 +290,11 @@ def _ranking(ctx: Context, base: Candidate) -> list[str]:
             return sensitivity.tflite_ranking(prepared, quantized, data)
         if ctx.config.format == "tflite":
             return tflite_backend.sensitive_nodes(ctx.source, data, count=1 << 16)
-    except EdgefleetError as exc:  # no ranking: the mixed stage is skipped, and says why
-        ctx.report.warnings.append(f"per-operator error not measured: {exc}")
+    except Exception as exc:  # LiteRT and ONNX Runtime raise their own types too: a ranking
+        # that fails in any way skips the mixed stage, and the report says why (the search
+        # goes on to fp16 and float)
+        reason = exc.message if isinstance(exc, EdgefleetError) else \
+            (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        ctx.report.warnings.append(f"per-operator error not measured ({reason}): the mixed "
+                                   "stage is skipped")
     return []
