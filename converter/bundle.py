@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from edgefleet.agent.protocol.manifest import Manifest, Optimization, RuntimeRequirement
-from edgefleet.agent.protocol.signing import SigningKey
 from edgefleet.agent.runtime.base import Array, Runtime
 from edgefleet.agent.runtime.inspect import ModelInfo, inspect_model
 from edgefleet.agent.runtime.select import load_runtime
@@ -46,7 +45,7 @@ def write_bundle(ctx: Context, chosen: Attempt, artifact: bytes) -> None:
         atol=HEALTH_ATOL.get(chosen.mode, 2e-2),
         lineage=lineage_of(cfg, ctx.report.source_kind), encrypt_for=ctx.recipients,
         **_reference_data(ctx, runtime))
-    package_bytes(artifact, cfg.format, cfg.output, spec, SigningKey.load(cfg.sign_key))
+    package_bytes(artifact, cfg.format, cfg.output, spec, ctx.key)
     ctx.report.output = str(cfg.output)
     ctx.report.encrypted_for = sorted({r.key_id for r in ctx.recipients})
     ctx.report.bundle_bytes = cfg.output.stat().st_size

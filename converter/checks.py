@@ -3,6 +3,7 @@ path, the data against the model, and the warnings that the data invites."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from edgefleet.agent.runtime.base import Array, TensorInfo
 from edgefleet.converter import shapes
 from edgefleet.converter.config import TFLITE_SOURCE_ONLY, ConvertConfig
 from edgefleet.converter.data import DYNAMIC_SIDE, Dataset
+from edgefleet.converter.destination import check_writable
 from edgefleet.converter.errors import DataError, UnsupportedPathError
 from edgefleet.converter.evaluate import OutputKind, fixed_batch, labelled_output, output_kinds
 from edgefleet.converter.sources import SourceModel
@@ -41,19 +43,56 @@ def check_output(config: ConvertConfig) -> None:
     if not parent.is_dir():
         raise DataError(f"-o {path}: the folder {parent} does not exist",
                         hint=f"create it first (mkdir -p {parent}) or write elsewhere")
+    check_writable(path)  # no permission, a read-only file system: said before converting
 
 
 def _check_not_an_input(config: ConvertConfig) -> None:
-    """``-o`` is none of the files the conversion reads (compared as resolved paths)."""
-    target = config.output.resolve()
-    inputs = [("the source model", config.model), ("the signing key (--sign-key)",
-                                                   config.sign_key),
-              ("the --calibration data", config.calibration), ("the --eval data", config.eval)]
-    for what, path in inputs:
-        if path is not None and path.resolve() == target:
-            raise DataError(f"-o {config.output} is {what}: writing the bundle would replace it",
+    """``-o`` is none of the files the conversion reads: the model (every file of a
+    SavedModel folder), the keys, the data (every file of an image folder), compared as
+    resolved paths and, where ``-o`` exists, as the same file (a hard or symbolic link)."""
+    target = config.output
+    for what, path in _inputs(config):
+        clash = _clash(what, path, target)
+        if clash:
+            raise DataError(f"-o {target} is {clash}: writing the bundle would replace it",
                             hint="write the bundle to a new file of its own, e.g. -o "
-                                 f"{config.output.parent / (config.model.stem + '-int8.efb')}")
+                                 f"{_elsewhere(config)}")
+
+
+def _inputs(config: ConvertConfig) -> list[tuple[str, Path]]:
+    named = [("the source model", config.model),
+             ("the signing key (--sign-key)", config.sign_key),
+             ("the --calibration data", config.calibration), ("the --eval data", config.eval),
+             ("the --fine-tune-data", config.fine_tune_data)]
+    keys = [(f"the --encrypt-for key {p}", p) for p in config.encrypt_for]
+    return [(what, path) for what, path in named + keys if path is not None]
+
+
+def _clash(what: str, path: Path, target: Path) -> str:
+    """"" when writing ``target`` leaves ``path`` (``what``) alone; else what of it
+    ``target`` is: ``path`` itself, or a file in the folder ``path``."""
+    if path.resolve() == target.resolve() or _same_file(path, target):
+        return what
+    if not path.is_dir() or not target.is_file():
+        return ""
+    if target.resolve().is_relative_to(path.resolve()):
+        return f"a file of {what} ({path})"
+    found = target.stat()
+    inside = (p for p in path.rglob("*") if p.is_file())
+    return next((f"{p}, a file of {what} ({path})" for p in inside
+                 if os.path.samestat(p.stat(), found)), "")
+
+
+def _same_file(path: Path, target: Path) -> bool:
+    try:
+        return os.path.samefile(path, target)
+    except OSError:  # either does not exist (yet): not the same file
+        return False
+
+
+def _elsewhere(config: ConvertConfig) -> Path:
+    """A bundle path beside the model (outside a data or SavedModel folder)."""
+    return config.model.parent / (config.model.stem + "-int8.efb")
 
 
 def check_batch_first(source: SourceModel) -> None:

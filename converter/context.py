@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from edgefleet.agent.protocol.encryption import RecipientKey
+from edgefleet.agent.protocol.signing import SigningKey
 from edgefleet.agent.runtime.base import Array
 from edgefleet.converter.config import ConvertConfig
 from edgefleet.converter.data import Dataset
@@ -36,6 +37,7 @@ class Context:
     profiles: list[DeviceProfile]
     report: ConversionReport
     step: Step
+    key: SigningKey  # signs the bundle; loaded before any work, so a wrong key fails at once
     recipients: tuple[RecipientKey, ...] = ()
     reference: Predict | None = None  # what a result must not be slower than
     kinds: list[OutputKind] = field(default_factory=list)  # classifier or regression, why

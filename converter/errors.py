@@ -7,7 +7,7 @@ from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.converter.report import ConversionReport
 
 __all__ = ["BudgetExceededError", "ConversionFailedError", "ConverterError", "DataError",
-           "MissingExtraError", "NoResultError", "OptionError", "SourceModelError",
+           "MissingExtraError", "NoResultError", "OptionError", "OutputError", "SourceModelError",
            "TargetViolationError", "UnsupportedPathError"]
 
 
@@ -26,6 +26,11 @@ class MissingExtraError(ConverterError):
 class OptionError(ConverterError):
     """An option value the converter does not take, or options that conflict; refused
     before anything is read."""
+
+
+class OutputError(ConverterError):
+    """The bundle cannot be written where ``-o`` says: no permission, a read-only or full
+    disk. Checked before converting; an earlier file there is kept."""
 
 
 class SourceModelError(ConverterError):

@@ -33,6 +33,7 @@ from edgefleet.agent.protocol.manifest import (
 from edgefleet.agent.protocol.signing import SigningKey
 from edgefleet.agent.runtime.base import Array, Runtime, TensorInfo
 from edgefleet.agent.runtime.select import load_runtime
+from edgefleet.converter.destination import writing
 from edgefleet.converter.evaluate import fixed_batch
 
 __all__ = ["PackageSpec", "package_bytes", "package_model", "tensor_spec"]
@@ -96,7 +97,8 @@ def package_bytes(model_bytes: bytes, fmt: str, out: Path, spec: PackageSpec,
     files = {MODEL_FILES[fmt]: model_bytes, "health.npz": health.to_bytes()}
     if spec.labels:
         files[LABELS_FILE] = "\n".join(spec.labels).encode()
-    return write_bundle(out, manifest, files, key, encrypt_for=spec.encrypt_for)
+    with writing(out):  # a full disk or no permission: one line naming the path and cause
+        return write_bundle(out, manifest, files, key, encrypt_for=spec.encrypt_for)
 
 
 MAX_REFERENCE_ROWS = 5000

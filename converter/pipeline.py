@@ -30,6 +30,7 @@ import numpy as np
 
 from edgefleet.agent.protocol.encryption import RecipientKey
 from edgefleet.agent.protocol.errors import EdgefleetError
+from edgefleet.agent.protocol.signing import SigningKey
 from edgefleet.agent.runtime.base import Array
 from edgefleet.agent.runtime.select import load_runtime
 from edgefleet.converter import onnx_backend, prune, shapes, tflite_backend
@@ -111,7 +112,8 @@ def _numbered(step: Step, number: int) -> Step:
 
 def _context(config: ConvertConfig, step: Step) -> Context:
     check_output(config)  # fail before converting, not after
-    recipients = tuple(RecipientKey.load(p) for p in config.encrypt_for)  # fail before converting
+    key = SigningKey.load(config.sign_key)  # the keys too: a wrong path fails at once
+    recipients = tuple(RecipientKey.load(p) for p in config.encrypt_for)
     source = _with_shapes(load_source(config.model), config)
     check_batch_first(source)
     check_path(source.kind, config.format)
@@ -148,7 +150,7 @@ def _context(config: ConvertConfig, step: Step) -> Context:
                                                   one_call(evaluation, source.inputs))
     profiles = [load_profile(t) for t in config.targets]
     ctx = Context(config, source, calibration, evaluation, outputs, profiles, report, step,
-                  recipients, kinds=kinds, labelled=labelled, quantized=quantized)
+                  key, recipients, kinds=kinds, labelled=labelled, quantized=quantized)
     if config.prune:
         ctx.source = _pruned(ctx, config.prune)
         if evaluation.labels is not None:  # labels judge the pruning (accuracy lost in all);
@@ -288,6 +290,11 @@ def _ranking(ctx: Context, base: Candidate) -> list[str]:
             return sensitivity.tflite_ranking(prepared, quantized, data)
         if ctx.config.format == "tflite":
             return tflite_backend.sensitive_nodes(ctx.source, data, count=1 << 16)
-    except EdgefleetError as exc:  # no ranking: the mixed stage is skipped, and says why
-        ctx.report.warnings.append(f"per-operator error not measured: {exc}")
+    except Exception as exc:  # LiteRT and ONNX Runtime raise their own types too: a ranking
+        # that fails in any way skips the mixed stage, and the report says why (the search
+        # goes on to fp16 and float)
+        reason = exc.message if isinstance(exc, EdgefleetError) else \
+            (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        ctx.report.warnings.append(f"per-operator error not measured ({reason}): the mixed "
+                                   "stage is skipped")
     return []

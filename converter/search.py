@@ -7,7 +7,8 @@ The ladder, for each path (docs/converter.md has the table):
    range; Keras -> TFLite: dynamic range), tried even when full int8 passed, since
    one of them can be smaller;
 3. **mixed**: the best full-int8 recipe with the operators that lose most SQNR kept in
-   float (:mod:`edgefleet.converter.sensitivity`), 1, 2, 4, 8, ... of them, until the budget holds;
+   float (:mod:`edgefleet.converter.sensitivity`), 1, 2, 4, 8, ... of them, until the budget holds
+   (skipped when no ranking was measured: the ranking failed, or ranked nothing);
 4. fp16 (for a float16-stored TFLite source: the source as it is);
 5. float: the model unquantized (float32), when not even fp16 held the budget (an ONNX
    model whose activations overflow float16, say). It agrees with the source exactly, so
@@ -158,6 +159,8 @@ def _mixed(search: Search, base: Candidate | None) -> Iterator[Candidate]:
     if base is None or search.out_of_time("int8-mixed"):
         return
     ranking = list(search.rank(base))
+    if not ranking:  # nothing measured (the ranking's warning says why): no mixed stage
+        return
     for count in [k for k in KEEP_STEPS if k <= max(1, len(ranking) // 2)]:
         label = f"{base.label}-mixed-{count}"
         if search.out_of_time(label):

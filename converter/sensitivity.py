@@ -25,6 +25,7 @@ import numpy as np
 
 from edgefleet.agent.runtime.base import Array
 from edgefleet.converter.data import Dataset
+from edgefleet.converter.errors import ConversionFailedError
 from edgefleet.converter.tflite_graph import debug_interpreter
 
 __all__ = ["Node", "rank_by_loss", "sqnr_db", "tflite_ranking"]
@@ -95,7 +96,20 @@ def _tflite_tensors(model: bytes, data: Dataset) -> dict[str, Array]:
 
     Read on LiteRT's own kernels (:func:`debug_interpreter`): under the XNNPack delegate
     activations are never written, and a ranking over them kept the wrong operators float.
+    A model those kernels cannot run (a custom operator only the delegate has) is a
+    :class:`ConversionFailedError`.
     """
+    try:
+        return _collected(model, data)
+    except (RuntimeError, ValueError) as exc:  # LiteRT's failures to prepare or invoke
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ConversionFailedError(
+            f"LiteRT's own kernels cannot run the model to measure its operators: {first}",
+            hint="the search skips the mixed stage (int8 with operators kept float) and "
+                 "goes on to fp16 and float") from exc
+
+
+def _collected(model: bytes, data: Dataset) -> dict[str, Array]:
     interpreter = debug_interpreter(model)
     details = interpreter.get_tensor_details()
     feeds = interpreter.get_input_details()

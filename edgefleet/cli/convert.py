@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -91,7 +94,8 @@ def convert(
     except (ValueError, typer.BadParameter) as exc:
         _refused(OptionError(exc.message if isinstance(exc, typer.BadParameter) else str(exc),
                              hint=OPTIONS_HINT), as_json)
-    # Progress goes to a duplicate of stderr: conversions silence fds 1 and 2 meanwhile.
+    # Progress goes to a duplicate of stderr: conversions silence fds 1 and 2 meanwhile
+    # (fd 1 and sys.stdout for the whole run, _stdout_off; fd 2 around TensorFlow's calls).
     progress_out = Console(file=os.fdopen(os.dup(2), "w"), stderr=True)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.fields[count]}"), TimeElapsedColumn(), transient=True,
@@ -106,7 +110,8 @@ def convert(
                             count=f"{done}/{total}" if counted else "")
 
         try:
-            report = run(config, step)
+            with _stdout_off():
+                report = run(config, step)
         except NoResultError as exc:
             if as_json:  # one document: the report, and why nothing was written
                 cause = exc.cause
@@ -124,6 +129,23 @@ def convert(
                 hint="give a smaller --input-size / --input-shape, or fewer --eval samples"),
                 as_json)
     _show(report.as_dict(), as_json)
+
+
+@contextlib.contextmanager
+def _stdout_off() -> Iterator[None]:
+    """Keep what libraries print off stdout while converting: ONNX Runtime's calibrator
+    print()s its progress ("Collecting tensor data and making histogram ..."), native code
+    writes to fd 1; stdout carries the report alone (under ``--json`` one document).
+    Python's ``sys.stdout`` and fd 1 both go to /dev/null meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            os.dup2(sink.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _refused(exc: EdgefleetError, as_json: bool) -> NoReturn:
