@@ -90,6 +90,9 @@ def _recipe_name(ctx: Context, candidate: Candidate) -> str:
                  "weight-only": "weight_only_wi8_afp32", "dynamic": "dynamic_wi8_afp32",
                  "fp16": "float16 (kept)" if _stores_float16(ctx) else "float_casting fp16"}
         return names.get(candidate.mode, candidate.mode)
+    if ctx.source.kind == "onnx" and candidate.mode == "fp16" and \
+            onnx_backend.stores_float16_onnx(ctx.source.path.read_bytes()):
+        return "float16 (kept)"
     if ctx.config.format == "onnx" and candidate.mode == "int8":
         return (f"QDQ per-channel, {candidate.activations} activations, "
                 f"{candidate.method} calibration")

@@ -30,7 +30,12 @@ import numpy as np
 
 from edgefleet.converter._tf import quiet_stdout
 from edgefleet.converter.data import Dataset
-from edgefleet.converter.errors import ConversionFailedError, DataError, MissingExtraError
+from edgefleet.converter.errors import (
+    ConversionFailedError,
+    DataError,
+    MissingExtraError,
+    UnsupportedPathError,
+)
 from edgefleet.converter.quantized_source import onnx_quantization_ops
 from edgefleet.converter.sources import SourceModel
 
@@ -123,6 +128,13 @@ def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
     (:data:`CALIBRATION_METHODS`) and ``activations`` (uint8 or int8)."""
     if mode == "none" or onnx_quantization_ops(model):
         return model  # quantized already: nothing left to quantize (the pipeline says so)
+    if stores_float16_onnx(model):
+        if mode == "fp16":
+            return model  # its float16 weights kept: the answer for a float16 source
+        raise UnsupportedPathError(
+            f"{mode} of an ONNX model that stores float16 weights is not offered (ONNX "
+            "Runtime's quantizer reads float32 weights)",
+            hint="keep float16 with --quantize fp16, or convert the float32 original")
     try:
         from onnxruntime.quantization import (
             QuantFormat,
@@ -401,3 +413,19 @@ def _sensitive(model: bytes, data: Dataset, quantized: bytes) -> list[str]:
     nodes = [Node(n.name, tuple(n.input), tuple(n.output)) for n in graph.node if n.name]
     sqnr = {t: float(e["xmodel_err"]) for t, e in errors.items() if "xmodel_err" in e}
     return rank_by_loss(nodes, sqnr)
+
+
+def stores_float16_onnx(model: bytes) -> bool:
+    """Whether most of an ONNX model's weight bytes are float16 (a float16 export, or this
+    converter's own fp16 result): the source is kept as it is for fp16."""
+    import onnx
+
+    proto = onnx.load_model_from_string(model)
+    sizes: dict[int, int] = {}
+    for tensor in proto.graph.initializer:
+        count = 1
+        for dim in tensor.dims:
+            count *= dim
+        sizes[tensor.data_type] = sizes.get(tensor.data_type, 0) + count
+    half, full = sizes.get(onnx.TensorProto.FLOAT16, 0), sizes.get(onnx.TensorProto.FLOAT, 0)
+    return half > 0 and half >= full

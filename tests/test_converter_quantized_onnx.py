@@ -103,3 +103,30 @@ def test_a_quantized_onnx_source_is_refused_as_not_smaller_and_the_hint_packages
     assert bundle.manifest.optimization.quantization == "source (quantized already)"
     assert set(onnx_quantization_ops(bundle.files["model.onnx"])) == \
         set(onnx_quantization_ops(models[form].read_bytes()))
+
+
+def test_a_float16_onnx_source_is_kept_as_float16_and_int8_says_how(
+        models: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
+    """The converter's own fp16 result fed back in: fp16 keeps it (was 'two nodes with same
+    node name'), dynamic says what works instead (was a hint to the failing fp16)."""
+    from edgefleet.converter.onnx_backend import quantize_onnx, stores_float16_onnx
+
+    half = quantize_onnx(models["float"].read_bytes(), "fp16")
+    assert stores_float16_onnx(half) and not stores_float16_onnx(models["float"].read_bytes())
+    source = tmp_path / "half.onnx"
+    source.write_bytes(half)
+    result = _run("convert", str(source), "-o", str(tmp_path / "d.efb"), "--format", "onnx",
+                  "--quantize", "dynamic", "--sign-key", str(signing_keys.secret))
+    assert result.returncode == 1
+    error = " ".join(result.stderr.split())
+    assert "stores float16 weights is not offered" in error
+    assert "fix: keep float16 with --quantize fp16" in error
+    kept = tmp_path / "kept.efb"
+    result = _run("convert", str(source), "-o", str(kept), "--format", "onnx", "--quantize",
+                  "fp16", "--sign-key", str(signing_keys.secret), "--json")
+    assert result.returncode == 0, result.stderr
+    bundle = read_bundle(kept, signing_keys.trusted)
+    assert bundle.files["model.onnx"] == half
+    import json
+
+    assert json.loads(result.stdout)["attempts"][0]["recipe"] == "float16 (kept)"
