@@ -193,3 +193,27 @@ def test_an_option_refused_under_json_is_one_json_object_with_the_same_exit_code
     assert "edgefleet convert --help" in error["hint"]
     assert "Usage:" not in as_json.stderr
     assert not (tmp_path / "x.efb").exists()
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    (("--max-drop", "abc"), "Invalid value for '--max-drop'"),
+    (("--bogus",), "No such option: --bogus"),
+    (("--search-budget", "x"), "Invalid value for '--search-budget'"),
+])
+def test_a_usage_error_under_json_is_one_json_object_too(
+        tiny_onnx: Path, signing_keys: Keys, tmp_path: Path, options: tuple[str, ...],
+        says: str) -> None:
+    """What typer refuses before the command runs (a value it cannot parse, an unknown
+    option) was usage text on stderr under --json (outside test 14c, F29)."""
+    common = ("convert", str(tiny_onnx), "-o", str(tmp_path / "x.efb"), "--format", "onnx",
+              "--sign-key", str(signing_keys.secret), *options)
+    text = _run(*common)
+    assert text.returncode == 2 and says in " ".join(text.stderr.split())
+    as_json = _run(*common, "--json")
+    assert as_json.returncode == 2, as_json.stderr
+    error = json.loads(as_json.stdout)
+    assert error == {"error": "UsageError", "message": error["message"],
+                     "hint": "see edgefleet convert --help"} and says in error["message"]
+    missing = _run("convert", str(tiny_onnx), "--json")  # no -o
+    assert missing.returncode == 2
+    assert json.loads(missing.stdout)["message"] == "Missing option '--output' / '-o'."

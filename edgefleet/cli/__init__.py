@@ -41,6 +41,8 @@ app.command("example-data")(example_data)
 
 def main() -> None:
     try:
+        if "--json" in sys.argv[1:]:
+            sys.exit(_json_main())
         app()
     except ModuleNotFoundError as exc:
         extra = extra_of(exc.name)
@@ -49,3 +51,26 @@ def main() -> None:
         # a command that needed an extra later than it said: still one line, exit 2
         report_missing(ExtraMissingError(None, {extra: str(exc.name)}))
         sys.exit(2)
+
+
+def _json_main() -> int:
+    """With ``--json`` on the command line, a usage error found before the command runs (an
+    unknown or missing option, a value that does not parse) is one JSON object on stdout
+    too, like every other error of a ``--json`` command; the exit code is click's (2)."""
+    import json
+
+    # typer 0.2x carries its own click (its BadParameter's bases); older ones use click itself
+    click_exception: type[Exception] = next(c for c in typer.BadParameter.__mro__
+                                            if c.__name__ == "ClickException")
+    try:
+        code = app(standalone_mode=False, prog_name="edgefleet")
+    except click_exception as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "edgefleet"
+        message = getattr(exc, "format_message", exc.__str__)()
+        sys.stdout.write(json.dumps({"error": "UsageError", "message": message,
+                                     "hint": f"see {where} --help"}) + "\n")
+        return int(getattr(exc, "exit_code", 2))
+    except typer.Abort:
+        return 1
+    return code if isinstance(code, int) else 0
