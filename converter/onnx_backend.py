@@ -156,6 +156,9 @@ def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
             _strip_shape_annotations(out)
         except (DataError, MissingExtraError):
             raise
+        except ConversionFailedError as exc:  # said already (the opset upgrade), with its fix
+            raise ConversionFailedError(f"ONNX Runtime quantization ({mode}) failed: "
+                                        f"{exc.message}", hint=exc.hint) from exc
         except Exception as exc:  # ORT quantization raises many types
             raise ConversionFailedError(f"ONNX Runtime quantization ({mode}) failed: {exc!r}",
                                         hint="try another --quantize mode") from exc
@@ -215,6 +218,10 @@ def _upgrade_opset(path: Path, opset: int) -> None:
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if current >= opset:
         return
+    if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
+        raise ConversionFailedError(_ml_only(model), hint="convert it with --quantize none: "
+                                    "quantization works on standard ONNX operators (Conv, "
+                                    "MatMul, Gemm), and this model has none")
     try:
         onnx.save(version_converter.convert_version(model, opset), path)
     except Exception as exc:  # the version converter raises RuntimeError / ValidationError
@@ -401,3 +408,12 @@ def _sensitive(model: bytes, data: Dataset, quantized: bytes) -> list[str]:
     nodes = [Node(n.name, tuple(n.input), tuple(n.output)) for n in graph.node if n.name]
     sqnr = {t: float(e["xmodel_err"]) for t, e in errors.items() if "xmodel_err" in e}
     return rank_by_loss(nodes, sqnr)
+
+
+def _ml_only(model: Any) -> str:
+    """An int8 refusal for a model of no standard ONNX operator set (a scikit-learn export
+    importing only ai.onnx.ml): said as such, never as "opset 0"."""
+    domains = sorted(f"{o.domain} v{o.version}" for o in model.opset_import) or ["none"]
+    return (f"the model imports only the operator set{'s' if len(domains) > 1 else ''} "
+            f"{', '.join(domains)} and no standard ONNX opset (the default domain): "
+            "quantization finds no operator to quantize in it, and cannot upgrade its opset")
