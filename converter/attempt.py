@@ -38,7 +38,7 @@ def try_candidate(ctx: Context, candidate: Candidate) -> tuple[Attempt, bytes | 
     try:
         artifact = _named_outputs(ctx, build(ctx, candidate))
         attempt.kept_source = ctx.source.kind in ("onnx", "tflite") and \
-            artifact == ctx.source.path.read_bytes()
+            artifact == ctx.source.model_bytes()
         ctx.step(f"measuring: {candidate.label}")
         _measure(ctx, attempt, artifact)
     except (EdgefleetError, ValueError) as exc:  # conversion, or the result does not load
@@ -128,7 +128,7 @@ def build(ctx: Context, candidate: Candidate) -> bytes:
 
 def float_onnx(ctx: Context) -> bytes:
     if ctx.source.kind == "onnx":
-        return shapes.static_onnx(ctx.source.path.read_bytes(), ctx.source.inputs)
+        return shapes.static_onnx(ctx.source.model_bytes(), ctx.source.inputs)
     return shapes.static_onnx(onnx_backend.export_onnx(ctx.source), ctx.source.inputs)
 
 

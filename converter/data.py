@@ -222,11 +222,13 @@ def _npz(path: Path, inputs: list[TensorInfo], limit: int | None) -> Dataset:
                                 f"{sorted(names)})",
                                 hint="name each array after the model input it feeds")
             specs = {i.name: i for i in inputs}
-            arrays = {name: _bounded(_member(archive, key, path), path, name,
-                                     np.dtype(specs[name].dtype), limit)
-                      for name, key in member.items()}
-            labels = _bounded(_member(archive, "labels", path), path, "labels",
-                              np.dtype(np.int64), limit) if "labels" in names else None
+            headers = {name: _member(archive, key, path) for name, key in member.items()}
+            label_header = _member(archive, "labels", path) if "labels" in names else None
+            _same_count(headers, label_header, path)
+            arrays = {name: _bounded(header, path, name, np.dtype(specs[name].dtype), limit)
+                      for name, header in headers.items()}
+            labels = _bounded(label_header, path, "labels", np.dtype(np.int64), limit) \
+                if label_header is not None else None
     except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
         raise _unreadable(path, exc) from exc
     return Dataset(arrays, labels)
@@ -396,3 +398,20 @@ def _eight_bit(img: Any) -> Any:
 def _transparent(img: Any) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or \
         (img.mode == "P" and "transparency" in img.info)
+
+
+def _same_count(headers: dict[str, _Header], labels: _Header | None, path: Path) -> None:
+    """Every input of an ``.npz`` holds as many samples as the others (row i of each is one
+    sample), and ``labels`` one a sample: checked from the headers, before any is read."""
+    counts = {name: h.shape[0] for name, h in headers.items() if h.ndim}
+    if len(set(counts.values())) > 1:
+        said = ", ".join(f"{name!r} {count}" for name, count in counts.items())
+        raise DataError(f"{path.name}: the inputs hold different numbers of samples ({said}); "
+                        "row i of every input is one sample",
+                        hint="give every input the same number of samples, in the same order")
+    if labels is not None and labels.ndim == 1 and counts and \
+            labels.shape[0] != next(iter(counts.values())):
+        raise DataError(f"{path.name}: 'labels' has shape {list(labels.shape)} for "
+                        f"{next(iter(counts.values()))} samples",
+                        hint="give one class index a sample, as a 1-D array in the samples' "
+                             "order")

@@ -168,6 +168,9 @@ def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
             _strip_shape_annotations(out)
         except (DataError, MissingExtraError):
             raise
+        except ConversionFailedError as exc:  # said already (the opset upgrade), with its fix
+            raise ConversionFailedError(f"ONNX Runtime quantization ({mode}) failed: "
+                                        f"{exc.message}", hint=exc.hint) from exc
         except Exception as exc:  # ORT quantization raises many types
             raise ConversionFailedError(f"ONNX Runtime quantization ({mode}) failed: {exc!r}",
                                         hint="try another --quantize mode") from exc
@@ -227,6 +230,10 @@ def _upgrade_opset(path: Path, opset: int) -> None:
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if current >= opset:
         return
+    if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
+        raise ConversionFailedError(_ml_only(model), hint="convert it with --quantize none: "
+                                    "quantization works on standard ONNX operators (Conv, "
+                                    "MatMul, Gemm), and this model has none")
     try:
         onnx.save(version_converter.convert_version(model, opset), path)
     except Exception as exc:  # the version converter raises RuntimeError / ValidationError
@@ -429,3 +436,12 @@ def stores_float16_onnx(model: bytes) -> bool:
         sizes[tensor.data_type] = sizes.get(tensor.data_type, 0) + count
     half, full = sizes.get(onnx.TensorProto.FLOAT16, 0), sizes.get(onnx.TensorProto.FLOAT, 0)
     return half > 0 and half >= full
+
+
+def _ml_only(model: Any) -> str:
+    """An int8 refusal for a model of no standard ONNX operator set (a scikit-learn export
+    importing only ai.onnx.ml): said as such, never as "opset 0"."""
+    domains = sorted(f"{o.domain} v{o.version}" for o in model.opset_import) or ["none"]
+    return (f"the model imports only the operator set{'s' if len(domains) > 1 else ''} "
+            f"{', '.join(domains)} and no standard ONNX opset (the default domain): "
+            "quantization finds no operator to quantize in it, and cannot upgrade its opset")

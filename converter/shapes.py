@@ -14,9 +14,10 @@ from dataclasses import replace
 
 from edgefleet.agent.runtime.base import TensorInfo
 from edgefleet.converter.config import MAX_INPUT_NUMBERS, MAX_SIDE
-from edgefleet.converter.errors import DataError
+from edgefleet.converter.errors import DataError, UnsupportedPathError
 
-__all__ = ["batch_not_first", "dynamic_image_inputs", "fix_inputs", "static_onnx"]
+__all__ = ["batch_not_first", "check_declared", "dynamic_image_inputs", "fix_inputs",
+           "static_onnx"]
 
 BATCH_NAMES = {"n", "b", "bs", "batch", "batch_size", "batchsize", "batch_dim", "nbatch",
                "num_batch", "batches"}  # how exporters name a batch dim
@@ -36,6 +37,7 @@ def fix_inputs(inputs: Sequence[TensorInfo], shapes: Sequence[tuple[str, tuple[i
     for spec in fixed:
         if spec.name in wanted:
             _bounded(spec, "--input-size" if size is not None else "--input-shape")
+    check_declared(fixed)
     return fixed
 
 
@@ -121,3 +123,50 @@ def batch_not_first(model: bytes) -> list[tuple[str, list[str]]]:
         if dims and named[0] not in BATCH_NAMES and any(d in BATCH_NAMES for d in named[1:]):
             found.append((graph_input.name, dims))
     return found
+
+
+def check_declared(inputs: Sequence[TensorInfo]) -> None:
+    """The inputs' dims as the model declares them (after ``--input-shape``) are ones
+    edgefleet can feed, else refused before any work, naming the input and its dims: a
+    leading batch dim (dynamic, or fixed, and the same on every input), no dim of size 0,
+    and at most :data:`MAX_INPUT_NUMBERS` numbers a call (a dynamic dim counts one)."""
+    for spec in inputs:
+        _declared(spec)
+    leading = {spec.name: spec.shape[0] for spec in inputs}
+    if len(set(leading.values())) > 1:
+        said = ", ".join(f"{name!r} {d if d > 0 else 'N (dynamic)'}"
+                         for name, d in leading.items())
+        raise UnsupportedPathError(
+            f"the inputs have different leading (batch) dims: {said}; edgefleet feeds every "
+            "input the same batch of samples a call",
+            hint="export the model with one batch on every input: all dynamic (N), or all "
+                 "fixed at the same size")
+
+
+def _declared(spec: TensorInfo) -> None:
+    dims = list(spec.shape)
+    needs = "edgefleet feeds samples along a leading batch dim (dynamic, or a fixed batch)"
+    if not dims:
+        raise UnsupportedPathError(
+            f"input {spec.name!r} is a single number (rank 0, dims []): {needs}",
+            hint="export the model with a batch dim on the input: [N] for one number a sample")
+    if len(dims) == 1 and dims[0] > 1:
+        raise UnsupportedPathError(
+            f"input {spec.name!r} has dims {dims}: one dim, fixed at {dims[0]}, so no batch "
+            f"dim before a sample's {dims[0]} numbers; {needs}",
+            hint=f"export the model with a batch dim first: [N, {dims[0]}] (dynamic) or "
+                 f"[1, {dims[0]}]")
+    if 0 in dims:
+        raise UnsupportedPathError(
+            f"input {spec.name!r} has dims {dims}: dim {dims.index(0)} is 0, so the input "
+            "holds no numbers and cannot be fed or measured",
+            hint="export the model with that dim at its real size, or dynamic")
+    numbers = math.prod(d if d > 0 else 1 for d in dims)
+    if numbers > MAX_INPUT_NUMBERS:
+        raise UnsupportedPathError(
+            f"input {spec.name!r} declares dims {dims} = {numbers:,} numbers a call "
+            f"({numbers * 4 / 2**30:,.1f} GiB of float32), above the {MAX_INPUT_NUMBERS:,} "
+            "edgefleet takes an input a call",
+            hint="export the model at its deployment size: at most "
+                 f"{MAX_INPUT_NUMBERS:,} numbers an input, a fixed batch included (a dynamic "
+                 "dim counts one)")

@@ -19,6 +19,7 @@ from edgefleet.converter._tf import keras, tensorflow
 from edgefleet.converter.errors import SourceModelError
 from edgefleet.converter.failures import source_unreadable
 from edgefleet.converter.floatio import dequantize_output, quantize_input
+from edgefleet.converter.onnx_source import onnx_source_bytes
 
 __all__ = ["SourceKind", "SourceModel", "keras_output_names", "keras_source", "load_source"]
 
@@ -36,9 +37,16 @@ class SourceModel:
     predict: Predict
     handle: Any = None
     output_names: tuple[str, ...] = ()
+    embedded: bytes | None = None  # an ONNX model's bytes with its external data read in
+
+    def model_bytes(self) -> bytes:
+        """The model file's bytes (an ONNX model's external data carried inside)."""
+        return self.embedded if self.embedded is not None else self.path.read_bytes()
 
     @property
     def size_bytes(self) -> int:
+        if self.embedded is not None:
+            return len(self.embedded)
         if self.path.is_dir():
             return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
         return self.path.stat().st_size
@@ -153,8 +161,16 @@ def _savedmodel(path: Path, kind: SourceKind) -> SourceModel:
 def _runtime(path: Path, kind: SourceKind) -> SourceModel:
     """An ONNX or TFLite source, run in the real domain: an int8 / uint8 input takes real
     values, quantized with the source's own scale and zero point, and a quantized output
-    is dequantized, so a conversion is compared with it number for number."""
-    runtime = load_runtime(path.read_bytes(), kind, memory_arena=False)  # see attempt.py
+    is dequantized, so a conversion is compared with it number for number. An ONNX source
+    is checked first (:func:`onnx_source_bytes`: numeric outputs only, external data read
+    from the model's own folder and carried inside)."""
+    embedded = None
+    if kind == "onnx":
+        model, external = onnx_source_bytes(path)
+        embedded = model if external else None
+    else:
+        model = path.read_bytes()
+    runtime = load_runtime(model, kind, memory_arena=False)  # see attempt.py
     ins = {t.name: t for t in runtime.inputs}
     outs = runtime.outputs
 
@@ -164,7 +180,8 @@ def _runtime(path: Path, kind: SourceKind) -> SourceModel:
 
     inputs = [replace(t, dtype="float32", scales=(), zero_points=()) if _quantized(t) else t
               for t in runtime.inputs]
-    return SourceModel(kind, path, inputs, predict, runtime, tuple(t.name for t in outs))
+    return SourceModel(kind, path, inputs, predict, runtime, tuple(t.name for t in outs),
+                       embedded)
 
 
 def _quantized(info: TensorInfo) -> bool:
