@@ -114,10 +114,13 @@ def _over(attempts: list[Attempt]) -> list[Attempt]:
 
 def _unusable_why(attempt: Attempt) -> str:
     """Why a result is unusable, or "": an output that is noise (relative RMS error of
-    :data:`NOISE_REL_RMS` or more, or centered cosine below :data:`NOISE_CENTERED_COSINE`),
+    :data:`NOISE_REL_RMS` or more, for a small output also against its variation around its
+    mean, or centered cosine below :data:`NOISE_CENTERED_COSINE`),
     or :data:`UNUSABLE_POINTS` or more off."""
     for output in attempt.agreement.get("outputs") or []:
         rel_rms, centered = output.get("rel_rms", 0.0), output.get("centered_cosine", 1.0)
+        if output.get("judged_by") == "range":  # a small output: its variation is the signal
+            rel_rms = max(rel_rms, output.get("centered_rel_rms", 0.0))
         if rel_rms >= NOISE_REL_RMS or centered < NOISE_CENTERED_COSINE:
             return (f"output {output.get('name')!r} has a relative RMS error of {rel_rms:.2f} "
                     f"and a centered cosine of {centered:.2f}: noise, not a small loss")

@@ -71,6 +71,10 @@ class OutputError:
     judged_range: float  # the range a small output is judged against (RANGE_FLOOR applied)
     judged_by: str  # "centered cosine" or "range"
     score: float
+    # RMS of the error over the RMS of the source's variation around its mean: 1 or more is
+    # an output whose error is as large as its signal (read for small outputs, whose range
+    # score alone let an output of 1000 +- 3 turned to noise pass within a few points)
+    centered_rel_rms: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -279,7 +283,14 @@ def output_error(index: int, name: str, source: Array, converted: Array) -> Outp
                        (0.0 if noise == 0 else 1.0),
                        _sqnr(signal, noise), round(max_abs, 6), round(span, 6),
                        round(judged, 6), "range" if small else "centered cosine",
-                       round(score, 6))
+                       round(score, 6), _centered_rel_rms(a, noise))
+
+
+def _centered_rel_rms(a: Array, noise: float) -> float:
+    variation = float(np.mean((a - a.mean()) ** 2)) if a.size else 0.0
+    if variation > 0:
+        return round(min(math.sqrt(noise / variation), 1e6), 6)
+    return 0.0 if noise == 0 else 1e6
 
 
 def _sqnr(signal: float, noise: float) -> float | None:
@@ -309,11 +320,23 @@ def _cosine(a: Array, b: Array) -> float:
     return 1.0 if denom == 0.0 else float(np.dot(x, y) / denom)
 
 
+LATENCY_SECONDS = 2.0  # timed calls of one measurement, at most (MIN_RUNS at least)
+MIN_RUNS = 5
+
+
 def latency_p50_ms(predict: Predict, sample: Mapping[str, Array], runs: int = 50) -> float:
+    """The median of ``runs`` timed calls after 5 warm-up calls; a slow model (seconds a
+    call at large inputs) gets fewer: warm-up and timed calls stop after
+    :data:`LATENCY_SECONDS` each, with :data:`MIN_RUNS` timed calls at least."""
+    begun = time.perf_counter()
     for _ in range(5):
         predict(sample)
-    times = []
-    for _ in range(runs):
+        if time.perf_counter() - begun > LATENCY_SECONDS:
+            break
+    times: list[float] = []
+    begun = time.perf_counter()
+    while len(times) < runs and (len(times) < MIN_RUNS or
+                                 time.perf_counter() - begun < LATENCY_SECONDS):
         started = time.perf_counter()
         predict(sample)
         times.append(time.perf_counter() - started)

@@ -324,3 +324,47 @@ def test_a_file_that_is_not_a_zip_is_not_called_a_pickle(tmp_path: Path) -> None
     (tmp_path / "obj.npy").write_bytes(pickle.dumps({"x": [1, 2]}))
     with pytest.raises(DataError, match=r"obj\.npy holds Python objects"):
         load_dataset(tmp_path / "obj.npy", SPEC)
+
+
+def test_a_small_output_turned_to_noise_is_unusable_not_offered_a_max_drop() -> None:
+    """Its range score costs a few points only (a --max-drop 7.2 was offered and wrote it,
+    exit 0); its error is as large as its variation: noise (outside test 14c, F33)."""
+    from edgefleet.converter.advice import _unusable_why
+    from edgefleet.converter.evaluate import output_error
+    from edgefleet.converter.report import Attempt
+
+    rng = np.random.default_rng(1)
+    source = 1000.0 + rng.uniform(-3, 3, (16, 4))
+    found = output_error(0, "altitude", source, source + rng.uniform(-2, 2, (16, 4)))
+    assert found.centered_rel_rms > 0.5 and found.rel_rms < 0.01  # uncentered: hidden
+    attempt = Attempt("int8", "int8", agreement={"outputs": [found.as_dict()]})
+    assert "output 'altitude' has a relative RMS error of" in _unusable_why(attempt)
+    close = output_error(0, "altitude", source, source + rng.uniform(-0.1, 0.1, (16, 4)))
+    assert _unusable_why(Attempt("int8", "int8", agreement={"outputs": [close.as_dict()]})) \
+        == ""
+
+
+def test_a_slow_model_is_timed_in_bounded_time() -> None:
+    """At the input-size bound a call takes seconds: 50 runs a measurement, 3 rounds of
+    two, made a conversion run for over 12 minutes (outside test 14c, F32)."""
+    from edgefleet.converter.evaluate import LATENCY_SECONDS, MIN_RUNS, latency_p50_ms
+
+    calls: list[float] = []
+
+    def slow(feeds: object) -> list[np.ndarray]:
+        time.sleep(0.3)
+        calls.append(time.monotonic())
+        return []
+
+    started = time.monotonic()
+    assert latency_p50_ms(slow, {}) >= 300
+    assert len(calls) <= MIN_RUNS + 1 + int(2 * LATENCY_SECONDS / 0.3) + 2
+    assert time.monotonic() - started < 2 * LATENCY_SECONDS + 0.3 * (MIN_RUNS + 2)
+    calls.clear()
+
+    def fast(feeds: object) -> list[np.ndarray]:
+        calls.append(time.monotonic())
+        return []
+
+    assert latency_p50_ms(fast, {}, runs=50) >= 0
+    assert len(calls) == 55  # a fast model keeps its 5 warm-up and 50 timed calls
