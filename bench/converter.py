@@ -297,8 +297,10 @@ READING = """
 **Reading the runs** (one run of all eight models, 2026-12-07, after the agreement became a \
 centered cosine; the raw ONNX Runtime rows of the three PP-OCR models measured again in a \
 second run the same day, with the opset-13 row added: their agreement depends only on the \
-model and the crops; the host was shared, so latencies are noisy and only their ratios \
-within one conversion mean anything):
+model and the crops; the five mediapipe models measured again in a third run, after small \
+outputs outside [0, 1] came to be judged on their own spread and slow models timed in \
+bounded time: every figure of agreement and every choice came out the same; the host was \
+shared, so latencies are noisy and only their ratios within one conversion mean anything):
 
 - *Full int8 breaks on every published model here*, and the default budget refuses it \
 instead of writing it: face detection's 896 scores cosine 0.945, selfie segmentation's mask \
