@@ -1,6 +1,6 @@
 """Where the bundle goes: the folder of ``-o`` is tried before converting (a temp file made
 and removed there, as the final write makes one), and the OS errors of the final write (a
-full disk, no permission, a read-only file system) become one :class:`OutputError` that
+full disk, no permission, a read-only file system) become one :class:`BundleWriteError` that
 names the path and the cause."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from edgefleet.converter.errors import OutputError
+from edgefleet.converter.errors import BundleWriteError
 
 __all__ = ["check_writable", "write_error", "writing"]
 
@@ -22,7 +22,7 @@ _DENIED = (errno.EACCES, errno.EPERM)
 
 def check_writable(path: Path) -> None:
     """A file can be made in the folder of ``path`` and removed again; else
-    :class:`OutputError`."""
+    :class:`BundleWriteError`."""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
@@ -33,28 +33,28 @@ def check_writable(path: Path) -> None:
 
 @contextlib.contextmanager
 def writing(path: Path) -> Iterator[None]:
-    """Translate an OSError raised inside (writing ``path``) into :class:`OutputError`."""
+    """Translate an OSError raised inside (writing ``path``) into :class:`BundleWriteError`."""
     try:
         yield
     except OSError as exc:
         raise write_error(exc, path) from exc
 
 
-def write_error(exc: OSError, path: Path) -> OutputError:
+def write_error(exc: OSError, path: Path) -> BundleWriteError:
     """The one-line error for ``exc``, met writing the bundle at ``path``."""
     folder = path.parent
     reason = exc.strerror or type(exc).__name__
     if exc.errno in _FULL:
-        return OutputError(f"cannot write {path}: no room left in {folder} ({reason})",
+        return BundleWriteError(f"cannot write {path}: no room left in {folder} ({reason})",
                            hint=f"free space in {folder} (or raise its quota or file-size "
                                 "limit), or write the bundle elsewhere with -o")
     if exc.errno in _DENIED:
-        return OutputError(f"cannot write {path}: this user may not write in {folder} "
+        return BundleWriteError(f"cannot write {path}: this user may not write in {folder} "
                            f"({reason})",
                            hint="write the bundle to a folder of your own with -o, or "
                                 "change the folder's permissions")
     if exc.errno == errno.EROFS:
-        return OutputError(f"cannot write {path}: {folder} is on a read-only file system "
+        return BundleWriteError(f"cannot write {path}: {folder} is on a read-only file system "
                            f"({reason})", hint="write the bundle elsewhere with -o")
-    return OutputError(f"cannot write {path}: {folder} takes no new file ({reason})",
+    return BundleWriteError(f"cannot write {path}: {folder} takes no new file ({reason})",
                        hint="write the bundle to an ordinary folder with -o")

@@ -6,9 +6,19 @@ from __future__ import annotations
 from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.converter.report import ConversionReport
 
-__all__ = ["BudgetExceededError", "ConversionFailedError", "ConverterError", "DataError",
-           "MissingExtraError", "NoResultError", "OptionError", "OutputError", "SourceModelError",
-           "TargetViolationError", "UnsupportedPathError"]
+__all__ = [
+    "BudgetExceededError",
+    "BundleWriteError",
+    "ConversionFailedError",
+    "ConverterError",
+    "DataError",
+    "MissingExtraError",
+    "NoResultError",
+    "OptionError",
+    "SourceModelError",
+    "TargetViolationError",
+    "UnsupportedPathError",
+]
 
 
 class ConverterError(EdgefleetError):
@@ -28,7 +38,7 @@ class OptionError(ConverterError):
     before anything is read."""
 
 
-class OutputError(ConverterError):
+class BundleWriteError(ConverterError):
     """The bundle cannot be written where ``-o`` says: no permission, a read-only or full
     disk. Checked before converting; an earlier file there is kept."""
 

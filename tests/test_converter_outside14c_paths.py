@@ -25,7 +25,7 @@ from edgefleet.agent.protocol.encryption import generate_device_key
 from edgefleet.agent.protocol.errors import KeyFileError
 from edgefleet.converter.config import ConvertConfig
 from edgefleet.converter.context import Step
-from edgefleet.converter.errors import ConversionFailedError, DataError, OutputError
+from edgefleet.converter.errors import BundleWriteError, ConversionFailedError, DataError
 from edgefleet.converter.pipeline import convert
 from edgefleet.converter.report import Attempt
 from edgefleet.converter.search import Search, auto_candidates
@@ -156,14 +156,14 @@ def test_a_new_bundle_beside_the_data_is_not_a_clash(net: dict[str, Path], signi
 def test_a_folder_that_takes_no_file_is_refused_before_converting(
         net: dict[str, Path], signing_keys: Keys, folder: str) -> None:
     seen, step = _steps()
-    with pytest.raises(OutputError, match=rf"cannot write {folder}/net.efb: "):
+    with pytest.raises(BundleWriteError, match=rf"cannot write {folder}/net.efb: "):
         convert(_config(net["model"], Path(folder) / "net.efb", signing_keys,
                         quantize="auto"), step)
     assert seen == ["loading the source model"], "refused before any work"
     result = _run("convert", str(net["model"]), "-o", f"{folder}/net.efb", "--format", "onnx",
                   "--sign-key", str(signing_keys.secret), "--json")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert json.loads(result.stdout)["error"] == "OutputError"
+    assert json.loads(result.stdout)["error"] == "BundleWriteError"
 
 
 @contextlib.contextmanager
@@ -187,7 +187,7 @@ def test_a_full_disk_is_one_line_that_keeps_the_earlier_bundle_and_leaves_no_tem
                       "onnx", "--sign-key", str(signing_keys.secret), "--json")
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         error = json.loads(result.stdout)
-        assert error["error"] == "OutputError"
+        assert error["error"] == "BundleWriteError"
         assert f"cannot write {tiny / 'net.efb'}: no room left in {tiny}" in error["message"]
         assert "free space" in error["hint"]
         assert (tiny / "net.efb").read_bytes() == b"earlier bundle"
@@ -198,7 +198,7 @@ def test_a_read_only_file_system_is_refused_before_converting(
         net: dict[str, Path], signing_keys: Keys, tmp_path: Path) -> None:
     with _tmpfs(tmp_path / "ro", "size=64k,ro") as ro:
         seen, step = _steps()
-        with pytest.raises(OutputError, match="is on a read-only file system"):
+        with pytest.raises(BundleWriteError, match="is on a read-only file system"):
             convert(_config(net["model"], ro / "net.efb", signing_keys), step)
         assert seen == ["loading the source model"]
 
