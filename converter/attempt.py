@@ -12,6 +12,7 @@ from edgefleet.agent.runtime.select import load_runtime
 from edgefleet.converter import onnx_backend, shapes, tflite_backend
 from edgefleet.converter.bundle import probe_manifest
 from edgefleet.converter.context import Context
+from edgefleet.converter.errors import ConversionFailedError
 from edgefleet.converter.evaluate import (
     accuracy,
     agreement,
@@ -19,10 +20,15 @@ from edgefleet.converter.evaluate import (
     latency_p50_ms,
     run_batched,
 )
-from edgefleet.converter.failures import out_of_memory, result_refused
+from edgefleet.converter.failures import (
+    first_lines,
+    onnx_graph_fault,
+    out_of_memory,
+    result_refused,
+)
 from edgefleet.converter.floatio import float_predict as _predict
 from edgefleet.converter.judge import drop_points, judge
-from edgefleet.converter.names import output_order, rename_outputs
+from edgefleet.converter.names import output_order, rename_inputs, rename_outputs
 from edgefleet.converter.report import Attempt, Verdict
 from edgefleet.converter.search import Candidate
 from edgefleet.converter.slower import never_slower, one_call
@@ -45,11 +51,13 @@ def try_candidate(ctx: Context, candidate: Candidate) -> tuple[Attempt, bytes | 
         # or run (LiteRT's set_tensor raises a bare ValueError on a dtype it does not take)
         attempt.verdict, attempt.reason = Verdict.FAILED, f"failed: {_message(exc)}"
         attempt.hint = getattr(exc, "hint", None) or ""
+        if isinstance(exc, ConversionFailedError):
+            attempt.hint = _remaining(ctx, candidate, attempt.hint)
         return attempt, None
     except Exception as exc:  # a runtime's own exception types: memory is one, said as such
         if not out_of_memory(exc):
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_lines(exc, limit=200)
         attempt.verdict, attempt.reason = Verdict.FAILED, f"failed: out of memory: {first}"
         attempt.hint = "give a smaller --input-size / --input-shape"
         return attempt, None
@@ -58,9 +66,11 @@ def try_candidate(ctx: Context, candidate: Candidate) -> tuple[Attempt, bytes | 
 
 
 def _named_outputs(ctx: Context, artifact: bytes) -> bytes:
-    """The artifact's outputs in the source's order and under its names: which is which
-    is measured on one call when there are several (a converter may reorder them)."""
+    """The artifact's inputs and outputs in the source's order and under its names: inputs
+    matched by name, outputs by what they hold, measured on one call when there are
+    several (a converter may reorder them)."""
     names, fmt = ctx.source.output_names, ctx.config.format
+    artifact = rename_inputs(artifact, fmt, [i.name for i in ctx.source.inputs])
     if fmt == "tflite":  # one tensor returned twice: two outputs of one name otherwise
         from edgefleet.converter.tflite_graph import split_shared_outputs
 
@@ -75,6 +85,24 @@ def _named_outputs(ctx: Context, artifact: bytes) -> bytes:
         except (EdgefleetError, ValueError, RuntimeError):  # _measure says why it fails
             return artifact
     return rename_outputs(artifact, fmt, names, order)
+
+
+def _remaining(ctx: Context, candidate: Candidate, hint: str) -> str:
+    """A recipe that failed, asked for by name: what else there is. The float model when it
+    works (the source loads and ran here; a Keras model's float conversion was built and
+    measured before any recipe); another recipe only when the cause is not known (a
+    known one, ``hint``, is the model's and holds for every recipe). ``auto`` tries them
+    all itself: nothing added."""
+    if ctx.config.quantize == "auto" or candidate.mode == "none":
+        return hint
+    none_works = ctx.source.kind in ("onnx", "tflite") or ctx.reference is not None
+    float_model = ("the model as it is" if ctx.source.kind in ("onnx", "tflite") else
+                   "its float32 conversion")
+    options = [] if hint else ["another --quantize recipe may convert it (--quantize auto "
+                               "measures each)"]
+    if none_works:
+        options.append(f"--quantize none packages {float_model}")
+    return "; or ".join([hint, *options] if hint else options)
 
 
 def _message(exc: Exception) -> str:
@@ -143,8 +171,10 @@ def _measure(ctx: Context, attempt: Attempt, artifact: bytes) -> None:
                               on_batch=lambda d, t: ctx.step(f"evaluating {attempt.label}",
                                                              d, t))
     except (EdgefleetError, ValueError, RuntimeError) as exc:  # LiteRT raises bare ones
-        name = "LiteRT" if ctx.config.format == "tflite" else "ONNX Runtime"
-        raise result_refused(attempt.label, attempt.recipe, name, exc) from exc
+        onnx = ctx.config.format == "onnx"
+        name = "ONNX Runtime" if onnx else "LiteRT"
+        fault = onnx_graph_fault(artifact) if onnx else ""
+        raise result_refused(attempt.label, attempt.recipe, name, exc, fault) from exc
     attempt.size_bytes = len(artifact)
     attempt.gzip_bytes = len(gzip.compress(artifact, compresslevel=9))
     found = agreement(ctx.source_outputs, outputs, ctx.source.output_names, ctx.kinds)

@@ -11,7 +11,7 @@ from typing import Literal
 from edgefleet.agent.protocol.schema import NAME_PATTERN, SEMVER_PATTERN
 from edgefleet.converter.search import DEFAULT_SEARCH_SECONDS
 
-__all__ = ["CALIBRATION_METHODS", "DEFAULT_MAX_DROP", "QUANTIZE_MODES", "SCALES",
+__all__ = ["CALIBRATION_METHODS", "DEFAULT_MAX_DROP", "INT8_IO_MODES", "QUANTIZE_MODES", "SCALES",
            "TFLITE_SOURCE_ONLY", "ConvertConfig", "Format", "Quantize", "Scale"]
 
 Format = Literal["tflite", "onnx"]
@@ -22,6 +22,7 @@ DEFAULT_MAX_DROP = 1.0  # points: accuracy with labels, else 100 x (1 - worst ou
 QUANTIZE_MODES: tuple[Quantize, ...] = ("none", "fp16", "dynamic", "weight-only", "int8",
                                         "int8-a16", "auto")
 TFLITE_SOURCE_ONLY = ("weight-only", "int8-a16")  # ai-edge-quantizer recipes
+INT8_IO_MODES: tuple[Quantize, ...] = ("int8", "auto")  # the modes --int8-io acts on
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 MAX_DIM = 8192  # --input-shape: the largest dim
 MAX_SIDE = 4096  # --input-size: the largest height or width
@@ -82,6 +83,11 @@ class ConvertConfig:
             raise ValueError("--int8-io makes a TFLite model's inputs and outputs int8; the "
                              "ONNX path keeps them float32: drop --int8-io, or use "
                              "--format tflite")
+        if self.int8_io and self.quantize not in INT8_IO_MODES:
+            raise ValueError(f"--int8-io makes the inputs and outputs of a full-integer model "
+                             f"int8; --quantize {self.quantize} keeps them float: use "
+                             "--quantize int8 (or auto, which says when its choice keeps "
+                             "them float), or drop --int8-io")
         if self.activations not in ("uint8", "int8"):
             raise ValueError("activations must be uint8 or int8")
         if not (math.isfinite(self.search_budget) and self.search_budget > 0):

@@ -6,7 +6,12 @@
   operator, and says that no device runtime will have it either;
 - a runtime refusing a converted result: names the runtime and the recipe that wrote it;
 - a source that does not load (:func:`source_unreadable`): a Keras Lambda layer (code that
-  safe mode does not load), a file cut short, a graph without inputs, each with its fix.
+  safe mode does not load), a file cut short, a graph without inputs, each with its fix;
+- an ONNX graph ONNX Runtime's float16 and quantization tools do not handle
+  (:func:`onnx_graph_fault`: an input listed as an output too).
+
+Third-party exception text goes through :func:`exception_text` (or :func:`first_lines`)
+before it is put in a message: TensorFlow colours its errors with ANSI escape codes.
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ from pathlib import Path
 
 from edgefleet.converter.errors import ConversionFailedError, SourceModelError
 
-__all__ = ["custom_ops", "out_of_memory", "result_refused", "source_refused", "source_unreadable",
-           "tflite_conversion"]
+__all__ = ["custom_ops", "exception_text", "first_lines", "onnx_graph_fault", "out_of_memory",
+           "result_refused", "source_refused", "source_unreadable", "tflite_conversion"]
 
 _TF_OP = re.compile(r"'tf\.(\w+)' op")
 _FLEX = re.compile(r"Flex(\w+)")
 _CUSTOM = re.compile(r"unresolved custom op: (\w+)")
 _AGENT_HINT = re.compile(r"\s*\((?:convert|upgrade|check)[^)]*\)")  # the agent's own hints
+# the hints of agent.runtime.onnx.load_hint, the last parenthesis of the line
+_ORT_HINT = re.compile(r"\s*\((?:re-export the model|ONNX Runtime says)\b.*\)\s*$")
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
 _CUT_SHORT = re.compile(r"protobuf parsing failed|INVALID_PROTOBUF|not a valid Flatbuffer|"
                         r"truncated|file signature not found|not a zip file|"
                         r"accessible `\.keras` zip file", re.IGNORECASE)
@@ -34,14 +42,26 @@ _NO_FLEX = ("select TensorFlow ops (Flex) are not used: LiteRT on a device does 
             "them")
 
 
+def exception_text(exc: BaseException) -> str:
+    """``str(exc)`` without ANSI escape codes (TensorFlow's bold and colours)."""
+    return _ANSI.sub("", str(exc))
+
+
+def first_lines(exc: BaseException, count: int = 1, limit: int = 300) -> str:
+    """The first ``count`` non-empty lines of the exception's text (no ANSI codes), joined
+    by a space and cut at ``limit`` characters; the exception's type when it says nothing."""
+    lines = [line.strip() for line in exception_text(exc).splitlines() if line.strip()]
+    return " ".join(lines[:count])[:limit] or type(exc).__name__
+
+
 def tflite_conversion(mode: str, exc: Exception) -> ConversionFailedError:
     """The TFLite converter's failure: TensorFlow ops without a builtin by name, else the
     converter's first line."""
-    text = str(exc)
+    text = exception_text(exc)
     ops = sorted(set(_TF_OP.findall(text)) | set(_FLEX.findall(text)))
     if not ops:
-        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        return ConversionFailedError(f"TFLite conversion ({mode}) failed: {first[:300]}",
+        first = first_lines(exc)
+        return ConversionFailedError(f"TFLite conversion ({mode}) failed: {first}",
                                      hint="check the model's ops are TFLite builtins, or "
                                           "use --format onnx")
     loop = " (a Keras RNN / LSTM loop)" if any(o.startswith("TensorList") for o in ops) else ""
@@ -70,20 +90,41 @@ def source_refused(name: str, exc: Exception) -> SourceModelError | None:
              "add it")
 
 
-def result_refused(label: str, recipe: str, runtime: str, exc: Exception
-                   ) -> ConversionFailedError:
-    """A converted result the device runtime refuses to load: a row, never a result."""
+def result_refused(label: str, recipe: str, runtime: str, exc: Exception,
+                   fault: str = "") -> ConversionFailedError:
+    """A converted result the device runtime refuses to load: a row, never a result.
+    ``fault``: what is wrong with the graph, when known (:func:`onnx_graph_fault`); else
+    the hint is empty and the attempt says which options remain."""
     ops = custom_ops(str(exc))
     if ops:
         return ConversionFailedError(
             f"{runtime} cannot load the model of {label}: it has no kernel for the custom "
             f"operator {', '.join(ops)}", hint="use another --quantize recipe")
-    text = _AGENT_HINT.sub("", getattr(exc, "message", str(exc))).strip()
-    first = text.splitlines()[0][:300] if text else repr(exc)
+    text = _ANSI.sub("", _AGENT_HINT.sub("", getattr(exc, "message", str(exc)))).strip()
+    first = _ORT_HINT.sub("", text.splitlines()[0])[:300] if text else repr(exc)
     return ConversionFailedError(
         f"{runtime} cannot load the model of {label} ({recipe}), or run it: {first}",
-        hint="the recipe wrote a model the runtime refuses; use another --quantize recipe "
-             "or --quantize auto, which measures each")
+        hint=fault)
+
+
+def onnx_graph_fault(model: bytes) -> str:
+    """A hint for an ONNX graph that ONNX Runtime's float16 converter and quantizer do not
+    handle (their results fail with "Duplicate definition of name", "Graph is not a DAG"),
+    though it is legal ONNX: a graph input listed as a graph output too. "" when there is
+    none, or the model does not parse."""
+    try:
+        import onnx
+
+        graph = onnx.load_model_from_string(model).graph
+    except Exception:  # not for this function to say why a model does not parse
+        return ""
+    passed = sorted({i.name for i in graph.input} & {o.name for o in graph.output})
+    if not passed:
+        return ""
+    names = ", ".join(repr(n) for n in passed[:4])
+    return (f"the graph lists its input {names} as an output too (legal ONNX, which ONNX "
+            "Runtime's float16 converter and int8 quantizer do not handle): "
+            "make that output a copy of the input (an Identity node) and convert again")
 
 
 def source_unreadable(kind: str, path: Path, exc: Exception) -> SourceModelError:
@@ -92,9 +133,13 @@ def source_unreadable(kind: str, path: Path, exc: Exception) -> SourceModelError
         found = reason(kind, path, exc)
         if found is not None:
             return found
-    text = _AGENT_HINT.sub("", str(exc)).strip()
+    text = _AGENT_HINT.sub("", exception_text(exc)).strip()
+    said = _ORT_HINT.search(text)  # ONNX Runtime's refusal: its hint is the fix
+    fix = said.group().strip()[1:-1].rsplit("; ", 1)[-1] if said else \
+        "check that the file is a complete model of that type"
+    text = _ORT_HINT.sub("", text)
     return SourceModelError(f"cannot load {kind} model {path}: {text or repr(exc)}"[:600],
-                            hint="check that the file is a complete model of that type")
+                            hint=fix)
 
 
 def _custom_op(kind: str, path: Path, exc: Exception) -> SourceModelError | None:

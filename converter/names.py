@@ -8,6 +8,10 @@ measured in, output by output). Converters may also reorder outputs (the TFLite
 converter did, for a three-output Keras model): :func:`output_order` finds which converted
 output is which source output, by shape and then by value, and the artifact's outputs are
 put back in the source's order.
+
+Inputs likewise (:func:`rename_inputs`): the TFLite converter names a Keras input ``a``
+``serving_default_a:0`` and may list a model's inputs in another order; a device client
+feeds the source's names, so the artifact's inputs take them, in the source's order.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 from edgefleet.agent.runtime.base import Array
 from edgefleet.converter import tflite_graph
 
-__all__ = ["output_order", "rename_outputs"]
+__all__ = ["input_order", "output_order", "rename_inputs", "rename_outputs"]
 
 
 def rename_outputs(artifact: bytes, fmt: str, names: Sequence[str],
@@ -34,6 +38,31 @@ def rename_outputs(artifact: bytes, fmt: str, names: Sequence[str],
     if fmt == "tflite":
         return tflite_graph.rename_outputs(artifact, names, order)
     return _rename_onnx(artifact, names, order)
+
+
+def rename_inputs(artifact: bytes, fmt: str, names: Sequence[str]) -> bytes:
+    """``artifact``'s inputs named ``names`` (the source's) and in their order, matched by
+    name (:func:`input_order`); unchanged when they do not match one to one. ONNX exports
+    keep the source's input names: only TFLite artifacts are renamed."""
+    if fmt != "tflite" or not names:
+        return artifact
+    order = input_order(names, tflite_graph.input_names(artifact))
+    return artifact if order is None else tflite_graph.rename_inputs(artifact, names, order)
+
+
+def input_order(names: Sequence[str], converted: Sequence[str]) -> list[int] | None:
+    """For each source input name, the index of the converted input of that name once the
+    converter's decoration (``serving_default_``, ``:0``) is taken off; None unless each
+    matches exactly one."""
+    bare = [_bare(name) for name in converted]
+    if len(names) != len(bare) or sorted(bare) != sorted(names) or \
+            len(set(bare)) != len(bare):
+        return None
+    return [bare.index(name) for name in names]
+
+
+def _bare(name: str) -> str:
+    return name.split(":")[0].removeprefix("serving_default_")
 
 
 def output_order(source: Sequence[Array], converted: Sequence[Array]) -> list[int] | None:

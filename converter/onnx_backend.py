@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from edgefleet.converter.errors import (
     MissingExtraError,
     UnsupportedPathError,
 )
+from edgefleet.converter.failures import exception_text, first_lines, onnx_graph_fault
 from edgefleet.converter.quantized_source import onnx_quantization_ops
 from edgefleet.converter.sources import SourceModel
 
@@ -45,6 +47,24 @@ OPSET = 17
 QDQ_MIN_OPSET = 13
 
 
+TRACE_SIDE = 224  # a dynamic dim past the batch is traced at this size (1 was too small)
+TRACE_NUMBERS = 1 << 22  # at most this many numbers an input on the tracing call
+
+
+def _trace_shape(shape: tuple[int, ...]) -> list[int]:
+    """The shape a Keras model is called at before its ONNX export: the batch 1, other
+    dynamic dims :data:`TRACE_SIDE` (halved while the input would pass
+    :data:`TRACE_NUMBERS`). At 1, two 3x3 convolutions of a dynamic height and width failed
+    ("Computed output size would be negative"); the export keeps the dims dynamic."""
+    side = TRACE_SIDE
+    while True:
+        dims = [1 if i == 0 and d <= 0 else (side if d <= 0 else d)
+                for i, d in enumerate(shape)]
+        if side <= 8 or math.prod(dims) <= TRACE_NUMBERS:
+            return dims
+        side //= 2
+
+
 def export_onnx(source: SourceModel) -> bytes:
     """Keras or SavedModel -> float ONNX."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,8 +72,7 @@ def export_onnx(source: SourceModel) -> bytes:
         try:
             if source.kind == "keras":
                 model = source.handle
-                dummies = [np.zeros([1 if d == -1 else d for d in i.shape], i.dtype)
-                           for i in source.inputs]
+                dummies = [np.zeros(_trace_shape(i.shape), i.dtype) for i in source.inputs]
                 model(dummies[0] if len(dummies) == 1 else dummies)  # export needs a call
                 with quiet_stdout():
                     model.export(str(out), format="onnx", verbose=False, opset_version=OPSET)
@@ -62,9 +81,23 @@ def export_onnx(source: SourceModel) -> bytes:
         except ConversionFailedError:
             raise
         except Exception as exc:  # keras export / tf2onnx raise many types
-            raise ConversionFailedError(f"ONNX export failed: {exc}",
-                                        hint="check the model's ops have ONNX equivalents") from exc
+            raise _export_failed(source, exc) from exc
         return out.read_bytes()
+
+
+def _export_failed(source: SourceModel, exc: Exception) -> ConversionFailedError:
+    """Keras' export failed: for a model of dynamic dims past the batch (traced at
+    :data:`TRACE_SIDE`), the fix is the deployment size; else an op without an ONNX
+    equivalent is likeliest."""
+    said = first_lines(exc, count=2, limit=400)
+    dynamic = [i.name for i in source.inputs if any(d <= 0 for d in i.shape[1:])]
+    if dynamic:
+        return ConversionFailedError(
+            f"ONNX export failed: {said} (input {dynamic[0]!r} has dynamic dims, traced at "
+            f"{TRACE_SIDE} a dim)",
+            hint="pass --input-size HxW (the deployment size) or --input-shape NAME=DIMS")
+    return ConversionFailedError(f"ONNX export failed: {said}",
+                                 hint="check the model's ops have ONNX equivalents")
 
 
 def _tf2onnx_cli(saved_model: Path, out: Path) -> None:
@@ -72,7 +105,8 @@ def _tf2onnx_cli(saved_model: Path, out: Path) -> None:
                              str(saved_model), "--output", str(out), "--opset", str(OPSET)],
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise ConversionFailedError(f"tf2onnx failed: {result.stderr.strip()[-400:]}",
+        stderr = exception_text(RuntimeError(result.stderr)).strip()
+        raise ConversionFailedError(f"tf2onnx failed: {stderr[-400:]}",
                                     hint="check the SavedModel's serving signature")
 
 
@@ -171,9 +205,11 @@ def quantize_onnx(model: bytes, mode: str, data: Dataset | None = None,
         except ConversionFailedError as exc:  # said already (the opset upgrade), with its fix
             raise ConversionFailedError(f"ONNX Runtime quantization ({mode}) failed: "
                                         f"{exc.message}", hint=exc.hint) from exc
-        except Exception as exc:  # ORT quantization raises many types
-            raise ConversionFailedError(f"ONNX Runtime quantization ({mode}) failed: {exc!r}",
-                                        hint="try another --quantize mode") from exc
+        except Exception as exc:  # ORT quantization raises many types: the graph's fault
+            # when known; else no hint, and the attempt says which options remain
+            said = f"{type(exc).__name__}: {first_lines(exc)}"
+            raise ConversionFailedError(f"ONNX Runtime quantization ({mode}) failed: {said}",
+                                        hint=onnx_graph_fault(model)) from exc
         return out.read_bytes()
 
 
@@ -239,7 +275,7 @@ def _upgrade_opset(path: Path, opset: int) -> None:
     except Exception as exc:  # the version converter raises RuntimeError / ValidationError
         raise ConversionFailedError(
             f"the model uses ONNX opset {current}; upgrading it to {opset} for int8 failed: "
-            f"{exc}", hint="re-export the model with opset 13 or newer") from exc
+            f"{first_lines(exc)}", hint="re-export the model with opset 13 or newer") from exc
 
 
 FP16_MAX = 65504.0  # the largest finite float16
@@ -391,7 +427,8 @@ def sensitive_onnx_nodes(model: bytes, data: Dataset, quantized: bytes) -> list[
     except ConversionFailedError:
         raise
     except Exception as exc:  # ORT's debugging helpers raise many types
-        raise ConversionFailedError(f"measuring per-node int8 error failed: {exc!r}",
+        raise ConversionFailedError(f"measuring per-node int8 error failed: "
+                                    f"{type(exc).__name__}: {first_lines(exc)}",
                                     hint="use --quantize int8 or fp16 directly") from exc
 
 

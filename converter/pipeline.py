@@ -62,7 +62,7 @@ from edgefleet.converter.evaluate import (
     latency_p50_ms,
     run_batched,
 )
-from edgefleet.converter.failures import out_of_memory
+from edgefleet.converter.failures import first_lines, out_of_memory
 from edgefleet.converter.floatio import float_predict as _predict
 from edgefleet.converter.judge import agreement_drop
 from edgefleet.converter.quantized_source import quantized_source
@@ -97,10 +97,26 @@ def convert(config: ConvertConfig, step: Step = _no_progress) -> ConversionRepor
     if chosen is None:
         raise NoResultError(failure(ctx.report, ctx.config), ctx.report)
     ctx.report.chosen = chosen.label
+    ctx.report.warnings.extend(_float_io_kept(config, chosen.label, built[chosen.label]))
     step("writing the signed bundle")
     write_bundle(ctx, chosen, built[chosen.label])
     ctx.report.conversion_seconds = round(time.perf_counter() - started, 2)
     return ctx.report
+
+
+def _float_io_kept(config: ConvertConfig, label: str, artifact: bytes) -> list[str]:
+    """``--int8-io`` asked for, and the chosen result has float inputs or outputs (``auto``
+    chose a recipe other than full int8): said, never silently ignored."""
+    if not config.int8_io or config.format != "tflite":
+        return []
+    from edgefleet.converter.tflite_graph import float_io
+
+    floats = float_io(artifact)
+    if not floats:
+        return []
+    return [f"--int8-io: the chosen result {label} has float inputs/outputs "
+            f"({', '.join(floats[:6])}): only a full-integer int8 result takes and gives int8; "
+            "--quantize int8 --int8-io makes one (or says why it cannot)"]
 
 
 def _numbered(step: Step, number: int) -> Step:
@@ -175,7 +191,7 @@ def _source_outputs(source: SourceModel, evaluation: Dataset, step: Step) -> lis
     except EdgefleetError:
         raise
     except Exception as exc:  # ORT, LiteRT and TensorFlow raise their own types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_lines(exc, count=2)  # Keras: "Exception encountered when calling ..."
         if out_of_memory(exc):
             shapes = ", ".join(f"{n} {list(v.shape[1:])}" for n, v in evaluation.inputs.items())
             raise DataError(f"the source model runs out of memory on inputs of {shapes} "
@@ -294,7 +310,7 @@ def _ranking(ctx: Context, base: Candidate) -> list[str]:
         # that fails in any way skips the mixed stage, and the report says why (the search
         # goes on to fp16 and float)
         reason = exc.message if isinstance(exc, EdgefleetError) else \
-            (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            first_lines(exc)
         ctx.report.warnings.append(f"per-operator error not measured ({reason}): the mixed "
                                    "stage is skipped")
     return []

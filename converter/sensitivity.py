@@ -26,6 +26,7 @@ import numpy as np
 from edgefleet.agent.runtime.base import Array
 from edgefleet.converter.data import Dataset
 from edgefleet.converter.errors import ConversionFailedError
+from edgefleet.converter.failures import first_lines
 from edgefleet.converter.tflite_graph import debug_interpreter
 
 __all__ = ["Node", "rank_by_loss", "sqnr_db", "tflite_ranking"]
@@ -102,7 +103,7 @@ def _tflite_tensors(model: bytes, data: Dataset) -> dict[str, Array]:
     try:
         return _collected(model, data)
     except (RuntimeError, ValueError) as exc:  # LiteRT's failures to prepare or invoke
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_lines(exc)
         raise ConversionFailedError(
             f"LiteRT's own kernels cannot run the model to measure its operators: {first}",
             hint="the search skips the mixed stage (int8 with operators kept float) and "

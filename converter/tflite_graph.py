@@ -1,5 +1,6 @@
 """Read and edit a ``.tflite`` flatbuffer: which operators compute in float, whether the
-weights are quantized already, output names, and the interpreter that keeps every tensor.
+weights are quantized already, input and output names, and the interpreter that keeps
+every tensor.
 
 Used by the quantizer (:mod:`edgefleet.converter.litert_quantizer`), the per-operator
 ranking (:mod:`edgefleet.converter.sensitivity`) and the pipeline.
@@ -12,8 +13,9 @@ from typing import Any
 
 import flatbuffers
 
-__all__ = ["debug_interpreter", "float_ops", "output_names", "pack", "quantized_weights",
-           "rename_outputs", "split_shared_outputs", "unpack"]
+__all__ = ["debug_interpreter", "float_io", "float_ops", "input_names", "output_names", "pack",
+           "quantized_weights", "rename_inputs", "rename_outputs", "split_shared_outputs",
+           "unpack"]
 
 BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")  # conversions at the edges of integer parts
 QUANTIZED_TYPES = ("INT8", "UINT8", "INT4", "INT16")
@@ -137,6 +139,62 @@ def output_names(model: bytes) -> list[str]:
             for i in range(graph.OutputsLength())]
 
 
+def float_io(model: bytes) -> list[str]:
+    """Names of the main graph's inputs and outputs that are float (float32 or float16)."""
+    schema = _schema()
+    graph = schema.Model.GetRootAsModel(model, 0).Subgraphs(0)
+    ends = [graph.Inputs(i) for i in range(graph.InputsLength())] + \
+        [graph.Outputs(i) for i in range(graph.OutputsLength())]
+    floats = (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16)
+    return [bytes(graph.Tensors(t).Name()).decode() for t in ends
+            if graph.Tensors(t).Type() in floats]
+
+
+def input_names(model: bytes) -> list[str]:
+    root = _schema().Model.GetRootAsModel(model, 0)
+    graph = root.Subgraphs(0)
+    return [bytes(graph.Tensors(graph.Inputs(i)).Name()).decode()
+            for i in range(graph.InputsLength())]
+
+
+def rename_inputs(model: bytes, names: Sequence[str], order: Sequence[int]) -> bytes:
+    """``model`` with its graph inputs in ``order`` (input ``order[i]`` becomes input ``i``)
+    and named ``names``, the signature's input names too (the TFLite converter names a
+    Keras input ``a`` ``serving_default_a:0``, and may list the inputs in another order).
+    A tensor that already has one of the names swaps names with the input. Unchanged when
+    inputs and names are so already, or their numbers differ."""
+    current = input_names(model)
+    order = list(order)
+    if len(current) != len(names) or sorted(order) != list(range(len(current))) or \
+            ([current[j] for j in order] == list(names) and order == sorted(order)):
+        return model
+    root = unpack(model)
+    graph = root.subgraphs[0]
+    graph.inputs = [int(graph.inputs[j]) for j in order]
+    _rename_tensors(graph, graph.inputs, names)
+    new_names = dict(zip(graph.inputs, names, strict=True))
+    for signature in root.signatureDefs or []:
+        if signature.subgraphIndex == 0 and signature.inputs:
+            for item in signature.inputs:
+                item.name = new_names.get(item.tensorIndex, item.name)
+            position = {index: i for i, index in enumerate(graph.inputs)}
+            signature.inputs.sort(key=lambda item: position.get(item.tensorIndex, len(position)))
+    return pack(root, len(model))
+
+
+def _rename_tensors(graph: Any, indices: Sequence[int], names: Sequence[str]) -> None:
+    """Tensor ``indices[i]`` named ``names[i]``; a tensor holding one of the names already
+    takes the old name in exchange (names stay unique)."""
+    by_name = {_text(t.name): i for i, t in enumerate(graph.tensors)}
+    for index, new in zip(indices, names, strict=True):
+        old = _text(graph.tensors[index].name)
+        holder = by_name.get(new)
+        if holder is not None and holder != index:
+            graph.tensors[holder].name = old
+            by_name[old] = holder
+        graph.tensors[index].name, by_name[new] = new, index
+
+
 def rename_outputs(model: bytes, names: Sequence[str],
                    order: Sequence[int] | None = None) -> bytes:
     """``model`` with its graph outputs in ``order`` (output ``order[i]`` becomes output
@@ -155,14 +213,7 @@ def rename_outputs(model: bytes, names: Sequence[str],
     root = unpack(model)
     graph = root.subgraphs[0]
     graph.outputs = [int(graph.outputs[j]) for j in order]
-    by_name = {_text(t.name): i for i, t in enumerate(graph.tensors)}
-    for index, new in zip(graph.outputs, names, strict=True):
-        old = _text(graph.tensors[index].name)
-        holder = by_name.get(new)
-        if holder is not None and holder != index:
-            graph.tensors[holder].name = old
-            by_name[old] = holder
-        graph.tensors[index].name, by_name[new] = new, index
+    _rename_tensors(graph, graph.outputs, names)
     new_names = dict(zip(graph.outputs, names, strict=True))
     for signature in root.signatureDefs or []:
         if signature.subgraphIndex == 0:

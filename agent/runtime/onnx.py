@@ -10,6 +10,7 @@ nothing to fall back to): 1.7-1.9 µs a call, an eighth of the 8x8 digits model'
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,7 +19,15 @@ import numpy as np
 from edgefleet.agent.runtime.base import Array, ClosedEngine, TensorInfo, refusal
 from edgefleet.agent.runtime.errors import RuntimeLoadError
 
-__all__ = ["OnnxRuntime"]
+__all__ = ["OnnxRuntime", "load_hint"]
+
+# ONNX Runtime's words for a model of an opset, IR or operator version it does not load
+_VERSIONS = re.compile(r"opset|IR version|only \*guarantees\* support|"
+                       r"not supported.{0,80}version|version.{0,80}not supported",
+                       re.IGNORECASE)
+_EXTERNAL = re.compile(r"external data|model_path must not be empty|ExternalData",
+                       re.IGNORECASE)
+_ORT_PREFIX = re.compile(r"^\s*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -45,8 +54,7 @@ class OnnxRuntime:
                                                  providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidGraph errors
             raise RuntimeLoadError(f"onnxruntime {self.version} cannot load the model: {exc}",
-                                   hint="re-export the model with an opset this runtime supports"
-                                   ) from exc
+                                   hint=load_hint(str(exc))) from exc
         self._inputs = [_info(a) for a in self._session.get_inputs()]
         self._outputs = [_info(a) for a in self._session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]
@@ -85,6 +93,22 @@ class OnnxRuntime:
             session_run, single = refuse, None
 
         return run_array, forget
+
+
+def load_hint(text: str) -> str:
+    """The fix for ONNX Runtime's refusal ``text``: another opset only when ONNX Runtime
+    speaks of an opset or version; otherwise what it said (its first line) and the fix
+    that fits."""
+    if _VERSIONS.search(text):
+        return "re-export the model with an opset this runtime supports"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    said = _ORT_PREFIX.sub("", lines[0])[:200] if lines else "nothing"
+    if _EXTERNAL.search(text):
+        return (f"ONNX Runtime says: {said}; the model keeps its weights in external data "
+                "files: load it from its own folder, next to them, or save it again with "
+                "the weights inside")
+    return (f"ONNX Runtime says: {said}; check the model with onnx.checker.check_model "
+            "with full_check=True, and export it again")
 
 
 def _checked_run(session: Any, inputs: int) -> Callable[..., Any]:
