@@ -52,7 +52,7 @@ from edgefleet.converter.checks import (
 )
 from edgefleet.converter.config import ConvertConfig
 from edgefleet.converter.context import Context, Step
-from edgefleet.converter.data import Dataset, load_dataset
+from edgefleet.converter.data import DYNAMIC_SIDE, Dataset, load_dataset
 from edgefleet.converter.errors import DataError, NoResultError, UnsupportedPathError
 from edgefleet.converter.evaluate import (
     Predict,
@@ -145,9 +145,13 @@ def _context(config: ConvertConfig, step: Step) -> Context:
     report.source_quantized = bool(quantized)
     if evaluation is None:
         evaluation = _synthetic(source)
+        sized = {i.name: [n, *_synthetic_dims(i.shape)] for i in source.inputs
+                 for n in [len(evaluation)] if any(d < 0 for d in i.shape[1:])}
         report.warnings.append(f"no --eval or --calibration data: agreement measured on "
                                f"{len(evaluation)} uniform random inputs, accuracy not "
-                               "measured")
+                               "measured" + (f" (dynamic dims given sizes: {sized}; pass "
+                                             "--input-size or --input-shape for the "
+                                             "deployment size)" if sized else ""))
         report.eval_data = "random"
     else:
         report.eval_data = str(config.eval or config.calibration)
@@ -263,12 +267,20 @@ def _synthetic(source: SourceModel) -> Dataset:
     """Uniform random inputs, drawn in float32 (not float64) and at most
     :data:`SYNTHETIC_BYTES` of them (one row at least)."""
     rng = np.random.default_rng(0)
-    shapes = {i.name: [d if d > 0 else 1 for d in i.shape[1:]] for i in source.inputs}
+    shapes = {i.name: _synthetic_dims(i.shape) for i in source.inputs}
     per_row = sum(math.prod(shape) * max(np.dtype(i.dtype).itemsize, 4)
                   for i, shape in zip(source.inputs, shapes.values(), strict=True))
     rows = max(1, min(SYNTHETIC_ROWS, SYNTHETIC_BYTES // max(per_row, 1)))
     return Dataset({i.name: rng.random([rows, *shapes[i.name]], dtype=np.float32)
                     .astype(i.dtype, copy=False) for i in source.inputs})
+
+
+def _synthetic_dims(shape: tuple[int, ...]) -> list[int]:
+    """An input's dims after the batch for random inputs: an image input's (4 dims, its
+    channels fixed) dynamic height and width at :data:`DYNAMIC_SIDE`, as for an image
+    folder (at 1, two 3x3 convolutions failed on the source itself); other dynamic dims 1."""
+    image = len(shape) == 4 and (shape[1] > 0 or shape[3] > 0)
+    return [d if d > 0 else (DYNAMIC_SIDE if image else 1) for d in shape[1:]]
 
 
 def _candidates(ctx: Context) -> Iterator[Candidate]:

@@ -368,3 +368,32 @@ def test_a_slow_model_is_timed_in_bounded_time() -> None:
 
     assert latency_p50_ms(fast, {}, runs=50) >= 0
     assert len(calls) == 55  # a fast model keeps its 5 warm-up and 50 timed calls
+
+
+def test_random_inputs_give_an_image_input_a_real_size(tmp_path: Path) -> None:
+    """Without data, a dynamic height and width were 1: two unpadded 3x3 convolutions failed
+    on the source itself. They are 224, as for an image folder, and the warning says so."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgefleet.agent.protocol.signing import generate_keypair
+    from edgefleet.converter.config import ConvertConfig
+    from edgefleet.converter.pipeline import convert
+
+    weights = np.full((2, 3, 3, 3), 0.1, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]),
+         helper.make_node("Conv", ["c", "w2"], ["y"])],
+        "twice", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, "h2", "w2"])],
+        [numpy_helper.from_array(weights, "w"),
+         numpy_helper.from_array(np.full((2, 2, 3, 3), 0.1, np.float32), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "conv.onnx")
+    key, _ = generate_keypair(tmp_path / "keys", "t")
+    report = convert(ConvertConfig(model=tmp_path / "conv.onnx", output=tmp_path / "c.efb",
+                                   sign_key=key, format="onnx", quantize="none"))
+    assert (tmp_path / "c.efb").exists()
+    [said] = [w for w in report.warnings if "uniform random inputs" in w]
+    assert "'x': [" in said and ", 3, 224, 224]" in said and "--input-size" in said
