@@ -16,6 +16,7 @@ from edgefleet.converter.data import DYNAMIC_SIDE, Dataset
 from edgefleet.converter.destination import check_writable
 from edgefleet.converter.errors import DataError, UnsupportedPathError
 from edgefleet.converter.evaluate import OutputKind, fixed_batch, labelled_output, output_kinds
+from edgefleet.converter.onnx_source import external_data_files
 from edgefleet.converter.sources import SourceModel
 
 __all__ = ["check_batch_first", "check_finite_outputs", "check_mode", "check_output",
@@ -65,7 +66,12 @@ def _inputs(config: ConvertConfig) -> list[tuple[str, Path]]:
              ("the --calibration data", config.calibration), ("the --eval data", config.eval),
              ("the --fine-tune-data", config.fine_tune_data)]
     keys = [(f"the --encrypt-for key {p}", p) for p in config.encrypt_for]
-    return [(what, path) for what, path in named + keys if path is not None]
+    profiles = [(f"the --target profile {t}", Path(t)) for t in config.targets
+                if Path(t).suffix]  # a path; a bare name is a built-in profile
+    external = [(f"the source model's external data {p.name}", p)
+                for p in external_data_files(config.model)]
+    return [(what, path) for what, path in named + keys + profiles + external
+            if path is not None]
 
 
 def _clash(what: str, path: Path, target: Path) -> str:

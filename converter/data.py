@@ -245,6 +245,8 @@ class _Header:
             self.body = size - raw.tell()  # bytes after the header: a lying shape shows
         if dtype.hasobject:
             raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+        if any(d < 0 for d in shape):  # numpy's parser takes them; a read of -n reads all
+            raise ValueError(f"the header declares shape {list(shape)}: dims are 0 or more")
         self.shape, self.dtype, self.ndim = tuple(shape), dtype, len(shape)
 
     def __getitem__(self, rows: slice) -> Array:
@@ -254,7 +256,8 @@ class _Header:
         wanted = size * self.dtype.itemsize  # column-major: the first rows are not first
         if wanted > MAX_DATA_BYTES:
             raise ValueError(f"a Fortran-ordered array of {wanted:,} bytes is read whole")
-        if wanted > self.body:  # checked before reading: a read allocates what it asks
+        if not 0 <= wanted <= self.body:  # checked before reading: a read allocates what
+            # it asks, and one of a negative size reads the whole stream
             raise EOFError(f"the array ends after {self.body:,} of {wanted:,} bytes")
         with self.open("rb") as raw:
             _read_header(raw)

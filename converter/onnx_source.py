@@ -17,7 +17,8 @@ from typing import Any
 
 from edgefleet.converter.errors import SourceModelError
 
-__all__ = ["PROTOBUF_LIMIT", "non_numeric_outputs", "onnx_source_bytes"]
+__all__ = ["PROTOBUF_LIMIT", "external_data_files", "non_numeric_outputs", "onnx_source_bytes",
+           "unfed_inputs"]
 
 PROTOBUF_LIMIT = (1 << 31) - 1  # the largest protobuf message: one ONNX file, weights inside
 
@@ -32,23 +33,70 @@ def onnx_source_bytes(path: Path) -> tuple[bytes, bool]:
     except Exception:  # protobuf's DecodeError, onnx's own: not a whole model
         return path.read_bytes(), False
     _refuse_non_numeric(proto, path)
+    _refuse_unfed_inputs(proto, path)
     external = _external_tensors(proto)
     if not external:
         return path.read_bytes(), False
     return _embedded(proto, path, external), True
 
 
-def non_numeric_outputs(proto: Any) -> list[tuple[str, str]]:
-    """The graph outputs that are not numeric tensors, each as (name, type)."""
+# element types numpy (and so ONNX Runtime's Python API, and edgefleet) cannot hold
+UNHELD = frozenset({"STRING", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2",
+                    "FLOAT8E5M2FNUZ", "UINT4", "INT4", "FLOAT4E2M1", "COMPLEX64",
+                    "COMPLEX128"})
+
+
+def _held(value: Any) -> bool:
+    """A tensor type numpy holds; an output of no declared type is left to the runtime
+    (ONNX Runtime infers it)."""
     from onnx import TensorProto
 
-    found = []
-    for output in proto.graph.output:
-        kind = output.type.WhichOneof("value")
-        if kind == "tensor_type" and output.type.tensor_type.elem_type != TensorProto.STRING:
-            continue
-        found.append((output.name, _type_name(output.type)))
-    return found
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return True
+    if kind != "tensor_type":
+        return False
+    elem = value.tensor_type.elem_type
+    return elem == TensorProto.UNDEFINED or \
+        TensorProto.DataType.Name(elem) not in UNHELD
+
+
+def non_numeric_outputs(proto: Any) -> list[tuple[str, str]]:
+    """The graph outputs that are not numeric tensors numpy holds, each as (name, type)."""
+    return [(o.name, _type_name(o.type)) for o in proto.graph.output if not _held(o.type)]
+
+
+def unfed_inputs(proto: Any) -> list[tuple[str, str]]:
+    """The graph inputs (not initializers) of a type edgefleet cannot feed."""
+    weights = {t.name for t in proto.graph.initializer}
+    return [(i.name, _type_name(i.type)) for i in proto.graph.input
+            if i.name not in weights and not _held(i.type)]
+
+
+def _refuse_unfed_inputs(proto: Any, path: Path) -> None:
+    found = unfed_inputs(proto)
+    if found:
+        described = ", ".join(f"{name!r} is {kind}" for name, kind in found)
+        raise SourceModelError(
+            f"{path.name}: input {described}: edgefleet feeds numeric tensors numpy holds "
+            "(float, integer, bool), for calibration, evaluation and on the device",
+            hint="export the model with a float or integer input (cast inside the graph)")
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The files an ONNX model at ``path`` keeps weights in (none for another format or a
+    file that does not parse): read by a conversion, so never its output."""
+    if path.suffix.lower() != ".onnx" or not path.is_file():
+        return []
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a whole model: the runtime says why, later
+        return []
+    places = {ExternalDataInfo(t).location for t in _external_tensors(proto)}
+    return [path.parent / place for place in sorted(places) if place]
 
 
 def _type_name(value: Any, nested: bool = False) -> str:
@@ -117,7 +165,7 @@ def _embedded(proto: Any, path: Path, external: list[Any]) -> bytes:
                 hint=f"put {info.location} next to {path.name}, as onnx.save wrote it, or save "
                      "the model with its weights inside: onnx.save(onnx.load(PATH), PATH, "
                      "save_as_external_data=False)")
-        size += int(info.length) if info.length else _tensor_bytes(tensor, file)
+        size += _extent(tensor, info, file, path)
     if size > PROTOBUF_LIMIT:
         raise SourceModelError(
             f"{path.name} with its external data holds {size / 2**30:.2f} GiB: above "
@@ -127,6 +175,23 @@ def _embedded(proto: Any, path: Path, external: list[Any]) -> bytes:
                  "float16 weights) so it fits in 2 GiB, then convert it")
     onnx.load_external_data_for_model(proto, str(folder))
     return bytes(proto.SerializeToString())
+
+
+def _extent(tensor: Any, info: Any, file: Path, path: Path) -> int:
+    """The bytes the load will read for ``tensor``: its ``length``, else the rest of the
+    file after its offset (onnx reads it whole), which must be what its dims say."""
+    if info.length:
+        return int(info.length)
+    rest = file.stat().st_size - int(info.offset or 0)
+    declared = _tensor_bytes(tensor, file)
+    if rest != declared:
+        raise SourceModelError(
+            f"{path.name}: tensor {tensor.name!r} declares {declared:,} bytes of external "
+            f"data with no length, and {info.location} holds {rest:,} after its offset (all "
+            "of which would be read)",
+            hint="save the model again with onnx.save(..., save_as_external_data=True), "
+                 "which writes each tensor's offset and length")
+    return rest
 
 
 def _tensor_bytes(tensor: Any, file: Path) -> int:

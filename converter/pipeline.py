@@ -256,7 +256,13 @@ def _pruned_drop(ctx: Context, pruned: SourceModel) -> float:
 
 def _load(path: Path | None, source: SourceModel, config: ConvertConfig,
           limit: int | None = None) -> Dataset | None:
-    return load_dataset(path, source.inputs, config.scale, limit) if path else None
+    if path is None:
+        return None
+    try:
+        return load_dataset(path, source.inputs, config.scale, limit)
+    except MemoryError as exc:  # the data's own size, not the model's inputs
+        raise DataError(f"reading {path} ran out of memory", hint="give a file of fewer or smaller "
+                        "samples (calibration reads the first 200)") from exc
 
 
 SYNTHETIC_ROWS = 64

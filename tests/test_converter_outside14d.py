@@ -1,0 +1,129 @@
+"""The second outside look at the converter's fixes (14d): a header of negative dims, inputs
+and outputs of types numpy cannot hold, external data without a length, and -o over a
+file the conversion reads that the first fix did not list."""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgefleet.agent.protocol.signing import generate_keypair
+from edgefleet.agent.runtime.base import TensorInfo
+from edgefleet.converter.config import ConvertConfig
+from edgefleet.converter.data import load_dataset
+from edgefleet.converter.errors import DataError, SourceModelError
+from edgefleet.converter.pipeline import convert
+from edgefleet.converter.sources import load_source
+from tests.hostile import MiB, peak_traced_bytes
+
+SPEC = [TensorInfo("x", (-1, 4), "float32")]
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": descr, "fortran_order": False,
+                                               "shape": shape})
+    return out.getvalue()
+
+
+def test_a_header_of_negative_dims_is_refused_before_any_read(tmp_path: Path) -> None:
+    """A read of a negative size reads the whole stream: a 3 MB .npz inflated 3 GiB."""
+    sparse = tmp_path / "neg.npy"
+    with sparse.open("wb") as out:
+        out.write(_npy_header((1, -1), "|u1"))
+        out.truncate(out.tell() + (64 << 20))
+    bomb = tmp_path / "neg.npz"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive, \
+            archive.open("x.npy", "w", force_zip64=True) as member:
+        member.write(_npy_header((1, -1)))
+        for _ in range(4):
+            member.write(bytes(16 << 20))
+    for path in (sparse, bomb):
+        def read(p: Path = path) -> object:
+            return load_dataset(p, SPEC, limit=200)
+
+        result, peak = peak_traced_bytes(read)
+        assert isinstance(result, DataError), repr(result)
+        assert "declares shape [1, -1]: dims are 0 or more" in result.message
+        assert peak < 8 * MiB
+
+
+def _model(path: Path, in_type: int = TensorProto.FLOAT, extra_out: int | None = None,
+           external: bool = False) -> Path:
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["xf", "w"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])]
+    if extra_out is not None:
+        nodes.append(helper.make_node("Cast", ["y"], ["o"], to=extra_out))
+        outputs.append(helper.make_tensor_value_info("o", extra_out, ["n", 4]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", in_type,
+                                                                          ["n", 16])],
+                              outputs, [numpy_helper.from_array(
+                                  np.ones((16, 4), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    if external:
+        onnx.save(model, path, save_as_external_data=True, location=f"{path.name}.data",
+                  size_threshold=0)
+    else:
+        onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(("in_type", "out_type", "says"), [
+    (TensorProto.STRING, None, "input 'x' is tensor(string)"),
+    (TensorProto.BFLOAT16, None, "input 'x' is tensor(bfloat16)"),
+    (TensorProto.FLOAT, TensorProto.BFLOAT16, "output 'o' is tensor(bfloat16)"),
+    (TensorProto.FLOAT, TensorProto.INT4, "output 'o' is tensor(int4)"),
+])
+def test_types_numpy_cannot_hold_are_refused_up_front_naming_them(
+        tmp_path: Path, in_type: int, out_type: int | None, says: str) -> None:
+    """Were fed float32 random data and blamed on the data's values ('integer ids within
+    its vocabulary'), or failed as 'No corresponding Numpy type'."""
+    path = _model(tmp_path / "m.onnx", in_type, out_type)
+    with pytest.raises(SourceModelError, match=re.escape(says)):
+        load_source(path)
+
+
+def test_external_data_without_a_length_is_bounded_by_what_it_declares(
+        tmp_path: Path) -> None:
+    """A 256-byte tensor pointing at a 1.5 GiB file with no length: onnx reads the file
+    whole. Refused naming both sizes before any read."""
+    path = _model(tmp_path / "m.onnx", external=True)
+    proto = onnx.load(str(path), load_external_data=False)
+    [tensor] = proto.graph.initializer
+    del tensor.external_data[:]
+    tensor.external_data.add(key="location", value="big.bin")
+    onnx.save(proto, path)
+    with (tmp_path / "big.bin").open("wb") as out:
+        out.truncate(256 << 20)
+    result, peak = peak_traced_bytes(lambda: load_source(path))
+    assert isinstance(result, SourceModelError), repr(result)
+    assert "declares 256 bytes of external data with no length, and big.bin holds " \
+           "268,435,456" in result.message
+    assert peak < 8 * MiB
+
+
+def test_o_may_not_be_the_models_external_data_nor_a_target_profile(tmp_path: Path) -> None:
+    """Both were replaced by the bundle, exit 0: the float weights lost."""
+    path = _model(tmp_path / "m.onnx", external=True)
+    data = tmp_path / "m.onnx.data"
+    before = data.read_bytes()
+    key, _ = generate_keypair(tmp_path / "keys", "t")
+    with pytest.raises(DataError, match="is the source model's external data m.onnx.data"):
+        convert(ConvertConfig(model=path, output=data, sign_key=key, format="onnx",
+                              quantize="none"))
+    assert data.read_bytes() == before
+    profile = tmp_path / "prof.json"
+    profile.write_text("{}")
+    with pytest.raises(DataError, match="is the --target profile"):
+        convert(ConvertConfig(model=path, output=profile, sign_key=key, format="onnx",
+                              quantize="none", targets=(str(profile),)))
+    assert profile.read_text() == "{}"
