@@ -229,7 +229,8 @@ def _npz(path: Path, inputs: list[TensorInfo], limit: int | None) -> Dataset:
                       for name, header in headers.items()}
             labels = _bounded(label_header, path, "labels", np.dtype(np.int64), limit) \
                 if label_header is not None else None
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, RuntimeError,
+            NotImplementedError) as exc:  # zipfile: an encrypted member, Deflate64, AES
         raise _unreadable(path, exc) from exc
     return Dataset(arrays, labels)
 
@@ -380,9 +381,12 @@ def _image(path: Path, width: int, height: int, channels: int) -> Array:
                 img = Image.alpha_composite(black, img.convert("RGBA"))
             resized = img.convert(mode).resize((width, height))
             array = np.asarray(resized, dtype=np.float32)
-    except (OSError, Image.DecompressionBombError) as exc:  # PIL's UnidentifiedImageError is
-        # an OSError; so is a truncated file; a decompression bomb is neither
-        raise DataError(f"cannot read image {path}: {exc}",
+    except DataError:
+        raise
+    except Exception as exc:  # PIL's plugins raise OSError, ValueError, SyntaxError,
+        # struct.error, ... for content they cannot decode or convert (a LAB TIFF, a PPM
+        # with a broken header): one image's failure, named
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}",
                         hint="remove it from the folder, or pass .npy / .npz data") from exc
     return array[..., None] if channels == 1 else array
 

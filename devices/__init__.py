@@ -81,6 +81,9 @@ def builtin_profile(name: str) -> DeviceProfile:
     return load_profile(name)
 
 
+MAX_PROFILE_BYTES = 1 << 20  # a profile is a few KB
+
+
 def load_profile(name_or_path: str) -> DeviceProfile:
     """A built-in profile by name, or a profile file by path."""
     path = Path(name_or_path)
@@ -93,6 +96,10 @@ def load_profile(name_or_path: str) -> DeviceProfile:
     if not path.is_file():  # a folder, a FIFO (whose read would block), a device
         raise ProfileError(f"profile {path} is not a regular file",
                            hint="give a profile .json file, or a built-in profile's name")
+    if path.stat().st_size > MAX_PROFILE_BYTES:
+        raise ProfileError(f"profile {path} is {path.stat().st_size:,} bytes: not a device "
+                           f"profile (at most {MAX_PROFILE_BYTES // 1024} KiB)",
+                           hint="compare it with devices/profiles/generic-arm64.json")
     try:
         return DeviceProfile.model_validate(json.loads(path.read_text()))
     except ValidationError as exc:
@@ -100,8 +107,9 @@ def load_profile(name_or_path: str) -> DeviceProfile:
                              for e in exc.errors()[:5])
         raise ProfileError(f"profile {path} is invalid: {problems}",
                            hint="compare it with devices/profiles/generic-arm64.json") from exc
-    except (ValueError, OSError) as exc:
-        raise ProfileError(f"profile {path} cannot be read: {exc}",
+    except (ValueError, OSError, RecursionError) as exc:  # nesting deeper than json reads
+        raise ProfileError(f"profile {path} cannot be read: {type(exc).__name__}: "
+                           f"{str(exc)[:200]}",
                            hint="compare it with devices/profiles/generic-arm64.json") from exc
 
 

@@ -127,3 +127,71 @@ def test_o_may_not_be_the_models_external_data_nor_a_target_profile(tmp_path: Pa
         convert(ConvertConfig(model=path, output=profile, sign_key=key, format="onnx",
                               quantize="none", targets=(str(profile),)))
     assert profile.read_text() == "{}"
+
+
+def test_an_image_pil_opens_but_cannot_decode_is_named(tmp_path: Path) -> None:
+    """A PPM of a broken header named .png was a ValueError traceback (outside 14d, N6)."""
+    (tmp_path / "a.png").write_bytes(b"P6\n25\xc5 25\n255\n" + bytes(64))
+    with pytest.raises(DataError, match=r"cannot read image .*a\.png: ValueError"):
+        load_dataset(tmp_path, [TensorInfo("image", (-1, 8, 8, 3), "float32")])
+
+
+@pytest.mark.parametrize(("flag", "method", "says"), [
+    (0x1, None, "encrypted"), (0, 9, "compression method is not supported")])
+def test_an_npz_member_python_cannot_open_is_named(tmp_path: Path, flag: int,
+                                                   method: int | None, says: str) -> None:
+    """An encrypted member, or Deflate64 (Windows' compressed folders): tracebacks (N7)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ones((4, 4), np.float32))
+    path = tmp_path / "z.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x.npy", buffer.getvalue())
+    raw = bytearray(path.read_bytes())
+    for header in (b"PK\x03\x04", b"PK\x01\x02"):  # local and central directory headers
+        at = raw.index(header)
+        flags_at, method_at = (at + 6, at + 8) if header == b"PK\x03\x04" else (at + 8, at + 10)
+        raw[flags_at] |= flag
+        if method is not None:
+            raw[method_at:method_at + 2] = method.to_bytes(2, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=rf"z\.npz is not a readable \.npz file.*{says}"):
+        load_dataset(path, SPEC)
+
+
+# an EC key on secp112r1, a curve the cryptography package does not support (test data)
+UNSUPPORTED_CURVE_KEY = b"""-----BEGIN EC PRIVATE KEY-----
+MD4CAQEEDrKalaj+7CytdjFzaTxjoAcGBSuBBAAGoSADHgAECEuADMMMn46/G5xV
+4aO2Y0gFr537huzKz4mltw==
+-----END EC PRIVATE KEY-----
+"""
+
+
+def test_a_key_of_an_unsupported_curve_or_of_gigabytes_is_a_key_file_error(
+        tmp_path: Path) -> None:
+    """UnsupportedAlgorithm was a traceback (N8); a 3 GiB key was read whole (N9)."""
+    from edgefleet.agent.protocol.errors import KeyFileError
+    from edgefleet.agent.protocol.signing import SigningKey
+
+    (tmp_path / "curve.key").write_bytes(UNSUPPORTED_CURVE_KEY)
+    with pytest.raises(KeyFileError, match="is not supported"):
+        SigningKey.load(tmp_path / "curve.key")
+    with (tmp_path / "big.key").open("wb") as out:
+        out.write(b"-----BEGIN PRIVATE KEY-----\n")
+        out.truncate(3 << 30)
+    result, peak = peak_traced_bytes(lambda: SigningKey.load(tmp_path / "big.key"))
+    assert isinstance(result, KeyFileError) and "larger than 64 KiB" in result.message
+    assert peak < 1 * MiB
+
+
+def test_a_profile_nested_too_deep_or_of_gigabytes_is_a_profile_error(tmp_path: Path) -> None:
+    """A RecursionError traceback, and a 3 GiB profile read whole (N10)."""
+    from edgefleet.devices import ProfileError, load_profile
+
+    (tmp_path / "nested.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ProfileError, match="RecursionError"):
+        load_profile(str(tmp_path / "nested.json"))
+    with (tmp_path / "big.json").open("wb") as out:
+        out.write(b"{")
+        out.truncate(3 << 30)
+    with pytest.raises(ProfileError, match="not a device profile"):
+        load_profile(str(tmp_path / "big.json"))

@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 from typing import TypeVar
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from edgefleet.agent.protocol.errors import KeyFileError
@@ -14,6 +15,7 @@ from edgefleet.agent.protocol.errors import KeyFileError
 __all__ = ["load_key"]
 
 K = TypeVar("K")
+MAX_KEY_BYTES = 64 * 1024  # read at most: a PEM key is a few hundred bytes
 
 
 def load_key(path: Path, kind: type[K], *, private: bool, what: str, kind_name: str,
@@ -22,10 +24,14 @@ def load_key(path: Path, kind: type[K], *, private: bool, what: str, kind_name: 
     (e.g. "signing key") when it cannot be read and ``kind_name`` when it is another type."""
     _regular(Path(path), what, hint)
     try:
-        raw = Path(path).read_bytes()
+        with Path(path).open("rb") as file:
+            raw = file.read(MAX_KEY_BYTES + 1)
+        if len(raw) > MAX_KEY_BYTES:
+            raise KeyFileError(f"{what} {path} is larger than {MAX_KEY_BYTES // 1024} KiB: "
+                               "not a key file (a PEM key is a few hundred bytes)", hint=hint)
         key = (serialization.load_pem_private_key(raw, password=None) if private
                else serialization.load_pem_public_key(raw))
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise KeyFileError(f"cannot read {what} {path}: {exc}", hint=hint) from exc
     if not isinstance(key, kind):
         raise KeyFileError(f"{path} is not an {kind_name}", hint=hint)

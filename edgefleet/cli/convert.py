@@ -125,7 +125,7 @@ def convert(
             fail(exc, as_json)
         except MemoryError as exc:  # anywhere in a conversion: said, never a traceback
             fail(ConversionFailedError(
-                f"the conversion ran out of memory ({exc or 'MemoryError'})",
+                "the conversion ran out of memory" + (f" ({exc})" if str(exc) else ""),
                 hint="give a smaller --input-size / --input-shape, or fewer --eval samples"),
                 as_json)
     _show(report.as_dict(), as_json)
