@@ -214,6 +214,8 @@ def _npz(path: Path, inputs: list[TensorInfo], limit: int | None) -> Dataset:
             if len(inputs) == 1 and inputs[0].name not in names and \
                     len([n for n in names if n != "labels"]) == 1:
                 member = {inputs[0].name: next(n for n in names if n != "labels")}
+            elif len(inputs) == 1 and inputs[0].name == "labels" and names == ["labels"]:
+                member = {"labels": "labels"}
             else:
                 member = {i.name: i.name for i in inputs if i.name in names}
             missing = [i.name for i in inputs if i.name not in member]
@@ -223,7 +225,9 @@ def _npz(path: Path, inputs: list[TensorInfo], limit: int | None) -> Dataset:
                                 hint="name each array after the model input it feeds")
             specs = {i.name: i for i in inputs}
             headers = {name: _member(archive, key, path) for name, key in member.items()}
-            label_header = _member(archive, "labels", path) if "labels" in names else None
+            labelled = "labels" in names and "labels" not in specs  # an input so named
+            # takes its array; class labels are then not read from the file
+            label_header = _member(archive, "labels", path) if labelled else None
             _same_count(headers, label_header, path)
             arrays = {name: _bounded(header, path, name, np.dtype(specs[name].dtype), limit)
                       for name, header in headers.items()}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import ssl
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,10 +281,22 @@ def load(key_path: Path, cert_path: Path) -> Issued:
     return Issued(key, cert)
 
 
+MAX_CERT_BYTES = 1 << 20  # a PEM certificate is a few KB; a chain of them, tens
+
+
 def read_cert(path: Path) -> x509.Certificate:
-    """A PEM certificate from ``path``."""
+    """A PEM certificate from ``path``: a regular file of at most :data:`MAX_CERT_BYTES`
+    (a FIFO would block the read, /dev/zero never end it)."""
     try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise CertError(f"cannot read {path}: not a regular file (a folder, pipe or "
+                            "device)", hint="pass a .crt file written by 'edgefleet certs'")
+        with path.open("rb") as file:
+            raw = file.read(MAX_CERT_BYTES + 1)
+        if len(raw) > MAX_CERT_BYTES:
+            raise CertError(f"{path} is larger than {MAX_CERT_BYTES // 1024} KiB: not a "
+                            "certificate", hint="pass a .crt file written by 'edgefleet certs'")
+        return x509.load_pem_x509_certificate(raw)
     except OSError as exc:
         raise CertError(f"cannot read {path}: {exc.strerror}",
                         hint="pass a .crt file written by 'edgefleet certs'") from exc

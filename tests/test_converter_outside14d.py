@@ -195,3 +195,31 @@ def test_a_profile_nested_too_deep_or_of_gigabytes_is_a_profile_error(tmp_path: 
         out.truncate(3 << 30)
     with pytest.raises(ProfileError, match="not a device profile"):
         load_profile(str(tmp_path / "big.json"))
+
+
+def test_an_input_named_labels_takes_its_array(tmp_path: Path) -> None:
+    """Its array was read as class indices and refused (outside test 14d, N12)."""
+    np.savez(tmp_path / "d.npz", labels=np.ones((5, 16), np.float32))
+    data = load_dataset(tmp_path / "d.npz", [TensorInfo("labels", (-1, 16), "float32")])
+    assert data.inputs["labels"].shape == (5, 16) and data.labels is None
+
+
+def test_other_commands_read_certificates_bounded_and_say_json_errors(tmp_path: Path) -> None:
+    """certs show /dev/zero read until the OOM killer, a FIFO hung; example-data into
+    /proc was a traceback (outside test 14d, N11)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "ff.crt")
+    for path, says in (("/dev/zero", "not a regular file"),
+                       (str(tmp_path / "ff.crt"), "not a regular file")):
+        done = subprocess.run([sys.executable, "-m", "edgefleet", "certs", "show", path,
+                               "--json"], capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert done.returncode == 2 and says in json.loads(done.stdout)["message"]
+    done = subprocess.run([sys.executable, "-m", "edgefleet", "example-data", "/proc/xx",
+                           "--json"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "cannot write the example data into /proc/xx" in json.loads(done.stdout)["message"]

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from edgefleet.agent.protocol.errors import EdgefleetError
 from edgefleet.cli.output import emit, fail, table
 
 
@@ -22,5 +23,8 @@ def example_data(
         written = write_example_data(out)
     except ExampleDataExistsError as exc:
         fail(exc, as_json)
+    except OSError as exc:  # a folder that cannot be made or written (/proc/x, read-only)
+        fail(EdgefleetError(f"cannot write the example data into {out}: {exc.strerror or exc}",
+                            hint="pass a folder you can write to"), as_json)
     rows = [{"file": str(path), "bytes": path.stat().st_size} for path in written]
     emit({"written": rows}, as_json, table("example data", rows, ["file", "bytes"]))
