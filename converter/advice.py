@@ -76,6 +76,9 @@ def unliftable(attempts: list[Attempt]) -> list[str]:
         return []
     common = set.intersection(*[{(v["kind"], v["message"]) for v in a.violations
                                  if _fixed_by_model(v)} for a in off])
+    if any(kind == "runtime" for kind, _ in common):  # no runtime for the format: its
+        # operators and opset do not matter on that device
+        common = {(kind, message) for kind, message in common if kind == "runtime"}
     return [f"{message} ({_what_lifts(kind)})" for kind, message in sorted(common)]
 
 

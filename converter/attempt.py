@@ -54,12 +54,15 @@ def try_candidate(ctx: Context, candidate: Candidate) -> tuple[Attempt, bytes | 
         if isinstance(exc, ConversionFailedError):
             attempt.hint = _remaining(ctx, candidate, attempt.hint)
         return attempt, None
-    except Exception as exc:  # a runtime's own exception types: memory is one, said as such
-        if not out_of_memory(exc):
-            raise
+    except Exception as exc:  # a runtime's own exception types (ONNX Runtime's Fail,
+        # RuntimeException: a kernel that refuses the size, memory running out): the
+        # candidate failed, said as such, and the search goes on
         first = first_lines(exc, limit=200)
-        attempt.verdict, attempt.reason = Verdict.FAILED, f"failed: out of memory: {first}"
-        attempt.hint = "give a smaller --input-size / --input-shape"
+        memory = out_of_memory(exc)
+        attempt.verdict = Verdict.FAILED
+        attempt.reason = f"failed: {'out of memory: ' if memory else ''}{first}"
+        attempt.hint = "give a smaller --input-size / --input-shape" if memory else \
+            "the runtime could not run this result; another recipe may"
         return attempt, None
     judge(ctx, attempt)
     return attempt, artifact

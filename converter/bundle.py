@@ -32,7 +32,7 @@ HEALTH_MIN_BYTES = 64 * 1024  # what health data may take at least (see health_b
 def write_bundle(ctx: Context, chosen: Attempt, artifact: bytes) -> None:
     cfg = ctx.config
     info = inspect_model(artifact, cfg.format)
-    runtime = load_runtime(artifact, cfg.format)
+    runtime = load_runtime(artifact, cfg.format, memory_arena=False)  # as in attempt.py
     health = _health_inputs(ctx, runtime, len(artifact))
     spec = PackageSpec(
         cfg.model_name, cfg.version, health,

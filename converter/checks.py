@@ -14,8 +14,9 @@ from edgefleet.converter import shapes
 from edgefleet.converter.config import TFLITE_SOURCE_ONLY, ConvertConfig
 from edgefleet.converter.data import DYNAMIC_SIDE, Dataset
 from edgefleet.converter.destination import check_writable
-from edgefleet.converter.errors import DataError, UnsupportedPathError
+from edgefleet.converter.errors import DataError, SourceModelError, UnsupportedPathError
 from edgefleet.converter.evaluate import OutputKind, fixed_batch, labelled_output, output_kinds
+from edgefleet.converter.failures import first_lines
 from edgefleet.converter.onnx_source import external_data_files
 from edgefleet.converter.sources import SourceModel
 
@@ -248,3 +249,27 @@ def few_samples(calibration: Dataset | None, config: ConvertConfig) -> list[str]
             "quantization ranges fitted to so few miss the values other inputs reach, and "
             f"int8 loses accuracy; give {MIN_CALIBRATION} or more typical inputs "
             "(--calibration)"]
+
+
+def check_numeric_results(source: SourceModel, sample: dict[str, Array]) -> None:
+    """Outputs whose type the model leaves undeclared are what the runtime makes of them:
+    one call shows a string, a sequence or a bfloat16 output, refused naming it before
+    anything else runs it (they crashed the packaging, or were blamed on the data)."""
+    try:
+        results = source.predict(sample)
+    except Exception as exc:  # a type numpy cannot hold is ONNX Runtime's own error
+        if "No corresponding Numpy type" not in str(exc):
+            return  # the evaluation's run says what else went wrong, with the data
+        raise SourceModelError(f"{source.path.name}: an output is of a type numpy cannot "
+                               f"hold ({first_lines(exc, limit=200)})",
+                               hint="cast it to float32 in the graph, or remove it from the "
+                                    "graph's outputs") from exc
+    for name, value in zip(source.output_names, results, strict=False):
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+            kind = f"{type(value).__name__}" + (f" of {value.dtype}" if isinstance(
+                value, np.ndarray) else "")
+            raise SourceModelError(
+                f"{source.path.name}: output {name!r} is a {kind} when the model runs: "
+                "edgefleet takes numeric tensor outputs only",
+                hint=f"remove {name!r} from the graph's outputs, or declare and cast it as a "
+                     "float tensor")

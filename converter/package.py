@@ -80,7 +80,7 @@ def package_model(model: Path, out: Path, spec: PackageSpec, key: SigningKey) ->
 def package_bytes(model_bytes: bytes, fmt: str, out: Path, spec: PackageSpec,
                   key: SigningKey) -> Path:
     """Write a signed ``.efb`` for a ``tflite`` or ``onnx`` model held in memory."""
-    runtime = load_runtime(model_bytes, fmt)
+    runtime = load_runtime(model_bytes, fmt, memory_arena=False)  # large inputs: no arena
     health = _health(runtime, spec)
     manifest = Manifest(
         schema_version=PLAIN_SCHEMA_VERSION, name=spec.name, version=spec.version,

@@ -41,6 +41,7 @@ from edgefleet.converter.checks import (
     check_batch_first,
     check_finite_outputs,
     check_mode,
+    check_numeric_results,
     check_output,
     check_path,
     checked_output_kinds,
@@ -53,7 +54,12 @@ from edgefleet.converter.checks import (
 from edgefleet.converter.config import ConvertConfig
 from edgefleet.converter.context import Context, Step
 from edgefleet.converter.data import DYNAMIC_SIDE, Dataset, load_dataset
-from edgefleet.converter.errors import DataError, NoResultError, UnsupportedPathError
+from edgefleet.converter.errors import (
+    ConversionFailedError,
+    DataError,
+    NoResultError,
+    UnsupportedPathError,
+)
 from edgefleet.converter.evaluate import (
     Predict,
     accuracy,
@@ -99,7 +105,16 @@ def convert(config: ConvertConfig, step: Step = _no_progress) -> ConversionRepor
     ctx.report.chosen = chosen.label
     ctx.report.warnings.extend(_float_io_kept(config, chosen.label, built[chosen.label]))
     step("writing the signed bundle")
-    write_bundle(ctx, chosen, built[chosen.label])
+    try:
+        write_bundle(ctx, chosen, built[chosen.label])
+    except EdgefleetError:
+        raise
+    except Exception as exc:  # the runtime's own types, running the health inputs
+        raise ConversionFailedError(
+            "writing the bundle failed running the model on its health inputs"
+            + (" (out of memory)" if out_of_memory(exc) else "") + f": {first_lines(exc)}",
+            hint="give a smaller --input-size / --input-shape" if out_of_memory(exc) else
+            "see the report; the chosen result ran during the conversion") from exc
     ctx.report.conversion_seconds = round(time.perf_counter() - started, 2)
     return ctx.report
 
@@ -156,6 +171,7 @@ def _context(config: ConvertConfig, step: Step) -> Context:
     else:
         report.eval_data = str(config.eval or config.calibration)
     report.eval_samples = len(evaluation)
+    check_numeric_results(source, one_call(evaluation, source.inputs))
     outputs = _source_outputs(source, evaluation, step)
     check_finite_outputs(source, outputs, "evaluation" if config.eval else
                          "calibration" if config.calibration else "random")

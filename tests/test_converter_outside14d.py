@@ -223,3 +223,28 @@ def test_other_commands_read_certificates_bounded_and_say_json_errors(tmp_path: 
                            "--json"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2, done.stderr
     assert "cannot write the example data into /proc/xx" in json.loads(done.stdout)["message"]
+
+
+@pytest.mark.parametrize(("op", "says"), [
+    ("Cast", "output 'o' is a ndarray of object when the model runs"),
+    ("SequenceConstruct", "output 'o' is a list when the model runs")])
+def test_an_untyped_output_that_is_not_numeric_at_run_time_is_refused(
+        tmp_path: Path, op: str, says: str) -> None:
+    """Left to the runtime when undeclared, a string or sequence output crashed the
+    packaging (outside test 14d, N19)."""
+    node = helper.make_node("Cast", ["y"], ["o"], to=TensorProto.STRING) if op == "Cast" \
+        else helper.make_node("SequenceConstruct", ["y", "y"], ["o"])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), node], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4]),
+         onnx.ValueInfoProto(name="o")],
+        [numpy_helper.from_array(np.ones((16, 4), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    key, _ = generate_keypair(tmp_path / "keys", "t")
+    with pytest.raises(SourceModelError, match=re.escape(says)):
+        convert(ConvertConfig(model=tmp_path / "m.onnx", output=tmp_path / "m.efb",
+                              sign_key=key, format="onnx", quantize="none"))
+    assert not (tmp_path / "m.efb").exists()

@@ -46,6 +46,9 @@ def test_an_opset_or_a_missing_runtime_is_never_lifted_by_a_recipe() -> None:
     assert "re-export the model at an opset" in unliftable([_off("int8", OPSET)])[0]
     runtime = ("runtime", "coral-edgetpu has no runtime for .onnx models")
     assert "--format tflite" in unliftable([_off("int8", runtime)])[0]
+    conv = ("op", "op Conv is not supported on coral-edgetpu")
+    assert unliftable([_off("int8", runtime, conv)]) == \
+        unliftable([_off("int8", runtime)])  # its operators do not matter there
 
 
 def test_limits_a_recipe_changes_leave_the_recipes_offered() -> None:
