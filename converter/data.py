@@ -208,6 +208,7 @@ def _npz(path: Path, inputs: list[TensorInfo], limit: int | None) -> Dataset:
     """Only the members an input or ``labels`` takes are read, each bounded."""
     if not zipfile.is_zipfile(path):  # numpy would try it as a pickle, and say so
         raise _unreadable(path, ValueError("not a zip archive"))
+    _directory_bounded(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = [n for n in archive.files]
@@ -237,6 +238,34 @@ def _npz(path: Path, inputs: list[TensorInfo], limit: int | None) -> Dataset:
             NotImplementedError) as exc:  # zipfile: an encrypted member, Deflate64, AES
         raise _unreadable(path, exc) from exc
     return Dataset(arrays, labels)
+
+
+MAX_NPZ_MEMBERS = 1024  # arrays in an .npz: one an input, and labels
+MAX_NPZ_DIRECTORY = 1 << 20  # bytes of its central directory, which zipfile reads whole
+
+
+def _directory_bounded(path: Path) -> None:
+    """The zip's end record, read before zipfile parses the central directory it points to
+    (whole, into memory): an .npz of a million empty members took 789 MB, one whose end
+    record claims a 3 GiB directory read 3 GiB."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        file.seek(max(0, size - (1 << 16) - 22))
+        tail = file.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        return  # zipfile refuses it, said as unreadable
+    entries = int.from_bytes(tail[at + 10:at + 12], "little")
+    directory = int.from_bytes(tail[at + 12:at + 16], "little")
+    wide = tail.rfind(b"PK\x06\x06", 0, at)  # zip64: the counts are in its own record
+    if wide >= 0 and len(tail) >= wide + 56:
+        entries = int.from_bytes(tail[wide + 32:wide + 40], "little")
+        directory = int.from_bytes(tail[wide + 40:wide + 48], "little")
+    if entries > MAX_NPZ_MEMBERS or directory > MAX_NPZ_DIRECTORY:
+        raise DataError(f"{path.name} lists {entries:,} members in a directory of "
+                        f"{directory:,} bytes: an .npz holds one array an input (at most "
+                        f"{MAX_NPZ_MEMBERS})",
+                        hint="save the data again with np.savez(PATH, NAME=ARRAY, ...)")
 
 
 class _Header:

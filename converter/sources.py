@@ -66,12 +66,20 @@ def source_kind(path: Path) -> SourceKind:
     return kinds[path.suffix.lower()]
 
 
+MAX_MODEL_FILE = (1 << 31) - 1  # protobuf and flatbuffers hold at most 2 GiB
+
+
 def load_source(path: Path) -> SourceModel:
     if not path.exists():
         raise SourceModelError(f"model {path} does not exist", hint="check the path")
     if not (path.is_file() or path.is_dir()):  # a FIFO would block the read for ever
         raise SourceModelError(f"model {path} is not a regular file (a FIFO, socket or "
                                "device)", hint="give the model file saved on disk")
+    if path.is_file() and path.stat().st_size > MAX_MODEL_FILE:  # read whole otherwise
+        raise SourceModelError(f"model {path} is {path.stat().st_size / 2**30:.1f} GiB: "
+                               "above the 2 GiB one .onnx or .tflite file can hold",
+                               hint="check the file; an ONNX model this large keeps its "
+                                    "weights as external data next to it")
     if path.is_file() and path.stat().st_size == 0:  # an empty protobuf parses as a model
         raise SourceModelError(f"model {path} is empty (0 bytes)",
                                hint="download or export the model again")

@@ -248,3 +248,35 @@ def test_an_untyped_output_that_is_not_numeric_at_run_time_is_refused(
         convert(ConvertConfig(model=tmp_path / "m.onnx", output=tmp_path / "m.efb",
                               sign_key=key, format="onnx", quantize="none"))
     assert not (tmp_path / "m.efb").exists()
+
+
+def test_an_npz_directory_beyond_the_bound_is_refused_before_zipfile_reads_it(
+        tmp_path: Path) -> None:
+    """Many empty members (108 MB took 789 MB), or an end record claiming a directory of
+    gigabytes (read whole): refused from the end record (outside test 14d, N17, N18)."""
+    many = tmp_path / "many.npz"
+    with zipfile.ZipFile(many, "w") as archive:
+        buffer = io.BytesIO()
+        np.save(buffer, np.ones((4, 4), np.float32))
+        archive.writestr("x.npy", buffer.getvalue())
+        for index in range(1100):
+            archive.writestr(f"e{index}.npy", b"")
+    claim = tmp_path / "claim.npz"
+    end = b"PK\x05\x06" + bytes(6) + (1).to_bytes(2, "little") + \
+        (3 << 30).to_bytes(4, "little") + (0).to_bytes(4, "little") + bytes(2)
+    claim.write_bytes(b"PK\x03\x04" + bytes(64) + end)
+    for path, says in ((many, "lists 1,101 members"), (claim, "directory of 3,221,225,472")):
+        def read(p: Path = path) -> object:
+            return load_dataset(p, SPEC)
+
+        result, peak = peak_traced_bytes(read)
+        assert isinstance(result, DataError), repr(result)
+        assert says in result.message and peak < 4 * MiB
+
+
+def test_a_model_file_above_2_gib_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    with (tmp_path / "zeros.onnx").open("wb") as out:
+        out.truncate(3 << 30)
+    result, peak = peak_traced_bytes(lambda: load_source(tmp_path / "zeros.onnx"))
+    assert isinstance(result, SourceModelError) and "3.0 GiB" in result.message
+    assert peak < 1 * MiB
