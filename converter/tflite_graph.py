@@ -163,23 +163,7 @@ def rename_inputs(model: bytes, names: Sequence[str], order: Sequence[int]) -> b
     Keras input ``a`` ``serving_default_a:0``, and may list the inputs in another order).
     A tensor that already has one of the names swaps names with the input. Unchanged when
     inputs and names are so already, or their numbers differ."""
-    current = input_names(model)
-    order = list(order)
-    if len(current) != len(names) or sorted(order) != list(range(len(current))) or \
-            ([current[j] for j in order] == list(names) and order == sorted(order)):
-        return model
-    root = unpack(model)
-    graph = root.subgraphs[0]
-    graph.inputs = [int(graph.inputs[j]) for j in order]
-    _rename_tensors(graph, graph.inputs, names)
-    new_names = dict(zip(graph.inputs, names, strict=True))
-    for signature in root.signatureDefs or []:
-        if signature.subgraphIndex == 0 and signature.inputs:
-            for item in signature.inputs:
-                item.name = new_names.get(item.tensorIndex, item.name)
-            position = {index: i for i, index in enumerate(graph.inputs)}
-            signature.inputs.sort(key=lambda item: position.get(item.tensorIndex, len(position)))
-    return pack(root, len(model))
+    return _renamed(model, "inputs", input_names(model), names, list(order))
 
 
 def _rename_tensors(graph: Any, indices: Sequence[int], names: Sequence[str]) -> None:
@@ -206,19 +190,32 @@ def rename_outputs(model: bytes, names: Sequence[str],
     are so already, or their numbers differ.
     """
     current = output_names(model)
-    order = list(order) if order is not None else list(range(len(current)))
+    return _renamed(model, "outputs", current, names,
+                    list(order) if order is not None else list(range(len(current))))
+
+
+def _renamed(model: bytes, side: str, current: list[str], names: Sequence[str],
+             order: list[int]) -> bytes:
+    """The graph's ``side`` ("inputs" or "outputs") reordered and renamed, and the first
+    signature's names with them (its inputs listed in the graph's new order)."""
     if len(current) != len(names) or sorted(order) != list(range(len(current))) or \
             ([current[j] for j in order] == list(names) and order == sorted(order)):
         return model
     root = unpack(model)
     graph = root.subgraphs[0]
-    graph.outputs = [int(graph.outputs[j]) for j in order]
-    _rename_tensors(graph, graph.outputs, names)
-    new_names = dict(zip(graph.outputs, names, strict=True))
+    ends = [int(getattr(graph, side)[j]) for j in order]
+    setattr(graph, side, ends)
+    _rename_tensors(graph, ends, names)
+    new_names = dict(zip(ends, names, strict=True))
+    position = {index: i for i, index in enumerate(ends)}
     for signature in root.signatureDefs or []:
-        if signature.subgraphIndex == 0:
-            for item in signature.outputs or []:
-                item.name = new_names.get(item.tensorIndex, item.name)
+        if signature.subgraphIndex != 0:
+            continue
+        items = getattr(signature, side) or []
+        for item in items:
+            item.name = new_names.get(item.tensorIndex, item.name)
+        if side == "inputs":
+            items.sort(key=lambda item: position.get(item.tensorIndex, len(position)))
     return pack(root, len(model))
 
 
