@@ -280,3 +280,15 @@ def test_a_model_file_above_2_gib_is_refused_before_it_is_read(tmp_path: Path) -
     result, peak = peak_traced_bytes(lambda: load_source(tmp_path / "zeros.onnx"))
     assert isinstance(result, SourceModelError) and "3.0 GiB" in result.message
     assert peak < 1 * MiB
+
+
+def test_a_long_output_name_the_file_system_takes_is_written(tmp_path: Path) -> None:
+    """A 250-character name was refused: its temporary file's name went past 255 (N21)."""
+    from edgefleet.agent.protocol.files import atomic_write
+    from edgefleet.converter.destination import check_writable
+
+    long = tmp_path / ("a" * 246 + ".efb")
+    check_writable(long)
+    atomic_write(long, b"bundle")
+    assert long.read_bytes() == b"bundle"
+    assert [p.name for p in tmp_path.iterdir()] == [long.name]  # no temporary file left

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir", "read_int", "sha256_bytes", "sha256_file"]
+__all__ = ["atomic_write", "fsync_dir", "read_int", "sha256_bytes", "sha256_file", "temp_prefix"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -19,10 +19,17 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def temp_prefix(path: Path) -> str:
+    """The prefix of ``path``'s temporary file in its folder: its name cut to 100
+    characters, so that the temporary name fits where the name itself fits (a file system
+    takes 255 bytes a name; ``.NAME.XXXXXXXX.tmp`` adds 14)."""
+    return f".{path.name[:100]}."
+
+
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
