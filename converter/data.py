@@ -366,15 +366,16 @@ def _images(folder: Path, inputs: list[TensorInfo], scale: Scale,
                         f"{MAX_DATA_BYTES / 2**30:.0f} GiB of data a conversion holds",
                         hint=_fewer(per_image, "images", "a smaller --input-size"))
     labels = np.array([classes.index(p.parent) for p in files]) if classes else None
-    stack = np.empty((len(files), height, width, channels), np.float32)  # filled in place:
-    for index, p in enumerate(files):  # a copy of the whole stack would double the peak
-        stack[index] = _image(p, width, height, channels)
+    # filled in place, in the input's layout: every copy of the whole stack (a transpose
+    # made contiguous, a cast) added its size to the peak
     factor, offset = _SCALES[scale]
-    stack *= factor
-    stack += offset
-    if nchw:
-        stack = stack.transpose(0, 3, 1, 2)
-    return Dataset({spec.name: stack.astype(spec.dtype)}, labels)
+    shape = (len(files), channels, height, width) if nchw else \
+        (len(files), height, width, channels)
+    stack = np.empty(shape, np.float32)
+    for index, p in enumerate(files):
+        image = _image(p, width, height, channels) * factor + offset
+        stack[index] = image.transpose(2, 0, 1) if nchw else image
+    return Dataset({spec.name: stack.astype(spec.dtype, copy=False)}, labels)
 
 
 def _layout(spec: TensorInfo) -> tuple[bool, tuple[int, int, int]]:
