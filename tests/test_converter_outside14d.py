@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +293,32 @@ def test_a_long_output_name_the_file_system_takes_is_written(tmp_path: Path) -> 
     atomic_write(long, b"bundle")
     assert long.read_bytes() == b"bundle"
     assert [p.name for p in tmp_path.iterdir()] == [long.name]  # no temporary file left
+
+
+def test_the_drift_reference_runs_in_calls_of_bounded_inputs(tmp_path: Path) -> None:
+    """The packaging ran the whole evaluation set in one call: 1,500 images at 224x224
+    took 6.7 GB (outside test 14d, N22)."""
+    from edgefleet.agent.runtime.select import load_runtime
+    from edgefleet.converter.evaluate import CALL_BYTES
+    from edgefleet.converter.package import _run
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[1, 2], keepdims=0)], "mean",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1024, 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    runtime = load_runtime(model.SerializeToString(), "onnx")
+    calls: list[int] = []
+    run = runtime.run
+
+    def counted(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(len(feeds["x"]))
+        return run(feeds)
+
+    runtime.run = counted  # type: ignore[method-assign]  # a spy on the real runtime
+    rows = np.arange(10, dtype=np.float32)[:, None, None] * np.ones((1, 1024, 1024), np.float32)
+    outputs = _run(runtime, {"x": rows})
+    per_call = CALL_BYTES // (1024 * 1024 * 4)
+    assert max(calls) <= per_call and sum(calls) == 10
+    np.testing.assert_allclose(outputs["y"], np.arange(10, dtype=np.float32))
