@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import ssl
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edgefleet.agent.protocol.files import atomic_write
+from edgefleet.agent.protocol.files import atomic_write, read_small
 from edgefleet.agent.protocol.topics import check_id
 from edgefleet.fleet.acl import CONTROLLER_USER
 from edgefleet.fleet.errors import FleetError
@@ -258,15 +257,16 @@ def save(issued: Issued, folder: Path, stem: str, *, overwrite: bool = False
         atomic_write(cert_path, issued.cert_pem(), mode=0o644)
     except OSError as exc:
         raise CertError(f"cannot write into {folder}: {exc.strerror}",
-                        hint="pass an --out folder this user may write to") from exc
+                        hint="pass a --dir folder this user may write to") from exc
     return key_path, cert_path
 
 
 def load(key_path: Path, cert_path: Path) -> Issued:
     """Read a key and its certificate (PEM), e.g. the CA to sign with."""
     try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(read_small(key_path, MAX_CERT_BYTES),
+                                                 password=None)
+        cert = x509.load_pem_x509_certificate(read_small(cert_path, MAX_CERT_BYTES))
     except FileNotFoundError as exc:
         raise CertError(f"{exc.filename} does not exist",
                         hint="create the CA first: edgefleet certs ca --dir FOLDER") from exc
@@ -288,15 +288,7 @@ def read_cert(path: Path) -> x509.Certificate:
     """A PEM certificate from ``path``: a regular file of at most :data:`MAX_CERT_BYTES`
     (a FIFO would block the read, /dev/zero never end it)."""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            raise CertError(f"cannot read {path}: not a regular file (a folder, pipe or "
-                            "device)", hint="pass a .crt file written by 'edgefleet certs'")
-        with path.open("rb") as file:
-            raw = file.read(MAX_CERT_BYTES + 1)
-        if len(raw) > MAX_CERT_BYTES:
-            raise CertError(f"{path} is larger than {MAX_CERT_BYTES // 1024} KiB: not a "
-                            "certificate", hint="pass a .crt file written by 'edgefleet certs'")
-        return x509.load_pem_x509_certificate(raw)
+        return x509.load_pem_x509_certificate(read_small(path, MAX_CERT_BYTES))
     except OSError as exc:
         raise CertError(f"cannot read {path}: {exc.strerror}",
                         hint="pass a .crt file written by 'edgefleet certs'") from exc

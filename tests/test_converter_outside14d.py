@@ -180,7 +180,7 @@ def test_a_key_of_an_unsupported_curve_or_of_gigabytes_is_a_key_file_error(
         out.write(b"-----BEGIN PRIVATE KEY-----\n")
         out.truncate(3 << 30)
     result, peak = peak_traced_bytes(lambda: SigningKey.load(tmp_path / "big.key"))
-    assert isinstance(result, KeyFileError) and "larger than 64 KiB" in result.message
+    assert isinstance(result, KeyFileError) and "larger than 65,536 bytes" in result.message
     assert peak < 1 * MiB
 
 
@@ -322,3 +322,37 @@ def test_the_drift_reference_runs_in_calls_of_bounded_inputs(tmp_path: Path) -> 
     per_call = CALL_BYTES // (1024 * 1024 * 4)
     assert max(calls) <= per_call and sum(calls) == 10
     np.testing.assert_allclose(outputs["y"], np.arange(10, dtype=np.float32))
+
+
+def test_a_fifo_bundle_and_a_fifo_or_endless_ca_key_are_refused_not_waited_on(
+        tmp_path: Path) -> None:
+    """device check / agent install of a FIFO hung (N24); certs device with a ca.key that
+    is a FIFO hung, /dev/zero read until memory ran out (N23)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from edgefleet.agent.protocol.bundle import read_manifest
+    from edgefleet.agent.protocol.errors import BundleError
+
+    os.mkfifo(tmp_path / "pipe.efb")
+    with pytest.raises(BundleError, match="not a regular file"):
+        read_manifest(tmp_path / "pipe.efb")
+    done = subprocess.run([sys.executable, "-m", "edgefleet", "device", "check",
+                           str(tmp_path / "pipe.efb"), "--target", "generic-x86_64", "--json"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode != 0 and "not a regular file" in done.stdout
+    for name in ("fifo", "zero"):
+        folder = tmp_path / name
+        folder.mkdir()
+        if name == "fifo":
+            os.mkfifo(folder / "ca.key")
+        else:
+            os.symlink("/dev/zero", folder / "ca.key")
+        (folder / "ca.crt").write_text("")
+        done = subprocess.run([sys.executable, "-m", "edgefleet", "certs", "device", "d1",
+                               "--dir", str(folder), "--json"], capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert done.returncode == 2, done.stderr
+        assert "not a regular file" in json.loads(done.stdout)["message"]

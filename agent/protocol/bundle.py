@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -226,6 +227,9 @@ def _stream(source: Path | bytes) -> Iterator[tuple[BinaryIO, int]]:
     if isinstance(source, bytes):
         yield io.BytesIO(source), len(source)
         return
+    if not stat.S_ISREG(os.stat(source).st_mode):  # opening a FIFO blocks for ever
+        raise BundleFormatError(f"cannot read bundle {source}: not a regular file (a "
+                                "folder, pipe or device)", hint="give the .efb file itself")
     with open(source, "rb") as handle:
         yield handle, os.fstat(handle.fileno()).st_size
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir", "read_int", "sha256_bytes", "sha256_file", "temp_prefix"]
+__all__ = ["atomic_write", "fsync_dir", "read_int", "read_small", "sha256_bytes", "sha256_file",
+           "temp_prefix"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -17,6 +20,20 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_small(path: Path, limit: int) -> bytes:
+    """A regular file of at most ``limit`` bytes, whole (a key, a certificate, a profile).
+    A FIFO would block the open, a device never end the read: both are an OSError, as a
+    file above ``limit`` is, whose ``strerror`` says which."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (a folder, pipe or device)",
+                      str(path))
+    with open(path, "rb") as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit:,} bytes", str(path))
+    return data
 
 
 def temp_prefix(path: Path) -> str:

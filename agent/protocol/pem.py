@@ -11,6 +11,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from edgefleet.agent.protocol.errors import KeyFileError
+from edgefleet.agent.protocol.files import read_small
 
 __all__ = ["load_key"]
 
@@ -24,11 +25,7 @@ def load_key(path: Path, kind: type[K], *, private: bool, what: str, kind_name: 
     (e.g. "signing key") when it cannot be read and ``kind_name`` when it is another type."""
     _regular(Path(path), what, hint)
     try:
-        with Path(path).open("rb") as file:
-            raw = file.read(MAX_KEY_BYTES + 1)
-        if len(raw) > MAX_KEY_BYTES:
-            raise KeyFileError(f"{what} {path} is larger than {MAX_KEY_BYTES // 1024} KiB: "
-                               "not a key file (a PEM key is a few hundred bytes)", hint=hint)
+        raw = read_small(Path(path), MAX_KEY_BYTES)
         key = (serialization.load_pem_private_key(raw, password=None) if private
                else serialization.load_pem_public_key(raw))
     except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
