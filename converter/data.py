@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import stat
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -398,7 +399,10 @@ def _image(path: Path, width: int, height: int, channels: int) -> Array:
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as opened:
+        with warnings.catch_warnings():  # PIL's own bomb warning: refused below, by name
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened:
             pixels = opened.size[0] * opened.size[1]  # known from the header, before decoding
             limit = Image.MAX_IMAGE_PIXELS or MAX_IMAGE_PIXELS
             if pixels > min(limit, MAX_IMAGE_PIXELS):

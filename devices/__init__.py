@@ -38,7 +38,7 @@ class DeviceProfile(Document):
     architecture: str
     runtimes: dict[str, str]
     tflite_op_level: str | None = None
-    max_onnx_opset: int | None = None
+    max_onnx_opset: int | None = Field(default=None, ge=1)
     dtypes: list[str]
     full_int8_only: bool = False
     tflite_ops: dict[str, int] | None = None

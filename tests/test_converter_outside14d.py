@@ -356,3 +356,36 @@ def test_a_fifo_bundle_and_a_fifo_or_endless_ca_key_are_refused_not_waited_on(
                               text=True, timeout=60, check=False)
         assert done.returncode == 2, done.stderr
         assert "not a regular file" in json.loads(done.stdout)["message"]
+
+
+def test_the_round_one_low_leftovers(tmp_path: Path) -> None:
+    """The dims example no longer repeats the bad value; a profile's ONNX opset is at least
+    1; PIL's bomb warning is not printed above the converter's own refusal; a kept source
+    is not called slower than itself."""
+    import json
+    import subprocess
+    import sys
+    import warnings
+
+    from PIL import Image
+
+    from edgefleet.devices import ProfileError, load_profile
+
+    done = subprocess.run([sys.executable, "-m", "edgefleet", "convert", "m.onnx", "-o",
+                           str(tmp_path / "x.efb"), "--input-size", "1.5x2", "--json"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    message = json.loads(done.stdout)["message"]
+    assert "e.g. --input-size 320x320" in message or "expected HEIGHTxWIDTH" in message
+    assert "e.g. --input-size 1.5x2" not in message
+    base = json.loads(load_profile.__globals__["_profiles_dir"]().joinpath(
+        "generic-x86_64.json").read_text())
+    (tmp_path / "p.json").write_text(json.dumps({**base, "max_onnx_opset": -1}))
+    with pytest.raises(ProfileError, match="max_onnx_opset"):
+        load_profile(str(tmp_path / "p.json"))
+    folder = tmp_path / "bomb"
+    folder.mkdir()
+    Image.new("1", (10000, 9000)).save(folder / "big.png")  # 90 M pixels: PIL only warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match="90,000,000 pixels"):
+            load_dataset(folder, [TensorInfo("image", (-1, 8, 8, 3), "float32")])

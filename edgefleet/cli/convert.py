@@ -208,10 +208,10 @@ def _dims(text: str, option: str) -> tuple[int, ...]:
         return tuple(int(d) for d in text.lower().split("x"))
     except ValueError as exc:
         given = f"{option}{text}" if option.endswith("=") else f"{option} {text}"
+        example = "320x320" if option == "--input-size" else "1x3x320x320"
         raise typer.BadParameter(f"{given!r}: dims are integers joined by x, e.g. "
                                  f"{option if option.endswith('=') else option + ' '}"
-                                 f"{'x'.join(d.strip() for d in text.replace(',', 'x').split('x'))}"
-                                 ) from exc
+                                 f"{example}") from exc
 
 
 def _show(report: dict[str, Any], as_json: bool) -> None:
