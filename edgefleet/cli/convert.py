@@ -208,7 +208,10 @@ def _dims(text: str, option: str) -> tuple[int, ...]:
         return tuple(int(d) for d in text.lower().split("x"))
     except ValueError as exc:
         given = f"{option}{text}" if option.endswith("=") else f"{option} {text}"
-        example = "320x320" if option == "--input-size" else "1x3x320x320"
+        fixed = "x".join(d.strip() for d in text.replace(",", "x").split("x"))
+        example = fixed if all(d.isdigit() for d in fixed.split("x")) else \
+            "320x320" if option == "--input-size" else "1x3x320x320"  # (a comma typo
+        # fixed; else a real example, never the bad value again)
         raise typer.BadParameter(f"{given!r}: dims are integers joined by x, e.g. "
                                  f"{option if option.endswith('=') else option + ' '}"
                                  f"{example}") from exc
