@@ -28,7 +28,7 @@ from edgefleet.fleet.control.dispatch import _actor
 from edgefleet.fleet.errors import AuthError
 from edgefleet.fleet.relay import OperatorRequest
 from edgefleet.fleet.routing import Route, allowed, find
-from tests.fleet_harness import TOKEN, Fleet
+from tests.fleet_harness import TOKEN, Fleet, wait_until
 
 SECRETS = {TokenRole.VIEWER: "viewer-secret-0001", TokenRole.OPERATOR: "operator-secret-01",
            TokenRole.ADMIN: "admin-secret-00001"}
@@ -240,17 +240,22 @@ def test_a_literal_path_wins_within_its_method_and_never_shadows_another_method(
 @pytest.mark.parametrize("device", ["group", "remove"])
 def test_a_device_named_like_a_devices_route_is_removed_by_delete(caller: Caller, fleet: Fleet,
                                                                    device: str) -> None:
-    assert fleet.controller is not None
+    controller = fleet.controller
+    assert controller is not None
+    # a removal clears the device's retained topics, so it needs the broker: wait for the
+    # controller just started to be connected (it answered 503 'not connected' otherwise)
+    wait_until(lambda: controller.mqtt is not None and controller.mqtt.connected, 15,
+               what="the controller connected to the broker")
     for known in (device, "cam-7"):
-        fleet.controller.registry.status(known, "online", 1)
+        controller.registry.status(known, "online", 1)
     status, data = caller.call("DELETE", f"/api/v1/devices/{device}", TOKEN)
     assert status == 200, data
     assert data["removed"] == [device]
-    assert fleet.controller.registry.get(device) is None
-    assert fleet.controller.registry.get("cam-7") is not None, "only that device"
+    assert controller.registry.get(device) is None
+    assert controller.registry.get("cam-7") is not None, "only that device"
     status, data = caller.call("POST", f"/api/v1/devices/{device}", TOKEN,
                                json.dumps({"devices": ["cam-7"], "group": "north"}
                                           if device == "group" else {"devices": ["cam-7"]}
                                           ).encode())
     assert status == 200, data  # the literal route still answers POST
-    assert (fleet.controller.registry.get("cam-7") is None) is (device == "remove")
+    assert (controller.registry.get("cam-7") is None) is (device == "remove")
